@@ -1,0 +1,1 @@
+"""vmmkit's AArch64 architecture plugin."""

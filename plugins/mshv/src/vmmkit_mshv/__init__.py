@@ -1,0 +1,1 @@
+"""vmmkit's Microsoft Hypervisor backend (``/dev/mshv``, Linux as root partition)."""

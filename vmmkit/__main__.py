@@ -1,0 +1,5 @@
+import sys
+
+from vmmkit.cli import main
+
+sys.exit(main())

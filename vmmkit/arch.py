@@ -1,0 +1,92 @@
+"""The architecture interface: guest-physical layout, platform devices, boot, vCPU set-up."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from attrs import field, frozen
+
+from vmmkit.memory import MemoryRange
+
+if TYPE_CHECKING:
+    from vmmkit.config import VmConfig
+    from vmmkit.device import DeviceRequest, PlacedDevice
+    from vmmkit.hypervisor import Hypervisor, Vcpu, Vm
+    from vmmkit.memory import GuestMemory
+
+
+@frozen
+class MemoryLayout:
+    """Where things live in guest-physical space (and the I/O port space, on x86)."""
+
+    ram: tuple[MemoryRange, ...]
+    #: Window for MMIO devices the machine places (virtio-mmio), below 4 GiB.
+    device_mmio: MemoryRange
+    pci_mmio32: MemoryRange | None = None
+    pci_mmio64: MemoryRange | None = None
+    pci_ecam: MemoryRange | None = None
+    #: I/O ports the machine may hand out (PCI I/O BARs); ``None`` on architectures without.
+    pio: MemoryRange | None = None
+    #: Legacy interrupt numbers the machine may allocate to devices, inclusive.
+    device_irqs: tuple[int, int] = (5, 23)
+    #: GSIs available for MSI routes, inclusive.
+    msi_gsis: tuple[int, int] = (24, 1023)
+
+
+@frozen
+class BootInfo:
+    """How to enter a loaded kernel. Written by a kernel loader, read by the architecture."""
+
+    protocol: str  #: e.g. "pvh", "linux64", "linux32", "arm64-image"
+    entry: int
+    kernel: MemoryRange
+    cmdline: bytes = b""
+    initramfs: MemoryRange | None = None
+    #: Loader-specific facts for the architecture (setup header fields, ELF notes, ...).
+    extra: Mapping[str, Any] = field(factory=dict)
+
+
+class Architecture(ABC):
+    """A guest architecture, registered by :attr:`name` (``x86_64``, ``aarch64``)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def memory_layout(self, config: VmConfig) -> MemoryLayout:
+        """RAM ranges (split around holes), device windows and interrupt ranges."""
+
+    @abstractmethod
+    def platform_devices(self, config: VmConfig) -> Sequence[DeviceRequest]:
+        """The devices every VM of this architecture has, with fixed placements (serial
+        port, RTC, power management, ...). Built from the device registry by type name."""
+
+    def kernel_cmdline(self, config: VmConfig, devices: Sequence[PlacedDevice]) -> str:
+        """The command line handed to the kernel; may append what the platform implies
+        (``virtio_mmio.device=`` entries on x86)."""
+        return config.payload.cmdline or ""
+
+    @abstractmethod
+    def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:
+        """Per-VM set-up before vCPUs exist (interrupt controller, ...)."""
+
+    @abstractmethod
+    def prepare_boot(
+        self,
+        memory: GuestMemory,
+        config: VmConfig,
+        layout: MemoryLayout,
+        boot: BootInfo,
+        devices: Sequence[PlacedDevice],
+    ) -> BootInfo:
+        """Write boot structures and firmware tables (boot params, page tables, ACPI or a
+        device tree) for the placed devices; return the final boot info."""
+
+    @abstractmethod
+    def configure_vcpu(
+        self, vcpu: Vcpu, index: int, hypervisor: Hypervisor, config: VmConfig, boot: BootInfo
+    ) -> None:
+        """Registers, CPUID, MSRs etc. for vCPU ``index``; secondary vCPUs wait for the guest
+        to start them."""

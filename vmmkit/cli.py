@@ -1,0 +1,261 @@
+"""The ``vmmkit`` command: boot a VM from Cloud Hypervisor-style options, or list plugins.
+
+    vmmkit [options]          boot the VM the options describe (``--kernel`` required)
+    vmmkit run [options]      the same; with no ``--kernel`` boots the bundled demo guest
+    vmmkit plugins            list plugins, what they register, and backend availability
+
+Exit status: the guest's (0 after a clean power-off), 1 when the VM or the VMM failed,
+2 for a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from vmmkit import __version__
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+# Cloud Hypervisor's VM options: (flag, VmConfig.from_cli keyword, repeatable, help).
+_VM_OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
+    ("--kernel", "kernel", False, "kernel image: ELF vmlinux (PVH or 64-bit entry), bzImage, arm64 Image"),
+    ("--cmdline", "cmdline", False, "kernel command line"),
+    ("--initramfs", "initramfs", False, "initramfs (cpio, optionally compressed)"),
+    ("--firmware", "firmware", False, "firmware image"),
+    ("--cpus", "cpus", False, "boot=<n>,max=<n>,topology=<t>:<c>:<d>:<s>,features=..."),
+    ("--memory", "memory", False, "size=<bytes>[KMG],shared=on|off,hugepages=on|off,hotplug_size=..."),
+    ("--disk", "disks", True, "path=<image>,readonly=on|off,direct=on|off,serial=<id>,id=<id>,..."),
+    ("--net", "net", True, "tap=<name>,fd=[...],mac=<mac>,ip=<ip>,mask=<mask>,id=<id>,..."),
+    ("--rng", "rng", False, "src=<entropy source> (default /dev/urandom)"),
+    ("--serial", "serial", False, "off|null|tty|pty|file=<path>|socket=<path> (default tty)"),
+    ("--console", "console", False, "virtio-console: off|null|tty|pty|file=<path>|socket=<path> (default off)"),
+    ("--fs", "fs", True, "tag=<tag>,socket=<vhost-user socket>,..."),
+    ("--pmem", "pmem", True, "file=<path>,size=<size>,..."),
+    ("--vsock", "vsock", False, "cid=<cid>,socket=<path>"),
+    ("--device", "devices", True, "path=<VFIO sysfs path>,id=<id>"),
+    ("--platform", "platform", False, "virtio_transport=pci|mmio,..."),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args[:1] == ["plugins"]:
+            return _cmd_plugins(args[1:])
+        if args[:1] == ["run"]:
+            return _cmd_boot(args[1:], demo_default=True)
+        return _cmd_boot(args, demo_default=False)
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- shared set-up ---------------------------------------------------------------------------
+
+
+def _load_plugins() -> tuple[Any, Any]:
+    from vmmkit.plugin import collect_registries, make_plugin_manager
+
+    pm = make_plugin_manager()
+    return pm, collect_registries(pm)
+
+
+def _fail(message: str, status: int = EXIT_FAILURE) -> int:
+    print(f"vmmkit: error: {message}", file=sys.stderr)
+    return status
+
+
+# -- vmmkit plugins --------------------------------------------------------------------------
+
+
+def _cmd_plugins(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vmmkit plugins", description="List installed plugins.")
+    parser.parse_args(args)
+    from vmmkit.errors import VmmError
+    from vmmkit.plugin import plugin_label
+
+    try:
+        pm, registries = _load_plugins()
+    except VmmError as exc:
+        return _fail(str(exc))
+    out = sys.stdout
+    owners: dict[str, list[str]] = {}
+    for registry in registries.all():
+        for item in registry:
+            owners.setdefault(registry.owner(item.name), []).append(f"{registry.kind} {item.name}")
+    print("plugins:", file=out)
+    for plugin in pm.get_plugins():
+        label = plugin_label(pm, plugin)
+        if label.startswith("vmmkit.hookspecs"):
+            continue
+        registered = owners.get(label, [])
+        print(f"  {label}: {', '.join(registered) or 'hooks only'}", file=out)
+    print("hypervisors (in --hypervisor auto order):", file=out)
+    for backend in registries.hypervisor_order():
+        availability = backend.is_available()
+        state = "usable" if availability else f"not usable: {availability.reason}"
+        arches = ",".join(backend.architectures) or "-"
+        print(f"  {backend.name:<8} {state}  [guests: {arches}]  {backend.description}", file=out)
+    print("architectures:", file=out)
+    for arch in registries.architectures:
+        print(f"  {arch.name:<8} {arch.description}", file=out)
+    print("device types:", file=out)
+    for device_type in registries.devices:
+        option = f"  (--{device_type.option})" if device_type.option else ""
+        print(f"  {device_type.name:<16} {device_type.description}{option}", file=out)
+    return 0
+
+
+# -- booting a VM ----------------------------------------------------------------------------
+
+
+def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.ArgumentParser:
+    """The VM-booting parser: Cloud Hypervisor's options plus what plugins add."""
+    from vmmkit.registry import AUTO
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Boot a virtual machine. Options follow Cloud Hypervisor's syntax.",
+        epilog="Other commands: 'vmmkit plugins' lists plugins; 'vmmkit run' boots the demo guest.",
+    )
+    parser.add_argument("--version", action="version", version=f"vmmkit {__version__}")
+    for flag, dest, repeatable, help_text in _VM_OPTIONS:
+        parser.add_argument(flag, dest=dest, action="append" if repeatable else "store",
+                            default=[] if repeatable else None, metavar="SPEC", help=help_text)
+    parser.add_argument("--debug-console", dest="debug_console", metavar="SPEC",
+                        help="port 0xe9 console: off|tty|file=<path>,iobase=<port>")
+    parser.add_argument("--hypervisor", default=AUTO, choices=[AUTO, *registries.hypervisors.names()],
+                        help="backend (auto: the first usable one, see 'vmmkit plugins')")
+    parser.add_argument("--arch", default=None, choices=registries.architectures.names(),
+                        help="guest architecture (default: the host's)")
+    logging = parser.add_argument_group("logging")
+    logging.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    logging.add_argument("--log-format", choices=("console", "json"), default=None,
+                         help="log format (default: console on a terminal, json otherwise)")
+    logging.add_argument("--log-file", default=None, help="write the log here instead of stderr")
+    plugin_devices = parser.add_argument_group("plugin devices")
+    for device_type in registries.devices:
+        if device_type.option:
+            plugin_devices.add_argument(
+                f"--{device_type.option}", dest=f"plugin_device:{device_type.name}", action="append",
+                default=[], metavar="SPEC", help=device_type.option_help or device_type.description,
+            )
+    pm.hook.vmmkit_add_cli_options(parser=parser)
+    return parser
+
+
+def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
+    """The ``VmConfig`` the parsed options describe (raises ``ConfigError``)."""
+    from vmmkit.config import DebugConsoleConfig, PluginDeviceConfig, VmConfig
+
+    kwargs = {dest: getattr(options, dest) for _flag, dest, _rep, _help in _VM_OPTIONS}
+    plugin_devices = []
+    for device_type in registries.devices:
+        if device_type.option:
+            for spec in getattr(options, f"plugin_device:{device_type.name}"):
+                plugin_devices.append(PluginDeviceConfig.parse(device_type.name, spec, option=f"--{device_type.option}"))
+    config = VmConfig.from_cli(**kwargs, plugin_devices=tuple(plugin_devices))
+    if options.debug_console is not None:
+        import attrs
+
+        config = attrs.evolve(config, debug_console=DebugConsoleConfig.parse(options.debug_console))
+    return config
+
+
+def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
+    from vmmkit.config import ConfigError
+    from vmmkit.errors import VmmError
+
+    try:
+        pm, registries = _load_plugins()
+    except VmmError as exc:
+        return _fail(str(exc))
+    parser = build_parser(pm, registries, prog="vmmkit run" if demo_default else "vmmkit")
+    options = parser.parse_args(args)  # exits 2 on unknown options and bad choices
+    if options.kernel is None:
+        if not demo_default:
+            parser.error("--kernel is required (or use 'vmmkit run' to boot the bundled demo guest)")
+        from vmmkit.demo import demo_kernel
+
+        try:
+            options.kernel = str(demo_kernel())
+        except VmmError as exc:
+            return _fail(str(exc))
+    try:
+        config = config_from_options(options, registries)
+    except ConfigError as exc:
+        parser.print_usage(sys.stderr)
+        return _fail(str(exc), EXIT_USAGE)
+    configure_logging(options.verbose, options.log_format, options.log_file)
+    pm.hook.vmmkit_configure(options=options)
+    return _boot(config, pm, registries, options)
+
+
+def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -> int:
+    from vmmkit.errors import VmmError
+    from vmmkit.machine import Machine, StopReason
+
+    machine = Machine(config, registries=registries, plugin_manager=pm,
+                      hypervisor=options.hypervisor, arch=options.arch)
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        machine.request_stop(StopReason.REQUESTED, f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        exit_ = machine.run()
+    except VmmError as exc:
+        return _fail(str(exc))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        return 128 + received[0]
+    if exit_.reason is StopReason.TRIPLE_FAULT:
+        return _fail(f"the guest triple-faulted ({exit_.detail}); the VM was stopped")
+    if exit_.reason is StopReason.INTERNAL_ERROR:
+        return _fail(f"the VM stopped on an internal error: {exit_.detail}")
+    return exit_.status
+
+
+# -- logging (configured here and nowhere else) ----------------------------------------------
+
+
+def configure_logging(verbosity: int, fmt: str | None, log_file: str | None) -> None:
+    import logging
+
+    import structlog
+
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
+    stream: TextIO = open(log_file, "a", buffering=1) if log_file else sys.stderr
+    if fmt is None:
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+        extra: list[Any] = [structlog.processors.dict_tracebacks]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        extra = []
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *extra,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Device types and the context a device is built in.
+
+A device type (registered by a plugin) turns part of the VM configuration into devices.
+A device sees only ``(offset, bytes)`` on its own bus range (see :mod:`vmmkit.bus`) and gets
+everything else (guest memory, its interrupt line, the event loop, power callbacks) from the
+:class:`DeviceContext` it is created with. It never sees the hypervisor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from attrs import field, frozen
+
+if TYPE_CHECKING:
+    from vmmkit.config import VmConfig
+    from vmmkit.eventloop import EventLoop
+    from vmmkit.irq import InterruptLine
+    from vmmkit.memory import GuestMemory
+
+
+@frozen
+class DeviceRequest:
+    """One device the VM should have: which type builds it, with what, and where.
+
+    ``pio`` / ``mmio`` are fixed ``(base, size)`` placements (platform devices); ``None`` lets
+    the machine allocate. ``irq`` is a fixed legacy interrupt, ``None`` to allocate one if the
+    device asks. ``transport`` is ``"pci"`` or ``"mmio"`` for virtio devices (``None``: the VM's
+    default).
+    """
+
+    type: str
+    id: str
+    config: Any = None
+    pio: tuple[int, int] | None = None
+    mmio: tuple[int, int] | None = None
+    irq: int | None = None
+    transport: str | None = None
+
+
+class DeviceContext(Protocol):
+    """What the machine gives a device type's :meth:`DeviceType.create`."""
+
+    @property
+    def memory(self) -> GuestMemory: ...
+
+    @property
+    def config(self) -> VmConfig: ...
+
+    @property
+    def event_loop(self) -> EventLoop: ...
+
+    def interrupt_line(self, irq: int | None = None) -> tuple[int, InterruptLine]:
+        """A legacy interrupt line: ``irq`` if given, else a free one. Returns ``(irq, line)``."""
+        ...
+
+    def request_shutdown(self, reason: str) -> None:
+        """The guest powered the machine off (or a device decided it must stop)."""
+        ...
+
+    def request_reset(self, reason: str) -> None:
+        """The guest asked for a reset."""
+        ...
+
+    def set_exit_status(self, status: int) -> None:
+        """The status the VMM exits with once the guest powers off (test devices)."""
+        ...
+
+
+class Device(ABC):
+    """A device placed on a bus. ``kind`` tells the architecture how to describe it in firmware
+    tables (``"serial-16550"``, ``"rtc-cmos"``, ``"virtio-mmio"``, ...); unknown kinds are
+    simply not described."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, device_id: str) -> None:
+        self.id = device_id
+
+    @abstractmethod
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def reset(self) -> None:
+        """Return to power-on state (VM reboot)."""
+
+    def pause(self) -> None:
+        """Stop touching guest memory and raising interrupts until :meth:`resume`."""
+
+    def resume(self) -> None: ...
+
+    def close(self) -> None:
+        """Release host resources (files, fds, threads)."""
+
+    def counters(self) -> Mapping[str, int]:
+        """Statistics for ``vm.counters``."""
+        return {}
+
+    def firmware_properties(self) -> Mapping[str, Any]:
+        """Extra facts for firmware tables (e.g. a virtio-mmio device's interrupt)."""
+        return {}
+
+
+class DeviceType(ABC):
+    """A kind of device a plugin provides, registered by :attr:`name`.
+
+    Built-in configuration sections (``disks``, ``net``, ``rng``...) are claimed by overriding
+    :meth:`requests`. A third-party type can instead set :attr:`option`: the CLI then offers
+    ``--<option> k=v,...`` (repeatable) and each use becomes a ``PluginDeviceConfig`` of this type
+    in ``VmConfig.plugin_devices``, which the default :meth:`requests` turns into requests.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    option: ClassVar[str | None] = None
+    option_help: ClassVar[str] = ""
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        """The devices of this type that ``config`` asks for."""
+        out = []
+        for index, plugin_device in enumerate(config.plugin_devices):
+            if plugin_device.type == cls.name:
+                device_id = plugin_device.id or f"_{cls.name}{index}"
+                out.append(DeviceRequest(cls.name, device_id, plugin_device))
+        return out
+
+    @classmethod
+    @abstractmethod
+    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> Any:
+        """Build the device: a :class:`Device` for a bus device, or a
+        :class:`vmmkit.virtio.VirtioDevice`, which the machine puts behind a transport.
+
+        Raise :class:`vmmkit.errors.DeviceError` with a clear message when the configuration
+        cannot be honoured (missing file, busy tap)."""
+
+
+@frozen
+class PlacedDevice:
+    """A device after placement: what firmware tables describe."""
+
+    device: Any
+    request: DeviceRequest
+    kind: str
+    pio: tuple[int, int] | None = None
+    mmio: tuple[int, int] | None = None
+    irq: int | None = None
+    properties: Mapping[str, Any] = field(factory=dict)
+
+
+ResetCallback = Callable[[str], None]

@@ -1,0 +1,132 @@
+"""Hook specifications: every way a plugin can extend vmmkit.
+
+A plugin module implements any of these with ``@vmmkit.hookimpl`` and is found through the
+``vmmkit`` entry-point group (or registered explicitly). All hooks are prefixed ``vmmkit_``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vmmkit import hookspec
+
+if TYPE_CHECKING:
+    from vmmkit.arch import BootInfo, MemoryLayout
+    from vmmkit.config import VmConfig
+    from vmmkit.machine import Machine
+    from vmmkit.memory import GuestMemory
+    from vmmkit.registry import Registry
+    from vmmkit.arch import Architecture
+    from vmmkit.device import DeviceType
+    from vmmkit.hypervisor import Hypervisor
+
+# -- start-up ----------------------------------------------------------------------------------
+
+
+@hookspec
+def vmmkit_add_cli_options(parser: argparse.ArgumentParser) -> None:
+    """Add command-line options to ``vmmkit`` (and ``vmmkit run``).
+
+    Prefix option names with the plugin's name to avoid clashes (``--kvm-quirks``). Device
+    types get their option from :attr:`vmmkit.device.DeviceType.option` without this hook.
+
+    :param parser: the argument parser, before parsing.
+    """
+
+
+@hookspec
+def vmmkit_configure(options: argparse.Namespace) -> None:
+    """Read the parsed command line once, before any VM is built.
+
+    :param options: every option, including those added by :func:`vmmkit_add_cli_options`.
+    """
+
+
+# -- backends ----------------------------------------------------------------------------------
+
+
+@hookspec
+def vmmkit_register_hypervisors(registry: Registry[type[Hypervisor]]) -> None:
+    """Register hypervisor backends: ``registry.add(MyHypervisor)``.
+
+    Each class carries ``name``, ``priority`` (the order ``--hypervisor auto`` tries them in,
+    lower first), ``architectures`` and an ``is_available()`` probe.
+
+    :param registry: the hypervisor registry.
+    """
+
+
+@hookspec
+def vmmkit_register_architectures(registry: Registry[type[Architecture]]) -> None:
+    """Register guest architectures: ``registry.add(X86_64)``.
+
+    :param registry: the architecture registry.
+    """
+
+
+# -- boot --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def vmmkit_load_kernel(
+    arch: str, path: Path, header: bytes, memory: GuestMemory, config: VmConfig, layout: MemoryLayout
+) -> BootInfo | None:
+    """Load the kernel image at ``path`` into guest memory if this loader recognises it.
+
+    Stops at first non-None result.
+
+    :param arch: the guest architecture's name (``x86_64``, ``aarch64``); return ``None`` for
+        others.
+    :param path: the kernel image.
+    :param header: the image's first 64 KiB (or all of it if shorter), for cheap recognition.
+    :param memory: guest RAM, to load into.
+    :param config: the VM configuration (initramfs and command line are in ``config.payload``).
+    :param layout: the architecture's guest-physical layout.
+    :return: where and how to enter the kernel, or ``None`` if the image is not of this
+        loader's format. Raise :class:`vmmkit.errors.BootError` for an image of this format that
+        is corrupt or does not fit.
+    """
+
+
+# -- devices -----------------------------------------------------------------------------------
+
+
+@hookspec
+def vmmkit_register_devices(registry: Registry[type[DeviceType]]) -> None:
+    """Register device types: ``registry.add(VirtioBlock)``.
+
+    :param registry: the device-type registry.
+    """
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+
+
+@hookspec
+def vmmkit_vm_created(machine: Machine) -> None:
+    """The VM exists (memory, devices, vCPUs) but has not started.
+
+    :param machine: the machine.
+    """
+
+
+@hookspec
+def vmmkit_vm_state_changed(machine: Machine, old: str, new: str, detail: dict[str, Any]) -> None:
+    """The VM moved between lifecycle states (``Created``, ``Running``, ``Paused``,
+    ``Shutdown``). Called on the thread that caused the change; do not block.
+
+    :param machine: the machine.
+    :param old: the previous state.
+    :param new: the new state.
+    :param detail: why (e.g. ``{"reason": "guest-poweroff"}``).
+    """
+
+
+@hookspec
+def vmmkit_vm_destroyed(machine: Machine) -> None:
+    """The VM's resources have been released.
+
+    :param machine: the machine.
+    """

@@ -1,0 +1,205 @@
+"""The backend-neutral hypervisor interface: ``Hypervisor`` -> ``Vm`` -> ``Vcpu``.
+
+Shaped after Cloud Hypervisor's ``hypervisor`` crate. Port and MMIO accesses are dispatched
+*inside* :meth:`Vcpu.run` through a :class:`VcpuOps` callback object, so exit layouts such as
+``struct kvm_run`` never leave the backend; ``run()`` returns only the small set of exits in
+:class:`ExitReason` that the VM's owner must act on.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar, Protocol
+
+from attrs import frozen
+
+
+class VcpuOps(Protocol):
+    """How a backend hands guest port and MMIO accesses to the VMM (CH's ``VmOps``).
+
+    Reads return exactly ``size`` bytes; accesses nobody claims read as all ones.
+    """
+
+    def pio_read(self, port: int, size: int) -> bytes: ...
+
+    def pio_write(self, port: int, data: bytes) -> None: ...
+
+    def mmio_read(self, addr: int, size: int) -> bytes: ...
+
+    def mmio_write(self, addr: int, data: bytes) -> None: ...
+
+
+class ExitReason(enum.Enum):
+    HLT = "hlt"  #: the vCPU halted and the backend does not park it itself
+    SHUTDOWN = "shutdown"  #: triple fault, or the guest asked the hypervisor to power off
+    RESET = "reset"  #: the guest asked for a reset
+    INTERRUPTED = "interrupted"  #: :meth:`Vcpu.kick` made the vCPU leave the guest
+    DEBUG = "debug"  #: a guest-debug breakpoint or single step
+    INTERNAL_ERROR = "internal-error"  #: the hypervisor could not go on (detail says why)
+    FAIL_ENTRY = "fail-entry"  #: the hypervisor refused to enter the guest
+
+
+@frozen
+class VmExit:
+    reason: ExitReason
+    detail: str = ""
+
+
+@frozen
+class PortSink:
+    """A port whose guest writes a backend may serve natively, without a callback: the
+    bytes are written to ``fd`` (with ``timestamp``, each byte becomes a line
+    ``[seconds.micros] <label> 0xNN``, for boot-progress ports). Reads return ``read_value``."""
+
+    port: int
+    fd: int
+    timestamp: bool = False
+    label: str = ""
+    read_value: int = 0xFF
+
+
+@frozen
+class Availability:
+    """Whether a backend can be used on this host, and if not, why."""
+
+    usable: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.usable
+
+
+class Hypervisor(ABC):
+    """A virtualization backend. Subclasses are registered by name in the hypervisor registry."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: Guest architectures this backend can run on this host.
+    architectures: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abstractmethod
+    def is_available(cls) -> Availability:
+        """Probe the host cheaply, without side effects (e.g. open and close /dev/kvm)."""
+
+    @abstractmethod
+    def create_vm(self, arch: str) -> Vm:
+        """Create an empty VM for guest architecture ``arch``.
+
+        Raises :class:`vmmkit.errors.CapabilityError` here, not later, when a capability the
+        VM needs is missing."""
+
+    def close(self) -> None:
+        """Release host resources (file descriptors)."""
+
+
+class Vm(ABC):
+    """One virtual machine: memory slots, interrupt plumbing and vCPUs."""
+
+    #: Whether eventfd-based notification is offered (else devices use the slow path).
+    supports_ioeventfd: bool = False
+    supports_irqfd: bool = False
+
+    @abstractmethod
+    def add_memory_region(
+        self,
+        slot: int,
+        guest_addr: int,
+        size: int,
+        host_addr: int,
+        *,
+        readonly: bool = False,
+        log_dirty: bool = False,
+    ) -> None:
+        """Map host memory at ``host_addr`` into the guest at ``guest_addr``.
+
+        Guest writes to a read-only region arrive as MMIO writes."""
+
+    @abstractmethod
+    def remove_memory_region(self, slot: int) -> None: ...
+
+    @abstractmethod
+    def create_vcpu(self, index: int, ops: VcpuOps) -> Vcpu: ...
+
+    @abstractmethod
+    def setup_interrupt_controller(self) -> None:
+        """Create the architecture's in-hypervisor interrupt controller (IOAPIC+PIC+LAPICs,
+        GIC) if the backend has one. Called once, before any vCPU is created."""
+
+    @abstractmethod
+    def set_irq_line(self, gsi: int, level: bool) -> None:
+        """Drive interrupt line ``gsi`` high or low."""
+
+    @abstractmethod
+    def signal_msi(self, address: int, data: int) -> None:
+        """Inject one message-signalled interrupt."""
+
+    def register_irqfd(self, fd: int, gsi: int, resample_fd: int | None = None) -> None:
+        raise NotImplementedError("irqfd")
+
+    def unregister_irqfd(self, fd: int, gsi: int) -> None:
+        raise NotImplementedError("irqfd")
+
+    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+        """Route ``gsi`` to an MSI message (so an irqfd on ``gsi`` raises that MSI)."""
+        raise NotImplementedError("MSI routing")
+
+    def register_ioeventfd(
+        self, fd: int, addr: int, *, pio: bool, length: int = 0, datamatch: int | None = None
+    ) -> None:
+        raise NotImplementedError("ioeventfd")
+
+    def unregister_ioeventfd(
+        self, fd: int, addr: int, *, pio: bool, length: int = 0, datamatch: int | None = None
+    ) -> None:
+        raise NotImplementedError("ioeventfd")
+
+    def add_port_sink(self, sink: PortSink) -> bool:
+        """Serve ``sink.port`` natively; ``False`` if the backend cannot (the device then
+        handles the port through :class:`VcpuOps` as usual)."""
+        return False
+
+    def remove_port_sink(self, port: int) -> None:
+        """Stop serving ``port`` natively."""
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        raise NotImplementedError("dirty page logging")
+
+    def close(self) -> None:
+        """Release the VM's host resources."""
+
+
+class Vcpu(ABC):
+    """One virtual CPU. :meth:`run` is called from the vCPU's own thread only."""
+
+    index: int
+
+    @abstractmethod
+    def run(self) -> VmExit:
+        """Run the guest until an exit the caller must handle; I/O is dispatched inside."""
+
+    @abstractmethod
+    def kick(self) -> None:
+        """Make a concurrent or the next :meth:`run` return ``INTERRUPTED`` promptly.
+
+        Safe to call from any thread; an exit being handled when the kick lands is completed,
+        never lost."""
+
+    def clear_kick(self) -> None:
+        """Forget a pending kick (called by the owner before it runs the vCPU again)."""
+
+    def exit_counts(self) -> dict[str, int]:
+        """Exits taken so far, by reason (for counters and benchmarks)."""
+        return {}
+
+    def close(self) -> None:
+        """Release the vCPU's host resources."""
+
+
+def first_usable(backends: Sequence[type[Hypervisor]]) -> type[Hypervisor] | None:
+    for backend in backends:
+        if backend.is_available():
+            return backend
+    return None

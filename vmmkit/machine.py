@@ -1,0 +1,551 @@
+"""The Machine: builds one VM from a ``VmConfig`` and owns its lifecycle and threads.
+
+It asks the registries for the hypervisor, the architecture and each device type, wires the
+devices onto the buses, loads the payload, and runs one OS thread per vCPU (named ``vcpuN``).
+It names no backend, architecture or device: those come from plugins.
+"""
+
+from __future__ import annotations
+
+import enum
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pluggy
+import structlog
+
+from vmmkit.arch import Architecture, BootInfo, MemoryLayout
+from vmmkit.bus import Bus
+from vmmkit.config import VmConfig
+from vmmkit.device import Device, DeviceRequest, PlacedDevice
+from vmmkit.errors import BootError, DeviceError, VmmError
+from vmmkit.eventloop import EventLoop
+from vmmkit.hypervisor import ExitReason, Hypervisor, PortSink, Vcpu, Vm
+from vmmkit.irq import GsiAllocator, GsiLine, InterruptLine
+from vmmkit.memory import GuestMemory
+from vmmkit.registry import AUTO, Registries
+from vmmkit.threads import set_native_thread_name
+
+log = structlog.get_logger()
+
+_HEADER_BYTES = 64 * 1024
+
+
+class MachineState(str, enum.Enum):
+    """The VM states of Cloud Hypervisor's ``VmInfo.state``."""
+
+    CREATED = "Created"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    SHUTDOWN = "Shutdown"
+
+
+class StopReason(str, enum.Enum):
+    POWER_OFF = "guest-poweroff"
+    TRIPLE_FAULT = "triple-fault"
+    INTERNAL_ERROR = "internal-error"
+    REQUESTED = "requested"
+
+
+@attrs.frozen
+class MachineExit:
+    """How the machine stopped, and the status the VMM process should exit with."""
+
+    reason: StopReason
+    status: int
+    detail: str = ""
+
+
+def host_architecture() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+class VcpuDispatch:
+    """The :class:`vmmkit.hypervisor.VcpuOps` every vCPU uses: accesses go to the buses."""
+
+    __slots__ = ("pio", "mmio")
+
+    def __init__(self, pio: Bus, mmio: Bus) -> None:
+        self.pio = pio
+        self.mmio = mmio
+
+    def pio_read(self, port: int, size: int) -> bytes:
+        data = self.pio.read(port, size)
+        return b"\xff" * size if data is None else _fit(data, size)
+
+    def pio_write(self, port: int, data: bytes) -> None:
+        self.pio.write(port, data)
+
+    def mmio_read(self, addr: int, size: int) -> bytes:
+        data = self.mmio.read(addr, size)
+        return b"\xff" * size if data is None else _fit(data, size)
+
+    def mmio_write(self, addr: int, data: bytes) -> None:
+        self.mmio.write(addr, data)
+
+
+def _fit(data: bytes, size: int) -> bytes:
+    """Devices must answer ``size`` bytes; a short or long answer is padded or cut."""
+    if len(data) == size:
+        return data
+    return (bytes(data) + b"\xff" * size)[:size]
+
+
+class _DeviceContext:
+    """The :class:`vmmkit.device.DeviceContext` the machine hands to device types."""
+
+    def __init__(self, machine: Machine) -> None:
+        self._machine = machine
+
+    @property
+    def memory(self) -> GuestMemory:
+        assert self._machine.memory is not None
+        return self._machine.memory
+
+    @property
+    def config(self) -> VmConfig:
+        return self._machine.config
+
+    @property
+    def event_loop(self) -> EventLoop:
+        return self._machine.event_loop
+
+    @property
+    def vm(self) -> Vm:
+        """For the core's own device SDK (virtio transports): device plugins must not use it."""
+        assert self._machine.vm is not None
+        return self._machine.vm
+
+    def interrupt_line(self, irq: int | None = None) -> tuple[int, InterruptLine]:
+        return self._machine.allocate_irq(irq)
+
+    def request_shutdown(self, reason: str) -> None:
+        self._machine.request_stop(StopReason.POWER_OFF, reason)
+
+    def request_reset(self, reason: str) -> None:
+        self._machine.request_reset(reason)
+
+    def set_exit_status(self, status: int) -> None:
+        self._machine.guest_exit_status = status
+
+
+class Machine:
+    """One VM. ``build()`` → ``boot()`` → ``wait()``; or just :meth:`run`."""
+
+    def __init__(
+        self,
+        config: VmConfig,
+        *,
+        registries: Registries,
+        plugin_manager: pluggy.PluginManager,
+        hypervisor: str = AUTO,
+        arch: str | None = None,
+    ) -> None:
+        self.config = config
+        self.registries = registries
+        self.pm = plugin_manager
+        self.arch_name = arch or host_architecture()
+        self.hypervisor_name = hypervisor
+        self.state = MachineState.CREATED
+        self.hypervisor: Hypervisor | None = None
+        self.arch: Architecture | None = None
+        self.layout: MemoryLayout | None = None
+        self.memory: GuestMemory | None = None
+        self.vm: Vm | None = None
+        self.boot_info: BootInfo | None = None
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.event_loop = EventLoop()
+        self.devices: list[PlacedDevice] = []
+        self.vcpus: list[Vcpu] = []
+        self.guest_exit_status: int | None = None
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._exit: MachineExit | None = None
+        self._reset_requested: str | None = None
+        self._pause_requested = False
+        self._parked = 0
+        self._park = threading.Condition(self._lock)
+        self._free_irqs: list[int] = []
+        self._used_irqs: set[int] = set()
+        self._irq_lines: dict[int, GsiLine] = {}
+        self._msi_gsis: GsiAllocator | None = None
+        self._device_ctx = _DeviceContext(self)
+        self._started_at = time.monotonic()
+
+    # -- building ----------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Create the VM: memory, devices, payload, vCPUs. Leaves it in ``Created``."""
+        self.emit("vm-creating")
+        backend = self.registries.select_hypervisor(self.hypervisor_name, self.arch_name)
+        if self.arch_name not in backend.architectures:
+            raise VmmError(f"hypervisor {backend.name!r} cannot run {self.arch_name} guests "
+                           f"(it runs: {', '.join(backend.architectures) or 'nothing here'})")
+        availability = backend.is_available()
+        if not availability:
+            raise VmmError(f"hypervisor {backend.name!r} is not usable: {availability.reason}")
+        self.arch = self.registries.architectures.get(self.arch_name)()
+        self.hypervisor = backend()
+        log.debug("vm.build", hypervisor=backend.name, arch=self.arch_name)
+        self.layout = self.arch.memory_layout(self.config)
+        mem = self.config.memory
+        self.memory = GuestMemory.allocate(
+            self.layout.ram,
+            shared=mem.shared,
+            hugepages=mem.hugepages,
+            thp=mem.thp,
+            mergeable=mem.mergeable,
+            prefault=mem.prefault,
+        )
+        self.vm = self.hypervisor.create_vm(self.arch_name)
+        for region in self.memory.regions:
+            self.vm.add_memory_region(region.slot, region.start, region.size, region.host_address)
+        self.arch.configure_vm(self.vm, self.hypervisor, self.config)
+        first, last = self.layout.device_irqs
+        self._free_irqs = list(range(first, last + 1))
+        self._msi_gsis = GsiAllocator(*self.layout.msi_gsis)
+        self._create_devices()
+        self._load_payload()
+        dispatch = VcpuDispatch(self.pio_bus, self.mmio_bus)
+        for index in range(self.config.cpus.boot_vcpus):
+            vcpu = self.vm.create_vcpu(index, dispatch)
+            self.vcpus.append(vcpu)
+        self._configure_vcpus()
+        self.pm.hook.vmmkit_vm_created(machine=self)
+
+    def _create_devices(self) -> None:
+        assert self.arch is not None
+        requests: list[DeviceRequest] = list(self.arch.platform_devices(self.config))
+        for device_type in self.registries.devices:
+            requests.extend(device_type.requests(self.config))
+        for request in requests:
+            self.add_device(request)
+
+    def add_device(self, request: DeviceRequest) -> PlacedDevice | None:
+        """Build a device from the registry and place it; ``None`` if the type declined."""
+        device_type = self.registries.devices.get(request.type)
+        device = device_type.create(self._device_ctx, request)
+        if device is None:
+            return None
+        placed = self._place(device, request)
+        self.devices.append(placed)
+        log.debug("device.added", id=request.id, type=request.type, pio=placed.pio, mmio=placed.mmio)
+        return placed
+
+    def _place(self, device: Any, request: DeviceRequest) -> PlacedDevice:
+        placer = getattr(device, "attach", None)
+        if placer is not None and not isinstance(device, Device):
+            # Devices that place themselves (virtio transports, PCI functions) get the machine.
+            return placer(self, request)  # type: ignore[no-any-return]
+        kind = getattr(device, "kind", "") or request.type
+        irq = request.irq
+        if request.pio is not None:
+            self.pio_bus.insert(device, *request.pio)
+            self._add_port_sinks(device, request.pio[0])
+        if request.mmio is not None:
+            self.mmio_bus.insert(device, *request.mmio)
+        if request.pio is None and request.mmio is None:
+            raise DeviceError(f"device {request.id} ({request.type}) has no placement")
+        return PlacedDevice(device, request, kind, pio=request.pio, mmio=request.mmio, irq=irq,
+                            properties=dict(getattr(device, "firmware_properties", dict)()))
+
+    def _add_port_sinks(self, device: Any, base: int) -> None:
+        sinks: Sequence[PortSink] = getattr(device, "port_sinks", lambda: ())()
+        assert self.vm is not None
+        for sink in sinks:
+            served = self.vm.add_port_sink(attrs.evolve(sink, port=base + sink.port))
+            notify = getattr(device, "native_path_changed", None)
+            if notify is not None:
+                notify(sink.port, served)
+
+    def allocate_irq(self, irq: int | None = None) -> tuple[int, InterruptLine]:
+        """A legacy interrupt line: ``irq`` if given (shared if already in use), else a free one."""
+        assert self.vm is not None
+        with self._lock:
+            if irq is None:
+                if not self._free_irqs:
+                    raise DeviceError("no free interrupt lines")
+                irq = self._free_irqs.pop(0)
+            elif irq in self._free_irqs:
+                self._free_irqs.remove(irq)
+            line = self._irq_lines.get(irq)
+            if line is None:
+                line = self._irq_lines[irq] = GsiLine(self.vm, irq)
+            return irq, line
+
+    def allocate_msi_gsi(self) -> int | None:
+        assert self._msi_gsis is not None
+        return self._msi_gsis.allocate()
+
+    def _load_payload(self) -> None:
+        assert self.arch is not None and self.memory is not None and self.layout is not None
+        payload = self.config.payload
+        if payload.kernel is None:
+            raise BootError("<none>", "no kernel given (use --kernel)")
+        path = Path(payload.kernel)
+        try:
+            with path.open("rb") as image:
+                header = image.read(_HEADER_BYTES)
+        except OSError as exc:
+            raise BootError(path, exc.strerror or str(exc)) from None
+        cmdline = self.arch.kernel_cmdline(self.config, self.devices)
+        config = attrs.evolve(self.config, payload=attrs.evolve(payload, cmdline=cmdline))
+        boot = self.pm.hook.vmmkit_load_kernel(
+            arch=self.arch_name, path=path, header=header, memory=self.memory, config=config, layout=self.layout
+        )
+        if boot is None:
+            raise BootError(path, f"not a kernel image any {self.arch_name} loader recognises")
+        self.boot_info = self.arch.prepare_boot(self.memory, config, self.layout, boot, self.devices)
+        self._boot_config = config
+
+    def _configure_vcpus(self) -> None:
+        assert self.arch is not None and self.hypervisor is not None and self.boot_info is not None
+        for index, vcpu in enumerate(self.vcpus):
+            self.arch.configure_vcpu(vcpu, index, self.hypervisor, self._boot_config, self.boot_info)
+
+    # -- running -----------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        if self.vm is None:
+            self.build()
+        self.emit("vm-booting")
+        self.event_loop.start()
+        self._start_vcpu_threads()
+        self._set_state(MachineState.RUNNING, reason="boot")
+        self.emit("vm-booted")
+
+    def _start_vcpu_threads(self) -> None:
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True)
+            for vcpu in self.vcpus
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _vcpu_loop(self, vcpu: Vcpu) -> None:
+        set_native_thread_name(f"vcpu{vcpu.index}")
+        vlog = log.bind(vcpu=vcpu.index)
+        while not self._stop.is_set():
+            if self._pause_requested:
+                self._park_here()
+                continue
+            try:
+                exit_ = vcpu.run()
+            except VmmError as exc:
+                vlog.error("vcpu.failed", error=str(exc))
+                self.request_stop(StopReason.INTERNAL_ERROR, str(exc))
+                return
+            reason = exit_.reason
+            if reason is ExitReason.INTERRUPTED:
+                vcpu.clear_kick()
+            elif reason is ExitReason.HLT:
+                self._stop.wait(0.001)
+            elif reason is ExitReason.SHUTDOWN:
+                self.request_stop(StopReason.TRIPLE_FAULT, exit_.detail or f"vcpu{vcpu.index} triple fault")
+            elif reason is ExitReason.RESET:
+                self.request_reset(exit_.detail or "guest")
+            elif reason in (ExitReason.INTERNAL_ERROR, ExitReason.FAIL_ENTRY):
+                self.request_stop(StopReason.INTERNAL_ERROR, f"vcpu{vcpu.index}: {exit_.detail or reason.value}")
+            elif reason is ExitReason.DEBUG:
+                continue
+
+    def _park_here(self) -> None:
+        with self._park:
+            self._parked += 1
+            self._park.notify_all()
+            while self._pause_requested and not self._stop.is_set():
+                self._park.wait()
+            self._parked -= 1
+            self._park.notify_all()
+
+    def _kick_all(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Take every vCPU out of the guest and park it; quiesce devices."""
+        with self._lock:
+            if self.state is not MachineState.RUNNING:
+                raise VmmError(f"cannot pause a VM that is {self.state.value}")
+            self.emit("vm-pausing")
+            self._pause_requested = True
+        self._kick_all()
+        deadline = time.monotonic() + timeout
+        with self._park:
+            while self._parked < len(self._live_threads()) and not self._stop.is_set():
+                if not self._park.wait(max(0.0, deadline - time.monotonic())):
+                    raise VmmError("vCPUs did not stop in time")
+        for placed in self.devices:
+            _call(placed.device, "pause")
+        self._set_state(MachineState.PAUSED, reason="pause")
+        self.emit("vm-paused")
+
+    def resume(self) -> None:
+        with self._lock:
+            if self.state is not MachineState.PAUSED:
+                raise VmmError(f"cannot resume a VM that is {self.state.value}")
+            self.emit("vm-resuming")
+            for placed in self.devices:
+                _call(placed.device, "resume")
+            with self._park:
+                self._pause_requested = False
+                self._park.notify_all()
+            self._set_state(MachineState.RUNNING, reason="resume")
+            self.emit("vm-resumed")
+
+    def _live_threads(self) -> list[threading.Thread]:
+        return [t for t in self._threads if t.is_alive()]
+
+    def request_stop(self, reason: StopReason, detail: str = "") -> None:
+        """Ask the machine to stop (from any thread, vCPUs included)."""
+        with self._lock:
+            if self._exit is None:
+                status = 0
+                if reason is StopReason.POWER_OFF:
+                    status = self.guest_exit_status or 0
+                elif reason in (StopReason.TRIPLE_FAULT, StopReason.INTERNAL_ERROR):
+                    status = 1
+                self._exit = MachineExit(reason, status, detail)
+            self._stop.set()
+            with self._park:
+                self._park.notify_all()
+        self._kick_all()
+
+    def request_reset(self, reason: str) -> None:
+        with self._lock:
+            self._reset_requested = reason
+            self._stop.set()
+        self._kick_all()
+
+    def wait(self, timeout: float | None = None) -> MachineExit | None:
+        """Wait for the guest to stop, performing guest-requested resets; ``None`` on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._stop.wait(remaining):
+                return None
+            self._join_vcpus()
+            with self._lock:
+                reset, self._reset_requested = self._reset_requested, None
+                if self._exit is None and reset is not None:
+                    self._reboot(reset)
+                    continue
+            return self._finish()
+
+    def _join_vcpus(self) -> None:
+        for thread in self._threads:
+            while thread.is_alive():
+                self._kick_all()
+                thread.join(0.05)
+
+    def _finish(self) -> MachineExit:
+        exit_ = self._exit or MachineExit(StopReason.REQUESTED, 0)
+        if self.state is not MachineState.SHUTDOWN:
+            self._set_state(MachineState.SHUTDOWN, reason=exit_.reason.value, detail=exit_.detail)
+            self.emit("vm-shutdown", reason=exit_.reason.value)
+        return exit_
+
+    def reboot(self) -> None:
+        """Reset the VM and boot the guest again (from outside)."""
+        self.request_reset("requested")
+
+    def _reboot(self, reason: str) -> None:
+        log.info("vm.reset", reason=reason)
+        self.emit("vm-rebooting", reason=reason)
+        assert self.memory is not None
+        for region in self.memory.regions:
+            region.buffer.madvise(_MADV_DONTNEED)
+        for placed in self.devices:
+            _call(placed.device, "reset")
+        self._load_payload()
+        self._configure_vcpus()
+        for vcpu in self.vcpus:
+            vcpu.clear_kick()
+        self._start_vcpu_threads()
+        self.emit("vm-rebooted")
+
+    def shutdown(self) -> MachineExit:
+        """Stop the VM from outside (not a guest power-off)."""
+        self.request_stop(StopReason.REQUESTED)
+        exit_ = self.wait()
+        assert exit_ is not None
+        return exit_
+
+    def run(self) -> MachineExit:
+        """Build, boot and wait for the guest to stop, then release everything."""
+        try:
+            self.boot()
+            exit_ = self.wait()
+            assert exit_ is not None
+            return exit_
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._threads:
+            self.request_stop(StopReason.REQUESTED)
+            self._join_vcpus()
+        self.event_loop.close()
+        for placed in self.devices:
+            _call(placed.device, "close")
+        for line in self._irq_lines.values():
+            line.close()
+        for vcpu in self.vcpus:
+            vcpu.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self.hypervisor is not None:
+            self.hypervisor.close()
+        if self.memory is not None:
+            self.memory.close()
+        self.vm = None
+        self.memory = None
+        self.pm.hook.vmmkit_vm_destroyed(machine=self)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _set_state(self, new: MachineState, **detail: Any) -> None:
+        old, self.state = self.state, new
+        self.pm.hook.vmmkit_vm_state_changed(machine=self, old=old.value, new=new.value, detail=detail)
+
+    def emit(self, event: str, **properties: Any) -> None:
+        """Tell listeners (the event monitor, the API) what happened."""
+        for listener in self.listeners:
+            listener(event, properties)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for placed in self.devices:
+            values = _call(placed.device, "counters")
+            if values:
+                out[placed.request.id] = dict(values)
+        for vcpu in self.vcpus:
+            out[f"vcpu{vcpu.index}"] = dict(vcpu.exit_counts())
+        return out
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started_at
+
+
+_MADV_DONTNEED = 4
+
+
+def _call(obj: Any, method: str) -> Any:
+    func = getattr(obj, method, None)
+    if func is None:
+        return None
+    try:
+        return func()
+    except Exception:
+        log.exception("device.call_failed", method=method, device=repr(obj))
+        return None

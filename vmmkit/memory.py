@@ -1,0 +1,262 @@
+"""Guest memory: mmap-backed regions and bounds-checked guest-physical access.
+
+Every address handed to these methods may come from the guest, so every access is checked
+against the region table; a bad address raises :class:`GuestMemoryError` and touches nothing.
+An access must lie inside one region (virtio buffers that cross a region boundary are split
+by the caller with :meth:`GuestMemory.split`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+from attrs import define, field, frozen
+
+from vmmkit.errors import GuestMemoryError
+
+PAGE_SIZE: Final = mmap.PAGESIZE
+_MAP_NORESERVE: Final = 0x4000
+_MFD_HUGETLB: Final = 0x0004
+
+
+@frozen
+class MemoryRange:
+    """A guest-physical range ``[start, start + size)``."""
+
+    start: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    def contains(self, addr: int, length: int = 1) -> bool:
+        return self.start <= addr and addr + length <= self.end and length >= 0
+
+    def overlaps(self, other: MemoryRange) -> bool:
+        return self.start < other.end and other.start < self.end
+
+
+@define(eq=False)
+class GuestRegion:
+    """One mapping of guest RAM: where the guest sees it and where the host has it."""
+
+    range: MemoryRange
+    buffer: mmap.mmap
+    host_address: int
+    fd: int | None = None
+    slot: int = 0
+    readonly: bool = False
+    _pin: object = field(default=None, repr=False)
+
+    @property
+    def start(self) -> int:
+        return self.range.start
+
+    @property
+    def size(self) -> int:
+        return self.range.size
+
+
+class GuestMemory:
+    """The guest's RAM, as a sorted, non-overlapping set of host mappings."""
+
+    def __init__(self, regions: Iterable[GuestRegion] = ()) -> None:
+        self._regions: list[GuestRegion] = []
+        self._starts: list[int] = []
+        for region in regions:
+            self.add_region(region)
+
+    @classmethod
+    def allocate(
+        cls,
+        ranges: Iterable[MemoryRange],
+        *,
+        shared: bool = False,
+        hugepages: bool = False,
+        thp: bool = True,
+        mergeable: bool = False,
+        prefault: bool = False,
+    ) -> GuestMemory:
+        """Map anonymous (or, with ``shared``, memfd-backed) memory for each range.
+
+        A shared region keeps its memfd so it can be handed to another process (vhost-user).
+        """
+        memory = cls()
+        for slot, rng in enumerate(ranges):
+            memory.add_region(
+                _map_region(rng, slot, shared=shared, hugepages=hugepages, thp=thp,
+                            mergeable=mergeable, prefault=prefault)
+            )
+        return memory
+
+    # -- the region table ------------------------------------------------------------------
+
+    def add_region(self, region: GuestRegion) -> None:
+        for other in self._regions:
+            if other.range.overlaps(region.range):
+                raise GuestMemoryError(f"region {region.range} overlaps {other.range}")
+        index = bisect.bisect(self._starts, region.start)
+        self._regions.insert(index, region)
+        self._starts.insert(index, region.start)
+
+    @property
+    def regions(self) -> tuple[GuestRegion, ...]:
+        return tuple(self._regions)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    @property
+    def last_address(self) -> int:
+        return self._regions[-1].range.end - 1 if self._regions else 0
+
+    def find_region(self, gpa: int) -> GuestRegion | None:
+        index = bisect.bisect(self._starts, gpa) - 1
+        if index >= 0:
+            region = self._regions[index]
+            if gpa < region.range.end:
+                return region
+        return None
+
+    def translate(self, gpa: int, length: int) -> tuple[GuestRegion, int]:
+        """The region holding ``[gpa, gpa + length)`` and the offset of ``gpa`` in it."""
+        if gpa < 0 or length < 0:
+            raise GuestMemoryError(f"invalid guest access {gpa:#x}+{length:#x}")
+        region = self.find_region(gpa)
+        if region is None or gpa + length > region.range.end:
+            raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
+        return region, gpa - region.start
+
+    def is_valid(self, gpa: int, length: int) -> bool:
+        try:
+            self.translate(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def split(self, gpa: int, length: int) -> Iterator[tuple[int, int]]:
+        """Break ``[gpa, gpa + length)`` into per-region ``(gpa, length)`` pieces."""
+        while length > 0:
+            region = self.find_region(gpa)
+            if region is None:
+                raise GuestMemoryError(f"guest access {gpa:#x}+{length:#x} is outside guest RAM")
+            piece = min(length, region.range.end - gpa)
+            yield gpa, piece
+            gpa += piece
+            length -= piece
+
+    # -- access ----------------------------------------------------------------------------
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy view of guest memory (valid until the memory is closed)."""
+        region, offset = self.translate(gpa, length)
+        return memoryview(region.buffer)[offset : offset + length]
+
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        """The host virtual address of ``gpa``, for native code; the range is checked."""
+        region, offset = self.translate(gpa, length)
+        return region.host_address + offset
+
+    def read(self, gpa: int, length: int) -> bytes:
+        region, offset = self.translate(gpa, length)
+        return region.buffer[offset : offset + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        region, offset = self.translate(gpa, len(data))
+        region.buffer[offset : offset + len(data)] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        for piece_gpa, piece_len in self.split(gpa, length):
+            region, offset = self.translate(piece_gpa, piece_len)
+            region.buffer[offset : offset + piece_len] = bytes([byte]) * piece_len
+
+    def read_int(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.read(gpa, size), "little")
+
+    def write_int(self, gpa: int, size: int, value: int) -> None:
+        self.write(gpa, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read_int(gpa, 1)
+
+    def read_u16(self, gpa: int) -> int:
+        return self.read_int(gpa, 2)
+
+    def read_u32(self, gpa: int) -> int:
+        return self.read_int(gpa, 4)
+
+    def read_u64(self, gpa: int) -> int:
+        return self.read_int(gpa, 8)
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 1, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 2, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 4, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 8, value)
+
+    def read_cstring(self, gpa: int, limit: int = 4096) -> bytes:
+        """A NUL-terminated string of at most ``limit`` bytes (clamped to the region)."""
+        region = self.find_region(gpa)
+        if region is None:
+            raise GuestMemoryError(f"guest access {gpa:#x} is outside guest RAM")
+        data = self.read(gpa, min(limit, region.range.end - gpa))
+        end = data.find(b"\0")
+        return data if end < 0 else data[:end]
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for region in self._regions:
+            region._pin = None
+            region.buffer.close()
+            if region.fd is not None:
+                os.close(region.fd)
+        self._regions.clear()
+        self._starts.clear()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _map_region(
+    rng: MemoryRange,
+    slot: int,
+    *,
+    shared: bool,
+    hugepages: bool,
+    thp: bool,
+    mergeable: bool,
+    prefault: bool,
+) -> GuestRegion:
+    if rng.size <= 0 or rng.size % PAGE_SIZE or rng.start % PAGE_SIZE:
+        raise GuestMemoryError(f"region {rng} is not page aligned")
+    flags = _MAP_NORESERVE | (mmap.MAP_POPULATE if prefault else 0)
+    fd: int | None = None
+    if shared or hugepages:
+        fd = os.memfd_create(f"vmmkit-ram{slot}", os.MFD_CLOEXEC | (_MFD_HUGETLB if hugepages else 0))
+        os.ftruncate(fd, rng.size)
+        buffer = mmap.mmap(fd, rng.size, flags=flags | mmap.MAP_SHARED)
+    else:
+        buffer = mmap.mmap(-1, rng.size, flags=flags | mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if thp and not hugepages:
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    if mergeable:
+        buffer.madvise(mmap.MADV_MERGEABLE)
+    pin = ctypes.c_char.from_buffer(buffer)
+    return GuestRegion(rng, buffer, ctypes.addressof(pin), fd=fd, slot=slot, pin=pin)

@@ -1,0 +1,66 @@
+"""Plugin discovery and the registries the plugins fill."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from vmmkit import PROJECT_NAME, hookspecs
+from vmmkit.errors import PluginError
+from vmmkit.registry import Registries
+
+ENTRY_POINT_GROUP = PROJECT_NAME
+DISABLE_ENV = "VMMKIT_DISABLE_PLUGINS"
+
+
+def make_plugin_manager(autoload: bool = True, plugins: Iterable[Any] = ()) -> pluggy.PluginManager:
+    """A plugin manager with vmmkit's hooks, the installed plugins (unless ``autoload`` is
+    off) and ``plugins`` registered.
+
+    Plugins named in ``$VMMKIT_DISABLE_PLUGINS`` (comma separated entry-point names) are
+    blocked. A hook implementation that matches no specification is an error.
+    """
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    for name in os.environ.get(DISABLE_ENV, "").split(","):
+        if name.strip():
+            pm.set_blocked(name.strip())
+    if autoload:
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except Exception as exc:  # a broken third-party plugin must not be a traceback
+            raise PluginError(f"loading plugins of entry-point group {ENTRY_POINT_GROUP!r}: {exc}") from exc
+    for plugin in plugins:
+        pm.register(plugin)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    return pm
+
+
+def plugin_label(pm: pluggy.PluginManager, plugin: Any) -> str:
+    """``distribution version`` for an entry-point plugin, else the registered name."""
+    for registered, dist in pm.list_plugin_distinfo():
+        if registered is plugin:
+            return f"{dist.project_name} {dist.version}"
+    return pm.get_name(plugin) or repr(plugin)
+
+
+def collect_registries(pm: pluggy.PluginManager) -> Registries:
+    """Call every ``vmmkit_register_*`` hook, recording which plugin registered what."""
+    registries = Registries()
+    calls = (
+        ("vmmkit_register_hypervisors", registries.hypervisors),
+        ("vmmkit_register_architectures", registries.architectures),
+        ("vmmkit_register_devices", registries.devices),
+    )
+    for hook_name, registry in calls:
+        hook = getattr(pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            registry.current_plugin = plugin_label(pm, impl.plugin)
+            impl.function(registry=registry)
+    return registries
