@@ -176,20 +176,22 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
         return _fail(str(exc))
     parser = build_parser(pm, registries, prog="vmmkit run" if demo_default else "vmmkit")
     options = parser.parse_args(args)  # exits 2 on unknown options and bad choices
-    if options.kernel is None:
-        if not demo_default:
-            parser.error("--kernel is required (or use 'vmmkit run' to boot the bundled demo guest)")
-        from vmmkit.demo import demo_kernel
-
-        try:
-            options.kernel = str(demo_kernel())
-        except VmmError as exc:
-            return _fail(str(exc))
     try:
         config = config_from_options(options, registries)
     except ConfigError as exc:
         parser.print_usage(sys.stderr)
         return _fail(str(exc), EXIT_USAGE)
+    if config.payload.kernel is None:
+        if not demo_default:
+            parser.error("--kernel is required (or use 'vmmkit run' to boot the bundled demo guest)")
+        import attrs
+
+        from vmmkit.demo import demo_kernel
+
+        try:
+            config = attrs.evolve(config, payload=attrs.evolve(config.payload, kernel=str(demo_kernel())))
+        except VmmError as exc:
+            return _fail(str(exc))
     configure_logging(options.verbose, options.log_format, options.log_file)
     pm.hook.vmmkit_configure(options=options)
     return _boot(config, pm, registries, options)

@@ -32,6 +32,7 @@ config, ``PlatformConfig.virtio_transport`` (the VM default, ``"pci"``) and
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,7 +42,7 @@ from typing import Any, ClassVar, Final, Self, TypeVar, Union, cast, get_args, g
 import attrs
 
 from vmmkit.errors import VmmError
-from vmmkit.units import KiB, MiB, SIZE_SYNTAX, U64_MAX, parse_size
+from vmmkit.units import SIZE_SYNTAX, U64_MAX, KiB, MiB, parse_size
 
 __all__ = [
     "ConfigError",
@@ -307,6 +308,23 @@ def _check_console(mode: str, file: str | None, socket: str | None) -> None:
         raise ConfigError("socket", None, "socket=<path>", reason="mode Socket needs a socket path")
 
 
+def _byte_len(text: str) -> int:
+    """UTF-8 length; undecodable command-line bytes (lone surrogates) count one byte each."""
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _path(value: str | os.PathLike[str]) -> str:
+    """``os.PathLike`` values become strings; anything else is left for the validator."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _opt_path(value: str | os.PathLike[str] | None) -> str | None:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def _ext(**metadata: Any) -> dict[str, Any]:
     """Field metadata marking a vmmkit extension (omitted from JSON while at its default)."""
     return {"vmmkit_extension": True, **metadata}
@@ -356,6 +374,10 @@ def split_commas(text: str, *, option: str = "option") -> list[str]:
     return items
 
 
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class OptionParser:
     """The grammar of one CLI option's value: ``k=v,k=[a,b],flag`` (CH's ``OptionParser``).
@@ -366,8 +388,8 @@ class OptionParser:
     """
 
     option: str
-    keys: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
-    flags: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
+    keys: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    flags: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     any_key: bool = False
 
     def parse(self, spec: str) -> ParsedOptions:
@@ -396,13 +418,11 @@ class OptionParser:
                     values[key] = value.strip()
                 else:
                     accepted = ", ".join(self.flags + self.keys) or "key=value items"
-                    raise ConfigError(
-                        self.option, key, f"one of: {accepted}", reason=f"unknown key {key!r}"
-                    )
+                    raise ConfigError(self.option, key, f"one of: {accepted}", reason=f"unknown key {key!r}")
         return ParsedOptions(self.option, values)
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
 class ParsedOptions:
     """The keys of one option value. An empty value (``tap=``) counts as not set, as in CH."""
 
@@ -599,9 +619,7 @@ def _decode_object(cls: type[Any], value: Any, path: str, ctx: _JsonContext) -> 
             if item is None:
                 continue
             if ctx.strict:
-                raise ConfigError(
-                    here, key, "one of: " + ", ".join(fields), reason=f"unknown key {key!r}"
-                )
+                raise ConfigError(here, key, "one of: " + ", ".join(fields), reason=f"unknown key {key!r}")
             if ctx.ignored is not None:
                 ctx.ignored.append(here)
             continue
@@ -611,9 +629,7 @@ def _decode_object(cls: type[Any], value: Any, path: str, ctx: _JsonContext) -> 
         kwargs[name] = codec[0](item, here) if codec else _decode(field.type, item, here, ctx)
     for name, field in fields.items():
         if field.default is attrs.NOTHING and name not in kwargs:
-            raise ConfigError(
-                _join(path, name), None, f"a value for {name}", reason=f"missing key {name!r}"
-            )
+            raise ConfigError(_join(path, name), None, f"a value for {name}", reason=f"missing key {name!r}")
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -665,11 +681,11 @@ class _Config:
 class PayloadConfig(_Config):
     """What to boot: ``--kernel``, ``--cmdline``, ``--initramfs``, ``--firmware`` (all optional)."""
 
-    firmware: str | None = attrs.field(default=None, validator=_is_opt_str)
-    kernel: str | None = attrs.field(default=None, validator=_is_opt_str)
+    firmware: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
+    kernel: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     cmdline: str | None = attrs.field(default=None, validator=_is_opt_str)
-    initramfs: str | None = attrs.field(default=None, validator=_is_opt_str)
-    igvm: str | None = attrs.field(default=None, validator=_is_opt_str)
+    initramfs: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
+    igvm: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     host_data: str | None = attrs.field(default=None, validator=_is_opt_str)
 
 
@@ -688,10 +704,7 @@ class CpuTopology(_Config):
         return self.threads_per_core * self.cores_per_die * self.dies_per_package * self.packages
 
     def __str__(self) -> str:
-        return (
-            f"{self.threads_per_core}:{self.cores_per_die}:"
-            f"{self.dies_per_package}:{self.packages}"
-        )
+        return f"{self.threads_per_core}:{self.cores_per_die}:{self.dies_per_package}:{self.packages}"
 
 
 @attrs.frozen(kw_only=True)
@@ -729,9 +742,7 @@ class CpusConfig(_Config):
 
     boot_vcpus: int = attrs.field(default=1, validator=_int_range(1, MAX_VCPUS))
     max_vcpus: int = attrs.field(validator=_int_range(1, MAX_VCPUS))
-    topology: CpuTopology | None = attrs.field(
-        default=None, validator=_instance(CpuTopology, optional=True)
-    )
+    topology: CpuTopology | None = attrs.field(default=None, validator=_instance(CpuTopology, optional=True))
     kvm_hyperv: bool = attrs.field(default=False, validator=_is_bool)
     max_phys_bits: int = attrs.field(default=DEFAULT_MAX_PHYS_BITS, validator=_int_range(1, 64))
     affinity: tuple[CpuAffinity, ...] = attrs.field(
@@ -751,9 +762,7 @@ class CpusConfig(_Config):
 
     def __attrs_post_init__(self) -> None:
         if self.max_vcpus < self.boot_vcpus:
-            raise ConfigError(
-                "max_vcpus", self.max_vcpus, f"at least boot_vcpus ({self.boot_vcpus})"
-            )
+            raise ConfigError("max_vcpus", self.max_vcpus, f"at least boot_vcpus ({self.boot_vcpus})")
         if self.topology is not None and self.topology.vcpus != self.max_vcpus:
             raise ConfigError(
                 "topology",
@@ -810,13 +819,14 @@ def _parse_topology(o: ParsedOptions) -> CpuTopology | None:
         return None
     parts = raw.split(":")
     if len(parts) != 4 or not all(_INT_RE.fullmatch(p) for p in parts):
-        raise o.error(
-            "topology", raw, "<threads_per_core>:<cores_per_die>:<dies_per_package>:<packages>"
-        )
+        raise o.error("topology", raw, "<threads_per_core>:<cores_per_die>:<dies_per_package>:<packages>")
     threads, cores, dies, packages = (int(p) for p in parts)
-    return CpuTopology(
-        threads_per_core=threads, cores_per_die=cores, dies_per_package=dies, packages=packages
-    )
+    try:
+        return CpuTopology(
+            threads_per_core=threads, cores_per_die=cores, dies_per_package=dies, packages=packages
+        )
+    except ConfigError as err:
+        raise o.error("topology", raw, f"each part from 1 to {MAX_VCPUS}") from err
 
 
 def _parse_affinity(o: ParsedOptions) -> tuple[CpuAffinity, ...] | None:
@@ -879,9 +889,7 @@ class MemoryConfig(_Config):
             )
         if self.hugepage_size is not None:
             if not self.hugepages:
-                raise ConfigError(
-                    "hugepage_size", self.hugepage_size, "hugepage_size only with hugepages=on"
-                )
+                raise ConfigError("hugepage_size", self.hugepage_size, "hugepage_size only with hugepages=on")
             if self.hugepage_size <= 0 or self.hugepage_size & (self.hugepage_size - 1):
                 raise ConfigError("hugepage_size", self.hugepage_size, "a power of two, such as 2M")
 
@@ -929,9 +937,7 @@ class TokenBucket(_Config):
     """A token bucket: ``size`` tokens, refilled every ``refill_time`` ms."""
 
     size: int = attrs.field(validator=_int_range(0, U64_MAX))
-    one_time_burst: int | None = attrs.field(
-        default=None, validator=_int_range(0, U64_MAX, optional=True)
-    )
+    one_time_burst: int | None = attrs.field(default=None, validator=_int_range(0, U64_MAX, optional=True))
     refill_time: int = attrs.field(validator=_int_range(0, U64_MAX))
 
 
@@ -939,12 +945,8 @@ class TokenBucket(_Config):
 class RateLimiterConfig(_Config):
     """Independent bytes/s (``bandwidth``) and operations/s (``ops``) limits."""
 
-    bandwidth: TokenBucket | None = attrs.field(
-        default=None, validator=_instance(TokenBucket, optional=True)
-    )
-    ops: TokenBucket | None = attrs.field(
-        default=None, validator=_instance(TokenBucket, optional=True)
-    )
+    bandwidth: TokenBucket | None = attrs.field(default=None, validator=_instance(TokenBucket, optional=True))
+    ops: TokenBucket | None = attrs.field(default=None, validator=_instance(TokenBucket, optional=True))
 
 
 _RATE_KEYS: Final = tuple(
@@ -961,9 +963,7 @@ def _parse_rate_limiter(o: ParsedOptions) -> RateLimiterConfig | None:
         refill = o.integer(f"{kind}_refill_time") or 0
         burst = o.integer(f"{kind}_one_time_burst") or 0
         buckets[name] = (
-            TokenBucket(size=size, one_time_burst=burst, refill_time=refill)
-            if size and refill
-            else None
+            TokenBucket(size=size, one_time_burst=burst, refill_time=refill) if size and refill else None
         )
     if buckets["bandwidth"] is None and buckets["ops"] is None:
         return None
@@ -1002,14 +1002,14 @@ class DiskConfig(_Config):
     ``transport`` (vmmkit extension): ``"pci"``, ``"mmio"`` or ``None`` for the VM default.
     """
 
-    path: str | None = attrs.field(default=None, validator=_is_opt_str)
+    path: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     readonly: bool = attrs.field(default=False, validator=_is_bool)
     direct: bool = attrs.field(default=False, validator=_is_bool)
     iommu: bool = attrs.field(default=False, validator=_is_bool)
     num_queues: int = attrs.field(default=1, validator=_int_range(1, U16))
     queue_size: int = attrs.field(default=128, validator=_queue_size(4))
     vhost_user: bool = attrs.field(default=False, validator=_is_bool)
-    vhost_socket: str | None = attrs.field(default=None, validator=_is_opt_str)
+    vhost_socket: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     rate_limiter_config: RateLimiterConfig | None = attrs.field(
         default=None, validator=_instance(RateLimiterConfig, optional=True)
     )
@@ -1039,9 +1039,7 @@ class DiskConfig(_Config):
     def __attrs_post_init__(self) -> None:
         if self.vhost_user:
             if self.vhost_socket is None:
-                raise ConfigError(
-                    "vhost_socket", None, "socket=<path>", reason="vhost_user needs a socket"
-                )
+                raise ConfigError("vhost_socket", None, "socket=<path>", reason="vhost_user needs a socket")
             if self.path is not None:
                 raise ConfigError("path", self.path, "a path or a vhost-user socket, not both")
             if self.iommu:
@@ -1050,7 +1048,7 @@ class DiskConfig(_Config):
             raise ConfigError("path", None, "path=<disk image>", reason="missing path")
         elif self.vhost_socket is not None:
             raise ConfigError("vhost_socket", self.vhost_socket, "a socket only with vhost_user")
-        if self.serial is not None and len(self.serial.encode()) > VIRTIO_BLK_ID_BYTES:
+        if self.serial is not None and _byte_len(self.serial) > VIRTIO_BLK_ID_BYTES:
             raise ConfigError("serial", self.serial, f"at most {VIRTIO_BLK_ID_BYTES} bytes")
         if self.rate_limiter_config is not None and self.rate_limit_group is not None:
             raise ConfigError(
@@ -1162,7 +1160,7 @@ class NetConfig(_Config):
     num_queues: int = attrs.field(default=2, validator=_int_range(2, U16))
     queue_size: int = attrs.field(default=256, validator=_queue_size(2))
     vhost_user: bool = attrs.field(default=False, validator=_is_bool)
-    vhost_socket: str | None = attrs.field(default=None, validator=_is_opt_str)
+    vhost_socket: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     vhost_mode: str = attrs.field(default="Client", validator=_choice("Client", "Server"))
     id: str | None = attrs.field(default=None, validator=_is_id)
     fds: tuple[int, ...] = attrs.field(
@@ -1189,20 +1187,14 @@ class NetConfig(_Config):
     def __attrs_post_init__(self) -> None:
         _check_netmask(self.ip, self.mask)
         if self.fds and len(self.fds) * 2 != self.num_queues:
-            raise ConfigError(
-                "num_queues", self.num_queues, f"twice the number of fds ({2 * len(self.fds)})"
-            )
+            raise ConfigError("num_queues", self.num_queues, f"twice the number of fds ({2 * len(self.fds)})")
         if self.vhost_user:
             if self.vhost_socket is None:
-                raise ConfigError(
-                    "vhost_socket", None, "socket=<path>", reason="vhost_user needs a socket"
-                )
+                raise ConfigError("vhost_socket", None, "socket=<path>", reason="vhost_user needs a socket")
             if self.iommu:
                 raise ConfigError("iommu", True, "iommu off for a vhost-user net device")
         if not self.offload_csum and (self.offload_tso or self.offload_ufo):
-            raise ConfigError(
-                "offload_csum", False, "offload_csum on when offload_tso or offload_ufo is on"
-            )
+            raise ConfigError("offload_csum", False, "offload_csum on when offload_tso or offload_ufo is on")
 
     _PARSER: ClassVar[OptionParser] = OptionParser(
         "--net",
@@ -1263,7 +1255,7 @@ class RngConfig(_Config):
     ``transport`` (vmmkit extension): ``"pci"``, ``"mmio"`` or ``None`` for the VM default.
     """
 
-    src: str = attrs.field(default=DEFAULT_RNG_SOURCE, validator=_is_str)
+    src: str = attrs.field(default=DEFAULT_RNG_SOURCE, converter=_path, validator=_is_str)
     iommu: bool = attrs.field(default=False, validator=_is_bool)
     id: str | None = attrs.field(default=None, validator=_is_id)
     pci_segment: int = attrs.field(default=0, validator=_int_range(0, U16))
@@ -1324,7 +1316,7 @@ class FsConfig(_Config):
     """
 
     tag: str = attrs.field(validator=_is_str)
-    socket: str = attrs.field(validator=_is_str)
+    socket: str = attrs.field(converter=_path, validator=_is_str)
     num_queues: int = attrs.field(default=1, validator=_int_range(1, U16))
     queue_size: int = attrs.field(default=1024, validator=_queue_size(2))
     pci_segment: int = attrs.field(default=0, validator=_int_range(0, U16))
@@ -1333,7 +1325,7 @@ class FsConfig(_Config):
     transport: str | None = _transport_field()
 
     def __attrs_post_init__(self) -> None:
-        if len(self.tag.encode()) > VIRTIO_FS_TAG_LEN:
+        if _byte_len(self.tag) > VIRTIO_FS_TAG_LEN:
             raise ConfigError("tag", self.tag, f"a tag of at most {VIRTIO_FS_TAG_LEN} bytes")
 
     _PARSER: ClassVar[OptionParser] = OptionParser(
@@ -1369,7 +1361,7 @@ class PmemConfig(_Config):
     as for disks.
     """
 
-    file: str = attrs.field(validator=_is_str)
+    file: str = attrs.field(converter=_path, validator=_is_str)
     size: int | None = attrs.field(default=None, converter=_opt_size)
     iommu: bool = attrs.field(default=False, validator=_is_bool)
     discard_writes: bool = attrs.field(default=False, validator=_is_bool)
@@ -1414,7 +1406,7 @@ def _parse_mode(o: ParsedOptions, *, socket: bool = True) -> dict[str, Any]:
     if not given:
         raise ConfigError(o.option, dict(o.values), syntax, reason="no mode given")
     if len(given) > 1:
-        raise ConfigError(o.option, given, syntax, reason="more than one mode given")
+        raise ConfigError(o.option, given, syntax, reason=f"more than one mode given ({', '.join(given)})")
     (mode,) = given
     if mode in _MODE_FLAGS:
         return {"mode": _MODE_FLAGS[mode]}
@@ -1432,16 +1424,14 @@ class SerialConfig(_Config):
     ``file`` and ``Socket`` needs ``socket``. vmmkit's default is ``Tty`` (CH's: ``Null``).
     """
 
-    file: str | None = attrs.field(default=None, validator=_is_opt_str)
-    socket: str | None = attrs.field(default=None, validator=_is_opt_str)
+    file: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
+    socket: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     mode: str = attrs.field(default="Tty", validator=_choice(*CONSOLE_MODES))
 
     def __attrs_post_init__(self) -> None:
         _check_console(self.mode, self.file, self.socket)
 
-    _PARSER: ClassVar[OptionParser] = OptionParser(
-        "--serial", ("file", "socket"), flags=tuple(_MODE_FLAGS)
-    )
+    _PARSER: ClassVar[OptionParser] = OptionParser("--serial", ("file", "socket"), flags=tuple(_MODE_FLAGS))
 
     @classmethod
     def parse(cls, spec: str) -> SerialConfig:
@@ -1460,8 +1450,8 @@ class ConsoleConfig(_Config):
     ``transport`` (vmmkit extension): ``"pci"``, ``"mmio"`` or ``None`` for the VM default.
     """
 
-    file: str | None = attrs.field(default=None, validator=_is_opt_str)
-    socket: str | None = attrs.field(default=None, validator=_is_opt_str)
+    file: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
+    socket: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     mode: str = attrs.field(default="Off", validator=_choice(*CONSOLE_MODES))
     iommu: bool = attrs.field(default=False, validator=_is_bool)
     id: str | None = attrs.field(default=None, validator=_is_id)
@@ -1491,7 +1481,7 @@ class DebugConsoleConfig(_Config):
     Default ``Off``, as CH. ``Socket`` is not supported.
     """
 
-    file: str | None = attrs.field(default=None, validator=_is_opt_str)
+    file: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     mode: str = attrs.field(default="Off", validator=_choice("Off", "Pty", "Tty", "File", "Null"))
     iobase: int | None = attrs.field(
         default=DEFAULT_DEBUG_CONSOLE_IOBASE, validator=_int_range(0, U16, optional=True)
@@ -1517,7 +1507,7 @@ class DeviceConfig(_Config):
     """A VFIO passthrough device: ``--device path=/sys/bus/pci/devices/0000:01:00.0/,id=gpu0``
     (also ``iommu``, ``pci_segment``, ``pci_device_id``, ``x_nv_gpudirect_clique``)."""
 
-    path: str = attrs.field(validator=_is_str)
+    path: str = attrs.field(converter=_path, validator=_is_str)
     iommu: bool = attrs.field(default=False, validator=_is_bool)
     pci_segment: int = attrs.field(default=0, validator=_int_range(0, U16))
     pci_device_id: int | None = attrs.field(default=None, validator=_int_range(0, 31, optional=True))
@@ -1531,9 +1521,7 @@ class DeviceConfig(_Config):
         validator=_tuple_of(lambda v: type(v) is int and 0 <= v <= 5, "a BAR index from 0 to 5"),
     )
 
-    _PARSER: ClassVar[OptionParser] = OptionParser(
-        "--device", ("path", *_PCI_KEYS, "x_nv_gpudirect_clique")
-    )
+    _PARSER: ClassVar[OptionParser] = OptionParser("--device", ("path", *_PCI_KEYS, "x_nv_gpudirect_clique"))
 
     @classmethod
     def parse(cls, spec: str) -> DeviceConfig:
@@ -1560,16 +1548,14 @@ class VsockConfig(_Config):
     """
 
     cid: int = attrs.field(validator=_int_range(3, U32 - 1))
-    socket: str = attrs.field(validator=_is_str)
+    socket: str = attrs.field(converter=_path, validator=_is_str)
     iommu: bool = attrs.field(default=False, validator=_is_bool)
     pci_segment: int = attrs.field(default=0, validator=_int_range(0, U16))
     pci_device_id: int | None = attrs.field(default=None, validator=_int_range(0, 31, optional=True))
     id: str | None = attrs.field(default=None, validator=_is_id)
     transport: str | None = _transport_field()
 
-    _PARSER: ClassVar[OptionParser] = OptionParser(
-        "--vsock", ("cid", "socket", *_PCI_KEYS, "transport")
-    )
+    _PARSER: ClassVar[OptionParser] = OptionParser("--vsock", ("cid", "socket", *_PCI_KEYS, "transport"))
 
     @classmethod
     def parse(cls, spec: str) -> VsockConfig:
@@ -1620,9 +1606,7 @@ class PlatformConfig(_Config):
     sev_snp: bool = attrs.field(default=False, validator=_is_bool)
     iommufd: bool = attrs.field(default=False, validator=_is_bool)
     vfio_p2p_dma: bool = attrs.field(default=True, validator=_is_bool)
-    virtio_transport: str = attrs.field(
-        default="pci", validator=_choice(*TRANSPORTS), metadata=_ext()
-    )
+    virtio_transport: str = attrs.field(default="pci", validator=_choice(*TRANSPORTS), metadata=_ext())
 
     _CLI_KEYS: ClassVar[Mapping[str, str]] = {"iommu_address_width_bits": "iommu_address_width"}
     _JSON_ALIASES: ClassVar[Mapping[str, str]] = {
@@ -1795,9 +1779,7 @@ class VmConfig(_Config):
     balloon: BalloonConfig | None = attrs.field(
         default=None, validator=_instance(BalloonConfig, optional=True)
     )
-    fs: tuple[FsConfig, ...] = attrs.field(
-        default=(), converter=_tuple, validator=_tuple_of_type(FsConfig)
-    )
+    fs: tuple[FsConfig, ...] = attrs.field(default=(), converter=_tuple, validator=_tuple_of_type(FsConfig))
     pmem: tuple[PmemConfig, ...] = attrs.field(
         default=(), converter=_tuple, validator=_tuple_of_type(PmemConfig)
     )
@@ -1809,9 +1791,7 @@ class VmConfig(_Config):
     devices: tuple[DeviceConfig, ...] = attrs.field(
         default=(), converter=_tuple, validator=_tuple_of_type(DeviceConfig)
     )
-    vsock: VsockConfig | None = attrs.field(
-        default=None, validator=_instance(VsockConfig, optional=True)
-    )
+    vsock: VsockConfig | None = attrs.field(default=None, validator=_instance(VsockConfig, optional=True))
     iommu: bool = attrs.field(default=False, validator=_is_bool)
     watchdog: bool = attrs.field(default=False, validator=_is_bool)
     pvpanic: bool = attrs.field(default=False, validator=_is_bool)
@@ -1954,7 +1934,8 @@ class VmConfig(_Config):
             items = getattr(self, name)
             kept = tuple(device for device in items if device.id != device_id)
             if len(kept) != len(items):
-                return attrs.evolve(self, **{name: kept})
+                changes: dict[str, Any] = {name: kept}
+                return attrs.evolve(self, **changes)
         if self.vsock is not None and self.vsock.id == device_id:
             return attrs.evolve(self, vsock=None)
         raise ConfigError(
@@ -1983,10 +1964,9 @@ class VmConfig(_Config):
             counter += 1
             return f"{prefix}{counter - 1}"
 
-        def fill(items: tuple[T, ...], prefix: Callable[[Any], str]) -> tuple[T, ...]:
+        def fill(items: tuple[Any, ...], prefix: Callable[[Any], str]) -> tuple[Any, ...]:
             return tuple(
-                item if item.id is not None else attrs.evolve(item, id=name(prefix(item)))  # type: ignore[attr-defined, misc]
-                for item in items
+                item if item.id is not None else attrs.evolve(item, id=name(prefix(item))) for item in items
             )
 
         disks = fill(self.disks, lambda _: "_disk")
@@ -2020,8 +2000,10 @@ class VmConfig(_Config):
         Types are checked strictly (sizes are integers in bytes, booleans are ``true``/``false``);
         ``null`` means "the default". Keys vmmkit does not know (``numa``, ``rate_limit_groups``,
         ``memory.zones``...) are ignored so that any CH body is accepted: pass a list as
-        ``ignored`` to receive their JSON paths (``"disks[0].queue_affinity"``), or
-        ``strict=True`` to reject them. Errors name the JSON path (``memory.size``).
+        ``ignored`` to receive their JSON paths (``"numa"``, ``"serial.iommu"``), or
+        ``strict=True`` to reject them. Unknown keys whose value is ``null`` (older CH versions
+        write every unset option) are dropped without a report. Errors name the JSON path
+        (``memory.size``, ``disks[1].id``).
         """
         return super().from_json(obj, strict=strict, ignored=ignored)
 
@@ -2061,10 +2043,7 @@ class VmConfig(_Config):
         def many(values: Iterable[Any] | None) -> list[Any]:
             return [values] if isinstance(values, str) else list(values or ())
 
-        plugins = [
-            d if isinstance(d, PluginDeviceConfig) else PluginDeviceConfig.parse(*d)
-            for d in many(plugin_devices)
-        ]
+        plugins = [_plugin_device(d) for d in many(plugin_devices)]
         sections = dict(
             cpus=CpusConfig.parse(cpus) if cpus is not None else None,
             memory=MemoryConfig.parse(memory) if memory is not None else None,
@@ -2076,21 +2055,28 @@ class VmConfig(_Config):
             pmem=tuple(PmemConfig.parse(spec) for spec in many(pmem)),
             serial=SerialConfig.parse(serial) if serial is not None else None,
             console=ConsoleConfig.parse(console) if console is not None else None,
-            debug_console=DebugConsoleConfig.parse(debug_console)
-            if debug_console is not None
-            else None,
+            debug_console=DebugConsoleConfig.parse(debug_console) if debug_console is not None else None,
             devices=tuple(DeviceConfig.parse(spec) for spec in many(devices)),
             vsock=VsockConfig.parse(vsock) if vsock is not None else None,
             platform=PlatformConfig.parse(platform) if platform is not None else None,
             plugin_devices=tuple(plugins),
         )
         try:
-            payload = PayloadConfig(
-                kernel=kernel, cmdline=cmdline, initramfs=initramfs, firmware=firmware
-            )
+            payload = PayloadConfig(kernel=kernel, cmdline=cmdline, initramfs=initramfs, firmware=firmware)
+        except ConfigError as err:
+            raise _relabel(err, f"--{err.option}", None) from None
+        try:
             return _make(cls, payload=payload, watchdog=watchdog, pvpanic=pvpanic, **sections)
         except ConfigError as err:
             raise _vm_error_for_cli(err, plugins) from None
+
+
+def _plugin_device(value: Any) -> PluginDeviceConfig:
+    if isinstance(value, PluginDeviceConfig):
+        return value
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(part, str) for part in value):
+        return PluginDeviceConfig.parse(*value)
+    raise ConfigError("plugin_devices", value, "a PluginDeviceConfig or a (type_name, spec) pair of strings")
 
 
 _CLI_OPTIONS: Final[Mapping[str, tuple[str, type[Any] | None]]] = {

@@ -30,6 +30,7 @@ from vmmkit.irq import GsiAllocator, GsiLine, InterruptLine
 from vmmkit.memory import GuestMemory
 from vmmkit.registry import AUTO, Registries
 from vmmkit.threads import set_native_thread_name
+from vmmkit.virtio.device import VirtioDevice
 
 log = structlog.get_logger()
 
@@ -242,10 +243,10 @@ class Machine:
         return placed
 
     def _place(self, device: Any, request: DeviceRequest) -> PlacedDevice:
-        placer = getattr(device, "attach", None)
-        if placer is not None and not isinstance(device, Device):
-            # Devices that place themselves (virtio transports, PCI functions) get the machine.
-            return placer(self, request)  # type: ignore[no-any-return]
+        if isinstance(device, VirtioDevice):
+            from vmmkit.virtio.transport import attach_virtio
+
+            return attach_virtio(self, device, request)
         kind = getattr(device, "kind", "") or request.type
         irq = request.irq
         if request.pio is not None:

@@ -48,6 +48,61 @@ def kvm_unusable_reason() -> str | None:
     return None
 
 
+HYPERVISOR_ENV = "VMMKIT_TEST_HYPERVISOR"
+ARCH_ENV = "VMMKIT_TEST_ARCH"
+REPORT_ENV = "VMMKIT_TEST_REPORT"
+
+_backend_runs: dict[str, int] = {}
+
+
+def selected_backend() -> tuple[str, str]:
+    """The (hypervisor, architecture) this test session targets (tox factors set them)."""
+    from vmmkit.machine import host_architecture
+
+    return os.environ.get(HYPERVISOR_ENV, "auto"), os.environ.get(ARCH_ENV, host_architecture())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and "vmmkit_hypervisor" in getattr(item, "fixturenames", ()):
+        key = getattr(item, "_vmmkit_backend", "?")
+        _backend_runs[key] = _backend_runs.get(key, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _backend_runs:
+        return
+    runs = ", ".join(f"{count} on {key}" for key, count in sorted(_backend_runs.items()))
+    terminalreporter.write_line(f"vmmkit: tests that ran a guest: {runs}")
+    report = os.environ.get(REPORT_ENV)
+    if report:
+        import json
+
+        Path(report).write_text(json.dumps(_backend_runs))
+
+
+@pytest.fixture
+def vmmkit_hypervisor(request: pytest.FixtureRequest, vmmkit_registries: Any) -> str:
+    """The hypervisor backend tests boot guests on (``$VMMKIT_TEST_HYPERVISOR``, default
+    ``auto``), resolved to a usable backend's name; skips saying why when there is none."""
+    from vmmkit.errors import RegistryError
+
+    name, arch = selected_backend()
+    try:
+        backend = vmmkit_registries.select_hypervisor(name, arch)
+    except RegistryError as exc:
+        pytest.skip(str(exc))
+    availability = backend.is_available()
+    if not availability:
+        pytest.skip(f"hypervisor {backend.name} is not usable: {availability.reason}")
+    if arch not in backend.architectures:
+        pytest.skip(f"hypervisor {backend.name} cannot run {arch} guests")
+    request.node._vmmkit_backend = f"{backend.name}/{arch}"
+    return str(backend.name)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("requires_kvm"):
         reason = kvm_unusable_reason()

@@ -357,7 +357,7 @@ static int to_python(struct vmk_vcpu *v, struct vmk_exit *ex, int code, uint64_t
     ex->size = size;
     ex->count = count;
     ex->is_write = (uint32_t)is_write;
-    ex->data = data;
+    ex->data = (char *)data;
     ex->nwords = 0;
     return code;
 }
@@ -410,7 +410,7 @@ static int drain_ring(struct vmk_vcpu *v, struct vmk_exit *ex)
     }
 }
 
-static void copy_words(struct vmk_exit *ex, const uint64_t *src, uint32_t n, uint32_t start)
+static void copy_words(struct vmk_exit *ex, const void *src, uint32_t n, uint32_t start)
 {
     if (n > VMK_EXIT_WORDS - start)
         n = VMK_EXIT_WORDS - start;
@@ -558,3 +558,7 @@ int vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex)
 }
 
 size_t vmk_kvm_run_size(void) { return sizeof(struct kvm_run); }
+
+int vmk_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+
+int vmk_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }

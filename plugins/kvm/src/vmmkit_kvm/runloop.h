@@ -59,7 +59,7 @@ struct vmk_exit {
     uint32_t count;        /* accesses (string port I/O: > 1) */
     uint32_t is_write;
     uint32_t nwords;
-    uint8_t *data;         /* size * count bytes, inside the vCPU's own buffers */
+    char *data;            /* size * count bytes, inside the vCPU's own buffers */
     uint64_t words[VMK_EXIT_WORDS];
 };
 
@@ -97,6 +97,10 @@ void vmk_vcpu_mark_dirty(struct vmk_vcpu *v, uint32_t bits);
 /* The check applied to a KVM_EXIT_IO before its data is touched (exported for tests). */
 int vmk_io_in_bounds(uint64_t run_size, uint32_t size, uint32_t count, uint64_t data_offset);
 size_t vmk_kvm_run_size(void);
+
+/* ioctl() without varargs, for cffi; -1 and errno on failure. */
+int vmk_ioctl_ptr(int fd, unsigned long request, void *arg);
+int vmk_ioctl_int(int fd, unsigned long request, unsigned long arg);
 
 int vmk_kick_signal(void);
 /* Installs the no-op kick handler (no SA_RESTART). Idempotent. 0 or -errno. */

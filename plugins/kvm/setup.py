@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup(cffi_modules=["src/vmmkit_kvm/_native_build.py:ffibuilder"])
