@@ -1,4 +1,5 @@
-"""Bundles the demo guest (tests/guests) into wheels of the core, when make and gcc exist."""
+"""Builds the core's native module (the virtio chain walker, cffi) and bundles the demo guest
+(tests/guests) into wheels of the core, when make and gcc exist."""
 
 import shutil
 import subprocess
@@ -21,4 +22,7 @@ class BuildWithDemoGuest(build_py):
             shutil.copy(guests / "build" / "x86_64" / "selftest.elf", target / "demo-x86_64.elf")
 
 
-setup(cmdclass={"build_py": BuildWithDemoGuest})
+setup(
+    cmdclass={"build_py": BuildWithDemoGuest},
+    cffi_modules=["vmmkit/virtio/_native_build.py:ffibuilder"],
+)

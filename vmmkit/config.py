@@ -9,7 +9,8 @@ defaults are CH's, so a CH JSON body round-trips. A configuration comes from:
 - Python: ``VmConfig(memory=MemoryConfig(size="1G"), disks=[DiskConfig(path="a.img")])``;
   change one with ``attrs.evolve`` or the ``with_*`` / ``without_device`` helpers.
 
-Every rejected value raises :class:`ConfigError` (a ``ValueError``), whichever way it came in.
+Every rejected value raises :class:`ConfigError` (a ``ValueError`` and a
+:class:`vmmkit.errors.VmmError`), whichever way it came in.
 
 Differences from Cloud Hypervisor, on purpose:
 
@@ -17,10 +18,12 @@ Differences from Cloud Hypervisor, on purpose:
   console ``tty``): a vmmkit guest talks on its serial port, like most kernels expect.
 - ``NetConfig.mac`` defaults to ``None`` (a MAC is generated when the VM is created) where CH picks
   a random one while parsing, so parsing is deterministic.
-- ``max_vcpus`` is at most 254 (:data:`MAX_VCPUS`, the xAPIC limit vmmkit supports).
+- ``max_vcpus`` is at most 254 (:data:`MAX_VCPUS`: 8-bit xAPIC ids, 255 being the broadcast
+  id); recent CH versions allow more.
 - ``iommu`` is kept as given; CH turns it on when any device asks for an IOMMU, which
   :attr:`VmConfig.iommu_required` reports instead.
-- Unknown JSON keys are ignored (CH rejects them), see :meth:`VmConfig.from_json`.
+- Unknown JSON keys are ignored (CH rejects them) and missing ones take vmmkit's defaults, see
+  :meth:`VmConfig.from_json`.
 - Validation happens on construction, not at VM creation; ``attrs.evolve`` re-validates.
 
 vmmkit extensions (optional, left out of ``to_json()`` while unset, so CH JSON round-trips):
@@ -211,6 +214,11 @@ def _is_opt_str(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         _is_str(inst, attr, value)
 
 
+def _is_opt_text(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(attr.name, value, "a string")
+
+
 def _is_id(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value or value.startswith("__")):
         raise ConfigError(attr.name, value, "a non-empty id not starting with '__' (reserved)")
@@ -325,13 +333,12 @@ def _opt_path(value: str | os.PathLike[str] | None) -> str | None:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def _ext(**metadata: Any) -> dict[str, Any]:
-    """Field metadata marking a vmmkit extension (omitted from JSON while at its default)."""
-    return {"vmmkit_extension": True, **metadata}
+_EXTENSION: Final = {"vmmkit_extension": True}
+"""Field metadata marking a vmmkit extension (left out of JSON while at its default)."""
 
 
 def _transport_field() -> Any:
-    return attrs.field(default=None, validator=_choice(*TRANSPORTS, optional=True), metadata=_ext())
+    return attrs.field(default=None, validator=_choice(*TRANSPORTS, optional=True), metadata=_EXTENSION)
 
 
 # --- the option parser ----------------------------------------------------------------------
@@ -683,10 +690,10 @@ class PayloadConfig(_Config):
 
     firmware: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     kernel: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
-    cmdline: str | None = attrs.field(default=None, validator=_is_opt_str)
+    cmdline: str | None = attrs.field(default=None, validator=_is_opt_text)
     initramfs: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     igvm: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
-    host_data: str | None = attrs.field(default=None, validator=_is_opt_str)
+    host_data: str | None = attrs.field(default=None, validator=_is_opt_text)
 
 
 @attrs.frozen(kw_only=True)
@@ -1031,10 +1038,7 @@ class DiskConfig(_Config):
     lock_granularity: str = attrs.field(default="ByteRange", validator=_choice("ByteRange", "Full"))
     transport: str | None = _transport_field()
 
-    _CLI_KEYS: ClassVar[Mapping[str, str]] = {
-        "vhost_socket": "socket",
-        "rate_limiter_config": "bw_size",
-    }
+    _CLI_KEYS: ClassVar[Mapping[str, str]] = {"vhost_socket": "socket"}
 
     def __attrs_post_init__(self) -> None:
         if self.vhost_user:
@@ -1178,11 +1182,7 @@ class NetConfig(_Config):
     offload_csum: bool = attrs.field(default=True, validator=_is_bool)
     transport: str | None = _transport_field()
 
-    _CLI_KEYS: ClassVar[Mapping[str, str]] = {
-        "vhost_socket": "socket",
-        "fds": "fd",
-        "rate_limiter_config": "bw_size",
-    }
+    _CLI_KEYS: ClassVar[Mapping[str, str]] = {"vhost_socket": "socket", "fds": "fd"}
 
     def __attrs_post_init__(self) -> None:
         _check_netmask(self.ip, self.mask)
@@ -1606,7 +1606,7 @@ class PlatformConfig(_Config):
     sev_snp: bool = attrs.field(default=False, validator=_is_bool)
     iommufd: bool = attrs.field(default=False, validator=_is_bool)
     vfio_p2p_dma: bool = attrs.field(default=True, validator=_is_bool)
-    virtio_transport: str = attrs.field(default="pci", validator=_choice(*TRANSPORTS), metadata=_ext())
+    virtio_transport: str = attrs.field(default="pci", validator=_choice(*TRANSPORTS), metadata=_EXTENSION)
 
     _CLI_KEYS: ClassVar[Mapping[str, str]] = {"iommu_address_width_bits": "iommu_address_width"}
     _JSON_ALIASES: ClassVar[Mapping[str, str]] = {
@@ -1802,7 +1802,7 @@ class VmConfig(_Config):
         default=(),
         converter=_tuple,
         validator=_tuple_of_type(PluginDeviceConfig),
-        metadata=_ext(),
+        metadata=_EXTENSION,
     )
 
     def __attrs_post_init__(self) -> None:
@@ -1839,12 +1839,14 @@ class VmConfig(_Config):
                 raise ConfigError(
                     f"{path}.pci_segment", segment, f"a segment below num_pci_segments ({segments})"
                 )
-            if segment in iommu_segments and not getattr(device, "iommu", False):
+            if segment not in iommu_segments or _field_head(path) in ("rng", "console", "balloon"):
+                continue  # CH checks only these hot-pluggable devices against IOMMU segments
+            if _field_head(path) == "fs":
                 raise ConfigError(
-                    f"{path}.iommu",
-                    False,
-                    f"iommu on (segment {segment} is behind the IOMMU)",
+                    f"{path}.pci_segment", segment, "a segment not behind the IOMMU (virtio-fs cannot be)"
                 )
+            if not device.iommu:
+                raise ConfigError(f"{path}.iommu", False, f"iommu on (segment {segment} is behind the IOMMU)")
         paths: set[str] = set()
         for index, vfio in enumerate(self.devices):
             if vfio.path.rstrip("/") in paths:

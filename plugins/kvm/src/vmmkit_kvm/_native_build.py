@@ -399,7 +399,7 @@ int vmk_kick_signal(void);
 int vmk_install_kick_handler(void);
 
 extern "Python+C" int vmk_py_io(void *handle, uint32_t kind, uint64_t addr, uint32_t size,
-                                uint32_t count, uint8_t *data);
+                                uint32_t count, char *data);
 """
 
 ffibuilder = FFI()

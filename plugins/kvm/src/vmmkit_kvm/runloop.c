@@ -346,7 +346,7 @@ static int to_python(struct vmk_vcpu *v, struct vmk_exit *ex, int code, uint64_t
     if (v->py_handle) {
         uint32_t kind = code == VMK_EXIT_PIO ? (is_write ? VMK_IO_PIO_WRITE : VMK_IO_PIO_READ)
                                              : (is_write ? VMK_IO_MMIO_WRITE : VMK_IO_MMIO_READ);
-        if (vmk_py_io(v->py_handle, kind, addr, size, count, data) == 0)
+        if (vmk_py_io(v->py_handle, kind, addr, size, count, (char *)data) == 0)
             return 0;
         ex->code = VMK_EXIT_CALLBACK_ERROR;
         ex->nwords = 0;

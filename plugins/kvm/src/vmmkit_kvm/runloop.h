@@ -108,6 +108,6 @@ int vmk_install_kick_handler(void);
 
 /* Callback into Python (cffi extern "Python+C"): 0 on success, -1 if it raised. */
 int vmk_py_io(void *handle, uint32_t kind, uint64_t addr, uint32_t size,
-              uint32_t count, uint8_t *data);
+              uint32_t count, char *data);
 
 #endif

@@ -1,0 +1,397 @@
+"""A small AML (ACPI Machine Language) builder, enough for a DSDT that describes devices.
+
+Objects mirror the ASL they stand for and turn into bytes with :func:`encode` (ACPI 6.5,
+chapter 20)::
+
+    Scope("\\_SB_", [
+        Device("COM1", [
+            Name("_HID", EisaId("PNP0501")),
+            Name("_UID", 1),
+            Name("_CRS", ResourceTemplate([Io(0x3F8, 0x3F8, 1, 8), IrqNoFlags(4)])),
+        ]),
+    ])
+
+Plain Python values are data objects: ``int`` an Integer (the shortest encoding), ``str`` a
+String, ``bytes`` a Buffer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol, TypeAlias, runtime_checkable
+
+from attrs import field, frozen
+
+# -- opcodes ----------------------------------------------------------------------------------
+ZERO_OP = 0x00
+ONE_OP = 0x01
+ONES_OP = 0xFF
+NAME_OP = 0x08
+BYTE_PREFIX = 0x0A
+WORD_PREFIX = 0x0B
+DWORD_PREFIX = 0x0C
+STRING_PREFIX = 0x0D
+QWORD_PREFIX = 0x0E
+SCOPE_OP = 0x10
+BUFFER_OP = 0x11
+PACKAGE_OP = 0x12
+METHOD_OP = 0x14
+DUAL_NAME_PREFIX = 0x2E
+MULTI_NAME_PREFIX = 0x2F
+EXT_OP_PREFIX = 0x5B
+DEVICE_OP = 0x82
+ROOT_CHAR = 0x5C
+PARENT_PREFIX_CHAR = 0x5E
+RETURN_OP = 0xA4
+
+
+@runtime_checkable
+class AmlObject(Protocol):
+    def to_aml(self) -> bytes: ...
+
+
+Term: TypeAlias = "AmlObject | int | str | bytes"
+
+
+def encode(term: Term) -> bytes:
+    """The AML bytes of a term (an :class:`AmlObject` or a plain data value)."""
+    if isinstance(term, bool):
+        raise TypeError("AML has no booleans: use 0 or 1")
+    if isinstance(term, int):
+        return integer(term)
+    if isinstance(term, str):
+        return string(term)
+    if isinstance(term, bytes):
+        return Buffer(term).to_aml()
+    if isinstance(term, AmlObject):
+        return term.to_aml()
+    raise TypeError(f"not an AML term: {term!r}")
+
+
+def encode_all(terms: Sequence[Term]) -> bytes:
+    return b"".join(encode(t) for t in terms)
+
+
+def integer(value: int) -> bytes:
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"AML integers are unsigned 64-bit: {value}")
+    if value == 0:
+        return bytes([ZERO_OP])
+    if value == 1:
+        return bytes([ONE_OP])
+    for prefix, size in ((BYTE_PREFIX, 1), (WORD_PREFIX, 2), (DWORD_PREFIX, 4), (QWORD_PREFIX, 8)):
+        if value < 1 << (8 * size):
+            return bytes([prefix]) + value.to_bytes(size, "little")
+    raise AssertionError("unreachable")
+
+
+def string(text: str) -> bytes:
+    data = text.encode("ascii")
+    if b"\0" in data:
+        raise ValueError("AML strings cannot contain NUL")
+    return bytes([STRING_PREFIX]) + data + b"\0"
+
+
+_SEGMENT = re.compile(r"[A-Z_][A-Z0-9_]{0,3}")
+
+
+def name_string(path: str) -> bytes:
+    """Encode a name path: ``_HID``, ``\\_SB_.PCI0``, ``^COM1`` (segments padded with ``_``)."""
+    out = bytearray()
+    rest = path
+    if rest.startswith("\\"):
+        out.append(ROOT_CHAR)
+        rest = rest[1:]
+    else:
+        while rest.startswith("^"):
+            out.append(PARENT_PREFIX_CHAR)
+            rest = rest[1:]
+    segments = rest.split(".") if rest else []
+    for segment in segments:
+        if not _SEGMENT.fullmatch(segment):
+            raise ValueError(f"invalid AML name segment {segment!r} in {path!r}")
+    encoded = [s.ljust(4, "_").encode("ascii") for s in segments]
+    if not encoded:
+        out.append(ZERO_OP)  # NullName
+    elif len(encoded) == 1:
+        out += encoded[0]
+    elif len(encoded) == 2:
+        out.append(DUAL_NAME_PREFIX)
+        out += encoded[0] + encoded[1]
+    else:
+        if len(encoded) > 255:
+            raise ValueError(f"name path too long: {path!r}")
+        out += bytes([MULTI_NAME_PREFIX, len(encoded)])
+        out += b"".join(encoded)
+    return bytes(out)
+
+
+def pkg_length(body_length: int) -> bytes:
+    """The PkgLength encoding for a package whose contents (after PkgLength) are
+    ``body_length`` bytes; the encoded length counts the PkgLength bytes too."""
+    if body_length + 1 < 0x40:
+        return bytes([body_length + 1])
+    for extra in (1, 2, 3):
+        total = body_length + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            lead = (extra << 6) | (total & 0x0F)
+            return bytes([lead]) + (total >> 4).to_bytes(extra, "little")
+    raise ValueError(f"AML package too large: {body_length} bytes")
+
+
+def _package(opcode: bytes, body: bytes) -> bytes:
+    return opcode + pkg_length(len(body)) + body
+
+
+def eisa_id(text: str) -> int:
+    """The compressed EISA ID of ``"PNP0501"``-style text (ASL's ``EISAID()``)."""
+    if not re.fullmatch(r"[A-Z]{3}[0-9A-F]{4}", text):
+        raise ValueError(f"not an EISA ID: {text!r}")
+    c1, c2, c3 = (ord(c) - 0x40 for c in text[:3])
+    product = int(text[3:], 16)
+    raw = bytes([(c1 << 2) | (c2 >> 3), ((c2 & 7) << 5) | c3, product >> 8, product & 0xFF])
+    return int.from_bytes(raw, "little")
+
+
+# -- named objects and control ----------------------------------------------------------------
+
+
+@frozen
+class EisaId:
+    """``EISAID("PNP0501")``: an Integer holding the compressed ID."""
+
+    text: str
+
+    def to_aml(self) -> bytes:
+        return integer(eisa_id(self.text))
+
+
+@frozen
+class Path:
+    """A reference to a named object (a NameString used as a term)."""
+
+    path: str
+
+    def to_aml(self) -> bytes:
+        return name_string(self.path)
+
+
+@frozen
+class Name:
+    """``Name(path, value)``."""
+
+    path: str
+    value: Term
+
+    def to_aml(self) -> bytes:
+        return bytes([NAME_OP]) + name_string(self.path) + encode(self.value)
+
+
+@frozen
+class Scope:
+    """``Scope(path) { children }``."""
+
+    path: str
+    children: Sequence[Term] = field(factory=tuple, converter=tuple)
+
+    def to_aml(self) -> bytes:
+        return _package(bytes([SCOPE_OP]), name_string(self.path) + encode_all(self.children))
+
+
+@frozen
+class Device:
+    """``Device(path) { children }``."""
+
+    path: str
+    children: Sequence[Term] = field(factory=tuple, converter=tuple)
+
+    def to_aml(self) -> bytes:
+        body = name_string(self.path) + encode_all(self.children)
+        return _package(bytes([EXT_OP_PREFIX, DEVICE_OP]), body)
+
+
+@frozen
+class Method:
+    """``Method(path, args, Serialized|NotSerialized) { body }``."""
+
+    path: str
+    args: int = 0
+    body: Sequence[Term] = field(factory=tuple, converter=tuple)
+    serialized: bool = False
+
+    def to_aml(self) -> bytes:
+        if not 0 <= self.args <= 7:
+            raise ValueError("an AML method takes 0 to 7 arguments")
+        flags = self.args | (0x08 if self.serialized else 0)
+        body = name_string(self.path) + bytes([flags]) + encode_all(self.body)
+        return _package(bytes([METHOD_OP]), body)
+
+
+@frozen
+class Return:
+    value: Term
+
+    def to_aml(self) -> bytes:
+        return bytes([RETURN_OP]) + encode(self.value)
+
+
+@frozen
+class Package:
+    """``Package() { elements }`` (at most 255 elements)."""
+
+    elements: Sequence[Term] = field(factory=tuple, converter=tuple)
+
+    def to_aml(self) -> bytes:
+        if len(self.elements) > 255:
+            raise ValueError("a Package holds at most 255 elements (use VarPackage)")
+        body = bytes([len(self.elements)]) + encode_all(self.elements)
+        return _package(bytes([PACKAGE_OP]), body)
+
+
+@frozen
+class Buffer:
+    data: bytes
+
+    def to_aml(self) -> bytes:
+        body = integer(len(self.data)) + self.data
+        return _package(bytes([BUFFER_OP]), body)
+
+
+# -- resource descriptors (ACPI 6.5, 6.4) -----------------------------------------------------
+
+
+@frozen
+class Io:
+    """``IO(Decode16, min, max, alignment, length)``."""
+
+    minimum: int
+    maximum: int
+    alignment: int
+    length: int
+
+    def to_aml(self) -> bytes:
+        return (
+            bytes([0x47, 0x01])
+            + self.minimum.to_bytes(2, "little")
+            + self.maximum.to_bytes(2, "little")
+            + bytes([self.alignment, self.length])
+        )
+
+
+@frozen
+class IrqNoFlags:
+    """``IRQNoFlags() {irqs}``: ISA interrupts, edge-triggered, active high, exclusive."""
+
+    irqs: Sequence[int] = field(converter=lambda v: (v,) if isinstance(v, int) else tuple(v))
+
+    def to_aml(self) -> bytes:
+        mask = 0
+        for irq in self.irqs:
+            if not 0 <= irq <= 15:
+                raise ValueError(f"IRQNoFlags takes IRQs 0-15, not {irq}")
+            mask |= 1 << irq
+        return bytes([0x22]) + mask.to_bytes(2, "little")
+
+
+@frozen
+class Interrupt:
+    """``Interrupt(ResourceConsumer, Edge|Level, ActiveHigh|ActiveLow, Exclusive|Shared) {gsis}``."""
+
+    interrupts: Sequence[int] = field(converter=lambda v: (v,) if isinstance(v, int) else tuple(v))
+    consumer: bool = True
+    edge: bool = True
+    active_low: bool = False
+    shared: bool = False
+
+    def to_aml(self) -> bytes:
+        flags = (self.consumer << 0) | (self.edge << 1) | (self.active_low << 2) | (self.shared << 3)
+        body = bytes([flags, len(self.interrupts)]) + b"".join(
+            i.to_bytes(4, "little") for i in self.interrupts
+        )
+        return bytes([0x89]) + len(body).to_bytes(2, "little") + body
+
+
+@frozen
+class Memory32Fixed:
+    """``Memory32Fixed(ReadWrite|ReadOnly, base, length)``."""
+
+    base: int
+    length: int
+    writeable: bool = True
+
+    def to_aml(self) -> bytes:
+        body = (
+            bytes([int(self.writeable)]) + self.base.to_bytes(4, "little") + self.length.to_bytes(4, "little")
+        )
+        return bytes([0x86]) + len(body).to_bytes(2, "little") + body
+
+
+# Address space resource types and flags.
+MEMORY_RANGE = 0
+IO_RANGE = 1
+BUS_NUMBER_RANGE = 2
+_MIN_FIXED = 1 << 2
+_MAX_FIXED = 1 << 3
+_CONSUMER = 1 << 0
+
+
+@frozen
+class AddressSpace:
+    """``WordBusNumber`` / ``WordIO`` / ``DWordMemory`` / ``QWordMemory`` (by ``width``):
+    a fixed-size ``[minimum, maximum]`` range a bridge produces (or a device consumes).
+
+    ``type_flags``: for memory, bit 0 read-write and bits 1-2 cacheability; for I/O, bits 0-1
+    the range (3: entire).
+    """
+
+    resource_type: int
+    minimum: int
+    maximum: int
+    width: int = 8  #: 2 (Word), 4 (DWord) or 8 (QWord) bytes per field
+    type_flags: int = 0
+    consumer: bool = False
+    translation: int = 0
+
+    _TAGS = {2: 0x88, 4: 0x87, 8: 0x8A}
+
+    def to_aml(self) -> bytes:
+        if self.width not in self._TAGS:
+            raise ValueError("address space descriptors are 2, 4 or 8 bytes wide")
+        length = self.maximum - self.minimum + 1
+        limit = 1 << (8 * self.width)
+        if not (0 <= self.minimum <= self.maximum < limit and length < limit):
+            raise ValueError(f"range {self.minimum:#x}-{self.maximum:#x} does not fit {self.width} bytes")
+        general = _MIN_FIXED | _MAX_FIXED | (_CONSUMER if self.consumer else 0)
+        fields = (0, self.minimum, self.maximum, self.translation, length)
+        body = bytes([self.resource_type, general, self.type_flags]) + b"".join(
+            v.to_bytes(self.width, "little") for v in fields
+        )
+        return bytes([self._TAGS[self.width]]) + len(body).to_bytes(2, "little") + body
+
+
+def word_bus_number(first: int, last: int) -> AddressSpace:
+    return AddressSpace(BUS_NUMBER_RANGE, first, last, width=2)
+
+
+def word_io(first: int, last: int) -> AddressSpace:
+    return AddressSpace(IO_RANGE, first, last, width=2, type_flags=0x03)
+
+
+def dword_memory(first: int, last: int, *, cacheable: bool = False) -> AddressSpace:
+    return AddressSpace(MEMORY_RANGE, first, last, width=4, type_flags=0x01 | (0x02 if cacheable else 0))
+
+
+def qword_memory(first: int, last: int, *, cacheable: bool = False) -> AddressSpace:
+    return AddressSpace(MEMORY_RANGE, first, last, width=8, type_flags=0x01 | (0x02 if cacheable else 0))
+
+
+@frozen
+class ResourceTemplate:
+    """``ResourceTemplate() { descriptors }``: a Buffer ending in an End Tag."""
+
+    descriptors: Sequence[AmlObject] = field(factory=tuple, converter=tuple)
+
+    def to_aml(self) -> bytes:
+        data = b"".join(d.to_aml() for d in self.descriptors) + bytes([0x79, 0x00])
+        return Buffer(data).to_aml()

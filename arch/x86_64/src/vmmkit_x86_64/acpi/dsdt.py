@@ -1,0 +1,170 @@
+"""The DSDT body: one ACPI device per placed device whose kind we know, plus ``_S5_``.
+
+Kinds described (``PlacedDevice.kind``)::
+
+    serial-16550  PNP0501  IO + IRQNoFlags                    \\_SB_.COMn
+    rtc-cmos      PNP0B00  IO + IRQNoFlags                    \\_SB_.RTCn
+    i8042         PNP0303  IO data port + IO command port + IRQNoFlags (keyboard)  \\_SB_.PS2K
+    virtio-mmio   LNRO0005 Memory32Fixed + Interrupt (edge, active high)          \\_SB_.Vnnn
+    pci-host      PNP0A08 (_CID PNP0A03) root bridge: _SEG, _BBN, _CRS with the bus range,
+                  config ports, the layout's I/O, MMIO32 and MMIO64 windows   \\_SB_.PCIn
+                  (+ a PNP0C02 motherboard resource claiming the ECAM window when there is one)
+
+Unknown kinds are not described.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from vmmkit.arch import MemoryLayout
+from vmmkit.device import PlacedDevice
+from vmmkit_x86_64.acpi import aml
+from vmmkit_x86_64.acpi.aml import (
+    Device,
+    EisaId,
+    Interrupt,
+    Io,
+    IrqNoFlags,
+    Memory32Fixed,
+    Name,
+    Package,
+    ResourceTemplate,
+    Scope,
+)
+
+#: ``_S5_``: SLP_TYPa = 5, what a guest writes to the sleep control register as ``5 << 2``.
+S5_SLEEP_TYPE: Final = 5
+STA_PRESENT: Final = 0x0F  #: present, enabled, shown in UI, functioning
+
+
+def dsdt_aml(devices: Sequence[PlacedDevice], layout: MemoryLayout) -> bytes:
+    """The AML of the DSDT describing ``devices``."""
+    children: list[aml.Term] = []
+    counters: dict[str, int] = {}
+    for placed in devices:
+        describe = _DESCRIBERS.get(placed.kind)
+        if describe is None:
+            continue
+        index = counters.get(placed.kind, 0)
+        counters[placed.kind] = index + 1
+        children.extend(describe(placed, index, layout))
+    body = [Name("_S5_", Package([S5_SLEEP_TYPE, 0, 0, 0])), Scope("\\_SB_", children)]
+    return aml.encode_all(body)
+
+
+def _device(
+    name: str, hid: aml.Term, uid: int, resources: Sequence[aml.AmlObject], *extra: aml.Term
+) -> Device:
+    return Device(
+        name,
+        [
+            Name("_HID", hid),
+            *extra,
+            Name("_UID", uid),
+            Name("_STA", STA_PRESENT),
+            Name("_CRS", ResourceTemplate(resources)),
+        ],
+    )
+
+
+def _irq(placed: PlacedDevice) -> list[aml.AmlObject]:
+    if placed.irq is None:
+        return []
+    if placed.irq < 16:
+        return [IrqNoFlags(placed.irq)]
+    return [Interrupt(placed.irq)]
+
+
+def _pio(placed: PlacedDevice) -> list[aml.AmlObject]:
+    if placed.pio is None:
+        return []
+    base, size = placed.pio
+    return [Io(base, base, 1, size)]
+
+
+def _serial(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
+    return [
+        _device(
+            f"COM{index + 1}" if index < 9 else f"CO{index + 1:02X}",
+            EisaId("PNP0501"),
+            index + 1,
+            [*_pio(placed), *_irq(placed)],
+        )
+    ]
+
+
+def _rtc(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
+    return [_device(f"RTC{index:X}", EisaId("PNP0B00"), index, [*_pio(placed), *_irq(placed)])]
+
+
+def _i8042(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
+    if placed.pio is None:
+        return []
+    base, size = placed.pio
+    ports: list[aml.AmlObject] = [Io(base, base, 1, 1)]
+    if size > 4:  # the command/status port, 4 above the data port (0x60 / 0x64)
+        ports.append(Io(base + 4, base + 4, 1, 1))
+    return [
+        _device("PS2K" if index == 0 else f"PS2{index:X}", EisaId("PNP0303"), index, [*ports, *_irq(placed)])
+    ]
+
+
+def _virtio_mmio(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
+    if placed.mmio is None:
+        return []
+    base, size = placed.mmio
+    resources: list[aml.AmlObject] = [Memory32Fixed(base, size)]
+    if placed.irq is not None:
+        resources.append(Interrupt(placed.irq, edge=True, active_low=False))
+    return [_device(f"V{index:03X}", "LNRO0005", index, resources)]
+
+
+def _pci_host(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
+    props: dict[str, Any] = dict(placed.properties)
+    segment = int(props.get("segment", index))
+    first_bus, last_bus = props.get("bus_range", (0, 255))
+    resources: list[aml.AmlObject] = [aml.word_bus_number(first_bus, last_bus)]
+    if placed.pio is not None:
+        base, size = placed.pio
+        resources.append(Io(base, base, 1, size))
+    pio = props.get("pio_window", (layout.pio.start, layout.pio.size) if layout.pio else None)
+    if pio is not None:
+        resources.append(aml.word_io(pio[0], pio[0] + pio[1] - 1))
+    mmio32 = props.get(
+        "mmio32_window", (layout.pci_mmio32.start, layout.pci_mmio32.size) if layout.pci_mmio32 else None
+    )
+    if mmio32 is not None:
+        resources.append(aml.dword_memory(mmio32[0], mmio32[0] + mmio32[1] - 1))
+    mmio64 = props.get(
+        "mmio64_window", (layout.pci_mmio64.start, layout.pci_mmio64.size) if layout.pci_mmio64 else None
+    )
+    if mmio64 is not None:
+        resources.append(aml.qword_memory(mmio64[0], mmio64[0] + mmio64[1] - 1))
+    name = "PCI0" if segment == 0 else f"PC{segment:02X}"
+    out: list[aml.Term] = [
+        _device(
+            name,
+            EisaId("PNP0A08"),
+            segment,
+            resources,
+            Name("_CID", EisaId("PNP0A03")),
+            Name("_SEG", segment),
+            Name("_BBN", first_bus),
+        ),
+    ]
+    ecam = props.get("ecam", (layout.pci_ecam.start, layout.pci_ecam.size) if layout.pci_ecam else None)
+    if ecam is not None and index == 0:
+        # Linux accepts an MCFG area only if firmware also reserves it (here and in the e820).
+        out.append(_device("MBRD", EisaId("PNP0C02"), 0, [Memory32Fixed(ecam[0], ecam[1])]))
+    return out
+
+
+_DESCRIBERS: Final[dict[str, Callable[[PlacedDevice, int, MemoryLayout], list[aml.Term]]]] = {
+    "serial-16550": _serial,
+    "rtc-cmos": _rtc,
+    "i8042": _i8042,
+    "virtio-mmio": _virtio_mmio,
+    "pci-host": _pci_host,
+}

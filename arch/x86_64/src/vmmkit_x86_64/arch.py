@@ -1,0 +1,116 @@
+"""``X86_64``: the x86-64 PC architecture vmmkit registers under the name ``x86_64``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import structlog
+
+from vmmkit.arch import Architecture, BootInfo, MemoryLayout
+from vmmkit.errors import CapabilityError
+from vmmkit.x86 import CpuIdEntry, MpState, X86Hypervisor, X86Vcpu
+from vmmkit_x86_64 import boot as boot_
+from vmmkit_x86_64 import layout as layout_
+from vmmkit_x86_64 import platform
+from vmmkit_x86_64 import vcpu as vcpu_state
+from vmmkit_x86_64.cpuid import build_cpuid, features_from_config
+from vmmkit_x86_64.topology import Topology
+
+if TYPE_CHECKING:
+    from vmmkit.config import VmConfig
+    from vmmkit.device import DeviceRequest, PlacedDevice
+    from vmmkit.hypervisor import Hypervisor, Vcpu, Vm
+    from vmmkit.memory import GuestMemory
+
+log = structlog.get_logger()
+
+
+class X86_64(Architecture):  # noqa: N801  (the architecture's name)
+    name: ClassVar[str] = "x86_64"
+    description: ClassVar[str] = "x86-64 PC: vmlinux (PVH or 64-bit entry) and bzImage, ACPI, MP table"
+
+    def __init__(self) -> None:
+        self._supported_cpuid: dict[int, list[CpuIdEntry]] = {}
+
+    # -- layout and devices --------------------------------------------------------------------
+
+    def memory_layout(self, config: VmConfig) -> MemoryLayout:
+        return layout_.layout_for(config)
+
+    def platform_devices(self, config: VmConfig) -> Sequence[DeviceRequest]:
+        return platform.platform_devices(config)
+
+    def kernel_cmdline(self, config: VmConfig, devices: Sequence[PlacedDevice]) -> str:
+        return platform.kernel_cmdline(config.payload.cmdline, devices)
+
+    @staticmethod
+    def apic_id(config: VmConfig, index: int) -> int:
+        """The APIC ID of vCPU ``index``: the ID a backend should create it with."""
+        return Topology.from_config(config.cpus).apic_id(index)
+
+    # -- the VM --------------------------------------------------------------------------------
+
+    def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:
+        vm.setup_interrupt_controller()
+
+    def prepare_boot(
+        self,
+        memory: GuestMemory,
+        config: VmConfig,
+        layout: MemoryLayout,
+        boot: BootInfo,
+        devices: Sequence[PlacedDevice],
+    ) -> BootInfo:
+        return boot_.prepare_boot(memory, config, layout, boot, devices)
+
+    # -- vCPUs ---------------------------------------------------------------------------------
+
+    def configure_vcpu(
+        self, vcpu: Vcpu, index: int, hypervisor: Hypervisor, config: VmConfig, boot: BootInfo
+    ) -> None:
+        """CPUID, MSRs, FPU and LAPIC for every vCPU; the boot registers for vCPU 0 only (the
+        others wait, UNINITIALIZED, for the guest's INIT/SIPI)."""
+        if not isinstance(vcpu, X86Vcpu):
+            raise CapabilityError(
+                "x86 vCPU", detail=f"{type(vcpu).__name__} lacks the x86-64 register interface"
+            )
+        if not isinstance(hypervisor, X86Hypervisor):
+            raise CapabilityError(
+                "CPUID", detail=f"{type(hypervisor).__name__} cannot report supported CPUID"
+            )
+        topology = Topology.from_config(config.cpus)
+        apic_id = topology.apic_id(index)
+        entries = build_cpuid(
+            self._supported(hypervisor),
+            index=index,
+            topology=topology,
+            nested=config.cpus.nested,
+            features=features_from_config(config.cpus.features),
+            max_phys_bits=config.cpus.max_phys_bits,
+        )
+        vcpu.set_cpuid(entries)
+        vcpu.set_msrs(vcpu_state.boot_msrs())
+        vcpu.set_fpu(vcpu_state.FPU)
+        lapic = vcpu.get_lapic()
+        backend_id = vcpu_state.lapic_id(lapic)
+        if backend_id != apic_id:
+            log.warning(
+                "vcpu.apic_id_mismatch",
+                index=index,
+                backend_id=backend_id,
+                apic_id=apic_id,
+                hint="create vCPUs with X86_64.apic_id(config, index) as their id",
+            )
+        vcpu.set_lapic(vcpu_state.lapic_with_lints(lapic, apic_id))
+        if index == 0:
+            vcpu.set_sregs(vcpu_state.boot_special_registers(boot.protocol, vcpu.get_sregs()))
+            vcpu.set_regs(vcpu_state.boot_registers(boot.protocol, boot.entry))
+        else:
+            vcpu.set_mp_state(MpState.UNINITIALIZED)
+
+    def _supported(self, hypervisor: X86Hypervisor) -> list[CpuIdEntry]:
+        key = id(hypervisor)
+        if key not in self._supported_cpuid:
+            self._supported_cpuid = {key: list(hypervisor.supported_cpuid())}
+        return self._supported_cpuid[key]

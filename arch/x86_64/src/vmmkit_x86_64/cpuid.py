@@ -1,0 +1,507 @@
+"""The CPUID table of a vCPU: what the hypervisor supports, filtered, with the VM's topology.
+
+Starting from ``hypervisor.supported_cpuid()``:
+
+1. **Filter** (:data:`FILTER`): features a vmmkit VM does not virtualize are removed, so a guest
+   never probes for them:
+
+   ========================  ======================================================================
+   removed                   why
+   ========================  ======================================================================
+   leaf 1 DTES64, DS-CPL,    the debug store (BTS/PEBS buffers) needs a virtual PMU; vmmkit has none
+   DS, PDCM
+   leaf 1 MONITOR            guests idle with HLT; MONITOR/MWAIT would spin on a host CPU
+   leaf 1 SMX                Intel TXT (GETSEC) is not virtualized
+   leaf 1 EST, TM, TM2,      power and thermal control of the host CPU is not the guest's
+   ACPI (thermal), PBE,
+   xTPR
+   leaf 6 (all but ARAT)     thermal sensors, HWP, energy-performance MSRs: not emulated; ARAT (the
+                             APIC timer keeps running in deep C-states) stays true in a VM
+   leaf 0xA                  architectural performance monitoring: vmmkit offers no virtual PMU
+   leaf 7 SGX, SGX_LC and    SGX needs EPC memory, which vmmkit does not provide
+   leaf 0x12
+   leaf 7 Intel PT and       processor trace is not virtualized
+   leaf 0x14
+   VMX (leaf 1), SVM         only with ``--cpus nested=off``: nested virtualization
+   (0x80000001)
+   AMX (leaf 7 AMX-BF16,     unless ``--cpus features=amx`` (Cloud Hypervisor's option): the tile
+   AMX-TILE, AMX-INT8,       state is 8 KiB per vCPU that the VMM must first obtain permission for;
+   AMX-FP16, AMX-COMPLEX;    with the option the backend requests it and the leaves stay as
+   XCR0 bits 17-18, leaves   supported (an error if the hypervisor has none)
+   0xD.17, 0xD.18, 0x1D,
+   0x1E)
+   ========================  ======================================================================
+
+2. **Masking**: each name in :attr:`FeatureSelection.disabled` clears one more bit. Names are
+   Linux's ``/proc/cpuinfo`` flags from :data:`FEATURES` (``cx16``, ``pclmulqdq``, ``sse4_2``,
+   ``fsgsbase``, ``erms``, ``smap``, ``sha_ni``, ``fsrm``...), or raw bits written
+   ``LEAF.SUBLEAF.REG.BIT`` (``0x7.0.ebx.9``). Syntax accepted by :func:`parse_features`::
+
+       amx                enable AMX (Cloud Hypervisor's features=amx)
+       -NAME              clear a feature (vmmkit extension), e.g. -cx16 or -0x1.0.ecx.13
+
+   so ``--cpus features=[amx,-cx16,-pclmulqdq]`` where the CLI accepts a list. Only bits the
+   hypervisor supports can be present, so nothing can be added except AMX.
+
+3. **Topology**: leaf 1 (initial APIC ID, addressable logical processors, HTT), leaf 4 (cores
+   per package, threads sharing each cache), leaves 0xB and 0x1F (x2APIC topology: SMT, core,
+   die), on AMD 0x80000008 ECX, 0x8000001D and 0x8000001E; leaf 1 gets the hypervisor bit and
+   0x80000008 EAX the guest's physical address width (``max_phys_bits``). The hypervisor's own
+   leaves (0x40000000 and up, the KVM signature) are left as supported.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+from attrs import evolve, field, frozen
+
+from vmmkit.errors import CapabilityError
+from vmmkit.x86 import CPUID_FLAG_SIGNIFICANT_INDEX, CpuIdEntry
+from vmmkit_x86_64.topology import Topology
+
+REGISTERS: Final = ("eax", "ebx", "ecx", "edx")
+
+
+@frozen
+class Bit:
+    """One CPUID bit: ``leaf.subleaf.register.bit``."""
+
+    leaf: int
+    subleaf: int
+    reg: str
+    bit: int
+
+    def __str__(self) -> str:
+        return f"{self.leaf:#x}.{self.subleaf}.{self.reg}.{self.bit}"
+
+
+def _bits(leaf: int, subleaf: int, reg: str, names: dict[str, int]) -> dict[str, Bit]:
+    return {name: Bit(leaf, subleaf, reg, bit) for name, bit in names.items()}
+
+
+#: Feature names (as in Linux's /proc/cpuinfo) that ``-NAME`` may clear.
+FEATURES: Final[dict[str, Bit]] = {
+    **_bits(
+        1,
+        0,
+        "ecx",
+        {
+            "pni": 0,
+            "sse3": 0,
+            "pclmulqdq": 1,
+            "dtes64": 2,
+            "monitor": 3,
+            "ds_cpl": 4,
+            "vmx": 5,
+            "smx": 6,
+            "est": 7,
+            "tm2": 8,
+            "ssse3": 9,
+            "fma": 12,
+            "cx16": 13,
+            "xtpr": 14,
+            "pdcm": 15,
+            "pcid": 17,
+            "sse4_1": 19,
+            "sse4_2": 20,
+            "x2apic": 21,
+            "movbe": 22,
+            "popcnt": 23,
+            "tsc_deadline_timer": 24,
+            "aes": 25,
+            "xsave": 26,
+            "avx": 28,
+            "f16c": 29,
+            "rdrand": 30,
+        },
+    ),
+    **_bits(1, 0, "edx", {"ds": 21, "acpi": 22, "tm": 29, "pbe": 31}),
+    **_bits(
+        7,
+        0,
+        "ebx",
+        {
+            "fsgsbase": 0,
+            "sgx": 2,
+            "bmi1": 3,
+            "hle": 4,
+            "avx2": 5,
+            "smep": 7,
+            "bmi2": 8,
+            "erms": 9,
+            "invpcid": 10,
+            "rtm": 11,
+            "mpx": 14,
+            "avx512f": 16,
+            "avx512dq": 17,
+            "rdseed": 18,
+            "adx": 19,
+            "smap": 20,
+            "avx512ifma": 21,
+            "clflushopt": 23,
+            "clwb": 24,
+            "intel_pt": 25,
+            "avx512pf": 26,
+            "avx512er": 27,
+            "avx512cd": 28,
+            "sha_ni": 29,
+            "avx512bw": 30,
+            "avx512vl": 31,
+        },
+    ),
+    **_bits(
+        7,
+        0,
+        "ecx",
+        {
+            "avx512vbmi": 1,
+            "umip": 2,
+            "pku": 3,
+            "waitpkg": 5,
+            "avx512_vbmi2": 6,
+            "gfni": 8,
+            "vaes": 9,
+            "vpclmulqdq": 10,
+            "avx512_vnni": 11,
+            "avx512_bitalg": 12,
+            "avx512_vpopcntdq": 14,
+            "la57": 16,
+            "rdpid": 22,
+            "cldemote": 25,
+            "movdiri": 27,
+            "movdir64b": 28,
+            "sgx_lc": 30,
+        },
+    ),
+    **_bits(
+        7,
+        0,
+        "edx",
+        {
+            "fsrm": 4,
+            "avx512_vp2intersect": 8,
+            "md_clear": 10,
+            "serialize": 14,
+            "tsxldtrk": 16,
+            "amx_bf16": 22,
+            "avx512_fp16": 23,
+            "amx_tile": 24,
+            "amx_int8": 25,
+            "arch_capabilities": 29,
+        },
+    ),
+    **_bits(
+        7, 1, "eax", {"avx_vnni": 4, "avx512_bf16": 5, "fzrm": 10, "fsrs": 11, "fsrc": 12, "amx_fp16": 21}
+    ),
+    **_bits(7, 1, "edx", {"amx_complex": 8}),
+    **_bits(0xD, 1, "eax", {"xsaveopt": 0, "xsavec": 1, "xgetbv1": 2, "xsaves": 3}),
+    **_bits(
+        0x80000001,
+        0,
+        "ecx",
+        {
+            "lahf_lm": 0,
+            "svm": 2,
+            "abm": 5,
+            "sse4a": 6,
+            "3dnowprefetch": 8,
+            "xop": 11,
+            "fma4": 16,
+            "tbm": 21,
+            "topoext": 22,
+        },
+    ),
+    **_bits(0x80000001, 0, "edx", {"nx": 20, "pdpe1gb": 26, "rdtscp": 27}),
+}
+
+AMX_FEATURES: Final = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "amx_complex")
+XFEATURE_XTILECFG: Final = 17
+XFEATURE_XTILEDATA: Final = 18
+AMX_LEAVES: Final = ((0xD, 17), (0xD, 18), (0x1D, None), (0x1E, None))
+
+#: The documented filter: ``(feature, reason)``; see the module docstring.
+FILTER: Final[tuple[tuple[str, str], ...]] = (
+    ("dtes64", "64-bit debug store: needs a virtual PMU"),
+    ("ds_cpl", "CPL-qualified debug store: needs a virtual PMU"),
+    ("ds", "debug store: needs a virtual PMU"),
+    ("pdcm", "perfmon and debug capability MSR: no virtual PMU"),
+    ("monitor", "MONITOR/MWAIT: guests idle with HLT"),
+    ("smx", "Intel TXT is not virtualized"),
+    ("est", "host P-states are not the guest's"),
+    ("tm", "thermal monitor: no thermal sensors"),
+    ("tm2", "thermal monitor 2: no thermal sensors"),
+    ("acpi", "thermal monitor and clock control MSRs are not emulated"),
+    ("pbe", "pending break enable: a chipset signal"),
+    ("xtpr", "xTPR update control: a chipset feature"),
+    ("sgx", "SGX needs EPC memory, which vmmkit does not provide"),
+    ("sgx_lc", "SGX launch control"),
+    ("intel_pt", "processor trace is not virtualized"),
+)
+#: Leaves removed outright, and why.
+REMOVED_LEAVES: Final[dict[int, str]] = {
+    0xA: "architectural performance monitoring: vmmkit offers no virtual PMU",
+    0x12: "SGX",
+    0x14: "Intel processor trace",
+}
+ARAT: Final = 1 << 2  #: leaf 6 EAX: the APIC timer always runs
+HYPERVISOR: Final = 1 << 31  #: leaf 1 ECX
+HTT: Final = 1 << 28  #: leaf 1 EDX
+INDEXED_LEAVES: Final = frozenset(
+    {4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x8000001D, 0x80000020}
+)
+
+_RAW = re.compile(r"(0x[0-9a-fA-F]+|\d+)\.(0x[0-9a-fA-F]+|\d+)\.(eax|ebx|ecx|edx)\.(\d+)")
+
+
+@frozen
+class FeatureSelection:
+    """CPU features chosen in the configuration: AMX on, and bits to clear."""
+
+    amx: bool = False
+    disabled: tuple[Bit, ...] = field(default=(), converter=tuple)
+
+
+def feature_bit(name: str) -> Bit:
+    """The bit a feature name or ``LEAF.SUBLEAF.REG.BIT`` stands for.
+
+    :raises ValueError: unknown name or bad syntax.
+    """
+    raw = _RAW.fullmatch(name)
+    if raw:
+        bit = int(raw.group(4))
+        if bit > 31:
+            raise ValueError(f"CPUID bit {bit} out of range in {name!r}")
+        return Bit(int(raw.group(1), 0), int(raw.group(2), 0), raw.group(3), bit)
+    try:
+        return FEATURES[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown CPU feature {name!r} (known: {', '.join(sorted(FEATURES))}, or LEAF.SUBLEAF.REG.BIT)"
+        ) from None
+
+
+def parse_features(items: Iterable[str]) -> FeatureSelection:
+    """``["amx", "-cx16", "-0x7.0.ebx.9"]`` -> a :class:`FeatureSelection`.
+
+    :raises ValueError: an item that is neither ``amx`` nor ``-FEATURE``.
+    """
+    amx = False
+    disabled = []
+    for item in items:
+        item = item.strip()
+        if item == "amx":
+            amx = True
+        elif item.startswith("-"):
+            disabled.append(feature_bit(item[1:]))
+        else:
+            raise ValueError(f"unknown CPU feature request {item!r} (accepted: amx, -FEATURE)")
+    return FeatureSelection(amx=amx, disabled=tuple(disabled))
+
+
+def features_from_config(features: Any) -> FeatureSelection:
+    """The selection a ``CpusConfig.features`` carries: ``amx`` (Cloud Hypervisor's field) and,
+    when the configuration has it, a ``disable`` list of feature names (vmmkit extension).
+    Also accepts a list of :func:`parse_features` items."""
+    if features is None:
+        return FeatureSelection()
+    if isinstance(features, str):
+        return parse_features(p for p in re.split(r"[,:\s]+", features) if p)
+    if isinstance(features, (list, tuple)):
+        return parse_features(features)
+    disabled = [feature_bit(name.lstrip("-")) for name in getattr(features, "disable", ()) or ()]
+    return FeatureSelection(amx=bool(getattr(features, "amx", False)), disabled=tuple(disabled))
+
+
+class _Table:
+    """A mutable working copy of a CPUID table."""
+
+    def __init__(self, entries: Iterable[CpuIdEntry]) -> None:
+        self.entries: list[CpuIdEntry] = list(entries)
+
+    def find(self, function: int, index: int = 0) -> CpuIdEntry | None:
+        for entry in self.entries:
+            if entry.function == function and (
+                entry.index == index or not entry.flags & CPUID_FLAG_SIGNIFICANT_INDEX
+            ):
+                return entry
+        return None
+
+    def all(self, function: int) -> list[CpuIdEntry]:
+        return [e for e in self.entries if e.function == function]
+
+    def update(self, old: CpuIdEntry, **regs: int) -> CpuIdEntry:
+        new = evolve(old, **regs)
+        self.entries[self.entries.index(old)] = new
+        return new
+
+    def remove(self, function: int, index: int | None = None) -> None:
+        self.entries = [
+            e for e in self.entries if not (e.function == function and (index is None or e.index == index))
+        ]
+
+    def replace_leaf(self, function: int, rows: Sequence[CpuIdEntry]) -> None:
+        """Put ``rows`` where leaf ``function`` was (or at the end)."""
+        positions = [i for i, e in enumerate(self.entries) if e.function == function]
+        at = positions[0] if positions else len(self.entries)
+        self.remove(function)
+        self.entries[at:at] = rows
+
+    def clear(self, bit: Bit) -> None:
+        entry = self.find(bit.leaf, bit.subleaf)
+        if entry is not None:
+            self.update(entry, **{bit.reg: getattr(entry, bit.reg) & ~(1 << bit.bit)})
+
+    def has(self, bit: Bit) -> bool:
+        entry = self.find(bit.leaf, bit.subleaf)
+        return entry is not None and bool(getattr(entry, bit.reg) >> bit.bit & 1)
+
+    def max_basic(self) -> int:
+        leaf0 = self.find(0)
+        return leaf0.eax if leaf0 else 0
+
+    def vendor(self) -> bytes:
+        leaf0 = self.find(0)
+        if leaf0 is None:
+            return b""
+        return b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx))
+
+
+def build_cpuid(
+    supported: Iterable[CpuIdEntry],
+    *,
+    index: int,
+    topology: Topology,
+    nested: bool = True,
+    features: FeatureSelection = FeatureSelection(),
+    max_phys_bits: int | None = None,
+) -> list[CpuIdEntry]:
+    """The CPUID table for vCPU ``index``.
+
+    :raises CapabilityError: AMX was asked for and the hypervisor has none.
+    """
+    table = _Table(supported)
+    _filter(table, nested=nested, amx=features.amx)
+    for bit in features.disabled:
+        table.clear(bit)
+    apic_id = topology.apic_id(index)
+    _leaf1(table, topology, apic_id)
+    _cache_leaf(table, 4, topology, cores_field=True)
+    _extended_topology(table, topology, apic_id)
+    if table.vendor() in (b"AuthenticAMD", b"HygonGenuine"):
+        _amd_topology(table, topology, index, apic_id)
+    if max_phys_bits is not None:
+        entry = table.find(0x80000008)
+        if entry is not None and entry.eax & 0xFF > max_phys_bits:
+            table.update(entry, eax=(entry.eax & ~0xFF) | max_phys_bits)
+    return table.entries
+
+
+def _filter(table: _Table, *, nested: bool, amx: bool) -> None:
+    for name, _reason in FILTER:
+        table.clear(FEATURES[name])
+    if not nested:
+        table.clear(FEATURES["vmx"])
+        table.clear(FEATURES["svm"])
+    for leaf in REMOVED_LEAVES:
+        table.remove(leaf)
+    leaf6 = table.find(6)
+    if leaf6 is not None:
+        table.update(leaf6, eax=leaf6.eax & ARAT, ebx=0, ecx=0, edx=0)
+    if amx:
+        if not table.has(FEATURES["amx_tile"]):
+            raise CapabilityError(
+                "CPUID",
+                detail="features=amx, but the hypervisor offers no AMX (an AMX CPU, "
+                "and the backend must request XTILEDATA permission before reading CPUID)",
+            )
+        return
+    for name in AMX_FEATURES:
+        table.clear(FEATURES[name])
+    for leaf, sub in AMX_LEAVES:
+        table.remove(leaf, sub)
+    xsave = table.find(0xD, 0)
+    if xsave is not None:
+        mask = ~((1 << XFEATURE_XTILECFG) | (1 << XFEATURE_XTILEDATA))
+        xcr0 = xsave.eax & mask
+        # ECX: the XSAVE area size for every supported component, now without the tiles.
+        size = 512 + 64
+        for entry in table.all(0xD):
+            if 2 <= entry.index < 32 and xcr0 >> entry.index & 1 and entry.eax:
+                size = max(size, entry.ebx + entry.eax)
+        table.update(xsave, eax=xcr0, ecx=min(xsave.ecx, size) if xsave.ecx else size)
+
+
+def _leaf1(table: _Table, topology: Topology, apic_id: int) -> None:
+    entry = table.find(1)
+    if entry is None:
+        return
+    addressable = min(1 << topology.package_shift, 0xFF)
+    ebx = (entry.ebx & 0xFFFF) | (addressable << 16) | ((apic_id & 0xFF) << 24)
+    edx = entry.edx | HTT if topology.logical_per_package > 1 else entry.edx & ~HTT
+    table.update(entry, ebx=ebx, ecx=entry.ecx | HYPERVISOR, edx=edx)
+
+
+def _cache_leaf(table: _Table, leaf: int, topology: Topology, *, cores_field: bool) -> None:
+    """Leaf 4 (Intel) / 0x8000001D (AMD): threads sharing each cache (and cores per package)."""
+    for entry in table.all(leaf):
+        if entry.eax & 0x1F == 0:
+            continue
+        level = (entry.eax >> 5) & 7
+        width = topology.thread_width if level <= 2 else topology.package_shift
+        eax = (entry.eax & ~(0xFFF << 14)) | ((((1 << width) - 1) & 0xFFF) << 14)
+        if cores_field:
+            cores = min((1 << (topology.core_width + topology.die_width)) - 1, 63)
+            eax = (eax & 0x03FFFFFF) | (cores << 26)
+        table.update(entry, eax=eax)
+
+
+def _extended_topology(table: _Table, topology: Topology, apic_id: int) -> None:
+    """Leaves 0xB and 0x1F: one subleaf per topology level, then an invalid one."""
+    t = topology
+    significant = CPUID_FLAG_SIGNIFICANT_INDEX
+    if table.all(0xB) or table.max_basic() >= 0xB:
+        levels = [(t.thread_width, t.threads_per_core, 1), (t.package_shift, t.logical_per_package, 2)]
+        table.replace_leaf(0xB, _levels(0xB, levels, apic_id, significant))
+    wants_die_level = t.dies_per_package > 1 and table.vendor() == b"GenuineIntel"
+    if table.all(0x1F) or wants_die_level:
+        levels = [
+            (t.thread_width, t.threads_per_core, 1),
+            (t.thread_width + t.core_width, t.threads_per_core * t.cores_per_die, 2),
+            (t.package_shift, t.logical_per_package, 5),
+        ]
+        table.replace_leaf(0x1F, _levels(0x1F, levels, apic_id, significant))
+        leaf0 = table.find(0)
+        if leaf0 is not None and leaf0.eax < 0x1F:
+            table.update(leaf0, eax=0x1F)
+
+
+def _levels(leaf: int, levels: Sequence[tuple[int, int, int]], apic_id: int, flags: int) -> list[CpuIdEntry]:
+    rows = [
+        CpuIdEntry(leaf, i, flags, eax=shift, ebx=min(count, 0xFFFF), ecx=i | (level_type << 8), edx=apic_id)
+        for i, (shift, count, level_type) in enumerate(levels)
+    ]
+    rows.append(CpuIdEntry(leaf, len(levels), flags, ecx=len(levels), edx=apic_id))
+    return rows
+
+
+def _amd_topology(table: _Table, topology: Topology, index: int, apic_id: int) -> None:
+    t = topology
+    entry = table.find(0x80000008)
+    if entry is not None:
+        ecx = (entry.ecx & ~0xF0FF) | ((t.logical_per_package - 1) & 0xFF) | ((t.package_shift & 0xF) << 12)
+        table.update(entry, ecx=ecx)
+    _cache_leaf(table, 0x8000001D, topology, cores_field=False)
+    entry = table.find(0x8000001E)
+    if entry is not None:
+        package, die, _core, _thread = t.location(index)
+        core_id = (apic_id >> t.thread_width) & 0xFF
+        node = package * t.dies_per_package + die
+        table.update(
+            entry,
+            eax=apic_id,
+            ebx=(entry.ebx & ~0xFFFF) | ((t.threads_per_core - 1) << 8) | core_id,
+            ecx=(entry.ecx & ~0x7FF) | ((t.dies_per_package - 1) << 8) | (node & 0xFF),
+        )

@@ -1,0 +1,109 @@
+"""The PC platform every x86-64 VM has: fixed devices, their ports and interrupts.
+
+The device type names are the contract with the devices plugin::
+
+    id              type           ports        IRQ  what
+    _serial         serial-16550   0x3f8-0x3ff  4    COM1 (config = VmConfig.serial; left out if Off)
+    _rtc            rtc-cmos       0x70-0x71    8    CMOS RTC
+    _i8042          i8042          0x60-0x64    1    keyboard controller; 0xfe to port 0x64 resets
+    _debug_port     debug-port     0x80         -    POST codes: a boot-progress log
+    _debug_console  debug-console  0xe9         -    (config = VmConfig.debug_console; port = its
+                                                     iobase; left out if Off)
+    _debug_exit     debug-exit     0xf4-0xf7    -    QEMU isa-debug-exit: sets the exit status
+    _acpi_pm        acpi-pm        0x600-0x607  9    hardware-reduced ACPI registers: +0 sleep
+                                                     control ((5 << 2) | (1 << 5) powers off),
+                                                     +1 sleep status, +4 reset (0x01 resets);
+                                                     IRQ 9 is the SCI (reserved, so no device
+                                                     gets it)
+
+Interrupt routing: ISA IRQ n is IOAPIC pin n, except IRQ 0 (pin 2, as KVM wires its PIT) and
+IRQ 9 (the SCI: level-triggered, active high). Both tables (MADT, MP table) say so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit_x86_64.interrupts import SCI_IRQ
+
+if TYPE_CHECKING:
+    from vmmkit.config import VmConfig
+
+SERIAL_PORT: Final = 0x3F8
+SERIAL_IRQ: Final = 4
+RTC_PORT: Final = 0x70
+RTC_IRQ: Final = 8
+I8042_PORT: Final = 0x60
+I8042_IRQ: Final = 1
+DEBUG_PORT: Final = 0x80
+DEBUG_CONSOLE_PORT: Final = 0xE9
+DEBUG_EXIT_PORT: Final = 0xF4
+ACPI_PM_PORT: Final = 0x600
+ACPI_PM_SLEEP_CONTROL: Final = 0
+ACPI_PM_SLEEP_STATUS: Final = 1
+ACPI_PM_RESET: Final = 4
+ACPI_PM_RESET_VALUE: Final = 0x01
+
+
+def platform_devices(config: VmConfig) -> list[DeviceRequest]:
+    requests = []
+    if _mode(config.serial) != "Off":
+        requests.append(
+            DeviceRequest("serial-16550", "_serial", config.serial, pio=(SERIAL_PORT, 8), irq=SERIAL_IRQ)
+        )
+    requests += [
+        DeviceRequest("rtc-cmos", "_rtc", pio=(RTC_PORT, 2), irq=RTC_IRQ),
+        DeviceRequest("i8042", "_i8042", pio=(I8042_PORT, 5), irq=I8042_IRQ),
+        DeviceRequest("debug-port", "_debug_port", pio=(DEBUG_PORT, 1)),
+    ]
+    debug_console = getattr(config, "debug_console", None)
+    if debug_console is not None and _mode(debug_console) != "Off":
+        port = getattr(debug_console, "iobase", None)
+        requests.append(
+            DeviceRequest(
+                "debug-console",
+                "_debug_console",
+                debug_console,
+                pio=(DEBUG_CONSOLE_PORT if port is None else port, 1),
+            )
+        )
+    requests += [
+        DeviceRequest("debug-exit", "_debug_exit", pio=(DEBUG_EXIT_PORT, 4)),
+        DeviceRequest("acpi-pm", "_acpi_pm", pio=(ACPI_PM_PORT, 8), irq=SCI_IRQ),
+    ]
+    return requests
+
+
+def _mode(console: Any) -> str:
+    return str(getattr(console, "mode", "Tty"))
+
+
+def virtio_mmio_args(devices: Sequence[PlacedDevice]) -> list[str]:
+    """``virtio_mmio.device=<size>@<base>:<irq>`` for each placed virtio-mmio device."""
+    args = []
+    for placed in devices:
+        if placed.kind != "virtio-mmio" or placed.mmio is None or placed.irq is None:
+            continue
+        base, size = placed.mmio
+        size_text = f"{size // 1024}K" if size % 1024 == 0 else str(size)
+        args.append(f"virtio_mmio.device={size_text}@{base:#x}:{placed.irq}")
+    return args
+
+
+_INIT_ARGS = re.compile(r"(?:^|\s)--(?:\s|$)")
+
+
+def kernel_cmdline(cmdline: str | None, devices: Sequence[PlacedDevice]) -> str:
+    """``cmdline`` plus the virtio-mmio arguments it does not already carry (so applying it
+    twice changes nothing), inserted before a ``--`` (what follows it is for init)."""
+    text = cmdline or ""
+    words = text.split()
+    extra = [arg for arg in virtio_mmio_args(devices) if arg not in words]
+    if not extra:
+        return text
+    split = _INIT_ARGS.search(text)
+    head, tail = (text[: split.start()], text[split.start() :]) if split else (text, "")
+    return " ".join(part for part in [head.strip(), *extra] if part) + tail

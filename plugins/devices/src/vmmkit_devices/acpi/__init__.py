@@ -1,0 +1,1 @@
+"""ACPI hardware-reduced platform registers (sleep/reset today; the GED joins later)."""

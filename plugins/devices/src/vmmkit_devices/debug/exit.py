@@ -1,0 +1,64 @@
+"""QEMU's isa-debug-exit (device type ``debug-exit``), at (0xf4, 4) on x86.
+
+A write of value ``v`` (any width, any offset in the range) records ``v & 0xff`` as the VMM's
+exit status through ``DeviceContext.set_exit_status``; the last write wins.
+
+Difference from QEMU: QEMU exits *immediately*, with status ``(v << 1) | 1``. vmmkit keeps the
+guest running and exits with status ``v`` itself once the guest powers off (ACPI S5, or a stop
+from outside), so a test guest writes its status and then powers off. Reads return 0, as in
+QEMU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import ClassVar
+
+import structlog
+
+from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit_devices._regs import MAX_ACCESS, open_bus
+
+log = structlog.get_logger()
+
+
+class DebugExit(Device):
+    """Hands each written status to ``set_exit_status``."""
+
+    kind: ClassVar[str] = "debug-exit"
+    length: ClassVar[int] = 4
+
+    def __init__(self, device_id: str, set_exit_status: Callable[[int], None]) -> None:
+        super().__init__(device_id)
+        self._set_exit_status = set_exit_status
+        self.status: int | None = None
+
+    def read(self, offset: int, size: int) -> bytes:
+        if not 0 <= offset < self.length or not 1 <= size <= MAX_ACCESS:
+            return open_bus(size)
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not 0 <= offset < self.length or not 1 <= len(data) <= MAX_ACCESS:
+            return
+        status = data[0]  # little-endian: the low byte of the value
+        self.status = status
+        log.debug("guest.exit_status", device=self.id, status=status)
+        self._set_exit_status(status)
+
+    def reset(self) -> None:
+        self.status = None
+
+    def counters(self) -> Mapping[str, int]:
+        return {"status": self.status} if self.status is not None else {}
+
+
+class DebugExitType(DeviceType):
+    """``debug-exit``: requested by the architecture at (0xf4, 4)."""
+
+    name: ClassVar[str] = "debug-exit"
+    description: ClassVar[str] = "QEMU isa-debug-exit port: sets the VMM's exit status"
+
+    @classmethod
+    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> DebugExit:
+        return DebugExit(request.id, ctx.set_exit_status)

@@ -1,0 +1,1 @@
+"""PC platform devices: 16550A UART, CMOS RTC, i8042."""

@@ -1,0 +1,36 @@
+/*
+ * What each architecture (x86_64/, later aarch64/) provides to the common
+ * code. The arch directory is on the include path, so "arch_cpu.h" is the
+ * architecture's inline helpers: ARCH_NAME, arch_cpu_index(),
+ * arch_cpu_relax(), arch_cycles().
+ */
+#ifndef COMMON_ARCH_H
+#define COMMON_ARCH_H
+
+#include "types.h"
+#include "arch_cpu.h"
+
+struct bootinfo;
+
+/* Console: one byte out (polled). */
+void arch_putc(char c);
+
+/* Wall clock seconds field (0-59), or -1 when there is no clock. */
+int arch_clock_seconds(void);
+
+/* The architecture's default checks (firmware tables, CPUs, SMP, clock). */
+void arch_checks(const struct bootinfo *bi);
+
+/*
+ * Make every other online CPU call fn() once (it may never return).
+ * Returns the number of CPUs asked.
+ */
+unsigned arch_run_on_others(void (*fn)(void));
+
+/* Report status to the VMM, power off; never returns. */
+__noreturn void arch_exit(int status);
+
+/* Linker symbols: the loaded image spans [__image_start, _end). */
+extern char __image_start[], _end[];
+
+#endif

@@ -1,0 +1,93 @@
+"""Boot the project's x86-64 test guest on vmmkit, as a user would, and cross-check it
+against QEMU's microvm running the very same ELF."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmmkit.testing import run_vmmkit
+
+from .guest_output import run_qemu_microvm, selftest_lines, stable_lines
+
+pytestmark = pytest.mark.requires_kvm
+
+GUESTS = Path(__file__).resolve().parents[1] / "guests" / "build" / "x86_64"
+
+
+@pytest.fixture(scope="module")
+def selftest_bzimage(selftest_elf: Path) -> Path:
+    path = selftest_elf.parent / "selftest.bzImage"
+    if not path.is_file():
+        pytest.skip(f"{path} is not built (make -C tests/guests)")
+    return path
+
+
+def boot(kernel: Path, *args: str, hypervisor: str = "auto", timeout: float = 60):
+    return run_vmmkit("--hypervisor", hypervisor, "--kernel", str(kernel), *args, timeout=timeout)
+
+
+@pytest.mark.parametrize("image", ["elf", "bzimage"])
+def test_the_guest_sees_its_command_line_and_both_cpus(
+    image: str, selftest_elf: Path, selftest_bzimage: Path, vmmkit_hypervisor: str
+) -> None:
+    kernel = selftest_elf if image == "elf" else selftest_bzimage
+    result = boot(kernel, "--cmdline", "hello", "--cpus", "boot=2", hypervisor=vmmkit_hypervisor)
+    lines = selftest_lines(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "selftest: cmdline: hello" in lines
+    assert "selftest: cpus: 2" in lines
+    assert "selftest: ok smp (2/2 cpus online)" in lines
+    assert "selftest: exit 0" in lines
+    assert not [line for line in lines if "FAIL" in line]
+
+
+def test_four_cpus_are_found_and_started(selftest_elf: Path, vmmkit_hypervisor: str) -> None:
+    result = boot(selftest_elf, "--cpus", "boot=4", hypervisor=vmmkit_hypervisor)
+    lines = selftest_lines(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "selftest: cpus: 4" in lines
+    assert "selftest: ok smp (4/4 cpus online)" in lines
+
+
+def test_a_failing_guest_check_becomes_the_exit_status(selftest_elf: Path, vmmkit_hypervisor: str) -> None:
+    result = boot(selftest_elf, "--cmdline", "test=no-such-test", hypervisor=vmmkit_hypervisor)
+    assert "selftest: FAIL" in result.stdout
+    assert result.returncode not in (0, 2)
+
+
+@pytest.mark.requires_qemu
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_qemu_microvm_prints_the_same_lines(selftest_elf: Path, vmmkit_hypervisor: str, cpus: int) -> None:
+    ours = boot(selftest_elf, "--cmdline", "hello", "--cpus", f"boot={cpus}", hypervisor=vmmkit_hypervisor)
+    qemu = run_qemu_microvm(selftest_elf, "hello", cpus, accel="kvm")
+    assert qemu.returncode == 0, qemu.stdout + qemu.stderr
+    assert stable_lines(qemu.stdout), "QEMU printed no selftest lines"
+    assert stable_lines(ours.stdout) == stable_lines(qemu.stdout)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x7fELF\x02\x01\x01" + b"\0" * 9, os.urandom(8192)],
+                         ids=["empty", "truncated-elf", "random"])
+def test_a_bad_kernel_image_is_refused_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    kernel = tmp_path / "kernel.bin"
+    kernel.write_bytes(content)
+    result = boot(kernel)
+    assert result.returncode == 1
+    assert str(kernel) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_truncated_copy_of_the_real_guest_is_refused(tmp_path: Path, selftest_elf: Path) -> None:
+    kernel = tmp_path / "selftest-truncated.elf"
+    kernel.write_bytes(selftest_elf.read_bytes()[:3000])
+    result = boot(kernel)
+    assert result.returncode == 1
+    assert str(kernel) in result.stderr
+
+
+def test_vmmkit_run_boots_the_demo_guest(vmmkit_hypervisor: str) -> None:
+    result = run_vmmkit("run", "--hypervisor", vmmkit_hypervisor, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "selftest: exit 0" in result.stdout

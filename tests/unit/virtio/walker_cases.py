@@ -1,0 +1,128 @@
+"""Hostile descriptor tables for the C-vs-Python differential tests (hypothesis strategies, the
+comparison, and the invariant that the C walker only hands out guest RAM).
+
+Shared by ``test_walker_differential.py``, the AddressSanitizer run in
+``test_native_sanitizers.py`` and the atheris harness ``fuzz_walker_atheris.py``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import strategies as st
+
+from vmmkit.memory import GuestMemory
+from vmmkit.virtio import chain as vq
+from vmmkit.virtio.chain import DescriptorChain, RegionTable, VirtqueueError
+
+#: (gpa, size, readonly): two adjacent regions, a hole, one more, and a read-only one.
+LAYOUT = [(0x0000, 0x4000, False), (0x4000, 0x2000, False), (0x10000, 0x2000, False), (0x20000, 0x1000, True)]
+#: Where indirect tables are written: inside a region, across the adjacent boundary, at the
+#: very end of a region, in the read-only region, in the hole.
+TABLES = [0x2000, 0x3FE0, 0x5FC0, 0x11000, 0x20F00, 0x8000]
+EDGES = [0x0, 0x10, 0x3FF0, 0x3FFF, 0x4000, 0x5FF0, 0x5FFF, 0x6000, 0x6010, 0xFFF0, 0x10000, 0x11FF0,
+         0x11FFF, 0x12000, 0x20000, 0x20FF8, 0x21000, 2**63, 2**64 - 16, 2**64 - 1]
+LENGTHS = [0, 1, 2, 15, 16, 17, 32, 48, 0x100, 0x1000, 0x1FFF, 0x2000, 0x4000, 0x6000, 0x8000_0000,
+           0xFFFF_FFF0, 0xFFFF_FFFF]
+DESC = struct.Struct("<QIHH")
+
+u64 = st.integers(0, 2**64 - 1)
+addresses = st.one_of(st.sampled_from(EDGES), st.sampled_from(TABLES), st.integers(0, 0x22000), u64)
+lengths = st.one_of(st.sampled_from(LENGTHS), st.integers(0, 0x2100), st.integers(0, 2**32 - 1))
+
+
+@st.composite
+def well_formed(draw: Any, index: int, entries: int) -> tuple[int, int, int, int]:
+    """A descriptor a correct driver might write: a small buffer in RAM, chained to the next."""
+    gpa, size, _ = draw(st.sampled_from(LAYOUT[:3]))
+    offset = draw(st.integers(0, size - 1))
+    length = draw(st.integers(0, min(size - offset + 0x20, 0x800)))
+    flags = draw(st.sampled_from([1, 1, 3, 3, 0, 2, 4, 5]))
+    return gpa + offset, length, flags, (index + 1) % max(entries + 1, 1)
+
+
+def descriptor(index: int, entries: int) -> st.SearchStrategy[tuple[int, int, int, int]]:
+    hostile = st.tuples(addresses, lengths, st.one_of(st.integers(0, 7), st.integers(0, 0xFFFF)),
+                        st.one_of(st.integers(0, entries + 1), st.integers(0, 0xFFFF)))
+    return st.one_of(well_formed(index, entries), well_formed(index, entries), hostile)
+
+
+def table(entries: int) -> st.SearchStrategy[list[tuple[int, int, int, int]]]:
+    return st.tuples(*(descriptor(i, entries) for i in range(entries))).map(list)
+
+
+@st.composite
+def cases(draw: Any) -> dict[str, Any]:
+    """One walk: queue parameters, the main table, indirect tables, head, capacity."""
+    size = draw(st.one_of(st.sampled_from([1, 2, 4, 8, 16]), st.sampled_from([1, 2, 4, 8, 16]),
+                          st.sampled_from([0, 3, 12, 32768, 65536, 2**32])))
+    desc_gpa = draw(st.one_of(st.sampled_from([0x1000, 0x10000, 0x4000, 0x5F00]), addresses))
+    entries = min(size, 16)
+    main = draw(table(entries)) if 0 < size <= 16 else []
+    indirect = []
+    for base in draw(st.lists(st.sampled_from(TABLES), max_size=3, unique=True)):
+        count = draw(st.integers(1, 6))
+        indirect.append((base, draw(table(count))))
+    return {
+        "size": size,
+        "desc_gpa": desc_gpa,
+        "main": main,
+        "indirect_tables": indirect,
+        "head": draw(st.one_of(st.integers(0, max(entries, 1)), st.integers(-1, 2**33))),
+        "indirect": draw(st.booleans()),
+        "capacity": draw(st.sampled_from([0, 1, 2, 3, 5, 8, 1024])),
+    }
+
+
+def write_case(memory: GuestMemory, case: dict[str, Any]) -> None:
+    """Lay the case out in (zeroed) guest memory; parts that do not fit in RAM are skipped."""
+    for region in memory.regions:
+        memory.fill(region.start, region.size, 0)
+    for base, entries in case["indirect_tables"]:
+        _write_table(memory, base, entries)
+    _write_table(memory, case["desc_gpa"], case["main"])  # last: it may overlap a table
+
+
+def _write_table(memory: GuestMemory, base: int, entries: list[tuple[int, int, int, int]]) -> None:
+    for i, (addr, length, flags, next_) in enumerate(entries):
+        gpa = base + 16 * i
+        if memory.is_valid(gpa, 16):
+            memory.write(gpa, DESC.pack(addr, length, flags, next_))
+
+
+Outcome = tuple[Any, ...]
+
+
+def outcome(walk: Callable[[], DescriptorChain]) -> Outcome:
+    try:
+        chain = walk()
+    except VirtqueueError as exc:
+        return ("error", exc.kind)
+    return ("ok", chain.head, chain.segments, chain.readable_count, chain.descriptors, chain.host_addresses)
+
+
+def compare(memory: GuestMemory, case: dict[str, Any], native_walk: Callable[..., DescriptorChain] | None = None) -> Outcome:
+    """Walk ``case`` with both walkers; assert they agree and that C stayed inside RAM."""
+    write_case(memory, case)
+    regions = RegionTable(memory)
+    args = (regions, case["desc_gpa"], case["size"], case["head"])
+    kwargs = {"indirect": case["indirect"], "capacity": case["capacity"]}
+    expected = outcome(lambda: vq.walk_python(*args, **kwargs))
+    got = outcome(lambda: (native_walk or vq.walk_native)(*args, **kwargs))
+    assert got == expected, f"C walker {got} != Python walker {expected} for {case}"
+    if got[0] == "ok":
+        check_inside_ram(memory, got)
+    return got
+
+
+def check_inside_ram(memory: GuestMemory, result: Outcome) -> None:
+    _, _, segments, readable, _, hosts = result
+    for i, (segment, host) in enumerate(zip(segments, hosts, strict=True)):
+        region = memory.find_region(segment.gpa)
+        assert region is not None and segment.length > 0
+        assert segment.gpa + segment.length <= region.range.end
+        assert host == region.host_address + (segment.gpa - region.start)
+        assert segment.writable == (i >= readable)
+        assert not (segment.writable and region.readonly)

@@ -1,0 +1,534 @@
+"""The PCI root complex of segment 0: host bridge, configuration access, BAR placement.
+
+One :class:`PciRoot` per machine, created by :func:`pci_root` when the first PCI function is
+attached and kept as ``machine.pci_root``. It serves bus 0 only:
+
+- 00:00.0 is a host bridge (vendor 0x8086, device 0x0d57, class 06/00/00, as in Cloud
+  Hypervisor), so guests probing for a working type-1 mechanism (Linux's
+  ``pci_sanity_check``) find a host bridge;
+- functions go in slots 1-31 (function 0 only), the lowest free slot unless one is asked for;
+- configuration space is reached through port 0xCF8 (the address register, 32-bit accesses
+  only) and the 0xCFC-0xCFF data window (any byte lanes of the selected dword), where the
+  architecture has port I/O, and through ECAM at ``layout.pci_ecam``
+  (``offset = bus << 20 | device << 15 | function << 12 | register``); both paths reach the
+  same :meth:`PciRoot.config_read` / :meth:`PciRoot.config_write`. Nothing at an address
+  reads as all ones (so vendor 0xFFFF), and writes there are dropped.
+
+BARs are assigned from ``layout.pci_mmio32`` (32-bit memory), ``layout.pci_mmio64`` (64-bit
+memory, falling back to the 32-bit window) and ``layout.pio`` (I/O), naturally aligned and
+at least a page for memory, and decoding is enabled at power-on as firmware would leave it.
+A BAR is on the bus exactly while the command register enables its space and it holds a
+non-zero address it can decode (QEMU's ``pci_update_mappings``): when the guest disables
+decoding (Linux does around BAR sizing), reprograms a BAR or re-enables decoding, the root
+removes the region from the MMIO or port bus and inserts it at the new address, and tells
+the function (:meth:`PciFunction.bar_mapped`), which moves its ioeventfds. A BAR the guest
+moves onto something already on the bus stays unmapped (logged) until moved again. The
+address allocators keep the power-on assignment; a moved BAR is not re-reserved.
+
+Legacy INTx: every function's INTA goes to one of at most four interrupt lines
+(``machine.allocate_irq()``), line ``(slot - 1) % 4``, like the four PIRQ links of a PC
+chipset (if the machine runs out of lines, an existing one is shared). The lines are
+level-triggered and shared: a line is high while any function on it
+asserts it. The host's :class:`PlacedDevice` lists the routes in ``properties["intx"]`` as
+``(slot, pin, gsi)`` with pin 1 = INTA, for the architecture's ``_PRT`` or ``interrupt-map``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+import structlog
+
+from vmmkit.allocator import AddressAllocator
+from vmmkit.bus import Bus
+from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit.errors import BusError, DeviceError
+from vmmkit.irq import InterruptLine
+from vmmkit.memory import MemoryRange
+from vmmkit.pci.config import (
+    BAR0,
+    COMMAND,
+    COMMAND_IO,
+    COMMAND_MEMORY,
+    NUM_BARS,
+    BarKind,
+    PciBar,
+    PciConfigSpace,
+    overlaps,
+)
+from vmmkit.pci.function import BarRegion, PciFunction
+
+if TYPE_CHECKING:
+    from vmmkit.machine import Machine
+
+log = structlog.get_logger()
+
+CONFIG_ADDRESS_PORT = 0xCF8
+CONFIG_IO_SIZE = 8
+#: The address register's enable bit; bits 1:0 read as zero.
+_CONFIG_ENABLE = 0x8000_0000
+_CONFIG_ADDRESS_MASK = 0xFFFF_FFFC
+
+HOST_BRIDGE_VENDOR = 0x8086
+HOST_BRIDGE_DEVICE = 0x0D57
+MAX_SLOTS = 32
+#: Most interrupt lines PCI INTx takes from the machine; slots share them round-robin.
+MAX_INTX_LINES = 4
+_PAGE = 4096
+_ECAM_BUS_SHIFT = 20
+
+
+def bdf_string(segment: int, bus: int, slot: int, function: int = 0) -> str:
+    return f"{segment:04x}:{bus:02x}:{slot:02x}.{function:x}"
+
+
+def _ones(size: int) -> int:
+    return (1 << (8 * size)) - 1 if 0 < size <= 8 else 0
+
+
+class HostBridge(PciFunction):
+    """00:00.0: a host bridge with no BARs (vendor 0x8086, device 0x0d57)."""
+
+    kind: ClassVar[str] = "pci-host-bridge"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "host-bridge",
+            PciConfigSpace(vendor_id=HOST_BRIDGE_VENDOR, device_id=HOST_BRIDGE_DEVICE,
+                           class_code=0x06, subclass=0x00),
+        )
+
+
+class SharedIntx:
+    """A level-triggered line shared by several functions: high while any asserts it."""
+
+    def __init__(self, gsi: int, line: InterruptLine) -> None:
+        self.gsi = gsi
+        self.line = line
+        self._asserted: set[int] = set()
+        self._lock = threading.Lock()
+
+    def set_level(self, source: int, high: bool) -> None:
+        with self._lock:
+            before = bool(self._asserted)
+            if high:
+                self._asserted.add(source)
+            else:
+                self._asserted.discard(source)
+            after = bool(self._asserted)
+            if before != after:
+                self.line.set_level(after)
+
+
+class IntxPin:
+    """One function's INTA: an :class:`vmmkit.irq.InterruptLine` over a :class:`SharedIntx`."""
+
+    def __init__(self, shared: SharedIntx, source: int) -> None:
+        self.shared = shared
+        self.source = source
+        self.gsi = shared.gsi
+
+    def set_level(self, high: bool) -> None:
+        self.shared.set_level(self.source, high)
+
+    def trigger(self) -> None:
+        self.set_level(True)
+        self.set_level(False)
+
+
+@attrs.define
+class _Mapping:
+    base: int
+    region: BarRegion
+    io: bool
+
+
+@attrs.define
+class _Slot:
+    function: PciFunction
+    allocations: list[tuple[AddressAllocator, int]]
+    intx: IntxPin | None = None
+
+
+class PciRoot:
+    """Bus 0 of PCI segment 0: functions by device/function number, BARs on the buses."""
+
+    kind: ClassVar[str] = "pci-host"
+
+    def __init__(
+        self,
+        *,
+        mmio_bus: Bus,
+        pio_bus: Bus,
+        mmio32: MemoryRange | None,
+        mmio64: MemoryRange | None = None,
+        io: MemoryRange | None = None,
+        ecam: MemoryRange | None = None,
+        segment: int = 0,
+    ) -> None:
+        self.mmio_bus = mmio_bus
+        self.pio_bus = pio_bus
+        self.segment = segment
+        self.bus_range = (0, 0)
+        self.mmio32 = mmio32
+        self.mmio64 = mmio64
+        self.io = io
+        self.ecam = ecam
+        self._alloc32 = _allocator(mmio32, "PCI 32-bit MMIO window")
+        self._alloc64 = _allocator(mmio64, "PCI 64-bit MMIO window")
+        self._alloc_io = _allocator(io, "PCI I/O window")
+        self._lock = threading.RLock()
+        self._slots: dict[int, _Slot] = {}
+        self._mapped: dict[tuple[int, int], _Mapping] = {}
+        self._intx_lines: dict[int, SharedIntx] = {}
+        self.config_address = 0
+        self.host_bridge = HostBridge()
+        self._plug(0, self.host_bridge, [])
+
+    # -- functions ---------------------------------------------------------------------------
+
+    @property
+    def functions(self) -> Mapping[int, PciFunction]:
+        """Functions by slot (device number); slot 0 is the host bridge."""
+        return {slot: entry.function for slot, entry in self._slots.items()}
+
+    def slot_of(self, function: PciFunction) -> int:
+        for slot, entry in self._slots.items():
+            if entry.function is function:
+                return slot
+        raise DeviceError(f"{function.name} is not on this PCI bus")
+
+    def free_slot(self, wanted: int | None = None) -> int:
+        """``wanted`` if it is free (1-31), else the lowest free slot."""
+        with self._lock:
+            if wanted is not None:
+                if not 1 <= wanted < MAX_SLOTS:
+                    raise DeviceError(f"PCI device id {wanted} is not a usable slot (1-31)")
+                if wanted in self._slots:
+                    user = self._slots[wanted].function.name
+                    raise DeviceError(f"PCI slot {wanted} is already used by {user}")
+                return wanted
+            for slot in range(1, MAX_SLOTS):
+                if slot not in self._slots:
+                    return slot
+        raise DeviceError("all 31 PCI slots on bus 0 are used")
+
+    def add_function(self, function: PciFunction, slot: int | None = None) -> int:
+        """Plug ``function`` into ``slot`` (or the lowest free one), assign its BARs from the
+        windows, enable decoding and map them. Returns the slot."""
+        with self._lock:
+            slot = self.free_slot(slot)
+            allocations: list[tuple[AddressAllocator, int]] = []
+            try:
+                command = 0
+                for bar in sorted(function.config.bars.values(), key=lambda b: -b.size):
+                    allocator, base = self._allocate_bar(bar)
+                    allocations.append((allocator, base))
+                    function.config.set_bar_address(bar.index, base)
+                    command |= COMMAND_IO if bar.is_io else COMMAND_MEMORY
+            except Exception:
+                for allocator, base in allocations:
+                    allocator.free(base)
+                raise
+            config = function.config
+            config.set(COMMAND, 2, config.get(COMMAND, 2) | command)
+            self._plug(slot, function, allocations)
+            log.debug("pci.function_added", slot=slot, function=function.name)
+            return slot
+
+    def _plug(self, slot: int, function: PciFunction,
+              allocations: list[tuple[AddressAllocator, int]]) -> None:
+        self._slots[slot] = _Slot(function, allocations)
+        function.remap = lambda: self.remap(function)
+        self.remap(function)
+
+    def remove_function(self, slot: int) -> PciFunction:
+        """Unplug the function in ``slot``: unmap its BARs and release its windows."""
+        with self._lock:
+            if slot == 0 or slot not in self._slots:
+                raise DeviceError(f"no removable PCI function in slot {slot}")
+            entry = self._slots.pop(slot)
+            for index in list(entry.function.config.bars):
+                self._unmap(slot, entry.function, index)
+            for allocator, base in entry.allocations:
+                allocator.free(base)
+            if entry.intx is not None:
+                entry.intx.set_level(False)
+            entry.function.remap = lambda: None
+            return entry.function
+
+    def _allocate_bar(self, bar: PciBar) -> tuple[AddressAllocator, int]:
+        if bar.is_io:
+            candidates = [self._alloc_io]
+        elif bar.kind is BarKind.MEM64:
+            candidates = [self._alloc64, self._alloc32]
+        else:
+            candidates = [self._alloc32]
+        size = bar.size if bar.is_io else max(bar.size, _PAGE)
+        errors = []
+        for allocator in candidates:
+            if allocator is None:
+                continue
+            try:
+                return allocator, allocator.allocate(size, size)
+            except BusError as exc:
+                errors.append(str(exc))
+        what = "I/O" if bar.is_io else "memory"
+        raise DeviceError(f"no room for a {bar.size:#x}-byte {what} BAR: {'; '.join(errors) or 'no window'}")
+
+    # -- legacy interrupts -------------------------------------------------------------------
+
+    def connect_intx(self, function: PciFunction,
+                     allocate_irq: Callable[[int | None], tuple[int, InterruptLine]]) -> IntxPin | None:
+        """Give ``function`` an INTA pin on interrupt line ``(slot - 1) % 4``, taking that line
+        from the machine the first time; ``None`` when the machine has no line to spare (the
+        function then interrupts only through MSI-X)."""
+        with self._lock:
+            slot = self.slot_of(function)
+            index = (slot - 1) % MAX_INTX_LINES
+            shared = self._intx_lines.get(index)
+            if shared is None:
+                try:
+                    gsi, line = allocate_irq(None)
+                except DeviceError:
+                    shared = next(iter(self._intx_lines.values()), None)
+                    if shared is None:
+                        return None
+                else:
+                    shared = self._intx_lines[index] = SharedIntx(gsi, line)
+            pin = IntxPin(shared, slot)
+            self._slots[slot].intx = pin
+            return pin
+
+    def intx_routes(self) -> tuple[tuple[int, int, int], ...]:
+        """``(slot, pin, gsi)`` for every function with a legacy interrupt (pin 1 = INTA)."""
+        return tuple((slot, 1, entry.intx.gsi) for slot, entry in sorted(self._slots.items())
+                     if entry.intx is not None)
+
+    # -- configuration access ----------------------------------------------------------------
+
+    def config_read(self, bus: int, devfn: int, offset: int, size: int) -> int:
+        """Read ``size`` bytes of the configuration space of ``bus:devfn``; all ones if absent."""
+        function = self._function(bus, devfn)
+        if function is None:
+            return _ones(size)
+        with self._lock:
+            return function.config_read(offset, size)
+
+    def config_write(self, bus: int, devfn: int, offset: int, size: int, value: int) -> None:
+        function = self._function(bus, devfn)
+        if function is None or not function.config.valid_access(offset, size):
+            return
+        with self._lock:
+            function.config_write(offset, size, value)
+            if overlaps(offset, size, COMMAND, 2) or overlaps(offset, size, BAR0, 4 * NUM_BARS):
+                self.remap(function)
+
+    def _function(self, bus: int, devfn: int) -> PciFunction | None:
+        if bus != 0 or devfn & 7:
+            return None
+        entry = self._slots.get(devfn >> 3)
+        return entry.function if entry is not None else None
+
+    # -- BAR mappings ------------------------------------------------------------------------
+
+    def remap(self, function: PciFunction) -> None:
+        """Put each BAR of ``function`` where its registers and the command register say."""
+        with self._lock:
+            try:
+                slot = self.slot_of(function)
+            except DeviceError:
+                return
+            for index in function.config.bars:
+                self._update(slot, function, index)
+
+    def _wanted(self, function: PciFunction, index: int) -> int | None:
+        config = function.config
+        bar = config.bars[index]
+        if not config.bar_decoding(index):
+            return None
+        base = config.bar_address(index)
+        if base == 0 or base + bar.size > bar.address_limit:
+            return None
+        return base
+
+    def _update(self, slot: int, function: PciFunction, index: int) -> None:
+        want = self._wanted(function, index)
+        current = self._mapped.get((slot, index))
+        if current is not None and current.base == want:
+            return
+        self._unmap(slot, function, index)
+        if want is None:
+            return
+        bar = function.config.bars[index]
+        region = BarRegion(function, index, bar.size)
+        bus = self.pio_bus if bar.is_io else self.mmio_bus
+        try:
+            bus.insert(region, want, bar.size)
+        except BusError as exc:
+            log.warning("pci.bar_unmapped", function=function.name, bar=index, address=hex(want),
+                        error=str(exc))
+            return
+        self._mapped[(slot, index)] = _Mapping(want, region, bar.is_io)
+        log.debug("pci.bar_mapped", function=function.name, bar=index, address=hex(want))
+        function.bar_mapped(index, want)
+
+    def _unmap(self, slot: int, function: PciFunction, index: int) -> None:
+        current = self._mapped.pop((slot, index), None)
+        if current is None:
+            return
+        bus = self.pio_bus if current.io else self.mmio_bus
+        try:
+            bus.remove(current.base)
+        except BusError:
+            pass
+        function.bar_unmapped(index, current.base)
+
+    def bar_base(self, function: PciFunction, index: int) -> int | None:
+        """Where BAR ``index`` of ``function`` decodes now (``None``: not on the bus)."""
+        mapping = self._mapped.get((self.slot_of(function), index))
+        return mapping.base if mapping is not None else None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """The host bridge and the address register; functions reset through their own
+        placed devices."""
+        self.config_address = 0
+        self.host_bridge.reset()
+
+    def close(self) -> None: ...
+
+    def describe(self) -> Mapping[str, Any]:
+        return {
+            "segment": self.segment,
+            "functions": {bdf_string(self.segment, 0, slot): entry.function.name
+                          for slot, entry in sorted(self._slots.items())},
+        }
+
+
+class PciConfigIo:
+    """Configuration mechanism #1: ports 0xCF8-0xCFF, on the port-I/O bus."""
+
+    def __init__(self, root: PciRoot) -> None:
+        self.root = root
+
+    def read(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        if offset == 0 and size == 4:
+            return self.root.config_address.to_bytes(4, "little")
+        value = _ones(size)
+        if 4 <= offset and offset + size <= CONFIG_IO_SIZE and size in (1, 2, 4):
+            target = self._target(offset - 4)
+            if target is not None:
+                value = self.root.config_read(*target, size)
+        return (value & _ones(size)).to_bytes(size, "little") if size <= 8 else b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        size = len(data)
+        value = int.from_bytes(data, "little")
+        if offset == 0 and size == 4:
+            self.root.config_address = value & _CONFIG_ADDRESS_MASK
+        elif 4 <= offset and offset + size <= CONFIG_IO_SIZE and size in (1, 2, 4):
+            target = self._target(offset - 4)
+            if target is not None:
+                self.root.config_write(*target, size, value)
+
+    def _target(self, lane: int) -> tuple[int, int, int] | None:
+        address = self.root.config_address
+        if not address & _CONFIG_ENABLE:
+            return None
+        return (address >> 16) & 0xFF, (address >> 8) & 0xFF, (address & 0xFC) + lane
+
+
+class PciEcam:
+    """The enhanced configuration access mechanism: a memory window, 4 KiB per function."""
+
+    def __init__(self, root: PciRoot) -> None:
+        self.root = root
+
+    def read(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        value = _ones(size)
+        if size in (1, 2, 4) and offset >= 0:
+            value = self.root.config_read(*_ecam_decode(offset), size)
+        return (value & _ones(size)).to_bytes(size, "little") if size <= 8 else b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        if len(data) in (1, 2, 4) and offset >= 0:
+            self.root.config_write(*_ecam_decode(offset), len(data), int.from_bytes(data, "little"))
+
+
+def _ecam_decode(offset: int) -> tuple[int, int, int]:
+    return offset >> _ECAM_BUS_SHIFT, (offset >> 12) & 0xFF, offset & 0xFFF
+
+
+def _allocator(window: MemoryRange | None, name: str) -> AddressAllocator | None:
+    if window is None or window.size <= 0:
+        return None
+    return AddressAllocator(window.start, window.size, name)
+
+
+# -- the machine's root ------------------------------------------------------------------
+
+def pci_root(machine: Machine, *, create: bool = True) -> PciRoot | None:
+    """The machine's PCI root (``machine.pci_root``), created on first use when ``create``.
+
+    Creating it puts the 0xCF8 port window (where the architecture has port I/O, i.e.
+    ``layout.pio`` is set) and the ECAM window on the buses, and adds one
+    ``PlacedDevice(kind="pci-host")`` to ``machine.devices`` for the firmware tables.
+    """
+    root: PciRoot | None = getattr(machine, "pci_root", None)
+    if root is not None or not create:
+        return root
+    layout = machine.layout
+    if layout is None:
+        raise DeviceError("PCI devices need the machine's memory layout")
+    if layout.pci_ecam is None and layout.pio is None:
+        raise DeviceError("this architecture's layout has no PCI configuration window")
+    if layout.pci_mmio32 is None and layout.pci_mmio64 is None:
+        raise DeviceError("this architecture's layout has no PCI MMIO window")
+    root = PciRoot(mmio_bus=machine.mmio_bus, pio_bus=machine.pio_bus, mmio32=layout.pci_mmio32,
+                   mmio64=layout.pci_mmio64, io=layout.pio, ecam=layout.pci_ecam)
+    pio = mmio = None
+    if layout.pio is not None:
+        machine.pio_bus.insert(PciConfigIo(root), CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)
+        pio = (CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)
+    if layout.pci_ecam is not None:
+        machine.mmio_bus.insert(PciEcam(root), layout.pci_ecam.start, layout.pci_ecam.size)
+        mmio = (layout.pci_ecam.start, layout.pci_ecam.size)
+    machine.pci_root = root  # type: ignore[attr-defined]
+    machine.devices.append(PlacedDevice(root, DeviceRequest("pci-host", f"_pci{root.segment}"), PciRoot.kind,
+                                        pio=pio, mmio=mmio, properties=host_properties(root)))
+    log.debug("pci.root_created", ecam=mmio, config_io=pio)
+    return root
+
+
+def host_properties(root: PciRoot) -> dict[str, Any]:
+    """What firmware tables say about the root: segment, buses, windows, INTx routes."""
+
+    def window(rng: MemoryRange | None) -> tuple[int, int] | None:
+        return None if rng is None else (rng.start, rng.size)
+
+    return {
+        "segment": root.segment,
+        "bus_range": root.bus_range,
+        "ecam": window(root.ecam),
+        "mmio32": window(root.mmio32),
+        "mmio64": window(root.mmio64),
+        "io": window(root.io),
+        "intx": root.intx_routes(),
+    }
+
+
+def publish(machine: Machine, root: PciRoot) -> None:
+    """Refresh the root's ``PlacedDevice`` properties (after functions were added)."""
+    for index, placed in enumerate(machine.devices):
+        if placed.device is root:
+            machine.devices[index] = attrs.evolve(placed, properties=host_properties(root))
+            return
