@@ -71,7 +71,8 @@ def assemble_image(source: str, *, bits: int = 64, base: int = 0) -> GuestImage:
         for step in steps:
             result = subprocess.run(step, cwd=work, capture_output=True, text=True)
             if result.returncode != 0:
-                raise AssemblyError(f"{Path(step[0]).name} failed:\n{result.stderr}\n--- source ---\n{source}")
+                tool = Path(step[0]).name
+                raise AssemblyError(f"{tool} failed:\n{result.stderr}\n--- source ---\n{source}")
             out = result.stdout
         symbols = {}
         for line in out.splitlines():

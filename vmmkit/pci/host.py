@@ -37,17 +37,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import attrs
 import structlog
 
 from vmmkit.allocator import AddressAllocator
+from vmmkit.arch import MemoryLayout
 from vmmkit.bus import Bus
 from vmmkit.device import DeviceRequest, PlacedDevice
 from vmmkit.errors import BusError, DeviceError
+from vmmkit.eventloop import EventLoop
+from vmmkit.hypervisor import Vm
 from vmmkit.irq import InterruptLine
-from vmmkit.memory import MemoryRange
+from vmmkit.memory import GuestMemory, MemoryRange
 from vmmkit.pci.config import (
     BAR0,
     COMMAND,
@@ -60,9 +63,6 @@ from vmmkit.pci.config import (
     overlaps,
 )
 from vmmkit.pci.function import BarRegion, PciFunction
-
-if TYPE_CHECKING:
-    from vmmkit.machine import Machine
 
 log = structlog.get_logger()
 
@@ -476,7 +476,38 @@ def _allocator(window: MemoryRange | None, name: str) -> AddressAllocator | None
 
 # -- the machine's root ------------------------------------------------------------------
 
-def pci_root(machine: Machine, *, create: bool = True) -> PciRoot | None:
+
+class PciMachine(Protocol):
+    """What ``vmmkit.pci`` uses of a :class:`vmmkit.machine.Machine` (it also sets
+    ``machine.pci_root``)."""
+
+    @property
+    def vm(self) -> Vm | None: ...
+
+    @property
+    def memory(self) -> GuestMemory | None: ...
+
+    @property
+    def layout(self) -> MemoryLayout | None: ...
+
+    @property
+    def mmio_bus(self) -> Bus: ...
+
+    @property
+    def pio_bus(self) -> Bus: ...
+
+    @property
+    def event_loop(self) -> EventLoop: ...
+
+    @property
+    def devices(self) -> list[PlacedDevice]: ...
+
+    def allocate_irq(self, irq: int | None = None) -> tuple[int, InterruptLine]: ...
+
+    def allocate_msi_gsi(self) -> int | None: ...
+
+
+def pci_root(machine: PciMachine, *, create: bool = True) -> PciRoot | None:
     """The machine's PCI root (``machine.pci_root``), created on first use when ``create``.
 
     Creating it puts the 0xCF8 port window (where the architecture has port I/O, i.e.
@@ -526,7 +557,7 @@ def host_properties(root: PciRoot) -> dict[str, Any]:
     }
 
 
-def publish(machine: Machine, root: PciRoot) -> None:
+def publish(machine: PciMachine, root: PciRoot) -> None:
     """Refresh the root's ``PlacedDevice`` properties (after functions were added)."""
     for index, placed in enumerate(machine.devices):
         if placed.device is root:

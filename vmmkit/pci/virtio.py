@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import structlog
@@ -61,7 +61,7 @@ from vmmkit.pci.config import (
     overlaps,
 )
 from vmmkit.pci.function import PciFunction
-from vmmkit.pci.host import bdf_string, pci_root, publish
+from vmmkit.pci.host import PciMachine, bdf_string, pci_root, publish
 from vmmkit.pci.msix import MAX_VECTORS, MsixTable, pba_bytes, table_bytes
 from vmmkit.virtio.chain import VirtqueueError
 from vmmkit.virtio.device import (
@@ -72,9 +72,6 @@ from vmmkit.virtio.device import (
     VirtioInterruptType,
 )
 from vmmkit.virtio.queue import Virtqueue
-
-if TYPE_CHECKING:
-    from vmmkit.machine import Machine
 
 log = structlog.get_logger()
 
@@ -799,7 +796,7 @@ def _inside(offset: int, size: int, start: int, length: int) -> bool:
     return start <= offset and offset + size <= start + length
 
 
-def attach_virtio_pci(machine: Machine, device: VirtioDevice, request: DeviceRequest) -> PlacedDevice:
+def attach_virtio_pci(machine: PciMachine, device: VirtioDevice, request: DeviceRequest) -> PlacedDevice:
     """Put ``device`` behind virtio-pci on the machine's PCI root (created if needed).
 
     Honours ``request.config.pci_device_id`` (the slot) and refuses a ``pci_segment`` other

@@ -30,6 +30,9 @@ unsigned arch_run_on_others(void (*fn)(void));
 /* Report status to the VMM, power off; never returns. */
 __noreturn void arch_exit(int status);
 
+/* Common code: the whole run, called once by the arch start-up code. */
+__noreturn void selftest_main(const struct bootinfo *bi);
+
 /* Linker symbols: the loaded image spans [__image_start, _end). */
 extern char __image_start[], _end[];
 

@@ -40,10 +40,10 @@ static u16 pit_count0(void)
 }
 
 /*
- * Count TSC cycles over 50 ms of PIT channel 0, read back by latching (no
+ * Count TSC cycles over 20 ms of PIT channel 0, read back by latching (no
  * need for the port 0x61 gate). Interrupts stay off: IRQ 0 is never seen.
  */
-static u64 pit_tsc_hz(void)
+static u64 pit_tsc_hz_once(void)
 {
 	u16 c0, c;
 	u64 t0, t;
@@ -53,17 +53,44 @@ static u64 pit_tsc_hz(void)
 	outb(0x40, 0xff);
 	c0 = pit_count0();
 	t0 = arch_cycles();
+	if (c0 < 0xc000)			/* not freshly loaded */
+		return 0;
 	for (;;) {
 		c = pit_count0();
 		t = arch_cycles();
-		if (c > c0)			/* wrapped, or garbage */
+		if (c > c0)			/* wrapped: we were away too long */
 			return 0;
-		if (c0 - c >= PIT_HZ / 20)
+		if (c0 - c >= PIT_HZ / 50)
 			break;
 		if (t - t0 > (c == c0 ? 1ull << 28 : 1ull << 34))
-			return 0;		/* not counting: no PIT */
+			return 0;		/* not counting */
 	}
 	return (t - t0) * PIT_HZ / (c0 - c);
+}
+
+/*
+ * A vCPU preempted at the wrong moment spoils a measurement: take the
+ * median of three good ones, out of at most six tries.
+ */
+static u64 pit_tsc_hz(void)
+{
+	u64 m[3], t;
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < 6 && n < 3; i++) {
+		m[n] = pit_tsc_hz_once();
+		if (m[n])
+			n++;
+		else if (i == 0 && inb(0x40) == 0xff && inb(0x40) == 0xff)
+			return 0;		/* nothing at the PIT ports */
+	}
+	if (n < 3)
+		return n ? m[0] : 0;
+	if (m[0] > m[1])
+		t = m[0], m[0] = m[1], m[1] = t;
+	if (m[1] > m[2])
+		t = m[1], m[1] = m[2], m[2] = t;
+	return m[0] > m[1] ? m[0] : m[1];
 }
 
 void clock_init(void)

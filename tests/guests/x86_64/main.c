@@ -12,8 +12,6 @@
 #include "serial.h"
 #include "smp.h"
 
-__noreturn void selftest_main(const struct bootinfo *bi);
-
 static struct bootinfo bootinfo;
 
 __noreturn void arch_main(void)
@@ -52,6 +50,7 @@ void arch_checks(const struct bootinfo *bi)
 	if (!n) {
 		report_fail("cpus", "no ACPI MADT or MP table: assuming 1");
 		ids[0] = this_cpu()->apic_id;
+		cpu_ids = ids;
 		n = 1;
 	}
 	kprintf("selftest: cpus: %u\n", n);

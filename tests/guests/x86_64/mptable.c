@@ -21,11 +21,12 @@ unsigned mptable_cpus(u32 *ids, unsigned max)
 		report_fail("mptable", "no valid configuration table (default configurations unsupported)");
 		return 0;
 	}
-	info("mptable", "at 0x%llx, config table at 0x%x, %u entries",
-	     (unsigned long long)mpf, get32(phys(mpf + 4)), get16(cfg + 34));
+	info("mptable", "at 0x%llx, config table at 0x%x",
+	     (unsigned long long)mpf, get32(phys(mpf + 4)));
+	/* Walk by the table length, as Linux does: some firmware leaves the entry count 0. */
 	p = cfg + 44;
 	end = cfg + get16(cfg + 4);
-	for (unsigned i = 0; i < get16(cfg + 34) && p < end; i++) {
+	while (p < end && p[0] <= 4) {
 		if (p[0] == 0) {		/* processor: flags bit 0 = enabled */
 			if (p[3] & 1) {
 				if (n < max)
@@ -33,7 +34,7 @@ unsigned mptable_cpus(u32 *ids, unsigned max)
 				n++;
 			}
 			p += 20;
-		} else {
+		} else {			/* bus, I/O APIC, interrupt entries */
 			p += 8;
 		}
 	}

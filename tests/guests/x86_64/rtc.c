@@ -34,7 +34,7 @@ bool rtc_present(void)
 /* Wait (bounded) until no update is in progress: the fields are stable. */
 static void wait_uip(void)
 {
-	for (unsigned i = 0; i < 100000 && (cmos_read(RTC_REG_A) & 0x80); i++)
+	for (unsigned i = 0; i < 10000 && (cmos_read(RTC_REG_A) & 0x80); i++)
 		arch_cpu_relax();
 }
 

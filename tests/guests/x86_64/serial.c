@@ -34,12 +34,16 @@ void serial_init(void)
 void arch_putc(char c)
 {
 	if (!room) {
-		/* Bounded: a missing or stuck UART must not hang us. */
-		for (unsigned i = 0; i < 100000; i++) {
+		unsigned i;
+
+		/* Bounded: a stuck UART costs one timeout, then is not polled. */
+		for (i = 0; i < 10000; i++) {
 			if (inb(COM1 + UART_LSR) & LSR_THRE)
 				break;
 			arch_cpu_relax();
 		}
+		if (i == 10000)
+			burst = ~0u;
 		room = burst;
 	}
 	outb(COM1 + UART_THR, c);

@@ -106,6 +106,12 @@ void smp_boot(const struct bootinfo *bi, const u32 *ids, unsigned n)
 	u32 self = this_cpu()->apic_id;
 	bool listed = false;
 
+	for (unsigned i = 0; i < n; i++)
+		listed |= ids[i] == self;
+	if (!listed) {
+		report_fail("smp", "boot cpu (apic id %u) is not in the firmware tables", self);
+		return;
+	}
 	if (n > 1 && bi->nr_memmap &&
 	    !memmap_is_ram(bi, TRAMPOLINE_ADDR, TRAMPOLINE_ADDR + 0x1000)) {
 		report_fail("smp", "trampoline page 0x%x is not RAM in the memory map",
@@ -114,10 +120,8 @@ void smp_boot(const struct bootinfo *bi, const u32 *ids, unsigned n)
 	}
 	memcpy(phys(TRAMPOLINE_ADDR), ap_trampoline, ap_trampoline_end - ap_trampoline);
 	for (unsigned i = 0; i < n; i++) {
-		if (ids[i] == self) {
-			listed = true;
+		if (ids[i] == self)
 			continue;
-		}
 		if (nr_online == MAX_CPUS) {
 			report_fail("smp", "more than %u cpus", MAX_CPUS);
 			break;
@@ -125,9 +129,7 @@ void smp_boot(const struct bootinfo *bi, const u32 *ids, unsigned n)
 		if (!start_ap(ids[i]))
 			break;
 	}
-	if (!listed)
-		report_fail("smp", "boot cpu (apic id %u) is not in the firmware tables", self);
-	else if (nr_online == n)
+	if (nr_online == n)
 		report_ok("smp", "(%u/%u cpus online)", nr_online, n);
 	else
 		report_fail("smp", "%u/%u cpus online", nr_online, n);

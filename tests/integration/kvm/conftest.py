@@ -11,6 +11,7 @@ from kvm_testlib import CODE_BASE, RAM_SIZE, STACK_TOP, Guest, RecordingOps
 
 from vmmkit.memory import GuestMemory, MemoryRange
 
+
 @pytest.fixture(scope="session")
 def kvm() -> Iterator[Any]:
     """A :class:`KvmHypervisor` on the real /dev/kvm (skipped with the reason if unusable)."""
@@ -25,7 +26,9 @@ def kvm() -> Iterator[Any]:
 
 
 @pytest.fixture
-def make_guest(kvm: Any, assemble_with_symbols: Callable[..., Any], x86_setup: Any) -> Iterator[Callable[..., Guest]]:
+def make_guest(
+    kvm: Any, assemble_with_symbols: Callable[..., Any], x86_setup: Any
+) -> Iterator[Callable[..., Guest]]:
     """``make_guest(source, *, bits=64, vcpus=1, irqchip=False, ops=None, callback=False,
     regs=None)`` -> a :class:`Guest` whose vCPUs start at the code with flat segments and the
     stack at :data:`STACK_TOP` (vCPU ``i`` gets ``STACK_TOP - i * 0x1000``)."""

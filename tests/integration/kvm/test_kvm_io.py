@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from kvm_testlib import DONE_PORT, MMIO_BASE, RecordingOps
 
 from vmmkit.hypervisor import ExitReason, PortSink
-
-from kvm_testlib import DONE_PORT, MMIO_BASE, RecordingOps
 
 pytestmark = pytest.mark.requires_kvm
 

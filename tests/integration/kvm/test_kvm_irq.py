@@ -16,6 +16,7 @@ from vmmkit.irq import GsiLine, MsiVector
 pytestmark = pytest.mark.requires_kvm
 
 COUNTER = 0x3000
+READY = 0x3004  # the guest has set up its LAPIC and IOAPIC
 MSI_VECTOR = 0x40
 IOAPIC_VECTOR = 0x41
 IOAPIC_PIN = 10
@@ -34,6 +35,7 @@ GUEST = f"""
     movl ${IOAPIC_VECTOR}, 0x10(%r9)    # edge, fixed, unmasked
     movl ${0x11 + 2 * IOAPIC_PIN}, (%r9)
     movl $0, 0x10(%r9)               # destination APIC 0
+    movl $1, {READY:#x}
 1:  cli
     cmp %ebx, {COUNTER:#x}
     jae 2f
@@ -56,7 +58,15 @@ def _start(make_guest, x86_setup, want: int):
     result: list = []
     thread = threading.Thread(target=lambda: result.append(guest.run(timeout=30)), daemon=True)
     thread.start()
+    _wait_ready(guest)
     return guest, thread, result
+
+
+def _wait_ready(guest, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while guest.memory.read_u32(READY) != 1:
+        assert time.monotonic() < deadline, "the guest never set up its interrupt controllers"
+        time.sleep(0.001)
 
 
 def _wait_count(guest, value: int, timeout: float = 10.0) -> None:
@@ -96,7 +106,6 @@ def test_irqfd_on_an_ioapic_pin_reaches_the_guest(make_guest, x86_setup) -> None
     guest, thread, result = _start(make_guest, x86_setup, want=2)
     line = GsiLine(guest.vm, IOAPIC_PIN)  # the core's wrapper picks the irqfd path
     try:
-        time.sleep(0.2)  # let the guest program the IOAPIC first
         for i in range(1, 3):
             line.trigger()
             _wait_count(guest, i)
@@ -107,7 +116,6 @@ def test_irqfd_on_an_ioapic_pin_reaches_the_guest(make_guest, x86_setup) -> None
 
 def test_irq_line_and_signal_msi_reach_the_guest(make_guest, x86_setup) -> None:
     guest, thread, result = _start(make_guest, x86_setup, want=3)
-    time.sleep(0.2)
     assert guest.vm.irq_line_status(IOAPIC_PIN, True) != 0
     guest.vm.set_irq_line(IOAPIC_PIN, False)
     _wait_count(guest, 1)
@@ -160,7 +168,7 @@ def test_resample_irqfd_is_signalled_on_eoi(make_guest, x86_setup) -> None:
     try:
         guest.vm.register_irqfd(efd, IOAPIC_PIN, resample_fd=resample)
         thread.start()
-        time.sleep(0.2)
+        _wait_ready(guest)
         os.eventfd_write(efd, 1)
         _wait_count(guest, 1)
         _finish(guest, thread, result, 1)

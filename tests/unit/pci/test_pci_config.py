@@ -12,11 +12,9 @@ from vmmkit.pci import config as c
 from vmmkit.pci.config import BarKind, PciBar, PciConfigSpace
 
 
-def make_space(**kwargs: object) -> PciConfigSpace:
-    args = dict(vendor_id=0x1234, device_id=0x5678, class_code=0x02, subclass=0x00, prog_if=0x01,
-                revision=3, subsystem_vendor_id=0xABCD, subsystem_id=0x2468)
-    args.update(kwargs)
-    return PciConfigSpace(**args)  # type: ignore[arg-type]
+def make_space(size: int = c.LEGACY_CONFIG_SIZE) -> PciConfigSpace:
+    return PciConfigSpace(vendor_id=0x1234, device_id=0x5678, class_code=0x02, subclass=0x00, prog_if=0x01,
+                          revision=3, subsystem_vendor_id=0xABCD, subsystem_id=0x2468, size=size)
 
 
 class DirectAccess(ConfigAccess):

@@ -549,7 +549,12 @@ def test_end_to_end_with_a_real_virtqueue(machine: FakeMachine, vm: FakeVm) -> N
     assert machine.memory.read(0x20000, 16) == b"virtio-pci works"
     assert struct.unpack("<II", machine.memory.read(USED + 4, 8)) == (0, 16)
     delivered: list[tuple[int, int]] = []
-    assert wait_for(lambda: bool(delivered.extend(vm.delivered()) or delivered))
+
+    def interrupted() -> bool:
+        delivered.extend(vm.delivered())
+        return bool(delivered)
+
+    assert wait_for(interrupted)
     assert delivered == [(MSI_ADDRESS, 0x41)]
 
 

@@ -7,6 +7,7 @@ Shared by ``test_walker_differential.py``, the AddressSanitizer run in
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -28,29 +29,33 @@ LENGTHS = [0, 1, 2, 15, 16, 17, 32, 48, 0x100, 0x1000, 0x1FFF, 0x2000, 0x4000, 0
            0xFFFF_FFF0, 0xFFFF_FFFF]
 DESC = struct.Struct("<QIHH")
 
+SEQUENTIAL = -1  # a next index meaning "the following entry", as a correct driver chains them
+
 u64 = st.integers(0, 2**64 - 1)
 addresses = st.one_of(st.sampled_from(EDGES), st.sampled_from(TABLES), st.integers(0, 0x22000), u64)
 lengths = st.one_of(st.sampled_from(LENGTHS), st.integers(0, 0x2100), st.integers(0, 2**32 - 1))
+#: What a correct driver might write: a small buffer in (or just past the end of) RAM, chained on.
+well_formed = st.tuples(
+    st.one_of(st.integers(0, 0x5FFF), st.integers(0x10000, 0x11FFF), st.integers(0x20000, 0x20FFF)),
+    st.integers(0, 0x800),
+    st.sampled_from([1, 1, 3, 3, 0, 2, 4, 5]),
+    st.just(SEQUENTIAL),
+)
+hostile = st.tuples(
+    addresses,
+    lengths,
+    st.one_of(st.integers(0, 7), st.integers(0, 0xFFFF)),
+    st.one_of(st.just(SEQUENTIAL), st.integers(0, 17), st.integers(0, 0xFFFF)),
+)
+descriptor = st.one_of(well_formed, well_formed, hostile)
 
 
-@st.composite
-def well_formed(draw: Any, index: int, entries: int) -> tuple[int, int, int, int]:
-    """A descriptor a correct driver might write: a small buffer in RAM, chained to the next."""
-    gpa, size, _ = draw(st.sampled_from(LAYOUT[:3]))
-    offset = draw(st.integers(0, size - 1))
-    length = draw(st.integers(0, min(size - offset + 0x20, 0x800)))
-    flags = draw(st.sampled_from([1, 1, 3, 3, 0, 2, 4, 5]))
-    return gpa + offset, length, flags, (index + 1) % max(entries + 1, 1)
-
-
-def descriptor(index: int, entries: int) -> st.SearchStrategy[tuple[int, int, int, int]]:
-    hostile = st.tuples(addresses, lengths, st.one_of(st.integers(0, 7), st.integers(0, 0xFFFF)),
-                        st.one_of(st.integers(0, entries + 1), st.integers(0, 0xFFFF)))
-    return st.one_of(well_formed(index, entries), well_formed(index, entries), hostile)
-
-
+@functools.cache
 def table(entries: int) -> st.SearchStrategy[list[tuple[int, int, int, int]]]:
-    return st.tuples(*(descriptor(i, entries) for i in range(entries))).map(list)
+    def chain_on(raw: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+        return [(a, n, f, i + 1 if nx == SEQUENTIAL else nx) for i, (a, n, f, nx) in enumerate(raw)]
+
+    return st.lists(descriptor, min_size=entries, max_size=entries).map(chain_on)
 
 
 @st.composite

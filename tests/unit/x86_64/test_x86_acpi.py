@@ -207,6 +207,10 @@ def test_iasl_disassembles_each_table(iasl: str, acpi: AcpiTables, tmp_path: Pat
             "0xC0001000,",
             "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
             "WordBusNumber",
+            "0x0000, // Range Maximum",
+            "Name (_PRT, Package (0x02)",
+            "0x0001FFFF, Zero, Zero, 0x0A",
+            "0x0002FFFF, Zero, Zero, 0x0B",
             "QWordMemory",
             "DWordMemory",
             "_SEG",
@@ -232,7 +236,9 @@ def test_acpiexec_loads_the_tables_and_evaluates_them(
     acpiexec: str, acpi: AcpiTables, tmp_path: Path
 ) -> None:
     files = dump(acpi, tmp_path)
-    commands = "evaluate \\_S5_; evaluate \\_SB.COM1._CRS; evaluate \\_SB.V001._CRS; evaluate \\_SB.PCI0._SEG"
+    commands = "; ".join(
+        f"evaluate \\{path}" for path in ("_S5_", "_SB.COM1._CRS", "_SB.V001._CRS", "_SB.PCI0._PRT")
+    )
     result = run(
         [acpiexec, "-b", commands] + [files[s].name for s in ("FACP", "DSDT", "APIC", "MCFG")], cwd=tmp_path
     )
@@ -246,4 +252,6 @@ def test_acpiexec_loads_the_tables_and_evaluates_them(
     assert "47 01 F8 03 F8 03 01 08 22 10 00 79 00" in output
     # V001: Memory32Fixed 0xc0001000/0x1000, Interrupt 6.
     assert "86 09 00 01 00 10 00 C0 00 10 00 00" in output
+    prt = output[output.index("Evaluation of \\_SB.PCI0._PRT") :]
+    assert "[Package] Contains 2 Elements" in prt
     assert "ACPI Error" not in output and "AE_" not in output.replace("AE_OK", ""), output

@@ -57,7 +57,19 @@ def pc_devices() -> list[PlacedDevice]:
         placed("acpi-pm", pio=(0x600, 8), irq=9),
         placed("virtio-mmio", mmio=(0xC000_0000, 0x1000), irq=5),
         placed("virtio-mmio", mmio=(0xC000_1000, 0x1000), irq=6),
-        placed("pci-host", pio=(0xCF8, 8)),
+        placed(
+            "pci-host",
+            pio=(0xCF8, 8),
+            mmio=(0xE800_0000, 256 << 20),
+            # As vmmkit.pci.host.host_properties() reports them.
+            segment=0,
+            bus_range=(0, 0),
+            ecam=(0xE800_0000, 256 << 20),
+            mmio32=(0xC800_0000, 512 << 20),
+            mmio64=(0x1_C000_0000, 64 << 30),
+            io=(0x1000, 0xF000),
+            intx=((1, 1, 10), (2, 1, 11)),
+        ),
         placed("something-new", pio=(0x510, 2)),
     ]
 

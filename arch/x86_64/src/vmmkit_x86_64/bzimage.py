@@ -43,7 +43,7 @@ def recognise(header: bytes) -> bool:
 
 
 def _field(header: bytes, offset: int, fmt: str) -> int:
-    return struct.unpack_from("<" + fmt, header, offset)[0]
+    return int(struct.unpack_from("<" + fmt, header, offset)[0])
 
 
 def load(path: Path, memory: GuestMemory, config: VmConfig, layout: MemoryLayout) -> BootInfo:

@@ -256,12 +256,16 @@ INDEXED_LEAVES: Final = frozenset(
 _RAW = re.compile(r"(0x[0-9a-fA-F]+|\d+)\.(0x[0-9a-fA-F]+|\d+)\.(eax|ebx|ecx|edx)\.(\d+)")
 
 
+def _bit_tuple(bits: Iterable[Bit]) -> tuple[Bit, ...]:
+    return tuple(bits)
+
+
 @frozen
 class FeatureSelection:
     """CPU features chosen in the configuration: AMX on, and bits to clear."""
 
     amx: bool = False
-    disabled: tuple[Bit, ...] = field(default=(), converter=tuple)
+    disabled: tuple[Bit, ...] = field(default=(), converter=_bit_tuple)
 
 
 def feature_bit(name: str) -> Bit:

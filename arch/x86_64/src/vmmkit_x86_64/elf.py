@@ -189,13 +189,13 @@ def _pvh_entry(image: ImageFile, notes: list[tuple[bytes, int, bytes]]) -> int |
 def _entry_address(image: ImageFile, elf: Any, segments: list[MemoryRange]) -> int:
     """``e_entry`` as a physical address: it is one in a vmlinux (``phys_startup_64``);
     otherwise translate it through the segment whose virtual range holds it."""
-    entry = elf.header["e_entry"]
+    entry = int(elf.header["e_entry"])
     if _inside(entry, segments):
         return entry
     for segment in elf.iter_segments():
         h = segment.header
         if h["p_type"] == "PT_LOAD" and h["p_vaddr"] <= entry < h["p_vaddr"] + h["p_memsz"]:
-            return entry - h["p_vaddr"] + h["p_paddr"]
+            return int(entry - h["p_vaddr"] + h["p_paddr"])
     raise image.fail(f"the entry point {entry:#x} is not inside a loaded segment")
 
 

@@ -9,8 +9,9 @@ write outside RAM nor allocate more host memory than a chunk.
 from __future__ import annotations
 
 import os
+from io import BufferedReader
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, Final
 
 from vmmkit.arch import MemoryLayout
 from vmmkit.errors import BootError
@@ -30,7 +31,7 @@ DEFAULT_INITRD_LIMIT: Final = L.FOUR_GIB
 class ImageFile:
     """An open kernel image whose reads are checked against its length."""
 
-    def __init__(self, path: Path, stream: BinaryIO) -> None:
+    def __init__(self, path: Path, stream: BufferedReader) -> None:
         self.path = path
         self.stream = stream
         self.size = os.fstat(stream.fileno()).st_size
@@ -59,7 +60,7 @@ class ImageFile:
 
 
 def copy_stream(
-    stream: BinaryIO, offset: int, memory: GuestMemory, gpa: int, length: int, path: Path, what: str
+    stream: BufferedReader, offset: int, memory: GuestMemory, gpa: int, length: int, path: Path, what: str
 ) -> None:
     stream.seek(offset)
     done = 0

@@ -82,7 +82,7 @@ def lapic_with_lints(state: bytes, apic_id: int | None = None) -> bytes:
 
 
 def lapic_id(state: bytes) -> int:
-    return struct.unpack_from("<I", state, APIC_ID)[0] >> 24
+    return int(struct.unpack_from("<I", state, APIC_ID)[0]) >> 24
 
 
 # -- control registers ------------------------------------------------------------------------

@@ -387,6 +387,7 @@ int vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex);
 void vmk_vcpu_kick(struct vmk_vcpu *v);
 void vmk_vcpu_clear_kick(struct vmk_vcpu *v);
 int vmk_vcpu_kicked(struct vmk_vcpu *v);
+int vmk_vcpu_running(struct vmk_vcpu *v);
 void vmk_vcpu_counts(struct vmk_vcpu *v, uint64_t *out, size_t n);
 int vmk_vcpu_sync_valid(struct vmk_vcpu *v);
 uint32_t vmk_vcpu_valid_regs(struct vmk_vcpu *v);

@@ -215,9 +215,9 @@ def _fit(value: bytes | bytearray | memoryview, size: int) -> bytes:
 
 # -- register translation ---------------------------------------------------------------------
 
-_REG_NAMES = tuple(f.name for f in StandardRegisters.__attrs_attrs__)  # type: ignore[attr-defined]
+_REG_NAMES = tuple(f.name for f in StandardRegisters.__attrs_attrs__)
 _SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-_SEG_FIELDS = tuple(f.name for f in Segment.__attrs_attrs__)  # type: ignore[attr-defined]
+_SEG_FIELDS = tuple(f.name for f in Segment.__attrs_attrs__)
 
 
 def _regs_from(c: Any) -> StandardRegisters:
@@ -297,25 +297,25 @@ class KvmSystem:
         rc = lib.vmk_ioctl_int(self.fd, lib.KVM_GET_API_VERSION, 0)
         if rc < 0:
             raise _fail("KVM_GET_API_VERSION")
-        return rc
+        return int(rc)
 
     def check_extension(self, cap: int) -> int:
         rc = lib.vmk_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, _check_int(int(cap), "cap", 0, _U32))
         if rc < 0:
             raise _fail("KVM_CHECK_EXTENSION")
-        return rc
+        return int(rc)
 
     def create_vm(self, vm_type: int = 0) -> int:
         rc = lib.vmk_ioctl_int(self.fd, lib.KVM_CREATE_VM, _check_int(vm_type, "vm_type", 0, _U32))
         if rc < 0:
             raise _fail("KVM_CREATE_VM")
-        return rc
+        return int(rc)
 
     def vcpu_mmap_size(self) -> int:
         rc = lib.vmk_ioctl_int(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0)
         if rc < 0:
             raise _fail("KVM_GET_VCPU_MMAP_SIZE")
-        return rc
+        return int(rc)
 
     def supported_cpuid(self) -> list[CpuIdEntry]:
         nent = 64
@@ -385,7 +385,7 @@ class KvmVmFd:
         rc = lib.vmk_ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, _check_int(int(cap), "cap", 0, _U32))
         if rc < 0:
             raise _fail("KVM_CHECK_EXTENSION")
-        return rc
+        return int(rc)
 
     def enable_cap(self, cap: int, *args: int) -> None:
         req = ffi.new("struct kvm_enable_cap *")
@@ -438,7 +438,7 @@ class KvmVmFd:
         log.dirty_bitmap = bitmap
         if lib.vmk_ioctl_ptr(self.fd, lib.KVM_GET_DIRTY_LOG, log) < 0:
             raise _fail("KVM_GET_DIRTY_LOG", f"slot {slot}")
-        return ffi.buffer(bitmap, nbytes)[:]
+        return bytes(ffi.buffer(bitmap, nbytes)[:])
 
     # vCPUs
 
@@ -446,7 +446,7 @@ class KvmVmFd:
         rc = lib.vmk_ioctl_int(self.fd, lib.KVM_CREATE_VCPU, _check_int(vcpu_id, "vcpu id", 0, _U32))
         if rc < 0:
             raise _fail("KVM_CREATE_VCPU", f"vCPU {vcpu_id}")
-        return rc
+        return int(rc)
 
     # x86 platform
 
@@ -483,7 +483,7 @@ class KvmVmFd:
         req.level = 1 if level else 0
         if lib.vmk_ioctl_ptr(self.fd, lib.KVM_IRQ_LINE_STATUS, req) < 0:
             raise _fail("KVM_IRQ_LINE_STATUS", f"gsi {gsi}")
-        return req.status
+        return int(req.status)
 
     def irq_line_nostatus(self, gsi: int, level: bool) -> None:
         _check_int(gsi, "gsi", 0, self.max_gsi - 1)
@@ -556,7 +556,7 @@ class KvmVmFd:
         rc = lib.vmk_ioctl_ptr(self.fd, lib.KVM_SIGNAL_MSI, msi)
         if rc < 0:
             raise _fail("KVM_SIGNAL_MSI", f"address {address:#x} data {data:#x}")
-        return rc
+        return int(rc)
 
     def set_gsi_routing(self, msi_routes: Mapping[int, tuple[int, int]]) -> None:
         """Install the kernel's default IOAPIC/PIC routes for GSIs 0-23 plus ``msi_routes``
@@ -614,7 +614,7 @@ class KvmVmFd:
         data = ffi.new("struct kvm_clock_data *")
         if lib.vmk_ioctl_ptr(self.fd, lib.KVM_GET_CLOCK, data) < 0:
             raise _fail("KVM_GET_CLOCK")
-        return data.clock
+        return int(data.clock)
 
     def set_clock(self, ns: int) -> None:
         data = ffi.new("struct kvm_clock_data *")
@@ -642,7 +642,7 @@ class KvmVmFd:
 
     def remove_sink(self, port: int) -> bool:
         _check_int(port, "port", 0, _U16)
-        return lib.vmk_vm_remove_sink(self._native, port) == 0
+        return bool(lib.vmk_vm_remove_sink(self._native, port) == 0)
 
 
 # -- vCPUs ------------------------------------------------------------------------------------
@@ -712,6 +712,10 @@ class KvmVcpuFd:
 
     def close(self) -> None:
         if self._native is not None:
+            if lib.vmk_vcpu_running(self._native):
+                # Unmapping kvm_run under a running loop would crash the process.
+                lib.vmk_vcpu_kick(self._native)
+                raise HypervisorError("close", _errno.EBUSY, "the vCPU is inside run(); kick, then wait")
             lib.vmk_vcpu_free(self._native)
             self._native = None
             self._handle = None
@@ -925,7 +929,7 @@ class KvmVcpuFd:
         state = ffi.new("struct kvm_lapic_state *")
         if lib.vmk_ioctl_ptr(self.fd, lib.KVM_GET_LAPIC, state) < 0:
             raise _fail("KVM_GET_LAPIC")
-        return ffi.buffer(state)[:]
+        return bytes(ffi.buffer(state)[:])
 
     def set_lapic(self, value: bytes) -> None:
         state = ffi.new("struct kvm_lapic_state *")
@@ -958,7 +962,7 @@ class KvmVcpuFd:
         state = ffi.new("struct kvm_mp_state *")
         if lib.vmk_ioctl_ptr(self.fd, lib.KVM_GET_MP_STATE, state) < 0:
             raise _fail("KVM_GET_MP_STATE")
-        return state.mp_state
+        return int(state.mp_state)
 
     def set_mp_state(self, value: int) -> None:
         state = ffi.new("struct kvm_mp_state *")
@@ -1030,7 +1034,7 @@ class KvmVcpuFd:
         rc = lib.vmk_ioctl_int(_check_fd(fd, "vcpu fd"), lib.KVM_GET_TSC_KHZ, 0)
         if rc < 0:
             raise _fail("KVM_GET_TSC_KHZ")
-        return rc
+        return int(rc)
 
     def set_guest_debug(
         self, *, enable: bool, single_step: bool = False, software_breakpoints: bool = False,
@@ -1062,7 +1066,7 @@ class KvmVcpuFd:
             raise _fail("KVM_SET_GUEST_DEBUG")
 
 
-@ffi.def_extern()
+@ffi.def_extern()  # type: ignore[untyped-decorator]
 def vmk_py_io(handle: Any, kind: int, addr: int, size: int, count: int, data: Any) -> int:
     """Called by the native loop (callback mode) on the vCPU thread, with the GIL taken."""
-    return ffi.from_handle(handle)._callback(kind, addr, size, count, data)
+    return int(ffi.from_handle(handle)._callback(kind, addr, size, count, data))

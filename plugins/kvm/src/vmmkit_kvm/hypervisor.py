@@ -233,7 +233,9 @@ class KvmVm(Vm):
             raise ValueError("a memory region needs a positive size")
         if readonly and self.capabilities["readonly_mem"] <= 0:
             raise CapabilityError("KVM_SET_USER_MEMORY_REGION", None, "KVM_CAP_READONLY_MEM is missing")
-        self._fd.set_user_memory_region(slot, guest_addr, size, host_addr, readonly=readonly, log_dirty=log_dirty)
+        self._fd.set_user_memory_region(
+            slot, guest_addr, size, host_addr, readonly=readonly, log_dirty=log_dirty
+        )
         self._slots[slot] = (guest_addr, size, host_addr, readonly, log_dirty)
 
     def remove_memory_region(self, slot: int) -> None:

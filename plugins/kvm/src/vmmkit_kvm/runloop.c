@@ -301,6 +301,8 @@ void vmk_vcpu_clear_kick(struct vmk_vcpu *v)
 
 int vmk_vcpu_kicked(struct vmk_vcpu *v) { return __atomic_load_n(&v->kicked, __ATOMIC_SEQ_CST); }
 
+int vmk_vcpu_running(struct vmk_vcpu *v) { return __atomic_load_n(&v->tid, __ATOMIC_SEQ_CST) != 0; }
+
 void vmk_vcpu_counts(struct vmk_vcpu *v, uint64_t *out, size_t n)
 {
     for (size_t i = 0; i < n && i < VMK_NCOUNTS; i++)

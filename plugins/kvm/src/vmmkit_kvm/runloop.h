@@ -85,6 +85,7 @@ int vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex);
 void vmk_vcpu_kick(struct vmk_vcpu *v);
 void vmk_vcpu_clear_kick(struct vmk_vcpu *v);
 int vmk_vcpu_kicked(struct vmk_vcpu *v);
+int vmk_vcpu_running(struct vmk_vcpu *v);
 void vmk_vcpu_counts(struct vmk_vcpu *v, uint64_t *out, size_t n);
 
 /* Sync regs: valid once a KVM_RUN has returned; writes are applied by the next KVM_RUN. */

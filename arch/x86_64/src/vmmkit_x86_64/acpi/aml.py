@@ -18,7 +18,7 @@ String, ``bytes`` a Buffer.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeAlias, runtime_checkable
 
 from attrs import field, frozen
@@ -52,6 +52,18 @@ class AmlObject(Protocol):
 
 
 Term: TypeAlias = "AmlObject | int | str | bytes"
+
+
+def _terms(values: Iterable[Term]) -> tuple[Term, ...]:
+    return tuple(values)
+
+
+def _descriptors(values: Iterable[AmlObject]) -> tuple[AmlObject, ...]:
+    return tuple(values)
+
+
+def _numbers(values: int | Iterable[int]) -> tuple[int, ...]:
+    return (values,) if isinstance(values, int) else tuple(values)
 
 
 def encode(term: Term) -> bytes:
@@ -193,7 +205,7 @@ class Scope:
     """``Scope(path) { children }``."""
 
     path: str
-    children: Sequence[Term] = field(factory=tuple, converter=tuple)
+    children: Sequence[Term] = field(factory=tuple, converter=_terms)
 
     def to_aml(self) -> bytes:
         return _package(bytes([SCOPE_OP]), name_string(self.path) + encode_all(self.children))
@@ -204,7 +216,7 @@ class Device:
     """``Device(path) { children }``."""
 
     path: str
-    children: Sequence[Term] = field(factory=tuple, converter=tuple)
+    children: Sequence[Term] = field(factory=tuple, converter=_terms)
 
     def to_aml(self) -> bytes:
         body = name_string(self.path) + encode_all(self.children)
@@ -217,7 +229,7 @@ class Method:
 
     path: str
     args: int = 0
-    body: Sequence[Term] = field(factory=tuple, converter=tuple)
+    body: Sequence[Term] = field(factory=tuple, converter=_terms)
     serialized: bool = False
 
     def to_aml(self) -> bytes:
@@ -240,7 +252,7 @@ class Return:
 class Package:
     """``Package() { elements }`` (at most 255 elements)."""
 
-    elements: Sequence[Term] = field(factory=tuple, converter=tuple)
+    elements: Sequence[Term] = field(factory=tuple, converter=_terms)
 
     def to_aml(self) -> bytes:
         if len(self.elements) > 255:
@@ -283,7 +295,7 @@ class Io:
 class IrqNoFlags:
     """``IRQNoFlags() {irqs}``: ISA interrupts, edge-triggered, active high, exclusive."""
 
-    irqs: Sequence[int] = field(converter=lambda v: (v,) if isinstance(v, int) else tuple(v))
+    irqs: Sequence[int] = field(converter=_numbers)
 
     def to_aml(self) -> bytes:
         mask = 0
@@ -298,7 +310,7 @@ class IrqNoFlags:
 class Interrupt:
     """``Interrupt(ResourceConsumer, Edge|Level, ActiveHigh|ActiveLow, Exclusive|Shared) {gsis}``."""
 
-    interrupts: Sequence[int] = field(converter=lambda v: (v,) if isinstance(v, int) else tuple(v))
+    interrupts: Sequence[int] = field(converter=_numbers)
     consumer: bool = True
     edge: bool = True
     active_low: bool = False
@@ -390,7 +402,7 @@ def qword_memory(first: int, last: int, *, cacheable: bool = False) -> AddressSp
 class ResourceTemplate:
     """``ResourceTemplate() { descriptors }``: a Buffer ending in an End Tag."""
 
-    descriptors: Sequence[AmlObject] = field(factory=tuple, converter=tuple)
+    descriptors: Sequence[AmlObject] = field(factory=tuple, converter=_descriptors)
 
     def to_aml(self) -> bytes:
         data = b"".join(d.to_aml() for d in self.descriptors) + bytes([0x79, 0x00])

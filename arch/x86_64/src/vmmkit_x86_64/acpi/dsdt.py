@@ -7,7 +7,7 @@ Kinds described (``PlacedDevice.kind``)::
     i8042         PNP0303  IO data port + IO command port + IRQNoFlags (keyboard)  \\_SB_.PS2K
     virtio-mmio   LNRO0005 Memory32Fixed + Interrupt (edge, active high)          \\_SB_.Vnnn
     pci-host      PNP0A08 (_CID PNP0A03) root bridge: _SEG, _BBN, _CRS with the bus range,
-                  config ports, the layout's I/O, MMIO32 and MMIO64 windows   \\_SB_.PCIn
+                  config ports, the I/O, MMIO32 and MMIO64 windows; _PRT for INTx  \\_SB_.PCIn
                   (+ a PNP0C02 motherboard resource claiming the ECAM window when there is one)
 
 Unknown kinds are not described.
@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from vmmkit.arch import MemoryLayout
 from vmmkit.device import PlacedDevice
+from vmmkit.memory import MemoryRange
 from vmmkit_x86_64.acpi import aml
 from vmmkit_x86_64.acpi.aml import (
     Device,
@@ -50,7 +51,7 @@ def dsdt_aml(devices: Sequence[PlacedDevice], layout: MemoryLayout) -> bytes:
         index = counters.get(placed.kind, 0)
         counters[placed.kind] = index + 1
         children.extend(describe(placed, index, layout))
-    body = [Name("_S5_", Package([S5_SLEEP_TYPE, 0, 0, 0])), Scope("\\_SB_", children)]
+    body: list[aml.Term] = [Name("_S5_", Package([S5_SLEEP_TYPE, 0, 0, 0])), Scope("\\_SB_", children)]
     return aml.encode_all(body)
 
 
@@ -121,7 +122,18 @@ def _virtio_mmio(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list
     return [_device(f"V{index:03X}", "LNRO0005", index, resources)]
 
 
+def _window(props: dict[str, Any], key: str, fallback: MemoryRange | None) -> tuple[int, int] | None:
+    """A ``(start, size)`` window from the host's properties, else the layout's."""
+    if key in props:
+        value = props[key]
+        return None if value is None else (int(value[0]), int(value[1]))
+    return None if fallback is None else (fallback.start, fallback.size)
+
+
 def _pci_host(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
+    """A PCI Express root bridge. ``properties`` (see :func:`vmmkit.pci.host.host_properties`):
+    ``segment``, ``bus_range``, the ``io`` / ``mmio32`` / ``mmio64`` / ``ecam`` windows as
+    ``(start, size)`` (default: the layout's) and ``intx`` routes ``(slot, pin, gsi)``."""
     props: dict[str, Any] = dict(placed.properties)
     segment = int(props.get("segment", index))
     first_bus, last_bus = props.get("bus_range", (0, 255))
@@ -129,32 +141,33 @@ def _pci_host(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[am
     if placed.pio is not None:
         base, size = placed.pio
         resources.append(Io(base, base, 1, size))
-    pio = props.get("pio_window", (layout.pio.start, layout.pio.size) if layout.pio else None)
-    if pio is not None:
-        resources.append(aml.word_io(pio[0], pio[0] + pio[1] - 1))
-    mmio32 = props.get(
-        "mmio32_window", (layout.pci_mmio32.start, layout.pci_mmio32.size) if layout.pci_mmio32 else None
-    )
+    io = _window(props, "io", layout.pio)
+    if io is not None:
+        resources.append(aml.word_io(io[0], io[0] + io[1] - 1))
+    mmio32 = _window(props, "mmio32", layout.pci_mmio32)
     if mmio32 is not None:
         resources.append(aml.dword_memory(mmio32[0], mmio32[0] + mmio32[1] - 1))
-    mmio64 = props.get(
-        "mmio64_window", (layout.pci_mmio64.start, layout.pci_mmio64.size) if layout.pci_mmio64 else None
-    )
+    mmio64 = _window(props, "mmio64", layout.pci_mmio64)
     if mmio64 is not None:
         resources.append(aml.qword_memory(mmio64[0], mmio64[0] + mmio64[1] - 1))
-    name = "PCI0" if segment == 0 else f"PC{segment:02X}"
-    out: list[aml.Term] = [
-        _device(
-            name,
-            EisaId("PNP0A08"),
-            segment,
-            resources,
-            Name("_CID", EisaId("PNP0A03")),
-            Name("_SEG", segment),
-            Name("_BBN", first_bus),
-        ),
+    extra: list[aml.Term] = [
+        Name("_CID", EisaId("PNP0A03")),
+        Name("_SEG", segment),
+        Name("_BBN", first_bus),
     ]
-    ecam = props.get("ecam", (layout.pci_ecam.start, layout.pci_ecam.size) if layout.pci_ecam else None)
+    routes = props.get("intx") or ()
+    if routes:
+        # _PRT entries: {address (slot << 16 | any function), pin (0 = INTA), source 0 (a GSI), GSI};
+        # the OS makes such lines level-triggered, active low, as PCI INTx is.
+        extra.append(
+            Name(
+                "_PRT",
+                Package([Package([(slot << 16) | 0xFFFF, pin - 1, 0, gsi]) for slot, pin, gsi in routes]),
+            )
+        )
+    name = "PCI0" if segment == 0 else f"PC{segment:02X}"
+    out: list[aml.Term] = [_device(name, EisaId("PNP0A08"), segment, resources, *extra)]
+    ecam = _window(props, "ecam", layout.pci_ecam)
     if ecam is not None and index == 0:
         # Linux accepts an MCFG area only if firmware also reserves it (here and in the e820).
         out.append(_device("MBRD", EisaId("PNP0C02"), 0, [Memory32Fixed(ecam[0], ecam[1])]))
