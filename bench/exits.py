@@ -25,6 +25,7 @@ import argparse
 import fcntl
 import mmap
 import os
+import random
 import shutil
 import statistics
 import struct
@@ -139,6 +140,9 @@ int main(int argc, char **argv)
     return 0;
 }
 """
+
+
+PURE_C_LABEL = "pure C KVM_RUN loop"
 
 
 class NullOps:
@@ -312,8 +316,8 @@ def run_plain_python(code: bytes) -> tuple[int, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--exits", type=int, default=20000, help="exits per measurement (default 20000)")
-    parser.add_argument("--repeat", type=int, default=5, help="measurements per path; best is shown")
+    parser.add_argument("--exits", type=int, default=4000, help="exits per measurement (default 4000)")
+    parser.add_argument("--repeat", type=int, default=15, help="rounds (each measures every path once)")
     args = parser.parse_args(argv)
     n = max(UNROLL, args.exits // UNROLL * UNROLL)
 
@@ -360,27 +364,33 @@ def main(argv: list[str] | None = None) -> int:
             }),
         ]
         samples: dict[tuple[str, str], list[float]] = {}
-        # Interleave the paths so drift in the host's speed hits them all alike.
+        ratios: dict[tuple[str, str], list[float]] = {}
+        rng = random.Random(1)
+        # Each round measures every path once, in a shuffled order, so that the host's load
+        # (this is a shared, nested machine) hits them alike; ratios are taken within a round.
         for _ in range(args.repeat):
+            jobs: list[tuple[str, str, Callable[[], tuple[int, float]]]] = []
             for kind in ("pio", "mmio"):
-                for exits, seconds in run_pure_c(pure_c, guests[kind], 1):
-                    if exits != n:
-                        raise RuntimeError(f"pure C saw {exits} exits, expected {n}")
-                    samples.setdefault(("pure C KVM_RUN loop", kind), []).append(seconds / exits)
+                jobs.append((PURE_C_LABEL, kind, lambda kind=kind: run_pure_c(pure_c, guests[kind], 1)[0]))
                 for label, runners in paths:
                     runner = runners[kind]
-                    if runner is None:
-                        continue
-                    exits, seconds = runner()
-                    if exits != n:
-                        raise RuntimeError(f"{label} saw {exits} exits, expected {n}")
-                    samples.setdefault((label, kind), []).append(seconds / exits)
+                    if runner is not None:
+                        jobs.append((label, kind, runner))
+            rng.shuffle(jobs)
+            round_: dict[tuple[str, str], float] = {}
+            for label, kind, runner in jobs:
+                exits, seconds = runner()
+                if exits != n:
+                    raise RuntimeError(f"{label} saw {exits} exits, expected {n}")
+                round_[(label, kind)] = seconds / exits
+            for key, per_exit in round_.items():
+                samples.setdefault(key, []).append(per_exit)
+                ratios.setdefault(key, []).append(per_exit / round_[(PURE_C_LABEL, key[1])])
 
-    labels = ["pure C KVM_RUN loop"] + [label for label, _ in paths]
-    best = {key: min(values) for key, values in samples.items()}
-    median = {key: statistics.median(values) for key, values in samples.items()}
-    print(f"KVM exits: {n} per measurement, best of {args.repeat} (median in brackets), "
-          f"guest: 16-bit, {UNROLL}x unrolled out/mov\n")
+    labels = [PURE_C_LABEL] + [label for label, _ in paths]
+    print(f"KVM exits: {n} per measurement, {args.repeat} rounds; guest: 16-bit, {UNROLL}x unrolled out/mov")
+    print("us/exit: best [median] over the rounds; x C: median over the rounds of the ratio to the")
+    print("pure-C loop measured in the same round\n")
     cell = "{:>8} {:>9} {:>9} {:>7}"
     print(f"{'':36} | {'port I/O':^36} | {'MMIO':^36}")
     print(f"{'path':36} | " + cell.format("us/exit", "[median]", "exits/s", "x C") + " | "
@@ -390,12 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for kind in ("pio", "mmio"):
             key = (label, kind)
-            if key not in best:
+            if key not in samples:
                 cells.append(cell.format("n/a", "", "", ""))
                 continue
-            ratio = best[key] / best[("pure C KVM_RUN loop", kind)]
-            cells.append(cell.format(f"{best[key] * 1e6:.2f}", f"[{median[key] * 1e6:.2f}]",
-                                     f"{1 / best[key]:.0f}", f"{ratio:.2f}x"))
+            best, median = min(samples[key]), statistics.median(samples[key])
+            cells.append(cell.format(f"{best * 1e6:.2f}", f"[{median * 1e6:.2f}]", f"{1 / best:.0f}",
+                                     f"{statistics.median(ratios[key]):.2f}x"))
         print(f"{label:36} | {cells[0]} | {cells[1]}")
     print("\ntargets: native within 1.15x of pure C, Python dispatch within 1.5x")
     return 0

@@ -27,7 +27,7 @@ def run_qemu_microvm(kernel: Path, cmdline: str, cpus: int, accel: str = "kvm", 
     qemu = shutil.which("qemu-system-x86_64")
     assert qemu is not None
     return subprocess.run(
-        [qemu, "-M", "microvm", "-accel", accel, "-m", memory, "-smp", str(cpus), "-nodefaults",
+        [qemu, "-M", "microvm,rtc=on", "-accel", accel, "-m", memory, "-smp", str(cpus), "-nodefaults",
          "-no-user-config", "-nographic", "-serial", "stdio", "-kernel", str(kernel), "-append", cmdline],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )

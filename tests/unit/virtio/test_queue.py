@@ -252,3 +252,14 @@ def test_the_walker_choice_is_honoured(memory: GuestMemory, native: bool) -> Non
 def test_max_size_must_be_a_power_of_two(memory: GuestMemory, max_size: int) -> None:
     with pytest.raises(ValueError):
         Virtqueue(max_size, memory)
+
+
+def test_native_walker_is_built() -> None:
+    """``pip install -e .`` builds vmmkit.virtio._native: a broken build must not pass quietly."""
+    import os
+
+    from vmmkit.virtio import chain
+
+    if os.environ.get("VMMKIT_VIRTIO_NATIVE") == "0":
+        pytest.skip("the native walker is disabled by VMMKIT_VIRTIO_NATIVE=0")
+    assert chain.native_available(), chain.NATIVE_UNAVAILABLE_REASON

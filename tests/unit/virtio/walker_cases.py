@@ -1,7 +1,10 @@
 """Hostile descriptor tables for the C-vs-Python differential tests (hypothesis strategies, the
 comparison, and the invariant that the C walker only hands out guest RAM).
 
-Shared by ``test_walker_differential.py``, the AddressSanitizer run in
+Two generators of the same distribution: hypothesis strategies (:func:`cases`, which shrink
+a failure to a readable example) and :func:`generate`, driven by any source of integers (a
+seeded ``random.Random`` for high-volume runs, atheris' ``FuzzedDataProvider`` for
+coverage-guided fuzzing). Shared by ``test_walker_differential.py``, the sanitizer run in
 ``test_native_sanitizers.py`` and the atheris harness ``fuzz_walker_atheris.py``.
 """
 
@@ -10,7 +13,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from hypothesis import strategies as st
 
@@ -28,6 +31,7 @@ EDGES = [0x0, 0x10, 0x3FF0, 0x3FFF, 0x4000, 0x5FF0, 0x5FFF, 0x6000, 0x6010, 0xFF
 LENGTHS = [0, 1, 2, 15, 16, 17, 32, 48, 0x100, 0x1000, 0x1FFF, 0x2000, 0x4000, 0x6000, 0x8000_0000,
            0xFFFF_FFF0, 0xFFFF_FFFF]
 DESC = struct.Struct("<QIHH")
+NEXT, WRITE = vq.VIRTQ_DESC_F_NEXT, vq.VIRTQ_DESC_F_WRITE
 
 SEQUENTIAL = -1  # a next index meaning "the following entry", as a correct driver chains them
 
@@ -66,10 +70,15 @@ def cases(draw: Any) -> dict[str, Any]:
     desc_gpa = draw(st.one_of(st.sampled_from([0x1000, 0x10000, 0x4000, 0x5F00]), addresses))
     entries = min(size, 16)
     main = draw(table(entries)) if 0 < size <= 16 else []
+    if draw(st.integers(0, 7)) == 0:
+        main = make_ring(main, draw(st.sampled_from([NEXT, NEXT | WRITE])))
     indirect = []
     for base in draw(st.lists(st.sampled_from(TABLES), max_size=3, unique=True)):
         count = draw(st.integers(1, 6))
-        indirect.append((base, draw(table(count))))
+        entries_ = draw(table(count))
+        if draw(st.integers(0, 7)) == 0:
+            entries_ = make_ring(entries_, draw(st.sampled_from([NEXT, NEXT | WRITE])))
+        indirect.append((base, entries_))
     return {
         "size": size,
         "desc_gpa": desc_gpa,
@@ -78,6 +87,81 @@ def cases(draw: Any) -> dict[str, Any]:
         "head": draw(st.one_of(st.integers(0, max(entries, 1)), st.integers(-1, 2**33))),
         "indirect": draw(st.booleans()),
         "capacity": draw(st.sampled_from([0, 1, 2, 3, 5, 8, 1024])),
+    }
+
+
+def make_ring(entries: list[tuple[int, int, int, int]], flags: int) -> list[tuple[int, int, int, int]]:
+    """The same buffers chained into a cycle of one direction: a loop the walker must end."""
+    return [(a, n, flags, (i + 1) % len(entries)) for i, (a, n, _, _) in enumerate(entries)]
+
+
+class Source(Protocol):
+    def integer(self, low: int, high: int) -> int:
+        """A number in ``[low, high]``."""
+        ...
+
+
+class RandomSource:
+    def __init__(self, seed: int) -> None:
+        import random
+
+        self._rng = random.Random(seed)
+
+    def integer(self, low: int, high: int) -> int:
+        return self._rng.randint(low, high)
+
+
+def _pick(src: Source, options: list[Any]) -> Any:
+    return options[src.integer(0, len(options) - 1)]
+
+
+def _address(src: Source) -> int:
+    kind = src.integer(0, 3)
+    if kind == 0:
+        return int(_pick(src, EDGES))
+    if kind == 1:
+        return int(_pick(src, TABLES))
+    return src.integer(0, 0x22000) if kind == 2 else src.integer(0, 2**64 - 1)
+
+
+def _length(src: Source) -> int:
+    kind = src.integer(0, 2)
+    if kind == 0:
+        return int(_pick(src, LENGTHS))
+    return src.integer(0, 0x2100) if kind == 1 else src.integer(0, 2**32 - 1)
+
+
+def _descriptor(src: Source, index: int) -> tuple[int, int, int, int]:
+    if src.integer(0, 2) < 2:  # well formed
+        base, size = _pick(src, [(0, 0x6000), (0x10000, 0x2000), (0x20000, 0x1000)])
+        return (base + src.integer(0, size - 1), src.integer(0, 0x800), _pick(src, [1, 1, 3, 3, 0, 2, 4, 5]),
+                index + 1)
+    flags = src.integer(0, 7) if src.integer(0, 1) else src.integer(0, 0xFFFF)
+    kind = src.integer(0, 2)
+    next_ = index + 1 if kind == 0 else src.integer(0, 17) if kind == 1 else src.integer(0, 0xFFFF)
+    return _address(src), _length(src), flags, next_
+
+
+def generate(src: Source) -> dict[str, Any]:
+    """The distribution of :func:`cases`, from any source of integers."""
+    sizes = [1, 2, 4, 8, 16]
+    size = int(_pick(src, sizes if src.integer(0, 2) else [0, 3, 12, 32768, 65536, 2**32]))
+    desc_gpa = int(_pick(src, [0x1000, 0x10000, 0x4000, 0x5F00])) if src.integer(0, 1) else _address(src)
+    entries = min(size, 16)
+    main = [_descriptor(src, i) for i in range(entries)] if 0 < size <= 16 else []
+    if src.integer(0, 7) == 0:
+        main = make_ring(main, _pick(src, [NEXT, NEXT | WRITE]))
+    indirect = []
+    for base in TABLES:
+        if src.integer(0, 3) == 0:
+            entries_ = [_descriptor(src, i) for i in range(src.integer(1, 6))]
+            if src.integer(0, 7) == 0:
+                entries_ = make_ring(entries_, _pick(src, [NEXT, NEXT | WRITE]))
+            indirect.append((base, entries_))
+    head = src.integer(0, max(entries, 1)) if src.integer(0, 3) else src.integer(-1, 2**33)
+    return {
+        "size": size, "desc_gpa": desc_gpa, "main": main, "indirect_tables": indirect, "head": head,
+        "indirect": bool(src.integer(0, 1)), "capacity": int(_pick(src, [0, 1, 2, 3, 5, 8, 1024])),
     }
 
 

@@ -369,3 +369,12 @@ def test_recognisers() -> None:
     assert not elf.recognise(b"\x7fEL")
     assert bzimage.recognise(build_bzimage()[:0x300])
     assert not bzimage.recognise(bytes(0x300))
+
+
+def test_garbage_section_headers_are_ignored(tmp_path: Path, guest) -> None:
+    """Only program headers matter; a hostile section header table is never read."""
+    data = bytearray(build_elf([(0x200000, b"\x90", 0x1000)], entry=0x200000))
+    struct.pack_into("<Q", data, 40, 1 << 50)  # e_shoff
+    struct.pack_into("<HHH", data, 58, 64, 0xFFFF, 0xFFFE)  # e_shentsize, e_shnum, e_shstrndx
+    boot, _ = load(write(tmp_path, "odd.elf", bytes(data)), guest)
+    assert boot.protocol == "linux64"

@@ -13,8 +13,8 @@ The device type names are the contract with the devices plugin::
     _acpi_pm        acpi-pm        0x600-0x607  9    hardware-reduced ACPI registers: +0 sleep
                                                      control ((5 << 2) | (1 << 5) powers off),
                                                      +1 sleep status, +4 reset (0x01 resets);
-                                                     IRQ 9 is the SCI (reserved, so no device
-                                                     gets it)
+                                                     IRQ 9 is the SCI, named in the request so
+                                                     that no other device is given it
 
 Interrupt routing: ISA IRQ n is IOAPIC pin n, except IRQ 0 (pin 2, as KVM wires its PIT) and
 IRQ 9 (the SCI: level-triggered, active high). Both tables (MADT, MP table) say so.

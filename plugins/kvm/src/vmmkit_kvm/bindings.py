@@ -734,6 +734,8 @@ class KvmVcpuFd:
         ex = self._exit
         unpack = ffi.unpack
         memmove = ffi.memmove
+        pio_read, pio_write = self._pio_read, self._pio_write
+        mmio_read, mmio_write = self._mmio_read, self._mmio_write
         while True:
             code = native_run(v, ex)
             if code == _PIO:
@@ -743,23 +745,23 @@ class KvmVcpuFd:
                 n = ex.count
                 if ex.is_write:
                     if n == 1:
-                        self._pio_write(port, unpack(data, size))
+                        pio_write(port, unpack(data, size))
                     else:
                         buf = unpack(data, size * n)
                         for off in range(0, size * n, size):
-                            self._pio_write(port, buf[off : off + size])
+                            pio_write(port, buf[off : off + size])
                 else:
                     for i in range(n):
-                        value = self._pio_read(port, size)
+                        value = pio_read(port, size)
                         if len(value) != size:
                             value = _fit(value, size)
                         memmove(data + i * size, value, size)
             elif code == _MMIO:
                 size = ex.size
                 if ex.is_write:
-                    self._mmio_write(ex.addr, unpack(ex.data, size))
+                    mmio_write(ex.addr, unpack(ex.data, size))
                 else:
-                    value = self._mmio_read(ex.addr, size)
+                    value = mmio_read(ex.addr, size)
                     if len(value) != size:
                         value = _fit(value, size)
                     memmove(ex.data, value, size)

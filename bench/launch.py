@@ -1,0 +1,111 @@
+"""Launch benchmark: vmmkit vs QEMU microvm on the same test guest, in the same run.
+
+(a) cold start: wall time from spawning the VMM process to the guest's first serial byte;
+(b) the VMM's own resident memory: RSS outside guest RAM (from /proc/<pid>/smaps), measured
+    while the guest spins.
+
+    python bench/launch.py [--runs 10] [--memory 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST = REPO / "tests" / "guests" / "build" / "x86_64" / "selftest.elf"
+
+
+def vmmkit_cmd(memory_mib: int, cmdline: str) -> list[str]:
+    return [sys.executable, "-m", "vmmkit", "--kernel", str(GUEST), "--memory", f"size={memory_mib}M",
+            "--cmdline", cmdline]
+
+
+def qemu_cmd(memory_mib: int, cmdline: str) -> list[str]:
+    return ["qemu-system-x86_64", "-M", "microvm,rtc=on", "-accel", "kvm", "-m", f"{memory_mib}M", "-smp", "1",
+            "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-kernel", str(GUEST),
+            "-append", cmdline]
+
+
+def time_to_first_byte(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        if not ready or not os.read(proc.stdout.fileno(), 1):
+            raise RuntimeError(f"no guest output from {cmd[0]}")
+        return time.perf_counter() - start
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def rss_outside_guest_ram(cmd: list[str], memory_mib: int) -> int:
+    """KiB resident in mappings other than the guest-RAM mapping(s) of exactly the RAM size."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        deadline = time.monotonic() + 30
+        seen = b""
+        while b"heartbeat" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1)
+            if ready:
+                seen += os.read(proc.stdout.fileno(), 4096)
+        if b"heartbeat" not in seen:
+            raise RuntimeError(f"{cmd[0]}: the guest never reached its heartbeat")
+        return _rss_excluding(proc.pid, memory_mib * 1024)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def _rss_excluding(pid: int, ram_kib: int) -> int:
+    total = 0
+    size = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == "Size:":
+            size = int(fields[1])
+        elif fields[0] == "Rss:" and size != ram_kib:
+            total += int(fields[1])
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--memory", type=int, default=128, help="guest RAM in MiB")
+    args = parser.parse_args()
+    if not GUEST.is_file():
+        subprocess.run(["make", "-s", "-C", str(GUEST.parents[2])], check=True)
+    peers = {"vmmkit": vmmkit_cmd}
+    if shutil.which("qemu-system-x86_64"):
+        peers["qemu microvm"] = qemu_cmd
+    else:
+        print("qemu-system-x86_64 not found: showing vmmkit alone", file=sys.stderr)
+    cold: dict[str, list[float]] = {name: [] for name in peers}
+    for _ in range(args.runs):  # interleaved, so drift affects both alike
+        for name, cmd in peers.items():
+            cold[name].append(time_to_first_byte(cmd(args.memory, "hello")))
+    rss = {name: rss_outside_guest_ram(cmd(args.memory, "test=spin"), args.memory) for name, cmd in peers.items()}
+    base = statistics.median(cold.get("qemu microvm", cold["vmmkit"]))
+    print(f"launch: test guest {GUEST.name}, {args.memory} MiB, 1 vCPU, {args.runs} runs each (median, min)")
+    print(f"{'VMM':<14} {'first byte ms':>14} {'min ms':>8} {'vs qemu':>8} {'RSS outside RAM':>16}")
+    for name in peers:
+        median = statistics.median(cold[name]) * 1000
+        print(f"{name:<14} {median:>14.1f} {min(cold[name]) * 1000:>8.1f} {median / (base * 1000):>7.2f}x"
+              f" {rss[name] / 1024:>13.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
