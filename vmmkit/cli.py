@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 from vmmkit import __version__
 
+_log_stream: TextIO | None = None
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -202,14 +204,14 @@ def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) ->
     from vmmkit.machine import Machine, StopReason
 
     machine = Machine(config, registries=registries, plugin_manager=pm,
-                      hypervisor=options.hypervisor, arch=options.arch)
+                      hypervisor=options.hypervisor, arch=options.arch, log_fd=_log_fd(options))
     received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
         received.append(signum)
         machine.request_stop(StopReason.REQUESTED, f"signal {signum}")
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         exit_ = machine.run()
     except VmmError as exc:
@@ -226,6 +228,13 @@ def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) ->
     return exit_.status
 
 
+def _log_fd(options: argparse.Namespace) -> int | None:
+    """The log's fd for natively written log lines, when info-level logging is on."""
+    if options.verbose < 1:
+        return None
+    return _log_stream.fileno() if _log_stream is not None else sys.stderr.fileno()
+
+
 # -- logging (configured here and nowhere else) ----------------------------------------------
 
 
@@ -235,7 +244,9 @@ def configure_logging(verbosity: int, fmt: str | None, log_file: str | None) -> 
     import structlog
 
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
+    global _log_stream
     stream: TextIO = open(log_file, "a", buffering=1) if log_file else sys.stderr
+    _log_stream = stream
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
     renderer: Any

@@ -68,6 +68,12 @@ class DeviceContext(Protocol):
         """The status the VMM exits with once the guest powers off (test devices)."""
         ...
 
+    @property
+    def log_fd(self) -> int | None:
+        """Where natively served log ports (boot progress) write their timestamped lines:
+        the VMM's log when info-level logging is on, else ``None`` (discard them)."""
+        ...
+
 
 class Device(ABC):
     """A device placed on a bus. ``kind`` tells the architecture how to describe it in firmware

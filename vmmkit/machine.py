@@ -8,6 +8,7 @@ It names no backend, architecture or device: those come from plugins.
 from __future__ import annotations
 
 import enum
+import functools
 import platform
 import threading
 import time
@@ -135,6 +136,10 @@ class _DeviceContext:
     def set_exit_status(self, status: int) -> None:
         self._machine.guest_exit_status = status
 
+    @property
+    def log_fd(self) -> int | None:
+        return self._machine.log_fd
+
 
 class Machine:
     """One VM. ``build()`` → ``boot()`` → ``wait()``; or just :meth:`run`."""
@@ -147,8 +152,10 @@ class Machine:
         plugin_manager: pluggy.PluginManager,
         hypervisor: str = AUTO,
         arch: str | None = None,
+        log_fd: int | None = None,
     ) -> None:
         self.config = config
+        self.log_fd = log_fd
         self.registries = registries
         self.pm = plugin_manager
         self.arch_name = arch or host_architecture()
@@ -179,6 +186,7 @@ class Machine:
         self._used_irqs: set[int] = set()
         self._irq_lines: dict[int, GsiLine] = {}
         self._msi_gsis: GsiAllocator | None = None
+        self._native_ports: dict[str, dict[int, PortSink]] = {}
         self._device_ctx = _DeviceContext(self)
         self._started_at = time.monotonic()
 
@@ -252,6 +260,9 @@ class Machine:
         if request.pio is not None:
             self.pio_bus.insert(device, *request.pio)
             self._add_port_sinks(device, request.pio[0])
+            bind = getattr(device, "bind_native_ports", None)
+            if bind is not None:
+                bind(functools.partial(self._update_port_sinks, base=request.pio[0], key=request.id))
         if request.mmio is not None:
             self.mmio_bus.insert(device, *request.mmio)
         if request.pio is None and request.mmio is None:
@@ -267,6 +278,24 @@ class Machine:
             notify = getattr(device, "native_path_changed", None)
             if notify is not None:
                 notify(sink.port, served)
+
+    def _update_port_sinks(self, sinks: Sequence[PortSink], *, base: int, key: str) -> bool:
+        """A device changed which of its ports the backend may serve natively (the serial
+        port while it is in its plain state). Called under the device's lock: take no other."""
+        assert self.vm is not None
+        installed = self._native_ports.setdefault(key, {})
+        wanted = {base + sink.port: attrs.evolve(sink, port=base + sink.port) for sink in sinks}
+        for port in [port for port, sink in installed.items() if wanted.get(port) != sink]:
+            self.vm.remove_port_sink(port)
+            del installed[port]
+        served = True
+        for port, sink in wanted.items():
+            if port not in installed:
+                if self.vm.add_port_sink(sink):
+                    installed[port] = sink
+                else:
+                    served = False
+        return served
 
     def allocate_irq(self, irq: int | None = None) -> tuple[int, InterruptLine]:
         """A legacy interrupt line: ``irq`` if given (shared if already in use), else a free one."""

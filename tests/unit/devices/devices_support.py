@@ -46,6 +46,7 @@ class FakeContext:
         self.shutdowns: list[str] = []
         self.resets: list[str] = []
         self.exit_statuses: list[int] = []
+        self.log_fd: int | None = None
 
     def interrupt_line(self, irq: int | None = None) -> tuple[int, RecordingLine]:
         irq = 5 if irq is None else irq

@@ -65,9 +65,10 @@ def table(entries: int) -> st.SearchStrategy[list[tuple[int, int, int, int]]]:
 @st.composite
 def cases(draw: Any) -> dict[str, Any]:
     """One walk: queue parameters, the main table, indirect tables, head, capacity."""
-    size = draw(st.one_of(st.sampled_from([1, 2, 4, 8, 16]), st.sampled_from([1, 2, 4, 8, 16]),
-                          st.sampled_from([0, 3, 12, 32768, 65536, 2**32])))
-    desc_gpa = draw(st.one_of(st.sampled_from([0x1000, 0x10000, 0x4000, 0x5F00]), addresses))
+    valid_sizes = st.sampled_from([1, 2, 4, 8, 16])
+    size = draw(st.one_of(valid_sizes, valid_sizes, valid_sizes, st.sampled_from([0, 3, 12, 32768, 65536, 2**32])))
+    good_tables = st.sampled_from([0x1000, 0x10000, 0x4000, 0x5F00])
+    desc_gpa = draw(st.one_of(good_tables, good_tables, good_tables, addresses))
     entries = min(size, 16)
     main = draw(table(entries)) if 0 < size <= 16 else []
     if draw(st.integers(0, 7)) == 0:
@@ -84,7 +85,7 @@ def cases(draw: Any) -> dict[str, Any]:
         "desc_gpa": desc_gpa,
         "main": main,
         "indirect_tables": indirect,
-        "head": draw(st.one_of(st.integers(0, max(entries, 1)), st.integers(-1, 2**33))),
+        "head": draw(st.one_of(*[st.integers(0, max(entries - 1, 0))] * 7, st.integers(-1, 2**33))),
         "indirect": draw(st.booleans()),
         "capacity": draw(st.sampled_from([0, 1, 2, 3, 5, 8, 1024])),
     }
@@ -145,8 +146,8 @@ def _descriptor(src: Source, index: int) -> tuple[int, int, int, int]:
 def generate(src: Source) -> dict[str, Any]:
     """The distribution of :func:`cases`, from any source of integers."""
     sizes = [1, 2, 4, 8, 16]
-    size = int(_pick(src, sizes if src.integer(0, 2) else [0, 3, 12, 32768, 65536, 2**32]))
-    desc_gpa = int(_pick(src, [0x1000, 0x10000, 0x4000, 0x5F00])) if src.integer(0, 1) else _address(src)
+    size = int(_pick(src, sizes if src.integer(0, 5) else [0, 3, 12, 32768, 65536, 2**32]))
+    desc_gpa = int(_pick(src, [0x1000, 0x10000, 0x4000, 0x5F00])) if src.integer(0, 3) else _address(src)
     entries = min(size, 16)
     main = [_descriptor(src, i) for i in range(entries)] if 0 < size <= 16 else []
     if src.integer(0, 7) == 0:
@@ -158,7 +159,7 @@ def generate(src: Source) -> dict[str, Any]:
             if src.integer(0, 7) == 0:
                 entries_ = make_ring(entries_, _pick(src, [NEXT, NEXT | WRITE]))
             indirect.append((base, entries_))
-    head = src.integer(0, max(entries, 1)) if src.integer(0, 3) else src.integer(-1, 2**33)
+    head = src.integer(0, max(entries - 1, 0)) if src.integer(0, 7) else src.integer(-1, 2**33)
     return {
         "size": size, "desc_gpa": desc_gpa, "main": main, "indirect_tables": indirect, "head": head,
         "indirect": bool(src.integer(0, 1)), "capacity": int(_pick(src, [0, 1, 2, 3, 5, 8, 1024])),

@@ -8,7 +8,8 @@ ours). Reads return 0xff.
 
 A backend may serve the port natively (:meth:`DebugPort.port_sinks`): it then writes
 ``[seconds.micros] guest.progress 0xNN`` lines to the log fd (the VMM's stderr unless given)
-itself, and this device sees nothing.
+itself, and this device sees nothing. With no log fd (the VMM logs below info level) the
+native sink discards the codes, as the Python path's filtered ``log.info`` does.
 
 Note: Linux's ``outb_p`` (``io_delay=0x80``, the default) writes to port 0x80 too; a guest that
 does not know it runs on KVM (``KVM_FEATURE_NOP_IO_DELAY``) or was not booted with
@@ -18,7 +19,6 @@ does not know it runs on KVM (``KVM_FEATURE_NOP_IO_DELAY``) or was not booted wi
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
@@ -42,7 +42,7 @@ def format_elapsed(seconds: float) -> str:
 
 class DebugPort(Device):
     """Logs boot-progress codes. ``start`` is the VM's start (``time.monotonic()``);
-    ``log_fd`` is where a native sink writes (default: a duplicate of stderr)."""
+    ``log_fd`` is where a native sink writes (default: nowhere, /dev/null)."""
 
     kind: ClassVar[str] = "debug-port"
     length: ClassVar[int] = 1
@@ -81,12 +81,9 @@ class DebugPort(Device):
             return self._log_fd
         if self._own_fd < 0:
             try:
-                self._own_fd = os.dup(sys.stderr.fileno() if sys.stderr is not None else 2)
-            except (OSError, ValueError, AttributeError):
-                try:
-                    self._own_fd = os.dup(2)
-                except OSError:
-                    return -1
+                self._own_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                return -1
         return self._own_fd
 
     def reset(self) -> None:
@@ -112,4 +109,4 @@ class DebugPortType(DeviceType):
 
     @classmethod
     def create(cls, ctx: DeviceContext, request: DeviceRequest) -> DebugPort:
-        return DebugPort(request.id)
+        return DebugPort(request.id, log_fd=ctx.log_fd)
