@@ -239,14 +239,22 @@ def _log_fd(options: argparse.Namespace) -> int | None:
 
 
 def configure_logging(verbosity: int, fmt: str | None, log_file: str | None) -> None:
+    """Choose the level and output; structlog itself is configured (and imported) only when
+    the first message at an enabled level is logged (see :mod:`vmmkit.log`)."""
     import logging
 
-    import structlog
+    from vmmkit import log
 
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
     global _log_stream
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
     stream: TextIO = open(log_file, "a", buffering=1) if log_file else sys.stderr
     _log_stream = stream
+    log.configure(level, lambda: _configure_structlog(level, fmt, stream))
+
+
+def _configure_structlog(level: int, fmt: str | None, stream: TextIO) -> None:
+    import structlog
+
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
     renderer: Any

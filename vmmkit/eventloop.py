@@ -12,9 +12,9 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-import structlog
+from vmmkit.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 Callback = Callable[[], None]
 

@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING, Any
 from vmmkit import hookspec
 
 if TYPE_CHECKING:
-    from vmmkit.arch import BootInfo, MemoryLayout
+    from vmmkit.arch import Architecture, BootInfo, MemoryLayout
     from vmmkit.config import VmConfig
+    from vmmkit.device import DeviceType
+    from vmmkit.hypervisor import Hypervisor
     from vmmkit.machine import Machine
     from vmmkit.memory import GuestMemory
     from vmmkit.registry import Registry
-    from vmmkit.arch import Architecture
-    from vmmkit.device import DeviceType
-    from vmmkit.hypervisor import Hypervisor
 
 # -- start-up ----------------------------------------------------------------------------------
 

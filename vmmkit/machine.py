@@ -18,22 +18,22 @@ from typing import Any
 
 import attrs
 import pluggy
-import structlog
 
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
 from vmmkit.bus import Bus
 from vmmkit.config import VmConfig
-from vmmkit.device import Device, DeviceRequest, PlacedDevice
+from vmmkit.device import DeviceRequest, PlacedDevice
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import ExitReason, Hypervisor, PortSink, Vcpu, Vm
 from vmmkit.irq import GsiAllocator, GsiLine, InterruptLine
+from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
 from vmmkit.registry import AUTO, Registries
 from vmmkit.threads import set_native_thread_name
 from vmmkit.virtio.device import VirtioDevice
 
-log = structlog.get_logger()
+log = get_logger()
 
 _HEADER_BYTES = 64 * 1024
 

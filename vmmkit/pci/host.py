@@ -28,9 +28,11 @@ address allocators keep the power-on assignment; a moved BAR is not re-reserved.
 Legacy INTx: every function's INTA goes to one of at most four interrupt lines
 (``machine.allocate_irq()``), line ``(slot - 1) % 4``, like the four PIRQ links of a PC
 chipset (if the machine runs out of lines, an existing one is shared). The lines are
-level-triggered and shared: a line is high while any function on it
-asserts it. The host's :class:`PlacedDevice` lists the routes in ``properties["intx"]`` as
-``(slot, pin, gsi)`` with pin 1 = INTA, for the architecture's ``_PRT`` or ``interrupt-map``.
+level-triggered and shared: a line is high while any function on it asserts it. The host's
+:class:`PlacedDevice` lists the routes in ``properties["intx"]`` as ``(slot, pin, gsi)`` with
+pin 1 = INTA, for the architecture's ``_PRT`` or ``interrupt-map``; its other properties are
+``segment``, ``bus_range``, and the ``ecam``, ``mmio32``, ``mmio64`` and ``io`` windows as
+``(start, size)`` or ``None``.
 """
 
 from __future__ import annotations

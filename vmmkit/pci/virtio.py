@@ -28,10 +28,20 @@ MSI-X disabled, the ISR bit is set (1 queue, 2 configuration) and the function's
 high until the driver reads the ISR, which clears it.
 
 Device status follows section 2.1 and 3.1.1: bits are set in order (ACKNOWLEDGE, DRIVER,
-FEATURES_OK, DRIVER_OK), out-of-order or bit-clearing writes are ignored, FEATURES_OK sticks
-only if the driver's features are a subset of the offered ones and include VERSION_1, and
-DRIVER_OK builds the virtqueues and activates the device. Writing 0 resets the queues and the
-device. DEVICE_NEEDS_RESET reads set while ``device.broken`` is.
+FEATURES_OK, DRIVER_OK; several in one write are fine), out-of-order or bit-clearing writes are
+ignored, FAILED may be set at any time, FEATURES_OK sticks only if the driver's features are a
+subset of the offered ones and include VERSION_1, and DRIVER_OK builds the virtqueues
+(:class:`vmmkit.virtio.queue.Virtqueue`, validated against guest memory) and activates the
+device. Writing 0 resets the queues and the device. Queue registers are the driver's until
+it enables that queue or sets DRIVER_OK; MSI-X vector numbers beyond the table read back as
+VIRTIO_MSI_NO_VECTOR. DEVICE_NEEDS_RESET reads set while ``device.broken`` is, or after a
+queue error or a failed activation; one appearing after DRIVER_OK also raises a
+configuration interrupt.
+
+Every offset and size comes from the guest: an access outside a structure, of the wrong width
+or misaligned reads as zero and is ignored when written; device exceptions are logged, never
+raised into the vCPU. ``tests/unit/pci/test_virtio_pci_vs_qemu.py`` replays one driver
+sequence on QEMU's virtio-rng-pci and on this transport and compares what it sees.
 """
 
 from __future__ import annotations
@@ -682,6 +692,8 @@ class VirtioPciDevice(PciFunction):
     def signal(self, kind: VirtioInterruptType, queue_index: int = 0) -> None:
         """Raise a queue or configuration interrupt (any thread)."""
         config = kind is VirtioInterruptType.CONFIG
+        if self._closed:
+            return
         with self._isr_lock:
             self._counts["interrupts"] += 1
             if config:

@@ -59,6 +59,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import enum
+import importlib
 import os
 import struct
 import sys
@@ -310,7 +311,8 @@ def _check_queue(table: RegionTable, desc_gpa: int, queue_size: int) -> tuple[_R
         raise _fail(ErrorKind.RING, f"queue size {queue_size} is not a power of two <= {MAX_QUEUE_SIZE}")
     found = table.translate(desc_gpa, 16 * queue_size)
     if found is None:
-        raise _fail(ErrorKind.RING, f"descriptor table {desc_gpa:#x}+{16 * queue_size:#x} is not in guest RAM")
+        raise _fail(ErrorKind.RING,
+                    f"descriptor table {desc_gpa:#x}+{16 * queue_size:#x} is not in guest RAM")
     return found
 
 
@@ -409,10 +411,11 @@ def _load_native() -> None:
         NATIVE_UNAVAILABLE_REASON = "disabled by VMMKIT_VIRTIO_NATIVE=0"
         return
     try:
-        from vmmkit.virtio._native import ffi, lib  # type: ignore[import-not-found]
+        native = importlib.import_module("vmmkit.virtio._native")
     except ImportError as exc:
         NATIVE_UNAVAILABLE_REASON = f"vmmkit.virtio._native is not built ({exc})"
         return
+    ffi, lib = native.ffi, native.lib
     mismatched = [k.name for k in ErrorKind if k < 16 and getattr(lib, f"VQ_ERR_{k.name}") != k.value]
     if mismatched or lib.VQ_MAX_INDIRECT != MAX_INDIRECT_ENTRIES or lib.VQ_MAX_QUEUE_SIZE != MAX_QUEUE_SIZE:
         NATIVE_UNAVAILABLE_REASON = f"vmmkit.virtio._native disagrees with chain.py ({mismatched})"
@@ -474,6 +477,7 @@ def walk_native(
         _ffi.memmove(iov, scratch.iov, count * _ffi.sizeof("struct iovec"))
         _ffi.memmove(gpa_array, scratch.gpa, count * 8)
     gpas = _ffi.unpack(gpa_array, count)
+    lengths: Sequence[int]
     if _IOVEC_IS_TWO_U64:
         words = memoryview(_ffi.buffer(iov, count * 16)).cast("Q")
         hosts = tuple(words[0::2])

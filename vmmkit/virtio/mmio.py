@@ -26,7 +26,8 @@ than by writing 0 is ignored; ``FAILED`` may be set at any time; writing 0 reset
 ``DEVICE_NEEDS_RESET`` reads as set once the device or a queue is broken (a protocol violation,
 a failed activation); when it appears after ``DRIVER_OK`` a configuration-change interrupt is sent.
 Queue registers are writable only between ``FEATURES_OK`` and ``DRIVER_OK`` and, except
-``QueueReady``, while the selected queue is not ready.
+``QueueReady``, while the selected queue is not ready; writing 0 to ``QueueReady`` (to stop using
+a queue) works at any time, and the queue then stays unused until the device is reset.
 
 Notifications. Each queue has an eventfd (``ActivationContext.queue_events[i]``). Where the
 backend has ioeventfds, :func:`vmmkit.virtio.transport.attach_virtio` registers each one on
@@ -309,8 +310,8 @@ class VirtioMmioTransport(Device):
                 queue.size = value
         elif offset == QUEUE_READY:
             queue = self._selected_queue()
-            if queue is not None and self._queue_setup_allowed():
-                queue.ready = bool(value & 1)
+            if queue is not None and (self._queue_setup_allowed() or not value & 1):
+                queue.ready = bool(value & 1)  # "to stop using the queue" works at any time
         elif offset in _QUEUE_ADDRESS_REGISTERS:
             queue = self._selected_queue()
             if queue is not None and self._queue_setup_allowed() and not queue.ready:

@@ -38,11 +38,12 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from vmmkit.virtio.chain import (
     DEFAULT_MAX_SEGMENTS,
     MAX_QUEUE_SIZE,
+    NATIVE_UNAVAILABLE_REASON,
     ChainWalker,
     DescriptorChain,
     ErrorKind,
@@ -50,6 +51,7 @@ from vmmkit.virtio.chain import (
     Segment,
     VirtqueueError,
     fence,
+    native_available,
 )
 from vmmkit.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
 VIRTQ_AVAIL_F_NO_INTERRUPT: Final = 1
 VIRTQ_USED_F_NO_NOTIFY: Final = 1
 
+_T = TypeVar("_T")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
@@ -101,6 +104,8 @@ class Virtqueue:
             raise ValueError(f"queue size {max_size} is not a power of two <= {MAX_QUEUE_SIZE}")
         if not 1 <= max_segments <= 0xFFFF_FFFF:
             raise ValueError(f"max_segments {max_segments} out of range")
+        if native and not native_available():
+            raise ValueError(f"the native walker is unavailable: {NATIVE_UNAVAILABLE_REASON}")
         self.max_size = max_size
         self.memory = memory
         self.index = index
@@ -178,7 +183,7 @@ class Virtqueue:
             layout = self._setup()
         return layout
 
-    def _guarded(self, operation: Callable[[], Any]) -> Any:
+    def _guarded(self, operation: Callable[[], _T]) -> _T:
         """Run ``operation``; a protocol error leaves the queue broken and reaches on_error."""
         try:
             return operation()
@@ -207,10 +212,10 @@ class Virtqueue:
         with self._lock:
             if not self.active:
                 return 0
-            return self._guarded(lambda: self._pending(self._current()))  # type: ignore[no-any-return]
+            return self._guarded(lambda: self._pending(self._current()))
 
     def _pending(self, layout: _Layout) -> int:
-        avail_idx = _U16.unpack_from(layout.avail_buf, layout.avail_off + 2)[0]
+        avail_idx: int = _U16.unpack_from(layout.avail_buf, layout.avail_off + 2)[0]
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending > layout.size:
             raise VirtqueueError(ErrorKind.AVAIL_INDEX, f"queue {self.index}: available index moved from "
@@ -223,7 +228,7 @@ class Virtqueue:
         with self._lock:
             if not self.active:
                 return None
-            return self._guarded(self._pop)  # type: ignore[no-any-return]
+            return self._guarded(self._pop)
 
     def _pop(self) -> DescriptorChain | None:
         layout = self._current()
@@ -233,7 +238,7 @@ class Virtqueue:
             return None
         fence()  # the avail idx load before the ring entry and descriptor loads
         slot = self.last_avail_idx % layout.size
-        head = _U16.unpack_from(layout.avail_buf, layout.avail_off + 4 + 2 * slot)[0]
+        head: int = _U16.unpack_from(layout.avail_buf, layout.avail_off + 4 + 2 * slot)[0]
         chain = layout.walker.walk(self.desc_table, layout.size, head, indirect=self.indirect)
         chain.memory = self.memory
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
@@ -270,15 +275,15 @@ class Virtqueue:
         with self._lock:
             if not self.active:
                 return False
-            return self._guarded(self._needs_notification)  # type: ignore[no-any-return]
+            return self._guarded(self._needs_notification)
 
     def _needs_notification(self) -> bool:
         layout = self._current()
         fence()  # the used idx store before the flags / used_event load
         if not self.event_idx:
-            flags = _U16.unpack_from(layout.avail_buf, layout.avail_off)[0]
+            flags: int = _U16.unpack_from(layout.avail_buf, layout.avail_off)[0]
             return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
-        used_event = _U16.unpack_from(layout.avail_buf, layout.avail_off + 4 + 2 * layout.size)[0]
+        used_event: int = _U16.unpack_from(layout.avail_buf, layout.avail_off + 4 + 2 * layout.size)[0]
         new, old = self.next_used, self._signalled_used
         self._signalled_used = new
         if old is None:
@@ -324,7 +329,7 @@ class Virtqueue:
                 fence()
                 return self._pending(layout) > 0
 
-            return self._guarded(enable)  # type: ignore[no-any-return]
+            return self._guarded(enable)
 
     def _set_used_flags(self, flags: int) -> None:
         layout = self._current()

@@ -90,7 +90,9 @@ def attach_virtio_mmio(machine: Machine, device: VirtioDevice, request: DeviceRe
     )
 
 
-def _place_window(machine: Machine, transport: VirtioMmioTransport, request: DeviceRequest) -> tuple[int, int]:
+def _place_window(
+    machine: Machine, transport: VirtioMmioTransport, request: DeviceRequest
+) -> tuple[int, int]:
     allocator = device_mmio_allocator(machine)
     if request.mmio is not None:
         base, size = request.mmio

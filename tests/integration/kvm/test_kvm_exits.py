@@ -205,3 +205,21 @@ def test_vm_clock_can_be_read_and_set(kvm) -> None:
 
 def test_memory_size_constant_is_sane() -> None:
     assert RAM_SIZE % 4096 == 0
+
+
+def test_missing_capability_is_reported_at_create_vm(kvm, monkeypatch) -> None:
+    from vmmkit_kvm import bindings
+    from vmmkit_kvm.hypervisor import Cap
+
+    from vmmkit.errors import CapabilityError
+
+    real = bindings.KvmSystem.check_extension
+    monkeypatch.setattr(
+        bindings.KvmSystem, "check_extension",
+        lambda self, cap: 0 if cap in (Cap.IRQFD, Cap.IOEVENTFD) else real(self, cap),
+    )
+    with pytest.raises(CapabilityError) as info:
+        kvm.create_vm("x86_64")
+    assert "KVM_CAP_IRQFD" in str(info.value) and "KVM_CAP_IOEVENTFD" in str(info.value)
+    with pytest.raises(CapabilityError):
+        kvm.create_vm("aarch64")

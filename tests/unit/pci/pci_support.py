@@ -4,6 +4,7 @@
   KVM refuses (a second ioeventfd on the same address, unregistering what is not registered).
 - :class:`FakeMachine` has the attributes ``vmmkit.pci`` uses of a Machine, with the Machine's
   own ``allocate_irq`` / ``allocate_msi_gsi``.
+- :class:`Driver` drives a virtio-pci function as drivers/virtio/virtio_pci_modern*.c does.
 - :class:`Guest` accesses the buses as a vCPU does (through the Machine's ``VcpuDispatch``, so
   unclaimed reads are all ones) and replays what Linux does: ``pci_check_type1``,
   ``__pci_read_base`` (drivers/pci/probe.c), ``pci_find_capability`` and
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +31,9 @@ from vmmkit.hypervisor import Vcpu, VcpuOps, Vm
 from vmmkit.irq import GsiAllocator, GsiLine
 from vmmkit.machine import Machine, VcpuDispatch
 from vmmkit.memory import GuestMemory, MemoryRange
+from vmmkit.pci import config as c
+from vmmkit.pci import virtio as vp
+from vmmkit.pci.msix import CONTROL_ENABLE, CONTROL_FUNCTION_MASK
 from vmmkit.virtio.device import VIRTIO_F_VERSION_1, ActivationContext, VirtioDevice
 
 MIB = 1 << 20
@@ -455,3 +460,115 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.005)
     return predicate()
+
+
+# -- a virtio-pci driver ------------------------------------------------------------------
+
+MSI_ADDRESS = 0xFEE0_0000
+S_ACK, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, S_FAILED = 1, 2, 4, 8, 0x40, 0x80
+DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000
+
+
+class Driver:
+    """What drivers/virtio/virtio_pci_modern*.c does, through a guest's accesses."""
+
+    def __init__(self, machine: FakeMachine, slot: int, *, ecam: bool = False) -> None:
+        self.guest = machine.guest
+        self.fn: Function = machine.guest.function(slot, ecam=ecam)
+        fn = self.fn
+        # pci_enable_device + pci_set_master
+        fn.write16(c.COMMAND, fn.read16(c.COMMAND) | c.COMMAND_MEMORY | c.COMMAND_MASTER)
+        self.bars = fn.read_bases()
+        self.caps = {t: fn.virtio_find_capability(t, self.bars) for t in range(1, 6)}
+
+        def where(cfg_type: int) -> int:
+            pos = self.caps[cfg_type]
+            bar, offset = fn.read8(pos + 4), fn.read32(pos + 8)
+            return self.bars[bar].address + offset
+
+        self.common = where(vp.VIRTIO_PCI_CAP_COMMON_CFG)
+        self.isr = where(vp.VIRTIO_PCI_CAP_ISR_CFG)
+        self.device = where(vp.VIRTIO_PCI_CAP_DEVICE_CFG)
+        self.notify = where(vp.VIRTIO_PCI_CAP_NOTIFY_CFG)
+        self.multiplier = fn.read32(self.caps[vp.VIRTIO_PCI_CAP_NOTIFY_CFG] + 16)
+        self.msix_cap = fn.find_capability(c.CAP_ID_MSIX)
+
+    def r(self, offset: int, size: int) -> int:
+        return self.guest.read(self.common + offset, size)
+
+    def w(self, offset: int, size: int, value: int) -> None:
+        self.guest.write(self.common + offset, size, value)
+
+    @property
+    def status(self) -> int:
+        return self.r(vp.DEVICE_STATUS, 1)
+
+    def add_status(self, bits: int) -> None:
+        self.w(vp.DEVICE_STATUS, 1, self.status | bits)
+
+    def reset(self) -> None:
+        self.w(vp.DEVICE_STATUS, 1, 0)
+        assert self.status == 0  # vp_reset polls until it reads 0
+
+    def features(self) -> int:
+        self.w(vp.DEVICE_FEATURE_SELECT, 4, 0)
+        low = self.r(vp.DEVICE_FEATURE, 4)
+        self.w(vp.DEVICE_FEATURE_SELECT, 4, 1)
+        return low | self.r(vp.DEVICE_FEATURE, 4) << 32
+
+    def negotiate(self, features: int) -> bool:
+        self.reset()
+        self.add_status(S_ACK)
+        self.add_status(S_DRIVER)
+        self.w(vp.DRIVER_FEATURE_SELECT, 4, 0)
+        self.w(vp.DRIVER_FEATURE, 4, features & 0xFFFF_FFFF)
+        self.w(vp.DRIVER_FEATURE_SELECT, 4, 1)
+        self.w(vp.DRIVER_FEATURE, 4, features >> 32)
+        self.add_status(S_FEATURES_OK)
+        return bool(self.status & S_FEATURES_OK)
+
+    def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int,
+                    vector: int = vp.VIRTIO_MSI_NO_VECTOR) -> int:
+        self.w(vp.QUEUE_SELECT, 2, index)
+        self.w(vp.QUEUE_SIZE, 2, size)
+        for offset, address in ((vp.QUEUE_DESC, desc), (vp.QUEUE_DRIVER, avail), (vp.QUEUE_DEVICE, used)):
+            self.w(offset, 4, address & 0xFFFF_FFFF)  # vp_iowrite64_twopart
+            self.w(offset + 4, 4, address >> 32)
+        self.w(vp.QUEUE_MSIX_VECTOR, 2, vector)
+        return self.r(vp.QUEUE_MSIX_VECTOR, 2)
+
+    def enable_queue(self, index: int) -> None:
+        self.w(vp.QUEUE_SELECT, 2, index)
+        self.w(vp.QUEUE_ENABLE, 2, 1)
+
+    def kick(self, index: int) -> None:
+        self.w(vp.QUEUE_SELECT, 2, index)
+        off = self.r(vp.QUEUE_NOTIFY_OFF, 2)
+        self.guest.write(self.notify + off * self.multiplier, 2, index)
+
+    # MSI-X as pci_msix_enable + msix_setup_interrupts + unmasking does it
+    def enable_msix(self, vectors: int) -> None:
+        ctrl = self.msix_cap + 2
+        self.fn.write16(ctrl, self.fn.read16(ctrl) | CONTROL_ENABLE | CONTROL_FUNCTION_MASK)
+        table_reg = self.fn.read32(self.msix_cap + 4)
+        table = self.bars[table_reg & 7].address + (table_reg & ~7)
+        for i in range(vectors):
+            entry = table + 16 * i
+            self.guest.write(entry + 12, 4, 1)
+            self.guest.write(entry, 4, MSI_ADDRESS)
+            self.guest.write(entry + 4, 4, 0)
+            self.guest.write(entry + 8, 4, 0x40 + i)
+        self.fn.write16(ctrl, self.fn.read16(ctrl) & ~CONTROL_FUNCTION_MASK)
+        for i in range(vectors):
+            self.guest.write(table + 16 * i + 12, 4, 0)
+        self.table = table
+
+    def read_isr(self) -> int:
+        return self.guest.read(self.isr, 1)
+
+
+def write_ring(memory: GuestMemory, size: int = 8, buffer: int = 0x20000, length: int = 16) -> None:
+    """One device-writable descriptor made available (split ring at DESC/AVAIL/USED)."""
+    memory.write(DESC, struct.pack("<QIHH", buffer, length, 2, 0))
+    memory.write(AVAIL, struct.pack("<HHH", 0, 1, 0))
+    memory.write(USED, bytes(6 + 8 * size))

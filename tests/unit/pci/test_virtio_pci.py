@@ -11,14 +11,32 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pci_support import FakeDevice, FakeMachine, FakeVm, Function, eventfd_count, virtio_request, wait_for
+from pci_support import (
+    AVAIL,
+    DESC,
+    MSI_ADDRESS,
+    S_ACK,
+    S_DRIVER,
+    S_DRIVER_OK,
+    S_FAILED,
+    S_FEATURES_OK,
+    S_NEEDS_RESET,
+    USED,
+    Driver,
+    FakeDevice,
+    FakeMachine,
+    FakeVm,
+    eventfd_count,
+    virtio_request,
+    wait_for,
+    write_ring,
+)
 
 from vmmkit.errors import DeviceError
 from vmmkit.memory import GuestMemory
 from vmmkit.pci import config as c
 from vmmkit.pci import virtio as vp
 from vmmkit.pci.host import pci_root
-from vmmkit.pci.msix import CONTROL_ENABLE, CONTROL_FUNCTION_MASK
 from vmmkit.pci.virtio import VirtioPciDevice, attach_virtio_pci
 from vmmkit.virtio.device import (
     VIRTIO_F_RING_PACKED,
@@ -27,108 +45,6 @@ from vmmkit.virtio.device import (
     VirtioInterruptType,
 )
 from vmmkit.virtio.queue import Virtqueue
-
-MSI_ADDRESS = 0xFEE0_0000
-S_ACK, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, S_FAILED = 1, 2, 4, 8, 0x40, 0x80
-DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000
-
-
-class Driver:
-    """What drivers/virtio/virtio_pci_modern*.c does, through a guest's accesses."""
-
-    def __init__(self, machine: FakeMachine, slot: int, *, ecam: bool = False) -> None:
-        self.guest = machine.guest
-        self.fn: Function = machine.guest.function(slot, ecam=ecam)
-        fn = self.fn
-        # pci_enable_device + pci_set_master
-        fn.write16(c.COMMAND, fn.read16(c.COMMAND) | c.COMMAND_MEMORY | c.COMMAND_MASTER)
-        self.bars = fn.read_bases()
-        self.caps = {t: fn.virtio_find_capability(t, self.bars) for t in range(1, 6)}
-
-        def where(cfg_type: int) -> int:
-            pos = self.caps[cfg_type]
-            bar, offset = fn.read8(pos + 4), fn.read32(pos + 8)
-            return self.bars[bar].address + offset
-
-        self.common = where(vp.VIRTIO_PCI_CAP_COMMON_CFG)
-        self.isr = where(vp.VIRTIO_PCI_CAP_ISR_CFG)
-        self.device = where(vp.VIRTIO_PCI_CAP_DEVICE_CFG)
-        self.notify = where(vp.VIRTIO_PCI_CAP_NOTIFY_CFG)
-        self.multiplier = fn.read32(self.caps[vp.VIRTIO_PCI_CAP_NOTIFY_CFG] + 16)
-        self.msix_cap = fn.find_capability(c.CAP_ID_MSIX)
-
-    def r(self, offset: int, size: int) -> int:
-        return self.guest.read(self.common + offset, size)
-
-    def w(self, offset: int, size: int, value: int) -> None:
-        self.guest.write(self.common + offset, size, value)
-
-    @property
-    def status(self) -> int:
-        return self.r(vp.DEVICE_STATUS, 1)
-
-    def add_status(self, bits: int) -> None:
-        self.w(vp.DEVICE_STATUS, 1, self.status | bits)
-
-    def reset(self) -> None:
-        self.w(vp.DEVICE_STATUS, 1, 0)
-        assert self.status == 0  # vp_reset polls until it reads 0
-
-    def features(self) -> int:
-        self.w(vp.DEVICE_FEATURE_SELECT, 4, 0)
-        low = self.r(vp.DEVICE_FEATURE, 4)
-        self.w(vp.DEVICE_FEATURE_SELECT, 4, 1)
-        return low | self.r(vp.DEVICE_FEATURE, 4) << 32
-
-    def negotiate(self, features: int) -> bool:
-        self.reset()
-        self.add_status(S_ACK)
-        self.add_status(S_DRIVER)
-        self.w(vp.DRIVER_FEATURE_SELECT, 4, 0)
-        self.w(vp.DRIVER_FEATURE, 4, features & 0xFFFF_FFFF)
-        self.w(vp.DRIVER_FEATURE_SELECT, 4, 1)
-        self.w(vp.DRIVER_FEATURE, 4, features >> 32)
-        self.add_status(S_FEATURES_OK)
-        return bool(self.status & S_FEATURES_OK)
-
-    def setup_queue(self, index: int, size: int, desc: int, avail: int, used: int,
-                    vector: int = vp.VIRTIO_MSI_NO_VECTOR) -> int:
-        self.w(vp.QUEUE_SELECT, 2, index)
-        self.w(vp.QUEUE_SIZE, 2, size)
-        for offset, address in ((vp.QUEUE_DESC, desc), (vp.QUEUE_DRIVER, avail), (vp.QUEUE_DEVICE, used)):
-            self.w(offset, 4, address & 0xFFFF_FFFF)  # vp_iowrite64_twopart
-            self.w(offset + 4, 4, address >> 32)
-        self.w(vp.QUEUE_MSIX_VECTOR, 2, vector)
-        return self.r(vp.QUEUE_MSIX_VECTOR, 2)
-
-    def enable_queue(self, index: int) -> None:
-        self.w(vp.QUEUE_SELECT, 2, index)
-        self.w(vp.QUEUE_ENABLE, 2, 1)
-
-    def kick(self, index: int) -> None:
-        self.w(vp.QUEUE_SELECT, 2, index)
-        off = self.r(vp.QUEUE_NOTIFY_OFF, 2)
-        self.guest.write(self.notify + off * self.multiplier, 2, index)
-
-    # MSI-X as pci_msix_enable + msix_setup_interrupts + unmasking does it
-    def enable_msix(self, vectors: int) -> None:
-        ctrl = self.msix_cap + 2
-        self.fn.write16(ctrl, self.fn.read16(ctrl) | CONTROL_ENABLE | CONTROL_FUNCTION_MASK)
-        table_reg = self.fn.read32(self.msix_cap + 4)
-        table = self.bars[table_reg & 7].address + (table_reg & ~7)
-        for i in range(vectors):
-            entry = table + 16 * i
-            self.guest.write(entry + 12, 4, 1)
-            self.guest.write(entry, 4, MSI_ADDRESS)
-            self.guest.write(entry + 4, 4, 0)
-            self.guest.write(entry + 8, 4, 0x40 + i)
-        self.fn.write16(ctrl, self.fn.read16(ctrl) & ~CONTROL_FUNCTION_MASK)
-        for i in range(vectors):
-            self.guest.write(table + 16 * i + 12, 4, 0)
-        self.table = table
-
-    def read_isr(self) -> int:
-        return self.guest.read(self.isr, 1)
 
 
 @pytest.fixture
@@ -140,13 +56,6 @@ def attach(machine: FakeMachine, device: FakeDevice, **config: object) -> tuple[
     placed = attach_virtio_pci(machine, device, virtio_request(device.id, **config))
     machine.devices.append(placed)
     return placed.device, placed.properties["slot"]
-
-
-def write_ring(memory: GuestMemory, size: int = 8, buffer: int = 0x20000, length: int = 16) -> None:
-    """One device-writable descriptor made available (split ring at DESC/AVAIL/USED)."""
-    memory.write(DESC, struct.pack("<QIHH", buffer, length, 2, 0))
-    memory.write(AVAIL, struct.pack("<HHH", 0, 1, 0))
-    memory.write(USED, bytes(6 + 8 * size))
 
 
 # -- identity and discovery -------------------------------------------------------------------
@@ -644,3 +553,42 @@ def test_hostile_config_writes_never_raise(memory: GuestMemory, ops: list[tuple[
         assert ecam.read(0, 1, 0, 0, 4) == 0x1044_1AF4
     finally:
         machine.close()
+
+
+def test_every_offset_and_size(machine: FakeMachine) -> None:
+    """A sweep rather than a sample: every configuration-space offset through ECAM and
+    0xCF8/0xCFC, and every BAR offset around each structure plus a stride over the whole BAR,
+    with every access size, read and written with all ones."""
+    placed = attach_virtio_pci(machine, FakeDevice(sizes=(8, 8, 8)), virtio_request("sweep"))
+    machine.devices.append(placed)
+    transport = placed.device
+    guest = machine.guest
+    sizes = (1, 2, 3, 4, 8)
+    for offset in range(0x1000):
+        for size in sizes:
+            ecam = guest.ecam.base + (1 << 15) + offset
+            assert len(guest.cpu.mmio_read(ecam, size)) == size
+            guest.cpu.mmio_write(ecam, b"\xff" * size)
+    for offset in range(0x100):
+        guest.cf8.write(0, 1, 0, offset & 0xFC, 4, 0xFFFF_FFFF)
+        for size in sizes:
+            assert len(guest.cpu.pio_read(0xCF8 + (offset & 7), size)) == size
+    assert guest.function(1).read16(0) == 0x1AF4  # still there, still itself
+    base = transport.config.bar_address(0)
+    if machine.mmio_bus.lookup(base) is None:  # the sweep may have turned decoding off
+        transport.config.write(c.COMMAND, 2, c.COMMAND_MEMORY)
+        transport.config.write(0x10, 4, base & 0xFFFF_FFFF | 4)
+        transport.config.write(0x14, 4, base >> 32)
+        transport.remap()
+    edges = (vp.COMMON_CFG_OFFSET, vp.COMMON_CFG_OFFSET + vp.COMMON_CFG_SIZE, vp.ISR_CFG_OFFSET,
+             vp.DEVICE_CFG_OFFSET, vp.DEVICE_CFG_OFFSET + vp.DEVICE_CFG_SIZE, vp.NOTIFY_OFFSET,
+             vp.NOTIFY_OFFSET + vp.NOTIFY_SIZE, vp.MSIX_TABLE_OFFSET, vp.MSIX_TABLE_OFFSET + 64,
+             vp.MSIX_PBA_OFFSET, vp.MSIX_PBA_OFFSET + 8, vp.BAR_SIZE)
+    offsets = sorted({o for edge in edges for o in range(max(edge - 16, 0), min(edge + 64, vp.BAR_SIZE))}
+                     | set(range(0, vp.BAR_SIZE, 0x40)))
+    for offset in offsets:
+        for size in sizes:
+            assert len(transport.bar_read(0, offset, size)) == size
+            transport.bar_write(0, offset, b"\xff" * size)
+            transport.bar_write(0, offset, b"\x00" * size)
+    assert len(transport.bar_read(0, vp.BAR_SIZE - 1, 8)) == 8

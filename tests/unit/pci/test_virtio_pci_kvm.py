@@ -20,8 +20,18 @@ from typing import Any
 
 import pytest
 import structlog
-from pci_support import FakeDevice, FakeMachine, virtio_request
-from test_virtio_pci import AVAIL, DESC, MSI_ADDRESS, S_DRIVER_OK, USED, Driver, write_ring
+from pci_support import (
+    AVAIL,
+    DESC,
+    MSI_ADDRESS,
+    S_DRIVER_OK,
+    USED,
+    Driver,
+    FakeDevice,
+    FakeMachine,
+    virtio_request,
+    write_ring,
+)
 
 from vmmkit.hypervisor import ExitReason
 from vmmkit.machine import VcpuDispatch

@@ -233,7 +233,8 @@ def observe(platform: Platform) -> dict[str, Any]:
     seen["status_cap_list"] = bool(d.cfg_read(6, 2) & 0x10)
     d.cfg_write(0, 4, 0xFFFF_FFFF)
     d.cfg_write(8, 4, 0)
-    seen["ids_read_only"] = hex(d.cfg_read(0, 4)) == seen["ids"] and hex(d.cfg_read(8, 4) >> 8) == seen["class"]
+    after = hex(d.cfg_read(0, 4)), hex(d.cfg_read(8, 4) >> 8)
+    seen["ids_read_only"] = after == (seen["ids"], seen["class"])
     d.cfg_write(0x3C, 2, 0xFF0B)
     seen["line_pin_after_write"] = hex(d.cfg_read(0x3C, 2))
     # BARs: Linux's sizing, then every cap's structure must fit the BAR it names
@@ -267,7 +268,8 @@ def observe(platform: Platform) -> dict[str, Any]:
     table = d.cfg_read(d.msix_cap + 4, 4)
     seen["msix_table_fits"] = (table & ~7) + 16 * seen["msix_table_size"] <= sizes[table & 7][0]
     d.cfg_write(d.msix_cap + 2, 2, 0x3FFF)
-    seen["msix_control_read_only_bits"] = d.cfg_read(d.msix_cap + 2, 2) & 0x3FFF == seen["msix_table_size"] - 1
+    control = d.cfg_read(d.msix_cap + 2, 2)
+    seen["msix_control_read_only_bits"] = control & 0x3FFF == seen["msix_table_size"] - 1
     # the virtio status and feature protocol
     d.w(STATUS, 1, 0)
     seen["status_after_reset"] = d.r(STATUS, 1)
@@ -351,5 +353,5 @@ def test_same_observations_as_qemu(qemu: QemuPlatform, memory: GuestMemory) -> N
     # i.e. base class 0x00 "pre-2.0", subclass 0xff); vmmkit uses base class 0xff, "device
     # does not fit any defined class". Drivers bind by vendor/device ID, not class.
     assert (reference.pop("class"), ours.pop("class")) == ("0xff00", "0xff0000")
-    differences = {key: (reference[key], ours.get(key)) for key in reference if reference[key] != ours.get(key)}
+    differences = {key: (value, ours.get(key)) for key, value in reference.items() if value != ours.get(key)}
     assert not differences, f"QEMU vs vmmkit: {differences}"

@@ -255,7 +255,8 @@ def test_a_queue_breaking_at_runtime_sets_needs_reset(drv: Driver, memory: Guest
     assert drv.r(m.INTERRUPT_STATUS) & m.INT_CONFIG and line.pulses == 1
 
 
-def test_a_device_marked_broken_reads_needs_reset(drv: Driver, memory: GuestMemory, device: FakeDevice) -> None:
+def test_a_device_marked_broken_reads_needs_reset(drv: Driver, memory: GuestMemory,
+                                                  device: FakeDevice) -> None:
     bring_up(drv, memory)
     device.mark_broken("backend gone")
     assert drv.status() & m.DEVICE_NEEDS_RESET
@@ -281,7 +282,8 @@ def test_queue_addresses_are_64_bit(drv: Driver, transport: VirtioMmioTransport)
         drv.w(offset, value)
     drv.w(m.QUEUE_NUM, 4)
     q = transport.queues[1]
-    assert (q.desc_table, q.avail_ring, q.used_ring, q.size) == (0x2_1111_0000, 0x4_3333_0000, 0x6_5555_0000, 4)
+    assert (q.desc_table, q.avail_ring, q.used_ring) == (0x2_1111_0000, 0x4_3333_0000, 0x6_5555_0000)
+    assert q.size == 4
     assert drv.r(m.QUEUE_DESC_LOW) == 0 and drv.r(m.QUEUE_NUM) == 0  # write-only registers read 0
 
 
@@ -295,11 +297,16 @@ def test_queue_registers_only_between_features_ok_and_driver_ok(drv: Driver, mem
     bring_up(drv, memory)
     drv.w(m.QUEUE_SEL, 0)
     drv.w(m.QUEUE_DESC_LOW, 0x2000)
-    drv.w(m.QUEUE_READY, 0)
+    drv.w(m.QUEUE_READY, 1)
     assert transport.queues[0].desc_table == 0x10000 and transport.queues[0].ready
+    drv.w(m.QUEUE_READY, 0)  # "to stop using the queue": allowed at any time
+    assert drv.r(m.QUEUE_READY) == 0 and transport.queues[0].pop() is None
+    drv.w(m.QUEUE_READY, 1)  # but it cannot come back before a reset
+    assert drv.r(m.QUEUE_READY) == 0
 
 
-def test_a_ready_queue_keeps_its_layout(drv: Driver, memory: GuestMemory, transport: VirtioMmioTransport) -> None:
+def test_a_ready_queue_keeps_its_layout(drv: Driver, memory: GuestMemory,
+                                        transport: VirtioMmioTransport) -> None:
     assert drv.negotiate(VIRTIO_F_VERSION_1)
     drv.setup_queue(0, FakeDriver(memory, 16, desc=0x10000))
     drv.w(m.QUEUE_NUM, 2)
@@ -379,7 +386,8 @@ def test_config_generation_changes_with_the_config(drv: Driver, device: FakeDevi
 # -- interrupts and notifications -------------------------------------------------------------
 
 
-def test_used_buffer_interrupt_and_ack(drv: Driver, memory: GuestMemory, device: FakeDevice, line: FakeLine) -> None:
+def test_used_buffer_interrupt_and_ack(drv: Driver, memory: GuestMemory, device: FakeDevice,
+                                       line: FakeLine) -> None:
     bring_up(drv, memory)
     interrupt = device.context.interrupt  # type: ignore[union-attr]
     interrupt.trigger(VirtioInterruptType.QUEUE, 0)
@@ -389,7 +397,8 @@ def test_used_buffer_interrupt_and_ack(drv: Driver, memory: GuestMemory, device:
     assert drv.r(m.INTERRUPT_STATUS) == 0 and line.pulses == 2
 
 
-def test_a_partial_ack_pulses_again(drv: Driver, memory: GuestMemory, device: FakeDevice, line: FakeLine) -> None:
+def test_a_partial_ack_pulses_again(drv: Driver, memory: GuestMemory, device: FakeDevice,
+                                    line: FakeLine) -> None:
     bring_up(drv, memory)
     interrupt = device.context.interrupt  # type: ignore[union-attr]
     interrupt.trigger(VirtioInterruptType.QUEUE)
@@ -471,7 +480,8 @@ access = st.tuples(
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(accesses=st.lists(access, max_size=60))
-def test_random_accesses_never_raise(module_memory: GuestMemory, accesses: list[tuple[bool, int, int, int]]) -> None:
+def test_random_accesses_never_raise(module_memory: GuestMemory,
+                                     accesses: list[tuple[bool, int, int, int]]) -> None:
     device = FakeDevice()
     transport = VirtioMmioTransport(device, memory=module_memory, line=FakeLine(), event_loop=FakeEventLoop())  # type: ignore[arg-type]
     try:

@@ -26,7 +26,8 @@ REPO = HERE.parents[2]
 def _libasan() -> str | None:
     if shutil.which("gcc") is None:
         return None
-    path = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    found = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True)
+    path = found.stdout.strip()
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
@@ -68,17 +69,19 @@ def test_walker_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path)
         "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=66",
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=67",
     }
-    script = CHILD.format(build=str(tmp_path), here=str(HERE), seed=1234, seconds=3)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    script = CHILD.format(build=str(tmp_path), here=str(HERE), seed=1234, seconds=2)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            timeout=120)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     runs = int(result.stdout.split()[-1])
     assert runs > 500, result.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed (pip install atheris)")
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
+                    reason="atheris is not installed (pip install atheris)")
 def test_atheris_harness_runs(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(HERE / "fuzz_walker_atheris.py"), "-max_total_time=3", "-seed=1",
+        [sys.executable, str(HERE / "fuzz_walker_atheris.py"), "-max_total_time=2", "-seed=1",
          f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )

@@ -80,7 +80,8 @@ def test_mmio_placement(machine: Machine) -> None:
 
 
 def test_the_request_chooses_the_transport_and_placement(machine: Machine) -> None:
-    placed = place(machine, FakeDevice("fixed"), transport="mmio", mmio=(WINDOW.start + 0x8000, 0x1000), irq=11)
+    placed = place(machine, FakeDevice("fixed"), transport="mmio", mmio=(WINDOW.start + 0x8000, 0x1000),
+                   irq=11)
     assert placed.mmio == (WINDOW.start + 0x8000, 0x1000) and placed.irq == 11
     following = place(machine, FakeDevice("next"))
     assert following.mmio is not None and following.mmio[0] == WINDOW.start
@@ -97,7 +98,7 @@ def test_ioeventfds_on_queue_notify(machine: Machine) -> None:
     vm: FakeVm = machine.vm  # type: ignore[assignment]
     notify = WINDOW.start + m.QUEUE_NOTIFY
     transport: m.VirtioMmioTransport = placed.device
-    assert {k: v for k, v in vm.ioeventfds.items()} == {(notify, i): fd for i, fd in enumerate(transport.queue_events)}
+    assert vm.ioeventfds == {(notify, i): fd for i, fd in enumerate(transport.queue_events)}
     vm.guest_mmio_write(machine.mmio_bus, notify, (2).to_bytes(4, "little"))
     assert os.eventfd_read(transport.queue_events[2]) == 1
     assert transport.counters()["notifications_trapped"] == 0  # served "in the hypervisor"

@@ -27,7 +27,8 @@ from vmmkit.virtio import chain as vq
 from vmmkit.virtio.chain import ErrorKind, Segment, VirtqueueError
 from vmmkit.virtio.device import VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 
-pytestmark = pytest.mark.skipif(not vq.native_available(), reason=f"native walker: {vq.NATIVE_UNAVAILABLE_REASON}")
+pytestmark = pytest.mark.skipif(not vq.native_available(),
+                                reason=f"native walker: {vq.NATIVE_UNAVAILABLE_REASON}")
 
 EXAMPLES = int(os.environ.get("VMMKIT_FUZZ_EXAMPLES", "400"))
 SECONDS = float(os.environ.get("VMMKIT_FUZZ_SECONDS", "4"))

@@ -235,7 +235,7 @@ class FakeDevice(VirtioDevice):
     name = "fake"
 
     def __init__(self, device_id: str = "fake0", sizes: Sequence[int] = (16, 8),
-                 features: int = VIRTIO_F_VERSION_1, config: bytes = b"\x01\x02\x03\x04\x05\x06\x07\x08") -> None:
+                 features: int = VIRTIO_F_VERSION_1, config: bytes = bytes(range(1, 9))) -> None:
         super().__init__(device_id)
         self._sizes = list(sizes)
         self._features = features

@@ -1,0 +1,84 @@
+"""Logging for library and plugin code: structlog, loaded only when something is logged.
+
+Write ``log = get_logger()`` and use it as a structlog logger (``log.info("vcpu.exit",
+reason=...)``, ``log.bind(vcpu=0)``). Importing structlog costs about as much as the rest of
+a VM's start-up, so it happens on the first call at an enabled level: a run that logs nothing
+(the default, warnings only) never loads it. Only the CLI decides levels and output
+(:func:`configure`); without it, structlog's own defaults apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+_threshold: int = logging.NOTSET
+_configure_hook: Callable[[], None] | None = None
+_configured = False
+
+
+def configure(level: int, apply: Callable[[], None]) -> None:
+    """Set the lowest level that is emitted and the function that configures structlog
+    (called once, just before the first message is emitted)."""
+    global _threshold, _configure_hook, _configured
+    _threshold, _configure_hook, _configured = level, apply, False
+
+
+def is_enabled(level: int) -> bool:
+    return level >= _threshold
+
+
+def _structlog() -> Any:
+    global _configured
+    import structlog
+
+    if not _configured and _configure_hook is not None:
+        _configure_hook()
+    _configured = True
+    return structlog
+
+
+class Logger:
+    """A structlog-shaped logger that defers importing structlog."""
+
+    __slots__ = ("_context", "_real")
+
+    def __init__(self, context: dict[str, Any] | None = None) -> None:
+        self._context = context or {}
+        self._real: Any = None
+
+    def bind(self, **values: Any) -> Logger:
+        return Logger({**self._context, **values})
+
+    def _emit(self, level: int, method: str, event: str, values: dict[str, Any]) -> None:
+        if level < _threshold:
+            return
+        if self._real is None:
+            self._real = _structlog().get_logger().bind(**self._context)
+        getattr(self._real, method)(event, **values)
+
+    def debug(self, event: str, **values: Any) -> None:
+        self._emit(logging.DEBUG, "debug", event, values)
+
+    def info(self, event: str, **values: Any) -> None:
+        self._emit(logging.INFO, "info", event, values)
+
+    def warning(self, event: str, **values: Any) -> None:
+        self._emit(logging.WARNING, "warning", event, values)
+
+    warn = warning
+
+    def error(self, event: str, **values: Any) -> None:
+        self._emit(logging.ERROR, "error", event, values)
+
+    def exception(self, event: str, **values: Any) -> None:
+        values.setdefault("exc_info", True)
+        self._emit(logging.ERROR, "error", event, values)
+
+    def critical(self, event: str, **values: Any) -> None:
+        self._emit(logging.CRITICAL, "critical", event, values)
+
+
+def get_logger(**context: Any) -> Logger:
+    return Logger(context)
