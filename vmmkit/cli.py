@@ -159,7 +159,8 @@ def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
     for device_type in registries.devices:
         if device_type.option:
             for spec in getattr(options, f"plugin_device:{device_type.name}"):
-                plugin_devices.append(PluginDeviceConfig.parse(device_type.name, spec, option=f"--{device_type.option}"))
+                option = f"--{device_type.option}"
+                plugin_devices.append(PluginDeviceConfig.parse(device_type.name, spec, option=option))
     config = VmConfig.from_cli(**kwargs, plugin_devices=tuple(plugin_devices))
     if options.debug_console is not None:
         import attrs

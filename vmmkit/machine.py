@@ -38,7 +38,7 @@ log = get_logger()
 _HEADER_BYTES = 64 * 1024
 
 
-class MachineState(str, enum.Enum):
+class MachineState(enum.StrEnum):
     """The VM states of Cloud Hypervisor's ``VmInfo.state``."""
 
     CREATED = "Created"
@@ -47,7 +47,7 @@ class MachineState(str, enum.Enum):
     SHUTDOWN = "Shutdown"
 
 
-class StopReason(str, enum.Enum):
+class StopReason(enum.StrEnum):
     POWER_OFF = "guest-poweroff"
     TRIPLE_FAULT = "triple-fault"
     INTERNAL_ERROR = "internal-error"
