@@ -179,6 +179,9 @@ class Machine:
         self._stop = threading.Event()
         self._exit: MachineExit | None = None
         self._reset_requested: str | None = None
+        self._done = threading.Event()
+        self._final: MachineExit | None = None
+        self._control: threading.Thread | None = None
         self._pause_requested = False
         self._parked = 0
         self._park = threading.Condition(self._lock)
@@ -351,6 +354,8 @@ class Machine:
         self.event_loop.start()
         self._start_vcpu_threads()
         self._set_state(MachineState.RUNNING, reason="boot")
+        self._control = threading.Thread(target=self._control_loop, name="vmm-control", daemon=True)
+        self._control.start()
         self.emit("vm-booted")
 
     def _start_vcpu_threads(self) -> None:
@@ -458,19 +463,33 @@ class Machine:
         self._kick_all()
 
     def wait(self, timeout: float | None = None) -> MachineExit | None:
-        """Wait for the guest to stop, performing guest-requested resets; ``None`` on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Wait until the machine has stopped for good (guest-requested resets are performed
+        by the control thread meanwhile); ``None`` on timeout."""
+        if not self._done.wait(timeout):
+            return None
+        return self._final
+
+    def _control_loop(self) -> None:
+        """The machine's control thread: performs resets, and finishes the machine once a
+        stop (power-off, fault, request) arrives."""
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._stop.wait(remaining):
-                return None
+            self._stop.wait()
             self._join_vcpus()
             with self._lock:
                 reset, self._reset_requested = self._reset_requested, None
                 if self._exit is None and reset is not None:
+                    self._stop.clear()
+            if self._exit is None and reset is not None:
+                try:
                     self._reboot(reset)
                     continue
-            return self._finish()
+                except VmmError as exc:
+                    log.error("vm.reset_failed", error=str(exc))
+                    self.request_stop(StopReason.INTERNAL_ERROR, f"reset failed: {exc}")
+                    continue
+            self._final = self._finish()
+            self._done.set()
+            return
 
     def _join_vcpus(self) -> None:
         for thread in self._threads:
@@ -522,7 +541,10 @@ class Machine:
             self.close()
 
     def close(self) -> None:
-        if self._threads:
+        if self._control is not None:
+            self.request_stop(StopReason.REQUESTED)
+            self._done.wait()
+        elif self._threads:
             self.request_stop(StopReason.REQUESTED)
             self._join_vcpus()
         self.event_loop.close()

@@ -42,7 +42,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import attrs
-import structlog
 
 from vmmkit.allocator import AddressAllocator
 from vmmkit.arch import MemoryLayout
@@ -52,6 +51,7 @@ from vmmkit.errors import BusError, DeviceError
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import Vm
 from vmmkit.irq import InterruptLine
+from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory, MemoryRange
 from vmmkit.pci.config import (
     BAR0,
@@ -66,7 +66,7 @@ from vmmkit.pci.config import (
 )
 from vmmkit.pci.function import BarRegion, PciFunction
 
-log = structlog.get_logger()
+log = get_logger()
 
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_IO_SIZE = 8

@@ -18,13 +18,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import structlog
-
 from vmmkit.hypervisor import Vm
 from vmmkit.irq import MsiVector
+from vmmkit.log import get_logger
 from vmmkit.pci.config import CAP_ID_MSIX, PciConfigSpace, overlaps
 
-log = structlog.get_logger()
+log = get_logger()
 
 MAX_VECTORS = 2048
 ENTRY_SIZE = 16
@@ -102,7 +101,7 @@ class MsixTable:
         self.function_masked = False
         self._cap_offset: int | None = None
         use_gsi = allocate_gsi is not None and backend_routes_msi(vm)
-        self.vectors = [MsixVector(vm, allocate_gsi() if use_gsi and allocate_gsi else None)
+        self.vectors = [MsiVector(vm, allocate_gsi() if use_gsi and allocate_gsi else None)
                         for _ in range(vectors)]
         self._init_table()
 

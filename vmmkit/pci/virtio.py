@@ -52,13 +52,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
-import structlog
 
 from vmmkit.device import DeviceRequest, PlacedDevice
 from vmmkit.errors import DeviceError
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import Vm
 from vmmkit.irq import InterruptLine
+from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
 from vmmkit.pci.config import (
     CAP_ID_VNDR,
@@ -83,7 +83,7 @@ from vmmkit.virtio.device import (
 )
 from vmmkit.virtio.queue import Virtqueue
 
-log = structlog.get_logger()
+log = get_logger()
 
 VIRTIO_PCI_VENDOR_ID = 0x1AF4
 VIRTIO_PCI_DEVICE_ID_BASE = 0x1040

@@ -57,10 +57,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-import structlog
-
 from vmmkit.device import Device
 from vmmkit.errors import DeviceError
+from vmmkit.log import get_logger
 from vmmkit.virtio.chain import MAX_QUEUE_SIZE, VirtqueueError
 from vmmkit.virtio.device import (
     VIRTIO_F_RING_PACKED,
@@ -76,7 +75,7 @@ if TYPE_CHECKING:
     from vmmkit.irq import InterruptLine
     from vmmkit.memory import GuestMemory
 
-log = structlog.get_logger()
+log = get_logger()
 
 MMIO_SIZE: Final = 0x1000
 MAGIC_VALUE: Final = 0x74726976  # "virt"

@@ -19,11 +19,10 @@ import importlib
 import threading
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from vmmkit.allocator import AddressAllocator
 from vmmkit.device import DeviceRequest, PlacedDevice
 from vmmkit.errors import BusError, DeviceError, VmmError
+from vmmkit.log import get_logger
 from vmmkit.virtio.device import VirtioDevice
 from vmmkit.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, VirtioMmioTransport
 
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
     from vmmkit.hypervisor import Vm
     from vmmkit.machine import Machine
 
-log = structlog.get_logger()
+log = get_logger()
 
 TRANSPORTS = ("mmio", "pci")
 #: The machine attribute holding the device-MMIO window's allocator (see :func:`device_mmio_allocator`).

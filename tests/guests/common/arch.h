@@ -2,7 +2,10 @@
  * What each architecture (x86_64/, later aarch64/) provides to the common
  * code. The arch directory is on the include path, so "arch_cpu.h" is the
  * architecture's inline helpers: ARCH_NAME, arch_cpu_index(),
- * arch_cpu_relax(), arch_cycles().
+ * arch_cpu_relax(), arch_cycles(). Device drivers also include "arch_io.h":
+ * mmio_read{8,16,32}() / mmio_write{8,16,32}() (one single-register access
+ * each, safe for a VMM to emulate), dma_mb() / dma_rmb() / dma_wmb() and
+ * dma_addr(pointer) (the address a device uses for guest memory).
  */
 #ifndef COMMON_ARCH_H
 #define COMMON_ARCH_H
@@ -26,6 +29,12 @@ void arch_checks(const struct bootinfo *bi);
  * Returns the number of CPUs asked.
  */
 unsigned arch_run_on_others(void (*fn)(void));
+
+/*
+ * Make the device MMIO range [addr, addr + size) accessible at the virtual
+ * address addr (identity, uncached). False if it cannot be mapped.
+ */
+bool arch_map_mmio(u64 addr, u64 size);
 
 /* Report status to the VMM, power off; never returns. */
 __noreturn void arch_exit(int status);

@@ -26,6 +26,9 @@ struct bootinfo {
 	u64 rsdp;			/* ACPI RSDP hint, 0 if none */
 };
 
+/* The boot information of this run (set before any test runs). */
+extern const struct bootinfo *boot_info;
+
 /* Does one RAM entry of the memory map cover [start, end)? */
 bool memmap_is_ram(const struct bootinfo *bi, u64 start, u64 end);
 

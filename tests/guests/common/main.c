@@ -18,6 +18,8 @@ static const char *mem_type(u32 type)
 	}
 }
 
+const struct bootinfo *boot_info;
+
 bool memmap_is_ram(const struct bootinfo *bi, u64 start, u64 end)
 {
 	for (u32 i = 0; i < bi->nr_memmap; i++) {
@@ -59,6 +61,7 @@ static void check_memmap(const struct bootinfo *bi)
 
 __noreturn void selftest_main(const struct bootinfo *bi)
 {
+	boot_info = bi;
 	/* The empty line ends any partial line left by firmware (SeaBIOS). */
 	kprintf("\nselftest: vmmkit %s selftest v1\n", ARCH_NAME);
 	info("boot", "%s%s%s", bi->method, bi->detail[0] ? " " : "", bi->detail);

@@ -19,6 +19,8 @@ typedef int64_t s64;
 #define __packed __attribute__((packed))
 #define __printf(f, a) __attribute__((format(printf, f, a)))
 #define __used __attribute__((used))
+/* Not part of the image and not zeroed at boot (DMA buffers, page tables). */
+#define __noinit __attribute__((section(".noinit")))
 
 #define barrier() __asm__ __volatile__("" ::: "memory")
 #define READ_ONCE(x) (*(const volatile __typeof__(x) *)&(x))

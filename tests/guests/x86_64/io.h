@@ -29,7 +29,12 @@ static inline u32 inl(u16 port)
 	return v;
 }
 
+/* MMIO: one plain mov each (the emulator decodes them; no string ops). */
+static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)phys(addr); }
+static inline u16 mmio_read16(u64 addr) { return *(volatile u16 *)phys(addr); }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)phys(addr); }
+static inline void mmio_write8(u64 addr, u8 v) { *(volatile u8 *)phys(addr) = v; }
+static inline void mmio_write16(u64 addr, u16 v) { *(volatile u16 *)phys(addr) = v; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)phys(addr) = v; }
 
 static inline u64 rdmsr(u32 msr)

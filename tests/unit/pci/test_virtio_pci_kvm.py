@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from pci_support import (
     AVAIL,
     DESC,
@@ -94,6 +93,23 @@ def kvm_vm() -> Iterator[Any]:
     yield vm
     vm.close()
     hypervisor.close()
+
+
+def _record_refusals(vm: Any) -> list[str]:
+    """Wrap the VM's irqfd and route calls so a refusal is recorded (then raised as usual)."""
+    refused: list[str] = []
+    for name in ("register_irqfd", "unregister_irqfd", "set_msi_route"):
+        original = getattr(vm, name)
+
+        def wrapper(*args: Any, _original: Any = original, _name: str = name) -> Any:
+            try:
+                return _original(*args)
+            except Exception as exc:
+                refused.append(f"{_name}{args}: {exc}")
+                raise
+
+        setattr(vm, name, wrapper)
+    return refused
 
 
 class Ops(VcpuDispatch):
@@ -186,13 +202,13 @@ def test_kick_by_ioeventfd_and_msix_by_irqfd_on_kvm(kvm_vm: Any) -> None:
 
         # mask and unmask the vector a few times (irqfd deassigned and assigned again each
         # time): KVM must accept every step, and the next message must still arrive
+        refused = _record_refusals(kvm_vm)
         table = drv.table
-        with structlog.testing.capture_logs() as logs:
-            for _ in range(3):
-                drv.guest.write(table + 16 + 12, 4, 1)
-                drv.guest.write(table + 16 + 12, 4, 0)
-            transport.signal(VirtioInterruptType.QUEUE, 0)
-        assert not [entry for entry in logs if entry["log_level"] in ("warning", "error")], logs
+        for _ in range(3):
+            drv.guest.write(table + 16 + 12, 4, 1)
+            drv.guest.write(table + 16 + 12, 4, 0)
+        transport.signal(VirtioInterruptType.QUEUE, 0)
+        assert refused == []
         thread.join(20)
         watchdog.cancel()
         assert result and result[0].reason is ExitReason.INTERRUPTED and ops.done.is_set(), result

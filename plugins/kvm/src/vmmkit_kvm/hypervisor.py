@@ -464,7 +464,13 @@ class KvmVcpu(Vcpu):
         self._fd.set_msrs(msrs)
 
     def set_cpuid(self, entries: Sequence[CpuIdEntry]) -> None:
-        self._fd.set_cpuid(entries)
+        # KVM refuses KVM_SET_CPUID2 once the vCPU has run unless the table is unchanged; a
+        # VM reset re-applies the same table, which needs no ioctl at all.
+        table = tuple(entries)
+        if table == getattr(self, "_cpuid_set", None):
+            return
+        self._fd.set_cpuid(table)
+        self._cpuid_set = table
 
     def get_cpuid(self) -> list[CpuIdEntry]:
         return self._fd.get_cpuid()
