@@ -68,6 +68,11 @@ class Architecture(ABC):
         (``virtio_mmio.device=`` entries on x86)."""
         return config.payload.cmdline or ""
 
+    def vcpu_id(self, config: VmConfig, index: int) -> int:
+        """The hypervisor's id for the ``index``-th vCPU (on x86, its APIC ID, which gaps
+        when a topology level is not a power of two)."""
+        return index
+
     @abstractmethod
     def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:
         """Per-VM set-up before vCPUs exist (interrupt controller, ...)."""

@@ -42,11 +42,10 @@ def _structlog() -> Any:
 class Logger:
     """A structlog-shaped logger that defers importing structlog."""
 
-    __slots__ = ("_context", "_real")
+    __slots__ = ("_context",)
 
     def __init__(self, context: dict[str, Any] | None = None) -> None:
         self._context = context or {}
-        self._real: Any = None
 
     def bind(self, **values: Any) -> Logger:
         return Logger({**self._context, **values})
@@ -54,9 +53,8 @@ class Logger:
     def _emit(self, level: int, method: str, event: str, values: dict[str, Any]) -> None:
         if level < _threshold:
             return
-        if self._real is None:
-            self._real = _structlog().get_logger().bind(**self._context)
-        getattr(self._real, method)(event, **values)
+        # Not cached: structlog's configuration may change (tests capture logs).
+        getattr(_structlog().get_logger(**self._context), method)(event, **values)
 
     def debug(self, event: str, **values: Any) -> None:
         self._emit(logging.DEBUG, "debug", event, values)

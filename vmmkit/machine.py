@@ -229,7 +229,7 @@ class Machine:
         self._load_payload()
         dispatch = VcpuDispatch(self.pio_bus, self.mmio_bus)
         for index in range(self.config.cpus.boot_vcpus):
-            vcpu = self.vm.create_vcpu(index, dispatch)
+            vcpu = self.vm.create_vcpu(self.arch.vcpu_id(self.config, index), dispatch)
             self.vcpus.append(vcpu)
         self._configure_vcpus()
         self.pm.hook.vmmkit_vm_created(machine=self)
@@ -239,6 +239,8 @@ class Machine:
         requests: list[DeviceRequest] = list(self.arch.platform_devices(self.config))
         for device_type in self.registries.devices:
             requests.extend(device_type.requests(self.config))
+        fixed = {request.irq for request in requests if request.irq is not None}
+        self._free_irqs = [irq for irq in self._free_irqs if irq not in fixed]
         for request in requests:
             self.add_device(request)
 
@@ -361,15 +363,15 @@ class Machine:
     def _start_vcpu_threads(self) -> None:
         self._stop.clear()
         self._threads = [
-            threading.Thread(target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True)
-            for vcpu in self.vcpus
+            threading.Thread(target=self._vcpu_loop, args=(vcpu, position), name=f"vcpu{position}", daemon=True)
+            for position, vcpu in enumerate(self.vcpus)
         ]
         for thread in self._threads:
             thread.start()
 
-    def _vcpu_loop(self, vcpu: Vcpu) -> None:
-        set_native_thread_name(f"vcpu{vcpu.index}")
-        vlog = log.bind(vcpu=vcpu.index)
+    def _vcpu_loop(self, vcpu: Vcpu, position: int) -> None:
+        set_native_thread_name(f"vcpu{position}")
+        vlog = log.bind(vcpu=position)
         while not self._stop.is_set():
             if self._pause_requested:
                 self._park_here()
@@ -386,11 +388,11 @@ class Machine:
             elif reason is ExitReason.HLT:
                 self._stop.wait(0.001)
             elif reason is ExitReason.SHUTDOWN:
-                self.request_stop(StopReason.TRIPLE_FAULT, exit_.detail or f"vcpu{vcpu.index} triple fault")
+                self.request_stop(StopReason.TRIPLE_FAULT, exit_.detail or f"vcpu{position} triple fault")
             elif reason is ExitReason.RESET:
                 self.request_reset(exit_.detail or "guest")
             elif reason in (ExitReason.INTERNAL_ERROR, ExitReason.FAIL_ENTRY):
-                self.request_stop(StopReason.INTERNAL_ERROR, f"vcpu{vcpu.index}: {exit_.detail or reason.value}")
+                self.request_stop(StopReason.INTERNAL_ERROR, f"vcpu{position}: {exit_.detail or reason.value}")
             elif reason is ExitReason.DEBUG:
                 continue
 
@@ -581,8 +583,8 @@ class Machine:
             values = _call(placed.device, "counters")
             if values:
                 out[placed.request.id] = dict(values)
-        for vcpu in self.vcpus:
-            out[f"vcpu{vcpu.index}"] = dict(vcpu.exit_counts())
+        for position, vcpu in enumerate(self.vcpus):
+            out[f"vcpu{position}"] = dict(vcpu.exit_counts())
         return out
 
     def uptime(self) -> float:

@@ -101,7 +101,7 @@ class MsixTable:
         self.function_masked = False
         self._cap_offset: int | None = None
         use_gsi = allocate_gsi is not None and backend_routes_msi(vm)
-        self.vectors = [MsiVector(vm, allocate_gsi() if use_gsi and allocate_gsi else None)
+        self.vectors = [MsixVector(vm, allocate_gsi() if use_gsi and allocate_gsi else None)
                         for _ in range(vectors)]
         self._init_table()
 

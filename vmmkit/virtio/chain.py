@@ -127,18 +127,31 @@ class IovecArray:
     ``iov[0:readable]`` are device-readable, ``iov[readable:count]`` device-writable. The
     object owns the arrays: keep it alive while C code uses them."""
 
-    __slots__ = ("address", "gpa_address", "count", "readable", "readable_bytes", "writable_bytes",
-                 "_keep")
+    __slots__ = ("count", "readable", "readable_bytes", "writable_bytes", "_iov", "_gpa", "_keep")
 
-    def __init__(self, address: int, gpa_address: int, count: int, readable: int,
-                 readable_bytes: int, writable_bytes: int, keep: object) -> None:
-        self.address = address
-        self.gpa_address = gpa_address
+    def __init__(self, iov: Any, gpa: Any, count: int, readable: int, readable_bytes: int,
+                 writable_bytes: int, keep: object) -> None:
         self.count = count
         self.readable = readable
         self.readable_bytes = readable_bytes
         self.writable_bytes = writable_bytes
+        self._iov = iov  # an address, or a cffi pointer (turned into one on first use)
+        self._gpa = gpa
         self._keep = keep
+
+    @property
+    def address(self) -> int:
+        """The address of the ``struct iovec`` array."""
+        if not isinstance(self._iov, int):
+            self._iov = int(_ffi.cast("uintptr_t", self._iov))
+        return self._iov
+
+    @property
+    def gpa_address(self) -> int:
+        """The address of the ``uint64_t`` array of guest-physical addresses."""
+        if not isinstance(self._gpa, int):
+            self._gpa = int(_ffi.cast("uintptr_t", self._gpa))
+        return self._gpa
 
     def __repr__(self) -> str:
         return f"IovecArray(count={self.count}, readable={self.readable}, address={self.address:#x})"
@@ -471,25 +484,28 @@ def walk_native(
         kind = ErrorKind(rc)
         raise _fail(kind, f"chain at head {head}: {_NATIVE_MESSAGES[kind]}")
     count, readable = out.count, out.readable
-    iov = _ffi.new("struct iovec[]", max(count, 1))
-    gpa_array = _ffi.new("uint64_t[]", max(count, 1))
-    if count:
-        _ffi.memmove(iov, scratch.iov, count * _ffi.sizeof("struct iovec"))
-        _ffi.memmove(gpa_array, scratch.gpa, count * 8)
-    gpas = _ffi.unpack(gpa_array, count)
     lengths: Sequence[int]
     if _IOVEC_IS_TWO_U64:
-        words = memoryview(_ffi.buffer(iov, count * 16)).cast("Q")
-        hosts = tuple(words[0::2])
-        lengths = words[1::2]
+        # One array per chain: struct iovec[count] (two words each), then uint64_t gpa[count].
+        arrays = _ffi.new("uint64_t[]", 3 * count or 1)
+        _ffi.memmove(arrays, scratch.iov, 16 * count)
+        _ffi.memmove(arrays + 2 * count, scratch.gpa, 8 * count)
+        words = _ffi.unpack(arrays, 3 * count)
+        hosts = tuple(words[0 : 2 * count : 2])
+        lengths = words[1 : 2 * count : 2]
+        gpas = words[2 * count :]
+        iov, gpa_array, keep = arrays, arrays + 2 * count, arrays
     else:  # pragma: no cover - 32-bit or big-endian hosts
+        iov = _ffi.new("struct iovec[]", count or 1)
+        gpa_array = _ffi.new("uint64_t[]", count or 1)
+        _ffi.memmove(iov, scratch.iov, count * _ffi.sizeof("struct iovec"))
+        _ffi.memmove(gpa_array, scratch.gpa, count * 8)
+        gpas = _ffi.unpack(gpa_array, count)
         hosts = tuple(int(_ffi.cast("uintptr_t", iov[i].iov_base)) for i in range(count))
         lengths = [iov[i].iov_len for i in range(count)]
-    segments = tuple(Segment(gpas[i], lengths[i], i >= readable) for i in range(count))
-    iovecs = IovecArray(
-        int(_ffi.cast("uintptr_t", iov)), int(_ffi.cast("uintptr_t", gpa_array)), count, readable,
-        out.readable_bytes, out.writable_bytes, (iov, gpa_array),
-    )
+        keep = (iov, gpa_array)
+    segments = tuple(map(Segment, gpas, lengths, [False] * readable + [True] * (count - readable)))
+    iovecs = IovecArray(iov, gpa_array, count, readable, out.readable_bytes, out.writable_bytes, keep)
     return DescriptorChain(head, segments, readable, out.descriptors, hosts, iovecs)
 
 

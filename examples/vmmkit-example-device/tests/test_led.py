@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from vmmkit_example_device import plugin
+from vmmkit_example_device.led import LedPanel, LedPanelType
 
 from vmmkit.config import PluginDeviceConfig, VmConfig
 from vmmkit.errors import DeviceError
 from vmmkit.plugin import collect_registries, make_plugin_manager
-from vmmkit_example_device import plugin
-from vmmkit_example_device.led import LedPanel, LedPanelType
 
 
 def test_guest_writes_set_the_leds_and_reads_return_them() -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-import structlog
-
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
 from vmmkit.errors import CapabilityError
 from vmmkit.x86 import CpuIdEntry, MpState, X86Hypervisor, X86Vcpu
@@ -23,7 +21,9 @@ if TYPE_CHECKING:
     from vmmkit.hypervisor import Hypervisor, Vcpu, Vm
     from vmmkit.memory import GuestMemory
 
-log = structlog.get_logger()
+from vmmkit.log import get_logger
+
+log = get_logger()
 
 
 class X86_64(Architecture):  # noqa: N801  (the architecture's name)
@@ -48,6 +48,9 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
     def apic_id(config: VmConfig, index: int) -> int:
         """The APIC ID of vCPU ``index``: the ID a backend should create it with."""
         return Topology.from_config(config.cpus).apic_id(index)
+
+    def vcpu_id(self, config: VmConfig, index: int) -> int:
+        return self.apic_id(config, index)
 
     # -- the VM --------------------------------------------------------------------------------
 

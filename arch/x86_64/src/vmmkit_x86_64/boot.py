@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import structlog
 
 from vmmkit.arch import BootInfo, MemoryLayout
 from vmmkit.device import PlacedDevice
@@ -32,7 +31,9 @@ if TYPE_CHECKING:
     from vmmkit.config import VmConfig
     from vmmkit.memory import GuestMemory
 
-log = structlog.get_logger()
+from vmmkit.log import get_logger
+
+log = get_logger()
 
 PROTOCOLS = ("linux64", "pvh")
 

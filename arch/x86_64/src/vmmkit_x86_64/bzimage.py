@@ -13,8 +13,6 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-import structlog
-
 from vmmkit.arch import BootInfo, MemoryLayout
 from vmmkit.memory import MemoryRange
 from vmmkit_x86_64 import bootparams as Z
@@ -25,7 +23,9 @@ if TYPE_CHECKING:
     from vmmkit.config import VmConfig
     from vmmkit.memory import GuestMemory
 
-log = structlog.get_logger()
+from vmmkit.log import get_logger
+
+log = get_logger()
 
 MIN_VERSION: Final = 0x020C
 LOADED_HIGH: Final = 1 << 0

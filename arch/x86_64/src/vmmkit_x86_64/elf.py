@@ -11,7 +11,6 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import structlog
 from elftools.elf.elffile import ELFFile
 
 from vmmkit.arch import BootInfo, MemoryLayout
@@ -23,7 +22,9 @@ if TYPE_CHECKING:
     from vmmkit.config import VmConfig
     from vmmkit.memory import GuestMemory
 
-log = structlog.get_logger()
+from vmmkit.log import get_logger
+
+log = get_logger()
 
 ELF_MAGIC: Final = b"\x7fELF"
 EM_386: Final = 3

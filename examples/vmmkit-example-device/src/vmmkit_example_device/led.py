@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import structlog
-
 from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
 from vmmkit.errors import DeviceError
+from vmmkit.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 DEFAULT_PORT = 0x510
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-import structlog
-
 from vmmkit.device import Device
+from vmmkit.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 #: Widest CPU access a bus delivers (``size`` / ``len(data)`` are 1, 2, 4 or 8).
 MAX_ACCESS = 8

@@ -18,7 +18,6 @@ import platform
 from collections.abc import Sequence
 from typing import ClassVar
 
-import structlog
 from attrs import frozen
 
 from vmmkit.errors import CapabilityError, HypervisorError
@@ -52,7 +51,9 @@ __all__ = [
     "REQUIRED_CAPS",
 ]
 
-log = structlog.get_logger()
+from vmmkit.log import get_logger
+
+log = get_logger()
 
 KVM_DEVICE = "/dev/kvm"
 

@@ -19,12 +19,11 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-import structlog
-
 from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
 
-log = structlog.get_logger()
+log = get_logger()
 
 SLEEP_CONTROL = 0
 SLEEP_STATUS = 1

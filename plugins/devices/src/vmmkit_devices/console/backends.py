@@ -31,13 +31,12 @@ import tty
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol
 
-import structlog
-
 from vmmkit.errors import DeviceError
 from vmmkit.eventloop import EventLoop
+from vmmkit.log import get_logger
 from vmmkit_devices.console.tty import RawMode
 
-log = structlog.get_logger()
+log = get_logger()
 
 #: Largest chunk read from an input fd at once.
 READ_CHUNK = 4096

@@ -7,9 +7,9 @@ import termios
 import threading
 from typing import Any
 
-import structlog
+from vmmkit.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 _active: list[RawMode] = []
 _active_lock = threading.Lock()

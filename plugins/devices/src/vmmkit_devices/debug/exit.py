@@ -14,12 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-import structlog
-
 from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.log import get_logger
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class DebugExit(Device):

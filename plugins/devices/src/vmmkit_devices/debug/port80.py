@@ -23,13 +23,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-import structlog
-
 from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
 from vmmkit.hypervisor import PortSink
+from vmmkit.log import get_logger
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
 
-log = structlog.get_logger()
+log = get_logger()
 
 LABEL = "guest.progress"
 

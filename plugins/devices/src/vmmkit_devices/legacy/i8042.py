@@ -31,13 +31,12 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-import structlog
-
 from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
 from vmmkit.irq import InterruptLine
+from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
 
-log = structlog.get_logger()
+log = get_logger()
 
 DATA = 0
 PORT_B = 1

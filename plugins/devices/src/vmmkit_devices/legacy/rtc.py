@@ -34,13 +34,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-import structlog
-
 from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
 from vmmkit.irq import InterruptLine
+from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
 
-log = structlog.get_logger()
+log = get_logger()
 
 INDEX_PORT = 0
 DATA_PORT = 1

@@ -33,16 +33,15 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-import structlog
-
 from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import PortSink
 from vmmkit.irq import InterruptLine
+from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.console.backends import ConsoleBackend, console_mode, open_backend
 
-log = structlog.get_logger()
+log = get_logger()
 
 # Register offsets (DLAB=0 names; DLAB=1 puts the divisor latch at 0 and 1).
 RBR = THR = DLL = 0
