@@ -78,7 +78,7 @@ class MsiVector:
             changed = (address, data) != (self.address, self.data)
             self.address, self.data = address, data
             was_masked, self.masked = self.masked, masked
-            if self._eventfd is not None and self.gsi is not None and (changed or was_masked):
+            if self._eventfd is not None and self.gsi is not None and (changed or was_masked != masked):
                 if not masked:
                     self.vm.set_msi_route(self.gsi, address, data)
                     if was_masked:

@@ -48,36 +48,6 @@ def pba_bytes(vectors: int) -> int:
     return (vectors + 63) // 64 * 8
 
 
-class MsixVector(MsiVector):
-    """:class:`vmmkit.irq.MsiVector` with the mask transition fixed.
-
-    ``MsiVector.update`` skips the backend when the address and data are unchanged and the
-    vector was unmasked, so masking an unmasked vector leaves its irqfd registered, and the
-    next unmask registers it again (KVM: EBUSY). This override keeps the backend in step with
-    every mask change; it can go once the core's condition reads
-    ``changed or was_masked != masked``.
-    """
-
-    def update(self, address: int, data: int, masked: bool) -> None:
-        with self._lock:
-            changed = (address, data) != (self.address, self.data)
-            self.address, self.data = address, data
-            was_masked, self.masked = self.masked, masked
-            eventfd = self._eventfd
-            if eventfd is not None and self.gsi is not None and (changed or was_masked != masked):
-                if not masked:
-                    self.vm.set_msi_route(self.gsi, address, data)
-                    if was_masked:
-                        self.vm.register_irqfd(eventfd, self.gsi)
-                elif not was_masked:
-                    self.vm.unregister_irqfd(eventfd, self.gsi)
-            fire = was_masked and not masked and self.pending
-            if fire:
-                self.pending = False
-        if fire:
-            self.trigger()
-
-
 def backend_routes_msi(vm: Vm) -> bool:
     """Whether ``vm`` can raise an MSI from an irqfd (irqfds plus MSI routes)."""
     return bool(vm.supports_irqfd) and type(vm).set_msi_route is not Vm.set_msi_route
@@ -101,7 +71,7 @@ class MsixTable:
         self.function_masked = False
         self._cap_offset: int | None = None
         use_gsi = allocate_gsi is not None and backend_routes_msi(vm)
-        self.vectors = [MsixVector(vm, allocate_gsi() if use_gsi and allocate_gsi else None)
+        self.vectors = [MsiVector(vm, allocate_gsi() if use_gsi and allocate_gsi else None)
                         for _ in range(vectors)]
         self._init_table()
 

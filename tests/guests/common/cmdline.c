@@ -51,3 +51,38 @@ void cmdline_for_each(const char *cmdline, const char *key,
 		}
 	}
 }
+
+bool cmdline_parse_u64(const char **p, const char *end, u64 *out, bool suffix)
+{
+	const char *s = *p, *digits;
+	unsigned base = 10;
+	u64 v = 0;
+
+	if (end - s > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+		base = 16;
+		s += 2;
+	}
+	for (digits = s; s < end; s++) {
+		unsigned c = (u8)*s, dig;
+
+		if (c >= '0' && c <= '9')
+			dig = c - '0';
+		else if (base == 16 && (c | 0x20) >= 'a' && (c | 0x20) <= 'f')
+			dig = (c | 0x20) - 'a' + 10;
+		else
+			break;
+		v = v * base + dig;
+	}
+	if (s == digits)
+		return false;
+	if (suffix && s < end) {
+		switch (*s | 0x20) {
+		case 'g': v <<= 10;	/* fall through */
+		case 'm': v <<= 10;	/* fall through */
+		case 'k': v <<= 10; s++; break;
+		}
+	}
+	*p = s;
+	*out = v;
+	return true;
+}

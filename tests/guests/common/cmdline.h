@@ -15,4 +15,10 @@ const char *cmdline_value(const char *cmdline, const char *key, unsigned n,
 void cmdline_for_each(const char *cmdline, const char *key,
 		      void (*fn)(const char *item, size_t len));
 
+/*
+ * Parse a number at *p (before end) the way Linux's memparse() does: 0x hex
+ * or decimal, then (if suffix) an optional K, M or G. Advances *p.
+ */
+bool cmdline_parse_u64(const char **p, const char *end, u64 *out, bool suffix);
+
 #endif

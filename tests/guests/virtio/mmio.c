@@ -147,54 +147,14 @@ void virtio_mmio_probe(u64 base, u64 size, u32 irq)
 		d->base = base;
 }
 
-/* Linux memparse(): a number (0x hex, else decimal) and a K/M/G suffix. */
-static bool parse_num(const char **p, const char *end, u64 *out, bool suffix)
-{
-	const char *s = *p;
-	unsigned base = 10;
-	u64 v = 0;
-
-	if (end - s > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-		base = 16;
-		s += 2;
-	}
-	const char *digits = s;
-
-	for (; s < end; s++) {
-		unsigned dig;
-
-		if (*s >= '0' && *s <= '9')
-			dig = *s - '0';
-		else if (base == 16 && *s >= 'a' && *s <= 'f')
-			dig = *s - 'a' + 10;
-		else if (base == 16 && *s >= 'A' && *s <= 'F')
-			dig = *s - 'A' + 10;
-		else
-			break;
-		v = v * base + dig;
-	}
-	if (s == digits)
-		return false;
-	if (suffix && s < end) {
-		switch (*s) {
-		case 'G': case 'g': v <<= 10;	/* fall through */
-		case 'M': case 'm': v <<= 10;	/* fall through */
-		case 'K': case 'k': v <<= 10; s++; break;
-		}
-	}
-	*p = s;
-	*out = v;
-	return true;
-}
-
 static void mmio_device_arg(const char *v, size_t len)
 {
 	const char *p = v, *end = v + len;
 	u64 size, base, irq;
 
-	if (!parse_num(&p, end, &size, true) || p == end || *p++ != '@' ||
-	    !parse_num(&p, end, &base, true) || p == end || *p++ != ':' ||
-	    !parse_num(&p, end, &irq, false) || (p != end && *p != ':') || !size) {
+	if (!cmdline_parse_u64(&p, end, &size, true) || p == end || *p++ != '@' ||
+	    !cmdline_parse_u64(&p, end, &base, true) || p == end || *p++ != ':' ||
+	    !cmdline_parse_u64(&p, end, &irq, false) || (p != end && *p != ':') || !size) {
 		report_fail("virtio", "cannot parse 'virtio_mmio.device=%.*s'", (int)len, v);
 		return;
 	}
