@@ -15,5 +15,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-python3 -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+pip=(python3 -m pip install -q --disable-pip-version-check)
+"${pip[@]}" -e '.[test]' --config-settings editable_mode=compat
+"${pip[@]}" -r requirements-dev.txt
 make -s -C tests/guests

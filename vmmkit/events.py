@@ -33,11 +33,10 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
-import structlog
-
 from vmmkit.config import ConfigError, OptionParser
+from vmmkit.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 #: Event sources, longest first so that ``virtio-device-activated`` splits correctly.
 SOURCES: Final = ("virtio-device", "guest", "vmm", "vm")

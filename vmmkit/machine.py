@@ -510,6 +510,29 @@ class Machine:
         """Reset the VM and boot the guest again (from outside)."""
         self.request_reset("requested")
 
+    def power_button(self) -> None:
+        """Press the power button: every device that has ``press_power_button()`` (the ACPI
+        GED) tells the guest, which decides what to do (usually power off).
+
+        :raises VmmError: no device of this VM can deliver the event.
+        """
+        buttons = [p.device for p in self.devices if callable(getattr(p.device, "press_power_button", None))]
+        if not buttons:
+            raise VmmError("this VM has no device that delivers a power-button event")
+        for device in buttons:
+            device.press_power_button()
+
+    def nmi(self) -> None:
+        """Inject a non-maskable interrupt into every vCPU, through the architecture's
+        ``inject_nmi(vm)``.
+
+        :raises VmmError: the architecture cannot inject NMIs.
+        """
+        inject = getattr(self.arch, "inject_nmi", None)
+        if inject is None or self.vm is None:
+            raise VmmError(f"NMI injection is not supported on {self.arch_name}")
+        inject(self.vm)
+
     def _reboot(self, reason: str) -> None:
         log.info("vm.reset", reason=reason)
         self.emit("vm-rebooting", reason=reason)

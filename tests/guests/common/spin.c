@@ -7,6 +7,9 @@
 #include "report.h"
 #include "test.h"
 
+/* The platform's power button (x86_64/ged.c); without one, never pressed. */
+bool arch_power_button(void) __attribute__((weak));
+
 static void spin_forever(void)
 {
 	for (volatile u64 n = 0;; n++)
@@ -32,6 +35,10 @@ static void run_spin(void)
 		if (s >= 0 && s != last) {
 			last = s;
 			kprintf("selftest: heartbeat %u\n", ++beat);
+		}
+		if (arch_power_button && arch_power_button()) {
+			info("spin", "power button pressed");
+			return;
 		}
 	}
 }

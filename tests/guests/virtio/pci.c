@@ -357,6 +357,10 @@ static void probe(const struct pci_fn *f)
 		}
 	}
 	wr(f, PCI_COMMAND, 2, (cmd & ~1) | CMD_MEMORY | CMD_MASTER | CMD_INTX_DISABLE);
+	info("virtio", "%s: common cfg 0x%llx (bar %u), notify 0x%llx x %u, device cfg 0x%llx",
+	     where, (unsigned long long)where_addr[CFG_COMMON], caps[CFG_COMMON].bar,
+	     (unsigned long long)where_addr[CFG_NOTIFY], caps[CFG_NOTIFY].mult,
+	     (unsigned long long)where_addr[CFG_DEVICE]);
 
 	d = virtio_register(&pci_transport, type, where);
 	if (!d)

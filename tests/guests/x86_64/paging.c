@@ -7,7 +7,7 @@
  * small pool that is not part of the image.
  */
 #include "arch.h"
-#include "report.h"
+#include "io.h"
 #include "string.h"
 
 #define PTE_P		0x001
@@ -36,12 +36,25 @@ static u64 *next_table(u64 *entry)
 	return t;
 }
 
+/* MAXPHYADDR: address bits above it are reserved in page-table entries. */
+static unsigned phys_bits(void)
+{
+	u32 r[4];
+
+	cpuid(0x80000000, 0, r);
+	if (r[0] < 0x80000008)
+		return 36;
+	cpuid(0x80000008, 0, r);
+	return r[0] & 0xff;
+}
+
 bool arch_map_mmio(u64 addr, u64 size)
 {
 	const u64 huge = 2ull << 20;
 	u64 end = addr + size;
+	unsigned bits = phys_bits();
 
-	if (!size || end < addr || end > (1ull << 47))
+	if (!size || end < addr || end > (1ull << (bits < 47 ? bits : 47)))
 		return false;
 	if (end <= (4ull << 30))
 		return true;		/* mapped by entry.S */

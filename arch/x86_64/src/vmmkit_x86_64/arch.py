@@ -57,6 +57,11 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
     def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:
         vm.setup_interrupt_controller()
 
+    def inject_nmi(self, vm: Vm) -> None:
+        """``vm.nmi``: an NMI to every local APIC (an MSI in NMI delivery mode to the xAPIC
+        broadcast ID)."""
+        vm.signal_msi(layout_.APIC_START | (0xFF << 12), 0b100 << 8)
+
     def prepare_boot(
         self,
         memory: GuestMemory,

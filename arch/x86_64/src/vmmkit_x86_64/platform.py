@@ -15,6 +15,10 @@ The device type names are the contract with the devices plugin::
                                                      +1 sleep status, +4 reset (0x01 resets);
                                                      IRQ 9 is the SCI, named in the request so
                                                      that no other device is given it
+    _acpi_ged       acpi-ged       MMIO byte at 23   the ACPI GED's notification register (the
+                    0xc7fff000                       power button; DSDT: \\_SB_.GED_, .GEC_, .PWRB),
+                                                     the last page of the device MMIO window;
+                                                     IRQ 23 is its edge-triggered interrupt
 
 Interrupt routing: ISA IRQ n is IOAPIC pin n, except IRQ 0 (pin 2, as KVM wires its PIT) and
 IRQ 9 (the SCI: level-triggered, active high). Both tables (MADT, MP table) say so.
@@ -27,6 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit_x86_64 import layout as L
 from vmmkit_x86_64.interrupts import SCI_IRQ
 
 if TYPE_CHECKING:
@@ -46,6 +51,9 @@ ACPI_PM_SLEEP_CONTROL: Final = 0
 ACPI_PM_SLEEP_STATUS: Final = 1
 ACPI_PM_RESET: Final = 4
 ACPI_PM_RESET_VALUE: Final = 0x01
+ACPI_GED_ADDRESS: Final = L.DEVICE_MMIO.start + L.DEVICE_MMIO.size - 0x1000
+ACPI_GED_SIZE: Final = 1
+ACPI_GED_IRQ: Final = 23
 
 
 def platform_devices(config: VmConfig) -> list[DeviceRequest]:
@@ -73,6 +81,7 @@ def platform_devices(config: VmConfig) -> list[DeviceRequest]:
     requests += [
         DeviceRequest("debug-exit", "_debug_exit", pio=(DEBUG_EXIT_PORT, 4)),
         DeviceRequest("acpi-pm", "_acpi_pm", pio=(ACPI_PM_PORT, 8), irq=SCI_IRQ),
+        DeviceRequest("acpi-ged", "_acpi_ged", mmio=(ACPI_GED_ADDRESS, ACPI_GED_SIZE), irq=ACPI_GED_IRQ),
     ]
     return requests
 

@@ -3,7 +3,7 @@
 Device type names are a contract with the architecture plugins, which request these types
 with fixed placements (x86: ``serial-16550`` at 0x3f8 IRQ 4, ``rtc-cmos`` at 0x70,
 ``i8042`` at 0x60, ``debug-port`` at 0x80, ``debug-console`` at 0xe9, ``debug-exit`` at 0xf4,
-``acpi-pm`` at 0x600).
+``acpi-pm`` at 0x600, ``acpi-ged`` at a fixed MMIO byte).
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vmmkit import hookimpl
+from vmmkit_devices.acpi.ged import AcpiGedType
 from vmmkit_devices.acpi.pm import AcpiPmType
 from vmmkit_devices.debug.console import DebugConsoleType
 from vmmkit_devices.debug.exit import DebugExitType
 from vmmkit_devices.debug.port80 import DebugPortType
 from vmmkit_devices.legacy.i8042 import I8042Type
+from vmmkit_devices.legacy.pit import I8254Type
 from vmmkit_devices.legacy.rtc import CmosRtcType
 from vmmkit_devices.legacy.serial import Serial16550Type
 
@@ -27,10 +29,12 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     Serial16550Type,
     CmosRtcType,
     I8042Type,
+    I8254Type,
     DebugPortType,
     DebugConsoleType,
     DebugExitType,
     AcpiPmType,
+    AcpiGedType,
 )
 
 

@@ -270,6 +270,128 @@ class Buffer:
         return _package(bytes([BUFFER_OP]), body)
 
 
+# -- operation regions and method bodies (enough for the GED's _EVT) -------------------------
+
+SYSTEM_MEMORY = 0x00  #: OperationRegion space
+SYSTEM_IO = 0x01
+BYTE_ACC = 0x01  #: Field access type
+WRITE_AS_ZEROS = 0x40  #: Field update rule (bits 5-6 = 2)
+
+
+@frozen
+class OpRegion:
+    """``OperationRegion(name, space, offset, length)``."""
+
+    path: str
+    space: int
+    offset: int
+    length: int
+
+    def to_aml(self) -> bytes:
+        return (
+            bytes([EXT_OP_PREFIX, 0x80])
+            + name_string(self.path)
+            + bytes([self.space])
+            + integer(self.offset)
+            + integer(self.length)
+        )
+
+
+@frozen
+class Field:
+    """``Field(region, ByteAcc, NoLock, WriteAsZeros) { name, bits, ... }``: named fields only."""
+
+    region: str
+    fields: Sequence[tuple[str, int]]
+    flags: int = BYTE_ACC | WRITE_AS_ZEROS
+
+    def to_aml(self) -> bytes:
+        body = name_string(self.region) + bytes([self.flags])
+        for name, bits in self.fields:
+            if len(name) != 4 or not _SEGMENT.fullmatch(name):
+                raise ValueError(f"a field name is one 4-character segment, not {name!r}")
+            body += name.encode("ascii") + _field_width(bits)
+        return _package(bytes([EXT_OP_PREFIX, 0x81]), body)
+
+
+def _field_width(bits: int) -> bytes:
+    """A field's width in bits, in PkgLength form (the value itself, not counting its bytes)."""
+    if not 0 < bits < 1 << 28:
+        raise ValueError(f"field width out of range: {bits}")
+    if bits < 0x40:
+        return bytes([bits])
+    extra = 1 if bits < 1 << 12 else 2 if bits < 1 << 20 else 3
+    return bytes([(extra << 6) | (bits & 0x0F)]) + (bits >> 4).to_bytes(extra, "little")
+
+
+@frozen
+class Local:
+    """``LocalN`` (N = 0-7)."""
+
+    index: int
+
+    def to_aml(self) -> bytes:
+        if not 0 <= self.index <= 7:
+            raise ValueError("AML has Local0 to Local7")
+        return bytes([0x60 + self.index])
+
+
+@frozen
+class Store:
+    """``Store(source, target)``."""
+
+    source: Term
+    target: Term
+
+    def to_aml(self) -> bytes:
+        return bytes([0x70]) + encode(self.source) + encode(self.target)
+
+
+@frozen
+class And:
+    """``And(left, right, target)``."""
+
+    left: Term
+    right: Term
+    target: Term
+
+    def to_aml(self) -> bytes:
+        return bytes([0x7B]) + encode(self.left) + encode(self.right) + encode(self.target)
+
+
+@frozen
+class LEqual:
+    """``LEqual(left, right)``."""
+
+    left: Term
+    right: Term
+
+    def to_aml(self) -> bytes:
+        return bytes([0x93]) + encode(self.left) + encode(self.right)
+
+
+@frozen
+class If:
+    """``If (predicate) { body }``."""
+
+    predicate: Term
+    body: Sequence[Term] = field(factory=tuple, converter=_terms)
+
+    def to_aml(self) -> bytes:
+        return _package(bytes([0xA0]), encode(self.predicate) + encode_all(self.body))
+
+
+@frozen
+class Notify:
+    """``Notify(object, value)``."""
+
+    target: Term
+    value: Term
+
+    def to_aml(self) -> bytes:
+        return bytes([0x86]) + encode(self.target) + encode(self.value)
+
+
 # -- resource descriptors (ACPI 6.5, 6.4) -----------------------------------------------------
 
 

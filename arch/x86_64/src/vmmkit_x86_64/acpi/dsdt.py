@@ -9,6 +9,11 @@ Kinds described (``PlacedDevice.kind``)::
     pci-host      PNP0A08 (_CID PNP0A03) root bridge: _SEG, _BBN, _CRS with the bus range,
                   config ports, the I/O, MMIO32 and MMIO64 windows; _PRT for INTx  \\_SB_.PCIn
                   (+ a PNP0C02 motherboard resource claiming the ECAM window when there is one)
+    acpi-ged      as Cloud Hypervisor's AcpiGedDevice: \\_SB_.GEC_ (PNP0A06) holds the MMIO
+                  notification byte (OperationRegion GDST, field GDAT) and the method ESCN,
+                  which reads it and on bit 0x08 does Notify(\\_SB_.PWRB, 0x80);
+                  \\_SB_.GED_ (ACPI0013) has the interrupt in _CRS and _EVT calling ESCN;
+                  \\_SB_.PWRB (PNP0C0C) is the power button
 
 Unknown kinds are not described.
 """
@@ -174,10 +179,57 @@ def _pci_host(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[am
     return out
 
 
+#: The GED notification bit of the power button (CH's ``POWER_BUTTON_CHANGED``).
+GED_POWER_BUTTON: Final = 0x08
+NOTIFY_DEVICE_CHECK_POWER_BUTTON: Final = 0x80  #: "the power button was pressed"
+
+
+def _acpi_ged(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
+    if placed.mmio is None or index > 0:
+        return []
+    base, size = placed.mmio
+    scan = aml.Method(
+        "ESCN",
+        0,
+        [
+            aml.Store(aml.Path("GDAT"), aml.Local(0)),
+            aml.And(aml.Local(0), GED_POWER_BUTTON, aml.Local(1)),
+            aml.If(
+                aml.LEqual(aml.Local(1), GED_POWER_BUTTON),
+                [aml.Notify(aml.Path("\\_SB_.PWRB"), NOTIFY_DEVICE_CHECK_POWER_BUTTON)],
+            ),
+        ],
+        serialized=True,
+    )
+    controller = Device(
+        "GEC_",
+        [
+            Name("_HID", EisaId("PNP0A06")),
+            Name("_UID", "Generic Event Controller"),
+            Name("_CRS", ResourceTemplate([Memory32Fixed(base, size)])),
+            aml.OpRegion("GDST", aml.SYSTEM_MEMORY, base, size),
+            aml.Field("GDST", [("GDAT", 8)]),
+            scan,
+        ],
+    )
+    ged = Device(
+        "GED_",
+        [
+            Name("_HID", "ACPI0013"),
+            Name("_UID", 0),
+            Name("_CRS", ResourceTemplate([Interrupt(placed.irq)] if placed.irq is not None else [])),
+            aml.Method("_EVT", 1, [aml.Path("\\_SB_.GEC_.ESCN")], serialized=True),
+        ],
+    )
+    button = Device("PWRB", [Name("_HID", EisaId("PNP0C0C")), Name("_UID", 0)])
+    return [controller, ged, button]
+
+
 _DESCRIBERS: Final[dict[str, Callable[[PlacedDevice, int, MemoryLayout], list[aml.Term]]]] = {
     "serial-16550": _serial,
     "rtc-cmos": _rtc,
     "i8042": _i8042,
     "virtio-mmio": _virtio_mmio,
     "pci-host": _pci_host,
+    "acpi-ged": _acpi_ged,
 }

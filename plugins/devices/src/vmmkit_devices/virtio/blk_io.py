@@ -1,0 +1,551 @@
+"""The virtio-blk data path: an open raw image, and two equivalent ways to serve a request's
+data between guest memory and that image.
+
+Three layers, as in pynacl: ``vmmkit_devices.virtio._native`` (private ``ffi``/``lib``, built by
+cffi from ``native/blk_io.c``), this module (:class:`NativeBlockIo` builds the C region table,
+calls C, maps return codes to :class:`IoResult`), and :class:`vmmkit_devices.virtio.block.BlockDevice`,
+which never touches ``ffi``. :class:`PythonBlockIo` is the reference implementation: both must
+give the same :class:`IoResult` status and leave the same bytes in guest memory and on disk, which
+``tests/unit/devices/virtio/test_blk_differential.py`` checks with hypothesis.
+``VMMKIT_BLK_NATIVE=0`` in the environment forces the Python path.
+
+Both take a validated :class:`vmmkit.virtio.chain.DescriptorChain` and check again what they use:
+the bytes to move are ``length`` bytes of the chain's readable part (``write=True``: guest ->
+file) or writable part (``write=False``: file -> guest) after ``skip`` bytes; ``offset`` and
+``length`` are sector (512-byte) multiples inside the disk; every piece lies in one guest memory
+region, and a writable one when the device writes into the guest; at most :data:`MAX_IOV` pieces.
+The native path hands the chain's ``struct iovec`` array (:attr:`DescriptorChain.iovecs`, from the
+SDK's C walker or built with ctypes) straight to ``preadv``/``pwritev``; the checks are made again
+in C against its own copy of the region table, so a stale or forged iovec is refused before any
+system call (``IoStatus.IOVEC``).
+
+``direct=on`` (O_DIRECT). The image is opened twice, buffered and with ``O_DIRECT``. A transfer
+whose file offset, length, and every guest buffer's host address and length meet the direct-I/O
+alignment (``statx(STATX_DIOALIGN)``, else 512 bytes) goes through the O_DIRECT descriptor; any
+other falls back to the buffered descriptor (counted in ``direct_fallbacks``). If O_DIRECT still
+refuses (``EINVAL``), the transfer is redone buffered and the required alignment raised to 4 KiB.
+Linux keeps the two descriptors coherent (a direct read writes back dirty cached pages of its
+range first; a direct write invalidates them), and FLUSH (``fdatasync``) covers both. No bounce
+buffer: guests normally send page-aligned buffers, and the device advertises the direct-I/O
+offset alignment as ``blk_size`` so their requests are aligned too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import enum
+import errno as errno_codes
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+from vmmkit.errors import DeviceError, GuestMemoryError
+from vmmkit.log import get_logger
+
+if TYPE_CHECKING:
+    from vmmkit.memory import GuestMemory
+    from vmmkit.virtio.chain import DescriptorChain, Segment
+
+log = get_logger()
+
+SECTOR_SIZE: Final = 512
+#: Pieces one transfer may have (Linux's IOV_MAX; the C array's size).
+MAX_IOV: Final = 1024
+#: The alignment assumed when statx() cannot tell, and the one O_DIRECT's EINVAL raises it to.
+DEFAULT_DIO_ALIGN: Final = 512
+FALLBACK_DIO_ALIGN: Final = 4096
+_ZERO_CHUNK: Final = 64 * 1024
+_ZEROS: Final = bytes(_ZERO_CHUNK)
+
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+FALLOC_FL_ZERO_RANGE: Final = 0x10
+
+_QCOW2_MAGIC: Final = b"QFI\xfb"
+
+
+class IoStatus(enum.IntEnum):
+    """What a data-path call did; values are ``blk_io.h``'s ``BLK_*``."""
+
+    OK = 0
+    RANGE = 1  #: offset/length not sector multiples, or beyond the disk
+    IOVEC = 2  #: a buffer outside guest RAM (or into read-only RAM)
+    TOO_MANY = 3  #: more than MAX_IOV buffers
+    READONLY = 4  #: a write to a read-only disk
+    ARGS = 5  #: skip + length beyond the chain's buffers
+    IO = 6  #: the host refused: ``error`` is the errno
+
+
+class IoResult(NamedTuple):
+    status: IoStatus
+    bytes: int = 0
+    error: int = 0
+    direct: bool = False  #: the transfer went through the O_DIRECT descriptor
+    fallback: bool = False  #: direct=on, but the buffered descriptor was used
+    einval: bool = False  #: O_DIRECT refused the alignment (it has been raised)
+    emulated: bool = False  #: discard skipped / write-zeroes written as zeros
+
+    @property
+    def ok(self) -> bool:
+        return self.status is IoStatus.OK
+
+
+# -- the image ---------------------------------------------------------------------------------
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+_STATX_DIOALIGN: Final = 0x2000
+_AT_EMPTY_PATH: Final = 0x1000
+_STATX_SIZE: Final = 256
+_STATX_DIO_OFFSET: Final = 152  # struct statx: stx_dio_mem_align, then stx_dio_offset_align
+
+
+def dio_alignment(fd: int) -> tuple[int, int] | None:
+    """``(memory, offset)`` alignment O_DIRECT needs on ``fd``, from ``statx(STATX_DIOALIGN)``;
+    ``None`` where the kernel or file system does not say."""
+    statx = getattr(_libc, "statx", None)
+    if statx is None:
+        return None
+    buffer = ctypes.create_string_buffer(_STATX_SIZE)
+    if statx(fd, b"", _AT_EMPTY_PATH, _STATX_DIOALIGN, buffer) != 0:
+        return None
+    mask = struct.unpack_from("<I", buffer.raw, 0)[0]
+    mem_align, offset_align = struct.unpack_from("<II", buffer.raw, _STATX_DIO_OFFSET)
+    if not mask & _STATX_DIOALIGN or not mem_align or not offset_align:
+        return None
+    return mem_align, offset_align
+
+
+def _flock(kind: int, length: int) -> bytes:
+    # struct flock on 64-bit Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+    return struct.pack("hhxxxxqqixxxx", kind, os.SEEK_SET, 0, length, 0)
+
+
+class DiskImage:
+    """A raw disk image, open for the device's whole life.
+
+    :param path: the image file (or block device).
+    :param readonly: open it ``O_RDONLY`` (the device then offers ``VIRTIO_BLK_F_RO``).
+    :param direct: also open it ``O_DIRECT`` (see the module docstring).
+    :param lock: ``"ByteRange"`` (lock the image's bytes) or ``"Full"`` (the whole file, to EOF
+        and beyond), as Cloud Hypervisor's ``lock_granularity``: an open-file-description lock,
+        shared for read-only use, exclusive otherwise, so two VMs never write one image.
+    :param image_type: ``"Raw"`` or ``"Unknown"`` (a qcow2 image is then refused rather than
+        shown to the guest as raw bytes).
+    :raises DeviceError: the file is missing, unreadable, locked, of an unsupported format, or
+        O_DIRECT is not possible on it; the message names the path.
+    """
+
+    def __init__(self, path: str, *, readonly: bool = False, direct: bool = False,
+                 lock: str = "ByteRange", image_type: str = "Unknown", owner: str = "disk") -> None:
+        self.path = path
+        self.readonly = readonly
+        self.direct = direct
+        self.fd = -1
+        self.direct_fd = -1
+        self.mem_align = DEFAULT_DIO_ALIGN
+        self.offset_align = DEFAULT_DIO_ALIGN
+        if image_type not in ("Raw", "Unknown"):
+            raise DeviceError(f"{owner}: {path}: image_type {image_type} is not supported (raw images only)")
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise DeviceError(f"{owner}: disk image {path} does not exist") from None
+        except OSError as exc:
+            raise DeviceError(f"{owner}: cannot open disk image {path}: {exc.strerror or exc}") from None
+        try:
+            self._setup(owner, lock, image_type)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, owner: str, lock: str, image_type: str) -> None:
+        path = self.path
+        info = os.fstat(self.fd)
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+            raise DeviceError(f"{owner}: disk image {path} is not a regular file or block device")
+        self.stat = info
+        size = os.lseek(self.fd, 0, os.SEEK_END)
+        if size % SECTOR_SIZE:
+            log.warning("virtio_blk.size_not_sector_multiple", device=owner, path=path, size=size)
+        #: Bytes the guest sees: the file's size rounded down to whole sectors.
+        self.size = size - size % SECTOR_SIZE
+        if image_type == "Unknown" and os.pread(self.fd, 4, 0) == _QCOW2_MAGIC:
+            raise DeviceError(f"{owner}: disk image {path} is a qcow2 image; only raw images are supported "
+                              "(image_type=raw shows it to the guest as raw bytes)")
+        self._lock(owner, lock, size)
+        if self.direct:
+            try:
+                self.direct_fd = os.open(path, (os.O_RDONLY if self.readonly else os.O_RDWR)
+                                         | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError as exc:
+                raise DeviceError(f"{owner}: direct=on, but {path} cannot be opened with O_DIRECT: "
+                                  f"{exc.strerror or exc}") from None
+            alignment = dio_alignment(self.direct_fd)
+            if alignment is not None:
+                self.mem_align, self.offset_align = alignment
+
+    def _lock(self, owner: str, lock: str, size: int) -> None:
+        kind = fcntl.F_RDLCK if self.readonly else fcntl.F_WRLCK
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(kind, 0 if lock == "Full" else max(size, 1)))
+        except OSError as exc:
+            if exc.errno in (errno_codes.EAGAIN, errno_codes.EACCES):
+                raise DeviceError(f"{owner}: disk image {self.path} is locked by another user "
+                                  "(is another VM using it?)") from None
+            log.warning("virtio_blk.lock_unsupported", device=owner, path=self.path, error=exc.strerror)
+
+    @property
+    def capacity(self) -> int:
+        """The disk's size in 512-byte sectors."""
+        return self.size // SECTOR_SIZE
+
+    @property
+    def block_size(self) -> int:
+        """The logical block size to advertise: 512, or O_DIRECT's offset alignment."""
+        return max(SECTOR_SIZE, self.offset_align) if self.direct else SECTOR_SIZE
+
+    def default_serial(self) -> bytes:
+        """Cloud Hypervisor's default GET_ID answer: device, rdev and inode numbers, 20 bytes."""
+        info = self.stat
+        return f"{info.st_dev}{info.st_rdev}{info.st_ino}".encode()[:20]
+
+    def raise_alignment(self) -> None:
+        """O_DIRECT refused a transfer we thought aligned: be more careful from now on."""
+        self.mem_align = max(self.mem_align, FALLBACK_DIO_ALIGN)
+        self.offset_align = max(self.offset_align, FALLBACK_DIO_ALIGN)
+
+    def close(self) -> None:
+        for name in ("direct_fd", "fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                try:
+                    os.close(fd)  # the OFD lock goes with the last descriptor
+                except OSError:
+                    pass
+
+
+# -- the reference (Python) path ----------------------------------------------------------------
+
+
+class _Piece(NamedTuple):
+    gpa: int
+    length: int
+    host: int
+
+
+def _slice(segments: Sequence[Segment], hosts: Sequence[int], skip: int, length: int) -> list[_Piece] | IoStatus:
+    """``length`` bytes of ``segments`` after ``skip`` bytes, as pieces (empty ones dropped)."""
+    if len(segments) > MAX_IOV:
+        return IoStatus.TOO_MANY
+    total = sum(s.length for s in segments)
+    if skip < 0 or length < 0 or length > total or skip > total - length:
+        return IoStatus.ARGS
+    pieces = []
+    for segment, host in zip(segments, hosts, strict=True):
+        if not length:
+            break
+        if skip >= segment.length:
+            skip -= segment.length
+            continue
+        piece = min(segment.length - skip, length)
+        pieces.append(_Piece(segment.gpa + skip, piece, host + skip))
+        length -= piece
+        skip = 0
+    return pieces
+
+
+def _range_ok(image: DiskImage, offset: int, length: int) -> bool:
+    if offset % SECTOR_SIZE or length % SECTOR_SIZE or offset < 0 or length < 0:
+        return False
+    return offset <= image.size and length <= image.size - offset
+
+
+def _oserror(exc: OSError) -> int:
+    return exc.errno or errno_codes.EIO
+
+
+class PythonBlockIo:
+    """The reference data path: ``os.preadv``/``os.pwritev`` on views of guest memory."""
+
+    native: Final = False
+
+    def __init__(self, image: DiskImage, memory: GuestMemory) -> None:
+        self.image = image
+        self.memory = memory
+
+    def transfer(self, chain: DescriptorChain, write: bool, offset: int, skip: int, length: int) -> IoResult:
+        image = self.image
+        if image.fd < 0:
+            return IoResult(IoStatus.ARGS)
+        if write and image.readonly:
+            return IoResult(IoStatus.READONLY)
+        if not _range_ok(image, offset, length):
+            return IoResult(IoStatus.RANGE)
+        segments = chain.readable if write else chain.writable
+        hosts = chain.host_addresses
+        hosts = hosts[: chain.readable_count] if write else hosts[chain.readable_count :]
+        pieces = _slice(segments, hosts, skip, length)
+        if isinstance(pieces, IoStatus):
+            return IoResult(pieces)
+        views = []
+        for piece in pieces:
+            try:
+                region, start = self.memory.translate(piece.gpa, piece.length)
+            except GuestMemoryError:
+                return IoResult(IoStatus.IOVEC)
+            if (not write and region.readonly) or region.host_address + start != piece.host:
+                return IoResult(IoStatus.IOVEC)
+            views.append(memoryview(region.buffer)[start : start + piece.length])
+        direct = image.direct_fd >= 0 and self._aligned(offset, length, pieces)
+        fd = image.direct_fd if direct else image.fd
+        fallback = image.direct_fd >= 0 and not direct
+        einval = False
+        done = 0
+        while views:
+            try:
+                moved = os.pwritev(fd, views, offset + done) if write else os.preadv(fd, views, offset + done)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno_codes.EINVAL and fd == image.direct_fd and fd != image.fd:
+                    fd, einval, fallback = image.fd, True, True
+                    image.raise_alignment()
+                    continue
+                return IoResult(IoStatus.IO, done, _oserror(exc), direct, fallback, einval)
+            if moved == 0:
+                if write:
+                    return IoResult(IoStatus.IO, done, errno_codes.EIO, direct, fallback, einval)
+                for view in views:  # the file shrank under us: zeros past its end
+                    view[:] = bytes(len(view))
+                done = length
+                break
+            if moved > length - done:
+                return IoResult(IoStatus.IO, done, errno_codes.EIO, direct, fallback, einval)
+            done += moved
+            while views and moved >= len(views[0]):
+                moved -= len(views[0])
+                views.pop(0)
+            if views and moved:
+                views[0] = views[0][moved:]
+        return IoResult(IoStatus.OK, done, 0, direct, fallback, einval)
+
+    def _aligned(self, offset: int, length: int, pieces: Sequence[_Piece]) -> bool:
+        mem, off = self.image.mem_align or 1, self.image.offset_align or 1
+        if offset % off or length % off:
+            return False
+        return all(p.host % mem == 0 and p.length % mem == 0 and p.length % off == 0 for p in pieces)
+
+    def discard(self, offset: int, length: int) -> IoResult:
+        refused = self._check(offset, length)
+        if refused is not None or not length:
+            return refused or IoResult(IoStatus.OK)
+        error = self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if error and _unsupported(error):
+            return IoResult(IoStatus.OK, emulated=True)
+        if error:
+            return IoResult(IoStatus.IO, error=error)
+        return IoResult(IoStatus.OK, length)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> IoResult:
+        refused = self._check(offset, length)
+        if refused is not None or not length:
+            return refused or IoResult(IoStatus.OK)
+        error = errno_codes.EOPNOTSUPP
+        if unmap:
+            error = self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if error and _unsupported(error):
+            error = self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if error and _unsupported(error):
+            return self._write_zeros(offset, length)
+        if error:
+            return IoResult(IoStatus.IO, error=error)
+        return IoResult(IoStatus.OK, length)
+
+    def flush(self) -> IoResult:
+        if self.image.fd < 0:
+            return IoResult(IoStatus.ARGS)
+        while True:
+            try:
+                os.fdatasync(self.image.fd)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                return IoResult(IoStatus.IO, error=_oserror(exc))
+            return IoResult(IoStatus.OK)
+
+    def _check(self, offset: int, length: int) -> IoResult | None:
+        if self.image.fd < 0:
+            return IoResult(IoStatus.ARGS)
+        if self.image.readonly:
+            return IoResult(IoStatus.READONLY)
+        if not _range_ok(self.image, offset, length):
+            return IoResult(IoStatus.RANGE)
+        return None
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> int:
+        while True:
+            if _libc.fallocate(self.image.fd, mode, offset, length) == 0:
+                return 0
+            error = ctypes.get_errno()
+            if error != errno_codes.EINTR:
+                return error
+
+    def _write_zeros(self, offset: int, length: int) -> IoResult:
+        done = 0
+        while done < length:
+            chunk = min(_ZERO_CHUNK, length - done)
+            try:
+                written = os.pwrite(self.image.fd, _ZEROS[:chunk], offset + done)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                return IoResult(IoStatus.IO, done, _oserror(exc), emulated=True)
+            if written == 0:
+                return IoResult(IoStatus.IO, done, errno_codes.EIO, emulated=True)
+            done += written
+        return IoResult(IoStatus.OK, done, emulated=True)
+
+
+def _unsupported(error: int) -> bool:
+    return error in (errno_codes.EOPNOTSUPP, errno_codes.ENOSYS, errno_codes.ENOTTY, errno_codes.ENODEV)
+
+
+# -- the native (C) path ------------------------------------------------------------------------
+
+_ffi: Any = None
+_lib: Any = None
+#: Why the native path is not used ("" when it is).
+NATIVE_UNAVAILABLE_REASON = ""
+
+
+def _load_native() -> None:
+    global _ffi, _lib, NATIVE_UNAVAILABLE_REASON
+    if os.environ.get("VMMKIT_BLK_NATIVE", "1") == "0":
+        NATIVE_UNAVAILABLE_REASON = "disabled by VMMKIT_BLK_NATIVE=0"
+        return
+    try:
+        from vmmkit_devices.virtio._native import ffi, lib  # type: ignore[import-not-found]
+    except ImportError as exc:
+        NATIVE_UNAVAILABLE_REASON = f"vmmkit_devices.virtio._native is not built ({exc}); pip install -e plugins/devices"
+        return
+    mismatched = [s.name for s in IoStatus if s and getattr(lib, f"BLK_ERR_{s.name}") != s.value]
+    if (mismatched or lib.BLK_MAX_IOV != MAX_IOV or lib.BLK_SECTOR_SIZE != SECTOR_SIZE
+            or ffi.sizeof("struct iovec") != 16):
+        NATIVE_UNAVAILABLE_REASON = f"vmmkit_devices.virtio._native disagrees with blk_io.py ({mismatched})"
+        return
+    _ffi, _lib = ffi, lib
+
+
+_load_native()
+
+
+def native_available() -> bool:
+    return _lib is not None
+
+
+class NativeBlockIo:
+    """The C data path (``native/blk_io.c``); same results as :class:`PythonBlockIo`."""
+
+    native: Final = True
+
+    def __init__(self, image: DiskImage, memory: GuestMemory) -> None:
+        if _lib is None:
+            raise RuntimeError(f"the native block path is unavailable: {NATIVE_UNAVAILABLE_REASON}")
+        self.image = image
+        self.memory = memory
+        self._disk = _ffi.new("struct blk_disk *")
+        self._regions_source: tuple[Any, ...] = ()
+        self._table: Any = None
+        self._keep: Any = None
+        self._sync_disk()
+
+    def _sync_disk(self) -> Any:
+        disk, image = self._disk, self.image
+        disk.fd = image.fd
+        disk.direct_fd = image.direct_fd
+        disk.mem_align = image.mem_align
+        disk.offset_align = image.offset_align
+        disk.size = image.size
+        disk.readonly = int(image.readonly)
+        return disk
+
+    def _memory_table(self) -> Any:
+        """The C copy of the region table, rebuilt when guest memory changed."""
+        regions = self.memory.regions
+        if self._table is None or regions != self._regions_source:
+            array = _ffi.new("struct blk_region[]", max(len(regions), 1))
+            for slot, region in enumerate(regions):
+                array[slot].host = _ffi.cast("uint8_t *", region.host_address)
+                array[slot].size = region.size
+                array[slot].readonly = int(region.readonly)
+            table = _ffi.new("struct blk_memory *")
+            table.regions = array
+            table.count = len(regions)
+            self._keep, self._table, self._regions_source = array, table, regions
+        return self._table
+
+    def _result(self, rc: int, out: Any) -> IoResult:
+        if out.einval:
+            self.image.raise_alignment()
+            self._sync_disk()
+        return IoResult(IoStatus(rc), int(out.bytes), int(out.error), bool(out.direct), bool(out.fallback),
+                        bool(out.einval), bool(out.emulated))
+
+    def transfer(self, chain: DescriptorChain, write: bool, offset: int, skip: int, length: int) -> IoResult:
+        if not (0 <= offset < 1 << 64 and 0 <= length < 1 << 64):
+            return IoResult(IoStatus.READONLY if write and self.image.readonly else IoStatus.RANGE)
+        if not 0 <= skip < 1 << 64:
+            return IoResult(IoStatus.ARGS)
+        iov = chain.iovecs  # keep it alive across the call
+        base = _ffi.cast("struct iovec *", iov.address)
+        if write:
+            first, count = 0, iov.readable
+        else:
+            first, count = iov.readable, iov.count - iov.readable
+        out = _ffi.new("struct blk_result *")
+        rc = _lib.blk_transfer(self._sync_disk(), self._memory_table(), int(write), offset, base + first, count,
+                               skip, length, out)
+        del iov
+        return self._result(rc, out)
+
+    def _refuse_unrepresentable(self, offset: int, length: int) -> IoResult | None:
+        if 0 <= offset < 1 << 64 and 0 <= length < 1 << 64:
+            return None
+        return IoResult(IoStatus.READONLY if self.image.readonly else IoStatus.RANGE)
+
+    def discard(self, offset: int, length: int) -> IoResult:
+        if (refused := self._refuse_unrepresentable(offset, length)) is not None:
+            return refused
+        out = _ffi.new("struct blk_result *")
+        return self._result(_lib.blk_discard(self._sync_disk(), offset, length, out), out)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> IoResult:
+        if (refused := self._refuse_unrepresentable(offset, length)) is not None:
+            return refused
+        out = _ffi.new("struct blk_result *")
+        return self._result(_lib.blk_write_zeroes(self._sync_disk(), offset, length, int(unmap), out), out)
+
+    def flush(self) -> IoResult:
+        out = _ffi.new("struct blk_result *")
+        return self._result(_lib.blk_flush(self._sync_disk(), out), out)
+
+
+BlockIo = PythonBlockIo | NativeBlockIo
+
+
+def make_block_io(image: DiskImage, memory: GuestMemory, native: bool | None = None) -> BlockIo:
+    """The native path when built (or ``native=True``, which then must be), else the Python one."""
+    if native is None:
+        native = native_available()
+    if native:
+        return NativeBlockIo(image, memory)
+    return PythonBlockIo(image, memory)

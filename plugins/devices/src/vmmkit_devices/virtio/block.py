@@ -1,0 +1,354 @@
+"""virtio-blk (virtio 1.2, section 5.2) over a raw image file: device type ``virtio-blk``, one
+device per ``VmConfig.disks`` entry (vhost-user disks excepted).
+
+Requests: ``VIRTIO_BLK_T_IN`` / ``OUT`` (``preadv``/``pwritev`` straight between guest memory and
+the file, in C when ``vmmkit_devices.virtio._native`` is built: see :mod:`.blk_io`), ``FLUSH``
+(``fdatasync``), ``GET_ID`` (``DiskConfig.serial``, else Cloud Hypervisor's default from the
+image's device and inode numbers, NUL-padded to 20 bytes), ``DISCARD`` (punch a hole) and
+``WRITE_ZEROES`` (punch a hole with the unmap flag, else zero the range). Anything else answers
+``VIRTIO_BLK_S_UNSUPP``.
+
+Offered features: ``SEG_MAX`` (queue size - 2, at most 254), ``BLK_SIZE`` (512, or the O_DIRECT
+alignment with ``direct=on``), ``FLUSH``, ``MQ`` with ``num_queues`` > 1, ``RO`` with
+``readonly=on`` (the image is then opened ``O_RDONLY``), else ``WRITE_ZEROES`` and, unless
+``sparse=off``, ``DISCARD``; plus ``INDIRECT_DESC`` and ``EVENT_IDX``. The configuration space
+is ``struct virtio_blk_config`` up to ``write_zeroes_may_unmap``: capacity is the file's size in
+512-byte sectors (a partial last sector is not shown).
+
+What the guest sends is checked, and answered with a status where the protocol has one:
+
+- the status byte is the last byte of the chain's device-writable part, and is written after
+  everything else the request writes; a chain with no writable byte cannot be answered, so the
+  device :meth:`~.common.QueueDevice.fail`\\ s (as QEMU's ``virtio_error``);
+- a header shorter than 16 bytes, a data length that is not a multiple of 512, a request that
+  reaches past the capacity (nothing is transferred then, so nothing is written beyond the end of
+  the file), any I/O error, and a write to a read-only disk: ``VIRTIO_BLK_S_IOERR``;
+- DISCARD / WRITE_ZEROES: segment data that is not a whole number of 16-byte segments, or a
+  segment past the capacity or longer than ``max_*_sectors``: ``IOERR``; more than ``max_*_seg``
+  segments, an unknown flag, the unmap flag on DISCARD, or a command whose feature was not
+  negotiated: ``UNSUPP``. All segments are checked before any is executed.
+
+Used length: data bytes + 1 for a successful read, the ID bytes + 1 for GET_ID, else 1.
+
+Requests are served on one thread per queue (``<id>_q<i>``), one at a time, so the VM's event
+loop never waits for the disk; the C path releases the GIL while it does I/O.
+
+Counters (Cloud Hypervisor's names first): ``read_bytes``, ``write_bytes``, ``read_ops``,
+``write_ops``, ``flush_ops``, ``discard_ops``, ``write_zeroes_ops``, ``get_id_ops``,
+``io_errors``, ``invalid_requests`` (answered IOERR for a malformed or out-of-range request),
+``unsupported_requests``, and with ``direct=on`` ``direct_ops`` / ``direct_fallbacks``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.errors import DeviceError
+from vmmkit.log import get_logger
+from vmmkit.virtio.device import ActivationContext
+from vmmkit.virtio.queue import Virtqueue
+from vmmkit_devices.virtio.blk_io import (
+    SECTOR_SIZE,
+    BlockIo,
+    DiskImage,
+    IoResult,
+    IoStatus,
+    make_block_io,
+    native_available,
+)
+from vmmkit_devices.virtio.common import QueueDevice
+
+if TYPE_CHECKING:
+    from vmmkit.config import DiskConfig, VmConfig
+    from vmmkit.virtio.chain import DescriptorChain
+
+log = get_logger()
+
+VIRTIO_ID_BLOCK: Final = 2
+
+VIRTIO_BLK_F_SIZE_MAX: Final = 1 << 1
+VIRTIO_BLK_F_SEG_MAX: Final = 1 << 2
+VIRTIO_BLK_F_RO: Final = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE: Final = 1 << 6
+VIRTIO_BLK_F_FLUSH: Final = 1 << 9
+VIRTIO_BLK_F_MQ: Final = 1 << 12
+VIRTIO_BLK_F_DISCARD: Final = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES: Final = 1 << 14
+
+VIRTIO_BLK_T_IN: Final = 0
+VIRTIO_BLK_T_OUT: Final = 1
+VIRTIO_BLK_T_FLUSH: Final = 4
+VIRTIO_BLK_T_GET_ID: Final = 8
+VIRTIO_BLK_T_DISCARD: Final = 11
+VIRTIO_BLK_T_WRITE_ZEROES: Final = 13
+
+VIRTIO_BLK_S_OK: Final = 0
+VIRTIO_BLK_S_IOERR: Final = 1
+VIRTIO_BLK_S_UNSUPP: Final = 2
+
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: Final = 1
+VIRTIO_BLK_ID_BYTES: Final = 20
+
+#: struct virtio_blk_outhdr: type, ioprio (reserved), sector.
+HEADER: Final = struct.Struct("<IIQ")
+#: struct virtio_blk_discard_write_zeroes: sector, num_sectors, flags.
+DWZ_SEGMENT: Final = struct.Struct("<QII")
+#: struct virtio_blk_config up to write_zeroes_may_unmap (and its padding), 60 bytes.
+CONFIG: Final = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+
+#: Largest DISCARD / WRITE_ZEROES range (sectors) and segment count we accept per request.
+MAX_DISCARD_SECTORS: Final = 0x3F_FFFF  # just under 2 GiB
+MAX_DISCARD_SEGMENTS: Final = 32
+#: Signal the driver at least every this many completed requests.
+SIGNAL_BATCH: Final = 32
+
+
+class _Malformed(Exception):
+    """A request the protocol gives no way to answer: the device fails."""
+
+
+class BlockDevice(QueueDevice):
+    """A virtio-blk device serving one :class:`~.blk_io.DiskImage`.
+
+    :param device_id: the device's id.
+    :param image: the open image (the device owns and closes it).
+    :param num_queues: request queues (``VIRTIO_BLK_F_MQ`` when > 1).
+    :param queue_size: each queue's maximum size.
+    :param serial: the GET_ID answer (at most 20 bytes; NUL-padded).
+    :param sparse: offer DISCARD and unmap on WRITE_ZEROES (Cloud Hypervisor's ``sparse``).
+    :param native: use the C data path (``None``: when built).
+    """
+
+    device_type = VIRTIO_ID_BLOCK
+    name = "virtio-blk"
+    own_threads = True
+
+    def __init__(self, device_id: str, image: DiskImage, *, num_queues: int = 1, queue_size: int = 128,
+                 serial: bytes | None = None, sparse: bool = True, native: bool | None = None) -> None:
+        if num_queues < 1:
+            raise DeviceError(f"{device_id}: num_queues must be at least 1")
+        if native and not native_available():
+            raise DeviceError(f"{device_id}: the native block path is not built (pip install -e plugins/devices)")
+        features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+        if num_queues > 1:
+            features |= VIRTIO_BLK_F_MQ
+        if image.readonly:
+            features |= VIRTIO_BLK_F_RO
+        else:
+            features |= VIRTIO_BLK_F_WRITE_ZEROES
+            if sparse:
+                features |= VIRTIO_BLK_F_DISCARD
+        super().__init__(device_id, [queue_size] * num_queues, features)
+        self.image = image
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.sparse = sparse
+        self.native = native_available() if native is None else native
+        identity = image.default_serial() if serial is None else serial
+        self.serial = identity[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
+        self._io: BlockIo | None = None
+        for name in ("read_bytes", "write_bytes", "read_ops", "write_ops", "flush_ops", "discard_ops"):
+            self.count(name, 0)
+
+    @classmethod
+    def from_config(cls, device_id: str, config: DiskConfig, *, native: bool | None = None) -> BlockDevice:
+        """Open ``config.path`` as ``config`` says (``readonly``, ``direct``, ``lock_granularity``...)."""
+        if config.vhost_user or config.path is None:
+            raise DeviceError(f"{device_id}: a vhost-user disk is not served by virtio-blk")
+        image = DiskImage(config.path, readonly=config.readonly, direct=config.direct,
+                          lock=config.lock_granularity, image_type=config.image_type, owner=device_id)
+        try:
+            serial = config.serial.encode() if config.serial is not None else None
+            return cls(device_id, image, num_queues=config.num_queues, queue_size=config.queue_size,
+                       serial=serial, sparse=config.sparse, native=native)
+        except BaseException:
+            image.close()
+            raise
+
+    # -- configuration space ----------------------------------------------------------------
+
+    @property
+    def seg_max(self) -> int:
+        return max(1, min(self.queue_size - 2, 254))
+
+    def config_space(self) -> bytes:
+        may_unmap = int(self.sparse and not self.image.readonly)
+        return CONFIG.pack(
+            self.image.capacity, 0, self.seg_max,
+            0, 0, 0,  # geometry: not offered
+            self.image.block_size,
+            0, 0, 0, 0,  # topology: not offered
+            0, 0, self.num_queues,  # writeback, unused, num_queues
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, self.image.block_size // SECTOR_SIZE,
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, may_unmap,
+        )
+
+    def describe(self) -> Mapping[str, Any]:
+        return {"path": self.image.path, "capacity": self.image.capacity, "readonly": self.image.readonly,
+                "direct": self.image.direct, "block_size": self.image.block_size, "native": self.native,
+                "num_queues": self.num_queues}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def activated(self, ctx: ActivationContext) -> None:
+        self._io = make_block_io(self.image, ctx.memory, self.native)
+
+    def deactivated(self) -> None:
+        self._io = None  # requests are served synchronously: nothing else is in flight
+
+    def release(self) -> None:
+        self.image.close()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def process_queue(self, index: int, queue: Virtqueue) -> None:
+        done = 0
+        while self.running():
+            chain = queue.pop()
+            if chain is None:
+                break
+            try:
+                used = self.handle(chain)
+            except _Malformed as exc:
+                self.fail(queue, f"queue {index}: {exc}")
+                return
+            queue.add_used(chain.head, used)
+            done += 1
+            if done % SIGNAL_BATCH == 0:
+                self.signal(queue)
+        if done % SIGNAL_BATCH:
+            self.signal(queue)
+
+    def handle(self, chain: DescriptorChain) -> int:
+        """Serve one request; the used length. Raises :class:`_Malformed` if unanswerable."""
+        memory = chain.memory
+        assert memory is not None and self._io is not None
+        status_gpa = _status_byte(chain.writable)
+        if status_gpa is None:
+            raise _Malformed(f"request {chain.head} has no device-writable status byte")
+        if chain.readable_bytes < HEADER.size:
+            self.count("invalid_requests")
+            return self._complete(memory, status_gpa, VIRTIO_BLK_S_IOERR)
+        kind, _ioprio, sector = HEADER.unpack(chain.read(HEADER.size))
+        data_in = chain.writable_bytes - 1  # writable bytes before the status byte
+        data_out = chain.readable_bytes - HEADER.size
+        written = 0
+        if kind == VIRTIO_BLK_T_IN:
+            status = self._transfer(chain, False, sector, 0, data_in)
+            written = data_in if status == VIRTIO_BLK_S_OK else 0
+        elif kind == VIRTIO_BLK_T_OUT:
+            status = self._transfer(chain, True, sector, HEADER.size, data_out)
+        elif kind == VIRTIO_BLK_T_FLUSH:
+            status = self._status(self._io.flush())
+            self.count("flush_ops")
+        elif kind == VIRTIO_BLK_T_GET_ID:
+            written = chain.write(self.serial[: min(VIRTIO_BLK_ID_BYTES, data_in)])
+            status = VIRTIO_BLK_S_OK
+            self.count("get_id_ops")
+        elif kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            status = self._discard_or_zero(chain, kind == VIRTIO_BLK_T_DISCARD, data_out)
+        else:
+            status = VIRTIO_BLK_S_UNSUPP
+        if status == VIRTIO_BLK_S_UNSUPP:
+            self.count("unsupported_requests")
+        return written + self._complete(memory, status_gpa, status)
+
+    def _complete(self, memory: Any, status_gpa: int, status: int) -> int:
+        memory.write(status_gpa, bytes((status,)))
+        return 1
+
+    def _status(self, result: IoResult) -> int:
+        if result.ok:
+            return VIRTIO_BLK_S_OK
+        if result.status is IoStatus.IO:
+            self.count("io_errors")
+            log.debug("virtio_blk.io_error", device=self.id, errno=result.error)
+        else:  # refused by the data path's own checks: a guest (or SDK) error
+            self.count("invalid_requests")
+            log.debug("virtio_blk.refused", device=self.id, reason=result.status.name)
+        return VIRTIO_BLK_S_IOERR
+
+    def _in_disk(self, sector: int, sectors: int) -> bool:
+        capacity = self.image.capacity
+        return sector <= capacity and sectors <= capacity - sector
+
+    def _transfer(self, chain: DescriptorChain, write: bool, sector: int, skip: int, length: int) -> int:
+        assert self._io is not None
+        if write and self.image.readonly:
+            self.count("invalid_requests")
+            return VIRTIO_BLK_S_IOERR
+        if length % SECTOR_SIZE or not self._in_disk(sector, length // SECTOR_SIZE):
+            self.count("invalid_requests")
+            return VIRTIO_BLK_S_IOERR
+        result = self._io.transfer(chain, write, sector * SECTOR_SIZE, skip, length)
+        if result.direct:
+            self.count("direct_ops")
+        if result.fallback:
+            self.count("direct_fallbacks")
+        status = self._status(result)
+        if status == VIRTIO_BLK_S_OK:
+            self.count("write_ops" if write else "read_ops")
+            self.count("write_bytes" if write else "read_bytes", length)
+        return status
+
+    def _discard_or_zero(self, chain: DescriptorChain, discard: bool, data: int) -> int:
+        assert self._io is not None
+        feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
+        if not self.negotiated(feature) or self.image.readonly:
+            return VIRTIO_BLK_S_UNSUPP
+        if data <= 0 or data % DWZ_SEGMENT.size:
+            self.count("invalid_requests")
+            return VIRTIO_BLK_S_IOERR
+        if data // DWZ_SEGMENT.size > MAX_DISCARD_SEGMENTS:
+            return VIRTIO_BLK_S_UNSUPP
+        raw = chain.read(HEADER.size + data)[HEADER.size :]
+        segments = [DWZ_SEGMENT.unpack_from(raw, at) for at in range(0, data, DWZ_SEGMENT.size)]
+        for sector, sectors, flags in segments:
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and flags):
+                return VIRTIO_BLK_S_UNSUPP
+        for sector, sectors, _flags in segments:
+            if sectors > MAX_DISCARD_SECTORS or not self._in_disk(sector, sectors):
+                self.count("invalid_requests")
+                return VIRTIO_BLK_S_IOERR
+        for sector, sectors, flags in segments:
+            offset, length = sector * SECTOR_SIZE, sectors * SECTOR_SIZE
+            if discard:
+                result = self._io.discard(offset, length)
+            else:
+                unmap = bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) and self.sparse
+                result = self._io.write_zeroes(offset, length, unmap)
+            status = self._status(result)
+            if status != VIRTIO_BLK_S_OK:
+                return status
+        self.count("discard_ops" if discard else "write_zeroes_ops")
+        return VIRTIO_BLK_S_OK
+
+
+def _status_byte(writable: Sequence[Any]) -> int | None:
+    """The guest-physical address of the last device-writable byte."""
+    for segment in reversed(writable):
+        if segment.length:
+            return int(segment.gpa + segment.length - 1)
+    return None
+
+
+class VirtioBlockType(DeviceType):
+    """``virtio-blk``: a virtio block device per ``--disk`` (raw image files)."""
+
+    name: ClassVar[str] = "virtio-blk"
+    description: ClassVar[str] = "virtio block device on a raw image file (--disk path=...)"
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [DeviceRequest(cls.name, disk.id, disk, transport=disk.transport)
+                for disk in config.assign_ids().disks if not disk.vhost_user]
+
+    @classmethod
+    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> BlockDevice:
+        config = request.config
+        if config is None or not hasattr(config, "path"):
+            raise DeviceError(f"{request.id}: virtio-blk needs a DiskConfig")
+        return BlockDevice.from_config(request.id, config)

@@ -1,0 +1,470 @@
+"""The VMM: holds at most one VM (a :class:`VmConfig` and, once booted, its :class:`Machine`),
+as Cloud Hypervisor's ``Vmm`` does, and carries out the management API's requests.
+
+Lifecycle, as in CH::
+
+    (nothing) --create--> Created --boot--> Running <--pause/resume--> Paused
+                 ^                            |  reboot: reset in place, Running again
+                 |                            |  power-button: the guest is asked to power off
+                 +----------delete------------+--shutdown--> Shutdown --boot--> Running (a new VM)
+
+- ``create`` only stores the configuration; ``boot`` builds the machine and starts it.
+- ``add-*`` / ``remove-device`` before boot change the stored configuration.
+  After boot they need hotplug, which no transport supports yet: :class:`NotSupported`.
+- When the guest powers off (or the VM fails), the VMM exits, as CH's does:
+  :meth:`Vmm.wait` returns the machine's exit. ``vm.shutdown`` stops the VM but keeps the VMM.
+- ``vmm.shutdown`` deletes the VM and makes :meth:`Vmm.wait` return ``None``.
+
+Methods raise :class:`VmmError` subclasses that say what went wrong, which the API server
+turns into HTTP statuses: :class:`NotCreated` (404), :class:`InvalidState` (405),
+:class:`AlreadyExists` (409), :class:`NoSuchDevice` (404), :class:`NotSupported` (501),
+:class:`vmmkit.config.ConfigError` and :class:`vmmkit.errors.BootError` (bad input, 400).
+Every method is thread-safe; state queries (``ping``, ``info``) never wait behind a lifecycle
+operation in progress.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import attrs
+import pluggy
+
+from vmmkit import __version__
+from vmmkit.config import DeviceConfig, DiskConfig, NetConfig, VmConfig
+from vmmkit.errors import VmmError
+from vmmkit.log import get_logger
+from vmmkit.machine import Machine, MachineExit, MachineState, StopReason
+from vmmkit.registry import AUTO, Registries
+
+log = get_logger()
+
+#: How long ``vm.reboot`` waits for the guest's reset to be carried out.
+REBOOT_TIMEOUT = 10.0
+#: How long ``vm.shutdown`` waits for the vCPU threads to stop.
+SHUTDOWN_TIMEOUT = 10.0
+
+
+class NotCreated(VmmError):
+    """No VM has been created (``vm.create``)."""
+
+
+class InvalidState(VmmError):
+    """The VM's state does not allow the operation (pause a VM that is not running...)."""
+
+
+class AlreadyExists(VmmError):
+    """A VM is already created, or a device with that id already exists."""
+
+
+class NoSuchDevice(VmmError):
+    """No device has the given id."""
+
+
+class NotSupported(VmmError):
+    """vmmkit does not implement this (yet): device hotplug, NMI on this backend..."""
+
+
+class EventSink(Protocol):
+    """Where VMM-level events go (an :class:`vmmkit.events.EventMonitor`)."""
+
+    def event(self, source: str, event: str, properties: Mapping[str, Any] | None = None) -> None: ...
+
+    def __call__(self, name: str, properties: dict[str, Any]) -> None: ...
+
+
+class Vmm:
+    """One VMM process's VM and its lifecycle."""
+
+    def __init__(
+        self,
+        *,
+        registries: Registries,
+        plugin_manager: pluggy.PluginManager,
+        hypervisor: str = AUTO,
+        arch: str | None = None,
+        log_fd: int | None = None,
+        events: EventSink | None = None,
+    ) -> None:
+        self.registries = registries
+        self.pm = plugin_manager
+        self.hypervisor_name = hypervisor
+        self.arch_name = arch
+        self.log_fd = log_fd
+        self.events = events
+        self.config: VmConfig | None = None
+        self.machine: Machine | None = None
+        self._features = self._probe_features()
+        self._lock = threading.Lock()  # guards the fields; never held while waiting
+        self._op_lock = threading.RLock()  # serializes lifecycle operations
+        self._watcher: threading.Thread | None = None
+        self._stopping = False  # the VM is being stopped on request (not by the guest)
+        self._done = threading.Event()
+        self._exit: MachineExit | None = None
+        self._net_fds: dict[str, tuple[int, ...]] = {}
+        self._event("vmm", "starting")
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        """``VmmPingResponse``."""
+        return {
+            "build_version": f"vmmkit {__version__}",
+            "version": __version__,
+            "pid": os.getpid(),
+            "features": list(self._features),
+        }
+
+    def info(self) -> dict[str, Any]:
+        """``VmInfo``: the configuration, the state and the memory size."""
+        with self._lock:
+            config, machine = self.config, self.machine
+        if config is None:
+            raise NotCreated("the VM is not created (vm.create)")
+        state = machine.state.value if machine is not None else MachineState.CREATED.value
+        return {
+            "config": config.to_json(),
+            "state": state,
+            "memory_actual_size": config.memory.size,
+        }
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """``VmCounters``: per device (and per vCPU) statistics of the booted VM."""
+        machine = self._booted_machine("read the counters of")
+        return {name: {k: int(v) for k, v in values.items()} for name, values in machine.counters().items()}
+
+    @property
+    def state(self) -> str | None:
+        """The VM's state (``Created``, ``Running``...), ``None`` without a VM."""
+        with self._lock:
+            if self.config is None:
+                return None
+            return self.machine.state.value if self.machine is not None else MachineState.CREATED.value
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def create(self, config: VmConfig) -> None:
+        """Store the configuration of the VM to boot (``vm.create``)."""
+        with self._op_lock:
+            with self._lock:
+                if self.config is not None:
+                    raise AlreadyExists("a VM is already created (vm.delete it first)")
+                self.config = config.assign_ids()
+
+    def boot(self) -> None:
+        """Build the VM from the stored configuration and start it (``vm.boot``).
+
+        :raises BootError, ConfigError: the configuration cannot be booted (bad kernel...).
+        """
+        with self._op_lock:
+            with self._lock:
+                config, old = self.config, self.machine
+            if config is None:
+                raise NotCreated("the VM is not created (vm.create)")
+            if old is not None and old.state is not MachineState.SHUTDOWN:
+                raise InvalidState(f"the VM is already booted ({old.state.value})")
+            machine = Machine(config, registries=self.registries, plugin_manager=self.pm,
+                              hypervisor=self.hypervisor_name, arch=self.arch_name, log_fd=self.log_fd)
+            if self.events is not None:
+                machine.listeners.append(self._listener(self.events))
+            try:
+                machine.build()
+                machine.boot()
+            except BaseException:
+                machine.close()
+                raise
+            with self._lock:
+                self.machine = machine
+                self._stopping = False
+            self._watcher = threading.Thread(target=self._watch, args=(machine,), name="vm-watch", daemon=True)
+            self._watcher.start()
+
+    def pause(self) -> None:
+        """Take every vCPU out of the guest and park it (``vm.pause``)."""
+        with self._op_lock:
+            machine = self._booted_machine("pause")
+            if machine.state is not MachineState.RUNNING:
+                raise InvalidState(f"cannot pause a VM that is {machine.state.value}")
+            machine.pause()
+
+    def resume(self) -> None:
+        """``vm.resume``."""
+        with self._op_lock:
+            machine = self._booted_machine("resume")
+            if machine.state is not MachineState.PAUSED:
+                raise InvalidState(f"cannot resume a VM that is {machine.state.value}")
+            machine.resume()
+
+    def reboot(self) -> None:
+        """Reset the VM and boot the guest again (``vm.reboot``); returns once it is running.
+        A paused VM is resumed first."""
+        with self._op_lock:
+            machine = self._running_machine("reboot")
+            rebooted = threading.Event()
+
+            def on_event(name: str, _properties: dict[str, Any]) -> None:
+                if name == "vm-rebooted":
+                    rebooted.set()
+
+            machine.listeners.append(on_event)
+            try:
+                if machine.state is MachineState.PAUSED:
+                    machine.resume()
+                machine.reboot()
+                if not rebooted.wait(REBOOT_TIMEOUT) and machine.state is not MachineState.SHUTDOWN:
+                    raise VmmError(f"the VM did not reboot within {REBOOT_TIMEOUT:.0f} s")
+            finally:
+                machine.listeners.remove(on_event)
+
+    def power_button(self) -> None:
+        """Press the ACPI power button (``vm.power-button``): the guest decides what to do."""
+        with self._op_lock:
+            machine = self._running_machine("press the power button of")
+            try:
+                machine.power_button()
+            except VmmError as exc:
+                raise NotSupported(str(exc)) from None
+
+    def nmi(self) -> None:
+        """Inject a non-maskable interrupt into every vCPU (``vm.nmi``)."""
+        with self._op_lock:
+            machine = self._running_machine("inject an NMI into")
+            try:
+                machine.nmi()
+            except VmmError as exc:
+                raise NotSupported(str(exc)) from None
+
+    def shutdown(self) -> None:
+        """Stop the VM, keeping its configuration and the VMM (``vm.shutdown``)."""
+        with self._op_lock:
+            machine = self._running_machine("shut down")
+            self._stop_machine(machine)
+
+    def delete(self) -> None:
+        """Shut the VM down if it runs and forget it (``vm.delete``); no VM is not an error."""
+        with self._op_lock:
+            with self._lock:
+                config, machine = self.config, self.machine
+            if config is None:
+                return
+            if machine is not None and machine.state is not MachineState.SHUTDOWN:
+                self._stop_machine(machine)
+            with self._lock:
+                self.config = None
+                self.machine = None
+                fds, self._net_fds = self._net_fds, {}
+            _close_fds(fd for group in fds.values() for fd in group)
+            self._event("vm", "deleted")
+
+    def shutdown_vmm(self) -> None:
+        """Delete the VM and let :meth:`wait` return ``None`` (``vmm.shutdown``)."""
+        with self._op_lock:
+            self.delete()
+            self._event("vmm", "shutdown")
+            self._done.set()
+
+    # -- devices ---------------------------------------------------------------------------------
+
+    def add_disk(self, disk: DiskConfig) -> dict[str, str] | None:
+        """``vm.add-disk``: before boot, added to the configuration (returns ``None``)."""
+        return self._add(disk, VmConfig.with_disk, "disk")
+
+    def add_net(self, net: NetConfig, fds: Iterable[int] = ()) -> dict[str, str] | None:
+        """``vm.add-net``. ``fds`` (taps opened by the caller, received over the socket) replace
+        any ``fds`` in ``net``; the VMM owns them from now on, also when the call fails."""
+        fds = tuple(fds)
+        try:
+            if fds:
+                net = attrs.evolve(net, fds=fds)
+            elif net.fds:
+                log.warning("api.net_fds_ignored", id=net.id, fds=list(net.fds),
+                            hint="fd numbers are only valid when the fds are sent with SCM_RIGHTS")
+                net = attrs.evolve(net, fds=())
+            result = self._add(net, VmConfig.with_net, "net")
+        except BaseException:
+            _close_fds(fds)
+            raise
+        return result
+
+    def add_device(self, device: DeviceConfig) -> dict[str, str] | None:
+        """``vm.add-device`` (VFIO): before boot, added to the configuration."""
+        return self._add(device, VmConfig.with_device, "device")
+
+    def remove_device(self, device_id: str) -> None:
+        """``vm.remove-device``: before boot, removed from the configuration."""
+        with self._op_lock:
+            config = self._config_for_change("remove a device from")
+            try:
+                new = config.without_device(device_id)
+            except VmmError:
+                raise NoSuchDevice(f"no device with id {device_id!r}") from None
+            with self._lock:
+                self.config = new
+                fds = self._net_fds.pop(device_id, ())
+            _close_fds(fds)
+
+    def _add(self, device: Any, add: Callable[[VmConfig, Any], VmConfig], what: str) -> dict[str, str] | None:
+        with self._op_lock:
+            config = self._config_for_change(f"add a {what} to")
+            ids = {d.id for _, d in config._all_devices() if d.id is not None}
+            if device.id is not None and device.id in ids:
+                raise AlreadyExists(f"a device with id {device.id!r} already exists")
+            before = ids
+            new = add(config, device).assign_ids()
+            with self._lock:
+                self.config = new
+                if isinstance(device, NetConfig) and device.fds:
+                    (added,) = [d.id for _, d in new._all_devices() if d.id is not None and d.id not in before]
+                    self._net_fds[added] = device.fds
+            return None
+
+    # -- waiting and exiting ---------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> MachineExit | None:
+        """Block until the VMM should exit: the guest's exit when the VM stopped by itself
+        (power-off, triple fault, failure), ``None`` after ``vmm.shutdown``. With a
+        ``timeout``, also returns ``None`` when it expires (check :attr:`done`)."""
+        self._done.wait(timeout)
+        return self._exit
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def request_exit(self, reason: str = "requested") -> None:
+        """Stop the VM and end :meth:`wait` (a signal): as ``vmm.shutdown``, from any thread."""
+        log.info("vmm.exit_requested", reason=reason)
+        threading.Thread(target=self._exit_quietly, name="vmm-exit", daemon=True).start()
+
+    def _exit_quietly(self) -> None:
+        try:
+            self.shutdown_vmm()
+        except Exception:
+            log.exception("vmm.exit_failed")
+            self._done.set()
+
+    def close(self) -> None:
+        """Release the VM if one is left (the VMM is exiting)."""
+        with self._lock:
+            machine = self.machine
+        if machine is not None and machine.vm is not None:
+            with self._lock:
+                self._stopping = True
+            machine.request_stop(StopReason.REQUESTED, "vmm exiting")
+            if self._watcher is not None:
+                self._watcher.join(SHUTDOWN_TIMEOUT)
+            _close_machine(machine)
+        _close_fds(fd for group in self._net_fds.values() for fd in group)
+        self._net_fds = {}
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _watch(self, machine: Machine) -> None:
+        """The ``vm-watch`` thread: waits for the machine to stop (carrying out resets)."""
+        try:
+            exit_ = machine.wait()
+        except Exception as exc:  # a reset that failed: the VM is gone
+            log.exception("vm.watch_failed")
+            exit_ = MachineExit(StopReason.INTERNAL_ERROR, 1, str(exc))
+            machine.request_stop(StopReason.INTERNAL_ERROR, str(exc))
+        with self._lock:
+            requested = self._stopping
+        if requested:
+            return
+        # The guest powered off, or the VM failed: the VMM exits, as CH's does.
+        log.info("vm.stopped", reason=exit_.reason.value if exit_ else None, detail=exit_.detail if exit_ else "")
+        self._exit = exit_
+        threading.Thread(target=self._finish_after_guest_exit, args=(machine,), name="vmm-exit",
+                         daemon=True).start()
+
+    def _finish_after_guest_exit(self, machine: Machine) -> None:
+        with self._op_lock:
+            with self._lock:
+                if self.machine is not machine:
+                    return
+                self._stopping = True
+            _close_machine(machine)
+            try:
+                self.delete()
+            finally:
+                self._event("vmm", "shutdown")
+                self._done.set()
+
+    def _stop_machine(self, machine: Machine) -> None:
+        with self._lock:
+            self._stopping = True
+        machine.request_stop(StopReason.REQUESTED, "api")
+        if self._watcher is not None:
+            self._watcher.join(SHUTDOWN_TIMEOUT)
+        if self._watcher is not None and self._watcher.is_alive():
+            raise VmmError(f"the VM did not stop within {SHUTDOWN_TIMEOUT:.0f} s")
+        _close_machine(machine)
+
+    def _booted_machine(self, what: str) -> Machine:
+        with self._lock:
+            config, machine = self.config, self.machine
+        if config is None:
+            raise NotCreated("the VM is not created (vm.create)")
+        if machine is None:
+            raise InvalidState(f"cannot {what} a VM that is not booted")
+        return machine
+
+    def _running_machine(self, what: str) -> Machine:
+        machine = self._booted_machine(what)
+        if machine.state not in (MachineState.RUNNING, MachineState.PAUSED):
+            raise InvalidState(f"cannot {what} a VM that is {machine.state.value}")
+        return machine
+
+    def _config_for_change(self, what: str) -> VmConfig:
+        with self._lock:
+            config, machine = self.config, self.machine
+        if config is None:
+            raise NotCreated("the VM is not created (vm.create)")
+        if machine is not None and machine.state is not MachineState.SHUTDOWN:
+            raise NotSupported(
+                f"cannot {what} a booted VM: device hotplug is not supported yet "
+                "(add devices before vm.boot)"
+            )
+        return config
+
+    def _event(self, source: str, event: str, properties: Mapping[str, Any] | None = None) -> None:
+        if self.events is not None:
+            self.events.event(source, event, properties)
+
+    @staticmethod
+    def _listener(events: EventSink) -> Callable[[str, dict[str, Any]], None]:
+        def listener(name: str, properties: dict[str, Any]) -> None:
+            try:
+                events(name, properties)
+            except Exception:
+                log.exception("vmm.event_failed", event=name)
+
+        return listener
+
+    def _probe_features(self) -> tuple[str, ...]:
+        """The usable hypervisor backends (CH lists its compiled-in features, e.g. ``kvm``)."""
+        features = []
+        for backend in self.registries.hypervisor_order():
+            try:
+                if backend.is_available():
+                    features.append(str(backend.name))
+            except Exception:
+                continue
+        return tuple(features)
+
+
+def _close_machine(machine: Machine) -> None:
+    """Release a booted machine once (a closed one has no ``vm`` left)."""
+    if machine.vm is not None:
+        machine.close()
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
