@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import pluggy
 
+from vmmkit import _codecache
+
+_codecache.install()
+
 __all__ = ["hookimpl", "hookspec", "__version__", "PROJECT_NAME"]
 
 __version__ = "0.1.0"

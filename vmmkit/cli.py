@@ -1,6 +1,9 @@
 """The ``vmmkit`` command: boot a VM from Cloud Hypervisor-style options, or list plugins.
 
     vmmkit [options]          boot the VM the options describe (``--kernel`` required)
+    vmmkit --api-socket path=<socket> [options]
+                              serve the management API (Cloud Hypervisor's); without
+                              ``--kernel``, wait for ``vm.create`` (see :mod:`vmmkit.api`)
     vmmkit run [options]      the same; with no ``--kernel`` boots the bundled demo guest
     vmmkit plugins            list plugins, what they register, and backend availability
 
@@ -134,6 +137,11 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
                         help="backend (auto: the first usable one, see 'vmmkit plugins')")
     parser.add_argument("--arch", default=None, choices=registries.architectures.names(),
                         help="guest architecture (default: the host's)")
+    parser.add_argument("--api-socket", dest="api_socket", default=None, metavar="SPEC",
+                        help="serve the management API on a Unix socket: path=<socket>|fd=<fd> "
+                             "(without --kernel, wait for vm.create)")
+    parser.add_argument("--event-monitor", dest="event_monitor", default=None, metavar="SPEC",
+                        help="write lifecycle events as JSON: path=<file>|fd=<fd>")
     logging = parser.add_argument_group("logging")
     logging.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     logging.add_argument("--log-format", choices=("console", "json"), default=None,
@@ -184,7 +192,10 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
     except ConfigError as exc:
         parser.print_usage(sys.stderr)
         return _fail(str(exc), EXIT_USAGE)
-    if config.payload.kernel is None:
+    serving = options.api_socket is not None or options.event_monitor is not None
+    if config.payload.kernel is None and options.api_socket is not None and not demo_default:
+        config = None  # only the API: the VM comes with vm.create
+    elif config.payload.kernel is None:
         if not demo_default:
             parser.error("--kernel is required (or use 'vmmkit run' to boot the bundled demo guest)")
         import attrs
@@ -197,6 +208,8 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
             return _fail(str(exc))
     configure_logging(options.verbose, options.log_format, options.log_file)
     pm.hook.vmmkit_configure(options=options)
+    if serving:
+        return _serve(config, pm, registries, options)
     return _boot(config, pm, registries, options)
 
 
@@ -229,6 +242,61 @@ def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) ->
     return exit_.status
 
 
+def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -> int:
+    """``--api-socket`` / ``--event-monitor``: a VMM that serves the API, boots ``config`` when
+    there is one, and exits when the guest stops (or on ``vmm.shutdown``, with 0)."""
+    from vmmkit.api.server import ApiServer
+    from vmmkit.config import ConfigError
+    from vmmkit.errors import VmmError
+    from vmmkit.events import EventMonitor
+    from vmmkit.machine import StopReason
+    from vmmkit.vmm import Vmm
+
+    monitor = server = None
+    try:
+        monitor = EventMonitor.open(options.event_monitor) if options.event_monitor else None
+        vmm = Vmm(registries=registries, plugin_manager=pm, hypervisor=options.hypervisor,
+                  arch=options.arch, log_fd=_log_fd(options), events=monitor)
+        server = ApiServer.open(options.api_socket, vmm) if options.api_socket else None
+    except ConfigError as exc:
+        if monitor is not None:
+            monitor.close()
+        return _fail(str(exc), EXIT_USAGE)
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        vmm.request_exit(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        if server is not None:
+            server.start()
+        if config is not None:
+            vmm.create(config)
+            vmm.boot()
+        exit_ = vmm.wait()
+    except VmmError as exc:
+        return _fail(str(exc))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if server is not None:
+            server.close()
+        vmm.close()
+        if monitor is not None:
+            monitor.close()
+    if received:
+        return 128 + received[0]
+    if exit_ is None:
+        return 0
+    if exit_.reason is StopReason.TRIPLE_FAULT:
+        return _fail(f"the guest triple-faulted ({exit_.detail}); the VM was stopped")
+    if exit_.reason is StopReason.INTERNAL_ERROR:
+        return _fail(f"the VM stopped on an internal error: {exit_.detail}")
+    return exit_.status
+
+
 def _log_fd(options: argparse.Namespace) -> int | None:
     """The log's fd for natively written log lines, when info-level logging is on."""
     if options.verbose < 1:
@@ -242,12 +310,10 @@ def _log_fd(options: argparse.Namespace) -> int | None:
 def configure_logging(verbosity: int, fmt: str | None, log_file: str | None) -> None:
     """Choose the level and output; structlog itself is configured (and imported) only when
     the first message at an enabled level is logged (see :mod:`vmmkit.log`)."""
-    import logging
-
     from vmmkit import log
 
     global _log_stream
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
+    level = (log.WARNING, log.INFO, log.DEBUG)[min(verbosity, 2)]
     stream: TextIO = open(log_file, "a", buffering=1) if log_file else sys.stderr
     _log_stream = stream
     log.configure(level, lambda: _configure_structlog(level, fmt, stream))

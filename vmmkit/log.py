@@ -9,11 +9,13 @@ a VM's start-up, so it happens on the first call at an enabled level: a run that
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
-_threshold: int = logging.NOTSET
+# The standard library's level numbers (importing ``logging`` itself is not needed here).
+DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
+
+_threshold: int = 0
 _configure_hook: Callable[[], None] | None = None
 _configured = False
 
@@ -57,25 +59,25 @@ class Logger:
         getattr(_structlog().get_logger(**self._context), method)(event, **values)
 
     def debug(self, event: str, **values: Any) -> None:
-        self._emit(logging.DEBUG, "debug", event, values)
+        self._emit(DEBUG, "debug", event, values)
 
     def info(self, event: str, **values: Any) -> None:
-        self._emit(logging.INFO, "info", event, values)
+        self._emit(INFO, "info", event, values)
 
     def warning(self, event: str, **values: Any) -> None:
-        self._emit(logging.WARNING, "warning", event, values)
+        self._emit(WARNING, "warning", event, values)
 
     warn = warning
 
     def error(self, event: str, **values: Any) -> None:
-        self._emit(logging.ERROR, "error", event, values)
+        self._emit(ERROR, "error", event, values)
 
     def exception(self, event: str, **values: Any) -> None:
         values.setdefault("exc_info", True)
-        self._emit(logging.ERROR, "error", event, values)
+        self._emit(ERROR, "error", event, values)
 
     def critical(self, event: str, **values: Any) -> None:
-        self._emit(logging.CRITICAL, "critical", event, values)
+        self._emit(CRITICAL, "critical", event, values)
 
 
 def get_logger(**context: Any) -> Logger:

@@ -183,6 +183,8 @@ class RequestReader:
         length = int(raw)
         if length > MAX_BODY_BYTES:
             raise HttpError(413, f"request body of {length} bytes is larger than {MAX_BODY_BYTES}")
+        if len(self._buffer) < length and headers.get("expect", "").lower() == "100-continue":
+            self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         while len(self._buffer) < length:
             try:
                 self._fill()

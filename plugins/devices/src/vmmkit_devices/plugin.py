@@ -20,6 +20,10 @@ from vmmkit_devices.legacy.i8042 import I8042Type
 from vmmkit_devices.legacy.pit import I8254Type
 from vmmkit_devices.legacy.rtc import CmosRtcType
 from vmmkit_devices.legacy.serial import Serial16550Type
+from vmmkit_devices.virtio.block import VirtioBlockType
+from vmmkit_devices.virtio.console import VirtioConsoleType
+from vmmkit_devices.virtio.net import VirtioNetType
+from vmmkit_devices.virtio.rng import VirtioRngType
 
 if TYPE_CHECKING:
     from vmmkit.device import DeviceType

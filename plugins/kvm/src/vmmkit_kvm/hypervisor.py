@@ -38,8 +38,9 @@ from vmmkit.x86 import (
     SpecialRegisters,
     StandardRegisters,
 )
-from vmmkit_kvm import bindings
+from vmmkit_kvm import bindings, quirks
 from vmmkit_kvm.bindings import Cap, ExitCode, RawExit, VcpuEventsState
+from vmmkit_kvm.quirks import HostQuirks, VmQuirks
 
 __all__ = [
     "KvmHypervisor",
@@ -92,15 +93,31 @@ class KvmExitInfo:
     instruction: bytes = b""
 
 
+class _Description:
+    """``KvmHypervisor.description``: the base text plus the host quirks this host gets."""
+
+    BASE = "Linux KVM (/dev/kvm): in-kernel irqchip, irqfd, ioeventfd"
+
+    def __get__(self, obj: object, owner: type | None = None) -> str:
+        summary = quirks.describe()
+        return f"{self.BASE}; {summary}" if summary else self.BASE
+
+
 class KvmHypervisor(Hypervisor):
-    """Linux KVM through ``/dev/kvm``."""
+    """Linux KVM through ``/dev/kvm``.
+
+    ``quirks`` selects the host-quirk set (``auto``, ``pvm``, ``none``; ``None``: what
+    ``--kvm-quirks`` or ``VMMKIT_KVM_QUIRKS`` chose, else ``auto``), see
+    :mod:`vmmkit_kvm.quirks`.
+    """
 
     name: ClassVar[str] = "kvm"
-    description: ClassVar[str] = "Linux KVM (/dev/kvm): in-kernel irqchip, irqfd, ioeventfd"
+    description: ClassVar[str] = _Description()  # type: ignore[assignment]
     priority: ClassVar[int] = 10
     architectures: ClassVar[tuple[str, ...]] = _host_architectures()
 
-    def __init__(self, path: str = KVM_DEVICE) -> None:
+    def __init__(self, path: str = KVM_DEVICE, *, quirks: str | None = None) -> None:
+        self.quirks: HostQuirks = _select_quirks(quirks)
         self._system = bindings.KvmSystem.open(path)
         try:
             version = self._system.api_version()
@@ -152,7 +169,7 @@ class KvmHypervisor(Hypervisor):
             )
         vm_fd = bindings.KvmVmFd(self._system.create_vm(), self._system)
         try:
-            return KvmVm(vm_fd, self._mmap_size)
+            return KvmVm(vm_fd, self._mmap_size, quirks=self.quirks)
         except BaseException:
             vm_fd.close()
             raise
@@ -160,7 +177,7 @@ class KvmHypervisor(Hypervisor):
     # X86Hypervisor
 
     def supported_cpuid(self) -> list[CpuIdEntry]:
-        return self._system.supported_cpuid()
+        return self.quirks.supported_cpuid(self._system.supported_cpuid())
 
     def msr_index_list(self) -> list[int]:
         return self._system.msr_index_list()
@@ -190,9 +207,11 @@ class KvmHypervisor(Hypervisor):
 class KvmVm(Vm):
     """A KVM virtual machine."""
 
-    def __init__(self, fd: bindings.KvmVmFd, mmap_size: int) -> None:
+    def __init__(self, fd: bindings.KvmVmFd, mmap_size: int, *, quirks: HostQuirks | None = None) -> None:
         self._fd = fd
         self._mmap_size = mmap_size
+        #: The host-quirk set this VM runs under (see :mod:`vmmkit_kvm.quirks`).
+        self.quirks = quirks if quirks is not None else HostQuirks()
         caps = {cap: fd.check_extension(cap) for cap in Cap}
         self.capabilities: dict[str, int] = {cap.name.lower(): value for cap, value in caps.items()}
         self.supports_irqfd = caps[Cap.IRQFD] > 0
@@ -216,7 +235,9 @@ class KvmVm(Vm):
         self._msi_routes: dict[int, tuple[int, int]] = {}
         self._irqchip = False
         self._vcpus: list[KvmVcpu] = []
-        log.debug("kvm.vm.created", fd=fd.fd, ring_page=self._ring_page, sync_regs=self._sync_regs)
+        self._vm_quirks: VmQuirks | None = self.quirks.attach(self)
+        log.debug("kvm.vm.created", fd=fd.fd, ring_page=self._ring_page, sync_regs=self._sync_regs,
+                  quirks=self.quirks.name)
 
     # memory
 
@@ -246,6 +267,10 @@ class KvmVm(Vm):
         self._fd.set_user_memory_region(slot, guest_addr, 0, host_addr, readonly=readonly)
         del self._slots[slot]
 
+    def memory_slots(self) -> list[tuple[int, int, int]]:
+        """``(guest_addr, size, host_addr)`` of every memory slot."""
+        return [(guest, size, host) for guest, size, host, _ro, _dirty in self._slots.values()]
+
     def get_dirty_log(self, slot: int) -> bytes:
         """Pages of ``slot`` written since the last call, one bit per page (the region must
         have been added with ``log_dirty=True``)."""
@@ -271,8 +296,10 @@ class KvmVm(Vm):
         except BaseException:
             os.close(fd)
             raise
-        vcpu = KvmVcpu(index, native)
+        vcpu = KvmVcpu(index, native, quirks=self._vm_quirks)
         self._vcpus.append(vcpu)
+        if self._vm_quirks is not None:
+            self._vm_quirks.vcpu_created(vcpu)
         return vcpu
 
     # interrupts
@@ -285,7 +312,10 @@ class KvmVm(Vm):
         identity_map_addr: int = DEFAULT_IDENTITY_MAP_ADDR,
     ) -> None:
         """TSS and identity-map pages, the in-kernel IOAPIC + PIC + LAPICs and (unless
-        ``pit=False``, for a userspace PIT) the in-kernel PIT."""
+        ``pit=False``, for a userspace PIT, or the host quirks forbid it) the in-kernel PIT."""
+        if pit and not self.quirks.in_kernel_pit:
+            log.debug("kvm.quirks.no_in_kernel_pit", quirks=self.quirks.name)
+            pit = False
         if self._vcpus:
             raise HypervisorError("KVM_CREATE_IRQCHIP", None, "must come before the first vCPU")
         self._fd.set_tss_addr(tss_addr)
@@ -377,7 +407,14 @@ class KvmVm(Vm):
     def set_clock(self, ns: int) -> None:
         self._fd.set_clock(ns)
 
+    @property
+    def in_kernel_pit(self) -> bool:
+        """Whether guests of this VM get KVM's PIT (else a userspace one is needed)."""
+        return self.quirks.in_kernel_pit
+
     def close(self) -> None:
+        if self._vm_quirks is not None:
+            self._vm_quirks.close()
         for vcpu in self._vcpus:
             vcpu.close()
         self._vcpus.clear()
@@ -397,18 +434,23 @@ _BAD_RUN_WHAT = {1: "KVM_EXIT_IO size/count/data_offset", 2: "KVM_EXIT_MMIO len"
 class KvmVcpu(Vcpu):
     """A KVM vCPU; implements :class:`vmmkit.x86.X86Vcpu`."""
 
-    def __init__(self, index: int, fd: bindings.KvmVcpuFd) -> None:
+    def __init__(self, index: int, fd: bindings.KvmVcpuFd, *, quirks: VmQuirks | None = None) -> None:
         self.index = index
         self._fd = fd
+        self._quirks = quirks
         self.last_exit: KvmExitInfo | None = None
 
     # running
 
     def run(self) -> VmExit:
-        raw = self._fd.run()
-        exit_, info = _translate(raw)
-        self.last_exit = info
-        return exit_
+        """Run until an exit the caller must handle. Exits the host quirks resolve (see
+        :mod:`vmmkit_kvm.quirks`) never come back from here: the vCPU simply runs on."""
+        while True:
+            raw = self._fd.run()
+            exit_, info = _translate(raw)
+            self.last_exit = info
+            if self._quirks is None or not self._quirks.handle_exit(self, exit_, info):
+                return exit_
 
     def kick(self) -> None:
         self._fd.kick()
@@ -421,7 +463,10 @@ class KvmVcpu(Vcpu):
         return self._fd.kicked()
 
     def exit_counts(self) -> dict[str, int]:
-        return self._fd.counts()
+        counts = self._fd.counts()
+        if self._quirks is not None:
+            counts.update(self._quirks.counts(self))
+        return counts
 
     def set_ops(self, ops: VcpuOps) -> None:
         """Replace the I/O callback object (only while the vCPU is not running)."""
@@ -518,6 +563,16 @@ class KvmVcpu(Vcpu):
             enable=enable, single_step=single_step, software_breakpoints=software_breakpoints,
             hw_breakpoints=hw_breakpoints,
         )
+
+
+def _select_quirks(mode: str | None) -> HostQuirks:
+    try:
+        selected = quirks.select(mode)
+    except ValueError as exc:
+        raise CapabilityError("host quirks", None, str(exc)) from None
+    if selected.active:
+        log.info("kvm.quirks", quirks=selected.name, summary=selected.summary())
+    return selected
 
 
 def _translate(raw: RawExit) -> tuple[VmExit, KvmExitInfo]:

@@ -83,6 +83,7 @@ class QueueDevice(VirtioDevice):
         self._queue_sizes = tuple(queue_sizes)
         self._offered = features | RING_FEATURES
         self._ctx: ActivationContext | None = None
+        self._active = False  # activated and not being torn down
         self._state = threading.RLock()
         self._queue_locks = [threading.RLock() for _ in self._queue_sizes]
         self._paused = False
@@ -120,6 +121,7 @@ class QueueDevice(VirtioDevice):
             self._generation += 1
             generation = self._generation
             self._ctx = ctx
+            self._active = True
             self.activated(ctx)
             if self.own_threads:
                 self._start_threads(ctx, generation)
@@ -173,7 +175,7 @@ class QueueDevice(VirtioDevice):
 
     def running(self) -> bool:
         """Whether chains may be processed now (activated, not paused, broken or closed)."""
-        return self._ctx is not None and not self._paused and not self._closed and self.broken is None
+        return self._active and not self._paused and not self._closed and self.broken is None
 
     def process_queue(self, index: int, queue: Virtqueue) -> None:
         """Serve queue ``index``: pop chains while :meth:`running`, ``add_used`` each, then
@@ -225,7 +227,7 @@ class QueueDevice(VirtioDevice):
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Watch ``fd`` on the event loop until :meth:`remove_reader` or deactivation."""
         ctx = self._ctx
-        if ctx is None or fd in self._readers:
+        if ctx is None or not self._active or fd in self._readers:
             return
         ctx.event_loop.add_reader(fd, callback)
         self._readers[fd] = callback
@@ -303,6 +305,7 @@ class QueueDevice(VirtioDevice):
     def _teardown(self) -> None:
         """Stop serving, wait for in-flight work, forget the activation (state lock held)."""
         self._generation += 1  # callbacks and threads of the old activation become no-ops
+        self._active = False
         for fd in list(self._readers):
             self.remove_reader(fd)
         if self._threads:
@@ -320,6 +323,8 @@ class QueueDevice(VirtioDevice):
             os.close(self._stop_fd)
             self._stop_fd = -1
         self._quiesce()
+        for fd in list(self._readers):  # re-armed by a chain that was in flight
+            self.remove_reader(fd)
         if self._ctx is not None:
             try:
                 self.deactivated()

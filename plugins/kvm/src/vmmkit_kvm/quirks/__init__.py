@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from attrs import define
 
@@ -94,11 +94,11 @@ def detect(sysfs: Path = PVM_SYSFS) -> str:
     return PVM if sysfs.exists() else NONE
 
 
-def _wanted_mode(mode: str | None) -> str:
-    chosen = mode or _settings.mode or os.environ.get(ENV_MODE) or AUTO
-    if chosen not in MODES:
-        raise ValueError(f"unknown KVM quirks mode {chosen!r} (known: {', '.join(MODES)})")
-    return detect() if chosen == AUTO else chosen
+def _requested_mode(mode: str | None) -> str:
+    requested = mode or _settings.mode or os.environ.get(ENV_MODE) or AUTO
+    if requested not in MODES:
+        raise ValueError(f"unknown KVM quirks mode {requested!r} (known: {', '.join(MODES)})")
+    return requested
 
 
 def _wanted_dilation(dilation: int | None) -> int:
@@ -115,12 +115,12 @@ def select(mode: str | None = None, dilation: int | None = None) -> HostQuirks:
 
     :raises ValueError: an unknown mode.
     """
-    chosen = _wanted_mode(mode)
+    requested = _requested_mode(mode)
+    chosen = detect() if requested == AUTO else requested
     if chosen == PVM:
         from vmmkit_kvm.quirks.pvm import PvmQuirks
 
-        return PvmQuirks(dilation=_wanted_dilation(dilation), detected=(mode or _settings.mode or
-                         os.environ.get(ENV_MODE) or AUTO) == AUTO)
+        return PvmQuirks(dilation=_wanted_dilation(dilation), detected=requested == AUTO)
     return HostQuirks()
 
 
@@ -191,7 +191,3 @@ def merge_args(cmdline: str, args: Sequence[str]) -> list[str]:
     ``tsc_early_khz=`` or ``clearcpuid=`` wins."""
     present = {word.split("=", 1)[0] for word in cmdline.split()}
     return [arg for arg in args if arg.split("=", 1)[0] not in present]
-
-
-def _unused(*_args: Any) -> None:  # pragma: no cover - keeps type checkers quiet about Any
-    pass

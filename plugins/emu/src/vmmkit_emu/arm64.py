@@ -1,0 +1,288 @@
+"""AArch64 vCPUs on unicorn (a Cortex-A72 at EL1, no EL2/EL3): the :class:`vmmkit.aarch64.Aarch64Vcpu`
+and :class:`vmmkit.aarch64.Aarch64Vm` protocols.
+
+Firmware calls
+    Without EL2/EL3, unicorn reports ``hvc``/``smc`` as an undefined instruction (interrupt
+    hook, exception 1) with the PC at the instruction. The hook reads the instruction (walking
+    the guest's stage-1 tables when its MMU is on: 4 KiB granule only), and for ``hvc #0`` /
+    ``smc #0`` hands x0-x7 to the VM's :class:`vmmkit.aarch64.FirmwareHandler` (the architecture's
+    PSCI), writes the answer to x0-x3 and steps past the instruction. Without a handler, or when
+    it declines, x0 = SMCCC_NOT_SUPPORTED.
+
+MPIDR_EL1
+    Every unicorn engine is CPU 0 to QEMU, so ``mrs MPIDR_EL1`` is hooked (an MRS instruction
+    hook) and answers :func:`vmmkit.aarch64.mpidr_for` of the vCPU's index, as KVM does.
+
+Exceptions the guest takes
+    unicorn never runs the guest's vectors. This backend delivers the synchronous exceptions it
+    can describe: undefined instruction (EC 0x00), SVC (EC 0x15) and BRK (EC 0x3c). It writes
+    ESR_EL1, ELR_EL1, SPSR_EL1, moves to EL1h with DAIF masked and jumps to VBAR_EL1 + 0x000
+    (from EL1t), 0x200 (from EL1h) or 0x400 (from EL0). Aborts (MMU faults, alignment) are not
+    delivered: unicorn does not expose their syndrome, so the run ends with an internal error
+    naming the exception and the PC. IRQ/FIQ never happen (no GIC; see the package docs), and
+    nor do timer interrupts: the generic timer's counters (CNTVCT_EL0, CNTFRQ_EL0 = 62.5 MHz)
+    run, its interrupts do not.
+
+WFI / WFE
+    WFI ends ``emu_start``: the vCPU sleeps briefly (or until woken by CPU_ON, a kick) and
+    continues after it (WFI may complete spuriously, architecturally). WFE is a no-op in
+    unicorn: a guest that waits with WFE spins, taking its turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from unicorn import UC_ARCH_ARM64, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_ARM, Uc
+from unicorn import arm64_const as A
+
+from vmmkit.aarch64 import (
+    BOOT_PSTATE,
+    SMCCC_NOT_SUPPORTED,
+    CoreRegisters,
+    FirmwareCall,
+    FirmwareHandler,
+    PowerState,
+    SysReg,
+    mpidr_for,
+)
+from vmmkit.hypervisor import ExitReason, VcpuOps
+from vmmkit_emu.hypervisor import EmuVcpu, EmuVm
+
+log = structlog.get_logger()
+
+_X = [getattr(A, f"UC_ARM64_REG_X{i}") for i in range(31)]
+
+# unicorn's ARM exception numbers (QEMU's EXCP_*).
+EXCP_UDEF = 1
+EXCP_SWI = 2
+EXCP_PREFETCH_ABORT = 3
+EXCP_DATA_ABORT = 4
+EXCP_IRQ = 5
+EXCP_FIQ = 6
+EXCP_BKPT = 7
+_EXCEPTION_NAMES = {EXCP_PREFETCH_ABORT: "prefetch abort", EXCP_DATA_ABORT: "data abort", EXCP_IRQ: "IRQ",
+                    EXCP_FIQ: "FIQ"}
+
+EC_UNKNOWN = 0x00
+EC_SVC64 = 0x15
+EC_BRK64 = 0x3C
+
+_HVC_MASK = 0xFFE0001F
+_HVC = 0xD4000002
+_SMC = 0xD4000003
+_SVC = 0xD4000001
+_BRK = 0xD4200000
+
+#: SCTLR_EL1 bits cleared for a CPU_ON entry: M (MMU), C (data cache), I (instruction cache).
+_SCTLR_OFF_ON_ENTRY = (1 << 0) | (1 << 2) | (1 << 12)
+
+
+class Arm64Vm(EmuVm):
+    """An emulated AArch64 VM; PSCI goes to the handler the architecture installs."""
+
+    firmware_in_hypervisor = False
+
+    def __init__(self, arch: str) -> None:
+        super().__init__(arch)
+        self.firmware_handler: FirmwareHandler | None = None
+
+    def set_firmware_handler(self, handler: FirmwareHandler | None) -> None:
+        self.firmware_handler = handler
+
+    def _new_vcpu(self, index: int, ops: VcpuOps) -> Arm64Vcpu:
+        return Arm64Vcpu(self, index, ops)
+
+
+class Arm64Vcpu(EmuVcpu):
+    """One AArch64 vCPU; implements :class:`vmmkit.aarch64.Aarch64Vcpu`."""
+
+    vm: Arm64Vm
+
+    def __init__(self, vm: Arm64Vm, index: int, ops: VcpuOps) -> None:
+        self._mpidr = mpidr_for(index)
+        super().__init__(vm, index, ops)
+
+    def _make_engine(self) -> Any:
+        uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+        uc.ctl_set_cpu_model(A.UC_CPU_ARM64_A72)
+        uc.hook_add(UC_HOOK_INTR, self._on_exception)
+        uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, A.UC_ARM64_INS_MRS)
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, BOOT_PSTATE)
+        return uc
+
+    def _pc(self) -> int:
+        return int(self.uc.reg_read(A.UC_ARM64_REG_PC))
+
+    # -- Aarch64Vcpu ------------------------------------------------------------------------
+
+    def get_core_registers(self) -> CoreRegisters:
+        uc = self.uc
+        return CoreRegisters(
+            x=tuple(uc.reg_read(reg) for reg in _X),
+            sp=uc.reg_read(A.UC_ARM64_REG_SP),
+            pc=uc.reg_read(A.UC_ARM64_REG_PC),
+            pstate=uc.reg_read(A.UC_ARM64_REG_PSTATE),
+        )
+
+    def set_core_registers(self, regs: CoreRegisters) -> None:
+        uc = self.uc
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, regs.pstate)
+        for reg, value in zip(_X, regs.x, strict=True):
+            uc.reg_write(reg, value)
+        uc.reg_write(A.UC_ARM64_REG_SP, regs.sp)
+        uc.reg_write(A.UC_ARM64_REG_PC, regs.pc)
+
+    def get_sys_reg(self, reg: SysReg) -> int:
+        if reg is SysReg.MPIDR_EL1:
+            return self._mpidr
+        op0, op1, crn, crm, op2 = reg.value
+        return int(self.uc.cpr_read(op0, op1, crn, crm, op2))
+
+    def set_sys_reg(self, reg: SysReg, value: int) -> None:
+        if reg is SysReg.MPIDR_EL1:
+            self._mpidr = value
+            return
+        op0, op1, crn, crm, op2 = reg.value
+        self.uc.cpr_write(op0, op1, crn, crm, op2, value)
+
+    def mpidr(self) -> int:
+        return self._mpidr
+
+    def power_state(self) -> PowerState:
+        return PowerState.ON if self.powered_on else PowerState.OFF
+
+    def power_on(self, entry: int, context: int) -> None:
+        """CPU_ON: only ever called while this vCPU is off, so its engine is idle."""
+        sctlr = self.get_sys_reg(SysReg.SCTLR_EL1)
+        self.set_sys_reg(SysReg.SCTLR_EL1, sctlr & ~_SCTLR_OFF_ON_ENTRY)
+        self.set_core_registers(CoreRegisters(x=(context,), pc=entry, pstate=BOOT_PSTATE))
+        self.set_powered(True)
+
+    def power_off(self) -> None:
+        self.set_powered(False)
+        if self._in_emu and self.uc is not None:
+            self.uc.emu_stop()
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _on_mrs(self, uc: Any, reg: int, cp_reg: Any, _: Any) -> bool:
+        if (cp_reg.op0, cp_reg.op1, cp_reg.crn, cp_reg.crm, cp_reg.op2) == SysReg.MPIDR_EL1.value:
+            uc.reg_write(reg, self._mpidr)
+            return True
+        return False
+
+    def _on_exception(self, uc: Any, intno: int, _: Any) -> None:
+        pc = int(uc.reg_read(A.UC_ARM64_REG_PC))
+        if intno == EXCP_UDEF:
+            insn = self._instruction(pc)
+            if insn is not None and insn & _HVC_MASK in (_HVC, _SMC) and (insn >> 5) & 0xFFFF == 0:
+                self._firmware_call(uc, pc, "hvc" if insn & _HVC_MASK == _HVC else "smc")
+                return
+            self.count("undefined")
+            self._deliver(EC_UNKNOWN, 0, pc, what="undefined instruction")
+        elif intno == EXCP_SWI:
+            # The PC is already past the SVC (its preferred return address).
+            insn = self._instruction(pc - 4)
+            self._deliver(EC_SVC64, (insn >> 5) & 0xFFFF if insn is not None else 0, pc, what="svc")
+        elif intno == EXCP_BKPT:
+            insn = self._instruction(pc)
+            self._deliver(EC_BRK64, (insn >> 5) & 0xFFFF if insn is not None else 0, pc, what="brk")
+        else:
+            name = _EXCEPTION_NAMES.get(intno, f"exception {intno}")
+            self.stop_with(ExitReason.INTERNAL_ERROR,
+                           f"vcpu{self.index}: guest {name} at pc {pc:#x} (not delivered by the emu backend)")
+
+    def _firmware_call(self, uc: Any, pc: int, conduit: str) -> None:
+        self.count("firmware_call")
+        x = [int(uc.reg_read(reg)) for reg in _X[:8]]
+        handler = self.vm.firmware_handler
+        result: Sequence[int] | None = None
+        if handler is not None:
+            result = handler.firmware_call(FirmwareCall(self.index, conduit, x[0] & 0xFFFF_FFFF, tuple(x[1:8])))
+        if result is None:
+            result = (SMCCC_NOT_SUPPORTED,)
+        for reg, value in zip(_X, list(result)[:4], strict=False):
+            uc.reg_write(reg, value & 0xFFFF_FFFF_FFFF_FFFF)
+        uc.reg_write(A.UC_ARM64_REG_PC, pc + 4)
+        if not self.powered_on or self.kicked:
+            uc.emu_stop()
+
+    def _deliver(self, ec: int, iss: int, elr: int, *, what: str) -> None:
+        """Take a synchronous exception to EL1 through VBAR_EL1."""
+        uc = self.uc
+        vbar = int(uc.reg_read(A.UC_ARM64_REG_VBAR_EL1))
+        pstate = int(uc.reg_read(A.UC_ARM64_REG_PSTATE))
+        if vbar == 0:
+            self.stop_with(ExitReason.INTERNAL_ERROR,
+                           f"vcpu{self.index}: guest {what} at pc {elr:#x} and no exception vectors (VBAR_EL1 = 0)")
+            return
+        el = (pstate >> 2) & 3
+        if el == 0:
+            offset = 0x400
+        elif pstate & 1:
+            offset = 0x200
+        else:
+            offset = 0x000
+        sp_el1 = int(uc.reg_read(A.UC_ARM64_REG_SP_EL1)) if el == 0 or not pstate & 1 else None
+        if sp_el1 is not None:
+            uc.reg_write(A.UC_ARM64_REG_SP_EL0, uc.reg_read(A.UC_ARM64_REG_SP))
+        uc.reg_write(A.UC_ARM64_REG_ESR_EL1, (ec << 26) | (1 << 25) | (iss & 0x1FF_FFFF))
+        uc.reg_write(A.UC_ARM64_REG_ELR_EL1, elr)
+        op0, op1, crn, crm, op2 = SysReg.SPSR_EL1.value
+        uc.cpr_write(op0, op1, crn, crm, op2, pstate)
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, BOOT_PSTATE)
+        if sp_el1 is not None:
+            uc.reg_write(A.UC_ARM64_REG_SP, sp_el1)
+        uc.reg_write(A.UC_ARM64_REG_PC, vbar + offset)
+        self.count("exception")
+
+    # -- guest memory as the guest sees it -----------------------------------------------------
+
+    def _instruction(self, va: int) -> int | None:
+        pa = self.translate(va)
+        if pa is None:
+            return None
+        try:
+            return int.from_bytes(self.uc.mem_read(pa, 4), "little")
+        except Exception:
+            return None
+
+    def translate(self, va: int) -> int | None:
+        """The physical address of ``va`` through the guest's stage-1 tables (4 KiB granule,
+        read-only walk); ``va`` itself with the MMU off; ``None`` if unmapped or unsupported."""
+        sctlr = self.get_sys_reg(SysReg.SCTLR_EL1)
+        if not sctlr & 1:
+            return va
+        tcr = self.get_sys_reg(SysReg.TCR_EL1)
+        upper = (va >> 55) & 1
+        if upper:
+            tsz, tg, ttbr = (tcr >> 16) & 0x3F, (tcr >> 30) & 3, self.get_sys_reg(SysReg.TTBR1_EL1)
+            granule_4k = tg == 2
+        else:
+            tsz, tg, ttbr = tcr & 0x3F, (tcr >> 14) & 3, self.get_sys_reg(SysReg.TTBR0_EL1)
+            granule_4k = tg == 0
+        if not granule_4k or tsz < 16:
+            return None
+        bits = 64 - tsz
+        level = 4 - (bits - 12 + 8) // 9  # 4 KiB granule: 9 bits per level
+        table = ttbr & 0x0000_FFFF_FFFF_FFFE
+        while level <= 3:
+            shift = 12 + 9 * (3 - level)
+            index = (va >> shift) & 0x1FF
+            try:
+                desc = int.from_bytes(self.uc.mem_read(table + 8 * index, 8), "little")
+            except Exception:
+                return None
+            if not desc & 1:
+                return None
+            if level == 3 or not desc & 2:  # page, or block
+                if level == 3 and not desc & 2:
+                    return None
+                out = desc & 0x0000_FFFF_FFFF_F000 & ~((1 << shift) - 1)
+                return out | (va & ((1 << shift) - 1))
+            table = desc & 0x0000_FFFF_FFFF_F000
+            level += 1
+        return None

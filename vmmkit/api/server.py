@@ -1,0 +1,478 @@
+"""The management API server: Cloud Hypervisor's REST API over a Unix socket.
+
+``--api-socket path=<socket>`` (created mode 0600) or ``fd=<n>`` (a listening socket inherited
+from the parent). Requests are HTTP/1.1 under ``/api/v1``, bodies are CH's JSON schemas, and
+errors answer CH's shape, a JSON array of messages. Each connection is served by its own
+thread (``api-conn``), so a slow client or a long operation never holds up another call, and
+nothing here waits for vCPUs. The document of what is served is :data:`OPENAPI_PATH`
+(``GET /api/v1/openapi``).
+
+Status codes: 200 with a body, 204 without; 400 bad input (malformed HTTP or JSON, a config
+vmmkit rejects); 404 unknown path, no VM created, or no such device; 405 wrong method, or an
+operation the VM's state does not allow; 409 a VM or a device id that already exists;
+413 body too large; 501 a CH endpoint vmmkit does not implement (snapshot, resize, ...) or
+hotplug; 500 only for failures inside the VMM.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+from vmmkit.api.http import (
+    ConnectionClosed,
+    HttpError,
+    Request,
+    RequestReader,
+    Response,
+    close_fds,
+)
+from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
+from vmmkit.errors import BootError, DeviceError, VmmError
+from vmmkit.log import get_logger
+from vmmkit.vmm import AlreadyExists, InvalidState, NoSuchDevice, NotCreated, NotSupported, Vmm
+
+log = get_logger()
+
+API_ROOT: Final = "/api/v1/"
+OPENAPI_PATH: Final = Path(__file__).with_name("openapi.yaml")
+#: Connections served at once; more are answered 503 and closed.
+MAX_CONNECTIONS: Final = 32
+#: Seconds a connection may stay silent (between or inside requests) before it is closed.
+IDLE_TIMEOUT: Final = 30.0
+
+#: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
+NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
+    "vm.resize": "resizing vCPUs and memory",
+    "vm.resize-disk": "resizing disks",
+    "vm.resize-zone": "resizing memory zones",
+    "vm.add-fs": "virtio-fs devices",
+    "vm.add-generic-vhost-user": "generic vhost-user devices",
+    "vm.add-pmem": "adding pmem devices over the API",
+    "vm.add-vsock": "adding vsock devices over the API",
+    "vm.add-vdpa": "vDPA devices",
+    "vm.add-user-device": "userspace (vfio-user) devices",
+    "vm.snapshot": "snapshots",
+    "vm.coredump": "guest core dumps",
+    "vm.restore": "restoring snapshots",
+    "vm.receive-migration": "live migration",
+    "vm.send-migration": "live migration",
+}
+
+_SOCKET_SPEC: Final = OptionParser("--api-socket", ("path", "fd"))
+
+#: A handler answers a request; it may also return what to do once the answer is sent.
+Handler = Callable[["ApiServer", Request], "Response | tuple[Response, Callable[[], None]]"]
+
+
+@attrs.frozen
+class Route:
+    method: str
+    handler: Handler
+    takes_fds: bool = False
+
+
+def _no_body(request: Request) -> None:
+    if request.body.strip():
+        raise HttpError(400, "this endpoint takes no request body")
+
+
+def _json_object(request: Request) -> dict[str, Any]:
+    if not request.body.strip():
+        raise HttpError(400, "a JSON request body is required")
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type not in ("application/json", "", "*/*", "text/plain"):
+        raise HttpError(415, f"the request body must be application/json, not {content_type[:60]!r}")
+    try:
+        value = json.loads(request.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise HttpError(400, f"the request body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, "the request body must be a JSON object")
+    return value
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+def _ping(server: ApiServer, request: Request) -> Response:
+    _no_body(request)
+    return Response.json(200, server.vmm.ping())
+
+
+def _vmm_shutdown(server: ApiServer, request: Request) -> tuple[Response, Callable[[], None]]:
+    _no_body(request)
+    server.vmm.delete()
+    return Response(204), server.vmm.shutdown_vmm  # the VMM exits once the answer is out
+
+
+def _create(server: ApiServer, request: Request) -> Response:
+    body = _json_object(request)
+    nets = body.get("net")
+    if isinstance(nets, list):
+        for net in nets:
+            if isinstance(net, dict) and net.get("fds"):
+                log.warning("api.create_fds_ignored", fds=net["fds"],
+                            hint="fds in a vm.create body are meaningless here; add taps with vm.add-net")
+                net.pop("fds")
+    server.vmm.create(VmConfig.from_json(body))
+    return Response(204)
+
+
+def _action(name: str) -> Handler:
+    def handler(server: ApiServer, request: Request) -> Response:
+        _no_body(request)
+        getattr(server.vmm, name)()
+        return Response(204)
+
+    handler.__name__ = f"_{name}"
+    return handler
+
+
+def _info(server: ApiServer, request: Request) -> Response:
+    _no_body(request)
+    return Response.json(200, server.vmm.info())
+
+
+def _counters(server: ApiServer, request: Request) -> Response:
+    _no_body(request)
+    return Response.json(200, server.vmm.counters())
+
+
+def _added(result: Mapping[str, str] | None) -> Response:
+    return Response(204) if result is None else Response.json(200, dict(result))
+
+
+def _add_disk(server: ApiServer, request: Request) -> Response:
+    return _added(server.vmm.add_disk(DiskConfig.from_json(_json_object(request))))
+
+
+def _add_device(server: ApiServer, request: Request) -> Response:
+    return _added(server.vmm.add_device(DeviceConfig.from_json(_json_object(request))))
+
+
+def _add_net(server: ApiServer, request: Request) -> Response:
+    fds = request.fds
+    try:
+        body = _json_object(request)
+        body.pop("fds", None)  # fd numbers only mean something when sent with SCM_RIGHTS
+        net = NetConfig.from_json(body)
+    except BaseException:
+        close_fds(fds)
+        raise
+    return _added(server.vmm.add_net(net, fds))  # the VMM owns the fds now
+
+
+def _remove_device(server: ApiServer, request: Request) -> Response:
+    body = _json_object(request)
+    device_id = body.get("id")
+    if not isinstance(device_id, str) or not device_id:
+        raise HttpError(400, "the body must be {\"id\": \"<device id>\"}")
+    server.vmm.remove_device(device_id)
+    return Response(204)
+
+
+def _openapi(server: ApiServer, request: Request) -> Response:
+    _no_body(request)
+    return Response(200, server.openapi_document(), content_type="application/yaml")
+
+
+ROUTES: Final[Mapping[str, Route]] = {
+    "vmm.ping": Route("GET", _ping),
+    "vmm.shutdown": Route("PUT", _vmm_shutdown),
+    "vm.create": Route("PUT", _create),
+    "vm.boot": Route("PUT", _action("boot")),
+    "vm.info": Route("GET", _info),
+    "vm.counters": Route("GET", _counters),
+    "vm.pause": Route("PUT", _action("pause")),
+    "vm.resume": Route("PUT", _action("resume")),
+    "vm.shutdown": Route("PUT", _action("shutdown")),
+    "vm.reboot": Route("PUT", _action("reboot")),
+    "vm.power-button": Route("PUT", _action("power_button")),
+    "vm.delete": Route("PUT", _action("delete")),
+    "vm.nmi": Route("PUT", _action("nmi")),
+    "vm.add-disk": Route("PUT", _add_disk),
+    "vm.add-net": Route("PUT", _add_net, takes_fds=True),
+    "vm.add-device": Route("PUT", _add_device),
+    "vm.remove-device": Route("PUT", _remove_device),
+    "openapi": Route("GET", _openapi),
+}
+
+
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, HttpError):
+        return exc.status
+    if isinstance(exc, (NotCreated, NoSuchDevice)):
+        return 404
+    if isinstance(exc, InvalidState):
+        return 405
+    if isinstance(exc, AlreadyExists):
+        return 409
+    if isinstance(exc, NotSupported):
+        return 501
+    if isinstance(exc, (ConfigError, BootError, DeviceError)):
+        return 400
+    return 500
+
+
+class ApiServer:
+    """Serves :data:`ROUTES` for ``vmm`` on a listening Unix socket."""
+
+    def __init__(self, vmm: Vmm, listener: socket.socket, *, path: str | None = None,
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.vmm = vmm
+        self.path = path
+        self._listener = listener
+        self._idle_timeout = idle_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._closing = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._openapi: bytes | None = None
+        self.requests_served = 0
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, spec: str, vmm: Vmm) -> ApiServer:
+        """From an ``--api-socket`` value: ``path=<socket>`` (a bare path works too, as in CH)
+        or ``fd=<n>``.
+
+        :raises ConfigError: a malformed spec, or a socket that cannot be created or used.
+        """
+        if "=" not in spec and spec:
+            spec = f"path={spec}"
+        options = _SOCKET_SPEC.parse(spec)
+        path, fd_text = options.get("path"), options.get("fd")
+        if (path is None) == (fd_text is None):
+            raise ConfigError("--api-socket", spec, "path=<socket path> or fd=<fd>")
+        if path is not None:
+            return cls(vmm, bind_unix_socket(path), path=path)
+        fd = options.integer("fd", hi=0x7FFF_FFFF)
+        assert fd is not None
+        try:
+            listener = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise ConfigError("--api-socket", fd, "a Unix socket fd", reason=exc.strerror or str(exc)) from None
+        if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+            listener.detach()
+            raise ConfigError("--api-socket", fd, "a Unix stream socket fd")
+        if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            listener.listen(16)
+        return cls(vmm, listener)
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._listener.settimeout(0.2)
+        self._thread = threading.Thread(target=self._accept_loop, name="api-server", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop accepting, close every connection and remove the socket file."""
+        self._closing.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(2)
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.path is not None:
+            try:
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    os.unlink(self.path)
+            except OSError:
+                pass
+
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._closing.is_set():
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("api.accept_failed", error=str(exc))
+                    self._closing.wait(0.1)
+                    continue
+                log.error("api.accept_failed", error=str(exc))
+                return
+            if not self._slots.acquire(blocking=False):
+                self._refuse(conn)
+                continue
+            with self._lock:
+                self._connections.add(conn)
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
+            except RuntimeError:
+                self._release(conn)
+                self._refuse(conn)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(0.5)
+            conn.sendall(Response.error(503, "too many connections").encode(keep_alive=False))
+        except OSError:
+            pass
+        conn.close()
+
+    def _release(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+        self._slots.release()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = RequestReader(conn)
+        try:
+            conn.settimeout(self._idle_timeout)
+            while not self._closing.is_set():
+                try:
+                    request = reader.read()
+                except ConnectionClosed:
+                    return
+                except HttpError as exc:
+                    self._send(conn, Response.error(exc.status, exc.message), keep_alive=False)
+                    return
+                except (OSError, TimeoutError, ValueError):
+                    return
+                response, after = self.handle(request)
+                keep_alive = request.keep_alive and not self._closing.is_set()
+                sent = self._send(conn, response, keep_alive=keep_alive)
+                if after is not None:
+                    after()
+                if not (sent and keep_alive):
+                    return
+        finally:
+            reader.close_fds()
+            self._release(conn)
+            conn.close()
+
+    @staticmethod
+    def _send(conn: socket.socket, response: Response, *, keep_alive: bool) -> bool:
+        try:
+            conn.sendall(response.encode(keep_alive=keep_alive))
+            return True
+        except OSError:
+            return False
+
+    def handle(self, request: Request) -> tuple[Response, Callable[[], None] | None]:
+        """The answer to one request, and what to do once it is sent (``vmm.shutdown``)."""
+        route: Route | None = None
+        try:
+            route, name = self._route(request)
+            if not route.takes_fds and request.fds:
+                log.warning("api.fds_ignored", endpoint=name, count=len(request.fds))
+                close_fds(request.fds)
+            result = route.handler(self, request)
+            self.requests_served += 1
+            if isinstance(result, tuple):
+                return result[0], result[1]
+            return result, None
+        except Exception as exc:
+            if route is None or not route.takes_fds:
+                close_fds(request.fds)
+            status = _status_of(exc)
+            headers = getattr(exc, "headers", None)
+            if status == 500:
+                log.exception("api.request_failed", method=request.method, path=request.path)
+            else:
+                log.info("api.request_refused", method=request.method, path=request.path, status=status,
+                         error=str(exc))
+            return Response.error(status, _message(exc), headers=headers), None
+
+    def _route(self, request: Request) -> tuple[Route, str]:
+        path = request.path
+        if not path.startswith(API_ROOT):
+            raise HttpError(404, f"no such path: {path[:200]} (the API is under {API_ROOT})")
+        name = path[len(API_ROOT) :]
+        route = ROUTES.get(name)
+        if route is None and name in NOT_IMPLEMENTED:
+            route = Route("PUT", _not_implemented(name))
+        if route is None:
+            raise HttpError(404, f"no such endpoint: {name[:200]}")
+        if request.method != route.method:
+            error = HttpError(405, f"{name} takes {route.method}, not {request.method[:20]}")
+            error.headers = {"Allow": route.method}  # type: ignore[attr-defined]
+            raise error
+        return route, name
+
+    def openapi_document(self) -> bytes:
+        if self._openapi is None:
+            self._openapi = OPENAPI_PATH.read_bytes()
+        return self._openapi
+
+
+def _not_implemented(name: str) -> Handler:
+    def handler(server: ApiServer, request: Request) -> Response:
+        return Response.error(501, f"{name} is not implemented by vmmkit ({NOT_IMPLEMENTED[name]})")
+
+    return handler
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, HttpError):
+        return exc.message
+    if isinstance(exc, VmmError):
+        return str(exc)
+    return f"internal error: {type(exc).__name__}"
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600. A stale socket left by a dead VMM is
+    replaced; one that a live VMM answers on is not.
+
+    :raises ConfigError: the path is in use or cannot be bound.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise ConfigError("--api-socket", path, "a usable socket path", reason=exc.strerror or str(exc)) from None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise ConfigError("--api-socket", path, "a new path or a stale socket",
+                              reason=f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(0.5)
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: stale
+        else:
+            raise ConfigError("--api-socket", path, "a socket no other VMM is using",
+                              reason=f"{path} is in use")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError("--api-socket", path, "a path the socket can be created at",
+                          reason=exc.strerror or str(exc)) from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    listener.listen(16)
+    return listener
