@@ -7,6 +7,7 @@ A plugin module implements any of these with ``@vmmkit.hookimpl`` and is found t
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ from vmmkit import hookspec
 if TYPE_CHECKING:
     from vmmkit.arch import Architecture, BootInfo, MemoryLayout
     from vmmkit.config import VmConfig
-    from vmmkit.device import DeviceType
+    from vmmkit.device import DeviceRequest, DeviceType
     from vmmkit.hypervisor import Hypervisor
     from vmmkit.machine import Machine
     from vmmkit.memory import GuestMemory
@@ -89,6 +90,22 @@ def vmmkit_load_kernel(
     """
 
 
+@hookspec
+def vmmkit_kernel_cmdline(machine: Machine, cmdline: str) -> Sequence[str] | None:
+    """Kernel arguments this plugin needs the guest to get, for this VM (a hypervisor
+    backend whose host needs the guest kernel configured a certain way).
+
+    Called each time the payload is loaded (boot and every reboot), after the architecture
+    has completed the command line. Every implementation's arguments are appended, in call
+    order, before a ``--`` (what follows it is for init); arguments already present are not
+    repeated. Log what you add: the user wrote the command line.
+
+    :param machine: the machine; ``machine.vm`` and ``machine.hypervisor`` exist.
+    :param cmdline: the command line so far.
+    :return: arguments to append, or ``None``.
+    """
+
+
 # -- devices -----------------------------------------------------------------------------------
 
 
@@ -97,6 +114,17 @@ def vmmkit_register_devices(registry: Registry[type[DeviceType]]) -> None:
     """Register device types: ``registry.add(VirtioBlock)``.
 
     :param registry: the device-type registry.
+    """
+
+
+@hookspec
+def vmmkit_platform_devices(machine: Machine) -> Sequence[DeviceRequest] | None:
+    """Fixed devices this plugin adds to the VM, after the architecture's platform devices:
+    for a backend that cannot provide one the platform normally gets from the hypervisor (a
+    userspace PIT where the in-kernel one is unusable).
+
+    :param machine: the machine being built; ``machine.vm`` exists, no device does yet.
+    :return: device requests (built from the device registry like any other), or ``None``.
     """
 
 

@@ -237,6 +237,8 @@ class Machine:
     def _create_devices(self) -> None:
         assert self.arch is not None
         requests: list[DeviceRequest] = list(self.arch.platform_devices(self.config))
+        for extra in self.pm.hook.vmmkit_platform_devices(machine=self):
+            requests.extend(extra)
         for device_type in self.registries.devices:
             requests.extend(device_type.requests(self.config))
         fixed = {request.irq for request in requests if request.irq is not None}
@@ -333,6 +335,8 @@ class Machine:
         except OSError as exc:
             raise BootError(path, exc.strerror or str(exc)) from None
         cmdline = self.arch.kernel_cmdline(self.config, self.devices)
+        for args in self.pm.hook.vmmkit_kernel_cmdline(machine=self, cmdline=cmdline):
+            cmdline = append_kernel_args(cmdline, args)
         config = attrs.evolve(self.config, payload=attrs.evolve(payload, cmdline=cmdline))
         boot = self.pm.hook.vmmkit_load_kernel(
             arch=self.arch_name, path=path, header=header, memory=self.memory, config=config, layout=self.layout
@@ -615,6 +619,18 @@ class Machine:
 
 
 _MADV_DONTNEED = 4
+
+
+def append_kernel_args(cmdline: str | None, args: Sequence[str]) -> str:
+    """``cmdline`` with ``args`` it lacks appended, before a ``--`` (what follows is init's)."""
+    text = cmdline or ""
+    words = text.split()
+    extra = [arg for arg in args if arg not in words]
+    if not extra:
+        return text
+    head, sep, tail = f" {text} ".partition(" -- ")
+    joined = " ".join(part for part in [head.strip(), *extra] if part)
+    return f"{joined} -- {tail.strip()}".rstrip() if sep else joined
 
 
 def _call(obj: Any, method: str) -> Any:

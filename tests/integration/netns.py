@@ -98,9 +98,10 @@ class NetNamespace:
         """Prepend to a command to run it inside the namespace."""
         return ["ip", "netns", "exec", self.name]
 
-    def run(self, cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    def run(self, cmd: list[str], *, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` inside the namespace, capturing its output."""
         return subprocess.run([*self.exec_prefix(), *cmd], capture_output=True, text=True,
-                              **kwargs)  # type: ignore[call-overload]
+                              timeout=timeout)
 
     def add_tap(self, name: str = "tap0") -> str:
         """A persistent tap, up, inside the namespace; the VMM attaches to it by name."""

@@ -122,15 +122,10 @@ class QemuCommand:
 
 
 def qemu_accel() -> str:
-    """``$VMMKIT_QEMU_ACCEL``, else ``kvm`` when /dev/kvm opens, else ``tcg``."""
-    accel = os.environ.get("VMMKIT_QEMU_ACCEL")
-    if accel:
-        return accel
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
-    except OSError:
-        return "tcg"
-    return "kvm"
+    """``$VMMKIT_QEMU_ACCEL``, else ``tcg``. What is checked here is QEMU's device models, which do
+    not depend on the accelerator; on this project's nested ("PVM") KVM, ring-0 guest code and
+    SeaBIOS are emulated, and a q35 boot takes ~3 s against ~0.2 s with TCG."""
+    return os.environ.get("VMMKIT_QEMU_ACCEL", "tcg")
 
 
 def qemu_available() -> bool:

@@ -117,6 +117,8 @@ def _vmm_shutdown(server: ApiServer, request: Request) -> tuple[Response, Callab
 
 def _create(server: ApiServer, request: Request) -> Response:
     body = _json_object(request)
+    if not isinstance(body.get("payload"), dict):
+        raise HttpError(400, "payload: a VmConfig needs a payload object (kernel, firmware...)")
     nets = body.get("net")
     if isinstance(nets, list):
         for net in nets:
@@ -281,6 +283,10 @@ class ApiServer:
     def close(self) -> None:
         """Stop accepting, close every connection and remove the socket file."""
         self._closing.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() at once
+        except OSError:
+            pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2)
         try:

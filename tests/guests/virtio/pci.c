@@ -42,7 +42,7 @@ enum { CFG_COMMON = 1, CFG_NOTIFY = 2, CFG_ISR = 3, CFG_DEVICE = 4 };
 #define C_DF		0x04
 #define C_GFSELECT	0x08
 #define C_GF		0x0c
-#define C_MSIX		0x10
+#define C_MSIX		0x10	/* config_msix_vector: NO_VECTOR after reset */
 #define C_NUMQ		0x12
 #define C_STATUS	0x14
 #define C_CFGGEN	0x15
@@ -371,7 +371,6 @@ static void probe(const struct pci_fn *f)
 	d->isr = where_addr[CFG_ISR];
 	d->device_cfg = where_addr[CFG_DEVICE];
 	d->device_cfg_len = caps[CFG_DEVICE].found ? caps[CFG_DEVICE].length : 0;
-	mmio_write16(d->common + C_MSIX, NO_VECTOR);
 }
 
 static bool parse_window(const char *cmdline)

@@ -1,1 +1,1 @@
-"""vmmkit's AArch64 architecture plugin."""
+"""vmmkit's AArch64 architecture plugin: arm64 Image loader, device tree, PSCI, vCPU set-up."""

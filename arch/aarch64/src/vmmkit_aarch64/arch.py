@@ -1,33 +1,138 @@
-"""The AArch64 architecture: layout and platform devices. Loading an arm64 Image, the device
-tree and vCPU set-up are not written yet; boot fails with a clear error instead."""
+"""``Aarch64``: the AArch64 ``virt``-style machine vmmkit registers under the name ``aarch64``.
+
+Boot follows Linux's arm64 boot protocol: the Image at RAM + text_offset, entered at its first
+instruction in EL1h with the MMU off, interrupts masked and x0 = the DTB's address. Secondary
+vCPUs start powered off and are brought up by the guest through PSCI CPU_ON, which the
+hypervisor serves itself (KVM) or this architecture serves (:mod:`vmmkit_aarch64.psci`) for a
+backend that traps ``hvc`` (emu).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
+import attrs
+
+from vmmkit.aarch64 import BOOT_PSTATE, Aarch64Vcpu, Aarch64Vm, CoreRegisters, PowerState, SysReg, mpidr_for
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
 from vmmkit.device import DeviceRequest, PlacedDevice
-from vmmkit.errors import BootError
-from vmmkit_aarch64 import layout
+from vmmkit.errors import BootError, CapabilityError
+from vmmkit.log import get_logger
+from vmmkit_aarch64 import fdt as fdt_
+from vmmkit_aarch64 import image
+from vmmkit_aarch64 import layout as L
+from vmmkit_aarch64.psci import Psci, PsciPower
+
+if TYPE_CHECKING:
+    from vmmkit.config import VmConfig
+    from vmmkit.hypervisor import Hypervisor, Vcpu, Vm
+    from vmmkit.memory import GuestMemory
+
+log = get_logger()
+
+PROTOCOL: Final = "arm64-image"
+#: SCTLR_EL1 bits a boot CPU must start with clear: M (MMU), C (data cache), I (instruction cache).
+_SCTLR_BOOT_CLEAR: Final = (1 << 0) | (1 << 2) | (1 << 12)
+
+
+def platform_devices(config: Any) -> list[DeviceRequest]:
+    """The devices every AArch64 VM has (type names are the contract with the devices plugin)::
+
+        id           type         MMIO          IRQ (GSI)   what
+        _serial      pl011        0x09000000    33 (SPI 1)  the console (config = VmConfig.serial;
+                                                            left out if Off)
+        _rtc         rtc-pl031    0x09010000    34 (SPI 2)  PL031 real-time clock
+        _debug_exit  debug-exit   0x09020000    -           a write sets the VMM's exit status
+        _psci        psci         0x09030000    -           PSCI's power callbacks (not in the DT)
+    """
+    requests = []
+    if str(getattr(config.serial, "mode", "Tty")) != "Off":
+        requests.append(DeviceRequest("pl011", "_serial", config.serial,
+                                      mmio=(L.UART_PL011.start, L.UART_PL011.size), irq=L.UART_IRQ))
+    requests += [
+        DeviceRequest("rtc-pl031", "_rtc", mmio=(L.RTC_PL031.start, L.RTC_PL031.size), irq=L.RTC_IRQ),
+        DeviceRequest("debug-exit", "_debug_exit", mmio=(L.DEBUG_EXIT.start, L.DEBUG_EXIT.size)),
+        DeviceRequest("psci", "_psci", mmio=(L.PSCI_POWER.start, L.PSCI_POWER.size)),
+    ]
+    return requests
 
 
 class Aarch64(Architecture):
     name: ClassVar[str] = "aarch64"
-    description: ClassVar[str] = "AArch64 (layout only: Image boot and device tree not yet implemented)"
+    description: ClassVar[str] = "AArch64 virt: arm64 Image, device tree, PSCI 1.0, PL011, PL031, virtio-mmio"
 
-    def memory_layout(self, config: Any) -> MemoryLayout:
-        return layout.memory_layout(config.memory.size)
+    def __init__(self) -> None:
+        self.psci = Psci()
+        self._vm: Vm | None = None
 
-    def platform_devices(self, config: Any) -> Sequence[DeviceRequest]:
-        return ()
+    # -- layout and devices --------------------------------------------------------------------
 
-    def configure_vm(self, vm: Any, hypervisor: Any, config: Any) -> None:
+    def memory_layout(self, config: VmConfig) -> MemoryLayout:
+        cpus = config.cpus.boot_vcpus
+        if cpus > L.MAX_VCPUS:
+            raise CapabilityError("aarch64", None, f"at most {L.MAX_VCPUS} vCPUs fit the GIC redistributor window")
+        return L.memory_layout(config.memory.size)
+
+    def platform_devices(self, config: VmConfig) -> Sequence[DeviceRequest]:
+        return platform_devices(config)
+
+    # -- the VM --------------------------------------------------------------------------------
+
+    def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:
+        self._vm = vm
         vm.setup_interrupt_controller()
+        if isinstance(vm, Aarch64Vm) and not vm.firmware_in_hypervisor:
+            vm.set_firmware_handler(self.psci)
 
-    def prepare_boot(self, memory: Any, config: Any, layout: MemoryLayout, boot: BootInfo,
-                     devices: Sequence[PlacedDevice]) -> BootInfo:
-        raise BootError(config.payload.kernel, "AArch64 boot (device tree generation) is not implemented yet")
+    def _firmware_in_hypervisor(self) -> bool:
+        return isinstance(self._vm, Aarch64Vm) and bool(self._vm.firmware_in_hypervisor)
 
-    def configure_vcpu(self, vcpu: Any, index: int, hypervisor: Any, config: Any, boot: BootInfo) -> None:
-        raise BootError(config.payload.kernel, "AArch64 vCPU set-up is not implemented yet")
+    def prepare_boot(
+        self,
+        memory: GuestMemory,
+        config: VmConfig,
+        layout: MemoryLayout,
+        boot: BootInfo,
+        devices: Sequence[PlacedDevice],
+    ) -> BootInfo:
+        if boot.protocol != PROTOCOL:
+            raise BootError(config.payload.kernel, f"an AArch64 VM boots arm64 Images, not {boot.protocol!r}")
+        self.psci.ram = tuple(layout.ram)
+        self.psci.power = next((p.device for p in devices if isinstance(p.device, PsciPower)), None)
+        mpidrs = [mpidr_for(i) for i in range(config.cpus.boot_vcpus)]
+        blob = fdt_.build_fdt(
+            ram=layout.ram,
+            mpidrs=mpidrs,
+            cmdline=boot.cmdline.decode(errors="replace"),
+            initrd=boot.initramfs,
+            devices=devices,
+        )
+        address = image.fdt_address(layout.ram[0])
+        if address < boot.kernel.end:
+            raise BootError(config.payload.kernel, "no room for the device tree above the kernel")
+        memory.write(address, blob)
+        log.debug("aarch64.fdt", address=hex(address), size=len(blob))
+        return attrs.evolve(boot, extra={**boot.extra, "fdt": address, "fdt_size": len(blob)})
+
+    # -- vCPUs ---------------------------------------------------------------------------------
+
+    def configure_vcpu(
+        self, vcpu: Vcpu, index: int, hypervisor: Hypervisor, config: VmConfig, boot: BootInfo
+    ) -> None:
+        """vCPU 0 enters the kernel with x0 = the DTB; the others stay off for PSCI CPU_ON."""
+        if not isinstance(vcpu, Aarch64Vcpu):
+            raise CapabilityError("aarch64 vCPU", None,
+                                  f"{type(vcpu).__name__} lacks the AArch64 register interface (vmmkit.aarch64)")
+        self.psci.add_vcpu(index, vcpu)
+        if index != 0:
+            if not self._firmware_in_hypervisor():
+                vcpu.power_off()
+            return
+        fdt_address = int(boot.extra["fdt"])
+        if vcpu.power_state() is PowerState.OFF:
+            vcpu.power_on(boot.entry, fdt_address)
+        sctlr = vcpu.get_sys_reg(SysReg.SCTLR_EL1)
+        if sctlr & _SCTLR_BOOT_CLEAR:
+            vcpu.set_sys_reg(SysReg.SCTLR_EL1, sctlr & ~_SCTLR_BOOT_CLEAR)
+        vcpu.set_core_registers(CoreRegisters(x=(fdt_address, 0, 0, 0), pc=boot.entry, pstate=BOOT_PSTATE))

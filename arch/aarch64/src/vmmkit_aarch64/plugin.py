@@ -1,10 +1,55 @@
+"""The plugin module vmmkit finds through the ``vmmkit`` entry point ``aarch64``: the
+architecture, the arm64 ``Image`` loader and the PSCI power device type."""
+
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from vmmkit import hookimpl
-from vmmkit.registry import Registry
+from vmmkit.arch import BootInfo, MemoryLayout
+from vmmkit.errors import BootError
+from vmmkit_aarch64 import image
 from vmmkit_aarch64.arch import Aarch64
+from vmmkit_aarch64.psci import PsciPowerType
+
+if TYPE_CHECKING:
+    from vmmkit.config import VmConfig
+    from vmmkit.memory import GuestMemory
+    from vmmkit.registry import Registry
+
+ARCH = Aarch64.name
 
 
 @hookimpl
 def vmmkit_register_architectures(registry: Registry) -> None:  # type: ignore[type-arg]
     registry.add(Aarch64)
+
+
+@hookimpl
+def vmmkit_register_devices(registry: Registry) -> None:  # type: ignore[type-arg]
+    registry.add(PsciPowerType)
+
+
+@hookimpl(specname="vmmkit_load_kernel")
+def load_arm64_image(
+    arch: str, path: Path, header: bytes, memory: GuestMemory, config: VmConfig, layout: MemoryLayout
+) -> BootInfo | None:
+    """Linux arm64 ``Image`` (uncompressed, with the "ARM\\x64" header)."""
+    if arch != ARCH or not image.recognise(header):
+        return None
+    return image.load(Path(path), memory, config, layout)
+
+
+@hookimpl(specname="vmmkit_load_kernel", trylast=True)
+def reject_unknown_image(
+    arch: str, path: Path, header: bytes, memory: GuestMemory, config: VmConfig, layout: MemoryLayout
+) -> BootInfo | None:
+    """Runs only when no loader took an AArch64 image: say what the image is not."""
+    if arch != ARCH:
+        return None
+    if header[:4] == b"\x7fELF":
+        raise BootError(path, "an ELF kernel (vmlinux) is not supported on AArch64: boot the arm64 Image")
+    if header[:2] == b"\x1f\x8b":
+        raise BootError(path, "a gzip-compressed Image (Image.gz) is not supported: decompress it first")
+    raise BootError(path, "not an arm64 Image (no \"ARM\\x64\" magic at offset 0x38)")

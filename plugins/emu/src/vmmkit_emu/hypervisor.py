@@ -471,12 +471,7 @@ class EmuVcpu(Vcpu):
         self._closed = True
         self._kicked = True
         self._wake.set()
-        uc, self.uc = self.uc, None
-        if uc is not None:
-            try:
-                uc.release_handle()
-            except Exception:  # already released
-                pass
+        self.uc = None  # the engine is freed with its last reference
 
 
 def _retry(func: Callable[[], bool], interval: float, tries: int) -> None:

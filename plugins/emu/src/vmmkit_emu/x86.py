@@ -368,17 +368,14 @@ def _supported_cpuid() -> tuple[CpuIdEntry, ...]:
             X.UC_X86_REG_EAX, X.UC_X86_REG_EBX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX))
 
     entries: list[CpuIdEntry] = []
-    try:
-        for start in (0, 0x8000_0000):
-            top = min(cpuid(start)[0], start + 0x40)
-            for leaf in range(start, top + 1):
-                subleaves = _INDEXED_LEAVES.get(leaf)
-                for sub in range(subleaves or 1):
-                    eax, ebx, ecx, edx = cpuid(leaf, sub)
-                    flags = CPUID_FLAG_SIGNIFICANT_INDEX if subleaves else 0
-                    entries.append(CpuIdEntry(leaf, sub, flags, eax, ebx, ecx, edx))
-    finally:
-        uc.release_handle()
+    for start in (0, 0x8000_0000):
+        top = min(cpuid(start)[0], start + 0x40)
+        for leaf in range(start, top + 1):
+            subleaves = _INDEXED_LEAVES.get(leaf)
+            for sub in range(subleaves or 1):
+                eax, ebx, ecx, edx = cpuid(leaf, sub)
+                flags = CPUID_FLAG_SIGNIFICANT_INDEX if subleaves else 0
+                entries.append(CpuIdEntry(leaf, sub, flags, eax, ebx, ecx, edx))
     return tuple(entries)
 
 

@@ -407,6 +407,12 @@ class KvmVm(Vm):
     def set_clock(self, ns: int) -> None:
         self._fd.set_clock(ns)
 
+    def start_quirks(self) -> None:
+        """Start the host quirks' helpers for a VM the machine has built (see
+        :meth:`vmmkit_kvm.quirks.VmQuirks.start`)."""
+        if self._vm_quirks is not None:
+            self._vm_quirks.start()
+
     @property
     def in_kernel_pit(self) -> bool:
         """Whether guests of this VM get KVM's PIT (else a userspace one is needed)."""

@@ -433,9 +433,10 @@ def _load_native() -> None:
         NATIVE_UNAVAILABLE_REASON = "disabled by VMMKIT_BLK_NATIVE=0"
         return
     try:
-        from vmmkit_devices.virtio._native import ffi, lib  # type: ignore[import-not-found]
+        from vmmkit_devices.virtio._native import ffi, lib
     except ImportError as exc:
-        NATIVE_UNAVAILABLE_REASON = f"vmmkit_devices.virtio._native is not built ({exc}); pip install -e plugins/devices"
+        NATIVE_UNAVAILABLE_REASON = (f"vmmkit_devices.virtio._native is not built ({exc}); "
+                                     "pip install -e plugins/devices")
         return
     mismatched = [s.name for s in IoStatus if s and getattr(lib, f"BLK_ERR_{s.name}") != s.value]
     if (mismatched or lib.BLK_MAX_IOV != MAX_IOV or lib.BLK_SECTOR_SIZE != SECTOR_SIZE

@@ -306,7 +306,7 @@ class BlockDevice(QueueDevice):
             return VIRTIO_BLK_S_UNSUPP
         raw = chain.read(HEADER.size + data)[HEADER.size :]
         segments = [DWZ_SEGMENT.unpack_from(raw, at) for at in range(0, data, DWZ_SEGMENT.size)]
-        for sector, sectors, flags in segments:
+        for _sector, _sectors, flags in segments:
             if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and flags):
                 return VIRTIO_BLK_S_UNSUPP
         for sector, sectors, _flags in segments:
@@ -343,8 +343,8 @@ class VirtioBlockType(DeviceType):
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
-        return [DeviceRequest(cls.name, disk.id, disk, transport=disk.transport)
-                for disk in config.assign_ids().disks if not disk.vhost_user]
+        return [DeviceRequest(cls.name, disk.id or f"_disk{index}", disk, transport=disk.transport)
+                for index, disk in enumerate(config.assign_ids().disks) if not disk.vhost_user]
 
     @classmethod
     def create(cls, ctx: DeviceContext, request: DeviceRequest) -> BlockDevice:

@@ -276,8 +276,8 @@ class VirtioNetType(DeviceType):
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
-        return [DeviceRequest(cls.name, net.id, net, transport=net.transport)
-                for net in config.assign_ids().net if not net.vhost_user]
+        return [DeviceRequest(cls.name, net.id or f"_net{index}", net, transport=net.transport)
+                for index, net in enumerate(config.assign_ids().net) if not net.vhost_user]
 
     @classmethod
     def create(cls, ctx: DeviceContext, request: DeviceRequest) -> NetDevice:

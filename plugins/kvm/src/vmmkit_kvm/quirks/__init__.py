@@ -144,6 +144,9 @@ class VmQuirks:
     def vcpu_created(self, vcpu: KvmVcpu) -> None:
         """A vCPU of this VM exists (not yet running)."""
 
+    def start(self) -> None:
+        """The VM is complete and about to run a guest (the machine built it)."""
+
     def counts(self, vcpu: KvmVcpu) -> dict[str, int]:
         """Per-vCPU counters merged into :meth:`KvmVcpu.exit_counts` (``quirk-...`` keys)."""
         return {}

@@ -31,8 +31,10 @@ cost minutes when emulated           1 µs per instruction they dominate the boo
 ===================================  ==========================================================
 
 The breakpoint is armed per vCPU as soon as the guest has a page-fault handler and an LSTAR
-(long before user space starts): a helper thread kicks vCPUs not yet armed twice a second,
-and the vCPU's own thread reads its IDT and arms it.
+(long before user space starts): once the VM is built (``vmmkit_vm_created``, so raw backend
+tests are left alone) a helper thread kicks vCPUs not yet armed twice a second, and the
+vCPU's own thread, back in the backend, reads its IDT and arms it. The kick reaches the VMM
+as an ordinary ``INTERRUPTED`` exit, which the machine's loop already ignores.
 """
 
 from __future__ import annotations
@@ -181,7 +183,10 @@ class PvmVm(VmQuirks):
     def vcpu_created(self, vcpu: KvmVcpu) -> None:
         with self._lock:
             self._states[vcpu.index] = _VcpuQuirkState(vcpu)
-            if self._poller is None:
+
+    def start(self) -> None:
+        with self._lock:
+            if self._poller is None and not self._closed.is_set():
                 self._poller = threading.Thread(target=self._poll, name="kvm-quirks", daemon=True)
                 self._poller.start()
 

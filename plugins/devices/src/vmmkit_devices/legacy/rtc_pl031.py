@@ -1,0 +1,161 @@
+"""The ARM PL031 real-time clock (device type ``rtc-pl031``), at 0x09010000 / SPI 2 on AArch64.
+
+- DR (0x00) reads the host's UTC time in seconds plus an offset; a write of LR (0x08) sets the
+  time (changes only the offset). CR (0x0C) reads 1: the counter always runs.
+- MR (0x04) is the match register: RIS (0x14) bit 0 is set once the time reaches MR (checked
+  on every access and by a timer while the interrupt is unmasked); IMSC (0x10) masks it onto
+  the level interrupt line, ICR (0x1C) clears it; MIS (0x18) = RIS & IMSC.
+- PeriphID = 0x00141031, CellID = 0xB105F00D, as QEMU's.
+
+Registers are 32 bits; narrower accesses of one register are allowed, others read as all ones.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final
+
+from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.irq import InterruptLine
+from vmmkit_devices.legacy._amba import id_register, split, value_bytes
+
+DR: Final = 0x00
+MR: Final = 0x04
+LR: Final = 0x08
+CR: Final = 0x0C
+IMSC: Final = 0x10
+RIS: Final = 0x14
+MIS: Final = 0x18
+ICR: Final = 0x1C
+PERIPH_ID: Final = (0x31, 0x10, 0x14, 0x00)
+
+
+class Pl031(Device):
+    """The RTC; ``clock`` returns host seconds (``time.time`` by default, for tests)."""
+
+    kind: ClassVar[str] = "rtc-pl031"
+
+    def __init__(self, device_id: str, line: InterruptLine | None, *, irq: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(device_id)
+        self.irq = irq
+        self._line = line
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._offset = 0
+        self._match = 0
+        self._imsc = 0
+        self._ris = 0
+        self._level = False
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    def now(self) -> int:
+        return (int(self._clock()) + self._offset) & 0xFFFF_FFFF
+
+    def read(self, offset: int, size: int) -> bytes:
+        where = split(offset, size)
+        if where is None:
+            return b"\xff" * max(0, min(size, 8))
+        register, shift = where
+        with self._lock:
+            self._check_match()
+            value = self._read(register)
+        return value_bytes(value, shift, size)
+
+    def _read(self, register: int) -> int:
+        if register == DR:
+            return self.now()
+        if register == MR:
+            return self._match
+        if register == LR:
+            return self.now()
+        if register == CR:
+            return 1
+        if register == IMSC:
+            return self._imsc
+        if register == RIS:
+            return self._ris
+        if register == MIS:
+            return self._ris & self._imsc
+        ident = id_register(register, PERIPH_ID)
+        return ident if ident is not None else 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        where = split(offset, len(data))
+        if where is None:
+            return
+        register, shift = where
+        value = (int.from_bytes(data, "little") << shift) & 0xFFFF_FFFF
+        with self._lock:
+            if register == LR:
+                self._offset = value - int(self._clock())
+            elif register == MR:
+                self._match = value
+            elif register == IMSC:
+                self._imsc = value & 1
+            elif register == ICR:
+                self._ris &= ~value & 1
+            self._check_match()
+            self._arm()
+
+    def _check_match(self) -> None:
+        if self._imsc and self.now() == self._match:
+            self._ris |= 1
+        level = bool(self._ris & self._imsc)
+        if level != self._level and self._line is not None:
+            self._level = level
+            self._line.set_level(level)
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._closed or not self._imsc or self._ris:
+            return
+        delay = (self._match - self.now()) & 0xFFFF_FFFF
+        if delay > 24 * 3600:
+            return
+        self._timer = threading.Timer(delay + 0.01, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._imsc and not self._ris and ((self.now() - self._match) & 0xFFFF_FFFF) < 2:
+                self._ris |= 1
+            self._check_match()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._match = self._imsc = self._ris = 0
+            self._check_match()
+            self._arm()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def counters(self) -> Mapping[str, int]:
+        return {}
+
+    def firmware_properties(self) -> Mapping[str, Any]:
+        return {"irq": self.irq} if self.irq is not None else {}
+
+
+class Pl031Type(DeviceType):
+    """``rtc-pl031``: requested by the AArch64 architecture at 0x09010000 (SPI 2)."""
+
+    name: ClassVar[str] = "rtc-pl031"
+    description: ClassVar[str] = "ARM PL031 real-time clock (host UTC clock)"
+
+    @classmethod
+    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> Pl031:
+        irq, line = ctx.interrupt_line(request.irq)
+        return Pl031(request.id, line, irq=irq)
