@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(gcc make binutils libc6-dev qemu-system-x86 acpica-tools iproute2 busybox-static cpio)
+apt_packages=(gcc make binutils libc6-dev qemu-system-x86 acpica-tools iproute2 busybox-static cpio
+              gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-system-arm device-tree-compiler)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

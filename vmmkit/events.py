@@ -89,13 +89,13 @@ class EventMonitor:
                 raise ConfigError("--event-monitor", path, "a file that can be written",
                                   reason=exc.strerror or str(exc)) from None
             return cls(fd)
-        fd = options.integer("fd", hi=0x7FFF_FFFF)
-        assert fd is not None
+        inherited = options.integer("fd", hi=0x7FFF_FFFF)
+        assert inherited is not None
         try:
-            os.fstat(fd)
+            os.fstat(inherited)
         except OSError:
-            raise ConfigError("--event-monitor", fd, "an open file descriptor") from None
-        return cls(fd)
+            raise ConfigError("--event-monitor", inherited, "an open file descriptor") from None
+        return cls(inherited)
 
     # -- emitting ------------------------------------------------------------------------------
 

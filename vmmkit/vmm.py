@@ -440,7 +440,7 @@ class Vmm:
             try:
                 events(name, properties)
             except Exception:
-                log.exception("vmm.event_failed", event=name)
+                log.exception("vmm.event_failed", name=name)
 
         return listener
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import socket
 import stat
 import threading
@@ -241,6 +242,7 @@ class ApiServer:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._openapi: bytes | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.requests_served = 0
 
     # -- opening ---------------------------------------------------------------------------------
@@ -276,7 +278,7 @@ class ApiServer:
     # -- serving ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._listener.settimeout(0.2)
+        self._listener.setblocking(False)
         self._thread = threading.Thread(target=self._accept_loop, name="api-server", daemon=True)
         self._thread.start()
 
@@ -284,7 +286,7 @@ class ApiServer:
         """Stop accepting, close every connection and remove the socket file."""
         self._closing.set()
         try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() at once
+            os.write(self._wake_w, b"x")  # wakes the accept loop at once
         except OSError:
             pass
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -293,6 +295,11 @@ class ApiServer:
             self._listener.close()
         except OSError:
             pass
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
@@ -310,8 +317,14 @@ class ApiServer:
     def _accept_loop(self) -> None:
         while not self._closing.is_set():
             try:
+                readable, _, _ = select.select([self._listener.fileno(), self._wake_r], [], [])
+                if self._closing.is_set():
+                    return
+                if self._wake_r in readable:
+                    continue
                 conn, _ = self._listener.accept()
-            except TimeoutError:
+                conn.setblocking(True)
+            except (BlockingIOError, InterruptedError):
                 continue
             except OSError as exc:
                 if self._closing.is_set():

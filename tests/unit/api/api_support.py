@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import strategies as st
 
 from vmmkit.api.server import OPENAPI_PATH
 
@@ -113,3 +114,66 @@ def statuses(raw: bytes) -> list[int]:
         raw = raw[end + 4 + length :]
     assert not raw, f"trailing bytes after the answers: {raw[:200]!r}"
     return out
+
+
+# -- hypothesis strategies for request bodies ----------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=20,
+)
+config_keys = st.sampled_from(["payload", "cpus", "memory", "disks", "net", "serial", "console", "platform",
+                               "rng", "id", "path", "fds", "kernel", "size", "boot_vcpus", "mac", "num_queues"])
+structured_bodies = st.one_of(
+    json_values,
+    st.dictionaries(config_keys, json_values, max_size=6),
+    st.fixed_dictionaries({"payload": st.dictionaries(st.sampled_from(["kernel", "cmdline"]), json_values)},
+                          optional={"memory": st.dictionaries(st.just("size"), json_values),
+                                    "cpus": st.dictionaries(st.sampled_from(["boot_vcpus", "max_vcpus"]),
+                                                            json_values)}),
+)
+
+
+def from_schema(document: dict[str, Any], schema: dict[str, Any], depth: int = 0) -> st.SearchStrategy[Any]:
+    """Values shaped by an OpenAPI schema of ``document`` (types, properties, enums), with
+    some plain wrong values mixed in: structured input that reaches deep into the handlers."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        schema = document["components"]["schemas"][name]
+    wrong = json_values if depth < 3 else st.none()
+    kind = schema.get("type")
+    if "enum" in schema:
+        right: st.SearchStrategy[Any] = st.sampled_from(schema["enum"])
+    elif kind == "object" or "properties" in schema:
+        properties = schema.get("properties", {})
+        if depth >= 3 or not properties:
+            right = st.dictionaries(st.text(max_size=8), st.none(), max_size=2)
+        else:
+            right = st.fixed_dictionaries(
+                {key: from_schema(document, schema["properties"][key], depth + 1)
+                 for key in schema.get("required", []) if key in properties},
+                optional={key: from_schema(document, value, depth + 1)
+                          for key, value in properties.items() if key not in schema.get("required", [])},
+            )
+    elif kind == "array":
+        right = st.lists(from_schema(document, schema.get("items", {}), depth + 1), max_size=3)
+    elif kind == "integer":
+        right = st.integers(-1, 2**64) | st.sampled_from([0, 1, 2, 4, 128, 256, 1 << 20, 64 << 20])
+    elif kind == "boolean":
+        right = st.booleans()
+    elif kind == "string":
+        right = st.text(max_size=24) | st.sampled_from(["/dev/null", "/tmp/x.img", "12:34:56:78:9a:bc",
+                                                        "192.168.1.1", "255.255.255.0", "Raw", "_disk0"])
+    else:
+        right = json_values
+    return st.one_of(right, right, right, wrong)  # mostly well-shaped
+
+
+def request_bodies(document: dict[str, Any], endpoint: str) -> st.SearchStrategy[Any]:
+    """Bodies for ``PUT /endpoint`` from ``document``'s request schema (``None`` if it has none)."""
+    (operation,) = document["paths"][f"/{endpoint}"].values()
+    body = operation.get("requestBody")
+    if body is None:
+        return st.none()
+    return from_schema(document, body["content"]["application/json"]["schema"])

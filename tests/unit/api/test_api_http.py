@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 import pytest
-from api_support import raw_exchange, statuses
+from api_support import raw_exchange, statuses, structured_bodies
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +43,9 @@ def path_of(server: ApiServer) -> str:
         (b"GET /api/v1/vmm.ping HTTP/1.1\r\n" + b"X-Long: " + b"a" * MAX_HEADER_BYTES + b"\r\n\r\n", 431),
         (b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 10\r\n\r\n" + b"[" * 5 + b"]" * 5, 400),
     ],
+    ids=["garbage", "http2", "no-version", "absolute-uri", "header-without-colon", "binary-header",
+         "negative-length", "conflicting-lengths", "chunked", "body-too-large", "truncated-body",
+         "binary-body", "not-json", "wrong-content-type", "header-too-large", "json-array"],
 )
 def test_malformed_requests_get_a_4xx_or_501(server: ApiServer, data: bytes, expected: int) -> None:
     raw = raw_exchange(path_of(server), data)
@@ -63,7 +66,8 @@ def test_huge_integers_are_400(client: ApiClient) -> None:
 
 def test_a_half_closed_connection_without_a_request_is_just_closed(server: ApiServer) -> None:
     assert raw_exchange(path_of(server), b"") == b""
-    assert raw_exchange(path_of(server), b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost") in (b"",) or True
+    partial = raw_exchange(path_of(server), b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost")
+    assert statuses(partial) in ([], [400])
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(server: ApiServer) -> None:
@@ -103,21 +107,6 @@ def test_too_many_fds_are_refused(server: ApiServer) -> None:
 # -- hypothesis -----------------------------------------------------------------------------------
 
 ENDPOINTS = sorted(ROUTES) + sorted(NOT_IMPLEMENTED) + ["vm.bogus", "", "vmm.ping/.."]
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-    max_leaves=20,
-)
-config_keys = st.sampled_from(["payload", "cpus", "memory", "disks", "net", "serial", "console", "platform",
-                               "rng", "id", "path", "fds", "kernel", "size", "boot_vcpus", "mac", "num_queues"])
-structured_bodies = st.one_of(
-    json_values,
-    st.dictionaries(config_keys, json_values, max_size=6),
-    st.fixed_dictionaries({"payload": st.dictionaries(st.sampled_from(["kernel", "cmdline"]), json_values)},
-                          optional={"memory": st.dictionaries(st.just("size"), json_values),
-                                    "cpus": st.dictionaries(st.sampled_from(["boot_vcpus", "max_vcpus"]),
-                                                            json_values)}),
-)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

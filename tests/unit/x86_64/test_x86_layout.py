@@ -84,8 +84,10 @@ def test_platform_devices() -> None:
         "_debug_port": ("debug-port", (0x80, 1), None),
         "_debug_exit": ("debug-exit", (0xF4, 4), None),
         "_acpi_pm": ("acpi-pm", (0x600, 8), 9),
+        "_acpi_ged": ("acpi-ged", None, 23),
     }
     assert {k: (r.type, r.pio, r.irq) for k, r in requests.items()} == expected
+    assert requests["_acpi_ged"].mmio == (L.DEVICE_MMIO.end - 0x1000, 1)
     assert requests["_serial"].config is config.serial
     assert "_debug_console" not in requests  # off by default
     ports = {k: MemoryRange(*r.pio) for k, r in requests.items() if r.pio}

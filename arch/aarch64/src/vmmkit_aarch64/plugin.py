@@ -4,7 +4,7 @@ architecture, the arm64 ``Image`` loader and the PSCI power device type."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmmkit import hookimpl
 from vmmkit.arch import BootInfo, MemoryLayout
@@ -53,3 +53,21 @@ def reject_unknown_image(
     if header[:2] == b"\x1f\x8b":
         raise BootError(path, "a gzip-compressed Image (Image.gz) is not supported: decompress it first")
     raise BootError(path, "not an arm64 Image (no \"ARM\\x64\" magic at offset 0x38)")
+
+
+@hookimpl
+def vmmkit_configure(options: Any) -> None:
+    """Without ``--arch``, an arm64 Image given to ``--kernel`` selects the aarch64 guest
+    architecture (the machine would otherwise take the host's). Only the magic is read."""
+    if getattr(options, "arch", "unset") is not None:
+        return
+    kernel = getattr(options, "kernel", None)
+    if not kernel:
+        return
+    try:
+        with open(kernel, "rb") as stream:
+            header = stream.read(image.HEADER_SIZE)
+    except OSError:
+        return  # the machine reports an unreadable kernel
+    if image.recognise(header):
+        options.arch = ARCH

@@ -9,6 +9,14 @@ Firmware calls
     PSCI), writes the answer to x0-x3 and steps past the instruction. Without a handler, or when
     it declines, x0 = SMCCC_NOT_SUPPORTED.
 
+Address translation
+    unicorn 2.1's own AArch64 stage-1 walk (``UC_TLB_CPU``) faults on valid tables, so the engine
+    runs with ``UC_TLB_VIRTUAL`` and a TLB-fill hook that walks the guest's tables in Python
+    (:meth:`Arm64Vcpu.translate`): 4 KiB granule, TTBR0/TTBR1 by VA bit 55, table/block/page
+    descriptors, identity with the MMU off. Permissions and memory attributes are not applied
+    (every mapped page is readable, writable and executable; an unmapped one ends the run), and
+    16/64 KiB granules are not supported. QEMU's TLB caches the result until the guest flushes.
+
 MPIDR_EL1
     Every unicorn engine is CPU 0 to QEMU, so ``mrs MPIDR_EL1`` is hooked (an MRS instruction
     hook) and answers :func:`vmmkit.aarch64.mpidr_for` of the vCPU's index, as KVM does.
@@ -34,9 +42,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
-from unicorn import UC_ARCH_ARM64, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_ARM, Uc
+from unicorn import UC_ARCH_ARM64, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_ARM, UC_PROT_ALL, Uc
 from unicorn import arm64_const as A
+from unicorn.unicorn_const import UC_TLB_VIRTUAL
 
 from vmmkit.aarch64 import (
     BOOT_PSTATE,
@@ -50,8 +58,6 @@ from vmmkit.aarch64 import (
 )
 from vmmkit.hypervisor import ExitReason, VcpuOps
 from vmmkit_emu.hypervisor import EmuVcpu, EmuVm
-
-log = structlog.get_logger()
 
 _X = [getattr(A, f"UC_ARM64_REG_X{i}") for i in range(31)]
 
@@ -108,6 +114,9 @@ class Arm64Vcpu(EmuVcpu):
     def _make_engine(self) -> Any:
         uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
         uc.ctl_set_cpu_model(A.UC_CPU_ARM64_A72)
+        # unicorn 2.1's own AArch64 stage-1 walk faults on valid tables: translate here.
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
         uc.hook_add(UC_HOOK_INTR, self._on_exception)
         uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, A.UC_ARM64_INS_MRS)
         uc.reg_write(A.UC_ARM64_REG_PSTATE, BOOT_PSTATE)
@@ -115,6 +124,18 @@ class Arm64Vcpu(EmuVcpu):
 
     def _pc(self) -> int:
         return int(self.uc.reg_read(A.UC_ARM64_REG_PC))
+
+    def _enter(self, pc: int) -> None:
+        # The end address must be one the guest never runs and that unicorn can translate
+        # (it looks its page up when it stops: an upper-half address fails the guest's walk
+        # and ends the run). 0 is a device address, never code, in every layout here.
+        self.uc.emu_start(pc, 0)
+
+    def _stopped_by_engine(self) -> None:
+        if self._pc() == 0:
+            self.stop_with(ExitReason.INTERNAL_ERROR, f"vcpu{self.index}: guest jumped to address 0")
+            return
+        super()._stopped_by_engine()
 
     # -- Aarch64Vcpu ------------------------------------------------------------------------
 
@@ -168,6 +189,20 @@ class Arm64Vcpu(EmuVcpu):
 
     # -- hooks ------------------------------------------------------------------------------
 
+    def _tlb_fill(self, uc: Any, vaddr: int, access: int, entry: Any, _: Any) -> bool:
+        self.count("tlb_fill")
+        pa = self.translate(vaddr)
+        if pa is None:
+            # Not mapped by the guest: no permissions, so that only a real access fails (as
+            # a protection error that ends the run); unicorn may probe pages it never uses.
+            self.last_fault = vaddr
+            entry.paddr = vaddr & 0x0000_FFFF_FFFF_FFFF
+            entry.perms = 0
+            return True
+        entry.paddr = pa  # unicorn masks with its own page size (1 KiB on ARM), not 4 KiB
+        entry.perms = UC_PROT_ALL
+        return True
+
     def _on_mrs(self, uc: Any, reg: int, cp_reg: Any, _: Any) -> bool:
         if (cp_reg.op0, cp_reg.op1, cp_reg.crn, cp_reg.crm, cp_reg.op2) == SysReg.MPIDR_EL1.value:
             uc.reg_write(reg, self._mpidr)
@@ -182,7 +217,8 @@ class Arm64Vcpu(EmuVcpu):
                 self._firmware_call(uc, pc, "hvc" if insn & _HVC_MASK == _HVC else "smc")
                 return
             self.count("undefined")
-            self._deliver(EC_UNKNOWN, 0, pc, what="undefined instruction")
+            what = "undefined instruction" if insn is None else f"undefined instruction {insn:#010x}"
+            self._deliver(EC_UNKNOWN, 0, pc, what=what)
         elif intno == EXCP_SWI:
             # The PC is already past the SVC (its preferred return address).
             insn = self._instruction(pc - 4)
@@ -238,6 +274,13 @@ class Arm64Vcpu(EmuVcpu):
             uc.reg_write(A.UC_ARM64_REG_SP, sp_el1)
         uc.reg_write(A.UC_ARM64_REG_PC, vbar + offset)
         self.count("exception")
+
+    def _error_context(self, pc: int) -> str:
+        words = [self._instruction(pc - 4), self._instruction(pc)]
+        text = " ".join("?" if w is None else f"{w:08x}" for w in words)
+        fault = getattr(self, "last_fault", None)
+        fault_text = f"; no translation for {fault:#x}" if fault is not None else ""
+        return f" (instructions at pc-4, pc: {text}{fault_text})"
 
     # -- guest memory as the guest sees it -----------------------------------------------------
 

@@ -40,8 +40,6 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import structlog
-
 from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.hypervisor import (
     Availability,
@@ -55,7 +53,6 @@ from vmmkit.hypervisor import (
 
 __all__ = ["EmuHypervisor", "EmuVm", "EmuVcpu", "RunToken", "SLICE", "PHYS_LIMIT"]
 
-log = structlog.get_logger()
 
 #: Longest turn of a vCPU while another one waits to run.
 SLICE = 0.005
@@ -290,14 +287,9 @@ class EmuVm(Vm):
         self.vcpus.clear()
 
 
-class _Stop(Exception):
-    """Raised inside a hook to end ``emu_start`` with a pending exit (never escapes run())."""
-
-
 class EmuVcpu(Vcpu):
     """One emulated vCPU. Subclasses create the engine and translate registers and exceptions."""
 
-    #: Whether this vCPU runs guest code (False: powered off / waiting for a start IPI).
     def __init__(self, vm: EmuVm, index: int, ops: VcpuOps) -> None:
         self.index = index
         self.vm = vm
@@ -412,8 +404,6 @@ class EmuVcpu(Vcpu):
                     stopped_by_us = self._kicked or self._preempt or self._pending is not None
                     if not stopped_by_us:
                         self._stopped_by_engine()
-                except _Stop:
-                    pass
                 except Exception as exc:  # unicorn errors: unmapped fetch, invalid instruction...
                     if self._pending is None:
                         self._pending = self._engine_error(exc)
@@ -433,7 +423,11 @@ class EmuVcpu(Vcpu):
             pc = self._pc()
         except Exception:
             pc = -1
-        return VmExit(ExitReason.INTERNAL_ERROR, f"vcpu{self.index}: {exc} at pc {pc:#x}")
+        return VmExit(ExitReason.INTERNAL_ERROR, f"vcpu{self.index}: {exc} at pc {pc:#x}{self._error_context(pc)}")
+
+    def _error_context(self, pc: int) -> str:
+        """More about an engine error at ``pc`` (subclasses: the instruction bytes)."""
+        return ""
 
     def preempt(self) -> None:
         """End this vCPU's turn (called by a vCPU waiting for the run token)."""

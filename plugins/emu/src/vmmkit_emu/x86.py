@@ -42,7 +42,6 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_32, Uc
 from unicorn import x86_const as X
 
@@ -60,8 +59,6 @@ from vmmkit.x86 import (
     StandardRegisters,
 )
 from vmmkit_emu.hypervisor import EmuVcpu, EmuVm
-
-log = structlog.get_logger()
 
 _GPRS = {
     "rax": X.UC_X86_REG_EAX, "rbx": X.UC_X86_REG_EBX, "rcx": X.UC_X86_REG_ECX, "rdx": X.UC_X86_REG_EDX,

@@ -87,6 +87,10 @@ class DriverQueue:
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.memory.write_u16(self.avail + 2, self.avail_idx)
 
+    def set_used_event(self, value: int) -> None:
+        """VIRTIO_F_EVENT_IDX: interrupt me once the used index passes ``value``."""
+        self.memory.write_u16(self.avail + 4 + 2 * self.size, value & 0xFFFF)
+
     @property
     def used_idx(self) -> int:
         return self.memory.read_u16(self.used + 2)

@@ -33,6 +33,7 @@ struct iovec {
     ...;
 };
 struct blk_region {
+    uint64_t gpa;
     uint8_t *host;
     uint64_t size;
     uint32_t readonly;
@@ -63,8 +64,8 @@ struct blk_result {
 };
 
 int blk_transfer(const struct blk_disk *disk, const struct blk_memory *mem, int write,
-                 uint64_t offset, const struct iovec *iov, uint32_t count, uint64_t skip,
-                 uint64_t length, struct blk_result *out);
+                 uint64_t offset, const struct iovec *iov, const uint64_t *gpa, uint32_t count,
+                 uint64_t skip, uint64_t length, struct blk_result *out);
 int blk_discard(const struct blk_disk *disk, uint64_t offset, uint64_t length,
                 struct blk_result *out);
 int blk_write_zeroes(const struct blk_disk *disk, uint64_t offset, uint64_t length, int unmap,

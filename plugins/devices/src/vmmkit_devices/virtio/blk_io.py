@@ -17,7 +17,9 @@ region, and a writable one when the device writes into the guest; at most :data:
 The native path hands the chain's ``struct iovec`` array (:attr:`DescriptorChain.iovecs`, from the
 SDK's C walker or built with ctypes) straight to ``preadv``/``pwritev``; the checks are made again
 in C against its own copy of the region table, so a stale or forged iovec is refused before any
-system call (``IoStatus.IOVEC``).
+system call (``IoStatus.IOVEC``): each piece's guest-physical range must lie in one region
+(a writable one when the device writes into the guest), and its host address must be that
+region's translation of it.
 
 ``direct=on`` (O_DIRECT). The image is opened twice, buffered and with ``O_DIRECT``. A transfer
 whose file offset, length, and every guest buffer's host address and length meet the direct-I/O
@@ -485,6 +487,7 @@ class NativeBlockIo:
         if self._table is None or regions != self._regions_source:
             array = _ffi.new("struct blk_region[]", max(len(regions), 1))
             for slot, region in enumerate(regions):
+                array[slot].gpa = region.start
                 array[slot].host = _ffi.cast("uint8_t *", region.host_address)
                 array[slot].size = region.size
                 array[slot].readonly = int(region.readonly)
@@ -508,13 +511,14 @@ class NativeBlockIo:
             return IoResult(IoStatus.ARGS)
         iov = chain.iovecs  # keep it alive across the call
         base = _ffi.cast("struct iovec *", iov.address)
+        gpas = _ffi.cast("uint64_t *", iov.gpa_address)
         if write:
             first, count = 0, iov.readable
         else:
             first, count = iov.readable, iov.count - iov.readable
         out = _ffi.new("struct blk_result *")
-        rc = _lib.blk_transfer(self._sync_disk(), self._memory_table(), int(write), offset, base + first, count,
-                               skip, length, out)
+        rc = _lib.blk_transfer(self._sync_disk(), self._memory_table(), int(write), offset, base + first,
+                               gpas + first, count, skip, length, out)
         del iov
         return self._result(rc, out)
 

@@ -19,19 +19,22 @@ static void clear(struct blk_result *out)
     memset(out, 0, sizeof(*out));
 }
 
-/* Whether [base, base + len) lies inside one region (a writable one if into_guest). */
-static int in_guest(const struct blk_memory *mem, uintptr_t base, uint64_t len, int into_guest)
+/* Whether guest [gpa, gpa + len) lies inside one region (a writable one if into_guest) and is
+ * mapped at host address base. */
+static int in_guest(const struct blk_memory *mem, uint64_t gpa, uintptr_t base, uint64_t len,
+                    int into_guest)
 {
     for (uint32_t i = 0; i < mem->count; i++) {
         const struct blk_region *r = &mem->regions[i];
-        uintptr_t start = (uintptr_t)r->host;
-        if (base < start)
+        if (gpa < r->gpa)
             continue;
-        uint64_t offset = (uint64_t)(base - start);
+        uint64_t offset = gpa - r->gpa;
         if (offset >= r->size)
             continue;
         if (len > r->size - offset)
             return 0; /* runs past the region: regions are never merged */
+        if (base != (uintptr_t)r->host + (uintptr_t)offset)
+            return 0; /* the host address is not this gpa's */
         return !(into_guest && r->readonly);
     }
     return 0;
@@ -49,13 +52,14 @@ static int range_ok(const struct blk_disk *disk, uint64_t offset, uint64_t lengt
  * Copy the iovecs after `skip` bytes, `length` bytes of them, into local[], dropping empty
  * pieces; check each against guest memory. Returns BLK_OK and the count in *n.
  */
-static int slice(const struct blk_memory *mem, const struct iovec *iov, uint32_t count,
-                 uint64_t skip, uint64_t length, int into_guest, struct iovec *local, uint32_t *n)
+static int slice(const struct blk_memory *mem, const struct iovec *iov, const uint64_t *gpa,
+                 uint32_t count, uint64_t skip, uint64_t length, int into_guest, struct iovec *local,
+                 uint32_t *n)
 {
     uint64_t total = 0;
     if (count > BLK_MAX_IOV)
         return BLK_ERR_TOO_MANY;
-    if (count && !iov)
+    if (count && (!iov || !gpa))
         return BLK_ERR_ARGS;
     for (uint32_t i = 0; i < count; i++) {
         if ((uint64_t)iov[i].iov_len > UINT64_MAX - total)
@@ -72,11 +76,14 @@ static int slice(const struct blk_memory *mem, const struct iovec *iov, uint32_t
             continue;
         }
         uintptr_t base = (uintptr_t)iov[i].iov_base + (uintptr_t)skip;
+        uint64_t where = gpa[i] + skip;
+        if (where < gpa[i])
+            return BLK_ERR_IOVEC; /* wraps around the address space */
         len -= skip;
         skip = 0;
         if (len > length)
             len = length;
-        if (!in_guest(mem, base, len, into_guest))
+        if (!in_guest(mem, where, base, len, into_guest))
             return BLK_ERR_IOVEC;
         local[*n].iov_base = (void *)base;
         local[*n].iov_len = (size_t)len;
@@ -116,8 +123,8 @@ static struct iovec *advance(struct iovec *v, uint32_t *n, uint64_t done)
 }
 
 int blk_transfer(const struct blk_disk *disk, const struct blk_memory *mem, int write,
-                 uint64_t offset, const struct iovec *iov, uint32_t count, uint64_t skip,
-                 uint64_t length, struct blk_result *out)
+                 uint64_t offset, const struct iovec *iov, const uint64_t *gpa, uint32_t count,
+                 uint64_t skip, uint64_t length, struct blk_result *out)
 {
     struct iovec local[BLK_MAX_IOV];
     uint32_t n = 0;
@@ -130,7 +137,7 @@ int blk_transfer(const struct blk_disk *disk, const struct blk_memory *mem, int 
         return BLK_ERR_READONLY;
     if (!range_ok(disk, offset, length))
         return BLK_ERR_RANGE;
-    rc = slice(mem, iov, count, skip, length, !write, local, &n);
+    rc = slice(mem, iov, gpa, count, skip, length, !write, local, &n);
     if (rc != BLK_OK)
         return rc;
 

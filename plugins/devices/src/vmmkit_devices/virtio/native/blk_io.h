@@ -3,9 +3,10 @@
  *
  * The caller (vmmkit_devices/virtio/blk_io.py) has already walked and validated the
  * descriptor chain and parsed the request header; this code trusts none of it. Every iovec is
- * checked again against the guest memory region table (and against read-only regions when the
- * device writes into the guest), skip/length against the iovecs, and offset/length against
- * the disk's size and the 512-byte sector size, with overflow-safe arithmetic, before any
+ * checked again against the guest memory region table: its guest-physical range must lie in one
+ * region (a writable one when the device writes into the guest) and its host address must be
+ * that region's translation. skip/length are checked against the iovecs, offset/length against
+ * the disk's size and the 512-byte sector size, with overflow-safe arithmetic, all before any
  * system call. The Python functions in blk_io.py are the reference this code is tested
  * against (tests/unit/devices/virtio/test_blk_differential.py); change both together.
  */
@@ -28,8 +29,9 @@
 #define BLK_SECTOR_SIZE 512
 #define BLK_MAX_IOV 1024 /* Linux's IOV_MAX, the SDK's default max_segments */
 
-/* One guest RAM mapping: [host, host + size) in this process. */
+/* One guest RAM region: guest-physical [gpa, gpa + size) is mapped at [host, host + size). */
 struct blk_region {
+    uint64_t gpa;
     uint8_t *host;
     uint64_t size;
     uint32_t readonly;
@@ -63,12 +65,14 @@ struct blk_result {
 
 /*
  * Move `length` bytes between the file at byte `offset` and guest memory described by
- * iov[0 .. count), after skipping `skip` bytes of it. write != 0: guest -> file (pwritev);
+ * iov[0 .. count), after skipping `skip` bytes of it. gpa[i] is the guest-physical address of
+ * iov[i]: each piece must lie inside one region (a writable one if write == 0) and its host
+ * address must be that region's translation of its gpa. write != 0: guest -> file (pwritev);
  * else file -> guest (preadv; a read past the end of a file shorter than `size` reads zeros).
  */
 int blk_transfer(const struct blk_disk *disk, const struct blk_memory *mem, int write,
-                 uint64_t offset, const struct iovec *iov, uint32_t count, uint64_t skip,
-                 uint64_t length, struct blk_result *out);
+                 uint64_t offset, const struct iovec *iov, const uint64_t *gpa, uint32_t count,
+                 uint64_t skip, uint64_t length, struct blk_result *out);
 
 /* Deallocate [offset, offset + length) (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE); where the file
  * system cannot, succeed without doing anything (emulated = 1): discard is advisory. */
