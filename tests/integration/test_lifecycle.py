@@ -74,5 +74,14 @@ def test_vcpu_threads_are_named_for_orchestrators(spinning_guest) -> None:  # no
     import os
 
     machine, _serial = spinning_guest
-    names = {Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in os.listdir("/proc/self/task")}
-    assert {"vcpu0", "vcpu1"} <= names
+
+    def names() -> set[str]:
+        out = set()
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                out.add(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+            except OSError:  # a thread that just ended
+                pass
+        return out
+
+    assert wait_for(lambda: {"vcpu0", "vcpu1"} <= names(), timeout=5), names()

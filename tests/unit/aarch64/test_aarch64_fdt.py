@@ -92,7 +92,7 @@ def test_the_psci_power_device_is_not_described(fdt: libfdt.Fdt) -> None:
 def test_no_initrd_means_no_initrd_properties() -> None:
     fdt = libfdt.Fdt(build_fdt(ram=RAM, mpidrs=[mpidr_for(0)], cmdline="", initrd=None, devices=[]))
     node = fdt.path_offset("/chosen")
-    assert fdt.getprop(node, "linux,initrd-start", quiet=(libfdt.NOTFOUND,)) is None
+    assert fdt.getprop(node, "linux,initrd-start", quiet=(libfdt.NOTFOUND,)) == -libfdt.NOTFOUND
 
 
 @pytest.mark.skipif(shutil.which("dtc") is None, reason="dtc (device-tree-compiler) is not installed")

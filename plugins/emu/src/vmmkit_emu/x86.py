@@ -181,6 +181,13 @@ class X86Vcpu(EmuVcpu):
                        f"vcpu{self.index}: guest exception or interrupt vector {intno} at eip {eip:#x} "
                        "(the emu backend does not deliver exceptions through the IDT)")
 
+    def _error_context(self, pc: int) -> str:
+        try:
+            code = bytes(self.uc.mem_read(pc, 4)).hex(" ")
+        except Exception:
+            code = "?"
+        return f" (bytes {code}; the emu backend does not deliver exceptions through the IDT)"
+
     # -- the local APIC page ----------------------------------------------------------------------
 
     def _apic_page(self, addr: int) -> int | None:

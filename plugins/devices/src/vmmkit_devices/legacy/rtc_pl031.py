@@ -2,9 +2,10 @@
 
 - DR (0x00) reads the host's UTC time in seconds plus an offset; a write of LR (0x08) sets the
   time (changes only the offset). CR (0x0C) reads 1: the counter always runs.
-- MR (0x04) is the match register: RIS (0x14) bit 0 is set once the time reaches MR (checked
-  on every access and by a timer while the interrupt is unmasked); IMSC (0x10) masks it onto
-  the level interrupt line, ICR (0x1C) clears it; MIS (0x18) = RIS & IMSC.
+- MR (0x04) is the match register: RIS (0x14) bit 0 is set once the time reaches MR (at once if
+  MR is written with a time already reached, as QEMU does; checked on every access and by a
+  timer), once per MR write; IMSC (0x10) masks it onto the level interrupt line, ICR (0x1C)
+  clears it; MIS (0x18) = RIS & IMSC.
 - PeriphID = 0x00141031, CellID = 0xB105F00D, as QEMU's.
 
 Registers are 32 bits; narrower accesses of one register are allowed, others read as all ones.
@@ -48,6 +49,7 @@ class Pl031(Device):
         self._match = 0
         self._imsc = 0
         self._ris = 0
+        self._fired = True  # no match armed until MR is written
         self._level = False
         self._timer: threading.Timer | None = None
         self._closed = False
@@ -94,6 +96,7 @@ class Pl031(Device):
                 self._offset = value - int(self._clock())
             elif register == MR:
                 self._match = value
+                self._fired = False
             elif register == IMSC:
                 self._imsc = value & 1
             elif register == ICR:
@@ -102,7 +105,8 @@ class Pl031(Device):
             self._arm()
 
     def _check_match(self) -> None:
-        if self._imsc and self.now() == self._match:
+        if not self._fired and (self.now() - self._match) & 0xFFFF_FFFF < 1 << 31:
+            self._fired = True
             self._ris |= 1
         level = bool(self._ris & self._imsc)
         if level != self._level and self._line is not None:
@@ -113,7 +117,7 @@ class Pl031(Device):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._closed or not self._imsc or self._ris:
+        if self._closed or self._fired:
             return
         delay = (self._match - self.now()) & 0xFFFF_FFFF
         if delay > 24 * 3600:
@@ -125,13 +129,12 @@ class Pl031(Device):
     def _fire(self) -> None:
         with self._lock:
             self._timer = None
-            if self._imsc and not self._ris and ((self.now() - self._match) & 0xFFFF_FFFF) < 2:
-                self._ris |= 1
             self._check_match()
 
     def reset(self) -> None:
         with self._lock:
             self._match = self._imsc = self._ris = 0
+            self._fired = True
             self._check_match()
             self._arm()
 

@@ -1,0 +1,45 @@
+"""The x86-64 test guest on emu: every default check passes (ACPI, SMP through the backend's
+INIT/SIPI, CMOS RTC, ACPI power-off); exceptions end the run instead of reaching the guest's IDT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmmkit.testing import run_vmmkit
+
+from ..guest_output import selftest_lines
+
+GUEST_ARCH = "x86_64"
+
+
+@pytest.mark.parametrize(("image", "cpus"), [("selftest.elf", 1), ("selftest.elf", 2), ("selftest.bzImage", 2)])
+def test_the_default_checks_pass(selftest_elf: Path, vmmkit_hypervisor: str, image: str, cpus: int) -> None:
+    kernel = selftest_elf.parent / image
+    if not kernel.is_file():
+        pytest.skip(f"{kernel} is not built (make -C tests/guests)")
+    result = run_vmmkit("--hypervisor", vmmkit_hypervisor, "--kernel", str(kernel), "--cmdline", "hello",
+                        "--cpus", f"boot={cpus}", timeout=120)
+    lines = selftest_lines(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check in ("memmap", "acpi", "rtc"):
+        assert f"selftest: ok {check}" in lines
+    assert f"selftest: ok smp ({cpus}/{cpus} cpus online)" in lines
+    assert lines[-1] == "selftest: exit 0"
+
+
+def test_a_guest_exception_is_an_internal_error_on_emu(selftest_elf: Path, vmmkit_hypervisor: str) -> None:
+    result = run_vmmkit("--hypervisor", vmmkit_hypervisor, "--kernel", str(selftest_elf), "--cmdline", "test=fault",
+                        timeout=120)
+    assert result.returncode == 1
+    assert "IDT" in result.stderr
+    assert "selftest: exit" not in result.stdout
+
+
+def test_plugins_lists_emu_as_usable() -> None:
+    result = run_vmmkit("plugins", timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("emu "))
+    assert "usable" in line and "not usable" not in line
+    assert "x86_64,aarch64" in line
