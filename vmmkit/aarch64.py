@@ -143,3 +143,9 @@ class Aarch64Vm(Protocol):
     firmware_in_hypervisor: bool
 
     def set_firmware_handler(self, handler: FirmwareHandler | None) -> None: ...
+
+    def set_gic_layout(self, distributor: int, redistributors: int) -> None:
+        """Where the architecture puts the GICv3 distributor and the first redistributor
+        (before :meth:`vmmkit.hypervisor.Vm.setup_interrupt_controller`); a backend without
+        an interrupt controller just accepts it."""
+        ...

@@ -252,7 +252,7 @@ def test_arm64_power_off_and_on(a64) -> None:
 def test_arm64_atomics_are_atomic_across_vcpus(a64) -> None:
     """Two vCPUs increment one counter 20000 times each with LDXR/STXR: none is lost (the
     vCPUs take turns, so unicorn's non-atomic exclusives cannot race)."""
-    vm, cpus, ops, memory, symbols = a64(f"""
+    vm, cpus, ops, memory, symbols = a64("""
         ldr x1, =counter
         ldr x3, =done
         mov x2, #20000

@@ -29,6 +29,18 @@ def test_the_default_checks_pass(selftest_elf: Path, vmmkit_hypervisor: str, ima
     assert lines[-1] == "selftest: exit 0"
 
 
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_virtio_blk_is_polled(selftest_elf: Path, vmmkit_hypervisor: str, tmp_path: Path, transport: str) -> None:
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as stream:
+        stream.truncate(4 << 20)
+    result = run_vmmkit("--hypervisor", vmmkit_hypervisor, "--kernel", str(selftest_elf), "--cmdline", "test=blk",
+                        "--disk", f"path={disk}", "--platform", f"virtio_transport={transport}", timeout=120)
+    lines = selftest_lines(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert any(line.startswith("selftest: ok blk") for line in lines), lines
+
+
 def test_a_guest_exception_is_an_internal_error_on_emu(selftest_elf: Path, vmmkit_hypervisor: str) -> None:
     result = run_vmmkit("--hypervisor", vmmkit_hypervisor, "--kernel", str(selftest_elf), "--cmdline", "test=fault",
                         timeout=120)

@@ -30,6 +30,9 @@ class FakeVm:
     def set_firmware_handler(self, handler) -> None:
         self.handler = handler
 
+    def set_gic_layout(self, distributor: int, redistributors: int) -> None:
+        self.gic = (distributor, redistributors)
+
 
 def test_platform_devices_and_their_placements() -> None:
     requests = {r.type: r for r in platform_devices(make_config())}
@@ -43,6 +46,7 @@ def test_configure_vm_installs_psci_for_a_trapping_backend() -> None:
     arch, vm = Aarch64(), FakeVm()
     arch.configure_vm(vm, None, make_config())  # type: ignore[arg-type]
     assert vm.irqchip and vm.handler is arch.psci
+    assert vm.gic == (0x0800_0000, 0x080A_0000)
 
 
 def boot(tmp_path: Path, guest, cpus: int = 2):

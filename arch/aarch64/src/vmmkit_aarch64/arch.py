@@ -81,6 +81,8 @@ class Aarch64(Architecture):
 
     def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:
         self._vm = vm
+        if isinstance(vm, Aarch64Vm):
+            vm.set_gic_layout(L.GIC_DIST.start, L.GIC_REDIST_BASE)
         vm.setup_interrupt_controller()
         if isinstance(vm, Aarch64Vm) and not vm.firmware_in_hypervisor:
             vm.set_firmware_handler(self.psci)

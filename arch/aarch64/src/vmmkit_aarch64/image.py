@@ -130,10 +130,9 @@ def fdt_address(ram: MemoryRange) -> int:
 
 def _load_initramfs(path: Path, config: VmConfig, memory: GuestMemory, *, kernel_end: int,
                     top: int) -> MemoryRange | None:
-    initramfs = config.payload.initramfs
-    if initramfs is None:
+    if config.payload.initramfs is None:
         return None
-    initramfs = Path(initramfs)
+    initramfs = Path(config.payload.initramfs)
     try:
         stream = initramfs.open("rb")
     except OSError as exc:

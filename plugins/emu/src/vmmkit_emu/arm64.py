@@ -42,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from unicorn import UC_ARCH_ARM64, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_ARM, UC_PROT_ALL, Uc
+from unicorn import UC_ARCH_ARM64, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_ARM, UC_PROT_ALL
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import UC_TLB_VIRTUAL
 
@@ -57,7 +57,7 @@ from vmmkit.aarch64 import (
     mpidr_for,
 )
 from vmmkit.hypervisor import ExitReason, VcpuOps
-from vmmkit_emu.hypervisor import EmuVcpu, EmuVm
+from vmmkit_emu.hypervisor import EmuVcpu, EmuVm, new_engine
 
 _X = [getattr(A, f"UC_ARM64_REG_X{i}") for i in range(31)]
 
@@ -98,6 +98,10 @@ class Arm64Vm(EmuVm):
     def set_firmware_handler(self, handler: FirmwareHandler | None) -> None:
         self.firmware_handler = handler
 
+    def set_gic_layout(self, distributor: int, redistributors: int) -> None:
+        """Recorded only: this backend has no interrupt controller (see the package docs)."""
+        self.gic_layout = (distributor, redistributors)
+
     def _new_vcpu(self, index: int, ops: VcpuOps) -> Arm64Vcpu:
         return Arm64Vcpu(self, index, ops)
 
@@ -109,10 +113,12 @@ class Arm64Vcpu(EmuVcpu):
 
     def __init__(self, vm: Arm64Vm, index: int, ops: VcpuOps) -> None:
         self._mpidr = mpidr_for(index)
+        #: The last virtual address the guest's tables did not map (for error messages).
+        self.last_fault: int | None = None
         super().__init__(vm, index, ops)
 
     def _make_engine(self) -> Any:
-        uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+        uc = new_engine(UC_ARCH_ARM64, UC_MODE_ARM)
         uc.ctl_set_cpu_model(A.UC_CPU_ARM64_A72)
         # unicorn 2.1's own AArch64 stage-1 walk faults on valid tables: translate here.
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -184,8 +190,8 @@ class Arm64Vcpu(EmuVcpu):
 
     def power_off(self) -> None:
         self.set_powered(False)
-        if self._in_emu and self.uc is not None:
-            self.uc.emu_stop()
+        if self._in_emu:
+            self._stop_engine()
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -278,7 +284,7 @@ class Arm64Vcpu(EmuVcpu):
     def _error_context(self, pc: int) -> str:
         words = [self._instruction(pc - 4), self._instruction(pc)]
         text = " ".join("?" if w is None else f"{w:08x}" for w in words)
-        fault = getattr(self, "last_fault", None)
+        fault = self.last_fault
         fault_text = f"; no translation for {fault:#x}" if fault is not None else ""
         return f" (instructions at pc-4, pc: {text}{fault_text})"
 

@@ -71,8 +71,15 @@ def _unicorn_version() -> tuple[int, int] | None:
         import unicorn
     except ImportError:
         return None
-    major, minor, _ = unicorn.uc_version()
-    return major, minor
+    major, minor, _ = getattr(unicorn, "uc_version")()  # noqa: B009  (untyped binding)
+    return int(major), int(minor)
+
+
+def new_engine(arch: int, mode: int) -> Any:
+    """A unicorn engine (typed ``Any``: unicorn's Python binding has no type hints)."""
+    import unicorn
+
+    return getattr(unicorn, "Uc")(arch, mode)  # noqa: B009  (untyped binding)
 
 
 class EmuHypervisor(Hypervisor):
@@ -347,7 +354,12 @@ class EmuVcpu(Vcpu):
         """From a hook: end the current ``emu_start`` and make :meth:`run` return this exit."""
         if self._pending is None:
             self._pending = VmExit(reason, detail)
-        self.uc.emu_stop()
+        self._stop_engine()
+
+    def _stop_engine(self) -> None:
+        uc = self.uc
+        if uc is not None:
+            uc.emu_stop()
 
     def halt(self) -> None:
         """From a hook or after a stop: the vCPU waits (HLT, WFI) until woken or a short while."""
@@ -433,20 +445,20 @@ class EmuVcpu(Vcpu):
         """End this vCPU's turn (called by a vCPU waiting for the run token)."""
         self._preempt = True
         if self._in_emu:
-            self.uc.emu_stop()
+            self._stop_engine()
 
     def kick(self) -> None:
         self._kicked = True
         self._wake.set()
         self.vm.token.wake_waiters()
         if self._in_emu and not self._closed:
-            self.uc.emu_stop()
+            self._stop_engine()
             _retry(self._restop, 0.005, tries=200)
 
     def _restop(self) -> bool:
         """Repeat a stop that ``emu_start`` may have swallowed; ``False`` once it is not needed."""
         if self._kicked and self._in_emu and not self._closed:
-            self.uc.emu_stop()
+            self._stop_engine()
             return True
         return False
 

@@ -42,7 +42,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_32, Uc
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_32
 from unicorn import x86_const as X
 
 from vmmkit.hypervisor import ExitReason, VcpuOps
@@ -58,7 +58,7 @@ from vmmkit.x86 import (
     SpecialRegisters,
     StandardRegisters,
 )
-from vmmkit_emu.hypervisor import EmuVcpu, EmuVm
+from vmmkit_emu.hypervisor import EmuVcpu, EmuVm, new_engine
 
 _GPRS = {
     "rax": X.UC_X86_REG_EAX, "rbx": X.UC_X86_REG_EBX, "rcx": X.UC_X86_REG_ECX, "rdx": X.UC_X86_REG_EDX,
@@ -142,7 +142,7 @@ class X86Vcpu(EmuVcpu):
         super().__init__(vm, index, ops)
 
     def _make_engine(self) -> Any:
-        uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc = new_engine(UC_ARCH_X86, UC_MODE_32)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
@@ -231,8 +231,8 @@ class X86Vcpu(EmuVcpu):
             return
         self._wait_for_sipi = True
         self.set_powered(False)
-        if self._in_emu and self.uc is not None:
-            self.uc.emu_stop()
+        if self._in_emu:
+            self._stop_engine()
 
     def receive_sipi(self, vector: int) -> None:
         """STARTUP: a vCPU waiting for it starts in real mode at CS:IP = (vector << 8):0."""
@@ -271,7 +271,7 @@ class X86Vcpu(EmuVcpu):
         segs = {name: Segment(selector=int(uc.reg_read(reg))) for name, reg in _SEGMENTS.items()}
         return SpecialRegisters(
             cs=Segment(selector=int(uc.reg_read(X.UC_X86_REG_CS)), type=0xB),
-            **segs,
+            es=segs["es"], ss=segs["ss"], ds=segs["ds"], fs=segs["fs"], gs=segs["gs"],
             gdt=DescriptorTable(base=gdt[1], limit=gdt[2]),
             idt=DescriptorTable(base=idt[1], limit=idt[2]),
             cr0=int(uc.reg_read(X.UC_X86_REG_CR0)) & 0xFFFF_FFFF,
@@ -325,7 +325,7 @@ class X86Vcpu(EmuVcpu):
                 self._msrs[msr.index] = msr.data
 
     def set_cpuid(self, entries: Sequence[CpuIdEntry]) -> None:
-        self._cpuid = CpuIdTable(entries)
+        self._cpuid = CpuIdTable(tuple(entries))  # type: ignore[arg-type]  # attrs converter
 
     def get_lapic(self) -> bytes:
         with self._lapic_lock:
@@ -359,7 +359,7 @@ def _flags(segment: Segment) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _supported_cpuid() -> tuple[CpuIdEntry, ...]:
-    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc = new_engine(UC_ARCH_X86, UC_MODE_32)
     base = 0x1000
     uc.mem_map(base, 0x1000)
     uc.mem_write(base, b"\x0f\xa2")  # cpuid

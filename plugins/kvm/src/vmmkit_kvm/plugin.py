@@ -84,6 +84,11 @@ def vmmkit_kernel_cmdline(machine: Any, cmdline: str) -> Sequence[str] | None:
     if vm is None:
         return None
     from vmmkit_kvm.quirks import merge_args
+    from vmmkit_kvm.quirks.payload import is_linux_kernel
+
+    kernel = machine.config.payload.kernel
+    if kernel is None or not is_linux_kernel(kernel):
+        return None  # the quirks' parameters are Linux's; other guests keep their command line
 
     tsc_khz = machine.hypervisor.tsc_khz() if hasattr(machine.hypervisor, "tsc_khz") else None
     args = merge_args(cmdline, vm.quirks.kernel_args(tsc_khz))

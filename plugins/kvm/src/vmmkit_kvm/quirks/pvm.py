@@ -62,6 +62,7 @@ log = get_logger()
 MSR_STAR: Final = 0xC0000081
 MSR_LSTAR: Final = 0xC0000082
 RFLAGS_RF: Final = 1 << 16
+RFLAGS_DF: Final = 1 << 10
 PF_VECTOR: Final = 14
 BP_VECTOR: Final = 3
 INT3: Final = 0xCC
@@ -106,6 +107,41 @@ FIXED_ARGS: Final[tuple[str, ...]] = (
     "rodata=off",
     "cryptomgr.notests=1",
 )
+
+
+def trivial_instruction(code: bytes) -> tuple[int, bool] | None:
+    """``(length, clears DF)`` if ``code`` starts with an instruction whose only effect is to
+    advance RIP (a NOP of any encoding, ENDBR64) or to clear DF (CLD); else ``None``."""
+    if code[:1] == b"\x90":
+        return 1, False
+    if code[:2] == b"\x66\x90":
+        return 2, False
+    if code[:1] == b"\xfc":
+        return 1, True
+    if code[:4] == b"\xf3\x0f\x1e\xfa":
+        return 4, False
+    prefixes = 0
+    while code[prefixes : prefixes + 1] == b"\x66" and prefixes < 4:
+        prefixes += 1
+    if code[prefixes : prefixes + 2] != b"\x0f\x1f" or len(code) < prefixes + 3:
+        return None
+    modrm = code[prefixes + 2]
+    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+    if reg != 0:
+        return None
+    length = prefixes + 3
+    if mod != 3 and rm == 4:
+        if len(code) < length + 1:
+            return None
+        base = code[length] & 7
+        length += 1
+        if mod == 0 and base == 5:
+            length += 4
+    if mod == 1:
+        length += 1
+    elif mod == 2 or (mod == 0 and rm == 5):
+        length += 4
+    return (length, False) if length <= len(code) else None
 
 
 class PvmQuirks(HostQuirks):
@@ -161,6 +197,8 @@ class _VcpuQuirkState:
     vcpu: KvmVcpu
     #: The address the hardware breakpoint is on (the page-fault handler), once armed.
     breakpoint: int | None = None
+    #: Single-stepping over the instruction at the breakpoint (the breakpoint is off).
+    stepping: bool = False
     int3: int = 0
     fwait: int = 0
     syscalls: int = 0
@@ -300,6 +338,8 @@ class PvmVm(VmQuirks):
         log.info("kvm.quirks.syscall_repair_armed", vcpu=vcpu.index, page_fault_handler=hex(handler))
 
     def _debug(self, vcpu: KvmVcpu, state: _VcpuQuirkState, info: KvmExitInfo) -> bool:
+        if state.stepping:
+            return self._single_step_done(vcpu, state)
         if state.breakpoint is None or len(info.words) < 2 or info.words[1] != state.breakpoint:
             return False
         regs = vcpu.get_regs()
@@ -315,9 +355,30 @@ class PvmVm(VmQuirks):
                     state.syscalls += 1
                     self._once("kvm.quirks.syscall_repaired", vcpu=vcpu.index, lstar=hex(lstar))
                     return True
-        # A genuine page fault: let the handler run (RF: the breakpoint does not hit again).
-        vcpu.set_regs(evolve(regs, rflags=regs.rflags | RFLAGS_RF))
+        # A genuine page fault: let the handler run. These hosts ignore RF, so the breakpoint
+        # would hit again at once: execute the handler's first instruction here when it is
+        # trivial (Linux's is a patched-out CLAC), else single-step over it.
         state.faults += 1
+        self._step_past(vcpu, state, regs, view)
+        return True
+
+    def _step_past(
+        self, vcpu: KvmVcpu, state: _VcpuQuirkState, regs: StandardRegisters, view: GuestVirtual | None
+    ) -> None:
+        code = None if view is None else view.read(regs.rip, 15)
+        step = trivial_instruction(code or b"")
+        if step is not None:
+            length, clear_df = step
+            rflags = regs.rflags & ~RFLAGS_DF if clear_df else regs.rflags
+            vcpu.set_regs(evolve(regs, rip=regs.rip + length, rflags=rflags))
+            return
+        vcpu.set_guest_debug(single_step=True)
+        state.stepping = True
+
+    def _single_step_done(self, vcpu: KvmVcpu, state: _VcpuQuirkState) -> bool:
+        state.stepping = False
+        assert state.breakpoint is not None
+        vcpu.set_guest_debug(hw_breakpoints=[state.breakpoint])
         return True
 
     @staticmethod

@@ -1,0 +1,472 @@
+"""KVM on AArch64 hosts: VMs, vCPUs and the in-kernel GICv3 (**untested**: written against the
+KVM API documentation, Documentation/virt/kvm/api.rst and devices/arm-vgic-v3.rst; vmmkit's CI
+hosts are x86-64 and cannot run it). Not registered: :class:`vmmkit_kvm.hypervisor.KvmHypervisor`
+is x86-only; on an arm64 host it should hand ``create_vm("aarch64")`` to :class:`KvmArm64Vm`.
+
+Pure Python (``ctypes`` ioctls on the libc, ``struct`` layouts), because the cffi module of this
+plugin is built from the x86 ``<linux/kvm.h>``. The ABI used:
+
+- ``KVM_CREATE_VM`` (type 0: the default 40-bit IPA space), ``KVM_SET_USER_MEMORY_REGION``;
+- ``KVM_CREATE_VCPU``, then ``KVM_ARM_PREFERRED_TARGET`` and ``KVM_ARM_VCPU_INIT`` with the
+  ``KVM_ARM_VCPU_PSCI_0_2`` feature (PSCI 0.2+ served by KVM: CPU_ON, CPU_OFF, AFFINITY_INFO,
+  SYSTEM_OFF/RESET as ``KVM_EXIT_SYSTEM_EVENT``), and ``KVM_ARM_VCPU_POWER_OFF`` for every vCPU
+  but 0, so secondaries wait for the guest's CPU_ON;
+- ``KVM_GET_ONE_REG``/``KVM_SET_ONE_REG`` for the core registers (``KVM_REG_ARM_CORE``: offsets
+  into ``struct kvm_regs``) and system registers (``KVM_REG_ARM64_SYSREG``);
+- the in-kernel GICv3: ``KVM_CREATE_DEVICE`` (``KVM_DEV_TYPE_ARM_VGIC_V3``), the distributor and
+  redistributor bases through ``KVM_DEV_ARM_VGIC_GRP_ADDR``, the number of IRQs, and
+  ``KVM_DEV_ARM_VGIC_CTRL_INIT`` once every vCPU exists (done before the first ``KVM_RUN``);
+- ``KVM_IRQ_LINE`` with ``KVM_ARM_IRQ_TYPE_SPI`` (vmmkit GSIs are GIC INTIDs), irqfds with
+  ``gsi = INTID - 32`` (KVM's default arm64 routing), ioeventfds;
+- ``KVM_RUN`` with ``kvm_run`` mmapped: ``KVM_EXIT_MMIO`` goes to :class:`VcpuOps` (a read's data
+  is written back for KVM to complete on the next run), ``KVM_EXIT_SYSTEM_EVENT`` becomes
+  ``SHUTDOWN``/``RESET``, ``EINTR`` with a pending kick ``INTERRUPTED``.
+
+Known gaps: no MSIs (they need an ITS), kicks use ``immediate_exit`` plus a real-time signal
+(the signal handler must be installed from the main thread: :func:`install_kick_signal`), and
+PSCI SYSTEM_OFF reaches the machine as ``ExitReason.SHUTDOWN``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import platform
+import signal
+import struct
+import threading
+from collections.abc import Sequence
+from typing import Any, ClassVar, Final
+
+from vmmkit.aarch64 import BOOT_PSTATE, CoreRegisters, FirmwareHandler, PowerState, SysReg
+from vmmkit.errors import CapabilityError, HypervisorError
+from vmmkit.hypervisor import Availability, ExitReason, Hypervisor, Vcpu, VcpuOps, Vm, VmExit
+
+# -- ioctl numbers (the generic _IOC encoding arm64 uses) -------------------------------------
+KVMIO: Final = 0xAE
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+KVM_GET_API_VERSION: Final = _ioc(_IOC_NONE, 0x00, 0)
+KVM_CREATE_VM: Final = _ioc(_IOC_NONE, 0x01, 0)
+KVM_CHECK_EXTENSION: Final = _ioc(_IOC_NONE, 0x03, 0)
+KVM_GET_VCPU_MMAP_SIZE: Final = _ioc(_IOC_NONE, 0x04, 0)
+KVM_CREATE_VCPU: Final = _ioc(_IOC_NONE, 0x41, 0)
+KVM_SET_USER_MEMORY_REGION: Final = _ioc(_IOC_WRITE, 0x46, 32)
+KVM_IRQ_LINE: Final = _ioc(_IOC_WRITE, 0x61, 8)
+KVM_IRQFD: Final = _ioc(_IOC_WRITE, 0x76, 32)
+KVM_IOEVENTFD: Final = _ioc(_IOC_WRITE, 0x79, 64)
+KVM_RUN: Final = _ioc(_IOC_NONE, 0x80, 0)
+KVM_GET_MP_STATE: Final = _ioc(_IOC_READ, 0x98, 4)
+KVM_SET_MP_STATE: Final = _ioc(_IOC_WRITE, 0x99, 4)
+KVM_GET_ONE_REG: Final = _ioc(_IOC_WRITE, 0xAB, 16)
+KVM_SET_ONE_REG: Final = _ioc(_IOC_WRITE, 0xAC, 16)
+KVM_ARM_VCPU_INIT: Final = _ioc(_IOC_WRITE, 0xAE, 32)
+KVM_ARM_PREFERRED_TARGET: Final = _ioc(_IOC_READ, 0xAF, 32)
+KVM_CREATE_DEVICE: Final = _ioc(_IOC_READ | _IOC_WRITE, 0xE0, 12)
+KVM_SET_DEVICE_ATTR: Final = _ioc(_IOC_WRITE, 0xE1, 24)
+
+KVM_API_VERSION: Final = 12
+KVM_CAP_USER_MEMORY: Final = 3
+KVM_CAP_IRQFD: Final = 32
+KVM_CAP_IOEVENTFD: Final = 36
+KVM_CAP_ONE_REG: Final = 70
+KVM_CAP_ARM_PSCI_0_2: Final = 102
+KVM_CAP_DEVICE_CTRL: Final = 89
+KVM_CAP_IMMEDIATE_EXIT: Final = 136
+REQUIRED_CAPS: Final = (KVM_CAP_USER_MEMORY, KVM_CAP_ONE_REG, KVM_CAP_ARM_PSCI_0_2, KVM_CAP_DEVICE_CTRL,
+                        KVM_CAP_IMMEDIATE_EXIT)
+
+KVM_ARM_VCPU_POWER_OFF: Final = 0
+KVM_ARM_VCPU_PSCI_0_2: Final = 2
+
+# -- register ids -------------------------------------------------------------------------------
+KVM_REG_ARM64: Final = 0x6000_0000_0000_0000
+KVM_REG_SIZE_U64: Final = 0x0030_0000_0000_0000
+KVM_REG_ARM_CORE: Final = 0x0010 << 16
+KVM_REG_ARM64_SYSREG: Final = 0x0013 << 16
+
+
+def core_reg_id(offset: int) -> int:
+    """The ONE_REG id of the 64-bit field at byte ``offset`` of ``struct kvm_regs``."""
+    return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | (offset // 4)
+
+
+def sys_reg_id(reg: SysReg) -> int:
+    op0, op1, crn, crm, op2 = reg.value
+    return (KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG
+            | (op0 << 14) | (op1 << 11) | (crn << 7) | (crm << 3) | op2)
+
+
+#: struct kvm_regs = { struct user_pt_regs { x[31], sp, pc, pstate }, sp_el1, elr_el1, ... }
+REG_X: Final = tuple(core_reg_id(8 * i) for i in range(31))
+REG_SP: Final = core_reg_id(8 * 31)
+REG_PC: Final = core_reg_id(8 * 32)
+REG_PSTATE: Final = core_reg_id(8 * 33)
+REG_SP_EL1: Final = core_reg_id(8 * 34)
+
+# -- the vGIC -----------------------------------------------------------------------------------
+KVM_DEV_TYPE_ARM_VGIC_V3: Final = 7
+KVM_DEV_ARM_VGIC_GRP_ADDR: Final = 0
+KVM_DEV_ARM_VGIC_GRP_NR_IRQS: Final = 3
+KVM_DEV_ARM_VGIC_GRP_CTRL: Final = 4
+KVM_DEV_ARM_VGIC_CTRL_INIT: Final = 0
+KVM_VGIC_V3_ADDR_TYPE_DIST: Final = 2
+KVM_VGIC_V3_ADDR_TYPE_REDIST: Final = 3
+KVM_ARM_IRQ_TYPE_SPI: Final = 1
+GIC_NR_IRQS: Final = 256  #: INTIDs 0-255: 32 private + 224 SPIs
+
+# -- kvm_run ------------------------------------------------------------------------------------
+KVM_EXIT_UNKNOWN: Final = 0
+KVM_EXIT_MMIO: Final = 6
+KVM_EXIT_FAIL_ENTRY: Final = 9
+KVM_EXIT_INTR: Final = 10
+KVM_EXIT_INTERNAL_ERROR: Final = 17
+KVM_EXIT_SYSTEM_EVENT: Final = 24
+KVM_SYSTEM_EVENT_SHUTDOWN: Final = 1
+KVM_SYSTEM_EVENT_RESET: Final = 2
+RUN_IMMEDIATE_EXIT: Final = 1  #: offset of kvm_run.immediate_exit
+RUN_EXIT_REASON: Final = 8
+RUN_UNION: Final = 32  #: the exit-specific union
+KVM_MP_STATE_RUNNABLE: Final = 0
+KVM_MP_STATE_STOPPED: Final = 5
+
+KICK_SIGNAL: Final = signal.SIGRTMIN + 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+_libc.ioctl.restype = ctypes.c_int
+
+
+def _ioctl(fd: int, request: int, arg: Any = None, name: str = "ioctl") -> int:
+    """One ioctl with the GIL released (ctypes); ``arg`` an int, a ctypes buffer or None."""
+    if isinstance(arg, int):
+        pointer: Any = ctypes.c_void_p(arg)
+    elif arg is None:
+        pointer = None
+    else:
+        pointer = ctypes.cast(arg, ctypes.c_void_p)
+    result = _libc.ioctl(fd, request, pointer)
+    if result < 0:
+        raise HypervisorError(name, ctypes.get_errno())
+    return int(result)
+
+
+def install_kick_signal() -> None:
+    """Install the no-op handler of :data:`KICK_SIGNAL` (main thread only, once): a ``KVM_RUN``
+    interrupted by it returns ``EINTR`` instead of being restarted."""
+    signal.signal(KICK_SIGNAL, lambda *_: None)
+    signal.siginterrupt(KICK_SIGNAL, True)
+
+
+def _host_architectures() -> tuple[str, ...]:
+    return ("aarch64",) if platform.machine() in ("aarch64", "arm64") else ()
+
+
+class KvmArm64Hypervisor(Hypervisor):
+    """KVM on an arm64 host (see the module docstring: untested, not registered)."""
+
+    name: ClassVar[str] = "kvm-arm64"
+    description: ClassVar[str] = "Linux KVM on arm64: in-kernel GICv3 and PSCI (untested)"
+    priority: ClassVar[int] = 11
+    architectures: ClassVar[tuple[str, ...]] = _host_architectures()
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        if _ioctl(self.fd, KVM_GET_API_VERSION, None, "KVM_GET_API_VERSION") != KVM_API_VERSION:
+            os.close(self.fd)
+            raise CapabilityError("KVM_GET_API_VERSION", None, f"expected API version {KVM_API_VERSION}")
+        self.mmap_size = _ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE, None, "KVM_GET_VCPU_MMAP_SIZE")
+
+    @classmethod
+    def is_available(cls) -> Availability:
+        if not cls.architectures:
+            return Availability(False, f"KVM on arm64 needs an arm64 host, not {platform.machine()}")
+        try:
+            fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            return Availability(False, f"/dev/kvm: {exc.strerror}")
+        try:
+            missing = [cap for cap in REQUIRED_CAPS if _ioctl(fd, KVM_CHECK_EXTENSION, cap) <= 0]
+        except HypervisorError as exc:
+            return Availability(False, str(exc))
+        finally:
+            os.close(fd)
+        if missing:
+            return Availability(False, "missing KVM capabilities " + ", ".join(map(str, missing)))
+        return Availability(True)
+
+    def create_vm(self, arch: str = "aarch64") -> KvmArm64Vm:
+        if arch != "aarch64" or not self.architectures:
+            raise CapabilityError("KVM_CREATE_VM", None, f"cannot run {arch} guests on this host")
+        return KvmArm64Vm(_ioctl(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self.mmap_size)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class KvmArm64Vm(Vm):
+    """An arm64 KVM VM; implements :class:`vmmkit.aarch64.Aarch64Vm` (PSCI in the kernel)."""
+
+    firmware_in_hypervisor = True
+    supports_irqfd = True
+    supports_ioeventfd = True
+
+    def __init__(self, fd: int, mmap_size: int) -> None:
+        self.fd = fd
+        self.mmap_size = mmap_size
+        self.vcpus: list[KvmArm64Vcpu] = []
+        self._gic_fd: int | None = None
+        self._gic_layout: tuple[int, int] | None = None
+        self._gic_ready = False
+        self._lock = threading.Lock()
+        self._slots: dict[int, tuple[int, int, int]] = {}
+
+    # Aarch64Vm
+
+    def set_firmware_handler(self, handler: FirmwareHandler | None) -> None:
+        """KVM serves PSCI itself: nothing to install."""
+
+    def set_gic_layout(self, distributor: int, redistributors: int) -> None:
+        self._gic_layout = (distributor, redistributors)
+
+    # memory
+
+    def add_memory_region(self, slot: int, guest_addr: int, size: int, host_addr: int, *,
+                          readonly: bool = False, log_dirty: bool = False) -> None:
+        flags = (2 if readonly else 0) | (1 if log_dirty else 0)
+        region = ctypes.create_string_buffer(struct.pack("<IIQQQ", slot, flags, guest_addr, size, host_addr))
+        _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+        self._slots[slot] = (guest_addr, size, host_addr)
+
+    def remove_memory_region(self, slot: int) -> None:
+        guest_addr, _, host_addr = self._slots.pop(slot)
+        self.add_memory_region(slot, guest_addr, 0, host_addr)
+
+    # vCPUs
+
+    def create_vcpu(self, index: int, ops: VcpuOps) -> KvmArm64Vcpu:
+        if self._gic_ready:
+            raise HypervisorError("KVM_CREATE_VCPU", None, "all vCPUs must exist before the vGIC is initialised")
+        fd = _ioctl(self.fd, KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        try:
+            init = ctypes.create_string_buffer(32)
+            _ioctl(self.fd, KVM_ARM_PREFERRED_TARGET, init, "KVM_ARM_PREFERRED_TARGET")
+            target = struct.unpack_from("<I", init.raw, 0)[0]
+            features = 1 << KVM_ARM_VCPU_PSCI_0_2
+            if index != 0:
+                features |= 1 << KVM_ARM_VCPU_POWER_OFF
+            request = ctypes.create_string_buffer(struct.pack("<I7I", target, features, 0, 0, 0, 0, 0, 0))
+            _ioctl(fd, KVM_ARM_VCPU_INIT, request, "KVM_ARM_VCPU_INIT")
+            vcpu = KvmArm64Vcpu(self, index, fd, ops)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    # interrupts
+
+    def setup_interrupt_controller(self) -> None:
+        """Create the in-kernel GICv3 at the layout given by :meth:`set_gic_layout` (the arch's
+        0x08000000 / 0x080A0000 by default); it is initialised before the first run."""
+        distributor, redistributors = self._gic_layout or (0x0800_0000, 0x080A_0000)
+        device = ctypes.create_string_buffer(struct.pack("<III", KVM_DEV_TYPE_ARM_VGIC_V3, 0, 0))
+        _ioctl(self.fd, KVM_CREATE_DEVICE, device, "KVM_CREATE_DEVICE(vgic-v3)")
+        self._gic_fd = struct.unpack_from("<III", device.raw)[1]
+        self._device_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_DIST, ctypes.c_uint64(distributor))
+        self._device_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST, ctypes.c_uint64(redistributors))
+        self._device_attr(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, ctypes.c_uint32(GIC_NR_IRQS))
+
+    def _device_attr(self, group: int, attr: int, value: Any) -> None:
+        assert self._gic_fd is not None
+        address = ctypes.addressof(value) if value is not None else 0
+        request = ctypes.create_string_buffer(struct.pack("<IIQQ", 0, group, attr, address))
+        _ioctl(self._gic_fd, KVM_SET_DEVICE_ATTR, request, f"KVM_SET_DEVICE_ATTR(group {group}, attr {attr})")
+
+    def finalize(self) -> None:
+        """``KVM_DEV_ARM_VGIC_CTRL_INIT``, once, after the last vCPU was created."""
+        with self._lock:
+            if self._gic_fd is not None and not self._gic_ready:
+                self._device_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT, None)
+            self._gic_ready = True
+
+    def set_irq_line(self, gsi: int, level: bool) -> None:
+        if gsi < 32:
+            raise ValueError(f"GSI {gsi} is not an SPI (INTIDs 32 and up)")
+        request = ctypes.create_string_buffer(struct.pack("<II", (KVM_ARM_IRQ_TYPE_SPI << 24) | gsi, int(level)))
+        _ioctl(self.fd, KVM_IRQ_LINE, request, "KVM_IRQ_LINE")
+
+    def signal_msi(self, address: int, data: int) -> None:
+        raise NotImplementedError("MSIs need a GICv3 ITS, which this backend does not create")
+
+    def register_irqfd(self, fd: int, gsi: int, resample_fd: int | None = None) -> None:
+        self._irqfd(fd, gsi, 0, resample_fd)
+
+    def unregister_irqfd(self, fd: int, gsi: int) -> None:
+        self._irqfd(fd, gsi, 1, None)
+
+    def _irqfd(self, fd: int, gsi: int, flags: int, resample_fd: int | None) -> None:
+        if resample_fd is not None:
+            flags |= 2
+        request = ctypes.create_string_buffer(struct.pack("<IIII16x", fd, gsi - 32, flags, resample_fd or 0))
+        _ioctl(self.fd, KVM_IRQFD, request, "KVM_IRQFD")
+
+    def register_ioeventfd(self, fd: int, addr: int, *, pio: bool, length: int = 0,
+                           datamatch: int | None = None) -> None:
+        self._ioeventfd(fd, addr, pio, length, datamatch, deassign=False)
+
+    def unregister_ioeventfd(self, fd: int, addr: int, *, pio: bool, length: int = 0,
+                             datamatch: int | None = None) -> None:
+        self._ioeventfd(fd, addr, pio, length, datamatch, deassign=True)
+
+    def _ioeventfd(self, fd: int, addr: int, pio: bool, length: int, datamatch: int | None, *,
+                   deassign: bool) -> None:
+        if pio:
+            raise CapabilityError("KVM_IOEVENTFD", None, "arm64 has no port I/O")
+        flags = (1 if datamatch is not None else 0) | (4 if deassign else 0)
+        request = ctypes.create_string_buffer(struct.pack("<QQIiI36x", datamatch or 0, addr, length, fd, flags))
+        _ioctl(self.fd, KVM_IOEVENTFD, request, "KVM_IOEVENTFD")
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        if self._gic_fd is not None:
+            os.close(self._gic_fd)
+            self._gic_fd = None
+        os.close(self.fd)
+
+
+class KvmArm64Vcpu(Vcpu):
+    """An arm64 KVM vCPU; implements :class:`vmmkit.aarch64.Aarch64Vcpu`."""
+
+    def __init__(self, vm: KvmArm64Vm, index: int, fd: int, ops: VcpuOps) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self.ops = ops
+        self.run_area = mmap.mmap(fd, vm.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._kicked = False
+        self._thread: int | None = None
+
+    # ONE_REG
+
+    def _get(self, reg_id: int, name: str = "KVM_GET_ONE_REG") -> int:
+        value = ctypes.c_uint64()
+        request = ctypes.create_string_buffer(struct.pack("<QQ", reg_id, ctypes.addressof(value)))
+        _ioctl(self.fd, KVM_GET_ONE_REG, request, name)
+        return int(value.value)
+
+    def _set(self, reg_id: int, value: int, name: str = "KVM_SET_ONE_REG") -> None:
+        data = ctypes.c_uint64(value & 0xFFFF_FFFF_FFFF_FFFF)
+        request = ctypes.create_string_buffer(struct.pack("<QQ", reg_id, ctypes.addressof(data)))
+        _ioctl(self.fd, KVM_SET_ONE_REG, request, name)
+
+    def get_core_registers(self) -> CoreRegisters:
+        return CoreRegisters(x=tuple(self._get(r) for r in REG_X), sp=self._get(REG_SP_EL1), pc=self._get(REG_PC),
+                             pstate=self._get(REG_PSTATE))
+
+    def set_core_registers(self, regs: CoreRegisters) -> None:
+        for reg_id, value in zip(REG_X, regs.x, strict=True):
+            self._set(reg_id, value)
+        self._set(REG_SP_EL1, regs.sp)
+        self._set(REG_PC, regs.pc)
+        self._set(REG_PSTATE, regs.pstate)
+
+    def get_sys_reg(self, reg: SysReg) -> int:
+        return self._get(sys_reg_id(reg), f"KVM_GET_ONE_REG({reg.name})")
+
+    def set_sys_reg(self, reg: SysReg, value: int) -> None:
+        self._set(sys_reg_id(reg), value, f"KVM_SET_ONE_REG({reg.name})")
+
+    def mpidr(self) -> int:
+        return self.get_sys_reg(SysReg.MPIDR_EL1)
+
+    def power_state(self) -> PowerState:
+        state = ctypes.c_uint32()
+        _ioctl(self.fd, KVM_GET_MP_STATE, ctypes.addressof(state), "KVM_GET_MP_STATE")
+        return PowerState.OFF if state.value == KVM_MP_STATE_STOPPED else PowerState.ON
+
+    def power_on(self, entry: int, context: int) -> None:
+        self.set_core_registers(CoreRegisters(x=(context,), pc=entry, pstate=BOOT_PSTATE))
+        self._set_mp_state(KVM_MP_STATE_RUNNABLE)
+
+    def power_off(self) -> None:
+        self._set_mp_state(KVM_MP_STATE_STOPPED)
+
+    def _set_mp_state(self, value: int) -> None:
+        state = ctypes.c_uint32(value)
+        _ioctl(self.fd, KVM_SET_MP_STATE, ctypes.addressof(state), "KVM_SET_MP_STATE")
+
+    # running
+
+    def run(self) -> VmExit:
+        self.vm.finalize()
+        self._thread = threading.get_ident()
+        area = self.run_area
+        while True:
+            if self._kicked:
+                return VmExit(ExitReason.INTERRUPTED, "kicked")
+            try:
+                _ioctl(self.fd, KVM_RUN, None, "KVM_RUN")
+            except HypervisorError as exc:
+                if exc.errno == 4:  # EINTR: a kick's signal
+                    area[RUN_IMMEDIATE_EXIT] = 0
+                    continue
+                raise
+            reason = struct.unpack_from("<I", area, RUN_EXIT_REASON)[0]
+            if reason == KVM_EXIT_MMIO:
+                self._mmio(area)
+            elif reason == KVM_EXIT_SYSTEM_EVENT:
+                kind = struct.unpack_from("<I", area, RUN_UNION)[0]
+                if kind == KVM_SYSTEM_EVENT_RESET:
+                    return VmExit(ExitReason.RESET, "psci system-reset")
+                return VmExit(ExitReason.SHUTDOWN, "psci system-off" if kind == KVM_SYSTEM_EVENT_SHUTDOWN
+                              else f"system event {kind}")
+            elif reason == KVM_EXIT_INTR:
+                continue
+            elif reason == KVM_EXIT_FAIL_ENTRY:
+                return VmExit(ExitReason.FAIL_ENTRY, "KVM_EXIT_FAIL_ENTRY")
+            elif reason == KVM_EXIT_INTERNAL_ERROR:
+                return VmExit(ExitReason.INTERNAL_ERROR, "KVM_EXIT_INTERNAL_ERROR")
+            else:
+                return VmExit(ExitReason.INTERNAL_ERROR, f"unhandled KVM exit reason {reason}")
+
+    def _mmio(self, area: mmap.mmap) -> None:
+        address, data, length, is_write = struct.unpack_from("<Q8sIB", area, RUN_UNION)
+        if not 1 <= length <= 8:
+            raise HypervisorError("KVM_RUN", None, f"MMIO exit of {length} bytes")
+        if is_write:
+            self.ops.mmio_write(address, data[:length])
+        else:
+            value = self.ops.mmio_read(address, length)
+            area[RUN_UNION + 8 : RUN_UNION + 8 + length] = bytes(value[:length]).ljust(length, b"\xff")
+
+    def kick(self) -> None:
+        self._kicked = True
+        self.run_area[RUN_IMMEDIATE_EXIT] = 1
+        thread = self._thread
+        if thread is not None:
+            try:
+                signal.pthread_kill(thread, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def clear_kick(self) -> None:
+        self._kicked = False
+        self.run_area[RUN_IMMEDIATE_EXIT] = 0
+
+    def close(self) -> None:
+        self.run_area.close()
+        os.close(self.fd)
+
+
+def vcpu_features(index: int) -> Sequence[int]:
+    """The KVM_ARM_VCPU_INIT feature bits vCPU ``index`` is created with (for tests and docs)."""
+    return (KVM_ARM_VCPU_PSCI_0_2,) if index == 0 else (KVM_ARM_VCPU_PSCI_0_2, KVM_ARM_VCPU_POWER_OFF)
