@@ -19,7 +19,7 @@ def is_linux_kernel(path: str | Path) -> bool:
             if header[:4] == b"\x7fELF":
                 return _elf_has_linux_note(image, header)
             return _bzimage_is_linux(image, header)
-    except (OSError, struct.error, ValueError):
+    except (OSError, struct.error, ValueError, IndexError):
         return False
 
 
