@@ -2,7 +2,10 @@
 
 (a) cold start: wall time from spawning the VMM process to the guest's first serial byte;
 (b) the VMM's own resident memory: RSS outside guest RAM (from /proc/<pid>/smaps), measured
-    while the guest spins.
+    while the guest spins;
+(c) warm start: a VMM already running with its API socket (and a VM created through
+    ``vm.create``): time from the ``vm.boot`` request to the guest's first serial byte. QEMU's
+    nearest equivalent is ``-S`` (start paused) then QMP ``cont``, measured the same way.
 
     python bench/launch.py [--runs 10] [--memory 128]
 """
@@ -52,6 +55,65 @@ def time_to_first_byte(cmd: list[str]) -> float:
     finally:
         proc.kill()
         proc.wait()
+
+
+def vmmkit_warm(memory_mib: int, tmp: Path) -> float:
+    from vmmkit.api.client import ApiClient
+
+    sock = tmp / "api.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vmmkit", "--api-socket", f"path={sock}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=ENV)
+    assert proc.stdout is not None
+    try:
+        _wait_for_path(sock)
+        client = ApiClient(str(sock))
+        client.create({"payload": {"kernel": str(GUEST), "cmdline": "hello"}, "memory": {"size": memory_mib << 20},
+                       "serial": {"mode": "Tty"}})
+        start = time.perf_counter()
+        client.boot()
+        return _first_byte(proc, start)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def qemu_warm(memory_mib: int, tmp: Path) -> float:
+    import json
+    import socket
+
+    qmp_path = tmp / "qmp.sock"
+    proc = subprocess.Popen([*qemu_cmd(memory_mib, "hello"), "-S", "-qmp", f"unix:{qmp_path},server=on,wait=off"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        _wait_for_path(qmp_path)
+        qmp = socket.socket(socket.AF_UNIX)
+        qmp.connect(str(qmp_path))
+        reader = qmp.makefile("rb")
+        reader.readline()  # greeting
+        qmp.sendall(json.dumps({"execute": "qmp_capabilities"}).encode())
+        reader.readline()
+        start = time.perf_counter()
+        qmp.sendall(json.dumps({"execute": "cont"}).encode())
+        return _first_byte(proc, start)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_for_path(path: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} never appeared")
+        time.sleep(0.005)
+
+
+def _first_byte(proc: subprocess.Popen[bytes], start: float) -> float:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    if not ready or not os.read(proc.stdout.fileno(), 1):
+        raise RuntimeError("no guest output")
+    return time.perf_counter() - start
 
 
 def rss_outside_guest_ram(cmd: list[str], memory_mib: int) -> int:
@@ -104,13 +166,25 @@ def main() -> int:
         for name, cmd in peers.items():
             cold[name].append(time_to_first_byte(cmd(args.memory, "hello")))
     rss = {name: rss_outside_guest_ram(cmd(args.memory, "test=spin"), args.memory) for name, cmd in peers.items()}
+    warm_runs = {"vmmkit": vmmkit_warm, "qemu microvm": qemu_warm}
+    warm: dict[str, list[float]] = {name: [] for name in peers}
+    import tempfile
+
+    for _ in range(max(3, args.runs // 2)):
+        for name in peers:
+            with tempfile.TemporaryDirectory() as tmp:
+                warm[name].append(warm_runs[name](args.memory, Path(tmp)))
     base = statistics.median(cold.get("qemu microvm", cold["vmmkit"]))
     print(f"launch: test guest {GUEST.name}, {args.memory} MiB, 1 vCPU, {args.runs} runs each (median, min)")
-    print(f"{'VMM':<14} {'first byte ms':>14} {'min ms':>8} {'vs qemu':>8} {'RSS outside RAM':>16}")
+    warm_base = statistics.median(warm.get("qemu microvm", warm["vmmkit"]))
+    print(f"{'VMM':<14} {'cold: first byte ms':>20} {'min ms':>8} {'vs qemu':>8} {'warm: boot->byte ms':>20}"
+          f" {'vs qemu':>8} {'RSS outside RAM':>16}")
     for name in peers:
         median = statistics.median(cold[name]) * 1000
-        print(f"{name:<14} {median:>14.1f} {min(cold[name]) * 1000:>8.1f} {median / (base * 1000):>7.2f}x"
-              f" {rss[name] / 1024:>13.1f} MiB")
+        warm_median = statistics.median(warm[name]) * 1000
+        print(f"{name:<14} {median:>20.1f} {min(cold[name]) * 1000:>8.1f} {median / (base * 1000):>7.2f}x"
+              f" {warm_median:>20.1f} {warm_median / (warm_base * 1000):>7.2f}x {rss[name] / 1024:>13.1f} MiB")
+    print("warm: vmmkit from the vm.boot API request; QEMU from QMP 'cont' of a VM started with -S")
     return 0
 
 
