@@ -576,9 +576,10 @@ class Machine:
         elif self._threads:
             self.request_stop(StopReason.REQUESTED)
             self._join_vcpus()
-        self.event_loop.close()
+        self.event_loop.stop()  # no more callbacks; devices may still unregister their fds
         for placed in self.devices:
             _call(placed.device, "close")
+        self.event_loop.close()
         for line in self._irq_lines.values():
             line.close()
         for vcpu in self.vcpus:

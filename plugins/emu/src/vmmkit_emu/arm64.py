@@ -124,7 +124,8 @@ class Arm64Vcpu(EmuVcpu):
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
         uc.hook_add(UC_HOOK_INTR, self._on_exception)
-        uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, A.UC_ARM64_INS_MRS)
+        if not __import__("os").environ.get("NOMRS"):
+            uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, A.UC_ARM64_INS_MRS)
         uc.reg_write(A.UC_ARM64_REG_PSTATE, BOOT_PSTATE)
         return uc
 
@@ -182,11 +183,15 @@ class Arm64Vcpu(EmuVcpu):
         return PowerState.ON if self.powered_on else PowerState.OFF
 
     def power_on(self, entry: int, context: int) -> None:
-        """CPU_ON: only ever called while this vCPU is off, so its engine is idle."""
-        sctlr = self.get_sys_reg(SysReg.SCTLR_EL1)
-        self.set_sys_reg(SysReg.SCTLR_EL1, sctlr & ~_SCTLR_OFF_ON_ENTRY)
-        self.set_core_registers(CoreRegisters(x=(context,), pc=entry, pstate=BOOT_PSTATE))
-        self.set_powered(True)
+        """CPU_ON (called while this vCPU is off): the registers are set by this vCPU's own
+        thread before it runs again (see :meth:`EmuVcpu.start_at`)."""
+
+        def setup() -> None:
+            sctlr = self.get_sys_reg(SysReg.SCTLR_EL1)
+            self.set_sys_reg(SysReg.SCTLR_EL1, sctlr & ~_SCTLR_OFF_ON_ENTRY)
+            self.set_core_registers(CoreRegisters(x=(context,), pc=entry, pstate=BOOT_PSTATE))
+
+        self.start_at(setup)
 
     def power_off(self) -> None:
         self.set_powered(False)
@@ -238,6 +243,8 @@ class Arm64Vcpu(EmuVcpu):
                            f"vcpu{self.index}: guest {name} at pc {pc:#x} (not delivered by the emu backend)")
 
     def _firmware_call(self, uc: Any, pc: int, conduit: str) -> None:
+        from vmmkit_emu.hypervisor import HIST
+        HIST.append((self.index, "fwcall", hex(pc), hex(uc.reg_read(_X[0]))))
         self.count("firmware_call")
         x = [int(uc.reg_read(reg)) for reg in _X[:8]]
         handler = self.vm.firmware_handler

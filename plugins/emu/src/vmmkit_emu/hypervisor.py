@@ -56,6 +56,8 @@ __all__ = ["EmuHypervisor", "EmuVm", "EmuVcpu", "RunToken", "SLICE", "PHYS_LIMIT
 
 #: Longest turn of a vCPU while another one waits to run.
 SLICE = 0.005
+import collections as _c
+HIST: _c.deque = _c.deque(maxlen=60)
 #: How long a halted vCPU (x86 HLT, AArch64 WFI) sleeps before it resumes after the
 #: instruction when nothing wakes it sooner (no interrupt can: see the module docstring).
 HALT_WAIT = 0.002
@@ -308,6 +310,7 @@ class EmuVcpu(Vcpu):
         self._halted = False
         self._wake = threading.Event()
         self._pending: VmExit | None = None
+        self._start: Callable[[], None] | None = None
         self._counts: collections.Counter[str] = collections.Counter()
         self._closed = False
         self.uc: Any = self._make_engine()
@@ -385,6 +388,16 @@ class EmuVcpu(Vcpu):
             self._halted = False
             self._wake.set()
 
+    def start_at(self, setup: Callable[[], None]) -> None:
+        """Power on, with ``setup`` (register writes) run first by this vCPU's own thread.
+
+        Another vCPU's hook (PSCI CPU_ON, an x86 STARTUP IPI) must not touch this engine
+        while its own engine is executing: unicorn's TCG state is not meant to be used from
+        two engines at once (register values leak between them). So the writes are deferred
+        to the target's thread, which applies them before it next enters the emulator."""
+        self._start = setup
+        self.set_powered(True)
+
     def run(self) -> VmExit:
         while True:
             if self._kicked:
@@ -408,11 +421,17 @@ class EmuVcpu(Vcpu):
             try:
                 if self._kicked or not self._on or self._pending is not None:
                     continue
+                start, self._start = self._start, None
+                if start is not None:
+                    start()
                 self._preempt = False
                 self._in_emu = True
                 try:
                     self._counts["entries"] += 1
-                    self._enter(self._pc())
+                    _pc0 = self._pc()
+                    HIST.append((self.index, "enter", hex(_pc0), self._regsig()))
+                    self._enter(_pc0)
+                    HIST.append((self.index, "exit", hex(self._pc()), self._kicked, self._preempt, self._pending, self._regsig()))
                     stopped_by_us = self._kicked or self._preempt or self._pending is not None
                     if not stopped_by_us:
                         self._stopped_by_engine()
@@ -423,6 +442,13 @@ class EmuVcpu(Vcpu):
                     self._in_emu = False
             finally:
                 self.vm.token.release(self)
+
+    def _regsig(self):
+        try:
+            r = self.get_core_registers()
+            return tuple(hex(x) for x in r.x[19:31]) + (hex(r.sp),)
+        except Exception as e:
+            return str(e)
 
     def _stopped_by_engine(self) -> None:
         """``emu_start`` returned without a kick, preemption or pending exit: a halt
@@ -444,6 +470,7 @@ class EmuVcpu(Vcpu):
     def preempt(self) -> None:
         """End this vCPU's turn (called by a vCPU waiting for the run token)."""
         self._preempt = True
+        HIST.append((self.index, "preempt-req", self._in_emu))
         if self._in_emu:
             self._stop_engine()
 

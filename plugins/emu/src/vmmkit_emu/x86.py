@@ -239,16 +239,19 @@ class X86Vcpu(EmuVcpu):
         if not self._wait_for_sipi:
             return
         self._wait_for_sipi = False
-        uc = self.uc
-        uc.reg_write(X.UC_X86_REG_CR0, 0x6000_0010)
-        uc.msr_write(MSR_EFER, 0)
-        uc.reg_write(X.UC_X86_REG_CR4, 0)
-        uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
-        uc.reg_write(X.UC_X86_REG_CS, vector << 8)
-        for reg in _SEGMENTS.values():
-            uc.reg_write(reg, 0)
-        uc.reg_write(X.UC_X86_REG_EIP, 0)
-        self.set_powered(True)
+
+        def setup() -> None:  # on this vCPU's thread (EmuVcpu.start_at)
+            uc = self.uc
+            uc.reg_write(X.UC_X86_REG_CR0, 0x6000_0010)
+            uc.msr_write(MSR_EFER, 0)
+            uc.reg_write(X.UC_X86_REG_CR4, 0)
+            uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
+            uc.reg_write(X.UC_X86_REG_CS, vector << 8)
+            for reg in _SEGMENTS.values():
+                uc.reg_write(reg, 0)
+            uc.reg_write(X.UC_X86_REG_EIP, 0)
+
+        self.start_at(setup)
 
     # -- X86Vcpu ----------------------------------------------------------------------------
 

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""virtio-blk throughput and latency: vmmkit vs QEMU on the same test guest and the same raw
+image, in the same run.
+
+The guest's ``test=blkbench`` (tests/guests/virtio/blkbench.c) writes then reads
+``--total`` MiB sequentially in ``--size`` KiB requests, at queue depth 1 and ``--qd``, timing
+with the TSC (its rate measured against the CMOS RTC, which neither VMM slows down), and prints
+``selftest: info blkbench: <op> <MiB/s> MiB/s <latency> us (qd <n>, ...)``. Guest ring-0 code
+is emulated here (~1 us per instruction, shared/notes/pvm-host.md), so the guest does little
+per request: the numbers are dominated by exits and the device path, which is the comparison
+we want.
+
+Every combination of
+
+- storage: a 64 MiB image on tmpfs (/dev/shm) and on the repository's file system;
+- cache: ``cached`` (vmmkit's default buffered I/O; QEMU ``cache=writeback``) and ``direct``
+  (vmmkit ``direct=on``; QEMU ``cache=none``, i.e. O_DIRECT);
+- transport: virtio-mmio (vmmkit ``--platform virtio_transport=mmio``; QEMU ``-M microvm``) and
+  virtio-pci (vmmkit ``virtio_transport=pci``; QEMU ``-M q35``, modern-only device)
+
+boots vmmkit and then QEMU (``-accel kvm`` when /dev/kvm opens, else TCG; ``--accel``) on the
+same image, and the table shows MiB/s and mean latency with the ratio vmmkit / QEMU
+(throughput: above 1 is vmmkit faster; latency: below 1 is vmmkit faster).
+
+    python bench/blk.py [--total 32] [--size 64] [--qd 4] [--storage shm,disk]
+                        [--cache cached,direct] [--transport mmio,pci] [--repeat 1]
+
+With the defaults one run boots 16 guests and takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GUESTS = REPO / "tests" / "guests"
+GUEST = GUESTS / "build" / "x86_64" / "selftest.elf"
+sys.path.insert(0, str(REPO / "tests"))
+
+from integration.qemu_peer import VirtioSetup, qemu_virtio_command  # noqa: E402
+
+IMAGE_SIZE = 64 << 20
+MEMORY = "128M"
+LINE = re.compile(r"^selftest: info blkbench: (read|write) ([\d.]+) MiB/s ([\d.]+) us \(qd (\d+),")
+ENV = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+
+Key = tuple[str, int]  # (op, qd)
+
+
+@dataclass
+class Run:
+    """One boot: (op, qd) -> (MiB/s, latency us), or the error."""
+
+    results: dict[Key, tuple[float, float]] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def parse(stdout: str) -> dict[Key, tuple[float, float]]:
+    results = {}
+    for line in stdout.splitlines():
+        if m := LINE.match(line.strip()):
+            results[(m[1], int(m[4]))] = (float(m[2]), float(m[3]))
+    return results
+
+
+def run(argv: list[str], timeout: float) -> Run:
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout,
+                              stdin=subprocess.DEVNULL, env=ENV)
+    except subprocess.TimeoutExpired:
+        return Run(error=f"timed out after {timeout:.0f} s", seconds=time.monotonic() - start)
+    out = Run(parse(proc.stdout), seconds=time.monotonic() - start)
+    fails = [line.strip() for line in proc.stdout.splitlines() if "selftest: FAIL" in line]
+    if fails or "selftest: ok blkbench" not in proc.stdout:
+        tail = (fails or proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
+        out.error = f"exit {proc.returncode}: {tail[:160]}"
+    return out
+
+
+def guest_cmdline(args: argparse.Namespace) -> str:
+    return f"test=blkbench blkbench.total={args.total}M blkbench.size={args.size}K blkbench.qd={args.qd}"
+
+
+def vmmkit_argv(image: Path, cache: str, transport: str, args: argparse.Namespace) -> list[str]:
+    disk = f"path={image}" + (",direct=on" if cache == "direct" else "")
+    return [sys.executable, "-m", "vmmkit", "--kernel", str(GUEST), "--memory", f"size={MEMORY}",
+            "--cmdline", guest_cmdline(args), "--platform", f"virtio_transport={transport}", "--disk", disk,
+            "--serial", "tty"]
+
+
+def qemu_argv(image: Path, cache: str, transport: str, args: argparse.Namespace) -> list[str]:
+    extra = guest_cmdline(args).removeprefix("test=blkbench ")
+    command = qemu_virtio_command(GUEST, ["blkbench"], VirtioSetup(blk_image=image), transport=transport,
+                                  accel=args.accel, memory=MEMORY, extra_cmdline=extra)
+    mode = "cache=none" if cache == "direct" else "cache=writeback"
+    return [arg.replace("cache=writeback", mode) if arg.startswith("file=") else arg for arg in command.argv]
+
+
+def make_image(path: Path) -> None:
+    """IMAGE_SIZE bytes of non-zero data, allocated and on disk (reads hit real blocks)."""
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(IMAGE_SIZE >> 20):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def kvm_usable() -> bool:
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def qemu_version() -> str:
+    try:
+        out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return "?"
+    m = re.search(r"version (\S+)", out)
+    return m[1] if m else "?"
+
+
+def median_run(runs: list[Run]) -> Run:
+    """Per (op, qd), the median over repeats (throughput and latency taken separately)."""
+    ok = [r for r in runs if r.error is None]
+    if not ok:
+        return runs[-1]
+    keys = ok[0].results.keys()
+    return Run({k: (statistics.median(r.results[k][0] for r in ok if k in r.results),
+                    statistics.median(r.results[k][1] for r in ok if k in r.results)) for k in keys},
+               seconds=sum(r.seconds for r in runs))
+
+
+def fmt(value: float | None, width: int, digits: int = 1) -> str:
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--total", type=int, default=32, help="MiB per phase (default 32)")
+    parser.add_argument("--size", type=int, default=64, help="KiB per request (default 64)")
+    parser.add_argument("--qd", type=int, default=4, help="the deeper queue depth (default 4, at most 5)")
+    parser.add_argument("--storage", default="shm,disk", help="shm, disk or both (default)")
+    parser.add_argument("--cache", default="cached,direct", help="cached, direct or both (default)")
+    parser.add_argument("--transport", default="mmio,pci", help="mmio, pci or both (default)")
+    parser.add_argument("--accel", default=None, help="QEMU accelerator (default: kvm if usable, else tcg)")
+    parser.add_argument("--repeat", type=int, default=1, help="boots per configuration and VMM (median)")
+    parser.add_argument("--no-qemu", action="store_true", help="vmmkit alone")
+    args = parser.parse_args()
+    args.accel = args.accel or ("kvm" if kvm_usable() else "tcg")
+    subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
+    peers = ["vmmkit"]
+    if not args.no_qemu:
+        if shutil.which("qemu-system-x86_64"):
+            peers.append("qemu")
+        else:
+            print("qemu-system-x86_64 not found: vmmkit alone", file=sys.stderr)
+    dirs = {"shm": Path("/dev/shm"), "disk": REPO}
+    storages = [s for s in args.storage.split(",") if s]
+    caches = [c for c in args.cache.split(",") if c]
+    transports = [t for t in args.transport.split(",") if t]
+    unknown = (set(storages) - set(dirs)) | (set(caches) - {"cached", "direct"}) | (set(transports) - {"mmio", "pci"})
+    if unknown:
+        parser.error(f"unknown: {', '.join(sorted(unknown))}")
+
+    started = time.monotonic()
+    table: list[tuple[str, str, str, dict[str, Run]]] = []
+    for storage in storages:
+        with tempfile.TemporaryDirectory(prefix=".blkbench-", dir=dirs[storage]) as tmp:
+            image = Path(tmp) / "disk.img"
+            make_image(image)
+            for cache in caches:
+                for transport in transports:
+                    runs: dict[str, list[Run]] = {peer: [] for peer in peers}
+                    for _ in range(args.repeat):  # interleaved, so drift affects both alike
+                        for peer in peers:
+                            argv = (vmmkit_argv if peer == "vmmkit" else qemu_argv)(image, cache, transport, args)
+                            result = run(argv, timeout=120)
+                            runs[peer].append(result)
+                            status = result.error or "ok"
+                            print(f"  {storage:<4} {cache:<6} {transport:<4} {peer:<6} {result.seconds:5.1f} s  {status}",
+                                  file=sys.stderr)
+                    table.append((storage, cache, transport, {peer: median_run(r) for peer, r in runs.items()}))
+
+    qemu_machines = "mmio: microvm, pci: q35"
+    print(f"\nblk: sequential {args.size} KiB requests, {args.total} MiB per phase, guest {GUEST.name} "
+          f"({MEMORY}, 1 vCPU), {args.repeat} boot(s) each; QEMU {qemu_version()} -accel {args.accel} "
+          f"({qemu_machines}); {time.monotonic() - started:.0f} s")
+    print("shm: /dev/shm (tmpfs); disk: the repository's file system; cached: vmmkit buffered / QEMU "
+          "cache=writeback; direct: vmmkit direct=on / QEMU cache=none")
+    header = (f"{'storage':<7} {'cache':<6} {'virtio':<6} {'op':<5} {'qd':>2} | {'vmmkit MiB/s':>12} {'lat us':>8} | "
+              f"{'QEMU MiB/s':>10} {'lat us':>8} | {'MiB/s ratio':>11} {'lat ratio':>9}")
+    print(header)
+    print("-" * len(header))
+    ratios: list[float] = []
+    errors: list[str] = []
+    for storage, cache, transport, result in table:
+        ours, theirs = result["vmmkit"], result.get("qemu")
+        for who, r in result.items():
+            if r.error:
+                errors.append(f"{storage} {cache} {transport} {who}: {r.error}")
+        keys = sorted(set(ours.results) | set(theirs.results if theirs else ()), key=lambda k: (k[1], k[0] != "write"))
+        for key in keys:
+            a = ours.results.get(key)
+            b = theirs.results.get(key) if theirs else None
+            ratio = a[0] / b[0] if a and b and b[0] else None
+            lat_ratio = a[1] / b[1] if a and b and b[1] else None
+            if ratio:
+                ratios.append(ratio)
+            print(f"{storage:<7} {cache:<6} {transport:<6} {key[0]:<5} {key[1]:>2} | "
+                  f"{fmt(a[0] if a else None, 12)} {fmt(a[1] if a else None, 8)} | "
+                  f"{fmt(b[0] if b else None, 10)} {fmt(b[1] if b else None, 8)} | "
+                  f"{fmt(ratio, 10, 2)}x {fmt(lat_ratio, 8, 2)}x")
+        if not keys:
+            print(f"{storage:<7} {cache:<6} {transport:<6} (no results)")
+    if ratios:
+        geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        print(f"geometric mean of the MiB/s ratios (vmmkit / QEMU): {geomean:.2f}x over {len(ratios)} rows")
+    for error in errors:
+        print(f"error: {error}")
+    return 1 if errors and not ratios else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
