@@ -193,9 +193,8 @@ def main() -> int:
                             argv = (vmmkit_argv if peer == "vmmkit" else qemu_argv)(image, cache, transport, args)
                             result = run(argv, timeout=120)
                             runs[peer].append(result)
-                            status = result.error or "ok"
-                            print(f"  {storage:<4} {cache:<6} {transport:<4} {peer:<6} {result.seconds:5.1f} s  {status}",
-                                  file=sys.stderr)
+                            print(f"  {storage:<4} {cache:<6} {transport:<4} {peer:<6} {result.seconds:5.1f} s  "
+                                  f"{result.error or 'ok'}", file=sys.stderr)
                     table.append((storage, cache, transport, {peer: median_run(r) for peer, r in runs.items()}))
 
     qemu_machines = "mmio: microvm, pci: q35"

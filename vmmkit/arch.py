@@ -53,6 +53,8 @@ class Architecture(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: Where virtio devices go unless the configuration says (``--platform virtio_transport=``).
+    default_virtio_transport: ClassVar[str] = "pci"
 
     @abstractmethod
     def memory_layout(self, config: VmConfig) -> MemoryLayout:

@@ -1606,7 +1606,9 @@ class PlatformConfig(_Config):
     sev_snp: bool = attrs.field(default=False, validator=_is_bool)
     iommufd: bool = attrs.field(default=False, validator=_is_bool)
     vfio_p2p_dma: bool = attrs.field(default=True, validator=_is_bool)
-    virtio_transport: str = attrs.field(default="pci", validator=_choice(*TRANSPORTS), metadata=_EXTENSION)
+    virtio_transport: str | None = attrs.field(
+        default=None, validator=_choice(*TRANSPORTS, optional=True), metadata=_EXTENSION
+    )
 
     _CLI_KEYS: ClassVar[Mapping[str, str]] = {"iommu_address_width_bits": "iommu_address_width"}
     _JSON_ALIASES: ClassVar[Mapping[str, str]] = {
@@ -1879,7 +1881,7 @@ class VmConfig(_Config):
     @property
     def virtio_transport(self) -> str:
         """The VM's default virtio transport (``PlatformConfig.virtio_transport``, else pci)."""
-        return self.platform.virtio_transport if self.platform else "pci"
+        return (self.platform.virtio_transport if self.platform else None) or "pci"
 
     def transport_of(self, device: Any) -> str:
         """How a virtio device config attaches: its ``transport``, else the VM default."""

@@ -33,7 +33,8 @@ class VcpuOps(Protocol):
 
 class ExitReason(enum.Enum):
     HLT = "hlt"  #: the vCPU halted and the backend does not park it itself
-    SHUTDOWN = "shutdown"  #: triple fault, or the guest asked the hypervisor to power off
+    SHUTDOWN = "shutdown"  #: triple fault (the guest can no longer run)
+    POWER_OFF = "power-off"  #: the guest asked the hypervisor to power off (PSCI SYSTEM_OFF)
     RESET = "reset"  #: the guest asked for a reset
     INTERRUPTED = "interrupted"  #: :meth:`Vcpu.kick` made the vCPU leave the guest
     DEBUG = "debug"  #: a guest-debug breakpoint or single step

@@ -393,6 +393,8 @@ class Machine:
                 self._stop.wait(0.001)
             elif reason is ExitReason.SHUTDOWN:
                 self.request_stop(StopReason.TRIPLE_FAULT, exit_.detail or f"vcpu{position} triple fault")
+            elif reason is ExitReason.POWER_OFF:
+                self.request_stop(StopReason.POWER_OFF, exit_.detail or "guest power-off")
             elif reason is ExitReason.RESET:
                 self.request_reset(exit_.detail or "guest")
             elif reason in (ExitReason.INTERNAL_ERROR, ExitReason.FAIL_ENTRY):

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 #: Entry-point names (group ``vmmkit``) of the plugins that ship with vmmkit.
-BUILTIN_PLUGINS = ("kvm", "mshv", "x86_64", "aarch64", "devices")
+BUILTIN_PLUGINS = ("kvm", "mshv", "emu", "x86_64", "aarch64", "devices")
 
 MARKERS = {
     "requires_kvm": "needs a usable /dev/kvm (skipped with the reason otherwise)",

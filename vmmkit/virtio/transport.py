@@ -41,7 +41,7 @@ _PLACEMENT_TRIES = 64
 
 def attach_virtio(machine: Machine, device: VirtioDevice, request: DeviceRequest) -> PlacedDevice:
     """Put ``device`` behind the transport ``request`` (or the VM) asks for."""
-    transport = request.transport or default_transport(machine.config)
+    transport = request.transport or default_transport(machine.config, machine.arch)
     if transport == "mmio":
         return attach_virtio_mmio(machine, device, request)
     if transport == "pci":
@@ -50,11 +50,14 @@ def attach_virtio(machine: Machine, device: VirtioDevice, request: DeviceRequest
                       f"(known: {', '.join(TRANSPORTS)})")
 
 
-def default_transport(config: Any) -> str:
-    """The VM's default virtio transport: ``config.platform.virtio_transport``, else ``"pci"``."""
+def default_transport(config: Any, arch: Any = None) -> str:
+    """The VM's default virtio transport: ``config.platform.virtio_transport``, else the
+    architecture's default, else ``"pci"``."""
     platform = getattr(config, "platform", None)
     transport = getattr(platform, "virtio_transport", None)
-    return transport if isinstance(transport, str) and transport else "pci"
+    if isinstance(transport, str) and transport:
+        return transport
+    return str(getattr(arch, "default_virtio_transport", "pci"))
 
 
 def device_mmio_allocator(machine: Machine) -> AddressAllocator:

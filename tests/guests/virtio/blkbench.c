@@ -4,7 +4,8 @@
  * queue depth 1, then write and read at queue depth blkbench.qd (default 4,
  * at most 5; 0 or 1 leaves them out). Each moves blkbench.total bytes (default 32M) in
  * requests of blkbench.size bytes (default 64K, a multiple of 512), at
- * sectors 0, size/512, ... wrapping at the end of the disk. Each phase ends
+ * sectors 0, size/512, ... wrapping at the end of the disk, after an
+ * unreported warm-up (4 MiB written and read at depth 1). Each phase ends
  * with one line
  *
  *	selftest: info blkbench: <read|write> <MiB/s> MiB/s <latency> us (qd <n>, <k> KiB x <count>)
@@ -40,6 +41,7 @@
 #define SECTOR		512
 #define MAX_QD		5		/* 3 descriptors each, in 16 */
 #define MAX_SIZE	(1u << 20)
+#define WARMUP		(4u << 20)	/* bytes written and read before measuring */
 #define VIRTQ_USED_F_NO_NOTIFY 1
 
 struct slot {
@@ -104,8 +106,9 @@ struct phase {
 	u64 requests, span;	/* span: sectors used, a multiple of size / 512 */
 };
 
-/* One phase; NULL or an error. */
-static const char *run_phase(struct virtio_dev *d, u64 buffers, const struct phase *p, u64 hz)
+/* One phase; NULL or an error. Prints its line unless quiet (warm-up). */
+static const char *run_phase(struct virtio_dev *d, u64 buffers, const struct phase *p, u64 hz,
+			     bool quiet)
 {
 	static char msg[96];
 	struct virtq *q = &d->vq[0];
@@ -179,6 +182,8 @@ static const char *run_phase(struct virtio_dev *d, u64 buffers, const struct pha
 	t_end = arch_cycles();
 	q->avail_idx = avail;
 	q->last_used = used;
+	if (quiet)
+		return NULL;
 
 	/* MiB/s * 10 = bytes * 10 / 2^20 / (cycles / hz); us * 10 = cycles * 10^7 / hz / n */
 	decimal(mibs, sizeof(mibs), p->requests * p->size * 10 / 1024 * hz / (t_end - t_begin) / 1024);
@@ -244,11 +249,23 @@ static void run_blkbench(void)
 	}
 	info("blkbench", "%s, %llu sectors, %llu MiB per phase", d->where,
 	     (unsigned long long)cap, (unsigned long long)(p.requests * size >> 20));
+	/* Warm-up, not reported: the first requests pay for start-up work (threads, caches). */
+	p.qd = 1;
+	p.requests = (WARMUP < total ? WARMUP : total) / size;
+	for (int w = 1; w >= 0 && p.requests; w--) {
+		p.write = w;
+		err = run_phase(d, buffers, &p, hz, true);
+		if (err) {
+			report_fail("blkbench", "warm-up %s: %s", w ? "write" : "read", err);
+			goto out;
+		}
+	}
+	p.requests = total / size;
 	for (unsigned depth = 1; depth <= qd; depth = depth == 1 && qd > 1 ? qd : qd + 1) {
 		for (int w = 1; w >= 0; w--) {
 			p.write = w;
 			p.qd = depth;
-			err = run_phase(d, buffers, &p, hz);
+			err = run_phase(d, buffers, &p, hz, false);
 			if (err) {
 				report_fail("blkbench", "%s qd %u: %s", w ? "write" : "read", depth, err);
 				goto out;

@@ -18,6 +18,10 @@
  *					nothing used ("(status 0x<s>)")
  *	none				neither within the wait
  * and a used chain with DEVICE_NEEDS_RESET also set says ", NEEDS_RESET".
+ * Two scenarios say something else: reset-in-flight ("reset" once the device
+ * reads status 0 after a reset written right behind a notification, else
+ * "still-running") and features-unoffered ("FEATURES_OK-refused" or
+ * "-accepted" when the driver asks for every feature bit).
  * Scenarios that need something absent say "skipped (<why>)".
  *
  * After each scenario the device is reset and must start again and serve a
@@ -89,6 +93,7 @@ struct ctx {
 	u64 own_mmio;		/* the device's own register window */
 	u64 scratch;		/* SCRATCH_SIZE bytes of free RAM, or 0 */
 	bool uses_status;	/* the outcome reads io->status */
+	const char *result;	/* set by a scenario that reports its own outcome */
 };
 
 struct scenario {
@@ -307,11 +312,24 @@ static const char *avail_idx_jump(struct ctx *c)
 
 static const char *notify_bad_queue(struct ctx *c)
 {
-	/* A valid request, but the notification names queue 7 (none). */
+	/*
+	 * A valid request, but the notification names queue 7 (none). One
+	 * properly notified request first, so that no notification of queue 0
+	 * (e.g. one a device gives itself at DRIVER_OK) is still pending.
+	 */
 	struct virtq *q = c->q;
+	struct vbuf b[3];
+	const char *err;
 
+	header(c, T_IN, 0);
+	b[0] = (struct vbuf){ &c->io->hdr, sizeof(c->io->hdr), false };
+	b[1] = (struct vbuf){ c->io->data, SECTOR, true };
+	b[2] = (struct vbuf){ &c->io->status, 1, true };
+	err = virtq_transfer(q, b, 3, NULL, 5);
+	if (err)
+		return err;
 	read_chain(c, q->desc, 0);
-	q->avail->ring[0] = 0;
+	q->avail->ring[q->avail_idx % q->size] = 0;
 	dma_wmb();
 	WRITE_ONCE(q->avail->idx, ++q->avail_idx);
 	dma_mb();
@@ -378,6 +396,26 @@ static const char *indirect_loop(struct ctx *c)
 	return indirect(c, 3 * 16, F_INDIRECT);
 }
 
+static const char *indirect_too_many(struct ctx *c)
+{
+	/* 1100 descriptors (more than the 1024 segments of Linux's and QEMU's limits):
+	 * header, 1098 device-writable 512-byte buffers (all the same sector's worth of
+	 * scratch RAM), status. */
+	struct virtq_desc *t = phys(c->scratch);
+	u16 n = 1100;
+
+	if (!c->scratch)
+		return "no free RAM for the table";
+	header(c, T_IN, 0);
+	put(t, 0, A(&c->io->hdr), sizeof(c->io->hdr), F_NEXT, 1);
+	for (u16 i = 1; i < n - 1; i++)
+		put(t, i, c->scratch + 65536, SECTOR, F_NEXT | F_WRITE, i + 1);
+	put(t, n - 1, A(&c->io->status), 1, F_WRITE, 0);
+	put(c->q->desc, 0, c->scratch, n * 16, F_INDIRECT, 0);
+	submit(c, 0);
+	return NULL;
+}
+
 static const char *blk_rw(struct ctx *c, u32 type, u64 sector, u32 len)
 {
 	header(c, type, sector);
@@ -412,6 +450,46 @@ static const char *partial_sector(struct ctx *c)
 static const char *unknown_type(struct ctx *c)
 {
 	return blk_rw(c, 0x7fff, 0, SECTOR);
+}
+
+static const char *reset_in_flight(struct ctx *c)
+{
+	/* A valid read, and the device reset right after the notification. */
+	static char msg[64];
+	struct virtio_dev *d = c->d;
+	struct timeout t;
+	u8 st;
+
+	read_chain(c, c->q->desc, 0);
+	submit(c, 0);
+	d->transport->set_status(d, 0);
+	timeout_start(&t, 1);
+	while ((st = d->transport->get_status(d)) && !timeout_expired(&t))
+		arch_cpu_relax();
+	snprintf(msg, sizeof(msg), "%s (status 0x%x after the reset)", st ? "still-running" : "reset", st);
+	c->result = msg;
+	return NULL;
+}
+
+static const char *features_unoffered(struct ctx *c)
+{
+	/* Every feature bit, offered or not: FEATURES_OK must not stick. */
+	static char msg[64];
+	struct virtio_dev *d = c->d;
+	const struct virtio_transport *t = d->transport;
+	u8 s = VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER;
+
+	virtio_reset(d);
+	t->set_status(d, VIRTIO_S_ACKNOWLEDGE);
+	t->set_status(d, s);
+	t->set_features(d, 0, 0xffffffff);
+	t->set_features(d, 1, 0xffffffff);
+	t->set_status(d, s | VIRTIO_S_FEATURES_OK);
+	s = t->get_status(d);
+	snprintf(msg, sizeof(msg), "%s (status 0x%x)",
+		 s & VIRTIO_S_FEATURES_OK ? "FEATURES_OK-accepted" : "FEATURES_OK-refused", s);
+	c->result = msg;
+	return NULL;
 }
 
 /* The status handshake of virtio_start, with queue 0 placed as told. */
@@ -523,11 +601,14 @@ static const struct scenario scenarios[] = {
 	BLK("indirect-bad-len", indirect_bad_len, VIRTIO_F_INDIRECT_DESC),
 	BLK("indirect-with-next", indirect_with_next, VIRTIO_F_INDIRECT_DESC),
 	BLK("indirect-loop", indirect_loop, VIRTIO_F_INDIRECT_DESC),
+	BLK("indirect-too-many", indirect_too_many, VIRTIO_F_INDIRECT_DESC),
 	BLK("past-capacity-read", past_capacity_read, 0),
 	BLK("past-capacity-write", past_capacity_write, 0),
 	BLK("sector-overflow-write", sector_overflow_write, 0),
 	BLK("partial-sector", partial_sector, 0),
 	BLK("unknown-type", unknown_type, 0),
+	BLK("reset-in-flight", reset_in_flight, 0),
+	{ "features-unoffered", VIRTIO_ID_BLOCK, 0, 1, features_unoffered, true },
 	{ "ring-outside-ram", VIRTIO_ID_BLOCK, 0, 1, ring_outside_ram, true },
 	{ "ring-size-not-pow2", VIRTIO_ID_BLOCK, 0, 1, ring_size_not_pow2, true },
 	{ "rng-readonly-buffer", VIRTIO_ID_RNG, 0, 1, rng_readonly_buffer, false },
@@ -796,6 +877,7 @@ static void run_hostile(void)
 		c.d = d;
 		c.own_mmio = d->base ? d->base : d->common;
 		c.uses_status = false;
+		c.result = NULL;
 		if (!s->manual_start) {
 			err = virtio_start(d, default_features(s->device) | s->features, s->queues);
 			if (err) {
@@ -810,11 +892,7 @@ static void run_hostile(void)
 				continue;
 			}
 		}
-		c.q = &d->vq[0];
-		if (!c.q->page) {	/* a manual start needs the ring page */
-			virtio_start(d, 0, s->queues);
-			c.q = &d->vq[0];
-		}
+		c.q = &d->vq[0];	/* its ring page exists: blk was started above */
 		err = s->run(&c);
 		if (err) {
 			info(what, "skipped (%s)", err);
@@ -822,7 +900,10 @@ static void run_hostile(void)
 			continue;
 		}
 		ran++;
-		outcome(&c, out, sizeof(out));
+		if (c.result)
+			strlcpy(out, c.result, sizeof(out));
+		else
+			outcome(&c, out, sizeof(out));
 		info(what, "%s", out);
 		virtio_reset(d);
 		err = valid_request(&c);

@@ -25,13 +25,6 @@ GUESTS = Path(__file__).resolve().parents[2] / "guests"
 
 
 @pytest.fixture
-def vmmkit_plugins(vmmkit_builtin_plugins: list[Any]) -> list[Any]:
-    import vmmkit_emu.plugin
-
-    return [*vmmkit_builtin_plugins, vmmkit_emu.plugin]
-
-
-@pytest.fixture
 def guest_arch(request: pytest.FixtureRequest) -> str:
     return str(getattr(request.module, "GUEST_ARCH", "x86_64"))
 

@@ -147,7 +147,7 @@ def test_exit_translation() -> None:
     assert "emulation failure" in exit_.detail and "instruction cd 80" in exit_.detail
     assert info.instruction == b"\xcd\x80"
     assert _translate(bindings.RawExit(E.SYSTEM_EVENT, 24, (2,)))[0].reason is ExitReason.RESET
-    assert _translate(bindings.RawExit(E.SYSTEM_EVENT, 24, (1,)))[0].reason is ExitReason.SHUTDOWN
+    assert _translate(bindings.RawExit(E.SYSTEM_EVENT, 24, (1,)))[0].reason is ExitReason.POWER_OFF
     fail = _translate(bindings.RawExit(E.FAIL_ENTRY, 9, (0x80000021, 1)))[0]
     assert fail.reason is ExitReason.FAIL_ENTRY and "0x80000021" in fail.detail
     bad = _translate(bindings.RawExit(E.BAD_RUN, 2, (1, 3, 2, 99999)))[0]

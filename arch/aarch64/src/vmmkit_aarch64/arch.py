@@ -61,6 +61,8 @@ def platform_devices(config: Any) -> list[DeviceRequest]:
 class Aarch64(Architecture):
     name: ClassVar[str] = "aarch64"
     description: ClassVar[str] = "AArch64 virt: arm64 Image, device tree, PSCI 1.0, PL011, PL031, virtio-mmio"
+    #: The device tree describes no PCI host yet.
+    default_virtio_transport: ClassVar[str] = "mmio"
 
     def __init__(self) -> None:
         self.psci = Psci()

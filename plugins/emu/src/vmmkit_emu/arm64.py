@@ -4,10 +4,12 @@ and :class:`vmmkit.aarch64.Aarch64Vm` protocols.
 Firmware calls
     Without EL2/EL3, unicorn reports ``hvc``/``smc`` as an undefined instruction (interrupt
     hook, exception 1) with the PC at the instruction. The hook reads the instruction (walking
-    the guest's stage-1 tables when its MMU is on: 4 KiB granule only), and for ``hvc #0`` /
-    ``smc #0`` hands x0-x7 to the VM's :class:`vmmkit.aarch64.FirmwareHandler` (the architecture's
-    PSCI), writes the answer to x0-x3 and steps past the instruction. Without a handler, or when
-    it declines, x0 = SMCCC_NOT_SUPPORTED.
+    the guest's stage-1 tables when its MMU is on: 4 KiB granule only) and stops the engine;
+    then, outside the emulator, ``hvc #0`` / ``smc #0`` hands x0-x7 to the VM's
+    :class:`vmmkit.aarch64.FirmwareHandler` (the architecture's PSCI), writes the answer to
+    x0-x3 and steps past the instruction. Without a handler, or when it declines, x0 =
+    SMCCC_NOT_SUPPORTED. (Registers are never written inside an interrupt hook: such writes
+    race with an ``emu_stop`` from another thread, after which unicorn resumes from a stale PC.)
 
 Address translation
     unicorn 2.1's own AArch64 stage-1 walk (``UC_TLB_CPU``) faults on valid tables, so the engine
@@ -124,8 +126,7 @@ class Arm64Vcpu(EmuVcpu):
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
         uc.hook_add(UC_HOOK_INTR, self._on_exception)
-        if not __import__("os").environ.get("NOMRS"):
-            uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, A.UC_ARM64_INS_MRS)
+        uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, A.UC_ARM64_INS_MRS)
         uc.reg_write(A.UC_ARM64_REG_PSTATE, BOOT_PSTATE)
         return uc
 
@@ -221,30 +222,36 @@ class Arm64Vcpu(EmuVcpu):
         return False
 
     def _on_exception(self, uc: Any, intno: int, _: Any) -> None:
+        # Nothing is written here: a register or PC write in this hook races with an
+        # emu_stop from another thread (a kick or the end of a turn) and unicorn may then
+        # resume from a stale PC with the new registers. The work is deferred to run(),
+        # after the engine stopped (EmuVcpu.defer); the PC stays at the trapping instruction.
         pc = int(uc.reg_read(A.UC_ARM64_REG_PC))
         if intno == EXCP_UDEF:
             insn = self._instruction(pc)
             if insn is not None and insn & _HVC_MASK in (_HVC, _SMC) and (insn >> 5) & 0xFFFF == 0:
-                self._firmware_call(uc, pc, "hvc" if insn & _HVC_MASK == _HVC else "smc")
+                conduit = "hvc" if insn & _HVC_MASK == _HVC else "smc"
+                self.defer(lambda: self._firmware_call(self.uc, pc, conduit))
                 return
             self.count("undefined")
             what = "undefined instruction" if insn is None else f"undefined instruction {insn:#010x}"
-            self._deliver(EC_UNKNOWN, 0, pc, what=what)
+            self.defer(lambda: self._deliver(EC_UNKNOWN, 0, pc, what=what))
         elif intno == EXCP_SWI:
             # The PC is already past the SVC (its preferred return address).
             insn = self._instruction(pc - 4)
-            self._deliver(EC_SVC64, (insn >> 5) & 0xFFFF if insn is not None else 0, pc, what="svc")
+            iss = (insn >> 5) & 0xFFFF if insn is not None else 0
+            self.defer(lambda: self._deliver(EC_SVC64, iss, pc, what="svc"))
         elif intno == EXCP_BKPT:
             insn = self._instruction(pc)
-            self._deliver(EC_BRK64, (insn >> 5) & 0xFFFF if insn is not None else 0, pc, what="brk")
+            iss = (insn >> 5) & 0xFFFF if insn is not None else 0
+            self.defer(lambda: self._deliver(EC_BRK64, iss, pc, what="brk"))
         else:
             name = _EXCEPTION_NAMES.get(intno, f"exception {intno}")
             self.stop_with(ExitReason.INTERNAL_ERROR,
                            f"vcpu{self.index}: guest {name} at pc {pc:#x} (not delivered by the emu backend)")
 
     def _firmware_call(self, uc: Any, pc: int, conduit: str) -> None:
-        from vmmkit_emu.hypervisor import HIST
-        HIST.append((self.index, "fwcall", hex(pc), hex(uc.reg_read(_X[0]))))
+        """Serve the ``hvc``/``smc`` at ``pc`` (on this vCPU's thread, the engine stopped)."""
         self.count("firmware_call")
         x = [int(uc.reg_read(reg)) for reg in _X[:8]]
         handler = self.vm.firmware_handler
@@ -256,8 +263,6 @@ class Arm64Vcpu(EmuVcpu):
         for reg, value in zip(_X, list(result)[:4], strict=False):
             uc.reg_write(reg, value & 0xFFFF_FFFF_FFFF_FFFF)
         uc.reg_write(A.UC_ARM64_REG_PC, pc + 4)
-        if not self.powered_on or self.kicked:
-            uc.emu_stop()
 
     def _deliver(self, ec: int, iss: int, elr: int, *, what: str) -> None:
         """Take a synchronous exception to EL1 through VBAR_EL1."""

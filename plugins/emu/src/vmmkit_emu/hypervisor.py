@@ -19,6 +19,13 @@ Taking turns
     slice before the holder can release it (Linux spinlocks still work, slowly). Halted and
     powered-off vCPUs do not take turns.
 
+Hooks
+    Hooks write no registers that steer execution: a PC write inside a hook races with an
+    ``emu_stop`` from another thread (unicorn then resumes from a stale PC with the new
+    registers), so such work is deferred to the vCPU's thread after the engine stopped
+    (:meth:`EmuVcpu.defer`), and a vCPU never writes another vCPU's engine
+    (:meth:`EmuVcpu.start_at`).
+
 Stopping
     :meth:`EmuVcpu.kick` sets a flag and calls ``emu_stop`` from the calling thread; a stop
     that races with the vCPU entering ``emu_start`` (which clears unicorn's stop request) is
@@ -56,8 +63,6 @@ __all__ = ["EmuHypervisor", "EmuVm", "EmuVcpu", "RunToken", "SLICE", "PHYS_LIMIT
 
 #: Longest turn of a vCPU while another one waits to run.
 SLICE = 0.005
-import collections as _c
-HIST: _c.deque = _c.deque(maxlen=60)
 #: How long a halted vCPU (x86 HLT, AArch64 WFI) sleeps before it resumes after the
 #: instruction when nothing wakes it sooner (no interrupt can: see the module docstring).
 HALT_WAIT = 0.002
@@ -311,6 +316,7 @@ class EmuVcpu(Vcpu):
         self._wake = threading.Event()
         self._pending: VmExit | None = None
         self._start: Callable[[], None] | None = None
+        self._deferred: Callable[[], None] | None = None
         self._counts: collections.Counter[str] = collections.Counter()
         self._closed = False
         self.uc: Any = self._make_engine()
@@ -363,6 +369,13 @@ class EmuVcpu(Vcpu):
         uc = self.uc
         if uc is not None:
             uc.emu_stop()
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """From a hook: stop the engine and run ``work`` on this vCPU's thread once it has
+        stopped (before it runs guest code again). For hooks that must change registers or
+        the PC: doing it inside the hook races with a concurrent ``emu_stop``."""
+        self._deferred = work
+        self._stop_engine()
 
     def halt(self) -> None:
         """From a hook or after a stop: the vCPU waits (HLT, WFI) until woken or a short while."""
@@ -428,12 +441,11 @@ class EmuVcpu(Vcpu):
                 self._in_emu = True
                 try:
                     self._counts["entries"] += 1
-                    _pc0 = self._pc()
-                    HIST.append((self.index, "enter", hex(_pc0), self._regsig()))
-                    self._enter(_pc0)
-                    HIST.append((self.index, "exit", hex(self._pc()), self._kicked, self._preempt, self._pending, self._regsig()))
-                    stopped_by_us = self._kicked or self._preempt or self._pending is not None
-                    if not stopped_by_us:
+                    self._enter(self._pc())
+                    deferred, self._deferred = self._deferred, None
+                    if deferred is not None:
+                        deferred()
+                    elif not (self._kicked or self._preempt or self._pending is not None):
                         self._stopped_by_engine()
                 except Exception as exc:  # unicorn errors: unmapped fetch, invalid instruction...
                     if self._pending is None:
@@ -442,13 +454,6 @@ class EmuVcpu(Vcpu):
                     self._in_emu = False
             finally:
                 self.vm.token.release(self)
-
-    def _regsig(self):
-        try:
-            r = self.get_core_registers()
-            return tuple(hex(x) for x in r.x[19:31]) + (hex(r.sp),)
-        except Exception as e:
-            return str(e)
 
     def _stopped_by_engine(self) -> None:
         """``emu_start`` returned without a kick, preemption or pending exit: a halt
@@ -470,7 +475,6 @@ class EmuVcpu(Vcpu):
     def preempt(self) -> None:
         """End this vCPU's turn (called by a vCPU waiting for the run token)."""
         self._preempt = True
-        HIST.append((self.index, "preempt-req", self._in_emu))
         if self._in_emu:
             self._stop_engine()
 

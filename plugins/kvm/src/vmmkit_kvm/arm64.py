@@ -24,7 +24,7 @@ plugin is built from the x86 ``<linux/kvm.h>``. The ABI used:
 
 Known gaps: no MSIs (they need an ITS), kicks use ``immediate_exit`` plus a real-time signal
 (the signal handler must be installed from the main thread: :func:`install_kick_signal`), and
-PSCI SYSTEM_OFF reaches the machine as ``ExitReason.SHUTDOWN``.
+PSCI SYSTEM_OFF reaches the machine as ``ExitReason.POWER_OFF``.
 """
 
 from __future__ import annotations
@@ -427,8 +427,9 @@ class KvmArm64Vcpu(Vcpu):
                 kind = struct.unpack_from("<I", area, RUN_UNION)[0]
                 if kind == KVM_SYSTEM_EVENT_RESET:
                     return VmExit(ExitReason.RESET, "psci system-reset")
-                return VmExit(ExitReason.SHUTDOWN, "psci system-off" if kind == KVM_SYSTEM_EVENT_SHUTDOWN
-                              else f"system event {kind}")
+                if kind == KVM_SYSTEM_EVENT_SHUTDOWN:
+                    return VmExit(ExitReason.POWER_OFF, "psci system-off")
+                return VmExit(ExitReason.SHUTDOWN, f"system event {kind}")
             elif reason == KVM_EXIT_INTR:
                 continue
             elif reason == KVM_EXIT_FAIL_ENTRY:

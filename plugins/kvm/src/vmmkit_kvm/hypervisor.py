@@ -593,7 +593,8 @@ def _translate(raw: RawExit) -> tuple[VmExit, KvmExitInfo]:
     elif code == ExitCode.SYSTEM_EVENT:
         kind = words[0] if words else 0
         name = _SYSTEM_EVENT_NAMES.get(kind, f"type {kind}")
-        reason = ExitReason.RESET if kind == bindings.SYSTEM_EVENT_RESET else ExitReason.SHUTDOWN
+        reason = {bindings.SYSTEM_EVENT_RESET: ExitReason.RESET,
+                  bindings.SYSTEM_EVENT_SHUTDOWN: ExitReason.POWER_OFF}.get(kind, ExitReason.SHUTDOWN)
         detail = f"system event: {name}"
         if len(words) > 1:
             detail += " data " + " ".join(f"{w:#x}" for w in words[1:])
