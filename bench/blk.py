@@ -25,7 +25,9 @@ same image, and the table shows MiB/s and mean latency with the ratio vmmkit / Q
     python bench/blk.py [--total 32] [--size 64] [--qd 4] [--storage shm,disk]
                         [--cache cached,direct] [--transport mmio,pci] [--repeat 1]
 
-With the defaults one run boots 16 guests and takes about a minute.
+With the defaults one run boots 32 guests (16 configurations x 2 repeats) and takes about 100 s;
+``--repeat 1`` halves that. Expect run-to-run noise of tens of percent on a 2-core machine: the
+vCPU (busy polling) and the device threads share the cores.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def main() -> int:
     parser.add_argument("--cache", default="cached,direct", help="cached, direct or both (default)")
     parser.add_argument("--transport", default="mmio,pci", help="mmio, pci or both (default)")
     parser.add_argument("--accel", default=None, help="QEMU accelerator (default: kvm if usable, else tcg)")
-    parser.add_argument("--repeat", type=int, default=1, help="boots per configuration and VMM (median)")
+    parser.add_argument("--repeat", type=int, default=2, help="boots per configuration and VMM (default 2; median)")
     parser.add_argument("--no-qemu", action="store_true", help="vmmkit alone")
     args = parser.parse_args()
     args.accel = args.accel or ("kvm" if kvm_usable() else "tcg")
