@@ -615,6 +615,7 @@ def _decode(tp: Any, value: Any, path: str, ctx: _JsonContext) -> Any:
 def _decode_object(cls: type[Any], value: Any, path: str, ctx: _JsonContext) -> Any:
     if not isinstance(value, Mapping):
         raise ConfigError(path or "$", value, "a JSON object")
+    attrs.resolve_types(cls)  # the string annotations, evaluated once per class on first use
     fields = attrs.fields_dict(cls)
     aliases: Mapping[str, str] = getattr(cls, "_JSON_ALIASES", {})
     kwargs: dict[str, Any] = {}
@@ -2121,30 +2122,3 @@ def _vm_error_for_cli(err: ConfigError, plugins: Sequence[PluginDeviceConfig]) -
     return _relabel(err, option, cli_keys.get(key, key) if key else None)
 
 
-for _cls in (
-    PayloadConfig,
-    CpuTopology,
-    CpuAffinity,
-    CpuFeatures,
-    CpusConfig,
-    MemoryConfig,
-    TokenBucket,
-    RateLimiterConfig,
-    VirtQueueAffinity,
-    DiskConfig,
-    NetConfig,
-    RngConfig,
-    BalloonConfig,
-    FsConfig,
-    PmemConfig,
-    SerialConfig,
-    ConsoleConfig,
-    DebugConsoleConfig,
-    DeviceConfig,
-    VsockConfig,
-    PlatformConfig,
-    PluginDeviceConfig,
-    VmConfig,
-):
-    attrs.resolve_types(_cls)
-del _cls

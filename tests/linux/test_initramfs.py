@@ -1,0 +1,123 @@
+"""The test initramfs builder: a correct "newc" cpio, and an /init busybox can parse. Fast."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from initramfs import (
+    BUSYBOX,
+    INIT_SCRIPT,
+    Entry,
+    build_initramfs,
+    initramfs_entries,
+    missing_busybox_reason,
+    newc_archive,
+)
+from linuxboot import block_pattern
+
+SAMPLE = [
+    Entry("dir", stat.S_IFDIR | 0o755),
+    Entry("dir/file", stat.S_IFREG | 0o644, b"hello\n"),
+    Entry("dir/odd", stat.S_IFREG | 0o600, b"x" * 5),
+    Entry("link", stat.S_IFLNK | 0o777, b"dir/file"),
+    Entry("console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+]
+
+
+def parse_newc(data: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
+    """A reader written from the format's description, to check the writer against."""
+    out = []
+    offset = 0
+    while True:
+        header = data[offset : offset + 110]
+        assert header[:6] == b"070701", header[:6]
+        fields = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
+        mode, filesize, rdev = fields[1], fields[6], (fields[9], fields[10])
+        namesize = fields[11]
+        name = data[offset + 110 : offset + 110 + namesize - 1].decode()
+        assert data[offset + 110 + namesize - 1] == 0
+        offset += 110 + namesize
+        offset += -offset % 4
+        content = data[offset : offset + filesize]
+        offset += filesize
+        offset += -offset % 4
+        if name == "TRAILER!!!":
+            assert offset == len(data)
+            return out
+        out.append((name, mode, content, rdev))
+
+
+def test_newc_archive_layout() -> None:
+    data = newc_archive(SAMPLE)
+    assert len(data) % 4 == 0
+    parsed = parse_newc(data)
+    assert [(e.name, e.mode, e.data, e.rdev) for e in SAMPLE] == parsed
+    assert newc_archive(SAMPLE) == data  # deterministic
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio is not installed (apt-get install cpio)")
+def test_gnu_cpio_reads_the_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "sample.cpio"
+    archive.write_bytes(newc_archive(SAMPLE))
+    listing = subprocess.run(["cpio", "-itv", "-F", str(archive)], capture_output=True, text=True, check=True)
+    names = [line.split()[-1] if "->" not in line else line.split()[-3] for line in listing.stdout.splitlines()]
+    assert names == ["dir", "dir/file", "dir/odd", "link", "console"]
+    assert "5,   1" in listing.stdout or "5, 1" in listing.stdout
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["cpio", "-id", "--no-absolute-filenames", "-F", str(archive)], cwd=out, check=True,
+                   capture_output=True)
+    assert (out / "dir" / "file").read_bytes() == b"hello\n"
+    assert (out / "link").readlink() == Path("dir/file")
+
+
+@pytest.fixture
+def busybox() -> Path:
+    reason = missing_busybox_reason()
+    if reason:
+        pytest.skip(reason)
+    return BUSYBOX
+
+
+def test_initramfs_holds_busybox_its_applets_and_init(busybox: Path, tmp_path: Path) -> None:
+    path = build_initramfs(tmp_path / "init.cpio", busybox)
+    members = {name: (mode, content) for name, mode, content, _ in parse_newc(path.read_bytes())}
+    assert members["init"] == (stat.S_IFREG | 0o755, INIT_SCRIPT.read_bytes())
+    assert members["bin/busybox"][1] == busybox.read_bytes()
+    assert stat.S_ISCHR(members["dev/console"][0])
+    for applet in ("bin/sh", "sbin/ip", "bin/dd", "sbin/poweroff", "bin/ping"):
+        mode, target = members[applet]
+        assert stat.S_ISLNK(mode) and target == b"/bin/busybox", applet
+    before = path.stat().st_mtime_ns
+    build_initramfs(path, busybox)  # unchanged content: the file is left alone
+    assert path.stat().st_mtime_ns == before
+
+
+def test_init_script_parses(busybox: Path) -> None:
+    result = subprocess.run([str(busybox), "sh", "-n", str(INIT_SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_init_writes_the_pattern_the_host_expects(busybox: Path, tmp_path: Path) -> None:
+    """The block-building lines of init.sh, run by the host's busybox, give block_pattern()."""
+    script = INIT_SCRIPT.read_text()
+    start = script.index('        block="$PATTERN')
+    end = script.index("/tmp/pattern\n", start) + len("/tmp/pattern\n")
+    snippet = script[start:end].replace("/tmp/pattern", str(tmp_path / "pattern"))
+    subprocess.run([str(busybox), "sh", "-c", f"PATTERN=some-word\n{snippet}"], check=True)
+    assert (tmp_path / "pattern").read_bytes() == block_pattern("some-word")
+
+
+def test_initramfs_entries_skip_nothing_init_needs(busybox: Path) -> None:
+    names = {entry.name for entry in initramfs_entries(busybox)}
+    needed = {"bin/mount", "bin/grep", "sbin/blockdev", "bin/cmp", "sbin/ip", "bin/ping", "bin/dd", "sbin/poweroff"}
+    used = set()
+    for applet in needed:
+        for prefix in ("bin/", "sbin/", "usr/bin/", "usr/sbin/"):
+            if prefix + applet.split("/")[-1] in names:
+                used.add(applet)
+    assert used == needed
