@@ -190,9 +190,12 @@ def main() -> int:
             for cache in caches:
                 for transport in transports:
                     runs: dict[str, list[Run]] = {peer: [] for peer in peers}
-                    for _ in range(args.repeat):  # interleaved, so drift affects both alike
-                        for peer in peers:
+                    for repeat in range(args.repeat):  # interleaved, the order alternating, so drift
+                        for peer in peers if repeat % 2 == 0 else peers[::-1]:  # affects both alike
                             argv = (vmmkit_argv if peer == "vmmkit" else qemu_argv)(image, cache, transport, args)
+                            # The previous boot's dirty pages written back first: a write to a page
+                            # under writeback waits for it (stable pages), which would slow the next VMM.
+                            os.sync()
                             result = run(argv, timeout=120)
                             runs[peer].append(result)
                             print(f"  {storage:<4} {cache:<6} {transport:<4} {peer:<6} {result.seconds:5.1f} s  "

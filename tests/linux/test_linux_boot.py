@@ -54,7 +54,7 @@ def expected_init_lines(result, *, net: bool) -> list[str]:  # type: ignore[no-u
     rtc = [line for line in result.init_lines if line.startswith("ok rtc:")]
     assert rtc, result.describe()
     date = rtc[0].rsplit(" ", 1)[1]
-    today = datetime.datetime.now(datetime.timezone.utc).date()
+    today = datetime.datetime.now(datetime.UTC).date()
     assert abs((datetime.date.fromisoformat(date) - today).days) <= 1, rtc[0]
     release = result.init_lines[0].removeprefix("start: Linux ")
     net_line = (

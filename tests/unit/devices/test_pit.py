@@ -6,7 +6,7 @@ import time
 
 import pytest
 from devices_support import FakeContext, RecordingLine, wait_for
-from vmmkit_devices.legacy.pit import PIT_HZ, I8254, I8254Type
+from vmmkit_devices.legacy.pit import I8254, PIT_HZ, I8254Type
 
 from vmmkit.device import DeviceRequest
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from vmmkit_kvm.quirks.payload import is_linux_kernel
 
 GUESTS = Path(__file__).resolve().parents[2] / "guests" / "build" / "x86_64"

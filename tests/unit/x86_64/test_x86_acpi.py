@@ -197,12 +197,15 @@ def test_iasl_disassembles_each_table(iasl: str, acpi: AcpiTables, tmp_path: Pat
             'EisaId ("PNP0501")',
             'EisaId ("PNP0B00")',
             'EisaId ("PNP0303")',
+            '"LNRO0005"',
             'EisaId ("PNP0A08")',
             'EisaId ("PNP0A03")',
             'EisaId ("PNP0C02")',
             "Name (_S5, Package (0x04)",
             "IRQNoFlags ()\n                    {4}",
             "0x03F8,",
+            "0xC0001000,",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
             "WordBusNumber",
             "0x0000, // Range Maximum",
             "Name (_PRT, Package (0x02)",
@@ -234,7 +237,7 @@ def test_acpiexec_loads_the_tables_and_evaluates_them(
 ) -> None:
     files = dump(acpi, tmp_path)
     commands = "; ".join(
-        f"evaluate \\{path}" for path in ("_S5_", "_SB.COM1._CRS", "_SB.PCI0._PRT")
+        f"evaluate \\{path}" for path in ("_S5_", "_SB.COM1._CRS", "_SB.V001._CRS", "_SB.PCI0._PRT")
     )
     result = run(
         [acpiexec, "-b", commands] + [files[s].name for s in ("FACP", "DSDT", "APIC", "MCFG")], cwd=tmp_path
@@ -247,8 +250,8 @@ def test_acpiexec_loads_the_tables_and_evaluates_them(
     assert "[Integer] = 0000000000000005" in s5
     # COM1: IO 0x3f8/8 and IRQ 4 (mask 0x0010).
     assert "47 01 F8 03 F8 03 01 08 22 10 00 79 00" in output
-    # virtio-mmio devices are on the command line only: Linux would probe them twice.
-    assert b"LNRO0005" not in files["DSDT"].read_bytes()
+    # V001: Memory32Fixed 0xc0001000/0x1000, Interrupt 6.
+    assert "86 09 00 01 00 10 00 C0 00 10 00 00" in output
     prt = output[output.index("Evaluation of \\_SB.PCI0._PRT") :]
     assert "[Package] Contains 2 Elements" in prt
     assert "ACPI Error" not in output and "AE_" not in output.replace("AE_OK", ""), output

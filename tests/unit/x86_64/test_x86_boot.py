@@ -173,6 +173,26 @@ def test_command_line_gains_virtio_mmio_devices(guest) -> None:
     assert memory.read_cstring(L.CMDLINE_START, 1 << 16) == expected
 
 
+@pytest.mark.parametrize(
+    "cmdline,expected",
+    [
+        (b"console=ttyS0", b"console=ttyS0"),
+        (b"console=ttyS0 virtio_mmio.device=4K@0xc0000000:5 virtio_mmio.device=4K@0xc0001000:6 -- x",
+         b"console=ttyS0 -- x"),
+        (b"console=ttyS0 acpi=off",
+         b"console=ttyS0 acpi=off virtio_mmio.device=4K@0xc0000000:5 virtio_mmio.device=4K@0xc0001000:6"),
+    ],
+)
+def test_linux_finds_virtio_mmio_devices_in_the_dsdt_only(guest, cmdline: bytes, expected: bytes) -> None:
+    """A Linux kernel would register each device from the DSDT and again from the command line
+    (the second probe fails: "can't request region"), so it gets no virtio_mmio.device= words,
+    unless it is told acpi=off."""
+    layout, memory = guest()
+    boot = attrs.evolve(boot_info("linux64", linux=True), cmdline=cmdline)
+    final = X86_64().prepare_boot(memory, make_config(), layout, boot, pc_devices())
+    assert final.cmdline == expected
+
+
 def test_command_line_over_the_kernel_limit(guest) -> None:
     layout, memory = guest()
     boot = boot_info("linux64", cmdline_max=20)

@@ -102,6 +102,16 @@ def test_selftest_elf_and_bzimage(selftest_dir: Path, guest) -> None:
     assert boot.entry == boot.extra["load_address"] + 0x200
 
 
+def test_loaders_tell_linux_from_other_kernels(linux_dir: Path, selftest_dir: Path, guest) -> None:
+    """``extra["linux"]``: Linux finds virtio-mmio devices in the DSDT, other guests on the
+    command line (see boot._final_cmdline)."""
+    assert load(linux_dir / "vmlinux", guest)[0].extra["linux"] is True
+    assert load(linux_dir / "bzImage", guest)[0].extra["linux"] is True
+    assert load(selftest_dir / "selftest.elf", guest)[0].extra["linux"] is False
+    if (selftest_dir / "selftest.bzImage").is_file():
+        assert load(selftest_dir / "selftest.bzImage", guest)[0].extra["linux"] is False
+
+
 # -- synthetic ELF ----------------------------------------------------------------------------
 
 

@@ -132,9 +132,14 @@ def prepare_boot(
 
 
 def _final_cmdline(kernel: str, boot: BootInfo, devices: Sequence[PlacedDevice]) -> bytes:
-    """``boot.cmdline`` with the virtio-mmio arguments it lacks, checked against the kernel's limit."""
+    """``boot.cmdline`` with the virtio-mmio arguments it lacks (for a Linux kernel, which
+    finds those devices in the DSDT: without them), checked against the kernel's limit."""
     text = boot.cmdline.decode("utf-8", "surrogateescape")
-    data = P.kernel_cmdline(text, devices).encode("utf-8", "surrogateescape")
+    if boot.extra.get("linux"):
+        text = P.kernel_cmdline_for_acpi_linux(text, devices)
+    else:
+        text = P.kernel_cmdline(text, devices)
+    data = text.encode("utf-8", "surrogateescape")
     limit = min(int(boot.extra.get("cmdline_max", L.CMDLINE_MAX_SIZE - 1)), L.CMDLINE_MAX_SIZE - 1)
     if len(data) > limit:
         raise BootError(

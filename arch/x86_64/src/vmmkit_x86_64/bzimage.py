@@ -31,6 +31,7 @@ MIN_VERSION: Final = 0x020C
 LOADED_HIGH: Final = 1 << 0
 XLF_KERNEL_64: Final = 1 << 0
 ENTRY_64_OFFSET: Final = 0x200
+KERNEL_VERSION: Final = 0x20E  #: setup header: the version string's offset from 0x200
 SECTOR: Final = 512
 DEFAULT_SETUP_SECTS: Final = 4
 MAX_ALIGNMENT: Final = 1 << 30
@@ -91,6 +92,7 @@ def load(path: Path, memory: GuestMemory, config: VmConfig, layout: MemoryLayout
         check_ram(path, layout, memory, load_address, needed, f"the kernel (init_size {needed:#x})")
         cmdline_max = min(_field(first, Z.CMDLINE_SIZE, "I"), L.CMDLINE_MAX_SIZE - 1)
         cmdline = cmdline_bytes(path, config.payload.cmdline, cmdline_max)
+        linux = _is_linux(image, first)
         image.copy_to(memory, setup_size, load_address, kernel_size, "the protected-mode kernel")
     initrd_max = _field(first, Z.INITRD_ADDR_MAX, "I") or DEFAULT_INITRD_ADDR_MAX
     initramfs = load_initramfs(
@@ -110,8 +112,18 @@ def load(path: Path, memory: GuestMemory, config: VmConfig, layout: MemoryLayout
             "load_address": load_address,
             "boot_protocol": version,
             "cmdline_max": cmdline_max,
+            "linux": linux,
         },
     )
+
+
+def _is_linux(image: ImageFile, first: bytes) -> bool:
+    """Whether the ``kernel_version`` string starts with a version number, as Linux's does
+    ("6.1.192 (root@vm) #1 ..."); other bzImages (vmmkit's test guest) say something else."""
+    pointer = _field(first, KERNEL_VERSION, "H")
+    if not pointer or 0x200 + pointer >= image.size:
+        return False
+    return image.read(0x200 + pointer, 1, "the kernel version string")[:1].isdigit()
 
 
 def _place(

@@ -79,6 +79,7 @@ def load(path: Path, memory: GuestMemory, config: VmConfig, layout: MemoryLayout
             "cmdline_max": cmdline_max,
             "elf_entry": elf_entry,
             "pvh_entry": pvh_entry,
+            "linux": is_linux,
         },
     )
 

@@ -116,3 +116,20 @@ def kernel_cmdline(cmdline: str | None, devices: Sequence[PlacedDevice]) -> str:
     split = _INIT_ARGS.search(text)
     head, tail = (text[: split.start()], text[split.start() :]) if split else (text, "")
     return " ".join(part for part in [head.strip(), *extra] if part) + tail
+
+
+def kernel_cmdline_for_acpi_linux(cmdline: str, devices: Sequence[PlacedDevice]) -> str:
+    """``cmdline`` without the virtio-mmio arguments :func:`kernel_cmdline` adds, for a Linux
+    kernel that reads the DSDT: it finds the devices there (with the right interrupts), and
+    would register each a second time from the command line, whose probe then fails ("can't
+    request region", error -16). Unless ``acpi=off`` is given: then the command line is all
+    it has."""
+    split = _INIT_ARGS.search(cmdline)
+    head, tail = (cmdline[: split.start()], cmdline[split.start() :]) if split else (cmdline, "")
+    words = head.split()
+    if "acpi=off" in words:
+        return kernel_cmdline(cmdline, devices)
+    ours = set(virtio_mmio_args(devices))
+    if not ours.intersection(words):
+        return cmdline
+    return " ".join(word for word in words if word not in ours) + tail

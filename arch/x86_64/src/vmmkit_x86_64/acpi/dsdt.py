@@ -5,6 +5,7 @@ Kinds described (``PlacedDevice.kind``)::
     serial-16550  PNP0501  IO + IRQNoFlags                    \\_SB_.COMn
     rtc-cmos      PNP0B00  IO + IRQNoFlags                    \\_SB_.RTCn
     i8042         PNP0303  IO data port + IO command port + IRQNoFlags (keyboard)  \\_SB_.PS2K
+    virtio-mmio   LNRO0005 Memory32Fixed + Interrupt (edge, active high)          \\_SB_.Vnnn
     pci-host      PNP0A08 (_CID PNP0A03) root bridge: _SEG, _BBN, _CRS with the bus range,
                   config ports, the I/O, MMIO32 and MMIO64 windows; _PRT for INTx  \\_SB_.PCIn
                   (+ a PNP0C02 motherboard resource claiming the ECAM window when there is one)
@@ -14,10 +15,7 @@ Kinds described (``PlacedDevice.kind``)::
                   \\_SB_.GED_ (ACPI0013) has the interrupt in _CRS and _EVT calling ESCN;
                   \\_SB_.PWRB (PNP0C0C) is the power button
 
-Unknown kinds are not described. virtio-mmio devices are deliberately not described: they
-are on the kernel command line (``virtio_mmio.device=``, :mod:`vmmkit_x86_64.platform`), which
-the test guests read, and Linux registers a device from each source, so with both it probes
-every device twice and the second probe fails ("can't request region", error -16).
+Unknown kinds are not described.
 """
 
 from __future__ import annotations
@@ -117,6 +115,16 @@ def _i8042(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.T
     return [
         _device("PS2K" if index == 0 else f"PS2{index:X}", EisaId("PNP0303"), index, [*ports, *_irq(placed)])
     ]
+
+
+def _virtio_mmio(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
+    if placed.mmio is None:
+        return []
+    base, size = placed.mmio
+    resources: list[aml.AmlObject] = [Memory32Fixed(base, size)]
+    if placed.irq is not None:
+        resources.append(Interrupt(placed.irq, edge=True, active_low=False))
+    return [_device(f"V{index:03X}", "LNRO0005", index, resources)]
 
 
 def _window(props: dict[str, Any], key: str, fallback: MemoryRange | None) -> tuple[int, int] | None:
@@ -221,6 +229,7 @@ _DESCRIBERS: Final[dict[str, Callable[[PlacedDevice, int, MemoryLayout], list[am
     "serial-16550": _serial,
     "rtc-cmos": _rtc,
     "i8042": _i8042,
+    "virtio-mmio": _virtio_mmio,
     "pci-host": _pci_host,
     "acpi-ged": _acpi_ged,
 }

@@ -90,8 +90,7 @@ def idt_gate_target(idt: bytes, vector: int) -> int | None:
     entry = idt[16 * vector : 16 * vector + 16]
     if len(entry) < 16:
         return None
-    low, selector, ist, attributes, middle, high = struct.unpack_from("<HHBBHI", entry)
-    del selector, ist
+    low, _selector, _ist, attributes, middle, high = (int(f) for f in struct.unpack_from("<HHBBHI", entry))
     if not attributes & 0x80:
         return None
     return low | middle << 16 | high << 32

@@ -165,7 +165,9 @@ class PvmQuirks(HostQuirks):
 
     def supported_cpuid(self, entries: Sequence[CpuIdEntry]) -> list[CpuIdEntry]:
         hidden: dict[tuple[int, int, str], int] = {}
-        for _name, leaf, subleaf, reg, bit, *_ in (*HIDDEN_FEATURES, *TABLE_ONLY):
+        bits = [(leaf, sub, reg, bit) for _, leaf, sub, reg, bit, _number in HIDDEN_FEATURES]
+        bits += [(leaf, sub, reg, bit) for _, leaf, sub, reg, bit in TABLE_ONLY]
+        for leaf, subleaf, reg, bit in bits:
             hidden[(leaf, subleaf, reg)] = hidden.get((leaf, subleaf, reg), 0) | 1 << bit
         out = []
         for entry in entries:
