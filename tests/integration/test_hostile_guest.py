@@ -106,10 +106,8 @@ VMMKIT: dict[str, tuple[str, str | None]] = {
     "rng-readonly-buffer": ("NEEDS_RESET", "device"),
     "console-tx-writable": ("used", None),  # nothing to send: used with length 0
 }
-#: Where the PCI transport differs: it ignores a queue_size write that is not a power of two
-#: (tests/unit/pci/test_virtio_pci.py), so the queue keeps its maximum size (128) while the
-#: driver lays out 12 entries; virtio-mmio takes the value and refuses it at DRIVER_OK.
-VMMKIT_PCI = {**VMMKIT, "ring-size-not-pow2": ("OK", None)}
+#: Both transports keep a queue size as written and refuse an invalid one at DRIVER_OK.
+VMMKIT_PCI = VMMKIT
 
 #: What QEMU 7.2 (Debian 1:7.2+dfsg-7+deb12u18) was seen to do, the same on microvm/virtio-mmio
 #: and q35/virtio-pci. "hang" = QEMU stopped answering (the run was repeated without it).

@@ -499,9 +499,11 @@ class VirtioPciDevice(PciFunction):
             elif queue is None:
                 return
             elif offset == QUEUE_SIZE:
-                valid = 0 < value <= queue.max_size and not value & (value - 1)
-                if valid and self._queue_configurable(queue):
-                    queue.size = value
+                # Kept as written: an invalid size is refused when the queue is validated at
+                # DRIVER_OK (DEVICE_NEEDS_RESET), as virtio-mmio does, rather than silently
+                # replaced by one the driver did not lay its rings out for.
+                if self._queue_configurable(queue):
+                    queue.size = value & 0xFFFF
             elif offset == QUEUE_MSIX_VECTOR:
                 queue.msix_vector = self._vector(value)
             elif offset == QUEUE_ENABLE:

@@ -202,9 +202,9 @@ def test_queue_registers(machine: FakeMachine, device: FakeDevice) -> None:
     drv = Driver(machine, slot)
     drv.w(vp.QUEUE_SELECT, 2, 1)
     assert drv.r(vp.QUEUE_SIZE, 2) == 128
-    for bad in (0, 100, 256):
+    for bad in (0, 100, 256):  # stored as written; refused when validated at DRIVER_OK
         drv.w(vp.QUEUE_SIZE, 2, bad)
-        assert drv.r(vp.QUEUE_SIZE, 2) == 128
+        assert drv.r(vp.QUEUE_SIZE, 2) == bad
     drv.w(vp.QUEUE_SIZE, 2, 64)
     assert drv.r(vp.QUEUE_SIZE, 2) == 64
     drv.w(vp.QUEUE_DESC, 8, 0x1_2345_6780)

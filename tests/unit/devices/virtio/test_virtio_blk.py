@@ -374,3 +374,17 @@ def test_interrupts_follow_event_idx(image: Path, activate: Callable[..., Harnes
     assert h.features & VIRTIO_F_EVENT_IDX
     request(h, FLUSH)
     wait_for(lambda: h.interrupt.count(queue=0) >= 1, what="an interrupt")
+
+
+@pytest.mark.parametrize("negotiate_flush", [True, False])
+def test_writes_are_write_through_when_the_driver_has_no_flush(
+    image: Path, native: bool, activate: Callable[..., Harness], negotiate_flush: bool
+) -> None:
+    """Without VIRTIO_BLK_F_FLUSH a driver may not ask for a flush, so every write must be
+    stable before it completes (virtio 1.2, 5.2.6.2): the device syncs after each write."""
+    device = disk(image, native)
+    flush_bit = 1 << 9
+    features = device.features() if negotiate_flush else device.features() & ~flush_bit
+    h = activate(device, features=features)
+    assert request(h, OUT, 2, out=pattern(SECTOR, seed=5)).status == S_OK
+    assert device.counters()["flush_ops"] == (0 if negotiate_flush else 1)

@@ -106,6 +106,9 @@ MAX_DISCARD_SEGMENTS: Final = 32
 SIGNAL_BATCH: Final = 32
 
 
+_WRITES: Final = frozenset({VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES})
+
+
 class _Malformed(Exception):
     """A request the protocol gives no way to answer: the device fails."""
 
@@ -254,6 +257,10 @@ class BlockDevice(QueueDevice):
             status = VIRTIO_BLK_S_UNSUPP
         if status == VIRTIO_BLK_S_UNSUPP:
             self.count("unsupported_requests")
+        elif status == VIRTIO_BLK_S_OK and kind in _WRITES and not self.acked_features & VIRTIO_BLK_F_FLUSH:
+            # A driver without FLUSH expects write-through: stable before completion (5.2.6.2).
+            status = self._status(self._io.flush())
+            self.count("flush_ops")
         return written + self._complete(memory, status_gpa, status)
 
     def _complete(self, memory: Any, status_gpa: int, status: int) -> int:
