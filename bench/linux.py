@@ -98,7 +98,7 @@ def main() -> int:
                 rows.append((kernel, vmm, results))
     label = {"vmmkit": "vmmkit (KVM)", "qemu": "QEMU (TCG)"}
     header = ["kernel", "VMM", *(name for name, _ in MILESTONES), "power-off"]
-    print(f"Linux {LINUX_DIR.name} kernel to /init, {'with' if net else 'without'} a NIC; "
+    print(f"The team's Linux kernel ({LINUX_DIR}) to /init, {'with' if net else 'without'} a NIC; "
           f"median of {args.runs} run(s), seconds from spawning the VMM")
     print(" | ".join(f"{h:>12}" for h in header))
     for kernel, vmm, results in rows:

@@ -75,6 +75,7 @@ class LinuxBoots:
         self.initramfs = initramfs
         self.workdir = workdir
         self.wanted = _wanted_boots(session)
+        self.patterns = PATTERNS
         self.files: dict[str, GuestFiles] = {}
         self.boots: dict[str, Boot] = {}
         self.skipped: dict[str, str] = {}

@@ -148,13 +148,11 @@ def test_virtio_devices_use_the_requested_transport(linux_boots, boot: str) -> N
 @pytest.mark.parametrize("boot", VMMKIT_BOOTS)
 def test_guest_writes_reach_the_host_files(linux_boots, boot: str) -> None:
     """The block pattern is in the image file; the virtio console's line is in its file."""
-    from conftest import PATTERNS
-
     result, files = linux_boots.get(boot)
     assert_clean_run(result, files)
     with open(files.disk, "rb") as image:
         image.seek(PATTERN_OFFSET)
-        assert image.read(PATTERN_SIZE) == block_pattern(PATTERNS[boot])
+        assert image.read(PATTERN_SIZE) == block_pattern(linux_boots.patterns[boot])
     assert HVC_LINE in files.hvc.read_text()
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import types
-from typing import ClassVar
-
 import pytest
 
 from vmmkit import hookimpl
@@ -49,9 +47,8 @@ def test_auto_picks_the_first_usable_backend_by_priority_not_registration_order(
 
 
 def test_auto_skips_unusable_backends_and_explains_when_none_is_left() -> None:
-    registries = registries_for(
-        plugin_registering(backend("hard", 10, False, "/dev/hard not found"), backend("arm", 20, True, arches=("aarch64",)))
-    )
+    hard = backend("hard", 10, False, "/dev/hard not found")
+    registries = registries_for(plugin_registering(hard, backend("arm", 20, True, arches=("aarch64",))))
     with pytest.raises(RegistryError, match=r"hard: /dev/hard not found; arm: cannot run x86_64 guests"):
         registries.select_hypervisor("auto", "x86_64")
 
@@ -111,6 +108,3 @@ def test_the_registry_records_which_plugin_registered_what() -> None:
     pm.register(plugin_registering(backend("mine", 10, True)), name="my-plugin")
     assert collect_registries(pm).hypervisors.owner("mine") == "my-plugin"
 
-
-class _Named:
-    name: ClassVar[str] = "n"

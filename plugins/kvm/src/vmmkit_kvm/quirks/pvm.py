@@ -20,8 +20,10 @@ user-mode ``syscall`` leaves CS at   a guest-debug hardware breakpoint on the gu
 the user selector, so the first      handler; when its exception frame shows a user CS and
 fetch at LSTAR faults                RIP == LSTAR, the state is rewritten to what SYSCALL
                                      should have produced (kernel CS/SS from STAR[47:32],
-                                     RIP = LSTAR, RSP and RFLAGS from the frame, RF clear);
-                                     other faults continue with RF set
+                                     RIP = LSTAR, RSP and RFLAGS from the frame, RF clear).
+                                     Other faults run the handler: the host ignores RF, so its
+                                     first instruction is done here when trivial (a NOP, CLD:
+                                     Linux's is a patched-out CLAC), else single-stepped
 the real-time tick eats the guest    no in-kernel PIT: a userspace 8254 (``i8254`` device)
                                      whose clock runs ``dilation`` times slower than wall
                                      time, and ``no-kvmclock tsc_early_khz=<dilation x TSC
