@@ -11,8 +11,6 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from elftools.elf.elffile import ELFFile
-
 from vmmkit.arch import BootInfo, MemoryLayout
 from vmmkit.memory import MemoryRange
 from vmmkit_x86_64 import layout as L
@@ -108,6 +106,8 @@ def _parse(image: ImageFile) -> Any:
     if not 0 < phnum <= MAX_PROGRAM_HEADERS:
         raise image.fail(f"not a loadable ELF: {phnum} program headers")
     image.read(phoff, phnum * phentsize, "the program header table")  # bounds check only
+    from elftools.elf.elffile import ELFFile  # ~30 ms to import: only when an ELF is booted
+
     try:
         elf = ELFFile(image.stream)
         # Touch what we use now, so a parse error is reported here as a BootError.
