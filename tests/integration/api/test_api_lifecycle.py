@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from api_support import ch_document, check_response
@@ -217,3 +218,51 @@ def test_event_monitor_without_the_api(short_dir: Path, selftest_elf: Path, vmmk
     assert [(e["source"], e["event"]) for e in read_events(events.read_text())] == [
         ("vmm", "starting"), ("vm", "booting"), ("vm", "booted"), ("vm", "shutdown"), ("vm", "deleted"),
         ("vmm", "shutdown")]
+
+
+def test_a_tap_fd_added_before_boot_carries_the_guests_net_test(vmm: VmmProcess, selftest_elf: Path) -> None:
+    """Kata's way: the orchestrator opens the tap (here inside a network namespace this test
+    makes, with a responder on it) and hands only the fd to the VMM with vm.add-net; the test
+    guest's ping/pong over virtio-net then passes."""
+    import fcntl
+    import struct
+    import threading
+
+    from ..netns import NetNamespace, _setns, unavailable_reason
+    from ..qemu_peer import NET_OK_LINE
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+    def open_tap(ns: NetNamespace, name: str) -> int:
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                _setns(ns.path)
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+                fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", name.encode(), 0x0002 | 0x1000 | 0x4000))
+                box["fd"] = fd
+            except BaseException as exc:  # re-raised below
+                box["error"] = exc
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return int(box["fd"])
+
+    with NetNamespace() as ns, ns.responder(ns.add_tap("tap0")) as responder:
+        tap = open_tap(ns, "tap0")
+        try:
+            vmm.create(vmm.guest_config(selftest_elf, cmdline="test=net"))
+            os.set_inheritable(tap, True)
+            vmm.remote("add-net", f"fd=[{tap}],mac=52:54:00:12:34:56,id=net0", pass_fds=(tap,))
+        finally:
+            os.close(tap)  # the VMM has its own copy now
+        vmm.remote("boot")
+        assert vmm.wait_exit(60) == 0, vmm.output()
+    assert NET_OK_LINE in vmm.output()
+    assert sorted(set(responder.pings)) == [1, 2, 3]
