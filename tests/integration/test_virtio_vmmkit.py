@@ -140,3 +140,17 @@ def test_qemu_and_vmmkit_devices_give_the_guest_the_same_results(
 
     assert results(ours.stdout) == results(theirs.stdout), ours.stdout + theirs.stdout
     assert len(results(ours.stdout)) == 3
+
+
+def test_the_event_monitor_reports_device_activation(selftest_elf: Path, tmp_path: Path,
+                                                     vmmkit_hypervisor: str) -> None:
+    from vmmkit.events import read_events
+
+    events_file = tmp_path / "events.json"
+    result = run_vmmkit("--hypervisor", vmmkit_hypervisor, "--kernel", str(selftest_elf), "--cmdline", "test=blk",
+                        "--disk", f"path={make_disk(tmp_path / 'd.img', 1 << 20)},id=disk0",
+                        "--event-monitor", f"path={events_file}", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = [(e["source"], e["event"], (e.get("properties") or {}).get("id")) for e in read_events(events_file.read_text())]
+    assert ("virtio-device", "activated", "disk0") in events
+    assert events.index(("vm", "booted", None)) < events.index(("virtio-device", "activated", "disk0"))

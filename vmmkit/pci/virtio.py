@@ -214,6 +214,9 @@ class VirtioPciDevice(PciFunction):
 
     kind: ClassVar[str] = "virtio-pci"
 
+    #: Called with "activated" / "reset" (the machine turns it into an event); optional.
+    on_event: Callable[[str], None] | None = None
+
     def __init__(
         self,
         device: VirtioDevice,
@@ -652,6 +655,8 @@ class VirtioPciDevice(PciFunction):
         self._counts["activations"] += 1
         log.debug("device.activated", device=self.name, transport="pci", features=hex(features),
                   queues=sum(queue.ready for queue in self.queues))
+        if self.on_event is not None:
+            self.on_event("activated")
 
     def fail(self, reason: str) -> None:
         """The device cannot go on until the driver resets it: DEVICE_NEEDS_RESET, and after
@@ -681,6 +686,8 @@ class VirtioPciDevice(PciFunction):
         self._counts["resets"] += 1
         with self._isr_lock:
             self._update_intx()
+        if self.on_event is not None:
+            self.on_event("reset")
 
     def _drain_events(self) -> None:
         for fd in self._queue_events:
@@ -827,6 +834,9 @@ def attach_virtio_pci(machine: PciMachine, device: VirtioDevice, request: Device
     assert root is not None
     transport = VirtioPciDevice(device, vm=machine.vm, memory=machine.memory, event_loop=machine.event_loop,
                                 allocate_msi_gsi=machine.allocate_msi_gsi, name=request.id)
+    from vmmkit.virtio.transport import device_event_emitter
+
+    transport.on_event = device_event_emitter(machine, request.id)
     try:
         slot = root.add_function(transport, wanted_slot)
     except BaseException:

@@ -158,6 +158,9 @@ class VirtioMmioTransport(Device):
 
     kind = "virtio-mmio"
 
+    #: Called with "activated" / "reset" (the machine turns it into an event); optional.
+    on_event: Callable[[str], None] | None = None
+
     def __init__(self, device: VirtioDevice, *, memory: GuestMemory, line: InterruptLine,
                  event_loop: EventLoop) -> None:
         super().__init__(device.id)
@@ -410,6 +413,8 @@ class VirtioMmioTransport(Device):
             self._counts["activations"] += 1
             log.debug("virtio.activated", device=self.id, features=hex(features),
                       queues=sum(q.ready for q in self.queues))
+            if self.on_event is not None:
+                self.on_event("activated")
 
     def fail(self, reason: str) -> None:
         """The device cannot go on until the driver resets it: set ``DEVICE_NEEDS_RESET`` and,
@@ -438,6 +443,8 @@ class VirtioMmioTransport(Device):
             self._reset_registers()
             self._counts["resets"] += 1
         log.debug("virtio.reset", device=self.id)
+        if self.on_event is not None:
+            self.on_event("reset")
 
     def _drain_events(self) -> None:
         for fd in self.queue_events:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmmkit.allocator import AddressAllocator
@@ -60,6 +61,20 @@ def default_transport(config: Any, arch: Any = None) -> str:
     return str(getattr(arch, "default_virtio_transport", "pci"))
 
 
+def device_event_emitter(machine: Any, device_id: str) -> Callable[[str], None] | None:
+    """What a transport calls when its device is activated or reset: the machine's
+    ``virtio-device-activated`` / ``virtio-device-reset`` events (the event monitor's shape);
+    ``None`` for a machine without events."""
+    machine_emit = getattr(machine, "emit", None)
+    if machine_emit is None:
+        return None
+
+    def emit(event: str) -> None:
+        machine_emit(f"virtio-device-{event}", id=device_id)
+
+    return emit
+
+
 def device_mmio_allocator(machine: Machine) -> AddressAllocator:
     """The allocator of ``machine.layout.device_mmio``, created on first use and kept on the
     machine (as ``machine.device_mmio_allocator``) so every device placed there shares it."""
@@ -79,6 +94,7 @@ def attach_virtio_mmio(machine: Machine, device: VirtioDevice, request: DeviceRe
         raise DeviceError(f"device {request.id}: the machine is not built (no memory or VM)")
     irq, line = machine.allocate_irq(request.irq)
     transport = VirtioMmioTransport(device, memory=machine.memory, line=line, event_loop=machine.event_loop)
+    transport.on_event = device_event_emitter(machine, request.id)
     try:
         base, size = _place_window(machine, transport, request)
     except BaseException:
