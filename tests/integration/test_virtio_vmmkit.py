@@ -151,6 +151,7 @@ def test_the_event_monitor_reports_device_activation(selftest_elf: Path, tmp_pat
                         "--disk", f"path={make_disk(tmp_path / 'd.img', 1 << 20)},id=disk0",
                         "--event-monitor", f"path={events_file}", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    events = [(e["source"], e["event"], (e.get("properties") or {}).get("id")) for e in read_events(events_file.read_text())]
+    events = [(e["source"], e["event"], (e.get("properties") or {}).get("id"))
+              for e in read_events(events_file.read_text())]
     assert ("virtio-device", "activated", "disk0") in events
     assert events.index(("vm", "booted", None)) < events.index(("virtio-device", "activated", "disk0"))
