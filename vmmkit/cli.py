@@ -133,6 +133,7 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
                             default=[] if repeatable else None, metavar="SPEC", help=help_text)
     parser.add_argument("--debug-console", dest="debug_console", metavar="SPEC",
                         help="port 0xe9 console: off|tty|file=<path>,iobase=<port>")
+    parser.add_argument("--pvpanic", action="store_true", help="a pvpanic device: guest panics become events")
     parser.add_argument("--hypervisor", default=AUTO, choices=[AUTO, *registries.hypervisors.names()],
                         help="backend (auto: the first usable one, see 'vmmkit plugins')")
     parser.add_argument("--arch", default=None, choices=registries.architectures.names(),
@@ -169,7 +170,7 @@ def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
             for spec in getattr(options, f"plugin_device:{device_type.name}"):
                 option = f"--{device_type.option}"
                 plugin_devices.append(PluginDeviceConfig.parse(device_type.name, spec, option=option))
-    config = VmConfig.from_cli(**kwargs, plugin_devices=tuple(plugin_devices))
+    config = VmConfig.from_cli(**kwargs, plugin_devices=tuple(plugin_devices), pvpanic=options.pvpanic)
     if options.debug_console is not None:
         import attrs
 

@@ -68,6 +68,10 @@ class DeviceContext(Protocol):
         """The status the VMM exits with once the guest powers off (test devices)."""
         ...
 
+    def emit_event(self, name: str, **properties: Any) -> None:
+        """Report an event (``guest-panic``, ...) to the machine's listeners (event monitor)."""
+        ...
+
     @property
     def log_fd(self) -> int | None:
         """Where natively served log ports (boot progress) write their timestamped lines:

@@ -136,6 +136,9 @@ class _DeviceContext:
     def set_exit_status(self, status: int) -> None:
         self._machine.guest_exit_status = status
 
+    def emit_event(self, name: str, **properties: Any) -> None:
+        self._machine.emit(name, **properties)
+
     @property
     def log_fd(self) -> int | None:
         return self._machine.log_fd

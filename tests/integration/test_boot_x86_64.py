@@ -91,3 +91,29 @@ def test_vmmkit_run_boots_the_demo_guest(vmmkit_hypervisor: str) -> None:
     result = run_vmmkit("run", "--hypervisor", vmmkit_hypervisor, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "selftest: exit 0" in result.stdout
+
+
+def test_a_guest_panic_reaches_the_event_monitor_through_pvpanic(selftest_elf: Path, tmp_path: Path,
+                                                                  vmmkit_hypervisor: str) -> None:
+    from vmmkit.events import read_events
+
+    events_file = tmp_path / "events.json"
+    result = boot(selftest_elf, "--cmdline", "test=fault", "--pvpanic", "--event-monitor", f"path={events_file}",
+                  hypervisor=vmmkit_hypervisor)
+    assert "selftest: FAIL exception: #UD" in result.stdout
+    panics = [e for e in read_events(events_file.read_text()) if (e["source"], e["event"]) == ("guest", "panic")]
+    assert [e["properties"] for e in panics] == [{"kind": "panicked"}]
+
+
+@pytest.mark.requires_qemu
+def test_qemu_sees_the_same_panic_notification(selftest_elf: Path) -> None:
+    """The guest's pvpanic write is the real protocol: QEMU's pvpanic device stops the VM on it."""
+    import subprocess
+
+    result = subprocess.run(
+        ["qemu-system-x86_64", "-M", "microvm,rtc=on", "-accel", "kvm", "-m", "128M", "-nodefaults",
+         "-no-user-config", "-nographic", "-serial", "stdio", "-device", "pvpanic", "-action", "panic=exit-failure",
+         "-kernel", str(selftest_elf), "-append", "test=fault"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "selftest: FAIL exception: #UD" in result.stdout
+    assert result.returncode == 1 and "selftest: exit" not in result.stdout

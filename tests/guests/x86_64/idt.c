@@ -5,9 +5,13 @@
 #include "apic.h"
 #include "arch.h"
 #include "idt.h"
+#include "io.h"
 #include "layout.h"
 #include "printf.h"
 #include "report.h"
+
+#define PVPANIC_PORT 0x505	/* QEMU's ISA pvpanic (ACPI QEMU0001) */
+#define PVPANIC_PANICKED 1
 
 struct idt_gate {
 	u16 off0, sel;
@@ -75,5 +79,6 @@ void isr_dispatch(struct isr_frame *f)
 		    (unsigned long long)f->vector, (unsigned long long)f->error,
 		    (unsigned long long)f->rip, (unsigned long long)cr2,
 		    (unsigned long long)f->rsp, this_cpu()->apic_id);
+	outb(PVPANIC_PORT, PVPANIC_PANICKED);	/* a pvpanic device, if any, hears of it */
 	selftest_exit();
 }

@@ -52,6 +52,7 @@ ACPI_PM_SLEEP_STATUS: Final = 1
 ACPI_PM_RESET: Final = 4
 ACPI_PM_RESET_VALUE: Final = 0x01
 ACPI_GED_ADDRESS: Final = L.DEVICE_MMIO.start + L.DEVICE_MMIO.size - 0x1000
+PVPANIC_PORT: Final = 0x505
 ACPI_GED_SIZE: Final = 1
 ACPI_GED_IRQ: Final = 23
 
@@ -83,6 +84,8 @@ def platform_devices(config: VmConfig) -> list[DeviceRequest]:
         DeviceRequest("acpi-pm", "_acpi_pm", pio=(ACPI_PM_PORT, 8), irq=SCI_IRQ),
         DeviceRequest("acpi-ged", "_acpi_ged", mmio=(ACPI_GED_ADDRESS, ACPI_GED_SIZE), irq=ACPI_GED_IRQ),
     ]
+    if getattr(config, "pvpanic", False):
+        requests.append(DeviceRequest("pvpanic", "_pvpanic", pio=(PVPANIC_PORT, 1)))
     return requests
 
 

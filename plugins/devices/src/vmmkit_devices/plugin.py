@@ -20,6 +20,7 @@ from vmmkit_devices.acpi.pm import AcpiPmType
 from vmmkit_devices.debug.console import DebugConsoleType
 from vmmkit_devices.debug.exit import DebugExitType
 from vmmkit_devices.debug.port80 import DebugPortType
+from vmmkit_devices.debug.pvpanic import PvPanicType
 from vmmkit_devices.legacy.i8042 import I8042Type
 from vmmkit_devices.legacy.pit import I8254Type
 from vmmkit_devices.legacy.pl011 import Pl011Type
@@ -43,6 +44,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     DebugPortType,
     DebugConsoleType,
     DebugExitType,
+    PvPanicType,
     AcpiPmType,
     AcpiGedType,
     Pl011Type,

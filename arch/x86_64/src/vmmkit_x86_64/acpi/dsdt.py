@@ -105,6 +105,10 @@ def _rtc(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Ter
     return [_device(f"RTC{index:X}", EisaId("PNP0B00"), index, [*_pio(placed), *_irq(placed)])]
 
 
+def _pvpanic(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
+    return [_device(f"PEV{index:X}", "QEMU0001", index, [*_pio(placed)])]
+
+
 def _i8042(placed: PlacedDevice, index: int, layout: MemoryLayout) -> list[aml.Term]:
     if placed.pio is None:
         return []
@@ -232,4 +236,5 @@ _DESCRIBERS: Final[dict[str, Callable[[PlacedDevice, int, MemoryLayout], list[am
     "virtio-mmio": _virtio_mmio,
     "pci-host": _pci_host,
     "acpi-ged": _acpi_ged,
+    "pvpanic": _pvpanic,
 }

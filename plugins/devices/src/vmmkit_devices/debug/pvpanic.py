@@ -1,0 +1,62 @@
+"""The pvpanic device (device type ``pvpanic``): QEMU's ISA pvpanic at I/O port 0x505 (ACPI
+``QEMU0001``), which Linux's pvpanic driver writes when the guest panics.
+
+Reads return the events supported (bit 0 PANICKED, bit 1 CRASH_LOADED); a write of those
+bits becomes a ``guest-panic`` event (the event monitor's ``{"source": "guest", "event":
+"panic"}``) and a warning in the log. The guest keeps running (a panicking Linux then
+reboots or halts as its ``panic=`` parameter says).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.log import get_logger
+from vmmkit_devices._regs import MAX_ACCESS, open_bus
+
+log = get_logger()
+
+PANICKED = 1 << 0
+CRASH_LOADED = 1 << 1
+SUPPORTED = PANICKED | CRASH_LOADED
+
+
+class PvPanic(Device):
+    kind: ClassVar[str] = "pvpanic"
+
+    def __init__(self, device_id: str, emit: Callable[..., None]) -> None:
+        super().__init__(device_id)
+        self._emit = emit
+        self.panics = 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset != 0 or not 1 <= size <= MAX_ACCESS:
+            return open_bus(size)
+        return bytes([SUPPORTED]) + bytes(size - 1)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset != 0 or not 1 <= len(data) <= MAX_ACCESS:
+            return
+        events = data[0] & SUPPORTED
+        if events:
+            self.panics += 1
+            kind = "panicked" if events & PANICKED else "crash-loaded"
+            log.warning("guest.panic", device=self.id, kind=kind)
+            self._emit("guest-panic", kind=kind)
+
+    def counters(self) -> Mapping[str, int]:
+        return {"panics": self.panics}
+
+
+class PvPanicType(DeviceType):
+    """``pvpanic``: requested by the architecture (x86: port 0x505) when ``--pvpanic`` is on."""
+
+    name: ClassVar[str] = "pvpanic"
+    description: ClassVar[str] = "pvpanic port: guest panics become events (QEMU0001, port 0x505)"
+
+    @classmethod
+    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> PvPanic:
+        emit: Any = getattr(ctx, "emit_event", None) or (lambda *_args, **_kwargs: None)
+        return PvPanic(request.id, emit)
