@@ -7,6 +7,10 @@
     ``vm.create``): time from the ``vm.boot`` request to the guest's first serial byte. QEMU's
     nearest equivalent is ``-S`` (start paused) then QMP ``cont``, measured the same way.
 
+Two reference rows that are not VMMs put the cold numbers in proportion: the same interpreter
+printing one byte, and printing one byte after importing vmmkit's required libraries (pluggy,
+attrs, cffi's backend). They are the floor any vmmkit start-up pays on this host.
+
     python bench/launch.py [--runs 10] [--memory 128]
 """
 
@@ -30,6 +34,17 @@ GUEST = REPO / "tests" / "guests" / "build" / "x86_64" / "selftest.elf"
 def vmmkit_cmd(memory_mib: int, cmdline: str) -> list[str]:
     return [sys.executable, "-m", "vmmkit", "--kernel", str(GUEST), "--memory", f"size={memory_mib}M",
             "--cmdline", cmdline]
+
+
+def python_floor_cmd(_memory_mib: int, _cmdline: str) -> list[str]:
+    return [sys.executable, "-c", "import os; os.write(1, b'x')"]
+
+
+def python_libs_floor_cmd(_memory_mib: int, _cmdline: str) -> list[str]:
+    return [sys.executable, "-c", "import attrs, pluggy, _cffi_backend, os; os.write(1, b'x')"]
+
+
+FLOORS = {"python: 1 byte": python_floor_cmd, "python+libs: 1 byte": python_libs_floor_cmd}
 
 
 def qemu_cmd(memory_mib: int, cmdline: str) -> list[str]:
@@ -147,6 +162,13 @@ def _rss_excluding(pid: int, ram_kib: int) -> int:
     return total
 
 
+def _pth_files() -> list[str]:
+    import site
+
+    dirs = [*site.getsitepackages(), site.getusersitepackages()] if site.ENABLE_USER_SITE else site.getsitepackages()
+    return [name for d in dirs if os.path.isdir(d) for name in os.listdir(d) if name.endswith(".pth")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
@@ -159,11 +181,12 @@ def main() -> int:
         peers["qemu microvm"] = qemu_cmd
     else:
         print("qemu-system-x86_64 not found: showing vmmkit alone", file=sys.stderr)
-    for cmd in peers.values():  # warm-up: writes the bytecode caches, loads the host's file cache
+    timed = {**peers, **FLOORS}
+    for cmd in timed.values():  # warm-up: writes the bytecode caches, loads the host's file cache
         time_to_first_byte(cmd(args.memory, "hello"))
-    cold: dict[str, list[float]] = {name: [] for name in peers}
-    for _ in range(args.runs):  # interleaved, so drift affects both alike
-        for name, cmd in peers.items():
+    cold: dict[str, list[float]] = {name: [] for name in timed}
+    for _ in range(args.runs):  # interleaved, so drift affects all alike
+        for name, cmd in timed.items():
             cold[name].append(time_to_first_byte(cmd(args.memory, "hello")))
     rss = {name: rss_outside_guest_ram(cmd(args.memory, "test=spin"), args.memory) for name, cmd in peers.items()}
     warm_runs = {"vmmkit": vmmkit_warm, "qemu microvm": qemu_warm}
@@ -184,7 +207,12 @@ def main() -> int:
         warm_median = statistics.median(warm[name]) * 1000
         print(f"{name:<14} {median:>20.1f} {min(cold[name]) * 1000:>8.1f} {median / (base * 1000):>7.2f}x"
               f" {warm_median:>20.1f} {warm_median / (warm_base * 1000):>7.2f}x {rss[name] / 1024:>13.1f} MiB")
+    for name in FLOORS:
+        median = statistics.median(cold[name]) * 1000
+        print(f"{name:<20} {median:>14.1f} {min(cold[name]) * 1000:>8.1f} {median / (base * 1000):>7.2f}x"
+              "   (not a VMM: start-up floor)")
     print("warm: vmmkit from the vm.boot API request; QEMU from QMP 'cont' of a VM started with -S")
+    print(f"python: {sys.executable} (site runs {len(_pth_files())} .pth file(s) at every start)")
     return 0
 
 

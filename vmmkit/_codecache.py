@@ -19,7 +19,6 @@ import marshal
 import os
 import re
 import sys
-from pathlib import Path
 from types import CodeType
 from typing import Any
 
@@ -28,12 +27,13 @@ _HASH_SALT = re.compile(r"hash\(\(\s*-?\d+,")
 _dirty = False
 
 
-def _cache_file() -> Path:
-    import attr
-
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    tag = f"{sys.implementation.cache_tag}-attrs{attr.__version__}"
-    return base / "vmmkit" / f"attrs-code-{tag}.marshal"
+def _cache_file(attrs_make_file: str) -> str:
+    """One cache per interpreter and attrs installation. The installation is told apart by its
+    code generator's file (``attr.__version__`` would import ``importlib.metadata``: ~25 ms)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    stat = os.stat(attrs_make_file)
+    tag = f"{sys.implementation.cache_tag}-attrs-{stat.st_size}-{stat.st_mtime_ns}"
+    return os.path.join(base, "vmmkit", f"attrs-code-{tag}.marshal")
 
 
 def install() -> None:
@@ -48,9 +48,13 @@ def install() -> None:
     original = getattr(_make, "_compile_and_eval", None)
     if original is None or getattr(original, "_vmmkit_cached", False):
         return
-    path = _cache_file()
     try:
-        loaded = marshal.loads(path.read_bytes())
+        path = _cache_file(_make.__file__)
+    except (OSError, TypeError):
+        return
+    try:
+        with open(path, "rb") as stream:
+            loaded = marshal.loads(stream.read())
         if isinstance(loaded, dict):
             _cache.update(loaded)
     except (OSError, EOFError, ValueError, TypeError):
@@ -71,13 +75,14 @@ def install() -> None:
     atexit.register(_save, path)
 
 
-def _save(path: Path) -> None:
+def _save(path: str) -> None:
     if not _dirty or sys.dont_write_bytecode:
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_bytes(marshal.dumps(_cache))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "wb") as stream:
+            stream.write(marshal.dumps(_cache))
         os.replace(temporary, path)
     except OSError:
         pass

@@ -65,6 +65,10 @@ class Architecture(ABC):
         """The devices every VM of this architecture has, with fixed placements (serial
         port, RTC, power management, ...). Built from the device registry by type name."""
 
+    def preload(self, config: VmConfig) -> None:
+        """Import what building and booting ``config`` will run (loaders, firmware table
+        builders), so a boot requested later (``vm.boot``) pays no imports. Optional."""
+
     def kernel_cmdline(self, config: VmConfig, devices: Sequence[PlacedDevice]) -> str:
         """The command line handed to the kernel; may append what the platform implies
         (``virtio_mmio.device=`` entries on x86)."""

@@ -93,8 +93,7 @@ def _cmd_plugins(args: list[str]) -> int:
         for item in registry:
             owners.setdefault(registry.owner(item.name), []).append(f"{registry.kind} {item.name}")
     print("plugins:", file=out)
-    for plugin in pm.get_plugins():
-        label = plugin_label(pm, plugin)
+    for label in sorted(plugin_label(pm, plugin) for plugin in pm.get_plugins()):
         if label.startswith("vmmkit.hookspecs"):
             continue
         registered = owners.get(label, [])
@@ -134,7 +133,7 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
     parser.add_argument("--debug-console", dest="debug_console", metavar="SPEC",
                         help="port 0xe9 console: off|tty|file=<path>,iobase=<port>")
     parser.add_argument("--pvpanic", action="store_true", help="a pvpanic device: guest panics become events")
-    parser.add_argument("--hypervisor", default=AUTO, choices=[AUTO, *registries.hypervisors.names()],
+    parser.add_argument("--hypervisor", default=AUTO, choices=[AUTO, *(h.name for h in registries.hypervisor_order())],
                         help="backend (auto: the first usable one, see 'vmmkit plugins')")
     parser.add_argument("--arch", default=None, choices=registries.architectures.names(),
                         help="guest architecture (default: the host's)")

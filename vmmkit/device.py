@@ -122,12 +122,18 @@ class DeviceType(ABC):
     :meth:`requests`. A third-party type can instead set :attr:`option`: the CLI then offers
     ``--<option> k=v,...`` (repeatable) and each use becomes a ``PluginDeviceConfig`` of this type
     in ``VmConfig.plugin_devices``, which the default :meth:`requests` turns into requests.
+
+    Registration happens at every start for every type, so a type should be a light declaration:
+    set :attr:`implementation` to the module whose ``create(ctx, request)`` builds the device, and
+    that module is imported only when a VM has such a device (or ahead of a boot, by
+    :meth:`prepare`). Overriding :meth:`create` instead works too.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     option: ClassVar[str | None] = None
     option_help: ClassVar[str] = ""
+    implementation: ClassVar[str | None] = None
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
@@ -140,13 +146,27 @@ class DeviceType(ABC):
         return out
 
     @classmethod
-    @abstractmethod
     def create(cls, ctx: DeviceContext, request: DeviceRequest) -> Any:
         """Build the device: a :class:`Device` for a bus device, or a
-        :class:`vmmkit.virtio.VirtioDevice`, which the machine puts behind a transport.
+        :class:`vmmkit.virtio.VirtioDevice`, which the machine puts behind a transport
+        (``None``: the request is declined, e.g. a serial port with mode ``Off``). By default,
+        ``create(ctx, request)`` of the :attr:`implementation` module.
 
         Raise :class:`vmmkit.errors.DeviceError` with a clear message when the configuration
         cannot be honoured (missing file, busy tap)."""
+        if cls.implementation is None:
+            raise NotImplementedError(f"device type {cls.name!r} sets no implementation and has no create()")
+        return cls.prepare().create(ctx, request)
+
+    @classmethod
+    def prepare(cls) -> Any:
+        """Import the :attr:`implementation` module (returned; ``None`` without one), so a
+        boot that follows pays no import. The API calls it at ``vm.create``."""
+        if cls.implementation is None:
+            return None
+        import importlib
+
+        return importlib.import_module(cls.implementation)
 
 
 @frozen

@@ -6,14 +6,15 @@ A plugin module implements any of these with ``@vmmkit.hookimpl`` and is found t
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmmkit import hookspec
 
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+    from pathlib import Path
+
     from vmmkit.arch import Architecture, BootInfo, MemoryLayout
     from vmmkit.config import VmConfig
     from vmmkit.device import DeviceRequest, DeviceType

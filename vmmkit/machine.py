@@ -68,6 +68,31 @@ def host_architecture() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+def preload(config: VmConfig, registries: Registries, *, hypervisor: str = AUTO, arch: str | None = None) -> None:
+    """Import the code a boot of ``config`` will run: the architecture's builders, the
+    implementations of the devices it asks for, the virtio transports. Builds nothing and
+    reports nothing: :meth:`Machine.build` reports what is wrong. The API calls this at
+    ``vm.create``, so that ``vm.boot`` spends its time on the VM, not on imports."""
+    arch_name = arch or host_architecture()
+    try:
+        registries.select_hypervisor(hypervisor, arch_name)
+        architecture = registries.architectures.get(arch_name)()
+        architecture.preload(config)
+        requests = list(architecture.platform_devices(config))
+        for device_type in registries.devices:
+            requests.extend(device_type.requests(config))
+        for name in dict.fromkeys(request.type for request in requests):
+            if name in registries.devices:
+                registries.devices.get(name).prepare()
+        import vmmkit.virtio.transport  # noqa: F401
+
+        chosen = config.platform.virtio_transport if config.platform is not None else None
+        if (chosen or architecture.default_virtio_transport) == "pci":
+            import vmmkit.pci.virtio  # noqa: F401
+    except Exception as exc:  # whatever is wrong, build() says it properly
+        log.debug("vm.preload_failed", error=str(exc))
+
+
 class VcpuDispatch:
     """The :class:`vmmkit.hypervisor.VcpuOps` every vCPU uses: accesses go to the buses."""
 

@@ -9,7 +9,6 @@ by the caller with :meth:`GuestMemory.split`).
 from __future__ import annotations
 
 import bisect
-import ctypes
 import mmap
 import os
 from collections.abc import Iterable, Iterator
@@ -258,5 +257,7 @@ def _map_region(
         buffer.madvise(mmap.MADV_HUGEPAGE)
     if mergeable:
         buffer.madvise(mmap.MADV_MERGEABLE)
-    pin = ctypes.c_char.from_buffer(buffer)
-    return GuestRegion(rng, buffer, ctypes.addressof(pin), fd=fd, slot=slot, pin=pin)
+    from vmmkit.virtio._native import ffi  # cffi, already a dependency; ctypes costs ms to import
+
+    pin = ffi.from_buffer(buffer)  # holds an export: the mapping cannot be closed under the guest
+    return GuestRegion(rng, buffer, int(ffi.cast("uintptr_t", pin)), fd=fd, slot=slot, pin=pin)

@@ -37,7 +37,7 @@ from vmmkit import __version__
 from vmmkit.config import DeviceConfig, DiskConfig, NetConfig, VmConfig
 from vmmkit.errors import VmmError
 from vmmkit.log import get_logger
-from vmmkit.machine import Machine, MachineExit, MachineState, StopReason
+from vmmkit.machine import Machine, MachineExit, MachineState, StopReason, preload
 from vmmkit.registry import AUTO, Registries
 
 log = get_logger()
@@ -153,6 +153,8 @@ class Vmm:
                 if self.config is not None:
                     raise AlreadyExists("a VM is already created (vm.delete it first)")
                 self.config = config.assign_ids()
+            # Load the code this VM's boot will run now, so vm.boot spends its time on the VM.
+            preload(self.config, self.registries, hypervisor=self.hypervisor_name, arch=self.arch_name)
 
     def boot(self) -> None:
         """Build the VM from the stored configuration and start it (``vm.boot``).

@@ -126,6 +126,13 @@ def test_kernel_cmdline() -> None:
     assert once == ("quiet virtio_mmio.device=4K@0xc0000000:5 virtio_mmio.device=4K@0xc0001000:6 -- single")
     assert kernel_cmdline(once, devices) == once
     assert kernel_cmdline("quiet", []) == "quiet"
+    # "--" splits only as a whole word, whatever whitespace bounds it.
+    ours = "virtio_mmio.device=4K@0xc0000000:5 virtio_mmio.device=4K@0xc0001000:6"
+    assert kernel_cmdline("a--b --c", devices) == f"a--b --c {ours}"
+    assert kernel_cmdline("a\t--\tb -- c", devices) == f"a {ours}\t--\tb -- c"
+    assert kernel_cmdline("a --", devices) == f"a {ours} --"
+    assert kernel_cmdline("-- single", devices) == f"{ours} -- single"
+    assert kernel_cmdline(kernel_cmdline("-- single", devices), devices) == f"{ours} -- single"
 
 
 # -- the plugin ---------------------------------------------------------------------------------

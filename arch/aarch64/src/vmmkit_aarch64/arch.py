@@ -14,26 +14,38 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import attrs
 
-from vmmkit.aarch64 import BOOT_PSTATE, Aarch64Vcpu, Aarch64Vm, CoreRegisters, PowerState, SysReg, mpidr_for
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
-from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit.device import DeviceContext, DeviceRequest, DeviceType, PlacedDevice
 from vmmkit.errors import BootError, CapabilityError
 from vmmkit.log import get_logger
-from vmmkit_aarch64 import fdt as fdt_
-from vmmkit_aarch64 import image
-from vmmkit_aarch64 import layout as L
-from vmmkit_aarch64.psci import Psci, PsciPower
 
 if TYPE_CHECKING:
     from vmmkit.config import VmConfig
     from vmmkit.hypervisor import Hypervisor, Vcpu, Vm
     from vmmkit.memory import GuestMemory
+    from vmmkit_aarch64.psci import PsciPower
+
+# This module is imported on every host (registering the architecture and the PSCI device
+# type), so it imports only vmmkit's core at load time; the AArch64 register interface
+# (vmmkit.aarch64), the device-tree writer (libfdt), the Image loader, the layout and PSCI are
+# imported by the methods that use them, i.e. only when an AArch64 VM is built.
 
 log = get_logger()
 
 PROTOCOL: Final = "arm64-image"
 #: SCTLR_EL1 bits a boot CPU must start with clear: M (MMU), C (data cache), I (instruction cache).
 _SCTLR_BOOT_CLEAR: Final = (1 << 0) | (1 << 2) | (1 << 12)
+
+#: The arm64 Image header (see :mod:`vmmkit_aarch64.image`): its size and magic, which the
+#: plugin checks on every boot (``--arch`` guess) without importing the loader.
+HEADER_SIZE: Final = 64
+MAGIC: Final = b"ARM\x64"
+MAGIC_OFFSET: Final = 0x38
+
+
+def recognise(header: bytes) -> bool:
+    """Whether ``header`` (the first bytes of a kernel file) is an arm64 Image's."""
+    return len(header) >= HEADER_SIZE and header[MAGIC_OFFSET : MAGIC_OFFSET + 4] == MAGIC
 
 
 def platform_devices(config: Any) -> list[DeviceRequest]:
@@ -46,6 +58,8 @@ def platform_devices(config: Any) -> list[DeviceRequest]:
         _debug_exit  debug-exit   0x09020000    -           a write sets the VMM's exit status
         _psci        psci         0x09030000    -           PSCI's power callbacks (not in the DT)
     """
+    from vmmkit_aarch64 import layout as L
+
     requests = []
     if str(getattr(config.serial, "mode", "Tty")) != "Off":
         requests.append(DeviceRequest("pl011", "_serial", config.serial,
@@ -65,12 +79,16 @@ class Aarch64(Architecture):
     default_virtio_transport: ClassVar[str] = "mmio"
 
     def __init__(self) -> None:
+        from vmmkit_aarch64.psci import Psci
+
         self.psci = Psci()
         self._vm: Vm | None = None
 
     # -- layout and devices --------------------------------------------------------------------
 
     def memory_layout(self, config: VmConfig) -> MemoryLayout:
+        from vmmkit_aarch64 import layout as L
+
         cpus = config.cpus.boot_vcpus
         if cpus > L.MAX_VCPUS:
             raise CapabilityError("aarch64", None, f"at most {L.MAX_VCPUS} vCPUs fit the GIC redistributor window")
@@ -82,6 +100,9 @@ class Aarch64(Architecture):
     # -- the VM --------------------------------------------------------------------------------
 
     def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:
+        from vmmkit.aarch64 import Aarch64Vm
+        from vmmkit_aarch64 import layout as L
+
         self._vm = vm
         if isinstance(vm, Aarch64Vm):
             vm.set_gic_layout(L.GIC_DIST.start, L.GIC_REDIST_BASE)
@@ -90,6 +111,8 @@ class Aarch64(Architecture):
             vm.set_firmware_handler(self.psci)
 
     def _firmware_in_hypervisor(self) -> bool:
+        from vmmkit.aarch64 import Aarch64Vm
+
         return isinstance(self._vm, Aarch64Vm) and bool(self._vm.firmware_in_hypervisor)
 
     def prepare_boot(
@@ -100,6 +123,11 @@ class Aarch64(Architecture):
         boot: BootInfo,
         devices: Sequence[PlacedDevice],
     ) -> BootInfo:
+        from vmmkit.aarch64 import mpidr_for
+        from vmmkit_aarch64 import fdt as fdt_
+        from vmmkit_aarch64 import image
+        from vmmkit_aarch64.psci import PsciPower
+
         if boot.protocol != PROTOCOL:
             raise BootError(config.payload.kernel, f"an AArch64 VM boots arm64 Images, not {boot.protocol!r}")
         self.psci.ram = tuple(layout.ram)
@@ -125,6 +153,8 @@ class Aarch64(Architecture):
         self, vcpu: Vcpu, index: int, hypervisor: Hypervisor, config: VmConfig, boot: BootInfo
     ) -> None:
         """vCPU 0 enters the kernel with x0 = the DTB; the others stay off for PSCI CPU_ON."""
+        from vmmkit.aarch64 import BOOT_PSTATE, Aarch64Vcpu, CoreRegisters, PowerState, SysReg
+
         if not isinstance(vcpu, Aarch64Vcpu):
             raise CapabilityError("aarch64 vCPU", None,
                                   f"{type(vcpu).__name__} lacks the AArch64 register interface (vmmkit.aarch64)")
@@ -140,3 +170,17 @@ class Aarch64(Architecture):
         if sctlr & _SCTLR_BOOT_CLEAR:
             vcpu.set_sys_reg(SysReg.SCTLR_EL1, sctlr & ~_SCTLR_BOOT_CLEAR)
         vcpu.set_core_registers(CoreRegisters(x=(fdt_address, 0, 0, 0), pc=boot.entry, pstate=BOOT_PSTATE))
+
+
+class PsciPowerType(DeviceType):
+    """``psci``: the PSCI power device (:class:`vmmkit_aarch64.psci.PsciPower`), requested by
+    :func:`platform_devices`."""
+
+    name: ClassVar[str] = "psci"
+    description: ClassVar[str] = "PSCI SYSTEM_OFF/SYSTEM_RESET to the machine (AArch64, internal)"
+
+    @classmethod
+    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> PsciPower:
+        from vmmkit_aarch64.psci import PsciPower
+
+        return PsciPower(request.id, ctx.request_shutdown, ctx.request_reset)

@@ -28,14 +28,14 @@ from vmmkit.arch import BootInfo, MemoryLayout
 from vmmkit.errors import BootError
 from vmmkit.memory import MemoryRange
 from vmmkit_aarch64 import layout as L
+from vmmkit_aarch64.arch import HEADER_SIZE, recognise
+from vmmkit_aarch64.arch import MAGIC as MAGIC  # the header's facts live in arch (see there); re-exported
+from vmmkit_aarch64.arch import MAGIC_OFFSET as MAGIC_OFFSET
 
 if TYPE_CHECKING:
     from vmmkit.config import VmConfig
     from vmmkit.memory import GuestMemory
 
-MAGIC: Final = b"ARM\x64"
-MAGIC_OFFSET: Final = 0x38
-HEADER_SIZE: Final = 64
 DEFAULT_TEXT_OFFSET: Final = 0x80000
 FLAG_BIG_ENDIAN: Final = 1 << 0
 FLAG_PAGE_SIZE_SHIFT: Final = 1
@@ -46,10 +46,6 @@ CHUNK: Final = 1 << 20
 PAGE_SIZES: Final = {0: "unspecified", 1: "4K", 2: "16K", 3: "64K"}
 #: The kernel's command line limit (COMMAND_LINE_SIZE on arm64).
 CMDLINE_MAX: Final = 2048
-
-
-def recognise(header: bytes) -> bool:
-    return len(header) >= HEADER_SIZE and header[MAGIC_OFFSET : MAGIC_OFFSET + 4] == MAGIC
 
 
 def parse_header(path: Path, header: bytes, file_size: int) -> tuple[int, int, int]:

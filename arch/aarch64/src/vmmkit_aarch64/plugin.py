@@ -1,19 +1,22 @@
 """The plugin module vmmkit finds through the ``vmmkit`` entry point ``aarch64``: the
-architecture, the arm64 ``Image`` loader and the PSCI power device type."""
+architecture, the arm64 ``Image`` loader and the PSCI power device type.
+
+Loaded on every host, x86 ones included: it imports only :mod:`.arch`, itself light; the loader
+(:mod:`.image`) is imported when an Image is booted.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmmkit import hookimpl
-from vmmkit.arch import BootInfo, MemoryLayout
 from vmmkit.errors import BootError
-from vmmkit_aarch64 import image
-from vmmkit_aarch64.arch import Aarch64
-from vmmkit_aarch64.psci import PsciPowerType
+from vmmkit_aarch64.arch import HEADER_SIZE, Aarch64, PsciPowerType, recognise
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from vmmkit.arch import BootInfo, MemoryLayout
     from vmmkit.config import VmConfig
     from vmmkit.memory import GuestMemory
     from vmmkit.registry import Registry
@@ -36,9 +39,11 @@ def load_arm64_image(
     arch: str, path: Path, header: bytes, memory: GuestMemory, config: VmConfig, layout: MemoryLayout
 ) -> BootInfo | None:
     """Linux arm64 ``Image`` (uncompressed, with the "ARM\\x64" header)."""
-    if arch != ARCH or not image.recognise(header):
+    if arch != ARCH or not recognise(header):
         return None
-    return image.load(Path(path), memory, config, layout)
+    from vmmkit_aarch64 import image
+
+    return image.load(path, memory, config, layout)
 
 
 @hookimpl(specname="vmmkit_load_kernel", trylast=True)
@@ -66,8 +71,8 @@ def vmmkit_configure(options: Any) -> None:
         return
     try:
         with open(kernel, "rb") as stream:
-            header = stream.read(image.HEADER_SIZE)
+            header = stream.read(HEADER_SIZE)
     except OSError:
         return  # the machine reports an unreadable kernel
-    if image.recognise(header):
+    if recognise(header):
         options.arch = ARCH

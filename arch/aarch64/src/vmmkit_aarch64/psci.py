@@ -34,9 +34,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
 from vmmkit.aarch64 import Aarch64Vcpu, FirmwareCall, PowerState, mpidr_affinity
-from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import Device
 from vmmkit.log import get_logger
 from vmmkit.memory import MemoryRange
+from vmmkit_aarch64.arch import PsciPowerType as PsciPowerType  # declared there, re-exported
 
 log = get_logger()
 
@@ -186,14 +187,3 @@ class PsciPower(Device):
 
     def firmware_properties(self) -> Mapping[str, Any]:
         return {}
-
-
-class PsciPowerType(DeviceType):
-    """``psci``: the PSCI power device, requested by the AArch64 architecture."""
-
-    name: ClassVar[str] = "psci"
-    description: ClassVar[str] = "PSCI SYSTEM_OFF/SYSTEM_RESET to the machine (AArch64, internal)"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> PsciPower:
-        return PsciPower(request.id, ctx.request_shutdown, ctx.request_reset)

@@ -1,4 +1,8 @@
-"""``X86_64``: the x86-64 PC architecture vmmkit registers under the name ``x86_64``."""
+"""``X86_64``: the x86-64 PC architecture vmmkit registers under the name ``x86_64``.
+
+Every process imports this module (the plugin registers the class); what only building a VM
+needs (boot structures, ACPI, CPUID, vCPU state) is imported by the methods that use it.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
 from vmmkit.errors import CapabilityError
-from vmmkit.x86 import CpuIdEntry, MpState, X86Hypervisor, X86Vcpu
-from vmmkit_x86_64 import boot as boot_
 from vmmkit_x86_64 import layout as layout_
 from vmmkit_x86_64 import platform
-from vmmkit_x86_64 import vcpu as vcpu_state
-from vmmkit_x86_64.cpuid import build_cpuid, features_from_config
 from vmmkit_x86_64.topology import Topology
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from vmmkit.device import DeviceRequest, PlacedDevice
     from vmmkit.hypervisor import Hypervisor, Vcpu, Vm
     from vmmkit.memory import GuestMemory
+    from vmmkit.x86 import CpuIdEntry, X86Hypervisor
 
 from vmmkit.log import get_logger
 
@@ -40,6 +41,10 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
 
     def platform_devices(self, config: VmConfig) -> Sequence[DeviceRequest]:
         return platform.platform_devices(config)
+
+    def preload(self, config: VmConfig) -> None:
+        import vmmkit.x86  # noqa: F401
+        from vmmkit_x86_64 import boot, bootparams, bzimage, cpuid, elf, paging, pvh, vcpu  # noqa: F401
 
     def kernel_cmdline(self, config: VmConfig, devices: Sequence[PlacedDevice]) -> str:
         return platform.kernel_cmdline(config.payload.cmdline, devices)
@@ -70,7 +75,9 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
         boot: BootInfo,
         devices: Sequence[PlacedDevice],
     ) -> BootInfo:
-        return boot_.prepare_boot(memory, config, layout, boot, devices)
+        from vmmkit_x86_64.boot import prepare_boot
+
+        return prepare_boot(memory, config, layout, boot, devices)
 
     # -- vCPUs ---------------------------------------------------------------------------------
 
@@ -79,6 +86,10 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
     ) -> None:
         """CPUID, MSRs, FPU and LAPIC for every vCPU; the boot registers for vCPU 0 only (the
         others wait, UNINITIALIZED, for the guest's INIT/SIPI)."""
+        from vmmkit.x86 import MpState, X86Hypervisor, X86Vcpu
+        from vmmkit_x86_64 import vcpu as vcpu_state
+        from vmmkit_x86_64.cpuid import build_cpuid, features_from_config
+
         if not isinstance(vcpu, X86Vcpu):
             raise CapabilityError(
                 "x86 vCPU", detail=f"{type(vcpu).__name__} lacks the x86-64 register interface"

@@ -21,7 +21,7 @@ import attrs
 from vmmkit.arch import BootInfo, MemoryLayout
 from vmmkit.device import PlacedDevice
 from vmmkit.errors import BootError
-from vmmkit_x86_64 import bootparams, e820, gdt, interrupts, mptable, paging, pvh
+from vmmkit_x86_64 import e820, gdt, interrupts, mptable
 from vmmkit_x86_64 import layout as L
 from vmmkit_x86_64 import platform as P
 from vmmkit_x86_64.acpi import build_acpi
@@ -87,6 +87,8 @@ def prepare_boot(
         "gdt": L.BOOT_GDT_START,
     }
     if long_mode:
+        from vmmkit_x86_64 import bootparams, paging
+
         initramfs = (boot.initramfs.start, boot.initramfs.size) if boot.initramfs else None
         page = bootparams.zero_page(
             setup_header=boot.extra.get("setup_header"),
@@ -102,6 +104,8 @@ def prepare_boot(
             memory.write(address, table_page)
         extra.update(zero_page=L.ZERO_PAGE_START, page_tables=L.PML4_START)
     else:
+        from vmmkit_x86_64 import pvh
+
         modules = 0
         modlist = b""
         if boot.initramfs is not None:

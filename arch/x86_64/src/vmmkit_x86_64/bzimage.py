@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Final
 
 from vmmkit.arch import BootInfo, MemoryLayout
 from vmmkit.memory import MemoryRange
-from vmmkit_x86_64 import bootparams as Z
 from vmmkit_x86_64 import layout as L
 from vmmkit_x86_64.loading import ImageFile, check_ram, cmdline_bytes, load_initramfs
 
@@ -40,7 +39,7 @@ DEFAULT_INITRD_ADDR_MAX: Final = 0x37FFFFFF
 
 
 def recognise(header: bytes) -> bool:
-    return header[0x1FE:0x200] == b"\x55\xaa" and header[0x202:0x206] == Z.HDRS
+    return header[0x1FE:0x200] == b"\x55\xaa" and header[0x202:0x206] == b"HdrS"  # bootparams.HDRS
 
 
 def _field(header: bytes, offset: int, fmt: str) -> int:
@@ -48,6 +47,8 @@ def _field(header: bytes, offset: int, fmt: str) -> int:
 
 
 def load(path: Path, memory: GuestMemory, config: VmConfig, layout: MemoryLayout) -> BootInfo:
+    from vmmkit_x86_64 import bootparams as Z  # here: a boot through PVH never needs it
+
     with path.open("rb") as stream:
         image = ImageFile(path, stream)
         first = image.read(0, Z.SETUP_HEADER_LIMIT, "the setup header")

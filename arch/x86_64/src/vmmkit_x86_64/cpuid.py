@@ -56,8 +56,6 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from attrs import evolve, field, frozen
-
 from vmmkit.errors import CapabilityError
 from vmmkit.x86 import CPUID_FLAG_SIGNIFICANT_INDEX, CpuIdEntry
 from vmmkit_x86_64.topology import Topology
@@ -65,14 +63,28 @@ from vmmkit_x86_64.topology import Topology
 REGISTERS: Final = ("eax", "ebx", "ecx", "edx")
 
 
-@frozen
 class Bit:
-    """One CPUID bit: ``leaf.subleaf.register.bit``."""
+    """One CPUID bit: ``leaf.subleaf.register.bit`` (a value: compare, hash, never change)."""
 
-    leaf: int
-    subleaf: int
-    reg: str
-    bit: int
+    __slots__ = ("leaf", "subleaf", "reg", "bit")
+
+    def __init__(self, leaf: int, subleaf: int, reg: str, bit: int) -> None:
+        self.leaf = leaf
+        self.subleaf = subleaf
+        self.reg = reg
+        self.bit = bit
+
+    def _key(self) -> tuple[int, int, str, int]:
+        return (self.leaf, self.subleaf, self.reg, self.bit)
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if type(other) is Bit else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Bit(leaf={self.leaf}, subleaf={self.subleaf}, reg={self.reg!r}, bit={self.bit})"
 
     def __str__(self) -> str:
         return f"{self.leaf:#x}.{self.subleaf}.{self.reg}.{self.bit}"
@@ -253,19 +265,33 @@ INDEXED_LEAVES: Final = frozenset(
     {4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F, 0x8000001D, 0x80000020}
 )
 
-_RAW = re.compile(r"(0x[0-9a-fA-F]+|\d+)\.(0x[0-9a-fA-F]+|\d+)\.(eax|ebx|ecx|edx)\.(\d+)")
+#: ``LEAF.SUBLEAF.REG.BIT`` (compiled by ``re`` on first use: most boots name no feature).
+_RAW = r"(0x[0-9a-fA-F]+|\d+)\.(0x[0-9a-fA-F]+|\d+)\.(eax|ebx|ecx|edx)\.(\d+)"
 
 
-def _bit_tuple(bits: Iterable[Bit]) -> tuple[Bit, ...]:
-    return tuple(bits)
-
-
-@frozen
 class FeatureSelection:
     """CPU features chosen in the configuration: AMX on, and bits to clear."""
 
-    amx: bool = False
-    disabled: tuple[Bit, ...] = field(default=(), converter=_bit_tuple)
+    __slots__ = ("amx", "disabled")
+
+    def __init__(self, amx: bool = False, disabled: Iterable[Bit] = ()) -> None:
+        self.amx = amx
+        self.disabled: tuple[Bit, ...] = tuple(disabled)
+
+    def _key(self) -> tuple[bool, tuple[Bit, ...]]:
+        return (self.amx, self.disabled)
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if type(other) is FeatureSelection else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"FeatureSelection(amx={self.amx!r}, disabled={self.disabled!r})"
+
+
+DEFAULT_FEATURES: Final = FeatureSelection()
 
 
 def feature_bit(name: str) -> Bit:
@@ -273,7 +299,7 @@ def feature_bit(name: str) -> Bit:
 
     :raises ValueError: unknown name or bad syntax.
     """
-    raw = _RAW.fullmatch(name)
+    raw = re.fullmatch(_RAW, name)
     if raw:
         bit = int(raw.group(4))
         if bit > 31:
@@ -337,7 +363,8 @@ class _Table:
         return [e for e in self.entries if e.function == function]
 
     def update(self, old: CpuIdEntry, **regs: int) -> CpuIdEntry:
-        new = evolve(old, **regs)
+        values = {"eax": old.eax, "ebx": old.ebx, "ecx": old.ecx, "edx": old.edx, **regs}
+        new = CpuIdEntry(old.function, old.index, old.flags, **values)
         self.entries[self.entries.index(old)] = new
         return new
 
@@ -379,7 +406,7 @@ def build_cpuid(
     index: int,
     topology: Topology,
     nested: bool = True,
-    features: FeatureSelection = FeatureSelection(),
+    features: FeatureSelection = DEFAULT_FEATURES,
     max_phys_bits: int | None = None,
 ) -> list[CpuIdEntry]:
     """The CPUID table for vCPU ``index``.

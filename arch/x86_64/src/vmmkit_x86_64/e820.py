@@ -11,8 +11,6 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
-from attrs import frozen
-
 from vmmkit.arch import MemoryLayout
 from vmmkit_x86_64 import layout as L
 
@@ -26,11 +24,27 @@ E820_UNUSABLE: Final = 5
 MAX_ENTRIES: Final = 128
 
 
-@frozen
 class E820Entry:
-    addr: int
-    size: int
-    type: int
+    """One memory map entry (a value: compare, hash, never change)."""
+
+    __slots__ = ("addr", "size", "type")
+
+    def __init__(self, addr: int, size: int, type: int) -> None:
+        self.addr = addr
+        self.size = size
+        self.type = type
+
+    def _key(self) -> tuple[int, int, int]:
+        return (self.addr, self.size, self.type)
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if type(other) is E820Entry else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"E820Entry(addr={self.addr!r}, size={self.size!r}, type={self.type!r})"
 
     @property
     def end(self) -> int:

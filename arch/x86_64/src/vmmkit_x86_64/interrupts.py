@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from attrs import frozen
-
 #: MPS INTI flags (MADT and MP table alike): polarity bits 0-1 (1 high, 3 low), trigger bits
 #: 2-3 (1 edge, 3 level); 0 means "conforms to the bus" (ISA: edge, active high).
 INTI_CONFORMS: Final = 0
@@ -23,11 +21,18 @@ SCI_IRQ: Final = 9
 IOAPIC_PINS: Final = 24
 
 
-@frozen
 class InterruptOverride:
-    source: int  #: ISA IRQ
-    gsi: int
-    flags: int = INTI_CONFORMS
+    """An interrupt source override: ISA IRQ ``source`` is ``gsi``, with INTI ``flags``."""
+
+    __slots__ = ("source", "gsi", "flags")
+
+    def __init__(self, source: int, gsi: int, flags: int = INTI_CONFORMS) -> None:
+        self.source = source
+        self.gsi = gsi
+        self.flags = flags
+
+    def __repr__(self) -> str:
+        return f"InterruptOverride(source={self.source}, gsi={self.gsi}, flags={self.flags})"
 
 
 INTERRUPT_OVERRIDES: Final = (

@@ -19,15 +19,13 @@ MAPPED_GIB: Final = 4
 
 def page_tables(pml4: int = L.PML4_START, pdpt: int = L.PDPT_START, pd: int = L.PD_START) -> dict[int, bytes]:
     """``{guest address: page}`` for the PML4, the PDPT and the page directories."""
+    flags = PRESENT | WRITABLE
+    directories = [(pd + 4096 * i) | flags for i in range(MAPPED_GIB)]
     pages = {
-        pml4: struct.pack("<Q", pdpt | PRESENT | WRITABLE).ljust(4096, b"\0"),
-        pdpt: b"".join(
-            struct.pack("<Q", pd + 4096 * i | PRESENT | WRITABLE) for i in range(MAPPED_GIB)
-        ).ljust(4096, b"\0"),
+        pml4: struct.pack("<Q", pdpt | flags).ljust(4096, b"\0"),
+        pdpt: struct.pack(f"<{MAPPED_GIB}Q", *directories).ljust(4096, b"\0"),
     }
     for gib in range(MAPPED_GIB):
-        pages[pd + 4096 * gib] = b"".join(
-            struct.pack("<Q", ((gib << 30) + (j << 21)) | PRESENT | WRITABLE | PAGE_SIZE_2M)
-            for j in range(512)
-        )
+        first = (gib << 30) | flags | PAGE_SIZE_2M  # 2 MiB pages: the flags sit in bits the address leaves 0
+        pages[pd + 4096 * gib] = struct.pack("<512Q", *range(first, first + (512 << 21), 1 << 21))
     return pages

@@ -26,7 +26,6 @@ IRQ 9 (the SCI: level-triggered, active high). Both tables (MADT, MP table) say 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -105,7 +104,17 @@ def virtio_mmio_args(devices: Sequence[PlacedDevice]) -> list[str]:
     return args
 
 
-_INIT_ARGS = re.compile(r"(?:^|\s)--(?:\s|$)")
+def _split_init_args(text: str) -> tuple[str, str]:
+    """``text`` cut before its first ``--`` word (with the whitespace before it): what follows
+    is for init. ``(text, "")`` when there is none."""
+    at = text.find("--")
+    while at >= 0:
+        end = at + 2
+        if (at == 0 or text[at - 1].isspace()) and (end == len(text) or text[end].isspace()):
+            cut = max(at - 1, 0)
+            return text[:cut], text[cut:]
+        at = text.find("--", at + 1)
+    return text, ""
 
 
 def kernel_cmdline(cmdline: str | None, devices: Sequence[PlacedDevice]) -> str:
@@ -116,8 +125,9 @@ def kernel_cmdline(cmdline: str | None, devices: Sequence[PlacedDevice]) -> str:
     extra = [arg for arg in virtio_mmio_args(devices) if arg not in words]
     if not extra:
         return text
-    split = _INIT_ARGS.search(text)
-    head, tail = (text[: split.start()], text[split.start() :]) if split else (text, "")
+    head, tail = _split_init_args(text)
+    if tail and not tail[0].isspace():
+        tail = f" {tail}"  # the command line started with "--"
     return " ".join(part for part in [head.strip(), *extra] if part) + tail
 
 
@@ -127,8 +137,7 @@ def kernel_cmdline_for_acpi_linux(cmdline: str, devices: Sequence[PlacedDevice])
     would register each a second time from the command line, whose probe then fails ("can't
     request region", error -16). Unless ``acpi=off`` is given: then the command line is all
     it has."""
-    split = _INIT_ARGS.search(cmdline)
-    head, tail = (cmdline[: split.start()], cmdline[split.start() :]) if split else (cmdline, "")
+    head, tail = _split_init_args(cmdline)
     words = head.split()
     if "acpi=off" in words:
         return kernel_cmdline(cmdline, devices)

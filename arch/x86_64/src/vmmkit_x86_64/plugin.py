@@ -3,6 +3,9 @@
 One ``vmmkit_load_kernel`` implementation per image format; each returns ``None`` unless the
 guest is x86-64 and it recognises the image. A last one (``trylast``) turns an x86-64 image no
 loader recognised into a clear :class:`~vmmkit.errors.BootError`.
+
+The loader modules are imported by the hooks, once the guest is x86-64: importing this module
+(as every start does) imports no loader, and a boot imports only the loaders it tries.
 """
 
 from __future__ import annotations
@@ -11,13 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmmkit import hookimpl
-from vmmkit.arch import BootInfo, MemoryLayout
 from vmmkit.errors import BootError
-from vmmkit_x86_64 import bzimage, elf
 from vmmkit_x86_64.arch import X86_64
-from vmmkit_x86_64.loaders import UNRECOGNISED
 
 if TYPE_CHECKING:
+    from vmmkit.arch import BootInfo, MemoryLayout
     from vmmkit.config import VmConfig
     from vmmkit.memory import GuestMemory
     from vmmkit.registry import Registry
@@ -35,7 +36,11 @@ def load_elf(
     arch: str, path: Path, header: bytes, memory: GuestMemory, config: VmConfig, layout: MemoryLayout
 ) -> BootInfo | None:
     """vmlinux and PVH kernels."""
-    if arch != ARCH or not elf.recognise(header):
+    if arch != ARCH:
+        return None
+    from vmmkit_x86_64 import elf
+
+    if not elf.recognise(header):
         return None
     return elf.load(Path(path), memory, config, layout)
 
@@ -45,7 +50,11 @@ def load_bzimage(
     arch: str, path: Path, header: bytes, memory: GuestMemory, config: VmConfig, layout: MemoryLayout
 ) -> BootInfo | None:
     """Linux bzImage (boot protocol 2.12+, 64-bit entry)."""
-    if arch != ARCH or not bzimage.recognise(header):
+    if arch != ARCH:
+        return None
+    from vmmkit_x86_64 import bzimage
+
+    if not bzimage.recognise(header):
         return None
     return bzimage.load(Path(path), memory, config, layout)
 
@@ -57,4 +66,6 @@ def reject_unknown_image(
     """Runs only when no loader took an x86-64 image: say what the image is not."""
     if arch != ARCH:
         return None
+    from vmmkit_x86_64.loaders import UNRECOGNISED
+
     raise BootError(path, UNRECOGNISED)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from attrs import frozen
-
 if TYPE_CHECKING:
     from vmmkit.config import CpusConfig
 
@@ -21,12 +19,33 @@ def field_width(count: int) -> int:
     return (count - 1).bit_length()
 
 
-@frozen
 class Topology:
-    threads_per_core: int = 1
-    cores_per_die: int = 1
-    dies_per_package: int = 1
-    packages: int = 1
+    """Threads per core, cores per die, dies per package, packages (a value: never changed)."""
+
+    __slots__ = ("threads_per_core", "cores_per_die", "dies_per_package", "packages")
+
+    def __init__(
+        self, threads_per_core: int = 1, cores_per_die: int = 1, dies_per_package: int = 1, packages: int = 1
+    ) -> None:
+        self.threads_per_core = threads_per_core
+        self.cores_per_die = cores_per_die
+        self.dies_per_package = dies_per_package
+        self.packages = packages
+
+    def _key(self) -> tuple[int, int, int, int]:
+        return (self.threads_per_core, self.cores_per_die, self.dies_per_package, self.packages)
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if type(other) is Topology else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"Topology(threads_per_core={self.threads_per_core}, cores_per_die={self.cores_per_die}, "
+            f"dies_per_package={self.dies_per_package}, packages={self.packages})"
+        )
 
     @classmethod
     def from_config(cls, cpus: CpusConfig) -> Topology:

@@ -118,7 +118,10 @@ def boot_special_registers(protocol: str, current: SpecialRegisters) -> SpecialR
     if protocol not in ("linux64", "pvh"):
         raise ValueError(f"unknown boot protocol {protocol!r}")
     code, data, tss = gdt.boot_segments(long_mode)
-    sregs = attrs.evolve(
+    cr0, cr3, cr4, efer = X86_CR0_PE | X86_CR0_ET, 0, 0, 0
+    if long_mode:
+        cr0, cr3, cr4, efer = cr0 | X86_CR0_NE | X86_CR0_PG, L.PML4_START, X86_CR4_PAE, EFER_LME | EFER_LMA
+    return attrs.evolve(
         current,
         cs=code,
         ds=data,
@@ -132,13 +135,8 @@ def boot_special_registers(protocol: str, current: SpecialRegisters) -> SpecialR
         cr2=0,
         cr8=0,
         apic_base=L.APIC_START | APIC_BASE_ENABLE | APIC_BASE_BSP,
+        cr0=cr0,
+        cr3=cr3,
+        cr4=cr4,
+        efer=efer,
     )
-    if long_mode:
-        return attrs.evolve(
-            sregs,
-            cr0=X86_CR0_PE | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG,
-            cr3=L.PML4_START,
-            cr4=X86_CR4_PAE,
-            efer=EFER_LME | EFER_LMA,
-        )
-    return attrs.evolve(sregs, cr0=X86_CR0_PE | X86_CR0_ET, cr3=0, cr4=0, efer=0)

@@ -8,6 +8,9 @@ with fixed placements (x86: ``serial-16550`` at 0x3f8 IRQ 4, ``rtc-cmos`` at 0x7
 The virtio types (``virtio-blk``, ``virtio-net``, ``virtio-console``, ``virtio-rng``) claim the
 ``disks``, ``net``, ``console`` and ``rng`` sections of the configuration; the machine puts each
 device behind the transport its config asks for.
+
+Loading this module imports only the types' declarations (:mod:`vmmkit_devices.device_types`):
+a device's implementation is imported when the machine first creates one.
 """
 
 from __future__ import annotations
@@ -15,22 +18,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vmmkit import hookimpl
-from vmmkit_devices.acpi.ged import AcpiGedType
-from vmmkit_devices.acpi.pm import AcpiPmType
-from vmmkit_devices.debug.console import DebugConsoleType
-from vmmkit_devices.debug.exit import DebugExitType
-from vmmkit_devices.debug.port80 import DebugPortType
-from vmmkit_devices.debug.pvpanic import PvPanicType
-from vmmkit_devices.legacy.i8042 import I8042Type
-from vmmkit_devices.legacy.pit import I8254Type
-from vmmkit_devices.legacy.pl011 import Pl011Type
-from vmmkit_devices.legacy.rtc import CmosRtcType
-from vmmkit_devices.legacy.rtc_pl031 import Pl031Type
-from vmmkit_devices.legacy.serial import Serial16550Type
-from vmmkit_devices.virtio.block import VirtioBlockType
-from vmmkit_devices.virtio.console import VirtioConsoleType
-from vmmkit_devices.virtio.net import VirtioNetType
-from vmmkit_devices.virtio.rng import VirtioRngType
+from vmmkit_devices.device_types import (
+    AcpiGedType,
+    AcpiPmType,
+    CmosRtcType,
+    DebugConsoleType,
+    DebugExitType,
+    DebugPortType,
+    I8042Type,
+    I8254Type,
+    Pl011Type,
+    Pl031Type,
+    PvPanicType,
+    Serial16550Type,
+    VirtioBlockType,
+    VirtioConsoleType,
+    VirtioNetType,
+    VirtioRngType,
+)
 
 if TYPE_CHECKING:
     from vmmkit.device import DeviceType

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from attrs import frozen
-
 from vmmkit.arch import MemoryLayout
 from vmmkit.device import PlacedDevice
 from vmmkit_x86_64 import interrupts
@@ -26,17 +24,28 @@ if TYPE_CHECKING:
 TABLE_ALIGN: Final = 16
 
 
-@frozen
 class AcpiTable:
-    signature: str
-    address: int
-    data: bytes
+    """One table: its signature, guest-physical address and bytes."""
+
+    __slots__ = ("signature", "address", "data")
+
+    def __init__(self, signature: str, address: int, data: bytes) -> None:
+        self.signature = signature
+        self.address = address
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"AcpiTable(signature={self.signature!r}, address={self.address:#x}, {len(self.data)} bytes)"
 
 
-@frozen
 class AcpiTables:
-    rsdp_address: int
-    tables: tuple[AcpiTable, ...]
+    """The tables a VM gets, RSDP first."""
+
+    __slots__ = ("rsdp_address", "tables")
+
+    def __init__(self, rsdp_address: int, tables: tuple[AcpiTable, ...]) -> None:
+        self.rsdp_address = rsdp_address
+        self.tables = tables
 
     def get(self, signature: str) -> AcpiTable:
         for table in self.tables:

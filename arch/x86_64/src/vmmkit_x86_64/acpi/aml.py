@@ -17,11 +17,8 @@ String, ``bytes`` a Buffer.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
-from typing import Protocol, TypeAlias, runtime_checkable
-
-from attrs import field, frozen
+from typing import TypeAlias
 
 # -- opcodes ----------------------------------------------------------------------------------
 ZERO_OP = 0x00
@@ -46,20 +43,30 @@ PARENT_PREFIX_CHAR = 0x5E
 RETURN_OP = 0xA4
 
 
-@runtime_checkable
-class AmlObject(Protocol):
-    def to_aml(self) -> bytes: ...
+class AmlObject:
+    """Base of the AML objects: ``to_aml()``, and equality and a repr from ``__slots__`` (the
+    fields, in order). :func:`encode` also takes any other object with a ``to_aml()``."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def to_aml(self) -> bytes:
+        raise NotImplementedError
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._fields()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
 Term: TypeAlias = "AmlObject | int | str | bytes"
-
-
-def _terms(values: Iterable[Term]) -> tuple[Term, ...]:
-    return tuple(values)
-
-
-def _descriptors(values: Iterable[AmlObject]) -> tuple[AmlObject, ...]:
-    return tuple(values)
 
 
 def _numbers(values: int | Iterable[int]) -> tuple[int, ...]:
@@ -68,6 +75,8 @@ def _numbers(values: int | Iterable[int]) -> tuple[int, ...]:
 
 def encode(term: Term) -> bytes:
     """The AML bytes of a term (an :class:`AmlObject` or a plain data value)."""
+    if isinstance(term, AmlObject):
+        return term.to_aml()
     if isinstance(term, bool):
         raise TypeError("AML has no booleans: use 0 or 1")
     if isinstance(term, int):
@@ -76,13 +85,14 @@ def encode(term: Term) -> bytes:
         return string(term)
     if isinstance(term, bytes):
         return Buffer(term).to_aml()
-    if isinstance(term, AmlObject):
-        return term.to_aml()
+    to_aml = getattr(term, "to_aml", None)
+    if callable(to_aml):
+        return bytes(to_aml())
     raise TypeError(f"not an AML term: {term!r}")
 
 
-def encode_all(terms: Sequence[Term]) -> bytes:
-    return b"".join(encode(t) for t in terms)
+def encode_all(terms: Iterable[Term]) -> bytes:
+    return b"".join([encode(t) for t in terms])
 
 
 def integer(value: int) -> bytes:
@@ -105,11 +115,20 @@ def string(text: str) -> bytes:
     return bytes([STRING_PREFIX]) + data + b"\0"
 
 
-_SEGMENT = re.compile(r"[A-Z_][A-Z0-9_]{0,3}")
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_LEAD_CHARS = frozenset(_UPPER + "_")
+_NAME_CHARS = frozenset(_UPPER + "_0123456789")
+
+
+def _is_segment(segment: str) -> bool:
+    """A NameSeg of 1-4 characters: ``[A-Z_][A-Z0-9_]{0,3}``."""
+    return 0 < len(segment) <= 4 and segment[0] in _LEAD_CHARS and _NAME_CHARS.issuperset(segment)
 
 
 def name_string(path: str) -> bytes:
     """Encode a name path: ``_HID``, ``\\_SB_.PCI0``, ``^COM1`` (segments padded with ``_``)."""
+    if len(path) == 4 and _is_segment(path):  # the common case: one whole segment
+        return path.encode("ascii")
     out = bytearray()
     rest = path
     if rest.startswith("\\"):
@@ -121,7 +140,7 @@ def name_string(path: str) -> bytes:
             rest = rest[1:]
     segments = rest.split(".") if rest else []
     for segment in segments:
-        if not _SEGMENT.fullmatch(segment):
+        if not _is_segment(segment):
             raise ValueError(f"invalid AML name segment {segment!r} in {path!r}")
     encoded = [s.ljust(4, "_").encode("ascii") for s in segments]
     if not encoded:
@@ -156,9 +175,12 @@ def _package(opcode: bytes, body: bytes) -> bytes:
     return opcode + pkg_length(len(body)) + body
 
 
+_HEX_UPPER = frozenset("0123456789ABCDEF")
+
+
 def eisa_id(text: str) -> int:
     """The compressed EISA ID of ``"PNP0501"``-style text (ASL's ``EISAID()``)."""
-    if not re.fullmatch(r"[A-Z]{3}[0-9A-F]{4}", text):
+    if not (len(text) == 7 and all(c in _UPPER for c in text[:3]) and _HEX_UPPER.issuperset(text[3:])):
         raise ValueError(f"not an EISA ID: {text!r}")
     c1, c2, c3 = (ord(c) - 0x40 for c in text[:3])
     product = int(text[3:], 16)
@@ -169,68 +191,80 @@ def eisa_id(text: str) -> int:
 # -- named objects and control ----------------------------------------------------------------
 
 
-@frozen
-class EisaId:
+class EisaId(AmlObject):
     """``EISAID("PNP0501")``: an Integer holding the compressed ID."""
 
-    text: str
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
     def to_aml(self) -> bytes:
         return integer(eisa_id(self.text))
 
 
-@frozen
-class Path:
+class Path(AmlObject):
     """A reference to a named object (a NameString used as a term)."""
 
-    path: str
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
 
     def to_aml(self) -> bytes:
         return name_string(self.path)
 
 
-@frozen
-class Name:
+class Name(AmlObject):
     """``Name(path, value)``."""
 
-    path: str
-    value: Term
+    __slots__ = ("path", "value")
+
+    def __init__(self, path: str, value: Term) -> None:
+        self.path = path
+        self.value = value
 
     def to_aml(self) -> bytes:
         return bytes([NAME_OP]) + name_string(self.path) + encode(self.value)
 
 
-@frozen
-class Scope:
+class Scope(AmlObject):
     """``Scope(path) { children }``."""
 
-    path: str
-    children: Sequence[Term] = field(factory=tuple, converter=_terms)
+    __slots__ = ("path", "children")
+
+    def __init__(self, path: str, children: Iterable[Term] = ()) -> None:
+        self.path = path
+        self.children: Sequence[Term] = tuple(children)
 
     def to_aml(self) -> bytes:
         return _package(bytes([SCOPE_OP]), name_string(self.path) + encode_all(self.children))
 
 
-@frozen
-class Device:
+class Device(AmlObject):
     """``Device(path) { children }``."""
 
-    path: str
-    children: Sequence[Term] = field(factory=tuple, converter=_terms)
+    __slots__ = ("path", "children")
+
+    def __init__(self, path: str, children: Iterable[Term] = ()) -> None:
+        self.path = path
+        self.children: Sequence[Term] = tuple(children)
 
     def to_aml(self) -> bytes:
         body = name_string(self.path) + encode_all(self.children)
         return _package(bytes([EXT_OP_PREFIX, DEVICE_OP]), body)
 
 
-@frozen
-class Method:
+class Method(AmlObject):
     """``Method(path, args, Serialized|NotSerialized) { body }``."""
 
-    path: str
-    args: int = 0
-    body: Sequence[Term] = field(factory=tuple, converter=_terms)
-    serialized: bool = False
+    __slots__ = ("path", "args", "body", "serialized")
+
+    def __init__(self, path: str, args: int = 0, body: Iterable[Term] = (), serialized: bool = False) -> None:
+        self.path = path
+        self.args = args
+        self.body: Sequence[Term] = tuple(body)
+        self.serialized = serialized
 
     def to_aml(self) -> bytes:
         if not 0 <= self.args <= 7:
@@ -240,19 +274,23 @@ class Method:
         return _package(bytes([METHOD_OP]), body)
 
 
-@frozen
-class Return:
-    value: Term
+class Return(AmlObject):
+    __slots__ = ("value",)
+
+    def __init__(self, value: Term) -> None:
+        self.value = value
 
     def to_aml(self) -> bytes:
         return bytes([RETURN_OP]) + encode(self.value)
 
 
-@frozen
-class Package:
+class Package(AmlObject):
     """``Package() { elements }`` (at most 255 elements)."""
 
-    elements: Sequence[Term] = field(factory=tuple, converter=_terms)
+    __slots__ = ("elements",)
+
+    def __init__(self, elements: Iterable[Term] = ()) -> None:
+        self.elements: Sequence[Term] = tuple(elements)
 
     def to_aml(self) -> bytes:
         if len(self.elements) > 255:
@@ -261,9 +299,11 @@ class Package:
         return _package(bytes([PACKAGE_OP]), body)
 
 
-@frozen
-class Buffer:
-    data: bytes
+class Buffer(AmlObject):
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
     def to_aml(self) -> bytes:
         body = integer(len(self.data)) + self.data
@@ -278,14 +318,16 @@ BYTE_ACC = 0x01  #: Field access type
 WRITE_AS_ZEROS = 0x40  #: Field update rule (bits 5-6 = 2)
 
 
-@frozen
-class OpRegion:
+class OpRegion(AmlObject):
     """``OperationRegion(name, space, offset, length)``."""
 
-    path: str
-    space: int
-    offset: int
-    length: int
+    __slots__ = ("path", "space", "offset", "length")
+
+    def __init__(self, path: str, space: int, offset: int, length: int) -> None:
+        self.path = path
+        self.space = space
+        self.offset = offset
+        self.length = length
 
     def to_aml(self) -> bytes:
         return (
@@ -297,18 +339,20 @@ class OpRegion:
         )
 
 
-@frozen
-class Field:
+class Field(AmlObject):
     """``Field(region, ByteAcc, NoLock, WriteAsZeros) { name, bits, ... }``: named fields only."""
 
-    region: str
-    fields: Sequence[tuple[str, int]]
-    flags: int = BYTE_ACC | WRITE_AS_ZEROS
+    __slots__ = ("region", "fields", "flags")
+
+    def __init__(self, region: str, fields: Sequence[tuple[str, int]], flags: int = BYTE_ACC | WRITE_AS_ZEROS) -> None:
+        self.region = region
+        self.fields = fields
+        self.flags = flags
 
     def to_aml(self) -> bytes:
         body = name_string(self.region) + bytes([self.flags])
         for name, bits in self.fields:
-            if len(name) != 4 or not _SEGMENT.fullmatch(name):
+            if len(name) != 4 or not _is_segment(name):
                 raise ValueError(f"a field name is one 4-character segment, not {name!r}")
             body += name.encode("ascii") + _field_width(bits)
         return _package(bytes([EXT_OP_PREFIX, 0x81]), body)
@@ -324,11 +368,13 @@ def _field_width(bits: int) -> bytes:
     return bytes([(extra << 6) | (bits & 0x0F)]) + (bits >> 4).to_bytes(extra, "little")
 
 
-@frozen
-class Local:
+class Local(AmlObject):
     """``LocalN`` (N = 0-7)."""
 
-    index: int
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
 
     def to_aml(self) -> bytes:
         if not 0 <= self.index <= 7:
@@ -336,57 +382,67 @@ class Local:
         return bytes([0x60 + self.index])
 
 
-@frozen
-class Store:
+class Store(AmlObject):
     """``Store(source, target)``."""
 
-    source: Term
-    target: Term
+    __slots__ = ("source", "target")
+
+    def __init__(self, source: Term, target: Term) -> None:
+        self.source = source
+        self.target = target
 
     def to_aml(self) -> bytes:
         return bytes([0x70]) + encode(self.source) + encode(self.target)
 
 
-@frozen
-class And:
+class And(AmlObject):
     """``And(left, right, target)``."""
 
-    left: Term
-    right: Term
-    target: Term
+    __slots__ = ("left", "right", "target")
+
+    def __init__(self, left: Term, right: Term, target: Term) -> None:
+        self.left = left
+        self.right = right
+        self.target = target
 
     def to_aml(self) -> bytes:
         return bytes([0x7B]) + encode(self.left) + encode(self.right) + encode(self.target)
 
 
-@frozen
-class LEqual:
+class LEqual(AmlObject):
     """``LEqual(left, right)``."""
 
-    left: Term
-    right: Term
+    __slots__ = ("left", "right")
+
+    def __init__(self, left: Term, right: Term) -> None:
+        self.left = left
+        self.right = right
 
     def to_aml(self) -> bytes:
         return bytes([0x93]) + encode(self.left) + encode(self.right)
 
 
-@frozen
-class If:
+class If(AmlObject):
     """``If (predicate) { body }``."""
 
-    predicate: Term
-    body: Sequence[Term] = field(factory=tuple, converter=_terms)
+    __slots__ = ("predicate", "body")
+
+    def __init__(self, predicate: Term, body: Iterable[Term] = ()) -> None:
+        self.predicate = predicate
+        self.body: Sequence[Term] = tuple(body)
 
     def to_aml(self) -> bytes:
         return _package(bytes([0xA0]), encode(self.predicate) + encode_all(self.body))
 
 
-@frozen
-class Notify:
+class Notify(AmlObject):
     """``Notify(object, value)``."""
 
-    target: Term
-    value: Term
+    __slots__ = ("target", "value")
+
+    def __init__(self, target: Term, value: Term) -> None:
+        self.target = target
+        self.value = value
 
     def to_aml(self) -> bytes:
         return bytes([0x86]) + encode(self.target) + encode(self.value)
@@ -395,14 +451,16 @@ class Notify:
 # -- resource descriptors (ACPI 6.5, 6.4) -----------------------------------------------------
 
 
-@frozen
-class Io:
+class Io(AmlObject):
     """``IO(Decode16, min, max, alignment, length)``."""
 
-    minimum: int
-    maximum: int
-    alignment: int
-    length: int
+    __slots__ = ("minimum", "maximum", "alignment", "length")
+
+    def __init__(self, minimum: int, maximum: int, alignment: int, length: int) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.alignment = alignment
+        self.length = length
 
     def to_aml(self) -> bytes:
         return (
@@ -413,11 +471,13 @@ class Io:
         )
 
 
-@frozen
-class IrqNoFlags:
+class IrqNoFlags(AmlObject):
     """``IRQNoFlags() {irqs}``: ISA interrupts, edge-triggered, active high, exclusive."""
 
-    irqs: Sequence[int] = field(converter=_numbers)
+    __slots__ = ("irqs",)
+
+    def __init__(self, irqs: int | Iterable[int]) -> None:
+        self.irqs: Sequence[int] = _numbers(irqs)
 
     def to_aml(self) -> bytes:
         mask = 0
@@ -428,15 +488,24 @@ class IrqNoFlags:
         return bytes([0x22]) + mask.to_bytes(2, "little")
 
 
-@frozen
-class Interrupt:
+class Interrupt(AmlObject):
     """``Interrupt(ResourceConsumer, Edge|Level, ActiveHigh|ActiveLow, Exclusive|Shared) {gsis}``."""
 
-    interrupts: Sequence[int] = field(converter=_numbers)
-    consumer: bool = True
-    edge: bool = True
-    active_low: bool = False
-    shared: bool = False
+    __slots__ = ("interrupts", "consumer", "edge", "active_low", "shared")
+
+    def __init__(
+        self,
+        interrupts: int | Iterable[int],
+        consumer: bool = True,
+        edge: bool = True,
+        active_low: bool = False,
+        shared: bool = False,
+    ) -> None:
+        self.interrupts: Sequence[int] = _numbers(interrupts)
+        self.consumer = consumer
+        self.edge = edge
+        self.active_low = active_low
+        self.shared = shared
 
     def to_aml(self) -> bytes:
         flags = (self.consumer << 0) | (self.edge << 1) | (self.active_low << 2) | (self.shared << 3)
@@ -446,13 +515,15 @@ class Interrupt:
         return bytes([0x89]) + len(body).to_bytes(2, "little") + body
 
 
-@frozen
-class Memory32Fixed:
+class Memory32Fixed(AmlObject):
     """``Memory32Fixed(ReadWrite|ReadOnly, base, length)``."""
 
-    base: int
-    length: int
-    writeable: bool = True
+    __slots__ = ("base", "length", "writeable")
+
+    def __init__(self, base: int, length: int, writeable: bool = True) -> None:
+        self.base = base
+        self.length = length
+        self.writeable = writeable
 
     def to_aml(self) -> bytes:
         body = (
@@ -470,8 +541,7 @@ _MAX_FIXED = 1 << 3
 _CONSUMER = 1 << 0
 
 
-@frozen
-class AddressSpace:
+class AddressSpace(AmlObject):
     """``WordBusNumber`` / ``WordIO`` / ``DWordMemory`` / ``QWordMemory`` (by ``width``):
     a fixed-size ``[minimum, maximum]`` range a bridge produces (or a device consumes).
 
@@ -479,15 +549,27 @@ class AddressSpace:
     the range (3: entire).
     """
 
-    resource_type: int
-    minimum: int
-    maximum: int
-    width: int = 8  #: 2 (Word), 4 (DWord) or 8 (QWord) bytes per field
-    type_flags: int = 0
-    consumer: bool = False
-    translation: int = 0
+    __slots__ = ("resource_type", "minimum", "maximum", "width", "type_flags", "consumer", "translation")
 
     _TAGS = {2: 0x88, 4: 0x87, 8: 0x8A}
+
+    def __init__(
+        self,
+        resource_type: int,
+        minimum: int,
+        maximum: int,
+        width: int = 8,
+        type_flags: int = 0,
+        consumer: bool = False,
+        translation: int = 0,
+    ) -> None:
+        self.resource_type = resource_type
+        self.minimum = minimum
+        self.maximum = maximum
+        self.width = width  #: 2 (Word), 4 (DWord) or 8 (QWord) bytes per field
+        self.type_flags = type_flags
+        self.consumer = consumer
+        self.translation = translation
 
     def to_aml(self) -> bytes:
         if self.width not in self._TAGS:
@@ -520,12 +602,14 @@ def qword_memory(first: int, last: int, *, cacheable: bool = False) -> AddressSp
     return AddressSpace(MEMORY_RANGE, first, last, width=8, type_flags=0x01 | (0x02 if cacheable else 0))
 
 
-@frozen
-class ResourceTemplate:
+class ResourceTemplate(AmlObject):
     """``ResourceTemplate() { descriptors }``: a Buffer ending in an End Tag."""
 
-    descriptors: Sequence[AmlObject] = field(factory=tuple, converter=_descriptors)
+    __slots__ = ("descriptors",)
+
+    def __init__(self, descriptors: Iterable[AmlObject] = ()) -> None:
+        self.descriptors: Sequence[AmlObject] = tuple(descriptors)
 
     def to_aml(self) -> bytes:
-        data = b"".join(d.to_aml() for d in self.descriptors) + bytes([0x79, 0x00])
+        data = b"".join([d.to_aml() for d in self.descriptors]) + bytes([0x79, 0x00])
         return Buffer(data).to_aml()

@@ -9,8 +9,6 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
-from attrs import frozen
-
 from vmmkit_x86_64.interrupts import INTI_CONFORMS, InterruptOverride
 
 OEM_ID: Final = b"VMMKIT"
@@ -85,15 +83,19 @@ SYSTEM_IO: Final = 1
 ACCESS_BYTE: Final = 1
 
 
-@frozen
 class Gas:
     """A Generic Address Structure."""
 
-    space: int = 0
-    bit_width: int = 0
-    bit_offset: int = 0
-    access_size: int = 0
-    address: int = 0
+    __slots__ = ("space", "bit_width", "bit_offset", "access_size", "address")
+
+    def __init__(
+        self, space: int = 0, bit_width: int = 0, bit_offset: int = 0, access_size: int = 0, address: int = 0
+    ) -> None:
+        self.space = space
+        self.bit_width = bit_width
+        self.bit_offset = bit_offset
+        self.access_size = access_size
+        self.address = address
 
     def pack(self) -> bytes:
         return struct.pack(
@@ -181,12 +183,16 @@ def madt(
 # -- MCFG -------------------------------------------------------------------------------------
 
 
-@frozen
 class EcamSegment:
-    base: int
-    segment: int = 0
-    start_bus: int = 0
-    end_bus: int = 255
+    """One MCFG entry: the ECAM window at ``base`` for ``segment``, buses ``start_bus-end_bus``."""
+
+    __slots__ = ("base", "segment", "start_bus", "end_bus")
+
+    def __init__(self, base: int, segment: int = 0, start_bus: int = 0, end_bus: int = 255) -> None:
+        self.base = base
+        self.segment = segment
+        self.start_bus = start_bus
+        self.end_bus = end_bus
 
 
 def mcfg(segments: Sequence[EcamSegment]) -> bytes:

@@ -17,10 +17,11 @@ import threading
 from collections.abc import Mapping
 from typing import ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
+from vmmkit_devices.device_types import AcpiGedType as AcpiGedType  # declared there, re-exported
 
 log = get_logger()
 
@@ -80,13 +81,7 @@ class AcpiGed(ByteRegisters):
         }
 
 
-class AcpiGedType(DeviceType):
-    """``acpi-ged``: requested by the architecture with a fixed MMIO byte and interrupt."""
-
-    name: ClassVar[str] = "acpi-ged"
-    description: ClassVar[str] = "ACPI Generic Event Device (power button notification)"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> AcpiGed:
-        line = ctx.interrupt_line(request.irq)[1] if request.irq is not None else None
-        return AcpiGed(request.id, line)
+def create(ctx: DeviceContext, request: DeviceRequest) -> AcpiGed:
+    """``AcpiGedType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    line = ctx.interrupt_line(request.irq)[1] if request.irq is not None else None
+    return AcpiGed(request.id, line)

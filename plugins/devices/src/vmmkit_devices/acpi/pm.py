@@ -19,9 +19,10 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
+from vmmkit_devices.device_types import AcpiPmType as AcpiPmType  # declared there, re-exported
 
 log = get_logger()
 
@@ -97,12 +98,6 @@ class AcpiPm(ByteRegisters):
         return {"poweroffs": self.poweroffs, "resets": self.resets, **super().counters()}
 
 
-class AcpiPmType(DeviceType):
-    """``acpi-pm``: requested by the architecture at (0x600, 8)."""
-
-    name: ClassVar[str] = "acpi-pm"
-    description: ClassVar[str] = "ACPI hardware-reduced sleep control/status and reset registers"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> AcpiPm:
-        return AcpiPm(request.id, ctx.request_shutdown, ctx.request_reset)
+def create(ctx: DeviceContext, request: DeviceRequest) -> AcpiPm:
+    """``AcpiPmType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    return AcpiPm(request.id, ctx.request_shutdown, ctx.request_reset)

@@ -27,21 +27,22 @@ import os
 import socket
 import stat
 import threading
-import tty
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from vmmkit.errors import DeviceError
-from vmmkit.eventloop import EventLoop
 from vmmkit.log import get_logger
-from vmmkit_devices.console.tty import RawMode
+from vmmkit_devices.console.mode import MODES as MODES  # moved there, re-exported
+from vmmkit_devices.console.mode import console_mode as console_mode
+
+if TYPE_CHECKING:
+    from vmmkit.eventloop import EventLoop
+    from vmmkit_devices.console.tty import RawMode
 
 log = get_logger()
 
 #: Largest chunk read from an input fd at once.
 READ_CHUNK = 4096
-
-MODES = ("Off", "Pty", "Tty", "File", "Socket", "Null")
 
 
 class InputSink(Protocol):
@@ -54,19 +55,6 @@ class InputSink(Protocol):
     def receive(self, data: bytes) -> None:
         """Bytes from the host; at most the last :meth:`room` bytes."""
         ...
-
-
-def console_mode(config: Any, default: str = "Null") -> str:
-    """The console mode of a ``SerialConfig`` / ``DebugConsoleConfig`` (or a plain string), in
-    CH's spelling (``"Tty"``); ``default`` when ``config`` is ``None``."""
-    mode = config if isinstance(config, str) or config is None else getattr(config, "mode", None)
-    if mode is None:
-        return default
-    mode = str(getattr(mode, "value", mode))
-    for known in MODES:
-        if mode.lower() == known.lower():
-            return known
-    raise DeviceError(f"unknown console mode {mode!r} (expected one of: {', '.join(MODES)})")
 
 
 def _dup(fd: int) -> int:
@@ -283,6 +271,8 @@ class TtyBackend(ConsoleBackend):
             return
         self._stdin_dup = fd
         if os.isatty(self._stdin_fd):
+            from vmmkit_devices.console.tty import RawMode  # termios: only for a terminal
+
             try:
                 self.raw_mode = RawMode(self._stdin_fd)
             except OSError as exc:
@@ -312,6 +302,8 @@ class PtyBackend(ConsoleBackend):
     def __init__(self, name: str, *, input: bool = True) -> None:
         super().__init__(name)
         self._want_input = input
+        import tty
+
         master, slave = os.openpty()
         try:
             tty.setraw(slave)

@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.hypervisor import PortSink
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
 from vmmkit_devices.console.backends import ConsoleBackend, console_mode, open_backend
+from vmmkit_devices.device_types import DebugConsoleType as DebugConsoleType  # declared there, re-exported
 
 READBACK = 0xE9
 
@@ -56,24 +57,17 @@ class DebugConsole(Device):
         return {**self.backend.counters(), "native": int(self.native)}
 
 
-class DebugConsoleType(DeviceType):
-    """``debug-console``: requested by the architecture at (``DebugConsoleConfig.iobase``, 1),
-    ``config`` = the VM's ``DebugConsoleConfig`` (``None``: ``ctx.config.debug_console``)."""
-
-    name: ClassVar[str] = "debug-console"
-    description: ClassVar[str] = "Bochs debug console port (0xe9): guest bytes to tty, file, pty or null"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> DebugConsole | None:
-        config = request.config if request.config is not None else getattr(ctx.config, "debug_console", None)
-        mode = console_mode(config, default="Off")
-        if mode == "Off":
-            return None
-        backend = open_backend(
-            mode,
-            name="debug_console",
-            file=getattr(config, "file", None),
-            socket_path=getattr(config, "socket", None),
-            input=False,
-        )
-        return DebugConsole(request.id, backend)
+def create(ctx: DeviceContext, request: DeviceRequest) -> DebugConsole | None:
+    """``DebugConsoleType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    config = request.config if request.config is not None else getattr(ctx.config, "debug_console", None)
+    mode = console_mode(config, default="Off")
+    if mode == "Off":
+        return None
+    backend = open_backend(
+        mode,
+        name="debug_console",
+        file=getattr(config, "file", None),
+        socket_path=getattr(config, "socket", None),
+        input=False,
+    )
+    return DebugConsole(request.id, backend)

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
+from vmmkit_devices.device_types import DebugExitType as DebugExitType  # declared there, re-exported
 
 log = get_logger()
 
@@ -52,12 +53,6 @@ class DebugExit(Device):
         return {"status": self.status} if self.status is not None else {}
 
 
-class DebugExitType(DeviceType):
-    """``debug-exit``: requested by the architecture at (0xf4, 4)."""
-
-    name: ClassVar[str] = "debug-exit"
-    description: ClassVar[str] = "QEMU isa-debug-exit port: sets the VMM's exit status"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> DebugExit:
-        return DebugExit(request.id, ctx.set_exit_status)
+def create(ctx: DeviceContext, request: DeviceRequest) -> DebugExit:
+    """``DebugExitType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    return DebugExit(request.id, ctx.set_exit_status)

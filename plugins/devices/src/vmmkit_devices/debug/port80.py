@@ -23,10 +23,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.hypervisor import PortSink
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
+from vmmkit_devices.device_types import DebugPortType as DebugPortType  # declared there, re-exported
 
 log = get_logger()
 
@@ -100,12 +101,6 @@ class DebugPort(Device):
         return out
 
 
-class DebugPortType(DeviceType):
-    """``debug-port``: requested by the architecture at (0x80, 1)."""
-
-    name: ClassVar[str] = "debug-port"
-    description: ClassVar[str] = "boot-progress port 0x80: timestamped codes in the VMM's log"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> DebugPort:
-        return DebugPort(request.id, log_fd=ctx.log_fd)
+def create(ctx: DeviceContext, request: DeviceRequest) -> DebugPort:
+    """``DebugPortType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    return DebugPort(request.id, log_fd=ctx.log_fd)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
+from vmmkit_devices.device_types import PvPanicType as PvPanicType  # declared there, re-exported
 
 log = get_logger()
 
@@ -50,13 +51,7 @@ class PvPanic(Device):
         return {"panics": self.panics}
 
 
-class PvPanicType(DeviceType):
-    """``pvpanic``: requested by the architecture (x86: port 0x505) when ``--pvpanic`` is on."""
-
-    name: ClassVar[str] = "pvpanic"
-    description: ClassVar[str] = "pvpanic port: guest panics become events (QEMU0001, port 0x505)"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> PvPanic:
-        emit: Any = getattr(ctx, "emit_event", None) or (lambda *_args, **_kwargs: None)
-        return PvPanic(request.id, emit)
+def create(ctx: DeviceContext, request: DeviceRequest) -> PvPanic:
+    """``PvPanicType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    emit: Any = getattr(ctx, "emit_event", None) or (lambda *_args, **_kwargs: None)
+    return PvPanic(request.id, emit)

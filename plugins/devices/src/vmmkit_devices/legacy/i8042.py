@@ -31,10 +31,11 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
+from vmmkit_devices.device_types import I8042Type as I8042Type  # declared there, re-exported
 
 log = get_logger()
 
@@ -231,13 +232,7 @@ class I8042(ByteRegisters):
         return {"resets": self.resets, **super().counters()}
 
 
-class I8042Type(DeviceType):
-    """``i8042``: requested by the architecture at (0x60, 5); ``irq`` (1) is optional."""
-
-    name: ClassVar[str] = "i8042"
-    description: ClassVar[str] = "i8042 controller without devices: CPU reset, fast PS/2 probe"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> I8042:
-        line = ctx.interrupt_line(request.irq)[1] if request.irq is not None else None
-        return I8042(request.id, ctx.request_reset, line)
+def create(ctx: DeviceContext, request: DeviceRequest) -> I8042:
+    """``I8042Type.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    line = ctx.interrupt_line(request.irq)[1] if request.irq is not None else None
+    return I8042(request.id, ctx.request_reset, line)

@@ -28,10 +28,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
+from vmmkit_devices.device_types import I8254Type as I8254Type  # declared there, re-exported
 
 log = get_logger()
 
@@ -340,19 +341,10 @@ class I8254(ByteRegisters):
         return {"interrupts": self.interrupts, "merged": self.merged, **super().counters()}
 
 
-class I8254Type(DeviceType):
-    """``i8254``: a userspace PIT, requested with its placement (PC: (0x40, 4), ``irq`` 0) by
-    whoever knows the hypervisor provides none (the KVM plugin's host quirks). ``config`` may
-    be a mapping (or object) with ``dilation``: how many times slower than wall-clock time the
-    counters run (default 1)."""
-
-    name: ClassVar[str] = "i8254"
-    description: ClassVar[str] = "8254 PIT in userspace (IRQ 0), optionally slowed down"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> I8254:
-        line = ctx.interrupt_line(request.irq)[1] if request.irq is not None else None
-        return I8254(request.id, line, dilation=_dilation(request.config))
+def create(ctx: DeviceContext, request: DeviceRequest) -> I8254:
+    """``I8254Type.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    line = ctx.interrupt_line(request.irq)[1] if request.irq is not None else None
+    return I8254(request.id, line, dilation=_dilation(request.config))
 
 
 def _dilation(config: Any) -> int:

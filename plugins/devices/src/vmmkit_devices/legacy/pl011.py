@@ -22,10 +22,11 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices.console.backends import ConsoleBackend, console_mode, open_backend
+from vmmkit_devices.device_types import Pl011Type as Pl011Type  # declared there, re-exported
 from vmmkit_devices.legacy._amba import id_register, split, value_bytes
 
 log = get_logger()
@@ -217,26 +218,19 @@ class Pl011(Device):
         return {"irq": self.irq} if self.irq is not None else {}
 
 
-class Pl011Type(DeviceType):
-    """``pl011``: requested by the AArch64 architecture at 0x09000000 (SPI 1), ``config`` =
-    the VM's :class:`vmmkit.config.SerialConfig`; mode ``Off`` creates no device."""
-
-    name: ClassVar[str] = "pl011"
-    description: ClassVar[str] = "ARM PL011 UART (AArch64 console) with tty, pty, file, socket and null backends"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> Pl011 | None:
-        config = request.config if request.config is not None else getattr(ctx.config, "serial", None)
-        mode = console_mode(config)
-        if mode == "Off":
-            return None
-        backend = open_backend(mode, name="serial", file=getattr(config, "file", None),
-                               socket_path=getattr(config, "socket", None))
-        try:
-            irq, line = ctx.interrupt_line(request.irq)
-            device = Pl011(request.id, backend, line, irq=irq)
-            device.attach_input(ctx.event_loop)
-        except BaseException:
-            backend.close()
-            raise
-        return device
+def create(ctx: DeviceContext, request: DeviceRequest) -> Pl011 | None:
+    """``Pl011Type.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    config = request.config if request.config is not None else getattr(ctx.config, "serial", None)
+    mode = console_mode(config)
+    if mode == "Off":
+        return None
+    backend = open_backend(mode, name="serial", file=getattr(config, "file", None),
+                           socket_path=getattr(config, "socket", None))
+    try:
+        irq, line = ctx.interrupt_line(request.irq)
+        device = Pl011(request.id, backend, line, irq=irq)
+        device.attach_input(ctx.event_loop)
+    except BaseException:
+        backend.close()
+        raise
+    return device

@@ -34,10 +34,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
+from vmmkit_devices.device_types import CmosRtcType as CmosRtcType  # declared there, re-exported
 
 log = get_logger()
 
@@ -372,24 +373,15 @@ class CmosRtc(ByteRegisters):
         return {"time_sets": self.time_sets, "interrupts": self.interrupts, **super().counters()}
 
 
-class CmosRtcType(DeviceType):
-    """``rtc-cmos``: requested by the architecture at (0x70, 2), ``irq`` 8 for update-ended and
-    alarm interrupts (``None``: none). ``config`` may be a mapping (or object) with
-    ``mem_below_4g`` / ``mem_above_4g`` in bytes, stored where firmware looks for the RAM
-    size."""
-
-    name: ClassVar[str] = "rtc-cmos"
-    description: ClassVar[str] = "MC146818 CMOS RTC and NVRAM (host UTC clock)"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> CmosRtc:
-        line = ctx.interrupt_line(request.irq)[1] if request.irq is not None else None
-        return CmosRtc(
-            request.id,
-            mem_below_4g=_option(request.config, "mem_below_4g"),
-            mem_above_4g=_option(request.config, "mem_above_4g"),
-            line=line,
-        )
+def create(ctx: DeviceContext, request: DeviceRequest) -> CmosRtc:
+    """``CmosRtcType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    line = ctx.interrupt_line(request.irq)[1] if request.irq is not None else None
+    return CmosRtc(
+        request.id,
+        mem_below_4g=_option(request.config, "mem_below_4g"),
+        mem_above_4g=_option(request.config, "mem_above_4g"),
+        line=line,
+    )
 
 
 def _option(config: Any, name: str) -> int:

@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.irq import InterruptLine
+from vmmkit_devices.device_types import Pl031Type as Pl031Type  # declared there, re-exported
 from vmmkit_devices.legacy._amba import id_register, split, value_bytes
 
 DR: Final = 0x00
@@ -152,13 +153,7 @@ class Pl031(Device):
         return {"irq": self.irq} if self.irq is not None else {}
 
 
-class Pl031Type(DeviceType):
-    """``rtc-pl031``: requested by the AArch64 architecture at 0x09010000 (SPI 2)."""
-
-    name: ClassVar[str] = "rtc-pl031"
-    description: ClassVar[str] = "ARM PL031 real-time clock (host UTC clock)"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> Pl031:
-        irq, line = ctx.interrupt_line(request.irq)
-        return Pl031(request.id, line, irq=irq)
+def create(ctx: DeviceContext, request: DeviceRequest) -> Pl031:
+    """``Pl031Type.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    irq, line = ctx.interrupt_line(request.irq)
+    return Pl031(request.id, line, irq=irq)

@@ -33,13 +33,14 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import PortSink
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.console.backends import ConsoleBackend, console_mode, open_backend
+from vmmkit_devices.device_types import Serial16550Type as Serial16550Type  # declared there, re-exported
 
 log = get_logger()
 
@@ -418,32 +419,23 @@ class Serial16550(ByteRegisters):
         return {"irq": self.irq} if self.irq is not None else {}
 
 
-class Serial16550Type(DeviceType):
-    """``serial-16550``: requested by the architecture with its placement (x86: 0x3f8, IRQ 4)
-    and ``config`` = the VM's :class:`vmmkit.config.SerialConfig` (``None``: the VM's
-    ``serial``). Mode ``Off`` creates no device (:meth:`create` returns ``None``), as in Cloud
-    Hypervisor: the port then reads as all ones and Linux finds no UART there."""
-
-    name: ClassVar[str] = "serial-16550"
-    description: ClassVar[str] = "16550A UART with tty, pty, file, socket and null backends"
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> Serial16550 | None:
-        config = request.config if request.config is not None else getattr(ctx.config, "serial", None)
-        mode = console_mode(config)
-        if mode == "Off":
-            return None
-        backend = open_backend(
-            mode,
-            name="serial",
-            file=getattr(config, "file", None),
-            socket_path=getattr(config, "socket", None),
-        )
-        try:
-            irq, line = ctx.interrupt_line(request.irq)
-            device = Serial16550(request.id, backend, line, irq=irq)
-            device.attach_input(ctx.event_loop)
-        except BaseException:
-            backend.close()
-            raise
-        return device
+def create(ctx: DeviceContext, request: DeviceRequest) -> Serial16550 | None:
+    """``Serial16550Type.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    config = request.config if request.config is not None else getattr(ctx.config, "serial", None)
+    mode = console_mode(config)
+    if mode == "Off":
+        return None
+    backend = open_backend(
+        mode,
+        name="serial",
+        file=getattr(config, "file", None),
+        socket_path=getattr(config, "socket", None),
+    )
+    try:
+        irq, line = ctx.interrupt_line(request.irq)
+        device = Serial16550(request.id, backend, line, irq=irq)
+        device.attach_input(ctx.event_loop)
+    except BaseException:
+        backend.close()
+        raise
+    return device

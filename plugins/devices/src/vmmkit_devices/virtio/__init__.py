@@ -1,7 +1,8 @@
 """Virtio devices on vmmkit's device SDK (:mod:`vmmkit.virtio`): block, net, console, entropy.
 
 Each module holds a device (a :class:`vmmkit.virtio.VirtioDevice`, put behind virtio-mmio or
-virtio-pci by the machine as ``DeviceRequest.transport`` says) and its registered device type:
+virtio-pci by the machine as ``DeviceRequest.transport`` says) and the ``create()`` of its
+registered device type (declared in :mod:`vmmkit_devices.device_types`):
 
 =================  ==================================  ====================================
 type name          device                              configuration
@@ -14,12 +15,33 @@ type name          device                              configuration
 
 :mod:`.common` is what they share (serving queues, lifecycle, failing safely); :mod:`.blk_io`
 the block data path (C through cffi, with the Python reference); :mod:`.tap` TAP interfaces.
+
+Importing this package imports none of them: the names below are loaded on first use, so a VM
+without a disk never loads the block path's native module.
 """
 
-from vmmkit_devices.virtio.block import BlockDevice, VirtioBlockType
-from vmmkit_devices.virtio.console import ConsoleDevice, VirtioConsoleType
-from vmmkit_devices.virtio.net import NetDevice, VirtioNetType
-from vmmkit_devices.virtio.rng import RngDevice, VirtioRngType
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vmmkit_devices.device_types import VirtioBlockType, VirtioConsoleType, VirtioNetType, VirtioRngType
+    from vmmkit_devices.virtio.block import BlockDevice
+    from vmmkit_devices.virtio.console import ConsoleDevice
+    from vmmkit_devices.virtio.net import NetDevice
+    from vmmkit_devices.virtio.rng import RngDevice
+
+_HOMES = {
+    "BlockDevice": f"{__name__}.block",
+    "ConsoleDevice": f"{__name__}.console",
+    "NetDevice": f"{__name__}.net",
+    "RngDevice": f"{__name__}.rng",
+    "VirtioBlockType": "vmmkit_devices.device_types",
+    "VirtioConsoleType": "vmmkit_devices.device_types",
+    "VirtioNetType": "vmmkit_devices.device_types",
+    "VirtioRngType": "vmmkit_devices.device_types",
+}
 
 __all__ = [
     "BlockDevice",
@@ -31,3 +53,10 @@ __all__ = [
     "VirtioNetType",
     "VirtioRngType",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(home), name)

@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
 from vmmkit.virtio.device import ActivationContext
 from vmmkit.virtio.queue import Virtqueue
+from vmmkit_devices.device_types import VirtioBlockType as VirtioBlockType  # declared there, re-exported
 from vmmkit_devices.virtio.blk_io import (
     SECTOR_SIZE,
     BlockIo,
@@ -62,7 +63,7 @@ from vmmkit_devices.virtio.blk_io import (
 from vmmkit_devices.virtio.common import QueueDevice
 
 if TYPE_CHECKING:
-    from vmmkit.config import DiskConfig, VmConfig
+    from vmmkit.config import DiskConfig
     from vmmkit.virtio.chain import DescriptorChain
 
 log = get_logger()
@@ -342,20 +343,9 @@ def _status_byte(writable: Sequence[Any]) -> int | None:
     return None
 
 
-class VirtioBlockType(DeviceType):
-    """``virtio-blk``: a virtio block device per ``--disk`` (raw image files)."""
-
-    name: ClassVar[str] = "virtio-blk"
-    description: ClassVar[str] = "virtio block device on a raw image file (--disk path=...)"
-
-    @classmethod
-    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
-        return [DeviceRequest(cls.name, disk.id or f"_disk{index}", disk, transport=disk.transport)
-                for index, disk in enumerate(config.assign_ids().disks) if not disk.vhost_user]
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> BlockDevice:
-        config = request.config
-        if config is None or not hasattr(config, "path"):
-            raise DeviceError(f"{request.id}: virtio-blk needs a DiskConfig")
-        return BlockDevice.from_config(request.id, config)
+def create(ctx: DeviceContext, request: DeviceRequest) -> BlockDevice:
+    """``VirtioBlockType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    config = request.config
+    if config is None or not hasattr(config, "path"):
+        raise DeviceError(f"{request.id}: virtio-blk needs a DiskConfig")
+    return BlockDevice.from_config(request.id, config)

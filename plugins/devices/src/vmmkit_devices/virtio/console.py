@@ -28,19 +28,20 @@ import fcntl
 import struct
 import termios
 import threading
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.eventloop import EventLoop
 from vmmkit.log import get_logger
 from vmmkit.virtio.queue import Virtqueue
 from vmmkit_devices.console.backends import ConsoleBackend, console_mode, open_backend
+from vmmkit_devices.device_types import VirtioConsoleType as VirtioConsoleType  # declared there, re-exported
 from vmmkit_devices.virtio.common import QueueDevice
 
 if TYPE_CHECKING:
-    from vmmkit.config import ConsoleConfig, VmConfig
+    from vmmkit.config import ConsoleConfig
 
 log = get_logger()
 
@@ -203,23 +204,10 @@ class ConsoleDevice(QueueDevice):
             self.signal(queue)
 
 
-class VirtioConsoleType(DeviceType):
-    """``virtio-console``: the virtio console of ``--console`` (unless ``off``)."""
-
-    name: ClassVar[str] = "virtio-console"
-    description: ClassVar[str] = "virtio console, one port, on the serial port's backends (--console)"
-
-    @classmethod
-    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
-        console = config.console
-        if console_mode(console, default="Off") == "Off":
-            return []
-        return [DeviceRequest(cls.name, console.id or "__console", console, transport=console.transport)]
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> ConsoleDevice:
-        config = request.config
-        if config is None or not hasattr(config, "mode"):
-            raise DeviceError(f"{request.id}: virtio-console needs a ConsoleConfig")
-        return ConsoleDevice.from_config(request.id, config, ctx.event_loop)
+def create(ctx: DeviceContext, request: DeviceRequest) -> ConsoleDevice:
+    """``VirtioConsoleType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    config = request.config
+    if config is None or not hasattr(config, "mode"):
+        raise DeviceError(f"{request.id}: virtio-console needs a ConsoleConfig")
+    return ConsoleDevice.from_config(request.id, config, ctx.event_loop)
 

@@ -36,22 +36,22 @@ counted), ``rx_dropped``, ``tx_dropped``, ``tx_errors``.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import struct
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
 from vmmkit.virtio.device import ActivationContext
 from vmmkit.virtio.queue import Virtqueue
+from vmmkit_devices.device_types import VirtioNetType as VirtioNetType  # declared there, re-exported
 from vmmkit_devices.virtio.common import QueueDevice
 from vmmkit_devices.virtio.tap import VNET_HDR_SIZE, Tap
 
 if TYPE_CHECKING:
-    from vmmkit.config import NetConfig, VmConfig
+    from vmmkit.config import NetConfig
     from vmmkit.virtio.chain import DescriptorChain
 
 log = get_logger()
@@ -81,6 +81,8 @@ _RX_HEADER: Final = bytes(10) + struct.pack("<H", 1)
 
 def generated_mac(seed: str) -> bytes:
     """A locally administered unicast MAC derived from ``seed`` (stable across runs)."""
+    import hashlib  # loads OpenSSL: only for a NIC without a configured MAC
+
     digest = hashlib.sha256(seed.encode()).digest()
     return bytes(((digest[0] & 0xFC) | 0x02,)) + digest[1:6]
 
@@ -268,20 +270,9 @@ def _configure_host_side(device_id: str, tap: Tap, config: NetConfig) -> None:
                         error=getattr(exc, "strerror", None) or str(exc))
 
 
-class VirtioNetType(DeviceType):
-    """``virtio-net``: a virtio network device per ``--net`` (a tap)."""
-
-    name: ClassVar[str] = "virtio-net"
-    description: ClassVar[str] = "virtio network device on a tap interface (--net tap=...|fd=[...])"
-
-    @classmethod
-    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
-        return [DeviceRequest(cls.name, net.id or f"_net{index}", net, transport=net.transport)
-                for index, net in enumerate(config.assign_ids().net) if not net.vhost_user]
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> NetDevice:
-        config = request.config
-        if config is None or not hasattr(config, "tap"):
-            raise DeviceError(f"{request.id}: virtio-net needs a NetConfig")
-        return NetDevice.from_config(request.id, config)
+def create(ctx: DeviceContext, request: DeviceRequest) -> NetDevice:
+    """``VirtioNetType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    config = request.config
+    if config is None or not hasattr(config, "tap"):
+        raise DeviceError(f"{request.id}: virtio-net needs a NetConfig")
+    return NetDevice.from_config(request.id, config)

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
 
-from vmmkit.device import DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
 from vmmkit.virtio.queue import Virtqueue
+from vmmkit_devices.device_types import VirtioRngType as VirtioRngType  # declared there, re-exported
 from vmmkit_devices.virtio.common import QueueDevice
 
 if TYPE_CHECKING:
-    from vmmkit.config import RngConfig, VmConfig
+    from vmmkit.config import RngConfig
 
 log = get_logger()
 
@@ -114,20 +115,9 @@ class RngDevice(QueueDevice):
         return bytes(out)
 
 
-class VirtioRngType(DeviceType):
-    """``virtio-rng``: the entropy device of ``--rng`` (always present, as in Cloud Hypervisor)."""
-
-    name: ClassVar[str] = "virtio-rng"
-    description: ClassVar[str] = "virtio entropy device reading a host source (--rng src=/dev/urandom)"
-
-    @classmethod
-    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
-        rng = config.rng
-        return [DeviceRequest(cls.name, rng.id or "__rng", rng, transport=rng.transport)]
-
-    @classmethod
-    def create(cls, ctx: DeviceContext, request: DeviceRequest) -> RngDevice:
-        config = request.config
-        if config is None or not hasattr(config, "src"):
-            raise DeviceError(f"{request.id}: virtio-rng needs an RngConfig")
-        return RngDevice.from_config(request.id, config)
+def create(ctx: DeviceContext, request: DeviceRequest) -> RngDevice:
+    """``VirtioRngType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
+    config = request.config
+    if config is None or not hasattr(config, "src"):
+        raise DeviceError(f"{request.id}: virtio-rng needs an RngConfig")
+    return RngDevice.from_config(request.id, config)

@@ -8,7 +8,6 @@ page-table loops simply give ``None``.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from collections.abc import Callable, Iterable
 
@@ -36,7 +35,9 @@ class GuestPhysical:
             return None
         for guest, length, host in self._slots():
             if guest <= addr and addr + size <= guest + length:
-                return ctypes.string_at(host + addr - guest, size)
+                from vmmkit_kvm._native import ffi
+
+                return ffi.buffer(ffi.cast("char *", host + addr - guest), size)[:]
         return None
 
     def u64(self, addr: int) -> int | None:

@@ -1,0 +1,214 @@
+"""The device types this plugin registers: declarations only.
+
+Registering a type must stay cheap (it happens at every start, for every type, whatever the VM
+has), so each class here holds only what registration and :meth:`~vmmkit.device.DeviceType.requests`
+need. Each names its :attr:`~vmmkit.device.DeviceType.implementation` module (the device, its
+console backends, the virtio SDK, native code), whose ``create(ctx, request)`` the core calls
+after importing it: a VM pays only for the devices it has. Keep module-level imports here to
+vmmkit's core interfaces.
+
+Each implementation module re-exports its type (``from vmmkit_devices.legacy.serial import
+Serial16550Type`` works), so a type's documentation lives with its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from vmmkit.device import DeviceRequest, DeviceType
+from vmmkit_devices.console.mode import console_mode
+
+if TYPE_CHECKING:
+    from vmmkit.config import VmConfig
+
+# -- PC platform devices ------------------------------------------------------------------------
+
+
+class Serial16550Type(DeviceType):
+    """``serial-16550``: requested by the architecture with its placement (x86: 0x3f8, IRQ 4)
+    and ``config`` = the VM's :class:`vmmkit.config.SerialConfig` (``None``: the VM's
+    ``serial``). Mode ``Off`` creates no device (:meth:`create` returns ``None``), as in Cloud
+    Hypervisor: the port then reads as all ones and Linux finds no UART there."""
+
+    name: ClassVar[str] = "serial-16550"
+    description: ClassVar[str] = "16550A UART with tty, pty, file, socket and null backends"
+
+    implementation: ClassVar[str] = "vmmkit_devices.legacy.serial"
+
+
+class CmosRtcType(DeviceType):
+    """``rtc-cmos``: requested by the architecture at (0x70, 2), ``irq`` 8 for update-ended and
+    alarm interrupts (``None``: none). ``config`` may be a mapping (or object) with
+    ``mem_below_4g`` / ``mem_above_4g`` in bytes, stored where firmware looks for the RAM
+    size."""
+
+    name: ClassVar[str] = "rtc-cmos"
+    description: ClassVar[str] = "MC146818 CMOS RTC and NVRAM (host UTC clock)"
+
+    implementation: ClassVar[str] = "vmmkit_devices.legacy.rtc"
+
+
+class I8042Type(DeviceType):
+    """``i8042``: requested by the architecture at (0x60, 5); ``irq`` (1) is optional."""
+
+    name: ClassVar[str] = "i8042"
+    description: ClassVar[str] = "i8042 controller without devices: CPU reset, fast PS/2 probe"
+
+    implementation: ClassVar[str] = "vmmkit_devices.legacy.i8042"
+
+
+class I8254Type(DeviceType):
+    """``i8254``: a userspace PIT, requested with its placement (PC: (0x40, 4), ``irq`` 0) by
+    whoever knows the hypervisor provides none (the KVM plugin's host quirks). ``config`` may
+    be a mapping (or object) with ``dilation``: how many times slower than wall-clock time the
+    counters run (default 1)."""
+
+    name: ClassVar[str] = "i8254"
+    description: ClassVar[str] = "8254 PIT in userspace (IRQ 0), optionally slowed down"
+
+    implementation: ClassVar[str] = "vmmkit_devices.legacy.pit"
+
+
+# -- debug ports --------------------------------------------------------------------------------
+
+
+class DebugPortType(DeviceType):
+    """``debug-port``: requested by the architecture at (0x80, 1)."""
+
+    name: ClassVar[str] = "debug-port"
+    description: ClassVar[str] = "boot-progress port 0x80: timestamped codes in the VMM's log"
+
+    implementation: ClassVar[str] = "vmmkit_devices.debug.port80"
+
+
+class DebugConsoleType(DeviceType):
+    """``debug-console``: requested by the architecture at (``DebugConsoleConfig.iobase``, 1),
+    ``config`` = the VM's ``DebugConsoleConfig`` (``None``: ``ctx.config.debug_console``)."""
+
+    name: ClassVar[str] = "debug-console"
+    description: ClassVar[str] = "Bochs debug console port (0xe9): guest bytes to tty, file, pty or null"
+
+    implementation: ClassVar[str] = "vmmkit_devices.debug.console"
+
+
+class DebugExitType(DeviceType):
+    """``debug-exit``: requested by the architecture at (0xf4, 4)."""
+
+    name: ClassVar[str] = "debug-exit"
+    description: ClassVar[str] = "QEMU isa-debug-exit port: sets the VMM's exit status"
+
+    implementation: ClassVar[str] = "vmmkit_devices.debug.exit"
+
+
+class PvPanicType(DeviceType):
+    """``pvpanic``: requested by the architecture (x86: port 0x505) when ``--pvpanic`` is on."""
+
+    name: ClassVar[str] = "pvpanic"
+    description: ClassVar[str] = "pvpanic port: guest panics become events (QEMU0001, port 0x505)"
+
+    implementation: ClassVar[str] = "vmmkit_devices.debug.pvpanic"
+
+
+# -- ACPI registers -----------------------------------------------------------------------------
+
+
+class AcpiPmType(DeviceType):
+    """``acpi-pm``: requested by the architecture at (0x600, 8)."""
+
+    name: ClassVar[str] = "acpi-pm"
+    description: ClassVar[str] = "ACPI hardware-reduced sleep control/status and reset registers"
+
+    implementation: ClassVar[str] = "vmmkit_devices.acpi.pm"
+
+
+class AcpiGedType(DeviceType):
+    """``acpi-ged``: requested by the architecture with a fixed MMIO byte and interrupt."""
+
+    name: ClassVar[str] = "acpi-ged"
+    description: ClassVar[str] = "ACPI Generic Event Device (power button notification)"
+
+    implementation: ClassVar[str] = "vmmkit_devices.acpi.ged"
+
+
+# -- ARM platform devices -----------------------------------------------------------------------
+
+
+class Pl011Type(DeviceType):
+    """``pl011``: requested by the AArch64 architecture at 0x09000000 (SPI 1), ``config`` =
+    the VM's :class:`vmmkit.config.SerialConfig`; mode ``Off`` creates no device."""
+
+    name: ClassVar[str] = "pl011"
+    description: ClassVar[str] = "ARM PL011 UART (AArch64 console) with tty, pty, file, socket and null backends"
+
+    implementation: ClassVar[str] = "vmmkit_devices.legacy.pl011"
+
+
+class Pl031Type(DeviceType):
+    """``rtc-pl031``: requested by the AArch64 architecture at 0x09010000 (SPI 2)."""
+
+    name: ClassVar[str] = "rtc-pl031"
+    description: ClassVar[str] = "ARM PL031 real-time clock (host UTC clock)"
+
+    implementation: ClassVar[str] = "vmmkit_devices.legacy.rtc_pl031"
+
+
+# -- virtio devices (vmmkit's virtio SDK is imported with the first one created) ---------------
+
+
+class VirtioBlockType(DeviceType):
+    """``virtio-blk``: a virtio block device per ``--disk`` (raw image files)."""
+
+    name: ClassVar[str] = "virtio-blk"
+    description: ClassVar[str] = "virtio block device on a raw image file (--disk path=...)"
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [DeviceRequest(cls.name, disk.id or f"_disk{index}", disk, transport=disk.transport)
+                for index, disk in enumerate(config.assign_ids().disks) if not disk.vhost_user]
+
+    implementation: ClassVar[str] = "vmmkit_devices.virtio.block"
+
+
+class VirtioNetType(DeviceType):
+    """``virtio-net``: a virtio network device per ``--net`` (a tap)."""
+
+    name: ClassVar[str] = "virtio-net"
+    description: ClassVar[str] = "virtio network device on a tap interface (--net tap=...|fd=[...])"
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [DeviceRequest(cls.name, net.id or f"_net{index}", net, transport=net.transport)
+                for index, net in enumerate(config.assign_ids().net) if not net.vhost_user]
+
+    implementation: ClassVar[str] = "vmmkit_devices.virtio.net"
+
+
+class VirtioConsoleType(DeviceType):
+    """``virtio-console``: the virtio console of ``--console`` (unless ``off``)."""
+
+    name: ClassVar[str] = "virtio-console"
+    description: ClassVar[str] = "virtio console, one port, on the serial port's backends (--console)"
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        console = config.console
+        if console_mode(console, default="Off") == "Off":
+            return []
+        return [DeviceRequest(cls.name, console.id or "__console", console, transport=console.transport)]
+
+    implementation: ClassVar[str] = "vmmkit_devices.virtio.console"
+
+
+class VirtioRngType(DeviceType):
+    """``virtio-rng``: the entropy device of ``--rng`` (always present, as in Cloud Hypervisor)."""
+
+    name: ClassVar[str] = "virtio-rng"
+    description: ClassVar[str] = "virtio entropy device reading a host source (--rng src=/dev/urandom)"
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        rng = config.rng
+        return [DeviceRequest(cls.name, rng.id or "__rng", rng, transport=rng.transport)]
+
+    implementation: ClassVar[str] = "vmmkit_devices.virtio.rng"
