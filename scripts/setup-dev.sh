@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Installs what vmmkit needs on a fresh Debian 12 machine (as root, or with sudo available),
-# installs the core and every in-tree plugin editable, and builds the test guests.
+# Installs what vmmkit needs on a fresh Debian 12 machine (as root, or with sudo available):
+# the Debian packages, then the core and every in-tree plugin, editable, in a virtual
+# environment `.venv` at the top of the checkout (Debian's own Python refuses system-wide pip
+# installs, PEP 668), and builds the test guests. Afterwards: `.venv/bin/vmmkit run`,
+# `.venv/bin/python -m pytest`, or `. .venv/bin/activate` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(gcc make binutils libc6-dev qemu-system-x86 acpica-tools iproute2 busybox-static cpio
               gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-system-arm device-tree-compiler)
+python3 -c "import ensurepip, venv" 2>/dev/null || apt_packages+=(python3-venv)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -16,7 +20,9 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-pip=(python3 -m pip install -q --disable-pip-version-check)
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" -e '.[test]' --config-settings editable_mode=compat
 "${pip[@]}" -r requirements-dev.txt
 make -s -C tests/guests
+echo "setup-dev: vmmkit is installed in .venv (run .venv/bin/vmmkit, or '. .venv/bin/activate' first)"

@@ -34,7 +34,6 @@ config, ``PlatformConfig.virtio_transport`` (the VM default, ``"pci"``) and
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import types
@@ -1123,6 +1122,8 @@ class DiskConfig(_Config):
 
 
 def _check_netmask(ip: str, mask: str) -> None:
+    import ipaddress  # only for a network configuration (start-up cost)
+
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:

@@ -85,6 +85,11 @@ class Hypervisor(ABC):
     def is_available(cls) -> Availability:
         """Probe the host cheaply, without side effects (e.g. open and close /dev/kvm)."""
 
+    @classmethod
+    def preload(cls) -> None:
+        """Import what creating and running a VM will need, so a boot requested later
+        (``vm.boot``) pays no imports. Optional; no side effects on the host."""
+
     @abstractmethod
     def create_vm(self, arch: str) -> Vm:
         """Create an empty VM for guest architecture ``arch``.

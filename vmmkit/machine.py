@@ -75,7 +75,7 @@ def preload(config: VmConfig, registries: Registries, *, hypervisor: str = AUTO,
     ``vm.create``, so that ``vm.boot`` spends its time on the VM, not on imports."""
     arch_name = arch or host_architecture()
     try:
-        registries.select_hypervisor(hypervisor, arch_name)
+        registries.select_hypervisor(hypervisor, arch_name).preload()
         architecture = registries.architectures.get(arch_name)()
         architecture.preload(config)
         requests = list(architecture.platform_devices(config))

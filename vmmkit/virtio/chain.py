@@ -57,7 +57,6 @@ own.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import enum
 import importlib
 import os
@@ -522,6 +521,8 @@ _NATIVE_MESSAGES = {
 
 
 def _ctypes_iovecs(chain: DescriptorChain) -> IovecArray:
+    import ctypes  # only for chains walked in Python: ctypes costs milliseconds to import
+
     count = len(chain.segments)
     iov = (ctypes.c_uint64 * max(2 * count, 2))()
     gpas = (ctypes.c_uint64 * max(count, 1))()

@@ -25,9 +25,10 @@ BANNER = "selftest: vmmkit x86_64 selftest v1"
 
 
 def remote_command() -> list[str]:
-    """The ``vmmkit-remote`` console script (installed with vmmkit), else the module."""
-    script = shutil.which("vmmkit-remote")
-    return [script] if script else [sys.executable, "-m", "vmmkit.remote"]
+    """The ``vmmkit-remote`` console script installed beside this interpreter (the one the tests
+    run: ``.venv/bin/python -m pytest`` need not have ``.venv/bin`` on the ``PATH``), else the module."""
+    script = Path(sys.executable).with_name("vmmkit-remote")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "vmmkit.remote"]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:

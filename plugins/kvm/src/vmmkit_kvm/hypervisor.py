@@ -116,6 +116,13 @@ class KvmHypervisor(Hypervisor):
     priority: ClassVar[int] = 10
     architectures: ClassVar[tuple[str, ...]] = _host_architectures()
 
+    @classmethod
+    def preload(cls) -> None:
+        try:
+            quirks.select().preload()
+        except ValueError:
+            pass  # an unknown quirk mode: creating the hypervisor reports it
+
     def __init__(self, path: str = KVM_DEVICE, *, quirks: str | None = None) -> None:
         self.quirks: HostQuirks = _select_quirks(quirks)
         self._system = bindings.KvmSystem.open(path)

@@ -26,8 +26,6 @@ has no other effect. Port 0x70 reads as 0xff (it is write-only).
 
 from __future__ import annotations
 
-import calendar
-import datetime
 import math
 import threading
 import time
@@ -180,6 +178,9 @@ class CmosRtc(ByteRegisters):
 
     def _set_time(self, registers: Mapping[int, int]) -> None:
         """Make the guest's clock read ``registers`` now; invalid dates are ignored."""
+        import calendar  # with datetime, only when a guest sets the clock (start-up cost)
+        import datetime
+
         try:
             if self._b & B_24H:
                 hour = self._decode(registers[HOURS])

@@ -169,6 +169,9 @@ class HostQuirks:
     def summary(self) -> str:
         return ""
 
+    def preload(self) -> None:
+        """Import what a VM with these quirks will run (see ``Hypervisor.preload``)."""
+
     def supported_cpuid(self, entries: Sequence[CpuIdEntry]) -> list[CpuIdEntry]:
         """``KVM_GET_SUPPORTED_CPUID`` trimmed to what really works on this host."""
         return list(entries)

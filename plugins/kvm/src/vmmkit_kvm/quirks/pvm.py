@@ -158,6 +158,9 @@ class PvmQuirks(HostQuirks):
         self.dilation = dilation
         self.detected = detected
 
+    def preload(self) -> None:
+        from vmmkit_kvm.quirks import payload  # noqa: F401  (the Linux-kernel check at boot)
+
     def summary(self) -> str:
         how = "detected: /sys/module/kvm_pvm" if self.detected else "forced"
         return (
