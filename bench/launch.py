@@ -31,9 +31,14 @@ REPO = Path(__file__).resolve().parent.parent
 GUEST = REPO / "tests" / "guests" / "build" / "x86_64" / "selftest.elf"
 
 
+def vmmkit_program() -> list[str]:
+    """The ``vmmkit`` console script installed beside this interpreter, as a user runs it."""
+    script = Path(sys.executable).with_name("vmmkit")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "vmmkit"]
+
+
 def vmmkit_cmd(memory_mib: int, cmdline: str) -> list[str]:
-    return [sys.executable, "-m", "vmmkit", "--kernel", str(GUEST), "--memory", f"size={memory_mib}M",
-            "--cmdline", cmdline]
+    return [*vmmkit_program(), "--kernel", str(GUEST), "--memory", f"size={memory_mib}M", "--cmdline", cmdline]
 
 
 def python_floor_cmd(_memory_mib: int, _cmdline: str) -> list[str]:
@@ -76,7 +81,7 @@ def vmmkit_warm(memory_mib: int, tmp: Path) -> float:
     from vmmkit.api.client import ApiClient
 
     sock = tmp / "api.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "vmmkit", "--api-socket", f"path={sock}"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*vmmkit_program(), "--api-socket", f"path={sock}"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=ENV)
     assert proc.stdout is not None
     try:

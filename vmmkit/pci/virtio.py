@@ -247,6 +247,7 @@ class VirtioPciDevice(PciFunction):
         )
         super().__init__(name or device.id, config)
         self.device = device
+        device.on_broken = self.fail
         #: What the driver is offered: the device's features minus what this transport cannot do.
         self.offered_features = offered
         self.vm = vm

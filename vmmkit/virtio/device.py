@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from attrs import frozen
@@ -62,6 +62,9 @@ class VirtioDevice(ABC):
         self.id = device_id
         self.acked_features = 0
         self.broken: str | None = None
+        #: Set by the transport: told the first time the device is marked broken, so it can
+        #: set DEVICE_NEEDS_RESET and notify the driver (virtio 1.2, 2.1.2).
+        self.on_broken: Callable[[str], None] | None = None
 
     @property
     @abstractmethod
@@ -98,9 +101,13 @@ class VirtioDevice(ABC):
         self.broken = None
 
     def mark_broken(self, reason: str) -> None:
-        """The guest did something the device cannot honour; the transport then sets
-        DEVICE_NEEDS_RESET and the device stops processing until reset."""
+        """The guest did something the device cannot honour: the transport sets
+        DEVICE_NEEDS_RESET (with a configuration-change interrupt after DRIVER_OK) and the
+        device stops processing until the driver resets it."""
+        first = self.broken is None
         self.broken = reason
+        if first and self.on_broken is not None:
+            self.on_broken(reason)
 
     def pause(self) -> None: ...
 

@@ -165,6 +165,7 @@ class VirtioMmioTransport(Device):
                  event_loop: EventLoop) -> None:
         super().__init__(device.id)
         self.device = device
+        device.on_broken = self.fail
         self.memory = memory
         self.line = line
         self.event_loop = event_loop

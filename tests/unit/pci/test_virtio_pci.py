@@ -182,6 +182,24 @@ def test_needs_reset_when_device_broken(machine: FakeMachine, device: FakeDevice
     assert drv.status == 0 and device.broken is None
 
 
+def test_a_device_broken_after_driver_ok_sends_a_config_interrupt(machine: FakeMachine, device: FakeDevice,
+                                                                  vm: FakeVm) -> None:
+    """virtio 1.2, 2.1.2: DEVICE_NEEDS_RESET, then a configuration-change notification, once."""
+    _, slot = attach(machine, device)
+    drv = Driver(machine, slot)
+    drv.enable_msix(3)
+    assert drv.negotiate(VIRTIO_F_VERSION_1)
+    drv.w(vp.MSIX_CONFIG, 2, 2)
+    assert drv.setup_queue(0, 8, DESC, AVAIL, USED, vector=0) == 0
+    drv.enable_queue(0)
+    drv.add_status(S_DRIVER_OK)
+    device.mark_broken("backend gone")
+    assert drv.status & S_NEEDS_RESET
+    assert vm.delivered() == [(MSI_ADDRESS, 0x42)]
+    device.mark_broken("still gone")
+    assert vm.delivered() == []
+
+
 def test_config_generation(machine: FakeMachine, device: FakeDevice) -> None:
     transport, slot = attach(machine, device)
     drv = Driver(machine, slot)

@@ -256,12 +256,24 @@ def test_a_queue_breaking_at_runtime_sets_needs_reset(drv: Driver, memory: Guest
 
 
 def test_a_device_marked_broken_reads_needs_reset(drv: Driver, memory: GuestMemory,
-                                                  device: FakeDevice) -> None:
+                                                  device: FakeDevice, line: FakeLine) -> None:
     bring_up(drv, memory)
     device.mark_broken("backend gone")
     assert drv.status() & m.DEVICE_NEEDS_RESET
+    # virtio 1.2, 2.1.2: after DRIVER_OK the device tells the driver, once
+    assert drv.r(m.INTERRUPT_STATUS) & m.INT_CONFIG and line.pulses == 1
+    device.mark_broken("still gone")
+    assert line.pulses == 1
     drv.w(m.STATUS, 0)
     assert drv.status() == 0 and device.broken is None
+
+
+def test_a_device_broken_before_driver_ok_sends_no_interrupt(drv: Driver, device: FakeDevice,
+                                                             line: FakeLine) -> None:
+    drv.w(m.STATUS, m.ACKNOWLEDGE | m.DRIVER)
+    device.mark_broken("backend gone")
+    assert drv.status() & m.DEVICE_NEEDS_RESET
+    assert not drv.r(m.INTERRUPT_STATUS) & m.INT_CONFIG and line.pulses == 0
 
 
 # -- queue registers --------------------------------------------------------------------------

@@ -59,11 +59,12 @@ from typing import Any, Final
 from vmmkit.errors import CapabilityError
 from vmmkit.x86 import CPUID_FLAG_SIGNIFICANT_INDEX, CpuIdEntry
 from vmmkit_x86_64.topology import Topology
+from vmmkit_x86_64.value import Value
 
 REGISTERS: Final = ("eax", "ebx", "ecx", "edx")
 
 
-class Bit:
+class Bit(Value):
     """One CPUID bit: ``leaf.subleaf.register.bit`` (a value: compare, hash, never change)."""
 
     __slots__ = ("leaf", "subleaf", "reg", "bit")
@@ -73,18 +74,6 @@ class Bit:
         self.subleaf = subleaf
         self.reg = reg
         self.bit = bit
-
-    def _key(self) -> tuple[int, int, str, int]:
-        return (self.leaf, self.subleaf, self.reg, self.bit)
-
-    def __eq__(self, other: object) -> bool:
-        return self._key() == other._key() if type(other) is Bit else NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return f"Bit(leaf={self.leaf}, subleaf={self.subleaf}, reg={self.reg!r}, bit={self.bit})"
 
     def __str__(self) -> str:
         return f"{self.leaf:#x}.{self.subleaf}.{self.reg}.{self.bit}"
@@ -269,7 +258,7 @@ INDEXED_LEAVES: Final = frozenset(
 _RAW = r"(0x[0-9a-fA-F]+|\d+)\.(0x[0-9a-fA-F]+|\d+)\.(eax|ebx|ecx|edx)\.(\d+)"
 
 
-class FeatureSelection:
+class FeatureSelection(Value):
     """CPU features chosen in the configuration: AMX on, and bits to clear."""
 
     __slots__ = ("amx", "disabled")
@@ -278,17 +267,6 @@ class FeatureSelection:
         self.amx = amx
         self.disabled: tuple[Bit, ...] = tuple(disabled)
 
-    def _key(self) -> tuple[bool, tuple[Bit, ...]]:
-        return (self.amx, self.disabled)
-
-    def __eq__(self, other: object) -> bool:
-        return self._key() == other._key() if type(other) is FeatureSelection else NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return f"FeatureSelection(amx={self.amx!r}, disabled={self.disabled!r})"
 
 
 DEFAULT_FEATURES: Final = FeatureSelection()

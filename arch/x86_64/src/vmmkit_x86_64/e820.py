@@ -13,6 +13,7 @@ from typing import Final
 
 from vmmkit.arch import MemoryLayout
 from vmmkit_x86_64 import layout as L
+from vmmkit_x86_64.value import Value
 
 E820_RAM: Final = 1
 E820_RESERVED: Final = 2
@@ -24,7 +25,7 @@ E820_UNUSABLE: Final = 5
 MAX_ENTRIES: Final = 128
 
 
-class E820Entry:
+class E820Entry(Value):
     """One memory map entry (a value: compare, hash, never change)."""
 
     __slots__ = ("addr", "size", "type")
@@ -33,18 +34,6 @@ class E820Entry:
         self.addr = addr
         self.size = size
         self.type = type
-
-    def _key(self) -> tuple[int, int, int]:
-        return (self.addr, self.size, self.type)
-
-    def __eq__(self, other: object) -> bool:
-        return self._key() == other._key() if type(other) is E820Entry else NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return f"E820Entry(addr={self.addr!r}, size={self.size!r}, type={self.type!r})"
 
     @property
     def end(self) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
+from vmmkit_x86_64.value import Value
+
 #: MPS INTI flags (MADT and MP table alike): polarity bits 0-1 (1 high, 3 low), trigger bits
 #: 2-3 (1 edge, 3 level); 0 means "conforms to the bus" (ISA: edge, active high).
 INTI_CONFORMS: Final = 0
@@ -21,7 +23,7 @@ SCI_IRQ: Final = 9
 IOAPIC_PINS: Final = 24
 
 
-class InterruptOverride:
+class InterruptOverride(Value):
     """An interrupt source override: ISA IRQ ``source`` is ``gsi``, with INTI ``flags``."""
 
     __slots__ = ("source", "gsi", "flags")
@@ -30,9 +32,6 @@ class InterruptOverride:
         self.source = source
         self.gsi = gsi
         self.flags = flags
-
-    def __repr__(self) -> str:
-        return f"InterruptOverride(source={self.source}, gsi={self.gsi}, flags={self.flags})"
 
 
 INTERRUPT_OVERRIDES: Final = (

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vmmkit_x86_64.value import Value
+
 if TYPE_CHECKING:
     from vmmkit.config import CpusConfig
 
@@ -19,7 +21,7 @@ def field_width(count: int) -> int:
     return (count - 1).bit_length()
 
 
-class Topology:
+class Topology(Value):
     """Threads per core, cores per die, dies per package, packages (a value: never changed)."""
 
     __slots__ = ("threads_per_core", "cores_per_die", "dies_per_package", "packages")
@@ -31,21 +33,6 @@ class Topology:
         self.cores_per_die = cores_per_die
         self.dies_per_package = dies_per_package
         self.packages = packages
-
-    def _key(self) -> tuple[int, int, int, int]:
-        return (self.threads_per_core, self.cores_per_die, self.dies_per_package, self.packages)
-
-    def __eq__(self, other: object) -> bool:
-        return self._key() == other._key() if type(other) is Topology else NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (
-            f"Topology(threads_per_core={self.threads_per_core}, cores_per_die={self.cores_per_die}, "
-            f"dies_per_package={self.dies_per_package}, packages={self.packages})"
-        )
 
     @classmethod
     def from_config(cls, cpus: CpusConfig) -> Topology:

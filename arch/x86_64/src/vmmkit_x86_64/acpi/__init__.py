@@ -17,6 +17,7 @@ from vmmkit_x86_64 import layout as L
 from vmmkit_x86_64 import platform as P
 from vmmkit_x86_64.acpi import tables
 from vmmkit_x86_64.acpi.dsdt import dsdt_aml
+from vmmkit_x86_64.value import Value
 
 if TYPE_CHECKING:
     from vmmkit.memory import GuestMemory
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 TABLE_ALIGN: Final = 16
 
 
-class AcpiTable:
+class AcpiTable(Value):
     """One table: its signature, guest-physical address and bytes."""
 
     __slots__ = ("signature", "address", "data")
@@ -38,7 +39,7 @@ class AcpiTable:
         return f"AcpiTable(signature={self.signature!r}, address={self.address:#x}, {len(self.data)} bytes)"
 
 
-class AcpiTables:
+class AcpiTables(Value):
     """The tables a VM gets, RSDP first."""
 
     __slots__ = ("rsdp_address", "tables")

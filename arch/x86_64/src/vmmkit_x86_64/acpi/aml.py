@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TypeAlias
 
+from vmmkit_x86_64.value import Value
+
 # -- opcodes ----------------------------------------------------------------------------------
 ZERO_OP = 0x00
 ONE_OP = 0x01
@@ -43,27 +45,14 @@ PARENT_PREFIX_CHAR = 0x5E
 RETURN_OP = 0xA4
 
 
-class AmlObject:
-    """Base of the AML objects: ``to_aml()``, and equality and a repr from ``__slots__`` (the
-    fields, in order). :func:`encode` also takes any other object with a ``to_aml()``."""
+class AmlObject(Value):
+    """Base of the AML objects: ``to_aml()``, and equality and a repr from ``__slots__``.
+    :func:`encode` also takes any other object with a ``to_aml()``."""
 
     __slots__: tuple[str, ...] = ()
 
     def to_aml(self) -> bytes:
         raise NotImplementedError
-
-    def _fields(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash((type(self), self._fields()))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({fields})"
 
 
 Term: TypeAlias = "AmlObject | int | str | bytes"

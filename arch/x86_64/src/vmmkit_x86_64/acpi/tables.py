@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from vmmkit_x86_64.interrupts import INTI_CONFORMS, InterruptOverride
+from vmmkit_x86_64.value import Value
 
 OEM_ID: Final = b"VMMKIT"
 CREATOR_ID: Final = b"VMMK"
@@ -83,7 +84,7 @@ SYSTEM_IO: Final = 1
 ACCESS_BYTE: Final = 1
 
 
-class Gas:
+class Gas(Value):
     """A Generic Address Structure."""
 
     __slots__ = ("space", "bit_width", "bit_offset", "access_size", "address")
@@ -183,7 +184,7 @@ def madt(
 # -- MCFG -------------------------------------------------------------------------------------
 
 
-class EcamSegment:
+class EcamSegment(Value):
     """One MCFG entry: the ECAM window at ``base`` for ``segment``, buses ``start_bus-end_bus``."""
 
     __slots__ = ("base", "segment", "start_bus", "end_bus")
