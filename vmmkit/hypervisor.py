@@ -136,7 +136,8 @@ class Vm(ABC):
 
     @abstractmethod
     def set_irq_line(self, gsi: int, level: bool) -> None:
-        """Drive interrupt line ``gsi`` high or low."""
+        """Drive interrupt line ``gsi`` high or low. On x86 GSIs 0-15 are ISA IRQs, routed as on a
+        PC and as the firmware tables say: IRQ 0 (the PIT) reaches IOAPIC pin 2, IRQ n pin n."""
 
     @abstractmethod
     def signal_msi(self, address: int, data: int) -> None:

@@ -25,7 +25,8 @@ class InterruptLine(Protocol):
 
 
 class GsiLine:
-    """A wired interrupt (an IOAPIC pin on x86, an SPI on a GIC) identified by its GSI."""
+    """A wired interrupt identified by its GSI: on x86 an ISA IRQ (0-15) or IOAPIC pin (16-23),
+    routed as on a PC (ISA IRQ 0 reaches IOAPIC pin 2, as the MADT says); an SPI on a GIC."""
 
     def __init__(self, vm: Vm, gsi: int) -> None:
         self.vm = vm

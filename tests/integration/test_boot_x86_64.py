@@ -4,13 +4,14 @@ against QEMU's microvm running the very same ELF."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from vmmkit.testing import run_vmmkit
 
-from .guest_output import run_qemu_microvm, selftest_lines, stable_lines
+from .guest_output import PIT_PEER_MACHINE, run_qemu_microvm, run_qemu_x86, selftest_lines, stable_lines
 
 pytestmark = pytest.mark.requires_kvm
 
@@ -68,6 +69,41 @@ def test_qemu_microvm_prints_the_same_lines(selftest_elf: Path, vmmkit_hyperviso
     assert stable_lines(ours.stdout) == stable_lines(qemu.stdout)
 
 
+PIT_OK = "selftest: ok pit (3 ticks of IRQ 0 through the I/O APIC)"
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_pit_ticks_arrive_on_the_ioapic_pin_the_madt_names(selftest_elf: Path, vmmkit_hypervisor: str,
+                                                            cpus: int) -> None:
+    """The MADT says ISA IRQ 0 is GSI 2 (IOAPIC pin 2); the backend must wire the PIT there. On
+    a host whose quirks replace KVM's PIT the ticks come from the userspace i8254."""
+    _check_pit(boot(selftest_elf, "--cmdline", "test=pit", "--cpus", f"boot={cpus}", hypervisor=vmmkit_hypervisor))
+
+
+def test_kvms_own_pit_ticks_on_the_same_pin(selftest_elf: Path, vmmkit_hypervisor: str) -> None:
+    """``--kvm-quirks none`` keeps KVM's in-kernel PIT even on a host whose quirks would replace
+    it (three ticks at 100 Hz are affordable there)."""
+    if vmmkit_hypervisor != "kvm":
+        pytest.skip(f"KVM's in-kernel PIT: the backend is {vmmkit_hypervisor}")
+    _check_pit(boot(selftest_elf, "--kvm-quirks", "none", "--cmdline", "test=pit", hypervisor=vmmkit_hypervisor))
+
+
+def _check_pit(result: subprocess.CompletedProcess[str]) -> None:
+    lines = selftest_lines(result.stdout)
+    assert PIT_OK in lines, result.stdout + result.stderr
+    assert any(line.startswith("selftest: info pit: irq 0 -> gsi 2 (madt override)") for line in lines)
+    assert result.returncode == 0 and lines[-1] == "selftest: exit 0"
+
+
+@pytest.mark.requires_qemu
+@pytest.mark.parametrize("accel", ["kvm", "tcg"])
+def test_qemu_pc_prints_the_same_pit_lines(selftest_elf: Path, vmmkit_hypervisor: str, accel: str) -> None:
+    ours = boot(selftest_elf, "--cmdline", "test=pit", "--cpus", "boot=2", hypervisor=vmmkit_hypervisor)
+    qemu = run_qemu_x86(selftest_elf, "test=pit", 2, machine=PIT_PEER_MACHINE, accel=accel)
+    assert PIT_OK in stable_lines(qemu.stdout), qemu.stdout + qemu.stderr
+    assert stable_lines(ours.stdout) == stable_lines(qemu.stdout)
+
+
 @pytest.mark.parametrize("content", [b"", b"\x7fELF\x02\x01\x01" + b"\0" * 9, os.urandom(8192)],
                          ids=["empty", "truncated-elf", "random"])
 def test_a_bad_kernel_image_is_refused_naming_the_file(tmp_path: Path, content: bytes) -> None:
@@ -108,8 +144,6 @@ def test_a_guest_panic_reaches_the_event_monitor_through_pvpanic(selftest_elf: P
 @pytest.mark.requires_qemu
 def test_qemu_sees_the_same_panic_notification(selftest_elf: Path) -> None:
     """The guest's pvpanic write is the real protocol: QEMU's pvpanic device stops the VM on it."""
-    import subprocess
-
     result = subprocess.run(
         ["qemu-system-x86_64", "-M", "microvm,rtc=on", "-accel", "kvm", "-m", "128M", "-nodefaults",
          "-no-user-config", "-nographic", "-serial", "stdio", "-device", "pvpanic", "-action", "panic=exit-failure",

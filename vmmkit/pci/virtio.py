@@ -27,16 +27,11 @@ configuration change to ``msix_config`` (nothing when that is VIRTIO_MSI_NO_VECT
 MSI-X disabled, the ISR bit is set (1 queue, 2 configuration) and the function's INTA is held
 high until the driver reads the ISR, which clears it.
 
-Device status follows section 2.1 and 3.1.1: bits are set in order (ACKNOWLEDGE, DRIVER,
-FEATURES_OK, DRIVER_OK; several in one write are fine), out-of-order or bit-clearing writes are
-ignored, FAILED may be set at any time, FEATURES_OK sticks only if the driver's features are a
-subset of the offered ones and include VERSION_1, and DRIVER_OK builds the virtqueues
-(:class:`vmmkit.virtio.queue.Virtqueue`, validated against guest memory) and activates the
-device. Writing 0 resets the queues and the device. Queue registers are the driver's until
-it enables that queue or sets DRIVER_OK; MSI-X vector numbers beyond the table read back as
-VIRTIO_MSI_NO_VECTOR. DEVICE_NEEDS_RESET reads set while ``device.broken`` is, or after a
-queue error or a failed activation; one appearing after DRIVER_OK also raises a
-configuration interrupt.
+Device status, feature negotiation, activation, reset and DEVICE_NEEDS_RESET are
+:class:`vmmkit.virtio.core.TransportCore`'s; at DRIVER_OK this transport builds the virtqueues
+(:class:`vmmkit.virtio.queue.Virtqueue`) from what the driver wrote to the queue registers.
+Queue registers are the driver's until it enables that queue or sets DRIVER_OK; MSI-X vector
+numbers beyond the table read back as VIRTIO_MSI_NO_VECTOR.
 
 Every offset and size comes from the guest: an access outside a structure, of the wrong width
 or misaligned reads as zero and is ignored when written; device exceptions are logged, never
@@ -46,7 +41,6 @@ sequence on QEMU's virtio-rng-pci and on this transport and compares what it see
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -73,14 +67,8 @@ from vmmkit.pci.config import (
 from vmmkit.pci.function import PciFunction
 from vmmkit.pci.host import PciMachine, bdf_string, pci_root, publish
 from vmmkit.pci.msix import MAX_VECTORS, MsixTable, pba_bytes, table_bytes
-from vmmkit.virtio.chain import VirtqueueError
-from vmmkit.virtio.device import (
-    VIRTIO_F_RING_PACKED,
-    VIRTIO_F_VERSION_1,
-    ActivationContext,
-    VirtioDevice,
-    VirtioInterruptType,
-)
+from vmmkit.virtio.core import TransportCore
+from vmmkit.virtio.device import VIRTIO_F_RING_PACKED, VirtioDevice, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
 
 log = get_logger()
@@ -96,14 +84,6 @@ VIRTIO_PCI_CAP_NOTIFY_CFG = 2
 VIRTIO_PCI_CAP_ISR_CFG = 3
 VIRTIO_PCI_CAP_DEVICE_CFG = 4
 VIRTIO_PCI_CAP_PCI_CFG = 5
-
-#: Device status bits.
-STATUS_ACKNOWLEDGE = 0x01
-STATUS_DRIVER = 0x02
-STATUS_DRIVER_OK = 0x04
-STATUS_FEATURES_OK = 0x08
-STATUS_DEVICE_NEEDS_RESET = 0x40
-STATUS_FAILED = 0x80
 
 #: ISR bits.
 ISR_QUEUE = 0x1
@@ -124,7 +104,6 @@ NOTIFY_OFF_MULTIPLIER = 4
 MSIX_TABLE_OFFSET = 0x8000
 MSIX_PBA_OFFSET = 0x4_8000
 MAX_QUEUES = NOTIFY_SIZE // NOTIFY_OFF_MULTIPLIER
-MAX_QUEUE_SIZE = 32768
 
 #: Common configuration offsets (struct virtio_pci_common_cfg).
 DEVICE_FEATURE_SELECT = 0x00
@@ -214,9 +193,6 @@ class VirtioPciDevice(PciFunction):
 
     kind: ClassVar[str] = "virtio-pci"
 
-    #: Called with "activated" / "reset" (the machine turns it into an event); optional.
-    on_event: Callable[[str], None] | None = None
-
     def __init__(
         self,
         device: VirtioDevice,
@@ -230,15 +206,9 @@ class VirtioPciDevice(PciFunction):
         max_sizes = [int(size) for size in device.queue_max_sizes]
         if len(max_sizes) > MAX_QUEUES:
             raise DeviceError(f"{device.id}: {len(max_sizes)} queues, virtio-pci here allows {MAX_QUEUES}")
-        for size in max_sizes:
-            if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
-                raise DeviceError(f"{device.id}: queue size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
         device_type = int(device.device_type)
         if not 0 < device_type < 0x10000 - VIRTIO_PCI_DEVICE_ID_BASE:
             raise DeviceError(f"{device.id}: virtio device type {device_type} has no PCI device ID")
-        offered = int(device.features()) & ~_UNSUPPORTED_FEATURES & ((1 << 64) - 1)
-        if not offered & VIRTIO_F_VERSION_1:
-            raise DeviceError(f"{device.id}: the modern virtio-pci transport needs VIRTIO_F_VERSION_1")
         class_code, subclass = _CLASS_BY_TYPE.get(device_type, (0xFF, 0x00))
         config = PciConfigSpace(
             vendor_id=VIRTIO_PCI_VENDOR_ID, device_id=VIRTIO_PCI_DEVICE_ID_BASE + device_type,
@@ -247,50 +217,49 @@ class VirtioPciDevice(PciFunction):
         )
         super().__init__(name or device.id, config)
         self.device = device
-        device.on_broken = self.fail
-        #: What the driver is offered: the device's features minus what this transport cannot do.
-        self.offered_features = offered
         self.vm = vm
         self.memory = memory
         self.event_loop = event_loop
+        self.core = TransportCore(
+            device, name=self.name, memory=memory, event_loop=event_loop, interrupt=VirtioPciInterrupt(self),
+            unsupported_features=_UNSUPPORTED_FEATURES, virtqueues=self._build_virtqueues,
+            reset_registers=self._reset_registers, log_prefix="virtio_pci",
+        )
         #: Register state, taken on vCPU threads. Never taken by the interrupt path, which a
         #: queue's error callback may enter with the queue's lock held.
         self._lock = threading.RLock()
-        #: The ISR, config generation and INTx level: vCPU and event-loop threads.
+        #: The ISR and INTx level: vCPU and event-loop threads.
         self._isr_lock = threading.Lock()
         self.queues = [QueueRegisters(size, size) for size in max_sizes]
+        #: The queues handed to the device at DRIVER_OK, until reset.
+        self.virtqueues: list[Virtqueue] = []
         self.msix = MsixTable(vm, min(len(max_sizes) + 1, MAX_VECTORS), allocate_msi_gsi)
         self.intx: InterruptLine | None = None
-        self.virtqueues: list[Virtqueue] = []
-        self._queue_events: list[int] = []
         self._ioeventfds: list[tuple[int, int]] = []
-        self._interrupt = VirtioPciInterrupt(self)
-        self._counts = {"notifications_trapped": 0, "interrupts": 0, "resets": 0, "activations": 0}
-        self._closed = False
-        self.config_generation = 0
-        self._config_snapshot = b""
-        self._reset_state()
-        try:
-            for _ in max_sizes:
-                self._queue_events.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
-            self._build_config()
-        except BaseException:
-            self._close_fds()
-            raise
-
-    def _reset_state(self) -> None:
-        self.status = 0
         self.device_feature_select = 0
         self.driver_feature_select = 0
-        self.driver_features = 0
         self.queue_select = 0
         self.msix_config = VIRTIO_MSI_NO_VECTOR
         self.isr = 0
-        self.activated = False
-        self.needs_reset = False
-        for queue in self.queues:
+        try:
+            self._build_config()
+        except BaseException:
+            self.core.close_events()
+            raise
+
+    def _reset_registers(self) -> None:
+        for queue in self.virtqueues:
             queue.reset()
-        self._config_snapshot = self._config_bytes()
+        self.virtqueues = []
+        for regs in self.queues:
+            regs.reset()
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.queue_select = 0
+        self.msix_config = VIRTIO_MSI_NO_VECTOR
+        with self._isr_lock:
+            self.isr = 0
+            self._update_intx()
 
     def _build_config(self) -> None:
         config = self.config
@@ -322,16 +291,22 @@ class VirtioPciDevice(PciFunction):
             self.config.set_interrupt(irq & 0xFF, PIN_INTA)
 
     @property
+    def on_event(self) -> Callable[[str], None] | None:
+        """Called with "activated" / "reset" (the machine turns it into an event); optional."""
+        return self.core.on_event
+
+    @on_event.setter
+    def on_event(self, callback: Callable[[str], None] | None) -> None:
+        self.core.on_event = callback
+
+    @property
     def queue_events(self) -> Sequence[int]:
-        return tuple(self._queue_events)
+        return tuple(self.core.queue_events)
 
     @property
     def ioeventfds(self) -> Sequence[tuple[int, int]]:
         """``(eventfd, guest address)`` of the notify ioeventfds registered now."""
         return tuple(self._ioeventfds)
-
-    def device_features(self) -> int:
-        return self.offered_features
 
     # -- configuration space (the PCI_CFG window, MSI-X control, INTx disable) ------------
 
@@ -412,15 +387,8 @@ class VirtioPciDevice(PciFunction):
 
     def _notify(self, offset: int) -> None:
         queue, rest = divmod(offset, NOTIFY_OFF_MULTIPLIER)
-        if rest or queue >= len(self._queue_events):
-            return
-        if self._closed:
-            return
-        self._counts["notifications_trapped"] += 1
-        try:
-            os.eventfd_write(self._queue_events[queue], 1)
-        except OSError as exc:
-            log.warning("virtio_pci.notify_failed", device=self.name, queue=queue, error=str(exc))
+        if not rest:
+            self.core.notify(queue)
 
     def _device_config_read(self, offset: int, size: int) -> bytes:
         try:
@@ -454,15 +422,11 @@ class VirtioPciDevice(PciFunction):
             if offset == DEVICE_FEATURE_SELECT:
                 return self.device_feature_select
             if offset == DEVICE_FEATURE:
-                if self.device_feature_select > 1:
-                    return 0
-                return (self.device_features() >> (32 * self.device_feature_select)) & 0xFFFF_FFFF
+                return self.core.device_feature_bits(self.device_feature_select)
             if offset == DRIVER_FEATURE_SELECT:
                 return self.driver_feature_select
             if offset == DRIVER_FEATURE:
-                if self.driver_feature_select > 1:
-                    return 0
-                return (self.driver_features >> (32 * self.driver_feature_select)) & 0xFFFF_FFFF
+                return self.core.driver_feature_bits(self.driver_feature_select)
             return 0
         if size == 2:
             if offset == MSIX_CONFIG:
@@ -484,16 +448,16 @@ class VirtioPciDevice(PciFunction):
             return 0
         if size == 1:
             if offset == DEVICE_STATUS:
-                return self.current_status()
+                return self.core.device_status
             if offset == CONFIG_GENERATION:
-                return self._read_generation()
+                return self.core.read_generation() & 0xFF
         return 0
 
     def _common_write(self, offset: int, size: int, value: int) -> None:
         queue = self._selected()
         if size == 1:
             if offset == DEVICE_STATUS:
-                self._write_status(value)
+                self.core.write_status(value)
             return
         if size == 2:
             if offset == MSIX_CONFIG:
@@ -522,10 +486,7 @@ class VirtioPciDevice(PciFunction):
                 self.driver_feature_select = value
                 return
             if offset == DRIVER_FEATURE:
-                locked = self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED)
-                if self.driver_feature_select <= 1 and not locked:
-                    shift = 32 * self.driver_feature_select
-                    self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+                self.core.write_driver_feature_bits(self.driver_feature_select, value)
                 return
         field = _address_field(offset, size)
         if field is not None and queue is not None and self._queue_configurable(queue):
@@ -538,176 +499,35 @@ class VirtioPciDevice(PciFunction):
 
     def _queue_configurable(self, queue: QueueRegisters) -> bool:
         """Queue fields are the driver's to set until it enables the queue or the device."""
-        locked = self.status & (STATUS_DRIVER_OK | STATUS_FAILED) or self.needs_reset
-        return not queue.ready and not locked
+        return not queue.ready and not self.core.queue_setup_locked()
 
     def _vector(self, value: int) -> int:
         return value if value < self.msix.num_vectors else VIRTIO_MSI_NO_VECTOR
 
-    # -- device status -------------------------------------------------------------------
-
-    def current_status(self) -> int:
-        """device_status as the driver reads it."""
-        broken = self.needs_reset or self.device.broken is not None
-        return (self.status | (STATUS_DEVICE_NEEDS_RESET if broken else 0)) & 0xFF
-
-    def _config_bytes(self) -> bytes:
-        try:
-            return bytes(self.device.config_space())
-        except Exception:
-            log.exception("virtio_pci.config_space_failed", device=self.name)
-            return b""
-
-    def _read_generation(self) -> int:
-        """config_generation: bumped by configuration interrupts and whenever the device's
-        configuration space changed since the driver last looked."""
-        current = self._config_bytes()
-        with self._isr_lock:
-            if current != self._config_snapshot:
-                self._config_snapshot = current
-                self.config_generation = (self.config_generation + 1) & 0xFF
-            return self.config_generation
-
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self._reset_virtio()
-            return
-        value &= ~STATUS_DEVICE_NEEDS_RESET & 0xFF
-        if self.status & ~value:
-            log.warning("virtio_pci.status_bits_cleared", device=self.name, status=hex(self.status),
-                        written=hex(value))
-            return
-        new = value & ~self.status
-        for bit in (STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK, STATUS_DRIVER_OK, STATUS_FAILED):
-            if not new & bit:
-                continue
-            if not self._status_step(bit):
-                log.warning("virtio_pci.status_refused", device=self.name, status=hex(self.status),
-                            bit=hex(bit))
-                return
-            self.status |= bit
-
-    def _status_step(self, bit: int) -> bool:
-        """Whether ``bit`` may be set now; performs what setting it means."""
-        status = self.status
-        if bit == STATUS_ACKNOWLEDGE or bit == STATUS_FAILED:
-            return True
-        if bit == STATUS_DRIVER:
-            return bool(status & STATUS_ACKNOWLEDGE)
-        if bit == STATUS_FEATURES_OK:
-            return status & (STATUS_ACKNOWLEDGE | STATUS_DRIVER) == (STATUS_ACKNOWLEDGE | STATUS_DRIVER) \
-                and self._accept_features()
-        if bit == STATUS_DRIVER_OK:
-            if not status & STATUS_FEATURES_OK or status & STATUS_FAILED or self.needs_reset:
-                return False
-            self._activate()
-            return True
-        return False
-
-    def _accept_features(self) -> bool:
-        features = self.driver_features
-        if features & ~self.device_features():
-            log.warning("virtio_pci.features_refused", device=self.name, features=hex(features),
-                        offered=hex(self.device_features()))
-            return False
-        if not features & VIRTIO_F_VERSION_1:
-            log.warning("virtio_pci.version_1_missing", device=self.name)
-            return False
-        try:
-            self.device.ack_features(features)
-        except Exception:
-            log.exception("virtio_pci.ack_features_failed", device=self.name)
-            return False
-        return self.device.broken is None
-
-    def _activate(self) -> None:
-        """DRIVER_OK: build the virtqueues from the registers and hand them to the device.
-        A queue the guest misplaced, or a device that cannot start, sets DEVICE_NEEDS_RESET
-        instead of raising into the vCPU."""
-        features = self.driver_features
-        try:
-            queues = []
-            for index, regs in enumerate(self.queues):
-                queue = Virtqueue(regs.max_size, self.memory, index)
-                queue.size = regs.size
-                queue.desc_table = regs.desc
-                queue.avail_ring = regs.driver
-                queue.used_ring = regs.device
-                queue.ready = regs.ready
-                queue.set_features(features)
-                queue.on_error = self._queue_failed
-                queues.append(queue)
-            self.virtqueues = queues
-            for queue in queues:
-                if queue.ready:
-                    queue.validate()
-            self.device.activate(ActivationContext(
-                memory=self.memory, queues=tuple(queues), queue_events=tuple(self._queue_events),
-                interrupt=self._interrupt, event_loop=self.event_loop,
-            ))
-        except VirtqueueError as exc:
-            self.fail(str(exc))
-            return
-        except Exception as exc:
-            log.exception("virtio_pci.activate_failed", device=self.name)
-            self.fail(f"activation failed: {exc}")
-            return
-        self.activated = True
-        self._counts["activations"] += 1
-        log.debug("device.activated", device=self.name, transport="pci", features=hex(features),
-                  queues=sum(queue.ready for queue in self.queues))
-        if self.on_event is not None:
-            self.on_event("activated")
-
-    def fail(self, reason: str) -> None:
-        """The device cannot go on until the driver resets it: DEVICE_NEEDS_RESET, and after
-        DRIVER_OK a configuration interrupt to tell the driver."""
-        first = not self.needs_reset
-        self.needs_reset = True
-        if first:
-            log.warning("virtio_pci.needs_reset", device=self.name, reason=reason)
-            if self.status & STATUS_DRIVER_OK:
-                self.signal(VirtioInterruptType.CONFIG)
-
-    def _queue_failed(self, exc: VirtqueueError) -> None:
-        # Runs with the queue's lock held, often on the event loop: no register lock here.
-        self.fail(str(exc))
-
-    def _reset_virtio(self) -> None:
-        """The driver wrote 0 to device_status (or the VM reset): forget everything."""
-        try:
-            self.device.reset()
-        except Exception:
-            log.exception("virtio_pci.device_reset_failed", device=self.name)
-        for queue in self.virtqueues:
-            queue.reset()
+    def _build_virtqueues(self) -> list[Virtqueue]:
+        """DRIVER_OK: the virtqueues as the driver set them up in the queue registers."""
         self.virtqueues = []
-        self._drain_events()
-        self._reset_state()
-        self._counts["resets"] += 1
-        with self._isr_lock:
-            self._update_intx()
-        if self.on_event is not None:
-            self.on_event("reset")
-
-    def _drain_events(self) -> None:
-        for fd in self._queue_events:
-            try:
-                os.eventfd_read(fd)
-            except OSError:
-                pass
+        for index, regs in enumerate(self.queues):
+            queue = Virtqueue(regs.max_size, self.memory, index)
+            queue.size = regs.size
+            queue.desc_table = regs.desc
+            queue.avail_ring = regs.driver
+            queue.used_ring = regs.device
+            queue.ready = regs.ready
+            self.virtqueues.append(queue)
+        return self.virtqueues
 
     # -- interrupts ------------------------------------------------------------------------
 
     def signal(self, kind: VirtioInterruptType, queue_index: int = 0) -> None:
         """Raise a queue or configuration interrupt (any thread)."""
         config = kind is VirtioInterruptType.CONFIG
-        if self._closed:
+        if self.core.closed:
             return
         with self._isr_lock:
-            self._counts["interrupts"] += 1
+            self.core.counts["interrupts"] += 1
             if config:
-                self.config_generation = (self.config_generation + 1) & 0xFF
+                self.core.bump_generation()
             if self.msix.enabled:
                 if config:
                     vector = self.msix_config
@@ -735,7 +555,7 @@ class VirtioPciDevice(PciFunction):
     def bar_mapped(self, index: int, base: int) -> None:
         if index != BAR_INDEX or not self.vm.supports_ioeventfd:
             return
-        for queue, fd in enumerate(self._queue_events):
+        for queue, fd in enumerate(self.core.queue_events):
             address = base + NOTIFY_OFFSET + queue * NOTIFY_OFF_MULTIPLIER
             try:
                 self.vm.register_ioeventfd(fd, address, pio=False)
@@ -761,7 +581,7 @@ class VirtioPciDevice(PciFunction):
     def reset(self) -> None:
         """VM reset: the virtio state, MSI-X, then the configuration space and BAR mapping."""
         with self._lock:
-            self._reset_virtio()
+            self.core.reset()
             self.msix.reset()
         super().reset()
 
@@ -772,29 +592,20 @@ class VirtioPciDevice(PciFunction):
         self.device.resume()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.device.close()
-        finally:
-            self.bar_unmapped(BAR_INDEX, 0)
-            self.msix.close()
-            self._close_fds()
+        self.core.close(self._release)
 
-    def _close_fds(self) -> None:
-        events, self._queue_events = self._queue_events, []
-        for fd in events:
-            os.close(fd)
+    def _release(self) -> None:
+        self.bar_unmapped(BAR_INDEX, 0)
+        self.msix.close()
 
     def counters(self) -> Mapping[str, int]:
-        return {**self._counts, **self.device.counters()}
+        return self.core.counters()
 
     def describe(self) -> Mapping[str, Any]:
         return {
-            "transport": "pci", "device_type": self.device.device_type, "status": self.current_status(),
-            "offered_features": self.device_features(), "driver_features": self.driver_features,
-            "isr": self.isr, "config_generation": self.config_generation,
+            "transport": "pci", "device_type": self.device.device_type, "status": self.core.device_status,
+            "offered_features": self.core.offered_features, "driver_features": self.core.driver_features,
+            "isr": self.isr, "config_generation": self.core.generation & 0xFF,
             "msix": {"enabled": self.msix.enabled, "function_masked": self.msix.function_masked,
                      "vectors": self.msix.num_vectors},
             "ioeventfds": len(self._ioeventfds),

@@ -17,14 +17,8 @@ reads as zero and is ignored when written; reads of write-only or unknown regist
 configuration-space accesses must be 1, 2, 4 or 8 bytes, naturally aligned, and inside the
 window. Nothing the guest writes makes :meth:`VirtioMmioTransport.read` or ``write`` raise.
 
-Status follows virtio 1.2 section 2.1 and 3.1: ``ACKNOWLEDGE`` -> ``DRIVER`` -> ``FEATURES_OK``
-(accepted only if the driver's features are a subset of those offered and include
-``VIRTIO_F_VERSION_1``; otherwise the bit stays clear, which is how the driver learns) ->
-``DRIVER_OK`` (the queues are validated and the device is activated with an
-:class:`ActivationContext`). Bits may be set together but only in that order; clearing bits other
-than by writing 0 is ignored; ``FAILED`` may be set at any time; writing 0 resets the device.
-``DEVICE_NEEDS_RESET`` reads as set once the device or a queue is broken (a protocol violation,
-a failed activation); when it appears after ``DRIVER_OK`` a configuration-change interrupt is sent.
+Status, feature negotiation, activation, reset and ``DEVICE_NEEDS_RESET`` are
+:class:`vmmkit.virtio.core.TransportCore`'s; DriverFeatures is taken only once ``DRIVER`` is set.
 Queue registers are writable only between ``FEATURES_OK`` and ``DRIVER_OK`` and, except
 ``QueueReady``, while the selected queue is not ready; writing 0 to ``QueueReady`` (to stop using
 a queue) works at any time, and the queue then stays unused until the device is reset.
@@ -52,22 +46,21 @@ clear, which Linux tolerates.
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from vmmkit.device import Device
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
-from vmmkit.virtio.chain import MAX_QUEUE_SIZE, VirtqueueError
-from vmmkit.virtio.device import (
-    VIRTIO_F_RING_PACKED,
-    VIRTIO_F_VERSION_1,
-    ActivationContext,
-    VirtioDevice,
-    VirtioInterruptType,
-)
+
+# The status bits are this register block's too (re-exported).
+from vmmkit.virtio.core import ACKNOWLEDGE as ACKNOWLEDGE
+from vmmkit.virtio.core import DEVICE_NEEDS_RESET as DEVICE_NEEDS_RESET
+from vmmkit.virtio.core import DRIVER, FEATURES_OK, TransportCore
+from vmmkit.virtio.core import DRIVER_OK as DRIVER_OK
+from vmmkit.virtio.core import FAILED as FAILED
+from vmmkit.virtio.device import VIRTIO_F_RING_PACKED, VirtioDevice, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
 
 if TYPE_CHECKING:
@@ -112,14 +105,6 @@ QUEUE_RESET: Final = 0x0C0
 CONFIG_GENERATION: Final = 0x0FC
 CONFIG: Final = 0x100
 
-# Device status bits (virtio 1.2, 2.1).
-ACKNOWLEDGE: Final = 1
-DRIVER: Final = 2
-DRIVER_OK: Final = 4
-FEATURES_OK: Final = 8
-DEVICE_NEEDS_RESET: Final = 0x40
-FAILED: Final = 0x80
-
 # InterruptStatus bits.
 INT_VRING: Final = 1
 INT_CONFIG: Final = 2
@@ -158,79 +143,68 @@ class VirtioMmioTransport(Device):
 
     kind = "virtio-mmio"
 
-    #: Called with "activated" / "reset" (the machine turns it into an event); optional.
-    on_event: Callable[[str], None] | None = None
-
     def __init__(self, device: VirtioDevice, *, memory: GuestMemory, line: InterruptLine,
                  event_loop: EventLoop) -> None:
         super().__init__(device.id)
         self.device = device
-        device.on_broken = self.fail
         self.memory = memory
         self.line = line
         self.event_loop = event_loop
         if not 0 < device.device_type <= 0xFFFF_FFFF:
             raise DeviceError(f"{device.id}: virtio device type {device.device_type} is invalid")
-        sizes = list(device.queue_max_sizes)
-        for size in sizes:
-            if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
-                raise DeviceError(f"{device.id}: queue size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
-        self.offered_features = device.features() & ~UNSUPPORTED_FEATURES & 0xFFFF_FFFF_FFFF_FFFF
-        if not self.offered_features & VIRTIO_F_VERSION_1:
-            raise DeviceError(f"{device.id}: virtio-mmio version 2 needs VIRTIO_F_VERSION_1")
-        self.queues = [Virtqueue(size, memory, index) for index, size in enumerate(sizes)]
-        for queue in self.queues:
-            queue.on_error = self._queue_failed
-        self.queue_events: list[int] = []
-        try:
-            for _ in sizes:
-                self.queue_events.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
-        except OSError as exc:
-            self._close_events()
-            raise DeviceError(f"{device.id}: cannot create queue eventfds: {exc}") from None
         self.interrupt = MmioInterrupt(self)
+        self.core = TransportCore(
+            device, name=device.id, memory=memory, event_loop=event_loop, interrupt=self.interrupt,
+            unsupported_features=UNSUPPORTED_FEATURES, virtqueues=lambda: self.queues,
+            reset_registers=self._reset_registers, log_prefix="virtio",
+        )
+        #: The queues, which the queue registers write straight into.
+        self.queues = [Virtqueue(size, memory, index) for index, size in enumerate(device.queue_max_sizes)]
         self._lock = threading.RLock()  # register state; vCPU threads
         self._isr_lock = threading.Lock()  # InterruptStatus; vCPU and event-loop threads
         self._cleanups: list[Callable[[], None]] = []
-        self._closed = False
         self.interrupt_status = 0
-        self.config_generation = 0
-        self._config_snapshot = b""
-        self._counts = {"notifications_trapped": 0, "interrupts": 0, "resets": 0, "activations": 0}
-        self._reset_registers()
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.queue_sel = 0
 
     # -- state -----------------------------------------------------------------------------
 
     def _reset_registers(self) -> None:
-        self.status = 0
-        self.needs_reset = False
-        self.active = False
+        for queue in self.queues:
+            queue.reset()
         self.device_features_sel = 0
         self.driver_features_sel = 0
-        self.driver_features = 0
         self.queue_sel = 0
         with self._isr_lock:
             self.interrupt_status = 0
-        self._config_snapshot = self._config_bytes()
 
     def add_cleanup(self, cleanup: Callable[[], None]) -> None:
         """Run ``cleanup`` on :meth:`close`, before the eventfds are closed (ioeventfds)."""
         self._cleanups.append(cleanup)
 
     @property
-    def device_status(self) -> int:
-        """Status as the driver reads it."""
-        status = self.status
-        if self.needs_reset or self.device.broken is not None:
-            status |= DEVICE_NEEDS_RESET
-        return status
+    def on_event(self) -> Callable[[str], None] | None:
+        """Called with "activated" / "reset" (the machine turns it into an event); optional."""
+        return self.core.on_event
+
+    @on_event.setter
+    def on_event(self, callback: Callable[[str], None] | None) -> None:
+        self.core.on_event = callback
+
+    @property
+    def queue_events(self) -> Sequence[int]:
+        return tuple(self.core.queue_events)
+
+    @property
+    def driver_features(self) -> int:
+        return self.core.driver_features
 
     def _selected_queue(self) -> Virtqueue | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
 
     def _queue_setup_allowed(self) -> bool:
-        return (self.status & FEATURES_OK != 0 and self.status & (DRIVER_OK | FAILED) == 0
-                and not self.needs_reset)
+        return self.core.status & FEATURES_OK != 0 and not self.core.queue_setup_locked()
 
     # -- the bus ---------------------------------------------------------------------------
 
@@ -271,9 +245,7 @@ class VirtioMmioTransport(Device):
         if offset == VENDOR_ID_REG:
             return VENDOR_ID
         if offset == DEVICE_FEATURES:
-            if self.device_features_sel > 1:
-                return 0
-            return (self.offered_features >> (32 * self.device_features_sel)) & 0xFFFF_FFFF
+            return self.core.device_feature_bits(self.device_features_sel)
         if offset == QUEUE_NUM_MAX:
             queue = self._selected_queue()
             return queue.max_size if queue is not None else 0
@@ -283,26 +255,19 @@ class VirtioMmioTransport(Device):
         if offset == INTERRUPT_STATUS:
             return self.interrupt_status
         if offset == STATUS:
-            return self.device_status
+            return self.core.device_status
         if SHM_LEN_LOW <= offset <= SHM_BASE_HIGH:
             return 0xFFFF_FFFF  # no shared memory region has the selected id
         if offset == CONFIG_GENERATION:
-            current = self._config_bytes()
-            with self._isr_lock:
-                if current != self._config_snapshot:
-                    self._config_snapshot = current
-                    self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
-                return self.config_generation
+            return self.core.read_generation() & 0xFFFF_FFFF
         return 0  # write-only or reserved
 
     def _write_register(self, offset: int, value: int) -> None:
         if offset == DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == DRIVER_FEATURES:
-            if (self.status & DRIVER and not self.status & (FEATURES_OK | FAILED)
-                    and self.driver_features_sel < 2):
-                shift = 32 * self.driver_features_sel
-                self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+            if self.core.status & DRIVER:
+                self.core.write_driver_feature_bits(self.driver_features_sel, value)
         elif offset == DRIVER_FEATURES_SEL:
             self.driver_features_sel = value
         elif offset == QUEUE_SEL:
@@ -322,11 +287,11 @@ class VirtioMmioTransport(Device):
                 old = getattr(queue, name)
                 setattr(queue, name, (old & ~(0xFFFF_FFFF << shift)) | (value << shift))
         elif offset == QUEUE_NOTIFY:
-            self.notify(value)
+            self.core.notify(value)
         elif offset == INTERRUPT_ACK:
             self.acknowledge_interrupt(value)
         elif offset == STATUS:
-            self._write_status(value & 0xFF)
+            self.core.write_status(value & 0xFF)
         # DeviceFeatures, SHMSel, QueueReset and the read-only registers: ignored
 
     def _read_config(self, offset: int, size: int) -> bytes:
@@ -341,138 +306,19 @@ class VirtioMmioTransport(Device):
             return
         self.device.write_config(offset - CONFIG, data)
 
-    def _config_bytes(self) -> bytes:
-        try:
-            return bytes(self.device.config_space())
-        except Exception:
-            log.exception("virtio.config_space_failed", device=self.id)
-            return b""
-
-    # -- status ----------------------------------------------------------------------------
-
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self.reset()
-            return
-        if value & FAILED and not self.status & FAILED:
-            self.status |= FAILED
-            log.debug("virtio.driver_failed", device=self.id)
-        if self.status & FAILED:
-            return
-        if value & self.status != self.status:
-            log.debug("virtio.status_ignored", device=self.id, status=self.status, written=value)
-            return
-        new = value & ~self.status
-        for bit in (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK):
-            if not new & bit:
-                continue
-            if not self._may_set(bit):
-                log.debug("virtio.status_refused", device=self.id, status=self.status, bit=bit)
-                return
-            self.status |= bit
-            if bit == DRIVER_OK:
-                self._activate()
-
-    def _may_set(self, bit: int) -> bool:
-        if bit == ACKNOWLEDGE:
-            return True
-        if bit == DRIVER:
-            return bool(self.status & ACKNOWLEDGE)
-        if bit == FEATURES_OK:
-            return bool(self.status & DRIVER) and self._accept_features()
-        return bool(self.status & FEATURES_OK) and not self.needs_reset  # DRIVER_OK
-
-    def _accept_features(self) -> bool:
-        features = self.driver_features
-        if features & ~self.offered_features or not features & VIRTIO_F_VERSION_1:
-            log.info("virtio.features_refused", device=self.id, offered=hex(self.offered_features),
-                     requested=hex(features))
-            return False
-        self.device.ack_features(features)
-        return True
-
-    def _activate(self) -> None:
-        features = self.driver_features
-        try:
-            for queue in self.queues:
-                queue.set_features(features)
-            for queue in self.queues:
-                if queue.ready:
-                    queue.validate()
-            context = ActivationContext(
-                memory=self.memory, queues=tuple(self.queues), queue_events=tuple(self.queue_events),
-                interrupt=self.interrupt, event_loop=self.event_loop,
-            )
-            self.device.activate(context)
-        except VirtqueueError as exc:
-            self.fail(str(exc))
-        except Exception as exc:
-            log.exception("virtio.activate_failed", device=self.id)
-            self.fail(f"activation failed: {exc}")
-        else:
-            self.active = True
-            self._counts["activations"] += 1
-            log.debug("virtio.activated", device=self.id, features=hex(features),
-                      queues=sum(q.ready for q in self.queues))
-            if self.on_event is not None:
-                self.on_event("activated")
-
-    def fail(self, reason: str) -> None:
-        """The device cannot go on until the driver resets it: set ``DEVICE_NEEDS_RESET`` and,
-        after ``DRIVER_OK``, tell the driver with a configuration-change interrupt."""
-        first = not self.needs_reset
-        self.needs_reset = True
-        if first:
-            log.warning("virtio.needs_reset", device=self.id, reason=reason)
-            if self.status & DRIVER_OK:
-                self.raise_interrupt(INT_CONFIG)
-
-    def _queue_failed(self, exc: VirtqueueError) -> None:
-        # Runs with the queue's lock held, often on the event loop: take no transport lock.
-        self.fail(str(exc))
-
-    def reset(self) -> None:
-        """Device reset (the driver wrote 0 to Status, or the VM reboots)."""
-        with self._lock:
-            try:
-                self.device.reset()
-            except Exception:
-                log.exception("virtio.device_reset_failed", device=self.id)
-            for queue in self.queues:
-                queue.reset()
-            self._drain_events()
-            self._reset_registers()
-            self._counts["resets"] += 1
-        log.debug("virtio.reset", device=self.id)
-        if self.on_event is not None:
-            self.on_event("reset")
-
-    def _drain_events(self) -> None:
-        for fd in self.queue_events:
-            try:
-                os.eventfd_read(fd)
-            except (BlockingIOError, OSError):
-                pass
-
     # -- notifications and interrupts ------------------------------------------------------
 
     def notify(self, queue_index: int) -> None:
         """A QueueNotify write that no ioeventfd took: signal the queue's eventfd."""
-        if queue_index >= len(self.queue_events) or self._closed:
-            return
-        self._counts["notifications_trapped"] += 1
-        try:
-            os.eventfd_write(self.queue_events[queue_index], 1)
-        except OSError:
-            pass
+        self.core.notify(queue_index)
 
     def raise_interrupt(self, bits: int) -> None:
         """Set InterruptStatus ``bits`` and pulse the line."""
         with self._isr_lock:
             self.interrupt_status |= bits
             if bits & INT_CONFIG:
-                self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
-            self._counts["interrupts"] += 1
+                self.core.bump_generation()
+            self.core.counts["interrupts"] += 1
         self.line.trigger()
 
     def acknowledge_interrupt(self, bits: int) -> None:
@@ -484,6 +330,11 @@ class VirtioMmioTransport(Device):
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def reset(self) -> None:
+        """Device reset (the VM reboots)."""
+        with self._lock:
+            self.core.reset()
+
     def pause(self) -> None:
         self.device.pause()
 
@@ -491,38 +342,26 @@ class VirtioMmioTransport(Device):
         self.device.resume()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.device.close()
-        finally:
-            for cleanup in self._cleanups:
-                try:
-                    cleanup()
-                except Exception:
-                    log.exception("virtio.cleanup_failed", device=self.id)
-            self._cleanups.clear()
-            self._close_events()
+        self.core.close(self._run_cleanups)
 
-    def _close_events(self) -> None:
-        for fd in self.queue_events:
+    def _run_cleanups(self) -> None:
+        for cleanup in self._cleanups:
             try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.queue_events = []
+                cleanup()
+            except Exception:
+                log.exception("virtio.cleanup_failed", device=self.id)
+        self._cleanups.clear()
 
     def counters(self) -> Mapping[str, int]:
-        return {**self._counts, **self.device.counters()}
+        return self.core.counters()
 
     def firmware_properties(self) -> Mapping[str, Any]:
         return {"virtio_device_type": self.device.device_type}
 
     def describe(self) -> dict[str, Any]:
         return {
-            "transport": "mmio", "device_type": self.device.device_type, "status": self.device_status,
-            "offered_features": self.offered_features, "driver_features": self.driver_features,
-            "interrupt_status": self.interrupt_status, "config_generation": self.config_generation,
+            "transport": "mmio", "device_type": self.device.device_type, "status": self.core.device_status,
+            "offered_features": self.core.offered_features, "driver_features": self.core.driver_features,
+            "interrupt_status": self.interrupt_status, "config_generation": self.core.generation & 0xFFFF_FFFF,
             "queues": [queue.describe() for queue in self.queues], **self.device.describe(),
         }

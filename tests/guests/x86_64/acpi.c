@@ -82,8 +82,17 @@ static void parse_madt(const u8 *t)
 			if (p[1] >= 8 && (get32(p + 4) & 1))
 				add_cpu(p[3]);
 			break;
-		case 1:		/* I/O APIC */
+		case 1:		/* I/O APIC: id, address, GSI base */
 			ioapics++;
+			if (p[1] >= 12 && acpi.nr_ioapics < ACPI_MAX_IOAPICS)
+				acpi.ioapics[acpi.nr_ioapics++] = (struct acpi_ioapic){
+					p[2], get32(p + 4), get32(p + 8) };
+			break;
+		case 2:		/* Interrupt Source Override: bus, source, GSI, flags */
+			if (p[1] >= 10 && acpi.nr_overrides < ACPI_MAX_OVERRIDES)
+				acpi.overrides[acpi.nr_overrides++] = (struct acpi_override){
+					.bus = p[2], .source = p[3], .gsi = get32(p + 4),
+					.flags = get16(p + 8) };
 			break;
 		case 5:		/* Local APIC Address Override */
 			if (p[1] >= 12)

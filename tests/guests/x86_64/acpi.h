@@ -5,6 +5,8 @@
 #include "types.h"
 
 #define ACPI_MAX_CPUS 256
+#define ACPI_MAX_IOAPICS 8
+#define ACPI_MAX_OVERRIDES 16
 
 /* Generic Address Structure */
 struct acpi_gas {
@@ -13,6 +15,19 @@ struct acpi_gas {
 	u64 address;
 } __packed;
 
+/* MADT I/O APIC (type 1) */
+struct acpi_ioapic {
+	u8 id;
+	u32 addr, gsi_base;
+};
+
+/* MADT Interrupt Source Override (type 2): ISA IRQ source is GSI gsi. */
+struct acpi_override {
+	u8 bus, source;
+	u16 flags;			/* MPS INTI: polarity bits 0-1, trigger bits 2-3 */
+	u32 gsi;
+};
+
 struct acpi_info {
 	u64 rsdp;			/* 0: no ACPI */
 	bool have_madt, have_fadt;
@@ -20,6 +35,10 @@ struct acpi_info {
 	u32 cpu_ids[ACPI_MAX_CPUS];	/* enabled local APIC / x2APIC ids */
 	unsigned nr_cpus;
 	u64 lapic_addr;
+	struct acpi_ioapic ioapics[ACPI_MAX_IOAPICS];
+	unsigned nr_ioapics;
+	struct acpi_override overrides[ACPI_MAX_OVERRIDES];
+	unsigned nr_overrides;
 	/* FADT and DSDT, for power-off */
 	bool hw_reduced;
 	struct acpi_gas sleep_ctl, pm1a_cnt, pm1b_cnt;

@@ -21,6 +21,7 @@ struct idt_gate {
 } __packed;
 
 static struct idt_gate idt[256] __attribute__((aligned(16)));
+static void (*volatile irq_handlers[IRQ_VECTORS])(unsigned vector);
 extern const u64 isr_table[], isr_table_end[];
 
 static const char *const names[32] = {
@@ -55,6 +56,12 @@ void idt_load(void)
 	__asm__ __volatile__("lidt %0" :: "m"(desc));
 }
 
+void idt_set_irq(unsigned vector, void (*fn)(unsigned vector))
+{
+	if (vector >= IRQ_VECTOR_BASE && vector < IRQ_VECTOR_BASE + IRQ_VECTORS)
+		irq_handlers[vector - IRQ_VECTOR_BASE] = fn;
+}
+
 void isr_dispatch(struct isr_frame *f)
 {
 	static u32 nested[MAX_CPUS];
@@ -67,6 +74,15 @@ void isr_dispatch(struct isr_frame *f)
 	}
 	if (f->vector == SPURIOUS_VECTOR)
 		return;
+	if (f->vector >= IRQ_VECTOR_BASE && f->vector < IRQ_VECTOR_BASE + IRQ_VECTORS) {
+		void (*fn)(unsigned) = irq_handlers[f->vector - IRQ_VECTOR_BASE];
+
+		if (fn) {
+			fn(f->vector);
+			apic_eoi();
+			return;
+		}
+	}
 
 	if (nested[cpu]++)	/* faulted while reporting a fault */
 		for (;;)

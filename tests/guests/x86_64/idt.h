@@ -14,4 +14,11 @@ struct isr_frame {
 void idt_init(void);	/* build the IDT (BSP, once) */
 void idt_load(void);	/* load it on this CPU */
 
+/*
+ * Call fn(vector) for interrupts on vector (IRQ_VECTOR_BASE + 0 ..
+ * IRQ_VECTORS - 1), then EOI the local APIC; NULL: an interrupt there is
+ * reported as unexpected and ends the run.
+ */
+void idt_set_irq(unsigned vector, void (*fn)(unsigned vector));
+
 #endif

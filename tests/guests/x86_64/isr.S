@@ -24,6 +24,8 @@ isr_\name:
 	.irp	v, 8,10,11,12,13,14,17,21,29,30
 	ISR	\v, \v, 1
 	.endr
+	ISR	irq0, IRQ_VECTOR_BASE
+	ISR	irq1, IRQ_VECTOR_BASE + 1
 	ISR	wakeup, WAKEUP_VECTOR
 	ISR	spurious, SPURIOUS_VECTOR
 
@@ -72,6 +74,8 @@ isr_table:
 	.irp	v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
 	.quad	\v, isr_\v
 	.endr
+	.quad	IRQ_VECTOR_BASE, isr_irq0
+	.quad	IRQ_VECTOR_BASE + 1, isr_irq1
 	.quad	WAKEUP_VECTOR, isr_wakeup
 	.quad	SPURIOUS_VECTOR, isr_spurious
 isr_table_end:

@@ -30,7 +30,9 @@
 #define MSR_EFER	0xc0000080
 #define EFER_LME	0x00000100
 
-/* Interrupt vectors. */
+/* Interrupt vectors. IRQ_VECTOR_BASE.. + IRQ_VECTORS - 1: device interrupts (idt_set_irq). */
+#define IRQ_VECTOR_BASE	0x30
+#define IRQ_VECTORS	2
 #define WAKEUP_VECTOR	0xf0		/* IPI that wakes halted APs */
 #define SPURIOUS_VECTOR	0xff
 

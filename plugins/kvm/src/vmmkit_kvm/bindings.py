@@ -38,6 +38,7 @@ __all__ = [
     "KvmSystem",
     "KvmVmFd",
     "KvmVcpuFd",
+    "PC_IRQ_ROUTES",
     "RawExit",
     "VcpuEventsState",
     "COUNTER_NAMES",
@@ -46,8 +47,32 @@ __all__ = [
 
 API_VERSION: int = lib.KVM_API_VERSION
 PAGE_SIZE = mmap.PAGESIZE
-#: GSIs below this keep the kernel's default IOAPIC/PIC routes.
+#: GSIs below this are the PC's wired interrupts (:data:`PC_IRQ_ROUTES`); MSI routes start here.
 LEGACY_GSIS = 24
+
+
+def _pc_irq_routes() -> tuple[tuple[int, int, int], ...]:
+    routes = []
+    for gsi in range(LEGACY_GSIS):
+        if gsi == 2:
+            continue  # the PIC cascade; IOAPIC pin 2 is IRQ 0's
+        if gsi < 8:
+            routes.append((gsi, lib.KVM_IRQCHIP_PIC_MASTER, gsi))
+        elif gsi < 16:
+            routes.append((gsi, lib.KVM_IRQCHIP_PIC_SLAVE, gsi - 8))
+        routes.append((gsi, lib.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
+    return tuple(routes)
+
+
+#: ``(gsi, irqchip, pin)`` for GSIs 0-23, the PC's wiring as QEMU installs it
+#: (``kvm_pc_setup_irq_routing`` in QEMU's hw/i386/kvm/ioapic.c): GSI n is ISA IRQ n
+#: (n < 16) or IOAPIC pin n (16-23); GSIs 0-15 reach the PICs (master pins 0-7, slave pins
+#: 0-7) and the IOAPIC, except that GSI 0, the PIT's IRQ 0, reaches IOAPIC pin 2, as the
+#: MADT's interrupt source override and the MP table say, and GSI 2 (the PIC cascade) has no
+#: route at all. KVM's own default (what KVM_CREATE_IRQCHIP installs) sends GSI n to IOAPIC
+#: pin n, so IRQ 0 would arrive on pin 0, where a guest that trusts those tables never looks.
+PC_IRQ_ROUTES: tuple[tuple[int, int, int], ...] = _pc_irq_routes()
+
 MAX_CPUID_ENTRIES = 256
 _U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
@@ -559,14 +584,11 @@ class KvmVmFd:
         return int(rc)
 
     def set_gsi_routing(self, msi_routes: Mapping[int, tuple[int, int]]) -> None:
-        """Install the kernel's default IOAPIC/PIC routes for GSIs 0-23 plus ``msi_routes``
-        (``gsi -> (address, data)``, GSIs from 24)."""
-        entries: list[tuple[int, int, int, int]] = []  # (gsi, type, a, b)
-        for gsi in range(LEGACY_GSIS):
-            entries.append((gsi, lib.KVM_IRQ_ROUTING_IRQCHIP, lib.KVM_IRQCHIP_IOAPIC, gsi))
-            if gsi < 16:
-                chip = lib.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else lib.KVM_IRQCHIP_PIC_SLAVE
-                entries.append((gsi, lib.KVM_IRQ_ROUTING_IRQCHIP, chip, gsi % 8))
+        """Replace the VM's whole routing table: the PC's PIC/IOAPIC routes for GSIs 0-23
+        (:data:`PC_IRQ_ROUTES`) plus ``msi_routes`` (``gsi -> (address, data)``, GSIs from 24)."""
+        entries: list[tuple[int, int, int, int]] = [  # (gsi, type, a, b)
+            (gsi, lib.KVM_IRQ_ROUTING_IRQCHIP, chip, pin) for gsi, chip, pin in PC_IRQ_ROUTES
+        ]
         for gsi, (address, data) in sorted(msi_routes.items()):
             _check_int(gsi, "msi gsi", LEGACY_GSIS, self.max_gsi - 1)
             _check_int(address, "msi address", 0, _U64)

@@ -318,8 +318,16 @@ class KvmVm(Vm):
         tss_addr: int = DEFAULT_TSS_ADDR,
         identity_map_addr: int = DEFAULT_IDENTITY_MAP_ADDR,
     ) -> None:
-        """TSS and identity-map pages, the in-kernel IOAPIC + PIC + LAPICs and (unless
-        ``pit=False``, for a userspace PIT, or the host quirks forbid it) the in-kernel PIT."""
+        """TSS and identity-map pages, the in-kernel IOAPIC + PIC + LAPICs with the PC's
+        interrupt routing, and (unless ``pit=False``, for a userspace PIT, or the host quirks
+        forbid it) the in-kernel PIT.
+
+        Legacy interrupt numbers are ISA IRQs: GSI n (``set_irq_line``, an irqfd, a
+        :class:`vmmkit.irq.GsiLine`) drives IOAPIC pin n and, below 16, PIC input n, except
+        GSI 0, which drives IOAPIC pin 2 and PIC input 0
+        (:data:`vmmkit_kvm.bindings.PC_IRQ_ROUTES`, QEMU's table). So a
+        PIT raises GSI 0, the userspace one and KVM's alike, and the guest finds it on the
+        pin the MADT's interrupt source override names; GSI 2 goes nowhere."""
         if pit and not self.quirks.in_kernel_pit:
             log.debug("kvm.quirks.no_in_kernel_pit", quirks=self.quirks.name)
             pit = False
@@ -330,6 +338,8 @@ class KvmVm(Vm):
             self._fd.set_identity_map_addr(identity_map_addr)
         self._fd.create_irqchip()
         self._irqchip = True
+        # Replace KVM's default routing (GSI n -> IOAPIC pin n) before anything can raise IRQ 0.
+        self._fd.set_gsi_routing(self._msi_routes)
         if pit:
             if self.capabilities["pit2"] <= 0:
                 raise CapabilityError("KVM_CREATE_PIT2", None, "KVM_CAP_PIT2 is missing")

@@ -25,7 +25,8 @@ from typing import Any, ClassVar, Final
 from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
-from vmmkit_devices.console.backends import ConsoleBackend, console_mode, open_backend
+from vmmkit_devices.console.backends import ConsoleBackend
+from vmmkit_devices.console.uart import create_uart
 from vmmkit_devices.device_types import Pl011Type as Pl011Type  # declared there, re-exported
 from vmmkit_devices.legacy._amba import id_register, split, value_bytes
 
@@ -220,17 +221,4 @@ class Pl011(Device):
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> Pl011 | None:
     """``Pl011Type.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
-    config = request.config if request.config is not None else getattr(ctx.config, "serial", None)
-    mode = console_mode(config)
-    if mode == "Off":
-        return None
-    backend = open_backend(mode, name="serial", file=getattr(config, "file", None),
-                           socket_path=getattr(config, "socket", None))
-    try:
-        irq, line = ctx.interrupt_line(request.irq)
-        device = Pl011(request.id, backend, line, irq=irq)
-        device.attach_input(ctx.event_loop)
-    except BaseException:
-        backend.close()
-        raise
-    return device
+    return create_uart(ctx, request, Pl011)

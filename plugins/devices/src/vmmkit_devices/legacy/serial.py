@@ -39,7 +39,8 @@ from vmmkit.hypervisor import PortSink
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
-from vmmkit_devices.console.backends import ConsoleBackend, console_mode, open_backend
+from vmmkit_devices.console.backends import ConsoleBackend
+from vmmkit_devices.console.uart import create_uart
 from vmmkit_devices.device_types import Serial16550Type as Serial16550Type  # declared there, re-exported
 
 log = get_logger()
@@ -421,21 +422,4 @@ class Serial16550(ByteRegisters):
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> Serial16550 | None:
     """``Serial16550Type.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
-    config = request.config if request.config is not None else getattr(ctx.config, "serial", None)
-    mode = console_mode(config)
-    if mode == "Off":
-        return None
-    backend = open_backend(
-        mode,
-        name="serial",
-        file=getattr(config, "file", None),
-        socket_path=getattr(config, "socket", None),
-    )
-    try:
-        irq, line = ctx.interrupt_line(request.irq)
-        device = Serial16550(request.id, backend, line, irq=irq)
-        device.attach_input(ctx.event_loop)
-    except BaseException:
-        backend.close()
-        raise
-    return device
+    return create_uart(ctx, request, Serial16550)

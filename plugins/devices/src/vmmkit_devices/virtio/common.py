@@ -211,9 +211,9 @@ class QueueDevice(VirtioDevice):
         have the transport tell the driver (through the queue's error hook)."""
         if self.broken is None:
             log.warning("virtio.device_broken", device=self.id, reason=reason)
-        self.mark_broken(reason)
         if queue is not None:
-            queue.mark_broken(reason)
+            queue.mark_broken(reason)  # first: the transport then reports the queue's error kind
+        self.mark_broken(reason)
 
     def wake(self, index: int) -> None:
         """Look at queue ``index`` again soon (any thread)."""
