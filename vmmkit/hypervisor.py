@@ -79,6 +79,8 @@ class Hypervisor(ABC):
     description: ClassVar[str] = ""
     #: Guest architectures this backend can run on this host.
     architectures: ClassVar[tuple[str, ...]] = ()
+    #: Whether guests get interrupts and exceptions delivered (a software backend may only poll).
+    delivers_interrupts: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod

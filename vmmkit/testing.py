@@ -28,6 +28,7 @@ MARKERS = {
     "requires_kvm": "needs a usable /dev/kvm (skipped with the reason otherwise)",
     "requires_qemu": "needs qemu-system-x86_64, the reference peer (skipped otherwise)",
     "slow": "boots a real Linux kernel or takes longer than a few seconds",
+    "requires_interrupts": "the guest needs interrupts or exceptions delivered (skipped on a backend that has none)",
 }
 
 
@@ -99,6 +100,8 @@ def vmmkit_hypervisor(request: pytest.FixtureRequest, vmmkit_registries: Any) ->
         pytest.skip(f"hypervisor {backend.name} is not usable: {availability.reason}")
     if arch not in backend.architectures:
         pytest.skip(f"hypervisor {backend.name} cannot run {arch} guests")
+    if request.node.get_closest_marker("requires_interrupts") and not backend.delivers_interrupts:
+        pytest.skip(f"hypervisor {backend.name} delivers no interrupts or exceptions to guests")
     request.node._vmmkit_backend = f"{backend.name}/{arch}"
     return str(backend.name)
 

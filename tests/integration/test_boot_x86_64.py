@@ -72,6 +72,7 @@ def test_qemu_microvm_prints_the_same_lines(selftest_elf: Path, vmmkit_hyperviso
 PIT_OK = "selftest: ok pit (3 ticks of IRQ 0 through the I/O APIC)"
 
 
+@pytest.mark.requires_interrupts
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_pit_ticks_arrive_on_the_ioapic_pin_the_madt_names(selftest_elf: Path, vmmkit_hypervisor: str,
                                                             cpus: int) -> None:
@@ -96,6 +97,7 @@ def _check_pit(result: subprocess.CompletedProcess[str]) -> None:
 
 
 @pytest.mark.requires_qemu
+@pytest.mark.requires_interrupts
 @pytest.mark.parametrize("accel", ["kvm", "tcg"])
 def test_qemu_pc_prints_the_same_pit_lines(selftest_elf: Path, vmmkit_hypervisor: str, accel: str) -> None:
     ours = boot(selftest_elf, "--cmdline", "test=pit", "--cpus", "boot=2", hypervisor=vmmkit_hypervisor)
@@ -129,6 +131,7 @@ def test_vmmkit_run_boots_the_demo_guest(vmmkit_hypervisor: str) -> None:
     assert "selftest: exit 0" in result.stdout
 
 
+@pytest.mark.requires_interrupts
 def test_a_guest_panic_reaches_the_event_monitor_through_pvpanic(selftest_elf: Path, tmp_path: Path,
                                                                   vmmkit_hypervisor: str) -> None:
     from vmmkit.events import read_events

@@ -100,6 +100,7 @@ def test_answers_while_running_match_chs_document(vmm: VmmProcess, selftest_elf:
     assert vmm.events()[-2:] == [("vm", "deleted"), ("vmm", "shutdown")]
 
 
+@pytest.mark.requires_interrupts
 def test_nmi_reaches_the_guest(vmm: VmmProcess, selftest_elf: Path) -> None:
     vmm.create(vmm.guest_config(selftest_elf))
     vmm.remote("boot")

@@ -99,6 +99,7 @@ class EmuHypervisor(Hypervisor):
     #: ``auto`` tries hardware backends (10-49) first.
     priority: ClassVar[int] = 90
     architectures: ClassVar[tuple[str, ...]] = ("x86_64", "aarch64")
+    delivers_interrupts: ClassVar[bool] = False
 
     @classmethod
     def is_available(cls) -> Availability:
