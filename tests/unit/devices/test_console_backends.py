@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import socket
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +188,18 @@ def test_socket_replaces_a_stale_socket_but_not_a_file(tmp_path: Path) -> None:
     assert regular.read_text() == "keep me"
 
 
+def _read_pty(fd: int, count: int, timeout: float = 5.0) -> bytes:
+    """At least ``count`` bytes from a pty master (the UART writes them one by one, so a single
+    read may see only some), or what arrived before ``timeout``."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while len(out.replace(b"\r", b"")) < count and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        if ready:
+            out += os.read(fd, 16)
+    return out
+
+
 def test_tty_raw_mode_is_restored(event_loop: EventLoop) -> None:
     master, slave = os.openpty()
     try:
@@ -198,7 +212,7 @@ def test_tty_raw_mode_is_restored(event_loop: EventLoop) -> None:
         assert not raw[3] & (termios.ICANON | termios.ECHO | termios.ISIG)
         assert raw[1] == before[1]  # output processing untouched
         send(uart, b"out")
-        assert os.read(master, 16).replace(b"\r", b"") == b"out"
+        assert _read_pty(master, 3).replace(b"\r", b"") == b"out"
         os.write(master, b"\x03")  # Ctrl-C goes to the guest
         wait_for(lambda: inb(uart, LSR) & 0x01, what="input")
         assert inb(uart, THR) == 3

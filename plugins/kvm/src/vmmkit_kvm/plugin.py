@@ -98,7 +98,10 @@ def vmmkit_kernel_cmdline(machine: Any, cmdline: str) -> Sequence[str] | None:
 
 
 @hookimpl
-def vmmkit_vm_created(machine: Any) -> None:
-    vm = _kvm_vm(machine)
-    if vm is not None:
-        vm.start_quirks()
+def vmmkit_vm_state_changed(machine: Any, old: str, new: str, detail: dict[str, Any]) -> None:
+    """Start the quirks' helper thread once the vCPUs run (not before: a boot waits for every
+    thread it starts)."""
+    if new == "Running":
+        vm = _kvm_vm(machine)
+        if vm is not None:
+            vm.start_quirks()

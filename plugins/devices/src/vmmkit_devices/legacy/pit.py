@@ -151,10 +151,8 @@ class I8254(ByteRegisters):
         self._closed = False
         self.interrupts = 0
         self.merged = 0
-        self._thread: threading.Thread | None = None
-        if threaded and line is not None:
-            self._thread = threading.Thread(target=self._run, name=f"{device_id}-pit", daemon=True)
-            self._thread.start()
+        self._threaded = threaded and line is not None
+        self._thread: threading.Thread | None = None  # started when the guest first programs counter 0
 
     # -- time ----------------------------------------------------------------------------------
 
@@ -262,6 +260,9 @@ class I8254(ByteRegisters):
     def _reschedule(self) -> None:
         """Counter 0 changed: recompute the next edge and wake the timer thread (locked)."""
         self._next_irq = self._counters[0].next_edge(self.ticks())
+        if self._thread is None and self._threaded and self._next_irq is not None and not self._closed:
+            self._thread = threading.Thread(target=self._run, name=f"{self.id}-pit", daemon=True)
+            self._thread.start()
         self._wake.notify()
 
     def poll(self) -> int:

@@ -33,8 +33,8 @@ cost minutes when emulated           1 µs per instruction they dominate the boo
 ===================================  ==========================================================
 
 The breakpoint is armed per vCPU as soon as the guest has a page-fault handler and an LSTAR
-(long before user space starts): once the VM is built (``vmmkit_vm_created``, so raw backend
-tests are left alone) a helper thread kicks vCPUs not yet armed twice a second, and the
+(long before user space starts): once the VM runs (``vmmkit_vm_state_changed`` to Running, so
+raw backend tests are left alone) a helper thread kicks vCPUs not yet armed twice a second, and the
 vCPU's own thread, back in the backend, reads its IDT and arms it. The kick reaches the VMM
 as an ordinary ``INTERRUPTED`` exit, which the machine's loop already ignores.
 """
