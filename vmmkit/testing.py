@@ -87,10 +87,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 @pytest.fixture
 def vmmkit_hypervisor(request: pytest.FixtureRequest, vmmkit_registries: Any) -> str:
     """The hypervisor backend tests boot guests on (``$VMMKIT_TEST_HYPERVISOR``, default
-    ``auto``), resolved to a usable backend's name; skips saying why when there is none."""
+    ``auto``), resolved to a usable backend's name; skips saying why when there is none. A test
+    module that boots guests of one architecture says so with ``GUEST_ARCH = "x86_64"``: a
+    session targeting another architecture (``$VMMKIT_TEST_ARCH``) skips it."""
     from vmmkit.errors import RegistryError
 
-    name, arch = selected_backend()
+    name, session_arch = selected_backend()
+    arch = str(getattr(request.module, "GUEST_ARCH", session_arch))
+    if os.environ.get(ARCH_ENV) and arch != session_arch:
+        pytest.skip(f"the session targets {session_arch} guests; this test boots {arch} guests")
     try:
         backend = vmmkit_registries.select_hypervisor(name, arch)
     except RegistryError as exc:

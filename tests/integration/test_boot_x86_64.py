@@ -13,6 +13,8 @@ from vmmkit.testing import run_vmmkit
 
 from .guest_output import PIT_PEER_MACHINE, run_qemu_microvm, run_qemu_x86, selftest_lines, stable_lines
 
+GUEST_ARCH = "x86_64"  # what vmmkit_hypervisor resolves for (see vmmkit.testing)
+
 pytestmark = pytest.mark.requires_kvm
 
 GUESTS = Path(__file__).resolve().parents[1] / "guests" / "build" / "x86_64"

@@ -11,6 +11,8 @@ import pytest
 from vmmkit.config import VmConfig
 from vmmkit.machine import MachineState, StopReason
 
+GUEST_ARCH = "x86_64"  # what vmmkit_hypervisor resolves for (see vmmkit.testing)
+
 pytestmark = pytest.mark.requires_kvm
 
 

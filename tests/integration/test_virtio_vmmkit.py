@@ -31,6 +31,8 @@ from .qemu_peer import (
     run_qemu,
 )
 
+GUEST_ARCH = "x86_64"  # what vmmkit_hypervisor resolves for (see vmmkit.testing)
+
 pytestmark = pytest.mark.requires_kvm
 
 DISK_SIZE = 4 << 20

@@ -14,6 +14,8 @@ from api_support import ch_document, check_response
 
 from .conftest import BANNER, VmmProcess, fd_target, wait_for
 
+GUEST_ARCH = "x86_64"  # what vmmkit_hypervisor resolves for (see vmmkit.testing)
+
 pytestmark = pytest.mark.requires_kvm
 
 

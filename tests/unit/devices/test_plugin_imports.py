@@ -24,6 +24,8 @@ from vmmkit.plugin import collect_registries, make_plugin_manager
 from vmmkit.registry import Registries
 from vmmkit.virtio.device import VirtioDevice
 
+GUEST_ARCH = "x86_64"  # the boot check's guest (what vmmkit_hypervisor resolves for)
+
 PLUGINS = ("vmmkit_devices.plugin", "vmmkit_aarch64.plugin", "vmmkit_mshv.plugin", "vmmkit_emu.plugin")
 
 #: Modules no plugin may import to load and register.
