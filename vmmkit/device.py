@@ -126,7 +126,7 @@ class DeviceType(ABC):
     Registration happens at every start for every type, so a type should be a light declaration:
     set :attr:`implementation` to the module whose ``create(ctx, request)`` builds the device, and
     that module is imported only when a VM has such a device (or ahead of a boot, by
-    :meth:`prepare`). Overriding :meth:`create` instead works too.
+    :meth:`preload`). Overriding :meth:`create` instead works too.
     """
 
     name: ClassVar[str]
@@ -156,10 +156,10 @@ class DeviceType(ABC):
         cannot be honoured (missing file, busy tap)."""
         if cls.implementation is None:
             raise NotImplementedError(f"device type {cls.name!r} sets no implementation and has no create()")
-        return cls.prepare().create(ctx, request)
+        return cls.preload().create(ctx, request)
 
     @classmethod
-    def prepare(cls) -> Any:
+    def preload(cls) -> Any:
         """Import the :attr:`implementation` module (returned; ``None`` without one), so a
         boot that follows pays no import. The API calls it at ``vm.create``."""
         if cls.implementation is None:

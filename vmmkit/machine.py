@@ -83,7 +83,7 @@ def preload(config: VmConfig, registries: Registries, *, hypervisor: str = AUTO,
             requests.extend(device_type.requests(config))
         for name in dict.fromkeys(request.type for request in requests):
             if name in registries.devices:
-                registries.devices.get(name).prepare()
+                registries.devices.get(name).preload()
         import vmmkit.virtio.transport  # noqa: F401
 
         chosen = config.platform.virtio_transport if config.platform is not None else None
