@@ -12,7 +12,7 @@ import bisect
 import mmap
 import os
 from collections.abc import Iterable, Iterator
-from typing import Final
+from typing import Any, Final
 
 from attrs import define, field, frozen
 
@@ -257,7 +257,12 @@ def _map_region(
         buffer.madvise(mmap.MADV_HUGEPAGE)
     if mergeable:
         buffer.madvise(mmap.MADV_MERGEABLE)
-    from vmmkit.virtio._native import ffi  # cffi, already a dependency; ctypes costs ms to import
+    pin = _ffi().from_buffer(buffer)  # holds an export: the mapping cannot be closed under the guest
+    return GuestRegion(rng, buffer, int(_ffi().cast("uintptr_t", pin)), fd=fd, slot=slot, pin=pin)
 
-    pin = ffi.from_buffer(buffer)  # holds an export: the mapping cannot be closed under the guest
-    return GuestRegion(rng, buffer, int(ffi.cast("uintptr_t", pin)), fd=fd, slot=slot, pin=pin)
+
+def _ffi() -> Any:
+    """cffi's backend (a dependency anyway; ctypes costs milliseconds to import), no cdef needed."""
+    import _cffi_backend
+
+    return _cffi_backend.FFI()
