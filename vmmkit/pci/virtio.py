@@ -291,15 +291,6 @@ class VirtioPciDevice(PciFunction):
             self.config.set_interrupt(irq & 0xFF, PIN_INTA)
 
     @property
-    def on_event(self) -> Callable[[str], None] | None:
-        """Called with "activated" / "reset" (the machine turns it into an event); optional."""
-        return self.core.on_event
-
-    @on_event.setter
-    def on_event(self, callback: Callable[[str], None] | None) -> None:
-        self.core.on_event = callback
-
-    @property
     def queue_events(self) -> Sequence[int]:
         return tuple(self.core.queue_events)
 
@@ -648,7 +639,7 @@ def attach_virtio_pci(machine: PciMachine, device: VirtioDevice, request: Device
                                 allocate_msi_gsi=machine.allocate_msi_gsi, name=request.id)
     from vmmkit.virtio.transport import device_event_emitter
 
-    transport.on_event = device_event_emitter(machine, request.id)
+    transport.core.on_event = device_event_emitter(machine, request.id)
     try:
         slot = root.add_function(transport, wanted_slot)
     except BaseException:

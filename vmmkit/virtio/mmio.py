@@ -184,15 +184,6 @@ class VirtioMmioTransport(Device):
         self._cleanups.append(cleanup)
 
     @property
-    def on_event(self) -> Callable[[str], None] | None:
-        """Called with "activated" / "reset" (the machine turns it into an event); optional."""
-        return self.core.on_event
-
-    @on_event.setter
-    def on_event(self, callback: Callable[[str], None] | None) -> None:
-        self.core.on_event = callback
-
-    @property
     def queue_events(self) -> Sequence[int]:
         return tuple(self.core.queue_events)
 

@@ -94,7 +94,7 @@ def attach_virtio_mmio(machine: Machine, device: VirtioDevice, request: DeviceRe
         raise DeviceError(f"device {request.id}: the machine is not built (no memory or VM)")
     irq, line = machine.allocate_irq(request.irq)
     transport = VirtioMmioTransport(device, memory=machine.memory, line=line, event_loop=machine.event_loop)
-    transport.on_event = device_event_emitter(machine, request.id)
+    transport.core.on_event = device_event_emitter(machine, request.id)
     try:
         base, size = _place_window(machine, transport, request)
     except BaseException:
