@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 apt_packages=(gcc make binutils libc6-dev qemu-system-x86 acpica-tools iproute2 busybox-static cpio
               gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-system-arm device-tree-compiler)
 python3 -c "import ensurepip, venv" 2>/dev/null || apt_packages+=(python3-venv)
+# The cffi modules (run loop, virtqueue walker, block I/O) compile against Python.h.
+python3 -c "import os, sysconfig; assert os.path.exists(sysconfig.get_paths()['include'] + '/Python.h')" \
+    2>/dev/null || apt_packages+=(python3-dev)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
