@@ -198,3 +198,17 @@ class X86Setup:
 @pytest.fixture(scope="session")
 def x86_setup() -> X86Setup:
     return X86Setup()
+
+
+GUESTS = Path(__file__).resolve().parents[1] / "guests"
+
+
+@pytest.fixture(scope="module")
+def guest_elf() -> Path:
+    """The test guest from this source tree, brought up to date with make (incremental)."""
+    if shutil.which("make") is None or shutil.which("gcc") is None:
+        pytest.skip("make and gcc are needed to build tests/guests")
+    result = subprocess.run(["make", "-s", "-C", str(GUESTS)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"make -C tests/guests failed:\n{result.stdout}{result.stderr}")
+    return GUESTS / "build" / "x86_64" / "selftest.elf"

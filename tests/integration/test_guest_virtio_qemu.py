@@ -11,8 +11,6 @@ root (namespaces, taps) the net device is left out and its test skipped.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,20 +39,8 @@ from .qemu_peer import (
 
 pytestmark = pytest.mark.requires_qemu
 
-GUESTS = Path(__file__).resolve().parents[1] / "guests"
 DISK_SIZE = 4 << 20
 SERIAL = "vmmkit-blk0"
-
-
-@pytest.fixture(scope="module")
-def guest_elf() -> Path:
-    """The test guest from this source tree, brought up to date with make (incremental)."""
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        pytest.skip("make and gcc are needed to build tests/guests")
-    result = subprocess.run(["make", "-s", "-C", str(GUESTS)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"make -C tests/guests failed:\n{result.stdout}{result.stderr}")
-    return GUESTS / "build" / "x86_64" / "selftest.elf"
 
 
 @dataclass

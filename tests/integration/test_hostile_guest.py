@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import subprocess
 import tempfile
 import time
@@ -44,7 +43,6 @@ from .qemu_peer import (
     qemu_virtio_command,
 )
 
-GUESTS = Path(__file__).resolve().parents[1] / "guests"
 DISK_SIZE = 4 << 20
 SERIAL = "vmmkit-blk0"
 #: The valid write at the end (hostile.c: FINAL_SECTOR, HOSTILE_SEED).
@@ -186,17 +184,6 @@ def image_problems(disk: Path, size: int = DISK_SIZE) -> list[str]:
         if data[n * SECTOR:(n + 1) * SECTOR] != want:
             problems.append(f"sector {n} lacks the valid write" if n in FINAL_SECTORS else f"sector {n} was written")
     return problems
-
-
-@pytest.fixture(scope="module")
-def guest_elf() -> Path:
-    """The test guest from this source tree, brought up to date with make (incremental)."""
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        pytest.skip("make and gcc are needed to build tests/guests")
-    result = subprocess.run(["make", "-s", "-C", str(GUESTS)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"make -C tests/guests failed:\n{result.stdout}{result.stderr}")
-    return GUESTS / "build" / "x86_64" / "selftest.elf"
 
 
 # -- vmmkit ---------------------------------------------------------------------------------------
