@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from attrs import field, frozen
 
+from vmmkit.errors import NotSupportedError
 from vmmkit.memory import MemoryRange
 
 if TYPE_CHECKING:
@@ -78,6 +79,12 @@ class Architecture(ABC):
         """The hypervisor's id for the ``index``-th vCPU (on x86, its APIC ID, which gaps
         when a topology level is not a power of two)."""
         return index
+
+    def inject_nmi(self, vm: Vm) -> None:
+        """Deliver a non-maskable interrupt to every vCPU (``vm.nmi``).
+
+        :raises vmmkit.errors.NotSupportedError: the architecture has no NMI (the default)."""
+        raise NotSupportedError(f"NMI injection is not supported on {self.name}")
 
     @abstractmethod
     def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:

@@ -17,6 +17,8 @@ from attrs import field, frozen
 if TYPE_CHECKING:
     from vmmkit.config import VmConfig
     from vmmkit.eventloop import EventLoop
+    from vmmkit.firmware import AcpiScope, FdtWriter
+    from vmmkit.hypervisor import PortSink
     from vmmkit.irq import InterruptLine
     from vmmkit.memory import GuestMemory
 
@@ -26,9 +28,11 @@ class DeviceRequest:
     """One device the VM should have: which type builds it, with what, and where.
 
     ``pio`` / ``mmio`` are fixed ``(base, size)`` placements (platform devices); ``None`` lets
-    the machine allocate. ``irq`` is a fixed legacy interrupt, ``None`` to allocate one if the
-    device asks. ``transport`` is ``"pci"`` or ``"mmio"`` for virtio devices (``None``: the VM's
-    default).
+    the device manager allocate. ``irq`` is a fixed legacy interrupt, ``None`` to allocate one
+    if the device asks. ``transport`` names the transport (or its alias: ``"pci"`` or
+    ``"mmio"`` for virtio devices); ``None``: the default of the device's family.
+    ``pci_segment`` / ``pci_slot`` place a PCI function (``pci_device_id`` in Cloud
+    Hypervisor's configuration); ``None`` slot: the lowest free one.
     """
 
     type: str
@@ -38,6 +42,8 @@ class DeviceRequest:
     mmio: tuple[int, int] | None = None
     irq: int | None = None
     transport: str | None = None
+    pci_segment: int = 0
+    pci_slot: int | None = None
 
 
 class DeviceContext(Protocol):
@@ -79,21 +85,29 @@ class DeviceContext(Protocol):
         ...
 
 
-class Device(ABC):
-    """A device placed on a bus. ``kind`` tells the architecture how to describe it in firmware
-    tables (``"serial-16550"``, ``"rtc-cmos"``, ``"virtio-mmio"``, ...); unknown kinds are
-    simply not described."""
+NativePortsUpdate = Callable[[Sequence["PortSink"]], object]
+"""What :meth:`Device.bind_native_ports` receives: called with the complete set of port sinks
+(ports relative to the device's base) the backend should serve from then on; truthy when the
+backend serves them."""
 
+
+class ManagedDevice:
+    """What the device manager does with every device it places, whatever its transport: the
+    lifecycle, statistics, the power button, and the device's own description in the guest's
+    firmware tables. Bus devices (:class:`Device`), PCI functions
+    (:class:`vmmkit.pci.PciFunction`) and the PCI root all have it; override what applies.
+
+    Firmware description: the architecture writes the tables and hands each placed device a
+    writer for its format; the device adds its own node, so the guest's OS finds a device of
+    any plugin without the architecture knowing its kind (Cloud Hypervisor's ``impl Aml``).
+    """
+
+    #: Names the device in logs, counters and events (``"serial-16550"``, ``"virtio-mmio"``).
     kind: ClassVar[str] = ""
-
-    def __init__(self, device_id: str) -> None:
-        self.id = device_id
-
-    @abstractmethod
-    def read(self, offset: int, size: int) -> bytes: ...
-
-    @abstractmethod
-    def write(self, offset: int, data: bytes) -> None: ...
+    #: Which family of transports places it (:class:`vmmkit.transport.Transport.family`).
+    transport_family: ClassVar[str] = "platform"
+    #: True for a device that delivers the power-button event (:meth:`press_power_button`).
+    handles_power_button: ClassVar[bool] = False
 
     def reset(self) -> None:
         """Return to power-on state (VM reboot)."""
@@ -110,9 +124,44 @@ class Device(ABC):
         """Statistics for ``vm.counters``."""
         return {}
 
+    def press_power_button(self) -> None:
+        """Tell the guest its power button was pressed (only if :attr:`handles_power_button`)."""
+
+    def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
+        """Add this device's node(s) to the DSDT through ``scope`` (ACPI platforms)."""
+
+    def describe_fdt(self, placed: PlacedDevice, fdt: FdtWriter) -> None:
+        """Add this device's node to the flattened device tree through ``fdt``."""
+
+
+class Device(ManagedDevice, ABC):
+    """A device placed on a bus (port I/O or MMIO), at the fixed place its request names."""
+
+    def __init__(self, device_id: str) -> None:
+        self.id = device_id
+
+    @abstractmethod
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes) -> None: ...
+
     def firmware_properties(self) -> Mapping[str, Any]:
-        """Extra facts for firmware tables (e.g. a virtio-mmio device's interrupt)."""
+        """Extra facts recorded in the device's :attr:`PlacedDevice.properties`."""
         return {}
+
+    # -- ports the backend may serve natively (in its run loop, without an exit to Python) ----
+
+    def port_sinks(self) -> Sequence[PortSink]:
+        """Port sinks (ports relative to the device's base) installed once at placement."""
+        return ()
+
+    def native_path_changed(self, port: int, served: bool) -> None:
+        """Whether the backend took the sink of relative ``port`` (``False``: slow path)."""
+
+    def bind_native_ports(self, update: NativePortsUpdate) -> None:
+        """For a device whose native ports change with its state (a UART): keep ``update`` and
+        call it with the complete set whenever it changes. Default: no such ports."""
 
 
 class DeviceType(ABC):
@@ -138,17 +187,14 @@ class DeviceType(ABC):
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
         """The devices of this type that ``config`` asks for."""
-        out = []
-        for index, plugin_device in enumerate(config.plugin_devices):
-            if plugin_device.type == cls.name:
-                device_id = plugin_device.id or f"_{cls.name}{index}"
-                out.append(DeviceRequest(cls.name, device_id, plugin_device))
-        return out
+        return [DeviceRequest(cls.name, section_id(plugin_device), plugin_device)
+                for plugin_device in config.plugin_devices if plugin_device.type == cls.name]
 
     @classmethod
     def create(cls, ctx: DeviceContext, request: DeviceRequest) -> Any:
-        """Build the device: a :class:`Device` for a bus device, or a
-        :class:`vmmkit.virtio.VirtioDevice`, which the machine puts behind a transport
+        """Build the device: a :class:`Device` for a bus device, a
+        :class:`vmmkit.virtio.VirtioDevice` or a :class:`vmmkit.pci.PciFunction`, which the
+        device manager places through a transport of its :attr:`~ManagedDevice.transport_family`
         (``None``: the request is declined, e.g. a serial port with mode ``Off``). By default,
         ``create(ctx, request)`` of the :attr:`implementation` module.
 
@@ -169,9 +215,23 @@ class DeviceType(ABC):
         return importlib.import_module(cls.implementation)
 
 
+def section_id(section: Any) -> str:
+    """The id of a configuration section (a disk, a plugin device): assigned once, when the
+    configuration enters the VMM (``VmConfig.assign_ids``, which the Machine applies)."""
+    device_id = section.id
+    if not isinstance(device_id, str):
+        raise TypeError(f"{type(section).__name__} has no id: the configuration did not go "
+                        "through VmConfig.assign_ids()")
+    return device_id
+
+
 @frozen
 class PlacedDevice:
-    """A device after placement: what firmware tables describe."""
+    """A device after placement: where it is and how the guest reaches it.
+
+    ``transport`` names the :class:`vmmkit.transport.Transport` that placed it (and removes
+    it); ``properties`` holds facts the transport records (a PCI function's ``bdf``).
+    """
 
     device: Any
     request: DeviceRequest
@@ -180,6 +240,11 @@ class PlacedDevice:
     mmio: tuple[int, int] | None = None
     irq: int | None = None
     properties: Mapping[str, Any] = field(factory=dict)
+    transport: str = "platform"
+
+    @property
+    def id(self) -> str:
+        return self.request.id
 
 
 ResetCallback = Callable[[str], None]

@@ -59,3 +59,7 @@ class BootError(VmmError):
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class NotSupportedError(VmmError):
+    """An operation this VM, architecture or backend does not offer (``vm.nmi`` on AArch64)."""

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from vmmkit.machine import Machine
     from vmmkit.memory import GuestMemory
     from vmmkit.registry import Registry
+    from vmmkit.transport import Transport
 
 # -- start-up ----------------------------------------------------------------------------------
 
@@ -115,6 +116,16 @@ def vmmkit_register_devices(registry: Registry[type[DeviceType]]) -> None:
     """Register device types: ``registry.add(VirtioBlock)``.
 
     :param registry: the device-type registry.
+    """
+
+
+@hookspec
+def vmmkit_register_transports(registry: Registry[type[Transport]]) -> None:
+    """Register transports: ``registry.add(MyTransport)``, a :class:`vmmkit.transport.Transport`
+    that places the devices of its ``family`` (the core registers ``platform``, ``pci``,
+    ``virtio-mmio`` and ``virtio-pci`` itself).
+
+    :param registry: the transport registry.
     """
 
 

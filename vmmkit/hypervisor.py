@@ -81,6 +81,9 @@ class Hypervisor(ABC):
     architectures: ClassVar[tuple[str, ...]] = ()
     #: Whether guests get interrupts and exceptions delivered (a software backend may only poll).
     delivers_interrupts: ClassVar[bool] = True
+    #: The order ``--hypervisor auto`` tries backends in, lower first: hardware backends 10-49
+    #: (kvm 10, mshv 20), software emulation 90 and above.
+    priority: ClassVar[int] = 50
 
     @classmethod
     @abstractmethod

@@ -8,7 +8,6 @@ It names no backend, architecture or device: those come from plugins.
 from __future__ import annotations
 
 import enum
-import functools
 import platform
 import threading
 import time
@@ -23,15 +22,15 @@ from vmmkit.arch import Architecture, BootInfo, MemoryLayout
 from vmmkit.bus import Bus
 from vmmkit.config import VmConfig
 from vmmkit.device import DeviceRequest, PlacedDevice
-from vmmkit.errors import BootError, DeviceError, VmmError
+from vmmkit.device_manager import DeviceManager, default_virtio_transport
+from vmmkit.errors import BootError, DeviceError, NotSupportedError, VmmError
 from vmmkit.eventloop import EventLoop
-from vmmkit.hypervisor import ExitReason, Hypervisor, PortSink, Vcpu, Vm
-from vmmkit.irq import GsiAllocator, GsiLine, InterruptLine
+from vmmkit.hypervisor import ExitReason, Hypervisor, Vcpu, Vm
+from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
 from vmmkit.registry import AUTO, Registries
 from vmmkit.threads import set_native_thread_name
-from vmmkit.virtio.device import VirtioDevice
 
 log = get_logger()
 
@@ -70,11 +69,12 @@ def host_architecture() -> str:
 
 def preload(config: VmConfig, registries: Registries, *, hypervisor: str = AUTO, arch: str | None = None) -> None:
     """Import the code a boot of ``config`` will run: the architecture's builders, the
-    implementations of the devices it asks for, the virtio transports. Builds nothing and
+    implementations of the devices it asks for, the VM's virtio transport. Builds nothing and
     reports nothing: :meth:`Machine.build` reports what is wrong. The API calls this at
     ``vm.create``, so that ``vm.boot`` spends its time on the VM, not on imports."""
     arch_name = arch or host_architecture()
     try:
+        config = config.assign_ids()
         registries.select_hypervisor(hypervisor, arch_name).preload()
         architecture = registries.architectures.get(arch_name)()
         architecture.preload(config)
@@ -84,11 +84,10 @@ def preload(config: VmConfig, registries: Registries, *, hypervisor: str = AUTO,
         for name in dict.fromkeys(request.type for request in requests):
             if name in registries.devices:
                 registries.devices.get(name).preload()
-        import vmmkit.virtio.transport  # noqa: F401
-
-        chosen = config.platform.virtio_transport if config.platform is not None else None
-        if (chosen or architecture.default_virtio_transport) == "pci":
-            import vmmkit.pci.virtio  # noqa: F401
+        virtio = default_virtio_transport(config, architecture.default_virtio_transport)
+        for transport in registries.transports:
+            if transport.family == "platform" or virtio in (transport.name, transport.alias):
+                transport.preload()
     except Exception as exc:  # whatever is wrong, build() says it properly
         log.debug("vm.preload_failed", error=str(exc))
 
@@ -143,14 +142,8 @@ class _DeviceContext:
     def event_loop(self) -> EventLoop:
         return self._machine.event_loop
 
-    @property
-    def vm(self) -> Vm:
-        """For the core's own device SDK (virtio transports): device plugins must not use it."""
-        assert self._machine.vm is not None
-        return self._machine.vm
-
     def interrupt_line(self, irq: int | None = None) -> tuple[int, InterruptLine]:
-        return self._machine.allocate_irq(irq)
+        return self._machine.manager.allocate_irq(irq)
 
     def request_shutdown(self, reason: str) -> None:
         self._machine.request_stop(StopReason.POWER_OFF, reason)
@@ -182,7 +175,8 @@ class Machine:
         arch: str | None = None,
         log_fd: int | None = None,
     ) -> None:
-        self.config = config
+        #: Device ids are assigned here, once, wherever the configuration came from.
+        self.config = config.assign_ids()
         self.log_fd = log_fd
         self.registries = registries
         self.pm = plugin_manager
@@ -195,10 +189,8 @@ class Machine:
         self.memory: GuestMemory | None = None
         self.vm: Vm | None = None
         self.boot_info: BootInfo | None = None
-        self.pio_bus = Bus("pio")
-        self.mmio_bus = Bus("mmio")
         self.event_loop = EventLoop()
-        self.devices: list[PlacedDevice] = []
+        self.device_manager: DeviceManager | None = None
         self.vcpus: list[Vcpu] = []
         self.guest_exit_status: int | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -213,13 +205,38 @@ class Machine:
         self._pause_requested = False
         self._parked = 0
         self._park = threading.Condition(self._lock)
-        self._free_irqs: list[int] = []
-        self._used_irqs: set[int] = set()
-        self._irq_lines: dict[int, GsiLine] = {}
-        self._msi_gsis: GsiAllocator | None = None
-        self._native_ports: dict[str, dict[int, PortSink]] = {}
         self._device_ctx = _DeviceContext(self)
         self._started_at = time.monotonic()
+
+    # -- devices -----------------------------------------------------------------------------
+
+    @property
+    def manager(self) -> DeviceManager:
+        """The device manager (it exists once :meth:`build` has created the VM)."""
+        if self.device_manager is None:
+            raise VmmError("the VM has not been built yet")
+        return self.device_manager
+
+    @property
+    def devices(self) -> list[PlacedDevice]:
+        """The placed devices, in placement order (none before :meth:`build`)."""
+        return self.device_manager.devices if self.device_manager is not None else []
+
+    @property
+    def pio_bus(self) -> Bus:
+        return self.manager.pio_bus
+
+    @property
+    def mmio_bus(self) -> Bus:
+        return self.manager.mmio_bus
+
+    def add_device(self, request: DeviceRequest) -> PlacedDevice | None:
+        """Build a device from the registry and place it; ``None`` if the type declined."""
+        return self.manager.create(request)
+
+    def remove_device(self, device_id: str) -> PlacedDevice:
+        """Take a device off the VM and close it."""
+        return self.manager.remove(device_id)
 
     # -- building ----------------------------------------------------------------------------
 
@@ -250,9 +267,12 @@ class Machine:
         for region in self.memory.regions:
             self.vm.add_memory_region(region.slot, region.start, region.size, region.host_address)
         self.arch.configure_vm(self.vm, self.hypervisor, self.config)
-        first, last = self.layout.device_irqs
-        self._free_irqs = list(range(first, last + 1))
-        self._msi_gsis = GsiAllocator(*self.layout.msi_gsis)
+        self.device_manager = DeviceManager(
+            vm=self.vm, memory=self.memory, layout=self.layout, config=self.config,
+            event_loop=self.event_loop, registries=self.registries, context=self._device_ctx,
+            virtio_transport=default_virtio_transport(self.config, self.arch.default_virtio_transport),
+            emit=self.emit,
+        )
         self._create_devices()
         self._load_payload()
         dispatch = VcpuDispatch(self.pio_bus, self.mmio_bus)
@@ -269,87 +289,14 @@ class Machine:
             requests.extend(extra)
         for device_type in self.registries.devices:
             requests.extend(device_type.requests(self.config))
-        fixed = {request.irq for request in requests if request.irq is not None}
-        self._free_irqs = [irq for irq in self._free_irqs if irq not in fixed]
+        for plugin_device in self.config.plugin_devices:
+            if plugin_device.type not in self.registries.devices:
+                installed = ", ".join(self.registries.devices.names()) or "none"
+                raise DeviceError(f"device {plugin_device.id}: no installed plugin provides device type "
+                                  f"{plugin_device.type!r} (installed types: {installed})")
+        self.manager.reserve_irqs(request.irq for request in requests if request.irq is not None)
         for request in requests:
-            self.add_device(request)
-
-    def add_device(self, request: DeviceRequest) -> PlacedDevice | None:
-        """Build a device from the registry and place it; ``None`` if the type declined."""
-        device_type = self.registries.devices.get(request.type)
-        device = device_type.create(self._device_ctx, request)
-        if device is None:
-            return None
-        placed = self._place(device, request)
-        self.devices.append(placed)
-        log.debug("device.added", id=request.id, type=request.type, pio=placed.pio, mmio=placed.mmio)
-        return placed
-
-    def _place(self, device: Any, request: DeviceRequest) -> PlacedDevice:
-        if isinstance(device, VirtioDevice):
-            from vmmkit.virtio.transport import attach_virtio
-
-            return attach_virtio(self, device, request)
-        kind = getattr(device, "kind", "") or request.type
-        irq = request.irq
-        if request.pio is not None:
-            self.pio_bus.insert(device, *request.pio)
-            self._add_port_sinks(device, request.pio[0])
-            bind = getattr(device, "bind_native_ports", None)
-            if bind is not None:
-                bind(functools.partial(self._update_port_sinks, base=request.pio[0], key=request.id))
-        if request.mmio is not None:
-            self.mmio_bus.insert(device, *request.mmio)
-        if request.pio is None and request.mmio is None:
-            raise DeviceError(f"device {request.id} ({request.type}) has no placement")
-        return PlacedDevice(device, request, kind, pio=request.pio, mmio=request.mmio, irq=irq,
-                            properties=dict(getattr(device, "firmware_properties", dict)()))
-
-    def _add_port_sinks(self, device: Any, base: int) -> None:
-        sinks: Sequence[PortSink] = getattr(device, "port_sinks", lambda: ())()
-        assert self.vm is not None
-        for sink in sinks:
-            served = self.vm.add_port_sink(attrs.evolve(sink, port=base + sink.port))
-            notify = getattr(device, "native_path_changed", None)
-            if notify is not None:
-                notify(sink.port, served)
-
-    def _update_port_sinks(self, sinks: Sequence[PortSink], *, base: int, key: str) -> bool:
-        """A device changed which of its ports the backend may serve natively (the serial
-        port while it is in its plain state). Called under the device's lock: take no other."""
-        assert self.vm is not None
-        installed = self._native_ports.setdefault(key, {})
-        wanted = {base + sink.port: attrs.evolve(sink, port=base + sink.port) for sink in sinks}
-        for port in [port for port, sink in installed.items() if wanted.get(port) != sink]:
-            self.vm.remove_port_sink(port)
-            del installed[port]
-        served = True
-        for port, sink in wanted.items():
-            if port not in installed:
-                if self.vm.add_port_sink(sink):
-                    installed[port] = sink
-                else:
-                    served = False
-        return served
-
-    def allocate_irq(self, irq: int | None = None) -> tuple[int, InterruptLine]:
-        """A legacy interrupt line: ``irq`` if given (shared if already in use), else a free one."""
-        assert self.vm is not None
-        with self._lock:
-            if irq is None:
-                if not self._free_irqs:
-                    raise DeviceError("no free interrupt lines")
-                irq = self._free_irqs.pop(0)
-            elif irq in self._free_irqs:
-                self._free_irqs.remove(irq)
-            line = self._irq_lines.get(irq)
-            if line is None:
-                line = self._irq_lines[irq] = GsiLine(self.vm, irq)
-            return irq, line
-
-    def allocate_msi_gsi(self) -> int | None:
-        assert self._msi_gsis is not None
-        return self._msi_gsis.allocate()
+            self.manager.create(request)
 
     def _load_payload(self) -> None:
         assert self.arch is not None and self.memory is not None and self.layout is not None
@@ -458,8 +405,7 @@ class Machine:
             while self._parked < len(self._live_threads()) and not self._stop.is_set():
                 if not self._park.wait(max(0.0, deadline - time.monotonic())):
                     raise VmmError("vCPUs did not stop in time")
-        for placed in self.devices:
-            _call(placed.device, "pause")
+        self.manager.pause()
         self._set_state(MachineState.PAUSED, reason="pause")
         self.emit("vm-paused")
 
@@ -468,8 +414,7 @@ class Machine:
             if self.state is not MachineState.PAUSED:
                 raise VmmError(f"cannot resume a VM that is {self.state.value}")
             self.emit("vm-resuming")
-            for placed in self.devices:
-                _call(placed.device, "resume")
+            self.manager.resume()
             with self._park:
                 self._pause_requested = False
                 self._park.notify_all()
@@ -547,27 +492,25 @@ class Machine:
         self.request_reset("requested")
 
     def power_button(self) -> None:
-        """Press the power button: every device that has ``press_power_button()`` (the ACPI
-        GED) tells the guest, which decides what to do (usually power off).
+        """Press the power button: every device that handles it (the ACPI GED) tells the
+        guest, which decides what to do (usually power off).
 
-        :raises VmmError: no device of this VM can deliver the event.
+        :raises NotSupportedError: no device of this VM can deliver the event.
         """
-        buttons = [p.device for p in self.devices if callable(getattr(p.device, "press_power_button", None))]
+        buttons = self.manager.power_buttons()
         if not buttons:
-            raise VmmError("this VM has no device that delivers a power-button event")
+            raise NotSupportedError("this VM has no device that delivers a power-button event")
         for device in buttons:
             device.press_power_button()
 
     def nmi(self) -> None:
-        """Inject a non-maskable interrupt into every vCPU, through the architecture's
-        ``inject_nmi(vm)``.
+        """Inject a non-maskable interrupt into every vCPU (the architecture's ``inject_nmi``).
 
-        :raises VmmError: the architecture cannot inject NMIs.
+        :raises NotSupportedError: the architecture cannot inject NMIs.
         """
-        inject = getattr(self.arch, "inject_nmi", None)
-        if inject is None or self.vm is None:
-            raise VmmError(f"NMI injection is not supported on {self.arch_name}")
-        inject(self.vm)
+        if self.arch is None or self.vm is None:
+            raise VmmError("the VM has not been built yet")
+        self.arch.inject_nmi(self.vm)
 
     def _reboot(self, reason: str) -> None:
         log.info("vm.reset", reason=reason)
@@ -575,8 +518,7 @@ class Machine:
         assert self.memory is not None
         for region in self.memory.regions:
             region.buffer.madvise(_MADV_DONTNEED)
-        for placed in self.devices:
-            _call(placed.device, "reset")
+        self.manager.reset()
         self._load_payload()
         self._configure_vcpus()
         for vcpu in self.vcpus:
@@ -609,11 +551,9 @@ class Machine:
             self.request_stop(StopReason.REQUESTED)
             self._join_vcpus()
         self.event_loop.stop()  # no more callbacks; devices may still unregister their fds
-        for placed in self.devices:
-            _call(placed.device, "close")
+        if self.device_manager is not None:
+            self.device_manager.close()
         self.event_loop.close()
-        for line in self._irq_lines.values():
-            line.close()
         for vcpu in self.vcpus:
             vcpu.close()
         if self.vm is not None:
@@ -638,11 +578,7 @@ class Machine:
             listener(event, properties)
 
     def counters(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for placed in self.devices:
-            values = _call(placed.device, "counters")
-            if values:
-                out[placed.request.id] = dict(values)
+        out = self.device_manager.counters() if self.device_manager is not None else {}
         for position, vcpu in enumerate(self.vcpus):
             out[f"vcpu{position}"] = dict(vcpu.exit_counts())
         return out
@@ -664,14 +600,3 @@ def append_kernel_args(cmdline: str | None, args: Sequence[str]) -> str:
     head, sep, tail = f" {text} ".partition(" -- ")
     joined = " ".join(part for part in [head.strip(), *extra] if part)
     return f"{joined} -- {tail.strip()}".rstrip() if sep else joined
-
-
-def _call(obj: Any, method: str) -> Any:
-    func = getattr(obj, method, None)
-    if func is None:
-        return None
-    try:
-        return func()
-    except Exception:
-        log.exception("device.call_failed", method=method, device=repr(obj))
-        return None

@@ -84,6 +84,7 @@ def collect_registries(pm: pluggy.PluginManager) -> Registries:
         ("vmmkit_register_hypervisors", registries.hypervisors),
         ("vmmkit_register_architectures", registries.architectures),
         ("vmmkit_register_devices", registries.devices),
+        ("vmmkit_register_transports", registries.transports),
     )
     for hook_name, registry in calls:
         hook = getattr(pm.hook, hook_name)

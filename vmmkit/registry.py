@@ -7,7 +7,7 @@ Plugins fill them from their ``vmmkit_register_*`` hooks; the choice is made by 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from vmmkit.errors import RegistryError
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from vmmkit.arch import Architecture
     from vmmkit.device import DeviceType
     from vmmkit.hypervisor import Hypervisor
+    from vmmkit.transport import Transport
 
 
 class Named(Protocol):
@@ -69,21 +70,27 @@ class Registry(Generic[T]):
 
 
 class Registries:
-    """Everything the plugins registered."""
+    """Everything the plugins registered, and the core's own transports."""
 
     def __init__(self) -> None:
+        from vmmkit.transport import BUILTIN_TRANSPORTS
+
         self.hypervisors: Registry[type[Hypervisor]] = Registry("hypervisor")
         self.architectures: Registry[type[Architecture]] = Registry("architecture")
         self.devices: Registry[type[DeviceType]] = Registry("device type")
+        self.transports: Registry[type[Transport]] = Registry("transport")
+        self.transports.current_plugin = "vmmkit"
+        for transport in BUILTIN_TRANSPORTS:
+            self.transports.add(transport)
 
-    def all(self) -> tuple[Registry[type[Hypervisor]], Registry[type[Architecture]], Registry[type[DeviceType]]]:
-        return self.hypervisors, self.architectures, self.devices
+    def all(self) -> tuple[Registry[Any], ...]:
+        return self.hypervisors, self.architectures, self.devices, self.transports
 
     def hypervisor_order(self) -> list[type[Hypervisor]]:
         """Backends in the order ``auto`` tries them: by ``priority`` (lower first), then name.
 
         Hardware backends use 10-49 (kvm 10, mshv 20); software emulation 90 and above."""
-        return sorted(self.hypervisors, key=lambda h: (getattr(h, "priority", 50), h.name))
+        return sorted(self.hypervisors, key=lambda h: (h.priority, h.name))
 
     def select_hypervisor(self, name: str = AUTO, arch: str | None = None) -> type[Hypervisor]:
         """The backend called ``name``; for ``auto`` the first usable one in priority order

@@ -10,12 +10,16 @@ which is when a function with ioeventfds (virtio notify addresses) moves them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vmmkit.pci.config import PciConfigSpace
+from vmmkit.device import ManagedDevice
+from vmmkit.pci.config import PIN_INTA, PIN_NONE, PciConfigSpace
+
+if TYPE_CHECKING:
+    from vmmkit.irq import InterruptLine
 
 
-class PciFunction:
+class PciFunction(ManagedDevice):
     """Base class of the functions on a :class:`vmmkit.pci.host.PciRoot`.
 
     Subclasses build :attr:`config` (header, BARs, capabilities) in ``__init__`` and override
@@ -23,14 +27,31 @@ class PciFunction:
     sizes, already range-checked against the configuration space, not against the BAR.
     """
 
-    #: Firmware-table kind of the function's :class:`vmmkit.device.PlacedDevice`.
     kind: ClassVar[str] = "pci"
+    #: Placed by the ``pci`` transport (or wrapped by one, as ``virtio-pci`` does).
+    transport_family: ClassVar[str] = "pci"
 
     def __init__(self, name: str, config: PciConfigSpace) -> None:
         self.name = name
         self.config = config
         #: Set by the root when plugged: re-evaluates this function's BAR mappings.
         self.remap: Callable[[], None] = lambda: None
+        #: The legacy INTA line (``None``: none, MSI/MSI-X only).
+        self.intx: InterruptLine | None = None
+
+    def connect_intx(self, line: InterruptLine | None, irq: int | None) -> None:
+        """The legacy INTA line and its number for the Interrupt Line register (``None``:
+        no line; the function interrupts only through MSI/MSI-X)."""
+        self.intx = line
+        if line is None or irq is None:
+            self.config.set_interrupt(0, PIN_NONE)
+        else:
+            self.config.set_interrupt(irq & 0xFF, PIN_INTA)
+
+    def placement_properties(self) -> Mapping[str, Any]:
+        """Facts for the function's :attr:`vmmkit.device.PlacedDevice.properties`, beside its
+        address (``bdf``, ``segment``, ``slot``, ``bars``)."""
+        return {}
 
     # -- configuration space ---------------------------------------------------------------
 
@@ -60,15 +81,6 @@ class PciFunction:
         """Power-on state: the configuration space as firmware left it, BARs re-mapped."""
         self.config.reset()
         self.remap()
-
-    def pause(self) -> None: ...
-
-    def resume(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def counters(self) -> Mapping[str, int]:
-        return {}
 
     def describe(self) -> Mapping[str, Any]:
         return {}

@@ -1,7 +1,8 @@
-"""The PCI root complex of segment 0: host bridge, configuration access, BAR placement.
+"""The PCI root complex of a segment: host bridge, configuration access, BAR placement.
 
-One :class:`PciRoot` per machine, created by :func:`pci_root` when the first PCI function is
-attached and kept as ``machine.pci_root``. It serves bus 0 only:
+One :class:`PciRoot` per segment, created by the device manager
+(:meth:`vmmkit.device_manager.DeviceManager.pci_segment`, through :func:`create_root`) when the
+first PCI function is placed there. It serves bus 0 only:
 
 - 00:00.0 is a host bridge (vendor 0x8086, device 0x0d57, class 06/00/00, as in Cloud
   Hypervisor), so guests probing for a working type-1 mechanism (Linux's
@@ -26,45 +27,47 @@ moves onto something already on the bus stays unmapped (logged) until moved agai
 address allocators keep the power-on assignment; a moved BAR is not re-reserved.
 
 Legacy INTx: every function's INTA goes to one of at most four interrupt lines
-(``machine.allocate_irq()``), line ``(slot - 1) % 4``, like the four PIRQ links of a PC
+(the device manager's ``allocate_irq()``), line ``(slot - 1) % 4, like the four PIRQ links of a PC
 chipset (if the machine runs out of lines, an existing one is shared). The lines are
-level-triggered and shared: a line is high while any function on it asserts it. The host's
-:class:`PlacedDevice` lists the routes in ``properties["intx"]`` as ``(slot, pin, gsi)`` with
-pin 1 = INTA, for the architecture's ``_PRT`` or ``interrupt-map``; its other properties are
-``segment``, ``bus_range``, and the ``ecam``, ``mmio32``, ``mmio64`` and ``io`` windows as
-``(start, size)`` or ``None``.
+level-triggered and shared: a line is high while any function on it asserts it.
+
+The root describes itself to the guest (:meth:`PciRoot.describe_acpi`: a ``PNP0A08`` root bridge
+with its windows and the ``_PRT`` of those INTx routes).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
 from vmmkit.allocator import AddressAllocator
-from vmmkit.arch import MemoryLayout
 from vmmkit.bus import Bus
-from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit.device import DeviceRequest, ManagedDevice, PlacedDevice
 from vmmkit.errors import BusError, DeviceError
-from vmmkit.eventloop import EventLoop
-from vmmkit.hypervisor import Vm
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
-from vmmkit.memory import GuestMemory, MemoryRange
+from vmmkit.memory import MemoryRange
 from vmmkit.pci.config import (
     BAR0,
     COMMAND,
     COMMAND_IO,
     COMMAND_MEMORY,
     NUM_BARS,
+    PIN_INTA,
+    PIN_NONE,
     BarKind,
     PciBar,
     PciConfigSpace,
     overlaps,
 )
 from vmmkit.pci.function import BarRegion, PciFunction
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import AcpiScope
+    from vmmkit.transport import DeviceHost
 
 log = get_logger()
 
@@ -155,10 +158,11 @@ class _Slot:
     intx: IntxPin | None = None
 
 
-class PciRoot:
-    """Bus 0 of PCI segment 0: functions by device/function number, BARs on the buses."""
+class PciRoot(ManagedDevice):
+    """Bus 0 of a PCI segment: functions by device/function number, BARs on the buses."""
 
     kind: ClassVar[str] = "pci-host"
+    transport_family: ClassVar[str] = "pci"
 
     def __init__(
         self,
@@ -402,7 +406,41 @@ class PciRoot:
         self.config_address = 0
         self.host_bridge.reset()
 
-    def close(self) -> None: ...
+    def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
+        """A PCI Express root bridge (``PNP0A08``, ``_CID`` ``PNP0A03``): ``_SEG``, ``_BBN``,
+        ``_CRS`` with the bus range, the configuration ports and the I/O, MMIO32 and MMIO64
+        windows, and a ``_PRT`` for INTx; plus a ``PNP0C02`` motherboard resource claiming the
+        ECAM window, since Linux accepts an MCFG area only if firmware also reserves it."""
+        from vmmkit.acpi import aml
+
+        first_bus, last_bus = self.bus_range
+        resources: list[aml.AmlObject] = [aml.word_bus_number(first_bus, last_bus)]
+        if placed.pio is not None:
+            base, size = placed.pio
+            resources.append(aml.Io(base, base, 1, size))
+        if self.io is not None:
+            resources.append(aml.word_io(self.io.start, self.io.end - 1))
+        if self.mmio32 is not None:
+            resources.append(aml.dword_memory(self.mmio32.start, self.mmio32.end - 1))
+        if self.mmio64 is not None:
+            resources.append(aml.qword_memory(self.mmio64.start, self.mmio64.end - 1))
+        extra: list[aml.Term] = [
+            aml.Name("_CID", aml.EisaId("PNP0A03")),
+            aml.Name("_SEG", self.segment),
+            aml.Name("_BBN", first_bus),
+        ]
+        routes = self.intx_routes()
+        if routes:
+            # _PRT entries: {address (slot << 16 | any function), pin (0 = INTA), source 0 (a
+            # GSI), GSI}; the OS makes such lines level-triggered, active low, as PCI INTx is.
+            extra.append(aml.Name("_PRT", aml.Package(
+                [aml.Package([(slot << 16) | 0xFFFF, pin - 1, 0, gsi]) for slot, pin, gsi in routes])))
+        name = "PCI0" if self.segment == 0 else f"PC{self.segment:02X}"
+        scope.add(aml.simple_device(name, aml.EisaId("PNP0A08"), self.segment, resources, *extra))
+        if self.ecam is not None:
+            index = scope.next_index("pci-ecam-reservation")
+            scope.add(aml.simple_device("MBRD" if index == 0 else f"MBR{index:X}", aml.EisaId("PNP0C02"),
+                                        index, [aml.Memory32Fixed(self.ecam.start, self.ecam.size)]))
 
     def describe(self) -> Mapping[str, Any]:
         return {
@@ -476,92 +514,60 @@ def _allocator(window: MemoryRange | None, name: str) -> AddressAllocator | None
     return AddressAllocator(window.start, window.size, name)
 
 
-# -- the machine's root ------------------------------------------------------------------
+# -- the device manager's side ---------------------------------------------------------------
 
 
-class PciMachine(Protocol):
-    """What ``vmmkit.pci`` uses of a :class:`vmmkit.machine.Machine` (it also sets
-    ``machine.pci_root``)."""
-
-    @property
-    def vm(self) -> Vm | None: ...
-
-    @property
-    def memory(self) -> GuestMemory | None: ...
-
-    @property
-    def layout(self) -> MemoryLayout | None: ...
-
-    @property
-    def mmio_bus(self) -> Bus: ...
-
-    @property
-    def pio_bus(self) -> Bus: ...
-
-    @property
-    def event_loop(self) -> EventLoop: ...
-
-    @property
-    def devices(self) -> list[PlacedDevice]: ...
-
-    def allocate_irq(self, irq: int | None = None) -> tuple[int, InterruptLine]: ...
-
-    def allocate_msi_gsi(self) -> int | None: ...
-
-
-def pci_root(machine: PciMachine, *, create: bool = True) -> PciRoot | None:
-    """The machine's PCI root (``machine.pci_root``), created on first use when ``create``.
-
-    Creating it puts the 0xCF8 port window (where the architecture has port I/O, i.e.
-    ``layout.pio`` is set) and the ECAM window on the buses, and adds one
-    ``PlacedDevice(kind="pci-host")`` to ``machine.devices`` for the firmware tables.
-    """
-    root: PciRoot | None = getattr(machine, "pci_root", None)
-    if root is not None or not create:
-        return root
-    layout = machine.layout
-    if layout is None:
-        raise DeviceError("PCI devices need the machine's memory layout")
+def create_root(host: DeviceHost, segment: int) -> tuple[PciRoot, PlacedDevice]:
+    """A root complex for ``segment`` with its configuration windows on the buses: the 0xCF8
+    ports where the architecture has port I/O (``layout.pio``), and the ECAM window."""
+    layout = host.layout
     if layout.pci_ecam is None and layout.pio is None:
         raise DeviceError("this architecture's layout has no PCI configuration window")
     if layout.pci_mmio32 is None and layout.pci_mmio64 is None:
         raise DeviceError("this architecture's layout has no PCI MMIO window")
-    root = PciRoot(mmio_bus=machine.mmio_bus, pio_bus=machine.pio_bus, mmio32=layout.pci_mmio32,
-                   mmio64=layout.pci_mmio64, io=layout.pio, ecam=layout.pci_ecam)
+    root = PciRoot(mmio_bus=host.mmio_bus, pio_bus=host.pio_bus, mmio32=layout.pci_mmio32,
+                   mmio64=layout.pci_mmio64, io=layout.pio, ecam=layout.pci_ecam, segment=segment)
     pio = mmio = None
     if layout.pio is not None:
-        machine.pio_bus.insert(PciConfigIo(root), CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)
+        host.pio_bus.insert(PciConfigIo(root), CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)
         pio = (CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)
     if layout.pci_ecam is not None:
-        machine.mmio_bus.insert(PciEcam(root), layout.pci_ecam.start, layout.pci_ecam.size)
+        host.mmio_bus.insert(PciEcam(root), layout.pci_ecam.start, layout.pci_ecam.size)
         mmio = (layout.pci_ecam.start, layout.pci_ecam.size)
-    machine.pci_root = root  # type: ignore[attr-defined]
-    machine.devices.append(PlacedDevice(root, DeviceRequest("pci-host", f"_pci{root.segment}"), PciRoot.kind,
-                                        pio=pio, mmio=mmio, properties=host_properties(root)))
-    log.debug("pci.root_created", ecam=mmio, config_io=pio)
-    return root
+    placed = PlacedDevice(root, DeviceRequest("pci-host", f"_pci{segment}"), PciRoot.kind,
+                          pio=pio, mmio=mmio, properties={"segment": segment}, transport="pci")
+    log.debug("pci.root_created", segment=segment, ecam=mmio, config_io=pio)
+    return root, placed
 
 
-def host_properties(root: PciRoot) -> dict[str, Any]:
-    """What firmware tables say about the root: segment, buses, windows, INTx routes."""
+def place_function(host: DeviceHost, function: PciFunction, request: DeviceRequest, *,
+                   transport: str = "pci") -> PlacedDevice:
+    """Plug ``function`` into the segment and slot ``request`` asks for (else the lowest free
+    slot), with INTA on a shared line. ``properties["bdf"]`` is its address, ``"0000:00:NN.0"``."""
+    root = host.pci_segment(request.pci_segment)
+    slot = root.add_function(function, request.pci_slot)
+    pin = root.connect_intx(function, host.allocate_irq)
+    function.connect_intx(pin, pin.gsi if pin is not None else None)
+    bdf = bdf_string(root.segment, 0, slot)
+    bars = {index: (root.bar_base(function, index) or 0, bar.size) for index, bar in function.config.bars.items()}
+    log.debug("device.placed", id=request.id, transport=transport, bdf=bdf)
+    return PlacedDevice(
+        function, request, function.kind, irq=pin.gsi if pin is not None else None,
+        properties={
+            "bdf": bdf,
+            "segment": root.segment,
+            "slot": slot,
+            "function": 0,
+            "pin": PIN_INTA if pin is not None else PIN_NONE,
+            "bars": bars,
+            **function.placement_properties(),
+        },
+        transport=transport,
+    )
 
-    def window(rng: MemoryRange | None) -> tuple[int, int] | None:
-        return None if rng is None else (rng.start, rng.size)
 
-    return {
-        "segment": root.segment,
-        "bus_range": root.bus_range,
-        "ecam": window(root.ecam),
-        "mmio32": window(root.mmio32),
-        "mmio64": window(root.mmio64),
-        "io": window(root.io),
-        "intx": root.intx_routes(),
-    }
-
-
-def publish(machine: PciMachine, root: PciRoot) -> None:
-    """Refresh the root's ``PlacedDevice`` properties (after functions were added)."""
-    for index, placed in enumerate(machine.devices):
-        if placed.device is root:
-            machine.devices[index] = attrs.evolve(placed, properties=host_properties(root))
-            return
+def remove_function(host: DeviceHost, placed: PlacedDevice) -> None:
+    """Unplug a function placed by :func:`place_function`: its BARs leave the bus, its
+    windows are freed, its INTA is lowered."""
+    root = host.pci_segment(int(placed.properties.get("segment", 0)))
+    root.remove_function(int(placed.properties["slot"]))

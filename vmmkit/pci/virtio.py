@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
@@ -51,25 +51,25 @@ from vmmkit.device import DeviceRequest, PlacedDevice
 from vmmkit.errors import DeviceError
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import Vm
-from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
 from vmmkit.pci.config import (
     CAP_ID_VNDR,
     COMMAND_INTX_DISABLE,
-    PIN_INTA,
-    PIN_NONE,
     BarKind,
     PciBar,
     PciConfigSpace,
     overlaps,
 )
 from vmmkit.pci.function import PciFunction
-from vmmkit.pci.host import PciMachine, bdf_string, pci_root, publish
+from vmmkit.pci.host import place_function
 from vmmkit.pci.msix import MAX_VECTORS, MsixTable, pba_bytes, table_bytes
 from vmmkit.virtio.core import TransportCore
 from vmmkit.virtio.device import VIRTIO_F_RING_PACKED, VirtioDevice, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
+
+if TYPE_CHECKING:
+    from vmmkit.transport import DeviceHost
 
 log = get_logger()
 
@@ -234,7 +234,6 @@ class VirtioPciDevice(PciFunction):
         #: The queues handed to the device at DRIVER_OK, until reset.
         self.virtqueues: list[Virtqueue] = []
         self.msix = MsixTable(vm, min(len(max_sizes) + 1, MAX_VECTORS), allocate_msi_gsi)
-        self.intx: InterruptLine | None = None
         self._ioeventfds: list[tuple[int, int]] = []
         self.device_feature_select = 0
         self.driver_feature_select = 0
@@ -281,14 +280,8 @@ class VirtioPciDevice(PciFunction):
 
     # -- wiring --------------------------------------------------------------------------
 
-    def connect_intx(self, line: InterruptLine | None, irq: int | None) -> None:
-        """The legacy INTA line (``None``: none, MSI-X only) and its number for the
-        Interrupt Line register."""
-        self.intx = line
-        if line is None or irq is None:
-            self.config.set_interrupt(0, PIN_NONE)
-        else:
-            self.config.set_interrupt(irq & 0xFF, PIN_INTA)
+    def placement_properties(self) -> Mapping[str, Any]:
+        return {"device_type": int(self.device.device_type), "msix_vectors": self.msix.num_vectors}
 
     @property
     def queue_events(self) -> Sequence[int]:
@@ -620,47 +613,15 @@ def _inside(offset: int, size: int, start: int, length: int) -> bool:
     return start <= offset and offset + size <= start + length
 
 
-def attach_virtio_pci(machine: PciMachine, device: VirtioDevice, request: DeviceRequest) -> PlacedDevice:
-    """Put ``device`` behind virtio-pci on the machine's PCI root (created if needed).
-
-    Honours ``request.config.pci_device_id`` (the slot) and refuses a ``pci_segment`` other
-    than 0. The returned device's ``properties["bdf"]`` is its address, ``"0000:00:NN.0"``.
-    """
-    settings = request.config
-    segment = getattr(settings, "pci_segment", 0) or 0
-    if segment != 0:
-        raise DeviceError(f"{request.id}: PCI segment {segment} does not exist (only segment 0)")
-    wanted_slot = getattr(settings, "pci_device_id", None)
-    if machine.vm is None or machine.memory is None:
-        raise DeviceError(f"{request.id}: the VM must exist before PCI devices are attached")
-    root = pci_root(machine)
-    assert root is not None
-    transport = VirtioPciDevice(device, vm=machine.vm, memory=machine.memory, event_loop=machine.event_loop,
-                                allocate_msi_gsi=machine.allocate_msi_gsi, name=request.id)
-    from vmmkit.virtio.transport import device_event_emitter
-
-    transport.core.on_event = device_event_emitter(machine, request.id)
+def place_virtio_pci(host: DeviceHost, device: VirtioDevice, request: DeviceRequest, *,
+                     transport: str = "virtio-pci") -> PlacedDevice:
+    """Wrap ``device`` in a :class:`VirtioPciDevice` and plug it in as a PCI function
+    (:func:`vmmkit.pci.host.place_function`: segment, slot, BARs, INTA)."""
+    function = VirtioPciDevice(device, vm=host.vm, memory=host.memory, event_loop=host.event_loop,
+                               allocate_msi_gsi=host.allocate_msi_gsi, name=request.id)
+    function.core.on_event = host.device_events(request.id)
     try:
-        slot = root.add_function(transport, wanted_slot)
+        return place_function(host, function, request, transport=transport)
     except BaseException:
-        transport.close()
+        function.close()
         raise
-    pin = root.connect_intx(transport, machine.allocate_irq)
-    transport.connect_intx(pin, pin.gsi if pin is not None else None)
-    publish(machine, root)
-    bdf = bdf_string(root.segment, 0, slot)
-    bar_base = transport.config.bar_address(BAR_INDEX)
-    log.debug("device.placed", id=request.id, transport="pci", bdf=bdf, bar0=hex(bar_base))
-    return PlacedDevice(
-        transport, request, VirtioPciDevice.kind, irq=pin.gsi if pin is not None else None,
-        properties={
-            "bdf": bdf,
-            "segment": root.segment,
-            "slot": slot,
-            "function": 0,
-            "pin": PIN_INTA if pin is not None else PIN_NONE,
-            "device_type": int(device.device_type),
-            "bars": {BAR_INDEX: (bar_base, BAR_SIZE)},
-            "msix_vectors": transport.msix.num_vectors,
-        },
-    )

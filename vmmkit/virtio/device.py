@@ -57,6 +57,8 @@ class VirtioDevice(ABC):
     device_type: ClassVar[int]
     #: Firmware-table kind is the transport's; this names the device in logs and counters.
     name: ClassVar[str] = "virtio"
+    #: Placed by a virtio transport (``virtio-mmio``, ``virtio-pci``: :mod:`vmmkit.transport`).
+    transport_family: ClassVar[str] = "virtio"
 
     def __init__(self, device_id: str) -> None:
         self.id = device_id

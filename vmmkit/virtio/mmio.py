@@ -24,13 +24,13 @@ Queue registers are writable only between ``FEATURES_OK`` and ``DRIVER_OK`` and,
 a queue) works at any time, and the queue then stays unused until the device is reset.
 
 Notifications. Each queue has an eventfd (``ActivationContext.queue_events[i]``). Where the
-backend has ioeventfds, :func:`vmmkit.virtio.transport.attach_virtio` registers each one on
+backend has ioeventfds, :func:`vmmkit.virtio.transport.place_virtio_mmio` registers each one on
 ``base + 0x050`` with ``datamatch = i``: a driver's kick then signals the eventfd inside the
 hypervisor without leaving the guest. Otherwise (and for a value no ioeventfd matched) the
 write reaches :meth:`write` here, which signals the queue's eventfd itself: the device sees the
 same eventfd either way. Kicks before ``DRIVER_OK`` stay pending in the eventfd.
 
-Interrupts. One legacy line (``machine.allocate_irq()``). To signal, the transport sets bit 0
+Interrupts. One legacy line (the device manager's ``allocate_irq()``). To signal, the transport sets bit 0
 (used buffer) or bit 1 (configuration change) of InterruptStatus and then pulses the line with
 ``InterruptLine.trigger()``: an irqfd write where the backend has irqfds, else a
 ``set_irq_line`` high-then-low. That is edge semantics, as Firecracker's ``IrqTrigger`` (the
@@ -64,7 +64,9 @@ from vmmkit.virtio.device import VIRTIO_F_RING_PACKED, VirtioDevice, VirtioInter
 from vmmkit.virtio.queue import Virtqueue
 
 if TYPE_CHECKING:
+    from vmmkit.device import PlacedDevice
     from vmmkit.eventloop import EventLoop
+    from vmmkit.firmware import AcpiScope, FdtWriter
     from vmmkit.irq import InterruptLine
     from vmmkit.memory import GuestMemory
 
@@ -348,6 +350,32 @@ class VirtioMmioTransport(Device):
 
     def firmware_properties(self) -> Mapping[str, Any]:
         return {"virtio_device_type": self.device.device_type}
+
+    def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
+        """``LNRO0005`` with the window and an edge-triggered interrupt, as Linux's
+        virtio_mmio driver matches it (drivers/virtio/virtio_mmio.c, ``virtio_mmio_acpi_match``)."""
+        from vmmkit.acpi import aml
+
+        if placed.mmio is None:
+            return
+        index = scope.next_index("virtio-mmio")
+        resources: list[aml.AmlObject] = [aml.Memory32Fixed(*placed.mmio)]
+        if placed.irq is not None:
+            resources.append(aml.Interrupt(placed.irq, edge=True, active_low=False))
+        scope.add(aml.simple_device(f"V{index:03X}", "LNRO0005", index, resources))
+
+    def describe_fdt(self, placed: PlacedDevice, fdt: FdtWriter) -> None:
+        """``virtio,mmio`` (Documentation/devicetree/bindings/virtio/mmio.yaml)."""
+        if placed.mmio is None:
+            return
+        base, size = placed.mmio
+        fdt.begin_node(f"virtio_mmio@{base:x}")
+        fdt.property_strings("compatible", "virtio,mmio")
+        fdt.property_reg(base, size)
+        if placed.irq is not None:
+            fdt.property_interrupt(placed.irq, edge=True)
+        fdt.property("dma-coherent", b"")
+        fdt.end_node()
 
     def describe(self) -> dict[str, Any]:
         return {

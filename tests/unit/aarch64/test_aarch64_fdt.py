@@ -10,21 +10,31 @@ import pytest
 from aarch64_helpers import placed
 from vmmkit_aarch64 import layout as L
 from vmmkit_aarch64.fdt import build_fdt
+from vmmkit_aarch64.psci import PsciPower
+from vmmkit_devices.debug.exit import DebugExit
+from vmmkit_devices.legacy.pl011 import Pl011
+from vmmkit_devices.legacy.rtc_pl031 import Pl031
 
 from vmmkit.aarch64 import mpidr_for
 from vmmkit.memory import MemoryRange
+from vmmkit.virtio.mmio import VirtioMmioTransport
 
 RAM = (MemoryRange(L.RAM_START, 256 << 20),)
 
 
+def bare(cls: type) -> object:
+    """An instance of a device class for its ``describe_fdt`` (which reads only ``placed``)."""
+    return object.__new__(cls)
+
+
 def devices() -> list:
     return [
-        placed("pl011", mmio=(0x0900_0000, 0x1000), irq=33),
-        placed("rtc-pl031", mmio=(0x0901_0000, 0x1000), irq=34),
-        placed("debug-exit", mmio=(0x0902_0000, 0x1000)),
-        placed("psci", mmio=(0x0903_0000, 0x1000)),
-        placed("virtio-mmio", mmio=(0x0A00_0000, 0x1000), irq=37),
-        placed("virtio-mmio", mmio=(0x0A00_1000, 0x1000), irq=38),
+        placed("pl011", mmio=(0x0900_0000, 0x1000), irq=33, device=bare(Pl011)),
+        placed("rtc-pl031", mmio=(0x0901_0000, 0x1000), irq=34, device=bare(Pl031)),
+        placed("debug-exit", mmio=(0x0902_0000, 0x1000), device=bare(DebugExit)),
+        placed("psci", mmio=(0x0903_0000, 0x1000), device=bare(PsciPower)),
+        placed("virtio-mmio", mmio=(0x0A00_0000, 0x1000), irq=37, device=bare(VirtioMmioTransport)),
+        placed("virtio-mmio", mmio=(0x0A00_1000, 0x1000), irq=38, device=bare(VirtioMmioTransport)),
     ]
 
 

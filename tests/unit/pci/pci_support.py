@@ -2,8 +2,7 @@
 
 - :class:`FakeVm` records ioeventfd, irqfd, MSI-route, MSI and IRQ-line calls and refuses what
   KVM refuses (a second ioeventfd on the same address, unregistering what is not registered).
-- :class:`FakeMachine` has the attributes ``vmmkit.pci`` uses of a Machine, with the Machine's
-  own ``allocate_irq`` / ``allocate_msi_gsi``.
+- :class:`FakeMachine` is a real device manager over the fake VM.
 - :class:`Driver` drives a virtio-pci function as drivers/virtio/virtio_pci_modern*.c does.
 - :class:`Guest` accesses the buses as a vCPU does (through the Machine's ``VcpuDispatch``, so
   unclaimed reads are all ones) and replays what Linux does: ``pci_check_type1``,
@@ -23,17 +22,18 @@ from typing import Any
 from attrs import define
 
 from vmmkit.arch import MemoryLayout
-from vmmkit.bus import Bus
+from vmmkit.config import VmConfig
 from vmmkit.device import DeviceRequest
+from vmmkit.device_manager import DeviceManager
 from vmmkit.errors import HypervisorError
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import Vcpu, VcpuOps, Vm
-from vmmkit.irq import GsiAllocator, GsiLine
-from vmmkit.machine import Machine, VcpuDispatch
+from vmmkit.machine import VcpuDispatch
 from vmmkit.memory import GuestMemory, MemoryRange
 from vmmkit.pci import config as c
 from vmmkit.pci import virtio as vp
 from vmmkit.pci.msix import CONTROL_ENABLE, CONTROL_FUNCTION_MASK
+from vmmkit.registry import Registries
 from vmmkit.virtio.device import VIRTIO_F_VERSION_1, ActivationContext, VirtioDevice
 
 MIB = 1 << 20
@@ -135,38 +135,20 @@ class FakeVm(Vm):
     def setup_interrupt_controller(self) -> None: ...
 
 
-class FakeMachine:
-    """What ``vmmkit.pci`` needs of a :class:`vmmkit.machine.Machine`, with its real IRQ and
-    MSI-GSI allocators (the same methods, bound to this object)."""
-
-    allocate_irq = Machine.allocate_irq
-    allocate_msi_gsi = Machine.allocate_msi_gsi
+class FakeMachine(DeviceManager):
+    """A real :class:`vmmkit.device_manager.DeviceManager` (buses, allocators, PCI segments)
+    over a recording :class:`FakeVm`, with a :class:`Guest` to access it as a vCPU does."""
 
     def __init__(self, vm: Vm, memory: GuestMemory, layout: MemoryLayout = LAYOUT) -> None:
-        self.vm = vm
-        self.memory = memory
-        self.layout = layout
-        self.mmio_bus = Bus("mmio")
-        self.pio_bus = Bus("pio")
-        self.event_loop = EventLoop(name="test-events")
-        self.devices: list[Any] = []
-        self.config = None
-        self._lock = threading.RLock()
-        first, last = layout.device_irqs
-        self._free_irqs = list(range(first, last + 1))
-        self._used_irqs: set[int] = set()
-        self._irq_lines: dict[int, GsiLine] = {}
-        self._msi_gsis = GsiAllocator(*layout.msi_gsis)
+        super().__init__(vm=vm, memory=memory, layout=layout, config=VmConfig(),
+                         event_loop=EventLoop(name="test-events"), registries=Registries(),
+                         context=None,  # type: ignore[arg-type]  # these tests place built devices
+                         virtio_transport="pci")
         self.guest = Guest(self)
 
     def close(self) -> None:
-        for placed in self.devices:
-            close = getattr(placed.device, "close", None)
-            if close is not None:
-                close()
+        super().close()
         self.event_loop.close()
-        for line in self._irq_lines.values():
-            line.close()
 
 
 # -- a fake virtio device ----------------------------------------------------------------
@@ -216,9 +198,10 @@ class FakeDevice(VirtioDevice):
         self.closed = True
 
 
-def virtio_request(device_id: str = "rng0", **config: Any) -> DeviceRequest:
-    settings = type("Settings", (), config)() if config else None
-    return DeviceRequest("rng", device_id, settings, transport="pci")
+def virtio_request(device_id: str = "rng0", *, pci_device_id: int | None = None,
+                   pci_segment: int = 0) -> DeviceRequest:
+    return DeviceRequest("rng", device_id, None, transport="pci", pci_segment=pci_segment,
+                         pci_slot=pci_device_id)
 
 
 # -- the guest's side ----------------------------------------------------------------------

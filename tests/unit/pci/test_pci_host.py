@@ -15,7 +15,7 @@ from vmmkit.memory import MemoryRange
 from vmmkit.pci import config as c
 from vmmkit.pci.config import BarKind, PciBar, PciConfigSpace
 from vmmkit.pci.function import BarRegion, PciFunction
-from vmmkit.pci.host import IntxPin, PciConfigIo, PciEcam, PciRoot, SharedIntx, pci_root
+from vmmkit.pci.host import IntxPin, PciConfigIo, PciEcam, PciRoot, SharedIntx
 
 
 class Recorder(PciFunction):
@@ -47,35 +47,32 @@ def region_at(machine: FakeMachine, addr: int, io: bool = False) -> object | Non
     return None if found is None else found[1]
 
 
-def test_root_is_created_once_and_described(machine: FakeMachine) -> None:
-    root = pci_root(machine)
-    assert root is not None
-    assert pci_root(machine) is root
-    assert machine.pci_root is root  # type: ignore[attr-defined]
+def test_root_is_created_once_and_placed(machine: FakeMachine) -> None:
+    assert machine.pci_segments == {}
+    root = machine.pci_segment()
+    assert machine.pci_segment() is root
+    assert machine.pci_segments == {0: root}
     hosts = [p for p in machine.devices if p.kind == "pci-host"]
     assert len(hosts) == 1
     host = hosts[0]
+    assert host.device is root and host.id == "_pci0" and host.transport == "pci"
     assert host.pio == (0xCF8, 8)
     assert host.mmio == (LAYOUT.pci_ecam.start, LAYOUT.pci_ecam.size)  # type: ignore[union-attr]
-    props = host.properties
-    assert props["segment"] == 0 and props["bus_range"] == (0, 0)
-    assert props["mmio32"] == (0xC000_0000, 0x1000_0000)
-    assert props["mmio64"] == (0x10_0000_0000, 0x10_0000_0000)
-    assert props["io"] == (0x1000, 0xF000)
+    assert root.segment == 0 and root.bus_range == (0, 0)
+    assert (root.mmio32, root.mmio64, root.io) == (LAYOUT.pci_mmio32, LAYOUT.pci_mmio64, LAYOUT.pio)
     assert isinstance(region_at(machine, 0xCF8, io=True), PciConfigIo)
     assert isinstance(region_at(machine, LAYOUT.pci_ecam.start), PciEcam)  # type: ignore[union-attr]
-    assert pci_root(make_plain(machine), create=False) is None
-
-
-def make_plain(machine: FakeMachine) -> FakeMachine:
-    return FakeMachine(machine.vm, machine.memory)
+    with pytest.raises(DeviceError, match="segment 1 does not exist"):
+        machine.pci_segment(1)
+    with pytest.raises(DeviceError, match="cannot be removed"):
+        machine.remove("_pci0")
 
 
 def test_no_port_window_means_no_cf8(make_machine: Callable[..., FakeMachine]) -> None:
     import attrs
 
     arm = make_machine(layout=attrs.evolve(LAYOUT, pio=None))
-    pci_root(arm)
+    arm.pci_segment()
     assert region_at(arm, 0xCF8, io=True) is None
     assert arm.devices[0].pio is None
 
@@ -83,11 +80,11 @@ def test_no_port_window_means_no_cf8(make_machine: Callable[..., FakeMachine]) -
 def test_layout_without_pci_is_refused(make_machine: Callable[..., FakeMachine]) -> None:
     bare = make_machine(layout=MemoryLayout(ram=LAYOUT.ram, device_mmio=LAYOUT.device_mmio))
     with pytest.raises(DeviceError):
-        pci_root(bare)
+        bare.pci_segment()
 
 
 def test_host_bridge_and_empty_slots(machine: FakeMachine) -> None:
-    pci_root(machine)
+    machine.pci_segment()
     guest = machine.guest
     for ecam in (False, True):
         host = guest.function(0, ecam=ecam)
@@ -104,7 +101,7 @@ def test_host_bridge_and_empty_slots(machine: FakeMachine) -> None:
 
 def test_linux_type1_detection(machine: FakeMachine) -> None:
     """arch/x86/pci/direct.c pci_check_type1 + pci_sanity_check."""
-    pci_root(machine)
+    machine.pci_segment()
     cpu = machine.guest.cpu
     cpu.pio_write(0xCFB, b"\x01")
     tmp = cpu.pio_read(0xCF8, 4)
@@ -116,7 +113,7 @@ def test_linux_type1_detection(machine: FakeMachine) -> None:
 
 
 def test_cf8_details(machine: FakeMachine) -> None:
-    pci_root(machine)
+    machine.pci_segment()
     cpu = machine.guest.cpu
     cpu.pio_write(0xCF8, (0x8000_0003).to_bytes(4, "little"))
     assert cpu.pio_read(0xCF8, 4) == (0x8000_0000).to_bytes(4, "little")  # bits 1:0 read as zero
@@ -132,7 +129,7 @@ def test_cf8_details(machine: FakeMachine) -> None:
 
 
 def test_both_mechanisms_give_the_same_answers(machine: FakeMachine) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     root.add_function(Recorder("a", PciBar(0, 0x1000, BarKind.MEM32), PciBar(2, 0x20, BarKind.IO)))
     guest = machine.guest
@@ -145,7 +142,7 @@ def test_both_mechanisms_give_the_same_answers(machine: FakeMachine) -> None:
 
 
 def test_slots(machine: FakeMachine) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     assert root.add_function(Recorder("a")) == 1
     assert root.add_function(Recorder("b"), 7) == 7
@@ -164,7 +161,7 @@ def test_slots(machine: FakeMachine) -> None:
 
 
 def test_bar_assignment_from_the_windows(machine: FakeMachine) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     fn = Recorder("a", PciBar(0, 0x4000, BarKind.MEM64), PciBar(2, 0x100, BarKind.MEM32),
                   PciBar(3, 0x40, BarKind.IO))
@@ -191,7 +188,7 @@ def test_64bit_bar_falls_back_to_the_32bit_window(make_machine: Callable[..., Fa
     import attrs
 
     small = make_machine(layout=attrs.evolve(LAYOUT, pci_mmio64=None))
-    root = pci_root(small)
+    root = small.pci_segment()
     assert root is not None
     root.add_function(Recorder("a", PciBar(0, 0x8_0000, BarKind.MEM64)))
     bar = small.guest.function(1).read_bases()[0]
@@ -203,7 +200,7 @@ def test_window_exhaustion_is_a_device_error(make_machine: Callable[..., FakeMac
 
     window = MemoryRange(0xC000_0000, 0x2000)
     tiny = make_machine(layout=attrs.evolve(LAYOUT, pci_mmio32=window, pci_mmio64=None))
-    root = pci_root(tiny)
+    root = tiny.pci_segment()
     assert root is not None
     root.add_function(Recorder("a", PciBar(0, 0x2000, BarKind.MEM32)))
     with pytest.raises(DeviceError, match="no room"):
@@ -215,7 +212,7 @@ def test_window_exhaustion_is_a_device_error(make_machine: Callable[..., FakeMac
 
 
 def test_sizing_does_not_move_anything(machine: FakeMachine) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     fn = Recorder("a", PciBar(0, 0x8_0000, BarKind.MEM64))
     root.add_function(fn)
@@ -227,7 +224,7 @@ def test_sizing_does_not_move_anything(machine: FakeMachine) -> None:
 
 
 def test_relocation_moves_the_bus_range(machine: FakeMachine) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     fn = Recorder("a", PciBar(0, 0x8_0000, BarKind.MEM64), PciBar(2, 0x1000, BarKind.MEM32),
                   PciBar(3, 0x20, BarKind.IO))
@@ -256,7 +253,7 @@ def test_relocation_moves_the_bus_range(machine: FakeMachine) -> None:
 
 
 def test_relocation_with_decoding_on_moves_at_each_write(machine: FakeMachine) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     fn = Recorder("a", PciBar(0, 0x1000, BarKind.MEM32))
     root.add_function(fn)
@@ -267,7 +264,7 @@ def test_relocation_with_decoding_on_moves_at_each_write(machine: FakeMachine) -
 
 
 def test_moving_onto_another_device_leaves_the_bar_unmapped(machine: FakeMachine) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     a, b = Recorder("a", PciBar(0, 0x1000, BarKind.MEM32)), Recorder("b", PciBar(0, 0x1000, BarKind.MEM32))
     root.add_function(a)
@@ -284,7 +281,7 @@ def test_moving_onto_another_device_leaves_the_bar_unmapped(machine: FakeMachine
 
 
 def test_reset_restores_power_on_placement(machine: FakeMachine) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     fn = Recorder("a", PciBar(0, 0x1000, BarKind.MEM32))
     root.add_function(fn)
@@ -298,7 +295,7 @@ def test_reset_restores_power_on_placement(machine: FakeMachine) -> None:
 
 
 def test_remove_function(machine: FakeMachine) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     fn = Recorder("a", PciBar(0, 0x1000, BarKind.MEM32))
     slot = root.add_function(fn)
@@ -314,7 +311,7 @@ def test_remove_function(machine: FakeMachine) -> None:
 
 
 def test_intx_lines_are_shared_and_level(machine: FakeMachine, vm: FakeVm) -> None:
-    root = pci_root(machine)
+    root = machine.pci_segment()
     assert root is not None
     vm.supports_irqfd = False
     pins: list[IntxPin] = []
@@ -341,7 +338,7 @@ def test_intx_without_free_lines(make_machine: Callable[..., FakeMachine]) -> No
     import attrs
 
     none_left = make_machine(layout=attrs.evolve(LAYOUT, device_irqs=(5, 4)))
-    root = pci_root(none_left)
+    root = none_left.pci_segment()
     assert root is not None
     fn = Recorder("a")
     root.add_function(fn)

@@ -36,8 +36,7 @@ from vmmkit.errors import DeviceError
 from vmmkit.memory import GuestMemory
 from vmmkit.pci import config as c
 from vmmkit.pci import virtio as vp
-from vmmkit.pci.host import pci_root
-from vmmkit.pci.virtio import VirtioPciDevice, attach_virtio_pci
+from vmmkit.pci.virtio import VirtioPciDevice
 from vmmkit.virtio.device import (
     VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
@@ -53,8 +52,7 @@ def device() -> FakeDevice:
 
 
 def attach(machine: FakeMachine, device: FakeDevice, **config: object) -> tuple[VirtioPciDevice, int]:
-    placed = attach_virtio_pci(machine, device, virtio_request(device.id, **config))
-    machine.devices.append(placed)
+    placed = machine.place(device, virtio_request(device.id, **config))  # type: ignore[arg-type]
     return placed.device, placed.properties["slot"]
 
 
@@ -62,7 +60,7 @@ def attach(machine: FakeMachine, device: FakeDevice, **config: object) -> tuple[
 
 
 def test_identity_and_placement(machine: FakeMachine, device: FakeDevice) -> None:
-    placed = attach_virtio_pci(machine, device, virtio_request("rng0"))
+    placed = machine.place(device, virtio_request("rng0"))
     assert placed.kind == "virtio-pci"
     assert placed.properties["bdf"] == "0000:00:01.0"
     assert placed.irq == placed.device.config.get(c.INTERRUPT_LINE, 1)
@@ -73,7 +71,7 @@ def test_identity_and_placement(machine: FakeMachine, device: FakeDevice) -> Non
     assert fn.read8(c.INTERRUPT_PIN) == 1
     hosts = [p for p in machine.devices if p.kind == "pci-host"]
     assert len(hosts) == 1
-    assert hosts[0].properties["intx"] == ((1, 1, placed.irq),)
+    assert machine.pci_segment().intx_routes() == ((1, 1, placed.irq),)
 
 
 def test_second_device_and_requested_slot(machine: FakeMachine) -> None:
@@ -83,13 +81,13 @@ def test_second_device_and_requested_slot(machine: FakeMachine) -> None:
     assert (first, second, third) == (1, 9, 2)
     assert len([p for p in machine.devices if p.kind == "pci-host"]) == 1
     with pytest.raises(DeviceError):
-        attach_virtio_pci(machine, FakeDevice("d"), virtio_request("d", pci_device_id=9))
+        machine.place(FakeDevice("d"), virtio_request("d", pci_device_id=9))
     with pytest.raises(DeviceError, match="segment"):
-        attach_virtio_pci(machine, FakeDevice("e"), virtio_request("e", pci_segment=1))
+        machine.place(FakeDevice("e"), virtio_request("e", pci_segment=1))
     with pytest.raises(DeviceError, match="VERSION_1"):
-        attach_virtio_pci(machine, FakeDevice("f", offered=1), virtio_request("f"))
+        machine.place(FakeDevice("f", offered=1), virtio_request("f"))
     with pytest.raises(DeviceError, match="power of two"):
-        attach_virtio_pci(machine, FakeDevice("g", sizes=(100,)), virtio_request("g"))
+        machine.place(FakeDevice("g", sizes=(100,)), virtio_request("g"))
 
 
 @pytest.mark.parametrize("ecam", [False, True])
@@ -364,7 +362,7 @@ def test_bar_relocation_moves_ioeventfds(machine: FakeMachine, device: FakeDevic
     assert sorted(addr for addr, _ in vm.ioeventfds) == [new + 0x6000, new + 0x6004]
     assert machine.mmio_bus.lookup(old) is None
     assert machine.guest.read(new + vp.NUM_QUEUES, 2) == 2
-    pci_root(machine).remap(transport)  # type: ignore[union-attr]  # idempotent
+    machine.pci_segment().remap(transport)  # type: ignore[union-attr]  # idempotent
     assert len(vm.ioeventfds) == 2
 
 
@@ -539,7 +537,7 @@ def test_hostile_bar_accesses_never_raise(memory: GuestMemory, random_ops: list[
     machine = FakeMachine(vm, memory)
     try:
         device = FakeDevice(sizes=(8, 4))
-        placed = attach_virtio_pci(machine, device, virtio_request("h"))
+        placed = machine.place(device, virtio_request("h"))
         transport = placed.device
         base = transport.config.bar_address(0)
         cpu = machine.guest.cpu
@@ -563,7 +561,7 @@ def test_hostile_bar_accesses_never_raise(memory: GuestMemory, random_ops: list[
 def test_hostile_config_writes_never_raise(memory: GuestMemory, ops: list[tuple[int, int, int]]) -> None:
     machine = FakeMachine(FakeVm(), memory)
     try:
-        attach_virtio_pci(machine, FakeDevice(sizes=(8,)), virtio_request("h"))
+        machine.place(FakeDevice(sizes=(8,)), virtio_request("h"))
         ecam = machine.guest.ecam
         for offset, size, value in ops:
             ecam.write(0, 1, 0, offset, size, value & ((1 << (8 * size)) - 1))
@@ -577,8 +575,7 @@ def test_every_offset_and_size(machine: FakeMachine) -> None:
     """A sweep rather than a sample: every configuration-space offset through ECAM and
     0xCF8/0xCFC, and every BAR offset around each structure plus a stride over the whole BAR,
     with every access size, read and written with all ones."""
-    placed = attach_virtio_pci(machine, FakeDevice(sizes=(8, 8, 8)), virtio_request("sweep"))
-    machine.devices.append(placed)
+    placed = machine.place(FakeDevice(sizes=(8, 8, 8)), virtio_request("sweep"))
     transport = placed.device
     guest = machine.guest
     sizes = (1, 2, 3, 4, 8)

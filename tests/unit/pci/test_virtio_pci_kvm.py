@@ -36,7 +36,6 @@ from vmmkit.hypervisor import ExitReason
 from vmmkit.machine import VcpuDispatch
 from vmmkit.memory import GuestMemory, MemoryRange
 from vmmkit.pci import config as c
-from vmmkit.pci.virtio import attach_virtio_pci
 from vmmkit.virtio.device import VIRTIO_F_VERSION_1, ActivationContext, VirtioInterruptType
 
 pytestmark = pytest.mark.requires_kvm
@@ -157,8 +156,7 @@ def test_kick_by_ioeventfd_and_msix_by_irqfd_on_kvm(kvm_vm: Any) -> None:
     try:
         assert kvm_vm.supports_ioeventfd and kvm_vm.supports_irqfd
         device = Rng(sizes=(8,), offered=VIRTIO_F_VERSION_1)
-        placed = attach_virtio_pci(machine, device, virtio_request("rng0"))
-        machine.devices.append(placed)
+        placed = machine.place(device, virtio_request("rng0"))
         transport = placed.device
         slot = placed.properties["slot"]
         # the driver's set-up, through the same bus paths a guest's exits take

@@ -25,7 +25,6 @@ import pytest
 from pci_support import FakeDevice, FakeMachine, FakeVm, pci_size, virtio_request, wait_for
 
 from vmmkit.memory import GuestMemory
-from vmmkit.pci.virtio import attach_virtio_pci
 from vmmkit.virtio.device import VIRTIO_F_VERSION_1, ActivationContext, VirtioInterruptType
 
 pytestmark = pytest.mark.requires_qemu
@@ -146,9 +145,8 @@ class VmmkitPlatform:
         memory.write(DESC, ring_image())
         self.machine = FakeMachine(FakeVm(), memory)
         self.machine.event_loop.start()
-        self.machine.devices.append(attach_virtio_pci(
-            self.machine, Rng("rng0", sizes=(8,), offered=VIRTIO_F_VERSION_1),
-            virtio_request("rng0", pci_device_id=SLOT)))
+        self.machine.place(Rng("rng0", sizes=(8,), offered=VIRTIO_F_VERSION_1),
+                           virtio_request("rng0", pci_device_id=SLOT))
         self.cpu = self.machine.guest.cpu
         self.memory = memory
 

@@ -1,12 +1,11 @@
-"""attach_virtio: transport choice, placement in the device MMIO window, interrupts and
-ioeventfds, and a request served end to end through a real Machine's bus and event loop."""
+"""The device manager's virtio-mmio transport: transport choice, placement in the device MMIO
+window, interrupts and ioeventfds, removal, and a request served end to end through the
+manager's real bus and event loop."""
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,17 +13,16 @@ import pytest
 from vq_driver import FakeDevice, FakeDriver, FakeVm
 
 from vmmkit.arch import MemoryLayout
-from vmmkit.config import PlatformConfig, VmConfig
+from vmmkit.config import VmConfig
 from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit.device_manager import DeviceManager
 from vmmkit.errors import DeviceError
-from vmmkit.machine import Machine
+from vmmkit.eventloop import EventLoop
 from vmmkit.memory import GuestMemory, MemoryRange
-from vmmkit.plugin import make_plugin_manager
 from vmmkit.registry import Registries
 from vmmkit.virtio import mmio as m
 from vmmkit.virtio.chain import VirtqueueError
 from vmmkit.virtio.device import VIRTIO_F_VERSION_1, ActivationContext, VirtioInterruptType
-from vmmkit.virtio.transport import attach_virtio, default_transport, device_mmio_allocator
 
 WINDOW = MemoryRange(0xD000_0000, 0x10_0000)
 MIB = 1 << 20
@@ -35,51 +33,76 @@ class ClosableVm(FakeVm):
         pass
 
 
-def build_machine(transport: str | None = "mmio", ioeventfd: bool = True) -> Machine:
-    platform = PlatformConfig(virtio_transport=transport) if transport else None
-    machine = Machine(VmConfig(platform=platform), registries=Registries(),
-                      plugin_manager=make_plugin_manager(autoload=False))
-    machine.layout = MemoryLayout(ram=(MemoryRange(0, 4 * MIB),), device_mmio=WINDOW)
-    machine.memory = GuestMemory.allocate(machine.layout.ram)
-    machine.vm = ClosableVm(ioeventfd)  # type: ignore[assignment]
-    machine._free_irqs = list(range(5, 24))
-    return machine
+def build_manager(transport: str = "mmio", ioeventfd: bool = True) -> DeviceManager:
+    layout = MemoryLayout(ram=(MemoryRange(0, 4 * MIB),), device_mmio=WINDOW)
+    return DeviceManager(
+        vm=ClosableVm(ioeventfd),  # type: ignore[arg-type]
+        memory=GuestMemory.allocate(layout.ram), layout=layout, config=VmConfig(),
+        event_loop=EventLoop(), registries=Registries(),
+        context=None,  # type: ignore[arg-type]  # these tests place built devices
+        virtio_transport=transport,
+    )
+
+
+def close_manager(manager: DeviceManager) -> None:
+    manager.close()
+    manager.event_loop.close()
+    manager.memory.close()
 
 
 @pytest.fixture
-def machine() -> Iterator[Machine]:
-    machine = build_machine()
-    yield machine
-    for placed in machine.devices:
-        placed.device.close()
-    machine.devices.clear()
-    machine.close()
+def machine() -> Iterator[DeviceManager]:
+    manager = build_manager()
+    yield manager
+    close_manager(manager)
 
 
-def place(machine: Machine, device: Any, **request: Any) -> PlacedDevice:
-    placed = machine._place(device, DeviceRequest("fake", device.id, **request))
-    machine.devices.append(placed)
-    return placed
+def place(manager: DeviceManager, device: Any, **request: Any) -> PlacedDevice:
+    return manager.place(device, DeviceRequest("fake", device.id, **request))
 
 
-def test_default_transport_comes_from_the_platform() -> None:
-    assert default_transport(VmConfig()) == "pci"
-    assert default_transport(VmConfig(platform=PlatformConfig(virtio_transport="mmio"))) == "mmio"
-    assert default_transport(object()) == "pci"
-
-
-def test_mmio_placement(machine: Machine) -> None:
+def test_mmio_placement(machine: DeviceManager) -> None:
     first = place(machine, FakeDevice("a"))
     second = place(machine, FakeDevice("b"))
     assert first.kind == "virtio-mmio" and isinstance(first.device, m.VirtioMmioTransport)
+    assert first.transport == "virtio-mmio"
     assert first.mmio == (WINDOW.start, 0x1000) and second.mmio == (WINDOW.start + 0x1000, 0x1000)
     assert (first.irq, second.irq) == (5, 6)
-    assert first.properties == {"virtio_device_type": 4}
+    assert first.properties["virtio_device_type"] == 4
     assert machine.mmio_bus.read(WINDOW.start + 0x1000, 4) == b"virt"
-    assert device_mmio_allocator(machine) is machine.device_mmio_allocator  # type: ignore[attr-defined]
 
 
-def test_the_request_chooses_the_transport_and_placement(machine: Machine) -> None:
+def test_the_default_virtio_transport_is_the_managers() -> None:
+    for name, expected in (("mmio", "virtio-mmio"), ("virtio-mmio", "virtio-mmio"), ("pci", "virtio-pci")):
+        manager = build_manager(transport=name)
+        try:
+            assert manager.transport_for(FakeDevice(), DeviceRequest("fake", "x")).name == expected
+        finally:
+            close_manager(manager)
+
+
+def test_removal_frees_the_window_and_the_line(machine: DeviceManager) -> None:
+    first = place(machine, FakeDevice("a"))
+    place(machine, FakeDevice("b"))
+    vm: FakeVm = machine.vm  # type: ignore[assignment]
+    assert vm.ioeventfds
+    removed = machine.remove("a")
+    assert removed is first and "a" not in machine and [p.id for p in machine.devices] == ["b"]
+    assert machine.mmio_bus.read(WINDOW.start, 4) is None  # off the bus
+    assert all(addr != WINDOW.start + m.QUEUE_NOTIFY for addr, _ in vm.ioeventfds)
+    again = place(machine, FakeDevice("c"))
+    assert again.mmio == first.mmio and again.irq == first.irq  # both reusable
+    with pytest.raises(DeviceError, match="no device with id 'a'"):
+        machine.remove("a")
+
+
+def test_ids_are_unique(machine: DeviceManager) -> None:
+    place(machine, FakeDevice("a"))
+    with pytest.raises(DeviceError, match="'a' already exists"):
+        place(machine, FakeDevice("a"))
+
+
+def test_the_request_chooses_the_transport_and_placement(machine: DeviceManager) -> None:
     placed = place(machine, FakeDevice("fixed"), transport="mmio", mmio=(WINDOW.start + 0x8000, 0x1000),
                    irq=11)
     assert placed.mmio == (WINDOW.start + 0x8000, 0x1000) and placed.irq == 11
@@ -87,13 +110,13 @@ def test_the_request_chooses_the_transport_and_placement(machine: Machine) -> No
     assert following.mmio is not None and following.mmio[0] == WINDOW.start
 
 
-def test_ranges_already_on_the_bus_are_skipped(machine: Machine) -> None:
+def test_ranges_already_on_the_bus_are_skipped(machine: DeviceManager) -> None:
     machine.mmio_bus.insert(object(), WINDOW.start, 0x2000)  # type: ignore[arg-type]
     placed = place(machine, FakeDevice())
     assert placed.mmio == (WINDOW.start + 0x2000, 0x1000)
 
 
-def test_ioeventfds_on_queue_notify(machine: Machine) -> None:
+def test_ioeventfds_on_queue_notify(machine: DeviceManager) -> None:
     placed = place(machine, FakeDevice(sizes=(4, 4, 4)))
     vm: FakeVm = machine.vm  # type: ignore[assignment]
     notify = WINDOW.start + m.QUEUE_NOTIFY
@@ -108,7 +131,7 @@ def test_ioeventfds_on_queue_notify(machine: Machine) -> None:
     assert vm.ioeventfds == {}
 
 
-def test_without_ioeventfds_the_transport_signals(machine: Machine) -> None:
+def test_without_ioeventfds_the_transport_signals(machine: DeviceManager) -> None:
     machine.vm.supports_ioeventfd = False  # type: ignore[union-attr]
     placed = place(machine, FakeDevice())
     transport: m.VirtioMmioTransport = placed.device
@@ -117,39 +140,24 @@ def test_without_ioeventfds_the_transport_signals(machine: Machine) -> None:
     assert transport.counters()["notifications_trapped"] == 1
 
 
-def test_interrupts_reach_the_allocated_line(machine: Machine) -> None:
+def test_interrupts_reach_the_allocated_line(machine: DeviceManager) -> None:
     placed = place(machine, FakeDevice())
     placed.device.raise_interrupt(m.INT_VRING)
     assert machine.vm.lines == [(5, True), (5, False)]  # type: ignore[union-attr]
 
 
-def test_unknown_transport(machine: Machine) -> None:
-    with pytest.raises(DeviceError, match="unknown virtio transport 'ccw'"):
+def test_unknown_transport(machine: DeviceManager) -> None:
+    known = r"known: virtio-mmio \(mmio\), virtio-pci \(pci\)"
+    with pytest.raises(DeviceError, match=rf"unknown virtio transport 'ccw' \({known}\)"):
         place(machine, FakeDevice(), transport="ccw")
 
 
-def test_pci_without_the_pci_transport(machine: Machine, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "vmmkit.pci.virtio", None)
-    with pytest.raises(DeviceError, match="vmmkit.pci.virtio"):
-        place(machine, FakeDevice(), transport="pci")
+def test_a_transport_of_another_family_is_refused(machine: DeviceManager) -> None:
+    with pytest.raises(DeviceError, match="unknown virtio transport 'platform'"):
+        place(machine, FakeDevice(), transport="platform")
 
 
-def test_pci_is_delegated(machine: Machine, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[Any, ...]] = []
-    fake = types.ModuleType("vmmkit.pci.virtio")
-
-    def attach_virtio_pci(machine: Machine, device: Any, request: DeviceRequest) -> PlacedDevice:
-        calls.append((machine, device, request))
-        return PlacedDevice(device, request, "virtio-pci")
-
-    fake.attach_virtio_pci = attach_virtio_pci  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vmmkit.pci.virtio", fake)
-    device = FakeDevice()
-    placed = attach_virtio(machine, device, DeviceRequest("fake", "p", transport="pci"))
-    assert placed.kind == "virtio-pci" and calls and calls[0][1] is device
-
-
-def test_machine_reset_resets_the_transport(machine: Machine) -> None:
+def test_machine_reset_resets_the_transport(machine: DeviceManager) -> None:
     device = FakeDevice()
     placed = place(machine, device)
     placed.device.write(m.STATUS, m.ACKNOWLEDGE.to_bytes(4, "little"))
@@ -195,7 +203,7 @@ class ReverseDevice(FakeDevice):
 
 @pytest.mark.parametrize("ioeventfd", [True, False], ids=["ioeventfd", "trapped"])
 def test_a_request_end_to_end(ioeventfd: bool) -> None:
-    machine = build_machine(ioeventfd=ioeventfd)
+    machine = build_manager(ioeventfd=ioeventfd)
     try:
         device = ReverseDevice()
         placed = place(machine, device)
@@ -249,7 +257,4 @@ def test_a_request_end_to_end(ioeventfd: bool) -> None:
         w(m.STATUS, 0)
         assert r(m.STATUS) == 0 and device.broken is None
     finally:
-        for placed in machine.devices:
-            placed.device.close()
-        machine.devices.clear()
-        machine.close()
+        close_manager(machine)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from vmmkit_x86_64 import platform as P
 from vmmkit_x86_64.acpi import build_acpi
-from vmmkit_x86_64.acpi.aml import Field, OpRegion
 from vmmkit_x86_64.layout import memory_layout
 from x86_helpers import pc_devices, placed, run
+
+from vmmkit.acpi.aml import Field, OpRegion
 
 GED = placed("acpi-ged", mmio=(P.ACPI_GED_ADDRESS, P.ACPI_GED_SIZE), irq=P.ACPI_GED_IRQ)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vmmkit_x86_64.acpi import aml, tables
+from vmmkit_x86_64.acpi import tables
 from x86_helpers import run
+
+from vmmkit.acpi import aml
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from vmmkit.bus import Bus
 from vmmkit.config import CpusConfig, MemoryConfig, PayloadConfig, VmConfig
-from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit.device import DeviceRequest, ManagedDevice, PlacedDevice
+from vmmkit.memory import MemoryRange
+from vmmkit.pci.host import PciRoot
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 GUEST_BUILD = REPO_ROOT / "tests" / "guests" / "build" / "x86_64"
@@ -34,17 +37,62 @@ def make_config(
     )
 
 
+class _Undescribed(ManagedDevice):
+    """A device of a kind nothing knows, that says nothing of itself."""
+
+
+def _device_class(kind: str) -> type:
+    from vmmkit_devices.acpi.ged import AcpiGed
+    from vmmkit_devices.acpi.pm import AcpiPm
+    from vmmkit_devices.debug.port80 import DebugPort
+    from vmmkit_devices.debug.pvpanic import PvPanic
+    from vmmkit_devices.legacy.i8042 import I8042
+    from vmmkit_devices.legacy.rtc import CmosRtc
+    from vmmkit_devices.legacy.serial import Serial16550
+
+    from vmmkit.virtio.mmio import VirtioMmioTransport
+
+    classes: dict[str, type] = {
+        "serial-16550": Serial16550, "rtc-cmos": CmosRtc, "i8042": I8042, "debug-port": DebugPort,
+        "acpi-pm": AcpiPm, "acpi-ged": AcpiGed, "pvpanic": PvPanic, "virtio-mmio": VirtioMmioTransport,
+    }
+    return classes.get(kind, _Undescribed)
+
+
 def placed(
     kind: str,
     *,
     pio: tuple[int, int] | None = None,
     mmio: tuple[int, int] | None = None,
     irq: int | None = None,
+    device: Any = None,
     **properties: Any,
 ) -> PlacedDevice:
+    """A placed device of ``kind``: an instance of the real class (built without its
+    ``__init__``: firmware description reads only ``placed``), unless ``device`` is given."""
+    if device is None:
+        device = object.__new__(_device_class(kind))
     return PlacedDevice(
-        None, DeviceRequest(kind, f"_{kind}"), kind, pio=pio, mmio=mmio, irq=irq, properties=properties
+        device, DeviceRequest(kind, f"_{kind}"), kind, pio=pio, mmio=mmio, irq=irq, properties=properties
     )
+
+
+class _RootWithRoutes(PciRoot):
+    def __init__(self, routes: tuple[tuple[int, int, int], ...], **windows: Any) -> None:
+        super().__init__(mmio_bus=Bus("mmio"), pio_bus=Bus("pio"), **windows)
+        self._routes = routes
+
+    def intx_routes(self) -> tuple[tuple[int, int, int], ...]:
+        return self._routes
+
+
+def pci_host(routes: tuple[tuple[int, int, int], ...] = ((1, 1, 10), (2, 1, 11))) -> PlacedDevice:
+    """A segment-0 root complex as the device manager places it, with these INTx routes."""
+    root = _RootWithRoutes(
+        routes, ecam=MemoryRange(0xE800_0000, 256 << 20), mmio32=MemoryRange(0xC800_0000, 512 << 20),
+        mmio64=MemoryRange(0x1_C000_0000, 64 << 30), io=MemoryRange(0x1000, 0xF000),
+    )
+    return placed("pci-host", pio=(0xCF8, 8), mmio=(0xE800_0000, 256 << 20), device=root)
 
 
 def pc_devices() -> list[PlacedDevice]:
@@ -57,19 +105,7 @@ def pc_devices() -> list[PlacedDevice]:
         placed("acpi-pm", pio=(0x600, 8), irq=9),
         placed("virtio-mmio", mmio=(0xC000_0000, 0x1000), irq=5),
         placed("virtio-mmio", mmio=(0xC000_1000, 0x1000), irq=6),
-        placed(
-            "pci-host",
-            pio=(0xCF8, 8),
-            mmio=(0xE800_0000, 256 << 20),
-            # As vmmkit.pci.host.host_properties() reports them.
-            segment=0,
-            bus_range=(0, 0),
-            ecam=(0xE800_0000, 256 << 20),
-            mmio32=(0xC800_0000, 512 << 20),
-            mmio64=(0x1_C000_0000, 64 << 30),
-            io=(0x1000, 0xF000),
-            intx=((1, 1, 10), (2, 1, 11)),
-        ),
+        pci_host(),
         placed("something-new", pio=(0x510, 2)),
     ]
 

@@ -11,9 +11,10 @@ Nodes, in the order written::
     /intc@8000000     GICv3: distributor + redistributors for every vCPU (the emu backend
                       delivers no interrupts; the node is there for KVM and for Linux)
     /apb-pclk         the fixed 24 MHz clock PL011/PL031 name
-    /pl011@9000000, /pl031@9010000, /virtio_mmio@..., /debug-exit@9020000
-                      one node per placed device of kind "pl011", "rtc-pl031",
-                      "virtio-mmio", "debug-exit"; other kinds are not described
+    /<device>@<base>  whatever each placed device writes of itself
+                      (:meth:`vmmkit.device.ManagedDevice.describe_fdt`, through
+                      :class:`FdtNodeWriter`), in address order: the PL011 (which makes
+                      itself ``/chosen/stdout-path``), the PL031, virtio-mmio windows, ...
 
 ``interrupts`` use three cells (type, number, flags): type 0 = SPI (number = GSI - 32),
 type 1 = PPI; flags 4 = level-high, 1 = edge-rising.
@@ -26,7 +27,7 @@ from typing import Final
 
 import libfdt
 
-from vmmkit.device import PlacedDevice
+from vmmkit.device import ManagedDevice, PlacedDevice
 from vmmkit.memory import MemoryRange
 from vmmkit_aarch64 import layout as L
 
@@ -58,6 +59,46 @@ def _spi(gsi: int, flags: int) -> bytes:
     return _cells(GIC_SPI, gsi - L.SPI_BASE, flags)
 
 
+class FdtNodeWriter:
+    """The :class:`vmmkit.firmware.FdtWriter` devices write their nodes with: ``FdtSw`` plus
+    the encodings of this platform (GICv3 SPIs, the 24 MHz APB clock, 2+2 address cells)."""
+
+    def __init__(self, sw: libfdt.FdtSw) -> None:
+        self._sw = sw
+        self.stdout_path: str | None = None
+
+    def begin_node(self, name: str) -> None:
+        self._sw.begin_node(name)
+
+    def end_node(self) -> None:
+        self._sw.end_node()
+
+    def property(self, name: str, value: bytes) -> None:
+        self._sw.property(name, value)
+
+    def property_string(self, name: str, value: str) -> None:
+        self._sw.property_string(name, value)
+
+    def property_strings(self, name: str, *values: str) -> None:
+        self._sw.property(name, _strings(*values))
+
+    def property_u32(self, name: str, value: int) -> None:
+        self._sw.property_u32(name, value)
+
+    def property_reg(self, start: int, size: int) -> None:
+        self._sw.property("reg", _reg(start, size))
+
+    def property_interrupt(self, irq: int, *, edge: bool) -> None:
+        self._sw.property("interrupts", _spi(irq, IRQ_EDGE_RISING if edge else IRQ_LEVEL_HIGH))
+
+    def property_clocks(self, *names: str) -> None:
+        self._sw.property("clocks", _cells(*(PHANDLE_CLOCK for _ in names)))
+        self._sw.property("clock-names", _strings(*names))
+
+    def set_stdout(self, path: str) -> None:
+        self.stdout_path = path
+
+
 def build_fdt(
     *,
     ram: Sequence[MemoryRange],
@@ -68,7 +109,8 @@ def build_fdt(
     cpu_compatible: str = "arm,arm-v8",
 ) -> bytes:
     """The DTB for a VM with ``ram``, vCPUs with affinities ``mpidrs`` and ``devices``."""
-    uart = next((d for d in devices if d.kind == "pl011" and d.mmio is not None), None)
+    ordered = sorted((d for d in devices if isinstance(d.device, ManagedDevice)),
+                     key=lambda d: d.mmio[0] if d.mmio else 0)
     sw = libfdt.FdtSw()
     sw.finish_reservemap()
     sw.begin_node("")
@@ -80,8 +122,9 @@ def build_fdt(
 
     sw.begin_node("chosen")
     sw.property_string("bootargs", cmdline)
-    if uart is not None and uart.mmio is not None:
-        sw.property_string("stdout-path", f"/pl011@{uart.mmio[0]:x}")
+    stdout = _stdout_path(ordered)
+    if stdout is not None:
+        sw.property_string("stdout-path", stdout)
     if initrd is not None:
         sw.property_u64("linux,initrd-start", initrd.start)
         sw.property_u64("linux,initrd-end", initrd.end)
@@ -139,41 +182,9 @@ def build_fdt(
     sw.property_u32("phandle", PHANDLE_CLOCK)
     sw.end_node()
 
-    for placed in sorted(devices, key=lambda d: d.mmio[0] if d.mmio else 0):
-        if placed.mmio is None:
-            continue
-        base, size = placed.mmio
-        if placed.kind == "pl011":
-            sw.begin_node(f"pl011@{base:x}")
-            sw.property("compatible", _strings("arm,pl011", "arm,primecell"))
-            sw.property("reg", _reg(base, size))
-            if placed.irq is not None:
-                sw.property("interrupts", _spi(placed.irq, IRQ_LEVEL_HIGH))
-            sw.property("clocks", _cells(PHANDLE_CLOCK, PHANDLE_CLOCK))
-            sw.property("clock-names", _strings("uartclk", "apb_pclk"))
-            sw.end_node()
-        elif placed.kind == "rtc-pl031":
-            sw.begin_node(f"pl031@{base:x}")
-            sw.property("compatible", _strings("arm,pl031", "arm,primecell"))
-            sw.property("reg", _reg(base, size))
-            if placed.irq is not None:
-                sw.property("interrupts", _spi(placed.irq, IRQ_LEVEL_HIGH))
-            sw.property("clocks", _cells(PHANDLE_CLOCK))
-            sw.property("clock-names", _strings("apb_pclk"))
-            sw.end_node()
-        elif placed.kind == "virtio-mmio":
-            sw.begin_node(f"virtio_mmio@{base:x}")
-            sw.property("compatible", _strings("virtio,mmio"))
-            sw.property("reg", _reg(base, size))
-            if placed.irq is not None:
-                sw.property("interrupts", _spi(placed.irq, IRQ_EDGE_RISING))
-            sw.property("dma-coherent", b"")
-            sw.end_node()
-        elif placed.kind == "debug-exit":
-            sw.begin_node(f"debug-exit@{base:x}")
-            sw.property("compatible", _strings("vmmkit,debug-exit"))
-            sw.property("reg", _reg(base, size))
-            sw.end_node()
+    writer = FdtNodeWriter(sw)
+    for placed in ordered:
+        placed.device.describe_fdt(placed, writer)
 
     sw.end_node()
     fdt = sw.as_fdt()
@@ -182,3 +193,15 @@ def build_fdt(
     if len(blob) > L.FDT_MAX_SIZE:
         raise ValueError(f"the device tree is {len(blob)} bytes, more than the 2 MiB the boot protocol allows")
     return blob
+
+
+def _stdout_path(devices: Sequence[PlacedDevice]) -> str | None:
+    """The node a device names as the console: the nodes are written after ``/chosen``, so a
+    first pass into a scratch tree asks each device (cheap: a few nodes)."""
+    scratch = libfdt.FdtSw()
+    scratch.finish_reservemap()
+    scratch.begin_node("")
+    writer = FdtNodeWriter(scratch)
+    for placed in devices:
+        placed.device.describe_fdt(placed, writer)
+    return writer.stdout_path

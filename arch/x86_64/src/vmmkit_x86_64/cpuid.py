@@ -57,9 +57,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from vmmkit.errors import CapabilityError
+from vmmkit.value import Value
 from vmmkit.x86 import CPUID_FLAG_SIGNIFICANT_INDEX, CpuIdEntry
 from vmmkit_x86_64.topology import Topology
-from vmmkit_x86_64.value import Value
 
 REGISTERS: Final = ("eax", "ebx", "ecx", "edx")
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Final
 
 from vmmkit.arch import MemoryLayout
+from vmmkit.value import Value
 from vmmkit_x86_64 import layout as L
-from vmmkit_x86_64.value import Value
 
 E820_RAM: Final = 1
 E820_RESERVED: Final = 2

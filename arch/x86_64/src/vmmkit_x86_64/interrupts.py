@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from vmmkit_x86_64.value import Value
+from vmmkit.value import Value
 
 #: MPS INTI flags (MADT and MP table alike): polarity bits 0-1 (1 high, 3 low), trigger bits
 #: 2-3 (1 edge, 3 level); 0 means "conforms to the bus" (ISA: edge, active high).

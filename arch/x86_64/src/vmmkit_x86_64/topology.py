@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmmkit_x86_64.value import Value
+from vmmkit.value import Value
 
 if TYPE_CHECKING:
     from vmmkit.config import CpusConfig

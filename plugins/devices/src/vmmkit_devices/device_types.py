@@ -14,9 +14,9 @@ Serial16550Type`` works), so a type's documentation lives with its device.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vmmkit.device import DeviceRequest, DeviceType
+from vmmkit.device import DeviceRequest, DeviceType, section_id
 from vmmkit_devices.console.mode import console_mode
 
 if TYPE_CHECKING:
@@ -164,8 +164,7 @@ class VirtioBlockType(DeviceType):
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
-        return [DeviceRequest(cls.name, disk.id or f"_disk{index}", disk, transport=disk.transport)
-                for index, disk in enumerate(config.assign_ids().disks) if not disk.vhost_user]
+        return [_virtio_request(cls.name, disk, section_id(disk)) for disk in config.disks if not disk.vhost_user]
 
     implementation: ClassVar[str] = "vmmkit_devices.virtio.block"
 
@@ -178,8 +177,7 @@ class VirtioNetType(DeviceType):
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
-        return [DeviceRequest(cls.name, net.id or f"_net{index}", net, transport=net.transport)
-                for index, net in enumerate(config.assign_ids().net) if not net.vhost_user]
+        return [_virtio_request(cls.name, net, section_id(net)) for net in config.net if not net.vhost_user]
 
     implementation: ClassVar[str] = "vmmkit_devices.virtio.net"
 
@@ -195,7 +193,7 @@ class VirtioConsoleType(DeviceType):
         console = config.console
         if console_mode(console, default="Off") == "Off":
             return []
-        return [DeviceRequest(cls.name, console.id or "__console", console, transport=console.transport)]
+        return [_virtio_request(cls.name, console, console.id or "__console")]
 
     implementation: ClassVar[str] = "vmmkit_devices.virtio.console"
 
@@ -209,6 +207,13 @@ class VirtioRngType(DeviceType):
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
         rng = config.rng
-        return [DeviceRequest(cls.name, rng.id or "__rng", rng, transport=rng.transport)]
+        return [_virtio_request(cls.name, rng, rng.id or "__rng")]
 
     implementation: ClassVar[str] = "vmmkit_devices.virtio.rng"
+
+
+def _virtio_request(type_name: str, section: Any, device_id: str) -> DeviceRequest:
+    """The request for a virtio device of a configuration section with Cloud Hypervisor's
+    placement fields (``pci_segment``, ``pci_device_id``) and vmmkit's ``transport``."""
+    return DeviceRequest(type_name, device_id, section, transport=section.transport,
+                         pci_segment=section.pci_segment, pci_slot=section.pci_device_id)

@@ -144,7 +144,9 @@ def test_requests_follow_the_config(image: Path) -> None:
     config = VmConfig(disks=[DiskConfig(path=str(image)), DiskConfig(path=str(image), id="data", transport="mmio"),
                              DiskConfig(vhost_user=True, vhost_socket="/tmp/x.sock")],
                       memory=MemoryConfig(size=1 << 30, shared=True))
-    requests = VirtioBlockType.requests(config)
+    with pytest.raises(TypeError, match="assign_ids"):  # ids come from the entry point, once
+        VirtioBlockType.requests(config)
+    requests = VirtioBlockType.requests(config.assign_ids())
     assert [(r.type, r.id, r.transport) for r in requests] == [("virtio-blk", "_disk0", None),
                                                               ("virtio-blk", "data", "mmio")]
     assert requests[0].config.path == str(image)

@@ -257,7 +257,7 @@ def test_config_mapping_and_refusals() -> None:
     config = VmConfig(net=[NetConfig(tap="a"), NetConfig(tap="b", id="lan", transport="mmio"),
                            NetConfig(vhost_user=True, vhost_socket="/tmp/v.sock")],
                       memory=MemoryConfig(size=1 << 30, shared=True))
-    requests = VirtioNetType.requests(config)
+    requests = VirtioNetType.requests(config.assign_ids())
     assert [(r.id, r.transport) for r in requests] == [("_net0", None), ("lan", "mmio")]
     with pytest.raises(DeviceError, match="multi-queue"):
         NetDevice.from_config("_net0", NetConfig(tap="x", num_queues=4))

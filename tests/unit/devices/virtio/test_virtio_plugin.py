@@ -28,7 +28,7 @@ def test_config_to_devices(tmp_path: Path, event_loop: EventLoop) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4096))
     config = VmConfig(disks=[DiskConfig(path=str(image), serial="s")],
-                      console=ConsoleConfig(mode="File", file=str(tmp_path / "console.log")))
+                      console=ConsoleConfig(mode="File", file=str(tmp_path / "console.log"))).assign_ids()
     ctx = FakeContext(event_loop, config)
     registries = collect_registries(make_plugin_manager(autoload=False, plugins=[vmmkit_devices.plugin]))
     built = {}

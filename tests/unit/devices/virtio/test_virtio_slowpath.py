@@ -23,6 +23,7 @@ from vmmkit_devices.virtio.tap import VNET_HDR_SIZE
 from vmmkit.arch import MemoryLayout
 from vmmkit.config import ConsoleConfig, DiskConfig, PlatformConfig, RngConfig, VmConfig
 from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit.device_manager import DeviceManager
 from vmmkit.machine import Machine
 from vmmkit.memory import GuestMemory, MemoryRange
 from vmmkit.plugin import make_plugin_manager
@@ -59,7 +60,11 @@ def machine(tmp_path: Path) -> Iterator[Machine]:
     machine.layout = MemoryLayout(ram=(MemoryRange(0, 16 * MIB),), device_mmio=WINDOW)
     machine.memory = GuestMemory.allocate(machine.layout.ram)
     machine.vm = NoIoeventfdVm()  # type: ignore[assignment]
-    machine._free_irqs = list(range(5, 24))
+    machine.device_manager = DeviceManager(
+        vm=machine.vm, memory=machine.memory, layout=machine.layout, config=machine.config,
+        event_loop=machine.event_loop, registries=machine.registries, context=machine._device_ctx,
+        virtio_transport="mmio",
+    )
     machine.event_loop.start()
     yield machine
     machine.close()  # stops the loop, closes every placed device, unmaps guest memory
@@ -144,10 +149,9 @@ class MmioDriver:
 
 def place(machine: Machine, device_type: Any, config: VmConfig) -> list[MmioDriver]:
     drivers = []
-    for request in device_type.requests(config):
-        device = device_type.create(machine._device_ctx, request)  # what Machine.add_device does
-        placed = machine._place(device, request)
-        machine.devices.append(placed)
+    for request in device_type.requests(config.assign_ids()):
+        device = device_type.create(machine._device_ctx, request)  # what DeviceManager.create does
+        placed = machine.manager.place(device, request)
         drivers.append(MmioDriver(machine, placed))
     return drivers
 
@@ -201,8 +205,7 @@ def test_net(machine: Machine) -> None:
     tap = FakeTap()
     device = NetDevice("_net0", tap, bytes.fromhex("525400000001"))
     request = DeviceRequest("virtio-net", "_net0", None, transport="mmio")
-    placed = machine._place(device, request)
-    machine.devices.append(placed)
+    placed = machine.manager.place(device, request)
     driver = MmioDriver(machine, placed)
     driver.initialise()
     frame = b"\xff" * 6 + bytes.fromhex("525400000001") + b"\x88\xb5" + b"slow path"

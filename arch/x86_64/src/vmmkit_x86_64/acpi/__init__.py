@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Final
 
 from vmmkit.arch import MemoryLayout
 from vmmkit.device import PlacedDevice
+from vmmkit.value import Value
 from vmmkit_x86_64 import interrupts
 from vmmkit_x86_64 import layout as L
 from vmmkit_x86_64 import platform as P
 from vmmkit_x86_64.acpi import tables
 from vmmkit_x86_64.acpi.dsdt import dsdt_aml
-from vmmkit_x86_64.value import Value
 
 if TYPE_CHECKING:
     from vmmkit.memory import GuestMemory

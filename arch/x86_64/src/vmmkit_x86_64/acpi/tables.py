@@ -9,8 +9,8 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
+from vmmkit.value import Value
 from vmmkit_x86_64.interrupts import INTI_CONFORMS, InterruptOverride
-from vmmkit_x86_64.value import Value
 
 OEM_ID: Final = b"VMMKIT"
 CREATOR_ID: Final = b"VMMK"

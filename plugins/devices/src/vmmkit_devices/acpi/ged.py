@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest
+from vmmkit.acpi import aml
+from vmmkit.device import DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import AcpiGedType as AcpiGedType  # declared there, re-exported
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import AcpiScope
 
 log = get_logger()
 
@@ -29,6 +33,8 @@ CPU_DEVICES_CHANGED = 0x01
 MEMORY_DEVICES_CHANGED = 0x02
 PCI_DEVICES_CHANGED = 0x04
 POWER_BUTTON_CHANGED = 0x08
+#: Notify value of a power button: "the power button was pressed" (ACPI 6.5, 5.6.6).
+NOTIFY_POWER_BUTTON = 0x80
 #: Bytes of MMIO the register takes (CH's ``GED_DEVICE_ACPI_SIZE``).
 GED_SIZE = 1
 
@@ -79,6 +85,52 @@ class AcpiGed(ByteRegisters):
             "power_button_presses": self.power_button_presses,
             **super().counters(),
         }
+
+    def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
+        """As Cloud Hypervisor's ``impl Aml for AcpiGedDevice``: ``\\_SB_.GEC_`` (PNP0A06)
+        holds the notification byte (OperationRegion GDST, field GDAT) and the method ESCN,
+        which reads it and on bit 0x08 does ``Notify(\\_SB_.PWRB, 0x80)``; ``\\_SB_.GED_``
+        (ACPI0013) has the interrupt in ``_CRS`` and ``_EVT`` calling ESCN; ``\\_SB_.PWRB``
+        (PNP0C0C) is the power button. One GED per VM."""
+        if placed.mmio is None or scope.next_index("acpi-ged") > 0:
+            return
+        base, size = placed.mmio
+        scan = aml.Method(
+            "ESCN",
+            0,
+            [
+                aml.Store(aml.Path("GDAT"), aml.Local(0)),
+                aml.And(aml.Local(0), POWER_BUTTON_CHANGED, aml.Local(1)),
+                aml.If(
+                    aml.LEqual(aml.Local(1), POWER_BUTTON_CHANGED),
+                    [aml.Notify(aml.Path("\\_SB_.PWRB"), NOTIFY_POWER_BUTTON)],
+                ),
+            ],
+            serialized=True,
+        )
+        controller = aml.Device(
+            "GEC_",
+            [
+                aml.Name("_HID", aml.EisaId("PNP0A06")),
+                aml.Name("_UID", "Generic Event Controller"),
+                aml.Name("_CRS", aml.ResourceTemplate([aml.Memory32Fixed(base, size)])),
+                aml.OpRegion("GDST", aml.SYSTEM_MEMORY, base, size),
+                aml.Field("GDST", [("GDAT", 8)]),
+                scan,
+            ],
+        )
+        interrupts = [aml.Interrupt(placed.irq)] if placed.irq is not None else []
+        ged = aml.Device(
+            "GED_",
+            [
+                aml.Name("_HID", "ACPI0013"),
+                aml.Name("_UID", 0),
+                aml.Name("_CRS", aml.ResourceTemplate(interrupts)),
+                aml.Method("_EVT", 1, [aml.Path("\\_SB_.GEC_.ESCN")], serialized=True),
+            ],
+        )
+        button = aml.Device("PWRB", [aml.Name("_HID", aml.EisaId("PNP0C0C")), aml.Name("_UID", 0)])
+        scope.add(controller, ged, button)
 
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> AcpiGed:

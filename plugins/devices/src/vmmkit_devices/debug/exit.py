@@ -12,12 +12,15 @@ QEMU.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest
+from vmmkit.device import Device, DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
 from vmmkit_devices.device_types import DebugExitType as DebugExitType  # declared there, re-exported
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import FdtWriter
 
 log = get_logger()
 
@@ -51,6 +54,16 @@ class DebugExit(Device):
 
     def counters(self) -> Mapping[str, int]:
         return {"status": self.status} if self.status is not None else {}
+
+    def describe_fdt(self, placed: PlacedDevice, fdt: FdtWriter) -> None:
+        """``vmmkit,debug-exit``: where the AArch64 test guest writes its exit status."""
+        if placed.mmio is None:
+            return
+        base, size = placed.mmio
+        fdt.begin_node(f"debug-exit@{base:x}")
+        fdt.property_strings("compatible", "vmmkit,debug-exit")
+        fdt.property_reg(base, size)
+        fdt.end_node()
 
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> DebugExit:

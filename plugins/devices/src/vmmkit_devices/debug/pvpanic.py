@@ -10,12 +10,16 @@ reboots or halts as its ``panic=`` parameter says).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest
+from vmmkit.acpi import aml
+from vmmkit.device import Device, DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
 from vmmkit_devices.device_types import PvPanicType as PvPanicType  # declared there, re-exported
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import AcpiScope
 
 log = get_logger()
 
@@ -49,6 +53,12 @@ class PvPanic(Device):
 
     def counters(self) -> Mapping[str, int]:
         return {"panics": self.panics}
+
+    def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
+        """``QEMU0001`` with its port, as QEMU's pvpanic-isa (Linux's ``pvpanic-mmio``/ACPI
+        driver finds it there)."""
+        index = scope.next_index("pvpanic")
+        scope.add(aml.simple_device(f"PEV{index:X}", "QEMU0001", index, aml.io_ports(placed.pio)))
 
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> PvPanic:

@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest
+from vmmkit.acpi import aml
+from vmmkit.device import DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import I8042Type as I8042Type  # declared there, re-exported
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import AcpiScope
 
 log = get_logger()
 
@@ -230,6 +234,19 @@ class I8042(ByteRegisters):
 
     def counters(self) -> Mapping[str, int]:
         return {"resets": self.resets, **super().counters()}
+
+    def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
+        """``PNP0303`` (a PS/2 keyboard controller): the data port, the command/status port 4
+        above it (0x60 / 0x64) and the keyboard interrupt, ``\\_SB_.PS2K``."""
+        if placed.pio is None:
+            return
+        index = scope.next_index("i8042")
+        base, size = placed.pio
+        ports: list[aml.AmlObject] = [aml.Io(base, base, 1, 1)]
+        if size > 4:
+            ports.append(aml.Io(base + 4, base + 4, 1, 1))
+        scope.add(aml.simple_device("PS2K" if index == 0 else f"PS2{index:X}", aml.EisaId("PNP0303"), index,
+                                    [*ports, *aml.legacy_irq(placed.irq)]))
 
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> I8042:

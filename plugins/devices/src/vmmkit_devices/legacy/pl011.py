@@ -20,15 +20,18 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest
+from vmmkit.device import Device, DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices.console.backends import ConsoleBackend
 from vmmkit_devices.console.uart import create_uart
 from vmmkit_devices.device_types import Pl011Type as Pl011Type  # declared there, re-exported
 from vmmkit_devices.legacy._amba import id_register, split, value_bytes
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import FdtWriter
 
 log = get_logger()
 
@@ -217,6 +220,20 @@ class Pl011(Device):
 
     def firmware_properties(self) -> Mapping[str, Any]:
         return {"irq": self.irq} if self.irq is not None else {}
+
+    def describe_fdt(self, placed: PlacedDevice, fdt: FdtWriter) -> None:
+        """``arm,pl011`` (Documentation/devicetree/bindings/serial/pl011.yaml); the console."""
+        if placed.mmio is None:
+            return
+        base, size = placed.mmio
+        fdt.begin_node(f"pl011@{base:x}")
+        fdt.property_strings("compatible", "arm,pl011", "arm,primecell")
+        fdt.property_reg(base, size)
+        if placed.irq is not None:
+            fdt.property_interrupt(placed.irq, edge=False)
+        fdt.property_clocks("uartclk", "apb_pclk")
+        fdt.end_node()
+        fdt.set_stdout(f"/pl011@{base:x}")
 
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> Pl011 | None:

@@ -30,13 +30,17 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest
+from vmmkit.acpi import aml
+from vmmkit.device import DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import CmosRtcType as CmosRtcType  # declared there, re-exported
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import AcpiScope
 
 log = get_logger()
 
@@ -372,6 +376,12 @@ class CmosRtc(ByteRegisters):
 
     def counters(self) -> Mapping[str, int]:
         return {"time_sets": self.time_sets, "interrupts": self.interrupts, **super().counters()}
+
+    def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
+        """``PNP0B00`` (an AT-compatible RTC), ``\\_SB_.RTCn``."""
+        index = scope.next_index("rtc-cmos")
+        scope.add(aml.simple_device(f"RTC{index:X}", aml.EisaId("PNP0B00"), index,
+                                    [*aml.io_ports(placed.pio), *aml.legacy_irq(placed.irq)]))
 
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> CmosRtc:

@@ -16,12 +16,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest
+from vmmkit.device import Device, DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit_devices.device_types import Pl031Type as Pl031Type  # declared there, re-exported
 from vmmkit_devices.legacy._amba import id_register, split, value_bytes
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import FdtWriter
 
 DR: Final = 0x00
 MR: Final = 0x04
@@ -151,6 +154,19 @@ class Pl031(Device):
 
     def firmware_properties(self) -> Mapping[str, Any]:
         return {"irq": self.irq} if self.irq is not None else {}
+
+    def describe_fdt(self, placed: PlacedDevice, fdt: FdtWriter) -> None:
+        """``arm,pl031`` (Documentation/devicetree/bindings/rtc/arm,pl031.yaml)."""
+        if placed.mmio is None:
+            return
+        base, size = placed.mmio
+        fdt.begin_node(f"pl031@{base:x}")
+        fdt.property_strings("compatible", "arm,pl031", "arm,primecell")
+        fdt.property_reg(base, size)
+        if placed.irq is not None:
+            fdt.property_interrupt(placed.irq, edge=False)
+        fdt.property_clocks("apb_pclk")
+        fdt.end_node()
 
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> Pl031:

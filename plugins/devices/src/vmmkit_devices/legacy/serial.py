@@ -31,9 +31,10 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vmmkit.device import DeviceContext, DeviceRequest
+from vmmkit.acpi import aml
+from vmmkit.device import DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import PortSink
 from vmmkit.irq import InterruptLine
@@ -42,6 +43,9 @@ from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.console.backends import ConsoleBackend
 from vmmkit_devices.console.uart import create_uart
 from vmmkit_devices.device_types import Serial16550Type as Serial16550Type  # declared there, re-exported
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import AcpiScope
 
 log = get_logger()
 
@@ -418,6 +422,13 @@ class Serial16550(ByteRegisters):
 
     def firmware_properties(self) -> Mapping[str, Any]:
         return {"irq": self.irq} if self.irq is not None else {}
+
+    def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
+        """``PNP0501`` (a 16550A) with its ports and interrupt, ``\\_SB_.COMn``."""
+        index = scope.next_index("serial")
+        name = f"COM{index + 1}" if index < 9 else f"CO{index + 1:02X}"
+        scope.add(aml.simple_device(name, aml.EisaId("PNP0501"), index + 1,
+                                    [*aml.io_ports(placed.pio), *aml.legacy_irq(placed.irq)]))
 
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> Serial16550 | None:

@@ -1,8 +1,9 @@
-"""A base for the plugin's small value types (a memory-map entry, a CPUID bit, an AML object).
+"""A base for small immutable value types (an AML object, and the x86-64 plugin's memory-map
+entries and CPUID bits).
 
 Equality, hashing and a repr come from ``__slots__`` (the fields, in order). They are plain
 classes rather than attrs classes because defining one costs ~0.02 ms instead of ~0.3 ms, and
-every x86-64 boot defines them all; treat them as immutable.
+every boot defines them all; treat them as immutable.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TypeAlias
 
-from vmmkit_x86_64.value import Value
+from vmmkit.value import Value
 
 # -- opcodes ----------------------------------------------------------------------------------
 ZERO_OP = 0x00
@@ -602,3 +602,40 @@ class ResourceTemplate(AmlObject):
     def to_aml(self) -> bytes:
         data = b"".join([d.to_aml() for d in self.descriptors]) + bytes([0x79, 0x00])
         return Buffer(data).to_aml()
+
+
+# -- device nodes -----------------------------------------------------------------------------
+
+#: ``_STA``: present, enabled, shown in UI, functioning.
+STA_PRESENT = 0x0F
+
+
+def simple_device(name: str, hid: Term, uid: int, resources: Sequence[AmlObject], *extra: Term) -> Device:
+    """``Device(name) { _HID, *extra, _UID, _STA (present), _CRS }``: how most devices
+    describe themselves."""
+    return Device(
+        name,
+        [
+            Name("_HID", hid),
+            *extra,
+            Name("_UID", uid),
+            Name("_STA", STA_PRESENT),
+            Name("_CRS", ResourceTemplate(resources)),
+        ],
+    )
+
+
+def legacy_irq(irq: int | None) -> list[AmlObject]:
+    """The resource of a device's interrupt line: ``IRQNoFlags`` for an ISA line (below 16),
+    else an extended ``Interrupt`` (level, active high); nothing for ``None``."""
+    if irq is None:
+        return []
+    return [IrqNoFlags(irq)] if irq < 16 else [Interrupt(irq)]
+
+
+def io_ports(placement: tuple[int, int] | None) -> list[AmlObject]:
+    """An ``IO`` resource for a fixed ``(base, size)`` port range; nothing for ``None``."""
+    if placement is None:
+        return []
+    base, size = placement
+    return [Io(base, base, 1, size)]
