@@ -51,7 +51,7 @@ def test_its_own_tests_pass(plugin_env: dict[str, str]) -> None:
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
                             env=plugin_env, capture_output=True, text=True, cwd=EXAMPLE)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 passed" in result.stdout
+    assert "6 passed" in result.stdout
 
 
 @pytest.mark.requires_kvm

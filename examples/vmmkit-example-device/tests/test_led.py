@@ -35,13 +35,23 @@ def test_registered_through_the_hook() -> None:
 
 def test_option_becomes_a_request_at_the_given_port() -> None:
     spec = PluginDeviceConfig.parse("example-led", "port=0x520,label=back")
-    config = VmConfig.from_cli(kernel="k", plugin_devices=(spec,))
+    config = VmConfig.from_cli(kernel="k", plugin_devices=(spec,)).assign_ids()
     (request,) = LedPanelType.requests(config)
     assert request.pio == (0x520, 1)
 
 
 def test_bad_port_is_a_clear_error() -> None:
     spec = PluginDeviceConfig.parse("example-led", "port=lots")
-    config = VmConfig.from_cli(kernel="k", plugin_devices=(spec,))
+    config = VmConfig.from_cli(kernel="k", plugin_devices=(spec,)).assign_ids()
     with pytest.raises(DeviceError, match="invalid port 'lots'"):
         LedPanelType.requests(config)
+
+
+def test_mmio_placement_for_architectures_without_ports() -> None:
+    spec = PluginDeviceConfig.parse("example-led", "mmio=0x9030000")
+    (request,) = LedPanelType.requests(VmConfig.from_cli(kernel="k", plugin_devices=(spec,)).assign_ids())
+    assert request.mmio == (0x903_0000, 0x1000) and request.pio is None
+    for bad, message in (("mmio=0x9030010", "multiple of"), ("mmio=1,port=2", "not both"), ("colour=red", "unknown")):
+        spec = PluginDeviceConfig.parse("example-led", bad)
+        with pytest.raises(DeviceError, match=message):
+            LedPanelType.requests(VmConfig.from_cli(kernel="k", plugin_devices=(spec,)).assign_ids())

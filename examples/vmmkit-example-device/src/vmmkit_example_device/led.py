@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType
+from vmmkit.device import Device, DeviceContext, DeviceRequest, DeviceType, PlacedDevice
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
+
+if TYPE_CHECKING:
+    from vmmkit.firmware import AcpiScope, FdtWriter
 
 log = get_logger()
 
 DEFAULT_PORT = 0x510
+#: The panel's ACPI hardware ID (a made-up vendor prefix: a real product registers its own).
+ACPI_HID = "VMKE0001"
+#: Its device-tree ``compatible``.
+FDT_COMPATIBLE = "vmmkit,example-led"
 
 
 class LedPanel(Device):
@@ -42,29 +49,79 @@ class LedPanel(Device):
     def counters(self) -> Mapping[str, int]:
         return {"changes": self.changes, "state": self.state}
 
+    # The panel describes itself, so the guest's OS can find it and bind a driver: an ACPI
+    # device on x86-64, a device-tree node on AArch64. vmmkit writes the tables.
+
+    def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
+        from vmmkit.acpi import aml
+
+        index = scope.next_index(self.kind)
+        resources = aml.io_ports(placed.pio)
+        if placed.mmio is not None:
+            resources.append(aml.Memory32Fixed(*placed.mmio))
+        scope.add(aml.simple_device(f"LED{index:X}", ACPI_HID, index, resources,
+                                    aml.Name("_STR", aml.Buffer(_unicode(self.label)))))
+
+    def describe_fdt(self, placed: PlacedDevice, fdt: FdtWriter) -> None:
+        if placed.mmio is None:
+            return  # a port-I/O panel: device trees have no port I/O
+        base, size = placed.mmio
+        fdt.begin_node(f"led@{base:x}")
+        fdt.property_strings("compatible", FDT_COMPATIBLE)
+        fdt.property_reg(base, size)
+        fdt.property_string("label", self.label)
+        fdt.end_node()
+
 
 class LedPanelType(DeviceType):
     name: ClassVar[str] = "example-led"
     description: ClassVar[str] = "example third-party device: an LED panel on one I/O port"
     option: ClassVar[str | None] = "example-led"
-    option_help: ClassVar[str] = f"port=<I/O port> (default {DEFAULT_PORT:#x}),label=<name>"
+    option_help: ClassVar[str] = (f"port=<I/O port> (default {DEFAULT_PORT:#x}) or mmio=<address> "
+                                  "(architectures without port I/O),label=<name>")
 
     @classmethod
     def requests(cls, config: Any) -> Sequence[DeviceRequest]:
         out = []
         for request in super().requests(config):
             options = dict(request.config.options)
-            port = _parse_port(options.get("port", str(DEFAULT_PORT)))
-            out.append(DeviceRequest(cls.name, request.id, request.config, pio=(port, 1)))
+            unknown = set(options) - {"port", "mmio", "label"}
+            if unknown:
+                raise DeviceError(f"--example-led: unknown option(s) {', '.join(sorted(unknown))} "
+                                  "(accepted: port, mmio, label)")
+            if "mmio" in options:
+                if "port" in options:
+                    raise DeviceError("--example-led: give port= or mmio=, not both")
+                address = _parse_address(options["mmio"])
+                out.append(DeviceRequest(cls.name, request.id, request.config, mmio=(address, MMIO_SIZE)))
+            else:
+                port = _parse_port(options.get("port", str(DEFAULT_PORT)))
+                out.append(DeviceRequest(cls.name, request.id, request.config, pio=(port, 1)))
         return out
 
     @classmethod
     def create(cls, ctx: DeviceContext, request: DeviceRequest) -> LedPanel:
         options = dict(request.config.options)
-        unknown = set(options) - {"port", "label"}
-        if unknown:
-            raise DeviceError(f"--example-led: unknown option(s) {', '.join(sorted(unknown))} (accepted: port, label)")
         return LedPanel(request.id, options.get("label", request.id))
+
+
+#: Bytes of MMIO a panel placed with ``mmio=`` takes (one page; the register is at offset 0).
+MMIO_SIZE = 0x1000
+
+
+def _unicode(text: str) -> bytes:
+    """An ACPI ``_STR``: a NUL-terminated UTF-16LE buffer."""
+    return (text + "\0").encode("utf-16-le")
+
+
+def _parse_address(text: str) -> int:
+    try:
+        address = int(text, 0)
+    except ValueError:
+        raise DeviceError(f"--example-led: invalid mmio address {text!r} (expected a number)") from None
+    if address < 0 or address % MMIO_SIZE:
+        raise DeviceError(f"--example-led: mmio address {text} must be a multiple of {MMIO_SIZE:#x}")
+    return address
 
 
 def _parse_port(text: str) -> int:

@@ -44,6 +44,7 @@ class AcpiGed(ByteRegisters):
 
     kind: ClassVar[str] = "acpi-ged"
     length: ClassVar[int] = GED_SIZE
+    handles_power_button: ClassVar[bool] = True
 
     def __init__(self, device_id: str, interrupt: InterruptLine | None) -> None:
         super().__init__(device_id)
