@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
-from vmmkit.errors import CapabilityError
+from vmmkit.errors import CapabilityError, VmmError
 from vmmkit_x86_64 import layout as layout_
 from vmmkit_x86_64 import platform
 from vmmkit_x86_64.topology import Topology
@@ -88,7 +88,7 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
         others wait, UNINITIALIZED, for the guest's INIT/SIPI)."""
         from vmmkit.x86 import MpState, X86Hypervisor, X86Vcpu
         from vmmkit_x86_64 import vcpu as vcpu_state
-        from vmmkit_x86_64.cpuid import build_cpuid, features_from_config
+        from vmmkit_x86_64.cpuid import AMD_VENDORS, build_cpuid, cpu_vendor, features_from_config
 
         if not isinstance(vcpu, X86Vcpu):
             raise CapabilityError(
@@ -110,6 +110,11 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
         )
         vcpu.set_cpuid(entries)
         vcpu.set_msrs(vcpu_state.boot_msrs())
+        if cpu_vendor(entries) in AMD_VENDORS:
+            try:
+                vcpu.set_msrs(vcpu_state.amd_msrs())
+            except VmmError as exc:  # an older KVM accepts no HWCR.TscFreqSel: Linux warns, no more
+                log.debug("vcpu.amd_msrs_refused", index=index, error=str(exc))
         vcpu.set_fpu(vcpu_state.FPU)
         lapic = vcpu.get_lapic()
         backend_id = vcpu_state.lapic_id(lapic)

@@ -378,6 +378,15 @@ class _Table:
         return b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx))
 
 
+#: CPUID vendor strings of AMD's architecture.
+AMD_VENDORS: Final = (b"AuthenticAMD", b"HygonGenuine")
+
+
+def cpu_vendor(entries: Iterable[CpuIdEntry]) -> bytes:
+    """The vendor string of a CPUID table (leaf 0: EBX, EDX, ECX)."""
+    return _Table(entries).vendor()
+
+
 def build_cpuid(
     supported: Iterable[CpuIdEntry],
     *,
@@ -399,7 +408,7 @@ def build_cpuid(
     _leaf1(table, topology, apic_id)
     _cache_leaf(table, 4, topology, cores_field=True)
     _extended_topology(table, topology, apic_id)
-    if table.vendor() in (b"AuthenticAMD", b"HygonGenuine"):
+    if table.vendor() in AMD_VENDORS:
         _amd_topology(table, topology, index, apic_id)
     if max_phys_bits is not None:
         entry = table.find(0x80000008)

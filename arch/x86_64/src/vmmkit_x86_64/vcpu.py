@@ -34,6 +34,20 @@ MTRR_ENABLE: Final = 1 << 11
 MTRR_MEM_TYPE_WB: Final = 6
 
 
+#: AMD's hardware configuration register.
+MSR_K7_HWCR: Final = 0xC001_0015
+#: HWCR.TscFreqSel (bit 24): the TSC counts at the P0 frequency. Every AMD CPU since family 10h
+#: revision C reads it as 1; Linux warns "[Firmware Bug]: TSC doesn't count with P0 frequency!"
+#: (arch/x86/kernel/cpu/amd.c) when a later family with a constant TSC reads it clear. KVM
+#: accepts it from the VMM since Linux 6.7 (arch/x86/kvm/x86.c, ``MSR_K7_HWCR``).
+HWCR_TSC_FREQ_SEL: Final = 1 << 24
+
+
+def amd_msrs() -> list[MsrEntry]:
+    """What an AMD vCPU starts with beyond :func:`boot_msrs` (a backend may refuse them)."""
+    return [MsrEntry(MSR_K7_HWCR, HWCR_TSC_FREQ_SEL)]
+
+
 def boot_msrs() -> list[MsrEntry]:
     """The MSRs every vCPU starts with (as Cloud Hypervisor sets them)."""
     return [
