@@ -58,6 +58,11 @@ class FdtWriter(Protocol):
         it), rising-edge or level-high."""
         ...
 
+    def interrupt_specifier(self, irq: int, *, edge: bool) -> bytes:
+        """Interrupt line ``irq`` as an entry of an ``interrupt-map`` names it: the interrupt
+        controller's phandle, its unit-address cells and its interrupt specifier."""
+        ...
+
     def property_clocks(self, *names: str) -> None:
         """``clocks`` and ``clock-names``: the platform's fixed peripheral clock under each name
         (``"uartclk", "apb_pclk"``)."""

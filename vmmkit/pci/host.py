@@ -66,7 +66,7 @@ from vmmkit.pci.config import (
 from vmmkit.pci.function import BarRegion, PciFunction
 
 if TYPE_CHECKING:
-    from vmmkit.firmware import AcpiScope
+    from vmmkit.firmware import AcpiScope, FdtWriter
     from vmmkit.transport import DeviceHost
 
 log = get_logger()
@@ -442,6 +442,37 @@ class PciRoot(ManagedDevice):
             scope.add(aml.simple_device("MBRD" if index == 0 else f"MBR{index:X}", aml.EisaId("PNP0C02"),
                                         index, [aml.Memory32Fixed(self.ecam.start, self.ecam.size)]))
 
+    def describe_fdt(self, placed: PlacedDevice, fdt: FdtWriter) -> None:
+        """A ``pci-host-ecam-generic`` bridge (Documentation/devicetree/bindings/pci/
+        host-generic-pci.yaml), as QEMU's virt machine writes it: the ECAM window, the bus
+        range, the MMIO windows in ``ranges`` (32-bit non-prefetchable, 64-bit), and an
+        ``interrupt-map`` of the INTx routes (level-triggered)."""
+        if self.ecam is None:
+            return
+        fdt.begin_node(f"pcie@{self.ecam.start:x}")
+        fdt.property_strings("compatible", "pci-host-ecam-generic")
+        fdt.property_string("device_type", "pci")
+        fdt.property_reg(self.ecam.start, self.ecam.size)
+        first_bus, last_bus = self.bus_range
+        fdt.property("bus-range", _cells(first_bus, last_bus))
+        fdt.property_u32("linux,pci-domain", self.segment)
+        fdt.property_u32("#address-cells", 3)
+        fdt.property_u32("#size-cells", 2)
+        fdt.property_u32("#interrupt-cells", 1)
+        ranges = b""
+        for window, space in ((self.mmio32, _FDT_MEM32), (self.mmio64, _FDT_MEM64)):
+            if window is not None:
+                ranges += _cells(space, *_split64(window.start), *_split64(window.start), *_split64(window.size))
+        fdt.property("ranges", ranges)
+        routes = self.intx_routes()
+        if routes:
+            fdt.property("interrupt-map-mask", _cells(0xF800, 0, 0, 7))
+            fdt.property("interrupt-map", b"".join(
+                _cells(slot << 11, 0, 0, pin) + fdt.interrupt_specifier(gsi, edge=False)
+                for slot, pin, gsi in routes))
+        fdt.property("dma-coherent", b"")
+        fdt.end_node()
+
     def describe(self) -> Mapping[str, Any]:
         return {
             "segment": self.segment,
@@ -502,6 +533,19 @@ class PciEcam:
     def write(self, offset: int, data: bytes) -> None:
         if len(data) in (1, 2, 4) and offset >= 0:
             self.root.config_write(*_ecam_decode(offset), len(data), int.from_bytes(data, "little"))
+
+
+#: ``ranges`` space codes of the PCI bus binding (phys.hi): 32-bit and 64-bit memory.
+_FDT_MEM32 = 0x0200_0000
+_FDT_MEM64 = 0x0300_0000
+
+
+def _cells(*values: int) -> bytes:
+    return b"".join(value.to_bytes(4, "big") for value in values)
+
+
+def _split64(value: int) -> tuple[int, int]:
+    return value >> 32, value & 0xFFFF_FFFF
 
 
 def _ecam_decode(offset: int) -> tuple[int, int, int]:

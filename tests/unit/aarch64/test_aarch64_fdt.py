@@ -16,7 +16,9 @@ from vmmkit_devices.legacy.pl011 import Pl011
 from vmmkit_devices.legacy.rtc_pl031 import Pl031
 
 from vmmkit.aarch64 import mpidr_for
+from vmmkit.bus import Bus
 from vmmkit.memory import MemoryRange
+from vmmkit.pci.host import PciRoot
 from vmmkit.virtio.mmio import VirtioMmioTransport
 
 RAM = (MemoryRange(L.RAM_START, 256 << 20),)
@@ -116,3 +118,34 @@ def test_dtc_accepts_the_blob_without_warnings(tmp_path) -> None:
     dts = (tmp_path / "vm.dts").read_text()
     assert 'bootargs = "hello";' in dts
     assert "warning" not in result.stderr.lower(), result.stderr
+
+
+class _Root(PciRoot):
+    def intx_routes(self) -> tuple[tuple[int, int, int], ...]:
+        return ((1, 1, 40), (2, 1, 41))
+
+
+def test_a_pci_segment_is_a_generic_ecam_host(tmp_path) -> None:
+    root = _Root(mmio_bus=Bus("mmio"), pio_bus=Bus("pio"), mmio32=L.PCI_MMIO32, ecam=L.PCI_ECAM,
+                 mmio64=MemoryRange(1 << 39, 1 << 38))
+    host = placed("pci-host", mmio=(L.PCI_ECAM.start, L.PCI_ECAM.size), device=root)
+    blob = build_fdt(ram=RAM, mpidrs=[mpidr_for(0)], cmdline="", initrd=None, devices=[*devices(), host])
+    fdt = libfdt.Fdt(blob)
+    node = f"/pcie@{L.PCI_ECAM.start:x}"
+    assert strings(prop(fdt, node, "compatible")) == ["pci-host-ecam-generic"]
+    assert cells(prop(fdt, node, "reg")) == [0, L.PCI_ECAM.start, 0, L.PCI_ECAM.size]
+    assert cells(prop(fdt, node, "bus-range")) == [0, 0]
+    assert cells(prop(fdt, node, "ranges")) == [
+        0x0200_0000, 0, L.PCI_MMIO32.start, 0, L.PCI_MMIO32.start, 0, L.PCI_MMIO32.size,
+        0x0300_0000, 0x80, 0, 0x80, 0, 0x40, 0,
+    ]
+    gic = cells(prop(fdt, "/intc@8000000", "phandle"))[0]
+    assert cells(prop(fdt, node, "interrupt-map")) == [
+        1 << 11, 0, 0, 1, gic, 0, 0, 0, 40 - 32, 4,
+        2 << 11, 0, 0, 1, gic, 0, 0, 0, 41 - 32, 4,
+    ]
+    if shutil.which("dtc"):
+        (tmp_path / "vm.dtb").write_bytes(blob)
+        result = subprocess.run(["dtc", "-I", "dtb", "-O", "dts", str(tmp_path / "vm.dtb")],
+                                capture_output=True, text=True)
+        assert result.returncode == 0 and "warning" not in result.stderr.lower(), result.stderr

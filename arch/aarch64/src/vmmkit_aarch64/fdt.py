@@ -91,6 +91,10 @@ class FdtNodeWriter:
     def property_interrupt(self, irq: int, *, edge: bool) -> None:
         self._sw.property("interrupts", _spi(irq, IRQ_EDGE_RISING if edge else IRQ_LEVEL_HIGH))
 
+    def interrupt_specifier(self, irq: int, *, edge: bool) -> bytes:
+        # The GIC node has #address-cells = 2: two zero unit-address cells before the SPI.
+        return _cells(PHANDLE_GIC, 0, 0) + _spi(irq, IRQ_EDGE_RISING if edge else IRQ_LEVEL_HIGH)
+
     def property_clocks(self, *names: str) -> None:
         self._sw.property("clocks", _cells(*(PHANDLE_CLOCK for _ in names)))
         self._sw.property("clock-names", _strings(*names))
