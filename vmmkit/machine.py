@@ -21,8 +21,8 @@ import pluggy
 
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
 from vmmkit.bus import Bus
-from vmmkit.config import VmConfig
-from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit.config import VmConfig, check_supported
+from vmmkit.device import DeviceRequest, PlacedDevice, claimed_sections
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import ExitReason, Hypervisor, PortSink, Vcpu, Vm
@@ -225,6 +225,7 @@ class Machine:
 
     def build(self) -> None:
         """Create the VM: memory, devices, payload, vCPUs. Leaves it in ``Created``."""
+        check_supported(self.config, claimed_sections(self.registries.devices))
         self.emit("vm-creating")
         backend = self.registries.select_hypervisor(self.hypervisor_name, self.arch_name)
         if self.arch_name not in backend.architectures:

@@ -36,7 +36,8 @@ The package, by concern: :mod:`~vmmkit.config.errors` (:class:`ConfigError`),
 (JSON), :mod:`~vmmkit.config.fields` (limits, validators), the sections
 (:mod:`~vmmkit.config.cpus`, :mod:`~vmmkit.config.disk_net`, :mod:`~vmmkit.config.devices`,
 :mod:`~vmmkit.config.consoles`, :mod:`~vmmkit.config.platform`) and :mod:`~vmmkit.config.vm`
-(:class:`VmConfig`). Import every public name from ``vmmkit.config`` itself.
+(:class:`VmConfig`), and :mod:`~vmmkit.config.support` (what is not supported yet, refused
+by name: :func:`check_supported`). Import every public name from ``vmmkit.config`` itself.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from vmmkit.config.errors import ConfigError
 from vmmkit.config.fields import MAX_VCPUS, TRANSPORTS
 from vmmkit.config.options import OptionParser, ParsedOptions, split_commas
 from vmmkit.config.platform import PlatformConfig
+from vmmkit.config.support import NOT_SUPPORTED, NotSupportedYet, Refusal, check_supported, refusals
 from vmmkit.config.vm import PayloadConfig, VmConfig
 
 __all__ = [
@@ -89,5 +91,10 @@ __all__ = [
     "VmConfig",
     "MAX_VCPUS",
     "TRANSPORTS",
+    "NOT_SUPPORTED",
+    "NotSupportedYet",
+    "Refusal",
+    "check_supported",
+    "refusals",
 ]
 

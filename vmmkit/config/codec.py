@@ -9,6 +9,7 @@ from typing import Any, Final, Self, Union, cast, get_args, get_origin
 import attrs
 
 from vmmkit.config.errors import ConfigError, _within
+from vmmkit.config.support import NOT_SUPPORTED, table_path, unmodelled_refusal
 
 _CODEC: Final = "vmmkit_json_codec"
 
@@ -65,7 +66,12 @@ def _decode_object(cls: type[Any], value: Any, path: str, ctx: _JsonContext) -> 
             if item is None:
                 continue
             if ctx.strict:
-                raise ConfigError(here, key, "one of: " + ", ".join(fields), reason=f"unknown key {key!r}")
+                refused = unmodelled_refusal(here, item)
+                if refused is not None:
+                    raise refused
+                if table_path(here) not in NOT_SUPPORTED:
+                    raise ConfigError(here, key, "one of: " + ", ".join(fields), reason=f"unknown key {key!r}")
+                continue  # a not-supported key at its default value asks for nothing
             if ctx.ignored is not None:
                 ctx.ignored.append(here)
             continue
@@ -110,7 +116,7 @@ class _Config:
 
     @classmethod
     def from_json(
-        cls, obj: Mapping[str, Any], *, strict: bool = False, ignored: list[str] | None = None
+        cls, obj: Mapping[str, Any], *, strict: bool = True, ignored: list[str] | None = None
     ) -> Self:
         """Build from a CH JSON object. See :meth:`VmConfig.from_json`."""
         return cast(Self, _decode_object(cls, obj, "", _JsonContext(strict, ignored)))

@@ -271,6 +271,7 @@ def _check_options(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
             or len(pair) != 2
             or not _is_nonempty_str(pair[0])
             or not isinstance(pair[1], str)
+            or "\0" in pair[1]
             or pair[0] in seen
             or pair[0] == "id"
         ):

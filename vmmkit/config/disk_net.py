@@ -134,7 +134,7 @@ class DiskConfig(_Config):
     lock_granularity: str = attrs.field(default="ByteRange", validator=_choice("ByteRange", "Full"))
     transport: str | None = _transport_field()
 
-    _CLI_KEYS: ClassVar[Mapping[str, str]] = {"vhost_socket": "socket"}
+    _CLI_KEYS: ClassVar[Mapping[str, str]] = {"vhost_socket": "socket", "rate_limiter_config": "bw_*/ops_*"}
 
     def __attrs_post_init__(self) -> None:
         if self.vhost_user:
@@ -280,7 +280,11 @@ class NetConfig(_Config):
     offload_csum: bool = attrs.field(default=True, validator=_is_bool)
     transport: str | None = _transport_field()
 
-    _CLI_KEYS: ClassVar[Mapping[str, str]] = {"vhost_socket": "socket", "fds": "fd"}
+    _CLI_KEYS: ClassVar[Mapping[str, str]] = {
+        "vhost_socket": "socket",
+        "fds": "fd",
+        "rate_limiter_config": "bw_*/ops_*",
+    }
 
     def __attrs_post_init__(self) -> None:
         _check_netmask(self.ip, self.mask)

@@ -59,9 +59,15 @@ def _is_bool(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         raise ConfigError(attr.name, value, "true or false")
 
 
+_NUL: Final = "\0"
+_NO_NUL: Final = "a value without NUL bytes"
+
+
 def _is_str(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise ConfigError(attr.name, value, "a non-empty string")
+    if _NUL in value:
+        raise ConfigError(attr.name, value, _NO_NUL, reason="a NUL byte in the value")
 
 
 def _is_opt_str(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
@@ -72,11 +78,15 @@ def _is_opt_str(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
 def _is_opt_text(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise ConfigError(attr.name, value, "a string")
+    if value is not None and _NUL in value:
+        raise ConfigError(attr.name, value, _NO_NUL, reason="a NUL byte in the value")
 
 
 def _is_id(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value or value.startswith("__")):
         raise ConfigError(attr.name, value, "a non-empty id not starting with '__' (reserved)")
+    if value is not None and _NUL in value:
+        raise ConfigError(attr.name, value, _NO_NUL, reason="a NUL byte in the value")
 
 
 def _choice(*choices: str, optional: bool = False) -> _Validator:
@@ -119,7 +129,7 @@ def _is_u16(value: Any) -> bool:
 
 
 def _is_nonempty_str(value: Any) -> bool:
-    return isinstance(value, str) and bool(value)
+    return isinstance(value, str) and bool(value) and _NUL not in value
 
 
 def _tuple(value: Iterable[Any]) -> tuple[Any, ...]:

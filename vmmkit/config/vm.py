@@ -297,17 +297,21 @@ class VmConfig(_Config):
 
     @classmethod
     def from_json(
-        cls, obj: Mapping[str, Any], *, strict: bool = False, ignored: list[str] | None = None
+        cls, obj: Mapping[str, Any], *, strict: bool = True, ignored: list[str] | None = None
     ) -> Self:
         """Build from a CH ``VmConfig`` JSON object (already decoded, e.g. by ``json.loads``).
 
         Types are checked strictly (sizes are integers in bytes, booleans are ``true``/``false``);
-        ``null`` means "the default". Keys vmmkit does not know (``numa``, ``rate_limit_groups``,
-        ``memory.zones``...) are ignored so that any CH body is accepted: pass a list as
-        ``ignored`` to receive their JSON paths (``"numa"``, ``"serial.iommu"``), or
-        ``strict=True`` to reject them. Unknown keys whose value is ``null`` (older CH versions
-        write every unset option) are dropped without a report. Errors name the JSON path
-        (``memory.size``, ``disks[1].id``).
+        ``null`` means "the default", also for a key vmmkit does not know (older CH versions
+        write every unset option). Keys of CH's schema that vmmkit does not support yet
+        (``numa``, ``memory.zones``...; :data:`vmmkit.config.support.NOT_SUPPORTED`) raise
+        :class:`~vmmkit.config.support.NotSupportedYet` unless their value asks for nothing
+        (``false``, ``[]``); any other unknown key raises :class:`ConfigError`. CH ignores unknown
+        keys; vmmkit does not, so a misspelt key is never lost. ``strict=False`` reads leniently
+        instead (a ``vm.info`` of another CH version): unknown keys are skipped, and their JSON
+        paths appended to ``ignored`` if given. Errors name the JSON path (``memory.size``,
+        ``disks[1].id``). Whether the VM's device plugins support the result is a separate check
+        (:func:`vmmkit.config.check_supported`).
         """
         return super().from_json(obj, strict=strict, ignored=ignored)
 
@@ -403,21 +407,27 @@ _CLI_OPTIONS: Final[Mapping[str, tuple[str, type[Any] | None]]] = {
 }
 
 
+def cli_location(path: str, plugins: Sequence[PluginDeviceConfig] = ()) -> tuple[str, str | None]:
+    """The CLI option and key behind a VmConfig JSON path: ``disks[1].id`` -> ``("--disk", "id")``,
+    ``payload.firmware`` -> ``("--firmware", None)``, ``plugin_devices[0]`` -> ``("--<type>", None)``."""
+    head, _, rest = path.partition(".")
+    section = _field_head(head)
+    if section == "payload":
+        return f"--{_field_head(rest)}", None
+    if section == "plugin_devices":
+        match = re.fullmatch(r"plugin_devices\[(\d+)\]", head)
+        index = int(match.group(1)) if match else len(plugins)
+        option = f"--{plugins[index].type}" if index < len(plugins) else "--plugin"
+        return option, _field_head(rest) or None
+    option, config_class = _CLI_OPTIONS.get(section, (section, None))
+    cli_keys: Mapping[str, str] = getattr(config_class, "_CLI_KEYS", {})
+    key = _field_head(rest) if rest else None
+    return option, cli_keys.get(key, key) if key else None
+
+
 def _vm_error_for_cli(err: ConfigError, plugins: Sequence[PluginDeviceConfig]) -> ConfigError:
     """Name the CLI option behind a VmConfig-level error (``disks[1].id`` -> ``--disk``, id)."""
     if err.option.startswith("-"):
         return err
-    head, _, rest = err.option.partition(".")
-    section = _field_head(head)
-    if section == "payload":
-        return _relabel(err, f"--{rest}", None)
-    if section == "plugin_devices":
-        match = re.fullmatch(r"plugin_devices\[(\d+)\]", head)
-        option = f"--{plugins[int(match.group(1))].type}" if match else "--plugin"
-        return _relabel(err, option, _field_head(rest) or None)
-    option, config_class = _CLI_OPTIONS.get(section, (section, None))
-    cli_keys: Mapping[str, str] = getattr(config_class, "_CLI_KEYS", {})
-    key = _field_head(rest) if rest else None
-    return _relabel(err, option, cli_keys.get(key, key) if key else None)
-
-
+    option, key = cli_location(err.option, plugins)
+    return _relabel(err, option, key)
