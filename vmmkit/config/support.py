@@ -36,6 +36,7 @@ _VFIO: Final = "VFIO device passthrough"
 _IOMMU: Final = "a virtual IOMMU"
 _SMBIOS: Final = "SMBIOS tables"
 _HOTPLUG: Final = "memory hotplug"
+_SEGMENTS: Final = "more than one PCI segment"
 
 #: The one table of what vmmkit does not support yet: JSON path (no list indices) -> reason.
 NOT_SUPPORTED: Final[Mapping[str, str]] = {
@@ -62,15 +63,19 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "disks.queue_affinity": "queue affinity",
     "disks.backing_files": "qcow2 backing files (raw images only)",
     "disks.iommu": _IOMMU,
+    "disks.pci_segment": _SEGMENTS,
     # nets
     "net.vhost_user": "vhost-user network devices",
     "net.vhost_socket": "vhost-user network devices",
     "net.vhost_mode": "vhost-user network devices",
     "net.rate_limiter_config": "network rate limits",
     "net.iommu": _IOMMU,
+    "net.pci_segment": _SEGMENTS,
     # other built-in devices
     "rng.iommu": _IOMMU,
+    "rng.pci_segment": _SEGMENTS,
     "console.iommu": _IOMMU,
+    "console.pci_segment": _SEGMENTS,
     # device sections no in-tree device type implements yet
     "balloon": "virtio-balloon devices",
     "fs": "virtio-fs devices",
@@ -91,7 +96,7 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "landlock_enable": "Landlock sandboxing",
     "landlock_rules": "Landlock sandboxing",
     # platform
-    "platform.num_pci_segments": "more than one PCI segment",
+    "platform.num_pci_segments": _SEGMENTS,
     "platform.iommu_segments": _IOMMU,
     "platform.iommu_address_width_bits": _IOMMU,
     "platform.system_serial_number": _SMBIOS,
@@ -135,23 +140,26 @@ class NotSupportedYet(ConfigError):
     :data:`NOT_SUPPORTED`, or a device section no registered device type consumes).
 
     ``str()``: ``--disk: vhost_user is not supported yet (vhost-user block devices)`` or
-    ``memory.zones: not supported yet (memory zones)``. A :class:`ConfigError`: CLI exit 2,
-    API 400.
+    ``memory.zones: not supported yet (memory zones)``; ``also`` lists further uses, appended
+    after ``; also``. A :class:`ConfigError`: CLI exit 2, API 400.
     """
 
-    def __init__(self, option: str, value: object, reason: str, *, key: str | None = None) -> None:
+    def __init__(
+        self, option: str, value: object, reason: str, *, key: str | None = None, also: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(option, value, "", key=key, reason=reason)
+        self.also = also
 
     def __str__(self) -> str:
         what = f"{self.key} is not supported yet" if self.key else "not supported yet"
-        return f"{self.option}: {what} ({self.reason})"
+        return "; also ".join((f"{self.option}: {what} ({self.reason})", *self.also))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self.option, self.value, self.reason, self.key))
+        return (_rebuild, (self.option, self.value, self.reason, self.key, self.also))
 
 
-def _rebuild(option: str, value: object, reason: str, key: str | None) -> NotSupportedYet:
-    return NotSupportedYet(option, value, reason, key=key)
+def _rebuild(option: str, value: object, reason: str, key: str | None, also: tuple[str, ...]) -> NotSupportedYet:
+    return NotSupportedYet(option, value, reason, key=key, also=also)
 
 
 @attrs.frozen
@@ -211,11 +219,9 @@ def check_supported(config: Any, claimed_sections: Iterable[str] = (), *, cli: b
     found = refusals(config, claimed_sections)
     if not found:
         return
-    errors = [_error(refusal, config, cli) for refusal in found]
-    first = errors[0]
-    if len(errors) > 1:
-        others = "; ".join(str(err) for err in errors[1:])
-        first = NotSupportedYet(first.option, first.value, f"{first.reason}; also {others}", key=first.key)
+    first, *others = [_error(refusal, config, cli) for refusal in found]
+    if others:
+        first.also = tuple(str(err) for err in others)
     raise first
 
 
