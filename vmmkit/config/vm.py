@@ -64,8 +64,9 @@ class VmConfig(_Config):
     Build it with :meth:`from_cli`, :meth:`from_json` or directly. Besides each section's own
     checks: device ids are unique (``__``-prefixed ids are reserved), vhost-user devices and
     virtio-fs need shared memory, ``pci_segment`` values exist on the platform, devices on an
-    ``iommu_segments`` segment have ``iommu`` on, VFIO paths are unique and the balloon is
-    smaller than RAM. Whether there is something to boot is not checked (see :attr:`bootable`).
+    ``iommu_segments`` segment have ``iommu`` on, VFIO paths are unique, a virtio-mmio device has
+    no ``pci_device_id``, and the balloon is smaller than RAM. Whether there is something to boot
+    is not checked (see :attr:`bootable`).
     """
 
     cpus: CpusConfig = attrs.field(factory=CpusConfig, validator=_instance(CpusConfig))
@@ -149,6 +150,16 @@ class VmConfig(_Config):
                 )
             if not device.iommu:
                 raise ConfigError(f"{path}.iommu", False, f"iommu on (segment {segment} is behind the IOMMU)")
+        explicit = self.platform.virtio_transport if self.platform else None
+        for path, device in self._all_devices():
+            if path.startswith("devices["):
+                continue  # VFIO devices are PCI devices
+            transport = getattr(device, "transport", None) or explicit
+            if transport == "mmio" and getattr(device, "pci_device_id", None) is not None:
+                raise ConfigError(
+                    f"{path}.pci_device_id", device.pci_device_id, "a PCI slot only for a device on PCI",
+                    reason="pci_device_id (a PCI slot) for a virtio-mmio device",
+                )
         paths: set[str] = set()
         for index, vfio in enumerate(self.devices):
             if vfio.path.rstrip("/") in paths:

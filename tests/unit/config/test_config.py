@@ -1543,3 +1543,12 @@ def test_random_json_raises_only_config_error(data: dict[str, Any], strict: bool
         VmConfig.from_json(data, strict=strict)
     except ConfigError as err:
         assert not err.option.startswith("--")
+
+
+def test_a_pci_slot_for_a_virtio_mmio_device_is_refused_not_ignored() -> None:
+    err = error_of(VmConfig.from_cli, disks=["path=a,transport=mmio,pci_device_id=3"])
+    assert err.option == "--disk" and "pci_device_id" in str(err)
+    err = error_of(VmConfig.from_json, {"net": [{"pci_device_id": 3}], "platform": {"virtio_transport": "mmio"}})
+    assert err.option == "net[0].pci_device_id"
+    VmConfig.from_cli(disks=["path=a,transport=pci,pci_device_id=3"], platform="virtio_transport=mmio")
+    VmConfig.from_cli(devices=["path=/sys/x,pci_device_id=3"], platform="virtio_transport=mmio")  # VFIO: PCI
