@@ -22,8 +22,10 @@ Differences from Cloud Hypervisor, on purpose:
   id); recent CH versions allow more.
 - ``iommu`` is kept as given; CH turns it on when any device asks for an IOMMU, which
   :attr:`VmConfig.iommu_required` reports instead.
-- Unknown JSON keys are ignored (CH rejects them) and missing ones take vmmkit's defaults, see
-  :meth:`VmConfig.from_json`.
+- Unknown JSON keys are refused (CH ignores them: its ``VmConfig`` has no
+  ``deny_unknown_fields``) and missing ones take vmmkit's defaults, see :meth:`VmConfig.from_json`.
+- What vmmkit does not support yet is refused by name, never accepted and ignored
+  (:mod:`~vmmkit.config.support`, :func:`check_supported`): CLI exit 2, API 400.
 - Validation happens on construction, not at VM creation; ``attrs.evolve`` re-validates.
 
 vmmkit extensions (optional, left out of ``to_json()`` while unset, so CH JSON round-trips):
@@ -36,8 +38,8 @@ The package, by concern: :mod:`~vmmkit.config.errors` (:class:`ConfigError`),
 (JSON), :mod:`~vmmkit.config.fields` (limits, validators), the sections
 (:mod:`~vmmkit.config.cpus`, :mod:`~vmmkit.config.disk_net`, :mod:`~vmmkit.config.devices`,
 :mod:`~vmmkit.config.consoles`, :mod:`~vmmkit.config.platform`) and :mod:`~vmmkit.config.vm`
-(:class:`VmConfig`), and :mod:`~vmmkit.config.support` (what is not supported yet, refused
-by name: :func:`check_supported`). Import every public name from ``vmmkit.config`` itself.
+(:class:`VmConfig`), and :mod:`~vmmkit.config.support` (what is not supported yet).
+Import every public name from ``vmmkit.config`` itself.
 """
 
 from __future__ import annotations
