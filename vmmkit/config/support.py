@@ -228,7 +228,7 @@ def check_supported(config: Any, claimed_sections: Iterable[str] = (), *, cli: b
 def _error(refusal: Refusal, config: Any, cli: bool) -> NotSupportedYet:
     if not cli:
         return NotSupportedYet(refusal.path, refusal.value, refusal.reason)
-    from vmmkit.config.vm import cli_location  # vm imports this module's users
+    from vmmkit.config.vm import cli_location  # vm -> codec -> this module: import on use
 
     option, key = cli_location(refusal.path, config.plugin_devices)
     return NotSupportedYet(option, refusal.value, refusal.reason, key=key)
