@@ -44,6 +44,24 @@ _VM_OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
     ("--vsock", "vsock", False, "cid=<cid>,socket=<path>"),
     ("--device", "devices", True, "path=<VFIO sysfs path>,id=<id>"),
     ("--platform", "platform", False, "virtio_transport=pci|mmio,..."),
+    ("--balloon", "balloon", False, "size=<size>,deflate_on_oom=on|off,... (not supported yet)"),
+)
+
+# Cloud Hypervisor's options for what vmmkit's VmConfig does not model: (flag, JSON path in
+# vmmkit.config.NOT_SUPPORTED, takes a value). Each is refused by name, never ignored.
+_UNMODELLED_OPTIONS: tuple[tuple[str, str, bool], ...] = (
+    ("--igvm", "payload.igvm", True),
+    ("--host-data", "payload.host_data", True),
+    ("--memory-zone", "memory.zones", True),
+    ("--numa", "numa", True),
+    ("--rate-limit-group", "rate_limit_groups", True),
+    ("--vdpa", "vdpa", True),
+    ("--user-device", "user_devices", True),
+    ("--generic-vhost-user", "generic_vhost_user", True),
+    ("--tpm", "tpm", True),
+    ("--pci-segment", "pci_segments", True),
+    ("--landlock", "landlock_enable", False),
+    ("--landlock-rules", "landlock_rules", True),
 )
 
 
@@ -133,6 +151,14 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
     parser.add_argument("--debug-console", dest="debug_console", metavar="SPEC",
                         help="port 0xe9 console: off|tty|file=<path>,iobase=<port>")
     parser.add_argument("--pvpanic", action="store_true", help="a pvpanic device: guest panics become events")
+    parser.add_argument("--watchdog", action="store_true", help="a virtio watchdog (not supported yet)")
+    for flag, _path, takes_value in _UNMODELLED_OPTIONS:
+        dest = "unmodelled:" + flag
+        if takes_value:
+            parser.add_argument(flag, dest=dest, action="append", default=[], metavar="SPEC",
+                                help="not supported yet")
+        else:
+            parser.add_argument(flag, dest=dest, action="store_true", help="not supported yet")
     parser.add_argument("--hypervisor", default=AUTO, choices=[AUTO, *(h.name for h in registries.hypervisor_order())],
                         help="backend (auto: the first usable one, see 'vmmkit plugins')")
     parser.add_argument("--arch", default=None, choices=registries.architectures.names(),
@@ -159,9 +185,14 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
 
 
 def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
-    """The ``VmConfig`` the parsed options describe (raises ``ConfigError``)."""
-    from vmmkit.config import DebugConsoleConfig, PluginDeviceConfig, VmConfig
+    """The ``VmConfig`` the parsed options describe (raises ``ConfigError``, and
+    ``NotSupportedYet`` for an option vmmkit does not support yet)."""
+    from vmmkit.config import NOT_SUPPORTED, DebugConsoleConfig, NotSupportedYet, PluginDeviceConfig, VmConfig
 
+    for flag, path, _takes_value in _UNMODELLED_OPTIONS:
+        given = getattr(options, "unmodelled:" + flag)
+        if given:
+            raise NotSupportedYet(flag, given, NOT_SUPPORTED[path])
     kwargs = {dest: getattr(options, dest) for _flag, dest, _rep, _help in _VM_OPTIONS}
     plugin_devices = []
     for device_type in registries.devices:
@@ -169,7 +200,8 @@ def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
             for spec in getattr(options, f"plugin_device:{device_type.name}"):
                 option = f"--{device_type.option}"
                 plugin_devices.append(PluginDeviceConfig.parse(device_type.name, spec, option=option))
-    config = VmConfig.from_cli(**kwargs, plugin_devices=tuple(plugin_devices), pvpanic=options.pvpanic)
+    config = VmConfig.from_cli(**kwargs, plugin_devices=tuple(plugin_devices), pvpanic=options.pvpanic,
+                               watchdog=options.watchdog)
     if options.debug_console is not None:
         import attrs
 
@@ -178,7 +210,8 @@ def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
 
 
 def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
-    from vmmkit.config import ConfigError
+    from vmmkit.config import ConfigError, NotSupportedYet, check_supported
+    from vmmkit.device import claimed_sections
     from vmmkit.errors import VmmError
 
     try:
@@ -189,6 +222,9 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
     options = parser.parse_args(args)  # exits 2 on unknown options and bad choices
     try:
         config = config_from_options(options, registries)
+        check_supported(config, claimed_sections(registries.devices), cli=True)
+    except NotSupportedYet as exc:
+        return _fail(str(exc), EXIT_USAGE)
     except ConfigError as exc:
         parser.print_usage(sys.stderr)
         return _fail(str(exc), EXIT_USAGE)

@@ -9,7 +9,7 @@ everything else (guest memory, its interrupt line, the event loop, power callbac
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from attrs import field, frozen
@@ -180,6 +180,11 @@ class DeviceType(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: The ``VmConfig`` sections this type consumes (``("disks",)``, ``("pmem",)``), or finer
+    #: JSON paths without indices (``("disks.vhost_user",)``). A section or key that
+    #: :data:`vmmkit.config.NOT_SUPPORTED` lists, or a device section no registered type names,
+    #: is refused by name (:func:`vmmkit.config.check_supported`); naming it here lifts that.
+    sections: ClassVar[tuple[str, ...]] = ()
     option: ClassVar[str | None] = None
     option_help: ClassVar[str] = ""
     implementation: ClassVar[str | None] = None
@@ -223,6 +228,11 @@ def section_id(section: Any) -> str:
         raise TypeError(f"{type(section).__name__} has no id: the configuration did not go "
                         "through VmConfig.assign_ids()")
     return device_id
+
+
+def claimed_sections(device_types: Iterable[type[DeviceType]]) -> frozenset[str]:
+    """Every :attr:`DeviceType.sections` entry of ``device_types`` (a registry's device types)."""
+    return frozenset(section for device_type in device_types for section in device_type.sections)
 
 
 @frozen

@@ -20,8 +20,8 @@ import pluggy
 
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
 from vmmkit.bus import Bus
-from vmmkit.config import VmConfig
-from vmmkit.device import DeviceRequest, PlacedDevice
+from vmmkit.config import VmConfig, check_supported
+from vmmkit.device import DeviceRequest, PlacedDevice, claimed_sections
 from vmmkit.device_manager import DeviceManager, default_virtio_transport
 from vmmkit.errors import BootError, DeviceError, NotSupportedError, VmmError
 from vmmkit.eventloop import EventLoop
@@ -242,6 +242,7 @@ class Machine:
 
     def build(self) -> None:
         """Create the VM: memory, devices, payload, vCPUs. Leaves it in ``Created``."""
+        check_supported(self.config, claimed_sections(self.registries.devices))
         self.emit("vm-creating")
         backend = self.registries.select_hypervisor(self.hypervisor_name, self.arch_name)
         if self.arch_name not in backend.architectures:

@@ -8,7 +8,8 @@ Lifecycle, as in CH::
                  |                            |  power-button: the guest is asked to power off
                  +----------delete------------+--shutdown--> Shutdown --boot--> Running (a new VM)
 
-- ``create`` only stores the configuration; ``boot`` builds the machine and starts it.
+- ``create`` only stores the configuration (refusing what is not supported yet, see
+  :func:`vmmkit.config.check_supported`); ``boot`` builds the machine and starts it.
 - ``add-*`` / ``remove-device`` before boot change the stored configuration.
   After boot they need hotplug, which no transport supports yet: :class:`NotSupported`.
 - When the guest powers off (or the VM fails), the VMM exits, as CH's does:
@@ -34,7 +35,8 @@ import attrs
 import pluggy
 
 from vmmkit import __version__
-from vmmkit.config import DeviceConfig, DiskConfig, NetConfig, VmConfig
+from vmmkit.config import DeviceConfig, DiskConfig, NetConfig, VmConfig, check_supported
+from vmmkit.device import claimed_sections
 from vmmkit.errors import VmmError
 from vmmkit.log import get_logger
 from vmmkit.machine import Machine, MachineExit, MachineState, StopReason, preload
@@ -152,6 +154,7 @@ class Vmm:
             with self._lock:
                 if self.config is not None:
                     raise AlreadyExists("a VM is already created (vm.delete it first)")
+                check_supported(config, claimed_sections(self.registries.devices))
                 self.config = config.assign_ids()
             # Load the code this VM's boot will run now, so vm.boot spends its time on the VM.
             preload(self.config, self.registries, hypervisor=self.hypervisor_name, arch=self.arch_name)
@@ -316,6 +319,7 @@ class Vmm:
                 raise AlreadyExists(f"a device with id {device.id!r} already exists")
             before = ids
             new = add(config, device).assign_ids()
+            check_supported(new, claimed_sections(self.registries.devices))
             with self._lock:
                 self.config = new
                 if isinstance(device, NetConfig) and device.fds:

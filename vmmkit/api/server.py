@@ -8,10 +8,10 @@ nothing here waits for vCPUs. The document of what is served is :data:`OPENAPI_P
 (``GET /api/v1/openapi``).
 
 Status codes: 200 with a body, 204 without; 400 bad input (malformed HTTP or JSON, a config
-vmmkit rejects); 404 unknown path, no VM created, or no such device; 405 wrong method, or an
-operation the VM's state does not allow; 409 a VM or a device id that already exists;
-413 body too large; 501 a CH endpoint vmmkit does not implement (snapshot, resize, ...) or
-hotplug; 500 only for failures inside the VMM.
+vmmkit rejects or does not support yet, an unknown key); 404 unknown path, no VM created, or no
+such device; 405 wrong method, or an operation the VM's state does not allow; 409 a VM or a
+device id that already exists; 413 body too large; 501 a CH endpoint vmmkit does not implement
+(snapshot, resize, ...) or hotplug; 500 only for failures inside the VMM.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ _PLACEMENT_TRIES = 64
 
 def place_virtio_mmio(host: DeviceHost, device: VirtioDevice, request: DeviceRequest, *,
                       transport: str = "virtio-mmio") -> PlacedDevice:
+    if request.pci_slot is not None or request.pci_segment:
+        raise DeviceError(f"device {request.id}: pci_segment / pci_device_id place a PCI device, but this one "
+                          "goes on virtio-mmio (use transport=pci, or leave them out)")
     irq, line = host.allocate_irq(request.irq)
     try:
         mmio = VirtioMmioTransport(device, memory=host.memory, line=line, event_loop=host.event_loop)

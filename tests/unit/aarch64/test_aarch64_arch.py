@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import attrs
 import libfdt
 import pytest
 from aarch64_helpers import FakeVcpu, make_config, placed, write_image
@@ -14,6 +15,7 @@ from vmmkit_aarch64.arch import Aarch64, platform_devices
 from vmmkit_aarch64.psci import PsciPower
 
 from vmmkit.aarch64 import BOOT_PSTATE, PowerState, SysReg
+from vmmkit.config import DebugConsoleConfig, NotSupportedYet
 from vmmkit.errors import BootError, CapabilityError
 
 
@@ -40,6 +42,18 @@ def test_platform_devices_and_their_placements() -> None:
     assert requests["rtc-pl031"].mmio == (0x0901_0000, 0x1000) and requests["rtc-pl031"].irq == 34
     assert requests["debug-exit"].mmio == (0x0902_0000, 0x1000)
     assert requests["psci"].mmio == (0x0903_0000, 0x1000)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"pvpanic": True}, "pvpanic: not supported yet"),
+    ({"debug_console": DebugConsoleConfig(mode="Tty")}, "debug_console: not supported yet"),
+])
+def test_x86_port_devices_are_refused_not_left_out(change: dict[str, object], named: str) -> None:
+    """--pvpanic and --debug-console are x86 I/O-port devices: an AArch64 VM refuses them by name
+    (issue #12: nothing accepted in silence)."""
+    with pytest.raises(NotSupportedYet) as info:
+        platform_devices(attrs.evolve(make_config(), **change))
+    assert str(info.value).startswith(named)
 
 
 def test_configure_vm_installs_psci_for_a_trapping_backend() -> None:

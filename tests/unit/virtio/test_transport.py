@@ -258,3 +258,9 @@ def test_a_request_end_to_end(ioeventfd: bool) -> None:
         assert r(m.STATUS) == 0 and device.broken is None
     finally:
         close_manager(machine)
+
+
+def test_pci_placement_fields_are_refused_on_mmio(machine: DeviceManager) -> None:
+    with pytest.raises(DeviceError, match="pci_device_id place a PCI device"):
+        machine.place(FakeDevice("a"), DeviceRequest("fake", "a", pci_slot=3))
+    assert machine.devices == []

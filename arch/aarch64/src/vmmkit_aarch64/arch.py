@@ -58,8 +58,15 @@ def platform_devices(config: Any) -> list[DeviceRequest]:
         _debug_exit  debug-exit   0x09020000    -           a write sets the VMM's exit status
         _psci        psci         0x09030000    -           PSCI's power callbacks (not in the DT)
     """
+    from vmmkit.config import NotSupportedYet
     from vmmkit_aarch64 import layout as L
 
+    # x86 I/O-port devices: refused by name rather than left out in silence
+    if getattr(config, "pvpanic", False):
+        raise NotSupportedYet("pvpanic", True, "pvpanic on AArch64 guests (an x86 I/O-port device)")
+    debug_console = getattr(config, "debug_console", None)
+    if debug_console is not None and str(getattr(debug_console, "mode", "Off")) != "Off":
+        raise NotSupportedYet("debug_console", debug_console, "the debug console on AArch64 guests (x86 port 0xe9)")
     requests = []
     if str(getattr(config.serial, "mode", "Tty")) != "Off":
         requests.append(DeviceRequest("pl011", "_serial", config.serial,

@@ -33,6 +33,7 @@ class Serial16550Type(DeviceType):
 
     name: ClassVar[str] = "serial-16550"
     description: ClassVar[str] = "16550A UART with tty, pty, file, socket and null backends"
+    sections: ClassVar[tuple[str, ...]] = ("serial",)
 
     implementation: ClassVar[str] = "vmmkit_devices.legacy.serial"
 
@@ -88,6 +89,7 @@ class DebugConsoleType(DeviceType):
 
     name: ClassVar[str] = "debug-console"
     description: ClassVar[str] = "Bochs debug console port (0xe9): guest bytes to tty, file, pty or null"
+    sections: ClassVar[tuple[str, ...]] = ("debug_console",)
 
     implementation: ClassVar[str] = "vmmkit_devices.debug.console"
 
@@ -106,6 +108,7 @@ class PvPanicType(DeviceType):
 
     name: ClassVar[str] = "pvpanic"
     description: ClassVar[str] = "pvpanic port: guest panics become events (QEMU0001, port 0x505)"
+    sections: ClassVar[tuple[str, ...]] = ("pvpanic",)
 
     implementation: ClassVar[str] = "vmmkit_devices.debug.pvpanic"
 
@@ -140,6 +143,7 @@ class Pl011Type(DeviceType):
 
     name: ClassVar[str] = "pl011"
     description: ClassVar[str] = "ARM PL011 UART (AArch64 console) with tty, pty, file, socket and null backends"
+    sections: ClassVar[tuple[str, ...]] = ("serial",)
 
     implementation: ClassVar[str] = "vmmkit_devices.legacy.pl011"
 
@@ -161,6 +165,7 @@ class VirtioBlockType(DeviceType):
 
     name: ClassVar[str] = "virtio-blk"
     description: ClassVar[str] = "virtio block device on a raw image file (--disk path=...)"
+    sections: ClassVar[tuple[str, ...]] = ("disks",)
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
@@ -174,6 +179,7 @@ class VirtioNetType(DeviceType):
 
     name: ClassVar[str] = "virtio-net"
     description: ClassVar[str] = "virtio network device on a tap interface (--net tap=...|fd=[...])"
+    sections: ClassVar[tuple[str, ...]] = ("net",)
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
@@ -187,6 +193,7 @@ class VirtioConsoleType(DeviceType):
 
     name: ClassVar[str] = "virtio-console"
     description: ClassVar[str] = "virtio console, one port, on the serial port's backends (--console)"
+    sections: ClassVar[tuple[str, ...]] = ("console",)
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
@@ -203,6 +210,7 @@ class VirtioRngType(DeviceType):
 
     name: ClassVar[str] = "virtio-rng"
     description: ClassVar[str] = "virtio entropy device reading a host source (--rng src=/dev/urandom)"
+    sections: ClassVar[tuple[str, ...]] = ("rng",)
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
