@@ -210,8 +210,8 @@ def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
 
 
 def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
-    from vmmkit.config import ConfigError, NotSupportedYet, check_supported
-    from vmmkit.device import claimed_sections
+    from vmmkit.config import ConfigError, NotSupportedYet
+    from vmmkit.device import check_devices
     from vmmkit.errors import VmmError
 
     try:
@@ -222,7 +222,7 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
     options = parser.parse_args(args)  # exits 2 on unknown options and bad choices
     try:
         config = config_from_options(options, registries)
-        check_supported(config, claimed_sections(registries.devices), cli=True)
+        check_devices(config, registries.devices, cli=True)
     except NotSupportedYet as exc:
         return _fail(str(exc), EXIT_USAGE)
     except ConfigError as exc:

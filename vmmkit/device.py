@@ -235,6 +235,26 @@ def claimed_sections(device_types: Iterable[type[DeviceType]]) -> frozenset[str]
     return frozenset(section for device_type in device_types for section in device_type.sections)
 
 
+def check_devices(config: VmConfig, device_types: Iterable[type[DeviceType]], *, cli: bool = False) -> None:
+    """Refuse a configuration that asks for a device no installed plugin provides: a section
+    that is not supported yet and no device type claims (:func:`vmmkit.config.check_supported`),
+    or a plugin device of a type nobody registered. What the CLI (exit 2), the API (400) and
+    :meth:`vmmkit.machine.Machine.build` check before anything is allocated.
+
+    :raises vmmkit.config.ConfigError: naming the option and, for a type, the installed ones.
+    """
+    from vmmkit.config import ConfigError, check_supported
+
+    types = list(device_types)
+    check_supported(config, claimed_sections(types), cli=cli)
+    names = [device_type.name for device_type in types]
+    for index, plugin_device in enumerate(config.plugin_devices):
+        if plugin_device.type not in names:
+            raise ConfigError(f"--{plugin_device.type}" if cli else f"plugin_devices[{index}].type",
+                              plugin_device.type, f"an installed device type: {', '.join(names) or 'none'}",
+                              reason=f"no installed plugin provides device type {plugin_device.type!r}")
+
+
 @frozen
 class PlacedDevice:
     """A device after placement: where it is and how the guest reaches it.

@@ -20,10 +20,10 @@ import pluggy
 
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
 from vmmkit.bus import Bus
-from vmmkit.config import VmConfig, check_supported
-from vmmkit.device import DeviceRequest, PlacedDevice, claimed_sections
+from vmmkit.config import VmConfig
+from vmmkit.device import DeviceRequest, PlacedDevice, check_devices
 from vmmkit.device_manager import DeviceManager, default_virtio_transport
-from vmmkit.errors import BootError, DeviceError, NotSupportedError, VmmError
+from vmmkit.errors import BootError, NotSupportedError, VmmError
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import ExitReason, Hypervisor, Vcpu, Vm
 from vmmkit.irq import InterruptLine
@@ -242,7 +242,7 @@ class Machine:
 
     def build(self) -> None:
         """Create the VM: memory, devices, payload, vCPUs. Leaves it in ``Created``."""
-        check_supported(self.config, claimed_sections(self.registries.devices))
+        check_devices(self.config, self.registries.devices)
         self.emit("vm-creating")
         backend = self.registries.select_hypervisor(self.hypervisor_name, self.arch_name)
         if self.arch_name not in backend.architectures:
@@ -290,11 +290,6 @@ class Machine:
             requests.extend(extra)
         for device_type in self.registries.devices:
             requests.extend(device_type.requests(self.config))
-        for plugin_device in self.config.plugin_devices:
-            if plugin_device.type not in self.registries.devices:
-                installed = ", ".join(self.registries.devices.names()) or "none"
-                raise DeviceError(f"device {plugin_device.id}: no installed plugin provides device type "
-                                  f"{plugin_device.type!r} (installed types: {installed})")
         self.manager.reserve_irqs(request.irq for request in requests if request.irq is not None)
         for request in requests:
             self.manager.create(request)

@@ -226,4 +226,4 @@ class VirtioPci(Transport):
 
 
 #: The transports every VM has, registered by the core itself.
-BUILTIN_TRANSPORTS: tuple[type[Transport], ...] = (PlatformTransport, PciTransport, VirtioMmio, VirtioPci)
+BUILTIN_TRANSPORTS: tuple[type[Transport], ...] = (PlatformTransport, PciTransport, VirtioPci, VirtioMmio)

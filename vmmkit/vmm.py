@@ -35,8 +35,8 @@ import attrs
 import pluggy
 
 from vmmkit import __version__
-from vmmkit.config import DeviceConfig, DiskConfig, NetConfig, VmConfig, check_supported
-from vmmkit.device import claimed_sections
+from vmmkit.config import DeviceConfig, DiskConfig, NetConfig, VmConfig
+from vmmkit.device import check_devices
 from vmmkit.errors import VmmError
 from vmmkit.log import get_logger
 from vmmkit.machine import Machine, MachineExit, MachineState, StopReason, preload
@@ -154,7 +154,7 @@ class Vmm:
             with self._lock:
                 if self.config is not None:
                     raise AlreadyExists("a VM is already created (vm.delete it first)")
-                check_supported(config, claimed_sections(self.registries.devices))
+                check_devices(config, self.registries.devices)
                 self.config = config.assign_ids()
             # Load the code this VM's boot will run now, so vm.boot spends its time on the VM.
             preload(self.config, self.registries, hypervisor=self.hypervisor_name, arch=self.arch_name)
@@ -319,7 +319,7 @@ class Vmm:
                 raise AlreadyExists(f"a device with id {device.id!r} already exists")
             before = ids
             new = add(config, device).assign_ids()
-            check_supported(new, claimed_sections(self.registries.devices))
+            check_devices(new, self.registries.devices)
             with self._lock:
                 self.config = new
                 if isinstance(device, NetConfig) and device.fds:

@@ -255,3 +255,16 @@ def test_the_core_modules_import_alone() -> None:
         code = f"import sys, {module}; print(sorted(m for m in {modules!r} if m in sys.modules))"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert result.stdout.strip() == repr([module]), (module, result.stdout)
+
+
+def test_a_plugin_device_of_an_unregistered_type_is_refused_before_anything_is_built() -> None:
+    from vmmkit.config import ConfigError, PluginDeviceConfig
+    from vmmkit.device import check_devices
+
+    registries = collect_registries(make_plugin_manager(autoload=False, plugins=[MailboxPlugin()]))
+    config = VmConfig(plugin_devices=(PluginDeviceConfig.parse("tpm-crb", "path=/x"),)).assign_ids()
+    with pytest.raises(ConfigError, match=r"plugin_devices\[0\].type: no installed plugin provides device type "
+                                          r"'tpm-crb' \(expected an installed device type: leds, test-watchdog\)"):
+        check_devices(config, registries.devices)
+    with pytest.raises(ConfigError, match="--tpm-crb: no installed plugin"):
+        check_devices(config, registries.devices, cli=True)

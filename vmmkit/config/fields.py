@@ -10,6 +10,7 @@ from typing import Any, Final, TypeVar
 import attrs
 
 from vmmkit.config.errors import ConfigError
+from vmmkit.transport import BUILTIN_TRANSPORTS
 from vmmkit.units import SIZE_SYNTAX, KiB, MiB, parse_size
 
 T = TypeVar("T")
@@ -25,7 +26,9 @@ MAX_PCI_SEGMENTS: Final = 96
 VIRTIO_FS_TAG_LEN: Final = 36
 VIRTIO_BLK_ID_BYTES: Final = 20
 MIN_MTU: Final = 1280
-TRANSPORTS: Final = ("pci", "mmio")
+#: The virtio transports a configuration may name (``transport=``, ``virtio_transport=``): the
+#: short names of the core's virtio transports (:data:`vmmkit.transport.BUILTIN_TRANSPORTS`).
+TRANSPORTS: Final = tuple(t.alias for t in BUILTIN_TRANSPORTS if t.family == "virtio" and t.alias)
 CONSOLE_MODES: Final = ("Off", "Pty", "Tty", "File", "Socket", "Null")
 U8: Final = 0xFF
 U16: Final = 0xFFFF
