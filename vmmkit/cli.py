@@ -48,6 +48,10 @@ _VM_OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The command (not the library) caches attrs' generated methods: see vmmkit._codecache.
+    from vmmkit import _codecache
+
+    _codecache.install()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["plugins"]:
