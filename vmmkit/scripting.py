@@ -13,7 +13,9 @@ Hypervisor's option syntax (the ``vmmkit`` command's options, without the dashes
 :class:`vmmkit.config.VmConfig`, with the installed plugins. By default it captures the legacy
 serial port (``serial="capture"``): :attr:`Vm.serial` and :attr:`VmExit.serial` hold what the
 guest wrote. Errors are :class:`vmmkit.errors.VmmError` (a bad option:
-:class:`vmmkit.config.ConfigError`); a keyword this module does not know is a ``TypeError``.
+:class:`vmmkit.config.ConfigError`); an unknown keyword, or a value of the wrong type (a list
+where an option string goes, ``"no"`` for a flag), is a ``TypeError``: nothing is converted
+or dropped in silence.
 """
 
 from __future__ import annotations
@@ -77,28 +79,33 @@ def build_config(**options: Any) -> VmConfig:
     if unknown:
         raise TypeError(f"unknown VM option(s): {', '.join(unknown)} (known: {', '.join(sorted(OPTIONS))}, serial)")
     kwargs: dict[str, Any] = {}
-    for name in _PATHS:
-        if options.get(name) is not None:
-            kwargs[name] = os.fspath(options[name])
-    for name in _SINGLE:
-        if options.get(name) is not None:
-            kwargs[name] = str(options[name])
-    for name in _REPEATABLE:
-        value = options.get(name)
-        if name == "plugin_devices" and isinstance(value, tuple) and len(value) == 2 \
-                and all(isinstance(part, str) for part in value):
-            value = [value]  # one (type, spec) pair
-        if value is not None:
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in _PATHS:
+            if not isinstance(value, str | os.PathLike):
+                raise TypeError(f"{name}: expected a path, got {value!r}")
+            kwargs[name] = os.fspath(value)
+        elif name in _SINGLE or name == "serial":
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected an option string, got {value!r}")
             kwargs[name] = value
-    for name in _FLAGS:
-        if name in options:
-            kwargs[name] = bool(options[name])
-    if options.get("cpus") is not None:
-        kwargs["cpus"] = _spec(options["cpus"], "boot")
-    if options.get("memory") is not None:
-        kwargs["memory"] = _spec(options["memory"], "size")
-    if options.get("serial") is not None:
-        kwargs["serial"] = str(options["serial"])
+        elif name in _FLAGS:
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected True or False, got {value!r}")
+            kwargs[name] = value
+        elif name == "cpus":
+            kwargs[name] = _spec(value, "boot")
+        elif name == "memory":
+            kwargs[name] = _spec(value, "size")
+        elif name == "plugin_devices":
+            pair = isinstance(value, tuple) and len(value) == 2 and all(isinstance(part, str) for part in value)
+            kwargs[name] = [value] if pair else list(value)
+        else:  # repeatable: one option string or a list of them
+            values = [value] if isinstance(value, str) else list(value)
+            if not all(isinstance(item, str) for item in values):
+                raise TypeError(f"{name}: expected an option string or a list of them, got {value!r}")
+            kwargs[name] = values
     return VmConfig.from_cli(**kwargs)
 
 

@@ -122,3 +122,20 @@ def test_run_stops_the_guest_when_the_timeout_passes(selftest_elf: Path, vmmkit_
     with pytest.raises(TimeoutError):
         vmmkit.run(kernel=selftest_elf, cmdline="test=spin", hypervisor=vmmkit_hypervisor, timeout=0.5)
     assert time.monotonic() - started < 30
+
+
+def test_values_of_the_wrong_type_are_refused_not_converted() -> None:
+    with pytest.raises(TypeError, match="watchdog: expected True or False"):
+        vmmkit.Vm(kernel="k", watchdog="no")
+    with pytest.raises(TypeError, match="cmdline: expected an option string"):
+        vmmkit.Vm(kernel="k", cmdline=["quiet"])
+    with pytest.raises(TypeError, match="disks: expected an option string or a list"):
+        vmmkit.Vm(kernel="k", disks=[Path("a.img")])
+    with pytest.raises(TypeError, match="expected an int or a boot=... option string"):
+        vmmkit.Vm(kernel="k", cpus=2.5)
+
+
+def test_plugin_devices_take_type_and_spec_pairs() -> None:
+    vm = vmmkit.Vm(kernel="k", plugin_devices=("example-led", "port=0x510"), serial=None)
+    assert [(d.type, d.options) for d in vm.config.plugin_devices] == [("example-led", (("port", "0x510"),))]
+    vm.close()
