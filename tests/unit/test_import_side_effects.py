@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import vmmkit
 
 PROBE = r"""
@@ -105,3 +107,32 @@ def test_the_command_installs_the_code_cache(tmp_path: Path) -> None:
                             cwd=tmp_path, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "cache" / "vmmkit").glob("attrs-code-*.marshal")), "the command wrote no code cache"
+
+
+FIRST_USE = r"""
+import sys, threading
+from vmmkit.virtio import chain
+assert "vmmkit.virtio._native" not in sys.modules
+barrier = threading.Barrier(8)
+answers = []
+def first_use():
+    barrier.wait()
+    answers.append(chain.native_available())
+threads = [threading.Thread(target=first_use) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(answers.count(True), "vmmkit.virtio._native" in sys.modules)
+"""
+
+
+def test_the_native_walker_loads_on_first_use_and_racing_threads_all_get_it(tmp_path: Path) -> None:
+    from vmmkit.virtio import chain
+
+    if not chain.native_available():
+        pytest.skip(f"native walker: {chain.NATIVE_UNAVAILABLE_REASON}")
+    env = {k: v for k, v in os.environ.items() if k != "VMMKIT_VIRTIO_NATIVE"}
+    result = subprocess.run([sys.executable, "-c", FIRST_USE], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=60, check=True)
+    assert result.stdout.split() == ["8", "True"]

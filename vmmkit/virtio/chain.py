@@ -419,10 +419,21 @@ _IOVEC_IS_TWO_U64 = False
 NATIVE_UNAVAILABLE_REASON = ""
 
 
+_load_lock = threading.Lock()
+
+
 def _load_native() -> None:
-    """Load the C module, on first use (``import vmmkit`` loads no native module)."""
-    global _ffi, _lib, _loaded, _IOVEC_IS_TWO_U64, NATIVE_UNAVAILABLE_REASON
-    _loaded = True
+    """Load the C module, on first use (``import vmmkit`` loads no native module). Threads
+    that race here all see the outcome: ``_loaded`` is set last, under the lock."""
+    global _loaded
+    with _load_lock:
+        if not _loaded:
+            _try_native()
+            _loaded = True
+
+
+def _try_native() -> None:
+    global _ffi, _lib, _IOVEC_IS_TWO_U64, NATIVE_UNAVAILABLE_REASON
     if os.environ.get("VMMKIT_VIRTIO_NATIVE", "1") == "0":
         NATIVE_UNAVAILABLE_REASON = "disabled by VMMKIT_VIRTIO_NATIVE=0"
         return
@@ -436,8 +447,8 @@ def _load_native() -> None:
     if mismatched or lib.VQ_MAX_INDIRECT != MAX_INDIRECT_ENTRIES or lib.VQ_MAX_QUEUE_SIZE != MAX_QUEUE_SIZE:
         NATIVE_UNAVAILABLE_REASON = f"vmmkit.virtio._native disagrees with chain.py ({mismatched})"
         return
-    _ffi, _lib = ffi, lib
     _IOVEC_IS_TWO_U64 = ffi.sizeof("struct iovec") == 16 and sys.byteorder == "little"
+    _ffi, _lib = ffi, lib
 
 
 def native_available() -> bool:
@@ -462,7 +473,6 @@ class NativeScratch:
         self.iov = _ffi.new("struct iovec[]", max(capacity, 1))
         self.gpa = _ffi.new("uint64_t[]", max(capacity, 1))
         self.out = _ffi.new("struct vq_chain *")
-
 
 
 def walk_native(
