@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -153,11 +154,13 @@ class Vm:
             config = build_config(**options)
         if config.payload.kernel is None:
             raise ConfigError("kernel", None, "the path of a kernel image", reason="no kernel given")
-        self._workdir: str | None = None
         self._serial_path: Path | None = None
+        self._remove_workdir: weakref.finalize[..., Any] | None = None
         if serial == CAPTURE:
-            self._workdir = tempfile.mkdtemp(prefix="vmmkit-vm-")
-            self._serial_path = Path(self._workdir) / "serial.log"
+            workdir = tempfile.mkdtemp(prefix="vmmkit-vm-")
+            # Removed by close(), or when the Vm is collected or the interpreter exits.
+            self._remove_workdir = weakref.finalize(self, shutil.rmtree, workdir, ignore_errors=True)
+            self._serial_path = Path(workdir) / "serial.log"
             config = attrs.evolve(config, serial=SerialConfig(mode="File", file=str(self._serial_path)))
         elif serial is not None:
             config = attrs.evolve(config, serial=SerialConfig.parse(serial))
@@ -254,10 +257,9 @@ class Vm:
             if machine is not None:
                 machine.close()
         finally:
-            if self._workdir is not None:
+            if self._remove_workdir is not None and self._remove_workdir.alive:
                 self._kept_serial = self.serial_bytes
-                shutil.rmtree(self._workdir, ignore_errors=True)
-                self._workdir = None
+                self._remove_workdir()
 
     def __enter__(self) -> Vm:
         return self

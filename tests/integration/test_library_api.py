@@ -139,3 +139,19 @@ def test_plugin_devices_take_type_and_spec_pairs() -> None:
     vm = vmmkit.Vm(kernel="k", plugin_devices=("example-led", "port=0x510"), serial=None)
     assert [(d.type, d.options) for d in vm.config.plugin_devices] == [("example-led", (("port", "0x510"),))]
     vm.close()
+
+
+def test_the_capture_directory_goes_with_the_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() removes the serial capture's directory; so does dropping a Vm never closed."""
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    closed = vmmkit.Vm(kernel="k")
+    dropped = vmmkit.Vm(kernel="k")
+    assert len(list(tmp_path.iterdir())) == 2
+    closed.close()
+    assert len(list(tmp_path.iterdir())) == 1
+    del dropped
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
