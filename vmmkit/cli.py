@@ -66,6 +66,10 @@ _UNMODELLED_OPTIONS: tuple[tuple[str, str, bool], ...] = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The command (not the library) caches attrs' generated methods: see vmmkit._codecache.
+    from vmmkit import _codecache
+
+    _codecache.install()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["plugins"]:

@@ -4,6 +4,7 @@ configurable with no edit to vmmkit (the example under examples/)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,14 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vmmkit-example-dev
 
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """An environment in which the example plugin is pip-installed (into its own folder)."""
+    """An environment in which the example plugin is pip-installed (into its own folder). pip
+    builds in the source tree (``build/``, ``*.egg-info``), so it builds a copy in tmp."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("source") / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(EXAMPLE)],
+         "--disable-pip-version-check", "--target", str(target), str(source)],
         check=True, capture_output=True, text=True,
     )
     env = dict(os.environ)

@@ -413,12 +413,27 @@ def walk_python(
 
 _ffi: Any = None
 _lib: Any = None
-#: Why the native walker is not used ("" when it is).
+_loaded = False
+_IOVEC_IS_TWO_U64 = False
+#: Why the native walker is not used ("" when it is); settled by :func:`native_available`.
 NATIVE_UNAVAILABLE_REASON = ""
 
 
+_load_lock = threading.Lock()
+
+
 def _load_native() -> None:
-    global _ffi, _lib, NATIVE_UNAVAILABLE_REASON
+    """Load the C module, on first use (``import vmmkit`` loads no native module). Threads
+    that race here all see the outcome: ``_loaded`` is set last, under the lock."""
+    global _loaded
+    with _load_lock:
+        if not _loaded:
+            _try_native()
+            _loaded = True
+
+
+def _try_native() -> None:
+    global _ffi, _lib, _IOVEC_IS_TWO_U64, NATIVE_UNAVAILABLE_REASON
     if os.environ.get("VMMKIT_VIRTIO_NATIVE", "1") == "0":
         NATIVE_UNAVAILABLE_REASON = "disabled by VMMKIT_VIRTIO_NATIVE=0"
         return
@@ -432,29 +447,32 @@ def _load_native() -> None:
     if mismatched or lib.VQ_MAX_INDIRECT != MAX_INDIRECT_ENTRIES or lib.VQ_MAX_QUEUE_SIZE != MAX_QUEUE_SIZE:
         NATIVE_UNAVAILABLE_REASON = f"vmmkit.virtio._native disagrees with chain.py ({mismatched})"
         return
+    _IOVEC_IS_TWO_U64 = ffi.sizeof("struct iovec") == 16 and sys.byteorder == "little"
     _ffi, _lib = ffi, lib
 
 
-_load_native()
-
-
 def native_available() -> bool:
+    if not _loaded:
+        _load_native()
     return _lib is not None
+
+
+def native_unavailable_reason() -> str:
+    """Why the native walker is not used ("" when it is)."""
+    native_available()
+    return NATIVE_UNAVAILABLE_REASON
 
 
 class NativeScratch:
     """Reusable output arrays for :func:`walk_native` (one per queue; not thread-safe)."""
 
     def __init__(self, capacity: int) -> None:
-        if _ffi is None:
+        if not native_available():
             raise RuntimeError(f"the native walker is unavailable: {NATIVE_UNAVAILABLE_REASON}")
         self.capacity = capacity
         self.iov = _ffi.new("struct iovec[]", max(capacity, 1))
         self.gpa = _ffi.new("uint64_t[]", max(capacity, 1))
         self.out = _ffi.new("struct vq_chain *")
-
-
-_IOVEC_IS_TWO_U64 = _ffi is not None and _ffi.sizeof("struct iovec") == 16 and sys.byteorder == "little"
 
 
 def walk_native(
@@ -468,7 +486,7 @@ def walk_native(
     scratch: NativeScratch | None = None,
 ) -> DescriptorChain:
     """Walk the chain at ``head`` in C; same result as :func:`walk_python`."""
-    if _lib is None:
+    if _lib is None and not native_available():
         raise RuntimeError(f"the native walker is unavailable: {NATIVE_UNAVAILABLE_REASON}")
     if queue_size <= 0 or queue_size > MAX_QUEUE_SIZE or not 0 <= desc_gpa < _U64_LIMIT:
         _check_queue(table, desc_gpa, queue_size)  # raises RING, as the reference does
@@ -562,6 +580,8 @@ _fence_lock = threading.Lock()
 def fence() -> None:
     """A full memory barrier between ring accesses (the C ``__atomic_thread_fence``; without
     the native module, a lock round trip, which orders at least as much on x86-64)."""
+    if not _loaded:
+        _load_native()
     if _lib is not None:
         _lib.vq_fence()
     else:
@@ -573,5 +593,5 @@ __all__: Sequence[str] = [
     "DEFAULT_MAX_SEGMENTS", "MAX_CHAIN_BYTES", "MAX_INDIRECT_ENTRIES", "MAX_QUEUE_SIZE",
     "VIRTQ_DESC_F_INDIRECT", "VIRTQ_DESC_F_NEXT", "VIRTQ_DESC_F_WRITE", "ChainWalker",
     "DescriptorChain", "ErrorKind", "IovecArray", "RegionTable", "Segment", "VirtqueueError",
-    "fence", "native_available", "walk_native", "walk_python",
+    "fence", "native_available", "native_unavailable_reason", "walk_native", "walk_python",
 ]

@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from vmmkit.virtio.chain import (
     DEFAULT_MAX_SEGMENTS,
     MAX_QUEUE_SIZE,
-    NATIVE_UNAVAILABLE_REASON,
     ChainWalker,
     DescriptorChain,
     ErrorKind,
@@ -52,6 +51,7 @@ from vmmkit.virtio.chain import (
     VirtqueueError,
     fence,
     native_available,
+    native_unavailable_reason,
 )
 from vmmkit.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 
@@ -105,7 +105,7 @@ class Virtqueue:
         if not 1 <= max_segments <= 0xFFFF_FFFF:
             raise ValueError(f"max_segments {max_segments} out of range")
         if native and not native_available():
-            raise ValueError(f"the native walker is unavailable: {NATIVE_UNAVAILABLE_REASON}")
+            raise ValueError(f"the native walker is unavailable: {native_unavailable_reason()}")
         self.max_size = max_size
         self.memory = memory
         self.index = index

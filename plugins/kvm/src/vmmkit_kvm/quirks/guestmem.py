@@ -37,7 +37,7 @@ class GuestPhysical:
             if guest <= addr and addr + size <= guest + length:
                 from vmmkit_kvm._native import ffi
 
-                return ffi.buffer(ffi.cast("char *", host + addr - guest), size)[:]
+                return bytes(ffi.buffer(ffi.cast("char *", host + addr - guest), size))
         return None
 
     def u64(self, addr: int) -> int | None:
