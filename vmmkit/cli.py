@@ -133,6 +133,11 @@ def _cmd_plugins(args: list[str]) -> int:
     for device_type in registries.devices:
         option = f"  (--{device_type.option})" if device_type.option else ""
         print(f"  {device_type.name:<16} {device_type.description}{option}", file=out)
+    print("transports (placing devices of a family):", file=out)
+    for transport in registries.transports:
+        alias = f" (or {transport.alias})" if transport.alias else ""
+        print(f"  {transport.name + alias:<22} {transport.family:<9} {transport.description}  "
+              f"[{registries.transports.owner(transport.name)}]", file=out)
     return 0
 
 

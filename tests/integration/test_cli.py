@@ -16,6 +16,9 @@ def test_plugins_lists_backends_with_availability_architectures_and_devices() ->
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert "x86_64" in lines and "aarch64" in lines
     assert "serial-16550" in out
+    transports = out[out.index("transports"):]
+    assert "virtio-pci (or pci)" in transports and "virtio-mmio (or mmio)" in transports
+    assert "  pci " in transports and "  platform " in transports
 
 
 @pytest.mark.requires_kvm
