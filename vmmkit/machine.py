@@ -29,6 +29,7 @@ from vmmkit.hypervisor import ExitReason, Hypervisor, PortSink, Vcpu, Vm
 from vmmkit.irq import GsiAllocator, GsiLine, InterruptLine
 from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
+from vmmkit.paths import PathError, require_regular_file
 from vmmkit.registry import AUTO, Registries
 from vmmkit.threads import set_native_thread_name
 from vmmkit.virtio.device import VirtioDevice
@@ -357,6 +358,12 @@ class Machine:
         if payload.kernel is None:
             raise BootError("<none>", "no kernel given (use --kernel)")
         path = Path(payload.kernel)
+        for option, name in (("--kernel", payload.kernel), ("--initramfs", payload.initramfs)):
+            if name:  # a FIFO would block the open below past SIGTERM
+                try:
+                    require_regular_file(name, option)
+                except PathError as exc:
+                    raise BootError(f"{option} {name}", exc.reason) from None
         try:
             with path.open("rb") as image:
                 header = image.read(_HEADER_BYTES)
