@@ -62,10 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- shared set-up ---------------------------------------------------------------------------
 
 
-def _load_plugins() -> tuple[Any, Any]:
+def _load_plugins(*, keep_broken: bool = False) -> tuple[Any, Any]:
     from vmmkit.plugin import collect_registries, make_plugin_manager
 
-    pm = make_plugin_manager()
+    pm = make_plugin_manager(keep_broken=keep_broken)
     return pm, collect_registries(pm)
 
 
@@ -84,10 +84,12 @@ def _cmd_plugins(args: list[str]) -> int:
     from vmmkit.plugin import plugin_label
 
     try:
-        pm, registries = _load_plugins()
+        pm, registries = _load_plugins(keep_broken=True)
     except VmmError as exc:
         return _fail(str(exc))
     out = sys.stdout
+    for broken in pm.broken:
+        print(f"vmmkit: warning: {broken.describe()}", file=sys.stderr)
     owners: dict[str, list[str]] = {}
     for registry in registries.all():
         for item in registry:
@@ -98,6 +100,9 @@ def _cmd_plugins(args: list[str]) -> int:
             continue
         registered = owners.get(label, [])
         print(f"  {label}: {', '.join(registered) or 'hooks only'}", file=out)
+    for broken in pm.broken:
+        print(f"  {broken.distribution}: BROKEN, entry point {broken.name} = {broken.value}: {broken.error}",
+              file=out)
     print("hypervisors (in --hypervisor auto order):", file=out)
     for backend in registries.hypervisor_order():
         availability = backend.is_available()

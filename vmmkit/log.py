@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any, TextIO
 
 # The standard library's level numbers (importing ``logging`` itself is not needed here).
 DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
@@ -40,13 +40,13 @@ _threshold: int | None = None
 _configure_hook: Callable[[], None] | None = None
 _configured = False
 _format = "console"
-_stream: IO[str] | None = None
+_stream: TextIO | None = None
 _dropped = 0
 _reported = False
 
 
 def configure(level: int, apply: Callable[[], None], *, fmt: str = "console",
-              stream: IO[str] | None = None) -> None:
+              stream: TextIO | None = None) -> None:
     """Set the lowest level that is emitted and the function that configures structlog
     (called once, just before the first message is emitted); ``fmt`` and ``stream`` say what
     native writers should write and where (:func:`native_format`, :func:`native_fd`)."""
@@ -55,7 +55,7 @@ def configure(level: int, apply: Callable[[], None], *, fmt: str = "console",
     _format, _stream = fmt, stream
 
 
-def setup(verbosity: int, fmt: str | None, stream: IO[str]) -> None:
+def setup(verbosity: int, fmt: str | None, stream: TextIO) -> None:
     """The ``vmmkit`` command's logging: warnings (``verbosity`` 0), info (1) or debug (2+),
     rendered as ``fmt`` (``console`` or ``json``; ``None``: console on a terminal, else JSON)
     to ``stream``. structlog itself is configured (and imported) on the first line emitted."""
@@ -66,7 +66,7 @@ def setup(verbosity: int, fmt: str | None, stream: IO[str]) -> None:
     configure(level, lambda: _configure_structlog(level, resolved, stream), fmt=fmt, stream=stream)
 
 
-def open_log_file(path: str) -> IO[str]:
+def open_log_file(path: str) -> TextIO:
     """``--log-file``: ``path`` opened for appending, line-buffered, without ever blocking
     (a FIFO with no reader is refused, not waited for).
 
@@ -75,7 +75,8 @@ def open_log_file(path: str) -> IO[str]:
     from vmmkit.paths import open_output
 
     fd = open_output(path, "--log-file")
-    return os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    stream: TextIO = os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    return stream
 
 
 def native_format() -> str:
@@ -149,12 +150,13 @@ def _write_failed(exc: BaseException) -> None:
     if _reported:
         return
     _reported = True
+    name = getattr(_stream, "name", None)
+    where = name if isinstance(name, str) else "the log file" if _stream is not None else "the log"
+    message = (f"vmmkit: warning: cannot write to {where}: {_reason(exc)}; "
+               "log lines are dropped from now on\n")
     try:
-        name = getattr(_stream, "name", "the log")
-        sys.__stderr__.write(f"vmmkit: warning: cannot write to {name}: {_reason(exc)}; "
-                             "log lines are dropped from now on\n")
-        sys.__stderr__.flush()
-    except Exception:  # stderr is gone too: nothing left to tell
+        os.write(2, message.encode(errors="replace"))
+    except OSError:  # stderr is gone too: nothing left to tell
         pass
 
 
@@ -213,14 +215,14 @@ def get_logger(**context: Any) -> Logger:
     return Logger(context)
 
 
-def _isatty(stream: IO[str]) -> bool:
+def _isatty(stream: TextIO) -> bool:
     try:
         return stream.isatty()
     except (OSError, ValueError):
         return False
 
 
-def _configure_structlog(level: int, fmt: str, stream: IO[str]) -> None:
+def _configure_structlog(level: int, fmt: str, stream: TextIO) -> None:
     import structlog
 
     renderer: Any

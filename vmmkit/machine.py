@@ -243,6 +243,7 @@ class Machine:
             self.layout.ram,
             shared=mem.shared,
             hugepages=mem.hugepages,
+            hugepage_size=mem.hugepage_size,
             thp=mem.thp,
             mergeable=mem.mergeable,
             prefault=mem.prefault,
