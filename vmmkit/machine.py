@@ -420,9 +420,9 @@ class Machine:
                 continue
             try:
                 exit_ = vcpu.run()
-            except VmmError as exc:
-                vlog.error("vcpu.failed", error=str(exc))
-                self.request_stop(StopReason.INTERNAL_ERROR, str(exc))
+            except Exception as exc:  # a device's bug too: the VM stops, it never hangs without a vCPU
+                vlog.error("vcpu.failed", error=str(exc), exc_info=not isinstance(exc, VmmError))
+                self.request_stop(StopReason.INTERNAL_ERROR, str(exc) or type(exc).__name__)
                 return
             reason = exit_.reason
             if reason is ExitReason.INTERRUPTED:

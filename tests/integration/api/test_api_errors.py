@@ -70,7 +70,7 @@ def test_memory_the_host_cannot_provide_is_refused_at_create(
 
 @pytest.mark.parametrize(
     "where",
-    ["serial", "console", "rng", "kernel", "initramfs", "kernel-nul"],
+    ["serial", "console", "rng", "kernel", "initramfs", "kernel-nul", "serial-nul", "disk-nul"],
 )
 def test_a_fifo_or_a_bad_path_in_a_config_never_blocks_the_vmm(
     vmm: VmmProcess, selftest_elf: Path, where: str
@@ -88,14 +88,18 @@ def test_a_fifo_or_a_bad_path_in_a_config_never_blocks_the_vmm(
         config["payload"]["kernel"] = str(fifo)
     elif where == "initramfs":
         config["payload"]["initramfs"] = str(fifo)
-    else:
+    elif where == "kernel-nul":
         config["payload"]["kernel"] = str(selftest_elf) + "\0x"
+    elif where == "serial-nul":
+        config["serial"] = {"mode": "File", "file": str(vmm.dir / "serial\0x")}
+    else:
+        config["disks"] = [{"path": str(vmm.dir / "disk\0x")}]
     created = call(vmm, "PUT", "vm.create", config)
     started = time.monotonic()
     response = call(vmm, "PUT", "vm.boot") if created.status == 204 else created
     assert 400 <= response.status < 500, (response.status, response.body)
     assert time.monotonic() - started < 10
-    assert ("FIFO" if where != "kernel-nul" else "NUL") in messages(response), messages(response)
+    assert ("NUL" if where.endswith("-nul") else "FIFO") in messages(response), messages(response)
     assert call(vmm, "GET", "vmm.ping").status == 200
     vmm.proc.send_signal(signal.SIGTERM)
     assert vmm.proc.wait(5) == 128 + signal.SIGTERM

@@ -160,6 +160,8 @@ class DiskImage:
             self.fd = os.open(path, flags)
         except FileNotFoundError:
             raise DeviceError(f"{owner}: disk image {path} does not exist") from None
+        except ValueError:  # os.open's "embedded null byte"
+            raise DeviceError(f"{owner}: disk image path {path!r} contains a NUL character") from None
         except OSError as exc:
             raise DeviceError(f"{owner}: cannot open disk image {path}: {exc.strerror or exc}") from None
         try:
