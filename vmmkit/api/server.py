@@ -3,15 +3,20 @@
 ``--api-socket path=<socket>`` (created mode 0600) or ``fd=<n>`` (a listening socket inherited
 from the parent). Requests are HTTP/1.1 under ``/api/v1``, bodies are CH's JSON schemas, and
 errors answer CH's shape, a JSON array of messages. Each connection is served by its own
-thread (``api-conn``), so a slow client or a long operation never holds up another call, and
-nothing here waits for vCPUs. The document of what is served is :data:`OPENAPI_PATH`
-(``GET /api/v1/openapi``).
+thread (``api-conn``), so a long operation never holds up another call, and nothing here waits
+for vCPUs. Slow clients cannot hold the threads: a request must arrive whole within
+:data:`REQUEST_TIMEOUT` of its first byte (408), one client process may hold at most
+:data:`MAX_CONNECTIONS_PER_PEER` connections (429), and when all :data:`MAX_CONNECTIONS` are
+taken a new connection replaces the one that has waited longest for request bytes. The
+document of what is served is :data:`OPENAPI_PATH` (``GET /api/v1/openapi``).
 
 Status codes: 200 with a body, 204 without; 400 bad input (malformed HTTP or JSON, a config
-vmmkit rejects); 404 unknown path, no VM created, or no such device; 405 wrong method, or an
-operation the VM's state does not allow; 409 a VM or a device id that already exists;
-413 body too large; 501 a CH endpoint vmmkit does not implement (snapshot, resize, ...) or
-hotplug; 500 only for failures inside the VMM.
+vmmkit rejects, guest RAM the host cannot provide); 404 unknown path, no VM created, or no
+such device; 405 wrong method, or an operation the VM's state does not allow (``vm.counters``
+of a VM that is not running); 408 a request that did not arrive in time; 409 a VM or a device
+id that already exists; 413 body too large; 429 too many connections from one process; 501 a
+CH endpoint vmmkit does not implement (snapshot, resize, ...) or hotplug; 503 every connection
+busy in a handler; 500 only for failures inside the VMM.
 """
 
 from __future__ import annotations
