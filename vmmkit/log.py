@@ -43,6 +43,7 @@ _format = "console"
 _stream: TextIO | None = None
 _dropped = 0
 _reported = False
+_log_path: str | None = None  #: the --log-file, for the message when it cannot be written
 
 
 def configure(level: int, apply: Callable[[], None], *, fmt: str = "console",
@@ -74,7 +75,9 @@ def open_log_file(path: str) -> TextIO:
     """
     from vmmkit.paths import open_output
 
+    global _log_path
     fd = open_output(path, "--log-file")
+    _log_path = path
     stream: TextIO = os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
     return stream
 
@@ -151,7 +154,7 @@ def _write_failed(exc: BaseException) -> None:
         return
     _reported = True
     name = getattr(_stream, "name", None)
-    where = name if isinstance(name, str) else "the log file" if _stream is not None else "the log"
+    where = name if isinstance(name, str) else _log_path or "the log"
     message = (f"vmmkit: warning: cannot write to {where}: {_reason(exc)}; "
                "log lines are dropped from now on\n")
     try:

@@ -120,7 +120,7 @@ def test_a_log_on_a_full_disk_loses_lines_not_the_vm(tmp_path: Path, guest_elf: 
     assert "Traceback" not in result.stderr
     assert "selftest: exit 0" in serial.read_text()
     warnings = [line for line in result.stderr.splitlines() if "cannot write" in line]
-    assert len(warnings) == 1 and "No space left on device" in warnings[0], result.stderr
+    assert len(warnings) == 1 and "/dev/full: No space left on device" in warnings[0], result.stderr
 
 
 # -- FIFOs where a file is meant ------------------------------------------------------------------
