@@ -84,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- shared set-up ---------------------------------------------------------------------------
 
 
-def _load_plugins() -> tuple[Any, Any]:
+def _load_plugins(*, keep_broken: bool = False) -> tuple[Any, Any]:
     from vmmkit.plugin import collect_registries, make_plugin_manager
 
-    pm = make_plugin_manager()
+    pm = make_plugin_manager(keep_broken=keep_broken)
     return pm, collect_registries(pm)
 
 
@@ -106,10 +106,12 @@ def _cmd_plugins(args: list[str]) -> int:
     from vmmkit.plugin import plugin_label
 
     try:
-        pm, registries = _load_plugins()
+        pm, registries = _load_plugins(keep_broken=True)
     except VmmError as exc:
         return _fail(str(exc))
     out = sys.stdout
+    for broken in pm.broken:
+        print(f"vmmkit: warning: {broken.describe()}", file=sys.stderr)
     owners: dict[str, list[str]] = {}
     for registry in registries.all():
         for item in registry:
@@ -120,6 +122,9 @@ def _cmd_plugins(args: list[str]) -> int:
             continue
         registered = owners.get(label, [])
         print(f"  {label}: {', '.join(registered) or 'hooks only'}", file=out)
+    for broken in pm.broken:
+        print(f"  {broken.distribution}: BROKEN, entry point {broken.name} = {broken.value}: {broken.error}",
+              file=out)
     print("hypervisors (in --hypervisor auto order):", file=out)
     for backend in registries.hypervisor_order():
         availability = backend.is_available()
@@ -251,7 +256,10 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
             config = attrs.evolve(config, payload=attrs.evolve(config.payload, kernel=str(demo_kernel())))
         except VmmError as exc:
             return _fail(str(exc))
-    configure_logging(options.verbose, options.log_format, options.log_file)
+    try:
+        configure_logging(options.verbose, options.log_format, options.log_file)
+    except VmmError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     pm.hook.vmmkit_configure(options=options)
     if serving:
         return _serve(config, pm, registries, options)
@@ -344,50 +352,24 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -
 
 def _log_fd(options: argparse.Namespace) -> int | None:
     """The log's fd for natively written log lines, when info-level logging is on."""
-    if options.verbose < 1:
-        return None
-    return _log_stream.fileno() if _log_stream is not None else sys.stderr.fileno()
+    from vmmkit import log
+
+    return log.native_fd(log.INFO)
 
 
 # -- logging (configured here and nowhere else) ----------------------------------------------
 
 
 def configure_logging(verbosity: int, fmt: str | None, log_file: str | None) -> None:
-    """Choose the level and output; structlog itself is configured (and imported) only when
-    the first message at an enabled level is logged (see :mod:`vmmkit.log`)."""
+    """Choose the level and output (stderr, or ``--log-file``; never stdout); structlog itself
+    is configured (and imported) only when the first message at an enabled level is logged
+    (see :mod:`vmmkit.log`). Raises ``VmmError`` for a log file that cannot be opened."""
     from vmmkit import log
 
     global _log_stream
-    level = (log.WARNING, log.INFO, log.DEBUG)[min(verbosity, 2)]
-    stream: TextIO = open(log_file, "a", buffering=1) if log_file else sys.stderr
+    stream: TextIO = log.open_log_file(log_file) if log_file else sys.stderr
     _log_stream = stream
-    log.configure(level, lambda: _configure_structlog(level, fmt, stream))
-
-
-def _configure_structlog(level: int, fmt: str | None, stream: TextIO) -> None:
-    import structlog
-
-    if fmt is None:
-        fmt = "console" if stream.isatty() else "json"
-    renderer: Any
-    if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
-        extra: list[Any] = [structlog.processors.dict_tracebacks]
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        extra = []
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            *extra,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=True,
-    )
+    log.setup(verbosity, fmt, stream)
 
 
 if __name__ == "__main__":

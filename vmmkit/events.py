@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from vmmkit.config import ConfigError, OptionParser
 from vmmkit.log import get_logger
+from vmmkit.paths import PathError, open_output
 
 log = get_logger()
 
@@ -84,10 +85,11 @@ class EventMonitor:
             raise ConfigError("--event-monitor", spec, "path=<file> or fd=<fd>")
         if path is not None:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
+                fd = open_output(path, "--event-monitor", truncate=True, mode=0o600)
+            except PathError as exc:
                 raise ConfigError("--event-monitor", path, "a file that can be written",
-                                  reason=exc.strerror or str(exc)) from None
+                                  reason=f"{path} {exc.reason}") from None
+            os.set_blocking(fd, True)  # a FIFO with a reader: only this writer thread waits on it
             return cls(fd)
         inherited = options.integer("fd", hi=0x7FFF_FFFF)
         assert inherited is not None

@@ -52,12 +52,15 @@ class VmExit:
 class PortSink:
     """A port whose guest writes a backend may serve natively, without a callback: the
     bytes are written to ``fd`` (with ``timestamp``, each byte becomes a line
-    ``[seconds.micros] <label> 0xNN``, for boot-progress ports). Reads return ``read_value``."""
+    ``[seconds.micros] <label> 0xNN``, for boot-progress ports; with ``json`` too, a JSON object
+    ``{"code": "0xNN", "elapsed": "S.UUUUUU", "event": "<label>", "level": "info",
+    "timestamp": "<ISO 8601 UTC>"}``, as the JSON log renders it). Reads return ``read_value``."""
 
     port: int
     fd: int
     timestamp: bool = False
     label: str = ""
+    json: bool = False
     read_value: int = 0xFF
 
 

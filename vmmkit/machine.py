@@ -29,6 +29,7 @@ from vmmkit.hypervisor import ExitReason, Hypervisor, Vcpu, Vm
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
+from vmmkit.paths import PathError, require_regular_file
 from vmmkit.registry import AUTO, Registries
 from vmmkit.threads import set_native_thread_name
 
@@ -260,6 +261,7 @@ class Machine:
             self.layout.ram,
             shared=mem.shared,
             hugepages=mem.hugepages,
+            hugepage_size=mem.hugepage_size,
             thp=mem.thp,
             mergeable=mem.mergeable,
             prefault=mem.prefault,
@@ -300,6 +302,12 @@ class Machine:
         if payload.kernel is None:
             raise BootError("<none>", "no kernel given (use --kernel)")
         path = Path(payload.kernel)
+        for option, name in (("--kernel", payload.kernel), ("--initramfs", payload.initramfs)):
+            if name:  # a FIFO would block the open below past SIGTERM
+                try:
+                    require_regular_file(name, option)
+                except PathError as exc:
+                    raise BootError(f"{option} {name}", exc.reason) from None
         try:
             with path.open("rb") as image:
                 header = image.read(_HEADER_BYTES)
@@ -355,9 +363,9 @@ class Machine:
                 continue
             try:
                 exit_ = vcpu.run()
-            except VmmError as exc:
-                vlog.error("vcpu.failed", error=str(exc))
-                self.request_stop(StopReason.INTERNAL_ERROR, str(exc))
+            except Exception as exc:  # a device's bug too: the VM stops, it never hangs without a vCPU
+                vlog.error("vcpu.failed", error=str(exc), exc_info=not isinstance(exc, VmmError))
+                self.request_stop(StopReason.INTERNAL_ERROR, str(exc) or type(exc).__name__)
                 return
             reason = exit_.reason
             if reason is ExitReason.INTERRUPTED:

@@ -21,6 +21,7 @@ from vmmkit.errors import GuestMemoryError
 PAGE_SIZE: Final = mmap.PAGESIZE
 _MAP_NORESERVE: Final = 0x4000
 _MFD_HUGETLB: Final = 0x0004
+_MFD_HUGE_SHIFT: Final = 26
 
 
 @frozen
@@ -78,20 +79,30 @@ class GuestMemory:
         *,
         shared: bool = False,
         hugepages: bool = False,
+        hugepage_size: int | None = None,
         thp: bool = True,
         mergeable: bool = False,
         prefault: bool = False,
     ) -> GuestMemory:
-        """Map anonymous (or, with ``shared``, memfd-backed) memory for each range.
+        """Map anonymous (or, with ``shared``, memfd-backed) memory for each range; with
+        ``hugepages``, a hugetlbfs memfd of ``hugepage_size`` pages (default: the host's
+        default huge page size), reserved when mapped so that a host without enough free huge
+        pages fails here rather than with ``SIGBUS`` when the guest touches its memory.
 
         A shared region keeps its memfd so it can be handed to another process (vhost-user).
+
+        :raises MemoryAllocationError: the host cannot provide the memory.
         """
         memory = cls()
-        for slot, rng in enumerate(ranges):
-            memory.add_region(
-                _map_region(rng, slot, shared=shared, hugepages=hugepages, thp=thp,
-                            mergeable=mergeable, prefault=prefault)
-            )
+        try:
+            for slot, rng in enumerate(ranges):
+                memory.add_region(
+                    _map_region(rng, slot, shared=shared, hugepages=hugepages, hugepage_size=hugepage_size,
+                                thp=thp, mergeable=mergeable, prefault=prefault)
+                )
+        except BaseException:
+            memory.close()
+            raise
         return memory
 
     # -- the region table ------------------------------------------------------------------
@@ -220,7 +231,10 @@ class GuestMemory:
     def close(self) -> None:
         for region in self._regions:
             region._pin = None
-            region.buffer.close()
+            try:
+                region.buffer.close()
+            except BufferError:  # a view is still alive (an error's traceback): unmapped when it goes
+                pass
             if region.fd is not None:
                 os.close(region.fd)
         self._regions.clear()
@@ -239,26 +253,112 @@ def _map_region(
     *,
     shared: bool,
     hugepages: bool,
+    hugepage_size: int | None,
     thp: bool,
     mergeable: bool,
     prefault: bool,
 ) -> GuestRegion:
     if rng.size <= 0 or rng.size % PAGE_SIZE or rng.start % PAGE_SIZE:
         raise GuestMemoryError(f"region {rng} is not page aligned")
-    flags = _MAP_NORESERVE | (mmap.MAP_POPULATE if prefault else 0)
+    # Huge pages are reserved at mmap (no MAP_NORESERVE): a short pool fails now, not later.
+    flags = (0 if hugepages else _MAP_NORESERVE) | (mmap.MAP_POPULATE if prefault else 0)
     fd: int | None = None
-    if shared or hugepages:
-        fd = os.memfd_create(f"vmmkit-ram{slot}", os.MFD_CLOEXEC | (_MFD_HUGETLB if hugepages else 0))
-        os.ftruncate(fd, rng.size)
-        buffer = mmap.mmap(fd, rng.size, flags=flags | mmap.MAP_SHARED)
-    else:
-        buffer = mmap.mmap(-1, rng.size, flags=flags | mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        if shared or hugepages:
+            memfd_flags = os.MFD_CLOEXEC
+            if hugepages:
+                memfd_flags |= _MFD_HUGETLB | _huge_size_flag(hugepage_size)
+            fd = os.memfd_create(f"vmmkit-ram{slot}", memfd_flags)
+            os.ftruncate(fd, rng.size)
+            buffer = mmap.mmap(fd, rng.size, flags=flags | mmap.MAP_SHARED)
+        else:
+            buffer = mmap.mmap(-1, rng.size, flags=flags | mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, OverflowError, ValueError) as exc:
+        if fd is not None:
+            os.close(fd)
+        raise MemoryAllocationError(_allocation_failure(rng.size, hugepages, hugepage_size, exc)) from None
     if thp and not hugepages:
         buffer.madvise(mmap.MADV_HUGEPAGE)
     if mergeable:
         buffer.madvise(mmap.MADV_MERGEABLE)
     pin = _ffi().from_buffer(buffer)  # holds an export: the mapping cannot be closed under the guest
     return GuestRegion(rng, buffer, int(_ffi().cast("uintptr_t", pin)), fd=fd, slot=slot, pin=pin)
+
+
+class MemoryAllocationError(GuestMemoryError):
+    """The host cannot provide the guest's memory (too large, or too few free huge pages)."""
+
+
+def check_allocatable(size: int, *, hugepages: bool = False, hugepage_size: int | None = None) -> None:
+    """Refuse, before anything is built, guest RAM of ``size`` bytes the host can never provide:
+    more than the address space can map, or more huge pages than are free. (Cloud Hypervisor
+    finds out at ``vm.boot``; checking at ``vm.create`` answers a bad request with 400.)
+    Passing does not promise the memory: it is committed as the guest touches it.
+
+    :raises MemoryAllocationError: with the reason and what to change.
+    """
+    if hugepages:
+        page = hugepage_size or _default_huge_page_size()
+        available = _free_huge_pages(page)
+        if available * page < size:
+            raise MemoryAllocationError(
+                f"{_human(size)} of guest RAM in huge pages needs {-(-size // page)} free {_human(page)} "
+                f"huge pages; the host has {available} (see /proc/meminfo HugePages_Free, set "
+                f"/sys/kernel/mm/hugepages/hugepages-{page >> 10}kB/nr_hugepages, or use hugepages=off)"
+            )
+        return
+    try:  # reserve address space only: PROT_NONE, no commit
+        probe = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, prot=0)
+    except (OSError, OverflowError, ValueError) as exc:
+        raise MemoryAllocationError(_allocation_failure(size, False, None, exc)) from None
+    probe.close()
+
+
+def _allocation_failure(size: int, hugepages: bool, hugepage_size: int | None, exc: BaseException) -> str:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if hugepages:
+        page = hugepage_size or _default_huge_page_size()
+        return (f"cannot allocate {_human(size)} of guest RAM in {_human(page)} huge pages: {reason} "
+                f"(the host has {_free_huge_pages(page)} free; see /proc/meminfo HugePages_Free, "
+                "or use hugepages=off)")
+    return f"cannot allocate {_human(size)} of guest RAM: {reason} (choose a smaller --memory size)"
+
+
+def _huge_size_flag(hugepage_size: int | None) -> int:
+    """``MFD_HUGE_<size>``: log2 of the page size in bits 26-31 (memfd_create(2)); 0: the default."""
+    if hugepage_size is None:
+        return 0
+    return (hugepage_size.bit_length() - 1) << _MFD_HUGE_SHIFT
+
+
+def _default_huge_page_size() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2 << 20
+
+
+def _free_huge_pages(page: int) -> int:
+    """Free huge pages of ``page`` bytes not promised to a mapping already (free - reserved)."""
+    base = f"/sys/kernel/mm/hugepages/hugepages-{page >> 10}kB"
+    try:
+        with open(f"{base}/free_hugepages", encoding="ascii") as free, \
+                open(f"{base}/resv_hugepages", encoding="ascii") as reserved:
+            return max(0, int(free.read()) - int(reserved.read()))
+    except (OSError, ValueError):
+        return 0  # no pool of that size on this host
+
+
+def _human(size: int) -> str:
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if size >= 1 << shift:
+            exact = size % (1 << shift) == 0
+            return f"{size >> shift} {unit}" if exact else f"{size / (1 << shift):.1f} {unit}"
+    return f"{size} bytes"
 
 
 def _ffi() -> Any:

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+import attrs
 import pluggy
 
 from vmmkit import PROJECT_NAME, hookspecs
@@ -17,23 +18,49 @@ ENTRY_POINT_GROUP = PROJECT_NAME
 DISABLE_ENV = "VMMKIT_DISABLE_PLUGINS"
 
 
+@attrs.frozen
+class BrokenPlugin:
+    """An installed plugin whose entry point could not be loaded."""
+
+    name: str  #: the entry point's name (what ``$VMMKIT_DISABLE_PLUGINS`` takes)
+    value: str  #: ``module:attribute``
+    distribution: str  #: ``name version`` of the distribution that declares it
+    error: str  #: ``ExceptionType: message``
+
+    def describe(self) -> str:
+        """What failed, and what the user can do about it."""
+        return (f"plugin {self.name!r} (entry point {self.name} = {self.value} in {self.distribution}) "
+                f"failed to load: {self.error}. Fix or uninstall {self.distribution.split()[0]}, or "
+                f"skip it with {DISABLE_ENV}={self.name}")
+
+
 class PluginManager(pluggy.PluginManager):
     """pluggy's manager, finding entry points with :mod:`vmmkit.entrypoints` (start-up cost)."""
 
     def __init__(self, project_name: str) -> None:
         super().__init__(project_name)
         self._entry_point_dists: list[tuple[Any, Distribution]] = []
+        #: Entry points that failed to load (kept by ``make_plugin_manager(keep_broken=True)``).
+        self.broken: list[BrokenPlugin] = []
 
     def load_setuptools_entrypoints(self, group: str, name: str | None = None) -> int:
         """Load and register the plugins of entry-point ``group``, as pluggy's method of this
-        name does: a name already registered or blocked is skipped."""
+        name does: a name already registered or blocked is skipped. One that fails to import
+        is recorded in :attr:`broken` and skipped."""
         count = 0
         for entry_point in entry_points(group):
             if name is not None and entry_point.name != name:
                 continue
             if self.get_plugin(entry_point.name) or self.is_blocked(entry_point.name):
                 continue
-            plugin = entry_point.load()
+            try:
+                plugin = entry_point.load()
+            except Exception as exc:  # any error of third-party code, reported by name
+                dist = entry_point.dist
+                self.broken.append(BrokenPlugin(entry_point.name, entry_point.value,
+                                                f"{dist.project_name} {dist.version}",
+                                                f"{type(exc).__name__}: {exc}"))
+                continue
             self.register(plugin, name=entry_point.name)
             self._entry_point_dists.append((plugin, entry_point.dist))
             count += 1
@@ -43,12 +70,15 @@ class PluginManager(pluggy.PluginManager):
         return [*self._entry_point_dists, *super().list_plugin_distinfo()]
 
 
-def make_plugin_manager(autoload: bool = True, plugins: Iterable[Any] = ()) -> PluginManager:
+def make_plugin_manager(autoload: bool = True, plugins: Iterable[Any] = (), *,
+                        keep_broken: bool = False) -> PluginManager:
     """A plugin manager with vmmkit's hooks, the installed plugins (unless ``autoload`` is
     off) and ``plugins`` registered.
 
     Plugins named in ``$VMMKIT_DISABLE_PLUGINS`` (comma separated entry-point names) are
-    blocked. A hook implementation that matches no specification is an error.
+    blocked. A hook implementation that matches no specification is an error. An installed
+    plugin that fails to import is an error naming it, its distribution and the remedy, unless
+    ``keep_broken`` (``vmmkit plugins``): then it is left out and listed in ``pm.broken``.
     """
     pm = PluginManager(PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
@@ -58,8 +88,10 @@ def make_plugin_manager(autoload: bool = True, plugins: Iterable[Any] = ()) -> P
     if autoload:
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except Exception as exc:  # a broken third-party plugin must not be a traceback
+        except Exception as exc:  # registering a third-party plugin failed: not a traceback
             raise PluginError(f"loading plugins of entry-point group {ENTRY_POINT_GROUP!r}: {exc}") from exc
+        if pm.broken and not keep_broken:
+            raise PluginError("; ".join(broken.describe() for broken in pm.broken))
     for plugin in plugins:
         pm.register(plugin)
     try:

@@ -35,11 +35,12 @@ import attrs
 import pluggy
 
 from vmmkit import __version__
-from vmmkit.config import DeviceConfig, DiskConfig, NetConfig, VmConfig
+from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, VmConfig
 from vmmkit.device import check_devices
 from vmmkit.errors import VmmError
 from vmmkit.log import get_logger
 from vmmkit.machine import Machine, MachineExit, MachineState, StopReason, preload
+from vmmkit.memory import MemoryAllocationError, check_allocatable
 from vmmkit.registry import AUTO, Registries
 
 log = get_logger()
@@ -134,9 +135,16 @@ class Vmm:
         }
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """``VmCounters``: per device (and per vCPU) statistics of the booted VM."""
-        machine = self._booted_machine("read the counters of")
-        return {name: {k: int(v) for k, v in values.items()} for name, values in machine.counters().items()}
+        """``VmCounters``: per device (and per vCPU) statistics of the running (or paused) VM.
+
+        A shut-down VM's devices and vCPUs are released, so its counters are gone:
+        :class:`InvalidState`, as Cloud Hypervisor answers an error once ``vm.shutdown`` has
+        dropped its VM. Waits for a lifecycle operation in progress (a shutdown releasing the
+        devices it would read)."""
+        with self._op_lock:
+            machine = self._running_machine("read the counters of")
+            counters = machine.counters()
+        return {name: {k: int(v) for k, v in values.items()} for name, values in counters.items()}
 
     @property
     def state(self) -> str | None:
@@ -149,7 +157,11 @@ class Vmm:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def create(self, config: VmConfig) -> None:
-        """Store the configuration of the VM to boot (``vm.create``)."""
+        """Store the configuration of the VM to boot (``vm.create``).
+
+        :raises ConfigError: guest RAM this host can never provide (:func:`check_allocatable`).
+        """
+        _check_memory(config)
         with self._op_lock:
             with self._lock:
                 if self.config is not None:
@@ -460,6 +472,15 @@ class Vmm:
             except Exception:
                 continue
         return tuple(features)
+
+
+def _check_memory(config: VmConfig) -> None:
+    memory = config.memory
+    try:
+        check_allocatable(memory.size, hugepages=memory.hugepages, hugepage_size=memory.hugepage_size)
+    except MemoryAllocationError as exc:
+        option = "memory.hugepages" if memory.hugepages else "memory.size"
+        raise ConfigError(option, memory.size, "memory this host can provide", reason=str(exc)) from None
 
 
 def _close_machine(machine: Machine) -> None:

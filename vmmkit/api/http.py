@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import json
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -121,12 +122,24 @@ class RequestReader:
         self._fds: list[int] = []
         self._eof = False
 
-    def _fill(self) -> None:
-        """One ``recvmsg``; raises ``ConnectionClosed`` at EOF."""
+    def _fill(self, deadline: float | None = None) -> None:
+        """One ``recvmsg``, waiting until ``deadline`` (``time.monotonic()``) at the latest, else
+        as long as the socket's own timeout; raises ``ConnectionClosed`` at EOF and
+        ``HttpError(408)`` past the deadline."""
         if self._eof:
             raise ConnectionClosed()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HttpError(408, "the request did not arrive in time")
+            self._sock.settimeout(left)
         fd_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-        data, ancdata, flags, _ = self._sock.recvmsg(_RECV_CHUNK, fd_space)
+        try:
+            data, ancdata, flags, _ = self._sock.recvmsg(_RECV_CHUNK, fd_space)
+        except TimeoutError:
+            if deadline is not None:
+                raise HttpError(408, "the request did not arrive in time") from None
+            raise
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -147,18 +160,26 @@ class RequestReader:
         fds, self._fds = self._fds, []
         close_fds(fds)
 
-    def read(self) -> Request:
+    def read(self, request_timeout: float | None = None) -> Request:
         """The next request. Raises ``ConnectionClosed`` when the peer closed between
         requests, ``HttpError`` for a malformed or oversized one, ``OSError`` / ``TimeoutError``
-        from the socket."""
+        from the socket (its timeout bounds the wait for a request's first byte).
+
+        With ``request_timeout``, the whole request (head and body) must arrive within that
+        many seconds of its first byte: ``HttpError(408)`` otherwise. The deadline is not
+        moved by the bytes that trickle in, so a client sending a byte a second cannot hold a
+        connection (and a server thread) for long."""
+        deadline: float | None = None
         while True:
+            if deadline is None and request_timeout is not None and self._buffer:
+                deadline = time.monotonic() + request_timeout
             end = self._buffer.find(b"\r\n\r\n")
             if end >= 0:
                 break
             if len(self._buffer) > MAX_HEADER_BYTES:
                 raise HttpError(431, f"request headers larger than {MAX_HEADER_BYTES} bytes")
             try:
-                self._fill()
+                self._fill(deadline)
             except ConnectionClosed:
                 if self._buffer.strip():
                     raise HttpError(400, "connection closed in the middle of a request") from None
@@ -168,11 +189,11 @@ class RequestReader:
         head = bytes(self._buffer[:end])
         del self._buffer[: end + 4]
         method, target, version, headers = _parse_head(head)
-        body = self._read_body(headers)
+        body = self._read_body(headers, deadline)
         fds, self._fds = tuple(self._fds), []
         return Request(method, target, version, headers, body, fds)
 
-    def _read_body(self, headers: Mapping[str, str]) -> bytes:
+    def _read_body(self, headers: Mapping[str, str], deadline: float | None = None) -> bytes:
         if "transfer-encoding" in headers:
             raise HttpError(501, "Transfer-Encoding is not supported: send a Content-Length")
         raw = headers.get("content-length")
@@ -187,7 +208,7 @@ class RequestReader:
             self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         while len(self._buffer) < length:
             try:
-                self._fill()
+                self._fill(deadline)
             except ConnectionClosed:
                 raise HttpError(400, "connection closed before the whole body arrived") from None
         body = bytes(self._buffer[:length])

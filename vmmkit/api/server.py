@@ -3,15 +3,20 @@
 ``--api-socket path=<socket>`` (created mode 0600) or ``fd=<n>`` (a listening socket inherited
 from the parent). Requests are HTTP/1.1 under ``/api/v1``, bodies are CH's JSON schemas, and
 errors answer CH's shape, a JSON array of messages. Each connection is served by its own
-thread (``api-conn``), so a slow client or a long operation never holds up another call, and
-nothing here waits for vCPUs. The document of what is served is :data:`OPENAPI_PATH`
-(``GET /api/v1/openapi``).
+thread (``api-conn``), so a long operation never holds up another call, and nothing here waits
+for vCPUs. Slow clients cannot hold the threads: a request must arrive whole within
+:data:`REQUEST_TIMEOUT` of its first byte (408), one client process may hold at most
+:data:`MAX_CONNECTIONS_PER_PEER` connections (429), and when all :data:`MAX_CONNECTIONS` are
+taken a new connection replaces the one that has waited longest for request bytes. The
+document of what is served is :data:`OPENAPI_PATH` (``GET /api/v1/openapi``).
 
 Status codes: 200 with a body, 204 without; 400 bad input (malformed HTTP or JSON, a config
-vmmkit rejects or does not support yet, an unknown key); 404 unknown path, no VM created, or no
-such device; 405 wrong method, or an operation the VM's state does not allow; 409 a VM or a
-device id that already exists; 413 body too large; 501 a CH endpoint vmmkit does not implement
-(snapshot, resize, ...) or hotplug; 500 only for failures inside the VMM.
+vmmkit rejects or does not support yet, an unknown key, guest RAM the host cannot provide); 404
+unknown path, no VM created, or no such device; 405 wrong method, or an operation the VM's
+state does not allow (``vm.counters`` of a VM that is not running); 408 a request that did not
+arrive in time; 409 a VM or a device id that already exists; 413 body too large; 429 too many
+connections from one process; 501 a CH endpoint vmmkit does not implement (snapshot, resize,
+...) or hotplug; 503 every connection busy in a handler; 500 only for failures inside the VMM.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import os
 import select
 import socket
 import stat
+import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -46,10 +53,17 @@ log = get_logger()
 
 API_ROOT: Final = "/api/v1/"
 OPENAPI_PATH: Final = Path(__file__).with_name("openapi.yaml")
-#: Connections served at once; more are answered 503 and closed.
-MAX_CONNECTIONS: Final = 32
-#: Seconds a connection may stay silent (between or inside requests) before it is closed.
+#: Connections served at once. When all are taken, a new connection takes the place of the
+#: one that has waited longest for a request's bytes (idle or trickling); only when every
+#: connection is inside a handler is the new one answered 503.
+MAX_CONNECTIONS: Final = 64
+#: Connections one client process (``SO_PEERCRED`` pid) may hold; more are answered 429.
+MAX_CONNECTIONS_PER_PEER: Final = 16
+#: Seconds a connection may stay silent between requests before it is closed.
 IDLE_TIMEOUT: Final = 30.0
+#: Seconds from a request's first byte until all of it (head and body) must have arrived
+#: (408 otherwise); bytes trickling in do not extend it.
+REQUEST_TIMEOUT: Final = 10.0
 
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
@@ -231,14 +245,19 @@ class ApiServer:
     """Serves :data:`ROUTES` for ``vmm`` on a listening Unix socket."""
 
     def __init__(self, vmm: Vmm, listener: socket.socket, *, path: str | None = None,
-                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT,
+                 request_timeout: float = REQUEST_TIMEOUT,
+                 max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER) -> None:
         self.vmm = vmm
         self.path = path
         self._listener = listener
         self._idle_timeout = idle_timeout
+        self._request_timeout = request_timeout
+        self._per_peer = max_connections_per_peer
         self._slots = threading.BoundedSemaphore(max_connections)
         self._closing = threading.Event()
-        self._connections: set[socket.socket] = set()
+        #: Each connection and the time it started waiting for a request (None: in a handler).
+        self._connections: dict[socket.socket, _Connection] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._openapi: bytes | None = None
@@ -335,37 +354,70 @@ class ApiServer:
                     continue
                 log.error("api.accept_failed", error=str(exc))
                 return
-            if not self._slots.acquire(blocking=False):
-                self._refuse(conn)
+            peer = _peer_pid(conn)
+            with self._lock:
+                same_peer = sum(1 for c in self._connections.values() if c.peer == peer)
+            if peer is not None and same_peer >= self._per_peer:
+                self._refuse(conn, 429, f"too many connections from process {peer} (at most {self._per_peer})")
+                continue
+            if not self._slots.acquire(blocking=False) and not self._evict_for_slot():
+                self._refuse(conn, 503, "too many connections")
                 continue
             with self._lock:
-                self._connections.add(conn)
+                self._connections[conn] = _Connection(peer, time.monotonic())
             try:
                 threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
             except RuntimeError:
                 self._release(conn)
-                self._refuse(conn)
+                self._refuse(conn, 503, "too many connections")
 
-    def _refuse(self, conn: socket.socket) -> None:
+    def _evict_for_slot(self) -> bool:
+        """Close the connection that has waited longest for request bytes and take its slot
+        (a slow or idle client must not lock out one with a request ready)."""
+        with self._lock:
+            waiting = [(c.waiting_since, sock) for sock, c in self._connections.items()
+                       if c.waiting_since is not None and not c.evicted]
+            if not waiting:
+                return False
+            _, victim = min(waiting, key=lambda pair: pair[0])
+            self._connections[victim].evicted = True
+        try:
+            victim.shutdown(socket.SHUT_RDWR)  # its thread wakes, closes it and frees the slot
+        except OSError:
+            pass
+        log.info("api.connection_evicted", reason="all connections taken")
+        return self._slots.acquire(timeout=1.0)
+
+    def _refuse(self, conn: socket.socket, status: int, message: str) -> None:
         try:
             conn.settimeout(0.5)
-            conn.sendall(Response.error(503, "too many connections").encode(keep_alive=False))
+            conn.sendall(Response.error(status, message).encode(keep_alive=False))
         except OSError:
             pass
         conn.close()
 
     def _release(self, conn: socket.socket) -> None:
         with self._lock:
-            self._connections.discard(conn)
+            self._connections.pop(conn, None)
         self._slots.release()
+
+    def _waiting(self, conn: socket.socket, waiting: bool) -> bool:
+        """Mark ``conn`` as waiting for a request (an eviction candidate) or busy; False if it
+        was evicted meanwhile."""
+        with self._lock:
+            state = self._connections.get(conn)
+            if state is None or state.evicted:
+                return False
+            state.waiting_since = time.monotonic() if waiting else None
+            return True
 
     def _serve(self, conn: socket.socket) -> None:
         reader = RequestReader(conn)
         try:
-            conn.settimeout(self._idle_timeout)
             while not self._closing.is_set():
+                conn.settimeout(self._idle_timeout)
                 try:
-                    request = reader.read()
+                    request = reader.read(self._request_timeout)
                 except ConnectionClosed:
                     return
                 except HttpError as exc:
@@ -373,12 +425,15 @@ class ApiServer:
                     return
                 except (OSError, TimeoutError, ValueError):
                     return
+                if not self._waiting(conn, False):
+                    close_fds(request.fds)
+                    return
                 response, after = self.handle(request)
                 keep_alive = request.keep_alive and not self._closing.is_set()
                 sent = self._send(conn, response, keep_alive=keep_alive)
                 if after is not None:
                     after()
-                if not (sent and keep_alive):
+                if not (sent and keep_alive) or not self._waiting(conn, True):
                     return
         finally:
             reader.close_fds()
@@ -438,6 +493,22 @@ class ApiServer:
         if self._openapi is None:
             self._openapi = OPENAPI_PATH.read_bytes()
         return self._openapi
+
+
+@attrs.define
+class _Connection:
+    peer: int | None  #: the client's pid (``SO_PEERCRED``)
+    waiting_since: float | None  #: waiting for a request since (monotonic); None: in a handler
+    evicted: bool = False
+
+
+def _peer_pid(conn: socket.socket) -> int | None:
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid if pid > 0 else None
 
 
 def _not_implemented(name: str) -> Handler:

@@ -7,6 +7,7 @@ Loaded on every host, x86 ones included: it imports only :mod:`.arch`, itself li
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from vmmkit import hookimpl
@@ -67,7 +68,7 @@ def vmmkit_configure(options: Any) -> None:
     if getattr(options, "arch", "unset") is not None:
         return
     kernel = getattr(options, "kernel", None)
-    if not kernel:
+    if not kernel or not os.path.isfile(kernel):  # a FIFO would block open(); the machine reports it
         return
     try:
         with open(kernel, "rb") as stream:

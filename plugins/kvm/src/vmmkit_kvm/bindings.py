@@ -646,16 +646,18 @@ class KvmVmFd:
 
     # port sinks
 
-    def add_sink(self, port: int, fd: int, *, timestamp: bool, read_value: int, label: str) -> bool:
+    def add_sink(self, port: int, fd: int, *, timestamp: bool, read_value: int, label: str,
+                 json: bool = False) -> bool:
         """Serve ``port`` natively; ``False`` if the port already has a sink or the table is
-        full."""
+        full. With ``timestamp``, each byte is a line (a JSON object with ``json``)."""
         _check_int(port, "port", 0, _U16)
         _check_fd(fd, "sink fd")
         _check_int(read_value, "read value", 0, 0xFF)
         raw = label.encode("utf-8", "replace")[:31]
         if b"\0" in raw:
             raise ValueError("sink label contains NUL")
-        rc = lib.vmk_vm_add_sink(self._native, port, fd, 1 if timestamp else 0, read_value, raw)
+        sink_format = (lib.VMK_SINK_JSON if json else lib.VMK_SINK_TEXT) if timestamp else lib.VMK_SINK_RAW
+        rc = lib.vmk_vm_add_sink(self._native, port, fd, sink_format, read_value, raw)
         if rc == -_errno.EEXIST or rc == -_errno.ENOSPC:
             return False
         if rc < 0:

@@ -388,7 +388,8 @@ class KvmVm(Vm):
 
     def add_port_sink(self, sink: PortSink) -> bool:
         return self._fd.add_sink(
-            sink.port, sink.fd, timestamp=sink.timestamp, read_value=sink.read_value, label=sink.label
+            sink.port, sink.fd, timestamp=sink.timestamp, read_value=sink.read_value, label=sink.label,
+            json=sink.json,
         )
 
     def remove_port_sink(self, port: int) -> None:

@@ -37,7 +37,7 @@
 struct vmk_sink {
     uint32_t port;
     int fd;
-    int timestamp;
+    int format;                  /* VMK_SINK_* */
     uint8_t read_value;
     char label[32];
 };
@@ -133,11 +133,11 @@ void vmk_vm_free(struct vmk_vm *vm)
     free(vm);
 }
 
-int vmk_vm_add_sink(struct vmk_vm *vm, uint32_t port, int fd, int timestamp,
+int vmk_vm_add_sink(struct vmk_vm *vm, uint32_t port, int fd, int format,
                     uint32_t read_value, const char *label)
 {
     int rc = 0;
-    if (port > 0xffff || fd < 0 || read_value > 0xff)
+    if (port > 0xffff || fd < 0 || read_value > 0xff || format < VMK_SINK_RAW || format > VMK_SINK_JSON)
         return -EINVAL;
     pthread_rwlock_wrlock(&vm->sink_lock);
     for (int i = 0; i < vm->nsinks; i++) {
@@ -154,12 +154,19 @@ int vmk_vm_add_sink(struct vmk_vm *vm, uint32_t port, int fd, int timestamp,
     memset(s, 0, sizeof(*s));
     s->port = port;
     s->fd = fd;
-    s->timestamp = timestamp;
+    s->format = format;
     s->read_value = (uint8_t)read_value;
-    if (label && label[0])
-        snprintf(s->label, sizeof(s->label), "%s", label);
-    else
+    if (label && label[0]) {
+        /* Printable ASCII without quote or backslash, so it goes into a JSON string as is. */
+        size_t n = 0;
+        for (; label[n] && n < sizeof(s->label) - 1; n++) {
+            char c = label[n];
+            s->label[n] = (c < 0x20 || c > 0x7e || c == '"' || c == '\\') ? '_' : c;
+        }
+        s->label[n] = 0;
+    } else {
         snprintf(s->label, sizeof(s->label), "port 0x%x", port);
+    }
     vm->nsinks++;
 out:
     pthread_rwlock_unlock(&vm->sink_lock);
@@ -200,7 +207,7 @@ static void vmk_write_all(int fd, const uint8_t *buf, size_t len)
 static void vmk_sink_write(struct vmk_vm *vm, const struct vmk_sink *s, const uint8_t *data,
                            size_t len)
 {
-    if (!s->timestamp) {
+    if (s->format == VMK_SINK_RAW) {
         vmk_write_all(s->fd, data, len);
         return;
     }
@@ -210,9 +217,25 @@ static void vmk_sink_write(struct vmk_vm *vm, const struct vmk_sink *s, const ui
                    (now.tv_nsec - vm->t0.tv_nsec);
     if (ns < 0)
         ns = 0;
-    char line[96];
+    char wall[40] = "";
+    if (s->format == VMK_SINK_JSON) {
+        struct timespec real;
+        struct tm tm;
+        clock_gettime(CLOCK_REALTIME, &real);
+        gmtime_r(&real.tv_sec, &tm);
+        size_t w = strftime(wall, sizeof(wall), "%Y-%m-%dT%H:%M:%S", &tm);
+        snprintf(wall + w, sizeof(wall) - w, ".%06ldZ", real.tv_nsec / 1000);
+    }
+    char line[192];
     for (size_t i = 0; i < len; i++) {
-        int n = snprintf(line, sizeof(line), "[%lld.%06lld] %s 0x%02x\n", ns / 1000000000LL,
+        int n;
+        if (s->format == VMK_SINK_JSON)
+            n = snprintf(line, sizeof(line),
+                         "{\"code\": \"0x%02x\", \"elapsed\": \"%lld.%06lld\", \"event\": \"%s\", "
+                         "\"level\": \"info\", \"timestamp\": \"%s\"}\n",
+                         data[i], ns / 1000000000LL, (ns % 1000000000LL) / 1000, s->label, wall);
+        else
+            n = snprintf(line, sizeof(line), "[%lld.%06lld] %s 0x%02x\n", ns / 1000000000LL,
                          (ns % 1000000000LL) / 1000, s->label, data[i]);
         if (n > 0)
             vmk_write_all(s->fd, (const uint8_t *)line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1);

@@ -68,8 +68,13 @@ struct vmk_vcpu;
 
 struct vmk_vm *vmk_vm_new(int vm_fd);
 void vmk_vm_free(struct vmk_vm *vm);
-/* Returns 0, or -EEXIST (port taken), -ENOSPC (table full), -EINVAL. */
-int vmk_vm_add_sink(struct vmk_vm *vm, uint32_t port, int fd, int timestamp,
+/* Sink formats: the bytes as written, or one line per byte with the time since VM creation. */
+enum { VMK_SINK_RAW = 0, VMK_SINK_TEXT = 1, VMK_SINK_JSON = 2 };
+/* format: VMK_SINK_*. TEXT lines read "[S.UUUUUU] <label> 0xNN"; JSON lines are objects
+ * {"code": "0xNN", "elapsed": "S.UUUUUU", "event": "<label>", "level": "info",
+ * "timestamp": "<ISO 8601 UTC>"}, as vmmkit's JSON log renders the same event.
+ * Returns 0, or -EEXIST (port taken), -ENOSPC (table full), -EINVAL. */
+int vmk_vm_add_sink(struct vmk_vm *vm, uint32_t port, int fd, int format,
                     uint32_t read_value, const char *label);
 int vmk_vm_remove_sink(struct vmk_vm *vm, uint32_t port);
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
+from vmmkit.paths import PathError, open_output
 from vmmkit_devices.console.mode import MODES as MODES  # moved there, re-exported
 from vmmkit_devices.console.mode import console_mode as console_mode
 
@@ -232,7 +233,10 @@ class FileBackend(ConsoleBackend):
     def __init__(self, name: str, path: str) -> None:
         super().__init__(name)
         self.path = path
-        self.output_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:  # never blocks: a FIFO without a reader is refused, one with a reader stays non-blocking
+            self.output_fd = open_output(path, name)
+        except PathError as exc:
+            raise DeviceError(f"{name}: cannot open file output: {path} {exc.reason}") from None
 
 
 class TtyBackend(ConsoleBackend):

@@ -8,7 +8,8 @@ ours). Reads return 0xff.
 
 A backend may serve the port natively (:meth:`DebugPort.port_sinks`): it then writes
 ``[seconds.micros] guest.progress 0xNN`` lines to the log fd (the VMM's stderr unless given)
-itself, and this device sees nothing. With no log fd (the VMM logs below info level) the
+itself (JSON objects when the log is JSON: :func:`vmmkit.log.native_format`), and this device
+sees nothing. With no log fd (the VMM logs below info level) the
 native sink discards the codes, as the Python path's filtered ``log.info`` does.
 
 Note: Linux's ``outb_p`` (``io_delay=0x80``, the default) writes to port 0x80 too; a guest that
@@ -25,7 +26,7 @@ from typing import ClassVar
 
 from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.hypervisor import PortSink
-from vmmkit.log import get_logger
+from vmmkit.log import get_logger, native_format
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
 from vmmkit_devices.device_types import DebugPortType as DebugPortType  # declared there, re-exported
 
@@ -70,7 +71,8 @@ class DebugPort(Device):
     def port_sinks(self) -> Sequence[PortSink]:
         """Offer the port to the backend: timestamped lines to the log fd."""
         fd = self._sink_fd()
-        return (PortSink(port=0, fd=fd, timestamp=True, label=LABEL),) if fd >= 0 else ()
+        json = self._log_fd is not None and native_format() == "json"  # the log is JSON: so are these lines
+        return (PortSink(port=0, fd=fd, timestamp=True, label=LABEL, json=json),) if fd >= 0 else ()
 
     def native_path_changed(self, port: int, served: bool) -> None:
         """The machine says whether the backend serves the port natively."""

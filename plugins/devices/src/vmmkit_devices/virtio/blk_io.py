@@ -155,11 +155,15 @@ class DiskImage:
         self.offset_align = DEFAULT_DIO_ALIGN
         if image_type not in ("Raw", "Unknown"):
             raise DeviceError(f"{owner}: {path}: image_type {image_type} is not supported (raw images only)")
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO (refused in _setup) must not block the open waiting for a writer.
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             self.fd = os.open(path, flags)
+            os.set_blocking(self.fd, True)
         except FileNotFoundError:
             raise DeviceError(f"{owner}: disk image {path} does not exist") from None
+        except ValueError:  # os.open's "embedded null byte"
+            raise DeviceError(f"{owner}: disk image path {path!r} contains a NUL character") from None
         except OSError as exc:
             raise DeviceError(f"{owner}: cannot open disk image {path}: {exc.strerror or exc}") from None
         try:

@@ -14,13 +14,13 @@ Counters: ``read_bytes`` (entropy delivered), ``read_ops`` (requests served), ``
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
+from vmmkit.paths import PathError, open_input
 from vmmkit.virtio.queue import Virtqueue
 from vmmkit_devices.device_types import VirtioRngType as VirtioRngType  # declared there, re-exported
 from vmmkit_devices.virtio.common import QueueDevice
@@ -56,16 +56,11 @@ class RngDevice(QueueDevice):
 
     @classmethod
     def from_config(cls, device_id: str, config: RngConfig) -> RngDevice:
+        try:  # non-blocking open: a FIFO (which would wait for a writer) is refused
+            fd = open_input(config.src, device_id, allow_char_device=True)
+        except PathError as exc:
+            raise DeviceError(f"{device_id}: entropy source {config.src} {exc.reason}") from None
         try:
-            fd = os.open(config.src, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise DeviceError(f"{device_id}: entropy source {config.src} does not exist") from None
-        except OSError as exc:
-            raise DeviceError(f"{device_id}: cannot open entropy source {config.src}: "
-                              f"{exc.strerror or exc}") from None
-        try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                raise DeviceError(f"{device_id}: entropy source {config.src} is a directory")
             return cls(device_id, fd, config.src)
         except BaseException:
             os.close(fd)
