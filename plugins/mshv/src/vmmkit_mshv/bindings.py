@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -501,7 +502,8 @@ class VpFd(_HvcallFd):
         except OSError as exc:
             if exc.errno == _errno.EINTR:
                 raise InterruptedError(exc.errno, exc.strerror) from None
-            raise MshvError("MSHV_RUN_VP", exc.errno, f"vp {self.index}") from None
+            reason = exc.strerror if exc.errno is None or exc.strerror != os.strerror(exc.errno) else ""
+            raise MshvError("MSHV_RUN_VP", exc.errno, f"vp {self.index}" + (f": {reason}" if reason else "")) from None
         return decode_message(bytes(ffi.buffer(self._msg)))
 
     def map_register_page(self) -> RegisterPage | None:
