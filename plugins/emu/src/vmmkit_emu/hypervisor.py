@@ -99,7 +99,7 @@ class EmuHypervisor(Hypervisor):
     #: ``auto`` tries hardware backends (10-49) first.
     priority: ClassVar[int] = 90
     architectures: ClassVar[tuple[str, ...]] = ("x86_64", "aarch64")
-    delivers_interrupts: ClassVar[bool] = False
+    delivers_interrupts: ClassVar[bool] = True
 
     @classmethod
     def is_available(cls) -> Availability:
@@ -439,6 +439,7 @@ class EmuVcpu(Vcpu):
                 if start is not None:
                     start()
                 self._preempt = False
+                self._before_entry()
                 self._in_emu = True
                 try:
                     self._counts["entries"] += 1
@@ -456,13 +457,19 @@ class EmuVcpu(Vcpu):
             finally:
                 self.vm.token.release(self)
 
+    def _before_entry(self) -> None:
+        """On this vCPU's thread, the engine stopped, just before it runs guest code: where a
+        subclass injects a pending interrupt."""
+
     def _stopped_by_engine(self) -> None:
         """``emu_start`` returned without a kick, preemption or pending exit: a halt
         instruction (x86 HLT, AArch64 WFI) in unicorn. Subclasses may refine."""
         self._counts["halt"] += 1
         self.halt()
 
-    def _engine_error(self, exc: Exception) -> VmExit:
+    def _engine_error(self, exc: Exception) -> VmExit | None:
+        """The exit for an engine error, or None when a subclass handled it (delivered an
+        exception to the guest) and the vCPU goes on."""
         try:
             pc = self._pc()
         except Exception:

@@ -36,6 +36,7 @@ HLT, exceptions
 
 from __future__ import annotations
 
+import collections
 import functools
 import struct
 import threading
@@ -45,7 +46,7 @@ from typing import Any
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_32
 from unicorn import x86_const as X
 
-from vmmkit.hypervisor import ExitReason, VcpuOps
+from vmmkit.hypervisor import ExitReason, VcpuOps, VmExit
 from vmmkit.x86 import (
     CPUID_FLAG_SIGNIFICANT_INDEX,
     CpuIdEntry,
@@ -58,7 +59,19 @@ from vmmkit.x86 import (
     SpecialRegisters,
     StandardRegisters,
 )
-from vmmkit_emu.hypervisor import EmuVcpu, EmuVm, new_engine
+from vmmkit_emu.hypervisor import EmuVcpu, EmuVm, _retry, new_engine
+from vmmkit_emu.x86_irq import (
+    ERROR_CODE_VECTORS,
+    FIXED,
+    IOAPIC_BASE,
+    IOAPIC_SIZE,
+    LOWEST_PRIORITY,
+    NMI,
+    IoApic,
+    highest_bit,
+    set_bit,
+    test_bit,
+)
 
 _GPRS = {
     "rax": X.UC_X86_REG_EAX, "rbx": X.UC_X86_REG_EBX, "rcx": X.UC_X86_REG_ECX, "rdx": X.UC_X86_REG_EDX,
@@ -78,6 +91,13 @@ APIC_PAGE = 0x1000
 LAPIC_STATE = 0x400
 APIC_ID = 0x20
 APIC_VERSION = 0x30
+APIC_TPR = 0x80
+APIC_EOI = 0xB0
+APIC_LDR = 0xD0
+APIC_SVR = 0xF0
+APIC_ISR = 0x100
+APIC_TMR = 0x180
+APIC_IRR = 0x200
 APIC_ICR_LO = 0x300
 APIC_ICR_HI = 0x310
 ICR_DELIVERY_MODE = 0x700
@@ -85,6 +105,14 @@ ICR_INIT = 0x500
 ICR_STARTUP = 0x600
 ICR_LEVEL_ASSERT = 1 << 14
 ICR_PENDING = 1 << 12
+ICR_NMI = 0x400
+EFLAGS_IF = 1 << 9
+EFLAGS_TF = 1 << 8
+EFLAGS_RF = 1 << 16
+EFLAGS_NT = 1 << 14
+EFER_LMA = 1 << 10
+#: How often a vCPU with an interrupt it could not take yet (IF clear) stops to look again.
+IRQ_WINDOW_POLL = 0.001
 
 #: Leaves whose output depends on ECX (CPUID_FLAG_SIGNIFICANT_INDEX), and how many subleaves
 #: :func:`supported_cpuid` collects of each.
@@ -93,13 +121,61 @@ _INDEXED_LEAVES = {4: 8, 7: 2, 0xB: 3, 0xD: 4, 0xF: 2, 0x10: 2, 0x12: 3, 0x14: 2
 
 
 class X86Vm(EmuVm):
-    """An emulated x86-64 VM."""
+    """An emulated x86-64 VM. With :meth:`setup_interrupt_controller` it has the PC's interrupt
+    controllers (an I/O APIC at 0xfec00000 and the local APICs), as KVM's in-kernel irqchip."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__(arch)
+        self.ioapic: IoApic | None = None
 
     def _new_vcpu(self, index: int, ops: VcpuOps) -> X86Vcpu:
         return X86Vcpu(self, index, ops)
 
+    # -- interrupts ---------------------------------------------------------------------------
+
+    def setup_interrupt_controller(self) -> None:
+        super().setup_interrupt_controller()
+        self.ioapic = IoApic(self.deliver_interrupt)
+
+    def set_irq_line(self, gsi: int, level: bool) -> None:
+        """ISA IRQ 0 (the PIT) reaches I/O APIC pin 2, GSI n pin n (the MADT's overrides)."""
+        super().set_irq_line(gsi, level)
+        if self.ioapic is not None:
+            self.ioapic.set_level(2 if gsi == 0 else gsi, level)
+
+    def signal_msi(self, address: int, data: int) -> None:
+        """An MSI (Intel SDM vol. 3 10.11): destination address bits 19:12, logical mode bit 2;
+        vector data bits 7:0, delivery mode 10:8, level-triggered bit 15."""
+        super().signal_msi(address, data)
+        self.deliver_interrupt(data & 0xFF, (address >> 12) & 0xFF, (data >> 8) & 7, bool(address & 4),
+                               bool(data & (1 << 15)), -1)
+
+    def _targets(self, destination: int, logical: bool) -> list[X86Vcpu]:
+        cpus = [v for v in self.vcpus if isinstance(v, X86Vcpu)]
+        if logical:
+            return [v for v in cpus if v.logical_id() & destination]
+        if destination == 0xFF:
+            return cpus
+        return [v for v in cpus if v.apic_id() == destination]
+
+    def deliver_interrupt(self, vector: int, destination: int, mode: int, logical: bool, level: bool,
+                          pin: int) -> None:
+        """An interrupt message from the I/O APIC or an MSI to the local APICs it names."""
+        targets = self._targets(destination, logical)
+        if mode == LOWEST_PRIORITY:
+            targets = targets[:1]
+        for target in targets:
+            if mode in (FIXED, LOWEST_PRIORITY):
+                target.accept_interrupt(vector, level)
+            elif mode == NMI:
+                target.accept_nmi()
+
+    def end_of_interrupt(self, vector: int) -> None:
+        if self.ioapic is not None:
+            self.ioapic.eoi(vector)
+
     def deliver_ipi(self, source: int, icr: int, destination: int) -> None:
-        """An ICR write of vCPU ``source``: INIT / STARTUP / fixed (wake-up only)."""
+        """An ICR write of vCPU ``source``: INIT / STARTUP / NMI / fixed."""
         shorthand = (icr >> 18) & 3
         if shorthand == 1:
             targets = [v for v in self.vcpus if v.index == source]
@@ -117,8 +193,10 @@ class X86Vm(EmuVm):
                     target.receive_init()
             elif mode == ICR_STARTUP:
                 target.receive_sipi(icr & 0xFF)
+            elif mode == ICR_NMI:
+                target.accept_nmi()
             else:
-                target.wake()
+                target.accept_interrupt(icr & 0xFF, False)
 
 
 class X86Vcpu(EmuVcpu):
@@ -139,6 +217,9 @@ class X86Vcpu(EmuVcpu):
             struct.pack_into("<I", self._lapic, lvt, 0x1_0000)
         self._lapic_lock = threading.Lock()
         self._wait_for_sipi = False
+        self._nmi_pending = False
+        self._irq_polling = False
+        self.injected: collections.Counter[int] = collections.Counter()
         super().__init__(vm, index, ops)
 
     def _make_engine(self) -> Any:
@@ -176,17 +257,187 @@ class X86Vcpu(EmuVcpu):
         return True
 
     def _on_exception(self, uc: Any, intno: int, _: Any) -> None:
+        """A CPU exception or software interrupt: delivered through the guest's IDT (after the
+        engine stopped, on this thread) when its gate is present; else the run ends naming it."""
         eip = self._pc()
+        if self._gate(intno) is not None:
+            error_code = 0 if intno in ERROR_CODE_VECTORS else None
+
+            def deliver() -> None:
+                self._inject(intno, error_code)
+
+            self.defer(deliver)
+            return
         self.stop_with(ExitReason.INTERNAL_ERROR,
                        f"vcpu{self.index}: guest exception or interrupt vector {intno} at eip {eip:#x} "
-                       "(the emu backend does not deliver exceptions through the IDT)")
+                       "(no present gate for it in the guest's IDT)")
+
+    def _engine_error(self, exc: Exception) -> VmExit | None:
+        """An invalid instruction is #UD (vector 6) for the guest when its IDT has the gate."""
+        import unicorn
+
+        uc_error = getattr(unicorn, "UcError")  # noqa: B009  (untyped binding)
+        invalid = isinstance(exc, uc_error) and getattr(exc, "errno", None) == unicorn.UC_ERR_INSN_INVALID
+        if invalid and self._inject(6, None):
+            self.count("exception")
+            return None
+        return super()._engine_error(exc)
 
     def _error_context(self, pc: int) -> str:
         try:
             code = bytes(self.uc.mem_read(pc, 4)).hex(" ")
         except Exception:
             code = "?"
-        return f" (bytes {code}; the emu backend does not deliver exceptions through the IDT)"
+        return f" (bytes {code}; no present gate for it in the guest's IDT)"
+
+    # -- interrupt delivery ---------------------------------------------------------------------
+
+    def _long_mode(self) -> bool:
+        return bool(int(self.uc.msr_read(MSR_EFER)) & EFER_LMA)
+
+    def _gate(self, vector: int) -> tuple[int, int, int] | None:
+        """``(offset, selector, type)`` of the present IDT gate for ``vector``, else None."""
+        uc = self.uc
+        _, base, limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+        size = 16 if self._long_mode() else 8
+        if vector * size + size - 1 > limit:
+            return None
+        try:
+            raw = bytes(uc.mem_read(base + vector * size, size))
+        except Exception:
+            return None
+        low = int.from_bytes(raw[:8], "little")
+        if not low >> 47 & 1:
+            return None
+        offset = (low & 0xFFFF) | ((low >> 48) & 0xFFFF) << 16
+        if size == 16:
+            offset |= int.from_bytes(raw[8:12], "little") << 32
+        return offset, (low >> 16) & 0xFFFF, (low >> 40) & 0xF
+
+    def _inject(self, vector: int, error_code: int | None) -> bool:
+        """Enter the guest's handler for ``vector`` as the CPU does (SDM vol. 3 6.12, 6.14);
+        False if the gate is missing. Runs on this vCPU's thread with the engine stopped."""
+        gate = self._gate(vector)
+        if gate is None:
+            return False
+        offset, selector, kind = gate
+        uc = self.uc
+        rip = self._pc()
+        rflags = int(uc.reg_read(X.UC_X86_REG_EFLAGS))
+        cs = int(uc.reg_read(X.UC_X86_REG_CS))
+        rsp = int(uc.reg_read(X.UC_X86_REG_ESP))
+        if self._long_mode():
+            ss = int(uc.reg_read(X.UC_X86_REG_SS))
+            # from the new RSP up: [error code], RIP, CS, RFLAGS, RSP, SS (SS was pushed first)
+            words = ([error_code] if error_code is not None else []) + [rip, cs, rflags, rsp, ss]
+            new_rsp = (rsp & ~0xF) - 8 * len(words)
+            uc.mem_write(new_rsp, struct.pack(f"<{len(words)}Q", *words))
+        else:
+            words = ([error_code] if error_code is not None else []) + [rip, cs, rflags]
+            new_rsp = rsp - 4 * len(words)
+            uc.mem_write(new_rsp, struct.pack(f"<{len(words)}I", *(w & 0xFFFF_FFFF for w in words)))
+        flags = rflags & ~(EFLAGS_TF | EFLAGS_RF | EFLAGS_NT)
+        if kind == 0xE:  # interrupt gate (0xF, a trap gate, keeps IF)
+            flags &= ~EFLAGS_IF
+        uc.reg_write(X.UC_X86_REG_ESP, new_rsp & 0xFFFF_FFFF)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, flags)
+        if selector != cs:
+            uc.reg_write(X.UC_X86_REG_CS, selector)
+        uc.reg_write(X.UC_X86_REG_EIP, offset & 0xFFFF_FFFF)
+        self.injected[vector] += 1
+        return True
+
+    def accept_interrupt(self, vector: int, level: bool) -> None:
+        """A fixed interrupt arrives at this local APIC: into the IRR (and the TMR for a
+        level-triggered one), then delivered when the guest can take it."""
+        if vector < 16:
+            return  # illegal vectors are dropped (the ESR would say so)
+        with self._lapic_lock:
+            set_bit(self._lapic, APIC_IRR, vector, True)
+            set_bit(self._lapic, APIC_TMR, vector, level)
+        self._request_injection()
+
+    def accept_nmi(self) -> None:
+        self._nmi_pending = True
+        self._request_injection()
+
+    def _request_injection(self) -> None:
+        """Wake a halted vCPU and stop a running one so :meth:`_before_entry` runs soon; keep
+        stopping it now and then while the guest cannot take the interrupt (IF clear)."""
+        self.wake()
+        if self._in_emu:
+            self.preempt()
+        if not self._irq_polling:
+            self._irq_polling = True
+            _retry(self._poll_injection, IRQ_WINDOW_POLL, tries=1 << 30)
+
+    def _poll_injection(self) -> bool:
+        if self._closed or not self._deliverable_pending():
+            self._irq_polling = False
+            return False
+        if self._in_emu:
+            self.preempt()
+        else:
+            self.wake()
+        return True
+
+    def _deliverable_pending(self) -> bool:
+        if self._nmi_pending:
+            return True
+        with self._lapic_lock:
+            return self._pending_vector_locked() >= 0
+
+    def _pending_vector_locked(self) -> int:
+        """The IRR's highest vector if its priority class beats the ISR's and the TPR's and the
+        APIC is software-enabled (SVR bit 8), else -1."""
+        if not struct.unpack_from("<I", self._lapic, APIC_SVR)[0] & 0x100:
+            return -1
+        irr = highest_bit(self._lapic, APIC_IRR)
+        if irr < 0:
+            return -1
+        isr = highest_bit(self._lapic, APIC_ISR)
+        tpr = struct.unpack_from("<I", self._lapic, APIC_TPR)[0] & 0xFF
+        if isr >= 0 and irr >> 4 <= isr >> 4:
+            return -1
+        if irr >> 4 <= tpr >> 4:
+            return -1
+        return irr
+
+    def _before_entry(self) -> None:
+        if self._nmi_pending:
+            self._nmi_pending = False
+            if self._inject(2, None):
+                return
+        if not int(self.uc.reg_read(X.UC_X86_REG_EFLAGS)) & EFLAGS_IF:
+            return
+        with self._lapic_lock:
+            vector = self._pending_vector_locked()
+            if vector < 0:
+                return
+            set_bit(self._lapic, APIC_IRR, vector, False)
+            set_bit(self._lapic, APIC_ISR, vector, True)
+        if not self._inject(vector, None):
+            with self._lapic_lock:
+                set_bit(self._lapic, APIC_ISR, vector, False)
+
+    def _end_of_interrupt(self) -> None:
+        """An EOI write: the highest in-service vector is done; a level-triggered one tells the
+        I/O APIC (the broadcast EOI clears its remote IRR)."""
+        with self._lapic_lock:
+            vector = highest_bit(self._lapic, APIC_ISR)
+            if vector < 0:
+                return
+            set_bit(self._lapic, APIC_ISR, vector, False)
+            level = test_bit(self._lapic, APIC_TMR, vector)
+        if level:
+            self.vm.end_of_interrupt(vector)
+        if self._deliverable_pending():
+            self._request_injection()
+
+    def logical_id(self) -> int:
+        """The flat-model logical ID (LDR bits 31:24)."""
+        with self._lapic_lock:
+            return self._lapic[APIC_LDR + 3]
 
     # -- the local APIC page ----------------------------------------------------------------------
 
@@ -194,9 +445,16 @@ class X86Vcpu(EmuVcpu):
         base = self._apic_base & ~0xFFF & ((1 << 52) - 1)
         return addr - base if base <= addr < base + APIC_PAGE else None
 
+    def _ioapic_offset(self, addr: int) -> int | None:
+        ioapic = self.vm.ioapic
+        return addr - IOAPIC_BASE if ioapic is not None and IOAPIC_BASE <= addr < IOAPIC_BASE + IOAPIC_SIZE else None
+
     def mmio_read(self, addr: int, size: int) -> bytes:
         offset = self._apic_page(addr)
         if offset is None:
+            io_offset = self._ioapic_offset(addr)
+            if io_offset is not None and self.vm.ioapic is not None:
+                return self.vm.ioapic.mmio_read(io_offset, size)
             return self.ops.mmio_read(addr, size)
         with self._lapic_lock:
             data = bytes(self._lapic[offset : offset + size])
@@ -209,9 +467,16 @@ class X86Vcpu(EmuVcpu):
     def mmio_write(self, addr: int, data: bytes) -> None:
         offset = self._apic_page(addr)
         if offset is None:
+            io_offset = self._ioapic_offset(addr)
+            if io_offset is not None and self.vm.ioapic is not None:
+                self.vm.ioapic.mmio_write(io_offset, data)
+                return
             self.ops.mmio_write(addr, data)
             return
-        if offset in (APIC_ID, APIC_VERSION):
+        if offset in (APIC_ID, APIC_VERSION, APIC_ISR, APIC_TMR, APIC_IRR) or APIC_ISR <= offset < APIC_IRR + 0x80:
+            return  # read-only registers
+        if offset == APIC_EOI:
+            self._end_of_interrupt()
             return
         with self._lapic_lock:
             self._lapic[offset : offset + len(data)] = data[: APIC_PAGE - offset]

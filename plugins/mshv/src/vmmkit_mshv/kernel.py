@@ -18,12 +18,10 @@ import signal
 from typing import Protocol
 
 from vmmkit_mshv._native import ffi, lib
+from vmmkit_mshv.selection import DEVICE, KERNEL_ENV, SIMULATED, simulator_selected
 
-#: Environment variable naming the kernel the backend talks to: unset or ``host`` for
-#: ``/dev/mshv``, ``simulated`` for the contract-test simulator.
-KERNEL_ENV = "VMMKIT_MSHV_KERNEL"
-SIMULATED = "simulated"
-DEVICE = "/dev/mshv"
+__all__ = ["DEVICE", "KERNEL_ENV", "SIMULATED", "HostKernel", "Kernel", "kernel_from_environment",
+           "simulator_selected"]
 #: The signal that kicks a vCPU thread out of MSHV_RUN_VP (EINTR). KVM's plugin uses its own.
 KICK_SIGNAL = signal.SIGRTMIN + 5
 
@@ -109,11 +107,6 @@ class HostKernel:
                 err = ffi.errno
                 raise OSError(err, os.strerror(err))
             HostKernel._handler_installed = True
-
-
-def simulator_selected() -> bool:
-    """Whether the environment names the simulated kernel."""
-    return os.environ.get(KERNEL_ENV, "host") == SIMULATED
 
 
 def kernel_from_environment() -> Kernel:

@@ -94,13 +94,14 @@ class Engine(X86Vcpu):
     def _on_ram_write(self, uc: Any, access: int, address: int, size: int, value: int, _: Any) -> None:
         self.vm.partition.mark_dirty(address, size)
 
-    def _engine_error(self, exc: Exception) -> VmExit:
+    def _engine_error(self, exc: Exception) -> VmExit | None:
         if self.fault is not None:
             return VmExit(ExitReason.INTERNAL_ERROR, "memory intercept")
         return super()._engine_error(exc)
 
     def _on_exception(self, uc: Any, intno: int, _: Any) -> None:
-        self.exception = intno
+        if self._gate(intno) is None:
+            self.exception = intno  # not deliverable: the VP sends an exception intercept
         super()._on_exception(uc, intno, _)
 
     def _on_cpuid(self, uc: Any, _: Any) -> bool:

@@ -27,15 +27,13 @@ from unicorn import x86_const as X
 
 from vmmkit.hypervisor import ExitReason
 from vmmkit.x86 import DescriptorTable, FpuState, MpState, MsrEntry, Segment
-from vmmkit_mshv.simulator import abi
+from vmmkit_mshv.simulator import abi, fullregs
 from vmmkit_mshv.simulator.engine import Engine
 
 if TYPE_CHECKING:
     from vmmkit_mshv.simulator.partition import Partition
 
 _GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
-_ENGINE_GPRS = (X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX,
-                X.UC_X86_REG_ESP, X.UC_X86_REG_EBP, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI)
 REG_RAX = 0x00020000
 REG_RIP = 0x00020010
 REG_RFLAGS = 0x00020011
@@ -274,14 +272,9 @@ class Vp:
     def _read(self, name: int) -> bytes:
         engine = self.engine
         uc = engine.uc
-        if REG_RAX <= name < REG_RAX + 8:
-            return _u64(int(uc.reg_read(_ENGINE_GPRS[name - REG_RAX])))
-        if REG_RAX + 8 <= name < REG_RAX + 16:
-            return _u64(0)  # r8-r15: the engine runs guests in 32-bit mode (see vmmkit_emu.x86)
-        if name == REG_RIP:
-            return _u64(int(uc.reg_read(X.UC_X86_REG_EIP)))
-        if name == REG_RFLAGS:
-            return _u64(int(uc.reg_read(X.UC_X86_REG_EFLAGS)))
+        if REG_RAX <= name <= REG_RFLAGS:
+            gprs, rip, rflags = fullregs.read(uc)
+            return _u64(gprs[name - REG_RAX] if name < REG_RIP else rip if name == REG_RIP else rflags)
         if name in _CONTROL or name in _SEGMENTS or name in _TABLES:
             sregs = engine.get_sregs()
             if name in _CONTROL:
@@ -331,15 +324,10 @@ class Vp:
         msrs_only = [MsrEntry(_MSRS[n], int.from_bytes(v[:8], "little")) for n, v in values.items() if n in _MSRS]
         if msrs_only:
             engine.set_msrs(msrs_only)
-        uc = engine.uc
-        for name, raw in values.items():
-            value = int.from_bytes(raw[:8], "little")
-            if REG_RAX <= name < REG_RAX + 8:
-                uc.reg_write(_ENGINE_GPRS[name - REG_RAX], value & 0xFFFF_FFFF)
-            elif name == REG_RIP:
-                uc.reg_write(X.UC_X86_REG_EIP, value & 0xFFFF_FFFF)
-            elif name == REG_RFLAGS:
-                uc.reg_write(X.UC_X86_REG_EFLAGS, value & 0xFFFF_FFFF)
+        general = {n - REG_RAX: int.from_bytes(v[:8], "little") for n, v in values.items() if REG_RAX <= n < REG_RIP}
+        rip = int.from_bytes(values[REG_RIP][:8], "little") if REG_RIP in values else None
+        rflags = int.from_bytes(values[REG_RFLAGS][:8], "little") if REG_RFLAGS in values else None
+        fullregs.write(engine.uc, general, rip, rflags)
         if REG_FP_CONTROL in values or REG_XMM_CONTROL in values:
             fcw = struct.unpack_from("<H", values.get(REG_FP_CONTROL, struct.pack("<H14x", 0x37F)))[0]
             mxcsr = struct.unpack_from("<I", values.get(REG_XMM_CONTROL, struct.pack("<QII", 0, 0x1F80, 0)), 8)[0]
@@ -393,10 +381,9 @@ class Vp:
         uc = self.engine.uc
         if uc is None:
             return
-        gprs = [int(uc.reg_read(r)) for r in _ENGINE_GPRS] + [0] * 8
-        eip = int(uc.reg_read(X.UC_X86_REG_EIP)) if rip is None else rip
+        gprs, engine_rip, rflags = fullregs.read(uc)
         header = struct.pack("<HBBI", 1, 1, 0, 0)  # version 1, isvalid, dirty 0
-        body = struct.pack("<16QQQ", *gprs, eip, int(uc.reg_read(X.UC_X86_REG_EFLAGS)))
+        body = struct.pack("<16QQQ", *gprs, engine_rip if rip is None else rip, rflags)
         _put(self.register_page, 0, header + body)
 
     def _page_dirty(self) -> tuple[int, list[int], int, int]:
@@ -424,7 +411,7 @@ class Vp:
             return
         pairs = []
         if dirty & 1:
-            pairs += [(REG_RAX + i, _u64(v)) for i, v in enumerate(gprs[:8])]
+            pairs += [(REG_RAX + i, _u64(v)) for i, v in enumerate(gprs)]
         if dirty & 2:
             pairs.append((REG_RIP, _u64(rip)))
         if dirty & 16:
@@ -503,13 +490,13 @@ class InterceptOps:
         rip = int(uc.reg_read(X.UC_X86_REG_EIP))
         code = vp.instruction_bytes(rip)
         length, string, rep = _port_instruction(code)
-        rax = int(uc.reg_read(X.UC_X86_REG_EAX))
+        gprs, _, _ = fullregs.read(uc)
+        rax = gprs[0]
         if write:
             rax = (rax & ~((1 << (8 * size)) - 1)) | value
         info = size | (8 if string else 0) | (16 if rep else 0)
         body = abi.IO_PORT_BODY.pack(port, info, len(code), 0, rax, code.ljust(16, b"\0"), bytes(16), bytes(16),
-                                     int(uc.reg_read(X.UC_X86_REG_ECX)), int(uc.reg_read(X.UC_X86_REG_ESI)),
-                                     int(uc.reg_read(X.UC_X86_REG_EDI)))
+                                     gprs[1], gprs[6], gprs[7])
         access = abi.HV_INTERCEPT_ACCESS_WRITE if write else abi.HV_INTERCEPT_ACCESS_READ
         overlay = vp.park(vp._message(abi.HVMSG_X64_IO_PORT_INTERCEPT, access, length, body, rip), rip, rip + length)
         return overlay.get(REG_RAX, rax) & ((1 << (8 * size)) - 1)
