@@ -10,8 +10,8 @@ the KVM plugin's is not written yet.
 
 Interrupts: the LAPIC lives in the hypervisor (``MSHV_PT_BIT_LAPIC``); MSIs are asserted with
 HVCALL_ASSERT_VIRTUAL_INTERRUPT and irqfds route through MSHV_SET_MSI_ROUTING. The hypervisor
-has no IOAPIC or PIC, and vmmkit has no userspace IOAPIC yet, so wired lines
-(:meth:`MshvVm.set_irq_line`) are counted, not delivered; ``delivers_interrupts`` is False.
+has no I/O APIC, PIC or PIT: the VMM emulates the I/O APIC (:mod:`vmmkit.ioapic`, its EOIs from
+HVMSG_X64_APIC_EOI) and the plugin adds a userspace 8254 (``i8254``) to x86 VMs.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class MshvHypervisor(Hypervisor):
     )
     priority: ClassVar[int] = 20
     architectures: ClassVar[tuple[str, ...]] = ("x86_64",)
-    #: No IOAPIC/PIC for wired lines yet (see the module docstring).
-    delivers_interrupts: ClassVar[bool] = False
+    #: MSIs through HVCALL_ASSERT_VIRTUAL_INTERRUPT, wired lines through the VMM's I/O APIC.
+    delivers_interrupts: ClassVar[bool] = True
 
     def __init__(self) -> None:
         from vmmkit_mshv.kernel import kernel_from_environment

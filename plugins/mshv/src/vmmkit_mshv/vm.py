@@ -12,6 +12,7 @@ from typing import Any
 
 from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.hypervisor import ExitReason, Vcpu, VcpuOps, Vm, VmExit
+from vmmkit.ioapic import IOAPIC_BASE, IOAPIC_SIZE, IoApic
 from vmmkit.x86 import (
     CpuIdEntry,
     CpuIdTable,
@@ -71,6 +72,7 @@ class MshvVm(Vm):
         self.msi_routes: dict[int, tuple[int, int]] = {}
         self.irq_levels: dict[int, bool] = {}
         self.irq_count = 0
+        self.ioapic: IoApic | None = None
         self._cpuid_intercept = False
         self._dirty_tracking = False
         self._lock = threading.Lock()
@@ -119,13 +121,23 @@ class MshvVm(Vm):
     # interrupts
 
     def setup_interrupt_controller(self) -> None:
-        """The LAPICs are the hypervisor's (created with the partition); there is no IOAPIC."""
+        """The LAPICs are the hypervisor's (created with the partition). The hypervisor has no
+        I/O APIC: the VMM emulates one at 0xfec00000 (as Cloud Hypervisor does on MSHV) whose
+        messages become HVCALL_ASSERT_VIRTUAL_INTERRUPT; its MMIO arrives as memory intercepts."""
+        self.ioapic = IoApic(self._ioapic_deliver)
+
+    def _ioapic_deliver(self, vector: int, destination: int, mode: int, logical: bool, level: bool,
+                        pin: int) -> None:
+        self.partition.assert_interrupt(vector, destination, interrupt_type=mode, level=level, logical=logical)
 
     def set_irq_line(self, gsi: int, level: bool) -> None:
+        """ISA IRQ 0 (the PIT) reaches I/O APIC pin 2, GSI n pin n (the MADT's overrides)."""
         with self._lock:
             if level and not self.irq_levels.get(gsi, False):
                 self.irq_count += 1
             self.irq_levels[gsi] = level
+        if self.ioapic is not None:
+            self.ioapic.set_level(2 if gsi == 0 else gsi, level)
 
     def signal_msi(self, address: int, data: int) -> None:
         """HVCALL_ASSERT_VIRTUAL_INTERRUPT for the MSI's vector, destination and mode."""
@@ -143,6 +155,14 @@ class MshvVm(Vm):
         self.partition.set_msi_routing(routes)
 
     def register_irqfd(self, fd: int, gsi: int, resample_fd: int | None = None) -> None:
+        """An irqfd for an MSI route. MSHV routes irqfds only through the MSI routing table; a
+        wired line (no route) is the VMM's I/O APIC's: refused, so the device drives
+        :meth:`set_irq_line` instead."""
+        with self._lock:
+            routed = gsi in self.msi_routes
+        if not routed:
+            raise NotImplementedError(f"irqfd for GSI {gsi}: not an MSI route (wired lines go through "
+                                      "the VMM's I/O APIC)")
         self.partition.irqfd(fd, gsi, resample_fd=resample_fd)
 
     def unregister_irqfd(self, fd: int, gsi: int) -> None:
@@ -222,6 +242,8 @@ class MshvVcpu(Vcpu):
             self._counts["halt"] += 1
             return VmExit(ExitReason.HLT)
         if kind is MessageType.X64_APIC_EOI:
+            if self.vm.ioapic is not None:  # a level-triggered interrupt is done
+                self.vm.ioapic.eoi(msg.vector)
             return None
         if kind is MessageType.UNRECOVERABLE_EXCEPTION:
             return VmExit(ExitReason.SHUTDOWN, f"vcpu{self.index}: unrecoverable exception at rip {msg.rip:#x}")
@@ -254,15 +276,23 @@ class MshvVcpu(Vcpu):
         except x86_decode.UnsupportedInstruction as exc:
             return VmExit(ExitReason.INTERNAL_ERROR, f"vcpu{self.index}: {exc} at rip {msg.rip:#x}, gpa {msg.gpa:#x}")
         gprs = self._general()
+        ioapic = self.vm.ioapic
+        in_ioapic = ioapic is not None and IOAPIC_BASE <= msg.gpa < IOAPIC_BASE + IOAPIC_SIZE
         if access.write:
             if access.immediate is not None:
                 data = access.immediate.to_bytes(access.size, "little")
             else:
                 data = x86_decode.register_bytes(gprs[access.register], access)
-            self.ops.mmio_write(msg.gpa, data)
+            if in_ioapic and ioapic is not None:
+                ioapic.mmio_write(msg.gpa - IOAPIC_BASE, data)
+            else:
+                self.ops.mmio_write(msg.gpa, data)
             self._complete(msg.rip + access.length)
             return None
-        data = _fit(self.ops.mmio_read(msg.gpa, access.size), access.size)
+        if in_ioapic and ioapic is not None:
+            data = ioapic.mmio_read(msg.gpa - IOAPIC_BASE, access.size)
+        else:
+            data = _fit(self.ops.mmio_read(msg.gpa, access.size), access.size)
         value = x86_decode.merge_read(gprs[access.register], access, data)
         self._complete(msg.rip + access.length, {access.register: value})
         return None

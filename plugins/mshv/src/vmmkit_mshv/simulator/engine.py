@@ -61,6 +61,14 @@ class EngineVm(X86Vm):
     def _new_vcpu(self, index: int, ops: VcpuOps) -> Engine:
         return Engine(self, index, ops)
 
+    def end_of_interrupt(self, vector: int) -> None:
+        """A guest EOI of a level-triggered interrupt: the hypervisor tells the root partition
+        (HVMSG_X64_APIC_EOI), whose userspace I/O APIC clears its remote IRR."""
+        for vcpu in self.vcpus:
+            if isinstance(vcpu, Engine) and vcpu.in_eoi:
+                vcpu.ops.apic_eoi(vector)
+                return
+
 
 class Engine(X86Vcpu):
     vm: EngineVm
@@ -69,7 +77,15 @@ class Engine(X86Vcpu):
     def __init__(self, vm: EngineVm, index: int, ops: VcpuOps) -> None:
         self.fault: Fault | None = None
         self.exception: int | None = None
+        self.in_eoi = False
         super().__init__(vm, index, ops)
+
+    def _end_of_interrupt(self) -> None:
+        self.in_eoi = True  # EngineVm.end_of_interrupt finds the engine that wrote the EOI
+        try:
+            super()._end_of_interrupt()
+        finally:
+            self.in_eoi = False
 
     def _make_engine(self) -> Any:
         uc = super()._make_engine()

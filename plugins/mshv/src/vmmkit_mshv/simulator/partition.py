@@ -231,17 +231,19 @@ class Partition:
                 route = self.msi_routes.get(gsi) if gsi is not None else None
                 if route is not None:
                     address, data = route
-                    self.assert_interrupt(data & 0xFF, (address >> 12) & 0xFF, (data >> 8) & 7)
+                    self.assert_interrupt(data & 0xFF, (address >> 12) & 0xFF, (data >> 8) & 7,
+                                          level=bool(data & 1 << 15), logical=bool(address & 4))
 
     def set_msi_routing(self, entries: list[tuple[int, int, int]]) -> None:
         self.msi_routes = {gsi: (address, data) for gsi, address, data in entries}
 
-    def assert_interrupt(self, vector: int, apic_id: int, interrupt_type: int) -> None:
-        """Recorded, and the target woken from a halt; the engine cannot deliver interrupts."""
+    def assert_interrupt(self, vector: int, apic_id: int, interrupt_type: int, level: bool = False,
+                         logical: bool = False) -> None:
+        """HvCallAssertVirtualInterrupt: the target local APICs (the engines' LAPIC model) accept
+        it and deliver it through the guest's IDT (fixed, lowest priority, NMI)."""
         self.asserted.append((vector, apic_id, interrupt_type))
-        for vp in self.vps.values():
-            if vp.engine.apic_id() == apic_id:
-                vp.engine.wake()
+        if self._engine_vm is not None:
+            self._engine_vm.deliver_interrupt(vector, apic_id, interrupt_type, logical, level, -1)
 
     # -- hypercalls (MSHV_ROOT_HVCALL) ----------------------------------------------------------
 
@@ -320,7 +322,7 @@ class Partition:
         kind = control & 0xFFFF_FFFF
         if kind > 0xA:
             raise HypercallFailed(abi.HV_STATUS_INVALID_PARAMETER, "interrupt type")
-        self.assert_interrupt(vector, dest, kind)
+        self.assert_interrupt(vector, dest, kind, level=bool(control >> 32 & 1), logical=bool(control >> 33 & 1))
         return b""
 
     def close(self) -> None:

@@ -94,6 +94,7 @@ class Vp:
         self._overlay: dict[int, int] = {}
         self._parked_rip = 0
         self._parked_next = 0
+        self._notification = False
         self.runner: int | None = None
         self._thread = threading.Thread(target=self._engine_loop, name=f"mshv-sim-vp{index}", daemon=True)
         self._thread.start()
@@ -132,6 +133,12 @@ class Vp:
     def _check_completion(self) -> None:
         """A parked intercept resumes only past the instruction (see the module docstring)."""
         rip = self._overlay.get(REG_RIP)
+        if self._notification:
+            if rip is None:
+                return
+            self.violations.append(f"vp {self.index}: the VMM wrote RIP while handling a notification")
+            self.runner = None
+            raise OSError(errno.EIO, self.violations[-1])
         if rip == self._parked_next:
             return
         if rip is None:
@@ -214,14 +221,16 @@ class Vp:
 
     # -- parking (the engine thread, inside a hook) -------------------------------------------
 
-    def park(self, message: bytes, rip: int, next_rip: int) -> dict[int, int]:
+    def park(self, message: bytes, rip: int, next_rip: int, *, notification: bool = False) -> dict[int, int]:
         """Hand ``message`` to the VMM and wait until MSHV_RUN_VP resumes us; the registers the
-        VMM wrote meanwhile (hv register name -> value)."""
+        VMM wrote meanwhile (hv register name -> value). A ``notification`` (an EOI message)
+        completes nothing: the VMM resumes without touching RIP."""
         with self._cv:
             self._overlay = {}
+            self._notification = notification
             self._parked_rip = rip
             self._parked_next = next_rip
-            self._fill_register_page(rip)
+            self._fill_register_page(None if notification else rip)
             self._state = "parked"
             self._outbox = ("message", message)
             self._cv.notify_all()
@@ -512,6 +521,14 @@ class InterceptOps:
 
     def mmio_write(self, addr: int, data: bytes) -> None:
         raise AssertionError(f"the simulator maps no MMIO but the APIC page ({addr:#x})")
+
+    def apic_eoi(self, vector: int) -> None:
+        """An HVMSG_X64_APIC_EOI message (hv_x64_apic_eoi_message: vp_index, vector); the VMM
+        resumes without completing anything."""
+        vp = self.vp
+        payload = struct.pack("<II", vp.index, vector)
+        header = abi.MESSAGE_HEADER.pack(abi.HVMSG_X64_APIC_EOI, len(payload), 0, b"\0\0", 0)
+        vp.park((header + payload).ljust(abi.MESSAGE_SIZE, b"\0"), 0, 0, notification=True)
 
     def cpuid(self) -> None:
         """A CPUID intercept: the VMM answers in RAX, RBX, RCX, RDX."""
