@@ -43,9 +43,17 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_32
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_READ_UNMAPPED,
+    UC_HOOK_MEM_WRITE_UNMAPPED,
+    UC_MODE_32,
+)
 from unicorn import x86_const as X
 
+from vmmkit import x86_decode
 from vmmkit.hypervisor import ExitReason, VcpuOps, VmExit
 from vmmkit.x86 import (
     CPUID_FLAG_SIGNIFICANT_INDEX,
@@ -59,6 +67,7 @@ from vmmkit.x86 import (
     SpecialRegisters,
     StandardRegisters,
 )
+from vmmkit_emu import fullregs
 from vmmkit_emu.hypervisor import EmuVcpu, EmuVm, _retry, new_engine
 from vmmkit_emu.x86_irq import (
     ERROR_CODE_VECTORS,
@@ -73,10 +82,9 @@ from vmmkit_emu.x86_irq import (
     test_bit,
 )
 
-_GPRS = {
-    "rax": X.UC_X86_REG_EAX, "rbx": X.UC_X86_REG_EBX, "rcx": X.UC_X86_REG_ECX, "rdx": X.UC_X86_REG_EDX,
-    "rsi": X.UC_X86_REG_ESI, "rdi": X.UC_X86_REG_EDI, "rsp": X.UC_X86_REG_ESP, "rbp": X.UC_X86_REG_EBP,
-}
+#: The general registers in the CPU's numbering (unicorn's saved context keeps them so).
+_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 _SEGMENTS = {"es": X.UC_X86_REG_ES, "ss": X.UC_X86_REG_SS, "ds": X.UC_X86_REG_DS,
              "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS}
 
@@ -219,6 +227,7 @@ class X86Vcpu(EmuVcpu):
         self._wait_for_sipi = False
         self._nmi_pending = False
         self._irq_polling = False
+        self._mmio_fault: tuple[int, int, bool] | None = None
         self.injected: collections.Counter[int] = collections.Counter()
         super().__init__(vm, index, ops)
 
@@ -228,7 +237,81 @@ class X86Vcpu(EmuVcpu):
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INTR, self._on_exception)
+        uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED, self._on_unmapped)
         return uc
+
+    # -- MMIO: faults on unmapped addresses, completed by decoding the instruction -----------------
+
+    def _map_memory(self) -> None:
+        """RAM, and the local and I/O APIC pages as unicorn MMIO (registers served here); every
+        other address stays unmapped, so a device access faults with EIP exact and is completed
+        by :meth:`_emulate_mmio` (unicorn's own MMIO regions split 8-byte accesses in two)."""
+        from unicorn import UC_PROT_ALL
+
+        for start, size, host in self.vm.ram_ranges():
+            self.uc.mem_map_ptr(start, size, UC_PROT_ALL, host)
+        for base in (APIC_DEFAULT_BASE, IOAPIC_BASE):
+            self.uc.mmio_map(base, APIC_PAGE, self._mmio_read_cb, base, self._mmio_write_cb, base)
+
+    def _on_unmapped(self, uc: Any, access: int, address: int, size: int, value: int, _: Any) -> bool:
+        from unicorn import UC_MEM_WRITE_UNMAPPED
+
+        self._mmio_fault = (address, size, access == UC_MEM_WRITE_UNMAPPED)
+        return False  # emu_start raises: _engine_error completes the access
+
+    def code_bits(self) -> int:
+        """The running code's mode: 64 with EFER.LMA and CS.L, else 32 or 16 from CS.D."""
+        uc = self.uc
+        if not int(uc.reg_read(X.UC_X86_REG_CR0)) & 1:
+            return 16
+        long_mode = self._long_mode()
+        _, gdt_base, _, _ = uc.reg_read(X.UC_X86_REG_GDTR)
+        cs = int(uc.reg_read(X.UC_X86_REG_CS))
+        try:
+            descriptor = int.from_bytes(bytes(uc.mem_read(gdt_base + (cs & ~7), 8)), "little")
+        except Exception:
+            return 64 if long_mode else 32
+        if long_mode and descriptor >> 53 & 1:
+            return 64
+        return 32 if descriptor >> 54 & 1 else 16
+
+    def _emulate_mmio(self, address: int, write: bool) -> bool:
+        """Do the faulting instruction's device access and step past it (the moves a compiler
+        emits: :mod:`vmmkit.x86_decode`); False if it is not one of them."""
+        uc = self.uc
+        gprs, rip, _ = fullregs.read(uc)
+        try:
+            code = bytes(uc.mem_read(rip, 16))
+        except Exception:
+            code = bytes(uc.mem_read(rip, 0x1000 - (rip & 0xFFF)))[:16]
+        try:
+            access = x86_decode.decode(code, self.code_bits())
+        except x86_decode.UnsupportedInstruction:
+            return False
+        self.count("mmio")
+        if access.write:
+            if access.immediate is not None:
+                data = access.immediate.to_bytes(access.size, "little")
+            else:
+                data = x86_decode.register_bytes(gprs[access.register], access)
+            self.mmio_write(address, data)
+            fullregs.write(uc, {}, rip + access.length)
+            return True
+        data = self.mmio_read(address, access.size)
+        value = x86_decode.merge_read(gprs[access.register], access, data)
+        fullregs.write(uc, {access.register: value}, rip + access.length)
+        return True
+
+    def _step_with_mmio_page(self, address: int) -> None:
+        """An instruction the decoder does not know touched a device: run it alone with the
+        page as unicorn MMIO (its accesses then reach the devices through callbacks)."""
+        uc = self.uc
+        page = address & ~0xFFF
+        uc.mmio_map(page, 0x1000, self._mmio_read_cb, page, self._mmio_write_cb, page)
+        try:
+            uc.emu_start(self._pc(), 0xFFFF_FFFF_FFFF_FFFF, 0, 1)
+        finally:
+            uc.mem_unmap(page, 0x1000)
 
     def _pc(self) -> int:
         return int(self.uc.reg_read(X.UC_X86_REG_EIP))
@@ -273,8 +356,19 @@ class X86Vcpu(EmuVcpu):
                        "(no present gate for it in the guest's IDT)")
 
     def _engine_error(self, exc: Exception) -> VmExit | None:
-        """An invalid instruction is #UD (vector 6) for the guest when its IDT has the gate."""
+        """A device access (an unmapped address) is completed here; an invalid instruction is
+        #UD (vector 6) for the guest when its IDT has the gate."""
         import unicorn
+
+        fault, self._mmio_fault = self._mmio_fault, None
+        if fault is not None:
+            address, _, write = fault
+            try:
+                if not self._emulate_mmio(address, write):
+                    self._step_with_mmio_page(address)
+            except Exception as error:  # the single step faulted again (a bad address)
+                return super()._engine_error(error)
+            return None
 
         uc_error = getattr(unicorn, "UcError")  # noqa: B009  (untyped binding)
         invalid = isinstance(exc, uc_error) and getattr(exc, "errno", None) == unicorn.UC_ERR_INSN_INVALID
@@ -521,16 +615,18 @@ class X86Vcpu(EmuVcpu):
     # -- X86Vcpu ----------------------------------------------------------------------------
 
     def get_regs(self) -> StandardRegisters:
-        uc = self.uc
-        values = {name: int(uc.reg_read(reg)) for name, reg in _GPRS.items()}
-        return StandardRegisters(**values, rip=self._pc(), rflags=int(uc.reg_read(X.UC_X86_REG_EFLAGS)))
+        """All 64 bits of RAX-R15 and RIP (:mod:`vmmkit_emu.fullregs`: this mode's register API
+        reaches only their low halves)."""
+        gprs, rip, rflags = fullregs.read(self.uc)
+        return StandardRegisters(**dict(zip(_GPR_ORDER, gprs, strict=True)), rip=rip, rflags=rflags)
 
     def set_regs(self, regs: StandardRegisters) -> None:
-        uc = self.uc
-        for name, reg in _GPRS.items():
-            uc.reg_write(reg, getattr(regs, name) & 0xFFFF_FFFF)
-        uc.reg_write(X.UC_X86_REG_EFLAGS, regs.rflags & 0xFFFF_FFFF)
-        uc.reg_write(X.UC_X86_REG_EIP, regs.rip & 0xFFFF_FFFF)
+        for name in (*_GPR_ORDER, "rip", "rflags"):
+            value = getattr(regs, name)
+            if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:
+                raise ValueError(f"{name}={value:#x} does not fit 64 bits")
+        gprs = {i: getattr(regs, name) for i, name in enumerate(_GPR_ORDER)}
+        fullregs.write(self.uc, gprs, regs.rip, regs.rflags)
 
     def get_sregs(self) -> SpecialRegisters:
         uc = self.uc

@@ -23,7 +23,7 @@ from vmmkit.x86 import (
     StandardRegisters,
 )
 from vmmkit_mshv import registers as hvreg
-from vmmkit_mshv import x86_decode
+from vmmkit import x86_decode
 from vmmkit_mshv.bindings import (
     InterceptType,
     MessageType,

@@ -107,6 +107,10 @@ class Engine(X86Vcpu):
         self.fault = Fault(address, size, value & ((1 << (8 * size)) - 1), write, access == UC_MEM_WRITE_PROT)
         return False  # stop: emu_start raises with the instruction pointer at the access
 
+    def _on_unmapped(self, uc: Any, access: int, address: int, size: int, value: int, _: Any) -> bool:
+        """Not emu's MMIO emulation: here a fault is an intercept for the VMM (:meth:`_on_fault`)."""
+        return False
+
     def _on_ram_write(self, uc: Any, access: int, address: int, size: int, value: int, _: Any) -> None:
         self.vm.partition.mark_dirty(address, size)
 

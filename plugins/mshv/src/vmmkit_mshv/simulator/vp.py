@@ -24,10 +24,11 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from unicorn import x86_const as X
+from vmmkit_emu import fullregs
 
 from vmmkit.hypervisor import ExitReason
 from vmmkit.x86 import DescriptorTable, FpuState, MpState, MsrEntry, Segment
-from vmmkit_mshv.simulator import abi, fullregs
+from vmmkit_mshv.simulator import abi
 from vmmkit_mshv.simulator.engine import Engine
 
 if TYPE_CHECKING:

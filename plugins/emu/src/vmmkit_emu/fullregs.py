@@ -1,14 +1,16 @@
-"""All 64 bits of the engine's general registers, RIP and RFLAGS.
+"""All 64 bits of an x86 engine's general registers and RIP.
 
 emu's engines run in ``UC_MODE_32`` (so that guests can switch modes themselves), where
 unicorn's register API reaches only EAX-EDI and EIP; a hypervisor's register interface must
 give the VMM R8-R15 and the upper halves too. unicorn's saved context is the CPU state
 (``CPUX86State``), which begins with ``regs[16]`` (RAX RCX RDX RBX RSP RBP RSI RDI R8-R15),
-then ``eip`` and ``eflags``, each a 64-bit ``target_ulong``; ``uc_context`` puts a header of
+then ``eip``, each a 64-bit ``target_ulong``; ``uc_context`` puts a header of
 its own before it. The header's size is found at run time (the context's total size minus the
 state's size in its first field) and the layout is checked once against the 32-bit API: if an
 other unicorn build lays it out differently, :class:`LayoutMismatch` says so instead of
-returning wrong registers.
+returning wrong registers. RFLAGS is not taken from there: QEMU keeps the arithmetic flags
+lazily (``cc_src``/``cc_op``) and DF apart, which unicorn's EFLAGS accessors compute and load;
+its upper half is reserved (zero).
 """
 
 from __future__ import annotations
@@ -60,22 +62,20 @@ def read(uc: Any) -> tuple[list[int], int, int]:
     """``(gprs in the order rax rcx rdx rbx rsp rbp rsi rdi r8-r15, rip, rflags)``."""
     offset = _check(uc)
     ctx = uc.context_save()
-    raw = ctypes.string_at(int(ctx.context.value) + offset, 18 * 8)
-    values = struct.unpack("<18Q", raw)
-    return list(values[:16]), values[16], values[17]
+    values = struct.unpack("<17Q", ctypes.string_at(int(ctx.context.value) + offset, 17 * 8))
+    return list(values[:16]), values[16], int(uc.reg_read(X.UC_X86_REG_EFLAGS))
 
 
 def write(uc: Any, gprs: dict[int, int], rip: int | None = None, rflags: int | None = None) -> None:
-    """Set general registers (by index 0-15), RIP and RFLAGS to 64-bit values."""
-    if not gprs and rip is None and rflags is None:
-        return
-    offset = _check(uc)
-    ctx = uc.context_save()
-    base = int(ctx.context.value) + offset
-    for index, value in gprs.items():
-        ctypes.memmove(base + 8 * index, struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF), 8)
-    if rip is not None:
-        ctypes.memmove(base + 128, struct.pack("<Q", rip & 0xFFFF_FFFF_FFFF_FFFF), 8)
+    """Set general registers (by index 0-15) and RIP to 64-bit values, and RFLAGS."""
+    if gprs or rip is not None:
+        offset = _check(uc)
+        ctx = uc.context_save()
+        base = int(ctx.context.value) + offset
+        for index, value in gprs.items():
+            ctypes.memmove(base + 8 * index, struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF), 8)
+        if rip is not None:
+            ctypes.memmove(base + 128, struct.pack("<Q", rip & 0xFFFF_FFFF_FFFF_FFFF), 8)
+        uc.context_restore(ctx)
     if rflags is not None:
-        ctypes.memmove(base + 136, struct.pack("<Q", rflags & 0xFFFF_FFFF_FFFF_FFFF), 8)
-    uc.context_restore(ctx)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, rflags & 0xFFFF_FFFF)
