@@ -8,6 +8,7 @@ import pytest
 
 unicorn = pytest.importorskip("unicorn")
 from unicorn import x86_const as X  # noqa: E402
+
 from vmmkit import x86_decode  # noqa: E402
 
 CODE = 0x1000

@@ -4,12 +4,22 @@ Engine mode
     Each vCPU is a unicorn engine in ``UC_MODE_32``: in that mode unicorn loads segment
     registers through the descriptor tables (``cpu_x86_load_seg``), so register writes can put
     the vCPU in real mode (AP start-up), 32-bit protected mode (PVH) or long mode (linux64), and
-    the guest's own mode switches run as on hardware. The price: unicorn reads and writes only
-    the low 32 bits of the general registers and of RIP in this mode, so **guest code must run
-    below 4 GiB** (every vmmkit boot protocol and the test guest do; a Linux kernel mapped at
-    0xffffffff8... does not run on emu). Segment registers are loaded by selector from the
-    guest's GDT (the boot GDT the architecture wrote); their other :class:`vmmkit.x86.Segment`
-    fields are not used, except in real mode where base = selector << 4.
+    the guest's own mode switches run as on hardware. unicorn's register API reaches only the low
+    32 bits of the general registers and of RIP in this mode; ``get_regs``/``set_regs`` carry all
+    64 bits of RAX-R15 and RIP through the saved context (:mod:`vmmkit_emu.fullregs`), but
+    ``emu_start`` takes a 32-bit start address, so **guest code must run below 4 GiB** (every
+    vmmkit boot protocol and the test guest do; a Linux kernel mapped at 0xffffffff8... does not
+    run on emu). Segment registers are loaded by selector from the guest's GDT (the boot GDT the
+    architecture wrote); their other :class:`vmmkit.x86.Segment` fields are not used, except in
+    real mode where base = selector << 4.
+
+MMIO
+    Addresses that are not RAM are left unmapped: a device access faults with EIP exact, and the
+    backend decodes the instruction (:mod:`vmmkit.x86_decode`: the moves compilers emit), does
+    the access through ``VcpuOps.mmio_read``/``mmio_write`` with its real width (1-8 bytes) and
+    steps past it. Another instruction is run alone with the page mapped as unicorn MMIO (whose
+    callbacks split 8-byte accesses in two). The local and I/O APIC pages are unicorn MMIO,
+    served here.
 
 Port I/O
     IN/OUT (and INS/OUTS, element by element) reach ``VcpuOps.pio_read``/``pio_write`` through
@@ -20,18 +30,22 @@ CPUID
     :func:`supported_cpuid` runs CPUID on a scratch engine (unicorn's CPU model); the table the
     architecture sets with ``set_cpuid`` is then served from an instruction hook.
 
-Local APIC (a register file, no interrupts)
-    The xAPIC page (at the APIC base, 0xfee00000) is served per vCPU by the backend, with the
-    state of ``get_lapic``/``set_lapic``. The ICR sends INIT and STARTUP to other vCPUs (so
-    INIT-SIPI-SIPI starts APs: the AP begins in real mode at ``vector << 12``); a fixed IPI only
-    wakes a halted target, no interrupt is delivered. Delivery status always reads idle. The
-    x2APIC MSRs are not emulated, nor the APIC timer.
+Interrupt controllers (:mod:`vmmkit_emu.x86_irq`)
+    With ``setup_interrupt_controller`` the VM has an I/O APIC at 0xfec00000
+    (:mod:`vmmkit.ioapic`) and each vCPU a local APIC: the xAPIC page (at the APIC base) with
+    the state of ``get_lapic``/``set_lapic``; IRR, ISR and TMR, priorities (TPR, in-service
+    class), EOI (a level-triggered vector's EOI reaches the I/O APIC). Fixed interrupts (I/O
+    APIC pins, MSIs, fixed IPIs) and NMIs are injected through the guest's IDT while the engine
+    is stopped; a vCPU with one pending and IF clear stops every millisecond to look again. The
+    ICR also sends INIT and STARTUP (INIT-SIPI-SIPI starts APs in real mode at ``vector << 12``).
+    Delivery status always reads idle. The x2APIC MSRs are not emulated, nor the APIC timer.
 
 HLT, exceptions
-    HLT ends ``emu_start``; the vCPU sleeps briefly (or until an IPI wakes it) and continues
-    after the HLT, as if an interrupt had woken it. CPU exceptions (#UD, #GP, #PF, ...) and
-    software interrupts are **not delivered through the IDT**: the run ends with an internal
-    error naming the vector and EIP.
+    HLT ends ``emu_start``; the vCPU sleeps until an interrupt, IPI or kick wakes it (2 ms at
+    most) and continues after the HLT. CPU exceptions and software interrupts go to the guest's
+    IDT gate (``#UD`` from an invalid instruction too); error-code exceptions push 0 (unicorn
+    does not report the code). Without a present gate the run ends with an internal error naming
+    the vector and EIP.
 """
 
 from __future__ import annotations

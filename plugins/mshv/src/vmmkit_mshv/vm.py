@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from vmmkit import x86_decode
 from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.hypervisor import ExitReason, Vcpu, VcpuOps, Vm, VmExit
 from vmmkit.ioapic import IOAPIC_BASE, IOAPIC_SIZE, IoApic
@@ -23,7 +24,6 @@ from vmmkit.x86 import (
     StandardRegisters,
 )
 from vmmkit_mshv import registers as hvreg
-from vmmkit import x86_decode
 from vmmkit_mshv.bindings import (
     InterceptType,
     MessageType,
