@@ -276,3 +276,35 @@ def test_a_vmm_that_does_not_complete_a_port_intercept_is_caught(guest: Any) -> 
     assert intercept.length == 2 and intercept.write
     with pytest.raises(MshvError, match="MSHV_RUN_VP.*did not step RIP past it"):
         vcpu.fd.run()
+
+
+def test_port_sinks_are_served_by_the_c_loop(guest: Any) -> None:
+    """Writes to a sink port go to its fd without reaching the ops; reads answer its value; the
+    loop completes them through the register page."""
+    from vmmkit.hypervisor import PortSink
+
+    read_end, write_end = os.pipe()
+    try:
+        vm, vcpu, ops, _, _ = guest("""
+            mov $0x3f8, %dx
+            mov $'h', %al
+            outb %al, %dx
+            mov $'i', %al
+            outb %al, %dx
+            inb %dx, %al
+            mov %eax, %esi
+            outb %al, $0xf4
+        1:  jmp 1b
+        """)
+        assert vm.add_port_sink(PortSink(port=0x3F8, fd=write_end, read_value=0x42))
+        assert not vm.add_port_sink(PortSink(port=0x80, fd=write_end, timestamp=True))  # left to the device
+        assert run(vcpu).reason is ExitReason.INTERRUPTED
+        assert os.read(read_end, 16) == b"hi"
+        assert ops.log == [("pio_write", 0xF4, b"\x42")]
+        assert vcpu.get_regs().rsi & 0xFF == 0x42
+        counts = vcpu.exit_counts()
+        assert counts["native_sink_writes"] == 2 and counts["native_sink_reads"] == 1
+        vm.remove_port_sink(0x3F8)
+    finally:
+        os.close(read_end)
+        os.close(write_end)

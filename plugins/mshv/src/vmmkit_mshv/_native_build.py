@@ -8,6 +8,7 @@ evaluated by the compiler. ``tests/unit/mshv/test_layout.py`` pins both to the u
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -119,6 +120,17 @@ uintptr_t vmk_mmap_shared(int fd, size_t length, long offset);
 int vmk_munmap(uintptr_t addr, size_t length);
 int vmk_install_kick_handler(int sig);
 void vmk_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+
+/* the run loop (mshv_runloop.h) */
+typedef int (*vmk_mshv_ioctl_fn)(int fd, unsigned long request, uintptr_t arg);
+#define VMK_MSHV_MAX_SINKS ...
+struct vmk_mshv_sink { uint16_t port; int fd; uint8_t read_value; int used; ...; };
+struct vmk_mshv_sinks { struct vmk_mshv_sink sink[...]; ...; };
+struct vmk_mshv_vp { int fd; vmk_mshv_ioctl_fn ioctl; struct vmk_mshv_sinks *sinks; uint8_t *register_page;
+                     int kicked; uint64_t runs, sink_writes, sink_reads, returned; uint8_t msg[256]; ...; };
+int vmk_mshv_host_ioctl(int fd, unsigned long request, uintptr_t arg);
+int vmk_mshv_run(struct vmk_mshv_vp *vp);
+extern "Python+C" int vmk_mshv_py_ioctl(int fd, unsigned long request, uintptr_t arg);
 """
 
 SOURCE = r"""
@@ -129,6 +141,7 @@ SOURCE = r"""
 #include <string.h>
 #include <sys/mman.h>
 #include "mshv_abi.h"
+#include "mshv_runloop.h"
 
 static int vmk_ioctl(int fd, unsigned long request, uintptr_t arg)
 {
@@ -176,6 +189,8 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "vmmkit_mshv._native",
     SOURCE,
+    # cffi wants the path relative to the directory setup.py runs in.
+    sources=[os.path.relpath(HERE / "mshv_runloop.c")],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

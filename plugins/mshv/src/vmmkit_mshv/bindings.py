@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -451,6 +452,7 @@ class RegisterPage:
     def __init__(self, kernel: Kernel, addr: int) -> None:
         self._kernel = kernel
         self._addr = addr
+        self.address = addr
         self._page = ffi.cast("struct hv_vp_register_page *", addr)
 
     @property
@@ -485,26 +487,116 @@ class RegisterPage:
         self._kernel.munmap(self._addr, HV_PAGE_SIZE)
 
 
+# -- the C run loop's ioctl seam -----------------------------------------------------------------
+
+#: Kernels implemented in Python, by fd, for the C loop's callback (``Kernel.native_ioctl`` False).
+_PYTHON_KERNELS: dict[int, Kernel] = {}
+#: The last error of a kernel implemented in Python that was not an OSError, by fd.
+_CALLBACK_ERRORS: dict[int, BaseException] = {}
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def vmk_mshv_py_ioctl(fd: int, request: int, arg: int) -> int:
+    """The C loop's ioctl for a kernel implemented in Python (the simulated /dev/mshv)."""
+    kernel = _PYTHON_KERNELS.get(fd)
+    if kernel is None:
+        return -_errno.EBADF
+    try:
+        return kernel.ioctl(fd, request, arg)
+    except OSError as exc:
+        _CALLBACK_ERRORS[fd] = exc
+        return -(exc.errno or _errno.EIO)
+    except BaseException as exc:  # surfaced by VpFd.run
+        _CALLBACK_ERRORS[fd] = exc
+        return -_errno.EIO
+
+
+class PortSinks:
+    """The VM's ports served by the C loop: guest writes go to an fd, reads return a constant."""
+
+    def __init__(self) -> None:
+        self.native = ffi.new("struct vmk_mshv_sinks *")
+        self._lock = threading.Lock()
+
+    def add(self, port: int, fd: int, read_value: int) -> bool:
+        _check_int(port, "port", 0, _U16)
+        with self._lock:
+            free = None
+            for i in range(int(lib.VMK_MSHV_MAX_SINKS)):
+                slot = self.native.sink[i]
+                if slot.used and slot.port == port:
+                    free = i
+                    break
+                if not slot.used and free is None:
+                    free = i
+            if free is None:
+                return False
+            slot = self.native.sink[free]
+            slot.port, slot.fd, slot.read_value = port, _check_fd(fd, "fd"), read_value & _U8
+            slot.used = 1
+            return True
+
+    def remove(self, port: int) -> None:
+        with self._lock:
+            for i in range(int(lib.VMK_MSHV_MAX_SINKS)):
+                slot = self.native.sink[i]
+                if slot.used and slot.port == port:
+                    slot.used = 0
+
+
 class VpFd(_HvcallFd):
-    def __init__(self, kernel: Kernel, fd: int, index: int) -> None:
+    def __init__(self, kernel: Kernel, fd: int, index: int, sinks: PortSinks | None = None,
+                 register_page: int = 0) -> None:
         super().__init__(kernel, fd)
         self.index = index
-        self._msg = ffi.new("struct mshv_run_vp *")
         self._input = ffi.new("__u8[]", HV_PAGE_SIZE)
         self._state_buffer: Any = None
+        self._sinks = sinks
+        loop = ffi.new("struct vmk_mshv_vp *")
+        loop.fd = fd
+        if kernel.native_ioctl:
+            loop.ioctl = lib.vmk_mshv_host_ioctl
+        else:
+            loop.ioctl = lib.vmk_mshv_py_ioctl
+            _PYTHON_KERNELS[fd] = kernel
+        loop.sinks = sinks.native if sinks is not None else ffi.NULL
+        loop.register_page = ffi.cast("uint8_t *", register_page)
+        self._loop = loop
+
+    def use_register_page(self, page: RegisterPage | None) -> None:
+        """Let the C loop complete sink intercepts through ``page``."""
+        self._loop.register_page = ffi.cast("uint8_t *", page.address if page is not None else 0)
 
     def run(self) -> Intercept:
-        """MSHV_RUN_VP until the next intercept; raises InterruptedError on EINTR (a kick)."""
-        try:
-            self.kernel.ioctl(self.fd, int(lib.MSHV_RUN_VP), _addr(self._msg))
-        except InterruptedError:
-            raise
-        except OSError as exc:
-            if exc.errno == _errno.EINTR:
-                raise InterruptedError(exc.errno, exc.strerror) from None
-            reason = exc.strerror if exc.errno is None or exc.strerror != os.strerror(exc.errno) else ""
-            raise MshvError("MSHV_RUN_VP", exc.errno, f"vp {self.index}" + (f": {reason}" if reason else "")) from None
-        return decode_message(bytes(ffi.buffer(self._msg)))
+        """MSHV_RUN_VP (in C, serving port sinks) until an intercept for Python; raises
+        InterruptedError on EINTR (a kick)."""
+        ret = int(lib.vmk_mshv_run(self._loop))
+        if ret < 0:
+            error = _CALLBACK_ERRORS.pop(self.fd, None)
+            if -ret == _errno.EINTR:
+                raise InterruptedError(_errno.EINTR, "interrupted")
+            if error is not None and not isinstance(error, OSError):
+                raise error
+            strerror = error.strerror if isinstance(error, OSError) else None
+            reason = strerror if strerror and strerror != os.strerror(-ret) else ""
+            raise MshvError("MSHV_RUN_VP", -ret, f"vp {self.index}" + (f": {reason}" if reason else ""))
+        return decode_message(bytes(ffi.buffer(self._loop.msg)))
+
+    def kick(self) -> None:
+        """Make the C loop return EINTR before its next MSHV_RUN_VP (a signal ends one in progress)."""
+        self._loop.kicked = 1
+
+    def clear_kick(self) -> None:
+        self._loop.kicked = 0
+
+    def counts(self) -> dict[str, int]:
+        loop = self._loop
+        return {"runs": int(loop.runs), "sink_writes": int(loop.sink_writes), "sink_reads": int(loop.sink_reads),
+                "intercepts": int(loop.returned)}
+
+    def close(self) -> None:
+        _PYTHON_KERNELS.pop(self.fd, None)
+        super().close()
 
     def map_register_page(self) -> RegisterPage | None:
         """The register page, or None where the kernel offers none (ENODEV: encrypted

@@ -5,8 +5,9 @@ mshv_root_main.c) with Cloud Hypervisor's ``hypervisor/src/mshv`` as the referen
 vmmkit host has had ``/dev/mshv``: every line here has run only against the simulated kernel
 (:mod:`vmmkit_mshv.simulator`, a contract test), never on the Microsoft Hypervisor.
 
-The run loop is Python (one MSHV_RUN_VP per intercept); a C loop with native port sinks like
-the KVM plugin's is not written yet.
+The run loop is C (``mshv_runloop.c``): MSHV_RUN_VP until an intercept Python must handle, with
+port sinks served natively; the ioctl is a function pointer, the host's ioctl(2) or a callback
+into a kernel implemented in Python (the simulator).
 
 Interrupts: the LAPIC lives in the hypervisor (``MSHV_PT_BIT_LAPIC``); MSIs are asserted with
 HVCALL_ASSERT_VIRTUAL_INTERRUPT and irqfds route through MSHV_SET_MSI_ROUTING. The hypervisor

@@ -31,6 +31,10 @@ class Kernel(Protocol):
 
     #: ``"host"`` or ``"simulated"`` (shown in errors and ``vmmkit plugins``).
     name: str
+    #: Whether ioctls are system calls the C run loop may make itself; False for a kernel
+    #: implemented in Python, which the loop reaches through a callback (the function-pointer
+    #: form of this seam).
+    native_ioctl: bool
 
     def open(self, path: str) -> int: ...
 
@@ -59,6 +63,7 @@ class HostKernel:
     """The real ``/dev/mshv``: system calls through libc."""
 
     name = "host"
+    native_ioctl = True
     _handler_installed = False
 
     def open(self, path: str) -> int:

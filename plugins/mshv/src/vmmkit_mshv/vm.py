@@ -12,7 +12,7 @@ from typing import Any
 
 from vmmkit import x86_decode
 from vmmkit.errors import CapabilityError, HypervisorError
-from vmmkit.hypervisor import ExitReason, Vcpu, VcpuOps, Vm, VmExit
+from vmmkit.hypervisor import ExitReason, PortSink, Vcpu, VcpuOps, Vm, VmExit
 from vmmkit.ioapic import IOAPIC_BASE, IOAPIC_SIZE, IoApic
 from vmmkit.x86 import (
     CpuIdEntry,
@@ -30,6 +30,7 @@ from vmmkit_mshv.bindings import (
     MshvDevice,
     MshvError,
     PartitionFd,
+    PortSinks,
     RegisterPage,
     VpFd,
     VpState,
@@ -73,6 +74,7 @@ class MshvVm(Vm):
         self.irq_levels: dict[int, bool] = {}
         self.irq_count = 0
         self.ioapic: IoApic | None = None
+        self.sinks = PortSinks()
         self._cpuid_intercept = False
         self._dirty_tracking = False
         self._lock = threading.Lock()
@@ -180,6 +182,15 @@ class MshvVm(Vm):
             raise NotImplementedError("port ioeventfds (MSHV refuses them: EOPNOTSUPP)")
         self.partition.ioeventfd(fd, addr, length=length, datamatch=datamatch, deassign=True)
 
+    def add_port_sink(self, sink: PortSink) -> bool:
+        """Serve the port in the C loop (plain bytes; timestamped lines stay with the device)."""
+        if sink.timestamp:
+            return False
+        return self.sinks.add(sink.port, sink.fd, sink.read_value)
+
+    def remove_port_sink(self, port: int) -> None:
+        self.sinks.remove(port)
+
     def close(self) -> None:
         for vcpu in self.vcpus:
             vcpu.close()
@@ -194,8 +205,9 @@ class MshvVcpu(Vcpu):
         self.index = index
         self.vm = vm
         self.ops = ops
-        self.fd = VpFd(vm.kernel, vm.partition.create_vp(index), index)
+        self.fd = VpFd(vm.kernel, vm.partition.create_vp(index), index, vm.sinks)
         self.page: RegisterPage | None = self.fd.map_register_page()
+        self.fd.use_register_page(self.page)
         self._cpuid: CpuIdTable | None = None
         self._msrs: dict[int, int] = {}
         self._kicked = False
@@ -343,6 +355,7 @@ class MshvVcpu(Vcpu):
 
     def kick(self) -> None:
         self._kicked = True
+        self.fd.kick()
         self._signal()
 
     def _signal(self) -> None:
@@ -357,9 +370,10 @@ class MshvVcpu(Vcpu):
 
     def clear_kick(self) -> None:
         self._kicked = False
+        self.fd.clear_kick()
 
     def exit_counts(self) -> dict[str, int]:
-        return dict(self._counts)
+        return {**self._counts, **{f"native_{k}": v for k, v in self.fd.counts().items()}}
 
     # -- X86Vcpu --------------------------------------------------------------------------------
 

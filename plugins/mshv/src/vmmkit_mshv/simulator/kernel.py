@@ -27,6 +27,7 @@ class SimulatedKernel:
     """A contract-test stand-in for the kernel's MSHV driver and the hypervisor behind it."""
 
     name = "simulated"
+    native_ioctl = False
 
     def __init__(self, device_path: str = "/dev/mshv") -> None:
         self.device_path = device_path
