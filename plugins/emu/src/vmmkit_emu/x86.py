@@ -242,6 +242,8 @@ class X86Vcpu(EmuVcpu):
         self._nmi_pending = False
         self._irq_polling = False
         self._mmio_fault: tuple[int, int, bool] | None = None
+        self._skipped_at: int | None = None
+        self._skipped_tries = 0
         self.injected: collections.Counter[int] = collections.Counter()
         super().__init__(vm, index, ops)
 
@@ -375,6 +377,8 @@ class X86Vcpu(EmuVcpu):
         import unicorn
 
         fault, self._mmio_fault = self._mmio_fault, None
+        if fault is None and self._hook_skipped(exc):
+            return None  # nothing was done: the next entry runs the instruction again
         if fault is not None:
             address, _, write = fault
             try:
@@ -390,6 +394,21 @@ class X86Vcpu(EmuVcpu):
             self.count("exception")
             return None
         return super()._engine_error(exc)
+
+    def _hook_skipped(self, exc: Exception) -> bool:
+        """An unmapped access whose hook unicorn skipped (it does while a stop is requested: a
+        kick, a preemption): no side effect happened, so the access may be retried -- a few
+        times at one address, then it is an error after all."""
+        import unicorn
+
+        unmapped = (unicorn.UC_ERR_READ_UNMAPPED, unicorn.UC_ERR_WRITE_UNMAPPED, unicorn.UC_ERR_WRITE_PROT)
+        if not isinstance(exc, getattr(unicorn, "UcError")) or getattr(exc, "errno", None) not in unmapped:  # noqa: B009
+            self._skipped_at = None
+            return False
+        pc = self._pc()
+        tries = self._skipped_tries + 1 if self._skipped_at == pc else 1
+        self._skipped_at, self._skipped_tries = pc, tries
+        return tries <= 3
 
     def _error_context(self, pc: int) -> str:
         try:

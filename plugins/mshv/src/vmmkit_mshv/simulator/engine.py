@@ -117,7 +117,7 @@ class Engine(X86Vcpu):
     def _engine_error(self, exc: Exception) -> VmExit | None:
         if self.fault is not None:
             return VmExit(ExitReason.INTERNAL_ERROR, "memory intercept")
-        return super()._engine_error(exc)
+        return super()._engine_error(exc)  # retries an access whose hook unicorn skipped
 
     def _on_exception(self, uc: Any, intno: int, _: Any) -> None:
         if self._gate(intno) is None:

@@ -27,6 +27,7 @@ from unicorn import x86_const as X
 from vmmkit_emu import fullregs
 
 from vmmkit.hypervisor import ExitReason
+from vmmkit.log import get_logger
 from vmmkit.x86 import DescriptorTable, FpuState, MpState, MsrEntry, Segment
 from vmmkit_mshv.simulator import abi
 from vmmkit_mshv.simulator.engine import Engine
@@ -34,6 +35,7 @@ from vmmkit_mshv.simulator.engine import Engine
 if TYPE_CHECKING:
     from vmmkit_mshv.simulator.partition import Partition
 
+log = get_logger()
 _GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
 REG_RAX = 0x00020000
 REG_RIP = 0x00020010
@@ -88,6 +90,7 @@ class Vp:
         self.register_page = ctypes.create_string_buffer(abi.MESSAGE_SIZE * 16)  # one 4 KiB page
         self.message_page = ctypes.create_string_buffer(abi.MESSAGE_SIZE * 16)
         self.violations: list[str] = []
+        self.last_error = ""
         self._cv = threading.Condition()
         self._state = "idle"  # idle | running | parked | closed
         self._go = False
@@ -96,6 +99,7 @@ class Vp:
         self._parked_rip = 0
         self._parked_next = 0
         self._notification = False
+        self._abandon = False
         self.runner: int | None = None
         self._thread = threading.Thread(target=self._engine_loop, name=f"mshv-sim-vp{index}", daemon=True)
         self._thread.start()
@@ -130,6 +134,21 @@ class Vp:
             raise OSError(errno.EIO, payload.decode())
         _put(self.message_page, 0, payload)
         return payload
+
+    def _unpark_locked(self) -> None:
+        """The VMM sets state a pending IN/OUT/CPUID intercept cannot carry (a reset, a new RIP):
+        let the hooked instruction finish and the engine stop, then the writes apply to a
+        stopped engine. unicorn stops at the end of a translation block, so a few more guest
+        instructions may run first (a limit of the simulation, documented in the README)."""
+        self._abandon = True
+        self._state = "running"
+        self._cv.notify_all()
+        self.engine.kick()
+        while self._state not in ("idle", "closed"):
+            self._cv.wait()
+        self._outbox = None
+        self._abandon = False
+        self.engine.clear_kick()
 
     def _check_completion(self) -> None:
         """A parked intercept resumes only past the instruction (see the module docstring)."""
@@ -190,22 +209,25 @@ class Vp:
     def _run_engine(self) -> tuple[str, bytes]:
         engine = self.engine
         while True:
-            engine.fault = None
-            engine.exception = None
             exit_ = engine.run()
             if exit_.reason is ExitReason.INTERRUPTED:
+                # a fault or exception recorded before the kick stays for the next run (its
+                # pending exit is returned first)
                 engine.clear_kick()
                 return ("eintr", b"")
+            fault, engine.fault = engine.fault, None
+            exception, engine.exception = engine.exception, None
             if exit_.reason is ExitReason.HLT:
                 return ("message", self._message(abi.HVMSG_X64_HALT, abi.HV_INTERCEPT_ACCESS_EXECUTE, 0, b""))
-            fault = engine.fault
             if fault is not None:
                 if fault.write and self.partition.ioeventfd_hit(fault.address, fault.size, fault.value):
                     self._step_over_doorbell(fault.address)
                     continue
                 return ("message", self._memory_message(fault))
-            if engine.exception is not None:
-                return ("message", self._exception_message(engine.exception))
+            if exception is not None:
+                return ("message", self._exception_message(exception))
+            self.last_error = exit_.detail  # why the engine gave up (for logs and tests)
+            log.warning("mshv.simulator.unrecoverable", vp=self.index, detail=exit_.detail)
             return ("message", self._message(abi.HVMSG_UNRECOVERABLE_EXCEPTION, 0, 0, b""))
 
     def _step_over_doorbell(self, address: int) -> None:
@@ -227,6 +249,9 @@ class Vp:
         VMM wrote meanwhile (hv register name -> value). A ``notification`` (an EOI message)
         completes nothing: the VMM resumes without touching RIP."""
         with self._cv:
+            if self._abandon:
+                self.engine.kick()
+                return {}
             self._overlay = {}
             self._notification = notification
             self._parked_rip = rip
@@ -270,11 +295,14 @@ class Vp:
             if self._state == "running":
                 raise OSError(errno.EBUSY, "the VP is running")
             if self._state == "parked":
-                for name, value in pairs:
-                    if not (REG_RAX <= name <= REG_RFLAGS):
-                        raise UnknownRegister(f"{name:#x} cannot be written during a port or CPUID intercept")
-                    self._overlay[name] = int.from_bytes(value[:8], "little")
-                return
+                next_rip = self._parked_next
+                completes = all(REG_RAX <= name <= REG_RFLAGS for name, _ in pairs) and all(
+                    int.from_bytes(value[:8], "little") == next_rip for name, value in pairs if name == REG_RIP)
+                if completes:
+                    for name, value in pairs:
+                        self._overlay[name] = int.from_bytes(value[:8], "little")
+                    return
+                self._unpark_locked()
             self._apply_page_to_engine()
             self._write(pairs)
             _put(self.register_page, 2, b"\0")  # isvalid: the page no longer reflects the registers
