@@ -42,7 +42,8 @@ def main() -> int:
     if status == 0 and ran == 0:
         print(f"FAILED {label}: the backend is usable but no test booted a guest on it")
         return 1
-    print(f"{label}: {ran} tests booted guests on this backend")
+    note = f" ({availability.reason})" if availability.reason else ""
+    print(f"{label}: {ran} tests booted guests on this backend{note}")
     return status
 
 

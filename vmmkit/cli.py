@@ -128,7 +128,10 @@ def _cmd_plugins(args: list[str]) -> int:
     print("hypervisors (in --hypervisor auto order):", file=out)
     for backend in registries.hypervisor_order():
         availability = backend.is_available()
-        state = "usable" if availability else f"not usable: {availability.reason}"
+        if availability:
+            state = f"usable ({availability.reason})" if availability.reason else "usable"
+        else:
+            state = f"not usable: {availability.reason}"
         arches = ",".join(backend.architectures) or "-"
         print(f"  {backend.name:<8} {state}  [guests: {arches}]  {backend.description}", file=out)
     print("architectures:", file=out)

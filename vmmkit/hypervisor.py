@@ -66,10 +66,13 @@ class PortSink:
 
 @frozen
 class Availability:
-    """Whether a backend can be used on this host, and if not, why."""
+    """Whether a backend can be used on this host, and if not, why. ``auto`` False: usable
+    only when named (``--hypervisor NAME``), never picked by ``--hypervisor auto`` (a backend
+    running on a simulated kernel for a contract test says so)."""
 
     usable: bool
     reason: str = ""
+    auto: bool = True
 
     def __bool__(self) -> bool:
         return self.usable
@@ -215,6 +218,7 @@ class Vcpu(ABC):
 
 def first_usable(backends: Sequence[type[Hypervisor]]) -> type[Hypervisor] | None:
     for backend in backends:
-        if backend.is_available():
+        availability = backend.is_available()
+        if availability and availability.auto:
             return backend
     return None

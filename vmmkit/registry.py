@@ -103,8 +103,11 @@ class Registries:
                 reasons.append(f"{backend.name}: cannot run {arch} guests")
                 continue
             availability = backend.is_available()
-            if availability:
+            if availability and availability.auto:
                 return backend
+            if availability:
+                reasons.append(f"{backend.name}: only when named ({availability.reason})")
+                continue
             reasons.append(f"{backend.name}: {availability.reason}")
         detail = "; ".join(reasons) or "no hypervisor plugin is installed"
         raise RegistryError(f"no usable hypervisor on this host ({detail})")

@@ -467,7 +467,8 @@ class Vmm:
         features = []
         for backend in self.registries.hypervisor_order():
             try:
-                if backend.is_available():
+                availability = backend.is_available()
+                if availability and availability.auto:
                     features.append(str(backend.name))
             except Exception:
                 continue

@@ -39,7 +39,7 @@ DISTRIBUTIONS = {
     "arch/aarch64": ("vmmkit-aarch64", "vmmkit_aarch64"),
     "examples/vmmkit-example-device": ("vmmkit-example-device", "vmmkit_example_device"),
 }
-NATIVE = {".", "plugins/kvm", "plugins/devices"}
+NATIVE = {".", "plugins/kvm", "plugins/devices", "plugins/mshv"}
 PLATFORM_TAG = sysconfig.get_platform().replace("-", "_").replace(".", "_")
 
 pytestmark = pytest.mark.slow

@@ -143,7 +143,9 @@ def test_x86_hlt_resumes_after_the_instruction(x86) -> None:
     assert vcpu.exit_counts()["halt"] == 2
 
 
-def test_x86_exceptions_end_the_run_naming_the_vector(x86) -> None:
+def test_x86_exceptions_without_a_gate_end_the_run_naming_the_vector(x86) -> None:
+    """The fixture's IDT has no present gates: an exception cannot be delivered (the CPU would
+    triple-fault), so the run ends naming it."""
     vcpu, _, _, _ = x86("ud2")
     exit_ = run_until_kicked(vcpu)
     assert exit_.reason is ExitReason.INTERNAL_ERROR

@@ -32,11 +32,12 @@ Stopping
     repeated from a short timer until the vCPU is out, so kicks are never lost.
 
 Interrupts
-    unicorn has no interrupt controller and no API to raise an interrupt. This backend accepts
-    :meth:`EmuVm.set_irq_line` and :meth:`EmuVm.signal_msi` (they are counted, and the level of
-    each line kept) but delivers nothing: guests must poll their devices. Synchronous
-    exceptions are delivered to the guest's own vectors on AArch64 (see :mod:`vmmkit_emu.arm64`);
-    on x86 an exception ends the run (see :mod:`vmmkit_emu.x86`).
+    x86: the backend models the PC's interrupt controllers (an I/O APIC and local APICs) and
+    injects interrupts and exceptions through the guest's IDT (see :mod:`vmmkit_emu.x86`).
+    AArch64: no GIC model; :meth:`EmuVm.set_irq_line` and :meth:`EmuVm.signal_msi` are counted
+    and nothing is delivered, so guests poll their devices; synchronous exceptions reach the
+    guest's vectors (see :mod:`vmmkit_emu.arm64`). ``delivers_interrupts`` is True (the x86
+    guests' interrupt tests run on emu).
 """
 
 from __future__ import annotations
@@ -94,12 +95,12 @@ class EmuHypervisor(Hypervisor):
 
     name: ClassVar[str] = "emu"
     description: ClassVar[str] = (
-        "software emulation (unicorn): x86-64 and AArch64 guests, polled devices, no interrupts"
+        "software emulation (unicorn): x86-64 and AArch64 guests; x86 interrupts, none on AArch64"
     )
     #: ``auto`` tries hardware backends (10-49) first.
     priority: ClassVar[int] = 90
     architectures: ClassVar[tuple[str, ...]] = ("x86_64", "aarch64")
-    delivers_interrupts: ClassVar[bool] = False
+    delivers_interrupts: ClassVar[bool] = True
 
     @classmethod
     def is_available(cls) -> Availability:
@@ -439,6 +440,7 @@ class EmuVcpu(Vcpu):
                 if start is not None:
                     start()
                 self._preempt = False
+                self._before_entry()
                 self._in_emu = True
                 try:
                     self._counts["entries"] += 1
@@ -456,13 +458,19 @@ class EmuVcpu(Vcpu):
             finally:
                 self.vm.token.release(self)
 
+    def _before_entry(self) -> None:
+        """On this vCPU's thread, the engine stopped, just before it runs guest code: where a
+        subclass injects a pending interrupt."""
+
     def _stopped_by_engine(self) -> None:
         """``emu_start`` returned without a kick, preemption or pending exit: a halt
         instruction (x86 HLT, AArch64 WFI) in unicorn. Subclasses may refine."""
         self._counts["halt"] += 1
         self.halt()
 
-    def _engine_error(self, exc: Exception) -> VmExit:
+    def _engine_error(self, exc: Exception) -> VmExit | None:
+        """The exit for an engine error, or None when a subclass handled it (delivered an
+        exception to the guest) and the vCPU goes on."""
         try:
             pc = self._pc()
         except Exception:

@@ -4,12 +4,22 @@ Engine mode
     Each vCPU is a unicorn engine in ``UC_MODE_32``: in that mode unicorn loads segment
     registers through the descriptor tables (``cpu_x86_load_seg``), so register writes can put
     the vCPU in real mode (AP start-up), 32-bit protected mode (PVH) or long mode (linux64), and
-    the guest's own mode switches run as on hardware. The price: unicorn reads and writes only
-    the low 32 bits of the general registers and of RIP in this mode, so **guest code must run
-    below 4 GiB** (every vmmkit boot protocol and the test guest do; a Linux kernel mapped at
-    0xffffffff8... does not run on emu). Segment registers are loaded by selector from the
-    guest's GDT (the boot GDT the architecture wrote); their other :class:`vmmkit.x86.Segment`
-    fields are not used, except in real mode where base = selector << 4.
+    the guest's own mode switches run as on hardware. unicorn's register API reaches only the low
+    32 bits of the general registers and of RIP in this mode; ``get_regs``/``set_regs`` carry all
+    64 bits of RAX-R15 and RIP through the saved context (:mod:`vmmkit_emu.fullregs`), but
+    ``emu_start`` takes a 32-bit start address, so **guest code must run below 4 GiB** (every
+    vmmkit boot protocol and the test guest do; a Linux kernel mapped at 0xffffffff8... does not
+    run on emu). Segment registers are loaded by selector from the guest's GDT (the boot GDT the
+    architecture wrote); their other :class:`vmmkit.x86.Segment` fields are not used, except in
+    real mode where base = selector << 4.
+
+MMIO
+    Addresses that are not RAM are left unmapped: a device access faults with EIP exact, and the
+    backend decodes the instruction (:mod:`vmmkit.x86_decode`: the moves compilers emit), does
+    the access through ``VcpuOps.mmio_read``/``mmio_write`` with its real width (1-8 bytes) and
+    steps past it. Another instruction is run alone with the page mapped as unicorn MMIO (whose
+    callbacks split 8-byte accesses in two). The local and I/O APIC pages are unicorn MMIO,
+    served here.
 
 Port I/O
     IN/OUT (and INS/OUTS, element by element) reach ``VcpuOps.pio_read``/``pio_write`` through
@@ -20,32 +30,45 @@ CPUID
     :func:`supported_cpuid` runs CPUID on a scratch engine (unicorn's CPU model); the table the
     architecture sets with ``set_cpuid`` is then served from an instruction hook.
 
-Local APIC (a register file, no interrupts)
-    The xAPIC page (at the APIC base, 0xfee00000) is served per vCPU by the backend, with the
-    state of ``get_lapic``/``set_lapic``. The ICR sends INIT and STARTUP to other vCPUs (so
-    INIT-SIPI-SIPI starts APs: the AP begins in real mode at ``vector << 12``); a fixed IPI only
-    wakes a halted target, no interrupt is delivered. Delivery status always reads idle. The
-    x2APIC MSRs are not emulated, nor the APIC timer.
+Interrupt controllers (:mod:`vmmkit_emu.x86_irq`)
+    With ``setup_interrupt_controller`` the VM has an I/O APIC at 0xfec00000
+    (:mod:`vmmkit.ioapic`) and each vCPU a local APIC: the xAPIC page (at the APIC base) with
+    the state of ``get_lapic``/``set_lapic``; IRR, ISR and TMR, priorities (TPR, in-service
+    class), EOI (a level-triggered vector's EOI reaches the I/O APIC). Fixed interrupts (I/O
+    APIC pins, MSIs, fixed IPIs) and NMIs are injected through the guest's IDT while the engine
+    is stopped; a vCPU with one pending and IF clear stops every millisecond to look again. The
+    ICR also sends INIT and STARTUP (INIT-SIPI-SIPI starts APs in real mode at ``vector << 12``).
+    Delivery status always reads idle. The x2APIC MSRs are not emulated, nor the APIC timer.
 
 HLT, exceptions
-    HLT ends ``emu_start``; the vCPU sleeps briefly (or until an IPI wakes it) and continues
-    after the HLT, as if an interrupt had woken it. CPU exceptions (#UD, #GP, #PF, ...) and
-    software interrupts are **not delivered through the IDT**: the run ends with an internal
-    error naming the vector and EIP.
+    HLT ends ``emu_start``; the vCPU sleeps until an interrupt, IPI or kick wakes it (2 ms at
+    most) and continues after the HLT. CPU exceptions and software interrupts go to the guest's
+    IDT gate (``#UD`` from an invalid instruction too); error-code exceptions push 0 (unicorn
+    does not report the code). Without a present gate the run ends with an internal error naming
+    the vector and EIP.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import struct
 import threading
 from collections.abc import Sequence
 from typing import Any
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_32
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_READ_UNMAPPED,
+    UC_HOOK_MEM_WRITE_UNMAPPED,
+    UC_MODE_32,
+)
 from unicorn import x86_const as X
 
-from vmmkit.hypervisor import ExitReason, VcpuOps
+from vmmkit import x86_decode
+from vmmkit.hypervisor import ExitReason, VcpuOps, VmExit
 from vmmkit.x86 import (
     CPUID_FLAG_SIGNIFICANT_INDEX,
     CpuIdEntry,
@@ -58,12 +81,24 @@ from vmmkit.x86 import (
     SpecialRegisters,
     StandardRegisters,
 )
-from vmmkit_emu.hypervisor import EmuVcpu, EmuVm, new_engine
+from vmmkit_emu import fullregs
+from vmmkit_emu.hypervisor import EmuVcpu, EmuVm, _retry, new_engine
+from vmmkit_emu.x86_irq import (
+    ERROR_CODE_VECTORS,
+    FIXED,
+    IOAPIC_BASE,
+    IOAPIC_SIZE,
+    LOWEST_PRIORITY,
+    NMI,
+    IoApic,
+    highest_bit,
+    set_bit,
+    test_bit,
+)
 
-_GPRS = {
-    "rax": X.UC_X86_REG_EAX, "rbx": X.UC_X86_REG_EBX, "rcx": X.UC_X86_REG_ECX, "rdx": X.UC_X86_REG_EDX,
-    "rsi": X.UC_X86_REG_ESI, "rdi": X.UC_X86_REG_EDI, "rsp": X.UC_X86_REG_ESP, "rbp": X.UC_X86_REG_EBP,
-}
+#: The general registers in the CPU's numbering (unicorn's saved context keeps them so).
+_GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 _SEGMENTS = {"es": X.UC_X86_REG_ES, "ss": X.UC_X86_REG_SS, "ds": X.UC_X86_REG_DS,
              "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS}
 
@@ -78,6 +113,13 @@ APIC_PAGE = 0x1000
 LAPIC_STATE = 0x400
 APIC_ID = 0x20
 APIC_VERSION = 0x30
+APIC_TPR = 0x80
+APIC_EOI = 0xB0
+APIC_LDR = 0xD0
+APIC_SVR = 0xF0
+APIC_ISR = 0x100
+APIC_TMR = 0x180
+APIC_IRR = 0x200
 APIC_ICR_LO = 0x300
 APIC_ICR_HI = 0x310
 ICR_DELIVERY_MODE = 0x700
@@ -85,6 +127,14 @@ ICR_INIT = 0x500
 ICR_STARTUP = 0x600
 ICR_LEVEL_ASSERT = 1 << 14
 ICR_PENDING = 1 << 12
+ICR_NMI = 0x400
+EFLAGS_IF = 1 << 9
+EFLAGS_TF = 1 << 8
+EFLAGS_RF = 1 << 16
+EFLAGS_NT = 1 << 14
+EFER_LMA = 1 << 10
+#: How often a vCPU with an interrupt it could not take yet (IF clear) stops to look again.
+IRQ_WINDOW_POLL = 0.001
 
 #: Leaves whose output depends on ECX (CPUID_FLAG_SIGNIFICANT_INDEX), and how many subleaves
 #: :func:`supported_cpuid` collects of each.
@@ -93,13 +143,61 @@ _INDEXED_LEAVES = {4: 8, 7: 2, 0xB: 3, 0xD: 4, 0xF: 2, 0x10: 2, 0x12: 3, 0x14: 2
 
 
 class X86Vm(EmuVm):
-    """An emulated x86-64 VM."""
+    """An emulated x86-64 VM. With :meth:`setup_interrupt_controller` it has the PC's interrupt
+    controllers (an I/O APIC at 0xfec00000 and the local APICs), as KVM's in-kernel irqchip."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__(arch)
+        self.ioapic: IoApic | None = None
 
     def _new_vcpu(self, index: int, ops: VcpuOps) -> X86Vcpu:
         return X86Vcpu(self, index, ops)
 
+    # -- interrupts ---------------------------------------------------------------------------
+
+    def setup_interrupt_controller(self) -> None:
+        super().setup_interrupt_controller()
+        self.ioapic = IoApic(self.deliver_interrupt)
+
+    def set_irq_line(self, gsi: int, level: bool) -> None:
+        """ISA IRQ 0 (the PIT) reaches I/O APIC pin 2, GSI n pin n (the MADT's overrides)."""
+        super().set_irq_line(gsi, level)
+        if self.ioapic is not None:
+            self.ioapic.set_level(2 if gsi == 0 else gsi, level)
+
+    def signal_msi(self, address: int, data: int) -> None:
+        """An MSI (Intel SDM vol. 3 10.11): destination address bits 19:12, logical mode bit 2;
+        vector data bits 7:0, delivery mode 10:8, level-triggered bit 15."""
+        super().signal_msi(address, data)
+        self.deliver_interrupt(data & 0xFF, (address >> 12) & 0xFF, (data >> 8) & 7, bool(address & 4),
+                               bool(data & (1 << 15)), -1)
+
+    def _targets(self, destination: int, logical: bool) -> list[X86Vcpu]:
+        cpus = [v for v in self.vcpus if isinstance(v, X86Vcpu)]
+        if logical:
+            return [v for v in cpus if v.logical_id() & destination]
+        if destination == 0xFF:
+            return cpus
+        return [v for v in cpus if v.apic_id() == destination]
+
+    def deliver_interrupt(self, vector: int, destination: int, mode: int, logical: bool, level: bool,
+                          pin: int) -> None:
+        """An interrupt message from the I/O APIC or an MSI to the local APICs it names."""
+        targets = self._targets(destination, logical)
+        if mode == LOWEST_PRIORITY:
+            targets = targets[:1]
+        for target in targets:
+            if mode in (FIXED, LOWEST_PRIORITY):
+                target.accept_interrupt(vector, level)
+            elif mode == NMI:
+                target.accept_nmi()
+
+    def end_of_interrupt(self, vector: int) -> None:
+        if self.ioapic is not None:
+            self.ioapic.eoi(vector)
+
     def deliver_ipi(self, source: int, icr: int, destination: int) -> None:
-        """An ICR write of vCPU ``source``: INIT / STARTUP / fixed (wake-up only)."""
+        """An ICR write of vCPU ``source``: INIT / STARTUP / NMI / fixed."""
         shorthand = (icr >> 18) & 3
         if shorthand == 1:
             targets = [v for v in self.vcpus if v.index == source]
@@ -117,8 +215,10 @@ class X86Vm(EmuVm):
                     target.receive_init()
             elif mode == ICR_STARTUP:
                 target.receive_sipi(icr & 0xFF)
+            elif mode == ICR_NMI:
+                target.accept_nmi()
             else:
-                target.wake()
+                target.accept_interrupt(icr & 0xFF, False)
 
 
 class X86Vcpu(EmuVcpu):
@@ -139,6 +239,12 @@ class X86Vcpu(EmuVcpu):
             struct.pack_into("<I", self._lapic, lvt, 0x1_0000)
         self._lapic_lock = threading.Lock()
         self._wait_for_sipi = False
+        self._nmi_pending = False
+        self._irq_polling = False
+        self._mmio_fault: tuple[int, int, bool] | None = None
+        self._skipped_at: int | None = None
+        self._skipped_tries = 0
+        self.injected: collections.Counter[int] = collections.Counter()
         super().__init__(vm, index, ops)
 
     def _make_engine(self) -> Any:
@@ -147,7 +253,81 @@ class X86Vcpu(EmuVcpu):
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INTR, self._on_exception)
+        uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED, self._on_unmapped)
         return uc
+
+    # -- MMIO: faults on unmapped addresses, completed by decoding the instruction -----------------
+
+    def _map_memory(self) -> None:
+        """RAM, and the local and I/O APIC pages as unicorn MMIO (registers served here); every
+        other address stays unmapped, so a device access faults with EIP exact and is completed
+        by :meth:`_emulate_mmio` (unicorn's own MMIO regions split 8-byte accesses in two)."""
+        from unicorn import UC_PROT_ALL
+
+        for start, size, host in self.vm.ram_ranges():
+            self.uc.mem_map_ptr(start, size, UC_PROT_ALL, host)
+        for base in (APIC_DEFAULT_BASE, IOAPIC_BASE):
+            self.uc.mmio_map(base, APIC_PAGE, self._mmio_read_cb, base, self._mmio_write_cb, base)
+
+    def _on_unmapped(self, uc: Any, access: int, address: int, size: int, value: int, _: Any) -> bool:
+        from unicorn import UC_MEM_WRITE_UNMAPPED
+
+        self._mmio_fault = (address, size, access == UC_MEM_WRITE_UNMAPPED)
+        return False  # emu_start raises: _engine_error completes the access
+
+    def code_bits(self) -> int:
+        """The running code's mode: 64 with EFER.LMA and CS.L, else 32 or 16 from CS.D."""
+        uc = self.uc
+        if not int(uc.reg_read(X.UC_X86_REG_CR0)) & 1:
+            return 16
+        long_mode = self._long_mode()
+        _, gdt_base, _, _ = uc.reg_read(X.UC_X86_REG_GDTR)
+        cs = int(uc.reg_read(X.UC_X86_REG_CS))
+        try:
+            descriptor = int.from_bytes(bytes(uc.mem_read(gdt_base + (cs & ~7), 8)), "little")
+        except Exception:
+            return 64 if long_mode else 32
+        if long_mode and descriptor >> 53 & 1:
+            return 64
+        return 32 if descriptor >> 54 & 1 else 16
+
+    def _emulate_mmio(self, address: int, write: bool) -> bool:
+        """Do the faulting instruction's device access and step past it (the moves a compiler
+        emits: :mod:`vmmkit.x86_decode`); False if it is not one of them."""
+        uc = self.uc
+        gprs, rip, _ = fullregs.read(uc)
+        try:
+            code = bytes(uc.mem_read(rip, 16))
+        except Exception:
+            code = bytes(uc.mem_read(rip, 0x1000 - (rip & 0xFFF)))[:16]
+        try:
+            access = x86_decode.decode(code, self.code_bits())
+        except x86_decode.UnsupportedInstruction:
+            return False
+        self.count("mmio")
+        if access.write:
+            if access.immediate is not None:
+                data = access.immediate.to_bytes(access.size, "little")
+            else:
+                data = x86_decode.register_bytes(gprs[access.register], access)
+            self.mmio_write(address, data)
+            fullregs.write(uc, {}, rip + access.length)
+            return True
+        data = self.mmio_read(address, access.size)
+        value = x86_decode.merge_read(gprs[access.register], access, data)
+        fullregs.write(uc, {access.register: value}, rip + access.length)
+        return True
+
+    def _step_with_mmio_page(self, address: int) -> None:
+        """An instruction the decoder does not know touched a device: run it alone with the
+        page as unicorn MMIO (its accesses then reach the devices through callbacks)."""
+        uc = self.uc
+        page = address & ~0xFFF
+        uc.mmio_map(page, 0x1000, self._mmio_read_cb, page, self._mmio_write_cb, page)
+        try:
+            uc.emu_start(self._pc(), 0xFFFF_FFFF_FFFF_FFFF, 0, 1)
+        finally:
+            uc.mem_unmap(page, 0x1000)
 
     def _pc(self) -> int:
         return int(self.uc.reg_read(X.UC_X86_REG_EIP))
@@ -176,17 +356,215 @@ class X86Vcpu(EmuVcpu):
         return True
 
     def _on_exception(self, uc: Any, intno: int, _: Any) -> None:
+        """A CPU exception or software interrupt: delivered through the guest's IDT (after the
+        engine stopped, on this thread) when its gate is present; else the run ends naming it."""
         eip = self._pc()
+        if self._gate(intno) is not None:
+            error_code = 0 if intno in ERROR_CODE_VECTORS else None
+
+            def deliver() -> None:
+                self._inject(intno, error_code)
+
+            self.defer(deliver)
+            return
         self.stop_with(ExitReason.INTERNAL_ERROR,
                        f"vcpu{self.index}: guest exception or interrupt vector {intno} at eip {eip:#x} "
-                       "(the emu backend does not deliver exceptions through the IDT)")
+                       "(no present gate for it in the guest's IDT)")
+
+    def _engine_error(self, exc: Exception) -> VmExit | None:
+        """A device access (an unmapped address) is completed here; an invalid instruction is
+        #UD (vector 6) for the guest when its IDT has the gate."""
+        import unicorn
+
+        fault, self._mmio_fault = self._mmio_fault, None
+        if fault is None and self._hook_skipped(exc):
+            return None  # nothing was done: the next entry runs the instruction again
+        if fault is not None:
+            address, _, write = fault
+            try:
+                if not self._emulate_mmio(address, write):
+                    self._step_with_mmio_page(address)
+            except Exception as error:  # the single step faulted again (a bad address)
+                return super()._engine_error(error)
+            return None
+
+        uc_error = getattr(unicorn, "UcError")  # noqa: B009  (untyped binding)
+        invalid = isinstance(exc, uc_error) and getattr(exc, "errno", None) == unicorn.UC_ERR_INSN_INVALID
+        if invalid and self._inject(6, None):
+            self.count("exception")
+            return None
+        return super()._engine_error(exc)
+
+    def _hook_skipped(self, exc: Exception) -> bool:
+        """An unmapped access whose hook unicorn skipped (it does while a stop is requested: a
+        kick, a preemption): no side effect happened, so the access may be retried -- a few
+        times at one address, then it is an error after all."""
+        import unicorn
+
+        unmapped = (unicorn.UC_ERR_READ_UNMAPPED, unicorn.UC_ERR_WRITE_UNMAPPED, unicorn.UC_ERR_WRITE_PROT)
+        if not isinstance(exc, getattr(unicorn, "UcError")) or getattr(exc, "errno", None) not in unmapped:  # noqa: B009
+            self._skipped_at = None
+            return False
+        pc = self._pc()
+        tries = self._skipped_tries + 1 if self._skipped_at == pc else 1
+        self._skipped_at, self._skipped_tries = pc, tries
+        return tries <= 3
 
     def _error_context(self, pc: int) -> str:
         try:
             code = bytes(self.uc.mem_read(pc, 4)).hex(" ")
         except Exception:
             code = "?"
-        return f" (bytes {code}; the emu backend does not deliver exceptions through the IDT)"
+        return f" (bytes {code}; no present gate for it in the guest's IDT)"
+
+    # -- interrupt delivery ---------------------------------------------------------------------
+
+    def _long_mode(self) -> bool:
+        return bool(int(self.uc.msr_read(MSR_EFER)) & EFER_LMA)
+
+    def _gate(self, vector: int) -> tuple[int, int, int] | None:
+        """``(offset, selector, type)`` of the present IDT gate for ``vector``, else None."""
+        uc = self.uc
+        _, base, limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+        size = 16 if self._long_mode() else 8
+        if vector * size + size - 1 > limit:
+            return None
+        try:
+            raw = bytes(uc.mem_read(base + vector * size, size))
+        except Exception:
+            return None
+        low = int.from_bytes(raw[:8], "little")
+        if not low >> 47 & 1:
+            return None
+        offset = (low & 0xFFFF) | ((low >> 48) & 0xFFFF) << 16
+        if size == 16:
+            offset |= int.from_bytes(raw[8:12], "little") << 32
+        return offset, (low >> 16) & 0xFFFF, (low >> 40) & 0xF
+
+    def _inject(self, vector: int, error_code: int | None) -> bool:
+        """Enter the guest's handler for ``vector`` as the CPU does (SDM vol. 3 6.12, 6.14);
+        False if the gate is missing. Runs on this vCPU's thread with the engine stopped."""
+        gate = self._gate(vector)
+        if gate is None:
+            return False
+        offset, selector, kind = gate
+        uc = self.uc
+        rip = self._pc()
+        rflags = int(uc.reg_read(X.UC_X86_REG_EFLAGS))
+        cs = int(uc.reg_read(X.UC_X86_REG_CS))
+        rsp = int(uc.reg_read(X.UC_X86_REG_ESP))
+        if self._long_mode():
+            ss = int(uc.reg_read(X.UC_X86_REG_SS))
+            # from the new RSP up: [error code], RIP, CS, RFLAGS, RSP, SS (SS was pushed first)
+            words = ([error_code] if error_code is not None else []) + [rip, cs, rflags, rsp, ss]
+            new_rsp = (rsp & ~0xF) - 8 * len(words)
+            uc.mem_write(new_rsp, struct.pack(f"<{len(words)}Q", *words))
+        else:
+            words = ([error_code] if error_code is not None else []) + [rip, cs, rflags]
+            new_rsp = rsp - 4 * len(words)
+            uc.mem_write(new_rsp, struct.pack(f"<{len(words)}I", *(w & 0xFFFF_FFFF for w in words)))
+        flags = rflags & ~(EFLAGS_TF | EFLAGS_RF | EFLAGS_NT)
+        if kind == 0xE:  # interrupt gate (0xF, a trap gate, keeps IF)
+            flags &= ~EFLAGS_IF
+        uc.reg_write(X.UC_X86_REG_ESP, new_rsp & 0xFFFF_FFFF)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, flags)
+        if selector != cs:
+            uc.reg_write(X.UC_X86_REG_CS, selector)
+        uc.reg_write(X.UC_X86_REG_EIP, offset & 0xFFFF_FFFF)
+        self.injected[vector] += 1
+        return True
+
+    def accept_interrupt(self, vector: int, level: bool) -> None:
+        """A fixed interrupt arrives at this local APIC: into the IRR (and the TMR for a
+        level-triggered one), then delivered when the guest can take it."""
+        if vector < 16:
+            return  # illegal vectors are dropped (the ESR would say so)
+        with self._lapic_lock:
+            set_bit(self._lapic, APIC_IRR, vector, True)
+            set_bit(self._lapic, APIC_TMR, vector, level)
+        self._request_injection()
+
+    def accept_nmi(self) -> None:
+        self._nmi_pending = True
+        self._request_injection()
+
+    def _request_injection(self) -> None:
+        """Wake a halted vCPU and stop a running one so :meth:`_before_entry` runs soon; keep
+        stopping it now and then while the guest cannot take the interrupt (IF clear)."""
+        self.wake()
+        if self._in_emu:
+            self.preempt()
+        if not self._irq_polling:
+            self._irq_polling = True
+            _retry(self._poll_injection, IRQ_WINDOW_POLL, tries=1 << 30)
+
+    def _poll_injection(self) -> bool:
+        if self._closed or not self._deliverable_pending():
+            self._irq_polling = False
+            return False
+        if self._in_emu:
+            self.preempt()
+        else:
+            self.wake()
+        return True
+
+    def _deliverable_pending(self) -> bool:
+        if self._nmi_pending:
+            return True
+        with self._lapic_lock:
+            return self._pending_vector_locked() >= 0
+
+    def _pending_vector_locked(self) -> int:
+        """The IRR's highest vector if its priority class beats the ISR's and the TPR's and the
+        APIC is software-enabled (SVR bit 8), else -1."""
+        if not struct.unpack_from("<I", self._lapic, APIC_SVR)[0] & 0x100:
+            return -1
+        irr = highest_bit(self._lapic, APIC_IRR)
+        if irr < 0:
+            return -1
+        isr = highest_bit(self._lapic, APIC_ISR)
+        tpr = struct.unpack_from("<I", self._lapic, APIC_TPR)[0] & 0xFF
+        if isr >= 0 and irr >> 4 <= isr >> 4:
+            return -1
+        if irr >> 4 <= tpr >> 4:
+            return -1
+        return irr
+
+    def _before_entry(self) -> None:
+        if self._nmi_pending:
+            self._nmi_pending = False
+            if self._inject(2, None):
+                return
+        if not int(self.uc.reg_read(X.UC_X86_REG_EFLAGS)) & EFLAGS_IF:
+            return
+        with self._lapic_lock:
+            vector = self._pending_vector_locked()
+            if vector < 0:
+                return
+            set_bit(self._lapic, APIC_IRR, vector, False)
+            set_bit(self._lapic, APIC_ISR, vector, True)
+        if not self._inject(vector, None):
+            with self._lapic_lock:
+                set_bit(self._lapic, APIC_ISR, vector, False)
+
+    def _end_of_interrupt(self) -> None:
+        """An EOI write: the highest in-service vector is done; a level-triggered one tells the
+        I/O APIC (the broadcast EOI clears its remote IRR)."""
+        with self._lapic_lock:
+            vector = highest_bit(self._lapic, APIC_ISR)
+            if vector < 0:
+                return
+            set_bit(self._lapic, APIC_ISR, vector, False)
+            level = test_bit(self._lapic, APIC_TMR, vector)
+        if level:
+            self.vm.end_of_interrupt(vector)
+        if self._deliverable_pending():
+            self._request_injection()
+
+    def logical_id(self) -> int:
+        """The flat-model logical ID (LDR bits 31:24)."""
+        with self._lapic_lock:
+            return self._lapic[APIC_LDR + 3]
 
     # -- the local APIC page ----------------------------------------------------------------------
 
@@ -194,9 +572,16 @@ class X86Vcpu(EmuVcpu):
         base = self._apic_base & ~0xFFF & ((1 << 52) - 1)
         return addr - base if base <= addr < base + APIC_PAGE else None
 
+    def _ioapic_offset(self, addr: int) -> int | None:
+        ioapic = self.vm.ioapic
+        return addr - IOAPIC_BASE if ioapic is not None and IOAPIC_BASE <= addr < IOAPIC_BASE + IOAPIC_SIZE else None
+
     def mmio_read(self, addr: int, size: int) -> bytes:
         offset = self._apic_page(addr)
         if offset is None:
+            io_offset = self._ioapic_offset(addr)
+            if io_offset is not None and self.vm.ioapic is not None:
+                return self.vm.ioapic.mmio_read(io_offset, size)
             return self.ops.mmio_read(addr, size)
         with self._lapic_lock:
             data = bytes(self._lapic[offset : offset + size])
@@ -209,9 +594,16 @@ class X86Vcpu(EmuVcpu):
     def mmio_write(self, addr: int, data: bytes) -> None:
         offset = self._apic_page(addr)
         if offset is None:
+            io_offset = self._ioapic_offset(addr)
+            if io_offset is not None and self.vm.ioapic is not None:
+                self.vm.ioapic.mmio_write(io_offset, data)
+                return
             self.ops.mmio_write(addr, data)
             return
-        if offset in (APIC_ID, APIC_VERSION):
+        if offset in (APIC_ID, APIC_VERSION, APIC_ISR, APIC_TMR, APIC_IRR) or APIC_ISR <= offset < APIC_IRR + 0x80:
+            return  # read-only registers
+        if offset == APIC_EOI:
+            self._end_of_interrupt()
             return
         with self._lapic_lock:
             self._lapic[offset : offset + len(data)] = data[: APIC_PAGE - offset]
@@ -256,16 +648,18 @@ class X86Vcpu(EmuVcpu):
     # -- X86Vcpu ----------------------------------------------------------------------------
 
     def get_regs(self) -> StandardRegisters:
-        uc = self.uc
-        values = {name: int(uc.reg_read(reg)) for name, reg in _GPRS.items()}
-        return StandardRegisters(**values, rip=self._pc(), rflags=int(uc.reg_read(X.UC_X86_REG_EFLAGS)))
+        """All 64 bits of RAX-R15 and RIP (:mod:`vmmkit_emu.fullregs`: this mode's register API
+        reaches only their low halves)."""
+        gprs, rip, rflags = fullregs.read(self.uc)
+        return StandardRegisters(**dict(zip(_GPR_ORDER, gprs, strict=True)), rip=rip, rflags=rflags)
 
     def set_regs(self, regs: StandardRegisters) -> None:
-        uc = self.uc
-        for name, reg in _GPRS.items():
-            uc.reg_write(reg, getattr(regs, name) & 0xFFFF_FFFF)
-        uc.reg_write(X.UC_X86_REG_EFLAGS, regs.rflags & 0xFFFF_FFFF)
-        uc.reg_write(X.UC_X86_REG_EIP, regs.rip & 0xFFFF_FFFF)
+        for name in (*_GPR_ORDER, "rip", "rflags"):
+            value = getattr(regs, name)
+            if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:
+                raise ValueError(f"{name}={value:#x} does not fit 64 bits")
+        gprs = {i: getattr(regs, name) for i, name in enumerate(_GPR_ORDER)}
+        fullregs.write(self.uc, gprs, regs.rip, regs.rflags)
 
     def get_sregs(self) -> SpecialRegisters:
         uc = self.uc
