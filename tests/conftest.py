@@ -5,6 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis's per-example deadline (200 ms) measures the machine, not the code: on the shared
+# 2-core development and CI hosts a parser example sometimes takes longer while guests boot
+# next door. Property tests here check behaviour; speed is for bench/.
+settings.register_profile("vmmkit", deadline=None)
+settings.load_profile("vmmkit")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
