@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmmkit-remote {__version__}")
     parser.add_argument("--api-socket", required=True, metavar="PATH",
                         help="HTTP API socket path (UNIX domain socket)")
-    parser.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=75.0, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_method, _endpoint, help_text) in _SIMPLE.items():
         commands.add_parser(name, help=help_text)

@@ -11,7 +11,9 @@ Status codes: 200 with a body, 204 without; 400 bad input (malformed HTTP or JSO
 vmmkit rejects or does not support yet, an unknown key); 404 unknown path, no VM created, or no
 such device; 405 wrong method, or an operation the VM's state does not allow; 409 a VM or a
 device id that already exists; 413 body too large; 501 a CH endpoint vmmkit does not implement
-(snapshot, resize, ...) or hotplug; 500 only for failures inside the VMM.
+(snapshot, resize, ...); 504 a guest that did not eject a device in time (``vm.remove-device``);
+500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on a running VM answer
+200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from vmmkit.api.http import (
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
-from vmmkit.vmm import AlreadyExists, InvalidState, NoSuchDevice, NotCreated, NotSupported, Vmm
+from vmmkit.vmm import AlreadyExists, EjectTimeout, InvalidState, NoSuchDevice, NotCreated, NotSupported, Vmm
 
 log = get_logger()
 
@@ -222,6 +224,8 @@ def _status_of(exc: BaseException) -> int:
         return 409
     if isinstance(exc, NotSupported):
         return 501
+    if isinstance(exc, EjectTimeout):
+        return 504
     if isinstance(exc, (ConfigError, BootError, DeviceError)):
         return 400
     return 500

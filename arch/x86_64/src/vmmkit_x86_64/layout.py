@@ -80,6 +80,10 @@ APIC_START: Final = 0xFEE0_0000
 APIC_SIZE: Final = 0x10_0000
 FOUR_GIB: Final = 4 * GiB
 
+#: The ACPI PCI hotplug registers (PCIU/PCID/B0EJ/PSEG): the page below the ACPI GED's, at the
+#: top of the device MMIO window.
+PCI_HOTPLUG: Final = MemoryRange(DEVICE_MMIO.end - 0x2000, 0x10)
+
 PCI_MMIO64_SIZE: Final = 64 * GiB
 PCI_MMIO64_ALIGN: Final = 1 * GiB
 
@@ -118,6 +122,7 @@ def memory_layout(size: int, max_phys_bits: int = 46) -> MemoryLayout:
         pci_ecam=PCI_ECAM,
         pio=PCI_PIO,
         device_irqs=DEVICE_IRQS,
+        pci_hotplug=PCI_HOTPLUG,
         msi_gsis=MSI_GSIS,
     )
 

@@ -1,0 +1,60 @@
+#!/bin/sh
+# /init for the PCI hotplug test (tests/linux/test_linux_hotplug.py): busybox sh, PID 1.
+#
+# Talks to the host over the serial console, one "VMMKIT-HOTPLUG: <step> ..." line per step; the
+# host acts on each (adds a disk, reads the image, removes the disk). Every wait is bounded: on
+# a timeout the line says "timeout <step>" and the VM powers off, so the test fails fast.
+#   ready                 the guest runs; the host hot-adds a disk
+#   added <bdf> <sectors> /dev/vdb appeared (its PCI address); the pattern follows
+#   written               the pattern is on the disk (fsync'd); the host checks the image and
+#                         removes the device
+#   gone <bdf>            /sys/bus/pci/devices/<bdf> disappeared; the VM powers off
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+
+say() { echo "VMMKIT-HOTPLUG: $*"; }
+PATTERN=hotplug
+for arg in "$@"; do
+    case "$arg" in
+        pattern=*) PATTERN="${arg#pattern=}" ;;
+    esac
+done
+
+# wait_for <seconds> <test...>: poll every 0.2 s until the test holds
+wait_for() {
+    limit=$(($1 * 5))
+    shift
+    while ! "$@"; do
+        limit=$((limit - 1))
+        [ "$limit" -le 0 ] && return 1
+        sleep 0.2
+    done
+}
+
+finish() { sync; poweroff -f; }
+
+pcis=""
+for dev in /sys/bus/pci/devices/*; do pcis="$pcis ${dev##*/}"; done
+say "ready pci:$pcis"
+
+if ! wait_for 240 test -b /dev/vdb; then say "timeout added"; finish; fi
+cd -P /sys/block/vdb/device/.. && bdf=${PWD##*/}
+cd /
+read -r sectors < /sys/block/vdb/size
+say "added $bdf $sectors"
+
+block="$PATTERN
+"
+while [ ${#block} -lt 4096 ]; do block="$block$block"; done
+printf '%s' "${block:0:4096}" > /tmp/pattern
+dd if=/tmp/pattern of=/dev/vdb bs=4096 seek=256 count=1 conv=fsync 2>/dev/null
+blockdev --flushbufs /dev/vdb
+say "written"
+
+if ! wait_for 240 test ! -e "/sys/bus/pci/devices/$bdf"; then say "timeout gone $bdf"; finish; fi
+if [ -b /dev/vdb ]; then say "still-there /dev/vdb"; fi
+say "gone $bdf"
+finish
