@@ -130,6 +130,16 @@ class ManagedDevice:
     def press_power_button(self) -> None:
         """Tell the guest its power button was pressed (only if :attr:`handles_power_button`)."""
 
+    def resize(self, size: int) -> None:
+        """``vm.resize-disk``: take ``size`` bytes (a virtio transport forwards it to its
+        device). By default a device cannot be resized.
+
+        :raises vmmkit.errors.DeviceError: it cannot.
+        """
+        from vmmkit.errors import DeviceError
+
+        raise DeviceError(f"device {self.kind or type(self).__name__} cannot be resized")
+
     def notify_pci_devices_changed(self) -> None:
         """Tell the guest to rescan its hotplug PCI slots (only if
         :attr:`handles_pci_hotplug_notification`)."""

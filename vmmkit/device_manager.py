@@ -172,6 +172,14 @@ class DeviceManager:
         log.debug("device.removed", id=device_id, transport=placed.transport)
         return placed
 
+    def resize(self, device_id: str, size: int) -> None:
+        """Give a device (a disk) ``size`` bytes while the guest runs (``vm.resize-disk``)."""
+        placed = self.get(device_id)
+        if not isinstance(placed.device, ManagedDevice):
+            raise DeviceError(f"device {device_id} cannot be resized")
+        placed.device.resize(size)
+        log.info("device.resized", id=device_id, size=size)
+
     def _check_new_id(self, device_id: str) -> None:
         if device_id in self._placed:
             raise DeviceError(f"a device with id {device_id!r} already exists")

@@ -346,6 +346,19 @@ class Vmm:
                 fds = self._net_fds.pop(device_id, ())
             _close_fds(fds)
 
+    def resize_disk(self, disk_id: str, size: int) -> None:
+        """``vm.resize-disk``: the running VM's disk ``disk_id`` takes ``size`` bytes (its image
+        file is resized) and the guest is told (CH's ``Vm::resize_disk``)."""
+        with self._op_lock:
+            machine = self._live_machine()
+            if machine is None:
+                self._require_config()
+                raise InvalidState("cannot resize a disk of a VM that is not booted")
+            config = self._require_config()
+            if disk_id not in {d.id for d in config.disks} or disk_id not in machine.manager:
+                raise NoSuchDevice(f"no disk with id {disk_id!r}")
+            machine.manager.resize(disk_id, size)
+
     def _add(self, device: Any, add: Callable[[VmConfig, Any], VmConfig], what: str) -> dict[str, str] | None:
         with self._op_lock:
             machine = self._live_machine()

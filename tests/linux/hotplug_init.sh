@@ -6,8 +6,9 @@
 # a timeout the line says "timeout <step>" and the VM powers off, so the test fails fast.
 #   ready                 the guest runs; the host hot-adds a disk
 #   added <bdf> <sectors> /dev/vdb appeared (its PCI address); the pattern follows
-#   written               the pattern is on the disk (fsync'd); the host checks the image and
-#                         removes the device
+#   written               the pattern is on the disk (fsync'd); the host checks the image,
+#                         resizes vda (vm.resize-disk) and removes the hot-added device
+#   resized <sectors>     /sys/block/vda/size changed (the configuration-change interrupt)
 #   gone <bdf>            /sys/bus/pci/devices/<bdf> disappeared; the VM powers off
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -53,6 +54,12 @@ printf '%s' "${block:0:4096}" > /tmp/pattern
 dd if=/tmp/pattern of=/dev/vdb bs=4096 seek=256 count=1 conv=fsync 2>/dev/null
 blockdev --flushbufs /dev/vdb
 say "written"
+
+read -r vda_before < /sys/block/vda/size
+vda_changed() { read -r now < /sys/block/vda/size; [ "$now" != "$vda_before" ]; }
+if ! wait_for 240 vda_changed; then say "timeout resized $vda_before"; finish; fi
+read -r vda_after < /sys/block/vda/size
+say "resized $vda_after"
 
 if ! wait_for 240 test ! -e "/sys/bus/pci/devices/$bdf"; then say "timeout gone $bdf"; finish; fi
 if [ -b /dev/vdb ]; then say "still-there /dev/vdb"; fi

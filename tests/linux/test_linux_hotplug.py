@@ -6,7 +6,9 @@ The host hot-adds a disk with ``vm.add-disk`` once the guest says it is ready; L
 appears; the guest writes a pattern to it, which the host then reads in the image file. The host
 removes the disk with ``vm.remove-device`` (which returns once the guest's ``_EJ0`` ejected it)
 and the guest sees the function leave ``/sys/bus/pci/devices``. The monitor reports
-``vm``/``device-removed`` with the id and address, as Cloud Hypervisor's does.
+``vm``/``device-removed`` with the id and address, as Cloud Hypervisor's does. In between,
+``vm.resize-disk`` grows the boot disk's image and the guest sees ``/sys/block/vda/size`` follow
+(virtio-blk's configuration-change interrupt).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 PREFIX = "VMMKIT-HOTPLUG: "
 PATTERN = "vmmkit-hotplug-pattern"
 HOTPLUG_DISK_SIZE = 8 << 20
+BOOT_DISK_SIZE = 1 << 20
 #: The whole scenario, boot included (the boot alone is ~40-90 s on a kvm_pvm host).
 TIMEOUT = 480.0
 
@@ -70,14 +73,14 @@ class Guest:
 
 
 @pytest.fixture
-def guest(tmp_path: Path) -> Iterator[tuple[Guest, ApiClient, Path]]:
+def guest(tmp_path: Path) -> Iterator[tuple[Guest, ApiClient, Path, Path]]:
     for reason in (linux_missing_reason(LINUX_DIR), missing_busybox_reason(), kvm_unusable_reason()):
         if reason:
             pytest.skip(reason)
     initramfs = build_initramfs(tmp_path / "hotplug.cpio", init=HERE / "hotplug_init.sh")
     boot_disk = tmp_path / "boot.img"
     with open(boot_disk, "wb") as image:
-        image.truncate(1 << 20)
+        image.truncate(BOOT_DISK_SIZE)
     socket_path = tmp_path / "api.sock"
     events = tmp_path / "events.json"
     command = [
@@ -89,13 +92,14 @@ def guest(tmp_path: Path) -> Iterator[tuple[Guest, ApiClient, Path]]:
     ]
     boot = Boot("hotplug", command, timeout=TIMEOUT)
     try:
-        yield Guest(boot), ApiClient(str(socket_path), timeout=90), events
+        yield Guest(boot), ApiClient(str(socket_path), timeout=90), events, boot_disk
     finally:
         boot.kill()
 
 
-def test_a_disk_is_hot_added_written_and_hot_removed(guest: tuple[Guest, ApiClient, Path], tmp_path: Path) -> None:
-    vm, api, events = guest
+def test_a_disk_is_hot_added_written_and_hot_removed_and_one_resized(
+        guest: tuple[Guest, ApiClient, Path, Path], tmp_path: Path) -> None:
+    vm, api, events, boot_disk = guest
     deadline = time.monotonic() + TIMEOUT
     before = vm.step("ready", deadline)
     assert before[0].startswith("pci:"), before
@@ -121,6 +125,11 @@ def test_a_disk_is_hot_added_written_and_hot_removed(guest: tuple[Guest, ApiClie
         image.seek(PATTERN_OFFSET)
         assert image.read(PATTERN_SIZE) == block_pattern(PATTERN)
 
+    resized = api.request("PUT", "vm.resize-disk", {"id": "_disk0", "desired_size": BOOT_DISK_SIZE * 4})
+    assert resized.status == 204, resized
+    assert os.path.getsize(boot_disk) == BOOT_DISK_SIZE * 4
+    assert vm.step("resized", deadline) == [str(BOOT_DISK_SIZE * 4 // 512)]
+
     removed = api.request("PUT", "vm.remove-device", {"id": "hotdisk"})
     assert removed.status == 204, removed
     assert [d["id"] for d in api.info()["config"]["disks"]] == ["_disk0"]
@@ -130,6 +139,10 @@ def test_a_disk_is_hot_added_written_and_hot_removed(guest: tuple[Guest, ApiClie
     assert unknown.value.status == 404
 
     result = vm.boot.wait()
+    (tmp_path / "console.log").write_text(result.output)
+    for at, line in result.lines:
+        if PREFIX in line:
+            print(f"{at:7.1f} s  {line}")
     assert result.returncode == 0, result.describe()
     assert "ACPI Error" not in result.output and "ACPI Warning" not in result.output, result.output
     removals = [e for e in read_events(events.read_text()) if e.get("event") == "device-removed"]

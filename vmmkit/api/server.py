@@ -56,7 +56,6 @@ IDLE_TIMEOUT: Final = 30.0
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
     "vm.resize": "resizing vCPUs and memory",
-    "vm.resize-disk": "resizing disks",
     "vm.resize-zone": "resizing memory zones",
     "vm.add-fs": "virtio-fs devices",
     "vm.add-generic-vhost-user": "generic vhost-user devices",
@@ -186,6 +185,20 @@ def _remove_device(server: ApiServer, request: Request) -> Response:
     return Response(204)
 
 
+def _resize_disk(server: ApiServer, request: Request) -> Response:
+    body = _json_object(request)
+    disk_id, size = body.get("id"), body.get("desired_size")
+    unknown = sorted(set(body) - {"id", "desired_size"})
+    if unknown:
+        raise HttpError(400, f"VmResizeDisk has no {', '.join(unknown)} (it takes id and desired_size)")
+    if not isinstance(disk_id, str) or not disk_id:
+        raise HttpError(400, "id: the id of the disk to resize is required")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise HttpError(400, "desired_size: a size in bytes (a positive integer) is required")
+    server.vmm.resize_disk(disk_id, size)
+    return Response(204)
+
+
 def _openapi(server: ApiServer, request: Request) -> Response:
     _no_body(request)
     return Response(200, server.openapi_document(), content_type="application/yaml")
@@ -209,6 +222,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.add-net": Route("PUT", _add_net, takes_fds=True),
     "vm.add-device": Route("PUT", _add_device),
     "vm.remove-device": Route("PUT", _remove_device),
+    "vm.resize-disk": Route("PUT", _resize_disk),
     "openapi": Route("GET", _openapi),
 }
 

@@ -582,6 +582,9 @@ class VirtioPciDevice(PciFunction):
         self.bar_unmapped(BAR_INDEX, 0)
         self.msix.close()
 
+    def resize(self, size: int) -> None:
+        self.device.resize(size)
+
     def counters(self) -> Mapping[str, int]:
         return self.core.counters()
 

@@ -98,3 +98,34 @@ def test_a_virtio_mmio_vm_refuses_hotplug(vmm: VmmProcess, selftest_elf: Path, s
                                                 check=False)
     assert answer.status == 400 and "hotplug needs --platform virtio_transport=pci" in answer.json()[0], answer
     assert "disks" not in vmm.info()["config"] or not vmm.info()["config"]["disks"]
+
+
+def test_resize_disk_grows_the_image_and_refuses_what_it_cannot(vmm: VmmProcess, selftest_elf: Path,
+                                                                short_dir: Path) -> None:
+    disk = _disk(short_dir, "grow.img")
+    readonly = _disk(short_dir, "ro.img")
+    vmm.create(vmm.guest_config(selftest_elf, disks=[{"path": str(disk), "id": "d0"},
+                                                    {"path": str(readonly), "id": "ro", "readonly": True}]))
+    client = ApiClient(str(vmm.socket))
+    document = served_document()
+    before = client.request("PUT", "vm.resize-disk", {"id": "d0", "desired_size": 2 << 20}, check=False)
+    assert before.status == 405 and "not booted" in before.json()[0]
+    vmm.remote("boot")
+    vmm.remote("resize-disk", "--disk", "d0", "--size", "4M")
+    assert disk.stat().st_size == 4 << 20
+    assert json.loads(vmm.remote("info").stdout)["state"] == "Running"
+    refused = [
+        ({"id": "d0", "desired_size": 1000}, 400, "multiple of 512"),
+        ({"id": "ro", "desired_size": 2 << 20}, 400, "read-only"),
+        ({"id": "nothing", "desired_size": 2 << 20}, 404, "no disk with id 'nothing'"),
+        ({"id": "_serial", "desired_size": 2 << 20}, 404, "no disk with id '_serial'"),
+        ({"id": "d0"}, 400, "desired_size"),
+        ({"id": "d0", "desired_size": 2 << 20, "size": 1}, 400, "size"),
+    ]
+    for body, status, message in refused:
+        answer = client.request("PUT", "vm.resize-disk", body, check=False)
+        assert answer.status == status and message in answer.json()[0], (body, answer)
+        check_response(document, "vm.resize-disk", "PUT", answer.status, answer.body)
+    assert disk.stat().st_size == 4 << 20 and readonly.stat().st_size == 1 << 20
+    bad = vmm.remote("resize-disk", "--disk", "d0", "--size", "12Q", check=False)
+    assert bad.returncode == 2 and "--size" in bad.stderr
