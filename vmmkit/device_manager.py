@@ -246,6 +246,9 @@ class DeviceManager:
     def allocate_msi_gsi(self) -> int | None:
         return self._msi_gsis.allocate()
 
+    def release_msi_gsi(self, gsi: int) -> None:
+        self._msi_gsis.free(gsi)
+
     # -- PCI -------------------------------------------------------------------------------------
 
     def pci_segment(self, index: int = 0) -> PciRoot:

@@ -261,6 +261,19 @@ def test_no_hotplug_without_the_layouts_registers_or_over_virtio_mmio() -> None:
             manager.memory.close()
 
 
+def test_msi_gsis_given_back_are_handed_out_again() -> None:
+    from vmmkit.irq import GsiAllocator
+
+    gsis = GsiAllocator(24, 27)
+    first = [gsis.allocate() for _ in range(4)]
+    assert first == [24, 25, 26, 27] and gsis.allocate() is None
+    gsis.free(26)
+    gsis.free(25)
+    gsis.free(25)  # twice: still once
+    gsis.free(99)  # never handed out: ignored
+    assert [gsis.allocate(), gsis.allocate(), gsis.allocate()] == [25, 26, None]
+
+
 def attrs_evolve(layout: MemoryLayout, **changes: Any) -> MemoryLayout:
     import attrs
 
