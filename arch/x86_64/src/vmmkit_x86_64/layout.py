@@ -14,7 +14,8 @@ Below 1 MiB (boot structures, all written by :mod:`vmmkit_x86_64.boot`)::
 Above::
 
     1 MiB .. 3 GiB         RAM (the kernel and the initramfs live here)
-    0xc000_0000  128 MiB   device MMIO window (virtio-mmio)
+    0xc000_0000  128 MiB   device MMIO window (virtio-mmio; at its top the PCI hotplug
+                           registers, 0xc7ff_e000, and the ACPI GED, 0xc7ff_f000)
     0xc800_0000  512 MiB   PCI MMIO32 window
     0xe800_0000  256 MiB   PCI ECAM (MCFG), one segment, buses 0-255 (e820 reserved)
     0xf800_0000            hypervisor-private pages (KVM TSS and identity map), outside every window
