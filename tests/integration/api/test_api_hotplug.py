@@ -10,6 +10,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from api_support import check_response, served_document
@@ -129,3 +130,29 @@ def test_resize_disk_grows_the_image_and_refuses_what_it_cannot(vmm: VmmProcess,
     assert disk.stat().st_size == 4 << 20 and readonly.stat().st_size == 1 << 20
     bad = vmm.remote("resize-disk", "--disk", "d0", "--size", "12Q", check=False)
     assert bad.returncode == 2 and "--size" in bad.stderr
+
+
+def test_a_guest_that_does_not_eject_gets_a_bounded_wait(vmmkit_pm: Any, vmmkit_registries: Any, selftest_elf: Path,
+                                                         short_dir: Path, vmmkit_hypervisor: str) -> None:
+    """The test guest has no ACPI interpreter: the removal times out with a clear error, the
+    device stays (only the guest's eject removes it), and a reset carries the removal out."""
+    from vmmkit.config import DiskConfig, VmConfig
+    from vmmkit.vmm import EjectTimeout, Vmm
+
+    vmm = Vmm(registries=vmmkit_registries, plugin_manager=vmmkit_pm, hypervisor=vmmkit_hypervisor)
+    try:
+        vmm.create(VmConfig.from_json({
+            "payload": {"kernel": str(selftest_elf), "cmdline": "test=spin"},
+            "memory": {"size": 64 << 20}, "serial": {"mode": "Null"}, "console": {"mode": "Off"},
+        }))
+        vmm.boot()
+        added = vmm.add_disk(DiskConfig(path=str(_disk(short_dir, "stuck.img")), id="stuck"))
+        assert added is not None and added["id"] == "stuck"
+        with pytest.raises(EjectTimeout, match="did not eject device 'stuck' within 0 s"):
+            vmm.remove_device("stuck", timeout=0.3)
+        machine = vmm.machine
+        assert machine is not None and "stuck" in machine.manager  # still on the bus
+        machine.manager.reset()  # what a VM reset does: the guest will never eject it now
+        assert "stuck" not in machine.manager
+    finally:
+        vmm.close()
