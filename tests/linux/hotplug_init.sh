@@ -9,7 +9,11 @@
 #   written               the pattern is on the disk (fsync'd); the host checks the image,
 #                         resizes vda (vm.resize-disk) and removes the hot-added device
 #   resized <sectors>     /sys/block/vda/size changed (the configuration-change interrupt)
-#   gone <bdf>            /sys/bus/pci/devices/<bdf> disappeared; the VM powers off
+#   gone <bdf>            /sys/bus/pci/devices/<bdf> disappeared; with net=, the host hot-adds
+#                         a NIC on a tap, else the VM powers off
+#   pinged <address>      eth0 appeared, got <address>/<prefix>, and the peer answered a ping
+#                         (or "no-answer <address>"); the VM powers off
+# Arguments (after "--"): pattern=<word>, net=<address>/<prefix>,<peer>
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -18,9 +22,11 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 
 say() { echo "VMMKIT-HOTPLUG: $*"; }
 PATTERN=hotplug
+NET=""
 for arg in "$@"; do
     case "$arg" in
         pattern=*) PATTERN="${arg#pattern=}" ;;
+        net=*) NET="${arg#net=}" ;;
     esac
 done
 
@@ -64,4 +70,13 @@ say "resized $vda_after"
 if ! wait_for 240 test ! -e "/sys/bus/pci/devices/$bdf"; then say "timeout gone $bdf"; finish; fi
 if [ -b /dev/vdb ]; then say "still-there /dev/vdb"; fi
 say "gone $bdf"
+
+if [ -n "$NET" ]; then
+    address=${NET%%,*}
+    peer=${NET#*,}
+    if ! wait_for 240 test -e /sys/class/net/eth0; then say "timeout pinged"; finish; fi
+    ip link set eth0 up
+    ip addr add "$address" dev eth0
+    if ping -c 1 -W 10 "$peer" > /dev/null 2>&1; then say "pinged $address"; else say "no-answer $address"; fi
+fi
 finish

@@ -8,7 +8,9 @@ removes the disk with ``vm.remove-device`` (which returns once the guest's ``_EJ
 and the guest sees the function leave ``/sys/bus/pci/devices``. The monitor reports
 ``vm``/``device-removed`` with the id and address, as Cloud Hypervisor's does. In between,
 ``vm.resize-disk`` grows the boot disk's image and the guest sees ``/sys/block/vda/size`` follow
-(virtio-blk's configuration-change interrupt).
+(virtio-blk's configuration-change interrupt). Last, where the test may make network namespaces
+(root), the VMM runs in one and ``vm.add-net`` hot-adds a NIC on a tap it makes, in the slot the
+disk left: the guest's ``eth0`` appears and pings the tap's host end.
 """
 
 from __future__ import annotations
@@ -22,7 +24,20 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import LINUX_DIR, PATTERN_OFFSET, PATTERN_SIZE, Boot, block_pattern, linux_missing_reason
+from linuxboot import (
+    GUEST_ADDRESS,
+    GUEST_MAC,
+    HOST_ADDRESS,
+    HOST_MASK,
+    LINUX_DIR,
+    PATTERN_OFFSET,
+    PATTERN_SIZE,
+    Boot,
+    NetNamespace,
+    block_pattern,
+    linux_missing_reason,
+    netns_missing_reason,
+)
 
 from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.events import read_events
@@ -42,8 +57,9 @@ TIMEOUT = 480.0
 class Guest:
     """The VMM process and its console, read step by step."""
 
-    def __init__(self, boot: Boot) -> None:
+    def __init__(self, boot: Boot, *, net: bool) -> None:
         self.boot = boot
+        self.net = net  #: the VMM runs in a network namespace where it may make taps
         self.seen = 0
 
     def step(self, name: str, deadline: float) -> list[str]:
@@ -73,7 +89,7 @@ class Guest:
 
 
 @pytest.fixture
-def guest(tmp_path: Path) -> Iterator[tuple[Guest, ApiClient, Path, Path]]:
+def guest(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Guest, ApiClient, Path, Path]]:
     for reason in (linux_missing_reason(LINUX_DIR), missing_busybox_reason(), kvm_unusable_reason()):
         if reason:
             pytest.skip(reason)
@@ -83,16 +99,21 @@ def guest(tmp_path: Path) -> Iterator[tuple[Guest, ApiClient, Path, Path]]:
         image.truncate(BOOT_DISK_SIZE)
     socket_path = tmp_path / "api.sock"
     events = tmp_path / "events.json"
+    namespace = NetNamespace(f"vmmkit-hotplug-{os.getpid()}") if netns_missing_reason() is None else None
+    request.addfinalizer(lambda: namespace.close() if namespace is not None else None)
+    net = f"net={GUEST_ADDRESS},{HOST_ADDRESS}" if namespace is not None else ""
     command = [
         sys.executable, "-m", "vmmkit", "--hypervisor", "kvm", "--kernel", str(LINUX_DIR / "vmlinux"),
         "--initramfs", str(initramfs), "--cpus", "boot=1", "--memory", "size=128M", "--serial", "tty",
         "--disk", f"path={boot_disk}", "--platform", "virtio_transport=pci",
-        "--cmdline", f"console=ttyS0 panic=-1 -- pattern={PATTERN}",
+        "--cmdline", f"console=ttyS0 panic=-1 -- pattern={PATTERN} {net}".rstrip(),
         "--api-socket", f"path={socket_path}", "--event-monitor", f"path={events}",
     ]
-    boot = Boot("hotplug", command, timeout=TIMEOUT)
+    if namespace is not None:
+        command = namespace.wrap(command)
+    boot = Boot("hotplug", command, timeout=TIMEOUT, cleanup=[namespace] if namespace else [])
     try:
-        yield Guest(boot), ApiClient(str(socket_path), timeout=90), events, boot_disk
+        yield Guest(boot, net=namespace is not None), ApiClient(str(socket_path), timeout=90), events, boot_disk
     finally:
         boot.kill()
 
@@ -137,6 +158,12 @@ def test_a_disk_is_hot_added_written_and_hot_removed_and_one_resized(
     with pytest.raises(ApiError) as unknown:
         api.request("PUT", "vm.remove-device", {"id": "hotdisk"})
     assert unknown.value.status == 404
+
+    if vm.net:  # a NIC on a tap the VMM makes, in the slot the disk left
+        nic = api.request("PUT", "vm.add-net", {"tap": "vmhot0", "ip": HOST_ADDRESS, "mask": HOST_MASK,
+                                                "mac": GUEST_MAC, "id": "hotnet"})
+        assert nic.status == 200 and nic.json() == {"id": "hotnet", "bdf": bdf}, nic
+        assert vm.step("pinged", deadline) == [GUEST_ADDRESS]
 
     result = vm.boot.wait()
     (tmp_path / "console.log").write_text(result.output)

@@ -726,14 +726,3 @@ class Release(AmlObject):
     def to_aml(self) -> bytes:
         return bytes([EXT_OP_PREFIX, 0x27]) + name_string(self.path)
 
-
-class CondRefOf(AmlObject):
-    """``CondRefOf(name)``: true if ``name`` exists in the namespace."""
-
-    __slots__ = ("path",)
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def to_aml(self) -> bytes:
-        return bytes([EXT_OP_PREFIX, 0x12]) + name_string(self.path) + bytes([ZERO_OP])
