@@ -725,4 +725,3 @@ class Release(AmlObject):
 
     def to_aml(self) -> bytes:
         return bytes([EXT_OP_PREFIX, 0x27]) + name_string(self.path)
-
