@@ -87,3 +87,23 @@ def test_acpiexec_runs_the_hotplug_methods(acpiexec: str, tmp_path: Path) -> Non
     if not notified:  # acpiexec's wording differs between versions
         notified = re.findall(r"\[(S0\d\d)\][^\n]*Value (0x0\d)", output)
     assert sorted(notified) == [("S005", "0x03"), ("S031", "0x03")], output
+
+
+def test_the_ged_calls_pscn_only_where_the_layout_has_the_registers() -> None:
+    import attrs
+    from vmmkit_x86_64.acpi.dsdt import dsdt_aml
+
+    layout = memory_layout(1 << 30)
+    assert b"PSCN" in dsdt_aml([GED], layout)
+    assert b"PSCN" not in dsdt_aml([GED], attrs.evolve(layout, pci_hotplug=None))
+
+
+def test_the_new_aml_terms_encode_as_the_spec_says() -> None:
+    from vmmkit.acpi import aml
+
+    assert aml.Arg(1).to_aml() == b"\x69"
+    assert aml.Call("DVNT", [aml.Arg(0), 3]).to_aml() == b"DVNT\x68\x0a\x03"
+    assert aml.ShiftLeft(1, aml.Arg(0), aml.Path("B0EJ")).to_aml() == b"\x79\x01\x68B0EJ"
+    assert aml.Mutex("BLCK", 0).to_aml() == b"\x5b\x01BLCK\x00"
+    assert aml.Acquire("BLCK").to_aml() == b"\x5b\x23BLCK\xff\xff"
+    assert aml.Release("BLCK").to_aml() == b"\x5b\x27BLCK"
