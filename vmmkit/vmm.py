@@ -186,6 +186,7 @@ class Vmm:
                               hypervisor=self.hypervisor_name, arch=self.arch_name, log_fd=self.log_fd)
             if self.events is not None:
                 machine.listeners.append(self._listener(self.events))
+            machine.listeners.append(self._on_device_removed)
             try:
                 machine.build()
                 machine.boot()
@@ -387,6 +388,20 @@ class Vmm:
                 if request.id == device_id:
                     return request
         raise NotSupported(f"no installed device type builds device {device_id!r}")
+
+    def _on_device_removed(self, name: str, properties: dict[str, Any]) -> None:
+        """The guest ejected a device (also one nobody asked it to remove, ``echo 0 >
+        /sys/bus/pci/slots/N/power``): it leaves the stored configuration too. Runs on the vCPU
+        thread that carried out the eject: takes only :attr:`_lock`."""
+        if name != "vm-device-removed":
+            return
+        device_id = str(properties.get("id"))
+        with self._lock:
+            if self.config is not None:
+                try:
+                    self.config = self.config.without_device(device_id)
+                except VmmError:
+                    pass  # already gone from it (vm.remove-device), or never there
 
     def _live_machine(self) -> Machine | None:
         """The booted machine, ``None`` before boot or once it shut down."""

@@ -154,5 +154,16 @@ def test_a_guest_that_does_not_eject_gets_a_bounded_wait(vmmkit_pm: Any, vmmkit_
         assert machine is not None and "stuck" in machine.manager  # still on the bus
         machine.manager.reset()  # what a VM reset does: the guest will never eject it now
         assert "stuck" not in machine.manager
+
+        # An eject nobody asked for (Linux: echo 0 > /sys/bus/pci/slots/N/power runs _EJ0): the
+        # B0EJ write, made here from the host, takes the device and its config entry away.
+        own = vmm.add_disk(DiskConfig(path=str(_disk(short_dir, "own.img")), id="own"))
+        assert own is not None and "own" in [d.id for d in vmm.config.disks]  # type: ignore[union-attr]
+        slot = int(own["bdf"].split(":")[2].split(".")[0], 16)
+        hotplug = machine.manager.get("_pci_hotplug").mmio
+        assert hotplug is not None
+        machine.mmio_bus.write(hotplug[0] + 8, (1 << slot).to_bytes(4, "little"))
+        assert "own" not in machine.manager
+        assert "own" not in [d.id for d in vmm.config.disks]  # type: ignore[union-attr]
     finally:
         vmm.close()
