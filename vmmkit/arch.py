@@ -34,6 +34,9 @@ class MemoryLayout:
     device_irqs: tuple[int, int] = (5, 23)
     #: GSIs available for MSI routes, inclusive.
     msi_gsis: tuple[int, int] = (24, 1023)
+    #: The ACPI PCI hotplug register block (:mod:`vmmkit.pci.hotplug`), ``None``: no PCI
+    #: hotplug on this architecture.
+    pci_hotplug: MemoryRange | None = None
 
 
 @frozen

@@ -108,6 +108,9 @@ class ManagedDevice:
     transport_family: ClassVar[str] = "platform"
     #: True for a device that delivers the power-button event (:meth:`press_power_button`).
     handles_power_button: ClassVar[bool] = False
+    #: True for a device that tells the guest PCI devices came or go
+    #: (:meth:`notify_pci_devices_changed`: the ACPI GED).
+    handles_pci_hotplug_notification: ClassVar[bool] = False
 
     def reset(self) -> None:
         """Return to power-on state (VM reboot)."""
@@ -126,6 +129,20 @@ class ManagedDevice:
 
     def press_power_button(self) -> None:
         """Tell the guest its power button was pressed (only if :attr:`handles_power_button`)."""
+
+    def resize(self, size: int) -> None:
+        """``vm.resize-disk``: take ``size`` bytes (a virtio transport forwards it to its
+        device). By default a device cannot be resized.
+
+        :raises vmmkit.errors.DeviceError: it cannot.
+        """
+        from vmmkit.errors import DeviceError
+
+        raise DeviceError(f"device {self.kind or type(self).__name__} cannot be resized")
+
+    def notify_pci_devices_changed(self) -> None:
+        """Tell the guest to rescan its hotplug PCI slots (only if
+        :attr:`handles_pci_hotplug_notification`)."""
 
     def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
         """Add this device's node(s) to the DSDT through ``scope`` (ACPI platforms)."""

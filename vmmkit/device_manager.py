@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from vmmkit.hypervisor import PortSink, Vm
     from vmmkit.memory import GuestMemory
     from vmmkit.pci.host import PciRoot
+    from vmmkit.pci.hotplug import PciHotplugController
     from vmmkit.registry import Registries
 
 log = get_logger()
@@ -99,6 +100,9 @@ class DeviceManager:
         self._placed: dict[str, PlacedDevice] = {}
         self._transports: dict[str, Transport] = {}
         self._native_ports: dict[str, dict[int, PortSink]] = {}
+        self._hotplug: PciHotplugController | None = None
+        #: Removals the guest has been asked for, by (segment, slot): (device id, done).
+        self._ejecting: dict[tuple[int, int], tuple[str, threading.Event]] = {}
         self._lock = threading.RLock()
 
     # -- devices ---------------------------------------------------------------------------------
@@ -128,12 +132,7 @@ class DeviceManager:
     def create(self, request: DeviceRequest) -> PlacedDevice | None:
         """Build the device ``request`` asks for from the device registry and place it;
         ``None`` if its type declined (a serial port that is ``Off``)."""
-        if request.type not in self.registries.devices:
-            installed = ", ".join(self.registries.devices.names()) or "none"
-            raise DeviceError(f"device {request.id}: no installed plugin provides device type "
-                              f"{request.type!r} (installed types: {installed})")
-        self._check_new_id(request.id)
-        device = self.registries.devices.get(request.type).create(self.context, request)
+        device = self._build(request)
         if device is None:
             return None
         try:
@@ -141,6 +140,14 @@ class DeviceManager:
         except BaseException:
             _guarded(request.id, "close", device.close)
             raise
+
+    def _build(self, request: DeviceRequest) -> Any:
+        if request.type not in self.registries.devices:
+            installed = ", ".join(self.registries.devices.names()) or "none"
+            raise DeviceError(f"device {request.id}: no installed plugin provides device type "
+                              f"{request.type!r} (installed types: {installed})")
+        self._check_new_id(request.id)
+        return self.registries.devices.get(request.type).create(self.context, request)
 
     def place(self, device: Any, request: DeviceRequest) -> PlacedDevice:
         """Place a built device through its transport and record it."""
@@ -164,6 +171,14 @@ class DeviceManager:
         _guarded(device_id, "close", placed.device.close)
         log.debug("device.removed", id=device_id, transport=placed.transport)
         return placed
+
+    def resize(self, device_id: str, size: int) -> None:
+        """Give a device (a disk) ``size`` bytes while the guest runs (``vm.resize-disk``)."""
+        placed = self.get(device_id)
+        if not isinstance(placed.device, ManagedDevice):
+            raise DeviceError(f"device {device_id} cannot be resized")
+        placed.device.resize(size)
+        log.info("device.resized", id=device_id, size=size)
 
     def _check_new_id(self, device_id: str) -> None:
         if device_id in self._placed:
@@ -231,6 +246,9 @@ class DeviceManager:
     def allocate_msi_gsi(self) -> int | None:
         return self._msi_gsis.allocate()
 
+    def release_msi_gsi(self, gsi: int) -> None:
+        self._msi_gsis.free(gsi)
+
     # -- PCI -------------------------------------------------------------------------------------
 
     def pci_segment(self, index: int = 0) -> PciRoot:
@@ -251,6 +269,119 @@ class DeviceManager:
     @property
     def pci_segments(self) -> dict[int, PciRoot]:
         return dict(self._segments)
+
+    # -- PCI hotplug (ACPI, as Cloud Hypervisor: vmmkit.pci.hotplug) ----------------------------
+
+    def enable_pci_hotplug(self) -> None:
+        """Place the ACPI PCI hotplug registers where the layout says (``layout.pci_hotplug``;
+        nothing without), and make segment 0 take hotplug when it exists or the VM's virtio
+        devices go over PCI (it is created then, with all its INTx lines, since the ``_PRT``
+        written at boot must route the empty slots). Called once the boot devices are placed."""
+        window = self.layout.pci_hotplug
+        if window is None or self._hotplug is not None:
+            return
+        from vmmkit.pci.hotplug import PciHotplugController
+
+        if 0 in self._segments or self._virtio_over_pci():
+            root = self.pci_segment(0)
+            root.hotplug = True
+            root.reserve_intx_lines(self.allocate_irq)
+        controller = PciHotplugController(
+            "_pci_hotplug", segments=lambda: [index for index, root in self._segments.items() if root.hotplug],
+            on_eject=self._ejected)
+        request = DeviceRequest("pci-hotplug", "_pci_hotplug", mmio=(window.start, window.size))
+        self.place(controller, request)
+        self._hotplug = controller
+
+    def _virtio_over_pci(self) -> bool:
+        from vmmkit.transport import VirtioPci
+
+        return self.virtio_transport in (VirtioPci.name, VirtioPci.alias)
+
+    def _hotplug_target(self, segment: int) -> tuple[PciHotplugController, PciRoot, list[ManagedDevice]]:
+        """The controller, the root of ``segment`` and the devices that notify the guest, or
+        a DeviceError saying why this VM cannot hotplug there."""
+        controller = self._hotplug
+        if controller is None:
+            raise DeviceError("this VM has no PCI hotplug controller (the architecture has no ACPI PCI hotplug)")
+        root = self._segments.get(segment)
+        if root is None or not root.hotplug:
+            raise DeviceError(f"PCI segment {segment} does not take hotplug (this VM's virtio devices use "
+                              f"{self.virtio_transport}; hotplug needs --platform virtio_transport=pci)")
+        notifiers = [p.device for p in self.devices
+                     if isinstance(p.device, ManagedDevice) and p.device.handles_pci_hotplug_notification]
+        if not notifiers:
+            raise DeviceError("this VM has no device that tells the guest about PCI hotplug (an ACPI GED)")
+        return controller, root, notifiers
+
+    def hotplug(self, request: DeviceRequest) -> PlacedDevice:
+        """Build and place a device while the guest runs, in a free slot of a hotplug PCI
+        segment, and tell the guest (PCIU, then the GED's interrupt). Only devices a PCI
+        transport places can come this way."""
+        controller, root, notifiers = self._hotplug_target(request.pci_segment)
+        device = self._build(request)
+        if device is None:
+            raise DeviceError(f"device {request.id} ({request.type}) was declined by its device type")
+        try:
+            transport = self.transport_for(device, request)
+            if transport.name not in ("pci", "virtio-pci"):
+                raise DeviceError(f"device {request.id} ({request.type}) goes on transport {transport.name}; "
+                                  "only PCI devices can be added while the VM runs")
+            placed = self.place(device, request)
+        except BaseException:
+            _guarded(request.id, "close", device.close)
+            raise
+        controller.device_added(root.segment, int(placed.properties["slot"]))
+        for notifier in notifiers:
+            notifier.notify_pci_devices_changed()
+        log.info("device.hotplugged", id=request.id, bdf=placed.properties.get("bdf"))
+        return placed
+
+    def unplug(self, device_id: str) -> threading.Event:
+        """Ask the guest to eject a hot-pluggable PCI device (PCID, then the GED's interrupt).
+        The device stays until the guest's ``_EJ0`` writes B0EJ; the event returned is set
+        once it is gone. Asking again for the same device notifies the guest again."""
+        placed = self.get(device_id)
+        if "slot" not in placed.properties:
+            raise DeviceError(f"device {device_id} ({placed.kind}) is not a PCI device: only PCI devices can "
+                              "be removed while the VM runs")
+        segment, slot = int(placed.properties.get("segment", 0)), int(placed.properties["slot"])
+        controller, _root, notifiers = self._hotplug_target(segment)
+        with self._lock:
+            pending = self._ejecting.get((segment, slot))
+            if pending is None:
+                pending = self._ejecting[(segment, slot)] = (device_id, threading.Event())
+        controller.removal_requested(segment, slot)
+        for notifier in notifiers:
+            notifier.notify_pci_devices_changed()
+        log.info("device.unplug_requested", id=device_id, bdf=placed.properties.get("bdf"))
+        return pending[1]
+
+    def _ejected(self, segment: int, slot: int) -> None:
+        """The guest ejected ``slot`` (B0EJ, on its vCPU thread): the function leaves the bus
+        now, its slot, BARs and interrupt are free, ``vm``/``device-removed`` is reported."""
+        with self._lock:
+            pending = self._ejecting.pop((segment, slot), None)
+            device_id = pending[0] if pending is not None else None
+            if device_id is None:  # the guest ejects on its own (an eject from inside)
+                device_id = next((p.id for p in self._placed.values()
+                                  if p.properties.get("slot") == slot and p.properties.get("segment", 0) == segment),
+                                 None)
+        if device_id is None:
+            log.warning("pci_hotplug.eject_empty_slot", segment=segment, slot=slot)
+            return
+        placed = self.remove(device_id)
+        if self._emit is not None:
+            self._emit("vm-device-removed", id=device_id, bdf=placed.properties.get("bdf"))
+        if pending is not None:
+            pending[1].set()
+
+    def _finish_ejections(self) -> None:
+        """A reset: the guest will not eject what it was asked to; the devices go now."""
+        with self._lock:
+            pending = list(self._ejecting)
+        for segment, slot in pending:
+            self._ejected(segment, slot)
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -295,6 +426,7 @@ class DeviceManager:
     # -- every device at once --------------------------------------------------------------------
 
     def reset(self) -> None:
+        self._finish_ejections()
         for placed in self.devices:
             _guarded(placed.id, "reset", placed.device.reset)
 

@@ -109,16 +109,27 @@ class MsiVector:
 
 
 class GsiAllocator:
-    """Hands out GSIs above the legacy range for MSI routes."""
+    """Hands out GSIs above the legacy range for MSI routes; given-back ones first."""
 
     def __init__(self, first: int, last: int) -> None:
+        self._first = first
         self._next = first
         self._last = last
+        self._freed: list[int] = []
         self._lock = threading.Lock()
 
     def allocate(self) -> int | None:
         with self._lock:
+            if self._freed:
+                return self._freed.pop(0)
             if self._next > self._last:
                 return None
             gsi, self._next = self._next, self._next + 1
             return gsi
+
+    def free(self, gsi: int) -> None:
+        """Give back a GSI from :meth:`allocate` (a removed device's MSI route)."""
+        with self._lock:
+            if self._first <= gsi < self._next and gsi not in self._freed:
+                self._freed.append(gsi)
+                self._freed.sort()

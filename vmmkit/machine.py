@@ -236,8 +236,25 @@ class Machine:
         return self.manager.create(request)
 
     def remove_device(self, device_id: str) -> PlacedDevice:
-        """Take a device off the VM and close it."""
+        """Take a device off the VM and close it (at once: before the guest runs)."""
         return self.manager.remove(device_id)
+
+    def hotplug_device(self, request: DeviceRequest) -> PlacedDevice:
+        """Add a PCI device to the running guest (ACPI PCI hotplug); ``properties["bdf"]``
+        says where.
+
+        :raises DeviceError: this VM or this device cannot be hot-added (no hotplug segment,
+            not a PCI device, no free slot, bad configuration).
+        """
+        return self.manager.hotplug(request)
+
+    def unplug_device(self, device_id: str) -> threading.Event:
+        """Ask the guest to eject a PCI device; the event is set once it did and the device
+        is gone (``vm-device-removed`` is emitted then).
+
+        :raises DeviceError: no such device, or not one that can leave a running VM.
+        """
+        return self.manager.unplug(device_id)
 
     # -- building ----------------------------------------------------------------------------
 
@@ -295,6 +312,7 @@ class Machine:
         self.manager.reserve_irqs(request.irq for request in requests if request.irq is not None)
         for request in requests:
             self.manager.create(request)
+        self.manager.enable_pci_hotplug()
 
     def _load_payload(self) -> None:
         assert self.arch is not None and self.memory is not None and self.layout is not None

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmmkit-remote {__version__}")
     parser.add_argument("--api-socket", required=True, metavar="PATH",
                         help="HTTP API socket path (UNIX domain socket)")
-    parser.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=75.0, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_method, _endpoint, help_text) in _SIMPLE.items():
         commands.add_parser(name, help=help_text)
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device.add_argument("device_config", metavar="DEVICE", help="as --device: path=<sysfs path>,id=<id>")
     remove = commands.add_parser("remove-device", help="Remove VFIO and PCI device")
     remove.add_argument("id", help="the device id")
+    resize_disk = commands.add_parser("resize-disk", help="Resize an attached disk")
+    resize_disk.add_argument("--disk", required=True, help="Disk identifier")
+    resize_disk.add_argument("--size", required=True, help="New disk size (bytes, or with K/M/G/T)")
     return parser
 
 
@@ -82,6 +85,7 @@ def _device_body(kind: Any, spec: str) -> tuple[dict[str, Any], tuple[int, ...]]
 def main(argv: Sequence[str] | None = None) -> int:
     from vmmkit.api.client import ApiClient, ApiError
     from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig
+    from vmmkit.units import parse_size
 
     parser = build_parser()
     options = parser.parse_args(argv)
@@ -98,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw = _read_input(options.path)
         elif command == "remove-device":
             method, endpoint, body = "PUT", "vm.remove-device", {"id": options.id}
+        elif command == "resize-disk":
+            try:
+                size = parse_size(options.size)
+            except ValueError as exc:
+                raise ConfigError("--size", options.size, "a size: bytes, or with a K, M, G or T suffix",
+                                  reason=str(exc)) from None
+            method, endpoint, body = "PUT", "vm.resize-disk", {"id": options.disk, "desired_size": size}
         else:
             kinds: dict[str, tuple[str, Any, Callable[[argparse.Namespace], str]]] = {
                 "add-disk": ("vm.add-disk", DiskConfig, lambda o: o.disk_config),

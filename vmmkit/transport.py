@@ -75,6 +75,10 @@ class DeviceHost(Protocol):
         """A GSI for an MSI route; ``None`` when none is left."""
         ...
 
+    def release_msi_gsi(self, gsi: int) -> None:
+        """Give back a GSI from :meth:`allocate_msi_gsi` (the device is going away)."""
+        ...
+
     def pci_segment(self, index: int = 0) -> PciRoot:
         """PCI segment ``index``'s root complex, created (and placed) on first use."""
         ...

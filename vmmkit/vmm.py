@@ -10,8 +10,12 @@ Lifecycle, as in CH::
 
 - ``create`` only stores the configuration (refusing what is not supported yet, see
   :func:`vmmkit.config.check_supported`); ``boot`` builds the machine and starts it.
-- ``add-*`` / ``remove-device`` before boot change the stored configuration.
-  After boot they need hotplug, which no transport supports yet: :class:`NotSupported`.
+- ``add-*`` / ``remove-device`` before boot change the stored configuration. After boot
+  they hot-add a PCI device (answering CH's ``PciDeviceInfo``, ``{"id", "bdf"}``) or ask the
+  guest to eject one (ACPI PCI hotplug, :mod:`vmmkit.pci.hotplug`), and keep the stored
+  configuration in step; ``remove-device`` returns once the guest ejected the device (at
+  most :data:`EJECT_TIMEOUT`; then :class:`EjectTimeout`, the request staying pending) and
+  the monitor reports ``vm``/``device-removed`` as CH's does.
 - When the guest powers off (or the VM fails), the VMM exits, as CH's does:
   :meth:`Vmm.wait` returns the machine's exit. ``vm.shutdown`` stops the VM but keeps the VMM.
 - ``vmm.shutdown`` deletes the VM and makes :meth:`Vmm.wait` return ``None``.
@@ -19,6 +23,7 @@ Lifecycle, as in CH::
 Methods raise :class:`VmmError` subclasses that say what went wrong, which the API server
 turns into HTTP statuses: :class:`NotCreated` (404), :class:`InvalidState` (405),
 :class:`AlreadyExists` (409), :class:`NoSuchDevice` (404), :class:`NotSupported` (501),
+:class:`EjectTimeout` (504), :class:`vmmkit.errors.DeviceError` (a device the VM cannot take, 400),
 :class:`vmmkit.config.ConfigError` and :class:`vmmkit.errors.BootError` (bad input, 400).
 Every method is thread-safe; state queries (``ping``, ``info``) never wait behind a lifecycle
 operation in progress.
@@ -36,7 +41,7 @@ import pluggy
 
 from vmmkit import __version__
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, VmConfig
-from vmmkit.device import check_devices
+from vmmkit.device import DeviceRequest, check_devices
 from vmmkit.errors import VmmError
 from vmmkit.log import get_logger
 from vmmkit.machine import Machine, MachineExit, MachineState, StopReason, preload
@@ -49,6 +54,8 @@ log = get_logger()
 REBOOT_TIMEOUT = 10.0
 #: How long ``vm.shutdown`` waits for the vCPU threads to stop.
 SHUTDOWN_TIMEOUT = 10.0
+#: How long ``vm.remove-device`` waits for the guest to eject the device.
+EJECT_TIMEOUT = 30.0
 
 
 class NotCreated(VmmError):
@@ -69,6 +76,10 @@ class NoSuchDevice(VmmError):
 
 class NotSupported(VmmError):
     """vmmkit does not implement this (yet): device hotplug, NMI on this backend..."""
+
+
+class EjectTimeout(VmmError):
+    """The guest did not eject a device it was asked to remove in time."""
 
 
 class EventSink(Protocol):
@@ -187,6 +198,7 @@ class Vmm:
                               hypervisor=self.hypervisor_name, arch=self.arch_name, log_fd=self.log_fd)
             if self.events is not None:
                 machine.listeners.append(self._listener(self.events))
+            machine.listeners.append(self._on_device_removed)
             try:
                 machine.build()
                 machine.boot()
@@ -310,34 +322,113 @@ class Vmm:
         """``vm.add-device`` (VFIO): before boot, added to the configuration."""
         return self._add(device, VmConfig.with_device, "device")
 
-    def remove_device(self, device_id: str) -> None:
-        """``vm.remove-device``: before boot, removed from the configuration."""
+    def remove_device(self, device_id: str, timeout: float | None = None) -> None:
+        """``vm.remove-device``: before boot, removed from the configuration; on a booted VM,
+        ejected by the guest (waiting at most ``timeout``, default :data:`EJECT_TIMEOUT`, while
+        it runs) and removed from the configuration."""
         with self._op_lock:
-            config = self._config_for_change("remove a device from")
-            try:
-                new = config.without_device(device_id)
-            except VmmError:
-                raise NoSuchDevice(f"no device with id {device_id!r}") from None
+            machine = self._live_machine()
+            if machine is None:
+                config = self._config_for_change("remove a device from")
+                try:
+                    new = config.without_device(device_id)
+                except VmmError:
+                    raise NoSuchDevice(f"no device with id {device_id!r}") from None
+                with self._lock:
+                    self.config = new
+                    fds = self._net_fds.pop(device_id, ())
+                _close_fds(fds)
+                return
+            if device_id not in machine.manager:
+                raise NoSuchDevice(f"no device with id {device_id!r}")
+            gone = machine.unplug_device(device_id)
             with self._lock:
-                self.config = new
+                if self.config is not None:
+                    try:
+                        self.config = self.config.without_device(device_id)
+                    except VmmError:
+                        pass  # not from the configuration (a plugin's own device)
+            running = machine.state is MachineState.RUNNING
+        limit = EJECT_TIMEOUT if timeout is None else timeout
+        if running and not gone.wait(limit):
+            raise EjectTimeout(f"the guest did not eject device {device_id!r} within {limit:.0f} s (does its "
+                               "kernel handle ACPI PCI hotplug?); the request stays pending: the device goes "
+                               "when the guest ejects it")
+        if gone.is_set():
+            with self._lock:
                 fds = self._net_fds.pop(device_id, ())
             _close_fds(fds)
 
+    def resize_disk(self, disk_id: str, size: int) -> None:
+        """``vm.resize-disk``: the running VM's disk ``disk_id`` takes ``size`` bytes (its image
+        file is resized) and the guest is told (CH's ``Vm::resize_disk``)."""
+        with self._op_lock:
+            machine = self._live_machine()
+            if machine is None:
+                self._require_config()
+                raise InvalidState("cannot resize a disk of a VM that is not booted")
+            config = self._require_config()
+            if disk_id not in {d.id for d in config.disks} or disk_id not in machine.manager:
+                raise NoSuchDevice(f"no disk with id {disk_id!r}")
+            machine.manager.resize(disk_id, size)
+
     def _add(self, device: Any, add: Callable[[VmConfig, Any], VmConfig], what: str) -> dict[str, str] | None:
         with self._op_lock:
-            config = self._config_for_change(f"add a {what} to")
+            machine = self._live_machine()
+            config = self._config_for_change(f"add a {what} to") if machine is None else self._require_config()
             ids = {d.id for _, d in config._all_devices() if d.id is not None}
-            if device.id is not None and device.id in ids:
+            if device.id is not None and (device.id in ids or (machine is not None and device.id in machine.manager)):
                 raise AlreadyExists(f"a device with id {device.id!r} already exists")
-            before = ids
             new = add(config, device).assign_ids()
             check_devices(new, self.registries.devices)
+            (added,) = [d.id for _, d in new._all_devices() if d.id is not None and d.id not in ids]
+            result = None
+            if machine is not None:
+                request = self._request_for(new, added)
+                placed = machine.hotplug_device(request)
+                result = {"id": added, "bdf": str(placed.properties["bdf"])}
             with self._lock:
                 self.config = new
                 if isinstance(device, NetConfig) and device.fds:
-                    (added,) = [d.id for _, d in new._all_devices() if d.id is not None and d.id not in before]
                     self._net_fds[added] = device.fds
+            return result
+
+    def _request_for(self, config: VmConfig, device_id: str) -> DeviceRequest:
+        """The device request the registered device types make of ``config`` for ``device_id``."""
+        for device_type in self.registries.devices:
+            for request in device_type.requests(config):
+                if request.id == device_id:
+                    return request
+        raise NotSupported(f"no installed device type builds device {device_id!r}")
+
+    def _on_device_removed(self, name: str, properties: dict[str, Any]) -> None:
+        """The guest ejected a device (also one nobody asked it to remove, ``echo 0 >
+        /sys/bus/pci/slots/N/power``): it leaves the stored configuration too. Runs on the vCPU
+        thread that carried out the eject: takes only :attr:`_lock`."""
+        if name != "vm-device-removed":
+            return
+        device_id = str(properties.get("id"))
+        with self._lock:
+            if self.config is not None:
+                try:
+                    self.config = self.config.without_device(device_id)
+                except VmmError:
+                    pass  # already gone from it (vm.remove-device), or never there
+
+    def _live_machine(self) -> Machine | None:
+        """The booted machine, ``None`` before boot or once it shut down."""
+        with self._lock:
+            machine = self.machine
+        if machine is None or machine.state in (MachineState.CREATED, MachineState.SHUTDOWN):
             return None
+        return machine
+
+    def _require_config(self) -> VmConfig:
+        with self._lock:
+            config = self.config
+        if config is None:
+            raise NotCreated("the VM is not created (vm.create)")
+        return config
 
     # -- waiting and exiting ---------------------------------------------------------------------
 

@@ -639,3 +639,89 @@ def io_ports(placement: tuple[int, int] | None) -> list[AmlObject]:
         return []
     base, size = placement
     return [Io(base, base, 1, size)]
+
+
+# -- more method bodies (PCI hotplug: Cloud Hypervisor's PHPR and PCI slot methods) ------------
+
+DWORD_ACC = 0x03  #: Field access type
+
+
+class Arg(AmlObject):
+    """``ArgN`` (N = 0-6)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def to_aml(self) -> bytes:
+        if not 0 <= self.index <= 6:
+            raise ValueError("AML has Arg0 to Arg6")
+        return bytes([0x68 + self.index])
+
+
+class Call(AmlObject):
+    """A method invocation: ``Path(args...)`` (the callee must take exactly ``len(args)``)."""
+
+    __slots__ = ("path", "args")
+
+    def __init__(self, path: str, args: Iterable[Term] = ()) -> None:
+        self.path = path
+        self.args: Sequence[Term] = tuple(args)
+
+    def to_aml(self) -> bytes:
+        return name_string(self.path) + encode_all(self.args)
+
+
+class ShiftLeft(AmlObject):
+    """``ShiftLeft(source, count, target)``."""
+
+    __slots__ = ("source", "count", "target")
+
+    def __init__(self, source: Term, count: Term, target: Term) -> None:
+        self.source = source
+        self.count = count
+        self.target = target
+
+    def to_aml(self) -> bytes:
+        return bytes([0x79]) + encode(self.source) + encode(self.count) + encode(self.target)
+
+
+class Mutex(AmlObject):
+    """``Mutex(name, sync_level)``."""
+
+    __slots__ = ("path", "sync_level")
+
+    def __init__(self, path: str, sync_level: int = 0) -> None:
+        self.path = path
+        self.sync_level = sync_level
+
+    def to_aml(self) -> bytes:
+        if not 0 <= self.sync_level <= 15:
+            raise ValueError("a mutex's sync level is 0-15")
+        return bytes([EXT_OP_PREFIX, 0x01]) + name_string(self.path) + bytes([self.sync_level])
+
+
+class Acquire(AmlObject):
+    """``Acquire(mutex, timeout)`` (0xFFFF: wait for ever)."""
+
+    __slots__ = ("path", "timeout")
+
+    def __init__(self, path: str, timeout: int = 0xFFFF) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def to_aml(self) -> bytes:
+        return bytes([EXT_OP_PREFIX, 0x23]) + name_string(self.path) + self.timeout.to_bytes(2, "little")
+
+
+class Release(AmlObject):
+    """``Release(mutex)``."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def to_aml(self) -> bytes:
+        return bytes([EXT_OP_PREFIX, 0x27]) + name_string(self.path)

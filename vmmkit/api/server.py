@@ -16,7 +16,9 @@ unknown path, no VM created, or no such device; 405 wrong method, or an operatio
 state does not allow (``vm.counters`` of a VM that is not running); 408 a request that did not
 arrive in time; 409 a VM or a device id that already exists; 413 body too large; 429 too many
 connections from one process; 501 a CH endpoint vmmkit does not implement (snapshot, resize,
-...) or hotplug; 503 every connection busy in a handler; 500 only for failures inside the VMM.
+...); 503 every connection busy in a handler; 504 a guest that did not eject a device in time
+(``vm.remove-device``); 500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on
+a running VM answer 200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from vmmkit.api.http import (
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
-from vmmkit.vmm import AlreadyExists, InvalidState, NoSuchDevice, NotCreated, NotSupported, Vmm
+from vmmkit.vmm import AlreadyExists, EjectTimeout, InvalidState, NoSuchDevice, NotCreated, NotSupported, Vmm
 
 log = get_logger()
 
@@ -68,7 +70,6 @@ REQUEST_TIMEOUT: Final = 10.0
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
     "vm.resize": "resizing vCPUs and memory",
-    "vm.resize-disk": "resizing disks",
     "vm.resize-zone": "resizing memory zones",
     "vm.add-fs": "virtio-fs devices",
     "vm.add-generic-vhost-user": "generic vhost-user devices",
@@ -198,6 +199,20 @@ def _remove_device(server: ApiServer, request: Request) -> Response:
     return Response(204)
 
 
+def _resize_disk(server: ApiServer, request: Request) -> Response:
+    body = _json_object(request)
+    disk_id, size = body.get("id"), body.get("desired_size")
+    unknown = sorted(set(body) - {"id", "desired_size"})
+    if unknown:
+        raise HttpError(400, f"VmResizeDisk has no {', '.join(unknown)} (it takes id and desired_size)")
+    if not isinstance(disk_id, str) or not disk_id:
+        raise HttpError(400, "id: the id of the disk to resize is required")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise HttpError(400, "desired_size: a size in bytes (a positive integer) is required")
+    server.vmm.resize_disk(disk_id, size)
+    return Response(204)
+
+
 def _openapi(server: ApiServer, request: Request) -> Response:
     _no_body(request)
     return Response(200, server.openapi_document(), content_type="application/yaml")
@@ -221,6 +236,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.add-net": Route("PUT", _add_net, takes_fds=True),
     "vm.add-device": Route("PUT", _add_device),
     "vm.remove-device": Route("PUT", _remove_device),
+    "vm.resize-disk": Route("PUT", _resize_disk),
     "openapi": Route("GET", _openapi),
 }
 
@@ -236,6 +252,8 @@ def _status_of(exc: BaseException) -> int:
         return 409
     if isinstance(exc, NotSupported):
         return 501
+    if isinstance(exc, EjectTimeout):
+        return 504
     if isinstance(exc, (ConfigError, BootError, DeviceError)):
         return 400
     return 500

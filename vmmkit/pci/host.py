@@ -86,6 +86,11 @@ _PAGE = 4096
 _ECAM_BUS_SHIFT = 20
 
 
+def segment_name(segment: int) -> str:
+    """The DSDT name of a segment's root bridge: ``PCI0``, ``PC01``..."""
+    return "PCI0" if segment == 0 else f"PC{segment:02X}"
+
+
 def bdf_string(segment: int, bus: int, slot: int, function: int = 0) -> str:
     return f"{segment:04x}:{bus:02x}:{slot:02x}.{function:x}"
 
@@ -191,6 +196,9 @@ class PciRoot(ManagedDevice):
         self._mapped: dict[tuple[int, int], _Mapping] = {}
         self._intx_lines: dict[int, SharedIntx] = {}
         self.config_address = 0
+        #: Functions come and go while the guest runs (ACPI PCI hotplug, :mod:`vmmkit.pci.hotplug`):
+        #: the DSDT then has the slot devices, and the ``_PRT`` routes every slot.
+        self.hotplug = False
         self.host_bridge = HostBridge()
         self._plug(0, self.host_bridge, [])
 
@@ -295,22 +303,46 @@ class PciRoot(ManagedDevice):
         with self._lock:
             slot = self.slot_of(function)
             index = (slot - 1) % MAX_INTX_LINES
-            shared = self._intx_lines.get(index)
+            if index not in self._intx_lines and not self.hotplug:
+                self._take_intx_line(index, allocate_irq)
+            shared = self._line_for(slot)
             if shared is None:
-                try:
-                    gsi, line = allocate_irq(None)
-                except DeviceError:
-                    shared = next(iter(self._intx_lines.values()), None)
-                    if shared is None:
-                        return None
-                else:
-                    shared = self._intx_lines[index] = SharedIntx(gsi, line)
+                return None
             pin = IntxPin(shared, slot)
             self._slots[slot].intx = pin
             return pin
 
+    def reserve_intx_lines(self, allocate_irq: Callable[[int | None], tuple[int, InterruptLine]]) -> None:
+        """Take all four INTx lines now (hotplug: the DSDT's ``_PRT`` written at boot must
+        route the slots that are still empty, as CH's reserved PCI IRQs do)."""
+        with self._lock:
+            for index in range(MAX_INTX_LINES):
+                if index not in self._intx_lines:
+                    self._take_intx_line(index, allocate_irq)
+
+    def _take_intx_line(self, index: int,
+                        allocate_irq: Callable[[int | None], tuple[int, InterruptLine]]) -> None:
+        try:
+            gsi, line = allocate_irq(None)
+        except DeviceError:
+            return  # out of lines: this index shares another (:meth:`_line_for`)
+        self._intx_lines[index] = SharedIntx(gsi, line)
+
+    def _line_for(self, slot: int) -> SharedIntx | None:
+        """The line of ``slot``: line ``(slot - 1) % 4``, else (the machine ran out) the first."""
+        shared = self._intx_lines.get((slot - 1) % MAX_INTX_LINES)
+        return shared if shared is not None else next(iter(self._intx_lines.values()), None)
+
     def intx_routes(self) -> tuple[tuple[int, int, int], ...]:
-        """``(slot, pin, gsi)`` for every function with a legacy interrupt (pin 1 = INTA)."""
+        """``(slot, pin, gsi)`` for every function with a legacy interrupt (pin 1 = INTA); with
+        :attr:`hotplug`, for every slot 1-31 that has a line (a function may arrive there)."""
+        if self.hotplug:
+            routes = []
+            for slot in range(1, MAX_SLOTS):
+                shared = self._line_for(slot)
+                if shared is not None:
+                    routes.append((slot, 1, shared.gsi))
+            return tuple(routes)
         return tuple((slot, 1, entry.intx.gsi) for slot, entry in sorted(self._slots.items())
                      if entry.intx is not None)
 
@@ -435,7 +467,11 @@ class PciRoot(ManagedDevice):
             # GSI), GSI}; the OS makes such lines level-triggered, active low, as PCI INTx is.
             extra.append(aml.Name("_PRT", aml.Package(
                 [aml.Package([(slot << 16) | 0xFFFF, pin - 1, 0, gsi]) for slot, pin, gsi in routes])))
-        name = "PCI0" if self.segment == 0 else f"PC{self.segment:02X}"
+        if self.hotplug:
+            from vmmkit.pci.hotplug import slot_terms
+
+            extra += slot_terms()
+        name = segment_name(self.segment)
         scope.add(aml.simple_device(name, aml.EisaId("PNP0A08"), self.segment, resources, *extra))
         if self.ecam is not None:
             index = scope.next_index("pci-ecam-reservation")

@@ -61,7 +61,9 @@ class MsixTable:
     (out of GSIs), in which case that vector uses ``vm.signal_msi``.
     """
 
-    def __init__(self, vm: Vm, vectors: int, allocate_gsi: Callable[[], int | None] | None = None) -> None:
+    def __init__(self, vm: Vm, vectors: int, allocate_gsi: Callable[[], int | None] | None = None,
+                 release_gsi: Callable[[int], None] | None = None) -> None:
+        self._release_gsi = release_gsi
         if not 1 <= vectors <= MAX_VECTORS:
             raise ValueError(f"MSI-X needs 1 to {MAX_VECTORS} vectors, not {vectors}")
         self.num_vectors = vectors
@@ -193,3 +195,6 @@ class MsixTable:
                 vector.close()
             except Exception as exc:
                 log.warning("msix.close_failed", error=str(exc))
+            if vector.gsi is not None and self._release_gsi is not None:
+                self._release_gsi(vector.gsi)
+                vector.gsi = None

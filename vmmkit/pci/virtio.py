@@ -186,9 +186,9 @@ class VirtioPciDevice(PciFunction):
     """A :class:`VirtioDevice` behind the modern virtio-pci transport.
 
     The dependencies are constructor arguments: ``vm`` for ioeventfds and MSI delivery,
-    ``memory`` and ``event_loop`` for the activation context, ``allocate_msi_gsi`` for MSI
-    routes (optional). The legacy interrupt arrives later through :meth:`connect_intx`,
-    once the root knows the slot.
+    ``memory`` and ``event_loop`` for the activation context, ``allocate_msi_gsi`` /
+    ``release_msi_gsi`` for MSI routes (optional; the GSIs go back when the device closes).
+    The legacy interrupt arrives later through :meth:`connect_intx`, once the root knows the slot.
     """
 
     kind: ClassVar[str] = "virtio-pci"
@@ -201,6 +201,7 @@ class VirtioPciDevice(PciFunction):
         memory: GuestMemory,
         event_loop: EventLoop,
         allocate_msi_gsi: Callable[[], int | None] | None = None,
+        release_msi_gsi: Callable[[int], None] | None = None,
         name: str | None = None,
     ) -> None:
         max_sizes = [int(size) for size in device.queue_max_sizes]
@@ -233,7 +234,7 @@ class VirtioPciDevice(PciFunction):
         self.queues = [QueueRegisters(size, size) for size in max_sizes]
         #: The queues handed to the device at DRIVER_OK, until reset.
         self.virtqueues: list[Virtqueue] = []
-        self.msix = MsixTable(vm, min(len(max_sizes) + 1, MAX_VECTORS), allocate_msi_gsi)
+        self.msix = MsixTable(vm, min(len(max_sizes) + 1, MAX_VECTORS), allocate_msi_gsi, release_msi_gsi)
         self._ioeventfds: list[tuple[int, int]] = []
         self.device_feature_select = 0
         self.driver_feature_select = 0
@@ -582,6 +583,9 @@ class VirtioPciDevice(PciFunction):
         self.bar_unmapped(BAR_INDEX, 0)
         self.msix.close()
 
+    def resize(self, size: int) -> None:
+        self.device.resize(size)
+
     def counters(self) -> Mapping[str, int]:
         return self.core.counters()
 
@@ -618,7 +622,8 @@ def place_virtio_pci(host: DeviceHost, device: VirtioDevice, request: DeviceRequ
     """Wrap ``device`` in a :class:`VirtioPciDevice` and plug it in as a PCI function
     (:func:`vmmkit.pci.host.place_function`: segment, slot, BARs, INTA)."""
     function = VirtioPciDevice(device, vm=host.vm, memory=host.memory, event_loop=host.event_loop,
-                               allocate_msi_gsi=host.allocate_msi_gsi, name=request.id)
+                               allocate_msi_gsi=host.allocate_msi_gsi, release_msi_gsi=host.release_msi_gsi,
+                               name=request.id)
     function.core.on_event = host.device_events(request.id)
     try:
         return place_function(host, function, request, transport=transport)

@@ -117,6 +117,16 @@ class VirtioDevice(ABC):
 
     def close(self) -> None: ...
 
+    def resize(self, size: int) -> None:
+        """``vm.resize-disk``: the device now has ``size`` bytes (and tells the driver with a
+        configuration-change interrupt). By default a device cannot be resized.
+
+        :raises DeviceError: this device cannot take that size, or no size change at all.
+        """
+        from vmmkit.errors import DeviceError
+
+        raise DeviceError(f"device {self.id} ({self.name}) cannot be resized")
+
     def counters(self) -> Mapping[str, int]:
         return {}
 

@@ -345,6 +345,9 @@ class VirtioMmioTransport(Device):
                 log.exception("virtio.cleanup_failed", device=self.id)
         self._cleanups.clear()
 
+    def resize(self, size: int) -> None:
+        self.device.resize(size)
+
     def counters(self) -> Mapping[str, int]:
         return self.core.counters()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import ch_document, check_response
+from api_support import ch_document, check_response, served_document
 
 from .conftest import BANNER, VmmProcess, fd_target, wait_for
 
@@ -86,9 +86,11 @@ def test_answers_while_running_match_chs_document(vmm: VmmProcess, selftest_elf:
         client.ping()
         client.info()
     assert time.monotonic() - started < 2.0, "ordinary calls are slow while the vCPUs spin"
-    # Hotplug is not there yet: an explicit error, and nothing changed.
-    refused = client.request("PUT", "vm.add-disk", {"path": "/tmp/x.img"}, check=False)
-    assert refused.status == 501
+    # A hot-added disk whose image is missing: a clear 400, and nothing changed.
+    refused = client.request("PUT", "vm.add-disk", {"path": "/tmp/vmmkit-no-such.img"}, check=False)
+    assert refused.status == 400 and "vmmkit-no-such.img does not exist" in refused.json()[0]
+    check_response(served_document(), "vm.add-disk", "PUT", refused.status, refused.body)
+    assert not client.info()["config"].get("disks")
     assert client.request("PUT", "vm.boot", check=False).status == 405
     client.shutdown()
     assert client.info()["state"] == "Shutdown"

@@ -19,6 +19,9 @@ The device type names are the contract with the devices plugin::
                     0xc7fff000                       power button; DSDT: \\_SB_.GED_, .GEC_, .PWRB),
                                                      the last page of the device MMIO window;
                                                      IRQ 23 is its edge-triggered interrupt
+    (_pci_hotplug)  -              MMIO 16 bytes     the ACPI PCI hotplug registers, placed by the
+                                   at 0xc7ffe000     device manager from ``layout.pci_hotplug``
+                                                     (vmmkit.pci.hotplug; DSDT: \\_SB_.PHPR)
 
 Interrupt routing: ISA IRQ n is IOAPIC pin n, except IRQ 0 (pin 2, as KVM wires its PIT) and
 IRQ 9 (the SCI: level-triggered, active high). Both tables (MADT, MP table) say so.

@@ -153,6 +153,7 @@ class DiskImage:
         self.direct_fd = -1
         self.mem_align = DEFAULT_DIO_ALIGN
         self.offset_align = DEFAULT_DIO_ALIGN
+        self.lock_granularity = lock
         if image_type not in ("Raw", "Unknown"):
             raise DeviceError(f"{owner}: {path}: image_type {image_type} is not supported (raw images only)")
         # O_NONBLOCK: a FIFO (refused in _setup) must not block the open waiting for a writer.
@@ -207,6 +208,30 @@ class DiskImage:
                 raise DeviceError(f"{owner}: disk image {self.path} is locked by another user "
                                   "(is another VM using it?)") from None
             log.warning("virtio_blk.lock_unsupported", device=owner, path=self.path, error=exc.strerror)
+
+    def resize(self, size: int) -> None:
+        """Make the image file ``size`` bytes (``ftruncate``: growing adds zeros) and show the
+        guest that many.
+
+        :raises DeviceError: not a positive multiple of 512, a read-only disk, or a block device.
+        """
+        if size <= 0 or size % SECTOR_SIZE:
+            raise DeviceError(f"{self.path}: a disk's size must be a positive multiple of {SECTOR_SIZE} bytes, "
+                              f"not {size}")
+        if self.readonly:
+            raise DeviceError(f"{self.path}: the disk is read-only and cannot be resized")
+        if not stat.S_ISREG(self.stat.st_mode):
+            raise DeviceError(f"{self.path}: only a disk image file can be resized, not a block device")
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise DeviceError(f"{self.path}: cannot resize the image to {size} bytes: {exc.strerror or exc}") from None
+        if self.lock_granularity != "Full":
+            try:  # the byte-range lock covers the image's bytes: now these
+                fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, size))
+            except OSError as exc:
+                log.warning("virtio_blk.relock_failed", path=self.path, error=exc.strerror)
+        self.size = size
 
     @property
     def capacity(self) -> int:

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Final
 from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
-from vmmkit.virtio.device import ActivationContext
+from vmmkit.virtio.device import ActivationContext, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
 from vmmkit_devices.device_types import VirtioBlockType as VirtioBlockType  # declared there, re-exported
 from vmmkit_devices.virtio.blk_io import (
@@ -196,6 +196,16 @@ class BlockDevice(QueueDevice):
                 "num_queues": self.num_queues}
 
     # -- lifecycle --------------------------------------------------------------------------
+
+    def resize(self, size: int) -> None:
+        """``vm.resize-disk``, as Cloud Hypervisor's ``Block::resize``: the image file takes
+        ``size`` bytes (a multiple of 512), the capacity follows, and an active driver gets a
+        configuration-change interrupt (virtio 1.2, 4.1.4.3 / 5.2.4), after which it re-reads
+        ``capacity``."""
+        self.image.resize(size)
+        ctx = self._ctx
+        if ctx is not None and self._active:
+            ctx.interrupt.trigger(VirtioInterruptType.CONFIG)
 
     def activated(self, ctx: ActivationContext) -> None:
         self._io = make_block_io(self.image, ctx.memory, self.native)
