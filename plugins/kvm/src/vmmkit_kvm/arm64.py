@@ -1,7 +1,7 @@
-"""KVM on AArch64 hosts: VMs, vCPUs and the in-kernel GICv3 (**untested**: written against the
-KVM API documentation, Documentation/virt/kvm/api.rst and devices/arm-vgic-v3.rst; vmmkit's CI
-hosts are x86-64 and cannot run it). Not registered: :class:`vmmkit_kvm.hypervisor.KvmHypervisor`
-is x86-only; on an arm64 host it should hand ``create_vm("aarch64")`` to :class:`KvmArm64Vm`.
+"""KVM on AArch64 hosts: VMs, vCPUs and the in-kernel GICv3, registered as ``kvm`` on arm64
+hosts (:mod:`vmmkit_kvm.plugin`). Written against Documentation/virt/kvm/api.rst and
+devices/arm-vgic-v3.rst, and run in the AArch64 lab (``lab/``: Debian 12's arm64 kernel in QEMU
+TCG with the virtualization extensions, a real ``/dev/kvm``).
 
 Pure Python (``ctypes`` ioctls on the libc, ``struct`` layouts), because the cffi module of this
 plugin is built from the x86 ``<linux/kvm.h>``. The ABI used:
@@ -14,17 +14,19 @@ plugin is built from the x86 ``<linux/kvm.h>``. The ABI used:
 - ``KVM_GET_ONE_REG``/``KVM_SET_ONE_REG`` for the core registers (``KVM_REG_ARM_CORE``: offsets
   into ``struct kvm_regs``) and system registers (``KVM_REG_ARM64_SYSREG``);
 - the in-kernel GICv3: ``KVM_CREATE_DEVICE`` (``KVM_DEV_TYPE_ARM_VGIC_V3``), the distributor and
-  redistributor bases through ``KVM_DEV_ARM_VGIC_GRP_ADDR``, the number of IRQs, and
-  ``KVM_DEV_ARM_VGIC_CTRL_INIT`` once every vCPU exists (done before the first ``KVM_RUN``);
+  redistributor bases through ``KVM_DEV_ARM_VGIC_GRP_ADDR`` (the architecture's layout, the one
+  its device tree describes), the number of IRQs, and ``KVM_DEV_ARM_VGIC_CTRL_INIT`` once every
+  vCPU exists (done before the first ``KVM_RUN``); the architected timer is KVM's;
 - ``KVM_IRQ_LINE`` with ``KVM_ARM_IRQ_TYPE_SPI`` (vmmkit GSIs are GIC INTIDs), irqfds with
-  ``gsi = INTID - 32`` (KVM's default arm64 routing), ioeventfds;
+  ``gsi = INTID - 32`` (KVM's default arm64 routing: pin + VGIC_NR_PRIVATE_IRQS), ioeventfds;
 - ``KVM_RUN`` with ``kvm_run`` mmapped: ``KVM_EXIT_MMIO`` goes to :class:`VcpuOps` (a read's data
   is written back for KVM to complete on the next run), ``KVM_EXIT_SYSTEM_EVENT`` becomes
-  ``SHUTDOWN``/``RESET``, ``EINTR`` with a pending kick ``INTERRUPTED``.
+  ``POWER_OFF``/``RESET``, ``EINTR`` with a pending kick ``INTERRUPTED``.
 
-Known gaps: no MSIs (they need an ITS), kicks use ``immediate_exit`` plus a real-time signal
-(the signal handler must be installed from the main thread: :func:`install_kick_signal`), and
-PSCI SYSTEM_OFF reaches the machine as ``ExitReason.POWER_OFF``.
+Kicks set ``immediate_exit`` and send :data:`KICK_SIGNAL` to the vCPU's thread; its no-op handler
+(no ``SA_RESTART``) is installed from the main thread by :meth:`KvmArm64Hypervisor.preload` or
+when a VM is created there. Known gaps: no MSIs (they need a GICv3 ITS, which is not created, so
+virtio-pci cannot interrupt); no dirty log.
 """
 
 from __future__ import annotations
@@ -157,11 +159,20 @@ def _ioctl(fd: int, request: int, arg: Any = None, name: str = "ioctl") -> int:
     return int(result)
 
 
-def install_kick_signal() -> None:
-    """Install the no-op handler of :data:`KICK_SIGNAL` (main thread only, once): a ``KVM_RUN``
-    interrupted by it returns ``EINTR`` instead of being restarted."""
-    signal.signal(KICK_SIGNAL, lambda *_: None)
-    signal.siginterrupt(KICK_SIGNAL, True)
+_kick_installed = False
+
+
+def install_kick_signal() -> bool:
+    """Install the no-op handler of :data:`KICK_SIGNAL` (once; only the main thread can): a
+    ``KVM_RUN`` interrupted by it returns ``EINTR`` instead of being restarted. Whether it is
+    installed (a kick without it relies on ``immediate_exit`` alone: never the default action of
+    the signal, which would end the process)."""
+    global _kick_installed
+    if not _kick_installed and threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda *_: None)
+        signal.siginterrupt(KICK_SIGNAL, True)
+        _kick_installed = True
+    return _kick_installed
 
 
 def _host_architectures() -> tuple[str, ...]:
@@ -169,14 +180,19 @@ def _host_architectures() -> tuple[str, ...]:
 
 
 class KvmArm64Hypervisor(Hypervisor):
-    """KVM on an arm64 host (see the module docstring: untested, not registered)."""
+    """KVM on an arm64 host: ``--hypervisor kvm`` there (see the module docstring)."""
 
-    name: ClassVar[str] = "kvm-arm64"
-    description: ClassVar[str] = "Linux KVM on arm64: in-kernel GICv3 and PSCI (untested)"
-    priority: ClassVar[int] = 11
+    name: ClassVar[str] = "kvm"
+    description: ClassVar[str] = "Linux KVM on arm64 (/dev/kvm): in-kernel GICv3, PSCI, irqfd, ioeventfd"
+    priority: ClassVar[int] = 10
     architectures: ClassVar[tuple[str, ...]] = _host_architectures()
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
+    @classmethod
+    def preload(cls) -> None:
+        install_kick_signal()
+
+    def __init__(self, path: str = "/dev/kvm", *, quirks: str | None = None) -> None:
+        _refuse_quirks(quirks)
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         if _ioctl(self.fd, KVM_GET_API_VERSION, None, "KVM_GET_API_VERSION") != KVM_API_VERSION:
             os.close(self.fd)
@@ -204,10 +220,27 @@ class KvmArm64Hypervisor(Hypervisor):
     def create_vm(self, arch: str = "aarch64") -> KvmArm64Vm:
         if arch != "aarch64" or not self.architectures:
             raise CapabilityError("KVM_CREATE_VM", None, f"cannot run {arch} guests on this host")
+        missing = [cap for cap in REQUIRED_CAPS if _ioctl(self.fd, KVM_CHECK_EXTENSION, cap) <= 0]
+        if missing:
+            raise CapabilityError("KVM_CHECK_EXTENSION", None,
+                                  "missing KVM capabilities " + ", ".join(map(str, missing)))
+        install_kick_signal()
         return KvmArm64Vm(_ioctl(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self.mmap_size)
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _refuse_quirks(mode: str | None) -> None:
+    """Host quirks are x86's (``pvm``): refuse them by name rather than ignore them."""
+    from vmmkit_kvm import quirks
+
+    try:
+        requested = quirks._requested_mode(mode)
+    except ValueError as exc:
+        raise CapabilityError("host quirks", None, str(exc)) from None
+    if requested == quirks.PVM:
+        raise CapabilityError("host quirks", None, "--kvm-quirks pvm is for x86 KVM_PVM hosts; arm64 KVM has no quirks")
 
 
 class KvmArm64Vm(Vm):
@@ -340,7 +373,9 @@ class KvmArm64Vm(Vm):
         if self._gic_fd is not None:
             os.close(self._gic_fd)
             self._gic_fd = None
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class KvmArm64Vcpu(Vcpu):
@@ -453,7 +488,7 @@ class KvmArm64Vcpu(Vcpu):
         self._kicked = True
         self.run_area[RUN_IMMEDIATE_EXIT] = 1
         thread = self._thread
-        if thread is not None:
+        if thread is not None and _kick_installed:
             try:
                 signal.pthread_kill(thread, KICK_SIGNAL)
             except (ProcessLookupError, OSError):
@@ -464,8 +499,12 @@ class KvmArm64Vcpu(Vcpu):
         self.run_area[RUN_IMMEDIATE_EXIT] = 0
 
     def close(self) -> None:
+        """Idempotent: the machine closes its vCPUs, then the VM closes whatever is left."""
+        if self.fd < 0:
+            return
         self.run_area.close()
         os.close(self.fd)
+        self.fd = -1
 
 
 def vcpu_features(index: int) -> Sequence[int]:
