@@ -34,6 +34,8 @@ section plugins vmmkit plugins
 section kvm-1 vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline hello --cpus boot=1
 section kvm-2 vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline hello --cpus boot=2
 section kvm-fault vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline test=fault
+section kvm-irq-1 vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline test=irq --cpus boot=1
+section kvm-irq-2 vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline test=irq --cpus boot=2
 """
 
 
@@ -67,14 +69,15 @@ def lab() -> dict[str, tuple[str, int]]:
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     sections = _sections(result.stdout)
-    assert set(sections) == {"plugins", "kvm-1", "kvm-2", "kvm-fault"}, result.stdout + result.stderr
+    assert set(sections) == {"plugins", "kvm-1", "kvm-2", "kvm-fault", "kvm-irq-1", "kvm-irq-2"}, \
+        result.stdout + result.stderr
     return sections
 
 
-def run_qemu_virt(cmdline: str, cpus: int) -> subprocess.CompletedProcess[str]:
+def run_qemu_virt(cmdline: str, cpus: int, machine: str = "virt") -> subprocess.CompletedProcess[str]:
     """The peer: QEMU's ``virt`` machine (TCG) on the host booting the same Image."""
     return subprocess.run(
-        ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-m", "256M", "-smp", str(cpus), "-nodefaults",
+        ["qemu-system-aarch64", "-M", machine, "-cpu", "cortex-a72", "-m", "256M", "-smp", str(cpus), "-nodefaults",
          "-no-user-config", "-nographic", "-serial", "stdio", "-kernel", str(ROOT / IMAGE), "-append", cmdline],
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )
@@ -109,3 +112,18 @@ def test_a_guest_exception_fails_the_run_on_kvm_arm64(lab: dict[str, tuple[str, 
     assert any(line.startswith("selftest: FAIL exception: sync: undefined instruction") for line in lines), output
     assert lines[-1] == "selftest: exit 1"
     assert status == 1  # the guest's status, through debug-exit and PSCI SYSTEM_OFF served by KVM
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_interrupts_reach_the_guest_through_kvms_gicv3_as_on_qemu_virt(lab: dict[str, tuple[str, int]],
+                                                                       cpus: int) -> None:
+    """test=irq: an SGI to self, the virtual timer's PPI, the PL031's SPI (a vmmkit device's
+    level line into the in-kernel GICv3). QEMU virt with a GICv3 is the peer."""
+    output, status = lab[f"kvm-irq-{cpus}"]
+    lines = selftest_lines(output)
+    assert status == 0, output
+    for check in ("gic sgi", "timer", "gic spi"):
+        assert any(line.startswith(f"selftest: ok {check} (") for line in lines), output
+    qemu = run_qemu_virt("test=irq", cpus, machine="virt,gic-version=3")
+    assert qemu.returncode == 0, qemu.stdout + qemu.stderr
+    assert stable_lines(output) == stable_lines(qemu.stdout)
