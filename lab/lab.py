@@ -62,7 +62,7 @@ AARCH64_PACKAGES = (
 AARCH64_BUILD_PACKAGES = ("libpython3.11-dev", "linux-libc-dev", "libc6-dev", "libcrypt-dev")
 #: Pure-Python wheels from PyPI (pinned in the lock file too); checked to hold no compiled code.
 WHEELS = ("pluggy", "attrs", "structlog", "pytest", "iniconfig", "packaging", "hypothesis",
-          "sortedcontainers")
+          "sortedcontainers", "pygments")
 #: Kernel modules (with what they need, from modules.dep) loaded by /init.
 AARCH64_MODULES = ("virtio_pci", "virtio_rng", "tun", "veth")
 

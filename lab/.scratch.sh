@@ -1,0 +1,1 @@
+for c in 1 2; do vmmkit --hypervisor kvm --kernel tests/guests/build/aarch64/selftest.Image --cmdline test=irq --cpus boot=$c 2>&1 | grep -v "info \(boot\|memmap\|ram\|cpu\|psci\|rtc\|clock\)"; echo "vmmkit exit $?"; done
