@@ -630,7 +630,7 @@ def boot(system: System, command: str, *, smp: int, memory: int, timeout: float,
                 if line.startswith(EXIT_MARKER):
                     status = int(line.split()[1])
                     continue
-                if began or verbose:
+                if (began and status is None) or verbose:
                     print(line, flush=True)
     finally:
         if process.poll() is None:
@@ -641,7 +641,7 @@ def boot(system: System, command: str, *, smp: int, memory: int, timeout: float,
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    if pending and (began or verbose):
+    if pending and ((began and status is None) or verbose):
         print(pending.decode(errors="replace"), flush=True)
     if status is None:
         log("the guest did not report an exit status (see the console above; --verbose shows the boot)")
