@@ -1,1 +1,2 @@
-for c in 1 2; do vmmkit --hypervisor kvm --kernel tests/guests/build/aarch64/selftest.Image --cmdline test=irq --cpus boot=$c 2>&1 | grep -v "info \(boot\|memmap\|ram\|cpu\|psci\|rtc\|clock\)"; echo "vmmkit exit $?"; done
+vmmkit plugins | grep -E "^\s+kvm"
+time vmmkit --hypervisor kvm --kernel tests/guests/build/x86_64/selftest.elf --cmdline hello --cpus boot=2 2>&1 | tail -30; echo "exit $?"

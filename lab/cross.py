@@ -1,10 +1,10 @@
-"""Cross-builds the project's cffi modules for the AArch64 lab (``aarch64-linux-gnu-gcc`` against
-the arm64 Python and kernel headers from Debian's ``libpython3.11-dev:arm64`` and
-``linux-libc-dev:arm64``, extracted into the lab's sysroot).
+"""Builds the project's cffi modules for a lab: ``aarch64-linux-gnu-gcc`` (or the host's gcc for
+the x86-64 lab) with ``--sysroot`` = Debian's ``libc6-dev``, ``libpython3.11-dev`` and
+``linux-libc-dev`` of the lab's architecture, extracted by ``lab.py``.
 
 cffi writes the C of each out-of-line module (``ffibuilder.emit_c_code``); it is compiled here as
 setuptools would, only with the cross compiler. The KVM plugin's module is x86-only
-(``struct kvm_regs`` of x86): the arm64 backend uses ``ctypes`` instead, so it is not built.
+(``struct kvm_regs`` of x86): built for the x86-64 lab only; the arm64 backend uses ``ctypes``.
 
 Run by ``lab.py`` in a subprocess with a Python that has ``cffi`` (the checkout's ``.venv``).
 """
@@ -18,16 +18,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: (build script, module name) of the modules the lab builds.
+#: (build script, source root, module name) of the modules a lab gets.
 MODULES = (
-    ("vmmkit/virtio/_native_build.py", "vmmkit.virtio._native"),
-    ("plugins/devices/src/vmmkit_devices/virtio/_native_build.py", "vmmkit_devices.virtio._native"),
+    ("vmmkit/virtio/_native_build.py", "", "vmmkit.virtio._native"),
+    ("plugins/devices/src/vmmkit_devices/virtio/_native_build.py", "plugins/devices/src/",
+     "vmmkit_devices.virtio._native"),
 )
-SUFFIX = ".cpython-311-aarch64-linux-gnu.so"
-CC = "aarch64-linux-gnu-gcc"
+X86_MODULES = (("plugins/kvm/src/vmmkit_kvm/_native_build.py", "plugins/kvm/src/", "vmmkit_kvm._native"),)
+COMPILERS = {"aarch64": "aarch64-linux-gnu-gcc", "x86_64": "gcc"}
 
 
-def build_one(root: Path, script: str, module: str, sysroot: Path, out: Path) -> tuple[str, Path]:
+def build_one(root: Path, arch: str, script: str, module: str, sysroot: Path, out: Path) -> tuple[str, Path]:
+    triplet = f"{arch}-linux-gnu"
     path = root / script
     spec = importlib.util.spec_from_file_location(f"lab_build_{module.replace('.', '_')}", path)
     assert spec is not None and spec.loader is not None
@@ -39,12 +41,12 @@ def build_one(root: Path, script: str, module: str, sysroot: Path, out: Path) ->
     package_dir = path.parent
     sources = [str((Path.cwd() / s).resolve()) if not Path(s).is_absolute() else s for s in kwds.get("sources", [])]
     c_files = [str(p) for p in sorted((package_dir / "native").glob("*.c"))] if not sources else sources
-    digest = hashlib.sha256(path.read_bytes())
+    digest = hashlib.sha256(path.read_bytes() + arch.encode())
     for c_file in c_files:
         digest.update(Path(c_file).read_bytes())
     for header in sorted(package_dir.glob("native/*.h")):
         digest.update(header.read_bytes())
-    rel = module.replace(".", "/") + SUFFIX
+    rel = module.replace(".", "/") + f".cpython-311-{triplet}.so"
     target = out / digest.hexdigest()[:16] / rel
     if target.exists():
         return rel, target
@@ -53,11 +55,11 @@ def build_one(root: Path, script: str, module: str, sysroot: Path, out: Path) ->
     builder.emit_c_code(str(generated))
     include = sysroot / "usr/include"
     argv = [
-        CC, f"--sysroot={sysroot}", "-shared", "-fPIC", "-O2", "-fno-strict-aliasing", "-DNDEBUG",
+        COMPILERS[arch], f"--sysroot={sysroot}", "-shared", "-fPIC", "-O2", "-fno-strict-aliasing", "-DNDEBUG",
         *kwds.get("extra_compile_args", []),
         *(f"-I{d}" for d in kwds.get("include_dirs", [])),
-        f"-I{include / 'python3.11'}", f"-I{include / 'aarch64-linux-gnu/python3.11'}",
-        f"-isystem{include / 'aarch64-linux-gnu'}", f"-isystem{include}",
+        f"-I{include / 'python3.11'}", f"-I{include / triplet / 'python3.11'}",
+        f"-isystem{include / triplet}", f"-isystem{include}",
         str(generated), *c_files, "-o", str(target), *kwds.get("extra_link_args", []),
     ]
     result = subprocess.run(argv, capture_output=True, text=True)
@@ -66,11 +68,11 @@ def build_one(root: Path, script: str, module: str, sysroot: Path, out: Path) ->
     return rel, target
 
 
-def build_all(root: Path, sysroot: Path, out: Path) -> dict[str, bytes]:
+def build_all(root: Path, arch: str, sysroot: Path, out: Path) -> dict[str, bytes]:
     """``{path in the checkout: bytes}`` of every cross-built module (via a subprocess)."""
     python = root / ".venv/bin/python"
     result = subprocess.run(
-        [str(python if python.exists() else sys.executable), __file__, str(root), str(sysroot), str(out)],
+        [str(python if python.exists() else sys.executable), __file__, str(root), arch, str(sysroot), str(out)],
         capture_output=True, text=True, cwd=root)
     if result.returncode != 0:
         raise RuntimeError(f"cross build failed: {result.stderr[-4000:]}")
@@ -79,11 +81,10 @@ def build_all(root: Path, sysroot: Path, out: Path) -> dict[str, bytes]:
 
 
 def _main() -> None:
-    root, sysroot, out = (Path(a) for a in sys.argv[1:4])
+    root, arch, sysroot, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
     built = {}
-    for script, module in MODULES:
-        rel, target = build_one(root, script, module, sysroot, out)
-        package_root = "" if module.startswith("vmmkit.") else "plugins/devices/src/"
+    for script, package_root, module in MODULES + (X86_MODULES if arch == "x86_64" else ()):
+        rel, target = build_one(root, arch, script, module, sysroot, out)
         built[package_root + rel] = str(target)
     print(json.dumps(built))
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""The vmmkit lab: an emulated AArch64 host (QEMU TCG with the virtualization extensions) running
-Debian 12's own arm64 kernel, so that vmmkit's KVM backend runs on a real arm64 ``/dev/kvm``.
+"""The vmmkit lab: an emulated host (QEMU TCG with the virtualization extensions) running Debian
+12's own kernel, so that vmmkit's KVM backend runs on a real ``/dev/kvm``: arm64 (the default) or
+x86-64 (AMD SVM with nested paging: a KVM without the PVM quirks of vmmkit's CI host).
 
     python3 lab/lab.py run -- vmmkit plugins          # build (first time), boot, run, exit status
-    python3 lab/lab.py run -- python3 -m pytest tests/lab -q
+    python3 lab/lab.py run --arch x86_64 -- python3 -m pytest tests/integration/kvm -q
     python3 lab/lab.py build                          # only build the cache
     python3 lab/lab.py lock                           # re-pin the Debian packages (lab/*.lock)
 
@@ -33,6 +34,7 @@ import time
 import tomllib
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 LAB = Path(__file__).resolve().parent
@@ -49,9 +51,9 @@ deb [arch={arch} signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http:
 deb [arch={arch} signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
 """
 
-#: Debian packages of the AArch64 lab. ``linux-image`` stands for the kernel the metapackage
-#: ``linux-image-arm64`` depends on; ``lab.py lock`` resolves and pins every one.
-AARCH64_PACKAGES = (
+#: Debian packages of a lab (the same names on arm64 and amd64). ``linux-image`` stands for the
+#: kernel the metapackage ``linux-image-<arch>`` depends on; ``lab.py lock`` pins every one.
+PACKAGES = (
     "linux-image",
     "busybox-static",
     "libc6", "libgcc-s1", "libexpat1", "zlib1g", "libffi8", "libbz2-1.0", "liblzma5",
@@ -60,12 +62,38 @@ AARCH64_PACKAGES = (
     "python3-cffi-backend", "python3-libfdt", "python3-yaml", "libyaml-0-2",
 )
 #: Packages only for building on the host (headers for the cross-built cffi modules).
-AARCH64_BUILD_PACKAGES = ("libpython3.11-dev", "linux-libc-dev", "libc6-dev", "libcrypt-dev")
+BUILD_PACKAGES = ("libpython3.11-dev", "linux-libc-dev", "libc6-dev", "libcrypt-dev")
 #: Pure-Python wheels from PyPI (pinned in the lock file too); checked to hold no compiled code.
 WHEELS = ("pluggy", "attrs", "structlog", "pytest", "iniconfig", "packaging", "hypothesis",
           "sortedcontainers", "pygments")
-#: Kernel modules (with what they need, from modules.dep) loaded by /init.
-AARCH64_MODULES = ("virtio_pci", "virtio_rng", "tun", "veth")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What differs between the labs."""
+
+    name: str
+    deb: str  #: Debian's architecture name
+    triplet: str  #: the multiarch directory, and the compiler's prefix
+    qemu: str
+    machine: tuple[str, ...]  #: QEMU's machine, CPU and accelerator options
+    console: str
+    #: Kernel modules loaded by /init (after what they depend on, from their .modinfo).
+    modules: tuple[str, ...]
+    cc: str
+
+
+ARCHES = {
+    "aarch64": Arch(
+        "aarch64", "arm64", "aarch64-linux-gnu", "qemu-system-aarch64",
+        ("-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on",
+         "-accel", "tcg,thread=multi"),
+        "ttyAMA0", ("virtio_pci", "virtio_rng", "tun", "veth"), "aarch64-linux-gnu-gcc"),
+    "x86_64": Arch(
+        "x86_64", "amd64", "x86_64-linux-gnu", "qemu-system-x86_64",
+        ("-M", "q35", "-cpu", "max", "-accel", "tcg,thread=multi"),
+        "ttyS0", ("virtio_pci", "virtio_rng", "tun", "veth", "kvm_amd"), "gcc"),
+}
 
 
 class LabError(Exception):
@@ -194,8 +222,8 @@ def lock(arch: str) -> None:
     apt.update(force=True)
     lines = [f"# Pinned by `lab.py lock --arch {arch}` on {time.strftime('%Y-%m-%d')}: Debian 12 "
              f"({deb_arch(arch)}) packages and pure-Python wheels."]
-    for package in AARCH64_PACKAGES + AARCH64_BUILD_PACKAGES:
-        name = apt.depends_on("linux-image-arm64", "linux-image-") if package == "linux-image" else package
+    for package in PACKAGES + BUILD_PACKAGES:
+        name = apt.depends_on(f"linux-image-{deb_arch(arch)}", "linux-image-") if package == "linux-image" else package
         lines.append(f"deb {name}={apt.candidate(name)}")
     wheel_dir = cache_root() / "wheels"
     for name, version in resolve_wheels(wheel_dir).items():
@@ -331,7 +359,7 @@ def compile_tree(path: Path) -> None:
 def system_key(arch: str) -> str:
     digest = hashlib.sha256()
     digest.update(lock_path(arch).read_bytes())
-    digest.update(f"{SYSTEM_FORMAT} {AARCH64_MODULES}".encode())
+    digest.update(f"{SYSTEM_FORMAT} {ARCHES[arch]}".encode())
     digest.update((LAB / "init").read_bytes())
     return digest.hexdigest()[:16]
 
@@ -363,7 +391,7 @@ class System:
         shutil.rmtree(staging, ignore_errors=True)
         rootfs = staging / "rootfs"
         sysroot = staging / "sysroot"
-        build_only = {p for p in debian if p in AARCH64_BUILD_PACKAGES}
+        build_only = {p for p in debian if p in BUILD_PACKAGES}
         rootfs.mkdir(parents=True)
         sysroot.mkdir()
         for package, deb in debs.items():
@@ -397,10 +425,10 @@ class System:
 
     def _kernel(self, rootfs: Path, release: str, image: Path) -> None:
         vmlinuz = rootfs / "boot" / f"vmlinuz-{release}"
-        shutil.copy(vmlinuz, image)  # gzip'ed arm64 Image: QEMU's -kernel unpacks it
+        shutil.copy(vmlinuz, image)  # an arm64 Image or an x86 bzImage: QEMU's -kernel takes both
 
     def _slim(self, rootfs: Path, release: str) -> None:
-        """Keep the modules :data:`AARCH64_MODULES` need, drop docs, locales and /boot."""
+        """Keep the modules :attr:`Arch.modules` need, drop docs, locales and /boot."""
         moddir = rootfs / "lib/modules" / release
         found = {p.name.split(".ko")[0].replace("-", "_"): p for p in moddir.rglob("*.ko*")}
         order: list[Path] = []
@@ -413,7 +441,7 @@ class System:
                 want(need)
             order.append(path)
 
-        for module in AARCH64_MODULES:
+        for module in ARCHES[self.arch].modules:
             want(module)
         keep = rootfs / "lab-modules"
         keep.mkdir()
@@ -431,7 +459,7 @@ class System:
                      "usr/share/lintian", "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib",
                      "usr/lib/python3.11/tkinter", "usr/lib/python3.11/ensurepip",
                      "usr/lib/python3.11/lib2to3", "usr/share/bug", f"usr/lib/linux-image-{release}",
-                     "usr/lib/aarch64-linux-gnu/gconv"):
+                     f"usr/lib/{ARCHES[self.arch].triplet}/gconv"):
             shutil.rmtree(rootfs / drop, ignore_errors=True)
         # the link Debian's python3 package would make
         (rootfs / "usr/bin/python3").symlink_to("python3.11")
@@ -504,7 +532,8 @@ class Project:
         cross = util.module_from_spec(spec)
         spec.loader.exec_module(cross)
         try:
-            return cross.build_all(ROOT, self.system.sysroot, self.dir / "native")  # type: ignore[no-any-return]
+            return cross.build_all(ROOT, self.system.arch, self.system.sysroot,  # type: ignore[no-any-return]
+                                   self.dir / "native")
         except RuntimeError as exc:
             raise LabError(str(exc)) from None
 
@@ -574,14 +603,14 @@ def _scripts(folder: Path) -> list[tuple[str, str]]:
 # -- booting ---------------------------------------------------------------------------------------
 
 def qemu_argv(system: System, initrd: Path, smp: int, memory: int) -> list[str]:
+    arch = ARCHES[system.arch]
     return [
-        "qemu-system-aarch64", "-M", "virt,virtualization=on,gic-version=3",
-        "-cpu", "max,pauth-impdef=on", "-accel", "tcg,thread=multi", "-smp", str(smp), "-m", str(memory),
+        arch.qemu, *arch.machine, "-smp", str(smp), "-m", str(memory),
         "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot",
         "-chardev", "stdio,id=console,signal=on", "-serial", "chardev:console",
         "-device", "virtio-rng-pci",
         "-kernel", str(system.kernel), "-initrd", str(initrd),
-        "-append", "console=ttyAMA0 quiet loglevel=2 panic=-1 rdinit=/init transparent_hugepage=always",
+        "-append", f"console={arch.console} quiet loglevel=2 panic=-1 rdinit=/init transparent_hugepage=always",
     ]
 
 
@@ -597,7 +626,7 @@ def boot(system: System, command: str, *, smp: int, memory: int, timeout: float,
             with open(part, "rb") as source:
                 shutil.copyfileobj(source, out, 1 << 20)
     log(f"initramfs ready in {time.monotonic() - started:.1f} s; booting "
-        f"qemu-system-aarch64 (TCG, {smp} vCPUs, {memory} MiB)")
+        f"{ARCHES[system.arch].qemu} (TCG, {smp} vCPUs, {memory} MiB)")
     argv = qemu_argv(system, initrd, smp, memory)
     process = subprocess.Popen(["nice", "-n", "10", *argv], stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -655,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     for name in ("run", "build", "lock"):
         p = sub.add_parser(name)
-        p.add_argument("--arch", choices=("aarch64",), default="aarch64")
+        p.add_argument("--arch", choices=tuple(ARCHES), default="aarch64")
         if name == "run":
             p.add_argument("--smp", type=int, default=2)
             p.add_argument("--memory", type=int, default=1024, help="MiB")
@@ -676,8 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = command[1:]
         if not command:
             parser.error("run needs a command after --")
-        if not shutil.which("qemu-system-aarch64"):
-            raise LabError("qemu-system-aarch64 is not installed")
+        if not shutil.which(ARCHES[options.arch].qemu):
+            raise LabError(f"{ARCHES[options.arch].qemu} is not installed")
         return boot(system, shlex.join(command), smp=options.smp, memory=options.memory,
                     timeout=options.timeout, verbose=options.verbose)
     except LabError as exc:
