@@ -81,6 +81,8 @@ class Arch:
     #: Kernel modules loaded by /init (after what they depend on, from their .modinfo).
     modules: tuple[str, ...]
     cc: str
+    #: Debian packages only this lab has.
+    extra_packages: tuple[str, ...] = ()
 
 
 ARCHES = {
@@ -92,7 +94,10 @@ ARCHES = {
     "x86_64": Arch(
         "x86_64", "amd64", "x86_64-linux-gnu", "qemu-system-x86_64",
         ("-M", "q35", "-cpu", "max", "-accel", "tcg,thread=multi"),
-        "ttyS0", ("virtio_pci", "virtio_rng", "tun", "veth", "kvm_amd"), "gcc"),
+        "ttyS0", ("virtio_pci", "virtio_rng", "tun", "veth", "kvm_amd"), "gcc",
+        # GNU as/ld/objcopy/nm: the KVM integration tests assemble tiny x86 guests
+        ("binutils", "binutils-x86-64-linux-gnu", "binutils-common", "libbinutils", "libctf0",
+         "libctf-nobfd0", "libgprofng0", "libjansson4", "libstdc++6", "libzstd1")),
 }
 
 
@@ -222,7 +227,7 @@ def lock(arch: str) -> None:
     apt.update(force=True)
     lines = [f"# Pinned by `lab.py lock --arch {arch}` on {time.strftime('%Y-%m-%d')}: Debian 12 "
              f"({deb_arch(arch)}) packages and pure-Python wheels."]
-    for package in PACKAGES + BUILD_PACKAGES:
+    for package in PACKAGES + ARCHES[arch].extra_packages + BUILD_PACKAGES:
         name = apt.depends_on(f"linux-image-{deb_arch(arch)}", "linux-image-") if package == "linux-image" else package
         lines.append(f"deb {name}={apt.candidate(name)}")
     wheel_dir = cache_root() / "wheels"
