@@ -29,7 +29,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tarfile
 import time
 import tomllib
 import zipfile
@@ -45,11 +44,9 @@ SYSTEM_FORMAT = 4
 EXIT_MARKER = "VMMKIT-LAB-EXIT"
 BEGIN_MARKER = "VMMKIT-LAB-BEGIN"
 
-DEBIAN_SOURCES = """\
-deb [arch={arch} signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
-deb [arch={arch} signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main
-deb [arch={arch} signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
-"""
+_SOURCE = "deb [arch={arch} signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/"
+DEBIAN_SOURCES = "".join(_SOURCE + suite + " main\n" for suite in (
+    "debian bookworm", "debian bookworm-updates", "debian-security bookworm-security"))
 
 #: Debian packages of a lab (the same names on arm64 and amd64). ``linux-image`` stands for the
 #: kernel the metapackage ``linux-image-<arch>`` depends on; ``lab.py lock`` pins every one.
@@ -410,8 +407,8 @@ class System:
         self._slim(rootfs, release)
         dist = rootfs / "usr/lib/python3/dist-packages"
         for wheel in wheels:
-            with zipfile.ZipFile(wheel) as archive:
-                archive.extractall(dist)
+            with zipfile.ZipFile(wheel) as unpacked:
+                unpacked.extractall(dist)
         compile_tree(rootfs / "usr/lib/python3.11")
         compile_tree(dist)
         with open(staging / "system.cpio", "wb") as out:

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from integration.guest_output import selftest_lines
+
 from vmmkit.testing import run_vmmkit
 
 GUEST_ARCH = "aarch64"  # what vmmkit_hypervisor resolves for (see vmmkit.testing)

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from integration.guest_output import selftest_lines, stable_lines
 
 pytestmark = pytest.mark.slow

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from vmmkit_kvm import plugin
 
 from vmmkit.registry import Registry
-from vmmkit_kvm import plugin
 
 
 def registered(monkeypatch: pytest.MonkeyPatch, machine: str) -> type:
@@ -28,8 +28,9 @@ def test_an_x86_64_host_gets_the_x86_backend(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_pvm_quirks_are_refused_by_name_on_arm64() -> None:
-    from vmmkit.errors import CapabilityError
     from vmmkit_kvm.arm64 import _refuse_quirks
+
+    from vmmkit.errors import CapabilityError
 
     with pytest.raises(CapabilityError, match="x86 KVM_PVM"):
         _refuse_quirks("pvm")
