@@ -87,7 +87,9 @@ ARCHES = {
         "aarch64", "arm64", "aarch64-linux-gnu", "qemu-system-aarch64",
         ("-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on",
          "-accel", "tcg,thread=multi"),
-        "ttyAMA0", ("virtio_pci", "virtio_rng", "tun", "veth"), "aarch64-linux-gnu-gcc"),
+        # virtio_mmio, _blk, _net: for the nested arm64 Linux (lab/linux/), copied into its initramfs
+        "ttyAMA0", ("virtio_pci", "virtio_rng", "tun", "veth", "virtio_mmio", "virtio_blk", "virtio_net"),
+        "aarch64-linux-gnu-gcc"),
     "x86_64": Arch(
         "x86_64", "amd64", "x86_64-linux-gnu", "qemu-system-x86_64",
         ("-M", "q35", "-cpu", "max", "-accel", "tcg,thread=multi"),
@@ -545,7 +547,7 @@ class Project:
             subprocess.run(["make", "-s", "-C", str(ROOT / "tests/guests")], check=False,
                            stdout=subprocess.DEVNULL)
 
-    def archive(self, command: str, out_path: Path) -> None:
+    def archive(self, command: str, out_path: Path, extra: Sequence[tuple[Path, str]] = ()) -> None:
         self.guests()
         natives = self.native_modules()
         pyc = self.dir / "pyc"
@@ -573,6 +575,8 @@ class Project:
                         0o755)
             archive.file("usr/lib/python3/dist-packages/vmmkit-lab.pth", ("\n".join(roots) + "\n").encode())
             archive.file("lab/command", command.encode(), 0o755)
+            for source, target in extra:
+                archive.file(target, source.read_bytes(), stat.S_IMODE(source.stat().st_mode))
             archive.trailer()
 
     def _pyc(self, files: list[str], cache: Path) -> dict[str, bytes]:
@@ -616,12 +620,13 @@ def qemu_argv(system: System, initrd: Path, smp: int, memory: int) -> list[str]:
     ]
 
 
-def boot(system: System, command: str, *, smp: int, memory: int, timeout: float, verbose: bool) -> int:
+def boot(system: System, command: str, *, smp: int, memory: int, timeout: float, verbose: bool,
+         extra: Sequence[tuple[Path, str]] = ()) -> int:
     project = Project(system)
     project.dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     project_cpio = project.dir / "project.cpio"
-    project.archive(command, project_cpio)
+    project.archive(command, project_cpio, extra)
     initrd = project.dir / "initrd.cpio"
     with open(initrd, "wb") as out:
         for part in (system.cpio, project_cpio):
@@ -681,6 +686,17 @@ def boot(system: System, command: str, *, smp: int, memory: int, timeout: float,
     return status
 
 
+def _added(spec: str, system: System) -> tuple[Path, str]:
+    """``--add HOST[:GUEST]`` as (host path, path in the lab)."""
+    if spec == "kernel":
+        return system.kernel, "lab/files/Image"
+    host, _, guest = spec.partition(":")
+    path = Path(host)
+    if not path.is_file():
+        raise LabError(f"--add {spec}: {host} is not a file")
+    return path, (guest or f"/lab/files/{path.name}").lstrip("/")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lab.py", description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="action", required=True)
@@ -692,6 +708,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--memory", type=int, default=1024, help="MiB")
             p.add_argument("--timeout", type=float, default=900, help="seconds for the whole boot")
             p.add_argument("--verbose", action="store_true", help="show the kernel's console too")
+            p.add_argument("--add", action="append", default=[], metavar="HOST[:GUEST]",
+                           help="carry a host file in (default GUEST: /lab/files/<name>); "
+                                "'kernel' is the lab's own kernel, as /lab/files/Image")
             p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS... (run in /src)")
     options = parser.parse_args(argv)
     try:
@@ -709,8 +728,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("run needs a command after --")
         if not shutil.which(ARCHES[options.arch].qemu):
             raise LabError(f"{ARCHES[options.arch].qemu} is not installed")
+        extra = [_added(spec, system) for spec in options.add]
         return boot(system, shlex.join(command), smp=options.smp, memory=options.memory,
-                    timeout=options.timeout, verbose=options.verbose)
+                    timeout=options.timeout, verbose=options.verbose, extra=extra)
     except LabError as exc:
         log(str(exc))
         return 3
