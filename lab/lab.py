@@ -40,7 +40,7 @@ LAB = Path(__file__).resolve().parent
 ROOT = LAB.parent
 #: Bump when what :meth:`System.build` produces changes: the cache key is this, the lock file,
 #: the module list and ``lab/init`` (not this file, so that other edits keep the cache).
-SYSTEM_FORMAT = 4
+SYSTEM_FORMAT = 5
 EXIT_MARKER = "VMMKIT-LAB-EXIT"
 BEGIN_MARKER = "VMMKIT-LAB-BEGIN"
 
@@ -418,6 +418,10 @@ class System:
             archive.tree(rootfs, "")
             archive.file("init", (LAB / "init").read_bytes(), 0o755)
             archive.trailer()
+        # what a nested Linux's initramfs needs on the host too (lab/linux/nested_initramfs.py)
+        (staging / "nested").mkdir()
+        shutil.copy(rootfs / "bin/busybox", staging / "nested/busybox")
+        shutil.copytree(rootfs / "lab-modules", staging / "nested/modules")
         shutil.rmtree(rootfs)
         (staging / "done").write_text(f"{time.time()}\n")
         for old in self.root.glob("system-*"):

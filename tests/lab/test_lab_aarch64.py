@@ -10,18 +10,17 @@ the archive, ~100 MB); a host that cannot build or boot it skips, saying why.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from integration.guest_output import selftest_lines, stable_lines
 
+from .conftest import run_in_lab
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-LAB = ROOT / "lab" / "lab.py"
 IMAGE = "tests/guests/build/aarch64/selftest.Image"
 MARK = "=== lab:"
 
@@ -55,17 +54,10 @@ def _sections(output: str) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def lab() -> dict[str, tuple[str, int]]:
-    for tool in ("qemu-system-aarch64", "aarch64-linux-gnu-gcc", "apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"the AArch64 lab needs {tool}")
+def lab(aarch64_lab: object) -> dict[str, tuple[str, int]]:
     if not (ROOT / IMAGE).exists():
         pytest.skip(f"{IMAGE} is not built (make -C tests/guests)")
-    build = subprocess.run([sys.executable, str(LAB), "build"], capture_output=True, text=True, timeout=1800)
-    if build.returncode != 0:
-        pytest.skip(f"the AArch64 lab cannot be built here: {build.stderr.strip().splitlines()[-1:]}")
-    result = subprocess.run([sys.executable, str(LAB), "run", "--timeout", "600", "--", "sh", "-c", SCRIPT],
-                            capture_output=True, text=True, timeout=900)
+    result = run_in_lab("--timeout", "600", "--", "sh", "-c", SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
     sections = _sections(result.stdout)
     assert set(sections) == {"plugins", "kvm-1", "kvm-2", "kvm-fault", "kvm-irq-1", "kvm-irq-2"}, \
