@@ -44,6 +44,9 @@ from typing import Any, ClassVar, Final
 from vmmkit.aarch64 import BOOT_PSTATE, CoreRegisters, FirmwareHandler, PowerState, SysReg
 from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.hypervisor import Availability, ExitReason, Hypervisor, Vcpu, VcpuOps, Vm, VmExit
+from vmmkit.log import get_logger
+
+log = get_logger()
 
 # -- ioctl numbers (the generic _IOC encoding arm64 uses) -------------------------------------
 KVMIO: Final = 0xAE
@@ -225,7 +228,9 @@ class KvmArm64Hypervisor(Hypervisor):
             raise CapabilityError("KVM_CHECK_EXTENSION", None,
                                   "missing KVM capabilities " + ", ".join(map(str, missing)))
         install_kick_signal()
-        return KvmArm64Vm(_ioctl(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self.mmap_size)
+        vm = KvmArm64Vm(_ioctl(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self.mmap_size)
+        log.info("kvm.vm.created", arch="aarch64", ipa_bits=40, psci="in-kernel 0.2+")
+        return vm
 
     def close(self) -> None:
         os.close(self.fd)
@@ -296,6 +301,7 @@ class KvmArm64Vm(Vm):
                 features |= 1 << KVM_ARM_VCPU_POWER_OFF
             request = ctypes.create_string_buffer(struct.pack("<I7I", target, features, 0, 0, 0, 0, 0, 0))
             _ioctl(fd, KVM_ARM_VCPU_INIT, request, "KVM_ARM_VCPU_INIT")
+            log.debug("kvm.vcpu.init", vcpu=index, target=target, features=hex(features))
             vcpu = KvmArm64Vcpu(self, index, fd, ops)
         except BaseException:
             os.close(fd)
@@ -315,6 +321,8 @@ class KvmArm64Vm(Vm):
         self._device_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_DIST, ctypes.c_uint64(distributor))
         self._device_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST, ctypes.c_uint64(redistributors))
         self._device_attr(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, ctypes.c_uint32(GIC_NR_IRQS))
+        log.info("kvm.vgic.created", model="GICv3 (in-kernel)", distributor=hex(distributor),
+                 redistributors=hex(redistributors), irqs=GIC_NR_IRQS)
 
     def _device_attr(self, group: int, attr: int, value: Any) -> None:
         assert self._gic_fd is not None
