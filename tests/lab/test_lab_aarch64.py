@@ -34,7 +34,30 @@ section kvm-2 vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline hello --cpus bo
 section kvm-fault vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline test=fault
 section kvm-irq-1 vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline test=irq --cpus boot=1
 section kvm-irq-2 vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline test=irq --cpus boot=2
+section kvm-nisv vmmkit --hypervisor kvm --kernel /lab/files/nisv.Image
 """
+
+#: A hostile arm64 Image: a store pair to the PL011 (no instruction syndrome: KVM cannot emulate it).
+NISV_GUEST = r"""
+    b code
+    .word 0
+    .quad 0x80000, 0x10000, 2, 0, 0, 0   // text_offset, image_size, flags (LE, 4K), reserved
+    .ascii "ARM\x64"
+    .word 0
+code:
+    movz x1, #0x0900, lsl #16
+    stp x0, x0, [x1]
+1:  b 1b
+"""
+
+
+def assemble_nisv_guest(work: Path) -> Path:
+    (work / "g.S").write_text(f".text\n.globl _start\n_start:\n{NISV_GUEST}")
+    for step in (["aarch64-linux-gnu-as", "-o", "g.o", "g.S"],
+                 ["aarch64-linux-gnu-ld", "-Ttext=0x40080000", "-o", "g.elf", "g.o"],
+                 ["aarch64-linux-gnu-objcopy", "-O", "binary", "g.elf", "nisv.Image"]):
+        subprocess.run(step, cwd=work, check=True, capture_output=True)
+    return work / "nisv.Image"
 
 
 def _sections(output: str) -> dict[str, tuple[str, int]]:
@@ -54,13 +77,14 @@ def _sections(output: str) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def lab(aarch64_lab: object) -> dict[str, tuple[str, int]]:
+def lab(aarch64_lab: object, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, int]]:
     if not (ROOT / IMAGE).exists():
         pytest.skip(f"{IMAGE} is not built (make -C tests/guests)")
-    result = run_in_lab("--timeout", "600", "--", "sh", "-c", SCRIPT)
+    nisv = assemble_nisv_guest(tmp_path_factory.mktemp("nisv"))
+    result = run_in_lab("--add", str(nisv), "--timeout", "600", "--", "sh", "-c", SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
     sections = _sections(result.stdout)
-    assert set(sections) == {"plugins", "kvm-1", "kvm-2", "kvm-fault", "kvm-irq-1", "kvm-irq-2"}, \
+    assert set(sections) == {"plugins", "kvm-1", "kvm-2", "kvm-fault", "kvm-irq-1", "kvm-irq-2", "kvm-nisv"}, \
         result.stdout + result.stderr
     return sections
 
@@ -118,3 +142,12 @@ def test_interrupts_reach_the_guest_through_kvms_gicv3_as_on_qemu_virt(lab: dict
     qemu = run_qemu_virt("test=irq", cpus, machine="virt,gic-version=3")
     assert qemu.returncode == 0, qemu.stdout + qemu.stderr
     assert stable_lines(output) == stable_lines(qemu.stdout)
+
+
+def test_an_mmio_access_kvm_cannot_decode_stops_the_vm_with_a_clear_error(lab: dict[str, tuple[str, int]]) -> None:
+    """A store pair to MMIO has no instruction syndrome: with KVM_CAP_ARM_NISV_TO_USER the backend
+    names the address and the reason (not ENOSYS from KVM_RUN, not a traceback)."""
+    output, status = lab["kvm-nisv"]
+    assert status == 1, output
+    assert "guest access at 0x9000000 that KVM cannot emulate: no instruction syndrome" in output, output
+    assert "Traceback" not in output

@@ -75,6 +75,7 @@ KVM_ARM_VCPU_INIT: Final = _ioc(_IOC_WRITE, 0xAE, 32)
 KVM_ARM_PREFERRED_TARGET: Final = _ioc(_IOC_READ, 0xAF, 32)
 KVM_CREATE_DEVICE: Final = _ioc(_IOC_READ | _IOC_WRITE, 0xE0, 12)
 KVM_SET_DEVICE_ATTR: Final = _ioc(_IOC_WRITE, 0xE1, 24)
+KVM_ENABLE_CAP: Final = _ioc(_IOC_WRITE, 0xA3, 104)
 
 KVM_API_VERSION: Final = 12
 KVM_CAP_USER_MEMORY: Final = 3
@@ -84,6 +85,9 @@ KVM_CAP_ONE_REG: Final = 70
 KVM_CAP_ARM_PSCI_0_2: Final = 102
 KVM_CAP_DEVICE_CTRL: Final = 89
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
+#: Data aborts KVM cannot decode (no ISV: a load/store pair, writeback) exit as
+#: KVM_EXIT_ARM_NISV with the faulting address instead of failing KVM_RUN with ENOSYS.
+KVM_CAP_ARM_NISV_TO_USER: Final = 177
 REQUIRED_CAPS: Final = (KVM_CAP_USER_MEMORY, KVM_CAP_ONE_REG, KVM_CAP_ARM_PSCI_0_2, KVM_CAP_DEVICE_CTRL,
                         KVM_CAP_IMMEDIATE_EXIT)
 
@@ -133,6 +137,7 @@ KVM_EXIT_FAIL_ENTRY: Final = 9
 KVM_EXIT_INTR: Final = 10
 KVM_EXIT_INTERNAL_ERROR: Final = 17
 KVM_EXIT_SYSTEM_EVENT: Final = 24
+KVM_EXIT_ARM_NISV: Final = 28
 KVM_SYSTEM_EVENT_SHUTDOWN: Final = 1
 KVM_SYSTEM_EVENT_RESET: Final = 2
 RUN_IMMEDIATE_EXIT: Final = 1  #: offset of kvm_run.immediate_exit
@@ -229,6 +234,9 @@ class KvmArm64Hypervisor(Hypervisor):
                                   "missing KVM capabilities " + ", ".join(map(str, missing)))
         install_kick_signal()
         vm = KvmArm64Vm(_ioctl(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self.mmap_size)
+        if _ioctl(vm.fd, KVM_CHECK_EXTENSION, KVM_CAP_ARM_NISV_TO_USER) > 0:
+            request = ctypes.create_string_buffer(struct.pack("<II4Q64x", KVM_CAP_ARM_NISV_TO_USER, 0, 0, 0, 0, 0))
+            _ioctl(vm.fd, KVM_ENABLE_CAP, request, "KVM_ENABLE_CAP(ARM_NISV_TO_USER)")
         log.info("kvm.vm.created", arch="aarch64", ipa_bits=40, psci="in-kernel 0.2+")
         return vm
 
@@ -473,6 +481,11 @@ class KvmArm64Vcpu(Vcpu):
                 if kind == KVM_SYSTEM_EVENT_SHUTDOWN:
                     return VmExit(ExitReason.POWER_OFF, "psci system-off")
                 return VmExit(ExitReason.SHUTDOWN, f"system event {kind}")
+            elif reason == KVM_EXIT_ARM_NISV:
+                iss, address = struct.unpack_from("<QQ", area, RUN_UNION)
+                return VmExit(ExitReason.INTERNAL_ERROR,
+                              f"guest access at {address:#x} that KVM cannot emulate: no instruction syndrome "
+                              f"(a load/store pair or a writeback addressing mode on MMIO; ESR ISS {iss:#x})")
             elif reason == KVM_EXIT_INTR:
                 continue
             elif reason == KVM_EXIT_FAIL_ENTRY:
