@@ -12,7 +12,7 @@ python3 lab/linux/nested_initramfs.py /tmp/nested.cpio
 rm -f /tmp/nested-disk.img
 truncate -s 8M /tmp/nested-disk.img
 set +e
-vmmkit --hypervisor kvm --kernel "$kernel" --initramfs /tmp/nested.cpio --memory size=256M --cpus boot=2 \
+vmmkit --hypervisor kvm --kernel "$kernel" --initramfs /tmp/nested.cpio --memory "${MEMORY:-size=256M}" --cpus boot=2 \
     --disk path=/tmp/nested-disk.img --net tap=vmmtap0,ip=192.168.127.1,mask=255.255.255.0 \
     --rng src=/dev/urandom \
     --cmdline "console=ttyAMA0 quiet -- net=192.168.127.2/24,192.168.127.1 pattern=vmmkit-arm64-pattern"
