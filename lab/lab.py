@@ -96,7 +96,10 @@ ARCHES = {
         "ttyS0", ("virtio_pci", "virtio_rng", "tun", "veth", "kvm_amd"), "gcc",
         # GNU as/ld/objcopy/nm: the KVM integration tests assemble tiny x86 guests
         ("binutils", "binutils-x86-64-linux-gnu", "binutils-common", "libbinutils", "libctf0",
-         "libctf-nobfd0", "libgprofng0", "libjansson4", "libstdc++6", "libzstd1")),
+         "libctf-nobfd0", "libgprofng0", "libjansson4", "libstdc++6", "libzstd1",
+         # iproute2's ip (network namespaces: the Linux tier's tap lives in one)
+         "iproute2", "libbpf1", "libelf1", "libmnl0", "libbsd0", "libmd0", "libcap2", "libselinux1",
+         "libpcre2-8-0")),
 }
 
 
