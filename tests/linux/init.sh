@@ -67,14 +67,17 @@ echo -n "VMMKIT-INFO: memtotal: "
 grep -m 1 MemTotal /proc/meminfo
 
 # -- the serial port's interrupt: the controller, pin and trigger behind Linux's IRQ number --
-if read -r irq < /sys/class/tty/ttyS0/irq 2>/dev/null && [ -d "/sys/kernel/irq/$irq" ]; then
+# (ttyS0, a 16550; ttyAMA0 on arm64, a PL011)
+serial=ttyS0
+[ -e /sys/class/tty/ttyAMA0 ] && serial=ttyAMA0
+if read -r irq < /sys/class/tty/$serial/irq 2>/dev/null && [ -d "/sys/kernel/irq/$irq" ]; then
     read -r chip < "/sys/kernel/irq/$irq/chip_name"
     read -r pin < "/sys/kernel/irq/$irq/hwirq"
     read -r trigger < "/sys/kernel/irq/$irq/type"
-    info "serial: ttyS0 is Linux IRQ $irq"
-    ok "serial: ttyS0 on $chip pin $pin, $trigger"
+    info "serial: $serial is Linux IRQ $irq"
+    ok "serial: $serial on $chip pin $pin, $trigger"
 else
-    fail "serial: no interrupt for ttyS0"
+    fail "serial: no interrupt for $serial"
 fi
 
 # -- virtio devices: kind, transport, driver -----------------------------------------------

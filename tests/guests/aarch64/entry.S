@@ -127,10 +127,15 @@ secondary_entry:
 
 /*
  * Vectors: 16 entries of 0x80 bytes. Each calls exception(kind, esr, elr,
- * far, spsr) on the current stack; it does not return.
+ * far, spsr) on the current stack; it does not return. The one exception:
+ * an IRQ taken at EL1h (kind 5) goes to irq_entry, which returns to the
+ * interrupted code when irq_dispatch() (gic.c) handled it.
  */
 .macro	vector kind
 	.balign	0x80
+	.if	\kind == 5
+	b	irq_entry
+	.endif
 	sub	sp, sp, #16
 	stp	x29, x30, [sp]
 	mov	x0, #\kind
@@ -141,6 +146,44 @@ secondary_entry:
 	bl	exception
 	b	.
 .endm
+
+/* Saves what the AAPCS64 lets a C function clobber (x0-x18, x29, x30). */
+	.text
+irq_entry:
+	sub	sp, sp, #176
+	stp	x0, x1, [sp, #0]
+	stp	x2, x3, [sp, #16]
+	stp	x4, x5, [sp, #32]
+	stp	x6, x7, [sp, #48]
+	stp	x8, x9, [sp, #64]
+	stp	x10, x11, [sp, #80]
+	stp	x12, x13, [sp, #96]
+	stp	x14, x15, [sp, #112]
+	stp	x16, x17, [sp, #128]
+	stp	x18, x29, [sp, #144]
+	str	x30, [sp, #160]
+	bl	irq_dispatch
+	cbz	x0, 1f
+	ldp	x0, x1, [sp, #0]
+	ldp	x2, x3, [sp, #16]
+	ldp	x4, x5, [sp, #32]
+	ldp	x6, x7, [sp, #48]
+	ldp	x8, x9, [sp, #64]
+	ldp	x10, x11, [sp, #80]
+	ldp	x12, x13, [sp, #96]
+	ldp	x14, x15, [sp, #112]
+	ldp	x16, x17, [sp, #128]
+	ldp	x18, x29, [sp, #144]
+	ldr	x30, [sp, #160]
+	add	sp, sp, #176
+	eret
+1:	mov	x0, #5
+	mrs	x1, esr_el1
+	mrs	x2, elr_el1
+	mrs	x3, far_el1
+	mrs	x4, spsr_el1
+	bl	exception
+	b	.
 
 	.section .vectors, "ax"
 	.balign	2048

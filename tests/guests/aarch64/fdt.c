@@ -65,6 +65,8 @@ struct node {
 	u32 compatible_len;
 	const char *device_type;
 	u32 irq;			/* SPI number + 32 of the first interrupt, 0 if none */
+	const u8 *interrupts;		/* the raw "interrupts" property */
+	u32 interrupts_len;
 	bool is_cpu_parent;
 };
 
@@ -116,14 +118,22 @@ static void node_done(const struct node *n, const struct node *parent, int depth
 	}
 	if (compatible(n, "arm,pl011") && !plat.uart)
 		plat.uart = base;
-	else if (compatible(n, "arm,pl031") && !plat.rtc)
+	else if (compatible(n, "arm,pl031") && !plat.rtc) {
 		plat.rtc = base;
+		plat.rtc_irq = n->irq;
+	}
 	else if (compatible(n, "vmmkit,debug-exit"))
 		plat.debug_exit = base;
-	else if (compatible(n, "arm,gic-v3"))
+	else if (compatible(n, "arm,gic-v3")) {
 		plat.gic_v3 = true;
-	else if (compatible(n, "arm,armv8-timer"))
+		plat.gic_dist = base;
+		if (n->reg && entry && n->reg_len >= 2 * entry)
+			plat.gic_redist = cells(n->reg + entry, ac);
+	} else if (compatible(n, "arm,armv8-timer")) {
 		plat.timer = true;
+		if (n->interrupts && n->interrupts_len >= 36 && be32(n->interrupts + 24) == 1)
+			plat.timer_virt_intid = be32(n->interrupts + 28) + 16;	/* a PPI */
+	}
 	else if (compatible(n, "virtio,mmio") && plat.nr_virtio < FDT_MAX_VIRTIO && len) {
 		plat.virtio_base[plat.nr_virtio] = base;
 		plat.virtio_size[plat.nr_virtio] = len;
@@ -149,8 +159,12 @@ static void property(struct node *n, int depth, const char *name, const u8 *val,
 		n->compatible_len = len;
 	} else if (!strcmp(name, "device_type") && len)
 		n->device_type = sval;
-	else if (!strcmp(name, "interrupts") && len >= 12 && be32(val) == 0)
-		n->irq = be32(val + 4) + 32;
+	else if (!strcmp(name, "interrupts")) {
+		n->interrupts = val;
+		n->interrupts_len = len;
+		if (len >= 12 && be32(val) == 0)
+			n->irq = be32(val + 4) + 32;
+	}
 
 	if (depth == 1 && !strcmp(n->name, "chosen")) {
 		if (!strcmp(name, "bootargs") && len)

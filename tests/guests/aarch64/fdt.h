@@ -16,9 +16,12 @@ struct platform {
 	bool psci_smc;			/* its method is "smc" (else "hvc") */
 	char psci_compatible[32];
 	u64 uart, rtc, debug_exit;	/* PL011, PL031, vmmkit,debug-exit: 0 if absent */
+	u32 rtc_irq;			/* the PL031's INTID (SPI + 32), 0 if none */
 	char stdout_path[64];
 	u64 initrd_start, initrd_end;
 	bool gic_v3, timer;
+	u64 gic_dist, gic_redist;	/* the arm,gic-v3 node's first two reg entries */
+	u32 timer_virt_intid;		/* the virtual timer's INTID (third timer interrupt), 0 if unknown */
 	u32 nr_virtio;
 	u64 virtio_base[FDT_MAX_VIRTIO], virtio_size[FDT_MAX_VIRTIO];
 	u32 virtio_irq[FDT_MAX_VIRTIO];

@@ -1,7 +1,7 @@
-"""KVM on AArch64 hosts: VMs, vCPUs and the in-kernel GICv3 (**untested**: written against the
-KVM API documentation, Documentation/virt/kvm/api.rst and devices/arm-vgic-v3.rst; vmmkit's CI
-hosts are x86-64 and cannot run it). Not registered: :class:`vmmkit_kvm.hypervisor.KvmHypervisor`
-is x86-only; on an arm64 host it should hand ``create_vm("aarch64")`` to :class:`KvmArm64Vm`.
+"""KVM on AArch64 hosts: VMs, vCPUs and the in-kernel GICv3, registered as ``kvm`` on arm64
+hosts (:mod:`vmmkit_kvm.plugin`). Written against Documentation/virt/kvm/api.rst and
+devices/arm-vgic-v3.rst, and run in the AArch64 lab (``lab/``: Debian 12's arm64 kernel in QEMU
+TCG with the virtualization extensions, a real ``/dev/kvm``).
 
 Pure Python (``ctypes`` ioctls on the libc, ``struct`` layouts), because the cffi module of this
 plugin is built from the x86 ``<linux/kvm.h>``. The ABI used:
@@ -14,17 +14,19 @@ plugin is built from the x86 ``<linux/kvm.h>``. The ABI used:
 - ``KVM_GET_ONE_REG``/``KVM_SET_ONE_REG`` for the core registers (``KVM_REG_ARM_CORE``: offsets
   into ``struct kvm_regs``) and system registers (``KVM_REG_ARM64_SYSREG``);
 - the in-kernel GICv3: ``KVM_CREATE_DEVICE`` (``KVM_DEV_TYPE_ARM_VGIC_V3``), the distributor and
-  redistributor bases through ``KVM_DEV_ARM_VGIC_GRP_ADDR``, the number of IRQs, and
-  ``KVM_DEV_ARM_VGIC_CTRL_INIT`` once every vCPU exists (done before the first ``KVM_RUN``);
+  redistributor bases through ``KVM_DEV_ARM_VGIC_GRP_ADDR`` (the architecture's layout, the one
+  its device tree describes), the number of IRQs, and ``KVM_DEV_ARM_VGIC_CTRL_INIT`` once every
+  vCPU exists (done before the first ``KVM_RUN``); the architected timer is KVM's;
 - ``KVM_IRQ_LINE`` with ``KVM_ARM_IRQ_TYPE_SPI`` (vmmkit GSIs are GIC INTIDs), irqfds with
-  ``gsi = INTID - 32`` (KVM's default arm64 routing), ioeventfds;
+  ``gsi = INTID - 32`` (KVM's default arm64 routing: pin + VGIC_NR_PRIVATE_IRQS), ioeventfds;
 - ``KVM_RUN`` with ``kvm_run`` mmapped: ``KVM_EXIT_MMIO`` goes to :class:`VcpuOps` (a read's data
   is written back for KVM to complete on the next run), ``KVM_EXIT_SYSTEM_EVENT`` becomes
-  ``SHUTDOWN``/``RESET``, ``EINTR`` with a pending kick ``INTERRUPTED``.
+  ``POWER_OFF``/``RESET``, ``EINTR`` with a pending kick ``INTERRUPTED``.
 
-Known gaps: no MSIs (they need an ITS), kicks use ``immediate_exit`` plus a real-time signal
-(the signal handler must be installed from the main thread: :func:`install_kick_signal`), and
-PSCI SYSTEM_OFF reaches the machine as ``ExitReason.POWER_OFF``.
+Kicks set ``immediate_exit`` and send :data:`KICK_SIGNAL` to the vCPU's thread; its no-op handler
+(no ``SA_RESTART``) is installed from the main thread by :meth:`KvmArm64Hypervisor.preload` or
+when a VM is created there. Known gaps: no MSIs (they need a GICv3 ITS, which is not created, so
+virtio-pci cannot interrupt); no dirty log.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from typing import Any, ClassVar, Final
 from vmmkit.aarch64 import BOOT_PSTATE, CoreRegisters, FirmwareHandler, PowerState, SysReg
 from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.hypervisor import Availability, ExitReason, Hypervisor, Vcpu, VcpuOps, Vm, VmExit
+from vmmkit.log import get_logger
+
+log = get_logger()
 
 # -- ioctl numbers (the generic _IOC encoding arm64 uses) -------------------------------------
 KVMIO: Final = 0xAE
@@ -70,6 +75,7 @@ KVM_ARM_VCPU_INIT: Final = _ioc(_IOC_WRITE, 0xAE, 32)
 KVM_ARM_PREFERRED_TARGET: Final = _ioc(_IOC_READ, 0xAF, 32)
 KVM_CREATE_DEVICE: Final = _ioc(_IOC_READ | _IOC_WRITE, 0xE0, 12)
 KVM_SET_DEVICE_ATTR: Final = _ioc(_IOC_WRITE, 0xE1, 24)
+KVM_ENABLE_CAP: Final = _ioc(_IOC_WRITE, 0xA3, 104)
 
 KVM_API_VERSION: Final = 12
 KVM_CAP_USER_MEMORY: Final = 3
@@ -79,6 +85,9 @@ KVM_CAP_ONE_REG: Final = 70
 KVM_CAP_ARM_PSCI_0_2: Final = 102
 KVM_CAP_DEVICE_CTRL: Final = 89
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
+#: Data aborts KVM cannot decode (no ISV: a load/store pair, writeback) exit as
+#: KVM_EXIT_ARM_NISV with the faulting address instead of failing KVM_RUN with ENOSYS.
+KVM_CAP_ARM_NISV_TO_USER: Final = 177
 REQUIRED_CAPS: Final = (KVM_CAP_USER_MEMORY, KVM_CAP_ONE_REG, KVM_CAP_ARM_PSCI_0_2, KVM_CAP_DEVICE_CTRL,
                         KVM_CAP_IMMEDIATE_EXIT)
 
@@ -128,6 +137,7 @@ KVM_EXIT_FAIL_ENTRY: Final = 9
 KVM_EXIT_INTR: Final = 10
 KVM_EXIT_INTERNAL_ERROR: Final = 17
 KVM_EXIT_SYSTEM_EVENT: Final = 24
+KVM_EXIT_ARM_NISV: Final = 28
 KVM_SYSTEM_EVENT_SHUTDOWN: Final = 1
 KVM_SYSTEM_EVENT_RESET: Final = 2
 RUN_IMMEDIATE_EXIT: Final = 1  #: offset of kvm_run.immediate_exit
@@ -157,11 +167,20 @@ def _ioctl(fd: int, request: int, arg: Any = None, name: str = "ioctl") -> int:
     return int(result)
 
 
-def install_kick_signal() -> None:
-    """Install the no-op handler of :data:`KICK_SIGNAL` (main thread only, once): a ``KVM_RUN``
-    interrupted by it returns ``EINTR`` instead of being restarted."""
-    signal.signal(KICK_SIGNAL, lambda *_: None)
-    signal.siginterrupt(KICK_SIGNAL, True)
+_kick_installed = False
+
+
+def install_kick_signal() -> bool:
+    """Install the no-op handler of :data:`KICK_SIGNAL` (once; only the main thread can): a
+    ``KVM_RUN`` interrupted by it returns ``EINTR`` instead of being restarted. Whether it is
+    installed (a kick without it relies on ``immediate_exit`` alone: never the default action of
+    the signal, which would end the process)."""
+    global _kick_installed
+    if not _kick_installed and threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda *_: None)
+        signal.siginterrupt(KICK_SIGNAL, True)
+        _kick_installed = True
+    return _kick_installed
 
 
 def _host_architectures() -> tuple[str, ...]:
@@ -169,14 +188,19 @@ def _host_architectures() -> tuple[str, ...]:
 
 
 class KvmArm64Hypervisor(Hypervisor):
-    """KVM on an arm64 host (see the module docstring: untested, not registered)."""
+    """KVM on an arm64 host: ``--hypervisor kvm`` there (see the module docstring)."""
 
-    name: ClassVar[str] = "kvm-arm64"
-    description: ClassVar[str] = "Linux KVM on arm64: in-kernel GICv3 and PSCI (untested)"
-    priority: ClassVar[int] = 11
+    name: ClassVar[str] = "kvm"
+    description: ClassVar[str] = "Linux KVM on arm64 (/dev/kvm): in-kernel GICv3, PSCI, irqfd, ioeventfd"
+    priority: ClassVar[int] = 10
     architectures: ClassVar[tuple[str, ...]] = _host_architectures()
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
+    @classmethod
+    def preload(cls) -> None:
+        install_kick_signal()
+
+    def __init__(self, path: str = "/dev/kvm", *, quirks: str | None = None) -> None:
+        _refuse_quirks(quirks)
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         if _ioctl(self.fd, KVM_GET_API_VERSION, None, "KVM_GET_API_VERSION") != KVM_API_VERSION:
             os.close(self.fd)
@@ -204,10 +228,32 @@ class KvmArm64Hypervisor(Hypervisor):
     def create_vm(self, arch: str = "aarch64") -> KvmArm64Vm:
         if arch != "aarch64" or not self.architectures:
             raise CapabilityError("KVM_CREATE_VM", None, f"cannot run {arch} guests on this host")
-        return KvmArm64Vm(_ioctl(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self.mmap_size)
+        missing = [cap for cap in REQUIRED_CAPS if _ioctl(self.fd, KVM_CHECK_EXTENSION, cap) <= 0]
+        if missing:
+            raise CapabilityError("KVM_CHECK_EXTENSION", None,
+                                  "missing KVM capabilities " + ", ".join(map(str, missing)))
+        install_kick_signal()
+        vm = KvmArm64Vm(_ioctl(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self.mmap_size)
+        if _ioctl(vm.fd, KVM_CHECK_EXTENSION, KVM_CAP_ARM_NISV_TO_USER) > 0:
+            request = ctypes.create_string_buffer(struct.pack("<II4Q64x", KVM_CAP_ARM_NISV_TO_USER, 0, 0, 0, 0, 0))
+            _ioctl(vm.fd, KVM_ENABLE_CAP, request, "KVM_ENABLE_CAP(ARM_NISV_TO_USER)")
+        log.info("kvm.vm.created", arch="aarch64", ipa_bits=40, psci="in-kernel 0.2+")
+        return vm
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _refuse_quirks(mode: str | None) -> None:
+    """Host quirks are x86's (``pvm``): refuse them by name rather than ignore them."""
+    from vmmkit_kvm import quirks
+
+    try:
+        requested = quirks._requested_mode(mode)
+    except ValueError as exc:
+        raise CapabilityError("host quirks", None, str(exc)) from None
+    if requested == quirks.PVM:
+        raise CapabilityError("host quirks", None, "--kvm-quirks pvm is for x86 KVM_PVM hosts; arm64 KVM has no quirks")
 
 
 class KvmArm64Vm(Vm):
@@ -263,6 +309,7 @@ class KvmArm64Vm(Vm):
                 features |= 1 << KVM_ARM_VCPU_POWER_OFF
             request = ctypes.create_string_buffer(struct.pack("<I7I", target, features, 0, 0, 0, 0, 0, 0))
             _ioctl(fd, KVM_ARM_VCPU_INIT, request, "KVM_ARM_VCPU_INIT")
+            log.debug("kvm.vcpu.init", vcpu=index, target=target, features=hex(features))
             vcpu = KvmArm64Vcpu(self, index, fd, ops)
         except BaseException:
             os.close(fd)
@@ -282,6 +329,8 @@ class KvmArm64Vm(Vm):
         self._device_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_DIST, ctypes.c_uint64(distributor))
         self._device_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST, ctypes.c_uint64(redistributors))
         self._device_attr(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, ctypes.c_uint32(GIC_NR_IRQS))
+        log.info("kvm.vgic.created", model="GICv3 (in-kernel)", distributor=hex(distributor),
+                 redistributors=hex(redistributors), irqs=GIC_NR_IRQS)
 
     def _device_attr(self, group: int, attr: int, value: Any) -> None:
         assert self._gic_fd is not None
@@ -340,7 +389,9 @@ class KvmArm64Vm(Vm):
         if self._gic_fd is not None:
             os.close(self._gic_fd)
             self._gic_fd = None
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class KvmArm64Vcpu(Vcpu):
@@ -430,6 +481,11 @@ class KvmArm64Vcpu(Vcpu):
                 if kind == KVM_SYSTEM_EVENT_SHUTDOWN:
                     return VmExit(ExitReason.POWER_OFF, "psci system-off")
                 return VmExit(ExitReason.SHUTDOWN, f"system event {kind}")
+            elif reason == KVM_EXIT_ARM_NISV:
+                iss, address = struct.unpack_from("<QQ", area, RUN_UNION)
+                return VmExit(ExitReason.INTERNAL_ERROR,
+                              f"guest access at {address:#x} that KVM cannot emulate: no instruction syndrome "
+                              f"(a load/store pair or a writeback addressing mode on MMIO; ESR ISS {iss:#x})")
             elif reason == KVM_EXIT_INTR:
                 continue
             elif reason == KVM_EXIT_FAIL_ENTRY:
@@ -453,7 +509,7 @@ class KvmArm64Vcpu(Vcpu):
         self._kicked = True
         self.run_area[RUN_IMMEDIATE_EXIT] = 1
         thread = self._thread
-        if thread is not None:
+        if thread is not None and _kick_installed:
             try:
                 signal.pthread_kill(thread, KICK_SIGNAL)
             except (ProcessLookupError, OSError):
@@ -464,8 +520,12 @@ class KvmArm64Vcpu(Vcpu):
         self.run_area[RUN_IMMEDIATE_EXIT] = 0
 
     def close(self) -> None:
+        """Idempotent: the machine closes its vCPUs, then the VM closes whatever is left."""
+        if self.fd < 0:
+            return
         self.run_area.close()
         os.close(self.fd)
+        self.fd = -1
 
 
 def vcpu_features(index: int) -> Sequence[int]:

@@ -5,6 +5,7 @@ platform devices and kernel arguments a quirk set needs."""
 from __future__ import annotations
 
 import argparse
+import platform
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +20,19 @@ if TYPE_CHECKING:
 log = get_logger()
 
 
+def host_is_arm64(machine: str | None = None) -> bool:
+    return (machine or platform.machine()) in ("aarch64", "arm64")
+
+
 @hookimpl
 def vmmkit_register_hypervisors(registry: Registry[type[Hypervisor]]) -> None:
-    """Register the KVM backend (``--hypervisor kvm``)."""
+    """Register the KVM backend (``--hypervisor kvm``) of this host's architecture: the x86-64
+    one (cffi run loop, host quirks) or the arm64 one (:mod:`vmmkit_kvm.arm64`, ctypes)."""
+    if host_is_arm64():
+        from vmmkit_kvm.arm64 import KvmArm64Hypervisor
+
+        registry.add(KvmArm64Hypervisor)
+        return
     from vmmkit_kvm.hypervisor import KvmHypervisor
 
     registry.add(KvmHypervisor)
