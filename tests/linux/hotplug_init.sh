@@ -59,9 +59,10 @@ while [ ${#block} -lt 4096 ]; do block="$block$block"; done
 printf '%s' "${block:0:4096}" > /tmp/pattern
 dd if=/tmp/pattern of=/dev/vdb bs=4096 seek=256 count=1 conv=fsync 2>/dev/null
 blockdev --flushbufs /dev/vdb
+# vda's size before the host may resize it: it does so as soon as it reads "written".
+read -r vda_before < /sys/block/vda/size
 say "written"
 
-read -r vda_before < /sys/block/vda/size
 vda_changed() { read -r now < /sys/block/vda/size; [ "$now" != "$vda_before" ]; }
 if ! wait_for 240 vda_changed; then say "timeout resized $vda_before"; finish; fi
 read -r vda_after < /sys/block/vda/size
