@@ -150,7 +150,7 @@ class BlockDevice(QueueDevice):
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.sparse = sparse
-        self.native = native_available() if native is None else native
+        self.native = (native_available() if native is None else native) and image.qcow2 is None
         identity = image.default_serial() if serial is None else serial
         self.serial = identity[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self._io: BlockIo | None = None
@@ -163,7 +163,8 @@ class BlockDevice(QueueDevice):
         if config.vhost_user or config.path is None:
             raise DeviceError(f"{device_id}: a vhost-user disk is not served by virtio-blk")
         image = DiskImage(config.path, readonly=config.readonly, direct=config.direct,
-                          lock=config.lock_granularity, image_type=config.image_type, owner=device_id)
+                          lock=config.lock_granularity, image_type=config.image_type, owner=device_id,
+                          backing_files=config.backing_files)
         try:
             serial = config.serial.encode() if config.serial is not None else None
             return cls(device_id, image, num_queues=config.num_queues, queue_size=config.queue_size,
