@@ -122,8 +122,8 @@ class Qcow2Image:
             raise self._fail("version", f"{version} is not supported (2 or 3)")
         if not 9 <= cluster_bits <= 21:
             raise self._fail("cluster_bits", f"{cluster_bits} is outside 9..21")
-        self.cluster_bits = cluster_bits
-        self.cluster_size = 1 << cluster_bits
+        self.cluster_bits: int = cluster_bits
+        self.cluster_size: int = 1 << cluster_bits
         self.version = version
         incompatible = 0
         refcount_order = 4
@@ -139,7 +139,8 @@ class Qcow2Image:
             if header_length > 104:
                 compression_type = raw[104]
         if incompatible & _INCOMPAT_CORRUPT:
-            raise self._fail("incompatible_features", "the image is marked corrupt (repair it with qemu-img check -r all)")
+            raise self._fail("incompatible_features",
+                             "the image is marked corrupt (repair it with qemu-img check -r all)")
         if incompatible & _INCOMPAT_DATA_FILE:
             raise self._fail("incompatible_features", "external data files are not supported")
         if incompatible & _INCOMPAT_EXTL2:
@@ -163,7 +164,7 @@ class Qcow2Image:
                              "qemu-img check -r all); it can be used read-only only")
         if size % 512 or size > _MAX_VIRTUAL_SIZE:
             raise self._fail("size", f"{size} is not a multiple of 512 below 2^55")
-        self.size = size
+        self.size: int = size
         self.l2_entries = self.cluster_size // 8
         needed_l1 = -(-size // (self.cluster_size * self.l2_entries))
         if l1_size < needed_l1 or l1_size * 8 > _MAX_L1_BYTES:
@@ -204,7 +205,8 @@ class Qcow2Image:
             if kind == _EXT_END:
                 return
             if at + length > end:
-                raise self._fail("header extensions", f"extension {kind:#x} of {length} bytes runs past the first cluster")
+                raise self._fail("header extensions",
+                                 f"extension {kind:#x} of {length} bytes runs past the first cluster")
             data = raw[at:at + length]
             if kind == _EXT_BACKING_FORMAT:
                 self._backing_format = data.decode(errors="replace")
