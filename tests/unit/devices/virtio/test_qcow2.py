@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from blk_support import IN, OUT, S_OK, SECTOR, WRITE_ZEROES, request, segment
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from virtio_driver import Harness
 from vmmkit_devices.virtio.blk_io import DiskImage, Qcow2BlockIo
@@ -293,7 +293,7 @@ def _fuzz_base(tmp: Path) -> tuple[bytes, list[tuple[int, int]]]:
     raw = image.read_bytes()
     l1_offset, reftable = struct.unpack_from(">Q", raw, 40)[0], struct.unpack_from(">Q", raw, 48)[0]
     l2 = struct.unpack_from(">Q", raw, l1_offset)[0] & 0x00FFFFFFFFFFFE00
-    return raw, [(0, 112), (l1_offset, 16), (l2, 512), (reftable, 16)]
+    return raw, [(0, 112), (l1_offset, 16), (l2, 512), (reftable, 512)]
 
 
 @pytest.fixture(scope="module")
@@ -314,11 +314,26 @@ def test_hostile_metadata_gives_device_error_and_stays_inside_the_file(fuzz_dir:
         mutated.add(at)
     path = fuzz_dir / "fuzz.qcow2"
     path.write_bytes(image)
+    fd = os.open(path, os.O_RDONLY)
+    try:  # read-only: every read is DeviceError or data, and the file is not touched
+        layer = Qcow2Image(fd, str(path), readonly=True, allow_backing=False)
+        for offset in range(0, layer.size, 4096):
+            try:
+                assert len(layer.read(offset, min(4096, layer.size - offset))) == min(4096, layer.size - offset)
+            except DeviceError:
+                pass
+        layer.close()
+    except DeviceError:
+        pass
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(image)
     fd = os.open(path, os.O_RDWR)
     try:
         try:
             layer = Qcow2Image(fd, str(path), readonly=False, allow_backing=False)
-        except DeviceError:
+        except DeviceError as exc:
+            event(f"refused: {str(exc).split(': ')[1]}")
             return
         try:
             offset = data.draw(st.integers(0, layer.size - 1))
@@ -329,8 +344,9 @@ def test_hostile_metadata_gives_device_error_and_stays_inside_the_file(fuzz_dir:
             size_before = os.fstat(fd).st_size
             try:
                 layer.write(offset, b"\xab" * min(700, layer.size - offset))
-            except (DeviceError, OSError):
-                pass
+                event("written")
+            except (DeviceError, OSError) as exc:
+                event(f"write failed: {type(exc).__name__}")
             grown = os.fstat(fd).st_size - size_before
             # at most: an L2 table, a data cluster and refcount blocks for them (512-byte clusters)
             assert 0 <= grown <= 8 * 512
@@ -340,3 +356,8 @@ def test_hostile_metadata_gives_device_error_and_stays_inside_the_file(fuzz_dir:
         os.close(fd)
     after = path.read_bytes()
     assert len(after) >= len(image)
+    assert after[:512] == image[:512]  # the header cluster is never data or a table
+    for start, length in (ranges[1], ranges[3]):  # L1 and refcount table: never data; an entry
+        for at in range(start, start + length, 8):  # changes only from unallocated to allocated
+            before = struct.unpack_from(">Q", image, at)[0] & 0x00FFFFFFFFFFFE00
+            assert after[at : at + 8] == image[at : at + 8] or before == 0, hex(at)

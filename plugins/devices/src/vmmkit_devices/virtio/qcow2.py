@@ -268,9 +268,14 @@ class Qcow2Image:
         return -(-value // self.cluster_size) * self.cluster_size
 
     def _cluster_at(self, field: str, offset: int) -> int:
-        """A host cluster's offset from metadata, checked: aligned, not the header, inside the file."""
+        """A host cluster's offset from metadata, checked: aligned, inside the file, and not the
+        header, the L1 table or the refcount table (QEMU's overlap check, for those three)."""
         if offset % self.cluster_size or offset < self.cluster_size or offset + self.cluster_size > self._file_size:
             raise self._fail(field, f"{offset:#x} is not a cluster inside the file ({self._file_size} bytes)")
+        for table, start, length in (("L1 table", self.l1_offset, self.l1_size * 8),
+                                     ("refcount table", self.reftable_offset, self.reftable_entries * 8)):
+            if offset < start + length and start < offset + self.cluster_size:
+                raise self._fail(field, f"{offset:#x} overlaps the {table}")
         return offset
 
     def _pread(self, length: int, offset: int) -> bytes:
