@@ -114,6 +114,9 @@ def make_image(tmp: Path, kind: str, cluster: int, size: int = 8 * MIB) -> tuple
         assert re.search(r"\b[1-9][0-9.]*% compressed", info), info
     elif kind == "raw-backing":
         ok("create", "-f", "qcow2", "-o", opts, "-b", source.name, "-F", "raw", image)
+    elif kind == "v2-backing":
+        ok("create", "-f", "qcow2", "-o", f"{opts},compat=0.10", "-b", source.name, "-F", "raw", image)
+        qemu_io(image, "write -P 0x17 1000k 300k")
     elif kind == "qcow2-backing":
         base = tmp / "base.qcow2"
         ok("convert", "-O", "qcow2", "-o", "cluster_size=65536", source, base)
@@ -124,7 +127,7 @@ def make_image(tmp: Path, kind: str, cluster: int, size: int = 8 * MIB) -> tuple
     return image, None
 
 
-KINDS = ["empty", "v2", "data", "compressed", "raw-backing", "qcow2-backing"]
+KINDS = ["empty", "v2", "v2-backing", "data", "compressed", "raw-backing", "qcow2-backing"]
 CLUSTERS = [4096, 65536, 2 * MIB]
 
 
@@ -193,6 +196,25 @@ def test_refcount_blocks_are_allocated_as_the_image_grows(tmp_path: Path, layers
     check = qemu_img("check", image)
     assert check.returncode == 0, check.stdout + check.stderr
     assert as_raw(image, tmp_path)[MIB : 3 * MIB] == data
+
+
+def test_a_writer_clears_autoclear_bits_it_does_not_know(tmp_path: Path, layers: Callable[..., Qcow2Image]) -> None:
+    image = tmp_path / "bitmap.qcow2"
+    ok("create", "-f", "qcow2", image, "1M")
+    ok("bitmap", "--add", image, "b0")
+    assert struct.unpack_from(">Q", image.read_bytes(), 88)[0] & 1  # QCOW2_AUTOCLEAR_BITMAPS
+    layers(image, readonly=True)
+    assert struct.unpack_from(">Q", image.read_bytes(), 88)[0] & 1  # a reader leaves it
+    layer = layers(image)
+    assert struct.unpack_from(">Q", image.read_bytes(), 88)[0] == 0
+    layer.write(4096, b"\x01" * 4096)
+    layer.flush()
+    check = qemu_img("check", image)
+    # QEMU now ignores the bitmap (as the spec says) and counts its directory's clusters as leaked
+    # (exit 3: leaks only, "no harm to data"); nothing is corrupt.
+    output = check.stdout + check.stderr
+    assert "lacking bitmap support modified this file" in output, output
+    assert check.returncode == 3 and "ERROR" not in output and "corrupt" not in output.lower(), output
 
 
 # -- refusals ----------------------------------------------------------------------------------

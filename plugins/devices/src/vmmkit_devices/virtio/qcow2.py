@@ -104,6 +104,11 @@ class Qcow2Image:
                 self.close()
                 raise
         self._next_free = self._align_up(self._file_size)
+        if self._autoclear and not readonly:
+            # qcow2.txt: a writer that does not know an auto-clear feature (bitmaps...) clears its
+            # bit first, so the data it describes is known stale. We know none.
+            os.pwrite(fd, bytes(8), 88)
+            self._autoclear = 0
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -125,14 +130,14 @@ class Qcow2Image:
         self.cluster_bits: int = cluster_bits
         self.cluster_size: int = 1 << cluster_bits
         self.version = version
-        incompatible = 0
+        incompatible = autoclear = 0
         refcount_order = 4
         header_length = 72
         compression_type = 0
         if version == 3:
             if len(raw) < _HEADER_V2.size + _HEADER_V3_EXTRA.size:
                 raise self._fail("header", "a version 3 header is 104 bytes or more")
-            incompatible, _compat, _autoclear, refcount_order, header_length = \
+            incompatible, _compat, autoclear, refcount_order, header_length = \
                 _HEADER_V3_EXTRA.unpack_from(raw, _HEADER_V2.size)
             if header_length < 104 or header_length % 8 or header_length > min(len(raw), self.cluster_size):
                 raise self._fail("header_length", f"{header_length} is not a multiple of 8 in 104..cluster size")
@@ -192,21 +197,26 @@ class Qcow2Image:
                 self._backing_path = name.decode()
             except UnicodeDecodeError:
                 raise self._fail("backing_file_offset", "the backing file name is not UTF-8") from None
-        if version == 3:
-            self._parse_extensions(raw, header_length)
+        self._autoclear: int = autoclear if version == 3 else 0
+        # Extensions follow the header (v2 too), up to the backing file name or the first cluster,
+        # as QEMU's qcow2_read_extensions; none at all (an old v2 image) is fine.
+        self._parse_extensions(raw, header_length, backing_offset or self.cluster_size)
 
-    def _parse_extensions(self, raw: bytes, at: int) -> None:
-        end = min(len(raw), self.cluster_size)
-        while True:
-            if at + 8 > end:
-                raise self._fail("header extensions", "they run past the first cluster without an end marker")
+    def _parse_extensions(self, raw: bytes, at: int, end: int) -> None:
+        end = min(end, self.cluster_size)
+        if len(raw) < end:
+            raw = os.pread(self.fd, end, 0)
+        end = min(end, len(raw))
+        while at < end:
+            if end - at < 8:
+                raise self._fail("header extensions", "an extension header runs past the extension area")
             kind, length = struct.unpack_from(">II", raw, at)
             at += 8
             if kind == _EXT_END:
                 return
             if at + length > end:
                 raise self._fail("header extensions",
-                                 f"extension {kind:#x} of {length} bytes runs past the first cluster")
+                                 f"extension {kind:#x} of {length} bytes runs past the extension area")
             data = raw[at:at + length]
             if kind == _EXT_BACKING_FORMAT:
                 self._backing_format = data.decode(errors="replace")
