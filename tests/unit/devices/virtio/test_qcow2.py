@@ -231,8 +231,12 @@ def test_refusals_name_the_file_and_the_field(tmp_path: Path) -> None:
     os.close(fd)
 
     enc = tmp_path / "enc.qcow2"
-    ok("create", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o", "encrypt.format=luks,encrypt.key-secret=s0",
-       enc, "1M")
+    # crypt_method 2 (LUKS) set by hand: qemu-img's LUKS set-up times PBKDF2 on the CPU and fails
+    # ("Unable to get accurate CPU usage") on a loaded host.
+    ok("create", "-f", "qcow2", enc, "1M")
+    with enc.open("r+b") as f:
+        f.seek(32)
+        f.write(struct.pack(">I", 2))
     with pytest.raises(DeviceError, match=r"enc\.qcow2.*(crypt_method|encrypt)"):
         open_layer(enc)
 
@@ -378,7 +382,9 @@ def test_hostile_metadata_gives_device_error_and_stays_inside_the_file(fuzz_dir:
         os.close(fd)
     after = path.read_bytes()
     assert len(after) >= len(image)
-    assert after[:512] == image[:512]  # the header cluster is never data or a table
+    # the header cluster is never data or a table; only unknown autoclear bits are cleared
+    assert after[:88] + after[96:512] == image[:88] + image[96:512]
+    assert after[88:96] in (image[88:96], bytes(8))
     for start, length in (ranges[1], ranges[3]):  # L1 and refcount table: never data; an entry
         for at in range(start, start + length, 8):  # changes only from unallocated to allocated
             before = struct.unpack_from(">Q", image, at)[0] & 0x00FFFFFFFFFFFE00

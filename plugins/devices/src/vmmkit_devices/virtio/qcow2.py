@@ -94,6 +94,7 @@ class Qcow2Image:
         self.backing: Qcow2Image | _Raw | None = None
         self._backing_fd = -1
         self._decompressed: tuple[int, bytes] | None = None
+        self._autoclear = 0
         self._file_size = os.fstat(fd).st_size
         self._parse_header()
         self._load_l1()
@@ -197,7 +198,7 @@ class Qcow2Image:
                 self._backing_path = name.decode()
             except UnicodeDecodeError:
                 raise self._fail("backing_file_offset", "the backing file name is not UTF-8") from None
-        self._autoclear: int = autoclear if version == 3 else 0
+        self._autoclear = autoclear if version == 3 else 0
         # Extensions follow the header (v2 too), up to the backing file name or the first cluster,
         # as QEMU's qcow2_read_extensions; none at all (an old v2 image) is fine.
         self._parse_extensions(raw, header_length, backing_offset or self.cluster_size)
