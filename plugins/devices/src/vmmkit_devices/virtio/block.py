@@ -1,4 +1,4 @@
-"""virtio-blk (virtio 1.2, section 5.2) over a raw image file: device type ``virtio-blk``, one
+"""virtio-blk (virtio 1.2, section 5.2) over a raw or qcow2 image file: device type ``virtio-blk``, one
 device per ``VmConfig.disks`` entry (vhost-user disks excepted).
 
 Requests: ``VIRTIO_BLK_T_IN`` / ``OUT`` (``preadv``/``pwritev`` straight between guest memory and
@@ -7,6 +7,11 @@ the file, in C when ``vmmkit_devices.virtio._native`` is built: see :mod:`.blk_i
 image's device and inode numbers, NUL-padded to 20 bytes), ``DISCARD`` (punch a hole) and
 ``WRITE_ZEROES`` (punch a hole with the unmap flag, else zero the range). Anything else answers
 ``VIRTIO_BLK_S_UNSUPP``.
+
+A qcow2 image (``image_type=qcow2``, or a file starting with qcow2's magic when ``image_type`` is
+not given) is served through :mod:`.qcow2` by :class:`.blk_io.Qcow2BlockIo` instead: same
+requests, capacity is the image's virtual size, FLUSH is ``fsync``, DISCARD is skipped and
+WRITE_ZEROES writes zeros.
 
 Offered features: ``SEG_MAX`` (queue size - 2, at most 254), ``BLK_SIZE`` (512, or the O_DIRECT
 alignment with ``direct=on``), ``FLUSH``, ``MQ`` with ``num_queues`` > 1, ``RO`` with
