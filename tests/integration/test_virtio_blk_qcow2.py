@@ -52,3 +52,14 @@ def test_the_guest_writes_its_pattern_into_a_qcow2_image(selftest_elf: Path, tmp
     assert check_blk_image(raw) == []
     if backing:
         assert (tmp_path / "base.raw").read_bytes() == bytes(DISK_SIZE)
+
+
+def test_a_backing_file_needs_backing_files_on(selftest_elf: Path, tmp_path: Path, vmmkit_hypervisor: str) -> None:
+    make_disk(tmp_path / "base.raw", DISK_SIZE)
+    image = tmp_path / "top.qcow2"
+    assert qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", image).returncode == 0
+    result = run_vmmkit("--hypervisor", vmmkit_hypervisor, "--kernel", str(selftest_elf), "--cmdline", "test=blk",
+                        "--disk", f"path={image}", timeout=60)
+    assert result.returncode != 0
+    assert f"_disk0: qcow2 image {image}: backing_file:" in result.stderr, result.stderr
+    assert "backing_files=on" in result.stderr and "Traceback" not in result.stderr

@@ -185,10 +185,6 @@ class DiskImage:
             raise DeviceError(f"{owner}: disk image {path} is not a regular file or block device")
         self.stat = info
         size = os.lseek(self.fd, 0, os.SEEK_END)
-        if size % SECTOR_SIZE:
-            log.warning("virtio_blk.size_not_sector_multiple", device=owner, path=path, size=size)
-        #: Bytes the guest sees: the file's size rounded down to whole sectors.
-        self.size = size - size % SECTOR_SIZE
         if image_type == "Qcow2" or (image_type == "Unknown" and is_qcow2(self.fd)):
             if self.direct:
                 raise DeviceError(f"{owner}: disk image {path} is qcow2; direct=on is supported for raw images only")
@@ -199,8 +195,14 @@ class DiskImage:
                 self.qcow2 = Qcow2Image(self.fd, path, readonly=self.readonly, allow_backing=self.backing_files)
             except OSError as exc:
                 raise DeviceError(f"{owner}: cannot read qcow2 image {path}: {exc.strerror or exc}") from None
+            except DeviceError as exc:
+                raise DeviceError(f"{owner}: {exc}") from None
             self.size = self.qcow2.size
             return
+        if size % SECTOR_SIZE:
+            log.warning("virtio_blk.size_not_sector_multiple", device=owner, path=path, size=size)
+        #: Bytes the guest sees: the file's size rounded down to whole sectors.
+        self.size = size - size % SECTOR_SIZE
         self._lock(owner, lock, size)
         if self.direct:
             try:
