@@ -253,6 +253,13 @@ def test_refusals_name_the_file_and_the_field(tmp_path: Path) -> None:
     with pytest.raises(DeviceError, match=r"corrupt\.qcow2.*marked corrupt"):
         open_layer(corrupt, readonly=True)
 
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    on_fifo = tmp_path / "on-fifo.qcow2"
+    ok("create", "-f", "qcow2", "-u", "-b", "fifo", "-F", "raw", on_fifo, "1M")
+    with pytest.raises(DeviceError, match=r"on-fifo\.qcow2: backing_file: .*fifo is not a regular file"):
+        open_layer(on_fifo)
+
     for order in (3, 5):
         other = tmp_path / f"refcount{order}.qcow2"
         ok("create", "-f", "qcow2", "-o", f"refcount_bits={1 << order}", other, "1M")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import zlib
 from typing import Final
@@ -254,11 +255,14 @@ class Qcow2Image:
         fmt = self._backing_format
         if fmt not in (None, "raw", "qcow2"):
             raise self._fail("backing format", f"{fmt!r} is not supported (raw or qcow2)")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # O_NONBLOCK: a FIFO named by a hostile image must not hang the open
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except (OSError, ValueError) as exc:
             raise self._fail("backing_file", f"cannot open {path}: {getattr(exc, 'strerror', None) or exc}") from None
         self._backing_fd = fd
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise self._fail("backing_file", f"{path} is not a regular file")
+        os.set_blocking(fd, True)
         if fmt == "qcow2" or (fmt is None and is_qcow2(fd)):
             self.backing = Qcow2Image(fd, path, readonly=True, allow_backing=True, _depth=depth + 1,
                                       _seen=seen | {os.path.realpath(self.path)})
