@@ -15,8 +15,10 @@ Every header field and table entry is hostile input: offsets are checked to be a
 the file before any access, and a bad one raises :class:`Qcow2Error` (a :class:`DeviceError`)
 naming the file and the field. New clusters are appended at the end of the file; for each the
 metadata is written in dependency order (refcount, then data, then the L2 entry, then the L1
-entry), so a crash between them leaks a cluster rather than corrupting one; durability is at
-``flush`` (``fsync``), as with a raw image.
+entry; refcounts first as in QEMU, so a VMM crash between them leaks a cluster rather than
+leaving a referenced cluster free). Durability is at ``flush`` (``fsync``), as with a raw image;
+there is no barrier between those writes, so a *host* crash between two guest FLUSHes may leave
+metadata that needs ``qemu-img check -r all``.
 """
 
 from __future__ import annotations
