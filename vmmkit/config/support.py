@@ -61,7 +61,6 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "disks.rate_limiter_config": "disk rate limits",
     "disks.rate_limit_group": "rate limit groups",
     "disks.queue_affinity": "queue affinity",
-    "disks.backing_files": "qcow2 backing files (raw images only)",
     "disks.iommu": _IOMMU,
     "disks.pci_segment": _SEGMENTS,
     # nets

@@ -51,7 +51,7 @@ IMPLEMENTED = frozenset({
     "memory.thp",
     "disks.path", "disks.readonly", "disks.direct", "disks.num_queues", "disks.queue_size", "disks.id",
     "disks.serial", "disks.sparse", "disks.image_type", "disks.lock_granularity", "disks.pci_device_id",
-    "disks.transport",
+    "disks.transport", "disks.backing_files",
     # offload_*: the device offers no offloads, which is what "off" asks for; "on" (CH's default)
     # cannot be told apart from "not given" and is a performance hint, see vmmkit_devices.virtio.net
     "net.tap", "net.ip", "net.mask", "net.mac", "net.host_mac", "net.mtu", "net.num_queues",

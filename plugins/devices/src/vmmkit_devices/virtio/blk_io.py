@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from vmmkit.errors import DeviceError, GuestMemoryError
 from vmmkit.log import get_logger
+from vmmkit_devices.virtio.qcow2 import Qcow2Image, is_qcow2
 
 if TYPE_CHECKING:
     from vmmkit.memory import GuestMemory
@@ -67,7 +68,6 @@ FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
 FALLOC_FL_ZERO_RANGE: Final = 0x10
 
-_QCOW2_MAGIC: Final = b"QFI\xfb"
 
 
 class IoStatus(enum.IntEnum):
@@ -138,14 +138,16 @@ class DiskImage:
     :param lock: ``"ByteRange"`` (lock the image's bytes) or ``"Full"`` (the whole file, to EOF
         and beyond), as Cloud Hypervisor's ``lock_granularity``: an open-file-description lock,
         shared for read-only use, exclusive otherwise, so two VMs never write one image.
-    :param image_type: ``"Raw"`` or ``"Unknown"`` (a qcow2 image is then refused rather than
-        shown to the guest as raw bytes).
+    :param image_type: ``"Raw"``, ``"Qcow2"`` (see :mod:`.qcow2`) or ``"Unknown"``: as Cloud
+        Hypervisor, a file starting with qcow2's magic is then qcow2, any other raw.
+    :param backing_files: a qcow2 image may have a backing file (Cloud Hypervisor's ``backing_files``).
     :raises DeviceError: the file is missing, unreadable, locked, of an unsupported format, or
         O_DIRECT is not possible on it; the message names the path.
     """
 
     def __init__(self, path: str, *, readonly: bool = False, direct: bool = False,
-                 lock: str = "ByteRange", image_type: str = "Unknown", owner: str = "disk") -> None:
+                 lock: str = "ByteRange", image_type: str = "Unknown", owner: str = "disk",
+                 backing_files: bool = False) -> None:
         self.path = path
         self.readonly = readonly
         self.direct = direct
@@ -154,8 +156,11 @@ class DiskImage:
         self.mem_align = DEFAULT_DIO_ALIGN
         self.offset_align = DEFAULT_DIO_ALIGN
         self.lock_granularity = lock
-        if image_type not in ("Raw", "Unknown"):
-            raise DeviceError(f"{owner}: {path}: image_type {image_type} is not supported (raw images only)")
+        self.backing_files = backing_files
+        #: The qcow2 layer when the image is qcow2 (requests then go through it, not the raw path).
+        self.qcow2: Qcow2Image | None = None
+        if image_type not in ("Raw", "Qcow2", "Unknown"):
+            raise DeviceError(f"{owner}: {path}: image_type {image_type} is not supported (raw and qcow2 only)")
         # O_NONBLOCK: a FIFO (refused in _setup) must not block the open waiting for a writer.
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
@@ -180,13 +185,24 @@ class DiskImage:
             raise DeviceError(f"{owner}: disk image {path} is not a regular file or block device")
         self.stat = info
         size = os.lseek(self.fd, 0, os.SEEK_END)
+        if image_type == "Qcow2" or (image_type == "Unknown" and is_qcow2(self.fd)):
+            if self.direct:
+                raise DeviceError(f"{owner}: disk image {path} is qcow2; direct=on is supported for raw images only")
+            if not stat.S_ISREG(info.st_mode):
+                raise DeviceError(f"{owner}: a qcow2 disk image must be a regular file: {path}")
+            self._lock(owner, lock, size)
+            try:
+                self.qcow2 = Qcow2Image(self.fd, path, readonly=self.readonly, allow_backing=self.backing_files)
+            except OSError as exc:
+                raise DeviceError(f"{owner}: cannot read qcow2 image {path}: {exc.strerror or exc}") from None
+            except DeviceError as exc:
+                raise DeviceError(f"{owner}: {exc}") from None
+            self.size = self.qcow2.size
+            return
         if size % SECTOR_SIZE:
             log.warning("virtio_blk.size_not_sector_multiple", device=owner, path=path, size=size)
         #: Bytes the guest sees: the file's size rounded down to whole sectors.
         self.size = size - size % SECTOR_SIZE
-        if image_type == "Unknown" and os.pread(self.fd, 4, 0) == _QCOW2_MAGIC:
-            raise DeviceError(f"{owner}: disk image {path} is a qcow2 image; only raw images are supported "
-                              "(image_type=raw shows it to the guest as raw bytes)")
         self._lock(owner, lock, size)
         if self.direct:
             try:
@@ -222,6 +238,8 @@ class DiskImage:
             raise DeviceError(f"{self.path}: the disk is read-only and cannot be resized")
         if not stat.S_ISREG(self.stat.st_mode):
             raise DeviceError(f"{self.path}: only a disk image file can be resized, not a block device")
+        if self.qcow2 is not None:
+            raise DeviceError(f"{self.path}: resizing a qcow2 image is not supported")
         try:
             os.ftruncate(self.fd, size)
         except OSError as exc:
@@ -254,6 +272,9 @@ class DiskImage:
         self.offset_align = max(self.offset_align, FALLBACK_DIO_ALIGN)
 
     def close(self) -> None:
+        if self.qcow2 is not None:
+            self.qcow2.close()
+            self.qcow2 = None
         for name in ("direct_fd", "fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -573,11 +594,92 @@ class NativeBlockIo:
         return self._result(_lib.blk_flush(self._sync_disk(), out), out)
 
 
+class Qcow2BlockIo(PythonBlockIo):
+    """The data path of a qcow2 image: guest memory <-> :class:`~.qcow2.Qcow2Image` (Python).
+
+    DISCARD is accepted and skipped (``emulated``: the guest must not rely on it reading zeros,
+    and the device offers no ``discard_zeroes``); WRITE_ZEROES writes zeros through the layer.
+    A malformed table met while serving a request fails that request (``IO``, ``EIO``) and is logged.
+    """
+
+    def transfer(self, chain: DescriptorChain, write: bool, offset: int, skip: int, length: int) -> IoResult:
+        image, qcow2 = self.image, self.image.qcow2
+        if image.fd < 0 or qcow2 is None:
+            return IoResult(IoStatus.ARGS)
+        if write and image.readonly:
+            return IoResult(IoStatus.READONLY)
+        if not _range_ok(image, offset, length):
+            return IoResult(IoStatus.RANGE)
+        segments = chain.readable if write else chain.writable
+        hosts = chain.host_addresses
+        hosts = hosts[: chain.readable_count] if write else hosts[chain.readable_count :]
+        pieces = _slice(segments, hosts, skip, length)
+        if isinstance(pieces, IoStatus):
+            return IoResult(pieces)
+        views = []
+        for piece in pieces:
+            try:
+                region, start = self.memory.translate(piece.gpa, piece.length)
+            except GuestMemoryError:
+                return IoResult(IoStatus.IOVEC)
+            if (not write and region.readonly) or region.host_address + start != piece.host:
+                return IoResult(IoStatus.IOVEC)
+            views.append(memoryview(region.buffer)[start : start + piece.length])
+        try:
+            if write:
+                qcow2.write(offset, b"".join(bytes(view) for view in views))
+            else:
+                data = memoryview(qcow2.read(offset, length))
+                for view in views:
+                    view[:] = data[: len(view)]
+                    data = data[len(view) :]
+        except DeviceError as exc:
+            log.warning("virtio_blk.qcow2_error", path=image.path, error=str(exc))
+            return IoResult(IoStatus.IO, error=errno_codes.EIO)
+        except OSError as exc:
+            return IoResult(IoStatus.IO, error=_oserror(exc))
+        return IoResult(IoStatus.OK, length)
+
+    def discard(self, offset: int, length: int) -> IoResult:
+        refused = self._check(offset, length)
+        return refused or IoResult(IoStatus.OK, emulated=bool(length))
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> IoResult:
+        refused = self._check(offset, length)
+        if refused is not None or not length:
+            return refused or IoResult(IoStatus.OK)
+        qcow2 = self.image.qcow2
+        assert qcow2 is not None
+        done = 0
+        try:
+            while done < length:
+                chunk = min(_ZERO_CHUNK, length - done)
+                qcow2.write(offset + done, _ZEROS[:chunk])
+                done += chunk
+        except DeviceError as exc:
+            log.warning("virtio_blk.qcow2_error", path=self.image.path, error=str(exc))
+            return IoResult(IoStatus.IO, done, errno_codes.EIO, emulated=True)
+        except OSError as exc:
+            return IoResult(IoStatus.IO, done, _oserror(exc), emulated=True)
+        return IoResult(IoStatus.OK, done, emulated=True)
+
+    def flush(self) -> IoResult:
+        if self.image.fd < 0:
+            return IoResult(IoStatus.ARGS)
+        try:
+            os.fsync(self.image.fd)  # the metadata too: the file grows as clusters are allocated
+        except OSError as exc:
+            return IoResult(IoStatus.IO, error=_oserror(exc))
+        return IoResult(IoStatus.OK)
+
+
 BlockIo = PythonBlockIo | NativeBlockIo
 
 
 def make_block_io(image: DiskImage, memory: GuestMemory, native: bool | None = None) -> BlockIo:
     """The native path when built (or ``native=True``, which then must be), else the Python one."""
+    if image.qcow2 is not None:
+        return Qcow2BlockIo(image, memory)
     if native is None:
         native = native_available()
     if native:

@@ -1,4 +1,4 @@
-"""virtio-blk (virtio 1.2, section 5.2) over a raw image file: device type ``virtio-blk``, one
+"""virtio-blk (virtio 1.2, section 5.2) over a raw or qcow2 image file: device type ``virtio-blk``, one
 device per ``VmConfig.disks`` entry (vhost-user disks excepted).
 
 Requests: ``VIRTIO_BLK_T_IN`` / ``OUT`` (``preadv``/``pwritev`` straight between guest memory and
@@ -7,6 +7,11 @@ the file, in C when ``vmmkit_devices.virtio._native`` is built: see :mod:`.blk_i
 image's device and inode numbers, NUL-padded to 20 bytes), ``DISCARD`` (punch a hole) and
 ``WRITE_ZEROES`` (punch a hole with the unmap flag, else zero the range). Anything else answers
 ``VIRTIO_BLK_S_UNSUPP``.
+
+A qcow2 image (``image_type=qcow2``, or a file starting with qcow2's magic when ``image_type`` is
+not given) is served through :mod:`.qcow2` by :class:`.blk_io.Qcow2BlockIo` instead: same
+requests, capacity is the image's virtual size, FLUSH is ``fsync``, DISCARD is skipped and
+WRITE_ZEROES writes zeros.
 
 Offered features: ``SEG_MAX`` (queue size - 2, at most 254), ``BLK_SIZE`` (512, or the O_DIRECT
 alignment with ``direct=on``), ``FLUSH``, ``MQ`` with ``num_queues`` > 1, ``RO`` with
@@ -150,7 +155,7 @@ class BlockDevice(QueueDevice):
         self.num_queues = num_queues
         self.queue_size = queue_size
         self.sparse = sparse
-        self.native = native_available() if native is None else native
+        self.native = (native_available() if native is None else native) and image.qcow2 is None
         identity = image.default_serial() if serial is None else serial
         self.serial = identity[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self._io: BlockIo | None = None
@@ -163,7 +168,8 @@ class BlockDevice(QueueDevice):
         if config.vhost_user or config.path is None:
             raise DeviceError(f"{device_id}: a vhost-user disk is not served by virtio-blk")
         image = DiskImage(config.path, readonly=config.readonly, direct=config.direct,
-                          lock=config.lock_granularity, image_type=config.image_type, owner=device_id)
+                          lock=config.lock_granularity, image_type=config.image_type, owner=device_id,
+                          backing_files=config.backing_files)
         try:
             serial = config.serial.encode() if config.serial is not None else None
             return cls(device_id, image, num_queues=config.num_queues, queue_size=config.queue_size,
