@@ -44,9 +44,46 @@ SYSTEM_FORMAT = 5
 EXIT_MARKER = "VMMKIT-LAB-EXIT"
 BEGIN_MARKER = "VMMKIT-LAB-BEGIN"
 
-_SOURCE = "deb [arch={arch} signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/"
-DEBIAN_SOURCES = "".join(_SOURCE + suite + " main\n" for suite in (
-    "debian bookworm", "debian bookworm-updates", "debian-security bookworm-security"))
+#: Where the host's APT sources are (deb822 ``.sources`` files and one-line ``.list`` files).
+HOST_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+
+
+def debian_sources(arch: str, locations: Sequence[Path] = HOST_SOURCES) -> str:
+    """The host's own Debian sources (the archive and mirror this machine is set up with),
+    as one-line entries for ``arch``: the lab fetches with the ordinary client, as configured
+    here, and changes nothing of the host's configuration."""
+    entries: list[tuple[str, str, str, str]] = []  # uri, suite, components, signed-by
+    files: list[Path] = []
+    for location in locations:
+        if location.is_dir():
+            files.extend(sorted(location.glob("*.sources")) + sorted(location.glob("*.list")))
+        elif location.is_file():
+            files.append(location)
+    for path in files:
+        text = path.read_text(errors="replace")
+        if path.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, flags=re.M))
+                if "deb" not in fields.get("Types", "").split() or fields.get("Enabled", "yes") == "no":
+                    continue
+                for uri in fields.get("URIs", "").split():
+                    for suite in fields.get("Suites", "").split():
+                        entries.append((uri, suite, fields.get("Components", "main"), fields.get("Signed-By", "")))
+        else:
+            for line in text.splitlines():
+                match = re.match(r"^deb\s+(?:\[([^]]*)\]\s+)?(\S+)\s+(\S+)\s+(.*)$", line.strip())
+                if match:
+                    signed = re.search(r"signed-by=(\S+)", match.group(1) or "")
+                    entries.append((match.group(2), match.group(3), match.group(4), signed.group(1) if signed else ""))
+    wanted = [e for e in entries if e[1].split("-")[0] == "bookworm"]
+    if not wanted:
+        raise LabError("the host's APT sources name no Debian 12 (bookworm) archive: the lab fetches "
+                       "Debian's arm64/amd64 packages from the archive the host uses")
+    lines = []
+    for uri, suite, components, signed_by in wanted:
+        options = f"arch={arch}" + (f" signed-by={signed_by}" if signed_by else "")
+        lines.append(f"deb [{options}] {uri} {suite} {components}\n")
+    return "".join(dict.fromkeys(lines))
 
 #: Debian packages of a lab (the same names on arm64 and amd64). ``linux-image`` stands for the
 #: kernel the metapackage ``linux-image-<arch>`` depends on; ``lab.py lock`` pins every one.
@@ -151,7 +188,7 @@ class Apt:
         for sub in ("state/lists/partial", "cache/archives/partial"):
             (self.where / sub).mkdir(parents=True, exist_ok=True)
         (self.where / "state" / "status").touch()
-        self.sources.write_text(DEBIAN_SOURCES.format(arch=self.arch))
+        self.sources.write_text(debian_sources(self.arch))
         log(f"apt-get update ({self.arch}, private state in {self.where})")
         run(["apt-get", *self.options(), "update"])
         stamp.touch()
