@@ -336,27 +336,10 @@ class PythonBlockIo:
 
     def transfer(self, chain: DescriptorChain, write: bool, offset: int, skip: int, length: int) -> IoResult:
         image = self.image
-        if image.fd < 0:
-            return IoResult(IoStatus.ARGS)
-        if write and image.readonly:
-            return IoResult(IoStatus.READONLY)
-        if not _range_ok(image, offset, length):
-            return IoResult(IoStatus.RANGE)
-        segments = chain.readable if write else chain.writable
-        hosts = chain.host_addresses
-        hosts = hosts[: chain.readable_count] if write else hosts[chain.readable_count :]
-        pieces = _slice(segments, hosts, skip, length)
-        if isinstance(pieces, IoStatus):
-            return IoResult(pieces)
-        views = []
-        for piece in pieces:
-            try:
-                region, start = self.memory.translate(piece.gpa, piece.length)
-            except GuestMemoryError:
-                return IoResult(IoStatus.IOVEC)
-            if (not write and region.readonly) or region.host_address + start != piece.host:
-                return IoResult(IoStatus.IOVEC)
-            views.append(memoryview(region.buffer)[start : start + piece.length])
+        gathered = self._guest_buffers(chain, write, offset, skip, length)
+        if isinstance(gathered, IoResult):
+            return gathered
+        pieces, views = gathered
         direct = image.direct_fd >= 0 and self._aligned(offset, length, pieces)
         fd = image.direct_fd if direct else image.fd
         fallback = image.direct_fd >= 0 and not direct
@@ -389,6 +372,34 @@ class PythonBlockIo:
             if views and moved:
                 views[0] = views[0][moved:]
         return IoResult(IoStatus.OK, done, 0, direct, fallback, einval)
+
+    def _guest_buffers(self, chain: DescriptorChain, write: bool, offset: int, skip: int,
+                       length: int) -> tuple[list[_Piece], list[memoryview]] | IoResult:
+        """The request's data buffers as views of guest memory (``(pieces, views)``), after the
+        checks every data path makes; an :class:`IoResult` refusing the request otherwise."""
+        image = self.image
+        if image.fd < 0:
+            return IoResult(IoStatus.ARGS)
+        if write and image.readonly:
+            return IoResult(IoStatus.READONLY)
+        if not _range_ok(image, offset, length):
+            return IoResult(IoStatus.RANGE)
+        segments = chain.readable if write else chain.writable
+        hosts = chain.host_addresses
+        hosts = hosts[: chain.readable_count] if write else hosts[chain.readable_count :]
+        pieces = _slice(segments, hosts, skip, length)
+        if isinstance(pieces, IoStatus):
+            return IoResult(pieces)
+        views = []
+        for piece in pieces:
+            try:
+                region, start = self.memory.translate(piece.gpa, piece.length)
+            except GuestMemoryError:
+                return IoResult(IoStatus.IOVEC)
+            if (not write and region.readonly) or region.host_address + start != piece.host:
+                return IoResult(IoStatus.IOVEC)
+            views.append(memoryview(region.buffer)[start : start + piece.length])
+        return pieces, views
 
     def _aligned(self, offset: int, length: int, pieces: Sequence[_Piece]) -> bool:
         mem, off = self.image.mem_align or 1, self.image.offset_align or 1
@@ -604,27 +615,12 @@ class Qcow2BlockIo(PythonBlockIo):
 
     def transfer(self, chain: DescriptorChain, write: bool, offset: int, skip: int, length: int) -> IoResult:
         image, qcow2 = self.image, self.image.qcow2
-        if image.fd < 0 or qcow2 is None:
+        if qcow2 is None:
             return IoResult(IoStatus.ARGS)
-        if write and image.readonly:
-            return IoResult(IoStatus.READONLY)
-        if not _range_ok(image, offset, length):
-            return IoResult(IoStatus.RANGE)
-        segments = chain.readable if write else chain.writable
-        hosts = chain.host_addresses
-        hosts = hosts[: chain.readable_count] if write else hosts[chain.readable_count :]
-        pieces = _slice(segments, hosts, skip, length)
-        if isinstance(pieces, IoStatus):
-            return IoResult(pieces)
-        views = []
-        for piece in pieces:
-            try:
-                region, start = self.memory.translate(piece.gpa, piece.length)
-            except GuestMemoryError:
-                return IoResult(IoStatus.IOVEC)
-            if (not write and region.readonly) or region.host_address + start != piece.host:
-                return IoResult(IoStatus.IOVEC)
-            views.append(memoryview(region.buffer)[start : start + piece.length])
+        gathered = self._guest_buffers(chain, write, offset, skip, length)
+        if isinstance(gathered, IoResult):
+            return gathered
+        _, views = gathered
         try:
             if write:
                 qcow2.write(offset, b"".join(bytes(view) for view in views))
