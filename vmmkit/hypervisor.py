@@ -85,7 +85,8 @@ class Hypervisor(ABC):
     description: ClassVar[str] = ""
     #: Guest architectures this backend can run on this host.
     architectures: ClassVar[tuple[str, ...]] = ()
-    #: Whether guests get interrupts and exceptions delivered (a software backend may only poll).
+    #: Whether guests get interrupts and exceptions delivered (a software backend may only poll);
+    #: :meth:`delivers_interrupts_to` answers per guest architecture.
     delivers_interrupts: ClassVar[bool] = True
     #: The order ``--hypervisor auto`` tries backends in, lower first: hardware backends 10-49
     #: (kvm 10, mshv 20), software emulation 90 and above.
@@ -95,6 +96,12 @@ class Hypervisor(ABC):
     @abstractmethod
     def is_available(cls) -> Availability:
         """Probe the host cheaply, without side effects (e.g. open and close /dev/kvm)."""
+
+    @classmethod
+    def delivers_interrupts_to(cls, arch: str) -> bool:
+        """Whether ``arch`` guests get interrupts and exceptions delivered (default:
+        :attr:`delivers_interrupts`, for every architecture)."""
+        return cls.delivers_interrupts
 
     @classmethod
     def preload(cls) -> None:

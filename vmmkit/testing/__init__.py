@@ -105,8 +105,8 @@ def vmmkit_hypervisor(request: pytest.FixtureRequest, vmmkit_registries: Any) ->
         pytest.skip(f"hypervisor {backend.name} is not usable: {availability.reason}")
     if arch not in backend.architectures:
         pytest.skip(f"hypervisor {backend.name} cannot run {arch} guests")
-    if request.node.get_closest_marker("requires_interrupts") and not backend.delivers_interrupts:
-        pytest.skip(f"hypervisor {backend.name} delivers no interrupts or exceptions to guests")
+    if request.node.get_closest_marker("requires_interrupts") and not backend.delivers_interrupts_to(arch):
+        pytest.skip(f"hypervisor {backend.name} delivers no interrupts or exceptions to {arch} guests")
     request.node._vmmkit_backend = f"{backend.name}/{arch}"
     return str(backend.name)
 
