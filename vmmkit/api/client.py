@@ -15,6 +15,7 @@ One connection per request, as ``ch-remote`` does. A non-2xx answer raises
 from __future__ import annotations
 
 import json
+import time
 import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -69,15 +70,30 @@ class ApiClient:
         message = ("\r\n".join(head) + "\r\n\r\n").encode() + (data or b"")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.socket_path)
-            except OSError as exc:
-                raise ApiError(0, [f"cannot connect to {self.socket_path}: {exc.strerror or exc}"]) from None
+            self._connect(sock)
             send_with_fds(sock, message, fds)
             response = _read_response(sock)
         if check and not 200 <= response.status < 300:
             raise ApiError(response.status, _messages(response.body), response.body)
         return response
+
+    def _connect(self, sock: socket.socket) -> None:
+        """Connect within the timeout. A Unix socket whose accept queue is full refuses at once
+        with ``EAGAIN`` (it never blocks, unlike TCP): a busy server, so try again shortly."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while True:
+            try:
+                sock.connect(self.socket_path)
+                return
+            except BlockingIOError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ApiError(0, [f"cannot connect to {self.socket_path}: "
+                                       f"{exc.strerror or exc} (its accept queue stayed full)"]) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+            except OSError as exc:
+                raise ApiError(0, [f"cannot connect to {self.socket_path}: {exc.strerror or exc}"]) from None
 
     def get(self, endpoint: str) -> Any:
         return self.request("GET", endpoint).json()

@@ -66,6 +66,10 @@ IDLE_TIMEOUT: Final = 30.0
 #: Seconds from a request's first byte until all of it (head and body) must have arrived
 #: (408 otherwise); bytes trickling in do not extend it.
 REQUEST_TIMEOUT: Final = 10.0
+#: Pending connections the kernel queues before ``accept``. A Unix socket refuses a connect at
+#: once (``EAGAIN``) when this queue is full, so it is sized for bursts of clients (as Rust's
+#: ``UnixListener``, which Cloud Hypervisor uses); the client retries ``EAGAIN`` too.
+LISTEN_BACKLOG: Final = 128
 
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
@@ -309,7 +313,7 @@ class ApiServer:
             listener.detach()
             raise ConfigError("--api-socket", fd, "a Unix stream socket fd")
         if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            listener.listen(16)
+            listener.listen(LISTEN_BACKLOG)
         return cls(vmm, listener)
 
     # -- serving ---------------------------------------------------------------------------------
@@ -582,5 +586,5 @@ def bind_unix_socket(path: str) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    listener.listen(16)
+    listener.listen(LISTEN_BACKLOG)
     return listener

@@ -7,13 +7,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vmmkit.api.client import ApiClient
+from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.api.server import ApiServer, bind_unix_socket
 from vmmkit.vmm import Vmm
 
@@ -66,7 +67,8 @@ def test_one_process_cannot_take_every_connection(strict_server: ApiServer) -> N
 
 PING = """
 import sys
-from vmmkit.api.client import ApiClient
+import threading
+from vmmkit.api.client import ApiClient, ApiError
 print(ApiClient(sys.argv[1], timeout=10).ping()["pid"])
 """
 
@@ -93,3 +95,66 @@ def test_a_new_client_evicts_the_longest_waiting_connection(strict_server: ApiSe
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_client_waits_out_a_full_accept_queue(short_dir: Path) -> None:
+    """A Unix socket with a full accept queue refuses ``connect`` at once with ``EAGAIN``; the
+    client retries within its timeout instead of failing (the CI flake of stop 22)."""
+    path = str(short_dir / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    queued = []
+    for _ in range(8):  # fill the queue: later connects get EAGAIN
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+            queued.append(sock)
+        except BlockingIOError:
+            sock.close()
+            break
+    else:
+        pytest.fail("the accept queue never filled")
+
+    def serve() -> None:
+        time.sleep(0.3)
+        for sock in queued:  # make room: the queued ones are taken, then the client's
+            listener.accept()[0].close()
+            sock.close()
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}")
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        assert ApiClient(path, timeout=5).request("GET", "vmm.ping").status == 200
+    finally:
+        server.join(5)
+        listener.close()
+
+
+def test_the_client_gives_up_on_a_full_queue_at_its_timeout(short_dir: Path) -> None:
+    path = str(short_dir / "stuck.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    held = []
+    for _ in range(8):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+            held.append(sock)
+        except BlockingIOError:
+            sock.close()
+            break
+    started = time.monotonic()
+    with pytest.raises(ApiError, match="accept queue stayed full"):
+        ApiClient(path, timeout=0.3).request("GET", "vmm.ping")
+    assert time.monotonic() - started < 2
+    listener.close()
+    for sock in held:
+        sock.close()
