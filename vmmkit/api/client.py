@@ -15,8 +15,8 @@ One connection per request, as ``ch-remote`` does. A non-2xx answer raises
 from __future__ import annotations
 
 import json
-import time
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
