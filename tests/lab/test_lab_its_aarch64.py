@@ -73,7 +73,8 @@ def qemu_boot(aarch64_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> sub
          "-accel", "tcg,thread=multi", "-m", "256M", "-smp", "2", "-nodefaults", "-no-user-config",
          "-nographic", "-serial", "stdio", "-no-reboot", "-kernel", str(aarch64_lab.kernel), "-initrd", str(initramfs),
          "-append", f"console=ttyAMA0 quiet -- pattern={PATTERN}",
-         "-drive", f"if=none,id=d0,file={disk},format=raw", "-device", "virtio-blk-pci,drive=d0",
+         # one request queue, as vmmkit's virtio-blk has (QEMU's default is one per vCPU)
+         "-drive", f"if=none,id=d0,file={disk},format=raw", "-device", "virtio-blk-pci,drive=d0,num-queues=1",
          "-device", "virtio-rng-pci"],
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
