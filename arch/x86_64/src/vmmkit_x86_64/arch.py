@@ -6,6 +6,7 @@ needs (boot structures, ACPI, CPUID, vCPU state) is imported by the methods that
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from vmmkit.device import DeviceRequest, PlacedDevice
     from vmmkit.hypervisor import Hypervisor, Vcpu, Vm
     from vmmkit.memory import GuestMemory
-    from vmmkit.x86 import CpuIdEntry, X86Hypervisor
+    from vmmkit.x86 import CpuIdEntry, SpecialRegisters, X86Hypervisor, X86Vcpu
 
 from vmmkit.log import get_logger
 
@@ -33,6 +34,8 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
 
     def __init__(self) -> None:
         self._supported_cpuid: dict[int, list[CpuIdEntry]] = {}
+        self._power_on: weakref.WeakKeyDictionary[X86Vcpu, tuple[bytes, SpecialRegisters]] = (
+            weakref.WeakKeyDictionary())
 
     # -- layout and devices --------------------------------------------------------------------
 
@@ -110,13 +113,20 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
         )
         vcpu.set_cpuid(entries)
         vcpu.set_msrs(vcpu_state.boot_msrs())
+        disarm = vcpu_state.reset_msrs(entries)
+        if disarm:
+            try:
+                vcpu.set_msrs(disarm)
+            except VmmError as exc:  # only matters after a reset; say so, and boot anyway
+                log.warning("vcpu.reset_msrs_refused", index=index, error=str(exc))
         if cpu_vendor(entries) in AMD_VENDORS:
             try:
                 vcpu.set_msrs(vcpu_state.amd_msrs())
             except VmmError as exc:  # an older KVM accepts no HWCR.TscFreqSel: Linux warns, no more
                 log.debug("vcpu.amd_msrs_refused", index=index, error=str(exc))
         vcpu.set_fpu(vcpu_state.FPU)
-        lapic = vcpu.get_lapic()
+        # A reset starts from the state the fresh vCPU had, not from what the last guest left.
+        lapic, sregs = self._power_on_state(vcpu)
         backend_id = vcpu_state.lapic_id(lapic)
         if backend_id != apic_id:
             log.warning(
@@ -128,10 +138,17 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
             )
         vcpu.set_lapic(vcpu_state.lapic_with_lints(lapic, apic_id))
         if index == 0:
-            vcpu.set_sregs(vcpu_state.boot_special_registers(boot.protocol, vcpu.get_sregs()))
+            vcpu.set_sregs(vcpu_state.boot_special_registers(boot.protocol, sregs))
             vcpu.set_regs(vcpu_state.boot_registers(boot.protocol, boot.entry))
         else:
             vcpu.set_mp_state(MpState.UNINITIALIZED)
+
+    def _power_on_state(self, vcpu: X86Vcpu) -> tuple[bytes, SpecialRegisters]:
+        """The local APIC page and special registers ``vcpu`` had before it first ran."""
+        state = self._power_on.get(vcpu)
+        if state is None:
+            state = self._power_on[vcpu] = (vcpu.get_lapic(), vcpu.get_sregs())
+        return state
 
     def _supported(self, hypervisor: X86Hypervisor) -> list[CpuIdEntry]:
         key = id(hypervisor)

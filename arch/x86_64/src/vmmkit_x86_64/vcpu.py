@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 import attrs
 
-from vmmkit.x86 import DescriptorTable, FpuState, MsrEntry, SpecialRegisters, StandardRegisters
+from vmmkit.x86 import CpuIdEntry, DescriptorTable, FpuState, MsrEntry, SpecialRegisters, StandardRegisters
 from vmmkit_x86_64 import gdt
 from vmmkit_x86_64 import layout as L
 
@@ -63,6 +64,45 @@ def boot_msrs() -> list[MsrEntry]:
         MsrEntry(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         MsrEntry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_MEM_TYPE_WB),
     ]
+
+
+#: KVM's paravirtual MSRs (Documentation/virt/kvm/x86/msr.rst) with the feature bit of CPUID
+#: 0x40000001 EAX that offers each, and its reset value. A guest that enabled steal time, async
+#: page faults or PV EOI left guest-physical addresses in them that KVM keeps writing to: after a
+#: reset they would land in the next kernel's memory. QEMU clears them on reset too
+#: (target/i386/kvm/kvm.c, ``kvm_put_msrs``).
+KVM_CPUID_SIGNATURE: Final = 0x4000_0000
+KVM_CPUID_FEATURES: Final = 0x4000_0001
+KVM_SIGNATURE: Final = (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM\0\0\0"
+KVM_PV_MSRS: Final[tuple[tuple[int, int, int], ...]] = (
+    # (feature bit, MSR, value after reset)
+    (0, 0x11, 0),  # MSR_KVM_WALL_CLOCK
+    (0, 0x12, 0),  # MSR_KVM_SYSTEM_TIME
+    (3, 0x4B56_4D00, 0),  # MSR_KVM_WALL_CLOCK_NEW
+    (3, 0x4B56_4D01, 0),  # MSR_KVM_SYSTEM_TIME_NEW
+    (14, 0x4B56_4D06, 0),  # MSR_KVM_ASYNC_PF_INT
+    (4, 0x4B56_4D02, 0),  # MSR_KVM_ASYNC_PF_EN
+    (5, 0x4B56_4D03, 0),  # MSR_KVM_STEAL_TIME
+    (6, 0x4B56_4D04, 0),  # MSR_KVM_PV_EOI_EN
+    (12, 0x4B56_4D05, 1),  # MSR_KVM_POLL_CONTROL (1: host-side haltpoll allowed)
+)
+MSR_IA32_TSC_DEADLINE: Final = 0x6E0
+CPUID_1_ECX_TSC_DEADLINE: Final = 1 << 24
+
+
+def reset_msrs(cpuid: Sequence[CpuIdEntry]) -> list[MsrEntry]:
+    """MSRs a guest may have armed that must be disarmed at every (re)boot, for the features
+    ``cpuid`` (what the guest is given) offers: KVM's paravirtual MSRs and the TSC deadline."""
+    by_function = {entry.function: entry for entry in cpuid if entry.index == 0}
+    msrs: list[MsrEntry] = []
+    leaf1 = by_function.get(1)
+    if leaf1 is not None and leaf1.ecx & CPUID_1_ECX_TSC_DEADLINE:
+        msrs.append(MsrEntry(MSR_IA32_TSC_DEADLINE, 0))
+    signature = by_function.get(KVM_CPUID_SIGNATURE)
+    features = by_function.get(KVM_CPUID_FEATURES)
+    if signature is None or features is None or (signature.ebx, signature.ecx, signature.edx) != KVM_SIGNATURE:
+        return msrs
+    return msrs + [MsrEntry(msr, value) for bit, msr, value in KVM_PV_MSRS if features.eax >> bit & 1]
 
 
 # -- FPU and local APIC -----------------------------------------------------------------------
