@@ -43,10 +43,17 @@ from urllib.parse import unquote, urlparse
 from attrs import frozen
 
 from vmmkit import __version__
-from vmmkit.errors import VmmError
 from vmmkit.log import get_logger
 from vmmkit.memory import PAGE_SIZE, GuestMemory, GuestRegion, MemoryRange
-from vmmkit.state import NotSnapshottable, StateError, check_version, field, int_field, is_snapshottable
+from vmmkit.state import (
+    NotSnapshottable,
+    SnapshotError,
+    StateError,
+    check_version,
+    field,
+    int_field,
+    is_snapshottable,
+)
 
 if TYPE_CHECKING:
     from vmmkit.config import VmConfig
@@ -63,10 +70,6 @@ _CHUNK: Final = 1 << 20
 _ZEROS: Final = bytes(_CHUNK)
 #: JSON files larger than this are refused before they are read (a hostile directory).
 _MAX_JSON: Final = 64 << 20
-
-
-class SnapshotError(VmmError):
-    """A snapshot cannot be taken or restored (bad URL, damaged or mismatched directory)."""
 
 
 def directory_of(url: str, what: str) -> Path:

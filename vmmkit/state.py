@@ -47,6 +47,10 @@ class StateError(VmmError):
     """A saved state cannot be restored (malformed, another version, another backend)."""
 
 
+class SnapshotError(VmmError):
+    """A snapshot cannot be taken or restored (bad URL, damaged or mismatched directory)."""
+
+
 class NotSnapshottable(VmmError):
     """A piece of the VM does not implement :class:`Snapshottable`."""
 

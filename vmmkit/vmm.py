@@ -295,6 +295,62 @@ class Vmm:
             self._event("vmm", "shutdown")
             self._done.set()
 
+    # -- snapshots (vmmkit.snapshot) ------------------------------------------------------------
+
+    def snapshot(self, destination_url: str) -> None:
+        """``vm.snapshot``: write the paused VM's configuration, state and memory to
+        ``file:///dir``.
+
+        :raises InvalidState: not paused. :raises NotSupported: a piece of the VM cannot be
+            saved (named). :raises SnapshotError: the URL or the directory."""
+        from vmmkit.state import NotSnapshottable
+
+        with self._op_lock:
+            machine = self._booted_machine("snapshot")
+            if machine.state is not MachineState.PAUSED:
+                raise InvalidState(f"cannot snapshot a VM that is {machine.state.value} (vm.pause it first)")
+            try:
+                machine.snapshot(destination_url)
+            except NotSnapshottable as exc:
+                raise NotSupported(f"cannot snapshot this VM: {exc}") from None
+            self._event("vm", "snapshotted", {"destination_url": destination_url})
+
+    def restore(self, source_url: str, *, prefault: bool = False, resume: bool = False) -> None:
+        """``vm.restore`` / ``--restore``: build the VM a snapshot describes, its state and
+        memory restored; it stays paused unless ``resume``.
+
+        :raises AlreadyExists: a VM is created already. :raises SnapshotError: the snapshot
+            is damaged, of another version, or cannot be restored on this backend."""
+        from vmmkit.snapshot import open_snapshot
+
+        with self._op_lock:
+            with self._lock:
+                if self.config is not None:
+                    raise AlreadyExists("a VM is already created (vm.delete it first)")
+            image = open_snapshot(source_url)
+            check_devices(image.config, self.registries.devices)
+            config = image.config.assign_ids()
+            machine = Machine(config, registries=self.registries, plugin_manager=self.pm,
+                              hypervisor=self.hypervisor_name, arch=self.arch_name, log_fd=self.log_fd)
+            if self.events is not None:
+                machine.listeners.append(self._listener(self.events))
+            machine.listeners.append(self._on_device_removed)
+            try:
+                machine.build(restore=image, prefault=prefault)
+                machine.start_paused()
+            except BaseException:
+                machine.close()
+                raise
+            with self._lock:
+                self.config = config
+                self.machine = machine
+                self._stopping = False
+            self._watcher = threading.Thread(target=self._watch, args=(machine,), name="vm-watch", daemon=True)
+            self._watcher.start()
+            self._event("vm", "restored", {"source_url": source_url})
+            if resume:
+                machine.resume()
+
     # -- devices ---------------------------------------------------------------------------------
 
     def add_disk(self, disk: DiskConfig) -> dict[str, str] | None:
