@@ -13,7 +13,8 @@ snapshot of one backend restores on another::
               with KVM's in-kernel PIT takes it
     clock_ns  the paravirtual clock (kvmclock) in ns, or null
 
-A PIC whose interrupt mask (``imr``) is not 0xff is in use; a backend without a PIC refuses it.
+A PIC the guest initialised (``irq_base``, its ICW2 vector base, is not 0) and did not mask
+entirely (``imr`` is not 0xff) is in use; a backend without a PIC refuses it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class PlatformState:
     clock_ns: int | None
 
     def pics_in_use(self) -> bool:
-        return any(pic.get("imr", 0xFF) != 0xFF for pic in self.pics)
+        return any(pic.get("irq_base", 0) != 0 and pic.get("imr", 0xFF) != 0xFF for pic in self.pics)
 
 
 def platform_state(*, ioapic: IoApicState | None = None, pics: list[dict[str, int]] | None = None,

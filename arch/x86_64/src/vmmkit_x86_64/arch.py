@@ -158,8 +158,12 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
 
         if not isinstance(vcpu, X86Vcpu) or not isinstance(hypervisor, X86Hypervisor):
             raise CapabilityError("x86 vCPU", detail=f"{type(vcpu).__name__} lacks the x86-64 register interface")
+        from vmmkit_x86_64.snapshot import KVM_CPUID_FEATURES, KVM_FEATURE_CLOCKSOURCES
+
         self._set_cpuid(vcpu, index, hypervisor, config)
-        restore_vcpu(vcpu, state)
+        paravirt_clock = any(entry.function == KVM_CPUID_FEATURES and entry.eax & KVM_FEATURE_CLOCKSOURCES
+                             for entry in self._supported(hypervisor))
+        restore_vcpu(vcpu, state, paravirt_clock=paravirt_clock)
 
     def _supported(self, hypervisor: X86Hypervisor) -> list[CpuIdEntry]:
         key = id(hypervisor)

@@ -52,12 +52,21 @@ VCPU_STATE_VERSION: Final = 1
 MSR_IA32_TSC_DEADLINE: Final = 0x6E0
 MSR_IA32_CR_PAT: Final = 0x277
 MSR_TSC_AUX: Final = 0xC000_0103
+#: kvmclock's MSRs (Documentation/virt/kvm/x86/msr.rst), old and new numbers.
+MSR_KVM_WALL_CLOCK: Final = 0x11
+MSR_KVM_SYSTEM_TIME: Final = 0x12
+MSR_KVM_WALL_CLOCK_NEW: Final = 0x4B56_4D00
+MSR_KVM_SYSTEM_TIME_NEW: Final = 0x4B56_4D01
+#: CPUID 0x40000001 EAX: KVM_FEATURE_CLOCKSOURCE (bit 0), KVM_FEATURE_CLOCKSOURCE2 (bit 3).
+KVM_CPUID_FEATURES: Final = 0x4000_0001
+KVM_FEATURE_CLOCKSOURCES: Final = 1 << 0 | 1 << 3
 
 #: The MSRs a snapshot saves (those of them the backend has): the boot set, the TSC, PAT,
 #: TSC_AUX and the TSC deadline. FS/GS base and EFER travel in the special registers.
 SAVED_MSRS: Final = tuple(dict.fromkeys(
     [entry.index for entry in vcpu_state.boot_msrs()]
-    + [MSR_IA32_CR_PAT, MSR_TSC_AUX, vcpu_state.MSR_K7_HWCR, MSR_IA32_TSC_DEADLINE]))
+    + [MSR_IA32_CR_PAT, MSR_TSC_AUX, vcpu_state.MSR_K7_HWCR, MSR_IA32_TSC_DEADLINE, MSR_KVM_WALL_CLOCK,
+       MSR_KVM_SYSTEM_TIME, MSR_KVM_WALL_CLOCK_NEW, MSR_KVM_SYSTEM_TIME_NEW]))
 
 _SEGMENTS: Final = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 _TABLES: Final = ("gdt", "idt")
@@ -106,8 +115,9 @@ def _read_msrs(vcpu: X86Vcpu, hypervisor: Hypervisor) -> list[MsrEntry]:
         return out
 
 
-def restore_vcpu(vcpu: X86Vcpu, state: Mapping[str, Any]) -> None:
-    """Put ``state`` (from :func:`save_vcpu`, checked here) into ``vcpu``.
+def restore_vcpu(vcpu: X86Vcpu, state: Mapping[str, Any], *, paravirt_clock: bool = True) -> None:
+    """Put ``state`` (from :func:`save_vcpu`, checked here) into ``vcpu``. ``paravirt_clock``:
+    whether the restoring backend offers kvmclock (a guest that enabled it cannot go without).
 
     :raises StateError: malformed, or a piece this backend cannot take."""
     what = f"vcpu{getattr(vcpu, 'index', '?')}"
@@ -138,6 +148,10 @@ def restore_vcpu(vcpu: X86Vcpu, state: Mapping[str, Any]) -> None:
     if events and not callable(set_events) and any(events.get(name) for name in _EVENT_PENDING_FIELDS):
         raise StateError(f"{what}: an exception, interrupt or NMI is pending and backend "
                          f"{type(vcpu).__name__} cannot take pending events")
+    clock_msrs = (MSR_KVM_SYSTEM_TIME, MSR_KVM_SYSTEM_TIME_NEW)
+    if not paravirt_clock and any(msr.index in clock_msrs and msr.data & 1 for msr in msrs):
+        raise StateError(f"{what}: the guest uses kvmclock and backend {type(vcpu).__name__} has no paravirtual "
+                         "clock")
     xsave_ok = isinstance(vcpu, X86VcpuXsave)
     if not xsave_ok and not xsave_registers_are_clear(xsave):
         raise StateError(f"{what}: the x87/SSE/AVX registers hold values and backend {type(vcpu).__name__} "
