@@ -354,3 +354,41 @@ def test_the_snapshot_directory_is_what_the_docstring_says(snapshot_dir: Path) -
     # RAM the guest never touched is a hole in the file, not 64 MiB of zeros written out
     assert (snapshot_dir / "memory-0.bin").stat().st_blocks * 512 < 32 << 20
     shutil.rmtree(snapshot_dir)
+
+
+# -- memory: mapped, not read ----------------------------------------------------------------------
+
+
+def _mapping_of(path: Path) -> tuple[int, int]:
+    """(size, resident bytes) of this process's mappings of ``path`` (/proc/self/smaps)."""
+    size = rss = 0
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = fields[-1] == str(path)
+        elif inside and fields[:1] == ["Size:"]:
+            size += int(fields[1]) * 1024
+        elif inside and fields[:1] == ["Rss:"]:
+            rss += int(fields[1]) * 1024
+    return size, rss
+
+
+@pytest.mark.parametrize("prefault", [False, True], ids=["on-demand", "prefault"])
+def test_memory_is_mapped_from_the_snapshot_not_read(snapshot_dir: Path, make_machine: Any, vmmkit_hypervisor: str,
+                                                     tmp_path: Path, prefault: bool) -> None:
+    """The restore maps the memory file copy-on-write: only what is touched becomes resident
+    (so restore time does not grow with untouched RAM); ``prefault=on`` populates it all."""
+    image = open_snapshot(f"file://{snapshot_dir}")
+    image = attrs.evolve(image, config=with_serial(image.config, tmp_path / "s.log"))
+    machine = make_machine(image.config, hypervisor=vmmkit_hypervisor)
+    machine.build(restore=image, prefault=prefault)
+    memory_file = snapshot_dir / "memory-0.bin"
+    size, rss = _mapping_of(memory_file)
+    assert size == 64 << 20
+    if prefault:
+        assert rss == 64 << 20
+    else:
+        assert rss < 8 << 20, rss  # at most the pages the restore itself looked at
+    machine.close()
+    assert _mapping_of(memory_file) == (0, 0)  # unmapped with the VM
