@@ -211,6 +211,7 @@ class Machine:
         self._park = threading.Condition(self._lock)
         self._device_ctx = _DeviceContext(self)
         self._started_at = time.monotonic()
+        self._restored = False
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -280,6 +281,7 @@ class Machine:
         log.debug("vm.build", hypervisor=backend.name, arch=self.arch_name)
         self.layout = self.arch.memory_layout(self.config)
         mem = self.config.memory
+        self._restored = restore is not None
         if restore is not None:
             from vmmkit.snapshot import map_memory
 
@@ -398,8 +400,9 @@ class Machine:
         self._control.start()
         self.emit("vm-restored")
 
-    def snapshot(self, destination_url: str) -> None:
-        """Write the paused VM's snapshot (``vm.snapshot``, :mod:`vmmkit.snapshot`).
+    def snapshot(self, destination_url: str, *, config: VmConfig | None = None) -> None:
+        """Write the paused VM's snapshot (``vm.snapshot``, :mod:`vmmkit.snapshot`); ``config``:
+        the configuration to record when it changed since boot (hotplugged devices).
 
         :raises VmmError: not paused, a piece that cannot be saved, the directory."""
         from vmmkit.snapshot import write_snapshot
@@ -408,7 +411,7 @@ class Machine:
             if self.state is not MachineState.PAUSED:
                 raise VmmError(f"cannot snapshot a VM that is {self.state.value} (vm.pause it first)")
             self.emit("vm-snapshotting")
-            write_snapshot(self, destination_url)
+            write_snapshot(self, destination_url, config=config)
             self.emit("vm-snapshotted")
 
     def _start_vcpu_threads(self) -> None:
@@ -587,7 +590,13 @@ class Machine:
         self.emit("vm-rebooting", reason=reason)
         assert self.memory is not None
         for region in self.memory.regions:
-            region.buffer.madvise(_MADV_DONTNEED)
+            if self._restored:  # MADV_DONTNEED would bring the snapshot's pages back: zero them
+                zeros = bytes(1 << 20)
+                for offset in range(0, region.size, len(zeros)):
+                    length = min(len(zeros), region.size - offset)
+                    region.buffer[offset : offset + length] = zeros[:length]
+            else:
+                region.buffer.madvise(_MADV_DONTNEED)
         self.manager.reset()
         self._load_payload()
         self._configure_vcpus()

@@ -113,9 +113,10 @@ def placement_of(placed: Any) -> dict[str, Any]:
             "bdf": placed.properties.get("bdf")}
 
 
-def write_snapshot(machine: Machine, url: str) -> Path:
+def write_snapshot(machine: Machine, url: str, *, config: VmConfig | None = None) -> Path:
     """Write a paused machine's snapshot into the directory ``url`` names (created if needed;
-    it must not hold a snapshot already)."""
+    it must not hold a snapshot already); ``config``: the configuration to record (default:
+    the machine's)."""
     directory = directory_of(url, "destination_url")
     assert machine.memory is not None
     state = collect_state(machine)  # refuses before any file is written
@@ -133,7 +134,7 @@ def write_snapshot(machine: Machine, url: str) -> Path:
         files[name] = {"size": region.size}
         memory.append({"slot": region.slot, "start": region.start, "size": region.size, "file": name})
     state["memory"] = memory
-    for name, document in ((CONFIG, machine.config.to_json()), (STATE, state)):
+    for name, document in ((CONFIG, (config or machine.config).to_json()), (STATE, state)):
         data = json.dumps(document, indent=1, sort_keys=True).encode()
         _write_file(directory / name, data)
         files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

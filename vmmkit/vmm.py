@@ -309,11 +309,12 @@ class Vmm:
             machine = self._booted_machine("snapshot")
             if machine.state is not MachineState.PAUSED:
                 raise InvalidState(f"cannot snapshot a VM that is {machine.state.value} (vm.pause it first)")
+            with self._lock:
+                config = self.config  # with the devices added or removed since boot
             try:
-                machine.snapshot(destination_url)
+                machine.snapshot(destination_url, config=config)
             except NotSnapshottable as exc:
                 raise NotSupported(f"cannot snapshot this VM: {exc}") from None
-            self._event("vm", "snapshotted", {"destination_url": destination_url})
 
     def restore(self, source_url: str, *, prefault: bool = False, resume: bool = False) -> None:
         """``vm.restore`` / ``--restore``: build the VM a snapshot describes, its state and
@@ -347,7 +348,6 @@ class Vmm:
                 self._stopping = False
             self._watcher = threading.Thread(target=self._watch, args=(machine,), name="vm-watch", daemon=True)
             self._watcher.start()
-            self._event("vm", "restored", {"source_url": source_url})
             if resume:
                 machine.resume()
 

@@ -392,3 +392,17 @@ def test_memory_is_mapped_from_the_snapshot_not_read(snapshot_dir: Path, make_ma
         assert rss < 8 << 20, rss  # at most the pages the restore itself looked at
     machine.close()
     assert _mapping_of(memory_file) == (0, 0)  # unmapped with the VM
+
+
+def test_a_restored_vm_reboots_into_a_fresh_guest(snapshot_dir: Path, make_machine: Any, vmmkit_hypervisor: str,
+                                                  tmp_path: Path) -> None:
+    """A reset of a restored VM boots the kernel again on zeroed RAM (not on the snapshot's)."""
+    serial = tmp_path / "s.log"
+    restored = restore(make_machine, snapshot_dir, vmmkit_hypervisor, serial)
+    restored.resume()
+    assert wait_for(lambda: len(heartbeats(serial)) >= 1), serial.read_text()
+    restored.reboot()
+    assert wait_for(lambda: "selftest: vmmkit x86_64 selftest v1" in serial.read_text()), serial.read_text()
+    assert wait_for(lambda: 1 in heartbeats(serial)), serial.read_text()  # counting from 1 again
+    assert "selftest: ok smp (2/2 cpus online)" in serial.read_text()
+    restored.shutdown()
