@@ -156,12 +156,12 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def _write_region(region: GuestRegion, path: Path) -> None:
     """The region's bytes, pages of zeros left as holes (a fresh guest's RAM is mostly zeros)."""
-    view = memoryview(region.buffer)
+    buffer = region.buffer
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             for offset in range(0, region.size, _CHUNK):
-                chunk = view[offset : offset + _CHUNK]
+                chunk = buffer[offset : offset + _CHUNK]  # bytes: compared with memcmp (a memoryview is 30x slower)
                 if chunk != _ZEROS[: len(chunk)]:
                     os.pwrite(fd, chunk, offset)
             os.ftruncate(fd, region.size)
@@ -170,8 +170,6 @@ def _write_region(region: GuestRegion, path: Path) -> None:
             os.close(fd)
     except OSError as exc:
         raise SnapshotError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        view.release()
 
 
 # -- reading one back ----------------------------------------------------------------------------

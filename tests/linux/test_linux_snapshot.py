@@ -15,7 +15,7 @@ import pytest
 from initramfs import build_initramfs, missing_busybox_reason
 from linuxboot import LINUX_DIR, Boot, linux_missing_reason
 
-from vmmkit.api.client import ApiClient
+from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.testing import kvm_unusable_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires_kvm]
@@ -79,9 +79,15 @@ def test_linux_goes_on_counting_after_a_restore_in_a_new_process(tmp_path: Path)
             "--restore", f"source_url=file://{tmp_path}/snap",
         ], timeout=TIMEOUT)
         restored = second
-        wait_until(restored, second_socket.exists, deadline, "the restored VMM's API socket")
         api2 = ApiClient(str(second_socket), timeout=60)
-        assert api2.info()["state"] == "Paused"
+
+        def state() -> str | None:
+            try:
+                return str(api2.info()["state"]) if second_socket.exists() else None
+            except (ApiError, OSError):  # the socket serves before the restore is done: 404
+                return None
+        wait_until(restored, lambda: state() is not None, deadline, "the restored VM")
+        assert state() == "Paused"
         api2.request("PUT", "vm.resume")
         wait_until(restored, lambda: len(ticks(restored)) >= 3, deadline, "ticks after the restore")
         after = ticks(restored)

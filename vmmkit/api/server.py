@@ -15,7 +15,7 @@ vmmkit rejects or does not support yet, an unknown key, guest RAM the host canno
 unknown path, no VM created, or no such device; 405 wrong method, or an operation the VM's
 state does not allow (``vm.counters`` of a VM that is not running); 408 a request that did not
 arrive in time; 409 a VM or a device id that already exists; 413 body too large; 429 too many
-connections from one process; 501 a CH endpoint vmmkit does not implement (snapshot, resize,
+connections from one process; 501 a CH endpoint vmmkit does not implement (migration, resize,
 ...); 503 every connection busy in a handler; 504 a guest that did not eject a device in time
 (``vm.remove-device``); 500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on
 a running VM answer 200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
