@@ -19,6 +19,8 @@ Lifecycle, as in CH::
 - When the guest powers off (or the VM fails), the VMM exits, as CH's does:
   :meth:`Vmm.wait` returns the machine's exit. ``vm.shutdown`` stops the VM but keeps the VMM.
 - ``vmm.shutdown`` deletes the VM and makes :meth:`Vmm.wait` return ``None``.
+- ``snapshot`` writes a paused VM to a directory; ``restore`` (no VM created) builds the VM a
+  snapshot describes and leaves it Paused (:mod:`vmmkit.snapshot`).
 
 Methods raise :class:`VmmError` subclasses that say what went wrong, which the API server
 turns into HTTP statuses: :class:`NotCreated` (404), :class:`InvalidState` (405),
