@@ -111,3 +111,26 @@ class Architecture(ABC):
     ) -> None:
         """Registers, CPUID, MSRs etc. for vCPU ``index``; secondary vCPUs wait for the guest
         to start them."""
+
+    # -- snapshots (vmmkit.snapshot) -----------------------------------------------------------
+
+    #: The layout version of :meth:`save_vcpu`'s state (0: this architecture cannot save vCPUs).
+    vcpu_state_version: ClassVar[int] = 0
+
+    def save_vcpu(self, vcpu: Vcpu, hypervisor: Hypervisor) -> Mapping[str, Any]:
+        """The state of a paused vCPU, JSON-able, through the backend-neutral register types.
+
+        :raises vmmkit.state.NotSnapshottable: the architecture or the backend cannot."""
+        from vmmkit.state import NotSnapshottable
+
+        raise NotSnapshottable(f"architecture {self.name} cannot save vCPU state")
+
+    def restore_vcpu(
+        self, vcpu: Vcpu, index: int, hypervisor: Hypervisor, config: VmConfig, state: Mapping[str, Any]
+    ) -> None:
+        """Set vCPU ``index`` up as :meth:`configure_vcpu` would (CPUID...) and then to ``state``.
+
+        :raises vmmkit.state.StateError: malformed, or a piece the backend cannot take."""
+        from vmmkit.state import StateError
+
+        raise StateError(f"architecture {self.name} cannot restore vCPU state")

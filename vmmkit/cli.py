@@ -183,6 +183,9 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
     parser.add_argument("--api-socket", dest="api_socket", default=None, metavar="SPEC",
                         help="serve the management API on a Unix socket: path=<socket>|fd=<fd> "
                              "(without --kernel, wait for vm.create)")
+    parser.add_argument("--restore", default=None, metavar="SPEC",
+                        help="restore a snapshot: source_url=file:///<dir>,prefault=on|off,resume=on|off "
+                             "(paused until vm.resume unless resume=on; the configuration is the snapshot's)")
     parser.add_argument("--event-monitor", dest="event_monitor", default=None, metavar="SPEC",
                         help="write lifecycle events as JSON: path=<file>|fd=<fd>")
     logging = parser.add_argument_group("logging")
@@ -237,6 +240,8 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
         return _fail(str(exc))
     parser = build_parser(pm, registries, prog="vmmkit run" if demo_default else "vmmkit")
     options = parser.parse_args(args)  # exits 2 on unknown options and bad choices
+    if options.restore is not None:
+        return _cmd_restore(options, parser, pm, registries)
     try:
         config = config_from_options(options, registries)
         check_devices(config, registries.devices, cli=True)
@@ -269,6 +274,39 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
     return _boot(config, pm, registries, options)
 
 
+def _cmd_restore(options: argparse.Namespace, parser: argparse.ArgumentParser, pm: Any, registries: Any) -> int:
+    """``--restore source_url=file:///dir[,prefault=on][,resume=on]``: the VM (configuration
+    included) comes from the snapshot, so no VM option may be given with it; the VMM serves the
+    API as with ``--api-socket`` and the restored VM waits, paused, for ``vm.resume``."""
+    from vmmkit.config import ConfigError, OptionParser
+    from vmmkit.errors import VmmError
+
+    given = [flag for flag, dest, repeatable, _help in _VM_OPTIONS if getattr(options, dest) not in (None, [])]
+    given += [flag for flag in ("--debug-console",) if options.debug_console is not None]
+    given += [flag for flag, value in (("--pvpanic", options.pvpanic), ("--watchdog", options.watchdog)) if value]
+    if given:
+        return _fail(f"--restore: the configuration comes from the snapshot; {', '.join(given)} cannot be given "
+                     "with it", EXIT_USAGE)
+    try:
+        spec = OptionParser("--restore", ("source_url", "prefault", "resume")).parse(options.restore)
+        url = spec.get("source_url")
+        if not url:
+            raise ConfigError("--restore", options.restore, "source_url=file:///<directory>",
+                              reason="source_url is required")
+        prefault, resume = bool(spec.toggle("prefault")), bool(spec.toggle("resume"))
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    if options.api_socket is None and not resume:
+        return _fail("--restore: the restored VM is paused until vm.resume; give --api-socket to resume it "
+                     "(or resume=on)", EXIT_USAGE)
+    try:
+        configure_logging(options.verbose, options.log_format, options.log_file)
+    except VmmError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    pm.hook.vmmkit_configure(options=options)
+    return _serve(None, pm, registries, options, restore=(url, prefault, resume))
+
+
 def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -> int:
     from vmmkit.errors import VmmError
     from vmmkit.machine import Machine, StopReason
@@ -298,7 +336,8 @@ def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) ->
     return exit_.status
 
 
-def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -> int:
+def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace,
+           restore: tuple[str, bool, bool] | None = None) -> int:
     """``--api-socket`` / ``--event-monitor``: a VMM that serves the API, boots ``config`` when
     there is one, and exits when the guest stops (or on ``vmm.shutdown``, with 0)."""
     from vmmkit.api.server import ApiServer
@@ -331,6 +370,9 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -
         if config is not None:
             vmm.create(config)
             vmm.boot()
+        if restore is not None:
+            url, prefault, resume = restore
+            vmm.restore(url, prefault=prefault, resume=resume)
         exit_ = vmm.wait()
     except VmmError as exc:
         return _fail(str(exc))

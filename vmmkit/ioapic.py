@@ -137,3 +137,19 @@ class IoApic:
             again = self._eoi_locked(vector)
         for pin in again:
             self._fire(pin)
+
+    # -- snapshots (the owner's save_state / restore_state, vmmkit.x86_platform's layout) --------
+
+    def save_registers(self) -> tuple[int, int, int, tuple[int, ...]]:
+        """``(id, IOREGSEL, asserted pins as a bitmask, redirection table)``."""
+        with self._lock:
+            levels = sum(1 << pin for pin, high in enumerate(self._levels) if high)
+            return self._id, self._select, levels, tuple(self._redirection)
+
+    def restore_registers(self, apic_id: int, select: int, levels: int, redirection: tuple[int, ...]) -> None:
+        if len(redirection) != IOAPIC_PINS:
+            raise ValueError(f"an I/O APIC has {IOAPIC_PINS} redirection entries, not {len(redirection)}")
+        with self._lock:
+            self._id, self._select = apic_id & 0xF, select & 0xFF
+            self._levels = [bool(levels >> pin & 1) for pin in range(IOAPIC_PINS)]
+            self._redirection = list(redirection)

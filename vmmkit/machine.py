@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pluggy
@@ -32,6 +32,9 @@ from vmmkit.memory import GuestMemory
 from vmmkit.paths import PathError, require_regular_file
 from vmmkit.registry import AUTO, Registries
 from vmmkit.threads import set_native_thread_name
+
+if TYPE_CHECKING:
+    from vmmkit.snapshot import SnapshotImage
 
 log = get_logger()
 
@@ -208,6 +211,7 @@ class Machine:
         self._park = threading.Condition(self._lock)
         self._device_ctx = _DeviceContext(self)
         self._started_at = time.monotonic()
+        self._restored = False
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -258,8 +262,11 @@ class Machine:
 
     # -- building ----------------------------------------------------------------------------
 
-    def build(self) -> None:
-        """Create the VM: memory, devices, payload, vCPUs. Leaves it in ``Created``."""
+    def build(self, *, restore: SnapshotImage | None = None, prefault: bool = False) -> None:
+        """Create the VM: memory, devices, payload, vCPUs. Leaves it in ``Created``. With
+        ``restore`` (a checked snapshot of this configuration), RAM comes from its memory
+        files (``prefault``: populated at once), no payload is loaded and every piece takes its
+        saved state instead (:mod:`vmmkit.snapshot`); :meth:`start_paused` then runs it."""
         check_devices(self.config, self.registries.devices)
         self.emit("vm-creating")
         backend = self.registries.select_hypervisor(self.hypervisor_name, self.arch_name)
@@ -274,15 +281,13 @@ class Machine:
         log.debug("vm.build", hypervisor=backend.name, arch=self.arch_name)
         self.layout = self.arch.memory_layout(self.config)
         mem = self.config.memory
-        self.memory = GuestMemory.allocate(
-            self.layout.ram,
-            shared=mem.shared,
-            hugepages=mem.hugepages,
-            hugepage_size=mem.hugepage_size,
-            thp=mem.thp,
-            mergeable=mem.mergeable,
-            prefault=mem.prefault,
-        )
+        self._restored = restore is not None
+        if restore is not None:
+            from vmmkit.snapshot import map_memory
+
+            self.memory = map_memory(restore, self.config, self.layout.ram, prefault=prefault or mem.prefault)
+        else:
+            self.memory = self._allocate_memory()
         self.vm = self.hypervisor.create_vm(self.arch_name)
         for region in self.memory.regions:
             self.vm.add_memory_region(region.slot, region.start, region.size, region.host_address)
@@ -294,13 +299,32 @@ class Machine:
             emit=self.emit,
         )
         self._create_devices()
-        self._load_payload()
+        if restore is None:
+            self._load_payload()
         dispatch = VcpuDispatch(self.pio_bus, self.mmio_bus)
         for index in range(self.config.cpus.boot_vcpus):
             vcpu = self.vm.create_vcpu(self.arch.vcpu_id(self.config, index), dispatch)
             self.vcpus.append(vcpu)
-        self._configure_vcpus()
+        if restore is not None:
+            from vmmkit.snapshot import restore_state
+
+            restore_state(self, restore)
+        else:
+            self._configure_vcpus()
         self.pm.hook.vmmkit_vm_created(machine=self)
+
+    def _allocate_memory(self) -> GuestMemory:
+        assert self.layout is not None
+        mem = self.config.memory
+        return GuestMemory.allocate(
+            self.layout.ram,
+            shared=mem.shared,
+            hugepages=mem.hugepages,
+            hugepage_size=mem.hugepage_size,
+            thp=mem.thp,
+            mergeable=mem.mergeable,
+            prefault=mem.prefault,
+        )
 
     def _create_devices(self) -> None:
         assert self.arch is not None
@@ -362,6 +386,33 @@ class Machine:
         self._control = threading.Thread(target=self._control_loop, name="vmm-control", daemon=True)
         self._control.start()
         self.emit("vm-booted")
+
+    def start_paused(self) -> None:
+        """Run a machine built from a snapshot: its threads start parked, the state is
+        ``Paused``; :meth:`resume` lets the guest continue where it was."""
+        self.emit("vm-restoring")
+        self.manager.pause()
+        self._pause_requested = True
+        self._start_vcpu_threads()
+        self.event_loop.start()
+        self._set_state(MachineState.PAUSED, reason="restore")
+        self._control = threading.Thread(target=self._control_loop, name="vmm-control", daemon=True)
+        self._control.start()
+        self.emit("vm-restored")
+
+    def snapshot(self, destination_url: str, *, config: VmConfig | None = None) -> None:
+        """Write the paused VM's snapshot (``vm.snapshot``, :mod:`vmmkit.snapshot`); ``config``:
+        the configuration to record when it changed since boot (hotplugged devices).
+
+        :raises VmmError: not paused, a piece that cannot be saved, the directory."""
+        from vmmkit.snapshot import write_snapshot
+
+        with self._lock:
+            if self.state is not MachineState.PAUSED:
+                raise VmmError(f"cannot snapshot a VM that is {self.state.value} (vm.pause it first)")
+            self.emit("vm-snapshotting")
+            write_snapshot(self, destination_url, config=config)
+            self.emit("vm-snapshotted")
 
     def _start_vcpu_threads(self) -> None:
         self._stop.clear()
@@ -539,7 +590,13 @@ class Machine:
         self.emit("vm-rebooting", reason=reason)
         assert self.memory is not None
         for region in self.memory.regions:
-            region.buffer.madvise(_MADV_DONTNEED)
+            if self._restored:  # MADV_DONTNEED would bring the snapshot's pages back: zero them
+                zeros = bytes(1 << 20)
+                for offset in range(0, region.size, len(zeros)):
+                    length = min(len(zeros), region.size - offset)
+                    region.buffer[offset : offset + length] = zeros[:length]
+            else:
+                region.buffer.madvise(_MADV_DONTNEED)
         self.manager.reset()
         self._load_payload()
         self._configure_vcpus()

@@ -7,6 +7,8 @@
     vmmkit-remote --api-socket /run/vm.sock add-net fd=[3],mac=12:34:56:78:9a:bc   (3: an fd of
                                                                   this process, sent by SCM_RIGHTS)
     vmmkit-remote --api-socket /run/vm.sock remove-device _disk0
+    vmmkit-remote --api-socket /run/vm.sock snapshot file:///var/snap      (a paused VM)
+    vmmkit-remote --api-socket /run/vm.sock restore source_url=file:///var/snap,prefault=on
     vmmkit-remote --api-socket /run/vm.sock info | counters | pause | resume | reboot |
                                        power-button | nmi | shutdown | delete | shutdown-vmm
 
@@ -69,7 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     resize_disk = commands.add_parser("resize-disk", help="Resize an attached disk")
     resize_disk.add_argument("--disk", required=True, help="Disk identifier")
     resize_disk.add_argument("--size", required=True, help="New disk size (bytes, or with K/M/G/T)")
+    snapshot = commands.add_parser("snapshot", help="Create a snapshot from VM")
+    snapshot.add_argument("destination_url", metavar="URL", help="file:///<directory> to write it into")
+    restore = commands.add_parser("restore", help="Restore VM from a snapshot")
+    restore.add_argument("restore_config", metavar="CONFIG",
+                         help="source_url=file:///<directory>,prefault=on|off,resume=on|off")
     return parser
+
+
+def _restore_body(spec: str) -> dict[str, Any]:
+    """``RestoreConfig`` from ch-remote's ``source_url=...,prefault=on`` syntax."""
+    from vmmkit.config import ConfigError, OptionParser
+
+    parsed = OptionParser("restore", ("source_url", "prefault", "resume")).parse(spec)
+    url = parsed.get("source_url")
+    if not url:
+        raise ConfigError("restore", spec, "source_url=file:///<directory>", reason="source_url is required")
+    body: dict[str, Any] = {"source_url": url}
+    for key in ("prefault", "resume"):
+        value = parsed.toggle(key)
+        if value is not None:
+            body[key] = value
+    return body
 
 
 def _device_body(kind: Any, spec: str) -> tuple[dict[str, Any], tuple[int, ...]]:
@@ -100,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif command == "create":
             method, endpoint = "PUT", "vm.create"
             raw = _read_input(options.path)
+        elif command == "snapshot":
+            method, endpoint, body = "PUT", "vm.snapshot", {"destination_url": options.destination_url}
+        elif command == "restore":
+            method, endpoint, body = "PUT", "vm.restore", _restore_body(options.restore_config)
         elif command == "remove-device":
             method, endpoint, body = "PUT", "vm.remove-device", {"id": options.id}
         elif command == "resize-disk":

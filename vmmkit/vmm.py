@@ -19,6 +19,8 @@ Lifecycle, as in CH::
 - When the guest powers off (or the VM fails), the VMM exits, as CH's does:
   :meth:`Vmm.wait` returns the machine's exit. ``vm.shutdown`` stops the VM but keeps the VMM.
 - ``vmm.shutdown`` deletes the VM and makes :meth:`Vmm.wait` return ``None``.
+- ``snapshot`` writes a paused VM to a directory; ``restore`` (no VM created) builds the VM a
+  snapshot describes and leaves it Paused (:mod:`vmmkit.snapshot`).
 
 Methods raise :class:`VmmError` subclasses that say what went wrong, which the API server
 turns into HTTP statuses: :class:`NotCreated` (404), :class:`InvalidState` (405),
@@ -294,6 +296,62 @@ class Vmm:
             self.delete()
             self._event("vmm", "shutdown")
             self._done.set()
+
+    # -- snapshots (vmmkit.snapshot) ------------------------------------------------------------
+
+    def snapshot(self, destination_url: str) -> None:
+        """``vm.snapshot``: write the paused VM's configuration, state and memory to
+        ``file:///dir``.
+
+        :raises InvalidState: not paused. :raises NotSupported: a piece of the VM cannot be
+            saved (named). :raises SnapshotError: the URL or the directory."""
+        from vmmkit.state import NotSnapshottable
+
+        with self._op_lock:
+            machine = self._booted_machine("snapshot")
+            if machine.state is not MachineState.PAUSED:
+                raise InvalidState(f"cannot snapshot a VM that is {machine.state.value} (vm.pause it first)")
+            with self._lock:
+                config = self.config  # with the devices added or removed since boot
+            try:
+                machine.snapshot(destination_url, config=config)
+            except NotSnapshottable as exc:
+                raise NotSupported(f"cannot snapshot this VM: {exc}") from None
+
+    def restore(self, source_url: str, *, prefault: bool = False, resume: bool = False) -> None:
+        """``vm.restore`` / ``--restore``: build the VM a snapshot describes, its state and
+        memory restored; it stays paused unless ``resume``.
+
+        :raises AlreadyExists: a VM is created already. :raises SnapshotError: the snapshot
+            is damaged, of another version, or cannot be restored on this backend."""
+        from vmmkit.snapshot import open_snapshot
+
+        with self._op_lock:
+            with self._lock:
+                if self.config is not None:
+                    raise AlreadyExists("a VM is already created (vm.delete it first)")
+            image = open_snapshot(source_url)
+            check_devices(image.config, self.registries.devices)
+            config = image.config.assign_ids()
+            machine = Machine(config, registries=self.registries, plugin_manager=self.pm,
+                              hypervisor=self.hypervisor_name, arch=self.arch_name, log_fd=self.log_fd)
+            if self.events is not None:
+                machine.listeners.append(self._listener(self.events))
+            machine.listeners.append(self._on_device_removed)
+            try:
+                machine.build(restore=image, prefault=prefault)
+                machine.start_paused()
+            except BaseException:
+                machine.close()
+                raise
+            with self._lock:
+                self.config = config
+                self.machine = machine
+                self._stopping = False
+            self._watcher = threading.Thread(target=self._watch, args=(machine,), name="vm-watch", daemon=True)
+            self._watcher.start()
+            if resume:
+                machine.resume()
 
     # -- devices ---------------------------------------------------------------------------------
 

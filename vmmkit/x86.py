@@ -164,3 +164,45 @@ class CpuIdTable:
             ):
                 return entry
         return None
+
+
+@runtime_checkable
+class X86VcpuXsave(Protocol):
+    """What a backend offers to save and restore a vCPU's full FPU/SSE/AVX state: the XSAVE
+    area in the architecture's own layout (Intel SDM vol. 1, 13.4: the 512-byte legacy FXSAVE
+    region, the 64-byte XSAVE header, then the extended components), plus the XCRs."""
+
+    def get_xsave(self) -> bytes: ...
+
+    def set_xsave(self, area: bytes) -> None: ...
+
+    def get_xcrs(self) -> dict[int, int]: ...
+
+    def set_xcrs(self, xcrs: dict[int, int]) -> None: ...
+
+
+@runtime_checkable
+class X86VcpuFpu(Protocol):
+    """A backend that reads the FPU control state back (:class:`FpuState`)."""
+
+    def get_fpu(self) -> FpuState: ...
+
+
+#: Offsets in the legacy (FXSAVE) region of an XSAVE area (Intel SDM vol. 1, table 10-2).
+FXSAVE_FCW = 0
+FXSAVE_MXCSR = 24
+FXSAVE_REGISTERS = slice(32, 416)  #: ST0-ST7/MM0-MM7 then XMM0-XMM15
+FXSAVE_SIZE = 512
+
+
+def fpu_from_xsave(area: bytes) -> FpuState:
+    """The control words of an XSAVE area's legacy region."""
+    return FpuState(fcw=int.from_bytes(area[FXSAVE_FCW:FXSAVE_FCW + 2], "little"),
+                    mxcsr=int.from_bytes(area[FXSAVE_MXCSR:FXSAVE_MXCSR + 4], "little"))
+
+
+def xsave_registers_are_clear(area: bytes) -> bool:
+    """Whether the x87/MMX and XMM registers of an XSAVE area's legacy region are all zero and
+    no extended component is in use (XSTATE_BV, at offset 512, has no bit above SSE)."""
+    header = int.from_bytes(area[FXSAVE_SIZE:FXSAVE_SIZE + 8], "little") if len(area) >= FXSAVE_SIZE + 8 else 0
+    return not any(area[FXSAVE_REGISTERS]) and not header & ~0b11

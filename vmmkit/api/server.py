@@ -15,7 +15,7 @@ vmmkit rejects or does not support yet, an unknown key, guest RAM the host canno
 unknown path, no VM created, or no such device; 405 wrong method, or an operation the VM's
 state does not allow (``vm.counters`` of a VM that is not running); 408 a request that did not
 arrive in time; 409 a VM or a device id that already exists; 413 body too large; 429 too many
-connections from one process; 501 a CH endpoint vmmkit does not implement (snapshot, resize,
+connections from one process; 501 a CH endpoint vmmkit does not implement (migration, resize,
 ...); 503 every connection busy in a handler; 504 a guest that did not eject a device in time
 (``vm.remove-device``); 500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on
 a running VM answer 200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
@@ -48,6 +48,7 @@ from vmmkit.api.http import (
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
+from vmmkit.state import SnapshotError
 from vmmkit.vmm import AlreadyExists, EjectTimeout, InvalidState, NoSuchDevice, NotCreated, NotSupported, Vmm
 
 log = get_logger()
@@ -80,9 +81,7 @@ NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
     "vm.add-vsock": "adding vsock devices over the API",
     "vm.add-vdpa": "vDPA devices",
     "vm.add-user-device": "userspace (vfio-user) devices",
-    "vm.snapshot": "snapshots",
     "vm.coredump": "guest core dumps",
-    "vm.restore": "restoring snapshots",
     "vm.receive-migration": "live migration",
     "vm.send-migration": "live migration",
 }
@@ -216,6 +215,42 @@ def _resize_disk(server: ApiServer, request: Request) -> Response:
     return Response(204)
 
 
+def _snapshot(server: ApiServer, request: Request) -> Response:
+    """``VmSnapshotConfig``: ``{"destination_url": "file:///dir"}``."""
+    body = _json_object(request)
+    unknown = sorted(set(body) - {"destination_url"})
+    if unknown:
+        raise HttpError(400, f"VmSnapshotConfig has no {', '.join(unknown)} (it takes destination_url)")
+    url = body.get("destination_url")
+    if not isinstance(url, str) or not url:
+        raise HttpError(400, "destination_url: a file:///<directory> URL is required")
+    server.vmm.snapshot(url)
+    return Response(204)
+
+
+def _restore(server: ApiServer, request: Request) -> Response:
+    """``RestoreConfig``: ``source_url``, ``prefault``, ``resume``; the other keys of Cloud
+    Hypervisor's schema (``memory_restore_mode``, ``zone_updates``) are refused by name."""
+    body = _json_object(request)
+    refused = {"memory_restore_mode": "memory restore modes (memory is always mapped on demand)",
+               "zone_updates": "memory zones", "net_fds": "passing tap fds to a restored VM"}
+    for key, reason in refused.items():
+        if body.get(key) not in (None, [], False):
+            raise HttpError(400, f"{key}: not supported yet ({reason})")
+    unknown = sorted(set(body) - {"source_url", "prefault", "resume"} - set(refused))
+    if unknown:
+        raise HttpError(400, f"RestoreConfig has no {', '.join(unknown)} (it takes source_url, prefault, resume)")
+    url = body.get("source_url")
+    if not isinstance(url, str) or not url:
+        raise HttpError(400, "source_url: a file:///<directory> URL is required")
+    flags = {key: body.get(key, False) for key in ("prefault", "resume")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise HttpError(400, f"{key}: true or false, not {value!r}")
+    server.vmm.restore(url, prefault=flags["prefault"], resume=flags["resume"])
+    return Response(204)
+
+
 def _openapi(server: ApiServer, request: Request) -> Response:
     _no_body(request)
     return Response(200, server.openapi_document(), content_type="application/yaml")
@@ -240,6 +275,8 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.add-device": Route("PUT", _add_device),
     "vm.remove-device": Route("PUT", _remove_device),
     "vm.resize-disk": Route("PUT", _resize_disk),
+    "vm.snapshot": Route("PUT", _snapshot),
+    "vm.restore": Route("PUT", _restore),
     "openapi": Route("GET", _openapi),
 }
 
@@ -257,7 +294,7 @@ def _status_of(exc: BaseException) -> int:
         return 501
     if isinstance(exc, EjectTimeout):
         return 504
-    if isinstance(exc, (ConfigError, BootError, DeviceError)):
+    if isinstance(exc, (ConfigError, BootError, DeviceError, SnapshotError)):
         return 400
     return 500
 

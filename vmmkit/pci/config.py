@@ -233,6 +233,17 @@ class PciConfigSpace:
     def writable(self, offset: int, size: int) -> int:
         return int.from_bytes(self._wmask[offset : offset + size], "little")
 
+    def save_registers(self) -> bytes:
+        """The configuration space as it is now (a snapshot)."""
+        return bytes(self._regs)
+
+    def restore_registers(self, data: bytes) -> None:
+        """Take :meth:`save_registers`'s bytes (the same layout: the function is built from
+        the same configuration)."""
+        if len(data) != len(self._regs):
+            raise ValueError(f"a configuration space of {len(self._regs)} bytes, not {len(data)}")
+        self._regs[:] = data
+
     def reset(self) -> None:
         """Back to the power-on values (what the VMM, acting as firmware, programmed)."""
         self._regs[:] = self._defaults

@@ -439,6 +439,30 @@ class PciRoot(ManagedDevice):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    # -- snapshots (vmmkit.state.Snapshottable) ------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """The configuration address register and the host bridge's configuration space; the
+        functions save their own, as placed devices of their own."""
+        from vmmkit.state import pack_bytes
+
+        with self._lock:
+            return {"config_address": self.config_address,
+                    "host_bridge": pack_bytes(self.host_bridge.config.save_registers())}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        from vmmkit.state import field, int_field, unpack_bytes
+
+        what = f"pci segment {self.segment}"
+        address = int_field(state, "config_address", what, 0, 0xFFFF_FFFF)
+        bridge = unpack_bytes(field(state, "host_bridge", str, what), f"{what}.host_bridge",
+                              len(self.host_bridge.config.save_registers()))
+        with self._lock:
+            self.config_address = address
+            self.host_bridge.config.restore_registers(bridge)
+
     def reset(self) -> None:
         """The host bridge and the address register; functions reset through their own
         placed devices."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from vmmkit.acpi import aml
 from vmmkit.device import Device, PlacedDevice
@@ -153,6 +153,33 @@ class PciHotplugController(Device):
         with self._lock:
             self._state.clear()
             self.selected = 0
+
+    # -- snapshots (vmmkit.state.Snapshottable) ------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """PCIU/PCID per segment (what the guest has not been told yet) and PSEG."""
+        with self._lock:
+            return {"selected": self.selected,
+                    "segments": {str(index): [state.up, state.down] for index, state in self._state.items()}}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        from vmmkit.state import StateError, field, int_field
+
+        selected = int_field(state, "selected", self.id, 0, 0xFFFF_FFFF)
+        segments = field(state, "segments", dict, self.id)
+        parsed = {}
+        for key, value in segments.items():
+            if (not key.isdigit() or not isinstance(value, list) or len(value) != 2
+                    or not all(isinstance(v, int) and 0 <= v < 1 << 32 for v in value)):
+                raise StateError(f"{self.id}.segments: bad entry {key!r}")
+            parsed[int(key)] = value
+        with self._lock:
+            self.selected = selected
+            self._state = {}
+            for index, (up, down) in parsed.items():
+                self._segment(index).up, self._segment(index).down = up, down
 
     def counters(self) -> Mapping[str, int]:
         return {"ejects": self.ejects, "bad_accesses": self.bad_accesses}

@@ -16,7 +16,8 @@ backends get ``vm.signal_msi(address, data)``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from vmmkit.hypervisor import Vm
 from vmmkit.irq import MsiVector
@@ -190,6 +191,31 @@ class MsixTable:
             self.vectors[index].update(address, data, masked)
         except Exception as exc:  # a backend refusing a route must not kill the vCPU thread
             log.warning("msix.update_failed", vector=index, error=str(exc))
+
+    def save_state(self) -> dict[str, object]:
+        from vmmkit.state import pack_bytes
+
+        with self._lock:
+            return {"table": pack_bytes(bytes(self._table)), "enabled": self.enabled,
+                    "function_masked": self.function_masked,
+                    "pending": [index for index, vector in enumerate(self.vectors) if vector.pending]}
+
+    def restore_state(self, state: Mapping[str, Any], what: str) -> None:
+        """Take :meth:`save_state`'s state and route every vector as the table says."""
+        from vmmkit.state import StateError, field, unpack_bytes
+
+        table = unpack_bytes(field(state, "table", str, what), f"{what}.table", len(self._table))
+        enabled = field(state, "enabled", bool, what)
+        masked = field(state, "function_masked", bool, what)
+        pending = field(state, "pending", list, what)
+        if not all(isinstance(i, int) and 0 <= i < self.num_vectors for i in pending):
+            raise StateError(f"{what}.pending: vector numbers below {self.num_vectors} expected")
+        with self._lock:
+            self._table[:] = table
+            self.enabled, self.function_masked = enabled, masked
+            for index, vector in enumerate(self.vectors):
+                vector.pending = index in pending
+                self._sync(index)
 
     def reset(self) -> None:
         """Power-on state: MSI-X disabled, every vector masked, no message pending."""

@@ -64,6 +64,7 @@ from vmmkit.pci.config import (
 from vmmkit.pci.function import PciFunction
 from vmmkit.pci.host import place_function
 from vmmkit.pci.msix import MAX_VECTORS, MsixTable, pba_bytes, table_bytes
+from vmmkit.state import StateError, field, int_field, pack_bytes, unpack_bytes
 from vmmkit.virtio.core import TransportCore
 from vmmkit.virtio.device import VIRTIO_F_RING_PACKED, VirtioDevice, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
@@ -592,6 +593,61 @@ class VirtioPciDevice(PciFunction):
 
     def counters(self) -> Mapping[str, int]:
         return self.core.counters()
+
+    # -- snapshots (vmmkit.state.Snapshottable) ------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+    _QUEUE_FIELDS: ClassVar[tuple[str, ...]] = ("size", "ready", "msix_vector", "desc", "driver", "device")
+
+    def save_state(self) -> dict[str, Any]:
+        """The configuration space (BARs, command, MSI-X control), the MSI-X table, the
+        common-configuration registers and the virtio state (:meth:`TransportCore.save_state`)."""
+        with self._lock:
+            with self._isr_lock:
+                isr = self.isr
+            return {
+                "config": pack_bytes(self.config.save_registers()),
+                "msix": self.msix.save_state(),
+                "registers": {"device_feature_select": self.device_feature_select,
+                              "driver_feature_select": self.driver_feature_select,
+                              "queue_select": self.queue_select, "msix_config": self.msix_config, "isr": isr},
+                "queues": [{name: getattr(regs, name) for name in self._QUEUE_FIELDS} for regs in self.queues],
+                "virtio": self.core.save_state(self.virtqueues),
+            }
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        what = self.name
+        config = unpack_bytes(field(state, "config", str, what), f"{what}.config", len(self.config.save_registers()))
+        registers = field(state, "registers", dict, what)
+        queues = field(state, "queues", list, what)
+        if len(queues) != len(self.queues):
+            raise StateError(f"{what}: {len(queues)} queues saved, the device has {len(self.queues)}")
+        values = {name: int_field(registers, name, f"{what}.registers", 0, 0xFFFF_FFFF)
+                  for name in ("device_feature_select", "driver_feature_select", "queue_select", "msix_config", "isr")}
+        parsed = []
+        for index, (saved, regs) in enumerate(zip(queues, self.queues, strict=True)):
+            if not isinstance(saved, dict):
+                raise StateError(f"{what}.queues[{index}]: expected an object")
+            entry = {name: (field(saved, name, bool, f"{what}.queues[{index}]") if name == "ready"
+                            else int_field(saved, name, f"{what}.queues[{index}]")) for name in self._QUEUE_FIELDS}
+            if not 0 < entry["size"] <= regs.max_size or entry["size"] & (entry["size"] - 1):
+                raise StateError(f"{what}.queues[{index}].size: {entry['size']} is not a valid queue size")
+            parsed.append(entry)
+        with self._lock:
+            self.config.restore_registers(config)
+            self.msix.restore_state(field(state, "msix", dict, what), f"{what}.msix")
+            for regs, entry in zip(self.queues, parsed, strict=True):
+                for name, value in entry.items():
+                    setattr(regs, name, value)
+            self.device_feature_select = values["device_feature_select"]
+            self.driver_feature_select = values["driver_feature_select"]
+            self.queue_select = values["queue_select"]
+            self.msix_config = values["msix_config"]
+            self.core.restore_state(field(state, "virtio", dict, what))
+            with self._isr_lock:
+                self.isr = values["isr"]
+                self._update_intx()
+        self.remap()  # the BARs where the guest put them (and the notify ioeventfds with them)
 
     def describe(self) -> Mapping[str, Any]:
         return {

@@ -28,10 +28,11 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
+from vmmkit.state import NotSnapshottable, StateError, check_version, field, int_field, is_snapshottable
 from vmmkit.virtio.chain import MAX_QUEUE_SIZE, VirtqueueError
 from vmmkit.virtio.device import (
     VIRTIO_F_VERSION_1,
@@ -189,16 +190,18 @@ class TransportCore:
 
     # -- activation, failure, reset ----------------------------------------------------------
 
-    def _activate(self) -> None:
+    def _activate(self, positions: Sequence[Mapping[str, Any]] = ()) -> None:
         """``DRIVER_OK``: validate the ready queues and hand them to the device. A queue the
         guest misplaced, or a device that cannot start, sets ``DEVICE_NEEDS_RESET`` instead of
-        raising into the vCPU."""
+        raising into the vCPU. ``positions``: each queue's ring positions (a restore)."""
         features = self.driver_features
         try:
             queues = self._virtqueues()
             for queue in queues:
                 queue.set_features(features)
                 queue.on_error = self._queue_failed
+            for queue, position in zip(queues, positions, strict=False):
+                queue.restore_position(position)
             for queue in queues:
                 if queue.ready:
                     queue.validate()
@@ -258,6 +261,57 @@ class TransportCore:
         log.debug(f"{self._prefix}.reset", device=self.name)
         if self.on_event is not None:
             self.on_event("reset")
+
+    # -- snapshots (the transports' save_state / restore_state) -------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self, queues: Sequence[Virtqueue]) -> dict[str, Any]:
+        """Status, features, the configuration generation, the ring positions of the active
+        queues and the device's own state (:class:`vmmkit.state.Snapshottable`).
+
+        :raises NotSnapshottable: the device does not implement the contract."""
+        device = self.device
+        if not is_snapshottable(device):
+            raise NotSnapshottable(f"virtio device {device.id} ({type(device).__name__}) does not implement "
+                                   "the snapshot contract (vmmkit.state.Snapshottable)")
+        return {
+            "status": self.status, "driver_features": self.driver_features, "needs_reset": self.needs_reset,
+            "generation": self.generation, "active": self.active,
+            "queues": [queue.position() for queue in queues] if self.active else [],
+            "device": {"version": device.state_version, "state": device.save_state()},  # type: ignore[attr-defined]
+        }
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Take :meth:`save_state`'s state; the transport has restored its queue registers
+        first. An active device is activated again with its rings where they were."""
+        what = f"{self.name}.virtio"
+        status = int_field(state, "status", what, 0, 0xFF)
+        features = int_field(state, "driver_features", what)
+        generation = int_field(state, "generation", what)
+        needs_reset = field(state, "needs_reset", bool, what)
+        active = field(state, "active", bool, what)
+        positions = field(state, "queues", list, what)
+        saved = field(state, "device", dict, what)
+        device = self.device
+        if not is_snapshottable(device):
+            raise StateError(f"virtio device {device.id} ({type(device).__name__}) cannot restore state")
+        check_version(f"virtio device {device.id}", saved.get("version"), device.state_version)  # type: ignore[attr-defined]
+        if features & ~self.offered_features:
+            raise StateError(f"{what}: the driver features {features:#x} were not offered by this device "
+                             f"({self.offered_features:#x})")
+        if active and len(positions) != len(device.queue_max_sizes):
+            raise StateError(f"{what}: {len(positions)} queue positions for {len(device.queue_max_sizes)} queues")
+        self.status, self.driver_features, self.needs_reset = status, features, needs_reset
+        self.generation = generation
+        if status & FEATURES_OK:
+            device.ack_features(features)
+        device.restore_state(field(saved, "state", dict, f"{what}.device"))  # type: ignore[attr-defined]
+        self._config_snapshot = self._config_bytes()
+        if active:
+            self._activate(positions)
+            if not self.active:
+                raise StateError(f"{what}: the device could not be activated again: {device.broken or 'see the log'}")
 
     # -- configuration generation ------------------------------------------------------------
 

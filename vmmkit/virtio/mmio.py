@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from vmmkit.device import Device
 from vmmkit.errors import DeviceError
@@ -322,6 +322,54 @@ class VirtioMmioTransport(Device):
             self.line.trigger()
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    # -- snapshots (vmmkit.state.Snapshottable) ------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+    _QUEUE_FIELDS: ClassVar[tuple[str, ...]] = ("size", "ready", "desc_table", "avail_ring", "used_ring")
+
+    def save_state(self) -> dict[str, Any]:
+        """The registers, each queue's setup and the virtio state (:meth:`TransportCore.save_state`)."""
+        with self._lock:
+            with self._isr_lock:
+                status = self.interrupt_status
+            return {
+                "registers": {"device_features_sel": self.device_features_sel,
+                              "driver_features_sel": self.driver_features_sel, "queue_sel": self.queue_sel,
+                              "interrupt_status": status},
+                "queues": [{name: getattr(queue, name) for name in self._QUEUE_FIELDS} for queue in self.queues],
+                "virtio": self.core.save_state(self.queues),
+            }
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        from vmmkit.state import StateError, field, int_field
+
+        what = self.id
+        registers = field(state, "registers", dict, what)
+        values = {name: int_field(registers, name, f"{what}.registers", 0, 0xFFFF_FFFF)
+                  for name in ("device_features_sel", "driver_features_sel", "queue_sel", "interrupt_status")}
+        queues = field(state, "queues", list, what)
+        if len(queues) != len(self.queues):
+            raise StateError(f"{what}: {len(queues)} queues saved, the device has {len(self.queues)}")
+        parsed = []
+        for index, (saved, queue) in enumerate(zip(queues, self.queues, strict=True)):
+            if not isinstance(saved, dict):
+                raise StateError(f"{what}.queues[{index}]: expected an object")
+            entry = {name: (field(saved, name, bool, f"{what}.queues[{index}]") if name == "ready"
+                            else int_field(saved, name, f"{what}.queues[{index}]")) for name in self._QUEUE_FIELDS}
+            if not 0 < entry["size"] <= queue.max_size or entry["size"] & (entry["size"] - 1):
+                raise StateError(f"{what}.queues[{index}].size: {entry['size']} is not a valid queue size")
+            parsed.append(entry)
+        with self._lock:
+            for queue, entry in zip(self.queues, parsed, strict=True):
+                for name, value in entry.items():
+                    setattr(queue, name, value)
+            self.device_features_sel = values["device_features_sel"]
+            self.driver_features_sel = values["driver_features_sel"]
+            self.queue_sel = values["queue_sel"]
+            self.core.restore_state(field(state, "virtio", dict, what))
+            with self._isr_lock:
+                self.interrupt_status = values["interrupt_status"]
 
     def reset(self) -> None:
         """Device reset (the VM reboots)."""

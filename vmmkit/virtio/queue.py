@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from vmmkit.virtio.chain import (
@@ -136,6 +136,28 @@ class Virtqueue:
             self._signalled_used: int | None = None
             self._notify = True
             self._layout = None
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def position(self) -> dict[str, Any]:
+        """Where the device is in the rings (the driver's side is in guest memory)."""
+        with self._lock:
+            return {"last_avail_idx": self.last_avail_idx, "next_used": self.next_used,
+                    "signalled_used": self._signalled_used, "notify": self._notify}
+
+    def restore_position(self, state: Mapping[str, Any]) -> None:
+        from vmmkit.state import StateError, field, int_field
+
+        what = f"queue{self.index}"
+        last_avail = int_field(state, "last_avail_idx", what, 0, 0xFFFF)
+        next_used = int_field(state, "next_used", what, 0, 0xFFFF)
+        signalled = state.get("signalled_used")
+        if signalled is not None and (not isinstance(signalled, int) or not 0 <= signalled <= 0xFFFF):
+            raise StateError(f"{what}.signalled_used: expected a 16-bit index or null")
+        notify = field(state, "notify", bool, what)
+        with self._lock:
+            self.last_avail_idx, self.next_used = last_avail, next_used
+            self._signalled_used, self._notify = signalled, notify
 
     def set_features(self, features: int) -> None:
         """The negotiated features that change how the rings are used."""

@@ -7,8 +7,8 @@ needs (boot structures, ACPI, CPUID, vCPU state) is imported by the methods that
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vmmkit.arch import Architecture, BootInfo, MemoryLayout
 from vmmkit.errors import CapabilityError, VmmError
@@ -91,7 +91,7 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
         others wait, UNINITIALIZED, for the guest's INIT/SIPI)."""
         from vmmkit.x86 import MpState, X86Hypervisor, X86Vcpu
         from vmmkit_x86_64 import vcpu as vcpu_state
-        from vmmkit_x86_64.cpuid import AMD_VENDORS, build_cpuid, cpu_vendor, features_from_config
+        from vmmkit_x86_64.cpuid import AMD_VENDORS, cpu_vendor
 
         if not isinstance(vcpu, X86Vcpu):
             raise CapabilityError(
@@ -101,17 +101,8 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
             raise CapabilityError(
                 "CPUID", detail=f"{type(hypervisor).__name__} cannot report supported CPUID"
             )
-        topology = Topology.from_config(config.cpus)
-        apic_id = topology.apic_id(index)
-        entries = build_cpuid(
-            self._supported(hypervisor),
-            index=index,
-            topology=topology,
-            nested=config.cpus.nested,
-            features=features_from_config(config.cpus.features),
-            max_phys_bits=config.cpus.max_phys_bits,
-        )
-        vcpu.set_cpuid(entries)
+        apic_id = Topology.from_config(config.cpus).apic_id(index)
+        entries = self._set_cpuid(vcpu, index, hypervisor, config)
         vcpu.set_msrs(vcpu_state.boot_msrs())
         disarm = vcpu_state.reset_msrs(entries)
         if disarm:
@@ -149,6 +140,48 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
         if state is None:
             state = self._power_on[vcpu] = (vcpu.get_lapic(), vcpu.get_sregs())
         return state
+
+    def _set_cpuid(self, vcpu: X86Vcpu, index: int, hypervisor: X86Hypervisor, config: VmConfig) -> list[CpuIdEntry]:
+        from vmmkit_x86_64.cpuid import build_cpuid, features_from_config
+
+        topology = Topology.from_config(config.cpus)
+        entries = build_cpuid(
+            self._supported(hypervisor),
+            index=index,
+            topology=topology,
+            nested=config.cpus.nested,
+            features=features_from_config(config.cpus.features),
+            max_phys_bits=config.cpus.max_phys_bits,
+        )
+        vcpu.set_cpuid(entries)
+        return entries
+
+    # -- snapshots (vmmkit_x86_64.snapshot) ----------------------------------------------------
+
+    #: :data:`vmmkit_x86_64.snapshot.VCPU_STATE_VERSION` (not imported: every process loads this module).
+    vcpu_state_version: ClassVar[int] = 1
+
+    def save_vcpu(self, vcpu: Vcpu, hypervisor: Hypervisor) -> Mapping[str, Any]:
+        from vmmkit_x86_64.snapshot import save_vcpu
+
+        return save_vcpu(vcpu, hypervisor)
+
+    def restore_vcpu(
+        self, vcpu: Vcpu, index: int, hypervisor: Hypervisor, config: VmConfig, state: Mapping[str, Any]
+    ) -> None:
+        """CPUID as at boot (the configuration decides it), then the saved state."""
+        from vmmkit.x86 import X86Hypervisor, X86Vcpu
+        from vmmkit_x86_64.snapshot import restore_vcpu
+
+        if not isinstance(vcpu, X86Vcpu) or not isinstance(hypervisor, X86Hypervisor):
+            raise CapabilityError("x86 vCPU", detail=f"{type(vcpu).__name__} lacks the x86-64 register interface")
+        from vmmkit_x86_64.snapshot import KVM_CPUID_FEATURES, KVM_FEATURE_CLOCKSOURCES
+
+        self._set_cpuid(vcpu, index, hypervisor, config)
+        self._power_on_state(vcpu)  # recorded before the saved state replaces it (for a reboot)
+        paravirt_clock = any(entry.function == KVM_CPUID_FEATURES and entry.eax & KVM_FEATURE_CLOCKSOURCES
+                             for entry in self._supported(hypervisor))
+        restore_vcpu(vcpu, state, paravirt_clock=paravirt_clock)
 
     def _supported(self, hypervisor: X86Hypervisor) -> list[CpuIdEntry]:
         key = id(hypervisor)

@@ -54,8 +54,8 @@ import collections
 import functools
 import struct
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from unicorn import (
     UC_ARCH_X86,
@@ -67,8 +67,9 @@ from unicorn import (
 )
 from unicorn import x86_const as X
 
-from vmmkit import x86_decode
+from vmmkit import x86_decode, x86_platform
 from vmmkit.hypervisor import ExitReason, VcpuOps, VmExit
+from vmmkit.state import StateError
 from vmmkit.x86 import (
     CPUID_FLAG_SIGNIFICANT_INDEX,
     CpuIdEntry,
@@ -152,6 +153,32 @@ class X86Vm(EmuVm):
 
     def _new_vcpu(self, index: int, ops: VcpuOps) -> X86Vcpu:
         return X86Vcpu(self, index, ops)
+
+    # -- snapshots (vmmkit.state.Snapshottable, vmmkit.x86_platform's layout) --------------------
+
+    state_version: ClassVar[int] = x86_platform.STATE_VERSION
+
+    def save_state(self) -> dict[str, Any]:
+        """The I/O APIC model; no PIC, no PIT, no paravirtual clock on this backend."""
+        if self.ioapic is None:
+            return x86_platform.platform_state()
+        apic_id, select, levels, table = self.ioapic.save_registers()
+        return x86_platform.platform_state(ioapic=x86_platform.IoApicState(apic_id, select, levels, table))
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """A state from another backend too, when this one has every piece it holds in use: a
+        PIC that is unmasked, KVM's in-kernel PIT cannot cross (they are refused, naming them)."""
+        parsed = x86_platform.parse_platform_state(state)
+        if parsed.pics_in_use():
+            raise StateError("the guest uses the 8259 PICs (unmasked) and emu has none")
+        if parsed.kvm_pit2 is not None:
+            raise StateError("the snapshot has KVM's in-kernel PIT, which cannot cross to emu (it has a "
+                             "userspace PIT only: take the snapshot with the KVM host quirks that use one)")
+        if parsed.ioapic is not None:
+            if self.ioapic is None:
+                raise StateError("the snapshot has an I/O APIC state; this VM has no interrupt controller")
+            io = parsed.ioapic
+            self.ioapic.restore_registers(io.id, io.select, io.irr, io.redirection)
 
     # -- interrupts ---------------------------------------------------------------------------
 

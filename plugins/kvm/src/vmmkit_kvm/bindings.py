@@ -102,6 +102,7 @@ class Cap(enum.IntEnum):
     IOEVENTFD_ANY_LENGTH = lib.KVM_CAP_IOEVENTFD_ANY_LENGTH
     ADJUST_CLOCK = lib.KVM_CAP_ADJUST_CLOCK
     XCRS = lib.KVM_CAP_XCRS
+    XSAVE = lib.KVM_CAP_XSAVE
     SIGNAL_MSI = lib.KVM_CAP_SIGNAL_MSI
     READONLY_MEM = lib.KVM_CAP_READONLY_MEM
     SYNC_REGS = lib.KVM_CAP_SYNC_REGS
@@ -644,6 +645,41 @@ class KvmVmFd:
         if lib.vmk_ioctl_ptr(self.fd, lib.KVM_SET_CLOCK, data) < 0:
             raise _fail("KVM_SET_CLOCK")
 
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: the 512-byte state of chip ``chip_id`` (``struct kvm_pic_state`` or
+        ``struct kvm_ioapic_state``, as <linux/kvm.h> lays them out)."""
+        chip = ffi.new("struct kvm_irqchip *")
+        chip.chip_id = _check_int(chip_id, "chip id", 0, 2)
+        if lib.vmk_ioctl_ptr(self.fd, lib.KVM_GET_IRQCHIP, chip) < 0:
+            raise _fail("KVM_GET_IRQCHIP")
+        return bytes(ffi.buffer(chip)[8:])
+
+    def set_irqchip(self, chip_id: int, state: bytes) -> None:
+        chip = ffi.new("struct kvm_irqchip *")
+        size = ffi.sizeof(chip[0]) - 8
+        if len(state) != size:
+            raise ValueError(f"irqchip state is {size} bytes, not {len(state)}")
+        chip.chip_id = _check_int(chip_id, "chip id", 0, 2)
+        ffi.buffer(chip)[8:] = state
+        if lib.vmk_ioctl_ptr(self.fd, lib.KVM_SET_IRQCHIP, chip) < 0:
+            raise _fail("KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> bytes:
+        """KVM_GET_PIT2: ``struct kvm_pit_state2`` as bytes."""
+        state = ffi.new("struct kvm_pit_state2 *")
+        if lib.vmk_ioctl_ptr(self.fd, lib.KVM_GET_PIT2, state) < 0:
+            raise _fail("KVM_GET_PIT2")
+        return bytes(ffi.buffer(state)[:])
+
+    def set_pit2(self, value: bytes) -> None:
+        state = ffi.new("struct kvm_pit_state2 *")
+        size = ffi.sizeof(state[0])
+        if len(value) != size:
+            raise ValueError(f"PIT state is {size} bytes, not {len(value)}")
+        ffi.buffer(state)[:] = value
+        if lib.vmk_ioctl_ptr(self.fd, lib.KVM_SET_PIT2, state) < 0:
+            raise _fail("KVM_SET_PIT2")
+
     # port sinks
 
     def add_sink(self, port: int, fd: int, *, timestamp: bool, read_value: int, label: str,
@@ -983,6 +1019,23 @@ class KvmVcpuFd:
         xcrs.nr_xcrs = len(values)
         if lib.vmk_ioctl_ptr(self.fd, lib.KVM_SET_XCRS, xcrs) < 0:
             raise _fail("KVM_SET_XCRS")
+
+    def get_xsave(self) -> bytes:
+        """KVM_GET_XSAVE: the 4 KiB XSAVE area (Intel SDM vol. 1, 13.4: the legacy FXSAVE region,
+        the XSAVE header, then the extended components at their CPUID-reported offsets)."""
+        area = ffi.new("struct kvm_xsave *")
+        if lib.vmk_ioctl_ptr(self.fd, lib.KVM_GET_XSAVE, area) < 0:
+            raise _fail("KVM_GET_XSAVE")
+        return bytes(ffi.buffer(area)[:])
+
+    def set_xsave(self, value: bytes) -> None:
+        area = ffi.new("struct kvm_xsave *")
+        size = ffi.sizeof(area[0])
+        if len(value) != size:
+            raise ValueError(f"XSAVE area is {size} bytes, not {len(value)}")
+        ffi.buffer(area)[:] = value
+        if lib.vmk_ioctl_ptr(self.fd, lib.KVM_SET_XSAVE, area) < 0:
+            raise _fail("KVM_SET_XSAVE")
 
     def get_mp_state(self) -> int:
         state = ffi.new("struct kvm_mp_state *")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from attrs import frozen
 
+from vmmkit import x86_platform
 from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.hypervisor import (
     Availability,
@@ -31,6 +32,7 @@ from vmmkit.hypervisor import (
     Vm,
     VmExit,
 )
+from vmmkit.state import StateError
 from vmmkit.x86 import (
     CpuIdEntry,
     FpuState,
@@ -39,6 +41,7 @@ from vmmkit.x86 import (
     StandardRegisters,
 )
 from vmmkit_kvm import bindings, quirks
+from vmmkit_kvm import platform_state as kvm_state
 from vmmkit_kvm.bindings import Cap, ExitCode, RawExit, VcpuEventsState
 from vmmkit_kvm.quirks import HostQuirks, VmQuirks
 
@@ -241,6 +244,7 @@ class KvmVm(Vm):
         self._slots: dict[int, tuple[int, int, int, bool, bool]] = {}
         self._msi_routes: dict[int, tuple[int, int]] = {}
         self._irqchip = False
+        self._pit = False
         self._vcpus: list[KvmVcpu] = []
         self._vm_quirks: VmQuirks | None = self.quirks.attach(self)
         log.debug("kvm.vm.created", fd=fd.fd, ring_page=self._ring_page, sync_regs=self._sync_regs,
@@ -344,6 +348,7 @@ class KvmVm(Vm):
             if self.capabilities["pit2"] <= 0:
                 raise CapabilityError("KVM_CREATE_PIT2", None, "KVM_CAP_PIT2 is missing")
             self._fd.create_pit2()
+        self._pit = pit
 
     def set_irq_line(self, gsi: int, level: bool) -> None:
         self._fd.irq_line(gsi, level)
@@ -425,6 +430,47 @@ class KvmVm(Vm):
 
     def set_clock(self, ns: int) -> None:
         self._fd.set_clock(ns)
+
+    # snapshots (vmmkit.state.Snapshottable; the layout is vmmkit.x86_platform's)
+
+    state_version: ClassVar[int] = x86_platform.STATE_VERSION
+
+    def save_state(self) -> dict[str, Any]:
+        """The in-kernel IOAPIC and PICs in the backend-neutral layout, the in-kernel PIT
+        (KVM's own layout: only KVM takes it) and kvmclock."""
+        if not self._irqchip:
+            return x86_platform.platform_state(clock_ns=self.get_clock())
+        pit = self._fd.get_pit2() if self._has_pit() else None
+        return x86_platform.platform_state(
+            ioapic=kvm_state.ioapic_from_kvm(self._fd.get_irqchip(kvm_state.KVM_IRQCHIP_IOAPIC)),
+            pics=[kvm_state.pic_from_kvm(self._fd.get_irqchip(chip))
+                  for chip in (kvm_state.KVM_IRQCHIP_PIC_MASTER, kvm_state.KVM_IRQCHIP_PIC_SLAVE)],
+            kvm_pit2=pit,
+            clock_ns=self.get_clock(),
+        )
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        parsed = x86_platform.parse_platform_state(state)
+        if parsed.ioapic is not None or parsed.pics:
+            if not self._irqchip:
+                raise StateError("the snapshot has an in-kernel interrupt controller state; this VM has none")
+            if parsed.ioapic is not None:
+                current = self._fd.get_irqchip(kvm_state.KVM_IRQCHIP_IOAPIC)
+                self._fd.set_irqchip(kvm_state.KVM_IRQCHIP_IOAPIC, kvm_state.ioapic_to_kvm(parsed.ioapic, current))
+            for chip, pic in zip((kvm_state.KVM_IRQCHIP_PIC_MASTER, kvm_state.KVM_IRQCHIP_PIC_SLAVE),
+                                 parsed.pics, strict=False):
+                self._fd.set_irqchip(chip, kvm_state.pic_to_kvm(pic, self._fd.get_irqchip(chip)))
+        if parsed.kvm_pit2 is not None:
+            if not self._has_pit():
+                raise StateError("the snapshot has KVM's in-kernel PIT; this VM runs without it")
+            self._fd.set_pit2(parsed.kvm_pit2)
+        elif self._has_pit():
+            raise StateError("this VM has KVM's in-kernel PIT but the snapshot has no PIT state for it")
+        if parsed.clock_ns is not None:
+            self.set_clock(parsed.clock_ns)
+
+    def _has_pit(self) -> bool:
+        return self._irqchip and self._pit
 
     def start_quirks(self) -> None:
         """Start the host quirks' helpers for a VM the machine has built (see
@@ -565,6 +611,12 @@ class KvmVcpu(Vcpu):
 
     def set_xcrs(self, xcrs: dict[int, int]) -> None:
         self._fd.set_xcrs(xcrs)
+
+    def get_xsave(self) -> bytes:
+        return self._fd.get_xsave()
+
+    def set_xsave(self, area: bytes) -> None:
+        self._fd.set_xsave(area)
 
     def get_vcpu_events(self) -> VcpuEventsState:
         return self._fd.get_vcpu_events()

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vmmkit.acpi import aml
 from vmmkit.device import DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
+from vmmkit.state import restore_fields, save_named
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import AcpiGedType as AcpiGedType  # declared there, re-exported
 
@@ -89,6 +90,20 @@ class AcpiGed(ByteRegisters):
     def reset(self) -> None:
         with self._lock:
             self._pending = 0
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+    _STATE: ClassVar[dict[str, str]] = {"_pending": "int"}
+
+    def save_state(self) -> dict[str, Any]:
+        """The notifications the guest has not read yet."""
+        with self._lock:
+            return save_named(self, self._STATE)
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        with self._lock:
+            restore_fields(self, state, self._STATE, "acpi-ged")
 
     def counters(self) -> Mapping[str, int]:
         return {

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.log import get_logger
+from vmmkit.state import restore_fields, save_named
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import AcpiPmType as AcpiPmType  # declared there, re-exported
 
@@ -93,6 +94,19 @@ class AcpiPm(ByteRegisters):
         with self._lock:
             self._sleep_control = 0
             self._sleep_status = 0
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+    _STATE: ClassVar[dict[str, str]] = {"_sleep_control": "int", "_sleep_status": "int"}
+
+    def save_state(self) -> dict[str, Any]:
+        with self._lock:
+            return save_named(self, self._STATE)
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        with self._lock:
+            restore_fields(self, state, self._STATE, "acpi-pm")
 
     def counters(self) -> Mapping[str, int]:
         return {"poweroffs": self.poweroffs, "resets": self.resets, **super().counters()}

@@ -12,7 +12,7 @@ then go to the same output fd without a trip through Python.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.hypervisor import PortSink
@@ -52,6 +52,17 @@ class DebugConsole(Device):
 
     def close(self) -> None:
         self.backend.close()
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """Nothing: a write-only port."""
+        return {}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        pass
 
     def counters(self) -> Mapping[str, int]:
         return {**self.backend.counters(), "native": int(self.native)}

@@ -12,10 +12,11 @@ QEMU.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vmmkit.device import Device, DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.log import get_logger
+from vmmkit.state import StateError
 from vmmkit_devices._regs import MAX_ACCESS, open_bus
 from vmmkit_devices.device_types import DebugExitType as DebugExitType  # declared there, re-exported
 
@@ -51,6 +52,22 @@ class DebugExit(Device):
 
     def reset(self) -> None:
         self.status = None
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """The exit status the guest wrote (the VMM's exit status once the guest powers off)."""
+        return {"status": self.status}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        status = state.get("status")
+        if status is not None and (not isinstance(status, int) or isinstance(status, bool)):
+            raise StateError(f"{self.id}.status: expected an integer or null")
+        self.status = status
+        if status is not None:
+            self._set_exit_status(status)
 
     def counters(self) -> Mapping[str, int]:
         return {"status": self.status} if self.status is not None else {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from vmmkit.device import Device, DeviceContext, DeviceRequest
 from vmmkit.hypervisor import PortSink
@@ -95,6 +95,17 @@ class DebugPort(Device):
         if self._own_fd >= 0:
             os.close(self._own_fd)
             self._own_fd = -1
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """Nothing the guest can read back: port 0x80 is write-only."""
+        return {}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        pass
 
     def counters(self) -> Mapping[str, int]:
         out = {"codes": self.codes, "native": int(self.native)}

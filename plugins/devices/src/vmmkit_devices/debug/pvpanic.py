@@ -51,6 +51,17 @@ class PvPanic(Device):
             log.warning("guest.panic", device=self.id, kind=kind)
             self._emit("guest-panic", kind=kind)
 
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """Nothing: reads return the fixed capability bits."""
+        return {}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
     def counters(self) -> Mapping[str, int]:
         return {"panics": self.panics}
 

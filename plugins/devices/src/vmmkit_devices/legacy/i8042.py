@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vmmkit.acpi import aml
 from vmmkit.device import DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
+from vmmkit.state import StateError, restore_fields, save_named
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import I8042Type as I8042Type  # declared there, re-exported
 
@@ -231,6 +232,25 @@ class I8042(ByteRegisters):
     def reset(self) -> None:
         with self._lock:
             self._power_on()
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+    _STATE: ClassVar[dict[str, str]] = {"_ram": "bytes", "_output": "int", "_last": "int", "_pending": "int?",
+                                        "_cmd_flag": "int", "_port_b": "int", "_refresh": "int"}
+
+    def save_state(self) -> dict[str, Any]:
+        with self._lock:
+            return {**save_named(self, self._STATE), "out": list(self._out) if self._out else None}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        out = state.get("out")
+        if out is not None and (not isinstance(out, list) or len(out) != 2
+                                or not all(isinstance(v, int) for v in out)):
+            raise StateError(f"{self.id}.out: expected [byte, status] or null")
+        with self._lock:
+            restore_fields(self, state, self._STATE, self.id)
+            self._out = None if out is None else (out[0], out[1])
 
     def counters(self) -> Mapping[str, int]:
         return {"resets": self.resets, **super().counters()}

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
+from vmmkit.state import StateError, restore_fields, save_named
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import I8254Type as I8254Type  # declared there, re-exported
 
@@ -337,6 +338,43 @@ class I8254(ByteRegisters):
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+    _COUNTER: ClassVar[dict[str, str]] = {"mode": "int", "rw": "int", "bcd": "bool", "count": "int",
+                                          "loaded_at": "int", "armed": "bool", "null_count": "bool",
+                                          "write_low": "int?", "latched": "ints", "status": "int?",
+                                          "read_high": "bool"}
+
+    def save_state(self) -> dict[str, Any]:
+        """The three counters and the PIT's time (ticks) when the VM was paused: the restored
+        PIT goes on from there, as after a resume."""
+        with self._lock:
+            return {"ticks": self._paused_at if self._paused_at is not None else self.ticks(),
+                    "missed_edge": self._missed_edge,
+                    "counters": [save_named(counter, self._COUNTER) for counter in self._counters]}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        counters, ticks = state.get("counters"), state.get("ticks")
+        if not isinstance(counters, list) or len(counters) != 3 or not isinstance(ticks, int) or ticks < 0:
+            raise StateError(f"{self.id}: expected three counters and a tick count")
+        restored = []
+        for index, saved in enumerate(counters):
+            if not isinstance(saved, dict):
+                raise StateError(f"{self.id}.counters[{index}]: expected an object")
+            counter = _Counter()
+            restore_fields(counter, saved, self._COUNTER, f"{self.id}.counters[{index}]")
+            restored.append(counter)
+        with self._lock:
+            self._counters = restored
+            self._paused_at = ticks  # resume() moves the epoch so that time goes on from here
+            self._missed_edge = bool(state.get("missed_edge"))
+            self._next_irq = self._counters[0].next_edge(ticks) if self._counters[0].armed else None
+            if self._next_irq is not None and self._threaded and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"{self.id}-pit", daemon=True)
+                self._thread.start()
+            self._wake.notify()
 
     def counters(self) -> Mapping[str, int]:
         return {"interrupts": self.interrupts, "merged": self.merged, **super().counters()}

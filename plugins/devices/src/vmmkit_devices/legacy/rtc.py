@@ -36,6 +36,7 @@ from vmmkit.acpi import aml
 from vmmkit.device import DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
+from vmmkit.state import StateError, restore_fields, save_named
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import CmosRtcType as CmosRtcType  # declared there, re-exported
 
@@ -373,6 +374,28 @@ class CmosRtc(ByteRegisters):
             self._index = 0
             self.nmi_masked = False
             self._wake.set()  # the timer thread, if any, stops
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+    _STATE: ClassVar[dict[str, str]] = {"_ram": "bytes", "_a": "int", "_b": "int", "_index": "int",
+                                        "nmi_masked": "bool", "_flags": "int", "offset": "float"}
+
+    def save_state(self) -> dict[str, Any]:
+        """CMOS RAM, the control registers and the guest's offset from host time (the RTC
+        keeps following the host's clock after a restore, as a battery-backed one would)."""
+        with self._lock:
+            return {**save_named(self, self._STATE), "latch": {str(k): v for k, v in self._latch.items()}}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        latch = state.get("latch")
+        if not isinstance(latch, dict) or not all(k.isdigit() and isinstance(v, int) for k, v in latch.items()):
+            raise StateError(f"{self.id}.latch: expected an object of register values")
+        with self._lock:
+            restore_fields(self, state, self._STATE, self.id)
+            self._latch = {int(k): v for k, v in latch.items()}
+            self._last_update = math.floor(self._now())
+            self._arm()
 
     def counters(self) -> Mapping[str, int]:
         return {"time_sets": self.time_sets, "interrupts": self.interrupts, **super().counters()}

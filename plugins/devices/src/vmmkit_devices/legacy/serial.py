@@ -39,6 +39,7 @@ from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import PortSink
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
+from vmmkit.state import StateError, restore_fields, save_named
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.console.backends import ConsoleBackend
 from vmmkit_devices.console.uart import create_uart
@@ -410,6 +411,29 @@ class Serial16550(ByteRegisters):
             if self._devnull >= 0:
                 os.close(self._devnull)
                 self._devnull = -1
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+    _STATE: ClassVar[dict[str, str]] = {
+        "_ier": "int", "_lcr": "int", "_mcr": "int", "_fcr": "int", "_scr": "int", "_dll": "int",
+        "_dlm": "int", "_lsr_errors": "int", "_msr_delta": "int", "_thr_pending": "bool", "_irq_high": "bool",
+    }
+
+    def save_state(self) -> dict[str, Any]:
+        """The registers and the received bytes not yet read."""
+        with self._lock:
+            return {**save_named(self, self._STATE), "rx": list(self._rx)}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        rx = state.get("rx")
+        if not isinstance(rx, list) or not all(isinstance(b, int) and 0 <= b <= 0xFF for b in rx):
+            raise StateError(f"{self.id}.rx: expected a list of bytes")
+        with self._lock:
+            restore_fields(self, state, self._STATE, self.id)
+            self._rx = deque(rx)
+            if self._native_update is not None:
+                self._update_native()
 
     def counters(self) -> Mapping[str, int]:
         return {

@@ -36,7 +36,7 @@ import os
 import select
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
@@ -166,6 +166,28 @@ class QueueDevice(VirtioDevice):
     def counters(self) -> Mapping[str, int]:
         with self._counts_lock:
             return dict(self._counts)
+
+    # -- snapshots (vmmkit.state.Snapshottable) ------------------------------------------------
+
+    #: Bump in a subclass whose :meth:`device_state` layout changes.
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """The device's own state beyond its queues (the transport saves those): what
+        :meth:`device_state` returns. Called while the VM is paused (no chain in flight)."""
+        with self._state:
+            return dict(self.device_state())
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        with self._state:
+            self.restore_device_state(state)
+
+    def device_state(self) -> Mapping[str, Any]:
+        """A subclass's own state (default: none: the rings and the configuration say all)."""
+        return {}
+
+    def restore_device_state(self, state: Mapping[str, Any]) -> None:
+        """Take :meth:`device_state`'s state (called before the device is activated again)."""
 
     # -- for subclasses ---------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.eventloop import EventLoop
 from vmmkit.log import get_logger
+from vmmkit.state import pack_bytes, unpack_bytes
 from vmmkit.virtio.queue import Virtqueue
 from vmmkit_devices.console.backends import ConsoleBackend, console_mode, open_backend
 from vmmkit_devices.device_types import VirtioConsoleType as VirtioConsoleType  # declared there, re-exported
@@ -142,6 +143,16 @@ class ConsoleDevice(QueueDevice):
         self.serve(RX_QUEUE)  # on the event loop, where the backend reads
 
     # -- lifecycle --------------------------------------------------------------------------
+
+    def device_state(self) -> Mapping[str, Any]:
+        """Host input received and not yet given to the guest."""
+        with self._pending_lock:
+            return {"pending": pack_bytes(bytes(self._pending))}
+
+    def restore_device_state(self, state: Mapping[str, Any]) -> None:
+        pending = unpack_bytes(state.get("pending"), f"{self.id}.pending")
+        with self._pending_lock:
+            self._pending[:] = pending
 
     def resumed(self) -> None:
         self.backend.input_ready()
