@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pluggy
@@ -32,6 +32,9 @@ from vmmkit.memory import GuestMemory
 from vmmkit.paths import PathError, require_regular_file
 from vmmkit.registry import AUTO, Registries
 from vmmkit.threads import set_native_thread_name
+
+if TYPE_CHECKING:
+    from vmmkit.memory_hotplug import MemoryHotplug
 
 log = get_logger()
 
@@ -192,6 +195,8 @@ class Machine:
         self.boot_info: BootInfo | None = None
         self.event_loop = EventLoop()
         self.device_manager: DeviceManager | None = None
+        #: RAM plugged while the guest runs (``--memory hotplug_size=``), once built.
+        self.memory_hotplug: MemoryHotplug | None = None
         self.vcpus: list[Vcpu] = []
         self.guest_exit_status: int | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -256,6 +261,21 @@ class Machine:
         """
         return self.manager.unplug(device_id)
 
+    def resize_memory(self, desired: int) -> bool:
+        """Plug RAM until the guest has ``desired`` bytes (ACPI memory hotplug, as Cloud
+        Hypervisor's ``vm.resize desired_ram``); False when it has them already.
+
+        :raises ConfigError: this VM has no hotplug RAM, or ``desired`` cannot be reached
+            (less than now, beyond ``hotplug_size``, not in 128 MiB steps, no free slot).
+        """
+        hotplug = self.memory_hotplug
+        if hotplug is None:
+            from vmmkit.config import ConfigError
+
+            raise ConfigError("desired_ram", desired, "a VM booted with --memory hotplug_size=",
+                              reason="this VM has no hotplug memory")
+        return hotplug.resize(desired) is not None
+
     # -- building ----------------------------------------------------------------------------
 
     def build(self) -> None:
@@ -313,6 +333,12 @@ class Machine:
         for request in requests:
             self.manager.create(request)
         self.manager.enable_pci_hotplug()
+        if self.config.memory.hotplug_size:
+            from vmmkit.memory_hotplug import MemoryHotplug
+
+            assert self.layout is not None and self.memory is not None and self.vm is not None
+            self.memory_hotplug = MemoryHotplug.attach(self.manager, self.layout, self.config.memory,
+                                                       self.memory, self.vm)
 
     def _load_payload(self) -> None:
         assert self.arch is not None and self.memory is not None and self.layout is not None
@@ -582,6 +608,8 @@ class Machine:
             self.vm.close()
         if self.hypervisor is not None:
             self.hypervisor.close()
+        if self.memory_hotplug is not None:
+            self.memory_hotplug.close()
         if self.memory is not None:
             self.memory.close()
         self.vm = None

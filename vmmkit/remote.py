@@ -7,6 +7,7 @@
     vmmkit-remote --api-socket /run/vm.sock add-net fd=[3],mac=12:34:56:78:9a:bc   (3: an fd of
                                                                   this process, sent by SCM_RIGHTS)
     vmmkit-remote --api-socket /run/vm.sock remove-device _disk0
+    vmmkit-remote --api-socket /run/vm.sock resize --memory 1G
     vmmkit-remote --api-socket /run/vm.sock info | counters | pause | resume | reboot |
                                        power-button | nmi | shutdown | delete | shutdown-vmm
 
@@ -69,7 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
     resize_disk = commands.add_parser("resize-disk", help="Resize an attached disk")
     resize_disk.add_argument("--disk", required=True, help="Disk identifier")
     resize_disk.add_argument("--size", required=True, help="New disk size (bytes, or with K/M/G/T)")
+    resize = commands.add_parser("resize", help="Resize the VM")
+    resize.add_argument("--cpus", help="New vCPUs count")
+    resize.add_argument("--memory", help="New memory size in bytes (supports K/M/G suffix)")
+    resize.add_argument("--balloon", help="New balloon size in bytes (supports K/M/G suffix)")
     return parser
+
+
+def _resize_body(options: argparse.Namespace) -> dict[str, int]:
+    """``VmResizeData`` from ``resize --cpus N --memory SIZE --balloon SIZE`` (ch-remote's
+    flags); the VMM refuses what it does not implement."""
+    from vmmkit.config import ConfigError
+    from vmmkit.units import parse_size
+
+    body: dict[str, int] = {}
+    if options.cpus is not None:
+        if not options.cpus.isdigit() or int(options.cpus) <= 0:
+            raise ConfigError("--cpus", options.cpus, "a positive number of vCPUs")
+        body["desired_vcpus"] = int(options.cpus)
+    for flag, key, text in (("--memory", "desired_ram", options.memory),
+                            ("--balloon", "desired_balloon", options.balloon)):
+        if text is not None:
+            try:
+                body[key] = parse_size(text)
+            except ValueError as exc:
+                raise ConfigError(flag, text, "a size: bytes, or with a K, M, G or T suffix",
+                                  reason=str(exc)) from None
+    if not body:
+        raise ConfigError("resize", "", "at least one of --cpus, --memory, --balloon")
+    return body
 
 
 def _device_body(kind: Any, spec: str) -> tuple[dict[str, Any], tuple[int, ...]]:
@@ -102,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw = _read_input(options.path)
         elif command == "remove-device":
             method, endpoint, body = "PUT", "vm.remove-device", {"id": options.id}
+        elif command == "resize":
+            method, endpoint, body = "PUT", "vm.resize", _resize_body(options)
         elif command == "resize-disk":
             try:
                 size = parse_size(options.size)

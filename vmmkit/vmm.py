@@ -372,6 +372,28 @@ class Vmm:
                 raise NoSuchDevice(f"no disk with id {disk_id!r}")
             machine.manager.resize(disk_id, size)
 
+    def resize_ram(self, desired_ram: int) -> None:
+        """``vm.resize`` with ``desired_ram``, as Cloud Hypervisor's ``Vm::resize``: on a booted
+        VM, plug RAM (ACPI memory hotplug, :mod:`vmmkit.memory_hotplug`) and keep
+        ``memory.size`` in step, so the next boot has it all; before boot, only
+        ``memory.size`` changes. Events ``vm``/``resizing`` and ``vm``/``resized`` as CH's.
+
+        :raises ConfigError: ``desired_ram`` cannot be reached (see
+            :meth:`vmmkit.machine.Machine.resize_memory`).
+        """
+        with self._op_lock:
+            config = self._require_config()
+            machine = self._live_machine()
+            memory = attrs.evolve(config.memory, size=desired_ram)  # validates it (page multiple...)
+            if machine is not None:
+                self._event("vm", "resizing")
+                machine.resize_memory(desired_ram)
+            with self._lock:
+                if self.config is not None:
+                    self.config = attrs.evolve(self.config, memory=memory)
+            if machine is not None:
+                self._event("vm", "resized")
+
     def _add(self, device: Any, add: Callable[[VmConfig, Any], VmConfig], what: str) -> dict[str, str] | None:
         with self._op_lock:
             machine = self._live_machine()
