@@ -88,6 +88,8 @@ def preload(config: VmConfig, registries: Registries, *, hypervisor: str = AUTO,
         for name in dict.fromkeys(request.type for request in requests):
             if name in registries.devices:
                 registries.devices.get(name).preload()
+        if config.memory.hotplug_size:
+            import vmmkit.memory_hotplug  # noqa: F401
         virtio = default_virtio_transport(config, architecture.default_virtio_transport)
         for transport in registries.transports:
             if transport.family == "platform" or virtio in (transport.name, transport.alias):
