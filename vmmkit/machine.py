@@ -264,11 +264,12 @@ class Machine:
         return self.manager.unplug(device_id)
 
     def resize_memory(self, desired: int) -> bool:
-        """Plug RAM until the guest has ``desired`` bytes (ACPI memory hotplug, as Cloud
-        Hypervisor's ``vm.resize desired_ram``); False when it has them already.
+        """Plug RAM until the guest has ``desired`` bytes, or ask it to eject hot-plugged RAM
+        down to that (ACPI memory hotplug, Cloud Hypervisor's ``vm.resize desired_ram``);
+        False when there is nothing to do.
 
         :raises ConfigError: this VM has no hotplug RAM, or ``desired`` cannot be reached
-            (less than now, beyond ``hotplug_size``, not in 128 MiB steps, no free slot).
+            (beyond ``hotplug_size``, not in 128 MiB steps, no free slot, not whole DIMMs).
         """
         hotplug = self.memory_hotplug
         if hotplug is None:
@@ -276,7 +277,7 @@ class Machine:
 
             raise ConfigError("desired_ram", desired, "a VM booted with --memory hotplug_size=",
                               reason="this VM has no hotplug memory")
-        return hotplug.resize(desired) is not None
+        return hotplug.resize(desired) != 0
 
     # -- building ----------------------------------------------------------------------------
 

@@ -7,11 +7,16 @@ memory (``mmap``, with the options of ``--memory``), a new memory slot of the hy
 region of :class:`vmmkit.memory.GuestMemory` (so devices reach it), then the next free slot of
 the ACPI register block (:mod:`vmmkit.acpi.memory_hotplug`) and the GED's notification. As in
 CH (``MemoryManager::hotplug_ram_region``): a DIMM's size is a multiple of 128 MiB (a Linux
-memory block on x86-64), there are at most 8, and ``vm.resize`` never shrinks RAM this way.
-A guest may still eject a DIMM on its own (Linux's ACPI driver, ``echo 1 > .../eject``): the
-DIMM's ``_EJ0`` takes it out of the hypervisor and of the guest memory table, and its host
-memory is given back (``MADV_DONTNEED``) but stays mapped until the VM closes, so that a
-device still holding an address in it never touches an unmapped page.
+memory block on x86-64), and there are at most 8.
+
+Unlike CH (whose ``resize`` ignores a smaller ``desired_ram`` with ACPI), a resize to less RAM
+asks the guest to eject the last DIMMs that make up the difference (MRMV, the GED): Linux's
+ACPI driver offlines their memory blocks (which succeeds reliably for ``ZONE_MOVABLE`` memory:
+``memhp_default_state=online_movable``), removes them and calls the DIMM's ``_EJ0``. Only then,
+on that write (or when the VM resets), does the DIMM leave the hypervisor and the guest memory
+table; its host memory is given back (``MADV_DONTNEED``) but stays mapped until the VM closes,
+so that a device still holding an address in it never touches an unmapped page. A guest may
+also eject a DIMM on its own (``echo 1 > /sys/bus/acpi/devices/PNP0C80:00/eject``).
 """
 
 from __future__ import annotations
@@ -58,13 +63,15 @@ class MemoryHotplug:
         self._memory = memory
         self._vm = vm
         #: The register block (placed by :meth:`attach`).
-        self.controller = MemoryHotplugController(DEVICE_ID, on_eject=self._ejected)
+        self.controller = MemoryHotplugController(DEVICE_ID, on_eject=self._ejected, on_reset=self._reset)
         self._notifiers = notifiers
         self._lock = threading.Lock()
         #: The DIMMs plugged, by register slot.
         self.dimms: dict[int, GuestRegion] = {}
         #: DIMMs the guest ejected: still mapped, unmapped by :meth:`close`.
         self._retired: list[GuestRegion] = []
+        #: Slots the guest was asked to eject and has not yet.
+        self._removing: set[int] = set()
 
     @classmethod
     def attach(cls, manager: DeviceManager, layout: MemoryLayout, config: MemoryConfig,
@@ -102,19 +109,25 @@ class MemoryHotplug:
         return self.boot_size + self.plugged
 
     def check(self, desired: int) -> int:
-        """The bytes a resize to ``desired`` adds (0: nothing to do).
+        """The bytes a resize to ``desired`` adds (negative: removes; 0: nothing to do).
 
         :raises ConfigError: it cannot be done (naming ``desired_ram`` and why).
         """
         current = self.current
         limit = self.boot_size + self.area.size
-        if desired < current:
-            raise ConfigError("desired_ram", desired, f"at least the current {_human(current)}",
-                              reason="ACPI memory hotplug cannot take memory away (as Cloud Hypervisor's)")
+        if self._removing:
+            target = current - sum(self.dimms[slot].size for slot in self._removing)
+            if desired != target:
+                raise ConfigError("desired_ram", desired, f"{_human(target)} until then",
+                                  reason="the guest has not ejected the memory it was asked to remove yet")
+            return 0
         if desired > limit:
             raise ConfigError("desired_ram", desired, f"at most {_human(limit)}",
                               reason=f"boot RAM {_human(self.boot_size)} plus hotplug_size "
                                      f"{_human(self.area.size)}")
+        if desired < current:
+            self._dimms_to_remove(current - desired, desired)
+            return desired - current
         added = desired - current
         if added % DIMM_ALIGN:
             raise ConfigError("desired_ram", desired, f"the current {_human(current)} plus a multiple of 128 MiB",
@@ -124,47 +137,89 @@ class MemoryHotplug:
                               reason=f"all {self.controller.slot_count} slots are plugged")
         return added
 
-    def resize(self, desired: int) -> GuestRegion | None:
-        """Plug memory until the guest has ``desired`` bytes of RAM and tell it (one DIMM);
-        ``None`` when it has them already.
+    def _dimms_to_remove(self, size: int, desired: int) -> list[int]:
+        """The last plugged DIMMs (by address) that hold exactly ``size`` bytes: memory leaves
+        in whole DIMMs, the last plugged first."""
+        chosen: list[int] = []
+        total = 0
+        reachable = [self.current]
+        for slot, region in sorted(self.dimms.items(), key=lambda item: -item[1].start):
+            if total == size:
+                break
+            chosen.append(slot)
+            total += region.size
+            reachable.append(self.current - total)
+        if total != size:
+            sizes = ", ".join(_human(value) for value in reachable[1:]) or "none"
+            raise ConfigError("desired_ram", desired, f"one of {sizes}",
+                              reason=f"memory is removed in whole hot-plugged DIMMs, never below the boot "
+                                     f"RAM {_human(self.boot_size)}")
+        return chosen
+
+    def resize(self, desired: int) -> int:
+        """Plug memory until the guest has ``desired`` bytes of RAM (one DIMM), or ask the
+        guest to eject the last DIMMs down to it, and tell it; the bytes added (negative:
+        asked to be removed; 0: nothing to do). Removal is carried out when the guest ejects
+        (:meth:`_ejected`); a request repeated meanwhile notifies it again.
 
         :raises ConfigError: see :meth:`check`; nothing changed.
         :raises VmmError: the host cannot map the memory or the hypervisor refuses the slot;
             nothing changed.
         """
         with self._lock:
-            added = self.check(desired)
-            if not added:
-                return None
-            slot = self.controller.free_slot()
-            assert slot is not None
-            end = max((region.range.end for region in self.dimms.values()), default=self.area.start)
-            rng = MemoryRange(end, added)
-            memory_slot = max((r.slot for r in self._memory.regions), default=-1) + 1
-            config = self._config
-            region = map_region(rng, memory_slot, shared=config.shared, hugepages=config.hugepages,
-                                hugepage_size=config.hugepage_size, thp=config.thp, mergeable=config.mergeable,
-                                prefault=config.prefault)
-            try:
-                self._vm.add_memory_region(memory_slot, rng.start, rng.size, region.host_address)
-            except BaseException as exc:
-                close_region(region)
-                if isinstance(exc, Exception) and not isinstance(exc, VmmError):
-                    raise VmmError(f"the hypervisor refused memory slot {memory_slot} at {rng.start:#x}: {exc}") \
-                        from exc
-                raise
-            self._memory.add_region(region)
-            self.dimms[slot] = region
-            self.controller.plug(slot, rng.start, rng.size)
+            delta = self.check(desired)
+            if delta < 0:
+                for slot in self._dimms_to_remove(-delta, desired):
+                    self._removing.add(slot)
+                    self.controller.request_removal(slot)
+            elif delta > 0:
+                self._plug(delta)
+            elif self._removing:  # the same removal asked again: tell the guest again
+                for slot in self._removing:
+                    self.controller.request_removal(slot)
+            else:
+                return 0
         for notifier in self._notifiers():
             notifier.notify_memory_devices_changed()
+        return delta
+
+    def _plug(self, size: int) -> GuestRegion:
+        slot = self.controller.free_slot()
+        assert slot is not None
+        end = max((region.range.end for region in self.dimms.values()), default=self.area.start)
+        rng = MemoryRange(end, size)
+        memory_slot = max((r.slot for r in self._memory.regions), default=-1) + 1
+        config = self._config
+        region = map_region(rng, memory_slot, shared=config.shared, hugepages=config.hugepages,
+                            hugepage_size=config.hugepage_size, thp=config.thp, mergeable=config.mergeable,
+                            prefault=config.prefault)
+        try:
+            self._vm.add_memory_region(memory_slot, rng.start, rng.size, region.host_address)
+        except BaseException as exc:
+            close_region(region)
+            if isinstance(exc, Exception) and not isinstance(exc, VmmError):
+                raise VmmError(f"the hypervisor refused memory slot {memory_slot} at {rng.start:#x}: {exc}") \
+                    from exc
+            raise
+        self._memory.add_region(region)
+        self.dimms[slot] = region
+        self.controller.plug(slot, rng.start, rng.size)
         log.info("memory.hotplugged", slot=slot, start=rng.start, size=rng.size, total=self.current)
         return region
+
+    def _reset(self) -> None:
+        """The VM resets: a DIMM the guest was asked to eject goes now (as a PCI device does)."""
+        with self._lock:
+            pending = sorted(self._removing)
+        for slot in pending:
+            self._ejected(slot)
+            self.controller.unplug(slot)
 
     def _ejected(self, slot: int) -> None:
         """The guest ejected ``slot`` (``_EJ0``, on its vCPU thread): the DIMM leaves the
         hypervisor and the memory table; its host pages are dropped."""
         with self._lock:
+            self._removing.discard(slot)
             region = self.dimms.pop(slot, None)
             if region is None:
                 return

@@ -5,11 +5,14 @@
 # Every wait is bounded: on a timeout the line says "timeout <step>" and the VM powers off.
 #   ready <kB>                  MemTotal at boot; the host plugs memory (vm.resize desired_ram)
 #   grown <kB> <blocks>         MemTotal changed and every memory block is online (the kernel
-#                               onlines them with memhp_default_state=online; any block left
-#                               offline is onlined here); <blocks>: the memoryN directories
+#                               onlines them with memhp_default_state=online_movable; any block
+#                               left offline is onlined here); <blocks>: the memoryN directories
 #                               beyond the boot ones (N = physical address / block size)
-# "grown" is said once per plug, as many times as the plugs= argument says; then the VM powers off.
-# Arguments (after "--"): plugs=<count>
+#   shrunk <kB> <blocks>        MemTotal went down (the kernel offlined, removed and ejected a
+#                               DIMM the host asked it to eject)
+# "grown" is said once per plug, as many times as the plugs= argument says, then "shrunk" once
+# per unplug (unplugs=); then the VM powers off.
+# Arguments (after "--"): plugs=<count> unplugs=<count>
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -17,9 +20,11 @@ mount -t sysfs sysfs /sys
 
 say() { echo "VMMKIT-MEMHP: $*"; }
 PLUGS=1
+UNPLUGS=0
 for arg in "$@"; do
     case "$arg" in
         plugs=*) PLUGS="${arg#plugs=}" ;;
+        unplugs=*) UNPLUGS="${arg#unplugs=}" ;;
     esac
 done
 
@@ -81,6 +86,22 @@ while [ "$plug" -lt "$PLUGS" ]; do
     done
     say "grown $total $(blocks)"
     plug=$((plug + 1))
+done
+
+unplug=0
+while [ "$unplug" -lt "$UNPLUGS" ]; do
+    before=$total
+    shrunk() { now=$(memtotal); [ "$now" -lt "$before" ]; }
+    if ! wait_for 300 shrunk; then say "timeout shrunk $before $(blocks)"; sync; poweroff -f; fi
+    previous=""
+    while :; do
+        sleep 1
+        total=$(memtotal)
+        [ "$total" = "$previous" ] && break
+        previous=$total
+    done
+    say "shrunk $total $(blocks)"
+    unplug=$((unplug + 1))
 done
 sync
 poweroff -f

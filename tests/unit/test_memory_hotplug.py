@@ -207,24 +207,26 @@ def test_no_hotplug_size_no_hotplug_and_an_architecture_without_it_refuses() -> 
 
 def test_each_resize_plugs_a_dimm_after_the_last(hotplug: Any) -> None:
     hp, manager, memory, vm, ged = hotplug
-    first = hp.resize(64 * MiB + 128 * MiB)
+    assert hp.resize(64 * MiB + 128 * MiB) == 128 * MiB
+    first = memory.find_region(4 * GiB)
     assert first is not None and first.range == MemoryRange(4 * GiB, 128 * MiB)
     assert vm.slots[1] == (4 * GiB, 128 * MiB, first.host_address) and first.slot == 1
     assert memory.find_region(4 * GiB + 5) is first and ged.notified == 1
     memory.write_u64(4 * GiB + 128 * MiB - 8, 0x1122_3344)  # devices reach it through GuestMemory
     assert memory.read_u64(4 * GiB + 128 * MiB - 8) == 0x1122_3344
     assert hp.controller.slot(0) == (4 * GiB, 128 * MiB, ENABLED | INSERTING)
-    second = hp.resize(64 * MiB + 384 * MiB)
+    assert hp.resize(64 * MiB + 384 * MiB) == 256 * MiB
+    second = memory.find_region(4 * GiB + 128 * MiB)
     assert second is not None and second.range == MemoryRange(4 * GiB + 128 * MiB, 256 * MiB)
     assert hp.controller.slot(1) == (4 * GiB + 128 * MiB, 256 * MiB, ENABLED | INSERTING)
     assert hp.current == 448 * MiB and hp.plugged == 384 * MiB and ged.notified == 2
-    assert hp.resize(448 * MiB) is None and ged.notified == 2  # already there: nothing to do
+    assert hp.resize(448 * MiB) == 0 and ged.notified == 2  # already there: nothing to do
 
 
 @pytest.mark.parametrize(("desired", "message"), [
     (64 * MiB + 64 * MiB, "multiple of 128 MiB"),
     (64 * MiB + 2 * GiB + 128 * MiB, "at most 2112 MiB"),
-    (32 * MiB, "cannot take memory away"),
+    (32 * MiB, "never below the boot RAM 64 MiB"),
 ])
 def test_what_cannot_be_done_is_refused_and_changes_nothing(hotplug: Any, desired: int, message: str) -> None:
     hp, manager, memory, vm, ged = hotplug
@@ -292,3 +294,38 @@ def test_guest_memory_lookups_stay_consistent_while_regions_come_and_go() -> Non
         thread.join()
         memory.close()
     assert not failures, failures
+
+
+def test_a_smaller_size_asks_the_guest_to_eject_the_last_dimms(hotplug: Any) -> None:
+    hp, manager, memory, vm, ged = hotplug
+    for size in (128, 256, 384):  # DIMMs of 128, 128 and 128 MiB
+        hp.resize(64 * MiB + size * MiB)
+    with pytest.raises(ConfigError, match="one of 320 MiB, 192 MiB, 64 MiB") as error:
+        hp.resize(64 * MiB + 200 * MiB)  # not whole DIMMs
+    assert "whole hot-plugged DIMMs" in str(error.value)
+    assert hp.resize(64 * MiB + 128 * MiB) == -256 * MiB and ged.notified == 4
+    assert [hp.controller.slot(slot)[2] for slot in range(3)] == [ENABLED | INSERTING,
+                                                                  ENABLED | INSERTING | REMOVING,
+                                                                  ENABLED | INSERTING | REMOVING]
+    assert len(vm.slots) == 4  # nothing leaves before the guest ejects it
+    with pytest.raises(ConfigError, match="has not ejected"):
+        hp.resize(64 * MiB + 256 * MiB)
+    assert hp.resize(64 * MiB + 128 * MiB) == 0 and ged.notified == 5  # asked again: told again
+    for slot in (2, 1):  # the guest's _EJ0 of each
+        manager.mmio_bus.write(REGISTERS.start + SELECTION, u32(slot))
+        manager.mmio_bus.write(REGISTERS.start + STATUS, bytes([EJECT]))
+    assert sorted(vm.slots) == [0, 1] and hp.current == 64 * MiB + 128 * MiB
+    assert memory.find_region(4 * GiB + 128 * MiB) is None
+    assert hp.resize(64 * MiB + 256 * MiB) == 128 * MiB  # and memory can come back
+    assert memory.find_region(4 * GiB + 128 * MiB) is not None
+
+
+def test_a_reset_removes_what_the_guest_was_asked_to_eject(hotplug: Any) -> None:
+    hp, manager, memory, vm, _ged = hotplug
+    hp.resize(64 * MiB + 128 * MiB)
+    hp.resize(64 * MiB + 256 * MiB)
+    hp.resize(64 * MiB + 128 * MiB)
+    manager.reset()
+    assert sorted(vm.slots) == [0, 1] and hp.current == 64 * MiB + 128 * MiB
+    assert hp.controller.slot(0) == (4 * GiB, 128 * MiB, ENABLED) and hp.controller.slot(1) == (0, 0, 0)
+    assert hp.resize(64 * MiB + 128 * MiB) == 0

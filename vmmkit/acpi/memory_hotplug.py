@@ -96,12 +96,13 @@ class MemoryHotplugController(Device):
     kind: ClassVar[str] = "memory-hotplug"
 
     def __init__(self, device_id: str, *, slots: int = HOTPLUG_SLOTS,
-                 on_eject: EjectHandler | None = None) -> None:
+                 on_eject: EjectHandler | None = None, on_reset: Callable[[], None] | None = None) -> None:
         super().__init__(device_id)
         if not 0 < slots <= 256:
             raise ValueError(f"1 to 256 memory hotplug slots, not {slots}")
         self._slots = [MemorySlot() for _ in range(slots)]
         self._on_eject = on_eject
+        self._on_reset = on_reset
         self._lock = threading.Lock()
         self.selected = 0
         self.insertions = 0
@@ -132,6 +133,13 @@ class MemoryHotplugController(Device):
             if not state.active:
                 raise ValueError(f"memory slot {slot} holds no memory")
             state.removing = True
+
+    def unplug(self, slot: int) -> None:
+        """Empty ``slot`` at once (the VM resets: no guest to ask)."""
+        with self._lock:
+            state = self._slots[slot]
+            state.active = state.inserting = state.removing = False
+            state.base = state.length = 0
 
     def slot(self, slot: int) -> tuple[int, int, int]:
         """``(base, length, status)`` of ``slot`` as the guest would read them now."""
@@ -204,7 +212,10 @@ class MemoryHotplugController(Device):
 
     def reset(self) -> None:
         """A rebooted guest finds the plugged memory by evaluating ``_STA`` at boot: nothing is
-        pending any more, and what is plugged stays (as DIMMs stay in a rebooted machine)."""
+        pending any more, and what is plugged stays (as DIMMs stay in a rebooted machine), except
+        what the guest was asked to eject: ``on_reset`` removes it first."""
+        if self._on_reset is not None:
+            self._on_reset()
         with self._lock:
             for state in self._slots:
                 state.inserting = state.removing = False
