@@ -34,7 +34,7 @@ from vmmkit.registry import AUTO, Registries
 from vmmkit.threads import set_native_thread_name
 
 if TYPE_CHECKING:
-    from vmmkit.memory_hotplug import MemoryHotplug
+    from vmmkit.memory_hotplug import MemoryHotplug, VirtioMemHotplug
 
 log = get_logger()
 
@@ -198,7 +198,7 @@ class Machine:
         self.event_loop = EventLoop()
         self.device_manager: DeviceManager | None = None
         #: RAM plugged while the guest runs (``--memory hotplug_size=``), once built.
-        self.memory_hotplug: MemoryHotplug | None = None
+        self.memory_hotplug: MemoryHotplug | VirtioMemHotplug | None = None
         self.vcpus: list[Vcpu] = []
         self.guest_exit_status: int | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -335,13 +335,13 @@ class Machine:
         self.manager.reserve_irqs(request.irq for request in requests if request.irq is not None)
         for request in requests:
             self.manager.create(request)
-        self.manager.enable_pci_hotplug()
         if self.config.memory.hotplug_size:
-            from vmmkit.memory_hotplug import MemoryHotplug
+            from vmmkit import memory_hotplug
 
             assert self.layout is not None and self.memory is not None and self.vm is not None
-            self.memory_hotplug = MemoryHotplug.attach(self.manager, self.layout, self.config.memory,
-                                                       self.memory, self.vm)
+            self.memory_hotplug = memory_hotplug.attach(self.manager, self.layout, self.config.memory,
+                                                        self.memory, self.vm)
+        self.manager.enable_pci_hotplug()
 
     def _load_payload(self) -> None:
         assert self.arch is not None and self.memory is not None and self.layout is not None

@@ -205,6 +205,16 @@ class GuestMemory:
             region, offset = self.translate(piece_gpa, piece_len)
             region.buffer[offset : offset + piece_len] = bytes([byte]) * piece_len
 
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the host pages of ``[gpa, gpa + length)`` back (``MADV_DONTNEED``; virtio-mem's
+        unplug): private memory reads zeros next, memfd-backed (``shared``) memory keeps its
+        pages in the memfd. Page aligned, inside RAM."""
+        if gpa % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(f"discard {gpa:#x}+{length:#x} is not page aligned")
+        for piece_gpa, piece_len in self.split(gpa, length):
+            region, offset = self.translate(piece_gpa, piece_len)
+            region.buffer.madvise(mmap.MADV_DONTNEED, offset, piece_len)
+
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.read(gpa, size), "little")
 

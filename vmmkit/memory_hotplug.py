@@ -17,6 +17,12 @@ on that write (or when the VM resets), does the DIMM leave the hypervisor and th
 table; its host memory is given back (``MADV_DONTNEED``) but stays mapped until the VM closes,
 so that a device still holding an address in it never touches an unmapped page. A guest may
 also eject a DIMM on its own (``echo 1 > /sys/bus/acpi/devices/PNP0C80:00/eject``).
+
+With ``hotplug_method=virtio-mem`` (:class:`VirtioMemHotplug`) the whole area is mapped at boot
+(one region, one hypervisor slot, as CH's virtio-mem zone) and handed to a ``virtio-mem``
+device (a device type of a plugin: ``vmmkit_devices.virtio.mem``); a resize sets its
+``requested_size`` (``desired_ram`` minus the boot RAM, in 2 MiB blocks, also below what is
+plugged: the driver unplugs) and the driver plugs or unplugs blocks to reach it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
+
+from attrs import frozen
 
 from vmmkit.acpi.memory_hotplug import MemoryHotplugController
 from vmmkit.config import ConfigError
@@ -239,3 +247,119 @@ class MemoryHotplug:
 
 
 _MADV_DONTNEED: Final = 4
+
+
+@frozen
+class VirtioMemRegion:
+    """What the core hands the ``virtio-mem`` device type (``DeviceRequest.config``): the
+    region it manages, mapped already, and what the driver should plug from the start."""
+
+    start: int
+    size: int
+    requested_size: int = 0
+
+
+#: The virtio-mem device's id, and its block size (virtio-mem's in ``vmmkit_devices``, CH's
+#: ``VIRTIO_MEM_DEFAULT_BLOCK_SIZE``): ``desired_ram`` moves in these steps.
+VIRTIO_MEM_ID: Final = "_mem0"
+VIRTIO_MEM_BLOCK: Final = 2 * MiB
+
+
+class VirtioMemHotplug:
+    """The hotplug RAM of a VM with ``hotplug_method=virtio-mem``: mapped at boot, plugged by
+    the guest's virtio-mem driver up to the ``requested_size`` a resize sets."""
+
+    def __init__(self, *, area: MemoryRange, boot_size: int, requested: int,
+                 resize_device: Callable[[int], None]) -> None:
+        self.area = area
+        self.boot_size = boot_size
+        self.requested = requested
+        self._resize_device = resize_device
+        self._lock = threading.Lock()
+
+    @classmethod
+    def attach(cls, manager: DeviceManager, area: MemoryRange, config: MemoryConfig, memory: GuestMemory,
+               vm: Vm) -> VirtioMemHotplug:
+        """Map the area, give it to the hypervisor and guest memory, and create the device.
+
+        :raises ConfigError: the area is not in whole blocks, or no plugin provides
+            ``virtio-mem``.
+        """
+        if area.size % VIRTIO_MEM_BLOCK:
+            raise ConfigError("hotplug_size", area.size, "a multiple of 2 MiB (virtio-mem's block)")
+        requested = config.hotplugged_size or 0
+        if requested % VIRTIO_MEM_BLOCK:
+            raise ConfigError("hotplugged_size", requested, "a multiple of 2 MiB (virtio-mem's block)")
+        memory_slot = max((r.slot for r in memory.regions), default=-1) + 1
+        region = map_region(area, memory_slot, shared=config.shared, hugepages=config.hugepages,
+                            hugepage_size=config.hugepage_size, thp=config.thp, mergeable=config.mergeable,
+                            prefault=False)
+        try:
+            vm.add_memory_region(memory_slot, area.start, area.size, region.host_address)
+        except BaseException:
+            close_region(region)
+            raise
+        memory.add_region(region)
+        request = DeviceRequest("virtio-mem", VIRTIO_MEM_ID, VirtioMemRegion(area.start, area.size, requested))
+        try:
+            manager.create(request)
+        except VmmError as exc:
+            raise ConfigError("hotplug_method", config.hotplug_method, "a method a device plugin provides",
+                              reason=str(exc)) from None
+        return cls(area=area, boot_size=config.size, requested=requested,
+                   resize_device=lambda size: manager.resize(VIRTIO_MEM_ID, size))
+
+    @property
+    def current(self) -> int:
+        """The RAM the guest is asked to have: boot RAM plus ``requested_size``."""
+        return self.boot_size + self.requested
+
+    def check(self, desired: int) -> int:
+        """The change of ``requested_size`` a resize to ``desired`` makes.
+
+        :raises ConfigError: it cannot be done (naming ``desired_ram`` and why).
+        """
+        limit = self.boot_size + self.area.size
+        if desired < self.boot_size or desired > limit:
+            raise ConfigError("desired_ram", desired, f"{_human(self.boot_size)} to {_human(limit)}",
+                              reason="boot RAM, plus at most hotplug_size with virtio-mem")
+        if (desired - self.boot_size) % VIRTIO_MEM_BLOCK:
+            raise ConfigError("desired_ram", desired, f"the boot RAM {_human(self.boot_size)} plus a multiple of 2 MiB",
+                              reason="virtio-mem plugs 2 MiB blocks")
+        return desired - self.current
+
+    def resize(self, desired: int) -> int:
+        """Set the device's ``requested_size`` for ``desired`` bytes of RAM (the driver follows
+        it); the change (0: nothing to do).
+
+        :raises ConfigError: see :meth:`check`; nothing changed.
+        """
+        with self._lock:
+            delta = self.check(desired)
+            if delta:
+                self._resize_device(desired - self.boot_size)
+                self.requested = desired - self.boot_size
+        return delta
+
+    def close(self) -> None:
+        """The region goes with the VM's guest memory."""
+
+
+def attach(manager: DeviceManager, layout: MemoryLayout, config: MemoryConfig, memory: GuestMemory,
+           vm: Vm) -> MemoryHotplug | VirtioMemHotplug | None:
+    """The VM's hotplug RAM for ``--memory hotplug_size=`` by its ``hotplug_method``; ``None``
+    without ``hotplug_size``.
+
+    :raises ConfigError: the architecture has no room for it, or the method cannot be had.
+    """
+    if not config.hotplug_size:
+        return None
+    if config.hotplug_method == "VirtioMem":
+        if layout.memory_hotplug is None:
+            raise ConfigError("hotplug_size", config.hotplug_size, "no hotplug_size",
+                              reason="this architecture has no room for hotplug memory")
+        return VirtioMemHotplug.attach(manager, layout.memory_hotplug, config, memory, vm)
+    if config.hotplugged_size:
+        raise ConfigError("hotplugged_size", config.hotplugged_size, "no hotplugged_size with hotplug_method=acpi",
+                          reason="as in Cloud Hypervisor, only virtio-mem starts with memory plugged")
+    return MemoryHotplug.attach(manager, layout, config, memory, vm)

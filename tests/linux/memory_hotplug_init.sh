@@ -75,11 +75,11 @@ while [ "$plug" -lt "$PLUGS" ]; do
     before=$total
     changed() { now=$(memtotal); [ "$now" != "$before" ]; }
     if ! wait_for 240 changed; then say "timeout grown $before"; sync; poweroff -f; fi
-    # settle: every block online, MemTotal the same twice in a row
+    # settle: every block online, MemTotal the same 5 s apart (virtio-mem plugs block by block)
     previous=""
     while :; do
         online_all
-        sleep 1
+        sleep 5
         total=$(memtotal)
         [ "$total" = "$previous" ] && break
         previous=$total
@@ -95,7 +95,7 @@ while [ "$unplug" -lt "$UNPLUGS" ]; do
     if ! wait_for 300 shrunk; then say "timeout shrunk $before $(blocks)"; sync; poweroff -f; fi
     previous=""
     while :; do
-        sleep 1
+        sleep 5
         total=$(memtotal)
         [ "$total" = "$previous" ] && break
         previous=$total

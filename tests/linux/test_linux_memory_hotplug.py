@@ -22,7 +22,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -74,25 +74,34 @@ class Guest:
         pytest.fail(f"no {name!r} from the guest\n{self.boot.wait().describe()}")
 
 
+Launched = tuple[Guest, ApiClient, Path, Path]
+
+
 @pytest.fixture
-def guest(tmp_path: Path) -> Iterator[tuple[Guest, ApiClient, Path, Path]]:
+def launch(tmp_path: Path) -> Iterator[Callable[[str, str], Launched]]:
+    """``launch(hotplug_method, init_args)``: the VMM booting the guest, its API client, the
+    event monitor's file and the API socket's path."""
     for reason in (linux_missing_reason(LINUX_DIR), missing_busybox_reason(), kvm_unusable_reason()):
         if reason:
             pytest.skip(reason)
-    initramfs = build_initramfs(tmp_path / "memhp.cpio", init=HERE / "memory_hotplug_init.sh")
-    socket_path = tmp_path / "api.sock"
-    events = tmp_path / "events.json"
-    command = [
-        sys.executable, "-m", "vmmkit", "--hypervisor", "kvm", "--kernel", str(LINUX_DIR / "vmlinux"),
-        "--initramfs", str(initramfs), "--cpus", "boot=1", "--serial", "tty",
-        "--memory", f"size={BOOT_RAM // MiB}M,hotplug_method=acpi,hotplug_size={HOTPLUG_SIZE // MiB}M",
-        "--cmdline", "console=ttyS0 panic=-1 memhp_default_state=online_movable -- plugs=2 unplugs=1",
-        "--api-socket", f"path={socket_path}", "--event-monitor", f"path={events}",
-    ]
-    boot = Boot("memory-hotplug", command, timeout=TIMEOUT)
-    try:
-        yield Guest(boot), ApiClient(str(socket_path), timeout=90), events, socket_path
-    finally:
+    boots: list[Boot] = []
+
+    def start(method: str, init_args: str) -> Launched:
+        initramfs = build_initramfs(tmp_path / "memhp.cpio", init=HERE / "memory_hotplug_init.sh")
+        socket_path = tmp_path / "api.sock"
+        events = tmp_path / "events.json"
+        command = [
+            sys.executable, "-m", "vmmkit", "--hypervisor", "kvm", "--kernel", str(LINUX_DIR / "vmlinux"),
+            "--initramfs", str(initramfs), "--cpus", "boot=1", "--serial", "tty",
+            "--memory", f"size={BOOT_RAM // MiB}M,hotplug_method={method},hotplug_size={HOTPLUG_SIZE // MiB}M",
+            "--cmdline", f"console=ttyS0 panic=-1 memhp_default_state=online_movable -- {init_args}",
+            "--api-socket", f"path={socket_path}", "--event-monitor", f"path={events}",
+        ]
+        boots.append(Boot(f"memory-hotplug-{method}", command, timeout=TIMEOUT))
+        return Guest(boots[-1]), ApiClient(str(socket_path), timeout=90), events, socket_path
+
+    yield start
+    for boot in boots:
         boot.kill()
 
 
@@ -103,8 +112,8 @@ def refused(api: ApiClient, desired_ram: int) -> str:
     return " ".join(error.value.messages)
 
 
-def test_linux_sees_acpi_hot_plugged_memory(guest: tuple[Guest, ApiClient, Path, Path], tmp_path: Path) -> None:
-    vm, api, events, socket_path = guest
+def test_linux_sees_acpi_hot_plugged_memory(launch: Callable[[str, str], Launched], tmp_path: Path) -> None:
+    vm, api, events, socket_path = launch("acpi", "plugs=2 unplugs=1")
     deadline = time.monotonic() + TIMEOUT
     (boot_kb,) = map(int, vm.step("ready", deadline))
     assert api.info()["memory_actual_size"] == BOOT_RAM
@@ -152,3 +161,39 @@ def test_linux_sees_acpi_hot_plugged_memory(guest: tuple[Guest, ApiClient, Path,
     # or not (three before the first plug, two after the second), "resized" after each resize.
     assert resizes == ["resizing"] * 3 + ["resizing", "resized"] * 2 + ["resizing"] * 2 + \
         ["resizing", "resized"], resizes
+
+
+def test_linux_plugs_and_unplugs_virtio_mem_blocks(launch: Callable[[str, str], Launched], tmp_path: Path) -> None:
+    """The same guest with ``hotplug_method=virtio-mem``: the region is mapped at boot and
+    Linux's virtio_mem driver plugs 2 MiB blocks up to the ``requested_size`` a resize sets
+    (``MemTotal`` grows by 256 MiB), then unplugs down to it (back by 128 MiB)."""
+    vm, api, events, _socket = launch("virtio-mem", "plugs=1 unplugs=1")
+    deadline = time.monotonic() + TIMEOUT
+    (boot_kb,) = map(int, vm.step("ready", deadline))
+    assert "2 MiB" in refused(api, BOOT_RAM + MiB)
+    assert "128 MiB to 640 MiB" in refused(api, BOOT_RAM + HOTPLUG_SIZE + 2 * MiB)
+
+    resized = api.request("PUT", "vm.resize", {"desired_ram": BOOT_RAM + 256 * MiB})
+    assert resized.status == 204, resized
+    assert api.info()["memory_actual_size"] == BOOT_RAM + 256 * MiB
+    words = vm.step("grown", deadline)
+    assert int(words[0]) - boot_kb == 256 * 1024, (boot_kb, words)
+    assert api.info()["config"]["memory"]["hotplugged_size"] == 256 * MiB
+
+    resized = api.request("PUT", "vm.resize", {"desired_ram": BOOT_RAM + 128 * MiB})
+    assert resized.status == 204, resized
+    words = vm.step("shrunk", deadline)
+    assert int(words[0]) - boot_kb == 128 * 1024, (boot_kb, words)
+    counters = api.request("GET", "vm.counters").json()["_mem0"]
+    assert counters["plugged_size"] == 128 * MiB and counters["requested_size"] == 128 * MiB, counters
+
+    result = vm.boot.wait()
+    (tmp_path / "console.log").write_text(result.output)
+    for at, line in result.lines:
+        if PREFIX in line:
+            print(f"{at:7.1f} s  {line}")
+    assert result.returncode == 0, result.describe()
+    assert "virtio_mem" in result.output, result.output
+    resizes = [e["event"] for e in read_events(events.read_text()) if e.get("source") == "vm"
+               and e.get("event") in ("resizing", "resized")]
+    assert resizes == ["resizing"] * 2 + ["resizing", "resized"] * 2, resizes

@@ -33,3 +33,29 @@ def test_a_dimm_is_a_kvm_slot_and_the_guest_still_boots() -> None:
         vm.start()
         result = vm.wait(timeout=120)
     assert result.ok, (result.reason, result.serial[-2000:])
+
+
+def test_virtio_mem_maps_its_region_at_boot_and_a_resize_sets_the_requested_size() -> None:
+    with vmmkit.Vm(kernel=vmmkit.demo_kernel(), cmdline="hello",
+                   memory="size=128M,hotplug_method=virtio-mem,hotplug_size=256M,hotplugged_size=64M",
+                   hypervisor="kvm") as vm:
+        machine = vm.machine
+        machine.build()
+        assert machine.vm is not None and machine.memory is not None
+        region = machine.memory.find_region(4 * GiB)
+        assert region is not None and region.size == 256 * MiB
+        assert (4 * GiB, 256 * MiB, region.host_address) in machine.vm.memory_slots()  # type: ignore[attr-defined]
+        mem = machine.manager.get("_mem0")
+        counters = machine.manager.counters()["_mem0"]
+        assert counters["requested_size"] == 64 * MiB and counters["plugged_size"] == 0, counters
+        assert machine.resize_memory(128 * MiB + 192 * MiB)
+        assert machine.manager.counters()["_mem0"]["requested_size"] == 192 * MiB
+        assert machine.resize_memory(128 * MiB)  # virtio-mem may shrink: the driver unplugs
+        with pytest.raises(ConfigError, match="2 MiB"):
+            machine.resize_memory(128 * MiB + MiB)
+        with pytest.raises(ConfigError, match="128 MiB to 384 MiB"):
+            machine.resize_memory(64 * MiB)
+        assert mem.kind in ("virtio-pci", "virtio-mmio")
+        vm.start()
+        result = vm.wait(timeout=120)
+    assert result.ok, (result.reason, result.serial[-2000:])

@@ -33,6 +33,7 @@ from vmmkit_devices.device_types import (
     Serial16550Type,
     VirtioBlockType,
     VirtioConsoleType,
+    VirtioMemType,
     VirtioNetType,
     VirtioRngType,
 )
@@ -58,6 +59,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VirtioNetType,
     VirtioConsoleType,
     VirtioRngType,
+    VirtioMemType,
 )
 
 
