@@ -37,6 +37,12 @@ class MemoryLayout:
     #: The ACPI PCI hotplug register block (:mod:`vmmkit.pci.hotplug`), ``None``: no PCI
     #: hotplug on this architecture.
     pci_hotplug: MemoryRange | None = None
+    #: Guest-physical space for RAM plugged while the guest runs (``--memory hotplug_size=``),
+    #: outside every RAM range and window; ``None``: no memory hotplug.
+    memory_hotplug: MemoryRange | None = None
+    #: The ACPI memory hotplug register block (:mod:`vmmkit.acpi.memory_hotplug`), placed
+    #: when :attr:`memory_hotplug` is set; ``None``: no ACPI memory hotplug on this architecture.
+    memory_hotplug_registers: MemoryRange | None = None
 
 
 @frozen

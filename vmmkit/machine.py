@@ -34,6 +34,7 @@ from vmmkit.registry import AUTO, Registries
 from vmmkit.threads import set_native_thread_name
 
 if TYPE_CHECKING:
+    from vmmkit.memory_hotplug import MemoryHotplug, VirtioMemHotplug
     from vmmkit.snapshot import SnapshotImage
 
 log = get_logger()
@@ -88,6 +89,8 @@ def preload(config: VmConfig, registries: Registries, *, hypervisor: str = AUTO,
         for name in dict.fromkeys(request.type for request in requests):
             if name in registries.devices:
                 registries.devices.get(name).preload()
+        if config.memory.hotplug_size:
+            import vmmkit.memory_hotplug  # noqa: F401
         virtio = default_virtio_transport(config, architecture.default_virtio_transport)
         for transport in registries.transports:
             if transport.family == "platform" or virtio in (transport.name, transport.alias):
@@ -195,6 +198,8 @@ class Machine:
         self.boot_info: BootInfo | None = None
         self.event_loop = EventLoop()
         self.device_manager: DeviceManager | None = None
+        #: RAM plugged while the guest runs (``--memory hotplug_size=``), once built.
+        self.memory_hotplug: MemoryHotplug | VirtioMemHotplug | None = None
         self.vcpus: list[Vcpu] = []
         self.guest_exit_status: int | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -259,6 +264,22 @@ class Machine:
         :raises DeviceError: no such device, or not one that can leave a running VM.
         """
         return self.manager.unplug(device_id)
+
+    def resize_memory(self, desired: int) -> bool:
+        """Plug RAM until the guest has ``desired`` bytes, or ask it to eject hot-plugged RAM
+        down to that (ACPI memory hotplug, Cloud Hypervisor's ``vm.resize desired_ram``);
+        False when there is nothing to do.
+
+        :raises ConfigError: this VM has no hotplug RAM, or ``desired`` cannot be reached
+            (beyond ``hotplug_size``, not in 128 MiB steps, no free slot, not whole DIMMs).
+        """
+        hotplug = self.memory_hotplug
+        if hotplug is None:
+            from vmmkit.config import ConfigError
+
+            raise ConfigError("desired_ram", desired, "a VM booted with --memory hotplug_size=",
+                              reason="this VM has no hotplug memory")
+        return hotplug.resize(desired) != 0
 
     # -- building ----------------------------------------------------------------------------
 
@@ -336,6 +357,12 @@ class Machine:
         self.manager.reserve_irqs(request.irq for request in requests if request.irq is not None)
         for request in requests:
             self.manager.create(request)
+        if self.config.memory.hotplug_size:
+            from vmmkit import memory_hotplug
+
+            assert self.layout is not None and self.memory is not None and self.vm is not None
+            self.memory_hotplug = memory_hotplug.attach(self.manager, self.layout, self.config.memory,
+                                                        self.memory, self.vm)
         self.manager.enable_pci_hotplug()
 
     def _load_payload(self) -> None:
@@ -639,6 +666,8 @@ class Machine:
             self.vm.close()
         if self.hypervisor is not None:
             self.hypervisor.close()
+        if self.memory_hotplug is not None:
+            self.memory_hotplug.close()
         if self.memory is not None:
             self.memory.close()
         self.vm = None

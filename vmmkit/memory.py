@@ -67,8 +67,8 @@ class GuestMemory:
     """The guest's RAM, as a sorted, non-overlapping set of host mappings."""
 
     def __init__(self, regions: Iterable[GuestRegion] = ()) -> None:
-        self._regions: list[GuestRegion] = []
-        self._starts: list[int] = []
+        #: (regions sorted by start, their starts): replaced as a whole, never changed in place.
+        self._table: tuple[list[GuestRegion], list[int]] = ([], [])
         for region in regions:
             self.add_region(region)
 
@@ -97,7 +97,7 @@ class GuestMemory:
         try:
             for slot, rng in enumerate(ranges):
                 memory.add_region(
-                    _map_region(rng, slot, shared=shared, hugepages=hugepages, hugepage_size=hugepage_size,
+                    map_region(rng, slot, shared=shared, hugepages=hugepages, hugepage_size=hugepage_size,
                                 thp=thp, mergeable=mergeable, prefault=prefault)
                 )
         except BaseException:
@@ -108,12 +108,29 @@ class GuestMemory:
     # -- the region table ------------------------------------------------------------------
 
     def add_region(self, region: GuestRegion) -> None:
+        """Add a region; safe while other threads read guest memory (memory hotplug): the
+        table is replaced, never changed in place."""
         for other in self._regions:
             if other.range.overlaps(region.range):
                 raise GuestMemoryError(f"region {region.range} overlaps {other.range}")
-        index = bisect.bisect(self._starts, region.start)
-        self._regions.insert(index, region)
-        self._starts.insert(index, region.start)
+        regions = sorted([*self._regions, region], key=lambda r: r.start)
+        self._publish(regions)
+
+    def remove_region(self, start: int) -> GuestRegion:
+        """Take the region starting at ``start`` out of the table (its mapping stays open
+        until :func:`close_region`); safe while other threads read guest memory."""
+        region = next((r for r in self._regions if r.start == start), None)
+        if region is None:
+            raise GuestMemoryError(f"no guest memory region starts at {start:#x}")
+        self._publish([r for r in self._regions if r is not region])
+        return region
+
+    def _publish(self, regions: list[GuestRegion]) -> None:
+        self._table = (regions, [r.start for r in regions])
+
+    @property
+    def _regions(self) -> list[GuestRegion]:
+        return self._table[0]
 
     @property
     def regions(self) -> tuple[GuestRegion, ...]:
@@ -128,9 +145,10 @@ class GuestMemory:
         return self._regions[-1].range.end - 1 if self._regions else 0
 
     def find_region(self, gpa: int) -> GuestRegion | None:
-        index = bisect.bisect(self._starts, gpa) - 1
+        regions, starts = self._table  # one snapshot: the table may be replaced meanwhile
+        index = bisect.bisect(starts, gpa) - 1
         if index >= 0:
-            region = self._regions[index]
+            region = regions[index]
             if gpa < region.range.end:
                 return region
         return None
@@ -187,6 +205,16 @@ class GuestMemory:
             region, offset = self.translate(piece_gpa, piece_len)
             region.buffer[offset : offset + piece_len] = bytes([byte]) * piece_len
 
+    def discard(self, gpa: int, length: int) -> None:
+        """Give the host pages of ``[gpa, gpa + length)`` back (``MADV_DONTNEED``; virtio-mem's
+        unplug): private memory reads zeros next, memfd-backed (``shared``) memory keeps its
+        pages in the memfd. Page aligned, inside RAM."""
+        if gpa % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(f"discard {gpa:#x}+{length:#x} is not page aligned")
+        for piece_gpa, piece_len in self.split(gpa, length):
+            region, offset = self.translate(piece_gpa, piece_len)
+            region.buffer.madvise(mmap.MADV_DONTNEED, offset, piece_len)
+
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.read(gpa, size), "little")
 
@@ -230,15 +258,8 @@ class GuestMemory:
 
     def close(self) -> None:
         for region in self._regions:
-            region._pin = None
-            try:
-                region.buffer.close()
-            except BufferError:  # a view is still alive (an error's traceback): unmapped when it goes
-                pass
-            if region.fd is not None:
-                os.close(region.fd)
-        self._regions.clear()
-        self._starts.clear()
+            close_region(region)
+        self._table = ([], [])
 
     def __enter__(self) -> GuestMemory:
         return self
@@ -247,7 +268,19 @@ class GuestMemory:
         self.close()
 
 
-def _map_region(
+def close_region(region: GuestRegion) -> None:
+    """Unmap a region (and close its memfd) that no :class:`GuestMemory` holds any more."""
+    region._pin = None
+    try:
+        region.buffer.close()
+    except BufferError:  # a view is still alive (an error's traceback): unmapped when it goes
+        pass
+    if region.fd is not None:
+        os.close(region.fd)
+        region.fd = None
+
+
+def map_region(
     rng: MemoryRange,
     slot: int,
     *,
@@ -258,6 +291,11 @@ def _map_region(
     mergeable: bool,
     prefault: bool,
 ) -> GuestRegion:
+    """Map ``rng`` of guest RAM for memory ``slot`` (see :meth:`GuestMemory.allocate` for the
+    options); the caller adds it to a :class:`GuestMemory` (which closes it) or closes it.
+
+    :raises MemoryAllocationError: the host cannot provide the memory.
+    """
     if rng.size <= 0 or rng.size % PAGE_SIZE or rng.start % PAGE_SIZE:
         raise GuestMemoryError(f"region {rng} is not page aligned")
     # Huge pages are reserved at mmap (no MAP_NORESERVE): a short pool fails now, not later.

@@ -9,6 +9,7 @@
     vmmkit-remote --api-socket /run/vm.sock remove-device _disk0
     vmmkit-remote --api-socket /run/vm.sock snapshot file:///var/snap      (a paused VM)
     vmmkit-remote --api-socket /run/vm.sock restore source_url=file:///var/snap,prefault=on
+    vmmkit-remote --api-socket /run/vm.sock resize --memory 1G
     vmmkit-remote --api-socket /run/vm.sock info | counters | pause | resume | reboot |
                                        power-button | nmi | shutdown | delete | shutdown-vmm
 
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore = commands.add_parser("restore", help="Restore VM from a snapshot")
     restore.add_argument("restore_config", metavar="CONFIG",
                          help="source_url=file:///<directory>,prefault=on|off,resume=on|off")
+    resize = commands.add_parser("resize", help="Resize the VM")
+    resize.add_argument("--cpus", help="New vCPUs count")
+    resize.add_argument("--memory", help="New memory size in bytes (supports K/M/G suffix)")
+    resize.add_argument("--balloon", help="New balloon size in bytes (supports K/M/G suffix)")
     return parser
 
 
@@ -92,6 +97,30 @@ def _restore_body(spec: str) -> dict[str, Any]:
         value = parsed.toggle(key)
         if value is not None:
             body[key] = value
+    return body
+
+
+def _resize_body(options: argparse.Namespace) -> dict[str, int]:
+    """``VmResizeData`` from ``resize --cpus N --memory SIZE --balloon SIZE`` (ch-remote's
+    flags); the VMM refuses what it does not implement."""
+    from vmmkit.config import ConfigError
+    from vmmkit.units import parse_size
+
+    body: dict[str, int] = {}
+    if options.cpus is not None:
+        if not options.cpus.isdigit() or int(options.cpus) <= 0:
+            raise ConfigError("--cpus", options.cpus, "a positive number of vCPUs")
+        body["desired_vcpus"] = int(options.cpus)
+    for flag, key, text in (("--memory", "desired_ram", options.memory),
+                            ("--balloon", "desired_balloon", options.balloon)):
+        if text is not None:
+            try:
+                body[key] = parse_size(text)
+            except ValueError as exc:
+                raise ConfigError(flag, text, "a size: bytes, or with a K, M, G or T suffix",
+                                  reason=str(exc)) from None
+    if not body:
+        raise ConfigError("resize", "", "at least one of --cpus, --memory, --balloon")
     return body
 
 
@@ -129,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             method, endpoint, body = "PUT", "vm.restore", _restore_body(options.restore_config)
         elif command == "remove-device":
             method, endpoint, body = "PUT", "vm.remove-device", {"id": options.id}
+        elif command == "resize":
+            method, endpoint, body = "PUT", "vm.resize", _resize_body(options)
         elif command == "resize-disk":
             try:
                 size = parse_size(options.size)

@@ -144,7 +144,7 @@ class Vmm:
         return {
             "config": config.to_json(),
             "state": state,
-            "memory_actual_size": config.memory.size,
+            "memory_actual_size": config.memory.size + (config.memory.hotplugged_size or 0),
         }
 
     def counters(self) -> dict[str, dict[str, int]]:
@@ -429,6 +429,32 @@ class Vmm:
             if disk_id not in {d.id for d in config.disks} or disk_id not in machine.manager:
                 raise NoSuchDevice(f"no disk with id {disk_id!r}")
             machine.manager.resize(disk_id, size)
+
+    def resize_ram(self, desired_ram: int) -> None:
+        """``vm.resize`` with ``desired_ram``, as Cloud Hypervisor's ``Vm::resize``: on a booted
+        VM, plug or unplug RAM (:mod:`vmmkit.memory_hotplug`) and keep the configuration in
+        step (ACPI: ``memory.size``, so the next boot has it all; virtio-mem:
+        ``hotplugged_size``); before boot, only ``memory.size`` changes. Events
+        ``vm``/``resizing`` and ``vm``/``resized`` as CH's.
+
+        :raises ConfigError: ``desired_ram`` cannot be reached (see
+            :meth:`vmmkit.machine.Machine.resize_memory`).
+        """
+        with self._op_lock:
+            config = self._require_config()
+            machine = self._live_machine()
+            memory = attrs.evolve(config.memory, size=desired_ram)  # validates it (page multiple...)
+            if machine is not None:
+                self._event("vm", "resizing")
+                machine.resize_memory(desired_ram)
+                if config.memory.hotplug_method == "VirtioMem":  # CH: the boot size stays
+                    extra = desired_ram - config.memory.size
+                    memory = attrs.evolve(config.memory, hotplugged_size=extra if extra > 0 else None)
+            with self._lock:
+                if self.config is not None:
+                    self.config = attrs.evolve(self.config, memory=memory)
+            if machine is not None:
+                self._event("vm", "resized")
 
     def _add(self, device: Any, add: Callable[[VmConfig, Any], VmConfig], what: str) -> dict[str, str] | None:
         with self._op_lock:

@@ -329,7 +329,8 @@ class OpRegion(AmlObject):
 
 
 class Field(AmlObject):
-    """``Field(region, ByteAcc, NoLock, WriteAsZeros) { name, bits, ... }``: named fields only."""
+    """``Field(region, ByteAcc, NoLock, WriteAsZeros) { name, bits, ... }``; an entry named
+    ``""`` is reserved space (``Offset``), skipping its bits."""
 
     __slots__ = ("region", "fields", "flags")
 
@@ -341,6 +342,9 @@ class Field(AmlObject):
     def to_aml(self) -> bytes:
         body = name_string(self.region) + bytes([self.flags])
         for name, bits in self.fields:
+            if name == "":  # a ReservedField: skips ``bits`` (CH's ``FieldEntry::Reserved``)
+                body += b"\x00" + _field_width(bits)
+                continue
             if len(name) != 4 or not _is_segment(name):
                 raise ValueError(f"a field name is one 4-character segment, not {name!r}")
             body += name.encode("ascii") + _field_width(bits)
@@ -725,3 +729,79 @@ class Release(AmlObject):
 
     def to_aml(self) -> bytes:
         return bytes([EXT_OP_PREFIX, 0x27]) + name_string(self.path)
+
+
+# -- arithmetic, loops and buffer fields (memory hotplug: Cloud Hypervisor's MHPC methods) ------
+
+
+class _Binary(AmlObject):
+    """``Op(left, right, target)``: an arithmetic or bitwise operator with a target."""
+
+    __slots__ = ("left", "right", "target")
+    opcode: int = 0
+
+    def __init__(self, left: Term, right: Term, target: Term) -> None:
+        self.left = left
+        self.right = right
+        self.target = target
+
+    def to_aml(self) -> bytes:
+        return bytes([self.opcode]) + encode(self.left) + encode(self.right) + encode(self.target)
+
+
+class Add(_Binary):
+    """``Add(left, right, target)``."""
+
+    opcode = 0x72
+
+
+class Subtract(_Binary):
+    """``Subtract(left, right, target)``."""
+
+    opcode = 0x74
+
+
+class Or(_Binary):
+    """``Or(left, right, target)``."""
+
+    opcode = 0x7D
+
+
+class LLess(AmlObject):
+    """``LLess(left, right)``."""
+
+    __slots__ = ("left", "right")
+
+    def __init__(self, left: Term, right: Term) -> None:
+        self.left = left
+        self.right = right
+
+    def to_aml(self) -> bytes:
+        return bytes([0x95]) + encode(self.left) + encode(self.right)
+
+
+class While(AmlObject):
+    """``While (predicate) { body }``."""
+
+    __slots__ = ("predicate", "body")
+
+    def __init__(self, predicate: Term, body: Iterable[Term] = ()) -> None:
+        self.predicate = predicate
+        self.body: Sequence[Term] = tuple(body)
+
+    def to_aml(self) -> bytes:
+        return _package(bytes([0xA2]), encode(self.predicate) + encode_all(self.body))
+
+
+class CreateQWordField(AmlObject):
+    """``CreateQWordField(buffer, byte_index, name)``: a name for 8 bytes of a buffer."""
+
+    __slots__ = ("buffer", "index", "path")
+
+    def __init__(self, buffer: Term, index: int, path: str) -> None:
+        self.buffer = buffer
+        self.index = index
+        self.path = path
+
+    def to_aml(self) -> bytes:
+        return bytes([0x8F]) + encode(self.buffer) + integer(self.index) + name_string(self.path)

@@ -15,7 +15,7 @@ vmmkit rejects or does not support yet, an unknown key, guest RAM the host canno
 unknown path, no VM created, or no such device; 405 wrong method, or an operation the VM's
 state does not allow (``vm.counters`` of a VM that is not running); 408 a request that did not
 arrive in time; 409 a VM or a device id that already exists; 413 body too large; 429 too many
-connections from one process; 501 a CH endpoint vmmkit does not implement (migration, resize,
+connections from one process; 501 a CH endpoint vmmkit does not implement (migration, resize-zone,
 ...); 503 every connection busy in a handler; 504 a guest that did not eject a device in time
 (``vm.remove-device``); 500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on
 a running VM answer 200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
@@ -45,6 +45,7 @@ from vmmkit.api.http import (
     Response,
     close_fds,
 )
+from vmmkit.api.resize_ram import resize_ram
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
@@ -73,7 +74,6 @@ LISTEN_BACKLOG: Final = 128
 
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
-    "vm.resize": "resizing vCPUs and memory",
     "vm.resize-zone": "resizing memory zones",
     "vm.add-fs": "virtio-fs devices",
     "vm.add-generic-vhost-user": "generic vhost-user devices",
@@ -251,6 +251,30 @@ def _restore(server: ApiServer, request: Request) -> Response:
     return Response(204)
 
 
+#: ``VmResizeData``'s keys, and for those vmmkit does not implement yet, why (501).
+_RESIZE_KEYS: Final[Mapping[str, str | None]] = {
+    "desired_vcpus": "resizing vCPUs",
+    "desired_ram": None,
+    "desired_balloon": "virtio-balloon devices",
+}
+
+
+def _resize(server: ApiServer, request: Request) -> Response:
+    body = _json_object(request)
+    unknown = sorted(set(body) - set(_RESIZE_KEYS))
+    if unknown:
+        raise HttpError(400, f"VmResizeData has no {', '.join(unknown)} (it takes {', '.join(_RESIZE_KEYS)})")
+    given = [key for key in _RESIZE_KEYS if body.get(key) is not None]
+    if not given:
+        raise HttpError(400, f"vm.resize needs one of {', '.join(_RESIZE_KEYS)}")
+    for key in given:  # refuse before anything changes
+        if _RESIZE_KEYS[key] is not None:
+            raise HttpError(501, f"vm.resize {key} is not implemented by vmmkit ({_RESIZE_KEYS[key]})")
+    if "desired_ram" in given:
+        resize_ram(server.vmm, body["desired_ram"])
+    return Response(204)
+
+
 def _openapi(server: ApiServer, request: Request) -> Response:
     _no_body(request)
     return Response(200, server.openapi_document(), content_type="application/yaml")
@@ -277,6 +301,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.resize-disk": Route("PUT", _resize_disk),
     "vm.snapshot": Route("PUT", _snapshot),
     "vm.restore": Route("PUT", _restore),
+    "vm.resize": Route("PUT", _resize),
     "openapi": Route("GET", _openapi),
 }
 

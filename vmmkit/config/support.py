@@ -35,7 +35,7 @@ from vmmkit.config.errors import ConfigError
 _VFIO: Final = "VFIO device passthrough"
 _IOMMU: Final = "a virtual IOMMU"
 _SMBIOS: Final = "SMBIOS tables"
-_HOTPLUG: Final = "memory hotplug"
+_VIRTIO_MEM: Final = "virtio-mem memory hotplug: no installed device type provides virtio-mem"
 _SEGMENTS: Final = "more than one PCI segment"
 
 #: The one table of what vmmkit does not support yet: JSON path (no list indices) -> reason.
@@ -50,9 +50,9 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "cpus.core_scheduling": "core scheduling",
     # memory
     "memory.hugepage_size": "choosing the huge page size (hugepages=on uses the host's default)",
-    "memory.hotplug_method": _HOTPLUG,
-    "memory.hotplug_size": _HOTPLUG,
-    "memory.hotplugged_size": _HOTPLUG,
+    # claimed by the virtio-mem device type (vmmkit-devices); the default method, Acpi, is the core's
+    "memory.hotplug_method": _VIRTIO_MEM,
+    "memory.hotplugged_size": _VIRTIO_MEM,  # virtio-mem only, as in Cloud Hypervisor
     "memory.reserve": "reserving swap space for guest RAM (it is mapped MAP_NORESERVE)",
     "memory.zones": "memory zones",
     # disks

@@ -48,7 +48,7 @@ IMPLEMENTED = frozenset({
     "cpus.boot_vcpus", "cpus.max_vcpus", "cpus.topology", "cpus.max_phys_bits", "cpus.nested",
     "cpus.features.amx",
     "memory.size", "memory.mergeable", "memory.shared", "memory.hugepages", "memory.prefault",
-    "memory.thp",
+    "memory.thp", "memory.hotplug_size",
     "disks.path", "disks.readonly", "disks.direct", "disks.num_queues", "disks.queue_size", "disks.id",
     "disks.serial", "disks.sparse", "disks.image_type", "disks.lock_granularity", "disks.pci_device_id",
     "disks.transport", "disks.backing_files",
@@ -410,7 +410,7 @@ def test_cli_options_vmmkit_does_not_model_are_refused_by_name(flag: str, path: 
     [
         (["--pmem", "file=x,size=2M"], "--pmem: not supported yet (virtio-pmem devices)"),
         (["--disk", "path=a.img,bw_size=10,bw_refill_time=10"], "--disk: bw_*/ops_* is not supported yet"),
-        (["--memory", "hotplug_size=1G"], "--memory: hotplug_size is not supported yet (memory hotplug)"),
+        (["--memory", "hugepages=on,hugepage_size=2M"], "--memory: hugepage_size is not supported yet"),
         (["--firmware", "/fw"], "--firmware: not supported yet"),
         (["--cpus", "kvm_hyperv=on"], "--cpus: kvm_hyperv is not supported yet"),
     ],
@@ -485,7 +485,7 @@ def client(vmmkit_registries: Any, vmmkit_pm: Any) -> Iterator[ApiClient]:
     ("body", "named"),
     [
         ({"pmem": [{"file": "/p.img"}]}, "pmem: not supported yet"),
-        ({"memory": {"size": 1 << 30, "hotplug_size": 1 << 30}}, "memory.hotplug_size: not supported yet"),
+        ({"memory": {"size": 1 << 30, "reserve": True}}, "memory.reserve: not supported yet"),
         ({"disks": [{"path": "/a", "rate_limiter_config": {"ops": {"size": 1, "refill_time": 1}}}]},
          "disks[0].rate_limiter_config: not supported yet"),
         ({"numa": [{"guest_numa_id": 0}]}, "numa: not supported yet"),

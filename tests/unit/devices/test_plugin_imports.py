@@ -20,6 +20,7 @@ from devices_support import FakeContext
 
 from vmmkit.config import ConsoleConfig, DiskConfig, RngConfig
 from vmmkit.device import Device, DeviceRequest
+from vmmkit.memory_hotplug import VirtioMemRegion
 from vmmkit.plugin import collect_registries, make_plugin_manager
 from vmmkit.registry import Registries
 from vmmkit.virtio.device import VirtioDevice
@@ -121,6 +122,7 @@ _CONFIGS = {
     "debug-console": "Null",
     "virtio-console": ConsoleConfig(mode="Null"),
     "virtio-rng": RngConfig(),
+    "virtio-mem": VirtioMemRegion(start=1 << 30, size=2 << 20),
 }
 
 

@@ -21,7 +21,13 @@ Above::
     0xf800_0000            hypervisor-private pages (KVM TSS and identity map), outside every window
     0xfec0_0000            IOAPIC              0xfee0_0000  local APICs
     4 GiB ..               the rest of the RAM
-    above RAM (1 GiB aligned)  PCI MMIO64 window (64 GiB, clipped to max_phys_bits)
+    hotplug RAM            with ``--memory hotplug_size=``: from 4 GiB if all RAM is below
+                           3 GiB, else from the end of RAM rounded up to 128 MiB (Cloud
+                           Hypervisor's ``MemoryManager::start_addr``); not in the e820 map
+    above it (1 GiB aligned)   PCI MMIO64 window (64 GiB, clipped to max_phys_bits)
+
+The ACPI memory hotplug registers (MHPC, 0x18 bytes) are at 0xc7ffc000, when there is
+hotplug RAM.
 
 I/O ports 0x0-0xfff are legacy (platform devices, PCI config at 0xcf8); PCI I/O BARs get
 0x1000-0xffff. Legacy IRQs 5-23 go to devices (the machine skips those platform devices take,
@@ -85,6 +91,12 @@ FOUR_GIB: Final = 4 * GiB
 #: top of the device MMIO window.
 PCI_HOTPLUG: Final = MemoryRange(DEVICE_MMIO.end - 0x2000, 0x10)
 
+#: The ACPI memory hotplug registers (:mod:`vmmkit.acpi.memory_hotplug`), in the device MMIO
+#: window's fourth page from the top.
+MEMORY_HOTPLUG_REGISTERS: Final = MemoryRange(DEVICE_MMIO.end - 0x4000, 0x18)
+#: Hotplug RAM starts on a Linux memory block (section) boundary.
+MEMORY_HOTPLUG_ALIGN: Final = 128 * MiB
+
 PCI_MMIO64_SIZE: Final = 64 * GiB
 PCI_MMIO64_ALIGN: Final = 1 * GiB
 
@@ -98,8 +110,9 @@ IOAPIC_PINS: Final = 24
 MIN_RAM: Final = 2 * MiB
 
 
-def memory_layout(size: int, max_phys_bits: int = 46) -> MemoryLayout:
-    """The layout for ``size`` bytes of RAM: ``[0, min(size, 3 GiB))``, the rest from 4 GiB.
+def memory_layout(size: int, max_phys_bits: int = 46, hotplug_size: int = 0) -> MemoryLayout:
+    """The layout for ``size`` bytes of RAM: ``[0, min(size, 3 GiB))``, the rest from 4 GiB;
+    then ``hotplug_size`` bytes for memory hotplug, if any.
 
     :raises VmmError: ``size`` is below :data:`MIN_RAM` or not page aligned.
     """
@@ -112,6 +125,14 @@ def memory_layout(size: int, max_phys_bits: int = 46) -> MemoryLayout:
     if size > low:
         ram.append(MemoryRange(FOUR_GIB, size - low))
     ram_end = ram[-1].end
+    hotplug = None
+    if hotplug_size > 0:
+        start = FOUR_GIB if ram_end <= LOW_RAM_END else _align_up(ram_end, MEMORY_HOTPLUG_ALIGN)
+        hotplug = MemoryRange(start, hotplug_size)
+        ram_end = hotplug.end
+        if ram_end > 1 << max_phys_bits:
+            raise VmmError(f"RAM and hotplug_size end at {ram_end:#x}, beyond the guest's "
+                           f"{max_phys_bits}-bit physical address space")
     mmio64_start = _align_up(max(ram_end, FOUR_GIB), PCI_MMIO64_ALIGN)
     mmio64_end = min(mmio64_start + PCI_MMIO64_SIZE, 1 << max_phys_bits)
     mmio64 = MemoryRange(mmio64_start, mmio64_end - mmio64_start) if mmio64_end > mmio64_start else None
@@ -125,17 +146,21 @@ def memory_layout(size: int, max_phys_bits: int = 46) -> MemoryLayout:
         device_irqs=DEVICE_IRQS,
         pci_hotplug=PCI_HOTPLUG,
         msi_gsis=MSI_GSIS,
+        memory_hotplug=hotplug,
+        memory_hotplug_registers=MEMORY_HOTPLUG_REGISTERS if hotplug is not None else None,
     )
 
 
 def layout_for(config: VmConfig) -> MemoryLayout:
-    return memory_layout(config.memory.size, config.cpus.max_phys_bits)
+    return memory_layout(config.memory.size, config.cpus.max_phys_bits, config.memory.hotplug_size or 0)
 
 
 def fixed_regions(layout: MemoryLayout) -> dict[str, MemoryRange]:
     """Every named guest-physical placement of the layout (for overlap checks and reports)."""
     regions = {f"ram{i}": r for i, r in enumerate(layout.ram)}
     regions["device_mmio"] = layout.device_mmio
+    if layout.memory_hotplug is not None:
+        regions["memory_hotplug"] = layout.memory_hotplug
     for name in ("pci_mmio32", "pci_mmio64", "pci_ecam"):
         value = getattr(layout, name)
         if value is not None:

@@ -235,6 +235,18 @@ class VirtioRngType(DeviceType):
     implementation: ClassVar[str] = "vmmkit_devices.virtio.rng"
 
 
+class VirtioMemType(DeviceType):
+    """``virtio-mem``: asked for by the core's memory hotplug (``--memory
+    hotplug_method=virtio-mem,hotplug_size=``) over the region it mapped, never from a
+    configuration section of its own: it claims the memory options that make it."""
+
+    name: ClassVar[str] = "virtio-mem"
+    description: ClassVar[str] = "virtio memory device: RAM plugged in 2 MiB blocks (hotplug_method=virtio-mem)"
+    sections: ClassVar[tuple[str, ...]] = ("memory.hotplug_method", "memory.hotplugged_size")
+
+    implementation: ClassVar[str] = "vmmkit_devices.virtio.mem"
+
+
 def _virtio_request(type_name: str, section: Any, device_id: str) -> DeviceRequest:
     """The request for a virtio device of a configuration section with Cloud Hypervisor's
     placement fields (``pci_segment``, ``pci_device_id``) and vmmkit's ``transport``."""

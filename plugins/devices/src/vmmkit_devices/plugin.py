@@ -34,6 +34,7 @@ from vmmkit_devices.device_types import (
     Serial16550Type,
     VirtioBlockType,
     VirtioConsoleType,
+    VirtioMemType,
     VirtioNetType,
     VirtioRngType,
 )
@@ -60,6 +61,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VirtioNetType,
     VirtioConsoleType,
     VirtioRngType,
+    VirtioMemType,
 )
 
 

@@ -269,14 +269,16 @@ class KvmVm(Vm):
         self._fd.set_user_memory_region(
             slot, guest_addr, size, host_addr, readonly=readonly, log_dirty=log_dirty
         )
-        self._slots[slot] = (guest_addr, size, host_addr, readonly, log_dirty)
+        # A new table, never changed in place: the PVM quirks read it from vCPU threads while a
+        # slot is plugged from another (memory hotplug).
+        self._slots = {**self._slots, slot: (guest_addr, size, host_addr, readonly, log_dirty)}
 
     def remove_memory_region(self, slot: int) -> None:
         if slot not in self._slots:
             raise ValueError(f"memory slot {slot} is not in use")
         guest_addr, _, host_addr, readonly, _ = self._slots[slot]
         self._fd.set_user_memory_region(slot, guest_addr, 0, host_addr, readonly=readonly)
-        del self._slots[slot]
+        self._slots = {key: value for key, value in self._slots.items() if key != slot}
 
     def memory_slots(self) -> list[tuple[int, int, int]]:
         """``(guest_addr, size, host_addr)`` of every memory slot."""

@@ -8,7 +8,9 @@ clears it, and acts on each bit. The bits are CH's ``AcpiNotificationFlags``:
     0x01  CPU devices changed        0x02  memory devices changed
     0x04  PCI devices changed        0x08  power button pressed (Notify(\\_SB_.PWRB, 0x80))
 
-vmmkit uses the power button (``vm.power-button``, :meth:`AcpiGed.press_power_button`) and
+vmmkit uses the power button (``vm.power-button``, :meth:`AcpiGed.press_power_button`),
+memory hotplug (:meth:`AcpiGed.notify_memory_devices_changed`: ``ESCN`` calls
+``\\_SB_.MHPC.MSCN``, :mod:`vmmkit.acpi.memory_hotplug`, when the layout has hotplug RAM) and
 PCI hotplug (:meth:`AcpiGed.notify_pci_devices_changed`: ``ESCN`` calls ``\\_SB_.PHPR.PSCN``,
 the register block of :mod:`vmmkit.pci.hotplug`, which the device manager places wherever the
 layout has ``pci_hotplug``).
@@ -50,6 +52,7 @@ class AcpiGed(ByteRegisters):
     length: ClassVar[int] = GED_SIZE
     handles_power_button: ClassVar[bool] = True
     handles_pci_hotplug_notification: ClassVar[bool] = True
+    handles_memory_hotplug_notification: ClassVar[bool] = True
 
     def __init__(self, device_id: str, interrupt: InterruptLine | None) -> None:
         super().__init__(device_id)
@@ -59,6 +62,7 @@ class AcpiGed(ByteRegisters):
         self.notifications = 0
         self.power_button_presses = 0
         self.pci_notifications = 0
+        self.memory_notifications = 0
 
     def notify(self, flags: int) -> None:
         """Tell the guest that ``flags`` happened (from any thread)."""
@@ -78,6 +82,11 @@ class AcpiGed(ByteRegisters):
         """A PCI device was added, or the host asks for one's removal: the guest rescans."""
         self.pci_notifications += 1
         self.notify(PCI_DEVICES_CHANGED)
+
+    def notify_memory_devices_changed(self) -> None:
+        """Memory was plugged, or the host asks for some to be ejected: the guest rescans."""
+        self.memory_notifications += 1
+        self.notify(MEMORY_DEVICES_CHANGED)
 
     def read_byte(self, offset: int) -> int:
         with self._lock:
@@ -110,6 +119,7 @@ class AcpiGed(ByteRegisters):
             "notifications": self.notifications,
             "power_button_presses": self.power_button_presses,
             "pci_notifications": self.pci_notifications,
+            "memory_notifications": self.memory_notifications,
             **super().counters(),
         }
 
@@ -129,11 +139,18 @@ class AcpiGed(ByteRegisters):
                 aml.And(aml.Local(0), PCI_DEVICES_CHANGED, aml.Local(1)),
                 aml.If(aml.LEqual(aml.Local(1), PCI_DEVICES_CHANGED), [aml.Call("\\_SB_.PHPR.PSCN")]),
             ]
+        memory: list[aml.Term] = []
+        if scope.layout.memory_hotplug is not None and scope.layout.memory_hotplug_registers is not None:
+            memory = [
+                aml.And(aml.Local(0), MEMORY_DEVICES_CHANGED, aml.Local(1)),
+                aml.If(aml.LEqual(aml.Local(1), MEMORY_DEVICES_CHANGED), [aml.Call("\\_SB_.MHPC.MSCN")]),
+            ]
         scan = aml.Method(
             "ESCN",
             0,
             [
                 aml.Store(aml.Path("GDAT"), aml.Local(0)),
+                *memory,
                 *pci,
                 aml.And(aml.Local(0), POWER_BUTTON_CHANGED, aml.Local(1)),
                 aml.If(
