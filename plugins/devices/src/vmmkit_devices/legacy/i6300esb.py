@@ -167,6 +167,7 @@ class I6300Esb(PciFunction):
         self.stage = stage
         seconds = stage_seconds(self.preload[stage - 1], one_mhz=bool(self.config_reg & CONFIG_FREQ_1MHZ))
         self._countdown.arm(seconds)
+        log.debug("watchdog.stage", device=self.name, stage=stage, seconds=round(seconds, 3))
 
     def _stage_expired(self) -> None:
         with self._lock:
