@@ -7,6 +7,7 @@
     vmmkit-remote --api-socket /run/vm.sock add-net fd=[3],mac=12:34:56:78:9a:bc   (3: an fd of
                                                                   this process, sent by SCM_RIGHTS)
     vmmkit-remote --api-socket /run/vm.sock remove-device _disk0
+    vmmkit-remote --api-socket /run/vm.sock resize --balloon 256M
     vmmkit-remote --api-socket /run/vm.sock info | counters | pause | resume | reboot |
                                        power-button | nmi | shutdown | delete | shutdown-vmm
 
@@ -69,7 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     resize_disk = commands.add_parser("resize-disk", help="Resize an attached disk")
     resize_disk.add_argument("--disk", required=True, help="Disk identifier")
     resize_disk.add_argument("--size", required=True, help="New disk size (bytes, or with K/M/G/T)")
+    resize = commands.add_parser("resize", help="Resize the VM")
+    resize.add_argument("--balloon", help="New balloon size (bytes, or with K/M/G/T)")
     return parser
+
+
+def _resize_body(options: argparse.Namespace) -> dict[str, Any]:
+    """``VmResize`` from ``resize``'s options (``--balloon`` -> ``desired_balloon``)."""
+    from vmmkit.config import ConfigError
+    from vmmkit.units import parse_size
+
+    body: dict[str, Any] = {}
+    if options.balloon is not None:
+        try:
+            body["desired_balloon"] = parse_size(options.balloon)
+        except ValueError as exc:
+            raise ConfigError("--balloon", options.balloon, "a size: bytes, or with a K, M, G or T suffix",
+                              reason=str(exc)) from None
+    if not body:
+        raise ConfigError("resize", "", "at least one of --balloon")
+    return body
 
 
 def _device_body(kind: Any, spec: str) -> tuple[dict[str, Any], tuple[int, ...]]:
@@ -109,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("--size", options.size, "a size: bytes, or with a K, M, G or T suffix",
                                   reason=str(exc)) from None
             method, endpoint, body = "PUT", "vm.resize-disk", {"id": options.disk, "desired_size": size}
+        elif command == "resize":
+            method, endpoint, body = "PUT", "vm.resize", _resize_body(options)
         else:
             kinds: dict[str, tuple[str, Any, Callable[[argparse.Namespace], str]]] = {
                 "add-disk": ("vm.add-disk", DiskConfig, lambda o: o.disk_config),

@@ -38,6 +38,7 @@ from typing import Any, Final
 
 import attrs
 
+from vmmkit.balloon_resize import resize_balloon
 from vmmkit.api.http import (
     ConnectionClosed,
     HttpError,
@@ -73,7 +74,6 @@ LISTEN_BACKLOG: Final = 128
 
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
-    "vm.resize": "resizing vCPUs and memory",
     "vm.resize-zone": "resizing memory zones",
     "vm.add-fs": "virtio-fs devices",
     "vm.add-generic-vhost-user": "generic vhost-user devices",
@@ -217,6 +217,23 @@ def _resize_disk(server: ApiServer, request: Request) -> Response:
     return Response(204)
 
 
+def _resize(server: ApiServer, request: Request) -> Response:
+    """``vm.resize`` (``VmResize``): each field present is carried out by its own function."""
+    body = _json_object(request)
+    unknown = sorted(set(body) - {"desired_vcpus", "desired_ram", "desired_balloon"})
+    if unknown:
+        raise HttpError(400, f"VmResize has no {', '.join(unknown)} "
+                             "(it takes desired_vcpus, desired_ram and desired_balloon)")
+    if not body:
+        raise HttpError(400, "VmResize needs desired_vcpus, desired_ram or desired_balloon")
+    for field in ("desired_vcpus", "desired_ram"):
+        if field in body:
+            raise NotSupported(f"vm.resize {field} is not implemented by vmmkit yet")
+    if "desired_balloon" in body:
+        resize_balloon(server.vmm, body["desired_balloon"])
+    return Response(204)
+
+
 def _openapi(server: ApiServer, request: Request) -> Response:
     _no_body(request)
     return Response(200, server.openapi_document(), content_type="application/yaml")
@@ -241,6 +258,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.add-device": Route("PUT", _add_device),
     "vm.remove-device": Route("PUT", _remove_device),
     "vm.resize-disk": Route("PUT", _resize_disk),
+    "vm.resize": Route("PUT", _resize),
     "openapi": Route("GET", _openapi),
 }
 
