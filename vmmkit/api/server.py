@@ -38,7 +38,6 @@ from typing import Any, Final
 
 import attrs
 
-from vmmkit.balloon_resize import resize_balloon
 from vmmkit.api.http import (
     ConnectionClosed,
     HttpError,
@@ -47,6 +46,7 @@ from vmmkit.api.http import (
     Response,
     close_fds,
 )
+from vmmkit.balloon_resize import resize_balloon
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger

@@ -6,8 +6,8 @@ with fixed placements (x86: ``serial-16550`` at 0x3f8 IRQ 4, ``rtc-cmos`` at 0x7
 ``acpi-pm`` at 0x600, ``acpi-ged`` at a fixed MMIO byte).
 
 The virtio types (``virtio-blk``, ``virtio-net``, ``virtio-console``, ``virtio-rng``,
-``virtio-balloon``) claim the ``disks``, ``net``, ``console``, ``rng`` and ``balloon`` sections of the configuration; the machine puts each
-device behind the transport its config asks for.
+``virtio-balloon``) claim the ``disks``, ``net``, ``console``, ``rng`` and ``balloon`` sections
+of the configuration; the machine puts each device behind the transport its config asks for.
 
 Loading this module imports only the types' declarations (:mod:`vmmkit_devices.device_types`):
 a device's implementation is imported when the machine first creates one.
@@ -31,11 +31,11 @@ from vmmkit_devices.device_types import (
     Pl031Type,
     PvPanicType,
     Serial16550Type,
+    VirtioBalloonType,
     VirtioBlockType,
     VirtioConsoleType,
     VirtioNetType,
     VirtioRngType,
-    VirtioBalloonType,
 )
 
 if TYPE_CHECKING:
