@@ -11,6 +11,9 @@ desired_balloon`` and Linux's ``MemTotal`` and ``MemAvailable`` fall by the ball
 driver's ``actual`` reach the target, and the guest RAM's resident size falls by as much: the
 pages went back to the host. Deflating to 0 gives ``MemTotal`` back.
 
+The same guest under QEMU (TCG, ``virtio-balloon-pci``, QMP ``balloon``) is the reference: its
+``MemTotal`` falls and comes back by the same amounts.
+
 Free page reporting (``--balloon size=0,free_page_reporting=on``): Linux reports its free 2 MiB
 blocks after boot and the VMM's resident guest RAM falls to less than half with no balloon at
 all (``reported_bytes`` counts them).
@@ -19,6 +22,8 @@ all (``reported_bytes`` counts them).
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import LINUX_DIR, Boot, linux_missing_reason
+from linuxboot import BASE_CMDLINE, LINUX_DIR, QEMU, Boot, linux_missing_reason
 
 from vmmkit.api.client import ApiClient
 from vmmkit.events import read_events
@@ -183,3 +188,66 @@ def test_free_page_reporting_gives_freed_memory_to_the_host(start_guest: Callabl
     print(f"reported {counters['reported_bytes'] // MIB} MiB (MemAvailable {int(available) // 1024} MiB); "
           f"guest RAM resident {rss // MIB} MiB of {RAM // MIB} MiB")
     assert counters["actual_pages"] == 0 and counters["inflated_pages"] == 0
+
+
+class Qmp:
+    """A minimal QMP client: one command at a time, events skipped."""
+
+    def __init__(self, path: Path, deadline: float) -> None:
+        while not path.exists():
+            if time.monotonic() > deadline:
+                pytest.fail("QEMU made no QMP socket")
+            time.sleep(0.1)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rw")
+        json.loads(self.file.readline())  # the greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command: str, **arguments: object) -> object:
+        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
+        self.file.flush()
+        while True:
+            answer = json.loads(self.file.readline())
+            if "return" in answer:
+                return answer["return"]
+            assert "error" not in answer, answer
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def test_qemu_balloon_moves_memtotal_the_same_way(tmp_path: Path) -> None:
+    """The reference: the same driver and ``/init`` under QEMU's virtio-balloon-pci (TCG)."""
+    for reason in (linux_missing_reason(LINUX_DIR), missing_busybox_reason(),
+                   None if shutil.which(QEMU) else f"requires {QEMU}"):
+        if reason:
+            pytest.skip(reason)
+    initramfs = build_initramfs(tmp_path / "balloon.cpio", init=HERE / "balloon_init.sh")
+    qmp_path = tmp_path / "qmp.sock"
+    command = [
+        QEMU, "-accel", "tcg", "-M", "pc", "-cpu", "max", "-smp", "1", "-m", f"{RAM // MIB}M",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
+        "-kernel", str(LINUX_DIR / "bzImage"), "-initrd", str(initramfs),
+        "-append", f"{BASE_CMDLINE} -- mode=inflate balloon={BALLOON // MIB}",
+        "-device", "virtio-balloon-pci", "-qmp", f"unix:{qmp_path},server=on,wait=off",
+    ]
+    boot = Boot("balloon-qemu", command, timeout=TIMEOUT)
+    vm = Guest(boot, ApiClient(str(tmp_path / "unused.sock")), tmp_path / "unused.json")
+    qmp = Qmp(qmp_path, vm.deadline)
+    try:
+        total, _available, driver = vm.step("ready")
+        assert driver.startswith("virtio"), driver
+        qmp.execute("balloon", value=RAM - BALLOON)  # QEMU takes the guest's target size
+        inflated_total = int(vm.step("inflated")[0])
+        assert int(total) - inflated_total >= BALLOON // 1024 * 9 // 10, (total, inflated_total)
+        qmp.execute("balloon", value=RAM)
+        deflated_total = int(vm.step("deflated")[0])
+        assert deflated_total >= int(total) - 4, (total, deflated_total)
+        print(f"QEMU: MemTotal {total} -> {inflated_total} -> {deflated_total} kB")
+        result = boot.wait()
+        assert result.returncode == 0, result.describe()
+    finally:
+        qmp.close()
+        boot.kill()
