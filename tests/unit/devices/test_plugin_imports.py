@@ -18,7 +18,7 @@ import vmmkit_aarch64.plugin
 import vmmkit_devices.plugin
 from devices_support import FakeContext
 
-from vmmkit.config import ConsoleConfig, DiskConfig, RngConfig
+from vmmkit.config import BalloonConfig, ConsoleConfig, DiskConfig, RngConfig
 from vmmkit.device import Device, DeviceRequest
 from vmmkit.plugin import collect_registries, make_plugin_manager
 from vmmkit.registry import Registries
@@ -121,6 +121,7 @@ _CONFIGS = {
     "debug-console": "Null",
     "virtio-console": ConsoleConfig(mode="Null"),
     "virtio-rng": RngConfig(),
+    "virtio-balloon": BalloonConfig(size=1 << 20),
 }
 
 
