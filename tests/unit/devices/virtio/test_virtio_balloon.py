@@ -87,6 +87,12 @@ def test_resize_sets_the_target_and_interrupts(activate: Callable[..., Harness])
     device.resize(6 * MIB + 100)
     assert struct.unpack_from("<I", device.config_space())[0] == 6 * MIB // 4096
     assert h.interrupt.count(VirtioInterruptType.CONFIG) == 1
+    device.pause()
+    device.resize(MIB)  # told at resume, not while paused
+    assert h.interrupt.count(VirtioInterruptType.CONFIG) == 1
+    device.resume()
+    assert h.interrupt.count(VirtioInterruptType.CONFIG) == 2
+    assert struct.unpack_from("<I", device.config_space())[0] == MIB // 4096
 
 
 def test_inflate_gives_pages_back_and_deflate_takes_them(activate: Callable[..., Harness]) -> None:

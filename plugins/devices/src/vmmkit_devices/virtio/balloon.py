@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
-from vmmkit.virtio.device import VirtioInterruptType
+from vmmkit.virtio.device import ActivationContext, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
 from vmmkit_devices.device_types import VirtioBalloonType as VirtioBalloonType  # declared there, re-exported
 from vmmkit_devices.virtio.common import QueueDevice
@@ -170,6 +170,7 @@ class BalloonDevice(QueueDevice):
         self.release_pages = release
         self.num_pages = self._pages_of(size)
         self.actual = 0
+        self._tell_driver = False  # a target the driver has not been told of (set while paused)
         for name in ("inflated_pages", "deflated_pages", "released_bytes"):
             self.count(name, 0)
 
@@ -202,10 +203,22 @@ class BalloonDevice(QueueDevice):
         """``vm.resize desired_balloon``: the new target in bytes (Cloud Hypervisor's
         ``Balloon::resize``); an active driver gets a configuration-change interrupt."""
         self.num_pages = self._pages_of(size)
-        ctx = self.context
-        if ctx is not None and self.running():
-            ctx.interrupt.trigger(VirtioInterruptType.CONFIG)
+        self._tell_driver = True
+        self._notify_target()
         log.info("virtio_balloon.target", device=self.id, pages=self.num_pages)
+
+    def _notify_target(self) -> None:
+        """The configuration interrupt for a new target; on a paused device, at resume."""
+        ctx = self.context
+        if self._tell_driver and ctx is not None and self.running():
+            self._tell_driver = False
+            ctx.interrupt.trigger(VirtioInterruptType.CONFIG)
+
+    def resumed(self) -> None:
+        self._notify_target()
+
+    def activated(self, ctx: ActivationContext) -> None:
+        self._tell_driver = False  # a new driver reads num_pages when it probes
 
     def counters(self) -> Mapping[str, int]:
         return {**super().counters(), "target_pages": self.num_pages, "actual_pages": self.actual}
