@@ -191,12 +191,14 @@ def test_a_page_outside_ram_fails_the_device_and_releases_nothing(
     assert device.counters()["released_bytes"] == 3 * BALLOON_PAGE
 
 
-@pytest.mark.parametrize("case", ["odd-length", "writable", "deflate-odd-length"])
+@pytest.mark.parametrize("case", ["odd-length", "writable", "deflate-odd-length", "too-long"])
 def test_malformed_arrays_fail_the_device(case: str, activate: Callable[..., Harness]) -> None:
     device = BalloonDevice("__balloon", MIB)
     h = activate(device)
     if case == "writable":
         submit_pfns(h, 0, [POOL], writable=True)
+    elif case == "too-long":  # 16 MiB of "page frame numbers": refused before it is read
+        h.submit(0, [(0, 8 * MIB, False), (8 * MIB, 8 * MIB, False)])
     else:
         h.submit(1 if case.startswith("deflate") else 0, [(h.alloc(6, data=b"\0" * 6), 6, False)])
     wait_for(lambda: device.broken is not None, what="the device to fail")

@@ -19,8 +19,9 @@ each released like an inflated page and returned with used length 0. No statisti
 free page hinting, no page poisoning (not offered, as Cloud Hypervisor).
 
 Every page frame number is hostile: a chain with a device-writable buffer on the inflate or
-deflate queue, an array whose length is not a multiple of 4, or a page not wholly inside guest
-RAM (or in read-only memory) fails the device (``DEVICE_NEEDS_RESET``), and nothing of that chain
+deflate queue, an array whose length is not a multiple of 4 or longer than
+:data:`MAX_PFN_BYTES`, or a page not wholly inside guest RAM (or in read-only memory) fails the
+device (``DEVICE_NEEDS_RESET``), and nothing of that chain
 is released. The VMM never raises. With ``hugepages=on`` guest RAM cannot be released 4 KiB at a
 time (hugetlbfs would zero the whole huge page under the guest's neighbouring data): the balloon
 then works for the guest, releases nothing, and counts the bytes in ``unreleased_bytes``.
@@ -64,6 +65,10 @@ BALLOON_PAGE: Final = 1 << PFN_SHIFT
 QUEUE_SIZE: Final = 128
 #: Linux refuses a reporting queue smaller than PAGE_REPORTING_CAPACITY (32).
 REPORTING_QUEUE_SIZE: Final = 32
+#: The longest page frame array one chain may carry (Linux sends at most 256 PFNs, 1 KiB); a
+#: longer one fails the device before anything is read, so a chain cannot make the VMM copy
+#: gigabytes.
+MAX_PFN_BYTES: Final = 1 << 20
 INFLATE_QUEUE: Final = 0
 DEFLATE_QUEUE: Final = 1
 REPORTING_QUEUE: Final = 2
@@ -242,6 +247,8 @@ class BalloonDevice(QueueDevice):
             try:
                 if index == REPORTING_QUEUE:
                     self._report(chain.writable, chain.readable_count, queue)
+                elif chain.readable_bytes > MAX_PFN_BYTES:
+                    raise BadPages(f"a page frame array of {chain.readable_bytes} bytes (at most {MAX_PFN_BYTES})")
                 else:
                     self._pages(index, chain.read(), chain.writable_bytes)
             except BadPages as exc:
