@@ -16,14 +16,14 @@ pages back under memory pressure on its own); ``VIRTIO_BALLOON_F_REPORTING`` wit
 it is queue 2 without a statistics queue) where the driver reports free page ranges as
 device-writable buffers (Linux's ``virtballoon_free_page_report`` uses ``virtqueue_add_inbuf``),
 each released like an inflated page and returned with used length 0. No statistics queue, no
-free page hinting, no page poisoning (not offered, as Cloud Hypervisor).
+free page hinting, no page poisoning (none of them offered).
 
 Every page frame number is hostile: a chain with a device-writable buffer on the inflate or
 deflate queue, an array whose length is not a multiple of 4 or longer than
 :data:`MAX_PFN_BYTES`, or a page not wholly inside guest RAM (or in read-only memory) fails the
-device (``DEVICE_NEEDS_RESET``), and nothing of that chain
-is released. The VMM never raises. With ``hugepages=on`` guest RAM cannot be released 4 KiB at a
-time (hugetlbfs would zero the whole huge page under the guest's neighbouring data): the balloon
+device (``DEVICE_NEEDS_RESET``), and nothing of that chain is released. The VMM never raises.
+With ``hugepages=on`` guest RAM cannot be released 4 KiB at a time (``MADV_DONTNEED`` needs
+huge-page alignment there, and a hole punched in part of a huge page frees nothing): the balloon
 then works for the guest, releases nothing, and counts the bytes in ``unreleased_bytes``.
 
 Counters: ``target_pages`` / ``actual_pages`` (the configuration space), ``inflated_pages``,
