@@ -44,7 +44,7 @@ _VM_OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
     ("--vsock", "vsock", False, "cid=<cid>,socket=<path>"),
     ("--device", "devices", True, "path=<VFIO sysfs path>,id=<id>"),
     ("--platform", "platform", False, "virtio_transport=pci|mmio,..."),
-    ("--balloon", "balloon", False, "size=<size>,deflate_on_oom=on|off,... (not supported yet)"),
+    ("--balloon", "balloon", False, "size=<size>,deflate_on_oom=on|off,free_page_reporting=on|off"),
 )
 
 # Cloud Hypervisor's options for what vmmkit's VmConfig does not model: (flag, JSON path in

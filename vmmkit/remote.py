@@ -10,6 +10,7 @@
     vmmkit-remote --api-socket /run/vm.sock snapshot file:///var/snap      (a paused VM)
     vmmkit-remote --api-socket /run/vm.sock restore source_url=file:///var/snap,prefault=on
     vmmkit-remote --api-socket /run/vm.sock resize --memory 1G
+    vmmkit-remote --api-socket /run/vm.sock resize --balloon 256M
     vmmkit-remote --api-socket /run/vm.sock info | counters | pause | resume | reboot |
                                        power-button | nmi | shutdown | delete | shutdown-vmm
 
@@ -167,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("--size", options.size, "a size: bytes, or with a K, M, G or T suffix",
                                   reason=str(exc)) from None
             method, endpoint, body = "PUT", "vm.resize-disk", {"id": options.disk, "desired_size": size}
+        elif command == "resize":
+            method, endpoint, body = "PUT", "vm.resize", _resize_body(options)
         else:
             kinds: dict[str, tuple[str, Any, Callable[[argparse.Namespace], str]]] = {
                 "add-disk": ("vm.add-disk", DiskConfig, lambda o: o.disk_config),

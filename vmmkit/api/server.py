@@ -46,6 +46,7 @@ from vmmkit.api.http import (
     close_fds,
 )
 from vmmkit.api.resize_ram import resize_ram
+from vmmkit.balloon_resize import resize_balloon
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
@@ -255,11 +256,12 @@ def _restore(server: ApiServer, request: Request) -> Response:
 _RESIZE_KEYS: Final[Mapping[str, str | None]] = {
     "desired_vcpus": "resizing vCPUs",
     "desired_ram": None,
-    "desired_balloon": "virtio-balloon devices",
+    "desired_balloon": None,
 }
 
 
 def _resize(server: ApiServer, request: Request) -> Response:
+    """``vm.resize`` (``VmResizeData``): each field present is carried out by its own function."""
     body = _json_object(request)
     unknown = sorted(set(body) - set(_RESIZE_KEYS))
     if unknown:
@@ -272,6 +274,8 @@ def _resize(server: ApiServer, request: Request) -> Response:
             raise HttpError(501, f"vm.resize {key} is not implemented by vmmkit ({_RESIZE_KEYS[key]})")
     if "desired_ram" in given:
         resize_ram(server.vmm, body["desired_ram"])
+    if "desired_balloon" in given:
+        resize_balloon(server.vmm, body["desired_balloon"])
     return Response(204)
 
 

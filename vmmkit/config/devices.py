@@ -64,7 +64,9 @@ class RngConfig(_Config):
 class BalloonConfig(_Config):
     """The virtio-balloon device: ``--balloon size=256M,deflate_on_oom=on,free_page_reporting=on``.
 
-    ``size`` must stay below guest RAM. ``transport`` (vmmkit extension) as for disks.
+    ``size`` must stay below guest RAM. ``id``, ``iommu``, ``pci_segment``, ``pci_device_id`` and
+    ``transport`` on the command line are vmmkit extensions (Cloud Hypervisor's JSON has the
+    first four), as for ``--rng``.
     """
 
     size: int = attrs.field(default=0, converter=_size)
@@ -77,7 +79,7 @@ class BalloonConfig(_Config):
     transport: str | None = _transport_field()
 
     _PARSER: ClassVar[OptionParser] = OptionParser(
-        "--balloon", ("size", "deflate_on_oom", "free_page_reporting", "transport")
+        "--balloon", ("size", "deflate_on_oom", "free_page_reporting", *_PCI_KEYS, "transport")
     )
 
     @classmethod
@@ -91,6 +93,7 @@ class BalloonConfig(_Config):
                 deflate_on_oom=o.toggle("deflate_on_oom"),
                 free_page_reporting=o.toggle("free_page_reporting"),
                 transport=_transport_option(o),
+                **_pci_options(o),
             )
 
 

@@ -75,8 +75,9 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "rng.pci_segment": _SEGMENTS,
     "console.iommu": _IOMMU,
     "console.pci_segment": _SEGMENTS,
+    "balloon.iommu": _IOMMU,
+    "balloon.pci_segment": _SEGMENTS,
     # device sections no in-tree device type implements yet
-    "balloon": "virtio-balloon devices",
     "fs": "virtio-fs devices",
     "pmem": "virtio-pmem devices",
     "devices": _VFIO,

@@ -18,7 +18,7 @@ import vmmkit_aarch64.plugin
 import vmmkit_devices.plugin
 from devices_support import FakeContext
 
-from vmmkit.config import ConsoleConfig, DiskConfig, RngConfig
+from vmmkit.config import BalloonConfig, ConsoleConfig, DiskConfig, RngConfig
 from vmmkit.device import Device, DeviceRequest
 from vmmkit.memory_hotplug import VirtioMemRegion
 from vmmkit.plugin import collect_registries, make_plugin_manager
@@ -123,6 +123,7 @@ _CONFIGS = {
     "virtio-console": ConsoleConfig(mode="Null"),
     "virtio-rng": RngConfig(),
     "virtio-mem": VirtioMemRegion(start=1 << 30, size=2 << 20),
+    "virtio-balloon": BalloonConfig(size=1 << 20),
 }
 
 

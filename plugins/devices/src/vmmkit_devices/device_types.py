@@ -247,6 +247,28 @@ class VirtioMemType(DeviceType):
     implementation: ClassVar[str] = "vmmkit_devices.virtio.mem"
 
 
+class VirtioBalloonType(DeviceType):
+    """``virtio-balloon``: the memory balloon of ``--balloon`` (none without it), id
+    ``__balloon`` unless the section names one, as Cloud Hypervisor's."""
+
+    name: ClassVar[str] = "virtio-balloon"
+    description: ClassVar[str] = "virtio memory balloon, free page reporting (--balloon size=...)"
+    sections: ClassVar[tuple[str, ...]] = ("balloon",)
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        balloon = config.balloon
+        if balloon is None:
+            return []
+        return [_virtio_request(cls.name, balloon, balloon.id or BALLOON_ID)]
+
+    implementation: ClassVar[str] = "vmmkit_devices.virtio.balloon"
+
+
+#: The balloon's id when its section names none (Cloud Hypervisor's ``BALLOON_DEVICE_NAME``).
+BALLOON_ID = "__balloon"
+
+
 def _virtio_request(type_name: str, section: Any, device_id: str) -> DeviceRequest:
     """The request for a virtio device of a configuration section with Cloud Hypervisor's
     placement fields (``pci_segment``, ``pci_device_id``) and vmmkit's ``transport``."""

@@ -14,7 +14,7 @@ from vmmkit.eventloop import EventLoop
 from vmmkit.plugin import collect_registries, make_plugin_manager
 from vmmkit.virtio.device import VirtioDevice
 
-VIRTIO_TYPES = {"virtio-blk": 2, "virtio-net": 1, "virtio-console": 3, "virtio-rng": 4}
+VIRTIO_TYPES = {"virtio-blk": 2, "virtio-net": 1, "virtio-console": 3, "virtio-rng": 4, "virtio-balloon": 5}
 
 
 def test_registered_by_name() -> None:

@@ -1,4 +1,5 @@
-"""Virtio devices on vmmkit's device SDK (:mod:`vmmkit.virtio`): block, net, console, entropy.
+"""Virtio devices on vmmkit's device SDK (:mod:`vmmkit.virtio`): block, net, console, entropy,
+memory balloon.
 
 Each module holds a device (a :class:`vmmkit.virtio.VirtioDevice`, put behind virtio-mmio or
 virtio-pci by the machine as ``DeviceRequest.transport`` says) and the ``create()`` of its
@@ -11,6 +12,7 @@ type name          device                              configuration
 ``virtio-net``     :class:`.net.NetDevice`             one per ``VmConfig.net`` entry
 ``virtio-console`` :class:`.console.ConsoleDevice`     ``VmConfig.console`` unless ``Off``
 ``virtio-rng``     :class:`.rng.RngDevice`             ``VmConfig.rng`` (always)
+``virtio-balloon`` :class:`.balloon.BalloonDevice`     ``VmConfig.balloon`` (if set)
 =================  ==================================  ====================================
 
 :mod:`.common` is what they share (serving queues, lifecycle, failing safely); :mod:`.blk_io`
@@ -26,13 +28,22 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vmmkit_devices.device_types import VirtioBlockType, VirtioConsoleType, VirtioNetType, VirtioRngType
+    from vmmkit_devices.device_types import (
+        VirtioBalloonType,
+        VirtioBlockType,
+        VirtioConsoleType,
+        VirtioNetType,
+        VirtioRngType,
+    )
+    from vmmkit_devices.virtio.balloon import BalloonDevice
     from vmmkit_devices.virtio.block import BlockDevice
     from vmmkit_devices.virtio.console import ConsoleDevice
     from vmmkit_devices.virtio.net import NetDevice
     from vmmkit_devices.virtio.rng import RngDevice
 
 _HOMES = {
+    "BalloonDevice": f"{__name__}.balloon",
+    "VirtioBalloonType": "vmmkit_devices.device_types",
     "BlockDevice": f"{__name__}.block",
     "ConsoleDevice": f"{__name__}.console",
     "NetDevice": f"{__name__}.net",
@@ -44,6 +55,8 @@ _HOMES = {
 }
 
 __all__ = [
+    "BalloonDevice",
+    "VirtioBalloonType",
     "BlockDevice",
     "ConsoleDevice",
     "NetDevice",
