@@ -1,7 +1,7 @@
 """``vm.resize`` with ``desired_ram`` through the real API server and ``vmmkit-remote resize``
 (no VM booted: /dev/kvm is not needed): before boot it sets ``memory.size``, as Cloud
-Hypervisor's ``vm_resize`` does; bad values answer 400 and change nothing; ``desired_vcpus`` and
-``desired_balloon`` answer 501 until implemented; without a VM, 404. The running VM's side is
+Hypervisor's ``vm_resize`` does; bad values answer 400 and change nothing; ``desired_vcpus``
+answers 501 until implemented; without a VM, 404. The running VM's side is
 tests/unit/test_memory_hotplug.py and tests/linux/test_linux_memory_hotplug.py."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_before_boot_desired_ram_sets_the_memory_size(server: ApiServer, client:
     ({"desired_ram": None}, 400, "needs one of"),
     ({"desired_memory": 256 * MiB}, 400, "VmResizeData has no desired_memory"),
     ({"desired_vcpus": 2}, 501, "desired_vcpus is not implemented"),
-    ({"desired_ram": 256 * MiB, "desired_balloon": 0}, 501, "desired_balloon is not implemented"),
+    ({"desired_ram": 256 * MiB, "desired_vcpus": 2}, 501, "desired_vcpus is not implemented"),
 ])
 def test_bad_requests_are_refused_and_change_nothing(server: ApiServer, client: ApiClient, body: Any,
                                                      status: int, message: str) -> None:
