@@ -75,6 +75,8 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "rng.pci_segment": _SEGMENTS,
     "console.iommu": _IOMMU,
     "console.pci_segment": _SEGMENTS,
+    "vsock.iommu": _IOMMU,
+    "vsock.pci_segment": _SEGMENTS,
     # device sections no in-tree device type implements yet
     "balloon": "virtio-balloon devices",
     "fs": "virtio-fs devices",
@@ -82,7 +84,6 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "devices": _VFIO,
     "user_devices": "vfio-user devices",
     "vdpa": "vDPA devices",
-    "vsock": "virtio-vsock devices",
     "generic_vhost_user": "generic vhost-user devices",
     "watchdog": "the virtio watchdog device",
     "tpm": "TPM devices",

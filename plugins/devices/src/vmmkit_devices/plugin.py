@@ -5,8 +5,9 @@ with fixed placements (x86: ``serial-16550`` at 0x3f8 IRQ 4, ``rtc-cmos`` at 0x7
 ``i8042`` at 0x60, ``debug-port`` at 0x80, ``debug-console`` at 0xe9, ``debug-exit`` at 0xf4,
 ``acpi-pm`` at 0x600, ``acpi-ged`` at a fixed MMIO byte).
 
-The virtio types (``virtio-blk``, ``virtio-net``, ``virtio-console``, ``virtio-rng``) claim the
-``disks``, ``net``, ``console`` and ``rng`` sections of the configuration; the machine puts each
+The virtio types (``virtio-blk``, ``virtio-net``, ``virtio-console``, ``virtio-rng``,
+``virtio-vsock``) claim the ``disks``, ``net``, ``console``, ``rng`` and ``vsock`` sections of the
+configuration; the machine puts each
 device behind the transport its config asks for.
 
 Loading this module imports only the types' declarations (:mod:`vmmkit_devices.device_types`):
@@ -35,6 +36,7 @@ from vmmkit_devices.device_types import (
     VirtioConsoleType,
     VirtioNetType,
     VirtioRngType,
+    VirtioVsockType,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VirtioNetType,
     VirtioConsoleType,
     VirtioRngType,
+    VirtioVsockType,
 )
 
 

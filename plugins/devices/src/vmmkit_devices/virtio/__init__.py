@@ -1,4 +1,5 @@
-"""Virtio devices on vmmkit's device SDK (:mod:`vmmkit.virtio`): block, net, console, entropy.
+"""Virtio devices on vmmkit's device SDK (:mod:`vmmkit.virtio`): block, net, console, entropy,
+vsock.
 
 Each module holds a device (a :class:`vmmkit.virtio.VirtioDevice`, put behind virtio-mmio or
 virtio-pci by the machine as ``DeviceRequest.transport`` says) and the ``create()`` of its
@@ -11,6 +12,7 @@ type name          device                              configuration
 ``virtio-net``     :class:`.net.NetDevice`             one per ``VmConfig.net`` entry
 ``virtio-console`` :class:`.console.ConsoleDevice`     ``VmConfig.console`` unless ``Off``
 ``virtio-rng``     :class:`.rng.RngDevice`             ``VmConfig.rng`` (always)
+``virtio-vsock``   :class:`.vsock.device.VsockDevice`  ``VmConfig.vsock`` (hybrid vsock)
 =================  ==================================  ====================================
 
 :mod:`.common` is what they share (serving queues, lifecycle, failing safely); :mod:`.blk_io`
