@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from virtio_driver import Harness, wait_for
-from vsock_guest import GUEST_CID, FakeGuest
 from vmmkit_devices.virtio.vsock.connection import BUF_ALLOC, CREDIT_UPDATE_THRESHOLD
 from vmmkit_devices.virtio.vsock.device import VirtioVsockType, VsockDevice
 from vmmkit_devices.virtio.vsock.muxer import FIRST_LOCAL_PORT
@@ -28,6 +27,7 @@ from vmmkit_devices.virtio.vsock.packet import (
     Header,
     Op,
 )
+from vsock_guest import GUEST_CID, FakeGuest
 
 from vmmkit.config import VmConfig, VsockConfig
 from vmmkit.errors import DeviceError

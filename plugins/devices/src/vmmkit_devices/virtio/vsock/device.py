@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -152,8 +152,7 @@ class VsockDevice(QueueDevice):
                                  f"less than the {HEADER_SIZE}-byte header")
                 return
             header = Header.unpack(chain.read(HEADER_SIZE))
-            self.muxer.from_guest(header, available - HEADER_SIZE,
-                                  lambda n, chain=chain: chain.read(HEADER_SIZE + n)[HEADER_SIZE:])
+            self.muxer.from_guest(header, available - HEADER_SIZE, _payload_reader(chain))
             queue.add_used(chain.head, 0)
             done += 1
         if done:
@@ -184,6 +183,13 @@ class VsockDevice(QueueDevice):
             delivered += 1
         if delivered:
             self.signal(queue)
+
+
+def _payload_reader(chain: DescriptorChain) -> Callable[[int], bytes]:
+    def read(size: int) -> bytes:
+        return chain.read(HEADER_SIZE + size)[HEADER_SIZE:]
+
+    return read
 
 
 def create(ctx: DeviceContext, request: DeviceRequest) -> VsockDevice:

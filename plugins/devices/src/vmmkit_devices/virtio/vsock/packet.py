@@ -69,8 +69,9 @@ class Header(NamedTuple):
         return cls(*HEADER.unpack_from(data))
 
     def reply(self, op: Op, *, buf_alloc: int = 0, fwd_cnt: int = 0) -> Header:
-        """A packet back to this packet's sender, without payload."""
-        return Header(self.dst_cid, self.src_cid, self.dst_port, self.src_port, 0, TYPE_STREAM, op, 0,
+        """A packet from the host back to this packet's sender (the guest), without payload;
+        from the host's CID whatever CID the guest addressed."""
+        return Header(HOST_CID, self.src_cid, self.dst_port, self.src_port, 0, TYPE_STREAM, op, 0,
                       buf_alloc, fwd_cnt)
 
 
