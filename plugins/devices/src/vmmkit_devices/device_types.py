@@ -225,7 +225,8 @@ class VirtioVsockType(DeviceType):
     streams through a Unix socket)."""
 
     name: ClassVar[str] = "virtio-vsock"
-    description: ClassVar[str] = "virtio vsock device, guest streams to host Unix sockets (--vsock cid=,socket=)"
+    description: ClassVar[str] = ("virtio vsock, hybrid: guest streams to host Unix sockets (--vsock cid=,socket=); "
+                                  "judged by Linux's virtio vsock transport")
     sections: ClassVar[tuple[str, ...]] = ("vsock",)
 
     @classmethod
