@@ -439,3 +439,16 @@ def test_an_rx_chain_too_small_for_a_header_fails_the_device(sock_dir: Path,
     h.memory.write(guest_tx, Header(GUEST_CID, HOST_CID, 1, 2, 0, 1, Op.RW, 0, 0, 0).pack())
     h.submit(1, [(guest_tx, HEADER_SIZE, False)])  # owed an RST, which does not fit
     wait_for(lambda: device.broken is not None, what="the device to fail")
+
+
+def test_pause_holds_host_streams_until_resume(vsock: tuple[VsockDevice, FakeGuest, Path]) -> None:
+    device, guest, path = vsock
+    client, host_port = accept_host_stream(guest, path, 15)
+    device.pause()
+    client.sendall(b"while paused")
+    late = host_connect(path, 16)
+    assert guest.quiet(0.3) == []
+    device.resume()
+    assert guest.expect(Op.RW)[1] == b"while paused"
+    guest.expect(Op.REQUEST, dst_port=16)
+    late.close()
