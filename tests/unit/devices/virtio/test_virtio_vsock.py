@@ -452,3 +452,18 @@ def test_pause_holds_host_streams_until_resume(vsock: tuple[VsockDevice, FakeGue
     assert guest.expect(Op.RW)[1] == b"while paused"
     guest.expect(Op.REQUEST, dst_port=16)
     late.close()
+
+
+def test_rst_waits_until_the_guest_data_reached_a_slow_host(vsock: tuple[VsockDevice, FakeGuest, Path]) -> None:
+    device, guest, path = vsock
+    client, host_port = accept_host_stream(guest, path, 17)
+    client.shutdown(socket.SHUT_WR)
+    assert guest.expect(Op.SHUTDOWN)[0].flags == SHUTDOWN_SEND
+    data = os.urandom(BUF_ALLOC)  # the whole credit: more than a Unix socket buffer holds
+    for offset in range(0, len(data), MAX_PAYLOAD):
+        guest.send(Op.RW, 17, host_port, data[offset:offset + MAX_PAYLOAD])
+    guest.send(Op.SHUTDOWN, 17, host_port, flags=SHUTDOWN_SEND)  # nothing flows either way now
+    assert [h.op for h, _ in guest.quiet(0.2)] in ([], [Op.CREDIT_UPDATE])  # no RST: data is waiting
+    assert recv_exactly(client, len(data) + 1) == data  # the host reads it all, then EOF
+    guest.expect(Op.RST)
+    assert "connections_reset" not in device.counters()  # a clean end, not a reset

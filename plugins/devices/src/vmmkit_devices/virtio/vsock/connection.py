@@ -112,6 +112,7 @@ class Connection:
         self.host_hup = False  #: the host closed the stream
         self.host_write_shut = False
         self.credit_requested = False
+        self.finishing = False  #: an RST ends the stream once tx_buf is flushed
         self.expiry: float | None = None
         self.reason = ""  #: why the connection was reset
 
@@ -190,6 +191,7 @@ class Connection:
 
     def _finish(self) -> None:
         """End the stream with an RST once the guest's data reached the host."""
+        self.finishing = True
         self.flush()
         if not self.tx_buf or self.host_hup:
             self.reset("closed", quiet=True)
@@ -226,7 +228,7 @@ class Connection:
                     self.stream.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-            if self.expiry is not None and self.peer_shutdown == SHUTDOWN_BOTH:
+            if self.finishing:
                 self.reset("closed", quiet=True)
 
     def wants_write(self) -> bool:
