@@ -463,7 +463,7 @@ def test_rst_waits_until_the_guest_data_reached_a_slow_host(vsock: tuple[VsockDe
     for offset in range(0, len(data), MAX_PAYLOAD):
         guest.send(Op.RW, 17, host_port, data[offset:offset + MAX_PAYLOAD])
     guest.send(Op.SHUTDOWN, 17, host_port, flags=SHUTDOWN_SEND)  # nothing flows either way now
-    assert [h.op for h, _ in guest.quiet(0.2)] in ([], [Op.CREDIT_UPDATE])  # no RST: data is waiting
+    assert Op.RST not in [h.op for h, _ in guest.quiet(0.2)]  # credit updates at most: data is waiting
     assert recv_exactly(client, len(data) + 1) == data  # the host reads it all, then EOF
     guest.expect(Op.RST)
     assert "connections_reset" not in device.counters()  # a clean end, not a reset
