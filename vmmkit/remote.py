@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="as --net: tap=<name>|fd=[<fd>,...],mac=...; fds are passed to the VMM")
     add_device = commands.add_parser("add-device", help="Add VFIO device")
     add_device.add_argument("device_config", metavar="DEVICE", help="as --device: path=<sysfs path>,id=<id>")
+    add_vsock = commands.add_parser("add-vsock", help="Add vsock device")
+    add_vsock.add_argument("vsock_config", metavar="VSOCK", help="as --vsock: cid=<cid>,socket=<path>")
     remove = commands.add_parser("remove-device", help="Remove VFIO and PCI device")
     remove.add_argument("id", help="the device id")
     resize_disk = commands.add_parser("resize-disk", help="Resize an attached disk")
@@ -137,7 +139,7 @@ def _device_body(kind: Any, spec: str) -> tuple[dict[str, Any], tuple[int, ...]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     from vmmkit.api.client import ApiClient, ApiError
-    from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig
+    from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, VsockConfig
     from vmmkit.units import parse_size
 
     parser = build_parser()
@@ -175,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "add-disk": ("vm.add-disk", DiskConfig, lambda o: o.disk_config),
                 "add-net": ("vm.add-net", NetConfig, lambda o: o.net_config),
                 "add-device": ("vm.add-device", DeviceConfig, lambda o: o.device_config),
+                "add-vsock": ("vm.add-vsock", VsockConfig, lambda o: o.vsock_config),
             }
             endpoint, kind, spec = kinds[command]
             method = "PUT"

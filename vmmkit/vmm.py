@@ -42,7 +42,7 @@ import attrs
 import pluggy
 
 from vmmkit import __version__
-from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, VmConfig
+from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, VmConfig, VsockConfig
 from vmmkit.device import DeviceRequest, check_devices
 from vmmkit.errors import VmmError
 from vmmkit.log import get_logger
@@ -379,6 +379,11 @@ class Vmm:
     def add_device(self, device: DeviceConfig) -> dict[str, str] | None:
         """``vm.add-device`` (VFIO): before boot, added to the configuration."""
         return self._add(device, VmConfig.with_device, "device")
+
+    def add_vsock(self, vsock: VsockConfig) -> dict[str, str] | None:
+        """``vm.add-vsock`` (a VM has at most one): before boot, added to the configuration; on a
+        booted VM, hot-plugged as ``vm.add-disk`` is."""
+        return self._add(vsock, VmConfig.with_vsock, "vsock")
 
     def remove_device(self, device_id: str, timeout: float | None = None) -> None:
         """``vm.remove-device``: before boot, removed from the configuration; on a booted VM,

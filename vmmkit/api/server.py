@@ -47,7 +47,7 @@ from vmmkit.api.http import (
 )
 from vmmkit.api.resize_ram import resize_ram
 from vmmkit.balloon_resize import resize_balloon
-from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
+from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig, VsockConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
 from vmmkit.state import SnapshotError
@@ -79,7 +79,6 @@ NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
     "vm.add-fs": "virtio-fs devices",
     "vm.add-generic-vhost-user": "generic vhost-user devices",
     "vm.add-pmem": "adding pmem devices over the API",
-    "vm.add-vsock": "adding vsock devices over the API",
     "vm.add-vdpa": "vDPA devices",
     "vm.add-user-device": "userspace (vfio-user) devices",
     "vm.coredump": "guest core dumps",
@@ -193,6 +192,10 @@ def _add_net(server: ApiServer, request: Request) -> Response:
     return _added(server.vmm.add_net(net, fds))  # the VMM owns the fds now
 
 
+def _add_vsock(server: ApiServer, request: Request) -> Response:
+    return _added(server.vmm.add_vsock(VsockConfig.from_json(_json_object(request))))
+
+
 def _remove_device(server: ApiServer, request: Request) -> Response:
     body = _json_object(request)
     device_id = body.get("id")
@@ -301,6 +304,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.add-disk": Route("PUT", _add_disk),
     "vm.add-net": Route("PUT", _add_net, takes_fds=True),
     "vm.add-device": Route("PUT", _add_device),
+    "vm.add-vsock": Route("PUT", _add_vsock),
     "vm.remove-device": Route("PUT", _remove_device),
     "vm.resize-disk": Route("PUT", _resize_disk),
     "vm.snapshot": Route("PUT", _snapshot),

@@ -18,7 +18,7 @@ import vmmkit_aarch64.plugin
 import vmmkit_devices.plugin
 from devices_support import FakeContext
 
-from vmmkit.config import BalloonConfig, ConsoleConfig, DiskConfig, RngConfig
+from vmmkit.config import BalloonConfig, ConsoleConfig, DiskConfig, RngConfig, VsockConfig
 from vmmkit.device import Device, DeviceRequest
 from vmmkit.memory_hotplug import VirtioMemRegion
 from vmmkit.pci.function import PciFunction
@@ -140,6 +140,8 @@ _BUILDABLE = sorted(name for name in _registries().devices.names() if name != "v
 @pytest.mark.parametrize("name", _BUILDABLE)
 def test_each_declared_type_builds_its_device(name: str, ctx: FakeContext, tmp_path: Path) -> None:
     config = _CONFIGS.get(name)
+    if name == "virtio-vsock":
+        config = VsockConfig(cid=3, socket=str(tmp_path / "v.sock"))
     if name == "virtio-blk":
         image = tmp_path / "disk.img"
         image.write_bytes(bytes(4096))

@@ -269,6 +269,25 @@ class VirtioBalloonType(DeviceType):
 BALLOON_ID = "__balloon"
 
 
+class VirtioVsockType(DeviceType):
+    """``virtio-vsock``: the vsock device of ``--vsock`` (Cloud Hypervisor's hybrid vsock: host
+    streams through a Unix socket)."""
+
+    name: ClassVar[str] = "virtio-vsock"
+    description: ClassVar[str] = ("virtio vsock, hybrid: guest streams to host Unix sockets (--vsock cid=,socket=); "
+                                  "judged by Linux's virtio vsock transport")
+    sections: ClassVar[tuple[str, ...]] = ("vsock",)
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        vsock = config.vsock
+        if vsock is None:
+            return []
+        return [_virtio_request(cls.name, vsock, section_id(vsock))]
+
+    implementation: ClassVar[str] = "vmmkit_devices.virtio.vsock.device"
+
+
 def _virtio_request(type_name: str, section: Any, device_id: str) -> DeviceRequest:
     """The request for a virtio device of a configuration section with Cloud Hypervisor's
     placement fields (``pci_segment``, ``pci_device_id``) and vmmkit's ``transport``."""

@@ -6,8 +6,9 @@ with fixed placements (x86: ``serial-16550`` at 0x3f8 IRQ 4, ``rtc-cmos`` at 0x7
 ``acpi-pm`` at 0x600, ``acpi-ged`` at a fixed MMIO byte).
 
 The virtio types (``virtio-blk``, ``virtio-net``, ``virtio-console``, ``virtio-rng``,
-``virtio-balloon``) claim the ``disks``, ``net``, ``console``, ``rng`` and ``balloon`` sections
-of the configuration; the machine puts each device behind the transport its config asks for.
+``virtio-balloon``, ``virtio-vsock``) claim the ``disks``, ``net``, ``console``, ``rng``, ``balloon``
+and ``vsock`` sections of the configuration; the machine puts each device behind the transport its
+config asks for.
 
 Loading this module imports only the types' declarations (:mod:`vmmkit_devices.device_types`):
 a device's implementation is imported when the machine first creates one.
@@ -38,6 +39,7 @@ from vmmkit_devices.device_types import (
     VirtioMemType,
     VirtioNetType,
     VirtioRngType,
+    VirtioVsockType,
 )
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VirtioRngType,
     VirtioMemType,
     VirtioBalloonType,
+    VirtioVsockType,
 )
 
 

@@ -1,5 +1,5 @@
 """Virtio devices on vmmkit's device SDK (:mod:`vmmkit.virtio`): block, net, console, entropy,
-memory balloon.
+memory balloon, vsock.
 
 Each module holds a device (a :class:`vmmkit.virtio.VirtioDevice`, put behind virtio-mmio or
 virtio-pci by the machine as ``DeviceRequest.transport`` says) and the ``create()`` of its
@@ -13,6 +13,7 @@ type name          device                              configuration
 ``virtio-console`` :class:`.console.ConsoleDevice`     ``VmConfig.console`` unless ``Off``
 ``virtio-rng``     :class:`.rng.RngDevice`             ``VmConfig.rng`` (always)
 ``virtio-balloon`` :class:`.balloon.BalloonDevice`     ``VmConfig.balloon`` (if set)
+``virtio-vsock``   :class:`.vsock.device.VsockDevice`  ``VmConfig.vsock`` (hybrid vsock)
 =================  ==================================  ====================================
 
 :mod:`.common` is what they share (serving queues, lifecycle, failing safely); :mod:`.blk_io`
