@@ -108,6 +108,13 @@ class Hypervisor(ABC):
         """Import what creating and running a VM will need, so a boot requested later
         (``vm.boot``) pays no imports. Optional; no side effects on the host."""
 
+    @property
+    def guest_clock_dilation(self) -> int:
+        """How many times slower than wall-clock time the guest's clocks run (1: real time). A
+        host quirk may slow them (KVM on a PVM host); a device whose timer the guest must keep
+        up with (a watchdog) stretches its wall-clock timeouts by this factor."""
+        return 1
+
     @abstractmethod
     def create_vm(self, arch: str) -> Vm:
         """Create an empty VM for guest architecture ``arch``.

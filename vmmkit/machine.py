@@ -158,6 +158,12 @@ class _DeviceContext:
     def request_reset(self, reason: str) -> None:
         self._machine.request_reset(reason)
 
+    @property
+    def guest_clock_dilation(self) -> int:
+        """:attr:`vmmkit.hypervisor.Hypervisor.guest_clock_dilation` of the VM's backend."""
+        hypervisor = self._machine.hypervisor
+        return hypervisor.guest_clock_dilation if hypervisor is not None else 1
+
     def set_exit_status(self, status: int) -> None:
         self._machine.guest_exit_status = status
 

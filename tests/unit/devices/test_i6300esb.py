@@ -178,3 +178,21 @@ def test_hostile_accesses_are_harmless(esb: Harness) -> None:
             esb.device.config_write(rng.randrange(0x5C, 0x70), config_size, rng.getrandbits(32))
     assert esb.device.preload[0] <= 0xFFFFF and esb.device.preload[1] <= 0xFFFFF
     assert esb.device.config_reg <= 0x27 and esb.device.lock_reg <= 0x7
+
+
+def test_stages_are_counted_in_guest_time() -> None:
+    """A guest whose clocks run 10x slower (kvm_pvm's quirk) gets 10x longer stages."""
+    fired = threading.Event()
+    device = I6300Esb("_wdt", reset_vm=lambda reason: fired.set(), clock_dilation=10)
+    try:
+        device.config_write(LOCK_REG, 1, 0x00)
+        for register in (TIMER1_REG, TIMER2_REG):
+            device.bar_write(0, RELOAD_REG, b"\x80")
+            device.bar_write(0, RELOAD_REG, b"\x86")
+            device.bar_write(0, register, (SHORT).to_bytes(4, "little"))
+        started = time.monotonic()
+        device.config_write(LOCK_REG, 1, 0x02)
+        assert fired.wait(10)
+        assert time.monotonic() - started >= 10 * 2 * stage_seconds(SHORT, one_mhz=False) * 0.9
+    finally:
+        device.close()

@@ -186,6 +186,10 @@ class KvmHypervisor(Hypervisor):
 
     # X86Hypervisor
 
+    @property
+    def guest_clock_dilation(self) -> int:
+        return self.quirks.dilation
+
     def supported_cpuid(self) -> list[CpuIdEntry]:
         return self.quirks.supported_cpuid(self._system.supported_cpuid())
 

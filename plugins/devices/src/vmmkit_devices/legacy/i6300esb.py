@@ -15,7 +15,9 @@ references; the register semantics follow QEMU's, which that driver is known to 
 Each stage lasts ``preload << 15`` (1 kHz) or ``preload << 5`` (1 MHz) ticks of a 33 MHz clock.
 Stage 1's expiry would raise an interrupt; like QEMU, the model raises none (Linux disables it)
 and goes on to stage 2, whose expiry resets the VM (CH's watchdog action), unless the guest
-turned rebooting off. The device model runs on its own countdown thread; every value the
+turned rebooting off. The stages are counted in the guest's time: where a host quirk slows the
+guest's clocks (:attr:`vmmkit.hypervisor.Hypervisor.guest_clock_dilation`), they last as many
+times longer in wall-clock time. The device model runs on its own countdown thread; every value the
 guest writes is masked to the register's width, and any access outside the registers reads as
 zero and is otherwise ignored.
 
@@ -127,13 +129,16 @@ class I6300Esb(PciFunction):
     kind: ClassVar[str] = "i6300esb"
 
     def __init__(self, name: str, *, reset_vm: Callable[[str], None],
-                 emit: Callable[..., None] = lambda *_a, **_k: None) -> None:
+                 emit: Callable[..., None] = lambda *_a, **_k: None, clock_dilation: int = 1) -> None:
         config = PciConfigSpace(vendor_id=VENDOR_INTEL, device_id=DEVICE_ESB_9, class_code=CLASS_SYSTEM,
                                 subclass=SUBCLASS_OTHER)
         config.add_bar(PciBar(0, BAR_SIZE, BarKind.MEM32))
         super().__init__(name, config)
         self._reset_vm = reset_vm
         self._emit = emit
+        #: The guest's clocks run this many times slower than wall-clock time (a host quirk):
+        #: the stages are counted in guest time, so a guest petting on time is never reset.
+        self._clock_dilation = max(1, clock_dilation)
         self._lock = threading.Lock()
         self._countdown = Countdown(f"wdt-{name}"[:15], self._stage_expired)
         #: Set when the watchdog reset the VM; survives the reset, cleared by the guest.
@@ -166,6 +171,7 @@ class I6300Esb(PciFunction):
             return
         self.stage = stage
         seconds = stage_seconds(self.preload[stage - 1], one_mhz=bool(self.config_reg & CONFIG_FREQ_1MHZ))
+        seconds *= self._clock_dilation
         self._countdown.arm(seconds)
         log.debug("watchdog.stage", device=self.name, stage=stage, seconds=round(seconds, 3))
 
@@ -286,4 +292,5 @@ class I6300Esb(PciFunction):
 def create(ctx: DeviceContext, request: DeviceRequest) -> I6300Esb:
     """``I6300EsbType.create`` (declared in :mod:`vmmkit_devices.device_types`)."""
     emit: Any = getattr(ctx, "emit_event", None) or (lambda *_args, **_kwargs: None)
-    return I6300Esb(request.id, reset_vm=ctx.request_reset, emit=emit)
+    dilation = int(getattr(ctx, "guest_clock_dilation", 1))
+    return I6300Esb(request.id, reset_vm=ctx.request_reset, emit=emit, clock_dilation=dilation)

@@ -161,6 +161,8 @@ class HostQuirks:
     name: ClassVar[str] = NONE
     #: Whether the in-kernel PIT (KVM_CREATE_PIT2) may be used.
     in_kernel_pit: ClassVar[bool] = True
+    #: How many times slower than wall-clock time the guest's clocks run.
+    dilation: int = 1
 
     @property
     def active(self) -> bool:
