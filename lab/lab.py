@@ -599,7 +599,9 @@ class Project:
 
     def __init__(self, system: System) -> None:
         self.system = system
-        self.dir = system.root / "project"
+        # One per checkout: the .pyc mirror copies sources by mtime, so two checkouts (git
+        # worktrees) sharing it at once could each archive the other's code.
+        self.dir = system.root / f"project-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]}"
 
     def native_modules(self) -> dict[str, bytes]:
         from importlib import util
@@ -698,15 +700,17 @@ def boot(system: System, command: str, *, smp: int, memory: int, timeout: float,
     project = Project(system)
     project.dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    project_cpio = project.dir / "project.cpio"
+    # Per run: concurrent runs (of one checkout) must not overwrite each other's archives.
+    project_cpio = project.dir / f"project-{os.getpid()}.cpio"
     version = qemu_version(ARCHES[system.arch].qemu)
     # Tests read which emulator their KVM runs under (a skip naming a gap of that QEMU).
     project.archive(f"export VMMKIT_LAB_QEMU={'.'.join(map(str, version))}\n{command}", project_cpio, extra)
-    initrd = project.dir / "initrd.cpio"
+    initrd = project.dir / f"initrd-{os.getpid()}.cpio"
     with open(initrd, "wb") as out:
         for part in (system.cpio, project_cpio):
             with open(part, "rb") as source:
                 shutil.copyfileobj(source, out, 1 << 20)
+    project_cpio.unlink()
     log(f"initramfs ready in {time.monotonic() - started:.1f} s; booting "
         f"{ARCHES[system.arch].qemu} (TCG, {smp} vCPUs, {memory} MiB)")
     argv = qemu_argv(system, initrd, smp, memory, version)
@@ -756,6 +760,7 @@ def boot(system: System, command: str, *, smp: int, memory: int, timeout: float,
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        initrd.unlink(missing_ok=True)
     if pending and ((began and status is None) or verbose):
         print(pending.decode(errors="replace"), flush=True)
     if status is None:
