@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -113,8 +114,6 @@ class Guest:
 def lab_qemu_older_than(major: int, minor: int) -> str | None:
     """The QEMU version the lab's emulated host runs under (``lab/lab.py`` exports
     ``VMMKIT_LAB_QEMU``) if it is older than ``major.minor``; None outside the lab or if newer."""
-    import os
-
     version = os.environ.get("VMMKIT_LAB_QEMU")
     if not version:
         return None
