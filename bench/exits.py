@@ -177,11 +177,12 @@ def assemble(source: str, work: Path, name: str) -> Path:
     return binary
 
 
-def build_pure_c(work: Path) -> Path:
+def build_pure_c(work: Path, *, static: bool = False) -> Path:
     source = work / "kvm_loop.c"
     source.write_text(f"#define RAM_SIZE {RAM_SIZE:#x}\n#define CODE_BASE {CODE_BASE:#x}\n" + PURE_C)
     binary = work / "kvm_loop"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True, capture_output=True, text=True)
+    subprocess.run(["gcc", "-O2", *(["-static"] if static else []), "-o", str(binary), str(source)], check=True,
+                   capture_output=True, text=True)
     return binary
 
 
@@ -318,8 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exits", type=int, default=4000, help="exits per measurement (default 4000)")
     parser.add_argument("--repeat", type=int, default=15, help="rounds (each measures every path once)")
+    parser.add_argument("--pure-c", type=Path, metavar="BINARY",
+                        help="a pure-C loop built elsewhere (--build-pure-c), for a host without gcc (the x86 lab)")
+    parser.add_argument("--build-pure-c", type=Path, metavar="BINARY",
+                        help="only build the pure-C loop (static) to BINARY, and exit")
     args = parser.parse_args(argv)
     n = max(UNROLL, args.exits // UNROLL * UNROLL)
+    if args.build_pure_c is not None:
+        with tempfile.TemporaryDirectory(prefix="vmmkit-bench-") as tmp:
+            shutil.copy(build_pure_c(Path(tmp), static=True), args.build_pure_c)
+        return 0
 
     import logging
 
@@ -334,14 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     if not availability:
         print(f"SKIPPED: KVM is not usable here: {availability.reason}")
         return 0
-    for tool in ("gcc", "as", "ld", "objcopy"):
+    for tool in ("as", "ld", "objcopy") if args.pure_c else ("gcc", "as", "ld", "objcopy"):
         if shutil.which(tool) is None:
             print(f"SKIPPED: {tool} is needed")
             return 0
 
     with tempfile.TemporaryDirectory(prefix="vmmkit-bench-") as tmp:
         work = Path(tmp)
-        pure_c = build_pure_c(work)
+        pure_c = args.pure_c or build_pure_c(work)
         guests = {kind: assemble(src.replace("{n}", str(n)), work, kind) for kind, src in GUEST.items()}
         codes = {kind: path.read_bytes() for kind, path in guests.items()}
 

@@ -140,6 +140,35 @@ ARCHES = {
 }
 
 
+#: Gaps of an older QEMU's emulated SVM that would break the x86-64 lab's nested guests, and the
+#: ``-cpu`` flag that steers around each: ``(first fixed QEMU version, flag, why)``.
+SVM_EMULATION_GAPS: tuple[tuple[tuple[int, int], str, str], ...] = (
+    ((8, 2), "-xsave",
+     "a nested guest's XSETBV is not checked against the SVM intercept (fixed by QEMU's 'target/i386: "
+     "check intercept for XSETBV', Oct 2023): KVM never sees the guest's XCR0, reports CPUID 0xD.0 EBX "
+     "for XCR0=1 (Linux: 'XSAVE consistency problem: size 2696 != kernel_size 576') and puts XCR0=1 "
+     "back at every VM entry"),
+)
+
+
+def qemu_version(binary: str) -> tuple[int, int, int]:
+    """``qemu-system-* --version`` as (major, minor, micro)."""
+    text = run([binary, "--version"]).stdout
+    found = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", text)
+    if found is None:
+        raise LabError(f"{binary} --version: no version in {text[:200]!r}")
+    return int(found.group(1)), int(found.group(2)), int(found.group(3) or 0)
+
+
+def cpu_model(arch: str, version: tuple[int, int, int]) -> list[str]:
+    """The lab's machine options with ``-cpu`` adjusted for the emulator's known gaps."""
+    options = list(ARCHES[arch].machine)
+    if arch == "x86_64":
+        at = options.index("-cpu") + 1
+        options[at] += "".join(f",{flag}" for fixed, flag, _ in SVM_EMULATION_GAPS if version[:2] < fixed)
+    return options
+
+
 class LabError(Exception):
     """A failure with a message for the user (exit status 2 for usage, 3 for build)."""
 
@@ -570,7 +599,9 @@ class Project:
 
     def __init__(self, system: System) -> None:
         self.system = system
-        self.dir = system.root / "project"
+        # One per checkout: the .pyc mirror copies sources by mtime, so two checkouts (git
+        # worktrees) sharing it at once could each archive the other's code.
+        self.dir = system.root / f"project-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]}"
 
     def native_modules(self) -> dict[str, bytes]:
         from importlib import util
@@ -652,10 +683,10 @@ def _scripts(folder: Path) -> list[tuple[str, str]]:
 
 # -- booting ---------------------------------------------------------------------------------------
 
-def qemu_argv(system: System, initrd: Path, smp: int, memory: int) -> list[str]:
+def qemu_argv(system: System, initrd: Path, smp: int, memory: int, version: tuple[int, int, int]) -> list[str]:
     arch = ARCHES[system.arch]
     return [
-        arch.qemu, *arch.machine, "-smp", str(smp), "-m", str(memory),
+        arch.qemu, *cpu_model(system.arch, version), "-smp", str(smp), "-m", str(memory),
         "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot",
         "-chardev", "stdio,id=console,signal=on", "-serial", "chardev:console",
         "-device", "virtio-rng-pci",
@@ -669,16 +700,24 @@ def boot(system: System, command: str, *, smp: int, memory: int, timeout: float,
     project = Project(system)
     project.dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    project_cpio = project.dir / "project.cpio"
-    project.archive(command, project_cpio, extra)
-    initrd = project.dir / "initrd.cpio"
+    # Per run: concurrent runs (of one checkout) must not overwrite each other's archives.
+    project_cpio = project.dir / f"project-{os.getpid()}.cpio"
+    version = qemu_version(ARCHES[system.arch].qemu)
+    # Tests read which emulator their KVM runs under (a skip naming a gap of that QEMU).
+    project.archive(f"export VMMKIT_LAB_QEMU={'.'.join(map(str, version))}\n{command}", project_cpio, extra)
+    initrd = project.dir / f"initrd-{os.getpid()}.cpio"
     with open(initrd, "wb") as out:
         for part in (system.cpio, project_cpio):
             with open(part, "rb") as source:
                 shutil.copyfileobj(source, out, 1 << 20)
+    project_cpio.unlink()
     log(f"initramfs ready in {time.monotonic() - started:.1f} s; booting "
         f"{ARCHES[system.arch].qemu} (TCG, {smp} vCPUs, {memory} MiB)")
-    argv = qemu_argv(system, initrd, smp, memory)
+    argv = qemu_argv(system, initrd, smp, memory, version)
+    for fixed, flag, why in SVM_EMULATION_GAPS if system.arch == "x86_64" else ():
+        if version[:2] < fixed:
+            log(f"-cpu max,{flag} (QEMU {'.'.join(map(str, version))} < {'.'.join(map(str, fixed))}): "
+                f"{why.split(' (')[0]}")
     process = subprocess.Popen(["nice", "-n", "10", *argv], stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     assert process.stdout is not None
@@ -721,6 +760,7 @@ def boot(system: System, command: str, *, smp: int, memory: int, timeout: float,
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        initrd.unlink(missing_ok=True)
     if pending and ((began and status is None) or verbose):
         print(pending.decode(errors="replace"), flush=True)
     if status is None:

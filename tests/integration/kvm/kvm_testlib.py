@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -108,3 +109,13 @@ class Guest:
         assert self.ops.done.is_set(), "watchdog fired before the guest was done"
         self.vcpus[index].clear_kick()
         return exit_
+
+
+def lab_qemu_older_than(major: int, minor: int) -> str | None:
+    """The QEMU version the lab's emulated host runs under (``lab/lab.py`` exports
+    ``VMMKIT_LAB_QEMU``) if it is older than ``major.minor``; None outside the lab or if newer."""
+    version = os.environ.get("VMMKIT_LAB_QEMU")
+    if not version:
+        return None
+    numbers = tuple(int(part) for part in version.split(".")[:2])
+    return version if numbers < (major, minor) else None

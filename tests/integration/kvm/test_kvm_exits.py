@@ -6,7 +6,7 @@ import errno
 
 import attrs
 import pytest
-from kvm_testlib import DONE_PORT, RAM_SIZE, RecordingOps
+from kvm_testlib import DONE_PORT, RAM_SIZE, RecordingOps, lab_qemu_older_than
 
 from vmmkit.errors import HypervisorError
 from vmmkit.hypervisor import ExitReason
@@ -44,6 +44,16 @@ def test_int3_at_cpl0_fails_or_faults_with_the_instruction_named(make_guest) -> 
 
 
 def test_hardware_breakpoint_is_a_debug_exit(make_guest) -> None:
+    lab_qemu = lab_qemu_older_than(9, 1)
+    if lab_qemu:
+        # Measured in the x86 lab: single-step exits (KVM_GUESTDBG_SINGLESTEP) come back, a DR7
+        # breakpoint never does, even on the first instruction.
+        pytest.skip(
+            f"the lab's emulated SVM (QEMU {lab_qemu}) loads the nested guest's DR7 from the VMCB on "
+            "VMRUN without arming its breakpoints (target/i386/tcg/sysemu/svm_helper.c assigns "
+            "env->dr[7] instead of calling cpu_x86_update_dr7; fixed by QEMU's 'target/i386: "
+            "disable/enable breakpoints on vmentry/vmexit', June 2024), so KVM's #DB intercept never fires"
+        )
     guest = make_guest("nop\n nop\n target: mov $1, %eax\n hlt")
     target = guest.symbols["target"]
     try:

@@ -43,7 +43,15 @@ Starting from ``hypervisor.supported_cpuid()``:
    so ``--cpus features=[amx,-cx16,-pclmulqdq]`` where the CLI accepts a list. Only bits the
    hypervisor supports can be present, so nothing can be added except AMX.
 
-3. **Topology**: leaf 1 (initial APIC ID, addressable logical processors, HTT), leaf 4 (cores
+3. **XSAVE** (leaf 0xD, :func:`_xsave_leaf`): derived from the features left after 1 and 2, as
+   QEMU does: a state component is in XCR0 (0xD.0 EAX/EDX) or IA32_XSS (0xD.1 ECX/EDX, only
+   with XSAVES) only while the hypervisor supports it *and* a feature that uses it is offered
+   (:data:`XSAVE_COMPONENTS`: ``-avx`` takes YMM away, ``-pku`` PKRU, ``-avx512f`` the three
+   AVX-512 components...); other component sub-leaves are dropped; 0xD.0 EBX/ECX are the XSAVE
+   area size for exactly that XCR0 and 0xD.1 EBX the compacted size (:func:`xsave_area_size`).
+   Without XSAVE the whole leaf is zero (the kvm_pvm host reports XCR0 0xe7 with no XSAVE).
+
+4. **Topology**: leaf 1 (initial APIC ID, addressable logical processors, HTT), leaf 4 (cores
    per package, threads sharing each cache), leaves 0xB and 0x1F (x2APIC topology: SMT, core,
    die), on AMD 0x80000008 ECX, 0x8000001D and 0x8000001E; leaf 1 gets the hypervisor bit and
    0x80000008 EAX the guest's physical address width (``max_phys_bits``). The hypervisor's own
@@ -222,6 +230,36 @@ AMX_FEATURES: Final = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "amx_comp
 XFEATURE_XTILECFG: Final = 17
 XFEATURE_XTILEDATA: Final = 18
 AMX_LEAVES: Final = ((0xD, 17), (0xD, 18), (0x1D, None), (0x1E, None))
+
+#: XSAVE state components (the XCR0 / IA32_XSS bit = the leaf 0xD sub-leaf) and the CPUID
+#: features that offer them: a component is in leaf 0xD only while one of its features is. As
+#: Linux's ``xsave_cpuid_features`` (arch/x86/kernel/fpu/xstate.c) and QEMU's
+#: ``x86_ext_save_areas`` (target/i386/cpu.c). x87 (0) and SSE (1) go with XSAVE itself; a
+#: component not named here (newer than this table) stays as the hypervisor reports it.
+XSAVE_COMPONENTS: Final[dict[int, tuple[Bit, ...]]] = {
+    2: (FEATURES["avx"],),  # YMM_Hi128
+    3: (FEATURES["mpx"],),  # BNDREGS
+    4: (FEATURES["mpx"],),  # BNDCSR
+    5: (FEATURES["avx512f"],),  # opmask
+    6: (FEATURES["avx512f"],),  # ZMM_Hi256
+    7: (FEATURES["avx512f"],),  # Hi16_ZMM
+    8: (FEATURES["intel_pt"],),  # PT (supervisor)
+    9: (FEATURES["pku"],),  # PKRU
+    10: (Bit(7, 0, "ecx", 29),),  # PASID (supervisor): ENQCMD
+    11: (Bit(7, 0, "ecx", 7), Bit(7, 0, "edx", 20)),  # CET_U: shadow stack or IBT
+    12: (Bit(7, 0, "ecx", 7), Bit(7, 0, "edx", 20)),  # CET_S (supervisor)
+    13: (Bit(6, 0, "eax", 13),),  # HDC (supervisor)
+    14: (Bit(7, 0, "edx", 5),),  # UINTR (supervisor)
+    15: (Bit(7, 0, "edx", 19),),  # architectural LBR (supervisor)
+    16: (Bit(6, 0, "eax", 7),),  # HWP (supervisor)
+    XFEATURE_XTILECFG: (FEATURES["amx_tile"],),
+    XFEATURE_XTILEDATA: (FEATURES["amx_tile"],),
+    19: (Bit(7, 1, "edx", 21),),  # APX
+}
+#: The legacy region (x87 and SSE state) and the XSAVE header: where component 2 may begin.
+XSAVE_LEGACY_AND_HEADER: Final = 512 + 64
+#: Leaf 0xD sub-leaf ECX bit 1: the component is 64-byte aligned in the compacted format.
+XSAVE_ALIGN64: Final = 1 << 1
 
 #: The documented filter: ``(feature, reason)``; see the module docstring.
 FILTER: Final[tuple[tuple[str, str], ...]] = (
@@ -404,6 +442,7 @@ def build_cpuid(
     _filter(table, nested=nested, amx=features.amx)
     for bit in features.disabled:
         table.clear(bit)
+    _xsave_leaf(table)
     apic_id = topology.apic_id(index)
     _leaf1(table, topology, apic_id)
     _cache_leaf(table, 4, topology, cores_field=True)
@@ -439,17 +478,68 @@ def _filter(table: _Table, *, nested: bool, amx: bool) -> None:
     for name in AMX_FEATURES:
         table.clear(FEATURES[name])
     for leaf, sub in AMX_LEAVES:
-        table.remove(leaf, sub)
-    xsave = table.find(0xD, 0)
-    if xsave is not None:
-        mask = ~((1 << XFEATURE_XTILECFG) | (1 << XFEATURE_XTILEDATA))
-        xcr0 = xsave.eax & mask
-        # ECX: the XSAVE area size for every supported component, now without the tiles.
-        size = 512 + 64
-        for entry in table.all(0xD):
-            if 2 <= entry.index < 32 and xcr0 >> entry.index & 1 and entry.eax:
-                size = max(size, entry.ebx + entry.eax)
-        table.update(xsave, eax=xcr0, ecx=min(xsave.ecx, size) if xsave.ecx else size)
+        table.remove(leaf, sub)  # leaf 0xD's XCR0 mask and sizes follow in _xsave_leaf
+
+
+def xsave_area_size(entries: Iterable[CpuIdEntry], components: int, *, compacted: bool = False) -> int:
+    """Bytes of an XSAVE area holding ``components`` (an XCR0 | IA32_XSS mask), from the
+    component sub-leaves of leaf 0xD in ``entries``: the standard format places component ``i``
+    at sub-leaf ``i``'s EBX; the compacted one (XSAVEC/XSAVES) packs them in bit order, aligned
+    to 64 bytes where sub-leaf ECX bit 1 says so (Intel SDM vol. 1, 13.4.3). The formula of
+    KVM's ``xstate_required_size`` and QEMU's ``xsave_area_size``."""
+    areas = {e.index: e for e in entries if e.function == 0xD and e.index >= 2}
+    size = XSAVE_LEGACY_AND_HEADER
+    for index in sorted(i for i in areas if components >> i & 1):
+        area = areas[index]
+        if compacted:
+            offset = (size + 63) & ~63 if area.ecx & XSAVE_ALIGN64 else size
+            size = offset + area.eax
+        else:
+            size = max(size, area.ebx + area.eax)
+    return size
+
+
+def _xsave_leaf(table: _Table) -> None:
+    """Leaf 0xD from the features this table offers (as QEMU's ``cpu_x86_cpuid`` does): only the
+    components whose features are offered, and of those only what the hypervisor supports, are
+    in XCR0 (0xD.0 EAX/EDX) and IA32_XSS (0xD.1 ECX/EDX, only with XSAVES); the other component
+    sub-leaves are dropped (they read as zero); 0xD.0 EBX and ECX are the standard-format size
+    of every offered user component, 0xD.1 EBX the compacted size with the supervisor ones
+    (what each reads once the guest enabled them all: KVM recomputes EBX from the guest's XCR0
+    and XSS at run time, a static CPUID as ``emu``'s does not). Without XSAVE, leaf 0xD is zero.
+    """
+    if not table.all(0xD):
+        return
+    flags = CPUID_FLAG_SIGNIFICANT_INDEX
+    if not table.has(FEATURES["xsave"]):
+        table.replace_leaf(0xD, [CpuIdEntry(0xD, 0, flags), CpuIdEntry(0xD, 1, flags)])
+        return
+    main = table.find(0xD, 0) or CpuIdEntry(0xD, 0, flags)
+    extended = table.find(0xD, 1) or CpuIdEntry(0xD, 1, flags)
+    areas = {e.index: e for e in table.all(0xD) if e.index >= 2}
+
+    def offered(index: int) -> bool:
+        if index < 2:
+            return True
+        gates = XSAVE_COMPONENTS.get(index)
+        return index in areas and areas[index].eax != 0 and (gates is None or any(map(table.has, gates)))
+
+    def mask(supported: int) -> int:
+        return sum(1 << i for i in range(64) if supported >> i & 1 and offered(i))
+
+    xcr0 = mask(main.eax | main.edx << 32)
+    xss = mask(extended.ecx | extended.edx << 32) if table.has(FEATURES["xsaves"]) else 0
+    size = xsave_area_size(areas.values(), xcr0)
+    compacts = table.has(FEATURES["xsavec"]) or table.has(FEATURES["xsaves"])
+    compacted = xsave_area_size(areas.values(), xcr0 | xss, compacted=True) if compacts else 0
+    rows = [
+        CpuIdEntry(0xD, 0, main.flags | flags, eax=xcr0 & 0xFFFFFFFF, ebx=size, ecx=size, edx=xcr0 >> 32),
+        CpuIdEntry(
+            0xD, 1, extended.flags | flags, eax=extended.eax, ebx=compacted, ecx=xss & 0xFFFFFFFF, edx=xss >> 32
+        ),
+        *(areas[i] for i in sorted(areas) if (xcr0 | xss) >> i & 1),
+    ]
+    table.replace_leaf(0xD, rows)
 
 
 def _leaf1(table: _Table, topology: Topology, apic_id: int) -> None:

@@ -616,7 +616,10 @@ class KvmVcpu(Vcpu):
         return self._fd.get_xcrs()
 
     def set_xcrs(self, xcrs: dict[int, int]) -> None:
-        self._fd.set_xcrs(xcrs)
+        # A host without XSAVE has no XCRs: KVM_GET_XCRS reports none and KVM_SET_XCRS fails
+        # (EINVAL) even for none, so an empty set (what get_xcrs gave there) is a no-op.
+        if xcrs:
+            self._fd.set_xcrs(xcrs)
 
     def get_xsave(self) -> bytes:
         return self._fd.get_xsave()
