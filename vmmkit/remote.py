@@ -7,6 +7,7 @@
     vmmkit-remote --api-socket /run/vm.sock add-net fd=[3],mac=12:34:56:78:9a:bc   (3: an fd of
                                                                   this process, sent by SCM_RIGHTS)
     vmmkit-remote --api-socket /run/vm.sock remove-device _disk0
+    vmmkit-remote --api-socket /run/vm.sock resize --cpus 4           (also --memory, --balloon)
     vmmkit-remote --api-socket /run/vm.sock info | counters | pause | resume | reboot |
                                        power-button | nmi | shutdown | delete | shutdown-vmm
 
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_device.add_argument("device_config", metavar="DEVICE", help="as --device: path=<sysfs path>,id=<id>")
     remove = commands.add_parser("remove-device", help="Remove VFIO and PCI device")
     remove.add_argument("id", help="the device id")
+    resize = commands.add_parser("resize", help="Resize the VM")
+    resize.add_argument("--cpus", type=int, help="New vCPUs count")
+    resize.add_argument("--memory", help="New memory size in bytes (supports K/M/G suffix)")
+    resize.add_argument("--balloon", help="New balloon size in bytes (supports K/M/G suffix)")
     resize_disk = commands.add_parser("resize-disk", help="Resize an attached disk")
     resize_disk.add_argument("--disk", required=True, help="Disk identifier")
     resize_disk.add_argument("--size", required=True, help="New disk size (bytes, or with K/M/G/T)")
@@ -102,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw = _read_input(options.path)
         elif command == "remove-device":
             method, endpoint, body = "PUT", "vm.remove-device", {"id": options.id}
+        elif command == "resize":
+            method, endpoint, body = "PUT", "vm.resize", _resize_body(options)
         elif command == "resize-disk":
             try:
                 size = parse_size(options.size)
@@ -141,6 +148,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             sys.stdout.write(response.body.decode("utf-8", "replace"))
     return 0
+
+
+def _resize_body(options: argparse.Namespace) -> dict[str, int]:
+    """``VmResize`` from ``resize --cpus/--memory/--balloon`` (ch-remote's ``resize``).
+
+    :raises ConfigError: nothing to resize, or a count or size that is not one."""
+    from vmmkit.config import ConfigError
+    from vmmkit.units import parse_size
+
+    body: dict[str, int] = {}
+    if options.cpus is not None:
+        if options.cpus < 1:
+            raise ConfigError("--cpus", options.cpus, "a vCPU count of at least 1")
+        body["desired_vcpus"] = options.cpus
+    for option, key, text in (("--memory", "desired_ram", options.memory),
+                              ("--balloon", "desired_balloon", options.balloon)):
+        if text is not None:
+            try:
+                body[key] = parse_size(text)
+            except ValueError as exc:
+                raise ConfigError(option, text, "a size: bytes, or with a K, M, G or T suffix",
+                                  reason=str(exc)) from None
+    if not body:
+        raise ConfigError("resize", "", "at least one of --cpus, --memory, --balloon")
+    return body
 
 
 def _read_input(path: str) -> bytes:

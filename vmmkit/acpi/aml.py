@@ -329,7 +329,8 @@ class OpRegion(AmlObject):
 
 
 class Field(AmlObject):
-    """``Field(region, ByteAcc, NoLock, WriteAsZeros) { name, bits, ... }``: named fields only."""
+    """``Field(region, ByteAcc, NoLock, WriteAsZeros) { name, bits, ... }``; an empty name is
+    a reserved (unnamed) field of ``bits`` bits, ASL's ``, bits``."""
 
     __slots__ = ("region", "fields", "flags")
 
@@ -341,6 +342,9 @@ class Field(AmlObject):
     def to_aml(self) -> bytes:
         body = name_string(self.region) + bytes([self.flags])
         for name, bits in self.fields:
+            if not name:
+                body += b"\x00" + _field_width(bits)
+                continue
             if len(name) != 4 or not _is_segment(name):
                 raise ValueError(f"a field name is one 4-character segment, not {name!r}")
             body += name.encode("ascii") + _field_width(bits)
@@ -725,3 +729,46 @@ class Release(AmlObject):
 
     def to_aml(self) -> bytes:
         return bytes([EXT_OP_PREFIX, 0x27]) + name_string(self.path)
+
+
+# -- loops and arithmetic (CPU hotplug: Cloud Hypervisor's CSCN) --------------------------------
+
+
+class While(AmlObject):
+    """``While (predicate) { body }``."""
+
+    __slots__ = ("predicate", "body")
+
+    def __init__(self, predicate: Term, body: Iterable[Term] = ()) -> None:
+        self.predicate = predicate
+        self.body: Sequence[Term] = tuple(body)
+
+    def to_aml(self) -> bytes:
+        return _package(bytes([0xA2]), encode(self.predicate) + encode_all(self.body))
+
+
+class LLess(AmlObject):
+    """``LLess(left, right)``."""
+
+    __slots__ = ("left", "right")
+
+    def __init__(self, left: Term, right: Term) -> None:
+        self.left = left
+        self.right = right
+
+    def to_aml(self) -> bytes:
+        return bytes([0x95]) + encode(self.left) + encode(self.right)
+
+
+class Add(AmlObject):
+    """``Add(left, right, target)``."""
+
+    __slots__ = ("left", "right", "target")
+
+    def __init__(self, left: Term, right: Term, target: Term) -> None:
+        self.left = left
+        self.right = right
+        self.target = target
+
+    def to_aml(self) -> bytes:
+        return bytes([0x72]) + encode(self.left) + encode(self.right) + encode(self.target)

@@ -15,10 +15,11 @@ vmmkit rejects or does not support yet, an unknown key, guest RAM the host canno
 unknown path, no VM created, or no such device; 405 wrong method, or an operation the VM's
 state does not allow (``vm.counters`` of a VM that is not running); 408 a request that did not
 arrive in time; 409 a VM or a device id that already exists; 413 body too large; 429 too many
-connections from one process; 501 a CH endpoint vmmkit does not implement (snapshot, resize,
-...); 503 every connection busy in a handler; 504 a guest that did not eject a device in time
-(``vm.remove-device``); 500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on
-a running VM answer 200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
+connections from one process, or a ``vm.resize`` while a vCPU removal is pending; 501 a CH
+endpoint vmmkit does not implement (snapshot, ...); 503 every connection busy in a handler; 504 a
+guest that did not eject a device or vCPUs in time (``vm.remove-device``, ``vm.resize``); 500
+only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on a running VM answer 200
+with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,16 @@ from vmmkit.api.http import (
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
-from vmmkit.vmm import AlreadyExists, EjectTimeout, InvalidState, NoSuchDevice, NotCreated, NotSupported, Vmm
+from vmmkit.vmm import (
+    AlreadyExists,
+    EjectTimeout,
+    InvalidState,
+    NoSuchDevice,
+    NotCreated,
+    NotSupported,
+    ResizePending,
+    Vmm,
+)
 
 log = get_logger()
 
@@ -73,7 +83,6 @@ LISTEN_BACKLOG: Final = 128
 
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
-    "vm.resize": "resizing vCPUs and memory",
     "vm.resize-zone": "resizing memory zones",
     "vm.add-fs": "virtio-fs devices",
     "vm.add-generic-vhost-user": "generic vhost-user devices",
@@ -217,6 +226,37 @@ def _resize_disk(server: ApiServer, request: Request) -> Response:
     return Response(204)
 
 
+#: ``VmResize``'s fields, each carried out by its own VMM method (in this order).
+RESIZE_FIELDS: Final[Mapping[str, Callable[[Vmm, int], None]]] = {
+    "desired_vcpus": lambda vmm, count: vmm.resize_vcpus(count),
+}
+#: ``VmResize``'s fields vmmkit does not carry out yet: a request using one is refused whole.
+RESIZE_NOT_SUPPORTED: Final[Mapping[str, str]] = {
+    "desired_ram": "resizing guest memory (memory hotplug)",
+    "desired_balloon": "virtio-balloon devices",
+}
+
+
+def _resize(server: ApiServer, request: Request) -> Response:
+    """``vm.resize``: each field given is validated, then dispatched to its own VMM method."""
+    body = {key: value for key, value in _json_object(request).items() if value is not None}
+    unknown = sorted(set(body) - set(RESIZE_FIELDS) - set(RESIZE_NOT_SUPPORTED))
+    if unknown:
+        raise HttpError(400, f"VmResize has no {', '.join(unknown)} (it takes desired_vcpus, desired_ram, "
+                             "desired_balloon)")
+    refused = [f"{key}: not supported yet ({RESIZE_NOT_SUPPORTED[key]})" for key in body if key in RESIZE_NOT_SUPPORTED]
+    if refused:
+        raise HttpError(400, "; ".join(refused))
+    if not body:
+        raise HttpError(400, "nothing to resize: give desired_vcpus")
+    for key, value in body.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise HttpError(400, f"{key}: a positive integer is required, not {value!r}")
+    for key, value in body.items():
+        RESIZE_FIELDS[key](server.vmm, value)
+    return Response(204)
+
+
 def _openapi(server: ApiServer, request: Request) -> Response:
     _no_body(request)
     return Response(200, server.openapi_document(), content_type="application/yaml")
@@ -241,6 +281,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.add-device": Route("PUT", _add_device),
     "vm.remove-device": Route("PUT", _remove_device),
     "vm.resize-disk": Route("PUT", _resize_disk),
+    "vm.resize": Route("PUT", _resize),
     "openapi": Route("GET", _openapi),
 }
 
@@ -258,6 +299,8 @@ def _status_of(exc: BaseException) -> int:
         return 501
     if isinstance(exc, EjectTimeout):
         return 504
+    if isinstance(exc, ResizePending):
+        return 429
     if isinstance(exc, (ConfigError, BootError, DeviceError)):
         return 400
     return 500

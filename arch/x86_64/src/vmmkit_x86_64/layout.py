@@ -15,7 +15,8 @@ Above::
 
     1 MiB .. 3 GiB         RAM (the kernel and the initramfs live here)
     0xc000_0000  128 MiB   device MMIO window (virtio-mmio; at its top the PCI hotplug
-                           registers, 0xc7ff_e000, and the ACPI GED, 0xc7ff_f000)
+                           registers, 0xc7ff_e000, and the ACPI GED, 0xc7ff_f000; the CPU
+                           hotplug registers at 0xc7ff_c000)
     0xc800_0000  512 MiB   PCI MMIO32 window
     0xe800_0000  256 MiB   PCI ECAM (MCFG), one segment, buses 0-255 (e820 reserved)
     0xf800_0000            hypervisor-private pages (KVM TSS and identity map), outside every window
@@ -84,6 +85,9 @@ FOUR_GIB: Final = 4 * GiB
 #: The ACPI PCI hotplug registers (PCIU/PCID/B0EJ/PSEG): the page below the ACPI GED's, at the
 #: top of the device MMIO window.
 PCI_HOTPLUG: Final = MemoryRange(DEVICE_MMIO.end - 0x2000, 0x10)
+#: The ACPI CPU hotplug registers (CSEL/CPEN/CINS/CRMV/CEJ0, :mod:`vmmkit.cpu_hotplug`), 12
+#: bytes in their own page further down.
+CPU_HOTPLUG: Final = MemoryRange(DEVICE_MMIO.end - 0x4000, 0xC)
 
 PCI_MMIO64_SIZE: Final = 64 * GiB
 PCI_MMIO64_ALIGN: Final = 1 * GiB
@@ -124,6 +128,7 @@ def memory_layout(size: int, max_phys_bits: int = 46) -> MemoryLayout:
         pio=PCI_PIO,
         device_irqs=DEVICE_IRQS,
         pci_hotplug=PCI_HOTPLUG,
+        cpu_hotplug=CPU_HOTPLUG,
         msi_gsis=MSI_GSIS,
     )
 

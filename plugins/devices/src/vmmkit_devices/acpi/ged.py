@@ -8,7 +8,9 @@ clears it, and acts on each bit. The bits are CH's ``AcpiNotificationFlags``:
     0x01  CPU devices changed        0x02  memory devices changed
     0x04  PCI devices changed        0x08  power button pressed (Notify(\\_SB_.PWRB, 0x80))
 
-vmmkit uses the power button (``vm.power-button``, :meth:`AcpiGed.press_power_button`) and
+vmmkit uses the power button (``vm.power-button``, :meth:`AcpiGed.press_power_button`), vCPU
+hotplug (:meth:`AcpiGed.notify_cpu_devices_changed`: ``ESCN`` calls ``\\_SB_.CPUS.CSCN``, see
+:mod:`vmmkit.cpu_hotplug`) and
 PCI hotplug (:meth:`AcpiGed.notify_pci_devices_changed`: ``ESCN`` calls ``\\_SB_.PHPR.PSCN``,
 the register block of :mod:`vmmkit.pci.hotplug`, which the device manager places wherever the
 layout has ``pci_hotplug``).
@@ -49,6 +51,7 @@ class AcpiGed(ByteRegisters):
     length: ClassVar[int] = GED_SIZE
     handles_power_button: ClassVar[bool] = True
     handles_pci_hotplug_notification: ClassVar[bool] = True
+    handles_cpu_hotplug_notification: ClassVar[bool] = True
 
     def __init__(self, device_id: str, interrupt: InterruptLine | None) -> None:
         super().__init__(device_id)
@@ -58,6 +61,7 @@ class AcpiGed(ByteRegisters):
         self.notifications = 0
         self.power_button_presses = 0
         self.pci_notifications = 0
+        self.cpu_notifications = 0
 
     def notify(self, flags: int) -> None:
         """Tell the guest that ``flags`` happened (from any thread)."""
@@ -78,6 +82,11 @@ class AcpiGed(ByteRegisters):
         self.pci_notifications += 1
         self.notify(PCI_DEVICES_CHANGED)
 
+    def notify_cpu_devices_changed(self) -> None:
+        """A vCPU was added, or the host asks for one's removal: the guest rescans them."""
+        self.cpu_notifications += 1
+        self.notify(CPU_DEVICES_CHANGED)
+
     def read_byte(self, offset: int) -> int:
         with self._lock:
             value, self._pending = self._pending, 0
@@ -95,19 +104,27 @@ class AcpiGed(ByteRegisters):
             "notifications": self.notifications,
             "power_button_presses": self.power_button_presses,
             "pci_notifications": self.pci_notifications,
+            "cpu_notifications": self.cpu_notifications,
             **super().counters(),
         }
 
     def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
         """As Cloud Hypervisor's ``impl Aml for AcpiGedDevice``: ``\\_SB_.GEC_`` (PNP0A06)
         holds the notification byte (OperationRegion GDST, field GDAT) and the method ESCN,
-        which reads it, on bit 0x04 calls ``\\_SB_.PHPR.PSCN`` (PCI hotplug, when the layout
-        has its registers) and on bit 0x08 does ``Notify(\\_SB_.PWRB, 0x80)``; ``\\_SB_.GED_``
-        (ACPI0013) has the interrupt in ``_CRS`` and ``_EVT`` calling ESCN; ``\\_SB_.PWRB``
-        (PNP0C0C) is the power button. One GED per VM."""
+        which reads it, on bit 0x01 calls ``\\_SB_.CPUS.CSCN`` (vCPU hotplug, when the layout
+        has its registers, :mod:`vmmkit.cpu_hotplug`), on bit 0x04 calls ``\\_SB_.PHPR.PSCN``
+        (PCI hotplug, when the layout has its registers) and on bit 0x08 does
+        ``Notify(\\_SB_.PWRB, 0x80)``; ``\\_SB_.GED_`` (ACPI0013) has the interrupt in ``_CRS``
+        and ``_EVT`` calling ESCN; ``\\_SB_.PWRB`` (PNP0C0C) is the power button. One GED per VM."""
         if placed.mmio is None or scope.next_index("acpi-ged") > 0:
             return
         base, size = placed.mmio
+        cpu: list[aml.Term] = []
+        if scope.layout.cpu_hotplug is not None:
+            cpu = [
+                aml.And(aml.Local(0), CPU_DEVICES_CHANGED, aml.Local(1)),
+                aml.If(aml.LEqual(aml.Local(1), CPU_DEVICES_CHANGED), [aml.Call("\\_SB_.CPUS.CSCN")]),
+            ]
         pci: list[aml.Term] = []
         if scope.layout.pci_hotplug is not None:
             pci = [
@@ -119,6 +136,7 @@ class AcpiGed(ByteRegisters):
             0,
             [
                 aml.Store(aml.Path("GDAT"), aml.Local(0)),
+                *cpu,
                 *pci,
                 aml.And(aml.Local(0), POWER_BUTTON_CHANGED, aml.Local(1)),
                 aml.If(
