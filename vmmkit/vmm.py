@@ -141,6 +141,9 @@ class Vmm:
 
     def info(self) -> dict[str, Any]:
         """``VmInfo``: the configuration, the state and the memory size."""
+        machine = self._live_machine()
+        if machine is not None:  # the guest may have ejected vCPUs, or rebooted after a removal
+            self._follow_vcpus(machine)
         with self._lock:
             config, machine = self.config, self.machine
         if config is None:
