@@ -14,7 +14,6 @@ resize, as Cloud Hypervisor's does.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterator
