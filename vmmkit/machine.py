@@ -415,6 +415,8 @@ class Machine:
                 self.request_stop(StopReason.INTERNAL_ERROR, f"vcpu{position}: {exit_.detail or reason.value}")
             elif reason is ExitReason.DEBUG:
                 continue
+        with self._park:  # a pause waiting for this thread to park counts it out now
+            self._park.notify_all()
 
     def _park_here(self) -> None:
         with self._park:
