@@ -124,9 +124,14 @@ def test_linux_sees_vcpus_come_and_go(guest: tuple[Guest, ApiClient, Path], tmp_
     assert vm.step("grown", deadline) == ["0-3"]
 
     started = time.monotonic()
-    shrunk = api.request("PUT", "vm.resize", {"desired_vcpus": 2})  # returns once Linux ejected them
-    assert shrunk.status == 204, shrunk
-    print(f"shrinking took {time.monotonic() - started:.1f} s")
+    shrunk = api.request("PUT", "vm.resize", {"desired_vcpus": 2}, check=False)  # returns once Linux ejected them
+    print(f"shrinking answered {shrunk.status} after {time.monotonic() - started:.1f} s")
+    if shrunk.status == 504:  # Linux took longer than VCPU_EJECT_TIMEOUT (a very loaded host): still pending
+        assert "did not eject its vCPUs" in shrunk.json()[0], shrunk
+        while vm.vcpu_threads() != ["vcpu0", "vcpu1"] and time.monotonic() < deadline:
+            time.sleep(1)
+    else:
+        assert shrunk.status == 204, shrunk
     assert vm.vcpu_threads() == ["vcpu0", "vcpu1"]
     assert api.info()["config"]["cpus"]["boot_vcpus"] == 2
     counters = api.request("GET", "vm.counters").json()
@@ -142,4 +147,5 @@ def test_linux_sees_vcpus_come_and_go(guest: tuple[Guest, ApiClient, Path], tmp_
     assert result.returncode == 0, result.describe()
     assert "ACPI Error" not in result.output and "ACPI Warning" not in result.output, result.output
     resizes = [(e["source"], e["event"]) for e in read_events(events.read_text()) if "resiz" in e["event"]]
-    assert resizes == [("vm", "resizing"), ("vm", "resized")] * 2, resizes
+    expected = [("vm", "resizing"), ("vm", "resized")] * 2
+    assert resizes == (expected[:3] if shrunk.status == 504 else expected), resizes
