@@ -11,8 +11,10 @@ thread is gone, and ``online`` reads 0-1.
 Growing 2 -> 4 (the issue's numbers) hot-adds and onlines CPUs 2 and 3 in Linux too, but on the
 kvm_pvm development host the guest then stalls with all four vCPUs busy in its kernel (an RCU
 stall on CPU 1 is reported), three times out of three; 1 -> 3 -> 1, 2 -> 3 -> 2, 3 -> 4 -> 3 and
-4 -> 3 complete. Until that is understood this test keeps to three vCPUs. Requests the VM cannot take (beyond ``max``, zero, a field not supported yet) answer 400
-and change nothing. The monitor reports ``vm``/``resizing`` and ``vm``/``resized`` for each
+4 -> 3 complete. Until that is understood this test keeps to three vCPUs.
+
+Requests the VM cannot take (beyond ``max``, zero, a field not supported yet) answer 400 and
+change nothing. The monitor reports ``vm``/``resizing`` and ``vm``/``resized`` for each
 resize, as Cloud Hypervisor's does.
 """
 
