@@ -43,6 +43,9 @@ class MemoryLayout:
     #: The ACPI memory hotplug register block (:mod:`vmmkit.acpi.memory_hotplug`), placed
     #: when :attr:`memory_hotplug` is set; ``None``: no ACPI memory hotplug on this architecture.
     memory_hotplug_registers: MemoryRange | None = None
+    #: The ACPI CPU hotplug register block (:mod:`vmmkit.cpu_hotplug`), ``None``: no vCPU
+    #: hotplug on this architecture.
+    cpu_hotplug: MemoryRange | None = None
 
 
 @frozen
@@ -94,6 +97,14 @@ class Architecture(ABC):
 
         :raises vmmkit.errors.NotSupportedError: the architecture has no NMI (the default)."""
         raise NotSupportedError(f"NMI injection is not supported on {self.name}")
+
+    def processor_entry(self, config: VmConfig, index: int) -> bytes:
+        """vCPU ``index`` as the guest's firmware describes an enabled processor to a CPU
+        hotplug method (ACPI ``_MAT``: on x86 its MADT Local APIC entry). Only needed where
+        the layout has :attr:`MemoryLayout.cpu_hotplug`.
+
+        :raises vmmkit.errors.NotSupportedError: the architecture has no ACPI CPU hotplug."""
+        raise NotSupportedError(f"vCPU hotplug is not supported on {self.name}")
 
     @abstractmethod
     def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:

@@ -114,6 +114,9 @@ class ManagedDevice:
     #: True for a device that tells the guest memory was plugged or is to be unplugged
     #: (:meth:`notify_memory_devices_changed`: the ACPI GED).
     handles_memory_hotplug_notification: ClassVar[bool] = False
+    #: True for a device that tells the guest vCPUs came or go
+    #: (:meth:`notify_cpu_devices_changed`: the ACPI GED).
+    handles_cpu_hotplug_notification: ClassVar[bool] = False
 
     def reset(self) -> None:
         """Return to power-on state (VM reboot)."""
@@ -150,6 +153,10 @@ class ManagedDevice:
     def notify_memory_devices_changed(self) -> None:
         """Tell the guest to rescan its hotplug memory slots (only if
         :attr:`handles_memory_hotplug_notification`)."""
+
+    def notify_cpu_devices_changed(self) -> None:
+        """Tell the guest to rescan its hot-pluggable vCPUs (only if
+        :attr:`handles_cpu_hotplug_notification`)."""
 
     def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
         """Add this device's node(s) to the DSDT through ``scope`` (ACPI platforms)."""

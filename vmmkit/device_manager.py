@@ -31,6 +31,7 @@ from vmmkit.virtio.device import VirtioDevice
 if TYPE_CHECKING:
     from vmmkit.arch import MemoryLayout
     from vmmkit.config import VmConfig
+    from vmmkit.cpu_hotplug import CpuHotplugController, EjectHandler
     from vmmkit.eventloop import EventLoop
     from vmmkit.hypervisor import PortSink, Vm
     from vmmkit.memory import GuestMemory
@@ -101,6 +102,7 @@ class DeviceManager:
         self._transports: dict[str, Transport] = {}
         self._native_ports: dict[str, dict[int, PortSink]] = {}
         self._hotplug: PciHotplugController | None = None
+        self.cpu_hotplug: CpuHotplugController | None = None
         #: Removals the guest has been asked for, by (segment, slot): (device id, done).
         self._ejecting: dict[tuple[int, int], tuple[str, threading.Event]] = {}
         self._lock = threading.RLock()
@@ -382,6 +384,34 @@ class DeviceManager:
             pending = list(self._ejecting)
         for segment, slot in pending:
             self._ejected(segment, slot)
+
+    # -- vCPU hotplug (ACPI, as Cloud Hypervisor: vmmkit.cpu_hotplug) ---------------------------
+
+    def enable_cpu_hotplug(self, *, present: int, processor_entries: Sequence[bytes],
+                           on_eject: EjectHandler) -> CpuHotplugController | None:
+        """Place the ACPI CPU hotplug registers where the layout says (``layout.cpu_hotplug``;
+        nothing without): ``present`` vCPUs of ``len(processor_entries)`` possible ones."""
+        window = self.layout.cpu_hotplug
+        if window is None or self.cpu_hotplug is not None:
+            return self.cpu_hotplug
+        from vmmkit.cpu_hotplug import CpuHotplugController
+
+        controller = CpuHotplugController("_cpu_hotplug", present=present, processor_entries=processor_entries,
+                                          on_eject=on_eject)
+        self.place(controller, DeviceRequest("cpu-hotplug", "_cpu_hotplug", mmio=(window.start, window.size)))
+        self.cpu_hotplug = controller
+        return controller
+
+    def notify_cpus_changed(self) -> None:
+        """Raise the vCPU hotplug notification (the GED's CPU bit and interrupt).
+
+        :raises DeviceError: no device of this VM tells the guest about vCPU hotplug."""
+        notifiers = [p.device for p in self.devices
+                     if isinstance(p.device, ManagedDevice) and p.device.handles_cpu_hotplug_notification]
+        if not notifiers:
+            raise DeviceError("this VM has no device that tells the guest about vCPU hotplug (an ACPI GED)")
+        for notifier in notifiers:
+            notifier.notify_cpu_devices_changed()
 
     # -- events ----------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from vmmkit.bus import Bus
 from vmmkit.config import VmConfig
 from vmmkit.device import DeviceRequest, PlacedDevice, check_devices
 from vmmkit.device_manager import DeviceManager, default_virtio_transport
-from vmmkit.errors import BootError, NotSupportedError, VmmError
+from vmmkit.errors import BootError, DeviceError, NotSupportedError, VmmError
 from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import ExitReason, Hypervisor, Vcpu, Vm
 from vmmkit.irq import InterruptLine
@@ -223,6 +223,12 @@ class Machine:
         self._device_ctx = _DeviceContext(self)
         self._started_at = time.monotonic()
         self._restored = False
+        #: vCPU hotplug: the positions whose vCPU runs (a thread each), each thread's retire
+        #: event, and a removal the guest has been asked for (positions left, done).
+        self._active: set[int] = set()
+        self._retire: dict[int, tuple[threading.Event, threading.Thread]] = {}
+        self._removal: tuple[set[int], threading.Event] | None = None
+        self._dispatch: VcpuDispatch | None = None
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -328,10 +334,11 @@ class Machine:
         self._create_devices()
         if restore is None:
             self._load_payload()
-        dispatch = VcpuDispatch(self.pio_bus, self.mmio_bus)
+        dispatch = self._dispatch = VcpuDispatch(self.pio_bus, self.mmio_bus)
         for index in range(self.config.cpus.boot_vcpus):
             vcpu = self.vm.create_vcpu(self.arch.vcpu_id(self.config, index), dispatch)
             self.vcpus.append(vcpu)
+        self._active = set(range(self.config.cpus.boot_vcpus))
         if restore is not None:
             from vmmkit.snapshot import restore_state
 
@@ -370,6 +377,7 @@ class Machine:
             self.memory_hotplug = memory_hotplug.attach(self.manager, self.layout, self.config.memory,
                                                         self.memory, self.vm)
         self.manager.enable_pci_hotplug()
+        self._enable_cpu_hotplug()
 
     def _load_payload(self) -> None:
         assert self.arch is not None and self.memory is not None and self.layout is not None
@@ -449,17 +457,24 @@ class Machine:
 
     def _start_vcpu_threads(self) -> None:
         self._stop.clear()
-        self._threads = [
-            threading.Thread(target=self._vcpu_loop, args=(vcpu, position), name=f"vcpu{position}", daemon=True)
-            for position, vcpu in enumerate(self.vcpus)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._threads = []
+        self._retire.clear()
+        for position, vcpu in enumerate(self.vcpus):
+            if position in self._active:
+                self._start_vcpu_thread(vcpu, position)
 
-    def _vcpu_loop(self, vcpu: Vcpu, position: int) -> None:
+    def _start_vcpu_thread(self, vcpu: Vcpu, position: int) -> None:
+        retire = threading.Event()
+        thread = threading.Thread(target=self._vcpu_loop, args=(vcpu, position, retire), name=f"vcpu{position}",
+                                  daemon=True)
+        self._retire[position] = (retire, thread)
+        self._threads.append(thread)
+        thread.start()
+
+    def _vcpu_loop(self, vcpu: Vcpu, position: int, retire: threading.Event) -> None:
         set_native_thread_name(f"vcpu{position}")
         vlog = log.bind(vcpu=position)
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not retire.is_set():
             if self._pause_requested:
                 self._park_here()
                 continue
@@ -484,6 +499,8 @@ class Machine:
                 self.request_stop(StopReason.INTERNAL_ERROR, f"vcpu{position}: {exit_.detail or reason.value}")
             elif reason is ExitReason.DEBUG:
                 continue
+        with self._park:  # a pause waiting for this thread to park counts it out now
+            self._park.notify_all()
 
     def _park_here(self) -> None:
         with self._park:
@@ -631,6 +648,7 @@ class Machine:
             else:
                 region.buffer.madvise(_MADV_DONTNEED)
         self.manager.reset()
+        self._settle_vcpu_hotplug()
         self._load_payload()
         self._configure_vcpus()
         for vcpu in self.vcpus:
@@ -679,6 +697,156 @@ class Machine:
         self.vm = None
         self.memory = None
         self.pm.hook.vmmkit_vm_destroyed(machine=self)
+
+    # -- vCPU hotplug (ACPI, as Cloud Hypervisor's CpuManager: vmmkit.cpu_hotplug) -------------
+
+    def _enable_cpu_hotplug(self) -> None:
+        """Place the CPU hotplug registers when the layout has them, describing every possible
+        vCPU (Cloud Hypervisor describes them whatever ``max_vcpus`` is)."""
+        assert self.arch is not None
+        if self.manager.layout.cpu_hotplug is None:
+            return
+        cpus = self.config.cpus
+        entries = [self.arch.processor_entry(self.config, index) for index in range(cpus.max_vcpus)]
+        self.manager.enable_cpu_hotplug(present=cpus.boot_vcpus, processor_entries=entries,
+                                        on_eject=self._vcpu_ejected)
+
+    @property
+    def present_vcpus(self) -> int:
+        """How many vCPUs the guest has now (``boot_vcpus`` until ``vm.resize``)."""
+        with self._lock:
+            return len(self._active)
+
+    @property
+    def vcpu_removal_pending(self) -> bool:
+        """The guest was asked to eject vCPUs and has not ejected them all yet."""
+        with self._lock:
+            return self._removal is not None
+
+    def resize_vcpus(self, desired: int) -> threading.Event:
+        """Give the running guest ``desired`` vCPUs (CH's ``CpuManager::resize``). Growing
+        creates (or reuses) the vCPUs above, configures them as at boot, starts their threads
+        and tells the guest (CINS, the GED's CPU bit); shrinking asks the guest to eject the
+        highest ones (CRMV, the same notification). The event is set once the guest has
+        ejected them all (at once when growing); :meth:`reap_vcpu_threads` then joins their
+        threads.
+
+        :raises DeviceError: this VM has no vCPU hotplug, ``desired`` is not 1..max_vcpus, or
+            a removal is still pending.
+        """
+        controller = self.manager.cpu_hotplug
+        if controller is None:
+            raise DeviceError(f"this VM cannot hotplug vCPUs (the {self.arch_name} architecture has no ACPI "
+                              "CPU hotplug registers)")
+        done = threading.Event()
+        with self._lock:
+            maximum = self.config.cpus.max_vcpus
+            if not 1 <= desired <= maximum:
+                raise DeviceError(f"desired_vcpus {desired} is not between 1 and max_vcpus ({maximum})")
+            if self._removal is not None:
+                raise DeviceError("a vCPU removal is still pending (the guest has not ejected them yet)")
+            present = len(self._active)
+            if desired == present:
+                done.set()
+                return done
+            if desired > present:
+                try:
+                    self._add_vcpus(desired)
+                finally:
+                    self.manager.notify_cpus_changed()
+                done.set()
+                return done
+            leaving = set(sorted(self._active)[desired:])
+            self._removal = (leaving, done)
+            for position in sorted(leaving):
+                controller.request_removal(position)
+        log.info("vcpu.removal_requested", vcpus=sorted(leaving))
+        self.manager.notify_cpus_changed()
+        return done
+
+    def _add_vcpus(self, desired: int) -> None:
+        """Start the lowest inactive vCPUs until ``desired`` run (under :attr:`_lock`)."""
+        assert self.vm is not None and self.arch is not None and self.hypervisor is not None
+        assert self.boot_info is not None and self._dispatch is not None and self.manager.cpu_hotplug is not None
+        for position in range(self.config.cpus.max_vcpus):
+            if len(self._active) >= desired:
+                break
+            if position in self._active:
+                continue
+            if position == len(self.vcpus):  # vCPUs are created in order and never destroyed
+                self.vcpus.append(self.vm.create_vcpu(self.arch.vcpu_id(self.config, position), self._dispatch))
+            vcpu = self.vcpus[position]
+            self.arch.configure_vcpu(vcpu, position, self.hypervisor, self._boot_config, self.boot_info)
+            vcpu.clear_kick()
+            self._active.add(position)
+            self._set_boot_vcpus(len(self._active))
+            self.manager.cpu_hotplug.insert(position)
+            self._start_vcpu_thread(vcpu, position)
+            log.info("vcpu.added", vcpu=position)
+
+    def _vcpu_ejected(self, position: int) -> bool:
+        """The guest ejected vCPU ``position`` (CEJ0, on another vCPU's thread): its thread
+        stops. Its last vCPU is never ejected (the VM would hang without one)."""
+        with self._lock:
+            if position not in self._active or len(self._active) == 1:
+                log.warning("vcpu.eject_refused", vcpu=position, present=len(self._active))
+                return False
+            self._active.discard(position)
+            self._set_boot_vcpus(len(self._active))
+            retire = self._retire.get(position)
+            finished: threading.Event | None = None
+            if self._removal is not None:
+                self._removal[0].discard(position)
+                if not self._removal[0]:
+                    finished, self._removal = self._removal[1], None
+        if retire is not None:
+            retire[0].set()
+        self.vcpus[position].kick()
+        log.info("vcpu.ejected", vcpu=position)
+        if finished is not None:
+            finished.set()
+        return True
+
+    def reap_vcpu_threads(self, timeout: float = 5.0) -> None:
+        """Join the threads of ejected vCPUs (kicking them out of the guest).
+
+        :raises VmmError: one did not stop within ``timeout``."""
+        with self._lock:
+            retired = [(p, t) for p, (event, t) in self._retire.items() if event.is_set()]
+        deadline = time.monotonic() + timeout
+        for position, thread in retired:
+            while thread.is_alive() and time.monotonic() < deadline:
+                self.vcpus[position].kick()
+                thread.join(0.05)
+            if thread.is_alive():
+                raise VmmError(f"the thread of ejected vCPU {position} did not stop")
+            with self._lock:
+                if self._retire.get(position, (None, None))[1] is thread:
+                    del self._retire[position]
+                if thread in self._threads:
+                    self._threads.remove(thread)
+
+    def _settle_vcpu_hotplug(self) -> None:
+        """At a reset: a pending removal is carried out, and the guest boots again with as
+        many vCPUs as it had, the lowest ones (the MADT enables the first ``boot_vcpus``)."""
+        with self._lock:
+            removal, self._removal = self._removal, None
+            if removal is not None:
+                self._active -= removal[0]
+            count = max(len(self._active), 1)
+            self._active = set(range(count))
+            self._set_boot_vcpus(count)
+        controller = self.manager.cpu_hotplug
+        if controller is not None:
+            controller.set_present(count)
+        if removal is not None:
+            removal[1].set()
+
+    def _set_boot_vcpus(self, count: int) -> None:
+        """The configuration follows the guest's vCPU count (as CH's ``Vm::resize``): a reboot
+        keeps it, ``vm.info`` shows it."""
+        if self.config.cpus.boot_vcpus != count:
+            self.config = attrs.evolve(self.config, cpus=attrs.evolve(self.config.cpus, boot_vcpus=count))
 
     # -- events ------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@
     vmmkit-remote --api-socket /run/vm.sock remove-device _disk0
     vmmkit-remote --api-socket /run/vm.sock snapshot file:///var/snap      (a paused VM)
     vmmkit-remote --api-socket /run/vm.sock restore source_url=file:///var/snap,prefault=on
-    vmmkit-remote --api-socket /run/vm.sock resize --memory 1G
+    vmmkit-remote --api-socket /run/vm.sock resize --cpus 4 --memory 1G
     vmmkit-remote --api-socket /run/vm.sock resize --balloon 256M
     vmmkit-remote --api-socket /run/vm.sock info | counters | pause | resume | reboot |
                                        power-button | nmi | shutdown | delete | shutdown-vmm
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_vsock.add_argument("vsock_config", metavar="VSOCK", help="as --vsock: cid=<cid>,socket=<path>")
     remove = commands.add_parser("remove-device", help="Remove VFIO and PCI device")
     remove.add_argument("id", help="the device id")
+    resize = commands.add_parser("resize", help="Resize the VM")
+    resize.add_argument("--cpus", type=int, help="New vCPUs count")
+    resize.add_argument("--memory", help="New memory size in bytes (supports K/M/G suffix)")
+    resize.add_argument("--balloon", help="New balloon size in bytes (supports K/M/G suffix)")
     resize_disk = commands.add_parser("resize-disk", help="Resize an attached disk")
     resize_disk.add_argument("--disk", required=True, help="Disk identifier")
     resize_disk.add_argument("--size", required=True, help="New disk size (bytes, or with K/M/G/T)")
@@ -80,10 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     restore = commands.add_parser("restore", help="Restore VM from a snapshot")
     restore.add_argument("restore_config", metavar="CONFIG",
                          help="source_url=file:///<directory>,prefault=on|off,resume=on|off")
-    resize = commands.add_parser("resize", help="Resize the VM")
-    resize.add_argument("--cpus", help="New vCPUs count")
-    resize.add_argument("--memory", help="New memory size in bytes (supports K/M/G suffix)")
-    resize.add_argument("--balloon", help="New balloon size in bytes (supports K/M/G suffix)")
     return parser
 
 
@@ -100,30 +100,6 @@ def _restore_body(spec: str) -> dict[str, Any]:
         value = parsed.toggle(key)
         if value is not None:
             body[key] = value
-    return body
-
-
-def _resize_body(options: argparse.Namespace) -> dict[str, int]:
-    """``VmResizeData`` from ``resize --cpus N --memory SIZE --balloon SIZE`` (ch-remote's
-    flags); the VMM refuses what it does not implement."""
-    from vmmkit.config import ConfigError
-    from vmmkit.units import parse_size
-
-    body: dict[str, int] = {}
-    if options.cpus is not None:
-        if not options.cpus.isdigit() or int(options.cpus) <= 0:
-            raise ConfigError("--cpus", options.cpus, "a positive number of vCPUs")
-        body["desired_vcpus"] = int(options.cpus)
-    for flag, key, text in (("--memory", "desired_ram", options.memory),
-                            ("--balloon", "desired_balloon", options.balloon)):
-        if text is not None:
-            try:
-                body[key] = parse_size(text)
-            except ValueError as exc:
-                raise ConfigError(flag, text, "a size: bytes, or with a K, M, G or T suffix",
-                                  reason=str(exc)) from None
-    if not body:
-        raise ConfigError("resize", "", "at least one of --cpus, --memory, --balloon")
     return body
 
 
@@ -170,8 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("--size", options.size, "a size: bytes, or with a K, M, G or T suffix",
                                   reason=str(exc)) from None
             method, endpoint, body = "PUT", "vm.resize-disk", {"id": options.disk, "desired_size": size}
-        elif command == "resize":
-            method, endpoint, body = "PUT", "vm.resize", _resize_body(options)
         else:
             kinds: dict[str, tuple[str, Any, Callable[[argparse.Namespace], str]]] = {
                 "add-disk": ("vm.add-disk", DiskConfig, lambda o: o.disk_config),
@@ -205,6 +179,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             sys.stdout.write(response.body.decode("utf-8", "replace"))
     return 0
+
+
+def _resize_body(options: argparse.Namespace) -> dict[str, int]:
+    """``VmResize`` from ``resize --cpus/--memory/--balloon`` (ch-remote's ``resize``).
+
+    :raises ConfigError: nothing to resize, or a count or size that is not one."""
+    from vmmkit.config import ConfigError
+    from vmmkit.units import parse_size
+
+    body: dict[str, int] = {}
+    if options.cpus is not None:
+        if options.cpus < 1:
+            raise ConfigError("--cpus", options.cpus, "a vCPU count of at least 1")
+        body["desired_vcpus"] = options.cpus
+    for option, key, text in (("--memory", "desired_ram", options.memory),
+                              ("--balloon", "desired_balloon", options.balloon)):
+        if text is not None:
+            try:
+                body[key] = parse_size(text)
+            except ValueError as exc:
+                raise ConfigError(option, text, "a size: bytes, or with a K, M, G or T suffix",
+                                  reason=str(exc)) from None
+    if not body:
+        raise ConfigError("resize", "", "at least one of --cpus, --memory, --balloon")
+    return body
 
 
 def _read_input(path: str) -> bytes:

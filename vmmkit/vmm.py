@@ -58,6 +58,9 @@ REBOOT_TIMEOUT = 10.0
 SHUTDOWN_TIMEOUT = 10.0
 #: How long ``vm.remove-device`` waits for the guest to eject the device.
 EJECT_TIMEOUT = 30.0
+#: How long ``vm.resize`` waits for the guest to eject the vCPUs it is asked to remove (Linux
+#: offlines each first: two took ~40 s on a loaded kvm_pvm host, where guest kernel code is emulated).
+VCPU_EJECT_TIMEOUT = 60.0
 
 
 class NotCreated(VmmError):
@@ -82,6 +85,11 @@ class NotSupported(VmmError):
 
 class EjectTimeout(VmmError):
     """The guest did not eject a device it was asked to remove in time."""
+
+
+class ResizePending(VmmError):
+    """A ``vm.resize`` cannot start: the guest has not ejected the vCPUs an earlier one asked
+    it to remove (CH answers 429)."""
 
 
 class EventSink(Protocol):
@@ -136,6 +144,9 @@ class Vmm:
 
     def info(self) -> dict[str, Any]:
         """``VmInfo``: the configuration, the state and the memory size."""
+        machine = self._live_machine()
+        if machine is not None:  # the guest may have ejected vCPUs, or rebooted after a removal
+            self._follow_vcpus(machine)
         with self._lock:
             config, machine = self.config, self.machine
         if config is None:
@@ -460,6 +471,49 @@ class Vmm:
                     self.config = attrs.evolve(self.config, memory=memory)
             if machine is not None:
                 self._event("vm", "resized")
+
+    def resize_vcpus(self, desired: int, timeout: float | None = None) -> None:
+        """``vm.resize`` ``desired_vcpus`` on the running VM (CH's ``Vmm::vm_resize`` and
+        ``CpuManager::resize``): more vCPUs are added at once; fewer are ejected by the guest,
+        waited for at most ``timeout`` (default :data:`VCPU_EJECT_TIMEOUT`; then
+        :class:`EjectTimeout`, the removal staying pending), then their threads are joined.
+        The configuration's ``boot_vcpus`` follows. Reports ``vm``/``resizing`` and
+        ``vm``/``resized`` as CH does.
+
+        :raises InvalidState: the VM is not running. :raises ConfigError: ``desired`` is not
+            1..max_vcpus. :raises ResizePending: an earlier removal is still pending.
+            :raises DeviceError: this VM cannot hotplug vCPUs.
+        """
+        with self._op_lock:
+            machine = self._live_machine()
+            if machine is None:
+                self._require_config()
+                raise InvalidState("cannot resize the vCPUs of a VM that is not booted")
+            if machine.state is not MachineState.RUNNING:
+                raise InvalidState(f"cannot resize the vCPUs of a VM that is {machine.state.value}")
+            maximum = machine.config.cpus.max_vcpus
+            if not 1 <= desired <= maximum:
+                raise ConfigError("desired_vcpus", desired, f"1 to max_vcpus ({maximum}; set with --cpus max=)")
+            if machine.vcpu_removal_pending:
+                raise ResizePending("a vCPU removal is still pending: the guest has not ejected the vCPUs an "
+                                    "earlier vm.resize asked it to remove")
+            self._event("vm", "resizing")
+            ejected = machine.resize_vcpus(desired)
+            self._follow_vcpus(machine)
+        limit = VCPU_EJECT_TIMEOUT if timeout is None else timeout
+        if not ejected.wait(limit):
+            raise EjectTimeout(f"the guest did not eject its vCPUs within {limit:.0f} s (does its kernel handle "
+                               "ACPI CPU hotplug?); the removal stays pending: they go when the guest ejects them")
+        machine.reap_vcpu_threads()
+        self._follow_vcpus(machine)
+        self._event("vm", "resized")
+
+    def _follow_vcpus(self, machine: Machine) -> None:
+        """The stored configuration's ``boot_vcpus`` becomes the machine's."""
+        count = machine.config.cpus.boot_vcpus
+        with self._lock:
+            if self.config is not None and self.config.cpus.boot_vcpus != count:
+                self.config = attrs.evolve(self.config, cpus=attrs.evolve(self.config.cpus, boot_vcpus=count))
 
     def _add(self, device: Any, add: Callable[[VmConfig, Any], VmConfig], what: str) -> dict[str, str] | None:
         with self._op_lock:

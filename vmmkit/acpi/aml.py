@@ -731,7 +731,7 @@ class Release(AmlObject):
         return bytes([EXT_OP_PREFIX, 0x27]) + name_string(self.path)
 
 
-# -- arithmetic, loops and buffer fields (memory hotplug: Cloud Hypervisor's MHPC methods) ------
+# -- arithmetic, loops and buffer fields (CPU and memory hotplug: CH's CSCN, MSCN) ------
 
 
 class _Binary(AmlObject):

@@ -15,10 +15,11 @@ vmmkit rejects or does not support yet, an unknown key, guest RAM the host canno
 unknown path, no VM created, or no such device; 405 wrong method, or an operation the VM's
 state does not allow (``vm.counters`` of a VM that is not running); 408 a request that did not
 arrive in time; 409 a VM or a device id that already exists; 413 body too large; 429 too many
-connections from one process; 501 a CH endpoint vmmkit does not implement (migration, resize-zone,
-...); 503 every connection busy in a handler; 504 a guest that did not eject a device in time
-(``vm.remove-device``); 500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on
-a running VM answer 200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
+connections from one process, or a ``vm.resize`` while a vCPU removal is pending; 501 a CH
+endpoint vmmkit does not implement (migration, resize-zone, ...); 503 every connection busy in a
+handler; 504 a guest that did not eject a device or vCPUs in time (``vm.remove-device``,
+``vm.resize``); 500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on a
+running VM answer 200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,16 @@ from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, Opti
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
 from vmmkit.state import SnapshotError
-from vmmkit.vmm import AlreadyExists, EjectTimeout, InvalidState, NoSuchDevice, NotCreated, NotSupported, Vmm
+from vmmkit.vmm import (
+    AlreadyExists,
+    EjectTimeout,
+    InvalidState,
+    NoSuchDevice,
+    NotCreated,
+    NotSupported,
+    ResizePending,
+    Vmm,
+)
 
 log = get_logger()
 
@@ -257,7 +267,7 @@ def _restore(server: ApiServer, request: Request) -> Response:
 
 #: ``VmResizeData``'s keys, and for those vmmkit does not implement yet, why (501).
 _RESIZE_KEYS: Final[Mapping[str, str | None]] = {
-    "desired_vcpus": "resizing vCPUs",
+    "desired_vcpus": None,
     "desired_ram": None,
     "desired_balloon": None,
 }
@@ -275,6 +285,11 @@ def _resize(server: ApiServer, request: Request) -> Response:
     for key in given:  # refuse before anything changes
         if _RESIZE_KEYS[key] is not None:
             raise HttpError(501, f"vm.resize {key} is not implemented by vmmkit ({_RESIZE_KEYS[key]})")
+    if "desired_vcpus" in given:
+        count = body["desired_vcpus"]
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise HttpError(400, f"desired_vcpus: a positive integer is required, not {count!r}")
+        server.vmm.resize_vcpus(count)
     if "desired_ram" in given:
         resize_ram(server.vmm, body["desired_ram"])
     if "desired_balloon" in given:
@@ -327,6 +342,8 @@ def _status_of(exc: BaseException) -> int:
         return 501
     if isinstance(exc, EjectTimeout):
         return 504
+    if isinstance(exc, ResizePending):
+        return 429
     if isinstance(exc, (ConfigError, BootError, DeviceError, SnapshotError)):
         return 400
     return 500

@@ -60,6 +60,12 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
     def vcpu_id(self, config: VmConfig, index: int) -> int:
         return self.apic_id(config, index)
 
+    def processor_entry(self, config: VmConfig, index: int) -> bytes:
+        """vCPU ``index``'s MADT entry, enabled: its CPU hotplug ``_MAT``."""
+        from vmmkit_x86_64.acpi.tables import processor_entry
+
+        return processor_entry(index, self.apic_id(config, index))
+
     # -- the VM --------------------------------------------------------------------------------
 
     def configure_vm(self, vm: Vm, hypervisor: Hypervisor, config: VmConfig) -> None:

@@ -15,7 +15,8 @@ Above::
 
     1 MiB .. 3 GiB         RAM (the kernel and the initramfs live here)
     0xc000_0000  128 MiB   device MMIO window (virtio-mmio; at its top the PCI hotplug
-                           registers, 0xc7ff_e000, and the ACPI GED, 0xc7ff_f000)
+                           registers, 0xc7ff_e000, and the ACPI GED, 0xc7ff_f000; the CPU
+                           hotplug registers at 0xc7ff_c000)
     0xc800_0000  512 MiB   PCI MMIO32 window
     0xe800_0000  256 MiB   PCI ECAM (MCFG), one segment, buses 0-255 (e820 reserved)
     0xf800_0000            hypervisor-private pages (KVM TSS and identity map), outside every window
@@ -26,7 +27,7 @@ Above::
                            Hypervisor's ``MemoryManager::start_addr``); not in the e820 map
     above it (1 GiB aligned)   PCI MMIO64 window (64 GiB, clipped to max_phys_bits)
 
-The ACPI memory hotplug registers (MHPC, 0x18 bytes) are at 0xc7ffc000, when there is
+The ACPI memory hotplug registers (MHPC, 0x18 bytes) are at 0xc7ffd000, when there is
 hotplug RAM.
 
 I/O ports 0x0-0xfff are legacy (platform devices, PCI config at 0xcf8); PCI I/O BARs get
@@ -90,10 +91,13 @@ FOUR_GIB: Final = 4 * GiB
 #: The ACPI PCI hotplug registers (PCIU/PCID/B0EJ/PSEG): the page below the ACPI GED's, at the
 #: top of the device MMIO window.
 PCI_HOTPLUG: Final = MemoryRange(DEVICE_MMIO.end - 0x2000, 0x10)
+#: The ACPI CPU hotplug registers (CSEL/CPEN/CINS/CRMV/CEJ0, :mod:`vmmkit.cpu_hotplug`), 12
+#: bytes in their own page further down.
+CPU_HOTPLUG: Final = MemoryRange(DEVICE_MMIO.end - 0x4000, 0xC)
 
 #: The ACPI memory hotplug registers (:mod:`vmmkit.acpi.memory_hotplug`), in the device MMIO
-#: window's fourth page from the top.
-MEMORY_HOTPLUG_REGISTERS: Final = MemoryRange(DEVICE_MMIO.end - 0x4000, 0x18)
+#: window's third page from the top (the fourth has the CPU hotplug registers).
+MEMORY_HOTPLUG_REGISTERS: Final = MemoryRange(DEVICE_MMIO.end - 0x3000, 0x18)
 #: Hotplug RAM starts on a Linux memory block (section) boundary.
 MEMORY_HOTPLUG_ALIGN: Final = 128 * MiB
 
@@ -145,6 +149,7 @@ def memory_layout(size: int, max_phys_bits: int = 46, hotplug_size: int = 0) -> 
         pio=PCI_PIO,
         device_irqs=DEVICE_IRQS,
         pci_hotplug=PCI_HOTPLUG,
+        cpu_hotplug=CPU_HOTPLUG,
         msi_gsis=MSI_GSIS,
         memory_hotplug=hotplug,
         memory_hotplug_registers=MEMORY_HOTPLUG_REGISTERS if hotplug is not None else None,

@@ -167,11 +167,7 @@ def madt(
     overrides; LINT1 = NMI on every processor."""
     body = bytearray(struct.pack("<II", lapic_address, MADT_PCAT_COMPAT))
     for uid, apic_id in enumerate(apic_ids):
-        flags = LAPIC_ENABLED if uid < enabled else LAPIC_ONLINE_CAPABLE
-        if apic_id < 0xFF:
-            body += struct.pack("<BBBBI", 0, 8, uid, apic_id, flags)
-        else:
-            body += struct.pack("<BBHIII", 9, 16, 0, apic_id, flags, uid)
+        body += processor_entry(uid, apic_id, LAPIC_ENABLED if uid < enabled else LAPIC_ONLINE_CAPABLE)
     body += struct.pack("<BBBBII", 1, 12, ioapic_id, 0, ioapic_address, 0)
     for override in overrides:
         body += struct.pack("<BBBBIH", 2, 10, 0, override.source, override.gsi, override.flags)
@@ -179,6 +175,15 @@ def madt(
     if any(apic_id >= 0xFF for apic_id in apic_ids):
         body += struct.pack("<BBHIBBBB", 0x0A, 12, INTI_CONFORMS, 0xFFFFFFFF, 1, 0, 0, 0)
     return sdt(b"APIC", MADT_REVISION, bytes(body))
+
+
+def processor_entry(uid: int, apic_id: int, flags: int = LAPIC_ENABLED) -> bytes:
+    """One processor's MADT entry (ACPI 6.5, 5.2.12.2 and 5.2.12.12): a Local APIC entry, or a
+    Local x2APIC entry for APIC IDs above 254. With ``flags`` enabled, it is also what a CPU
+    hotplug ``_MAT`` returns (Cloud Hypervisor's ``Cpu::generate_mat``)."""
+    if apic_id < 0xFF:
+        return struct.pack("<BBBBI", 0, 8, uid, apic_id, flags)
+    return struct.pack("<BBHIII", 9, 16, 0, apic_id, flags, uid)
 
 
 # -- MCFG -------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ clears it, and acts on each bit. The bits are CH's ``AcpiNotificationFlags``:
     0x04  PCI devices changed        0x08  power button pressed (Notify(\\_SB_.PWRB, 0x80))
 
 vmmkit uses the power button (``vm.power-button``, :meth:`AcpiGed.press_power_button`),
-memory hotplug (:meth:`AcpiGed.notify_memory_devices_changed`: ``ESCN`` calls
+vCPU hotplug (:meth:`AcpiGed.notify_cpu_devices_changed`: ``ESCN`` calls ``\\_SB_.CPUS.CSCN``,
+see :mod:`vmmkit.cpu_hotplug`), memory hotplug (:meth:`AcpiGed.notify_memory_devices_changed`: ``ESCN`` calls
 ``\\_SB_.MHPC.MSCN``, :mod:`vmmkit.acpi.memory_hotplug`, when the layout has hotplug RAM) and
 PCI hotplug (:meth:`AcpiGed.notify_pci_devices_changed`: ``ESCN`` calls ``\\_SB_.PHPR.PSCN``,
 the register block of :mod:`vmmkit.pci.hotplug`, which the device manager places wherever the
@@ -53,6 +54,7 @@ class AcpiGed(ByteRegisters):
     handles_power_button: ClassVar[bool] = True
     handles_pci_hotplug_notification: ClassVar[bool] = True
     handles_memory_hotplug_notification: ClassVar[bool] = True
+    handles_cpu_hotplug_notification: ClassVar[bool] = True
 
     def __init__(self, device_id: str, interrupt: InterruptLine | None) -> None:
         super().__init__(device_id)
@@ -63,6 +65,7 @@ class AcpiGed(ByteRegisters):
         self.power_button_presses = 0
         self.pci_notifications = 0
         self.memory_notifications = 0
+        self.cpu_notifications = 0
 
     def notify(self, flags: int) -> None:
         """Tell the guest that ``flags`` happened (from any thread)."""
@@ -87,6 +90,11 @@ class AcpiGed(ByteRegisters):
         """Memory was plugged, or the host asks for some to be ejected: the guest rescans."""
         self.memory_notifications += 1
         self.notify(MEMORY_DEVICES_CHANGED)
+
+    def notify_cpu_devices_changed(self) -> None:
+        """A vCPU was added, or the host asks for one's removal: the guest rescans them."""
+        self.cpu_notifications += 1
+        self.notify(CPU_DEVICES_CHANGED)
 
     def read_byte(self, offset: int) -> int:
         with self._lock:
@@ -120,19 +128,27 @@ class AcpiGed(ByteRegisters):
             "power_button_presses": self.power_button_presses,
             "pci_notifications": self.pci_notifications,
             "memory_notifications": self.memory_notifications,
+            "cpu_notifications": self.cpu_notifications,
             **super().counters(),
         }
 
     def describe_acpi(self, placed: PlacedDevice, scope: AcpiScope) -> None:
         """As Cloud Hypervisor's ``impl Aml for AcpiGedDevice``: ``\\_SB_.GEC_`` (PNP0A06)
         holds the notification byte (OperationRegion GDST, field GDAT) and the method ESCN,
-        which reads it, on bit 0x04 calls ``\\_SB_.PHPR.PSCN`` (PCI hotplug, when the layout
-        has its registers) and on bit 0x08 does ``Notify(\\_SB_.PWRB, 0x80)``; ``\\_SB_.GED_``
-        (ACPI0013) has the interrupt in ``_CRS`` and ``_EVT`` calling ESCN; ``\\_SB_.PWRB``
-        (PNP0C0C) is the power button. One GED per VM."""
+        which reads it, on bit 0x01 calls ``\\_SB_.CPUS.CSCN`` (vCPU hotplug, when the layout
+        has its registers, :mod:`vmmkit.cpu_hotplug`), on bit 0x04 calls ``\\_SB_.PHPR.PSCN``
+        (PCI hotplug, when the layout has its registers) and on bit 0x08 does
+        ``Notify(\\_SB_.PWRB, 0x80)``; ``\\_SB_.GED_`` (ACPI0013) has the interrupt in ``_CRS``
+        and ``_EVT`` calling ESCN; ``\\_SB_.PWRB`` (PNP0C0C) is the power button. One GED per VM."""
         if placed.mmio is None or scope.next_index("acpi-ged") > 0:
             return
         base, size = placed.mmio
+        cpu: list[aml.Term] = []
+        if scope.layout.cpu_hotplug is not None:
+            cpu = [
+                aml.And(aml.Local(0), CPU_DEVICES_CHANGED, aml.Local(1)),
+                aml.If(aml.LEqual(aml.Local(1), CPU_DEVICES_CHANGED), [aml.Call("\\_SB_.CPUS.CSCN")]),
+            ]
         pci: list[aml.Term] = []
         if scope.layout.pci_hotplug is not None:
             pci = [
@@ -151,6 +167,7 @@ class AcpiGed(ByteRegisters):
             [
                 aml.Store(aml.Path("GDAT"), aml.Local(0)),
                 *memory,
+                *cpu,
                 *pci,
                 aml.And(aml.Local(0), POWER_BUTTON_CHANGED, aml.Local(1)),
                 aml.If(

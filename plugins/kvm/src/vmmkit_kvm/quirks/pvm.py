@@ -228,10 +228,14 @@ class PvmVm(VmQuirks):
     def vcpu_created(self, vcpu: KvmVcpu) -> None:
         with self._lock:
             self._states[vcpu.index] = _VcpuQuirkState(vcpu)
+            running = self._poller is not None
+        if running:  # a vCPU hot-added to a running VM needs its repair armed too
+            self.start()
 
     def start(self) -> None:
         with self._lock:
-            if self._poller is None and not self._closed.is_set():
+            idle = self._poller is None or not self._poller.is_alive()
+            if idle and not self._closed.is_set():
                 self._poller = threading.Thread(target=self._poll, name="kvm-quirks", daemon=True)
                 self._poller.start()
 
