@@ -1,7 +1,7 @@
 """``vm.resize`` with ``desired_ram`` through the real API server and ``vmmkit-remote resize``
 (no VM booted: /dev/kvm is not needed): before boot it sets ``memory.size``, as Cloud
 Hypervisor's ``vm_resize`` does; bad values answer 400 and change nothing; ``desired_vcpus``
-answers 501 until implemented; without a VM, 404. The running VM's side is
+needs a running VM; without a VM, 404. The running VM's side is
 tests/unit/test_memory_hotplug.py and tests/linux/test_linux_memory_hotplug.py."""
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def test_before_boot_desired_ram_sets_the_memory_size(server: ApiServer, client:
     ({}, 400, "needs one of desired_vcpus, desired_ram, desired_balloon"),
     ({"desired_ram": None}, 400, "needs one of"),
     ({"desired_memory": 256 * MiB}, 400, "VmResizeData has no desired_memory"),
-    ({"desired_vcpus": 2}, 501, "desired_vcpus is not implemented"),
-    ({"desired_ram": 256 * MiB, "desired_vcpus": 2}, 501, "desired_vcpus is not implemented"),
+    ({"desired_vcpus": 2}, 405, "not booted"),  # vCPUs are resized on a running VM only
+    ({"desired_ram": 256 * MiB, "desired_vcpus": 2}, 405, "not booted"),  # refused whole
 ])
 def test_bad_requests_are_refused_and_change_nothing(server: ApiServer, client: ApiClient, body: Any,
                                                      status: int, message: str) -> None:
@@ -62,8 +62,8 @@ def test_vmmkit_remote_resize_sends_the_sizes(server: ApiServer, capsys: Any) ->
     server.vmm.create(VmConfig.from_json(CONFIG))
     assert main(["--api-socket", server.path, "resize", "--memory", "384M"]) == 0
     assert server.vmm.info()["config"]["memory"]["size"] == 384 * MiB
-    assert main(["--api-socket", server.path, "resize", "--cpus", "2"]) == 1  # not implemented yet: 501
-    assert "501" in capsys.readouterr().err
+    assert main(["--api-socket", server.path, "resize", "--cpus", "2"]) == 1  # vCPUs: a running VM only
+    assert "405" in capsys.readouterr().err
     assert main(["--api-socket", server.path, "resize", "--memory", "lots"]) == 2
     assert main(["--api-socket", server.path, "resize"]) == 2
     assert "--cpus, --memory, --balloon" in capsys.readouterr().err
