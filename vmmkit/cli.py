@@ -60,8 +60,6 @@ _UNMODELLED_OPTIONS: tuple[tuple[str, str, bool], ...] = (
     ("--generic-vhost-user", "generic_vhost_user", True),
     ("--tpm", "tpm", True),
     ("--pci-segment", "pci_segments", True),
-    ("--landlock", "landlock_enable", False),
-    ("--landlock-rules", "landlock_rules", True),
 )
 
 
@@ -155,6 +153,7 @@ def _cmd_plugins(args: list[str]) -> int:
 def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.ArgumentParser:
     """The VM-booting parser: Cloud Hypervisor's options plus what plugins add."""
     from vmmkit.registry import AUTO
+    from vmmkit.sandbox import cli as sandbox_cli
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -169,6 +168,7 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
                         help="port 0xe9 console: off|tty|file=<path>,iobase=<port>")
     parser.add_argument("--pvpanic", action="store_true", help="a pvpanic device: guest panics become events")
     parser.add_argument("--watchdog", action="store_true", help="a virtio watchdog (not supported yet)")
+    sandbox_cli.add_options(parser)
     for flag, _path, takes_value in _UNMODELLED_OPTIONS:
         dest = "unmodelled:" + flag
         if takes_value:
@@ -218,7 +218,8 @@ def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
                 option = f"--{device_type.option}"
                 plugin_devices.append(PluginDeviceConfig.parse(device_type.name, spec, option=option))
     config = VmConfig.from_cli(**kwargs, plugin_devices=tuple(plugin_devices), pvpanic=options.pvpanic,
-                               watchdog=options.watchdog)
+                               watchdog=options.watchdog, landlock_enable=options.landlock_enable,
+                               landlock_rules=options.landlock_rules)
     if options.debug_console is not None:
         import attrs
 
@@ -272,9 +273,10 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
 def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -> int:
     from vmmkit.errors import VmmError
     from vmmkit.machine import Machine, StopReason
+    from vmmkit.sandbox import cli as sandbox_cli
 
-    machine = Machine(config, registries=registries, plugin_manager=pm,
-                      hypervisor=options.hypervisor, arch=options.arch, log_fd=_log_fd(options))
+    machine = Machine(config, registries=registries, plugin_manager=pm, hypervisor=options.hypervisor,
+                      arch=options.arch, log_fd=_log_fd(options), seccomp=options.seccomp)
     received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -283,7 +285,7 @@ def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) ->
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        exit_ = machine.run()
+        exit_ = machine.run(on_booted=sandbox_cli.confine_main_thread)
     except VmmError as exc:
         return _fail(str(exc))
     finally:
@@ -306,13 +308,14 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -
     from vmmkit.errors import VmmError
     from vmmkit.events import EventMonitor
     from vmmkit.machine import StopReason
+    from vmmkit.sandbox import cli as sandbox_cli
     from vmmkit.vmm import Vmm
 
     monitor = server = None
     try:
         monitor = EventMonitor.open(options.event_monitor) if options.event_monitor else None
         vmm = Vmm(registries=registries, plugin_manager=pm, hypervisor=options.hypervisor,
-                  arch=options.arch, log_fd=_log_fd(options), events=monitor)
+                  arch=options.arch, log_fd=_log_fd(options), events=monitor, seccomp=options.seccomp)
         server = ApiServer.open(options.api_socket, vmm) if options.api_socket else None
     except ConfigError as exc:
         if monitor is not None:
@@ -331,6 +334,7 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -
         if config is not None:
             vmm.create(config)
             vmm.boot()
+        sandbox_cli.confine_main_thread()
         exit_ = vmm.wait()
     except VmmError as exc:
         return _fail(str(exc))

@@ -8,6 +8,7 @@ It names no backend, architecture or device: those come from plugins.
 from __future__ import annotations
 
 import enum
+import os
 import platform
 import threading
 import time
@@ -31,7 +32,9 @@ from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
 from vmmkit.paths import PathError, require_regular_file
 from vmmkit.registry import AUTO, Registries
-from vmmkit.threads import set_native_thread_name
+from vmmkit.sandbox import VCPU, VMM, activate_landlock, enter_thread
+from vmmkit.sandbox import deactivate as deactivate_landlock
+from vmmkit.sandbox.landlock import vm_rules as landlock_rules
 
 log = get_logger()
 
@@ -175,6 +178,7 @@ class Machine:
         hypervisor: str = AUTO,
         arch: str | None = None,
         log_fd: int | None = None,
+        seccomp: str | None = None,
     ) -> None:
         #: Device ids are assigned here, once, wherever the configuration came from.
         self.config = config.assign_ids()
@@ -208,6 +212,9 @@ class Machine:
         self._park = threading.Condition(self._lock)
         self._device_ctx = _DeviceContext(self)
         self._started_at = time.monotonic()
+        #: ``--seccomp``: the filters this VM's threads install (:mod:`vmmkit.sandbox`).
+        self.seccomp = resolve_seccomp_mode(seccomp)
+        self._landlocked = False
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -261,6 +268,7 @@ class Machine:
     def build(self) -> None:
         """Create the VM: memory, devices, payload, vCPUs. Leaves it in ``Created``."""
         check_devices(self.config, self.registries.devices)
+        activate_sandbox(self.seccomp, self.pm)
         self.emit("vm-creating")
         backend = self.registries.select_hypervisor(self.hypervisor_name, self.arch_name)
         if self.arch_name not in backend.architectures:
@@ -354,6 +362,9 @@ class Machine:
         if self.vm is None:
             self.build()
         self.emit("vm-booting")
+        if self.config.landlock_enable and not self._landlocked:
+            activate_landlock(landlock_rules(self.config))
+            self._landlocked = True
         # vCPUs first: the guest needs nothing from the loop's thread yet (its fds are registered
         # with epoll already, and level-triggered), and each thread start costs ~1 ms here.
         self._start_vcpu_threads()
@@ -373,7 +384,7 @@ class Machine:
             thread.start()
 
     def _vcpu_loop(self, vcpu: Vcpu, position: int) -> None:
-        set_native_thread_name(f"vcpu{position}")
+        enter_thread(VCPU, f"vcpu{position}")
         vlog = log.bind(vcpu=position)
         while not self._stop.is_set():
             if self._pause_requested:
@@ -477,6 +488,7 @@ class Machine:
     def _control_loop(self) -> None:
         """The machine's control thread: performs resets, and finishes the machine once a
         stop (power-off, fault, request) arrives."""
+        enter_thread(VMM, "vmm-control")
         while True:
             self._stop.wait()
             self._join_vcpus()
@@ -555,10 +567,15 @@ class Machine:
         assert exit_ is not None
         return exit_
 
-    def run(self) -> MachineExit:
-        """Build, boot and wait for the guest to stop, then release everything."""
+    def run(self, on_booted: Callable[[], None] | None = None) -> MachineExit:
+        """Build, boot and wait for the guest to stop, then release everything.
+
+        :param on_booted: called once the VM runs (the command confines its main thread then).
+        """
         try:
             self.boot()
+            if on_booted is not None:
+                on_booted()
             exit_ = self.wait()
             assert exit_ is not None
             return exit_
@@ -586,6 +603,9 @@ class Machine:
             self.memory.close()
         self.vm = None
         self.memory = None
+        if self._landlocked:
+            deactivate_landlock()
+            self._landlocked = False
         self.pm.hook.vmmkit_vm_destroyed(machine=self)
 
     # -- events ------------------------------------------------------------------------------
@@ -610,6 +630,28 @@ class Machine:
 
 
 _MADV_DONTNEED = 4
+
+
+def resolve_seccomp_mode(mode: str | None) -> str:
+    """``mode``, or ``$VMMKIT_SECCOMP`` when not given, or ``true`` (Cloud Hypervisor's default)."""
+    from vmmkit.sandbox import check_mode
+
+    if mode is None:
+        env = os.environ.get("VMMKIT_SECCOMP")
+        return check_mode(env, option="VMMKIT_SECCOMP") if env else "true"
+    return check_mode(mode)
+
+
+def activate_sandbox(mode: str, pm: pluggy.PluginManager) -> None:
+    """Compile the seccomp filters for ``mode``, with the system calls plugins declare
+    (``vmmkit_seccomp_syscalls``)."""
+    from vmmkit.sandbox import activate_seccomp
+
+    extra: dict[str, list[str]] = {}
+    for declared in pm.hook.vmmkit_seccomp_syscalls():
+        for kind, names in declared.items():
+            extra.setdefault(kind, []).extend(names)
+    activate_seccomp(mode, extra)
 
 
 def append_kernel_args(cmdline: str | None, args: Sequence[str]) -> str:

@@ -49,6 +49,7 @@ from vmmkit.api.http import (
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
+from vmmkit.sandbox import API, enter_thread
 from vmmkit.vmm import AlreadyExists, EjectTimeout, InvalidState, NoSuchDevice, NotCreated, NotSupported, Vmm
 
 log = get_logger()
@@ -356,6 +357,7 @@ class ApiServer:
                 pass
 
     def _accept_loop(self) -> None:
+        enter_thread(API, "api-server")
         while not self._closing.is_set():
             try:
                 readable, _, _ = select.select([self._listener.fileno(), self._wake_r], [], [])
@@ -434,6 +436,7 @@ class ApiServer:
             return True
 
     def _serve(self, conn: socket.socket) -> None:
+        enter_thread(API, "api-conn")
         reader = RequestReader(conn)
         try:
             while not self._closing.is_set():

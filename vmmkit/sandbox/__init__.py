@@ -13,16 +13,18 @@ See ``docs/seccomp.md``, ``docs/landlock.md`` and ``docs/threat-model.md``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal
 
 from vmmkit.errors import VmmError
-from vmmkit.sandbox.syscalls import DEVICE, FORBIDDEN, KINDS, allowed
+from vmmkit.sandbox.syscalls import API, DEVICE, EVENT_LOOP, FORBIDDEN, KINDS, VCPU, VMM, allowed
 
 __all__ = ["SECCOMP_MODES", "SeccompMode", "activate_landlock", "activate_seccomp", "deactivate",
-           "enter_thread", "no_new_privs", "seccomp_mode_of_thread", "DEVICE", "KINDS"]
+           "enter_thread", "no_new_privs", "seccomp_mode_of_thread", "API", "DEVICE", "EVENT_LOOP", "KINDS",
+           "VCPU", "VMM"]
 
 SeccompMode = Literal["true", "false", "log"]
 SECCOMP_MODES: Final = ("true", "false", "log")
@@ -37,15 +39,11 @@ _entered = threading.local()
 
 
 def _native_lib() -> Any:
-    from vmmkit.sandbox import _native
-
-    return _native.lib
+    return importlib.import_module("vmmkit.sandbox._native").lib
 
 
 def _ffi() -> Any:
-    from vmmkit.sandbox import _native
-
-    return _native.ffi
+    return importlib.import_module("vmmkit.sandbox._native").ffi
 
 
 def check_mode(mode: str, *, option: str = "--seccomp") -> SeccompMode:

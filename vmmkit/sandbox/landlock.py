@@ -12,6 +12,7 @@ Hypervisor); any other path is refused by the kernel when the API thread opens i
 
 from __future__ import annotations
 
+import importlib
 import os
 import stat
 import sys
@@ -53,9 +54,7 @@ class Rule:
 
 
 def _native() -> Any:
-    from vmmkit.sandbox import _native
-
-    return _native.lib
+    return importlib.import_module("vmmkit.sandbox._native").lib
 
 
 def abi_version() -> int:
