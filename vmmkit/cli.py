@@ -275,8 +275,11 @@ def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) ->
     from vmmkit.machine import Machine, StopReason
     from vmmkit.sandbox import cli as sandbox_cli
 
-    machine = Machine(config, registries=registries, plugin_manager=pm, hypervisor=options.hypervisor,
-                      arch=options.arch, log_fd=_log_fd(options), seccomp=options.seccomp)
+    try:
+        machine = Machine(config, registries=registries, plugin_manager=pm, hypervisor=options.hypervisor,
+                          arch=options.arch, log_fd=_log_fd(options), seccomp=options.seccomp)
+    except VmmError as exc:  # $VMMKIT_SECCOMP says nonsense
+        return _fail(str(exc), EXIT_USAGE)
     received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -307,12 +310,15 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -
     from vmmkit.config import ConfigError
     from vmmkit.errors import VmmError
     from vmmkit.events import EventMonitor
-    from vmmkit.machine import StopReason
+    from vmmkit.machine import StopReason, activate_sandbox
     from vmmkit.sandbox import cli as sandbox_cli
+    from vmmkit.sandbox import resolve_seccomp_mode
     from vmmkit.vmm import Vmm
 
     monitor = server = None
     try:
+        # First, so that every thread the VMM starts (the event monitor's too) is confined.
+        activate_sandbox(resolve_seccomp_mode(options.seccomp), pm)
         monitor = EventMonitor.open(options.event_monitor) if options.event_monitor else None
         vmm = Vmm(registries=registries, plugin_manager=pm, hypervisor=options.hypervisor,
                   arch=options.arch, log_fd=_log_fd(options), events=monitor, seccomp=options.seccomp)
@@ -321,6 +327,10 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -
         if monitor is not None:
             monitor.close()
         return _fail(str(exc), EXIT_USAGE)
+    except VmmError as exc:  # the sandbox cannot be set up (no libseccomp)
+        if monitor is not None:
+            monitor.close()
+        return _fail(str(exc))
     received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:

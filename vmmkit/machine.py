@@ -8,7 +8,6 @@ It names no backend, architecture or device: those come from plugins.
 from __future__ import annotations
 
 import enum
-import os
 import platform
 import threading
 import time
@@ -32,7 +31,7 @@ from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
 from vmmkit.paths import PathError, require_regular_file
 from vmmkit.registry import AUTO, Registries
-from vmmkit.sandbox import VCPU, VMM, activate_landlock, enter_thread
+from vmmkit.sandbox import VCPU, VMM, activate_landlock, enter_thread, resolve_seccomp_mode
 from vmmkit.sandbox import deactivate as deactivate_landlock
 from vmmkit.sandbox.landlock import vm_rules as landlock_rules
 
@@ -630,16 +629,6 @@ class Machine:
 
 
 _MADV_DONTNEED = 4
-
-
-def resolve_seccomp_mode(mode: str | None) -> str:
-    """``mode``, or ``$VMMKIT_SECCOMP`` when not given, or ``true`` (Cloud Hypervisor's default)."""
-    from vmmkit.sandbox import check_mode
-
-    if mode is None:
-        env = os.environ.get("VMMKIT_SECCOMP")
-        return check_mode(env, option="VMMKIT_SECCOMP") if env else "true"
-    return check_mode(mode)
 
 
 def activate_sandbox(mode: str, pm: pluggy.PluginManager) -> None:

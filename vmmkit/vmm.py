@@ -51,11 +51,10 @@ from vmmkit.machine import (
     StopReason,
     activate_sandbox,
     preload,
-    resolve_seccomp_mode,
 )
 from vmmkit.memory import MemoryAllocationError, check_allocatable
 from vmmkit.registry import AUTO, Registries
-from vmmkit.sandbox import VMM, enter_thread
+from vmmkit.sandbox import VMM, enter_thread, resolve_seccomp_mode
 
 log = get_logger()
 

@@ -22,9 +22,9 @@ from typing import Any, Final, Literal
 from vmmkit.errors import VmmError
 from vmmkit.sandbox.syscalls import API, DEVICE, EVENT_LOOP, FORBIDDEN, KINDS, VCPU, VMM, allowed
 
-__all__ = ["SECCOMP_MODES", "SeccompMode", "activate_landlock", "activate_seccomp", "deactivate",
-           "enter_thread", "no_new_privs", "seccomp_mode_of_thread", "API", "DEVICE", "EVENT_LOOP", "KINDS",
-           "VCPU", "VMM"]
+__all__ = ["API", "DEVICE", "EVENT_LOOP", "KINDS", "SECCOMP_MODES", "VCPU", "VMM", "SeccompMode",
+           "activate_landlock", "activate_seccomp", "deactivate", "enter_thread", "no_new_privs",
+           "resolve_seccomp_mode", "seccomp_mode_of_thread"]
 
 SeccompMode = Literal["true", "false", "log"]
 SECCOMP_MODES: Final = ("true", "false", "log")
@@ -50,6 +50,14 @@ def check_mode(mode: str, *, option: str = "--seccomp") -> SeccompMode:
     if mode not in SECCOMP_MODES:
         raise VmmError(f"{option}: expected one of {', '.join(SECCOMP_MODES)}, got {mode!r}")
     return mode  # type: ignore[return-value]
+
+
+def resolve_seccomp_mode(mode: str | None) -> SeccompMode:
+    """``mode``, or ``$VMMKIT_SECCOMP`` when not given, or ``true`` (Cloud Hypervisor's default)."""
+    if mode is None:
+        env = os.environ.get("VMMKIT_SECCOMP")
+        return check_mode(env, option="VMMKIT_SECCOMP") if env else "true"
+    return check_mode(mode)
 
 
 def activate_seccomp(mode: str, extra: Mapping[str, Iterable[str]] | None = None) -> None:
