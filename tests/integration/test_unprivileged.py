@@ -94,8 +94,8 @@ def test_without_access_to_dev_kvm_the_error_says_so(tmp_path: Path) -> None:
     from vmmkit.demo import demo_kernel
 
     result = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(python), "-I", "-S", "-c", BOOTSTRAP,
-         sysconfig.get_paths()["purelib"], "--kernel", str(demo_kernel()), "--hypervisor", "kvm"],
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(python), "-I", "-S", "-c",
+         BOOTSTRAP, sysconfig.get_paths()["purelib"], "--kernel", str(demo_kernel()), "--hypervisor", "kvm"],
         capture_output=True, text=True, timeout=240, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
         stdin=subprocess.DEVNULL,
     )
