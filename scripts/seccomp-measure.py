@@ -82,12 +82,11 @@ def measure_audit(command: list[str]) -> dict[str, collections.Counter[str]]:
 
     before = len(records())
     subprocess.run(command, env={**os.environ, "VMMKIT_SECCOMP": "log"}, check=False)
-    names = seccomp.syscall_names()
     seen: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for line in records()[before:]:
         if match := _AUDIT.search(line):
             number = int(match[3])
-            name = names[number] if number < len(names) and names[number] else str(number)
+            name = seccomp.syscall_name(number)
             seen[f"{kind_of(match[2])} ({match[2]})"][name] += 1
     return seen
 

@@ -33,7 +33,6 @@ _lock = threading.Lock()
 _compiled: dict[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], dict[str, Any]] = {}
 _programs: dict[str, Any] = {}  # kind -> cffi buffer holding the BPF program
 _seccomp_mode: str = "false"
-_names_keepalive: list[Any] = []
 _landlock_fd: int | None = None
 _entered = threading.local()
 
@@ -89,7 +88,7 @@ def activate_seccomp(mode: str, extra: Mapping[str, Iterable[str]] | None = None
             for kind in KINDS:
                 program = seccomp.compile_filter(allowed(kind, extra), log_only=mode == "log")
                 programs[kind] = ffi.new("char[]", program)
-            _install_sigsys_report(seccomp.syscall_names())
+            _install_sigsys_report()
         _compiled[key] = programs
     with _lock:
         _programs.clear()
@@ -97,14 +96,8 @@ def activate_seccomp(mode: str, extra: Mapping[str, Iterable[str]] | None = None
         _seccomp_mode = mode
 
 
-def _install_sigsys_report(names: list[str | None]) -> None:
-    if _names_keepalive:
-        return
-    ffi = _ffi()
-    strings = [ffi.new("char[]", name.encode()) if name else ffi.NULL for name in names]
-    table = ffi.new("char *[]", strings)
-    _names_keepalive.extend([strings, table])
-    done = int(_native_lib().vmmkit_sigsys_install(table, len(names)))
+def _install_sigsys_report() -> None:
+    done = int(_native_lib().vmmkit_sigsys_install())
     if done < 0:
         raise VmmError(f"cannot install the SIGSYS handler: {os.strerror(-done)}")
 

@@ -1,4 +1,5 @@
-"""Seccomp filters built with libseccomp (``libseccomp.so.2`` through cffi's ABI mode).
+"""Seccomp filters built with libseccomp (``libseccomp.so.2``, loaded at run time by the C of
+``native/sandbox.c``: no headers or link-time dependency, and no cffi parsing at start-up).
 
 A filter is compiled once per thread kind into classic BPF (``seccomp_export_bpf``) while the
 VM is set up, and each thread installs its kind's program on itself when it starts
@@ -15,26 +16,13 @@ and ``syscall=``, in ``dmesg``), ``false`` installs nothing.
 from __future__ import annotations
 
 import errno
+import functools
+import importlib
 import os
-import threading
 from collections.abc import Iterable
 from typing import Any, Final
 
 from vmmkit.errors import VmmError
-
-CDEF: Final = r"""
-typedef void *scmp_filter_ctx;
-struct scmp_arg_cmp { unsigned int arg; int op; uint64_t datum_a; uint64_t datum_b; };
-scmp_filter_ctx seccomp_init(uint32_t def_action);
-void seccomp_release(scmp_filter_ctx ctx);
-int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
-                           unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
-int seccomp_syscall_priority(scmp_filter_ctx ctx, int syscall, uint8_t priority);
-int seccomp_syscall_resolve_name(const char *name);
-char *seccomp_syscall_resolve_num_arch(uint32_t arch_token, int num);
-int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
-void free(void *ptr);
-"""
 
 ACT_TRAP: Final = 0x0003_0000
 ACT_LOG: Final = 0x7FFC_0000
@@ -46,57 +34,37 @@ _CLONE_THREAD: Final = 0x0001_0000
 #: prctl options any thread may use: naming itself, reading its seccomp mode, no_new_privs
 #: (set before a filter is installed), and the SIGSYS report's PR_SET_DUMPABLE.
 _PRCTL_OPTIONS: Final = (15, 16, 21, 38, 39, 3, 4)  # SET/GET_NAME, GET_SECCOMP, SET/GET_NNP, GET/SET_DUMPABLE
-_MAX_SYSCALL: Final = 1024
-
-_lock = threading.Lock()
-_ffi: Any = None
-_lib: Any = None
-
-
 class SeccompUnavailable(VmmError):
     """libseccomp cannot be loaded, or the kernel refuses filters."""
 
 
-def library() -> tuple[Any, Any]:
-    """``(ffi, lib)`` for libseccomp, loaded on first use."""
-    global _ffi, _lib
-    with _lock:
-        if _lib is None:
-            from cffi import FFI
-
-            ffi = FFI()
-            ffi.cdef(CDEF)
-            try:
-                lib = ffi.dlopen("libseccomp.so.2")
-            except OSError as exc:
-                raise SeccompUnavailable(
-                    f"seccomp filters need libseccomp (apt-get install libseccomp2): {exc}; "
-                    "or run with --seccomp false") from None
-            _ffi, _lib = ffi, lib
-    return _ffi, _lib
+@functools.cache
+def library() -> Any:
+    """The native module's ``lib``, with libseccomp loaded."""
+    native = importlib.import_module("vmmkit.sandbox._native")
+    lib = native.lib
+    error = lib.vmmkit_scmp_load()
+    if error != native.ffi.NULL:
+        raise SeccompUnavailable(
+            f"seccomp filters need libseccomp (apt-get install libseccomp2): "
+            f"{native.ffi.string(error).decode(errors='replace')}; or run with --seccomp false")
+    return lib
 
 
+@functools.cache
 def syscall_number(name: str) -> int | None:
     """The running architecture's number for ``name``; ``None`` if it has no such call."""
-    ffi, lib = library()
-    number = int(lib.seccomp_syscall_resolve_name(name.encode()))
+    number = int(library().vmmkit_scmp_resolve_name(name.encode()))
     return number if number >= 0 else None
 
 
-def syscall_names() -> list[str | None]:
-    """Names by number on the running architecture (for the SIGSYS report)."""
-    ffi, lib = library()
-    names: list[str | None] = []
-    for number in range(_MAX_SYSCALL):
-        pointer = lib.seccomp_syscall_resolve_num_arch(0, number)
-        if pointer == ffi.NULL:
-            names.append(None)
-            continue
-        names.append(ffi.string(pointer).decode())
-        lib.free(pointer)
-    while names and names[-1] is None:
-        names.pop()
-    return names
+def syscall_name(number: int) -> str:
+    """The name of system call ``number`` on the running architecture (``"?"`` if unknown)."""
+    lib = library()
+    lib.vmmkit_sigsys_install()  # builds the table of names once
+    name = lib.vmmkit_syscall_name(number)
+    native = importlib.import_module("vmmkit.sandbox._native")
+    return "?" if name == native.ffi.NULL else str(native.ffi.string(name).decode())
 
 
 def compile_filter(allowed: Iterable[str], *, log_only: bool) -> bytes:
@@ -106,37 +74,36 @@ def compile_filter(allowed: Iterable[str], *, log_only: bool) -> bytes:
     ``clone3`` fails with ENOSYS so that glibc falls back to ``clone``, whose flags a filter
     can read (Cloud Hypervisor does the same): new threads yes, new processes no.
     """
-    ffi, lib = library()
-    ctx = lib.seccomp_init(ACT_LOG if log_only else ACT_TRAP)
-    if ctx == ffi.NULL:
+    lib = library()
+    ctx = lib.vmmkit_scmp_init(ACT_LOG if log_only else ACT_TRAP)
+    if not ctx:
         raise SeccompUnavailable("seccomp_init failed")
     try:
         for name in sorted(set(allowed)):
             number = syscall_number(name)
             if number is not None:
-                _check(lib.seccomp_rule_add_array(ctx, ACT_ALLOW, number, 0, ffi.NULL), f"allow {name}")
+                _check(lib.vmmkit_scmp_rule(ctx, ACT_ALLOW, number, 0, 0, 0, 0, 0), f"allow {name}")
         if (clone := syscall_number("clone")) is not None:
             # x86-64 passes the flags first; so does AArch64 (CLONE_BACKWARDS).
-            arg = ffi.new("struct scmp_arg_cmp[1]", [(0, _CMP_MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD)])
-            _check(lib.seccomp_rule_add_array(ctx, ACT_ALLOW, clone, 1, arg), "allow clone of threads")
+            _check(lib.vmmkit_scmp_rule(ctx, ACT_ALLOW, clone, 1, 0, _CMP_MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD),
+                   "allow clone of threads")
         if (clone3 := syscall_number("clone3")) is not None:
-            _check(lib.seccomp_rule_add_array(ctx, _ACT_ERRNO | errno.ENOSYS, clone3, 0, ffi.NULL), "clone3")
+            _check(lib.vmmkit_scmp_rule(ctx, _ACT_ERRNO | errno.ENOSYS, clone3, 0, 0, 0, 0, 0), "clone3")
         if (prctl := syscall_number("prctl")) is not None:
             for option in _PRCTL_OPTIONS:
-                arg = ffi.new("struct scmp_arg_cmp[1]", [(0, _CMP_EQ, option, 0)])
-                _check(lib.seccomp_rule_add_array(ctx, ACT_ALLOW, prctl, 1, arg), f"allow prctl {option}")
+                _check(lib.vmmkit_scmp_rule(ctx, ACT_ALLOW, prctl, 1, 0, _CMP_EQ, option, 0), f"allow prctl {option}")
         for hot in ("ioctl", "futex", "read", "write"):  # KVM_RUN and the queues come first
             if (number := syscall_number(hot)) is not None:
-                lib.seccomp_syscall_priority(ctx, number, 255)
+                lib.vmmkit_scmp_priority(ctx, number, 255)
         return _export(lib, ctx)
     finally:
-        lib.seccomp_release(ctx)
+        lib.vmmkit_scmp_release(ctx)
 
 
 def _export(lib: Any, ctx: Any) -> bytes:
     read_end, write_end = os.pipe()
     try:
-        _check(lib.seccomp_export_bpf(ctx, write_end), "export the filter")
+        _check(lib.vmmkit_scmp_export(ctx, write_end), "export the filter")
         os.close(write_end)
         write_end = -1
         chunks = []

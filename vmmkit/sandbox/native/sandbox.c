@@ -1,8 +1,11 @@
 /* See sandbox.h. The SIGSYS handler is what Cloud Hypervisor's sigsys_handler does
  * (cloud-hypervisor/src/main.rs): report, then die of SIGSYS with the default action. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
+#include <stdlib.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -74,16 +77,91 @@ static void on_sigsys(int signum, siginfo_t *info, void *context)
     syscall(SYS_tgkill, getpid(), syscall(SYS_gettid), signum);
 }
 
-int vmmkit_sigsys_install(const char *const *names, size_t count)
+/* libseccomp, loaded at run time (no headers or link-time dependency): the prototypes of
+ * seccomp.h (libseccomp 2.5), resolved with dlsym. */
+struct vmmkit_scmp_arg_cmp {
+    unsigned int arg;
+    int op;
+    uint64_t datum_a;
+    uint64_t datum_b;
+};
+static void *(*scmp_init)(uint32_t);
+static void (*scmp_release)(void *);
+static int (*scmp_rule_add_array)(void *, uint32_t, int, unsigned int, const struct vmmkit_scmp_arg_cmp *);
+static int (*scmp_syscall_priority)(void *, int, uint8_t);
+static int (*scmp_resolve_name)(const char *);
+static char *(*scmp_resolve_num_arch)(uint32_t, int);
+static int (*scmp_export_bpf)(const void *, int);
+static char library_error[256];
+
+const char *vmmkit_scmp_load(void)
 {
+    void *lib;
+    if (scmp_init != NULL)
+        return NULL;
+    lib = dlopen("libseccomp.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (lib == NULL) {
+        snprintf(library_error, sizeof(library_error), "%s", dlerror());
+        return library_error;
+    }
+#define RESOLVE(var, symbol)                                                              \
+    do {                                                                                  \
+        *(void **)(&var) = dlsym(lib, symbol);                                            \
+        if (var == NULL) {                                                                \
+            snprintf(library_error, sizeof(library_error), "libseccomp.so.2 lacks %s", symbol); \
+            return library_error;                                                         \
+        }                                                                                 \
+    } while (0)
+    RESOLVE(scmp_release, "seccomp_release");
+    RESOLVE(scmp_rule_add_array, "seccomp_rule_add_array");
+    RESOLVE(scmp_syscall_priority, "seccomp_syscall_priority");
+    RESOLVE(scmp_resolve_name, "seccomp_syscall_resolve_name");
+    RESOLVE(scmp_resolve_num_arch, "seccomp_syscall_resolve_num_arch");
+    RESOLVE(scmp_export_bpf, "seccomp_export_bpf");
+    RESOLVE(scmp_init, "seccomp_init");
+#undef RESOLVE
+    return NULL;
+}
+
+void *vmmkit_scmp_init(uint32_t default_action) { return scmp_init(default_action); }
+void vmmkit_scmp_release(void *ctx) { scmp_release(ctx); }
+int vmmkit_scmp_resolve_name(const char *name) { return scmp_resolve_name(name); }
+int vmmkit_scmp_priority(void *ctx, int nr, uint8_t priority) { return scmp_syscall_priority(ctx, nr, priority); }
+int vmmkit_scmp_export(void *ctx, int fd) { return scmp_export_bpf(ctx, fd); }
+
+int vmmkit_scmp_rule(void *ctx, uint32_t action, int nr, int compare, unsigned int arg, int op,
+                     uint64_t datum_a, uint64_t datum_b)
+{
+    struct vmmkit_scmp_arg_cmp cmp = {.arg = arg, .op = op, .datum_a = datum_a, .datum_b = datum_b};
+    return scmp_rule_add_array(ctx, action, nr, compare ? 1 : 0, compare ? &cmp : NULL);
+}
+
+#define VMMKIT_MAX_SYSCALL 1024
+
+/* The SIGSYS report's table of names, made once from libseccomp's (it allocates; the handler
+ * only reads). */
+int vmmkit_sigsys_install(void)
+{
+    static const char *names[VMMKIT_MAX_SYSCALL];
     struct sigaction action;
-    syscall_names = names;
-    syscall_count = count;
+    if (syscall_names == NULL) {
+        for (int nr = 0; nr < VMMKIT_MAX_SYSCALL; nr++)
+            names[nr] = scmp_resolve_num_arch(0, nr);
+        syscall_names = names;
+        syscall_count = VMMKIT_MAX_SYSCALL;
+    }
     memset(&action, 0, sizeof(action));
     action.sa_sigaction = on_sigsys;
     action.sa_flags = SA_SIGINFO;
     sigemptyset(&action.sa_mask);
     return sigaction(SIGSYS, &action, NULL) == 0 ? 0 : -errno;
+}
+
+const char *vmmkit_syscall_name(int nr)
+{
+    if (syscall_names == NULL || nr < 0 || (size_t)nr >= syscall_count)
+        return NULL;
+    return syscall_names[nr];
 }
 
 int vmmkit_thread_name(const char *name)

@@ -6,7 +6,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
-int vmmkit_sigsys_install(const char *const *names, size_t count);
+const char *vmmkit_scmp_load(void);
+void *vmmkit_scmp_init(uint32_t default_action);
+void vmmkit_scmp_release(void *ctx);
+int vmmkit_scmp_resolve_name(const char *name);
+int vmmkit_scmp_priority(void *ctx, int nr, uint8_t priority);
+int vmmkit_scmp_export(void *ctx, int fd);
+int vmmkit_scmp_rule(void *ctx, uint32_t action, int nr, int compare, unsigned int arg, int op,
+                     uint64_t datum_a, uint64_t datum_b);
+int vmmkit_sigsys_install(void);
+const char *vmmkit_syscall_name(int nr);
 int vmmkit_thread_name(const char *name);
 int vmmkit_no_new_privs(void);
 int vmmkit_seccomp_install(const void *program, size_t bytes);
