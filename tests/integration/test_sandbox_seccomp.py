@@ -59,3 +59,12 @@ def test_seccomp_false_filters_nothing() -> None:
     result = run_device("false")
     assert result.returncode == 0, result.stderr
     assert "socket ok" in result.stdout
+
+
+def test_a_bad_seccomp_value_is_a_usage_error() -> None:
+    vmmkit = [sys.executable, "-m", "vmmkit"]
+    bad_option = subprocess.run([*vmmkit, "run", "--seccomp", "maybe"], capture_output=True, text=True, timeout=60)
+    assert bad_option.returncode == 2 and "--seccomp" in bad_option.stderr and "Traceback" not in bad_option.stderr
+    env = {**os.environ, "VMMKIT_SECCOMP": "maybe"}
+    bad_env = subprocess.run([*vmmkit, "run"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad_env.returncode == 2 and "VMMKIT_SECCOMP" in bad_env.stderr and "Traceback" not in bad_env.stderr
