@@ -117,6 +117,7 @@ def activate_landlock(rules: Iterable[Any]) -> None:
     if previous is not None:
         os.close(previous)
     if getattr(_entered, "kind", None) is not None:
+        no_new_privs()  # landlock_restrict_self(2) wants it from an unprivileged thread
         landlock.restrict_self(ruleset)
 
 
@@ -139,8 +140,15 @@ def enter_thread(kind: str, name: str | None = None) -> None:
         raise ValueError(f"unknown thread kind {kind!r} (kinds: {', '.join(KINDS)})")
     with _lock:
         program = _programs.get(kind)
-        ruleset = _landlock_fd
-    if program is None and ruleset is None:
+        if _landlock_fd is None:
+            confined = False
+        else:  # under the lock: deactivate() closes the fd
+            from vmmkit.sandbox import landlock
+
+            no_new_privs()
+            landlock.restrict_self(_landlock_fd)
+            confined = True
+    if program is None and not confined:
         if name:
             from vmmkit.threads import set_native_thread_name
 
@@ -150,10 +158,6 @@ def enter_thread(kind: str, name: str | None = None) -> None:
     if name:
         lib.vmmkit_thread_name(name.encode()[:15])
     _entered.kind = kind
-    if ruleset is not None:
-        from vmmkit.sandbox import landlock
-
-        landlock.restrict_self(ruleset)
     if program is not None:
         done = int(lib.vmmkit_seccomp_install(program, len(program) - 1))
         if done < 0:
