@@ -61,7 +61,9 @@ def kvm_for_nobody() -> Iterator[None]:
         os.chmod("/dev/kvm", stat.S_IMODE(before.st_mode))
 
 
-def test_the_demo_guest_boots_as_an_unprivileged_user(kvm_for_nobody: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sandbox", [(), ("--landlock",)], ids=["seccomp", "seccomp+landlock"])
+def test_the_demo_guest_boots_as_an_unprivileged_user(kvm_for_nobody: None, tmp_path: Path,
+                                                      sandbox: tuple[str, ...]) -> None:
     python = interpreter()
     if python is None:
         pytest.skip(f"no Python {sys.version_info.major}.{sys.version_info.minor} another user may run "
@@ -78,7 +80,7 @@ def test_the_demo_guest_boots_as_an_unprivileged_user(kvm_for_nobody: None, tmp_
     result = subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
          "--bounding-set=-all", str(python), "-I", "-S", "-c", BOOTSTRAP, sysconfig.get_paths()["purelib"],
-         "--kernel", str(kernel), "--cmdline", "hello", "--serial", "tty", "--hypervisor", "kvm"],
+         "--kernel", str(kernel), "--cmdline", "hello", "--serial", "tty", "--hypervisor", "kvm", *sandbox],
         capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL, cwd=home,
     )
     assert result.returncode == 0, result.stderr
