@@ -168,7 +168,6 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
                         help="port 0xe9 console: off|tty|file=<path>,iobase=<port>")
     parser.add_argument("--pvpanic", action="store_true", help="a pvpanic device: guest panics become events")
     parser.add_argument("--watchdog", action="store_true", help="a virtio watchdog (not supported yet)")
-    sandbox_cli.add_options(parser)
     for flag, _path, takes_value in _UNMODELLED_OPTIONS:
         dest = "unmodelled:" + flag
         if takes_value:
@@ -197,6 +196,7 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
                 f"--{device_type.option}", dest=f"plugin_device:{device_type.name}", action="append",
                 default=[], metavar="SPEC", help=device_type.option_help or device_type.description,
             )
+    sandbox_cli.add_options(parser)
     pm.hook.vmmkit_add_cli_options(parser=parser)
     return parser
 
