@@ -149,3 +149,11 @@ class Aarch64Vm(Protocol):
         (before :meth:`vmmkit.hypervisor.Vm.setup_interrupt_controller`); a backend without
         an interrupt controller just accepts it."""
         ...
+
+    def set_gic_its(self, base: int) -> bool:
+        """Ask for a GICv3 ITS (MSI translation) at ``base`` (before
+        :meth:`vmmkit.hypervisor.Vm.setup_interrupt_controller`). True when the backend creates
+        one: the device tree then describes it and PCI MSIs go through it, with the function's
+        requester ID as device ID; False when it has none (nothing describes it, and PCI
+        functions interrupt through INTx)."""
+        ...

@@ -167,7 +167,7 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
     parser.add_argument("--debug-console", dest="debug_console", metavar="SPEC",
                         help="port 0xe9 console: off|tty|file=<path>,iobase=<port>")
     parser.add_argument("--pvpanic", action="store_true", help="a pvpanic device: guest panics become events")
-    parser.add_argument("--watchdog", action="store_true", help="a virtio watchdog (not supported yet)")
+    parser.add_argument("--watchdog", action="store_true", help="a 6300ESB watchdog: resets a guest that hangs")
     for flag, _path, takes_value in _UNMODELLED_OPTIONS:
         dest = "unmodelled:" + flag
         if takes_value:

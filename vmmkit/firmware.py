@@ -68,6 +68,13 @@ class FdtWriter(Protocol):
         (``"uartclk", "apb_pclk"``)."""
         ...
 
+    def property_msi_map(self, device_id_base: int, length: int) -> None:
+        """``msi-map`` (Documentation/devicetree/bindings/pci/pci-msi.txt): PCI requester IDs
+        ``0 .. length - 1`` of this host bridge reach the platform's MSI controller as device IDs
+        from ``device_id_base``. Writes nothing where the platform has no MSI controller (the
+        guest then uses INTx)."""
+        ...
+
     def set_stdout(self, path: str) -> None:
         """Make the node at ``path`` the console (``/chosen/stdout-path``)."""
         ...

@@ -158,8 +158,11 @@ class Vm(ABC):
         PC and as the firmware tables say: IRQ 0 (the PIT) reaches IOAPIC pin 2, IRQ n pin n."""
 
     @abstractmethod
-    def signal_msi(self, address: int, data: int) -> None:
-        """Inject one message-signalled interrupt."""
+    def signal_msi(self, address: int, data: int, *, devid: int | None = None) -> None:
+        """Inject one message-signalled interrupt. ``devid`` is the sender's device ID (a PCI
+        function's requester ID, ``segment << 16 | bus << 8 | devfn``): an interrupt controller
+        that translates MSIs per device (a GICv3 ITS) needs it; x86 MSIs name their target in
+        the address and data alone, so x86 backends need not look at it."""
 
     def register_irqfd(self, fd: int, gsi: int, resample_fd: int | None = None) -> None:
         raise NotImplementedError("irqfd")
@@ -167,8 +170,9 @@ class Vm(ABC):
     def unregister_irqfd(self, fd: int, gsi: int) -> None:
         raise NotImplementedError("irqfd")
 
-    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
-        """Route ``gsi`` to an MSI message (so an irqfd on ``gsi`` raises that MSI)."""
+    def set_msi_route(self, gsi: int, address: int, data: int, *, devid: int | None = None) -> None:
+        """Route ``gsi`` to an MSI message (so an irqfd on ``gsi`` raises that MSI); ``devid``
+        as for :meth:`signal_msi`."""
         raise NotImplementedError("MSI routing")
 
     def register_ioeventfd(

@@ -59,11 +59,16 @@ class GsiLine:
 
 
 class MsiVector:
-    """One MSI / MSI-X vector: reprogrammed by the guest, triggered by the device."""
+    """One MSI / MSI-X vector: reprogrammed by the guest, triggered by the device.
 
-    def __init__(self, vm: Vm, gsi: int | None) -> None:
+    ``devid`` is the sending function's device ID (its PCI requester ID), passed with every
+    route and message: a GICv3 ITS translates MSIs per device (:meth:`vmmkit.hypervisor.Vm.signal_msi`).
+    """
+
+    def __init__(self, vm: Vm, gsi: int | None, devid: int | None = None) -> None:
         self.vm = vm
         self.gsi = gsi
+        self.devid = devid
         self.address = 0
         self.data = 0
         self.masked = True
@@ -81,7 +86,7 @@ class MsiVector:
             was_masked, self.masked = self.masked, masked
             if self._eventfd is not None and self.gsi is not None and (changed or was_masked != masked):
                 if not masked:
-                    self.vm.set_msi_route(self.gsi, address, data)
+                    self.vm.set_msi_route(self.gsi, address, data, devid=self.devid)
                     if was_masked:
                         self.vm.register_irqfd(self._eventfd, self.gsi)
                 elif not was_masked:
@@ -98,7 +103,7 @@ class MsiVector:
         elif self._eventfd is not None:
             os.eventfd_write(self._eventfd, 1)
         else:
-            self.vm.signal_msi(self.address, self.data)
+            self.vm.signal_msi(self.address, self.data, devid=self.devid)
 
     def close(self) -> None:
         if self._eventfd is not None:

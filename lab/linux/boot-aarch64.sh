@@ -3,19 +3,24 @@
 # with `lab.py run --add kernel` - on vmmkit's KVM backend with virtio-blk, virtio-net (a tap in
 # the lab, vmmkit gives it the peer address) and virtio-rng over MMIO. The nested /init is the
 # Linux tier's (tests/linux/init.sh); its lines are printed, then "nested-disk: <word>" from the
-# disk image (the pattern /init wrote). Exit status: vmmkit's.
+# disk image (the pattern /init wrote). Exit status: vmmkit's. TRANSPORT=pci puts the virtio
+# devices on PCI (MSI-X through KVM's GICv3 ITS); NET=off leaves virtio-net out.
 #
 #     lab/run --add kernel -- sh lab/linux/boot-aarch64.sh
+#     lab/run --add kernel -- env TRANSPORT=pci NET=off sh lab/linux/boot-aarch64.sh
 set -e
 kernel=${KERNEL:-/lab/files/Image}
 python3 lab/linux/nested_initramfs.py /tmp/nested.cpio
 rm -f /tmp/nested-disk.img
 truncate -s 8M /tmp/nested-disk.img
 set +e
+set -- --net tap=vmmtap0,ip=192.168.127.1,mask=255.255.255.0
+guest_net=net=192.168.127.2/24,192.168.127.1
+if [ "${NET:-on}" = off ]; then set --; guest_net=; fi
 vmmkit --hypervisor kvm --kernel "$kernel" --initramfs /tmp/nested.cpio --memory "${MEMORY:-size=256M}" --cpus boot=2 \
-    --disk path=/tmp/nested-disk.img --net tap=vmmtap0,ip=192.168.127.1,mask=255.255.255.0 \
-    --rng src=/dev/urandom \
-    --cmdline "console=ttyAMA0 quiet -- net=192.168.127.2/24,192.168.127.1 pattern=vmmkit-arm64-pattern"
+    --platform "virtio_transport=${TRANSPORT:-mmio}" \
+    --disk path=/tmp/nested-disk.img "$@" --rng src=/dev/urandom \
+    --cmdline "console=ttyAMA0 quiet -- $guest_net pattern=vmmkit-arm64-pattern"
 status=$?
 echo "nested-disk: $(dd if=/tmp/nested-disk.img bs=4096 skip=256 count=1 2>/dev/null | head -n 1)"
 exit $status

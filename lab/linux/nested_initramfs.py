@@ -24,8 +24,14 @@ sys.path.insert(0, str(ROOT / "tests" / "linux"))
 
 from initramfs import INIT_SCRIPT, Entry, initramfs_entries, newc_archive  # noqa: E402
 
+#: After the modules (the virtio drivers probed their devices, virtio-blk read its partition
+#: table), the message-signalled interrupts and the virtio ones of /proc/interrupts, each as a
+#: "VMMKIT-IRQ:" line: which controller (GICv3 SPI, ITS MSI) delivered how many.
 WRAPPER = b"""#!/bin/sh
 while read -r module; do insmod "/modules/$module"; done < /modules/order
+mount -t proc proc /proc
+grep -E 'MSI|virtio' /proc/interrupts | while read -r line; do echo "VMMKIT-IRQ: $line"; done
+umount /proc
 exec /bin/sh /init.sh "$@"
 """
 

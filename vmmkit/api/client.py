@@ -71,8 +71,13 @@ class ApiClient:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(self.timeout)
             self._connect(sock)
-            send_with_fds(sock, message, fds)
-            response = _read_response(sock)
+            try:
+                send_with_fds(sock, message, fds)
+                response = _read_response(sock)
+            except TimeoutError:
+                raise ApiError(0, [f"no answer from {self.socket_path} within {self.timeout:g} s"]) from None
+            except OSError as exc:
+                raise ApiError(0, [f"connection to {self.socket_path} failed: {exc.strerror or exc}"]) from None
         if check and not 200 <= response.status < 300:
             raise ApiError(response.status, _messages(response.body), response.body)
         return response

@@ -23,7 +23,6 @@ a running VM answer 200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import select
@@ -372,28 +371,35 @@ class ApiServer:
             except OSError as exc:
                 if self._closing.is_set():
                     return
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("api.accept_failed", error=str(exc))
-                    self._closing.wait(0.1)
-                    continue
-                log.error("api.accept_failed", error=str(exc))
-                return
-            peer = _peer_pid(conn)
-            with self._lock:
-                same_peer = sum(1 for c in self._connections.values() if c.peer == peer)
-            if peer is not None and same_peer >= self._per_peer:
-                self._refuse(conn, 429, f"too many connections from process {peer} (at most {self._per_peer})")
+                # Out of fds or memory, or a connection that died in the queue: the API must
+                # outlive it (a returning loop would leave the socket queue to fill for good).
+                log.warning("api.accept_failed", error=str(exc))
+                self._closing.wait(0.1)
                 continue
-            if not self._slots.acquire(blocking=False) and not self._evict_for_slot():
-                self._refuse(conn, 503, "too many connections")
-                continue
-            with self._lock:
-                self._connections[conn] = _Connection(peer, time.monotonic())
             try:
-                threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
-            except RuntimeError:
-                self._release(conn)
-                self._refuse(conn, 503, "too many connections")
+                self._admit(conn)
+            except Exception as exc:  # one connection's trouble never stops the accept loop
+                log.error("api.admit_failed", error=str(exc))
+                conn.close()
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Serve ``conn`` on its own thread, or refuse it (429, 503)."""
+        peer = _peer_pid(conn)
+        with self._lock:
+            same_peer = sum(1 for c in self._connections.values() if c.peer == peer)
+        if peer is not None and same_peer >= self._per_peer:
+            self._refuse(conn, 429, f"too many connections from process {peer} (at most {self._per_peer})")
+            return
+        if not self._slots.acquire(blocking=False) and not self._evict_for_slot():
+            self._refuse(conn, 503, "too many connections")
+            return
+        with self._lock:
+            self._connections[conn] = _Connection(peer, time.monotonic())
+        try:
+            threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
+        except RuntimeError:
+            self._release(conn)
+            self._refuse(conn, 503, "too many connections")
 
     def _evict_for_slot(self) -> bool:
         """Close the connection that has waited longest for request bytes and take its slot

@@ -84,7 +84,7 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "vdpa": "vDPA devices",
     "vsock": "virtio-vsock devices",
     "generic_vhost_user": "generic vhost-user devices",
-    "watchdog": "the virtio watchdog device",
+    "watchdog": "a watchdog device (no registered device type claims it)",
     "tpm": "TPM devices",
     "rtc": "configuring the RTC device",
     # the VM

@@ -38,6 +38,13 @@ class PciFunction(ManagedDevice):
         self.remap: Callable[[], None] = lambda: None
         #: The legacy INTA line (``None``: none, MSI/MSI-X only).
         self.intx: InterruptLine | None = None
+        #: ``segment << 16 | bus << 8 | devfn`` once plugged: the device ID its MSIs carry.
+        self.requester_id: int | None = None
+
+    def set_requester_id(self, requester_id: int) -> None:
+        """Called by the root when the function is plugged; subclasses with MSI-X pass it on
+        (:meth:`vmmkit.pci.msix.MsixTable.set_requester_id`)."""
+        self.requester_id = requester_id
 
     def connect_intx(self, line: InterruptLine | None, irq: int | None) -> None:
         """The legacy INTA line and its number for the Interrupt Line register (``None``:

@@ -95,6 +95,12 @@ def bdf_string(segment: int, bus: int, slot: int, function: int = 0) -> str:
     return f"{segment:04x}:{bus:02x}:{slot:02x}.{function:x}"
 
 
+def requester_id(segment: int, bus: int, slot: int, function: int = 0) -> int:
+    """The ID a function's MSIs carry (Cloud Hypervisor's ``PciBdf`` as a u32): the segment in
+    bits 31:16, then the 16-bit PCI requester ID ``bus << 8 | slot << 3 | function``."""
+    return segment << 16 | bus << 8 | slot << 3 | function
+
+
 def _ones(size: int) -> int:
     return (1 << (8 * size)) - 1 if 0 < size <= 8 else 0
 
@@ -256,6 +262,7 @@ class PciRoot(ManagedDevice):
     def _plug(self, slot: int, function: PciFunction,
               allocations: list[tuple[AddressAllocator, int]]) -> None:
         self._slots[slot] = _Slot(function, allocations)
+        function.set_requester_id(requester_id(self.segment, 0, slot))
         function.remap = lambda: self.remap(function)
         self.remap(function)
 
@@ -482,7 +489,8 @@ class PciRoot(ManagedDevice):
         """A ``pci-host-ecam-generic`` bridge (Documentation/devicetree/bindings/pci/
         host-generic-pci.yaml), as QEMU's virt machine writes it: the ECAM window, the bus
         range, the MMIO windows in ``ranges`` (32-bit non-prefetchable, 64-bit), and an
-        ``interrupt-map`` of the INTx routes (level-triggered)."""
+        ``interrupt-map`` of the INTx routes (level-triggered), and an ``msi-map`` to the platform's
+        MSI controller if it has one (the requester IDs as device IDs, as :func:`requester_id`)."""
         if self.ecam is None:
             return
         fdt.begin_node(f"pcie@{self.ecam.start:x}")
@@ -506,6 +514,7 @@ class PciRoot(ManagedDevice):
             fdt.property("interrupt-map", b"".join(
                 _cells(slot << 11, 0, 0, pin) + fdt.interrupt_specifier(gsi, edge=False)
                 for slot, pin, gsi in routes))
+        fdt.property_msi_map(requester_id(self.segment, 0, 0), 1 << 16)
         fdt.property("dma-coherent", b"")
         fdt.end_node()
 

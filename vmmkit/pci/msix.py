@@ -152,6 +152,17 @@ class MsixTable:
 
     # -- the device side -------------------------------------------------------------------
 
+    def set_requester_id(self, devid: int | None) -> None:
+        """The function's PCI requester ID, sent with every message as its device ID (the root
+        sets it when the function is plugged; a route already programmed is rewritten)."""
+        with self._lock:
+            for index, vector in enumerate(self.vectors):
+                if vector.devid != devid:
+                    vector.devid = devid
+                    if not vector.masked:
+                        vector.address = vector.data = -1  # force the route to be rewritten
+                        self._sync(index)
+
     def entry(self, index: int) -> tuple[int, int, bool]:
         """``(address, data, vector_masked)`` of table entry ``index``."""
         base = index * ENTRY_SIZE

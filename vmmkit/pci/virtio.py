@@ -281,6 +281,10 @@ class VirtioPciDevice(PciFunction):
 
     # -- wiring --------------------------------------------------------------------------
 
+    def set_requester_id(self, requester_id: int) -> None:
+        super().set_requester_id(requester_id)
+        self.msix.set_requester_id(requester_id)
+
     def placement_properties(self) -> Mapping[str, Any]:
         return {"device_type": int(self.device.device_type), "msix_vectors": self.msix.num_vectors}
 

@@ -35,6 +35,10 @@ class FakeVm:
     def set_gic_layout(self, distributor: int, redistributors: int) -> None:
         self.gic = (distributor, redistributors)
 
+    def set_gic_its(self, base: int) -> bool:
+        self.its = base
+        return False
+
 
 def test_platform_devices_and_their_placements() -> None:
     requests = {r.type: r for r in platform_devices(make_config())}

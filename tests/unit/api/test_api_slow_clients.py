@@ -158,3 +158,32 @@ def test_the_client_gives_up_on_a_full_queue_at_its_timeout(short_dir: Path) -> 
     listener.close()
     for sock in held:
         sock.close()
+
+
+def test_a_failing_admission_does_not_stop_the_accept_loop(vmm: Vmm, short_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever goes wrong with one connection (here: reading its peer's credentials), the next
+    client is still served: an accept loop that returned would leave the queue to fill for good."""
+    import vmmkit.api.server as server_module
+
+    calls = 0
+    real_peer_pid = server_module._peer_pid
+
+    def failing_once(conn: socket.socket) -> int | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected admission failure")
+        return real_peer_pid(conn)
+
+    monkeypatch.setattr(server_module, "_peer_pid", failing_once)
+    path = str(short_dir / "api.sock")
+    server = ApiServer(vmm, bind_unix_socket(path), path=path)
+    server.start()
+    try:
+        with pytest.raises(ApiError):
+            ApiClient(path, timeout=5).request("GET", "vmm.ping")  # closed without an answer
+        assert ApiClient(path, timeout=5).request("GET", "vmm.ping").status == 200
+        assert calls == 2
+    finally:
+        server.close()

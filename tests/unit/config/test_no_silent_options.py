@@ -495,7 +495,6 @@ def client(vmmkit_registries: Any, vmmkit_pm: Any) -> Iterator[ApiClient]:
         ({"disks": [{"path": "/a", "rate_limiter_config": {"ops": {"size": 1, "refill_time": 1}}}]},
          "disks[0].rate_limiter_config: not supported yet"),
         ({"numa": [{"guest_numa_id": 0}]}, "numa: not supported yet"),
-        ({"watchdog": True}, "watchdog: not supported yet"),
         ({"balloon": {"size": 1 << 20}}, "balloon: not supported yet"),
         ({"landlock_rules": [{"path": "/x", "access": "rw"}]}, "landlock_rules: Landlock rules without Landlock"),
         ({"tpm": {"socket": "/t"}}, "tpm: not supported yet"),

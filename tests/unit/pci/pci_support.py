@@ -59,6 +59,7 @@ class FakeVm(Vm):
         self.irqfds: dict[int, int] = {}  # gsi -> fd
         self.msi_routes: dict[int, tuple[int, int]] = {}
         self.msis: list[tuple[int, int]] = []  # signal_msi calls
+        self.devids: dict[int, int | None] = {}  # gsi -> the devid of its route
         self.lines: dict[int, bool] = {}
         self.line_history: list[tuple[int, bool]] = []
         self.calls: list[tuple[Any, ...]] = []
@@ -91,11 +92,12 @@ class FakeVm(Vm):
             raise HypervisorError("KVM_IRQFD", errno.ENOENT)
         del self.irqfds[gsi]
 
-    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+    def set_msi_route(self, gsi: int, address: int, data: int, *, devid: int | None = None) -> None:
         self.calls.append(("set_msi_route", gsi, address, data))
+        self.devids[gsi] = devid
         self.msi_routes[gsi] = (address, data)
 
-    def signal_msi(self, address: int, data: int) -> None:
+    def signal_msi(self, address: int, data: int, *, devid: int | None = None) -> None:
         with self._lock:
             self.msis.append((address, data))
 

@@ -100,9 +100,9 @@ def _record_refusals(vm: Any) -> list[str]:
     for name in ("register_irqfd", "unregister_irqfd", "set_msi_route"):
         original = getattr(vm, name)
 
-        def wrapper(*args: Any, _original: Any = original, _name: str = name) -> Any:
+        def wrapper(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
             try:
-                return _original(*args)
+                return _original(*args, **kwargs)
             except Exception as exc:
                 refused.append(f"{_name}{args}: {exc}")
                 raise

@@ -82,7 +82,8 @@ def platform_devices(config: Any) -> list[DeviceRequest]:
 class Aarch64(Architecture):
     name: ClassVar[str] = "aarch64"
     description: ClassVar[str] = "AArch64 virt: arm64 Image, device tree, PSCI 1.0, PL011, PL031, virtio-mmio"
-    #: The device tree describes no PCI host yet.
+    #: virtio-mmio: every backend's guests get its interrupts (SPIs); virtio-pci's MSI-X needs
+    #: the backend's GICv3 ITS (KVM), else it falls back to INTx.
     default_virtio_transport: ClassVar[str] = "mmio"
 
     def __init__(self) -> None:
@@ -90,6 +91,8 @@ class Aarch64(Architecture):
 
         self.psci = Psci()
         self._vm: Vm | None = None
+        #: Whether the backend created the GICv3 ITS (the device tree then describes it).
+        self._its = False
 
     # -- layout and devices --------------------------------------------------------------------
 
@@ -111,8 +114,10 @@ class Aarch64(Architecture):
         from vmmkit_aarch64 import layout as L
 
         self._vm = vm
+        self._its = False
         if isinstance(vm, Aarch64Vm):
             vm.set_gic_layout(L.GIC_DIST.start, L.GIC_REDIST_BASE)
+            self._its = vm.set_gic_its(L.GIC_ITS.start)
         vm.setup_interrupt_controller()
         if isinstance(vm, Aarch64Vm) and not vm.firmware_in_hypervisor:
             vm.set_firmware_handler(self.psci)
@@ -133,6 +138,7 @@ class Aarch64(Architecture):
         from vmmkit.aarch64 import mpidr_for
         from vmmkit_aarch64 import fdt as fdt_
         from vmmkit_aarch64 import image
+        from vmmkit_aarch64 import layout as L
         from vmmkit_aarch64.psci import PsciPower
 
         if boot.protocol != PROTOCOL:
@@ -146,6 +152,7 @@ class Aarch64(Architecture):
             cmdline=boot.cmdline.decode(errors="replace"),
             initrd=boot.initramfs,
             devices=devices,
+            its=L.GIC_ITS if self._its else None,
         )
         address = image.fdt_address(layout.ram[0])
         if address < boot.kernel.end:

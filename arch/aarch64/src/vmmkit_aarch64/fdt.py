@@ -10,6 +10,8 @@ Nodes, in the order written::
     /timer            "arm,armv8-timer", PPIs 13, 14, 11, 10 (level-low)
     /intc@8000000     GICv3: distributor + redistributors for every vCPU (the emu backend
                       delivers no interrupts; the node is there for KVM and for Linux)
+      msi-controller@8080000   the GICv3 ITS ("arm,gic-v3-its", #msi-cells = 1), only when the
+                      backend created one; PCI host bridges point their ``msi-map`` at it
     /apb-pclk         the fixed 24 MHz clock PL011/PL031 name
     /<device>@<base>  whatever each placed device writes of itself
                       (:meth:`vmmkit.device.ManagedDevice.describe_fdt`, through
@@ -33,6 +35,7 @@ from vmmkit_aarch64 import layout as L
 
 PHANDLE_GIC: Final = 1
 PHANDLE_CLOCK: Final = 2
+PHANDLE_ITS: Final = 3
 
 GIC_SPI: Final = 0
 GIC_PPI: Final = 1
@@ -63,9 +66,11 @@ class FdtNodeWriter:
     """The :class:`vmmkit.firmware.FdtWriter` devices write their nodes with: ``FdtSw`` plus
     the encodings of this platform (GICv3 SPIs, the 24 MHz APB clock, 2+2 address cells)."""
 
-    def __init__(self, sw: libfdt.FdtSw) -> None:
+    def __init__(self, sw: libfdt.FdtSw, *, msi_controller: int | None = None) -> None:
         self._sw = sw
         self.stdout_path: str | None = None
+        #: The phandle of the ITS, if the VM has one.
+        self.msi_controller = msi_controller
 
     def begin_node(self, name: str) -> None:
         self._sw.begin_node(name)
@@ -99,6 +104,10 @@ class FdtNodeWriter:
         self._sw.property("clocks", _cells(*(PHANDLE_CLOCK for _ in names)))
         self._sw.property("clock-names", _strings(*names))
 
+    def property_msi_map(self, device_id_base: int, length: int) -> None:
+        if self.msi_controller is not None:
+            self._sw.property("msi-map", _cells(0, self.msi_controller, device_id_base, length))
+
     def set_stdout(self, path: str) -> None:
         self.stdout_path = path
 
@@ -111,8 +120,11 @@ def build_fdt(
     initrd: MemoryRange | None,
     devices: Sequence[PlacedDevice],
     cpu_compatible: str = "arm,arm-v8",
+    its: MemoryRange | None = None,
 ) -> bytes:
-    """The DTB for a VM with ``ram``, vCPUs with affinities ``mpidrs`` and ``devices``."""
+    """The DTB for a VM with ``ram``, vCPUs with affinities ``mpidrs`` and ``devices``; with
+    ``its``, a GICv3 ITS there (Documentation/devicetree/bindings/interrupt-controller/
+    arm,gic-v3.yaml; Cloud Hypervisor's ``arch/src/aarch64/fdt.rs``)."""
     ordered = sorted((d for d in devices if isinstance(d.device, ManagedDevice)),
                      key=lambda d: d.mmio[0] if d.mmio else 0)
     sw = libfdt.FdtSw()
@@ -176,6 +188,14 @@ def build_fdt(
     sw.property_u32("#redistributor-regions", 1)
     sw.property("reg", _reg(L.GIC_DIST.start, L.GIC_DIST.size) + _reg(redist.start, redist.size))
     sw.property_u32("phandle", PHANDLE_GIC)
+    if its is not None:
+        sw.begin_node(f"msi-controller@{its.start:x}")
+        sw.property("compatible", _strings("arm,gic-v3-its"))
+        sw.property("msi-controller", b"")
+        sw.property_u32("#msi-cells", 1)
+        sw.property("reg", _reg(its.start, its.size))
+        sw.property_u32("phandle", PHANDLE_ITS)
+        sw.end_node()
     sw.end_node()
 
     sw.begin_node("apb-pclk")
@@ -186,7 +206,7 @@ def build_fdt(
     sw.property_u32("phandle", PHANDLE_CLOCK)
     sw.end_node()
 
-    writer = FdtNodeWriter(sw)
+    writer = FdtNodeWriter(sw, msi_controller=PHANDLE_ITS if its is not None else None)
     for placed in ordered:
         placed.device.describe_fdt(placed, writer)
 

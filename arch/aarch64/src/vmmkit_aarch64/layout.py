@@ -3,6 +3,8 @@
 ::
 
     0x0800_0000  GICv3 distributor (64 KiB)
+    0x0808_0000  GICv3 ITS             (128 KiB: control and translation frames) - MSIs, where
+                                       the backend has one (KVM); PCI requester ID = device ID
     0x080A_0000  GICv3 redistributors (128 KiB per vCPU, up to 123 vCPUs below the UART)
     0x0900_0000  PL011 UART            SPI 1 (GSI 33), level
     0x0901_0000  PL031 RTC             SPI 2 (GSI 34), level
@@ -29,6 +31,8 @@ GIB: Final = 1 << 30
 MIB: Final = 1 << 20
 
 GIC_DIST: Final = MemoryRange(0x0800_0000, 0x1_0000)
+#: The ITS's two 64 KiB frames (GITS_TRANSLATER at +0x1_0040), as QEMU virt's.
+GIC_ITS: Final = MemoryRange(0x0808_0000, 0x2_0000)
 GIC_REDIST_BASE: Final = 0x080A_0000
 GIC_REDIST_SIZE: Final = 0x2_0000  #: per vCPU (RD_base + SGI_base frames)
 UART_PL011: Final = MemoryRange(0x0900_0000, 0x1000)

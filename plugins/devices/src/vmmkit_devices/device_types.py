@@ -113,6 +113,21 @@ class PvPanicType(DeviceType):
     implementation: ClassVar[str] = "vmmkit_devices.debug.pvpanic"
 
 
+class I6300EsbType(DeviceType):
+    """``i6300esb``: the Intel 6300ESB watchdog on PCI, one per VM with ``--watchdog``; a guest
+    that stops petting it is reset."""
+
+    name: ClassVar[str] = "i6300esb"
+    description: ClassVar[str] = "Intel 6300ESB watchdog on PCI (--watchdog): resets a guest that stops petting it"
+    sections: ClassVar[tuple[str, ...]] = ("watchdog",)
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [DeviceRequest(cls.name, "__watchdog")] if config.watchdog else []
+
+    implementation: ClassVar[str] = "vmmkit_devices.legacy.i6300esb"
+
+
 # -- ACPI registers -----------------------------------------------------------------------------
 
 

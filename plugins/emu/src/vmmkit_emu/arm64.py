@@ -104,6 +104,11 @@ class Arm64Vm(EmuVm):
         """Recorded only: this backend has no interrupt controller (see the package docs)."""
         self.gic_layout = (distributor, redistributors)
 
+    def set_gic_its(self, base: int) -> bool:
+        """No: without a GIC model there is no ITS to translate MSIs, so the device tree
+        describes none and PCI functions fall back to INTx (which is not delivered either)."""
+        return False
+
     def _new_vcpu(self, index: int, ops: VcpuOps) -> Arm64Vcpu:
         return Arm64Vcpu(self, index, ops)
 

@@ -294,11 +294,11 @@ class EmuVm(Vm):
                 self.irq_count += 1
             self.irq_levels[gsi] = level
 
-    def signal_msi(self, address: int, data: int) -> None:
+    def signal_msi(self, address: int, data: int, *, devid: int | None = None) -> None:
         with self._lock:
             self.msi_count += 1
 
-    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+    def set_msi_route(self, gsi: int, address: int, data: int, *, devid: int | None = None) -> None:
         """Accepted and ignored: nothing is delivered on this backend."""
 
     def close(self) -> None:

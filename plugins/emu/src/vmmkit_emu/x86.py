@@ -165,10 +165,10 @@ class X86Vm(EmuVm):
         if self.ioapic is not None:
             self.ioapic.set_level(2 if gsi == 0 else gsi, level)
 
-    def signal_msi(self, address: int, data: int) -> None:
+    def signal_msi(self, address: int, data: int, *, devid: int | None = None) -> None:
         """An MSI (Intel SDM vol. 3 10.11): destination address bits 19:12, logical mode bit 2;
         vector data bits 7:0, delivery mode 10:8, level-triggered bit 15."""
-        super().signal_msi(address, data)
+        super().signal_msi(address, data, devid=devid)
         self.deliver_interrupt(data & 0xFF, (address >> 12) & 0xFF, (data >> 8) & 7, bool(address & 4),
                                bool(data & (1 << 15)), -1)
 

@@ -19,19 +19,29 @@ plugin is built from the x86 ``<linux/kvm.h>``. The ABI used:
   vCPU exists (done before the first ``KVM_RUN``); the architected timer is KVM's;
 - ``KVM_IRQ_LINE`` with ``KVM_ARM_IRQ_TYPE_SPI`` (vmmkit GSIs are GIC INTIDs), irqfds with
   ``gsi = INTID - 32`` (KVM's default arm64 routing: pin + VGIC_NR_PRIVATE_IRQS), ioeventfds;
+- MSIs through the in-kernel GICv3 ITS (devices/arm-vgic-its.rst), when the architecture asks
+  for one (:meth:`KvmArm64Vm.set_gic_its`): ``KVM_CREATE_DEVICE`` (``KVM_DEV_TYPE_ARM_VGIC_ITS``)
+  after the GIC, its base through ``KVM_VGIC_ITS_ADDR_TYPE``, ``KVM_DEV_ARM_VGIC_CTRL_INIT``
+  after the GIC's. An MSI route is a ``KVM_IRQ_ROUTING_MSI`` entry with ``KVM_MSI_VALID_DEVID``
+  and the sender's device ID (the PCI requester ID) at KVM GSI ``vmmkit GSI - 32``, as the
+  SPIs' are; ``KVM_SET_GSI_ROUTING`` replaces the whole table, so it is written with the
+  default SPI entries (KVM GSI n -> SPI n) for every GSI that carries no MSI, and written again
+  after the vGIC's initialisation (which installs the defaults). ``KVM_SIGNAL_MSI`` with the
+  device ID where no GSI is left (Cloud Hypervisor: ``hypervisor/src/kvm/aarch64/gic/``,
+  ``KvmVm::make_routing_entry``);
 - ``KVM_RUN`` with ``kvm_run`` mmapped: ``KVM_EXIT_MMIO`` goes to :class:`VcpuOps` (a read's data
   is written back for KVM to complete on the next run), ``KVM_EXIT_SYSTEM_EVENT`` becomes
   ``POWER_OFF``/``RESET``, ``EINTR`` with a pending kick ``INTERRUPTED``.
 
 Kicks set ``immediate_exit`` and send :data:`KICK_SIGNAL` to the vCPU's thread; its no-op handler
 (no ``SA_RESTART``) is installed from the main thread by :meth:`KvmArm64Hypervisor.preload` or
-when a VM is created there. Known gaps: no MSIs (they need a GICv3 ITS, which is not created, so
-virtio-pci cannot interrupt); no dirty log.
+when a VM is created there. Known gap: no dirty log.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import platform
@@ -75,6 +85,8 @@ KVM_ARM_VCPU_INIT: Final = _ioc(_IOC_WRITE, 0xAE, 32)
 KVM_ARM_PREFERRED_TARGET: Final = _ioc(_IOC_READ, 0xAF, 32)
 KVM_CREATE_DEVICE: Final = _ioc(_IOC_READ | _IOC_WRITE, 0xE0, 12)
 KVM_SET_DEVICE_ATTR: Final = _ioc(_IOC_WRITE, 0xE1, 24)
+KVM_SET_GSI_ROUTING: Final = _ioc(_IOC_WRITE, 0x6A, 8)
+KVM_SIGNAL_MSI: Final = _ioc(_IOC_WRITE, 0xA5, 32)
 KVM_ENABLE_CAP: Final = _ioc(_IOC_WRITE, 0xA3, 104)
 
 KVM_API_VERSION: Final = 12
@@ -85,6 +97,10 @@ KVM_CAP_ONE_REG: Final = 70
 KVM_CAP_ARM_PSCI_0_2: Final = 102
 KVM_CAP_DEVICE_CTRL: Final = 89
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
+KVM_CAP_IRQ_ROUTING: Final = 25
+KVM_CAP_SIGNAL_MSI: Final = 77
+#: Non-zero on a VM once it has an ITS: MSIs must then carry a device ID.
+KVM_CAP_MSI_DEVID: Final = 131
 #: Data aborts KVM cannot decode (no ISV: a load/store pair, writeback) exit as
 #: KVM_EXIT_ARM_NISV with the faulting address instead of failing KVM_RUN with ENOSYS.
 KVM_CAP_ARM_NISV_TO_USER: Final = 177
@@ -129,6 +145,47 @@ KVM_VGIC_V3_ADDR_TYPE_DIST: Final = 2
 KVM_VGIC_V3_ADDR_TYPE_REDIST: Final = 3
 KVM_ARM_IRQ_TYPE_SPI: Final = 1
 GIC_NR_IRQS: Final = 256  #: INTIDs 0-255: 32 private + 224 SPIs
+GIC_SPI_BASE: Final = 32
+KVM_DEV_TYPE_ARM_VGIC_ITS: Final = 8
+KVM_VGIC_ITS_ADDR_TYPE: Final = 4
+#: GITS_TRANSLATER's offset from the ITS base (the second 64 KiB frame): where MSIs are written.
+ITS_TRANSLATER_OFFSET: Final = 0x1_0040
+
+# -- GSI routing (struct kvm_irq_routing_entry: gsi, type, flags, pad, a 32-byte union) ---------
+KVM_IRQ_ROUTING_IRQCHIP: Final = 1
+KVM_IRQ_ROUTING_MSI: Final = 2
+KVM_MSI_VALID_DEVID: Final = 1 << 0
+ROUTING_ENTRY_SIZE: Final = 48
+#: KVM_MAX_IRQ_ROUTES: KVM GSIs are below this.
+KVM_MAX_IRQ_ROUTES: Final = 4096
+
+
+def irqchip_route(kvm_gsi: int, pin: int) -> bytes:
+    """A ``KVM_IRQ_ROUTING_IRQCHIP`` entry: KVM GSI ``kvm_gsi`` raises SPI ``pin`` (INTID pin + 32)."""
+    return struct.pack("<IIII II24x", kvm_gsi, KVM_IRQ_ROUTING_IRQCHIP, 0, 0, 0, pin)
+
+
+def msi_route(kvm_gsi: int, address: int, data: int, devid: int) -> bytes:
+    """A ``KVM_IRQ_ROUTING_MSI`` entry with ``KVM_MSI_VALID_DEVID``: address lo/hi, data, devid."""
+    return struct.pack("<IIII IIII16x", kvm_gsi, KVM_IRQ_ROUTING_MSI, KVM_MSI_VALID_DEVID, 0,
+                       address & 0xFFFF_FFFF, address >> 32, data & 0xFFFF_FFFF, devid)
+
+
+def routing_table(msi_routes: dict[int, tuple[int, int, int]]) -> bytes:
+    """``struct kvm_irq_routing`` (nr, flags, entries): the default SPI routes for every KVM GSI
+    of the GIC's SPIs that carries no MSI, then the MSI routes (``{vmmkit GSI: (address, data,
+    devid)}``; KVM GSI = vmmkit GSI - 32)."""
+    msi_gsis = {gsi - GIC_SPI_BASE for gsi in msi_routes}
+    entries = [irqchip_route(pin, pin) for pin in range(GIC_NR_IRQS - GIC_SPI_BASE) if pin not in msi_gsis]
+    entries += [msi_route(gsi - GIC_SPI_BASE, address, data, devid)
+                for gsi, (address, data, devid) in sorted(msi_routes.items())]
+    return struct.pack("<II", len(entries), 0) + b"".join(entries)
+
+
+def kvm_msi(address: int, data: int, devid: int) -> bytes:
+    """``struct kvm_msi`` (address lo/hi, data, flags, devid, 12 bytes of padding)."""
+    return struct.pack("<IIIII12x", address & 0xFFFF_FFFF, address >> 32, data & 0xFFFF_FFFF,
+                       KVM_MSI_VALID_DEVID, devid)
 
 # -- kvm_run ------------------------------------------------------------------------------------
 KVM_EXIT_UNKNOWN: Final = 0
@@ -270,6 +327,10 @@ class KvmArm64Vm(Vm):
         self._gic_fd: int | None = None
         self._gic_layout: tuple[int, int] | None = None
         self._gic_ready = False
+        self._its_base: int | None = None
+        self._its_fd: int | None = None
+        #: vmmkit GSI -> (address, data, device ID): the MSI routes KVM's table carries.
+        self._msi_routes: dict[int, tuple[int, int, int]] = {}
         self._lock = threading.Lock()
         self._slots: dict[int, tuple[int, int, int]] = {}
 
@@ -280,6 +341,21 @@ class KvmArm64Vm(Vm):
 
     def set_gic_layout(self, distributor: int, redistributors: int) -> None:
         self._gic_layout = (distributor, redistributors)
+
+    def set_gic_its(self, base: int) -> bool:
+        """The ITS is created with the GIC (:meth:`setup_interrupt_controller`, which fails if
+        KVM refuses it); needs GSI routing for MSI routes."""
+        if base & 0xFFFF:
+            raise ValueError(f"the ITS base {base:#x} is not 64 KiB aligned")
+        if _ioctl(self.fd, KVM_CHECK_EXTENSION, KVM_CAP_IRQ_ROUTING) <= 0:
+            log.info("kvm.its.unavailable", reason="no KVM_CAP_IRQ_ROUTING")
+            return False
+        self._its_base = base
+        return True
+
+    @property
+    def has_its(self) -> bool:
+        return self._its_fd is not None
 
     # memory
 
@@ -331,18 +407,37 @@ class KvmArm64Vm(Vm):
         self._device_attr(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, ctypes.c_uint32(GIC_NR_IRQS))
         log.info("kvm.vgic.created", model="GICv3 (in-kernel)", distributor=hex(distributor),
                  redistributors=hex(redistributors), irqs=GIC_NR_IRQS)
+        if self._its_base is not None:
+            self._create_its(self._its_base)
 
-    def _device_attr(self, group: int, attr: int, value: Any) -> None:
-        assert self._gic_fd is not None
+    def _create_its(self, base: int) -> None:
+        device = ctypes.create_string_buffer(struct.pack("<III", KVM_DEV_TYPE_ARM_VGIC_ITS, 0, 0))
+        try:
+            _ioctl(self.fd, KVM_CREATE_DEVICE, device, "KVM_CREATE_DEVICE(vgic-its)")
+        except HypervisorError as exc:
+            raise CapabilityError("KVM_CREATE_DEVICE(vgic-its)", exc.errno,
+                                  "this KVM cannot create a GICv3 ITS, which MSIs need") from None
+        self._its_fd = struct.unpack_from("<III", device.raw)[1]
+        self._device_attr(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_ITS_ADDR_TYPE, ctypes.c_uint64(base), fd=self._its_fd)
+        log.info("kvm.its.created", base=hex(base), translater=hex(base + ITS_TRANSLATER_OFFSET),
+                 devid_required=_ioctl(self.fd, KVM_CHECK_EXTENSION, KVM_CAP_MSI_DEVID) > 0)
+
+    def _device_attr(self, group: int, attr: int, value: Any, *, fd: int | None = None) -> None:
+        fd = self._gic_fd if fd is None else fd
+        assert fd is not None
         address = ctypes.addressof(value) if value is not None else 0
         request = ctypes.create_string_buffer(struct.pack("<IIQQ", 0, group, attr, address))
-        _ioctl(self._gic_fd, KVM_SET_DEVICE_ATTR, request, f"KVM_SET_DEVICE_ATTR(group {group}, attr {attr})")
+        _ioctl(fd, KVM_SET_DEVICE_ATTR, request, f"KVM_SET_DEVICE_ATTR(group {group}, attr {attr})")
 
     def finalize(self) -> None:
         """``KVM_DEV_ARM_VGIC_CTRL_INIT``, once, after the last vCPU was created."""
         with self._lock:
             if self._gic_fd is not None and not self._gic_ready:
                 self._device_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT, None)
+                if self._its_fd is not None:
+                    self._device_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT, None, fd=self._its_fd)
+                    if self._msi_routes:  # the vGIC's initialisation installed the default table
+                        self._write_routes()
             self._gic_ready = True
 
     def set_irq_line(self, gsi: int, level: bool) -> None:
@@ -351,8 +446,44 @@ class KvmArm64Vm(Vm):
         request = ctypes.create_string_buffer(struct.pack("<II", (KVM_ARM_IRQ_TYPE_SPI << 24) | gsi, int(level)))
         _ioctl(self.fd, KVM_IRQ_LINE, request, "KVM_IRQ_LINE")
 
-    def signal_msi(self, address: int, data: int) -> None:
-        raise NotImplementedError("MSIs need a GICv3 ITS, which this backend does not create")
+    def _require_its(self, what: str, devid: int | None) -> int:
+        if self._its_fd is None:
+            raise CapabilityError(what, None, "MSIs need the GICv3 ITS, which this VM was not given")
+        if devid is None or not 0 <= devid <= 0xFFFF_FFFF:
+            raise CapabilityError(what, None, "an MSI through the GICv3 ITS needs the sender's device ID "
+                                  f"(its PCI requester ID), not {devid!r}")
+        return devid
+
+    def signal_msi(self, address: int, data: int, *, devid: int | None = None) -> None:
+        """``KVM_SIGNAL_MSI`` with the device ID. A message to an address that is no ITS's
+        translation register, or one the guest never mapped, goes nowhere, as on hardware."""
+        devid = self._require_its("KVM_SIGNAL_MSI", devid)
+        request = ctypes.create_string_buffer(kvm_msi(address, data, devid))
+        try:
+            _ioctl(self.fd, KVM_SIGNAL_MSI, request, "KVM_SIGNAL_MSI")
+        except HypervisorError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENODEV):
+                raise
+            log.debug("kvm.msi.dropped", address=hex(address), data=data, devid=devid, errno=exc.errno)
+
+    def set_msi_route(self, gsi: int, address: int, data: int, *, devid: int | None = None) -> None:
+        devid = self._require_its("KVM_SET_GSI_ROUTING", devid)
+        if not GIC_SPI_BASE <= gsi < GIC_SPI_BASE + KVM_MAX_IRQ_ROUTES:
+            raise ValueError(f"GSI {gsi} is outside KVM's routing table")
+        with self._lock:
+            self._msi_routes[gsi] = (address & 0xFFFF_FFFF_FFFF_FFFF, data & 0xFFFF_FFFF, devid)
+            if self._gic_ready:
+                self._write_routes()
+
+    def remove_msi_route(self, gsi: int) -> None:
+        with self._lock:
+            if self._msi_routes.pop(gsi, None) is not None and self._gic_ready:
+                self._write_routes()
+
+    def _write_routes(self) -> None:
+        """``KVM_SET_GSI_ROUTING`` with the whole table (called with the lock held)."""
+        table = ctypes.create_string_buffer(routing_table(self._msi_routes))
+        _ioctl(self.fd, KVM_SET_GSI_ROUTING, table, "KVM_SET_GSI_ROUTING")
 
     def register_irqfd(self, fd: int, gsi: int, resample_fd: int | None = None) -> None:
         self._irqfd(fd, gsi, 0, resample_fd)
@@ -386,6 +517,9 @@ class KvmArm64Vm(Vm):
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()
+        if self._its_fd is not None:
+            os.close(self._its_fd)
+            self._its_fd = None
         if self._gic_fd is not None:
             os.close(self._gic_fd)
             self._gic_fd = None

@@ -352,7 +352,8 @@ class KvmVm(Vm):
         """Drive ``gsi`` and return KVM's status (> 0 delivered, 0 coalesced, < 0 masked)."""
         return self._fd.irq_line(gsi, level)
 
-    def signal_msi(self, address: int, data: int) -> None:
+    def signal_msi(self, address: int, data: int, *, devid: int | None = None) -> None:
+        # x86: the LAPIC is named by address and data; KVM x86 has no use for a device ID
         self._fd.signal_msi(address, data)
 
     def register_irqfd(self, fd: int, gsi: int, resample_fd: int | None = None) -> None:
@@ -361,7 +362,7 @@ class KvmVm(Vm):
     def unregister_irqfd(self, fd: int, gsi: int) -> None:
         self._fd.irqfd(fd, gsi, deassign=True)
 
-    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+    def set_msi_route(self, gsi: int, address: int, data: int, *, devid: int | None = None) -> None:
         if not self._irqchip:
             raise HypervisorError("KVM_SET_GSI_ROUTING", None, "MSI routes need the in-kernel irqchip")
         routes = {**self._msi_routes, gsi: (address, data)}

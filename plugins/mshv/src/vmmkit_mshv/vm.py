@@ -141,7 +141,7 @@ class MshvVm(Vm):
         if self.ioapic is not None:
             self.ioapic.set_level(2 if gsi == 0 else gsi, level)
 
-    def signal_msi(self, address: int, data: int) -> None:
+    def signal_msi(self, address: int, data: int, *, devid: int | None = None) -> None:
         """HVCALL_ASSERT_VIRTUAL_INTERRUPT for the MSI's vector, destination and mode."""
         vector = data & 0xFF
         delivery = (data >> 8) & 7  # fixed 0, lowest priority 1, NMI 4, INIT 5, ExtINT 7
@@ -150,7 +150,7 @@ class MshvVm(Vm):
         destination = (address >> _MSI_DEST_SHIFT) & 0xFF
         self.partition.assert_interrupt(vector, destination, interrupt_type=delivery, level=level, logical=logical)
 
-    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+    def set_msi_route(self, gsi: int, address: int, data: int, *, devid: int | None = None) -> None:
         with self._lock:
             self.msi_routes[gsi] = (address, data)
             routes = [(g, a, d) for g, (a, d) in self.msi_routes.items()]
