@@ -63,6 +63,6 @@ class BuildWithDemoGuest(build_py):
 
 setup(
     cmdclass={"build_py": BuildWithDemoGuest},
-    cffi_modules=["vmmkit/virtio/_native_build.py:ffibuilder"],
+    cffi_modules=["vmmkit/virtio/_native_build.py:ffibuilder", "vmmkit/sandbox/_native_build.py:ffibuilder"],
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

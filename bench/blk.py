@@ -153,6 +153,24 @@ def fmt(value: float | None, width: int, digits: int = 1) -> str:
     return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
 
+def print_seccomp_cost(table: list[tuple[str, str, str, dict[str, Run]]]) -> None:
+    """vmmkit with its seccomp filters (the default) against ``--seccomp false``, same boots."""
+    print("\nseccomp cost: vmmkit --seccomp true / --seccomp false, MiB/s")
+    print(f"{'storage':<7} {'cache':<6} {'virtio':<6} {'op':<5} {'qd':>2} | {'on':>8} {'off':>8} | {'on/off':>6}")
+    ratios: list[float] = []
+    for storage, cache, transport, result in table:
+        on, off = result["vmmkit"], result["vmmkit-noseccomp"]
+        for key in sorted(set(on.results) & set(off.results), key=lambda k: (k[1], k[0] != "write")):
+            ratio = on.results[key][0] / off.results[key][0] if off.results[key][0] else None
+            if ratio:
+                ratios.append(ratio)
+            print(f"{storage:<7} {cache:<6} {transport:<6} {key[0]:<5} {key[1]:>2} | "
+                  f"{fmt(on.results[key][0], 8)} {fmt(off.results[key][0], 8)} | {fmt(ratio, 5, 2)}x")
+    if ratios:
+        geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        print(f"geometric mean on/off: {geomean:.3f}x over {len(ratios)} rows")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--total", type=int, default=32, help="MiB per phase (default 32)")
@@ -164,10 +182,12 @@ def main() -> int:
     parser.add_argument("--accel", default=None, help="QEMU accelerator (default: kvm if usable, else tcg)")
     parser.add_argument("--repeat", type=int, default=2, help="boots per configuration and VMM (default 2; median)")
     parser.add_argument("--no-qemu", action="store_true", help="vmmkit alone")
+    parser.add_argument("--seccomp-cost", action="store_true",
+                        help="also boot vmmkit with --seccomp false, and report the filters' cost")
     args = parser.parse_args()
     args.accel = args.accel or ("kvm" if kvm_usable() else "tcg")
     subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
-    peers = ["vmmkit"]
+    peers = ["vmmkit"] + (["vmmkit-noseccomp"] if args.seccomp_cost else [])
     if not args.no_qemu:
         if shutil.which("qemu-system-x86_64"):
             peers.append("qemu")
@@ -192,7 +212,9 @@ def main() -> int:
                     runs: dict[str, list[Run]] = {peer: [] for peer in peers}
                     for repeat in range(args.repeat):  # interleaved, the order alternating, so drift
                         for peer in peers if repeat % 2 == 0 else peers[::-1]:  # affects both alike
-                            argv = (vmmkit_argv if peer == "vmmkit" else qemu_argv)(image, cache, transport, args)
+                            argv = (qemu_argv if peer == "qemu" else vmmkit_argv)(image, cache, transport, args)
+                            if peer == "vmmkit-noseccomp":
+                                argv.extend(["--seccomp", "false"])
                             # The previous boot's dirty pages written back first: a write to a page
                             # under writeback waits for it (stable pages), which would slow the next VMM.
                             os.sync()
@@ -236,6 +258,8 @@ def main() -> int:
     if ratios:
         geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         print(f"geometric mean of the MiB/s ratios (vmmkit / QEMU): {geomean:.2f}x over {len(ratios)} rows")
+    if args.seccomp_cost:
+        print_seccomp_cost(table)
     for error in errors:
         print(f"error: {error}")
     return 1 if errors and not ratios else 0

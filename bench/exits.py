@@ -235,6 +235,30 @@ def run_vmmkit(code: bytes, *, native: bool, callback: bool) -> tuple[int, float
         hypervisor.close()
 
 
+def run_vmmkit_filtered(code: bytes, *, native: bool) -> tuple[int, float]:
+    """:func:`run_vmmkit` on a thread under vmmkit's vCPU seccomp filter (``--seccomp true``)."""
+    import threading
+
+    from vmmkit import sandbox
+
+    sandbox.activate_seccomp("true")
+    out: list[tuple[int, float] | BaseException] = []
+
+    def vcpu_thread() -> None:
+        sandbox.enter_thread(sandbox.VCPU, "bench-vcpu")
+        try:
+            out.append(run_vmmkit(code, native=native, callback=False))
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=vcpu_thread)
+    thread.start()
+    thread.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
 def _io(direction: int, type_: int, nr: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (type_ << 8) | nr
 
@@ -359,9 +383,17 @@ def main(argv: list[str] | None = None) -> int:
                 "pio": lambda: run_vmmkit(codes["pio"], native=True, callback=False),
                 "mmio": None,
             }),
+            ("vmmkit native, seccomp vCPU filter", {
+                "pio": lambda: run_vmmkit_filtered(codes["pio"], native=True),
+                "mmio": None,
+            }),
             ("vmmkit Python dispatch (return)", {
                 "pio": lambda: run_vmmkit(codes["pio"], native=False, callback=False),
                 "mmio": lambda: run_vmmkit(codes["mmio"], native=False, callback=False),
+            }),
+            ("vmmkit Python (return), seccomp", {
+                "pio": lambda: run_vmmkit_filtered(codes["pio"], native=False),
+                "mmio": lambda: run_vmmkit_filtered(codes["mmio"], native=False),
             }),
             ("vmmkit Python dispatch (callback)", {
                 "pio": lambda: run_vmmkit(codes["pio"], native=False, callback=True),

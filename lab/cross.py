@@ -21,6 +21,7 @@ from pathlib import Path
 #: (build script, source root, module name) of the modules a lab gets.
 MODULES = (
     ("vmmkit/virtio/_native_build.py", "", "vmmkit.virtio._native"),
+    ("vmmkit/sandbox/_native_build.py", "", "vmmkit.sandbox._native"),
     ("plugins/devices/src/vmmkit_devices/virtio/_native_build.py", "plugins/devices/src/",
      "vmmkit_devices.virtio._native"),
 )

@@ -95,6 +95,9 @@ PACKAGES = (
     "libpython3.11-minimal", "python3.11-minimal", "libpython3.11-stdlib",
     "python3-cffi-backend", "python3-libfdt", "python3-yaml", "libyaml-0-2",
 )
+#: Set before each command: the lab's rootfs carries no libseccomp (PACKAGES), so vmmkit runs
+#: without its seccomp filters there (the filters are tested on the development host).
+LAB_ENVIRONMENT = "export VMMKIT_SECCOMP=false\n"
 #: Packages only for building on the host (headers for the cross-built cffi modules).
 BUILD_PACKAGES = ("libpython3.11-dev", "linux-libc-dev", "libc6-dev", "libcrypt-dev")
 #: Pure-Python wheels from PyPI (pinned in the lock file too); checked to hold no compiled code.
@@ -649,7 +652,7 @@ class Project:
                         f"#!/usr/bin/python3\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n").encode(),
                         0o755)
             archive.file("usr/lib/python3/dist-packages/vmmkit-lab.pth", ("\n".join(roots) + "\n").encode())
-            archive.file("lab/command", command.encode(), 0o755)
+            archive.file("lab/command", (LAB_ENVIRONMENT + command).encode(), 0o755)
             for source, target in extra:
                 archive.file(target, source.read_bytes(), stat.S_IMODE(source.stat().st_mode))
             archive.trailer()

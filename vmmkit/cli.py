@@ -60,8 +60,6 @@ _UNMODELLED_OPTIONS: tuple[tuple[str, str, bool], ...] = (
     ("--generic-vhost-user", "generic_vhost_user", True),
     ("--tpm", "tpm", True),
     ("--pci-segment", "pci_segments", True),
-    ("--landlock", "landlock_enable", False),
-    ("--landlock-rules", "landlock_rules", True),
 )
 
 
@@ -155,6 +153,7 @@ def _cmd_plugins(args: list[str]) -> int:
 def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.ArgumentParser:
     """The VM-booting parser: Cloud Hypervisor's options plus what plugins add."""
     from vmmkit.registry import AUTO
+    from vmmkit.sandbox import cli as sandbox_cli
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -200,6 +199,7 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
                 f"--{device_type.option}", dest=f"plugin_device:{device_type.name}", action="append",
                 default=[], metavar="SPEC", help=device_type.option_help or device_type.description,
             )
+    sandbox_cli.add_options(parser)
     pm.hook.vmmkit_add_cli_options(parser=parser)
     return parser
 
@@ -221,7 +221,8 @@ def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
                 option = f"--{device_type.option}"
                 plugin_devices.append(PluginDeviceConfig.parse(device_type.name, spec, option=option))
     config = VmConfig.from_cli(**kwargs, plugin_devices=tuple(plugin_devices), pvpanic=options.pvpanic,
-                               watchdog=options.watchdog)
+                               watchdog=options.watchdog, landlock_enable=options.landlock_enable,
+                               landlock_rules=options.landlock_rules)
     if options.debug_console is not None:
         import attrs
 
@@ -310,9 +311,13 @@ def _cmd_restore(options: argparse.Namespace, parser: argparse.ArgumentParser, p
 def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -> int:
     from vmmkit.errors import VmmError
     from vmmkit.machine import Machine, StopReason
+    from vmmkit.sandbox import cli as sandbox_cli
 
-    machine = Machine(config, registries=registries, plugin_manager=pm,
-                      hypervisor=options.hypervisor, arch=options.arch, log_fd=_log_fd(options))
+    try:
+        machine = Machine(config, registries=registries, plugin_manager=pm, hypervisor=options.hypervisor,
+                          arch=options.arch, log_fd=_log_fd(options), seccomp=options.seccomp)
+    except VmmError as exc:  # $VMMKIT_SECCOMP says nonsense
+        return _fail(str(exc), EXIT_USAGE)
     received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -321,7 +326,7 @@ def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) ->
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        exit_ = machine.run()
+        exit_ = machine.run(on_booted=sandbox_cli.confine_main_thread)
     except VmmError as exc:
         return _fail(str(exc))
     finally:
@@ -344,19 +349,27 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace,
     from vmmkit.config import ConfigError
     from vmmkit.errors import VmmError
     from vmmkit.events import EventMonitor
-    from vmmkit.machine import StopReason
+    from vmmkit.machine import StopReason, activate_sandbox
+    from vmmkit.sandbox import cli as sandbox_cli
+    from vmmkit.sandbox import resolve_seccomp_mode
     from vmmkit.vmm import Vmm
 
     monitor = server = None
     try:
+        # First, so that every thread the VMM starts (the event monitor's too) is confined.
+        activate_sandbox(resolve_seccomp_mode(options.seccomp), pm)
         monitor = EventMonitor.open(options.event_monitor) if options.event_monitor else None
         vmm = Vmm(registries=registries, plugin_manager=pm, hypervisor=options.hypervisor,
-                  arch=options.arch, log_fd=_log_fd(options), events=monitor)
+                  arch=options.arch, log_fd=_log_fd(options), events=monitor, seccomp=options.seccomp)
         server = ApiServer.open(options.api_socket, vmm) if options.api_socket else None
     except ConfigError as exc:
         if monitor is not None:
             monitor.close()
         return _fail(str(exc), EXIT_USAGE)
+    except VmmError as exc:  # the sandbox cannot be set up (no libseccomp)
+        if monitor is not None:
+            monitor.close()
+        return _fail(str(exc))
     received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -373,6 +386,7 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace,
         if restore is not None:
             url, prefault, resume = restore
             vmm.restore(url, prefault=prefault, resume=resume)
+        sandbox_cli.confine_main_thread()
         exit_ = vmm.wait()
     except VmmError as exc:
         return _fail(str(exc))

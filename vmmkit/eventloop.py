@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 
 from vmmkit.log import get_logger
+from vmmkit.sandbox import EVENT_LOOP, enter_thread
 
 log = get_logger()
 
@@ -68,6 +69,7 @@ class EventLoop:
         return threading.current_thread() is self._thread
 
     def _run(self) -> None:
+        enter_thread(EVENT_LOOP, self.name)
         while not self._stopping:
             try:
                 events = self._epoll.poll()

@@ -36,6 +36,7 @@ from typing import Any, Final
 from vmmkit.config import ConfigError, OptionParser
 from vmmkit.log import get_logger
 from vmmkit.paths import PathError, open_output
+from vmmkit.sandbox import VMM, enter_thread
 
 log = get_logger()
 
@@ -123,6 +124,7 @@ class EventMonitor:
     # -- writing ---------------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        enter_thread(VMM, "event-monitor")
         while True:
             data = self._queue.get()
             if data is None:

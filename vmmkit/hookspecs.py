@@ -12,7 +12,7 @@ from vmmkit import hookspec
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
     from vmmkit.arch import Architecture, BootInfo, MemoryLayout
@@ -137,6 +137,24 @@ def vmmkit_platform_devices(machine: Machine) -> Sequence[DeviceRequest] | None:
 
     :param machine: the machine being built; ``machine.vm`` exists, no device does yet.
     :return: device requests (built from the device registry like any other), or ``None``.
+    """
+
+
+# -- sandbox -----------------------------------------------------------------------------------
+
+
+@hookspec
+def vmmkit_seccomp_syscalls() -> Mapping[str, Sequence[str]] | None:
+    """System calls this plugin's code needs beyond vmmkit's seccomp allow lists, by thread
+    kind (:data:`vmmkit.sandbox.KINDS`: ``"device"`` for device workers, ``"vcpu"``,
+    ``"event-loop"``, ``"api"``, ``"vmm"``), so that a third-party device works under
+    ``--seccomp true``: ``{"device": ["socket", "connect"]}``. Calls a kind declares are
+    allowed to the kinds that start such threads too (see :mod:`vmmkit.sandbox.syscalls`). A
+    call of :data:`vmmkit.sandbox.syscalls.FORBIDDEN` (``execve``, ``ptrace``...) is refused.
+
+    Threads a plugin starts call :func:`vmmkit.sandbox.enter_thread` first thing.
+
+    :return: kernel system call names by thread kind, or ``None``.
     """
 
 

@@ -31,7 +31,9 @@ from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
 from vmmkit.paths import PathError, require_regular_file
 from vmmkit.registry import AUTO, Registries
-from vmmkit.threads import set_native_thread_name
+from vmmkit.sandbox import VCPU, VMM, activate_landlock, enter_thread, resolve_seccomp_mode
+from vmmkit.sandbox import deactivate as deactivate_landlock
+from vmmkit.sandbox.landlock import vm_rules as landlock_rules
 
 if TYPE_CHECKING:
     from vmmkit.memory_hotplug import MemoryHotplug, VirtioMemHotplug
@@ -187,6 +189,7 @@ class Machine:
         hypervisor: str = AUTO,
         arch: str | None = None,
         log_fd: int | None = None,
+        seccomp: str | None = None,
     ) -> None:
         #: Device ids are assigned here, once, wherever the configuration came from.
         self.config = config.assign_ids()
@@ -229,6 +232,9 @@ class Machine:
         self._retire: dict[int, tuple[threading.Event, threading.Thread]] = {}
         self._removal: tuple[set[int], threading.Event] | None = None
         self._dispatch: VcpuDispatch | None = None
+        #: ``--seccomp``: the filters this VM's threads install (:mod:`vmmkit.sandbox`).
+        self.seccomp = resolve_seccomp_mode(seccomp)
+        self._landlocked = False
 
     # -- devices -----------------------------------------------------------------------------
 
@@ -301,6 +307,7 @@ class Machine:
         files (``prefault``: populated at once), no payload is loaded and every piece takes its
         saved state instead (:mod:`vmmkit.snapshot`); :meth:`start_paused` then runs it."""
         check_devices(self.config, self.registries.devices)
+        activate_sandbox(self.seccomp, self.pm)
         self.emit("vm-creating")
         backend = self.registries.select_hypervisor(self.hypervisor_name, self.arch_name)
         if self.arch_name not in backend.architectures:
@@ -419,6 +426,9 @@ class Machine:
         if self.vm is None:
             self.build()
         self.emit("vm-booting")
+        if self.config.landlock_enable and not self._landlocked:
+            activate_landlock(landlock_rules(self.config))
+            self._landlocked = True
         # vCPUs first: the guest needs nothing from the loop's thread yet (its fds are registered
         # with epoll already, and level-triggered), and each thread start costs ~1 ms here.
         self._start_vcpu_threads()
@@ -472,7 +482,7 @@ class Machine:
         thread.start()
 
     def _vcpu_loop(self, vcpu: Vcpu, position: int, retire: threading.Event) -> None:
-        set_native_thread_name(f"vcpu{position}")
+        enter_thread(VCPU, f"vcpu{position}")
         vlog = log.bind(vcpu=position)
         while not self._stop.is_set() and not retire.is_set():
             if self._pause_requested:
@@ -578,6 +588,7 @@ class Machine:
     def _control_loop(self) -> None:
         """The machine's control thread: performs resets, and finishes the machine once a
         stop (power-off, fault, request) arrives."""
+        enter_thread(VMM, "vmm-control")
         while True:
             self._stop.wait()
             self._join_vcpus()
@@ -663,10 +674,15 @@ class Machine:
         assert exit_ is not None
         return exit_
 
-    def run(self) -> MachineExit:
-        """Build, boot and wait for the guest to stop, then release everything."""
+    def run(self, on_booted: Callable[[], None] | None = None) -> MachineExit:
+        """Build, boot and wait for the guest to stop, then release everything.
+
+        :param on_booted: called once the VM runs (the command confines its main thread then).
+        """
         try:
             self.boot()
+            if on_booted is not None:
+                on_booted()
             exit_ = self.wait()
             assert exit_ is not None
             return exit_
@@ -696,6 +712,9 @@ class Machine:
             self.memory.close()
         self.vm = None
         self.memory = None
+        if self._landlocked:
+            deactivate_landlock()
+            self._landlocked = False
         self.pm.hook.vmmkit_vm_destroyed(machine=self)
 
     # -- vCPU hotplug (ACPI, as Cloud Hypervisor's CpuManager: vmmkit.cpu_hotplug) -------------
@@ -870,6 +889,18 @@ class Machine:
 
 
 _MADV_DONTNEED = 4
+
+
+def activate_sandbox(mode: str, pm: pluggy.PluginManager) -> None:
+    """Compile the seccomp filters for ``mode``, with the system calls plugins declare
+    (``vmmkit_seccomp_syscalls``)."""
+    from vmmkit.sandbox import activate_seccomp
+
+    extra: dict[str, list[str]] = {}
+    for declared in pm.hook.vmmkit_seccomp_syscalls():
+        for kind, names in declared.items():
+            extra.setdefault(kind, []).extend(names)
+    activate_seccomp(mode, extra)
 
 
 def append_kernel_args(cmdline: str | None, args: Sequence[str]) -> str:

@@ -134,6 +134,8 @@ class Vm:
     :param hypervisor: a backend name (``"kvm"``, ``"emu"``...) or ``"auto"``: the first usable one.
     :param arch: the guest architecture (default: the host's).
     :param plugins: plugin objects to register besides the installed ones.
+    :param seccomp: ``"true"`` (the default, or ``$VMMKIT_SECCOMP``), ``"log"`` or ``"false"``:
+        the VM's threads' seccomp filters, as the command's ``--seccomp`` (:mod:`vmmkit.sandbox`).
     """
 
     def __init__(
@@ -144,9 +146,11 @@ class Vm:
         hypervisor: str = "auto",
         arch: str | None = None,
         plugins: Iterable[object] = (),
+        seccomp: str | None = None,
         **options: Any,
     ) -> None:
         from vmmkit.config import ConfigError, SerialConfig
+        from vmmkit.sandbox import resolve_seccomp_mode
 
         if config is not None and options:
             raise TypeError(f"give either a VmConfig or keyword options, not both ({', '.join(sorted(options))})")
@@ -168,6 +172,7 @@ class Vm:
         self.hypervisor_name = hypervisor
         self.arch_name = arch
         self._plugins: Sequence[object] = tuple(plugins)
+        self.seccomp = resolve_seccomp_mode(seccomp)
         self._machine: Machine | None = None
         self._started = False
         self._closed = False
@@ -187,7 +192,7 @@ class Vm:
 
             pm = make_plugin_manager(plugins=self._plugins)
             self._machine = Machine(self.config, registries=collect_registries(pm), plugin_manager=pm,
-                                    hypervisor=self.hypervisor_name, arch=self.arch_name)
+                                    hypervisor=self.hypervisor_name, arch=self.arch_name, seccomp=self.seccomp)
         return self._machine
 
     def start(self) -> Vm:

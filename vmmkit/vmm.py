@@ -46,9 +46,17 @@ from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, VmCo
 from vmmkit.device import DeviceRequest, check_devices
 from vmmkit.errors import VmmError
 from vmmkit.log import get_logger
-from vmmkit.machine import Machine, MachineExit, MachineState, StopReason, preload
+from vmmkit.machine import (
+    Machine,
+    MachineExit,
+    MachineState,
+    StopReason,
+    activate_sandbox,
+    preload,
+)
 from vmmkit.memory import MemoryAllocationError, check_allocatable
 from vmmkit.registry import AUTO, Registries
+from vmmkit.sandbox import VMM, enter_thread, resolve_seccomp_mode
 
 log = get_logger()
 
@@ -112,8 +120,13 @@ class Vmm:
         arch: str | None = None,
         log_fd: int | None = None,
         events: EventSink | None = None,
+        seccomp: str | None = None,
     ) -> None:
         self.registries = registries
+        #: ``--seccomp``: this VMM's threads' filters (:mod:`vmmkit.sandbox`); active at once,
+        #: so that the API's threads are confined before the first VM exists.
+        self.seccomp = resolve_seccomp_mode(seccomp)
+        activate_sandbox(self.seccomp, plugin_manager)
         self.pm = plugin_manager
         self.hypervisor_name = hypervisor
         self.arch_name = arch
@@ -208,7 +221,8 @@ class Vmm:
             if old is not None and old.state is not MachineState.SHUTDOWN:
                 raise InvalidState(f"the VM is already booted ({old.state.value})")
             machine = Machine(config, registries=self.registries, plugin_manager=self.pm,
-                              hypervisor=self.hypervisor_name, arch=self.arch_name, log_fd=self.log_fd)
+                              hypervisor=self.hypervisor_name, arch=self.arch_name, log_fd=self.log_fd,
+                              seccomp=self.seccomp)
             if self.events is not None:
                 machine.listeners.append(self._listener(self.events))
             machine.listeners.append(self._on_device_removed)
@@ -592,6 +606,7 @@ class Vmm:
         threading.Thread(target=self._exit_quietly, name="vmm-exit", daemon=True).start()
 
     def _exit_quietly(self) -> None:
+        enter_thread(VMM, "vmm-exit")
         try:
             self.shutdown_vmm()
         except Exception:
@@ -616,6 +631,7 @@ class Vmm:
 
     def _watch(self, machine: Machine) -> None:
         """The ``vm-watch`` thread: waits for the machine to stop (carrying out resets)."""
+        enter_thread(VMM, "vm-watch")
         try:
             exit_ = machine.wait()
         except Exception as exc:  # a reset that failed: the VM is gone
@@ -633,6 +649,7 @@ class Vmm:
                          daemon=True).start()
 
     def _finish_after_guest_exit(self, machine: Machine) -> None:
+        enter_thread(VMM, "vmm-exit")
         with self._op_lock:
             with self._lock:
                 if self.machine is not machine:

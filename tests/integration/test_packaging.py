@@ -159,7 +159,8 @@ def test_the_core_sdist_has_what_its_wheel_is_built_from(build: Builds) -> None:
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     assert {"LICENSE", "setup.py", "vmmkit/virtio/native/vq_walk.c", "vmmkit/virtio/native/vq_walk.h",
-            "tests/guests/Makefile", "tests/guests/x86_64/build.mk"} <= names
+            "tests/guests/Makefile", "tests/guests/x86_64/build.mk", "vmmkit/sandbox/native/sandbox.c",
+            "vmmkit/sandbox/native/sandbox.h"} <= names
     assert not [n for n in names if n.startswith("tests/guests/build/") or n.endswith((".so", ".o"))]
 
 
@@ -170,6 +171,7 @@ def test_the_core_wheel_carries_the_demo_guest(build: Builds) -> None:
         guest = archive.read("vmmkit/data/demo-x86_64.elf")
     assert guest[:4] == b"\x7fELF" and guest[4] == 2 and int.from_bytes(guest[18:20], "little") == 62  # ELF64, x86-64
     assert "vmmkit/virtio/_native.abi3.so" in names
+    assert "vmmkit/sandbox/_native.abi3.so" in names
     assert "vmmkit/api/openapi.yaml" in names
     assert not [n for n in names if n.startswith("tests/")]
 

@@ -51,6 +51,7 @@ from vmmkit.balloon_resize import resize_balloon
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig, VsockConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
+from vmmkit.sandbox import API, enter_thread
 from vmmkit.state import SnapshotError
 from vmmkit.vmm import (
     AlreadyExists,
@@ -442,6 +443,7 @@ class ApiServer:
                 pass
 
     def _accept_loop(self) -> None:
+        enter_thread(API, "api-server")
         while not self._closing.is_set():
             try:
                 readable, _, _ = select.select([self._listener.fileno(), self._wake_r], [], [])
@@ -527,6 +529,7 @@ class ApiServer:
             return True
 
     def _serve(self, conn: socket.socket) -> None:
+        enter_thread(API, "api-conn")
         reader = RequestReader(conn)
         try:
             while not self._closing.is_set():

@@ -58,6 +58,7 @@ from vmmkit.config.devices import (
 from vmmkit.config.disk_net import DiskConfig, NetConfig, RateLimiterConfig, TokenBucket, VirtQueueAffinity
 from vmmkit.config.errors import ConfigError
 from vmmkit.config.fields import MAX_VCPUS, TRANSPORTS
+from vmmkit.config.landlock import LandlockConfig
 from vmmkit.config.options import OptionParser, ParsedOptions, split_commas
 from vmmkit.config.platform import PlatformConfig
 from vmmkit.config.support import NOT_SUPPORTED, NotSupportedYet, Refusal, check_supported, refusals
@@ -65,6 +66,7 @@ from vmmkit.config.vm import PayloadConfig, VmConfig
 
 __all__ = [
     "ConfigError",
+    "LandlockConfig",
     "OptionParser",
     "ParsedOptions",
     "split_commas",

@@ -16,7 +16,7 @@ too (:data:`DEVICE_SECTIONS`), so disabling a device plugin never leaves its opt
 ignored.
 
 Keys of Cloud Hypervisor's schema that vmmkit's classes do not model at all (``numa``,
-``memory.zones``, ``landlock_rules``...) are refused while decoding JSON (see
+``memory.zones``...) are refused while decoding JSON (see
 :mod:`vmmkit.config.codec`); any other unknown key is refused there as unknown. Cloud Hypervisor
 itself ignores unknown keys (its ``VmConfig`` has no ``#[serde(deny_unknown_fields)]``,
 ``vmm/src/vm_config.rs``); vmmkit refuses them, so a misspelt key is never lost.
@@ -94,8 +94,6 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "numa": "guest NUMA nodes",
     "rate_limit_groups": "rate limit groups",
     "pci_segments": "PCI segment apertures",
-    "landlock_enable": "Landlock sandboxing",
-    "landlock_rules": "Landlock sandboxing",
     # platform
     "platform.num_pci_segments": _SEGMENTS,
     "platform.iommu_segments": _IOMMU,

@@ -33,6 +33,7 @@ from vmmkit.config.fields import (
     _tuple_of,
     _Validator,
 )
+from vmmkit.config.landlock import LandlockConfig
 from vmmkit.config.options import _make
 from vmmkit.config.platform import PlatformConfig
 
@@ -107,8 +108,16 @@ class VmConfig(_Config):
         validator=_tuple_of_type(PluginDeviceConfig),
         metadata=_EXTENSION,
     )
+    #: Landlock after set-up (``--landlock``; :mod:`vmmkit.sandbox.landlock`).
+    landlock_enable: bool = attrs.field(default=False, validator=_is_bool)
+    landlock_rules: tuple[LandlockConfig, ...] = attrs.field(
+        default=(), converter=_tuple, validator=_tuple_of_type(LandlockConfig)
+    )
 
     def __attrs_post_init__(self) -> None:
+        if self.landlock_rules and not self.landlock_enable:
+            raise ConfigError("landlock_rules", [r.path for r in self.landlock_rules], "landlock_enable true",
+                              reason="Landlock rules without Landlock (--landlock)")
         ids: dict[str, str] = {}
         for path, device in self._all_devices():
             if device.id is None:
@@ -351,6 +360,8 @@ class VmConfig(_Config):
         balloon: str | None = None,
         watchdog: bool = False,
         pvpanic: bool = False,
+        landlock_enable: bool = False,
+        landlock_rules: Iterable[str] | None = (),
     ) -> VmConfig:
         """Build from raw command-line option values, CH's syntax (``None``: the default).
 
@@ -379,13 +390,15 @@ class VmConfig(_Config):
             vsock=VsockConfig.parse(vsock) if vsock is not None else None,
             platform=PlatformConfig.parse(platform) if platform is not None else None,
             plugin_devices=tuple(plugins),
+            landlock_rules=tuple(LandlockConfig.parse(spec) for spec in many(landlock_rules)),
         )
         try:
             payload = PayloadConfig(kernel=kernel, cmdline=cmdline, initramfs=initramfs, firmware=firmware)
         except ConfigError as err:
             raise _relabel(err, f"--{err.option}", None) from None
         try:
-            return _make(cls, payload=payload, watchdog=watchdog, pvpanic=pvpanic, **sections)
+            return _make(cls, payload=payload, watchdog=watchdog, pvpanic=pvpanic, landlock_enable=landlock_enable,
+                         **sections)
         except ConfigError as err:
             raise _vm_error_for_cli(err, plugins) from None
 
@@ -415,6 +428,8 @@ _CLI_OPTIONS: Final[Mapping[str, tuple[str, type[Any] | None]]] = {
     "platform": ("--platform", PlatformConfig),
     "watchdog": ("--watchdog", None),
     "pvpanic": ("--pvpanic", None),
+    "landlock_enable": ("--landlock", None),
+    "landlock_rules": ("--landlock-rules", LandlockConfig),
 }
 
 

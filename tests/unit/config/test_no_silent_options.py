@@ -68,6 +68,7 @@ IMPLEMENTED = frozenset({
     "pvpanic",
     "platform.virtio_transport",
     "plugin_devices",
+    "landlock_enable", "landlock_rules.path", "landlock_rules.access",
 })
 
 #: One sample per CLI option and sub-option: (option, key or None) -> (value of that option,
@@ -222,9 +223,14 @@ CLI_SAMPLES: Mapping[tuple[str, str | None], Sample] = {
     ("--platform", "virtio_transport"): ("virtio_transport=mmio", {}, "platform.virtio_transport", None),
     ("--pvpanic", None): ("", {}, "pvpanic", None),
     ("--watchdog", None): ("", {}, "watchdog", None),
+    ("--landlock", None): ("", {}, "landlock_enable", None),
+    ("--landlock-rules", "path"): ("path=/tmp,access=r", {"landlock_enable": True}, "landlock_rules.path", None),
+    ("--landlock-rules", "access"): ("path=/tmp,access=rw", {"landlock_enable": True}, "landlock_rules.access",
+                                     None),
 }
-_FLAGS = {"--pvpanic", "--watchdog"}
-_FROM_CLI_NAME = {"--disk": "disks", "--device": "devices", "--debug-console": "debug_console"}
+_FLAGS = {"--pvpanic", "--watchdog", "--landlock"}
+_FROM_CLI_NAME = {"--disk": "disks", "--device": "devices", "--debug-console": "debug_console",
+                  "--landlock": "landlock_enable", "--landlock-rules": "landlock_rules"}
 
 
 def _keyword(option: str) -> str:
@@ -360,7 +366,7 @@ def cli_table(registries: Any, pm: Any) -> set[tuple[str, str | None]]:
     for flag, _dest, _repeatable, _help in _VM_OPTIONS:
         assert flag in offered
         table.add((flag, None))
-    table |= {("--pvpanic", None), ("--watchdog", None)}
+    table |= {("--pvpanic", None), ("--watchdog", None), ("--landlock", None)}
     for flag, config_class in _CLI_OPTIONS.values():
         assert flag in offered, f"{flag} is in VmConfig.from_cli but not on the command line"
         if config_class is not None:
@@ -457,8 +463,8 @@ def unmodelled_schema_keys() -> list[tuple[str, Any]]:
 
 def test_json_keys_vmmkit_does_not_model_are_refused_by_name() -> None:
     keys = unmodelled_schema_keys()
-    assert {"numa", "memory.zones", "rate_limit_groups", "tpm", "vdpa", "user_devices", "landlock_enable",
-            "landlock_rules"} <= {path for path, _ in keys}
+    assert {"numa", "memory.zones", "rate_limit_groups", "tpm", "vdpa", "user_devices"} <= {
+        path for path, _ in keys}
     for path, value in keys:
         head, _, key = path.rpartition(".")
         body: dict[str, Any] = {"payload": {"kernel": "/k"}}
@@ -500,7 +506,7 @@ def client(vmmkit_registries: Any, vmmkit_pm: Any) -> Iterator[ApiClient]:
          "disks[0].rate_limiter_config: not supported yet"),
         ({"numa": [{"guest_numa_id": 0}]}, "numa: not supported yet"),
         ({"balloon": {"size": 1 << 20, "iommu": True}}, "balloon.iommu: not supported yet"),
-        ({"landlock_enable": True}, "landlock_enable: not supported yet"),
+        ({"landlock_rules": [{"path": "/x", "access": "rw"}]}, "landlock_rules: Landlock rules without Landlock"),
         ({"tpm": {"socket": "/t"}}, "tpm: not supported yet"),
         ({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "kvm_hyperv": True}}, "cpus.kvm_hyperv: not supported yet"),
         ({"payload": {"kernel": "/k\u0000x"}}, "payload.kernel: a NUL byte"),

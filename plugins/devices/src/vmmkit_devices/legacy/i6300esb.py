@@ -36,6 +36,7 @@ from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.log import get_logger
 from vmmkit.pci.config import BarKind, PciBar, PciConfigSpace
 from vmmkit.pci.function import PciFunction
+from vmmkit.sandbox import DEVICE, enter_thread
 from vmmkit_devices.device_types import I6300EsbType as I6300EsbType  # declared there, re-exported
 
 log = get_logger()
@@ -115,6 +116,7 @@ class Countdown:
             self._thread.join(2)
 
     def _run(self) -> None:
+        enter_thread(DEVICE, self._name)
         while True:
             with self._cond:
                 while not self._closed and (self._deadline is None or time.monotonic() < self._deadline):

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
+from vmmkit.sandbox import DEVICE, enter_thread
 from vmmkit.state import StateError, restore_fields, save_named
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import I8254Type as I8254Type  # declared there, re-exported
@@ -292,6 +293,7 @@ class I8254(ByteRegisters):
         return 1
 
     def _run(self) -> None:
+        enter_thread(DEVICE, f"{self.id}-pit")
         with self._lock:
             while not self._closed:
                 self._poll_locked()

@@ -36,6 +36,7 @@ from vmmkit.acpi import aml
 from vmmkit.device import DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
+from vmmkit.sandbox import DEVICE, enter_thread
 from vmmkit.state import StateError, restore_fields, save_named
 from vmmkit_devices._regs import ByteRegisters
 from vmmkit_devices.device_types import CmosRtcType as CmosRtcType  # declared there, re-exported
@@ -329,6 +330,7 @@ class CmosRtc(ByteRegisters):
         self._wake.set()
 
     def _tick(self) -> None:
+        enter_thread(DEVICE, f"{self.id}-rtc")
         while True:
             with self._lock:
                 if not self._interrupts_wanted():

@@ -35,7 +35,6 @@ offset alignment as ``blk_size`` so their requests are aligned too.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import enum
 import errno as errno_codes
 import fcntl
@@ -99,7 +98,9 @@ class IoResult(NamedTuple):
 # -- the image ---------------------------------------------------------------------------------
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library already loaded (dlopen(NULL)): ctypes.util.find_library forks ldconfig, which the
+# seccomp filter of the API thread that imports this module for a hot-added disk forbids.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
 _STATX_DIOALIGN: Final = 0x2000

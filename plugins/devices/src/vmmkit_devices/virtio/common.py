@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Final
 
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
-from vmmkit.threads import set_native_thread_name
+from vmmkit.sandbox import DEVICE, enter_thread
 from vmmkit.virtio.chain import VirtqueueError
 from vmmkit.virtio.device import (
     VIRTIO_F_EVENT_IDX,
@@ -299,7 +299,7 @@ class QueueDevice(VirtioDevice):
             thread.start()
 
     def _worker(self, index: int, fd: int, stop_fd: int, generation: int) -> None:
-        set_native_thread_name(f"{self.id}_q{index}")
+        enter_thread(DEVICE, f"{self.id}_q{index}")
         epoll = select.epoll()
         try:
             epoll.register(fd, select.EPOLLIN)

@@ -15,7 +15,6 @@ import ipaddress
 import os
 import socket
 import struct
-import subprocess
 from typing import Final
 
 from vmmkit.errors import DeviceError
@@ -150,7 +149,9 @@ class Tap:
             self._ioctl(SIOCSIFFLAGS, struct.pack("H", flags | IFF_UP))
 
     def set_address(self, ip: str, mask: str) -> None:
-        """Give the host side ``ip``/``mask`` (IPv4 by ioctl, IPv6 with ``ip addr add``)."""
+        """Give the host side ``ip``/``mask``, by ioctl (IPv6: ``SIOCSIFADDR`` with an
+        ``in6_ifreq`` on an AF_INET6 socket, as net-tools' ``ifconfig`` does; no ``ip`` command,
+        which a VMM thread under seccomp may not start). An address already there is kept."""
         address = ipaddress.ip_address(ip)
         if address.version == 4:
             netmask = ipaddress.ip_address(mask)
@@ -158,8 +159,12 @@ class Tap:
             self._ioctl(SIOCSIFNETMASK, struct.pack("H2x4s", socket.AF_INET, netmask.packed))
             return
         prefix = ipaddress.ip_network(f"::/{mask}").prefixlen
-        subprocess.run(["ip", "-6", "addr", "replace", f"{address}/{prefix}", "dev", self.name],
-                       check=True, capture_output=True, timeout=10)
+        request = struct.pack("16sIi", address.packed, prefix, socket.if_nametoindex(self.name))
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as inet6:
+            try:
+                fcntl.ioctl(inet6, SIOCSIFADDR, request)
+            except FileExistsError:
+                pass
 
     def set_mtu(self, mtu: int) -> None:
         self._ioctl(SIOCSIFMTU, struct.pack("i", mtu))

@@ -49,6 +49,7 @@ from attrs import define, evolve
 from vmmkit.device import DeviceRequest
 from vmmkit.hypervisor import ExitReason, VmExit
 from vmmkit.log import get_logger
+from vmmkit.sandbox import VMM, enter_thread
 from vmmkit.x86 import CpuIdEntry, Segment
 from vmmkit_kvm.quirks import PVM, HostQuirks, VmQuirks
 from vmmkit_kvm.quirks.guestmem import CR0_PG, EFER_LMA, GuestPhysical, GuestVirtual, idt_gate_target
@@ -247,6 +248,7 @@ class PvmVm(VmQuirks):
 
     def _poll(self) -> None:
         """Kick vCPUs whose repair is not armed, so their threads get to arm it."""
+        enter_thread(VMM, "kvm-quirks")
         while not self._closed.wait(ARM_POLL_INTERVAL):
             with self._lock:
                 pending = [s.vcpu for s in self._states.values() if s.breakpoint is None]
