@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import BASE_CMDLINE, LINUX_DIR, QEMU, Boot, linux_missing_reason
+from linuxboot import BASE_CMDLINE, LINUX_DIR, QEMU, Boot, extra_variant, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient
 from vmmkit.events import read_events
@@ -50,7 +50,7 @@ REPORTING_RAM = 256 * MIB
 #: The whole scenario, boot included: the boot alone is ~40-90 s on an idle kvm_pvm host, but
 #: reached /init only after 310-470 s on the shared development machine, and inflating then
 #: deflating 48 MiB took another ~150 s there.
-TIMEOUT = 900.0
+TIMEOUT = scaled_timeout(600.0)
 
 
 class Guest:
@@ -184,6 +184,7 @@ def test_inflating_takes_memory_from_linux_and_gives_it_to_the_host(start_guest:
     json.dumps(resizes)
 
 
+@extra_variant
 def test_free_page_reporting_gives_freed_memory_to_the_host(start_guest: Callable[..., Guest]) -> None:
     vm = start_guest("size=0,free_page_reporting=on", "report", REPORTING_RAM)
     _total, available, _driver = vm.step("ready")

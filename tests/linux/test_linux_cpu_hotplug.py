@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import LINUX_DIR, Boot, linux_missing_reason
+from linuxboot import LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.events import read_events
@@ -40,7 +40,7 @@ PREFIX = "VMMKIT-CPUHP: "
 #: The whole scenario, boot included: the boot alone is ~40-90 s on an idle kvm_pvm host, but
 #: took 7-18 minutes with six other Linux guests on the same two cores, and onlining or
 #: offlining a vCPU (stop_machine across emulated vCPUs) tens of seconds more.
-TIMEOUT = 1800.0
+TIMEOUT = scaled_timeout(600.0)
 
 
 class Guest:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import LINUX_DIR, Boot, linux_missing_reason
+from linuxboot import LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.events import read_events
@@ -43,7 +43,7 @@ HOTPLUG_SIZE = 512 * MiB
 #: The whole scenario, boot included: the boot alone is ~40-90 s on an idle kvm_pvm host, but
 #: took 22 minutes to /init on the 2-core development host shared by nine sessions (load 13-16),
 #: where 600 s timed out in the kernel's initcalls and 1800 s during the ACPI unplug.
-TIMEOUT = 3000.0
+TIMEOUT = scaled_timeout(900.0)
 
 
 class Guest:

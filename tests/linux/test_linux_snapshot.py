@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import LINUX_DIR, Boot, linux_missing_reason
+from linuxboot import LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.testing import kvm_unusable_reason
@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 PREFIX = "VMMKIT-SNAP: "
 WORD = "vmmkit-snapshot-word"
 #: The boot alone is ~40-90 s on a kvm_pvm host (minutes when the host is loaded).
-TIMEOUT = 600.0
+TIMEOUT = scaled_timeout(600.0)
 
 
 def ticks(boot: Boot) -> list[tuple[int, str]]:

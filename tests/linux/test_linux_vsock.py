@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import Entry, initramfs_entries, missing_busybox_reason, newc_archive
-from linuxboot import LINUX_DIR, Boot, linux_missing_reason
+from linuxboot import LINUX_DIR, Boot, extra_variant, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient
 from vmmkit.testing import kvm_unusable_reason
@@ -51,7 +51,7 @@ OUT_BYTES = 1 << 20
 #: The whole scenario, boot included. The boot alone is ~40-90 s on an idle kvm_pvm host, but
 #: measured 7 to 20 minutes to /init on the shared development machine (load average 12-17: eight
 #: sessions booting guests on two cores); the guest kernel's vsock path runs emulated too.
-TIMEOUT = 1800.0
+TIMEOUT = scaled_timeout(600.0)
 
 
 def guest_program(directory: Path) -> bytes:
@@ -167,7 +167,8 @@ def echo_stream(client: socket.socket, data: bytes, errors: list[str], index: in
                       f"{'different' if len(received) == len(data) else 'short'}")
 
 
-@pytest.mark.parametrize("arrival", ["cli", "hotplug", "mmio"])
+@pytest.mark.parametrize("arrival", [pytest.param("cli", marks=extra_variant), "hotplug",
+                                     pytest.param("mmio", marks=extra_variant)])
 def test_vsock_streams_both_ways_with_linux(workdir: Path, arrival: str) -> None:
     for reason in (linux_missing_reason(LINUX_DIR), missing_busybox_reason(), kvm_unusable_reason()):
         if reason:

@@ -13,7 +13,7 @@ echo "$status"
 case "$status" in
     *"bootstatus 32 "*) echo "VMMKIT-WDT: done"; poweroff -f ;;
 esac
-/bin/wdt arm 2 4
+/bin/wdt arm 2 8
 # the guest is hung as far as the watchdog can tell: wait (bounded) for the reset
 sleep 60
 echo "VMMKIT-WDT: no reset"
