@@ -475,6 +475,9 @@ class Vmm:
             machine = self._live_machine()
             memory = attrs.evolve(config.memory, size=desired_ram)  # validates it (page multiple...)
             if machine is not None:
+                if machine.memory_hotplug is None:  # refused before the "resizing" event
+                    raise ConfigError("desired_ram", desired_ram, "a VM booted with --memory hotplug_size=",
+                                      reason="this VM has no hotplug memory")
                 self._event("vm", "resizing")
                 machine.resize_memory(desired_ram)
                 if config.memory.hotplug_method == "VirtioMem":  # CH: the boot size stays

@@ -56,12 +56,13 @@ def test_vcpus_are_hot_added_and_a_removal_waits_for_the_guest(vmm: VmmProcess, 
 
     refused = [
         ({"desired_vcpus": 4}, 400, "max_vcpus (3"),
-        ({"desired_vcpus": 0}, 400, "positive integer"),
+        ({"desired_vcpus": 0}, 400, "1 to max_vcpus"),
         ({"desired_vcpus": True}, 400, "positive integer"),
-        ({"desired_vcpus": 2, "desired_ram": 1 << 30}, 400, "desired_ram: not supported yet"),
-        ({"desired_balloon": 1 << 20}, 400, "desired_balloon: not supported yet"),
-        ({"desired_cpus": 2}, 400, "VmResize has no desired_cpus"),
-        ({}, 400, "nothing to resize"),
+        ({"desired_vcpus": 4, "desired_ram": 1 << 30}, 400, "max_vcpus (3"),  # nothing done
+        ({"desired_ram": 1 << 30}, 400, "desired_ram: this VM has no hotplug memory"),
+        ({"desired_balloon": 1 << 20}, 400, "desired_balloon: this VM has no balloon"),
+        ({"desired_cpus": 2}, 400, "VmResizeData has no desired_cpus"),
+        ({}, 400, "vm.resize needs one of"),
     ]
     for body, status, message in refused:
         answer = client.request("PUT", "vm.resize", body, check=False)
