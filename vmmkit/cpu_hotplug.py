@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from vmmkit.acpi import aml
 from vmmkit.device import Device, PlacedDevice
@@ -186,6 +186,30 @@ class CpuHotplugController(Device):
         with self._lock:
             for index, slot in enumerate(self._slots):
                 slot.present = index < count
+
+    # -- snapshots (vmmkit.state.Snapshottable) ------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """CSEL and each possible vCPU's present / inserting / removing bits."""
+        with self._lock:
+            return {"selected": self.selected,
+                    "slots": [[slot.present, slot.inserting, slot.removing] for slot in self._slots]}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        from vmmkit.state import StateError, field, int_field
+
+        selected = int_field(state, "selected", self.id, 0, 0xFFFF_FFFF)
+        slots = field(state, "slots", list, self.id)
+        if len(slots) != len(self._slots) or not all(
+                isinstance(slot, list) and len(slot) == 3 and all(isinstance(bit, bool) for bit in slot)
+                for slot in slots):
+            raise StateError(f"{self.id}.slots: {len(self._slots)} [present, inserting, removing] entries expected")
+        with self._lock:
+            self.selected = selected
+            for slot, (present, inserting, removing) in zip(self._slots, slots, strict=True):
+                slot.present, slot.inserting, slot.removing = present, inserting, removing
 
     def counters(self) -> Mapping[str, int]:
         return {"ejects": self.ejects, "bad_accesses": self.bad_accesses}
