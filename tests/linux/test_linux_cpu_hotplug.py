@@ -13,8 +13,8 @@ kvm_pvm development host the guest then stalls with all four vCPUs busy in its k
 stall on CPU 1 is reported), three times out of three; 1 -> 3 -> 1, 2 -> 3 -> 2, 3 -> 4 -> 3 and
 4 -> 3 complete. Until that is understood this test keeps to three vCPUs.
 
-Requests the VM cannot take (beyond ``max``, zero, a field not supported yet) answer 400 and
-change nothing. The monitor reports ``vm``/``resizing`` and ``vm``/``resized`` for each
+Requests the VM cannot take (beyond ``max``, zero, memory for a VM booted without hotplug
+memory) answer 400 and change nothing. The monitor reports ``vm``/``resizing`` and ``vm``/``resized`` for each
 resize, as Cloud Hypervisor's does.
 """
 
@@ -118,7 +118,7 @@ def test_linux_sees_vcpus_come_and_go(guest: tuple[Guest, ApiClient, Path], tmp_
         error = refused(api, body)
         assert error.status == 400, (body, error)
     assert "max_vcpus (3" in " ".join(refused(api, {"desired_vcpus": 4}).messages)
-    assert "desired_ram: not supported yet" in " ".join(
+    assert "desired_ram: this VM has no hotplug memory" in " ".join(
         refused(api, {"desired_vcpus": 3, "desired_ram": 1 << 30}).messages)
     assert api.info()["config"]["cpus"]["boot_vcpus"] == 2
     assert vm.vcpu_threads() == ["vcpu0", "vcpu1"]

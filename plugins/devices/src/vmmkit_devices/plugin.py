@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vmmkit import hookimpl
+from vmmkit.sandbox import EVENT_LOOP
 from vmmkit_devices.device_types import (
     AcpiGedType,
     AcpiPmType,
@@ -74,3 +75,10 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
 def vmmkit_register_devices(registry: Registry[type[DeviceType]]) -> None:
     for device_type in DEVICE_TYPES:
         registry.add(device_type)
+
+
+@hookimpl
+def vmmkit_seccomp_syscalls() -> dict[str, list[str]]:
+    # virtio-vsock's muxer thread (an event loop) opens a host stream when the guest connects:
+    # socket + connect on <uds path>_<port>. vCPUs and device workers get neither.
+    return {EVENT_LOOP: ["socket", "connect"]}

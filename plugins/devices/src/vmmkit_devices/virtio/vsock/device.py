@@ -72,12 +72,15 @@ class VsockDevice(QueueDevice):
         self.socket_path = socket_path
         self._mux_lock = threading.RLock()
         self._loop = MuxerLoop(f"{device_id}_mux")
-        self._loop_started = False
         self._rx_chain: DescriptorChain | None = None
         listener = bind_listener(socket_path, device_id)
         self.muxer = Muxer(cid, socket_path, listener, self._loop, self._kick_rx, self.count, self._mux_lock)
         for name in ("connections", "rx_bytes", "tx_bytes"):
             self.count(name, 0)
+        # Started here, by the thread that builds or hot-adds the VM, never by the vCPU that
+        # activates the device: a thread's seccomp filter is stacked on its creator's, and a
+        # vCPU may not open the host streams (socket, connect) the muxer does.
+        self._loop.start()
 
     @classmethod
     def from_config(cls, device_id: str, config: VsockConfig) -> VsockDevice:
@@ -92,10 +95,6 @@ class VsockDevice(QueueDevice):
     # -- lifecycle --------------------------------------------------------------------------
 
     def activate(self, ctx: ActivationContext) -> None:
-        with self._mux_lock:
-            if not self._loop_started:
-                self._loop.start()
-                self._loop_started = True
         super().activate(attrs.evolve(ctx, event_loop=self._loop))
 
     def activated(self, ctx: ActivationContext) -> None:

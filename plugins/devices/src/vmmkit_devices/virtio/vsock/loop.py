@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from vmmkit.eventloop import EventLoop
 from vmmkit.log import get_logger
+from vmmkit.sandbox import EVENT_LOOP, enter_thread
 
 log = get_logger()
 
@@ -74,6 +75,7 @@ class MuxerLoop(EventLoop):
     # -- machinery ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        enter_thread(EVENT_LOOP, self.name)
         while not self._stopping:
             timeout = -1.0
             if self._tick is not None:
