@@ -134,7 +134,7 @@ def start_guest(tmp_path: Path) -> Iterator[Callable[..., Guest]]:
             sys.executable, "-m", "vmmkit", "--hypervisor", "kvm", "--kernel", str(LINUX_DIR / "vmlinux"),
             "--initramfs", str(initramfs), "--cpus", "boot=1", "--memory", f"size={ram // MIB}M,prefault=on",
             "--serial", "tty", "--platform", "virtio_transport=pci", "--balloon", balloon,
-            "--cmdline", f"console=ttyS0 panic=-1 -- mode={mode} balloon={BALLOON // MIB}",
+            "--cmdline", f"{BASE_CMDLINE} -- mode={mode} balloon={BALLOON // MIB}",
             "--api-socket", f"path={socket_path}", "--event-monitor", f"path={events}",
         ]
         boot = Boot(f"balloon-{mode}", command, timeout=TIMEOUT)

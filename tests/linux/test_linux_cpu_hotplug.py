@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
+from linuxboot import BASE_CMDLINE, LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.events import read_events
@@ -92,7 +92,7 @@ def guest(tmp_path: Path) -> Iterator[tuple[Guest, ApiClient, Path]]:
     command = [
         sys.executable, "-m", "vmmkit", "--hypervisor", "kvm", "--kernel", str(LINUX_DIR / "vmlinux"),
         "--initramfs", str(initramfs), "--cpus", "boot=2,max=3", "--memory", "size=128M", "--serial", "tty",
-        "--cmdline", "console=ttyS0 panic=-1 -- grown=0-2 shrunk=0-1",
+        "--cmdline", f"{BASE_CMDLINE} -- grown=0-2 shrunk=0-1",
         "--api-socket", f"path={socket_path}", "--event-monitor", f"path={events}",
     ]
     boot = Boot("cpu-hotplug", command, timeout=TIMEOUT)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
 from linuxboot import (
+    BASE_CMDLINE,
     GUEST_ADDRESS,
     GUEST_MAC,
     HOST_ADDRESS,
@@ -106,7 +107,7 @@ def guest(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Gues
         sys.executable, "-m", "vmmkit", "--hypervisor", "kvm", "--kernel", str(LINUX_DIR / "vmlinux"),
         "--initramfs", str(initramfs), "--cpus", "boot=1", "--memory", "size=128M", "--serial", "tty",
         "--disk", f"path={boot_disk}", "--platform", "virtio_transport=pci",
-        "--cmdline", f"console=ttyS0 panic=-1 -- pattern={PATTERN} {net}".rstrip(),
+        "--cmdline", f"{BASE_CMDLINE} -- pattern={PATTERN} {net}".rstrip(),
         "--api-socket", f"path={socket_path}", "--event-monitor", f"path={events}",
     ]
     if namespace is not None:

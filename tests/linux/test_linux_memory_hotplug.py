@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
+from linuxboot import BASE_CMDLINE, LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.events import read_events
@@ -94,7 +94,7 @@ def launch(tmp_path: Path) -> Iterator[Callable[[str, str], Launched]]:
             sys.executable, "-m", "vmmkit", "--hypervisor", "kvm", "--kernel", str(LINUX_DIR / "vmlinux"),
             "--initramfs", str(initramfs), "--cpus", "boot=1", "--serial", "tty",
             "--memory", f"size={BOOT_RAM // MiB}M,hotplug_method={method},hotplug_size={HOTPLUG_SIZE // MiB}M",
-            "--cmdline", f"console=ttyS0 panic=-1 memhp_default_state=online_movable -- {init_args}",
+            "--cmdline", f"{BASE_CMDLINE} memhp_default_state=online_movable -- {init_args}",
             "--api-socket", f"path={socket_path}", "--event-monitor", f"path={events}",
         ]
         boots.append(Boot(f"memory-hotplug-{method}", command, timeout=TIMEOUT))

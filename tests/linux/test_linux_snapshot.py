@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
+from linuxboot import BASE_CMDLINE, LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.testing import kvm_unusable_reason
@@ -59,7 +59,7 @@ def test_linux_goes_on_counting_after_a_restore_in_a_new_process(tmp_path: Path)
         sys.executable, "-m", "vmmkit", "--hypervisor", "kvm", "--kernel", str(LINUX_DIR / "vmlinux"),
         "--initramfs", str(initramfs), "--cpus", "boot=1", "--memory", "size=128M", "--serial", "tty",
         "--disk", f"path={disk}", "--platform", "virtio_transport=pci",
-        "--cmdline", f"console=ttyS0 panic=-1 -- word={WORD}", "--api-socket", f"path={first_socket}",
+        "--cmdline", f"{BASE_CMDLINE} -- word={WORD}", "--api-socket", f"path={first_socket}",
     ], timeout=TIMEOUT)
     second: Boot | None = None
     try:

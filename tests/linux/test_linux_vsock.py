@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import Entry, initramfs_entries, missing_busybox_reason, newc_archive
-from linuxboot import LINUX_DIR, Boot, extra_variant, linux_missing_reason, scaled_timeout
+from linuxboot import BASE_CMDLINE, LINUX_DIR, Boot, extra_variant, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient
 from vmmkit.testing import kvm_unusable_reason
@@ -186,7 +186,7 @@ def test_vsock_streams_both_ways_with_linux(workdir: Path, arrival: str) -> None
     command = [
         sys.executable, "-m", "vmmkit", "--hypervisor", "kvm", "--kernel", str(LINUX_DIR / "vmlinux"),
         "--initramfs", str(initramfs), "--cpus", "boot=1", "--memory", "size=128M", "--serial", "tty",
-        "--platform", "virtio_transport=pci", "--cmdline", f"console=ttyS0 panic=-1 -- {args}",
+        "--platform", "virtio_transport=pci", "--cmdline", f"{BASE_CMDLINE} -- {args}",
         "--api-socket", f"path={api_path}",
     ]
     vsock_spec = f"cid={GUEST_CID},socket={vsock_path}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import Entry, initramfs_entries, missing_busybox_reason, newc_archive
-from linuxboot import LINUX_DIR, QEMU, Boot, BootResult, linux_missing_reason, scaled_timeout
+from linuxboot import BASE_CMDLINE, LINUX_DIR, QEMU, Boot, BootResult, linux_missing_reason, scaled_timeout
 
 from vmmkit.events import read_events
 from vmmkit.testing import kvm_unusable_reason
@@ -31,7 +31,7 @@ PREFIX = "VMMKIT-WDT: "
 #: time (a kvm_pvm guest's clock runs 10x slower, and the device counts in guest time);
 #: ``VMMKIT_LINUX_TIMEOUT_FACTOR`` stretches it on a host shared with other work.
 TIMEOUT = scaled_timeout(420.0)
-CMDLINE = "console=ttyS0 panic=-1"
+CMDLINE = BASE_CMDLINE
 
 
 def wdt_lines(result: BootResult) -> list[str]:
