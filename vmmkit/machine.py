@@ -657,7 +657,7 @@ class Machine:
                     length = min(len(zeros), region.size - offset)
                     region.buffer[offset : offset + length] = zeros[:length]
             else:
-                region.buffer.madvise(_MADV_DONTNEED)
+                region.discard()
         self.manager.reset()
         self._settle_vcpu_hotplug()
         self._load_payload()
@@ -886,9 +886,6 @@ class Machine:
 
     def uptime(self) -> float:
         return time.monotonic() - self._started_at
-
-
-_MADV_DONTNEED = 4
 
 
 def activate_sandbox(mode: str, pm: pluggy.PluginManager) -> None:

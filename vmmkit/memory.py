@@ -58,6 +58,12 @@ class GuestRegion:
     def start(self) -> int:
         return self.range.start
 
+    def discard(self) -> None:
+        """Give the pages back to the host; the region reads as zeros again, as at power-on.
+        Shared and huge-page memory is a memfd, whose pages ``MADV_DONTNEED`` would only unmap
+        (they come back with their contents): a hole is punched instead (``MADV_REMOVE``)."""
+        self.buffer.madvise(mmap.MADV_REMOVE if self.fd is not None else mmap.MADV_DONTNEED)
+
     @property
     def size(self) -> int:
         return self.range.size

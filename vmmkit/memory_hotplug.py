@@ -233,7 +233,7 @@ class MemoryHotplug:
                 return
             self._vm.remove_memory_region(region.slot)
             self._memory.remove_region(region.start)
-            region.buffer.madvise(_MADV_DONTNEED)
+            region.discard()
             self._retired.append(region)
         log.info("memory.ejected", slot=slot, start=region.start, size=region.size, total=self.current)
 
@@ -246,7 +246,6 @@ class MemoryHotplug:
             close_region(region)
 
 
-_MADV_DONTNEED: Final = 4
 
 
 @frozen

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 import pytest
 from hypothesis import given
@@ -72,6 +73,18 @@ def test_shared_memory_is_backed_by_a_memfd() -> None:
         assert region.fd is not None
         mem.write(0x100, b"shared")
         assert __import__("os").pread(region.fd, 6, 0x100) == b"shared"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "memfd"])
+def test_a_discarded_region_reads_as_zeros_and_holds_no_pages(shared: bool) -> None:
+    """What a reboot does to RAM: a memfd's pages must be punched out, not just unmapped."""
+    with GuestMemory.allocate([MemoryRange(0, MIB)], shared=shared) as mem:
+        region = mem.regions[0]
+        mem.write(0x2000, b"stale")
+        region.discard()
+        if region.fd is not None:
+            assert os.fstat(region.fd).st_blocks == 0
+        assert mem.read(0x2000, 5) == b"\0" * 5
 
 
 @given(st.integers(-(1 << 65), 1 << 65), st.integers(-10, 1 << 22))
