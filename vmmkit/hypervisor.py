@@ -203,6 +203,10 @@ class Vm(ABC):
     def get_dirty_log(self, slot: int) -> bytes:
         raise NotImplementedError("dirty page logging")
 
+    def reset(self) -> None:
+        """The guest is being reset (every vCPU is stopped; RAM, devices and vCPU state are
+        about to start over): forget what the backend learned about the old guest."""
+
     def close(self) -> None:
         """Release the VM's host resources."""
 

@@ -659,6 +659,8 @@ class Machine:
             else:
                 region.discard()
         self.manager.reset()
+        assert self.vm is not None
+        self.vm.reset()
         self._settle_vcpu_hotplug()
         self._load_payload()
         self._configure_vcpus()

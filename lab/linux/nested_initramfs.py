@@ -38,7 +38,7 @@ exec /bin/sh /init.sh "$@"
 
 def entries(busybox: Path, modules: Path, applets_of: Path) -> list[Entry]:
     members = []
-    for entry in initramfs_entries(busybox=applets_of):
+    for entry in initramfs_entries(busybox=applets_of, scripts=[WRAPPER]):
         if entry.name == "init":
             continue
         if entry.name == "bin/busybox":

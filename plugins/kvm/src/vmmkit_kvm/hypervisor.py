@@ -478,6 +478,10 @@ class KvmVm(Vm):
     def _has_pit(self) -> bool:
         return self._irqchip and self._pit
 
+    def reset(self) -> None:
+        if self._vm_quirks is not None:
+            self._vm_quirks.reset()
+
     def start_quirks(self) -> None:
         """Start the host quirks' helpers for a VM the machine has built (see
         :meth:`vmmkit_kvm.quirks.VmQuirks.start`)."""

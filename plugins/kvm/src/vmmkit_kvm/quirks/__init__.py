@@ -151,6 +151,9 @@ class VmQuirks:
         """Per-vCPU counters merged into :meth:`KvmVcpu.exit_counts` (``quirk-...`` keys)."""
         return {}
 
+    def reset(self) -> None:
+        """The guest is being reset, its vCPUs stopped (:meth:`vmmkit.hypervisor.Vm.reset`)."""
+
     def close(self) -> None:
         """The VM is being closed."""
 

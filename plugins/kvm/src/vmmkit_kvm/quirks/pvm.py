@@ -246,6 +246,20 @@ class PvmVm(VmQuirks):
         if poller is not None and poller is not threading.current_thread():
             poller.join(timeout=2)
 
+    def reset(self) -> None:
+        """Disarm every vCPU's repair: the breakpoint is on the old guest's page-fault handler,
+        where the new one may not be, and it would fire before the new kernel patched that
+        handler's first instruction (a CLAC, which this host cannot emulate). Each vCPU arms
+        again once the new kernel has an IDT and an LSTAR."""
+        with self._lock:
+            states = list(self._states.values())
+            for state in states:
+                state.breakpoint = None
+                state.stepping = False
+        for state in states:
+            state.vcpu.set_guest_debug(enable=False)
+        self.start()
+
     def _poll(self) -> None:
         """Kick vCPUs whose repair is not armed, so their threads get to arm it."""
         enter_thread(VMM, "kvm-quirks")
