@@ -63,6 +63,21 @@ def test_reboot_boots_the_guest_again(spinning_guest) -> None:  # noqa: ANN001
     assert machine.state is MachineState.RUNNING
 
 
+def test_reboot_starts_a_guest_that_halted_with_interrupts_off(make_machine, vmmkit_hypervisor: str,  # noqa: ANN001
+                                                                selftest_elf: Path, tmp_path: Path) -> None:
+    """A hung guest (``cli; hlt``) leaves its vCPU HALTED: the reset must make it runnable at the
+    new entry point (it stayed blocked, waiting for an interrupt nothing would send)."""
+    serial = tmp_path / "serial.txt"
+    config = VmConfig.from_cli(kernel=str(selftest_elf), cmdline="test=idle", cpus="boot=1",
+                               serial=f"file={serial}", console="off")
+    machine = make_machine(config, hypervisor=vmmkit_hypervisor)
+    machine.boot()
+    assert wait_for(lambda: "selftest: idle, halting" in serial.read_text()), serial.read_text()
+    time.sleep(0.2)  # the vCPU is in HLT now
+    machine.reboot()
+    assert wait_for(lambda: serial.read_text().count("selftest: idle, halting") == 2), serial.read_text()
+
+
 def test_shutdown_from_outside(spinning_guest) -> None:  # noqa: ANN001
     machine, serial = spinning_guest
     assert wait_for(lambda: heartbeats(serial) >= 1)

@@ -138,7 +138,7 @@ def test_boot_vcpu_linux64() -> None:
     assert (s.gdt.base, s.gdt.limit) == (L.BOOT_GDT_START, 39)
     assert (s.idt.base, s.idt.limit) == (L.BOOT_IDT_START, 7)
     assert s.apic_base == 0xFEE00900
-    assert vcpu.mp_state is None
+    assert vcpu.mp_state == MpState.RUNNABLE  # even if the last guest (before a reset) left it HALTED
 
 
 def test_boot_vcpu_pvh() -> None:

@@ -137,6 +137,9 @@ class X86_64(Architecture):  # noqa: N801  (the architecture's name)
         if index == 0:
             vcpu.set_sregs(vcpu_state.boot_special_registers(boot.protocol, sregs))
             vcpu.set_regs(vcpu_state.boot_registers(boot.protocol, boot.entry))
+            # After a reset: a vCPU the old guest left in HLT would stay HALTED at the new entry
+            # point, waiting for an interrupt that nothing (a reset LAPIC and PIT) will send.
+            vcpu.set_mp_state(MpState.RUNNABLE)
         else:
             vcpu.set_mp_state(MpState.UNINITIALIZED)
 
