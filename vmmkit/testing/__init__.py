@@ -63,13 +63,24 @@ def selected_backend() -> tuple[str, str]:
     return os.environ.get(HYPERVISOR_ENV, "auto"), os.environ.get(ARCH_ENV, host_architecture())
 
 
+_BACKEND_PROPERTY = "vmmkit_backend"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     outcome = yield
     report = outcome.get_result()
     if report.when == "call" and "vmmkit_hypervisor" in getattr(item, "fixturenames", ()):
-        key = getattr(item, "_vmmkit_backend", "?")
-        _backend_runs[key] = _backend_runs.get(key, 0) + 1
+        report.user_properties.append((_BACKEND_PROPERTY, getattr(item, "_vmmkit_backend", "?")))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count here, from the report: under pytest-xdist the controller sees the workers'
+    reports (with their properties), not their items."""
+    for name, value in report.user_properties:
+        if name == _BACKEND_PROPERTY:
+            key = str(value)
+            _backend_runs[key] = _backend_runs.get(key, 0) + 1
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
