@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -16,24 +17,25 @@ settings.load_profile("vmmkit")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
 
-#: Test directories whose tests run one after another on one worker under ``pytest -n auto
-#: --dist loadgroup`` (the README's command): each of their tests keeps a host core busy for
-#: minutes (a Linux guest on kvm_pvm, a QEMU lab), so two of them side by side would only slow
-#: each other, and their session fixtures (shared boots, the lab build) are built once.
-SERIAL_GROUPS = {"linux": "linux-guests", "lab": "lab"}
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """How ``pytest -n auto`` (the README's command) shares the tests out: a Linux tier module
+    goes to one worker whole (its tests share boots a session fixture starts once), the lab's
+    tests all to one worker (they share one lab build), every other test on its own. xdist's
+    ``--dist loadgroup`` would say this with markers, but it cannot rename node ids on pytest 9."""
+    from xdist.scheduler import LoadScopeScheduling
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs on one worker (--dist loadgroup)")
+    class Scheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module.startswith("tests/lab/"):
+                return "tests/lab"
+            if module.startswith("tests/linux/"):
+                return module
+            return nodeid
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    tests = REPO_ROOT / "tests"
-    for item in items:
-        parts = item.path.relative_to(tests).parts if item.path.is_relative_to(tests) else ()
-        group = SERIAL_GROUPS.get(parts[0]) if len(parts) > 1 else None
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+    return Scheduling(config, log)
 
 
 @pytest.fixture(scope="session")
