@@ -28,12 +28,8 @@ if TYPE_CHECKING:
 DEFAULT_BALLOON_ID: Final = "__balloon"
 
 
-def resize_balloon(vmm: Vmm, desired: object) -> None:
-    """Give the VM's balloon the target ``desired`` (bytes).
-
-    :raises ConfigError: a bad size, or no balloon configured (API 400).
-    :raises NotCreated: no VM (API 404).
-    """
+def check_balloon(vmm: Vmm, desired: object) -> None:
+    """Raise as :func:`resize_balloon` would for ``desired``, changing nothing."""
     if not isinstance(desired, int) or isinstance(desired, bool) or desired < 0:
         raise ConfigError("desired_balloon", desired, "a balloon size in bytes (a non-negative integer)")
     with vmm._op_lock:
@@ -49,7 +45,23 @@ def resize_balloon(vmm: Vmm, desired: object) -> None:
             device_id = balloon.id or DEFAULT_BALLOON_ID
             if device_id not in machine.manager:
                 raise DeviceError(f"the balloon device {device_id!r} is not in this VM")
-            machine.manager.resize(device_id, desired)
+
+
+def resize_balloon(vmm: Vmm, desired: object) -> None:
+    """Give the VM's balloon the target ``desired`` (bytes).
+
+    :raises ConfigError: a bad size, or no balloon configured (API 400).
+    :raises NotCreated: no VM (API 404).
+    """
+    with vmm._op_lock:
+        check_balloon(vmm, desired)
+        assert isinstance(desired, int)
+        config = vmm._require_config()
+        balloon = config.balloon
+        assert balloon is not None
+        machine = vmm._live_machine()
+        if machine is not None:
+            machine.manager.resize(balloon.id or DEFAULT_BALLOON_ID, desired)
         with vmm._lock:
             if vmm.config is not None and vmm.config.balloon is not None:
                 vmm.config = attrs.evolve(vmm.config, balloon=attrs.evolve(vmm.config.balloon, size=desired))

@@ -203,6 +203,9 @@ class Vm(ABC):
     def get_dirty_log(self, slot: int) -> bytes:
         raise NotImplementedError("dirty page logging")
 
+    def restored(self) -> None:
+        """Every piece of the VM's state was loaded from a snapshot; its vCPUs have not run."""
+
     def reset(self) -> None:
         """The guest is being reset (every vCPU is stopped; RAM, devices and vCPU state are
         about to start over): forget what the backend learned about the old guest."""

@@ -350,6 +350,7 @@ class Machine:
             from vmmkit.snapshot import restore_state
 
             restore_state(self, restore)
+            self.vm.restored()
         else:
             self._configure_vcpus()
         self.pm.hook.vmmkit_vm_created(machine=self)

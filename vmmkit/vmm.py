@@ -460,6 +460,62 @@ class Vmm:
                 raise NoSuchDevice(f"no disk with id {disk_id!r}")
             machine.manager.resize(disk_id, size)
 
+    def resize(self, *, desired_vcpus: int | None = None, desired_ram: int | None = None,
+               desired_balloon: int | None = None) -> None:
+        """``vm.resize`` with any of its parts, carried out in Cloud Hypervisor's order (vCPUs,
+        RAM, balloon) once every part has been checked: a request the VM cannot take in one
+        part changes nothing in the others.
+
+        :raises: what :meth:`resize_vcpus`, :meth:`resize_ram` and
+            :func:`vmmkit.balloon_resize.resize_balloon` raise.
+        """
+        from vmmkit.balloon_resize import check_balloon, resize_balloon
+
+        with self._op_lock:
+            if desired_vcpus is not None:
+                self.check_resize_vcpus(desired_vcpus)
+            if desired_ram is not None:
+                self.check_resize_ram(desired_ram)
+            if desired_balloon is not None:
+                check_balloon(self, desired_balloon)
+        if desired_vcpus is not None:
+            self.resize_vcpus(desired_vcpus)
+        if desired_ram is not None:
+            self.resize_ram(desired_ram)
+        if desired_balloon is not None:
+            resize_balloon(self, desired_balloon)
+
+    def check_resize_vcpus(self, desired: int) -> Machine:
+        """The running machine, if it can have ``desired`` vCPUs now; else raises as
+        :meth:`resize_vcpus` does."""
+        with self._op_lock:
+            machine = self._live_machine()
+            if machine is None:
+                self._require_config()
+                raise InvalidState("cannot resize the vCPUs of a VM that is not booted")
+            if machine.state is not MachineState.RUNNING:
+                raise InvalidState(f"cannot resize the vCPUs of a VM that is {machine.state.value}")
+            maximum = machine.config.cpus.max_vcpus
+            if not 1 <= desired <= maximum:
+                raise ConfigError("desired_vcpus", desired, f"1 to max_vcpus ({maximum}; set with --cpus max=)")
+            if machine.vcpu_removal_pending:
+                raise ResizePending("a vCPU removal is still pending: the guest has not ejected the vCPUs an "
+                                    "earlier vm.resize asked it to remove")
+            return machine
+
+    def check_resize_ram(self, desired_ram: int) -> None:
+        """Raise as :meth:`resize_ram` would for ``desired_ram``, changing nothing."""
+        with self._op_lock:
+            config = self._require_config()
+            attrs.evolve(config.memory, size=desired_ram)  # validates it (page multiple...)
+            machine = self._live_machine()
+            if machine is None:
+                return
+            if machine.memory_hotplug is None:
+                raise ConfigError("desired_ram", desired_ram, "a VM booted with --memory hotplug_size=",
+                                  reason="this VM has no hotplug memory")
+            machine.memory_hotplug.check(desired_ram)
+
     def resize_ram(self, desired_ram: int) -> None:
         """``vm.resize`` with ``desired_ram``, as Cloud Hypervisor's ``Vm::resize``: on a booted
         VM, plug or unplug RAM (:mod:`vmmkit.memory_hotplug`) and keep the configuration in
@@ -471,13 +527,11 @@ class Vmm:
             :meth:`vmmkit.machine.Machine.resize_memory`).
         """
         with self._op_lock:
+            self.check_resize_ram(desired_ram)  # refused before the "resizing" event
             config = self._require_config()
             machine = self._live_machine()
-            memory = attrs.evolve(config.memory, size=desired_ram)  # validates it (page multiple...)
+            memory = attrs.evolve(config.memory, size=desired_ram)
             if machine is not None:
-                if machine.memory_hotplug is None:  # refused before the "resizing" event
-                    raise ConfigError("desired_ram", desired_ram, "a VM booted with --memory hotplug_size=",
-                                      reason="this VM has no hotplug memory")
                 self._event("vm", "resizing")
                 machine.resize_memory(desired_ram)
                 if config.memory.hotplug_method == "VirtioMem":  # CH: the boot size stays
@@ -502,18 +556,7 @@ class Vmm:
             :raises DeviceError: this VM cannot hotplug vCPUs.
         """
         with self._op_lock:
-            machine = self._live_machine()
-            if machine is None:
-                self._require_config()
-                raise InvalidState("cannot resize the vCPUs of a VM that is not booted")
-            if machine.state is not MachineState.RUNNING:
-                raise InvalidState(f"cannot resize the vCPUs of a VM that is {machine.state.value}")
-            maximum = machine.config.cpus.max_vcpus
-            if not 1 <= desired <= maximum:
-                raise ConfigError("desired_vcpus", desired, f"1 to max_vcpus ({maximum}; set with --cpus max=)")
-            if machine.vcpu_removal_pending:
-                raise ResizePending("a vCPU removal is still pending: the guest has not ejected the vCPUs an "
-                                    "earlier vm.resize asked it to remove")
+            machine = self.check_resize_vcpus(desired)
             self._event("vm", "resizing")
             ejected = machine.resize_vcpus(desired)
             self._follow_vcpus(machine)

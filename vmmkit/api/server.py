@@ -46,8 +46,7 @@ from vmmkit.api.http import (
     Response,
     close_fds,
 )
-from vmmkit.api.resize_ram import resize_ram
-from vmmkit.balloon_resize import resize_balloon
+from vmmkit.api.resize_ram import checked_ram
 from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig, VsockConfig
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
@@ -275,7 +274,8 @@ _RESIZE_KEYS: Final[Mapping[str, str | None]] = {
 
 
 def _resize(server: ApiServer, request: Request) -> Response:
-    """``vm.resize`` (``VmResizeData``): each field present is carried out by its own function."""
+    """``vm.resize`` (``VmResizeData``): every field present is checked, then carried out
+    (:meth:`vmmkit.vmm.Vmm.resize`)."""
     body = _json_object(request)
     unknown = sorted(set(body) - set(_RESIZE_KEYS))
     if unknown:
@@ -286,15 +286,11 @@ def _resize(server: ApiServer, request: Request) -> Response:
     for key in given:  # refuse before anything changes
         if _RESIZE_KEYS[key] is not None:
             raise HttpError(501, f"vm.resize {key} is not implemented by vmmkit ({_RESIZE_KEYS[key]})")
-    if "desired_vcpus" in given:
-        count = body["desired_vcpus"]
-        if not isinstance(count, int) or isinstance(count, bool):
-            raise HttpError(400, f"desired_vcpus: a positive integer is required, not {count!r}")
-        server.vmm.resize_vcpus(count)
-    if "desired_ram" in given:
-        resize_ram(server.vmm, body["desired_ram"])
-    if "desired_balloon" in given:
-        resize_balloon(server.vmm, body["desired_balloon"])
+    count = body.get("desired_vcpus")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
+        raise HttpError(400, f"desired_vcpus: a positive integer is required, not {count!r}")
+    ram = checked_ram(body["desired_ram"]) if "desired_ram" in given else None
+    server.vmm.resize(desired_vcpus=count, desired_ram=ram, desired_balloon=body.get("desired_balloon"))
     return Response(204)
 
 

@@ -60,6 +60,9 @@ def test_vcpus_are_hot_added_and_a_removal_waits_for_the_guest(vmm: VmmProcess, 
         ({"desired_vcpus": True}, 400, "positive integer"),
         ({"desired_vcpus": 4, "desired_ram": 1 << 30}, 400, "max_vcpus (3"),  # nothing done
         ({"desired_ram": 1 << 30}, 400, "desired_ram: this VM has no hotplug memory"),
+        # a part the VM could take is not carried out when another part is refused
+        ({"desired_vcpus": 2, "desired_ram": 1 << 30}, 400, "desired_ram: this VM has no hotplug memory"),
+        ({"desired_vcpus": 2, "desired_balloon": 1 << 20}, 400, "desired_balloon: this VM has no balloon"),
         ({"desired_balloon": 1 << 20}, 400, "desired_balloon: this VM has no balloon"),
         ({"desired_cpus": 2}, 400, "VmResizeData has no desired_cpus"),
         ({}, 400, "vm.resize needs one of"),

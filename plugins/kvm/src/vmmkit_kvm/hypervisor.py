@@ -478,6 +478,10 @@ class KvmVm(Vm):
     def _has_pit(self) -> bool:
         return self._irqchip and self._pit
 
+    def restored(self) -> None:
+        if self._vm_quirks is not None:
+            self._vm_quirks.restored()
+
     def reset(self) -> None:
         if self._vm_quirks is not None:
             self._vm_quirks.reset()

@@ -151,6 +151,9 @@ class VmQuirks:
         """Per-vCPU counters merged into :meth:`KvmVcpu.exit_counts` (``quirk-...`` keys)."""
         return {}
 
+    def restored(self) -> None:
+        """The VM's state came from a snapshot, its vCPUs not yet run (:meth:`vmmkit.hypervisor.Vm.restored`)."""
+
     def reset(self) -> None:
         """The guest is being reset, its vCPUs stopped (:meth:`vmmkit.hypervisor.Vm.reset`)."""
 

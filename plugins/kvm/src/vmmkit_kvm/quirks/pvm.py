@@ -246,6 +246,14 @@ class PvmVm(VmQuirks):
         if poller is not None and poller is not threading.current_thread():
             poller.join(timeout=2)
 
+    def restored(self) -> None:
+        """Arm every vCPU's repair now, before it runs: a restored guest may be in user mode, and
+        its first SYSCALL (no exit to arm on before it) would fault without the repair."""
+        with self._lock:
+            states = [s for s in self._states.values() if s.breakpoint is None]
+        for state in states:
+            self._try_arm(state.vcpu, state)
+
     def reset(self) -> None:
         """Disarm every vCPU's repair: the breakpoint is on the old guest's page-fault handler,
         where the new one may not be, and it would fire before the new kernel patched that
