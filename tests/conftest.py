@@ -20,10 +20,12 @@ SHARED = REPO_ROOT.parent / "shared"
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """How ``pytest -n auto`` (the README's command) shares the tests out: a Linux tier module
-    goes to one worker whole (its tests share boots a session fixture starts once), the lab's
-    tests all to one worker (they share one lab build), every other test on its own. xdist's
-    ``--dist loadgroup`` would say this with markers, but it cannot rename node ids on pytest 9."""
+    """How ``pytest -n auto`` (the README's command) shares the tests out: the Linux tier runs
+    on one worker, one test after another (each keeps a core busy for minutes; two side by side
+    with the module that boots three kernels at once starved each other past their timeouts on
+    this 2-core host), the lab's tests on one worker (they share one lab build), every other
+    test wherever a worker is free. xdist's ``--dist loadgroup`` would say this with markers,
+    but it cannot rename node ids on pytest 9."""
     from xdist.scheduler import LoadScopeScheduling
 
     class Scheduling(LoadScopeScheduling):  # type: ignore[misc]
@@ -32,7 +34,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             if module.startswith("tests/lab/"):
                 return "tests/lab"
             if module.startswith("tests/linux/"):
-                return module
+                return "tests/linux"
             return nodeid
 
     return Scheduling(config, log)
