@@ -476,6 +476,13 @@ class Vmm:
                 self.check_resize_vcpus(desired_vcpus)
             if desired_ram is not None:
                 self.check_resize_ram(desired_ram)
+                machine = self._live_machine()
+                if machine is not None and machine.memory_hotplug is not None:
+                    try:
+                        machine.memory_hotplug.check(desired_ram)
+                    except ConfigError:
+                        self._event("vm", "resizing")  # as CH's: the request reached the memory manager
+                        raise
             if desired_balloon is not None:
                 check_balloon(self, desired_balloon)
         if desired_vcpus is not None:
@@ -504,7 +511,8 @@ class Vmm:
             return machine
 
     def check_resize_ram(self, desired_ram: int) -> None:
-        """Raise as :meth:`resize_ram` would for ``desired_ram``, changing nothing."""
+        """Raise as :meth:`resize_ram` would before its ``resizing`` event (a size the
+        configuration cannot take, no hotplug memory), changing nothing."""
         with self._op_lock:
             config = self._require_config()
             attrs.evolve(config.memory, size=desired_ram)  # validates it (page multiple...)
@@ -514,7 +522,6 @@ class Vmm:
             if machine.memory_hotplug is None:
                 raise ConfigError("desired_ram", desired_ram, "a VM booted with --memory hotplug_size=",
                                   reason="this VM has no hotplug memory")
-            machine.memory_hotplug.check(desired_ram)
 
     def resize_ram(self, desired_ram: int) -> None:
         """``vm.resize`` with ``desired_ram``, as Cloud Hypervisor's ``Vm::resize``: on a booted

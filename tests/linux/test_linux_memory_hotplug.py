@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from initramfs import build_initramfs, missing_busybox_reason
-from linuxboot import BASE_CMDLINE, LINUX_DIR, Boot, linux_missing_reason, scaled_timeout
+from linuxboot import BASE_CMDLINE, LINUX_DIR, Boot, extra_variant, linux_missing_reason, scaled_timeout
 
 from vmmkit.api.client import ApiClient, ApiError
 from vmmkit.events import read_events
@@ -112,6 +112,7 @@ def refused(api: ApiClient, desired_ram: int) -> str:
     return " ".join(error.value.messages)
 
 
+@extra_variant  # ~6 min on kvm_pvm; virtio-mem below is the default tier's memory hotplug
 def test_linux_sees_acpi_hot_plugged_memory(launch: Callable[[str, str], Launched], tmp_path: Path) -> None:
     vm, api, events, socket_path = launch("acpi", "plugs=2 unplugs=1")
     deadline = time.monotonic() + TIMEOUT
