@@ -58,11 +58,23 @@ class GuestRegion:
     def start(self) -> int:
         return self.range.start
 
-    def discard(self) -> None:
-        """Give the pages back to the host; the region reads as zeros again, as at power-on.
-        Shared and huge-page memory is a memfd, whose pages ``MADV_DONTNEED`` would only unmap
-        (they come back with their contents): a hole is punched instead (``MADV_REMOVE``)."""
-        self.buffer.madvise(mmap.MADV_REMOVE if self.fd is not None else mmap.MADV_DONTNEED)
+    def discard(self, offset: int = 0, length: int | None = None) -> None:
+        """Give the host pages of ``[offset, offset + length)`` (default: the whole region) back;
+        anonymous and memfd memory reads as zeros there next, as at power-on. The one way vmmkit
+        releases guest pages (reboot, DIMM eject, virtio-mem unplug, the balloon): shared and
+        huge-page memory is a memfd, whose pages ``MADV_DONTNEED`` would only unmap (they come
+        back with their contents), so a hole is punched instead (``MADV_REMOVE``, Cloud
+        Hypervisor's ``release_memory_range`` punches the file too). A restored snapshot's
+        copy-on-write mapping drops its private copies and reads the file's pages again.
+
+        :raises OSError: the host refused (e.g. a range not aligned to the huge page size).
+        """
+        length = self.size - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise GuestMemoryError(f"discard {offset:#x}+{length:#x} is outside a {self.size:#x}-byte region")
+        advice = mmap.MADV_REMOVE if self.fd is not None else mmap.MADV_DONTNEED
+        if length:
+            _madvise(self.host_address + offset, length, advice)
 
     @property
     def size(self) -> int:
@@ -212,14 +224,13 @@ class GuestMemory:
             region.buffer[offset : offset + piece_len] = bytes([byte]) * piece_len
 
     def discard(self, gpa: int, length: int) -> None:
-        """Give the host pages of ``[gpa, gpa + length)`` back (``MADV_DONTNEED``; virtio-mem's
-        unplug): private memory reads zeros next, memfd-backed (``shared``) memory keeps its
-        pages in the memfd. Page aligned, inside RAM."""
+        """Give the host pages of ``[gpa, gpa + length)`` back (virtio-mem's unplug; see
+        :meth:`GuestRegion.discard`). Page aligned, inside RAM."""
         if gpa % PAGE_SIZE or length % PAGE_SIZE:
             raise GuestMemoryError(f"discard {gpa:#x}+{length:#x} is not page aligned")
         for piece_gpa, piece_len in self.split(gpa, length):
             region, offset = self.translate(piece_gpa, piece_len)
-            region.buffer.madvise(mmap.MADV_DONTNEED, offset, piece_len)
+            region.discard(offset, piece_len)
 
     def read_int(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.read(gpa, size), "little")
@@ -403,6 +414,17 @@ def _human(size: int) -> str:
             exact = size % (1 << shift) == 0
             return f"{size >> shift} {unit}" if exact else f"{size / (1 << shift):.1f} {unit}"
     return f"{size} bytes"
+
+
+def _madvise(address: int, length: int, advice: int) -> None:
+    """``madvise(2)`` by address (a region's buffer may be a view of a larger mapping)."""
+    import ctypes  # rare (discards), and ctypes costs milliseconds to import
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(ctypes.c_void_p(address), length, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise({address:#x}, {length:#x}, {advice}): {os.strerror(err)}")
 
 
 def _ffi() -> Any:

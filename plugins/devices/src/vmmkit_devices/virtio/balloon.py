@@ -6,8 +6,8 @@ The host sets a target (``num_pages``, 4 KiB pages, in the configuration space: 
 boot, ``vm.resize desired_balloon=`` later, with a configuration-change interrupt); the driver
 inflates towards it by handing pages over on the inflate queue (arrays of le32 page frame
 numbers, ``VIRTIO_BALLOON_PFN_SHIFT`` 12), deflates on the deflate queue, and writes the number of
-pages it holds in ``actual``. Inflated pages are given back to the host (:func:`release_range`:
-``fallocate(PUNCH_HOLE)`` on a memfd-backed region, then ``madvise(MADV_DONTNEED)``); a deflated
+pages it holds in ``actual``. Inflated pages are given back to the host (:func:`release_range`,
+the core's ``GuestRegion.discard``: a punched hole for memfd-backed RAM, else ``MADV_DONTNEED``); a deflated
 page needs nothing: the next guest access faults in a zero page.
 
 Features: ``VIRTIO_BALLOON_F_DEFLATE_ON_OOM`` with ``deflate_on_oom=on`` (the driver then gives
@@ -33,9 +33,7 @@ the host), ``unreleased_bytes``.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-import os
 import struct
 import sys
 from array import array
@@ -75,14 +73,6 @@ REPORTING_QUEUE: Final = 2
 #: ``num_pages``, ``actual``, ``free_page_hint_cmd_id``, ``poison_val`` (all le32).
 _CONFIG: Final = struct.Struct("<IIII")
 _ACTUAL: Final = slice(4, 8)
-
-_FALLOC_FL_KEEP_SIZE: Final = 0x01
-_FALLOC_FL_PUNCH_HOLE: Final = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
 
 
 class BadPages(Exception):
@@ -132,20 +122,13 @@ def segment_ranges(memory: GuestMemory, gpa: int, length: int) -> Iterator[tuple
 
 
 def release_range(region: GuestRegion, offset: int, length: int) -> None:
-    """Give ``length`` bytes at ``offset`` of ``region`` back to the host: punch a hole in its
-    memfd (shared memory: ``MADV_DONTNEED`` alone would keep the page cache), then drop the
-    mapping's pages; the guest reads zeros there next (Cloud Hypervisor's
-    ``release_memory_range``).
+    """Give ``length`` bytes at ``offset`` of ``region`` back to the host (the core's
+    :meth:`GuestRegion.discard`: a memfd's hole is punched, not only unmapped); the guest reads
+    zeros there next (Cloud Hypervisor's ``release_memory_range``).
 
     :raises OSError: the host refused.
     """
-    if region.fd is not None:
-        if _libc.fallocate(region.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    if _libc.madvise(ctypes.c_void_p(region.host_address + offset), length, mmap.MADV_DONTNEED) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    region.discard(offset, length)
 
 
 class BalloonDevice(QueueDevice):

@@ -16,9 +16,9 @@ request queue::
 
 A range must be block aligned and inside the usable region, else ERROR; PLUG of a plugged block or
 UNPLUG of an unplugged one is ERROR; PLUG beyond ``requested_size`` is NACK (5.15.6.2). Unplugged
-memory is given back to the host (``MADV_DONTNEED`` through :meth:`GuestMemory.discard`; private
-guest RAM then reads as zeros when plugged again). ``VIRTIO_MEM_F_ACPI_PXM`` is not offered (one NUMA node);
-``VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE`` neither (unplugged memory stays mapped, as CH's).
+memory is given back to the host (:meth:`GuestMemory.discard`: ``MADV_DONTNEED``, or a punched
+hole for memfd-backed RAM); it reads as zeros when plugged again. ``VIRTIO_MEM_F_ACPI_PXM`` is
+not offered (one NUMA node); ``VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE`` neither (unplugged memory stays mapped, as CH's).
 
 Counters: ``plug_requests``, ``unplug_requests``, ``state_requests``, ``nacks``, ``errors``,
 ``plugged_size`` (bytes), ``requested_size``.
