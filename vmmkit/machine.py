@@ -319,13 +319,15 @@ class Machine:
         self.arch = self.registries.architectures.get(self.arch_name)()
         self.hypervisor = backend()
         log.debug("vm.build", hypervisor=backend.name, arch=self.arch_name)
+        if restore is not None:
+            from vmmkit.snapshot import boot_config, map_memory
+
+            self.config = boot_config(restore, self.config)
         self.layout = self.arch.memory_layout(self.config)
         mem = self.config.memory
         self._restored = restore is not None
         if restore is not None:
-            from vmmkit.snapshot import map_memory
-
-            self.memory = map_memory(restore, self.config, self.layout.ram, prefault=prefault or mem.prefault)
+            self.memory = map_memory(restore, self.config, self.layout, prefault=prefault or mem.prefault)
         else:
             self.memory = self._allocate_memory()
         self.vm = self.hypervisor.create_vm(self.arch_name)

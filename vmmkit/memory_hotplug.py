@@ -28,12 +28,12 @@ plugged: the driver unplugs) and the driver plugs or unplugs blocks to reach it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 from attrs import frozen
 
-from vmmkit.acpi.memory_hotplug import MemoryHotplugController
+from vmmkit.acpi.memory_hotplug import ENABLED, MemoryHotplugController
 from vmmkit.config import ConfigError
 from vmmkit.device import DeviceRequest, ManagedDevice
 from vmmkit.errors import VmmError
@@ -54,6 +54,20 @@ MiB: Final = 1 << 20
 DIMM_ALIGN: Final = 128 * MiB
 #: The register block's device id.
 DEVICE_ID: Final = "_memory_hotplug"
+
+
+def _check_saved(state: Mapping[str, Any], method: str, boot_size: int) -> str:
+    """The snapshot's memory hotplug was ``method`` over ``boot_size`` bytes of boot RAM, as this
+    VM's is; the state's name for messages.
+
+    :raises StateError: it was not."""
+    from vmmkit.state import StateError, field
+
+    where = "memory_hotplug"
+    if field(state, "method", str, where) != method or field(state, "boot_size", int, where) != boot_size:
+        raise StateError(f"{where}: saved as {state.get('method')} hotplug over {state.get('boot_size')} bytes "
+                         f"of boot RAM, this VM has {method} hotplug over {boot_size}")
+    return where
 
 
 def _human(size: int) -> str:
@@ -237,6 +251,43 @@ class MemoryHotplug:
             self._retired.append(region)
         log.info("memory.ejected", slot=slot, start=region.start, size=region.size, total=self.current)
 
+    # -- snapshots: the DIMMs are RAM files of the snapshot, the registers a device's state ----
+
+    def save_state(self) -> dict[str, Any]:
+        """The boot RAM (the configuration records RAM as resized) and the slots the guest was
+        asked to eject and has not yet."""
+        with self._lock:
+            return {"method": "acpi", "boot_size": self.boot_size, "removing": sorted(self._removing)}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Take back the DIMMs of a restored VM: each enabled slot of the register block (its
+        state restored already) must be one RAM region of the snapshot, and every snapshot
+        region in the hotplug area one enabled slot.
+
+        :raises StateError: they do not match."""
+        from vmmkit.state import StateError, field
+
+        where = _check_saved(state, "acpi", self.boot_size)
+        dimms: dict[int, GuestRegion] = {}
+        for slot in range(self.controller.slot_count):
+            base, length, status = self.controller.slot(slot)
+            if not status & ENABLED:
+                continue
+            region = self._memory.find_region(base)
+            if region is None or region.range != MemoryRange(base, length) or not self.area.contains(base, length):
+                raise StateError(f"{where}: slot {slot} holds {base:#x}+{length:#x}, which is no RAM file of "
+                                 "the snapshot in the hotplug area")
+            dimms[slot] = region
+        stray = [str(r.range) for r in self._memory.regions
+                 if self.area.overlaps(r.range) and r not in dimms.values()]
+        if stray:
+            raise StateError(f"{where}: RAM {stray} in the hotplug area belongs to no enabled slot")
+        removing = field(state, "removing", list, where)
+        if not all(isinstance(slot, int) and slot in dimms for slot in removing):
+            raise StateError(f"{where}.removing: {removing} are not all plugged slots")
+        with self._lock:
+            self.dimms, self._removing = dimms, set(removing)
+
     def close(self) -> None:
         """Unmap the DIMMs the guest ejected (the VM is going away; the others go with its
         :class:`~vmmkit.memory.GuestMemory`)."""
@@ -289,16 +340,20 @@ class VirtioMemHotplug:
         requested = config.hotplugged_size or 0
         if requested % VIRTIO_MEM_BLOCK:
             raise ConfigError("hotplugged_size", requested, "a multiple of 2 MiB (virtio-mem's block)")
-        memory_slot = max((r.slot for r in memory.regions), default=-1) + 1
-        region = map_region(area, memory_slot, shared=config.shared, hugepages=config.hugepages,
-                            hugepage_size=config.hugepage_size, thp=config.thp, mergeable=config.mergeable,
-                            prefault=False)
-        try:
-            vm.add_memory_region(memory_slot, area.start, area.size, region.host_address)
-        except BaseException:
-            close_region(region)
-            raise
-        memory.add_region(region)
+        restored = memory.find_region(area.start)
+        if restored is None:
+            memory_slot = max((r.slot for r in memory.regions), default=-1) + 1
+            region = map_region(area, memory_slot, shared=config.shared, hugepages=config.hugepages,
+                                hugepage_size=config.hugepage_size, thp=config.thp, mergeable=config.mergeable,
+                                prefault=False)
+            try:
+                vm.add_memory_region(memory_slot, area.start, area.size, region.host_address)
+            except BaseException:
+                close_region(region)
+                raise
+            memory.add_region(region)
+        elif restored.range != area:  # a snapshot's RAM file (mapped and given to the VM already)
+            raise ConfigError("hotplug_size", config.hotplug_size, f"{_human(restored.size)} as in the snapshot")
         request = DeviceRequest("virtio-mem", VIRTIO_MEM_ID, VirtioMemRegion(area.start, area.size, requested))
         try:
             manager.create(request)
@@ -339,6 +394,16 @@ class VirtioMemHotplug:
                 self._resize_device(desired - self.boot_size)
                 self.requested = desired - self.boot_size
         return delta
+
+    def save_state(self) -> dict[str, Any]:
+        """The boot RAM and the requested size (the device saves which blocks are plugged)."""
+        return {"method": "virtio-mem", "boot_size": self.boot_size, "requested": self.requested}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        from vmmkit.state import int_field
+
+        where = _check_saved(state, "virtio-mem", self.boot_size)
+        self.requested = int_field(state, "requested", where, 0, self.area.size)
 
     def close(self) -> None:
         """The region goes with the VM's guest memory."""

@@ -40,11 +40,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlparse
 
+import attrs
 from attrs import frozen
 
 from vmmkit import __version__
 from vmmkit.log import get_logger
-from vmmkit.memory import PAGE_SIZE, GuestMemory, GuestRegion, MemoryRange
+from vmmkit.memory import PAGE_SIZE, GuestMemory, GuestRegion, MemoryRange, map_region
 from vmmkit.state import (
     NotSnapshottable,
     SnapshotError,
@@ -56,6 +57,7 @@ from vmmkit.state import (
 )
 
 if TYPE_CHECKING:
+    from vmmkit.arch import MemoryLayout
     from vmmkit.config import VmConfig
     from vmmkit.machine import Machine
 
@@ -103,8 +105,11 @@ def collect_state(machine: Machine) -> dict[str, Any]:
                                    "implement the snapshot contract (vmmkit.state.Snapshottable)")
         devices.append({"id": placed.id, "kind": placed.kind, "version": device.state_version,
                         "placement": placement_of(placed), "state": device.save_state()})
-    return {"arch": machine.arch_name, "hypervisor": machine.hypervisor.name, "vm": vm_state,
-            "vcpus": vcpus, "devices": devices}
+    state = {"arch": machine.arch_name, "hypervisor": machine.hypervisor.name, "vm": vm_state,
+             "vcpus": vcpus, "devices": devices}
+    if machine.memory_hotplug is not None:  # its DIMMs are RAM files; the registers a device's state
+        state["memory_hotplug"] = machine.memory_hotplug.save_state()
+    return state
 
 
 def placement_of(placed: Any) -> dict[str, Any]:
@@ -259,36 +264,69 @@ def _read_json(path: Path, sha256: Any) -> Any:
 # -- restoring -----------------------------------------------------------------------------------
 
 
-def map_memory(image: SnapshotImage, config: VmConfig, layout_ram: tuple[MemoryRange, ...], *,
-               prefault: bool) -> GuestMemory:
+def boot_config(image: SnapshotImage, config: VmConfig) -> VmConfig:
+    """The configuration a restored machine is built with: ``config`` (the snapshot's) with the
+    boot RAM it had, where ``vm.resize`` recorded RAM as resized (ACPI hotplug: ``memory.size``
+    grows; the plugged DIMMs come back from the RAM files, not as boot RAM).
+
+    :raises SnapshotError: the saved boot size is not a number."""
+    hotplug = image.state.get("memory_hotplug")
+    if hotplug is None:
+        return config
+    try:
+        boot_size = int_field(hotplug, "boot_size", "state.memory_hotplug", PAGE_SIZE)
+    except StateError as exc:
+        raise SnapshotError(f"{image.directory / STATE}: {exc}") from None
+    return attrs.evolve(config, memory=attrs.evolve(config.memory, size=boot_size))
+
+
+def map_memory(image: SnapshotImage, config: VmConfig, layout: MemoryLayout, *, prefault: bool) -> GuestMemory:
     """Guest RAM from the memory files: private copy-on-write mappings, or (shared or
     huge-page memory, which must not be file-private) allocated memory the files are copied into.
+    Files in the hotplug area are the plugged DIMMs or virtio-mem's region (checked by the
+    memory hotplug's ``restore_state``).
 
     :raises SnapshotError: the saved ranges are not the layout this configuration gets."""
-    saved = tuple(rng for _slot, rng, _path in sorted(image.memory, key=lambda item: item[1].start))
-    if saved != tuple(layout_ram):
-        raise SnapshotError(f"{image.directory}: the saved RAM ranges {[str(r) for r in saved]} are not the "
-                            f"layout this vmmkit builds for the configuration {[str(r) for r in layout_ram]}")
+    area = layout.memory_hotplug if config.memory.hotplug_size else None
+    saved = sorted(image.memory, key=lambda item: item[1].start)
+    boot = tuple(rng for _slot, rng, _path in saved if area is None or not area.overlaps(rng))
+    hot = [rng for _slot, rng, _path in saved if area is not None and area.overlaps(rng)]
+    if boot != tuple(layout.ram) or any(area is None or not area.contains(r.start, r.size) for r in hot):
+        raise SnapshotError(f"{image.directory}: the saved RAM ranges {[str(r) for _s, r, _p in saved]} are not "
+                            f"the layout this vmmkit builds for the configuration {[str(r) for r in layout.ram]}"
+                            + (f" and hotplug area {area}" if area is not None else ""))
     mem = config.memory
-    if mem.shared or mem.hugepages:
-        memory = GuestMemory.allocate(layout_ram, shared=mem.shared, hugepages=mem.hugepages,
-                                      hugepage_size=mem.hugepage_size, thp=mem.thp, prefault=prefault)
-        try:
-            for _slot, rng, path in image.memory:
-                with open(path, "rb") as source:
-                    memory.write(rng.start, source.read())
-        except OSError as exc:
-            memory.close()
-            raise SnapshotError(f"cannot read {exc.filename}: {exc.strerror}") from None
-        return memory
     memory = GuestMemory()
     try:
-        for slot, rng, path in sorted(image.memory, key=lambda item: item[1].start):
-            memory.add_region(_map_file(path, rng, slot, prefault=prefault, thp=mem.thp, mergeable=mem.mergeable))
+        for slot, rng, path in saved:
+            if mem.shared or mem.hugepages:  # must stay shareable: allocate, then copy the file in
+                region = map_region(rng, slot, shared=mem.shared, hugepages=mem.hugepages,
+                                    hugepage_size=mem.hugepage_size, thp=mem.thp, mergeable=mem.mergeable,
+                                    prefault=prefault)
+                memory.add_region(region)
+                _copy_file(path, region)
+            else:
+                memory.add_region(_map_file(path, rng, slot, prefault=prefault, thp=mem.thp,
+                                            mergeable=mem.mergeable))
     except BaseException:
         memory.close()
         raise
     return memory
+
+
+def _copy_file(path: Path, region: GuestRegion) -> None:
+    """A RAM file into ``region``, a chunk at a time, its holes (zero pages) skipped."""
+    view = memoryview(region.buffer)
+    try:
+        with open(path, "rb", buffering=0) as source:
+            for offset in range(0, region.size, _CHUNK):
+                chunk = source.read(min(_CHUNK, region.size - offset))
+                if chunk != _ZEROS[: len(chunk)]:
+                    view[offset : offset + len(chunk)] = chunk
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        view.release()
 
 
 def _map_file(path: Path, rng: MemoryRange, slot: int, *, prefault: bool, thp: bool, mergeable: bool) -> GuestRegion:
@@ -359,6 +397,12 @@ def restore_state(machine: Machine, image: SnapshotImage) -> None:
                                       field(entry, "state", dict, f"vcpus[{index}]"))
         for device_id, entry in saved_devices.items():
             built[device_id].device.restore_state(field(entry, "state", dict, f"device {device_id}"))
+        hotplug = state.get("memory_hotplug")
+        if (hotplug is None) != (machine.memory_hotplug is None):
+            raise StateError("memory hotplug: " + ("the snapshot has none, this VM has hotplug_size" if hotplug is None
+                                                   else "saved with hotplug memory, this VM has no hotplug_size"))
+        if machine.memory_hotplug is not None:  # after the devices: the register block's state is back
+            machine.memory_hotplug.restore_state(field(state, "memory_hotplug", dict, "state"))
     except StateError as exc:
         raise SnapshotError(f"{where}: cannot restore: {exc}") from None
     log.info("vm.restored", directory=str(image.directory), hypervisor=machine.hypervisor.name,

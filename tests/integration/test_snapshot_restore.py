@@ -43,7 +43,7 @@ def heartbeats(serial: Path) -> list[int]:
 
 def spin_config(kernel: Path, serial: Path, **extra: Any) -> VmConfig:
     return VmConfig.from_cli(kernel=str(kernel), cmdline=extra.pop("cmdline", "test=spin"), cpus="boot=2",
-                             memory="size=64M", serial=f"file={serial}", **extra)
+                             memory=extra.pop("memory", "size=64M"), serial=f"file={serial}", **extra)
 
 
 def with_serial(config: VmConfig, serial: Path) -> VmConfig:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from vmmkit.acpi import aml
 from vmmkit.device import Device, PlacedDevice
@@ -220,6 +220,35 @@ class MemoryHotplugController(Device):
             for state in self._slots:
                 state.inserting = state.removing = False
             self.selected = 0
+
+    # -- snapshots (vmmkit.state.Snapshottable) ------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """MSEL, the counters and each slot's base, length and enabled / inserting / removing bits."""
+        with self._lock:
+            return {"selected": self.selected, "insertions": self.insertions, "ejects": self.ejects,
+                    "slots": [[slot.base, slot.length, slot.active, slot.inserting, slot.removing]
+                              for slot in self._slots]}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        from vmmkit.state import StateError, field, int_field
+
+        selected = int_field(state, "selected", self.id, 0, 0xFFFF_FFFF)
+        insertions, ejects = (int_field(state, key, self.id) for key in ("insertions", "ejects"))
+        slots = field(state, "slots", list, self.id)
+        if len(slots) != len(self._slots) or not all(
+                isinstance(slot, list) and len(slot) == 5
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64 for v in slot[:2])
+                and all(isinstance(bit, bool) for bit in slot[2:]) for slot in slots):
+            raise StateError(f"{self.id}.slots: {len(self._slots)} [base, length, enabled, inserting, removing] "
+                             "entries expected")
+        with self._lock:
+            self.selected, self.insertions, self.ejects = selected, insertions, ejects
+            for slot, (base, length, active, inserting, removing) in zip(self._slots, slots, strict=True):
+                slot.base, slot.length = base, length
+                slot.active, slot.inserting, slot.removing = active, inserting, removing
 
     def counters(self) -> Mapping[str, int]:
         return {"insertions": self.insertions, "ejects": self.ejects, "bad_accesses": self.bad_accesses}

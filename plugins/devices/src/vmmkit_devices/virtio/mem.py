@@ -199,6 +199,30 @@ class MemDevice(QueueDevice):
         except Exception as exc:  # the memory is still the guest's: only the host keeps pages
             log.warning("virtio_mem.discard_failed", device=self.id, start=start, length=length, error=str(exc))
 
+    def device_state(self) -> Mapping[str, Any]:
+        """Which blocks are plugged (the memory itself is in the snapshot's RAM files) and what
+        the driver was asked to plug."""
+        with self._lock:
+            return {"plugged": self._plugged.hex(), "requested_size": self.requested_size}
+
+    def restore_device_state(self, state: Mapping[str, Any]) -> None:
+        from vmmkit.state import StateError, field, int_field
+
+        blocks = field(state, "plugged", str, self.id)
+        try:
+            plugged = bytearray.fromhex(blocks)
+        except ValueError:
+            raise StateError(f"{self.id}.plugged: not a hex string") from None
+        if len(plugged) != len(self._plugged) or plugged.strip(b"\x00\x01"):
+            raise StateError(f"{self.id}.plugged: {len(self._plugged)} blocks of 0 or 1 expected")
+        requested = int_field(state, "requested_size", self.id, 0, self.region_size)
+        if requested % self.block_size:
+            raise StateError(f"{self.id}.requested_size: {requested} is not a multiple of {self.block_size}")
+        with self._lock:
+            self._set_requested(requested)
+            self._plugged[:] = plugged
+            self.plugged_size = plugged.count(1) * self.block_size
+
     def deactivated(self) -> None:
         """The driver reset the device: what it plugged stays plugged (it asks with
         UNPLUG_ALL when it starts again), as CH's."""
