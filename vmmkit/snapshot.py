@@ -159,6 +159,19 @@ def _write_file(path: Path, data: bytes) -> None:
         raise SnapshotError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def _write_nonzero_pages(fd: int, chunk: bytes, offset: int) -> None:
+    """``chunk`` at ``offset``, each run of non-zero pages in one write (zero pages stay holes)."""
+    zero_page = _ZEROS[:PAGE_SIZE]
+    run_start = None
+    for page in range(0, len(chunk) + PAGE_SIZE, PAGE_SIZE):
+        nonzero = page < len(chunk) and chunk[page : page + PAGE_SIZE] != zero_page[: len(chunk) - page]
+        if nonzero and run_start is None:
+            run_start = page
+        elif not nonzero and run_start is not None:
+            os.pwrite(fd, chunk[run_start:page], offset + run_start)
+            run_start = None
+
+
 def _write_region(region: GuestRegion, path: Path) -> None:
     """The region's bytes, pages of zeros left as holes (a fresh guest's RAM is mostly zeros)."""
     buffer = region.buffer
@@ -168,7 +181,7 @@ def _write_region(region: GuestRegion, path: Path) -> None:
             for offset in range(0, region.size, _CHUNK):
                 chunk = buffer[offset : offset + _CHUNK]  # bytes: compared with memcmp (a memoryview is 30x slower)
                 if chunk != _ZEROS[: len(chunk)]:
-                    os.pwrite(fd, chunk, offset)
+                    _write_nonzero_pages(fd, chunk, offset)
             os.ftruncate(fd, region.size)
             os.fsync(fd)
         finally:

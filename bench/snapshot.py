@@ -1,0 +1,235 @@
+"""Snapshot and restore benchmark: vmmkit vs QEMU on the same test guest, in the same run.
+
+For each RAM size, the self-test guest (``test=spin``: every vCPU busy, a heartbeat a second)
+is booted and paused, then:
+
+(a) snapshot: vmmkit's ``vm.snapshot`` to ``file:///dir`` (the API call's duration: state,
+    RAM files, fsync) vs QEMU's ``migrate`` to ``exec:cat > file`` of the stopped VM (from the
+    command to ``query-migrate`` saying ``completed``);
+(b) the snapshot's size on disk (allocated blocks: both skip zero pages);
+(c) restore: from spawning the VMM to the restored guest running again: vmmkit ``--restore``
+    then ``vm.resume``; QEMU ``-incoming 'exec:cat file'`` then ``cont`` once the migration
+    completed. Each restored guest must print a new heartbeat, or the run fails.
+
+The guest is freshly booted: its RAM is mostly zero pages, so (a) and (c) measure the scan of
+RAM and each VMM's fixed costs, not a large dirty-page copy. Medians of interleaved runs.
+
+    python bench/snapshot.py [--runs 5] [--memory 256,2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST = REPO / "tests" / "guests" / "build" / "x86_64" / "selftest.elf"
+ENV = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+
+
+def vmmkit_program() -> list[str]:
+    script = Path(sys.executable).with_name("vmmkit")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "vmmkit"]
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def heartbeats(serial: Path) -> int:
+    try:
+        return serial.read_bytes().count(b"selftest: heartbeat ")
+    except FileNotFoundError:
+        return 0
+
+
+def listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        return probe.connect_ex(str(path)) == 0
+
+
+def disk_usage(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
+    return sum(p.stat().st_blocks * 512 for p in files)
+
+
+class Vmmkit:
+    name = "vmmkit"
+
+    def __init__(self, tmp: Path, memory_mib: int) -> None:
+        from vmmkit.api.client import ApiClient
+
+        self.tmp, self.memory_mib = tmp, memory_mib
+        self.serial = tmp / "vmmkit-serial.log"
+        self.sock = tmp / "vmmkit.sock"
+        self.proc = self._spawn()
+        self.client = ApiClient(str(self.sock), timeout=120)
+        self.client.create({"payload": {"kernel": str(GUEST), "cmdline": "test=spin"},
+                            "cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": memory_mib << 20},
+                            "serial": {"mode": "File", "file": str(self.serial)}, "console": {"mode": "Off"}})
+        self.client.boot()
+        wait_for(lambda: heartbeats(self.serial) >= 1, "vmmkit's guest to start")
+        self.client.pause()
+
+    def _spawn(self, *extra: str) -> subprocess.Popen[bytes]:
+        self.sock.unlink(missing_ok=True)
+        proc = subprocess.Popen([*vmmkit_program(), "--api-socket", f"path={self.sock}", *extra],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        wait_for(lambda: listening(self.sock), "vmmkit's API socket", 10)
+        return proc
+
+    def snapshot(self) -> tuple[float, Path]:
+        target = self.tmp / "vmmkit-snap"
+        start = time.perf_counter()
+        self.client.put("vm.snapshot", {"destination_url": f"file://{target}"})
+        return time.perf_counter() - start, target
+
+    def restore(self, target: Path) -> float:
+        from vmmkit.api.client import ApiClient
+
+        self.stop()
+        before = heartbeats(self.serial)
+        start = time.perf_counter()
+        self.proc = self._spawn()
+        client = ApiClient(str(self.sock), timeout=120)
+        client.put("vm.restore", {"source_url": f"file://{target}"})
+        client.resume()
+        elapsed = time.perf_counter() - start
+        wait_for(lambda: heartbeats(self.serial) > before, "vmmkit's restored guest to go on")
+        return elapsed
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Qemu:
+    name = "qemu"
+
+    def __init__(self, tmp: Path, memory_mib: int) -> None:
+        self.tmp, self.memory_mib = tmp, memory_mib
+        self.serial = tmp / "qemu-serial.log"
+        self.qmp_path = tmp / "qmp.sock"
+        self.proc, self.qmp = self._spawn()
+        wait_for(lambda: heartbeats(self.serial) >= 1, "QEMU's guest to start")
+        self.command("stop")
+
+    def _spawn(self, *extra: str) -> tuple[subprocess.Popen[bytes], Any]:
+        self.qmp_path.unlink(missing_ok=True)
+        proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-M", "microvm,rtc=on", "-accel", "kvm", "-m", f"{self.memory_mib}M", "-smp", "1",
+             "-nodefaults", "-no-user-config", "-display", "none",
+             "-chardev", f"file,id=s,path={self.serial},append=on", "-serial", "chardev:s",
+             "-kernel", str(GUEST), "-append", "test=spin",
+             "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sock = socket.socket(socket.AF_UNIX)
+        wait_for(lambda: sock.connect_ex(str(self.qmp_path)) == 0, "QEMU's QMP socket", 10)
+        reader = sock.makefile("rb")
+        reader.readline()  # greeting
+        qmp = (sock, reader)
+        self.qmp = qmp
+        self.command("qmp_capabilities")
+        return proc, qmp
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        sock, reader = self.qmp
+        sock.sendall(json.dumps({"execute": name, "arguments": arguments}).encode())
+        while True:
+            reply = json.loads(reader.readline())
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+
+    def _migration_done(self) -> bool:
+        status = self.command("query-migrate").get("status")
+        if status == "failed":
+            raise RuntimeError("QEMU's migration failed")
+        return bool(status == "completed")
+
+    def snapshot(self) -> tuple[float, Path]:
+        target = self.tmp / "qemu-snap.bin"
+        start = time.perf_counter()
+        self.command("migrate", uri=f"exec:cat > {target}")
+        wait_for(self._migration_done, "QEMU's migration to a file")
+        return time.perf_counter() - start, target
+
+    def restore(self, target: Path) -> float:
+        self.stop()
+        before = heartbeats(self.serial)
+        start = time.perf_counter()
+        self.proc, self.qmp = self._spawn("-incoming", f"exec:cat {target}")
+        wait_for(lambda: self.command("query-status").get("status") == "paused", "QEMU's incoming migration")
+        self.command("cont")
+        elapsed = time.perf_counter() - start
+        wait_for(lambda: heartbeats(self.serial) > before, "QEMU's restored guest to go on")
+        return elapsed
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def one_run(peer: type[Vmmkit] | type[Qemu], memory_mib: int) -> tuple[float, int, float]:
+    with tempfile.TemporaryDirectory(prefix="vmmkit-bench-") as tmp:
+        vm = peer(Path(tmp), memory_mib)
+        try:
+            took, target = vm.snapshot()
+            size = disk_usage(target)
+            restore = vm.restore(target)
+        finally:
+            vm.stop()
+    return took, size, restore
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--memory", default="256,2048", help="guest RAM sizes in MiB, comma separated")
+    args = parser.parse_args()
+    if not GUEST.is_file():
+        subprocess.run(["make", "-s", "-C", str(GUEST.parents[2])], check=True)
+    peers: list[type[Vmmkit] | type[Qemu]] = [Vmmkit]
+    if shutil.which("qemu-system-x86_64"):
+        peers.append(Qemu)
+    else:
+        print("qemu-system-x86_64 not found: showing vmmkit alone", file=sys.stderr)
+    sizes = [int(size) for size in args.memory.split(",")]
+    results: dict[tuple[str, int], list[tuple[float, int, float]]] = {}
+    for _ in range(args.runs):  # interleaved, so drift affects all alike
+        for memory_mib in sizes:
+            for peer in peers:
+                results.setdefault((peer.name, memory_mib), []).append(one_run(peer, memory_mib))
+    print(f"snapshot and restore of a paused, freshly booted test guest (medians of {args.runs} interleaved runs)")
+    print(f"{'RAM':>6} {'':8} {'snapshot ms':>12} {'on disk KiB':>12} {'restore ms':>11}")
+    for memory_mib in sizes:
+        medians = {}
+        for peer in peers:
+            runs = results[(peer.name, memory_mib)]
+            medians[peer.name] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
+            took, size, restore = medians[peer.name]
+            print(f"{memory_mib:>5}M {peer.name:8} {took * 1e3:>12.1f} {size / 1024:>12.0f} {restore * 1e3:>11.1f}")
+        if "qemu" in medians:
+            v, q = medians["vmmkit"], medians["qemu"]
+            print(f"{'':6} {'ratio':8} {v[0] / q[0]:>11.2f}x {v[1] / q[1]:>11.2f}x {v[2] / q[2]:>10.2f}x"
+                  "   (vmmkit / QEMU: below 1 is faster or smaller)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
