@@ -259,11 +259,9 @@ class DeviceManager:
             root = self._segments.get(index)
             if root is not None:
                 return root
-            if index != 0:
-                raise DeviceError(f"PCI segment {index} does not exist (only segment 0)")
             from vmmkit.pci.host import create_root
 
-            root, placed = create_root(self, index)
+            root, placed = create_root(self, index, self.pci_segment_count)
             self._segments[index] = root
             self._placed[placed.id] = placed
             return root
@@ -271,6 +269,12 @@ class DeviceManager:
     @property
     def pci_segments(self) -> dict[int, PciRoot]:
         return dict(self._segments)
+
+    @property
+    def pci_segment_count(self) -> int:
+        """``--platform num_pci_segments`` (1 without)."""
+        platform = self.config.platform
+        return platform.num_pci_segments if platform is not None else 1
 
     # -- PCI hotplug (ACPI, as Cloud Hypervisor: vmmkit.pci.hotplug) ----------------------------
 
@@ -284,10 +288,11 @@ class DeviceManager:
             return
         from vmmkit.pci.hotplug import PciHotplugController
 
-        if 0 in self._segments or self._virtio_over_pci():
-            root = self.pci_segment(0)
-            root.hotplug = True
-            root.reserve_intx_lines(self.allocate_irq)
+        if 0 in self._segments or self._virtio_over_pci() or self.pci_segment_count > 1:
+            for index in range(self.pci_segment_count):  # every segment in the DSDT, empty or not
+                root = self.pci_segment(index)
+                root.hotplug = True
+                root.reserve_intx_lines(self.allocate_irq)
         controller = PciHotplugController(
             "_pci_hotplug", segments=lambda: [index for index, root in self._segments.items() if root.hotplug],
             on_eject=self._ejected)

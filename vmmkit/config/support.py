@@ -36,7 +36,6 @@ _VFIO: Final = "VFIO device passthrough"
 _IOMMU: Final = "a virtual IOMMU"
 _SMBIOS: Final = "SMBIOS tables"
 _VIRTIO_MEM: Final = "virtio-mem memory hotplug: no installed device type provides virtio-mem"
-_SEGMENTS: Final = "more than one PCI segment"
 
 #: The one table of what vmmkit does not support yet: JSON path (no list indices) -> reason.
 NOT_SUPPORTED: Final[Mapping[str, str]] = {
@@ -62,23 +61,17 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "disks.rate_limit_group": "rate limit groups",
     "disks.queue_affinity": "queue affinity",
     "disks.iommu": _IOMMU,
-    "disks.pci_segment": _SEGMENTS,
     # nets
     "net.vhost_user": "vhost-user network devices",
     "net.vhost_socket": "vhost-user network devices",
     "net.vhost_mode": "vhost-user network devices",
     "net.rate_limiter_config": "network rate limits",
     "net.iommu": _IOMMU,
-    "net.pci_segment": _SEGMENTS,
     # other built-in devices
     "rng.iommu": _IOMMU,
-    "rng.pci_segment": _SEGMENTS,
     "console.iommu": _IOMMU,
-    "console.pci_segment": _SEGMENTS,
     "balloon.iommu": _IOMMU,
-    "balloon.pci_segment": _SEGMENTS,
     "vsock.iommu": _IOMMU,
-    "vsock.pci_segment": _SEGMENTS,
     # device sections no in-tree device type implements yet
     "fs": "virtio-fs devices",
     "pmem": "virtio-pmem devices",
@@ -95,7 +88,6 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "rate_limit_groups": "rate limit groups",
     "pci_segments": "PCI segment apertures",
     # platform
-    "platform.num_pci_segments": _SEGMENTS,
     "platform.iommu_segments": _IOMMU,
     "platform.iommu_address_width_bits": _IOMMU,
     "platform.system_serial_number": _SMBIOS,

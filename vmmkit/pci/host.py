@@ -630,23 +630,60 @@ def _allocator(window: MemoryRange | None, name: str) -> AddressAllocator | None
 # -- the device manager's side ---------------------------------------------------------------
 
 
-def create_root(host: DeviceHost, segment: int) -> tuple[PciRoot, PlacedDevice]:
-    """A root complex for ``segment`` with its configuration windows on the buses: the 0xCF8
-    ports where the architecture has port I/O (``layout.pio``), and the ECAM window."""
+@attrs.frozen
+class SegmentWindows:
+    """One segment's share of the layout's PCI windows."""
+
+    ecam: MemoryRange | None
+    mmio32: MemoryRange | None
+    mmio64: MemoryRange | None
+    io: MemoryRange | None
+
+
+#: A share of a window is a whole number of these (1 MiB: an ECAM bus, and BAR-friendly).
+_SHARE_ALIGN = 1 << 20
+
+
+def segment_windows(layout: Any, segment: int, count: int) -> SegmentWindows:
+    """The windows of ``segment`` when the layout's PCI windows are shared by ``count``
+    segments (``--platform num_pci_segments``): the ECAM, 32-bit and 64-bit MMIO windows cut in
+    ``count`` equal parts, in segment order, as Cloud Hypervisor divides its apertures (with
+    equal weights); the I/O window and the 0xCF8 ports stay segment 0's. One segment keeps the
+    whole windows."""
+    if not 0 <= segment < count:
+        raise DeviceError(f"PCI segment {segment} does not exist (num_pci_segments is {count})")
+
+    def share(window: MemoryRange | None) -> MemoryRange | None:
+        if window is None or count == 1:
+            return window
+        size = window.size // count & ~(_SHARE_ALIGN - 1)
+        return MemoryRange(window.start + segment * size, size) if size else None
+
+    return SegmentWindows(ecam=share(layout.pci_ecam), mmio32=share(layout.pci_mmio32),
+                          mmio64=share(layout.pci_mmio64), io=layout.pio if segment == 0 else None)
+
+
+def create_root(host: DeviceHost, segment: int, count: int = 1) -> tuple[PciRoot, PlacedDevice]:
+    """A root complex for ``segment`` (of ``count``) with its configuration windows on the
+    buses: the 0xCF8 ports for segment 0 where the architecture has port I/O (``layout.pio``),
+    and its ECAM window."""
     layout = host.layout
     if layout.pci_ecam is None and layout.pio is None:
         raise DeviceError("this architecture's layout has no PCI configuration window")
     if layout.pci_mmio32 is None and layout.pci_mmio64 is None:
         raise DeviceError("this architecture's layout has no PCI MMIO window")
-    root = PciRoot(mmio_bus=host.mmio_bus, pio_bus=host.pio_bus, mmio32=layout.pci_mmio32,
-                   mmio64=layout.pci_mmio64, io=layout.pio, ecam=layout.pci_ecam, segment=segment)
+    windows = segment_windows(layout, segment, count)
+    if windows.ecam is None and segment:
+        raise DeviceError(f"PCI segment {segment} needs an ECAM window (this architecture has none to share)")
+    root = PciRoot(mmio_bus=host.mmio_bus, pio_bus=host.pio_bus, mmio32=windows.mmio32,
+                   mmio64=windows.mmio64, io=windows.io, ecam=windows.ecam, segment=segment)
     pio = mmio = None
-    if layout.pio is not None:
+    if layout.pio is not None and segment == 0:
         host.pio_bus.insert(PciConfigIo(root), CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)
         pio = (CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)
-    if layout.pci_ecam is not None:
-        host.mmio_bus.insert(PciEcam(root), layout.pci_ecam.start, layout.pci_ecam.size)
-        mmio = (layout.pci_ecam.start, layout.pci_ecam.size)
+    if windows.ecam is not None:
+        host.mmio_bus.insert(PciEcam(root), windows.ecam.start, windows.ecam.size)
+        mmio = (windows.ecam.start, windows.ecam.size)
     placed = PlacedDevice(root, DeviceRequest("pci-host", f"_pci{segment}"), PciRoot.kind,
                           pio=pio, mmio=mmio, properties={"segment": segment}, transport="pci")
     log.debug("pci.root_created", segment=segment, ecam=mmio, config_io=pio)

@@ -66,7 +66,9 @@ IMPLEMENTED = frozenset({
     "vsock.cid", "vsock.socket", "vsock.id", "vsock.pci_device_id", "vsock.transport",
     "debug_console.file", "debug_console.mode", "debug_console.iobase",
     "pvpanic",
-    "platform.virtio_transport",
+    "platform.virtio_transport", "platform.num_pci_segments",
+    "disks.pci_segment", "net.pci_segment", "rng.pci_segment", "balloon.pci_segment", "console.pci_segment",
+    "vsock.pci_segment",
     "plugin_devices",
     "landlock_enable", "landlock_rules.path", "landlock_rules.access",
 })

@@ -64,6 +64,17 @@ class AcpiTables(Value):
             memory.write(table.address, table.data)
 
 
+def _ecam_segments(layout: MemoryLayout, devices: Sequence[PlacedDevice]) -> list[tables.EcamSegment]:
+    """An MCFG entry for each PCI segment's root (its share of the ECAM window, 1 MiB a bus),
+    or the whole window as segment 0 when no root is placed."""
+    roots = sorted(((int(d.properties.get("segment", 0)), d.mmio) for d in devices
+                    if d.kind == "pci-host" and d.mmio is not None), key=lambda item: item[0])
+    assert layout.pci_ecam is not None
+    windows = [(segment, base, size) for segment, (base, size) in roots] or \
+        [(0, layout.pci_ecam.start, layout.pci_ecam.size)]
+    return [tables.EcamSegment(base, segment, 0, min(size >> 20, 256) - 1) for segment, base, size in windows]
+
+
 def build_acpi(
     layout: MemoryLayout,
     devices: Sequence[PlacedDevice],
@@ -130,9 +141,7 @@ def build_acpi(
     )
     addresses = [fadt_address, madt_address]
     if layout.pci_ecam is not None:
-        ecam = layout.pci_ecam
-        end_bus = min(ecam.size // (1 << 20), 256) - 1
-        addresses.append(put("MCFG", tables.mcfg([tables.EcamSegment(ecam.start, 0, 0, end_bus)])))
+        addresses.append(put("MCFG", tables.mcfg(_ecam_segments(layout, devices))))
     xsdt = tables.xsdt(addresses)
     result = [
         AcpiTable("RSDP", rsdp_address, tables.rsdp(xsdt_address)),
