@@ -22,6 +22,7 @@ import attrs
 from vmmkit.allocator import AddressAllocator
 from vmmkit.bus import Bus
 from vmmkit.device import Device, DeviceContext, DeviceRequest, ManagedDevice, PlacedDevice
+from vmmkit.device_memory import DeviceMemory
 from vmmkit.errors import DeviceError
 from vmmkit.irq import GsiAllocator, GsiLine, InterruptLine
 from vmmkit.log import get_logger
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from vmmkit.cpu_hotplug import CpuHotplugController, EjectHandler
     from vmmkit.eventloop import EventLoop
     from vmmkit.hypervisor import PortSink, Vm
-    from vmmkit.memory import GuestMemory
+    from vmmkit.memory import GuestMemory, MemoryRange
     from vmmkit.pci.host import PciRoot
     from vmmkit.pci.hotplug import PciHotplugController
     from vmmkit.registry import Registries
@@ -92,6 +93,9 @@ class DeviceManager:
         self.mmio_bus = Bus("mmio")
         window = layout.device_mmio
         self.mmio_allocator = AddressAllocator(window.start, window.size, "device MMIO window")
+        #: The 64-bit device window (``layout.pci_mmio64``): 64-bit BARs and device memory.
+        self.mmio64_allocator = _window_allocator(layout.pci_mmio64, "64-bit device window")
+        self.device_memory = DeviceMemory(vm, self.mmio64_allocator)
         first, last = layout.device_irqs
         self._free_irqs = list(range(first, last + 1))
         self._irq_lines: dict[int, GsiLine] = {}
@@ -488,6 +492,10 @@ class DeviceManager:
             for line in self._irq_lines.values():
                 line.close()
             self._irq_lines.clear()
+
+
+def _window_allocator(window: MemoryRange | None, name: str) -> AddressAllocator | None:
+    return AddressAllocator(window.start, window.size, name) if window is not None and window.size > 0 else None
 
 
 def _family(device: Any) -> str:

@@ -79,6 +79,8 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "balloon.pci_segment": _SEGMENTS,
     "vsock.iommu": _IOMMU,
     "vsock.pci_segment": _SEGMENTS,
+    "pmem.iommu": _IOMMU,
+    "pmem.pci_segment": _SEGMENTS,
     # device sections no in-tree device type implements yet
     "fs": "virtio-fs devices",
     "pmem": "virtio-pmem devices",

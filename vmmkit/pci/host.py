@@ -185,6 +185,7 @@ class PciRoot(ManagedDevice):
         io: MemoryRange | None = None,
         ecam: MemoryRange | None = None,
         segment: int = 0,
+        alloc64: AddressAllocator | None = None,
     ) -> None:
         self.mmio_bus = mmio_bus
         self.pio_bus = pio_bus
@@ -195,7 +196,8 @@ class PciRoot(ManagedDevice):
         self.io = io
         self.ecam = ecam
         self._alloc32 = _allocator(mmio32, "PCI 32-bit MMIO window")
-        self._alloc64 = _allocator(mmio64, "PCI 64-bit MMIO window")
+        #: ``alloc64``: the device manager's, shared with device memory (virtio-pmem).
+        self._alloc64 = alloc64 if alloc64 is not None else _allocator(mmio64, "PCI 64-bit MMIO window")
         self._alloc_io = _allocator(io, "PCI I/O window")
         self._lock = threading.RLock()
         self._slots: dict[int, _Slot] = {}
@@ -639,7 +641,8 @@ def create_root(host: DeviceHost, segment: int) -> tuple[PciRoot, PlacedDevice]:
     if layout.pci_mmio32 is None and layout.pci_mmio64 is None:
         raise DeviceError("this architecture's layout has no PCI MMIO window")
     root = PciRoot(mmio_bus=host.mmio_bus, pio_bus=host.pio_bus, mmio32=layout.pci_mmio32,
-                   mmio64=layout.pci_mmio64, io=layout.pio, ecam=layout.pci_ecam, segment=segment)
+                   mmio64=layout.pci_mmio64, io=layout.pio, ecam=layout.pci_ecam, segment=segment,
+                   alloc64=host.mmio64_allocator)
     pio = mmio = None
     if layout.pio is not None:
         host.pio_bus.insert(PciConfigIo(root), CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)
