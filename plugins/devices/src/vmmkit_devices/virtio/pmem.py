@@ -186,7 +186,7 @@ class PmemDevice(QueueDevice):
 
 def _refuse(option: str, config: PmemConfig, reason: str) -> ConfigError:
     return ConfigError(option, config.file, "file=<regular file or block device of a multiple of 2 MiB>",
-                       reason=reason)
+                       reason=f"{config.file} {reason}")
 
 
 def open_backing(config: PmemConfig, option: str = "--pmem") -> tuple[int, int]:
@@ -222,7 +222,7 @@ def open_backing(config: PmemConfig, option: str = "--pmem") -> tuple[int, int]:
         if size is None:
             size = length
         if size <= 0 or size % ALIGNMENT:
-            raise _refuse(option, config, f"size {size} is not a positive multiple of 2 MiB")
+            raise _refuse(option, config, f"has size {size}, not a positive multiple of 2 MiB")
         if length < size:
             if config.discard_writes or not stat.S_ISREG(mode):
                 why = "discard_writes=on opens it read-only" if config.discard_writes else "a block device"
