@@ -62,3 +62,19 @@ def test_bad_files_exit_2_with_one_line(selftest_elf: Path, tmp_path: Path, spec
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("vmmkit: error: --pmem: "), result.stderr
     assert said in result.stderr
+
+
+def test_the_region_stays_clear_of_the_memory_hotplug_area(selftest_elf: Path, vmmkit_hypervisor: str,
+                                                           tmp_path: Path) -> None:
+    """x86-64: 128 MiB of RAM, hotplug RAM from 4 GiB to 4.5 GiB; the 64-bit device window, and
+    the pmem region in it, start at the next GiB above (5 GiB)."""
+    image = pmem_image(tmp_path / "pmem.img")
+    result = run_vmmkit("--hypervisor", vmmkit_hypervisor, "--kernel", str(selftest_elf),
+                        "--memory", "size=128M,hotplug_size=512M", "--cmdline", "test=pmem",
+                        "--pmem", f"file={image}", timeout=120)
+    lines = selftest_lines(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "selftest: ok pmem 4 MiB, flush ok" in lines, lines
+    region = next(line for line in lines if "region [" in line)
+    start = int(region.split("[")[1].split("-")[0], 16)
+    assert start >= 5 << 30, region
