@@ -44,3 +44,37 @@ def test_hot_add_pmem(vmm: VmmProcess, selftest_elf: Path, short_dir: Path) -> N
     assert second.json()["id"] != "pm0" and second.json()["bdf"] != added["bdf"]
     assert [p["id"] for p in vmm.info()["config"]["pmem"]] == ["pm0", second.json()["id"]]
     assert vmm.info()["state"] == "Running"
+
+
+def test_snapshot_and_restore_keep_the_region(start_vmm, selftest_elf: Path, short_dir: Path,  # noqa: ANN001
+                                              vmmkit_hypervisor: str) -> None:
+    """The device's state is where its region is; the snapshot holds no copy of the file (its
+    memory files are the RAM's), and the restored VM maps the file at the same place."""
+    image = short_dir / "pmem.img"
+    with image.open("wb") as out:
+        out.truncate(4 << 20)
+    first = start_vmm()
+    first.create(first.guest_config(selftest_elf, pmem=[{"file": str(image), "id": "pm0"}]))
+    first.remote("boot")
+    first.remote("pause")
+    first.remote("snapshot", f"file://{short_dir}/snap")
+    first.remote("shutdown-vmm")
+    assert first.wait_exit() == 0
+    state = json.loads((short_dir / "snap" / "state.json").read_text())
+    (saved,) = [entry for entry in state["devices"] if entry["id"] == "pm0"]
+    device_state = saved["state"]["virtio"]["device"]["state"]
+    assert device_state["size"] == 4 << 20 and device_state["start"] % (2 << 20) == 0, device_state
+    ram = sum(entry["size"] for entry in state["memory"])
+    assert sum(path.stat().st_size for path in (short_dir / "snap").glob("memory-*.bin")) == ram
+
+    (short_dir / "b").mkdir()
+    second = VmmProcess(short_dir / "b", vmmkit_hypervisor, "--restore", f"source_url=file://{short_dir}/snap")
+    try:
+        assert second.info()["state"] == "Paused"
+        assert [p["id"] for p in second.info()["config"]["pmem"]] == ["pm0"]
+        second.remote("resume")
+        assert "pm0" in json.loads(second.remote("counters").stdout)
+        second.remote("shutdown-vmm")
+        assert second.wait_exit() == 0
+    finally:
+        second.stop()
