@@ -391,6 +391,8 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace,
             vmm.restore(url, prefault=prefault, resume=resume)
         sandbox_cli.confine_main_thread()
         exit_ = vmm.wait()
+    except ConfigError as exc:  # a device's option only its device can check (a --pmem file)
+        return _fail(str(exc), EXIT_USAGE)
     except VmmError as exc:
         return _fail(str(exc))
     finally:
