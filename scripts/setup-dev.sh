@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 apt_packages=(gcc make binutils libc6-dev qemu-system-x86 acpica-tools iproute2 busybox-static cpio
               gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-system-arm device-tree-compiler qemu-utils
               libseccomp2)  # libseccomp2: the seccomp filters (vmmkit.sandbox loads it at run time)
+apt_packages+=(e2fsprogs)  # mkfs.ext4 and debugfs: the ext4 image of tests/linux/test_linux_pmem.py
 python3 -c "import ensurepip, venv" 2>/dev/null || apt_packages+=(python3-venv)
 # The cffi modules (run loop, virtqueue walker, block I/O) compile against Python.h.
 python3 -c "import os, sysconfig; assert os.path.exists(sysconfig.get_paths()['include'] + '/Python.h')" \

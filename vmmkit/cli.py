@@ -309,6 +309,7 @@ def _cmd_restore(options: argparse.Namespace, parser: argparse.ArgumentParser, p
 
 
 def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) -> int:
+    from vmmkit.config import ConfigError
     from vmmkit.errors import VmmError
     from vmmkit.machine import Machine, StopReason
     from vmmkit.sandbox import cli as sandbox_cli
@@ -327,6 +328,8 @@ def _boot(config: Any, pm: Any, registries: Any, options: argparse.Namespace) ->
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         exit_ = machine.run(on_booted=sandbox_cli.confine_main_thread)
+    except ConfigError as exc:  # a device's option only its device can check (a --pmem file)
+        return _fail(str(exc), EXIT_USAGE)
     except VmmError as exc:
         return _fail(str(exc))
     finally:
@@ -388,6 +391,8 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace,
             vmm.restore(url, prefault=prefault, resume=resume)
         sandbox_cli.confine_main_thread()
         exit_ = vmm.wait()
+    except ConfigError as exc:  # a device's option only its device can check (a --pmem file)
+        return _fail(str(exc), EXIT_USAGE)
     except VmmError as exc:
         return _fail(str(exc))
     finally:

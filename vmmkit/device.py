@@ -16,6 +16,7 @@ from attrs import field, frozen
 
 if TYPE_CHECKING:
     from vmmkit.config import VmConfig
+    from vmmkit.device_memory import DeviceMemoryRegion
     from vmmkit.eventloop import EventLoop
     from vmmkit.firmware import AcpiScope, FdtWriter
     from vmmkit.hypervisor import PortSink
@@ -64,6 +65,16 @@ class DeviceContext(Protocol):
 
     def request_shutdown(self, reason: str) -> None:
         """The guest powered the machine off (or a device decided it must stop)."""
+        ...
+
+    def map_device_memory(self, host_address: int, size: int, *, alignment: int,
+                          at: int | None = None) -> DeviceMemoryRegion:
+        """Map ``size`` bytes of the device's host memory into the guest, outside RAM, at an
+        ``alignment``-aligned range of the 64-bit device window (``at``: exactly there), with a
+        hypervisor slot of its own (:mod:`vmmkit.device_memory`); the device unmaps it
+        (:meth:`DeviceMemoryRegion.unmap`) before it unmaps the host memory.
+
+        :raises DeviceError: no room, or the hypervisor refuses."""
         ...
 
     def request_reset(self, reason: str) -> None:

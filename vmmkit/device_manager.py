@@ -22,9 +22,11 @@ import attrs
 from vmmkit.allocator import AddressAllocator
 from vmmkit.bus import Bus
 from vmmkit.device import Device, DeviceContext, DeviceRequest, ManagedDevice, PlacedDevice
+from vmmkit.device_memory import DeviceMemory
 from vmmkit.errors import DeviceError
 from vmmkit.irq import GsiAllocator, GsiLine, InterruptLine
 from vmmkit.log import get_logger
+from vmmkit.memory import MemoryRange
 from vmmkit.transport import Transport
 from vmmkit.virtio.device import VirtioDevice
 
@@ -92,6 +94,11 @@ class DeviceManager:
         self.mmio_bus = Bus("mmio")
         window = layout.device_mmio
         self.mmio_allocator = AddressAllocator(window.start, window.size, "device MMIO window")
+        #: The 64-bit device window (``layout.pci_mmio64``, segment 0's share of it with several
+        #: PCI segments): segment 0's 64-bit BARs and device memory.
+        self.mmio64_allocator = _window_allocator(segment_windows(layout, 0, self.pci_segment_count).mmio64,
+                                                  "64-bit device window")
+        self.device_memory = DeviceMemory(vm, self.mmio64_allocator)
         first, last = layout.device_irqs
         self._free_irqs = list(range(first, last + 1))
         self._irq_lines: dict[int, GsiLine] = {}
@@ -261,7 +268,7 @@ class DeviceManager:
                 return root
             from vmmkit.pci.host import create_root
 
-            root, placed = create_root(self, index, self.pci_segment_count)
+            root, placed = create_root(self, index, segment_windows(self.layout, index, self.pci_segment_count))
             self._segments[index] = root
             self._placed[placed.id] = placed
             return root
@@ -493,6 +500,43 @@ class DeviceManager:
             for line in self._irq_lines.values():
                 line.close()
             self._irq_lines.clear()
+
+
+@attrs.frozen
+class SegmentWindows:
+    """One segment's share of the layout's PCI windows."""
+
+    ecam: MemoryRange | None
+    mmio32: MemoryRange | None
+    mmio64: MemoryRange | None
+    io: MemoryRange | None
+
+
+#: A share of a window is a whole number of these (1 MiB: an ECAM bus, and BAR-friendly).
+_SHARE_ALIGN = 1 << 20
+
+
+def segment_windows(layout: MemoryLayout, segment: int, count: int) -> SegmentWindows:
+    """The windows of ``segment`` when the layout's PCI windows are shared by ``count``
+    segments (``--platform num_pci_segments``): the ECAM, 32-bit and 64-bit MMIO windows cut in
+    ``count`` equal parts, in segment order, as Cloud Hypervisor divides its apertures (with
+    equal weights); the I/O window and the 0xCF8 ports stay segment 0's. One segment keeps the
+    whole windows."""
+    if not 0 <= segment < count:
+        raise DeviceError(f"PCI segment {segment} does not exist (num_pci_segments is {count})")
+
+    def share(window: MemoryRange | None) -> MemoryRange | None:
+        if window is None or count == 1:
+            return window
+        size = window.size // count & ~(_SHARE_ALIGN - 1)
+        return MemoryRange(window.start + segment * size, size) if size else None
+
+    return SegmentWindows(ecam=share(layout.pci_ecam), mmio32=share(layout.pci_mmio32),
+                          mmio64=share(layout.pci_mmio64), io=layout.pio if segment == 0 else None)
+
+
+def _window_allocator(window: MemoryRange | None, name: str) -> AddressAllocator | None:
+    return AddressAllocator(window.start, window.size, name) if window is not None and window.size > 0 else None
 
 
 def _family(device: Any) -> str:

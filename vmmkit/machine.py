@@ -36,6 +36,7 @@ from vmmkit.sandbox import deactivate as deactivate_landlock
 from vmmkit.sandbox.landlock import vm_rules as landlock_rules
 
 if TYPE_CHECKING:
+    from vmmkit.device_memory import DeviceMemoryRegion
     from vmmkit.memory_hotplug import MemoryHotplug, VirtioMemHotplug
     from vmmkit.snapshot import SnapshotImage
 
@@ -156,6 +157,10 @@ class _DeviceContext:
 
     def request_shutdown(self, reason: str) -> None:
         self._machine.request_stop(StopReason.POWER_OFF, reason)
+
+    def map_device_memory(self, host_address: int, size: int, *, alignment: int,
+                          at: int | None = None) -> DeviceMemoryRegion:
+        return self._machine.manager.device_memory.map(host_address, size, alignment=alignment, at=at)
 
     def request_reset(self, reason: str) -> None:
         self._machine.request_reset(reason)

@@ -6,6 +6,7 @@
     vmmkit-remote --api-socket /run/vm.sock add-disk path=disk.img,readonly=on
     vmmkit-remote --api-socket /run/vm.sock add-net fd=[3],mac=12:34:56:78:9a:bc   (3: an fd of
                                                                   this process, sent by SCM_RIGHTS)
+    vmmkit-remote --api-socket /run/vm.sock add-pmem file=pmem.img,size=64M
     vmmkit-remote --api-socket /run/vm.sock remove-device _disk0
     vmmkit-remote --api-socket /run/vm.sock snapshot file:///var/snap      (a paused VM)
     vmmkit-remote --api-socket /run/vm.sock restore source_url=file:///var/snap,prefault=on
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device.add_argument("device_config", metavar="DEVICE", help="as --device: path=<sysfs path>,id=<id>")
     add_vsock = commands.add_parser("add-vsock", help="Add vsock device")
     add_vsock.add_argument("vsock_config", metavar="VSOCK", help="as --vsock: cid=<cid>,socket=<path>")
+    add_pmem = commands.add_parser("add-pmem", help="Add persistent memory device")
+    add_pmem.add_argument("pmem_config", metavar="PMEM", help="as --pmem: file=<path>,size=<size>,discard_writes=on")
     remove = commands.add_parser("remove-device", help="Remove VFIO and PCI device")
     remove.add_argument("id", help="the device id")
     resize = commands.add_parser("resize", help="Resize the VM")
@@ -115,7 +118,7 @@ def _device_body(kind: Any, spec: str) -> tuple[dict[str, Any], tuple[int, ...]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     from vmmkit.api.client import ApiClient, ApiError
-    from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, VsockConfig
+    from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, PmemConfig, VsockConfig
     from vmmkit.units import parse_size
 
     parser = build_parser()
@@ -152,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "add-net": ("vm.add-net", NetConfig, lambda o: o.net_config),
                 "add-device": ("vm.add-device", DeviceConfig, lambda o: o.device_config),
                 "add-vsock": ("vm.add-vsock", VsockConfig, lambda o: o.vsock_config),
+                "add-pmem": ("vm.add-pmem", PmemConfig, lambda o: o.pmem_config),
             }
             endpoint, kind, spec = kinds[command]
             method = "PUT"

@@ -63,6 +63,12 @@ class DeviceHost(Protocol):
         """The window for MMIO devices the manager places (``layout.device_mmio``)."""
         ...
 
+    @property
+    def mmio64_allocator(self) -> AddressAllocator | None:
+        """The 64-bit device window (``layout.pci_mmio64``), shared by 64-bit PCI BARs and
+        device memory (:mod:`vmmkit.device_memory`); ``None``: the layout has none."""
+        ...
+
     def allocate_irq(self, irq: int | None = None) -> tuple[int, InterruptLine]:
         """A legacy interrupt line: ``irq`` (shared if in use) or a free one."""
         ...

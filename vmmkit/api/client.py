@@ -150,6 +150,9 @@ class ApiClient:
     def add_disk(self, disk: Mapping[str, Any]) -> dict[str, str] | None:
         return self.put("vm.add-disk", dict(disk))  # type: ignore[no-any-return]
 
+    def add_pmem(self, pmem: Mapping[str, Any]) -> dict[str, str] | None:
+        return self.put("vm.add-pmem", dict(pmem))  # type: ignore[no-any-return]
+
     def add_net(self, net: Mapping[str, Any], fds: Sequence[int] = ()) -> dict[str, str] | None:
         return self.put("vm.add-net", dict(net), fds=fds)  # type: ignore[no-any-return]
 

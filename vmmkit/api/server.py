@@ -47,7 +47,16 @@ from vmmkit.api.http import (
     close_fds,
 )
 from vmmkit.api.resize_ram import checked_ram
-from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, OptionParser, VmConfig, VsockConfig
+from vmmkit.config import (
+    ConfigError,
+    DeviceConfig,
+    DiskConfig,
+    NetConfig,
+    OptionParser,
+    PmemConfig,
+    VmConfig,
+    VsockConfig,
+)
 from vmmkit.errors import BootError, DeviceError, VmmError
 from vmmkit.log import get_logger
 from vmmkit.sandbox import API, enter_thread
@@ -88,7 +97,6 @@ NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
     "vm.resize-zone": "resizing memory zones",
     "vm.add-fs": "virtio-fs devices",
     "vm.add-generic-vhost-user": "generic vhost-user devices",
-    "vm.add-pmem": "adding pmem devices over the API",
     "vm.add-vdpa": "vDPA devices",
     "vm.add-user-device": "userspace (vfio-user) devices",
     "vm.coredump": "guest core dumps",
@@ -206,6 +214,10 @@ def _add_vsock(server: ApiServer, request: Request) -> Response:
     return _added(server.vmm.add_vsock(VsockConfig.from_json(_json_object(request))))
 
 
+def _add_pmem(server: ApiServer, request: Request) -> Response:
+    return _added(server.vmm.add_pmem(PmemConfig.from_json(_json_object(request))))
+
+
 def _remove_device(server: ApiServer, request: Request) -> Response:
     body = _json_object(request)
     device_id = body.get("id")
@@ -317,6 +329,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.add-net": Route("PUT", _add_net, takes_fds=True),
     "vm.add-device": Route("PUT", _add_device),
     "vm.add-vsock": Route("PUT", _add_vsock),
+    "vm.add-pmem": Route("PUT", _add_pmem),
     "vm.remove-device": Route("PUT", _remove_device),
     "vm.resize-disk": Route("PUT", _resize_disk),
     "vm.snapshot": Route("PUT", _snapshot),

@@ -72,6 +72,7 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "console.iommu": _IOMMU,
     "balloon.iommu": _IOMMU,
     "vsock.iommu": _IOMMU,
+    "pmem.iommu": _IOMMU,
     # device sections no in-tree device type implements yet
     "fs": "virtio-fs devices",
     "pmem": "virtio-pmem devices",

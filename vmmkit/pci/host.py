@@ -66,6 +66,7 @@ from vmmkit.pci.config import (
 from vmmkit.pci.function import BarRegion, PciFunction
 
 if TYPE_CHECKING:
+    from vmmkit.device_manager import SegmentWindows
     from vmmkit.firmware import AcpiScope, FdtWriter
     from vmmkit.transport import DeviceHost
 
@@ -185,6 +186,7 @@ class PciRoot(ManagedDevice):
         io: MemoryRange | None = None,
         ecam: MemoryRange | None = None,
         segment: int = 0,
+        alloc64: AddressAllocator | None = None,
     ) -> None:
         self.mmio_bus = mmio_bus
         self.pio_bus = pio_bus
@@ -195,7 +197,8 @@ class PciRoot(ManagedDevice):
         self.io = io
         self.ecam = ecam
         self._alloc32 = _allocator(mmio32, "PCI 32-bit MMIO window")
-        self._alloc64 = _allocator(mmio64, "PCI 64-bit MMIO window")
+        #: ``alloc64``: the device manager's, shared with device memory (virtio-pmem).
+        self._alloc64 = alloc64 if alloc64 is not None else _allocator(mmio64, "PCI 64-bit MMIO window")
         self._alloc_io = _allocator(io, "PCI I/O window")
         self._lock = threading.RLock()
         self._slots: dict[int, _Slot] = {}
@@ -630,53 +633,21 @@ def _allocator(window: MemoryRange | None, name: str) -> AddressAllocator | None
 # -- the device manager's side ---------------------------------------------------------------
 
 
-@attrs.frozen
-class SegmentWindows:
-    """One segment's share of the layout's PCI windows."""
-
-    ecam: MemoryRange | None
-    mmio32: MemoryRange | None
-    mmio64: MemoryRange | None
-    io: MemoryRange | None
-
-
-#: A share of a window is a whole number of these (1 MiB: an ECAM bus, and BAR-friendly).
-_SHARE_ALIGN = 1 << 20
-
-
-def segment_windows(layout: Any, segment: int, count: int) -> SegmentWindows:
-    """The windows of ``segment`` when the layout's PCI windows are shared by ``count``
-    segments (``--platform num_pci_segments``): the ECAM, 32-bit and 64-bit MMIO windows cut in
-    ``count`` equal parts, in segment order, as Cloud Hypervisor divides its apertures (with
-    equal weights); the I/O window and the 0xCF8 ports stay segment 0's. One segment keeps the
-    whole windows."""
-    if not 0 <= segment < count:
-        raise DeviceError(f"PCI segment {segment} does not exist (num_pci_segments is {count})")
-
-    def share(window: MemoryRange | None) -> MemoryRange | None:
-        if window is None or count == 1:
-            return window
-        size = window.size // count & ~(_SHARE_ALIGN - 1)
-        return MemoryRange(window.start + segment * size, size) if size else None
-
-    return SegmentWindows(ecam=share(layout.pci_ecam), mmio32=share(layout.pci_mmio32),
-                          mmio64=share(layout.pci_mmio64), io=layout.pio if segment == 0 else None)
-
-
-def create_root(host: DeviceHost, segment: int, count: int = 1) -> tuple[PciRoot, PlacedDevice]:
-    """A root complex for ``segment`` (of ``count``) with its configuration windows on the
-    buses: the 0xCF8 ports for segment 0 where the architecture has port I/O (``layout.pio``),
-    and its ECAM window."""
+def create_root(host: DeviceHost, segment: int, windows: SegmentWindows) -> tuple[PciRoot, PlacedDevice]:
+    """A root complex for ``segment`` over ``windows`` (its share of the layout's), with its
+    configuration windows on the buses: the 0xCF8 ports for segment 0 where the architecture has
+    port I/O (``layout.pio``), and its ECAM window."""
     layout = host.layout
     if layout.pci_ecam is None and layout.pio is None:
         raise DeviceError("this architecture's layout has no PCI configuration window")
     if layout.pci_mmio32 is None and layout.pci_mmio64 is None:
         raise DeviceError("this architecture's layout has no PCI MMIO window")
-    windows = segment_windows(layout, segment, count)
     if windows.ecam is None and segment:
         raise DeviceError(f"PCI segment {segment} needs an ECAM window (this architecture has none to share)")
+    # Segment 0's 64-bit window is the device manager's, shared with device memory (virtio-pmem).
     root = PciRoot(mmio_bus=host.mmio_bus, pio_bus=host.pio_bus, mmio32=windows.mmio32,
-                   mmio64=windows.mmio64, io=windows.io, ecam=windows.ecam, segment=segment)
+                   mmio64=windows.mmio64, io=windows.io, ecam=windows.ecam, segment=segment,
+                   alloc64=host.mmio64_allocator if segment == 0 else None)
     pio = mmio = None
     if layout.pio is not None and segment == 0:
         host.pio_bus.insert(PciConfigIo(root), CONFIG_ADDRESS_PORT, CONFIG_IO_SIZE)

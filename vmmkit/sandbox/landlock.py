@@ -123,7 +123,7 @@ def restrict_self(ruleset: int) -> None:
 
 def vm_rules(config: Any) -> list[Rule]:
     """The paths a ``VmConfig`` names, with the access the VM needs: the payload (read again
-    at each reboot), the disks, the files and sockets of its consoles, the entropy source, the
+    at each reboot), the disks, the pmem files, the files and sockets of its consoles, the entropy source, the
     devices it opens, and ``landlock_rules``."""
     rules: list[Rule] = []
     payload = config.payload
@@ -133,6 +133,8 @@ def vm_rules(config: Any) -> list[Rule]:
     for disk in config.disks:
         if disk.path:
             rules.append(Rule(disk.path, "r" if disk.readonly else "rw"))
+    for pmem in config.pmem:  # mapped at boot; a flush only fsyncs the open file
+        rules.append(Rule(pmem.file, "r" if pmem.discard_writes else "rw"))
     for name in (config.serial.file, config.serial.socket, config.console.file, config.console.socket):
         if name and os.path.exists(name):
             rules.append(Rule(name, "rw"))

@@ -16,8 +16,10 @@ from vmmkit_devices.legacy.i8042 import I8042
 from vmmkit_devices.legacy.rtc import CmosRtc
 from vmmkit_devices.legacy.serial import Serial16550
 
+from vmmkit.allocator import AddressAllocator
 from vmmkit.config import VmConfig
 from vmmkit.device import Device
+from vmmkit.device_memory import DeviceMemory, DeviceMemoryRegion
 from vmmkit.eventloop import EventLoop
 
 
@@ -47,6 +49,7 @@ class FakeContext:
         self.resets: list[str] = []
         self.exit_statuses: list[int] = []
         self.log_fd: int | None = None
+        self.device_memory: DeviceMemory | None = None
 
     def interrupt_line(self, irq: int | None = None) -> tuple[int, RecordingLine]:
         irq = 5 if irq is None else irq
@@ -60,6 +63,29 @@ class FakeContext:
 
     def set_exit_status(self, status: int) -> None:
         self.exit_statuses.append(status)
+
+    def map_device_memory(self, host_address: int, size: int, *, alignment: int,
+                          at: int | None = None) -> DeviceMemoryRegion:
+        """Device memory in a 64 GiB window at 64 GiB, with slots in :attr:`slots`."""
+        if self.device_memory is None:
+            self.device_memory = DeviceMemory(SlotRecorder(), AddressAllocator(64 << 30, 64 << 30))  # type: ignore[arg-type]
+        return self.device_memory.map(host_address, size, alignment=alignment, at=at)
+
+
+class SlotRecorder:
+    """The memory-slot half of a :class:`vmmkit.hypervisor.Vm`: ``slots`` maps each slot in use
+    to ``(guest_addr, size, host_addr)``."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, tuple[int, int, int]] = {}
+
+    def add_memory_region(self, slot: int, guest_addr: int, size: int, host_addr: int, *,
+                          readonly: bool = False, log_dirty: bool = False) -> None:
+        assert slot not in self.slots
+        self.slots[slot] = (guest_addr, size, host_addr)
+
+    def remove_memory_region(self, slot: int) -> None:
+        del self.slots[slot]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:

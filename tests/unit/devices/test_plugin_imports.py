@@ -18,7 +18,7 @@ import vmmkit_aarch64.plugin
 import vmmkit_devices.plugin
 from devices_support import FakeContext
 
-from vmmkit.config import BalloonConfig, ConsoleConfig, DiskConfig, RngConfig, VsockConfig
+from vmmkit.config import BalloonConfig, ConsoleConfig, DiskConfig, PmemConfig, RngConfig, VsockConfig
 from vmmkit.device import Device, DeviceRequest
 from vmmkit.memory_hotplug import VirtioMemRegion
 from vmmkit.pci.function import PciFunction
@@ -142,6 +142,8 @@ def test_each_declared_type_builds_its_device(name: str, ctx: FakeContext, tmp_p
     config = _CONFIGS.get(name)
     if name == "virtio-vsock":
         config = VsockConfig(cid=3, socket=str(tmp_path / "v.sock"))
+    if name == "virtio-pmem":
+        config = PmemConfig(file=str(tmp_path), size=2 << 20)  # a directory: an unnamed file in it
     if name == "virtio-blk":
         image = tmp_path / "disk.img"
         image.write_bytes(bytes(4096))

@@ -288,6 +288,22 @@ class VirtioVsockType(DeviceType):
     implementation: ClassVar[str] = "vmmkit_devices.virtio.vsock.device"
 
 
+class VirtioPmemType(DeviceType):
+    """``virtio-pmem``: a virtio persistent-memory device per ``--pmem`` (a file mapped into the
+    guest, outside RAM; flushes are ``fsync``)."""
+
+    name: ClassVar[str] = "virtio-pmem"
+    description: ClassVar[str] = ("virtio persistent memory: a file mapped into the guest, flush = fsync "
+                                  "(--pmem file=,size=,discard_writes=); Linux's virtio_pmem with DAX")
+    sections: ClassVar[tuple[str, ...]] = ("pmem",)
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [_virtio_request(cls.name, pmem, section_id(pmem)) for pmem in config.pmem]
+
+    implementation: ClassVar[str] = "vmmkit_devices.virtio.pmem"
+
+
 def _virtio_request(type_name: str, section: Any, device_id: str) -> DeviceRequest:
     """The request for a virtio device of a configuration section with Cloud Hypervisor's
     placement fields (``pci_segment``, ``pci_device_id``) and vmmkit's ``transport``."""

@@ -6,8 +6,8 @@ with fixed placements (x86: ``serial-16550`` at 0x3f8 IRQ 4, ``rtc-cmos`` at 0x7
 ``acpi-pm`` at 0x600, ``acpi-ged`` at a fixed MMIO byte).
 
 The virtio types (``virtio-blk``, ``virtio-net``, ``virtio-console``, ``virtio-rng``,
-``virtio-balloon``, ``virtio-vsock``) claim the ``disks``, ``net``, ``console``, ``rng``, ``balloon``
-and ``vsock`` sections of the configuration; the machine puts each device behind the transport its
+``virtio-balloon``, ``virtio-vsock``, ``virtio-pmem``) claim the ``disks``, ``net``, ``console``, ``rng``,
+``balloon``, ``vsock`` and ``pmem`` sections of the configuration; the machine puts each device behind the transport its
 config asks for.
 
 Loading this module imports only the types' declarations (:mod:`vmmkit_devices.device_types`):
@@ -39,6 +39,7 @@ from vmmkit_devices.device_types import (
     VirtioConsoleType,
     VirtioMemType,
     VirtioNetType,
+    VirtioPmemType,
     VirtioRngType,
     VirtioVsockType,
 )
@@ -68,6 +69,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VirtioMemType,
     VirtioBalloonType,
     VirtioVsockType,
+    VirtioPmemType,
 )
 
 

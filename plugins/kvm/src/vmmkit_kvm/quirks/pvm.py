@@ -13,8 +13,8 @@ gap                                  what vmmkit does
 ``fwait`` cannot be emulated         RIP moves past the ``0x9b`` (no x87 exception is ever
                                      pending in a guest kept off x87 state)
 other instructions (``xrstor``,      the guest is kept off them: CPUID bits are hidden where
-SSE, ``cmpxchg16b``, ``clac``...)    KVM_SET_CPUID2 honours it (CX16) and the kernel is told
-                                     the rest with ``clearcpuid=``; ``mitigations=off`` keeps
+SSE, ``cmpxchg16b``, ``clac``,       KVM_SET_CPUID2 honours it (CX16) and the kernel is told
+``clwb``...)                         the rest with ``clearcpuid=``; ``mitigations=off`` keeps
                                      mitigation code (``verw``...) out of the entry paths
 user-mode ``syscall`` leaves CS at   a guest-debug hardware breakpoint on the guest's page-fault
 the user selector, so the first      handler; when its exception frame shows a user CS and
@@ -94,6 +94,7 @@ HIDDEN_FEATURES: Final[tuple[tuple[str, int, int, str, int, int], ...]] = (
     ("fsgsbase", 7, 0, "ebx", 0, 9 * 32 + 0),
     ("erms", 7, 0, "ebx", 9, 9 * 32 + 9),
     ("smap", 7, 0, "ebx", 20, 9 * 32 + 20),
+    ("clwb", 7, 0, "ebx", 24, 9 * 32 + 24),  # the pmem driver's cache write-back: clflushopt instead
     ("sha_ni", 7, 0, "ebx", 29, 9 * 32 + 29),
     ("fsrm", 7, 0, "edx", 4, 18 * 32 + 4),
 )
