@@ -288,6 +288,24 @@ class VirtioVsockType(DeviceType):
     implementation: ClassVar[str] = "vmmkit_devices.virtio.vsock.device"
 
 
+# -- vhost-user frontends (the data path is a backend process; guest memory is shared) -------
+
+
+class VhostUserBlkType(DeviceType):
+    """``vhost-user-blk``: a virtio block device per ``--disk vhost_user=on,socket=...``, served by a
+    vhost-user backend (qemu-storage-daemon, SPDK, vmmkit-vhost-user)."""
+
+    name: ClassVar[str] = "vhost-user-blk"
+    description: ClassVar[str] = "virtio block device served by a vhost-user backend (--disk vhost_user=on,socket=)"
+    sections: ClassVar[tuple[str, ...]] = ("disks.vhost_user", "disks.vhost_socket")
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [_virtio_request(cls.name, disk, section_id(disk)) for disk in config.disks if disk.vhost_user]
+
+    implementation: ClassVar[str] = "vmmkit_devices.vhost_user.blk"
+
+
 def _virtio_request(type_name: str, section: Any, device_id: str) -> DeviceRequest:
     """The request for a virtio device of a configuration section with Cloud Hypervisor's
     placement fields (``pci_segment``, ``pci_device_id``) and vmmkit's ``transport``."""

@@ -34,6 +34,7 @@ from vmmkit_devices.device_types import (
     Pl031Type,
     PvPanicType,
     Serial16550Type,
+    VhostUserBlkType,
     VirtioBalloonType,
     VirtioBlockType,
     VirtioConsoleType,
@@ -68,6 +69,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VirtioMemType,
     VirtioBalloonType,
     VirtioVsockType,
+    VhostUserBlkType,
 )
 
 

@@ -1,0 +1,307 @@
+"""The virtio device whose data path is a vhost-user backend (Cloud Hypervisor's
+``virtio-devices/src/vhost_user/vu_common_ctrl.rs``, QEMU's ``hw/virtio/vhost.c``).
+
+At creation (:func:`open_backend`): connect, ``SET_OWNER``, ``GET_FEATURES`` and, when the
+backend offers ``VHOST_USER_F_PROTOCOL_FEATURES``, ``GET``/``SET_PROTOCOL_FEATURES`` with the
+ones vmmkit uses (``REPLY_ACK``, ``CONFIG``, ``MQ``). The guest is offered the backend's device
+features within the type's mask.
+
+At ``DRIVER_OK`` (:meth:`VhostUserDevice.activate`): ``SET_FEATURES`` (the guest's, plus bit 30
+when protocol features were negotiated), ``SET_MEM_TABLE`` with every guest RAM region's memfd
+(SCM_RIGHTS; ``userspace_addr`` is vmmkit's own mapping, which ring addresses are given in), then
+per ready queue ``SET_VRING_NUM``, ``SET_VRING_BASE``, ``SET_VRING_ADDR``, ``SET_VRING_KICK``
+(the transport's queue eventfd: the ioeventfd the hypervisor signals on the guest's notify write)
+and ``SET_VRING_CALL``, then ``SET_VRING_ENABLE`` 1 when protocol features are in use (rings start
+disabled then, vhost-user.rst "Ring states").
+
+Call eventfds: one per queue, owned here and watched on the VMM's event loop, which raises the
+queue's interrupt through the transport (an MSI-X vector's irqfd on PCI, the InterruptStatus bit
+and line on virtio-mmio). Handing the backend the irqfd itself would skip that hop on PCI, but
+MSI-X masking and virtio-mmio's status register need the transport, as QEMU's masked-notifier path.
+
+At reset: ``GET_VRING_BASE`` per started queue (the backend stops it). A backend that hangs up
+(the socket is watched on the event loop) or misbehaves marks the device broken
+(``DEVICE_NEEDS_RESET``): the VMM and the other devices go on. When the driver resets the device
+afterwards, the frontend reconnects to the same socket (client mode) and negotiates again, so a
+restarted backend serves the guest's next initialisation.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from vmmkit.errors import DeviceError
+from vmmkit.log import get_logger
+from vmmkit.vhost_user import protocol as p
+from vmmkit.virtio.device import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    ActivationContext,
+    VirtioDevice,
+    VirtioInterruptType,
+)
+from vmmkit_devices.vhost_user.connection import VhostUserConnection, VhostUserError
+
+if TYPE_CHECKING:
+    from vmmkit.memory import GuestMemory
+    from vmmkit.virtio.queue import Virtqueue
+
+log = get_logger()
+
+#: Transport features a vhost-user device may offer (the rest of the backend's are dropped).
+TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
+#: Protocol features vmmkit's frontend uses.
+WANTED_PROTOCOL = p.protocol_mask(p.ProtocolFeature.REPLY_ACK, p.ProtocolFeature.CONFIG, p.ProtocolFeature.MQ)
+
+Opener = Callable[[], VhostUserConnection]
+
+
+class Backend:
+    """What :func:`open_backend` learnt: the connection and the backend's features."""
+
+    def __init__(self, conn: VhostUserConnection, features: int) -> None:
+        self.conn = conn
+        self.features = features
+
+    @property
+    def protocol(self) -> bool:
+        return bool(self.features & (1 << p.F_PROTOCOL_FEATURES))
+
+
+def open_backend(opener: Opener, wanted_protocol: int = WANTED_PROTOCOL) -> Backend:
+    """Connect (``opener``) and negotiate everything that does not depend on the guest."""
+    conn = opener()
+    try:
+        conn.set_owner()
+        features = conn.get_features()
+        if features & (1 << p.F_PROTOCOL_FEATURES):
+            conn.negotiate_protocol_features(wanted_protocol)
+        return Backend(conn, features)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def memory_table(memory: GuestMemory, device_id: str) -> tuple[list[p.MemoryRegion], list[int]]:
+    """The SET_MEM_TABLE regions and their memfds: every region of guest RAM must be memfd-backed
+    (``--memory shared=on`` or ``hugepages=on``); read-only regions without one (ROMs) are left
+    out, the backend has no business there."""
+    regions: list[p.MemoryRegion] = []
+    fds: list[int] = []
+    for region in memory.regions:
+        if region.fd is None:
+            if region.readonly:
+                continue
+            raise DeviceError(f"{device_id}: vhost-user needs guest memory the backend can map: use "
+                              "--memory shared=on (or hugepages=on)")
+        regions.append(p.MemoryRegion(region.start, region.size, region.host_address, 0))
+        fds.append(region.fd)
+    if len(regions) > p.MAX_MEM_REGIONS:
+        raise DeviceError(f"{device_id}: guest memory has {len(regions)} regions; a vhost-user memory table "
+                          f"holds at most {p.MAX_MEM_REGIONS}")
+    return regions, fds
+
+
+class VhostUserDevice(VirtioDevice):
+    """A virtio device of type ``device_type`` served by a vhost-user backend.
+
+    :param device_id: the device's id.
+    :param backend: the open backend (:func:`open_backend`); the device owns it from now on.
+    :param opener: opens a new connection to the same backend (reconnection); ``None``: none.
+    :param queue_sizes: the maximum size of each queue.
+    :param device_features: the device-specific feature bits the guest may be offered (the
+        backend's, within this mask).
+    :param config: the device configuration space the guest reads (``None``: none).
+    """
+
+    name: ClassVar[str] = "vhost-user"
+
+    def __init__(self, device_id: str, *, device_type: int, name: str, backend: Backend, opener: Opener | None,
+                 queue_sizes: Sequence[int], device_features: int, config: bytes = b"",
+                 describe: Mapping[str, Any] | None = None,
+                 wanted_protocol: int = WANTED_PROTOCOL) -> None:
+        super().__init__(device_id)
+        self.device_type = device_type  # type: ignore[misc]  # a ClassVar on the base: per instance here
+        self.name = name  # type: ignore[misc]
+        self.backend = backend
+        self._opener = opener
+        self._queue_sizes = tuple(queue_sizes)
+        self._device_features = device_features
+        self._wanted_protocol = wanted_protocol
+        self._offered = (backend.features & (device_features | TRANSPORT_FEATURES))
+        self._config = config
+        self._describe = dict(describe or {})
+        self._lock = threading.RLock()
+        self._ctx: ActivationContext | None = None
+        self._started: list[int] = []
+        self._call_fds: list[int] = []
+        self._watching = False
+        self._closed = False
+        self._counts = {"backend_calls": 0, "interrupts_relayed": 0, "reconnections": 0}
+
+    # -- the VirtioDevice interface ---------------------------------------------------------------
+
+    @property
+    def queue_max_sizes(self) -> Sequence[int]:
+        return self._queue_sizes
+
+    def features(self) -> int:
+        return self._offered
+
+    def config_space(self) -> bytes:
+        return self._config
+
+    def activate(self, ctx: ActivationContext) -> None:
+        with self._lock:
+            if self._closed:
+                raise DeviceError(f"{self.id}: the device is closed")
+            self._ctx = ctx
+            try:
+                self._start(ctx)
+            except VhostUserError as exc:
+                self._stop_relays()
+                raise DeviceError(str(exc)) from None
+            self._watch(ctx)
+
+    def _start(self, ctx: ActivationContext) -> None:
+        conn = self.backend.conn
+        features = self.acked_features | (1 << p.F_PROTOCOL_FEATURES if self.backend.protocol else 0)
+        conn.set_features(features)
+        regions, fds = memory_table(ctx.memory, self.id)
+        conn.set_mem_table(regions, fds)
+        self._started = []
+        for queue in ctx.queues:
+            if not queue.ready:
+                continue
+            self._start_queue(conn, ctx, queue)
+        if self.backend.protocol:
+            for index in self._started:
+                conn.set_vring_enable(index, True)
+        log.info("vhost_user.started", device=self.id, socket=conn.path, features=hex(features),
+                 protocol_features=hex(conn.protocol_features), queues=len(self._started))
+
+    def _start_queue(self, conn: VhostUserConnection, ctx: ActivationContext, queue: Virtqueue) -> None:
+        from vmmkit.virtio.queue import ring_sizes
+
+        index = queue.index
+        desc_len, avail_len, used_len = ring_sizes(queue.size)
+        memory = ctx.memory
+        address = p.VringAddress(
+            index, 0,
+            memory.host_address(queue.desc_table, desc_len),
+            memory.host_address(queue.used_ring, used_len),
+            memory.host_address(queue.avail_ring, avail_len),
+        )
+        call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._call_fds.append(call_fd)
+        ctx.event_loop.add_reader(call_fd, self._relay(ctx, index, call_fd))
+        conn.set_vring_num(index, queue.size)
+        conn.set_vring_base(index, queue.last_avail_idx)
+        conn.set_vring_addr(address)
+        conn.set_vring_kick(index, ctx.queue_events[index])
+        conn.set_vring_call(index, call_fd)
+        self._started.append(index)
+
+    def _relay(self, ctx: ActivationContext, index: int, fd: int) -> Callable[[], None]:
+        def on_call() -> None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            except OSError:
+                ctx.event_loop.remove_reader(fd)
+                return
+            self._counts["interrupts_relayed"] += 1
+            ctx.interrupt.trigger(VirtioInterruptType.QUEUE, index)
+
+        return on_call
+
+    def _watch(self, ctx: ActivationContext) -> None:
+        conn = self.backend.conn
+
+        def on_readable() -> None:
+            if not conn.peer_closed():
+                return
+            ctx.event_loop.remove_reader(conn.fileno())
+            self._watching = False
+            self._backend_lost(f"vhost-user backend at {conn.path} closed the connection")
+
+        ctx.event_loop.add_reader(conn.fileno(), on_readable)
+        self._watching = True
+
+    def _backend_lost(self, reason: str) -> None:
+        log.warning("vhost_user.backend_lost", device=self.id, reason=reason)
+        self.mark_broken(reason)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._stop()
+            super().reset()
+            if self.broken is None and self._lost():
+                self._reconnect()
+
+    def _stop(self) -> None:
+        ctx, self._ctx = self._ctx, None
+        started, self._started = self._started, []
+        if ctx is not None and self._watching:
+            ctx.event_loop.remove_reader(self.backend.conn.fileno())
+            self._watching = False
+        if not self._lost():
+            try:
+                for index in started:
+                    self.backend.conn.get_vring_base(index)
+            except VhostUserError as exc:
+                log.warning("vhost_user.stop_failed", device=self.id, error=str(exc))
+        self._stop_relays(ctx)
+
+    def _stop_relays(self, ctx: ActivationContext | None = None) -> None:
+        ctx = ctx or self._ctx
+        fds, self._call_fds = self._call_fds, []
+        for fd in fds:
+            if ctx is not None:
+                ctx.event_loop.remove_reader(fd)
+            os.close(fd)
+
+    def _lost(self) -> bool:
+        return self.backend.conn.peer_closed()
+
+    def _reconnect(self) -> None:
+        """After the backend went away: connect again (a restarted backend) and negotiate; the
+        features the guest was offered must still be there. Failing, the device stays broken."""
+        if self._opener is None:
+            self.broken = "the vhost-user backend is gone (server mode: no reconnection)"
+            return
+        try:
+            backend = open_backend(self._opener, self._wanted_protocol)
+        except VhostUserError as exc:
+            self.broken = f"the vhost-user backend is gone and reconnecting failed: {exc}"
+            log.warning("vhost_user.reconnect_failed", device=self.id, error=str(exc))
+            return
+        if self._offered & ~backend.features:
+            backend.conn.close()
+            self.broken = (f"the restarted vhost-user backend offers features {backend.features:#x}, "
+                           f"without some the guest was offered ({self._offered:#x})")
+            return
+        self.backend.conn.close()
+        self.backend = backend
+        self._counts["reconnections"] += 1
+        log.info("vhost_user.reconnected", device=self.id, socket=backend.conn.path)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop()
+            self.backend.conn.close()
+
+    def counters(self) -> Mapping[str, int]:
+        return {**self._counts, "backend_calls": self.backend.conn.requests}
+
+    def describe(self) -> Mapping[str, Any]:
+        return {"vhost_user": True, "socket": self.backend.conn.path, **self._describe}
+
