@@ -24,6 +24,7 @@ from vmmkit_devices.vhost_user.device import Backend, VhostUserDevice, open_back
 
 if TYPE_CHECKING:
     from vmmkit.config import DiskConfig
+    from vmmkit.eventloop import EventLoop
 
 VIRTIO_ID_BLOCK: Final = 2
 #: Device features passed through from the backend (virtio 1.2, 5.2.3): SIZE_MAX, SEG_MAX,
@@ -57,7 +58,7 @@ def check_disk(disk: DiskConfig, device_id: str) -> None:
 
 
 def create_device(device_id: str, socket_path: str, *, num_queues: int, queue_size: int,
-                  opener: Any = None) -> VhostUserDevice:
+                  event_loop: EventLoop | None = None, opener: Any = None) -> VhostUserDevice:
     """Connect to the backend at ``socket_path`` and build the device."""
     def connect() -> VhostUserConnection:
         return VhostUserConnection.connect(socket_path, device_id)
@@ -73,7 +74,7 @@ def create_device(device_id: str, socket_path: str, *, num_queues: int, queue_si
         device_id, device_type=VIRTIO_ID_BLOCK, name="vhost-user-blk", backend=backend, opener=opener,
         queue_sizes=[queue_size] * num_queues,
         device_features=BLK_FEATURES if num_queues > 1 else BLK_FEATURES & ~VIRTIO_BLK_F_MQ,
-        config=config, describe={"num_queues": num_queues, "queue_size": queue_size},
+        config=config, describe={"num_queues": num_queues, "queue_size": queue_size}, event_loop=event_loop,
     )
 
 
@@ -104,4 +105,5 @@ def create(ctx: DeviceContext, request: DeviceRequest) -> VhostUserDevice:
     if disk is None or not getattr(disk, "vhost_user", False) or disk.vhost_socket is None:
         raise DeviceError(f"{request.id}: vhost-user-blk needs a DiskConfig with vhost_user=on,socket=")
     check_disk(disk, request.id)
-    return create_device(request.id, disk.vhost_socket, num_queues=disk.num_queues, queue_size=disk.queue_size)
+    return create_device(request.id, disk.vhost_socket, num_queues=disk.num_queues, queue_size=disk.queue_size,
+                         event_loop=ctx.event_loop)

@@ -47,6 +47,7 @@ from vmmkit.virtio.device import (
 from vmmkit_devices.vhost_user.connection import VhostUserConnection, VhostUserError
 
 if TYPE_CHECKING:
+    from vmmkit.eventloop import EventLoop
     from vmmkit.memory import GuestMemory
     from vmmkit.virtio.queue import Virtqueue
 
@@ -122,7 +123,7 @@ class VhostUserDevice(VirtioDevice):
 
     def __init__(self, device_id: str, *, device_type: int, name: str, backend: Backend, opener: Opener | None,
                  queue_sizes: Sequence[int], device_features: int, config: bytes = b"",
-                 describe: Mapping[str, Any] | None = None,
+                 describe: Mapping[str, Any] | None = None, event_loop: EventLoop | None = None,
                  wanted_protocol: int = WANTED_PROTOCOL) -> None:
         super().__init__(device_id)
         self.device_type = device_type  # type: ignore[misc]  # a ClassVar on the base: per instance here
@@ -139,9 +140,11 @@ class VhostUserDevice(VirtioDevice):
         self._ctx: ActivationContext | None = None
         self._started: list[int] = []
         self._call_fds: list[int] = []
-        self._watching = False
         self._closed = False
-        self._counts = {"backend_calls": 0, "interrupts_relayed": 0, "reconnections": 0}
+        self._counts = {"interrupts_relayed": 0, "reconnections": 0, "backend_losses": 0}
+        self._event_loop = event_loop
+        self._watched: int | None = None
+        self._watch()
 
     # -- the VirtioDevice interface ---------------------------------------------------------------
 
@@ -159,13 +162,17 @@ class VhostUserDevice(VirtioDevice):
         with self._lock:
             if self._closed:
                 raise DeviceError(f"{self.id}: the device is closed")
+            if self._lost():
+                self._reconnect()
+                if self.broken is not None:
+                    raise DeviceError(f"{self.id}: {self.broken}")
             self._ctx = ctx
             try:
                 self._start(ctx)
             except VhostUserError as exc:
-                self._stop_relays()
+                self._stop_relays(ctx)
+                self._ctx = None
                 raise DeviceError(str(exc)) from None
-            self._watch(ctx)
 
     def _start(self, ctx: ActivationContext) -> None:
         conn = self.backend.conn
@@ -220,22 +227,33 @@ class VhostUserDevice(VirtioDevice):
 
         return on_call
 
-    def _watch(self, ctx: ActivationContext) -> None:
-        conn = self.backend.conn
+    def _watch(self) -> None:
+        """Watch the connection on the event loop: a backend that hangs up (or speaks unasked)
+        while the device runs breaks it; while it does not, the next activation reconnects."""
+        loop, conn = self._event_loop, self.backend.conn
+        if loop is None:
+            return
 
         def on_readable() -> None:
             if not conn.peer_closed():
                 return
-            ctx.event_loop.remove_reader(conn.fileno())
-            self._watching = False
-            self._backend_lost(f"vhost-user backend at {conn.path} closed the connection")
+            with self._lock:
+                if self.backend.conn is not conn:
+                    return
+                self._unwatch()
+                self._counts["backend_losses"] += 1
+                reason = f"vhost-user backend at {conn.path} closed the connection"
+                log.warning("vhost_user.backend_lost", device=self.id, reason=reason, active=self._ctx is not None)
+                if self._ctx is not None:
+                    self.mark_broken(reason)
 
-        ctx.event_loop.add_reader(conn.fileno(), on_readable)
-        self._watching = True
+        self._watched = conn.fileno()
+        loop.add_reader(self._watched, on_readable)
 
-    def _backend_lost(self, reason: str) -> None:
-        log.warning("vhost_user.backend_lost", device=self.id, reason=reason)
-        self.mark_broken(reason)
+    def _unwatch(self) -> None:
+        fd, self._watched = self._watched, None
+        if fd is not None and self._event_loop is not None:
+            self._event_loop.remove_reader(fd)
 
     def reset(self) -> None:
         with self._lock:
@@ -247,9 +265,6 @@ class VhostUserDevice(VirtioDevice):
     def _stop(self) -> None:
         ctx, self._ctx = self._ctx, None
         started, self._started = self._started, []
-        if ctx is not None and self._watching:
-            ctx.event_loop.remove_reader(self.backend.conn.fileno())
-            self._watching = False
         if not self._lost():
             try:
                 for index in started:
@@ -286,8 +301,10 @@ class VhostUserDevice(VirtioDevice):
             self.broken = (f"the restarted vhost-user backend offers features {backend.features:#x}, "
                            f"without some the guest was offered ({self._offered:#x})")
             return
+        self._unwatch()
         self.backend.conn.close()
         self.backend = backend
+        self._watch()
         self._counts["reconnections"] += 1
         log.info("vhost_user.reconnected", device=self.id, socket=backend.conn.path)
 
@@ -297,6 +314,7 @@ class VhostUserDevice(VirtioDevice):
                 return
             self._closed = True
             self._stop()
+            self._unwatch()
             self.backend.conn.close()
 
     def counters(self) -> Mapping[str, int]:
