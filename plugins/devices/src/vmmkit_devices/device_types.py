@@ -306,6 +306,36 @@ class VhostUserBlkType(DeviceType):
     implementation: ClassVar[str] = "vmmkit_devices.vhost_user.blk"
 
 
+class VhostUserNetType(DeviceType):
+    """``vhost-user-net``: a virtio network device per ``--net vhost_user=on,socket=...``, served by
+    a vhost-user backend (client or server mode, ``vhost_mode=``)."""
+
+    name: ClassVar[str] = "vhost-user-net"
+    description: ClassVar[str] = "virtio network device served by a vhost-user backend (--net vhost_user=on,socket=)"
+    sections: ClassVar[tuple[str, ...]] = ("net.vhost_user", "net.vhost_socket", "net.vhost_mode")
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [_virtio_request(cls.name, net, section_id(net)) for net in config.net if net.vhost_user]
+
+    implementation: ClassVar[str] = "vmmkit_devices.vhost_user.net"
+
+
+class VhostUserFsType(DeviceType):
+    """``vhost-user-fs``: a virtio-fs device per ``--fs tag=,socket=``, its FUSE server a vhost-user
+    backend (virtiofsd, vmmkit-vhost-user fs)."""
+
+    name: ClassVar[str] = "vhost-user-fs"
+    description: ClassVar[str] = "virtio-fs device served by a vhost-user backend such as virtiofsd (--fs tag=,socket=)"
+    sections: ClassVar[tuple[str, ...]] = ("fs",)
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [_virtio_request(cls.name, fs, section_id(fs)) for fs in config.fs]
+
+    implementation: ClassVar[str] = "vmmkit_devices.vhost_user.fs"
+
+
 def _virtio_request(type_name: str, section: Any, device_id: str) -> DeviceRequest:
     """The request for a virtio device of a configuration section with Cloud Hypervisor's
     placement fields (``pci_segment``, ``pci_device_id``) and vmmkit's ``transport``."""

@@ -35,6 +35,8 @@ from vmmkit_devices.device_types import (
     PvPanicType,
     Serial16550Type,
     VhostUserBlkType,
+    VhostUserFsType,
+    VhostUserNetType,
     VirtioBalloonType,
     VirtioBlockType,
     VirtioConsoleType,
@@ -70,6 +72,8 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VirtioBalloonType,
     VirtioVsockType,
     VhostUserBlkType,
+    VhostUserFsType,
+    VhostUserNetType,
 )
 
 

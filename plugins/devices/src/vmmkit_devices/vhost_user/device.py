@@ -117,12 +117,15 @@ class VhostUserDevice(VirtioDevice):
     :param device_features: the device-specific feature bits the guest may be offered (the
         backend's, within this mask).
     :param config: the device configuration space the guest reads (``None``: none).
+    :param frontend_features: device feature bits the frontend implements itself (a net
+        device's ``MAC`` and ``STATUS``: its configuration space is the frontend's): always
+        offered, never sent to the backend.
     """
 
     name: ClassVar[str] = "vhost-user"
 
     def __init__(self, device_id: str, *, device_type: int, name: str, backend: Backend, opener: Opener | None,
-                 queue_sizes: Sequence[int], device_features: int, config: bytes = b"",
+                 queue_sizes: Sequence[int], device_features: int, config: bytes = b"", frontend_features: int = 0,
                  describe: Mapping[str, Any] | None = None, event_loop: EventLoop | None = None,
                  wanted_protocol: int = WANTED_PROTOCOL) -> None:
         super().__init__(device_id)
@@ -133,7 +136,8 @@ class VhostUserDevice(VirtioDevice):
         self._queue_sizes = tuple(queue_sizes)
         self._device_features = device_features
         self._wanted_protocol = wanted_protocol
-        self._offered = (backend.features & (device_features | TRANSPORT_FEATURES))
+        self._frontend_features = frontend_features
+        self._offered = (backend.features & (device_features | TRANSPORT_FEATURES)) | frontend_features
         self._config = config
         self._describe = dict(describe or {})
         self._lock = threading.RLock()
@@ -176,7 +180,8 @@ class VhostUserDevice(VirtioDevice):
 
     def _start(self, ctx: ActivationContext) -> None:
         conn = self.backend.conn
-        features = self.acked_features | (1 << p.F_PROTOCOL_FEATURES if self.backend.protocol else 0)
+        features = self.acked_features & ~self._frontend_features & self.backend.features
+        features |= 1 << p.F_PROTOCOL_FEATURES if self.backend.protocol else 0
         conn.set_features(features)
         regions, fds = memory_table(ctx.memory, self.id)
         conn.set_mem_table(regions, fds)
@@ -296,7 +301,7 @@ class VhostUserDevice(VirtioDevice):
             self.broken = f"the vhost-user backend is gone and reconnecting failed: {exc}"
             log.warning("vhost_user.reconnect_failed", device=self.id, error=str(exc))
             return
-        if self._offered & ~backend.features:
+        if self._offered & ~self._frontend_features & ~backend.features:
             backend.conn.close()
             self.broken = (f"the restarted vhost-user backend offers features {backend.features:#x}, "
                            f"without some the guest was offered ({self._offered:#x})")
