@@ -215,3 +215,40 @@ def test_a_restarted_backend_serves_the_guest_again_after_a_reboot(
         _finish(proc, api, err)
     daemon.stop()
     assert check_blk_image(daemon.image) == []
+
+
+def test_a_vhost_user_disk_hot_added_through_the_api(
+    daemon: StorageDaemon, selftest_elf: Path, vmmkit_hypervisor: str, tmp_path: Path
+) -> None:
+    from vmmkit.api.client import ApiClient, ApiError
+
+    # A VM with a PCI slot free and no disk; the guest idles (it does not rescan the bus).
+    proc, api, out, err = _start_vmm_without_disk(selftest_elf, vmmkit_hypervisor, tmp_path)
+    try:
+        _wait_for(out, "idle, halting", proc, 180)
+        client = ApiClient(str(api))
+        added = client.add_disk({"vhost_user": True, "vhost_socket": str(daemon.socket), "id": "hot0"})
+        assert added is not None and added["id"] == "hot0" and added["bdf"].startswith("0000:00:")
+        disks = client.info()["config"]["disks"]
+        assert [(d["id"], d["vhost_user"], d["vhost_socket"]) for d in disks] == [("hot0", True, str(daemon.socket))]
+        assert "hot0" in client.counters()
+        # A socket nobody serves: refused with the reason, the VM unchanged.
+        with pytest.raises(ApiError) as refused:
+            client.put("vm.add-fs", {"tag": "share", "socket": str(tmp_path / "nobody.sock"), "id": "fs0"})
+        assert "does not exist" in str(refused.value)
+        assert "fs0" not in client.counters()
+        assert client.info()["state"] == "Running"
+    finally:
+        _finish(proc, api, err)
+
+
+def _start_vmm_without_disk(selftest_elf: Path, hypervisor: str,
+                            tmp_path: Path) -> tuple[subprocess.Popen[str], Path, Path, Path]:
+    api = tmp_path / "api.sock"
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmmkit", "-v", "--hypervisor", hypervisor, "--kernel", str(selftest_elf),
+             "--memory", "size=128M,shared=on", "--cmdline", "test=idle", "--api-socket", f"path={api}"],
+            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True)
+    return proc, api, out, err

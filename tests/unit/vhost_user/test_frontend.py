@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vmmkit_devices.vhost_user import blk, fs, net
+from vmmkit_devices.vhost_user.device import VhostUserDevice
 
 from vmmkit.config import DiskConfig, NetConfig
 from vmmkit.errors import DeviceError
@@ -26,8 +28,6 @@ from vmmkit.vhost_user import protocol as p
 from vmmkit.vhost_user.protocol import FrontendRequest as Req
 from vmmkit.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, ActivationContext, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
-from vmmkit_devices.vhost_user import blk, fs, net
-from vmmkit_devices.vhost_user.device import VhostUserDevice
 
 PF = p.ProtocolFeature
 BLK_CONFIG = struct.pack("<QII", 8192, 0, 126) + bytes(48)  # capacity 8192 sectors, seg_max 126
@@ -215,7 +215,8 @@ def _wait(condition: Callable[[], bool], timeout: float = 5) -> bool:
     return False
 
 
-BLK_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_CONFIG_WCE
+BLK_FEATURES = (VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH
+                | VIRTIO_BLK_F_CONFIG_WCE)
 ALL_PROTOCOL = p.protocol_mask(PF.MQ, PF.REPLY_ACK, PF.CONFIG, PF.INFLIGHT_SHMFD, PF.BACKEND_REQ)
 
 
