@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from vmmkit_devices.vhost_user import blk, fs, net
@@ -84,7 +84,7 @@ class ScriptedBackend:
         while True:
             try:
                 msg, fds = p.recv(conn)
-            except p.VhostUserDisconnected:
+            except (p.VhostUserDisconnected, OSError):
                 conn.close()
                 return
             request = Req(msg.request)
@@ -144,9 +144,13 @@ class ScriptedBackend:
             self._conn.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        self._listener.close()
-        if self._conn is not None:
-            self._conn.close()
+        for sock in (self._listener, self._conn):  # shutdown wakes the serving thread's accept / recv
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
         for fd in [*self.kick.values(), *self.call.values(), *(fd for _, fd in self.memory)]:
             try:
                 os.close(fd)
@@ -327,7 +331,7 @@ def test_local_image_options_are_refused_for_a_vhost_user_disk() -> None:
     blk.check_disk(DiskConfig.parse("vhost_user=on,socket=/s,num_queues=2,queue_size=256"), "d0")
 
 
-def test_backend_hang_up_while_active_breaks_the_device_and_reset_reconnects(
+def test_a_backend_lost_under_a_running_device_is_reconnected_where_the_used_ring_says(
     backend_factory: Callable[..., ScriptedBackend], memory: GuestMemory, loop: EventLoop
 ) -> None:
     backend = backend_factory(features=BLK_FEATURES, protocol=ALL_PROTOCOL)
@@ -336,16 +340,58 @@ def test_backend_hang_up_while_active_breaks_the_device_and_reset_reconnects(
     device.on_broken = broken.append
     try:
         device.ack_features(VIRTIO_F_VERSION_1)
-        device.activate(_context(memory, loop, [128], Interrupts()))
+        ctx = _context(memory, loop, [128], Interrupts())
+        device.activate(ctx)
+        memory.write_u16(0x18000 + 2, 5)  # the old backend had completed 5 requests
         backend.drop_connection()
-        assert _wait(lambda: bool(broken))
-        assert "closed the connection" in broken[0] and device.broken is not None
-        device.reset()  # the driver resets: the frontend connects again and negotiates anew
-        assert device.broken is None
-        assert backend.connections == 2 and device.counters()["reconnections"] == 1
+        assert _wait(lambda: backend.requests().count(Req.SET_VRING_ENABLE) == 2)
+        assert backend.connections == 2 and not broken and device.broken is None
+        assert device.counters()["reconnections"] == 1
+        bases = [p.VringState.unpack(payload) for request, payload, _ in backend.log if request == Req.SET_VRING_BASE]
+        assert bases == [p.VringState(0, 0), p.VringState(0, 5)]
+        # The new backend is kicked: it looks at the ring without waiting for the guest.
+        assert _wait(lambda: _readable(backend.kick[0]))
+        # The call relay still raises the queue's interrupt.
+        os.eventfd_write(backend.call[0], 1)
+        assert cast(Interrupts, ctx.interrupt).arrived.wait(5)
+    finally:
+        device.close()
+
+
+def _readable(fd: int) -> bool:
+    try:
+        return os.eventfd_read(fd) > 0
+    except BlockingIOError:
+        return False
+
+
+def test_a_backend_that_does_not_come_back_breaks_the_device_and_the_next_reset_tries_again(
+    backend_factory: Callable[..., ScriptedBackend], memory: GuestMemory, loop: EventLoop,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmmkit_devices.vhost_user import device as device_module
+
+    monkeypatch.setattr(device_module, "RECONNECT_TIMEOUT", 0.6)
+    backend = backend_factory(features=BLK_FEATURES, protocol=ALL_PROTOCOL)
+    device = blk.create_device("d0", str(backend.path), num_queues=1, queue_size=128, event_loop=loop)
+    broken: list[str] = []
+    device.on_broken = broken.append
+    try:
         device.ack_features(VIRTIO_F_VERSION_1)
         device.activate(_context(memory, loop, [128], Interrupts()))
-        assert _wait(lambda: backend.requests().count(Req.SET_VRING_ENABLE) == 2)
+        backend.close()  # the listener too: nothing to reconnect to
+        assert _wait(lambda: bool(broken))
+        assert "closed the connection; no backend came back within" in broken[0]
+        device.reset()
+        assert device.broken is not None and "reconnecting failed" in device.broken
+        with pytest.raises(DeviceError, match="reconnecting failed"):
+            device.activate(_context(memory, loop, [128], Interrupts()))
+        # A backend back on the same socket: the next reset connects to it.
+        backend.path.unlink()
+        again = backend_factory(features=BLK_FEATURES, protocol=ALL_PROTOCOL)
+        again.path.rename(backend.path)
+        device.reset()
+        assert device.broken is None and again.connections == 1
     finally:
         device.close()
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -59,6 +60,10 @@ TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVEN
 WANTED_PROTOCOL = p.protocol_mask(p.ProtocolFeature.REPLY_ACK, p.ProtocolFeature.CONFIG, p.ProtocolFeature.MQ)
 
 Opener = Callable[[], VhostUserConnection]
+
+#: Seconds a backend lost under a running device has to come back before the device breaks.
+RECONNECT_TIMEOUT = 30.0
+RECONNECT_INTERVAL = 0.2
 
 
 class Backend:
@@ -143,7 +148,8 @@ class VhostUserDevice(VirtioDevice):
         self._lock = threading.RLock()
         self._ctx: ActivationContext | None = None
         self._started: list[int] = []
-        self._call_fds: list[int] = []
+        self._call_fds: dict[int, int] = {}  # queue index -> call eventfd
+        self._epoch = 0  # bumped by reset and close: a live reconnection of an older epoch gives up
         self._closed = False
         self._counts = {"interrupts_relayed": 0, "reconnections": 0, "backend_losses": 0}
         self._event_loop = event_loop
@@ -178,7 +184,9 @@ class VhostUserDevice(VirtioDevice):
                 self._ctx = None
                 raise DeviceError(str(exc)) from None
 
-    def _start(self, ctx: ActivationContext) -> None:
+    def _start(self, ctx: ActivationContext, bases: Mapping[int, int] | None = None) -> None:
+        """Hand the backend the memory and the ready queues; ``bases``: where each queue resumes
+        (a live reconnection), else the queues' own positions."""
         conn = self.backend.conn
         features = self.acked_features & ~self._frontend_features & self.backend.features
         features |= 1 << p.F_PROTOCOL_FEATURES if self.backend.protocol else 0
@@ -189,14 +197,14 @@ class VhostUserDevice(VirtioDevice):
         for queue in ctx.queues:
             if not queue.ready:
                 continue
-            self._start_queue(conn, ctx, queue)
+            self._start_queue(conn, ctx, queue, (bases or {}).get(queue.index, queue.last_avail_idx))
         if self.backend.protocol:
             for index in self._started:
                 conn.set_vring_enable(index, True)
         log.info("vhost_user.started", device=self.id, socket=conn.path, features=hex(features),
                  protocol_features=hex(conn.protocol_features), queues=len(self._started))
 
-    def _start_queue(self, conn: VhostUserConnection, ctx: ActivationContext, queue: Virtqueue) -> None:
+    def _start_queue(self, conn: VhostUserConnection, ctx: ActivationContext, queue: Virtqueue, base: int) -> None:
         from vmmkit.virtio.queue import ring_sizes
 
         index = queue.index
@@ -208,11 +216,13 @@ class VhostUserDevice(VirtioDevice):
             memory.host_address(queue.used_ring, used_len),
             memory.host_address(queue.avail_ring, avail_len),
         )
-        call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._call_fds.append(call_fd)
-        ctx.event_loop.add_reader(call_fd, self._relay(ctx, index, call_fd))
+        call_fd = self._call_fds.get(index)
+        if call_fd is None:
+            call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._call_fds[index] = call_fd
+            ctx.event_loop.add_reader(call_fd, self._relay(ctx, index, call_fd))
         conn.set_vring_num(index, queue.size)
-        conn.set_vring_base(index, queue.last_avail_idx)
+        conn.set_vring_base(index, base)
         conn.set_vring_addr(address)
         conn.set_vring_kick(index, ctx.queue_events[index])
         conn.set_vring_call(index, call_fd)
@@ -250,7 +260,7 @@ class VhostUserDevice(VirtioDevice):
                 reason = f"vhost-user backend at {conn.path} closed the connection"
                 log.warning("vhost_user.backend_lost", device=self.id, reason=reason, active=self._ctx is not None)
                 if self._ctx is not None:
-                    self.mark_broken(reason)
+                    self._lost_while_active(reason)
 
         self._watched = conn.fileno()
         loop.add_reader(self._watched, on_readable)
@@ -260,8 +270,60 @@ class VhostUserDevice(VirtioDevice):
         if fd is not None and self._event_loop is not None:
             self._event_loop.remove_reader(fd)
 
+    def _lost_while_active(self, reason: str) -> None:
+        """The backend went away under a running device: reconnect in the background (client
+        mode) and resume the rings where the guest's used rings say, as QEMU's vhost-user-blk
+        reconnection does (``virtio_queue_restore_last_avail_idx``): requests the old backend
+        took but never completed are taken again. No backend within :data:`RECONNECT_TIMEOUT`
+        seconds (or server mode): the device is broken."""
+        if self._opener is None:
+            self.mark_broken(reason)
+            return
+        self._epoch += 1
+        threading.Thread(target=self._reconnect_live, args=(self._epoch, reason), name=f"vhost-user-{self.id}",
+                         daemon=True).start()
+
+    def _reconnect_live(self, epoch: int, reason: str) -> None:
+        assert self._opener is not None
+        deadline = time.monotonic() + RECONNECT_TIMEOUT
+        last_error = "no attempt"
+        while time.monotonic() < deadline:
+            time.sleep(RECONNECT_INTERVAL)
+            if self._epoch != epoch or self._ctx is None:
+                return
+            try:
+                backend = open_backend(self._opener, self._wanted_protocol)
+            except VhostUserError as exc:
+                last_error = str(exc)
+                continue
+            with self._lock:
+                ctx = self._ctx
+                if self._epoch != epoch or ctx is None or self._closed:
+                    backend.conn.close()
+                    return
+                problem = self._adopt(backend)
+                if problem is not None:
+                    self.mark_broken(problem)
+                    return
+                started = set(self._started)
+                bases = {queue.index: ctx.memory.read_u16(queue.used_ring + 2)
+                         for queue in ctx.queues if queue.index in started}
+                try:
+                    self._start(ctx, bases)
+                except (VhostUserError, DeviceError) as exc:
+                    last_error = str(exc)
+                    continue
+                for index in self._started:  # the kicks the old backend took, and any since
+                    os.eventfd_write(ctx.queue_events[index], 1)
+                log.info("vhost_user.resumed", device=self.id, socket=backend.conn.path, bases=bases)
+                return
+        with self._lock:
+            if self._epoch == epoch and self._ctx is not None:
+                self.mark_broken(f"{reason}; no backend came back within {RECONNECT_TIMEOUT:.0f} s ({last_error})")
+
     def reset(self) -> None:
         with self._lock:
+            self._epoch += 1
             self._stop()
             super().reset()
             if self.broken is None and self._lost():
@@ -280,8 +342,8 @@ class VhostUserDevice(VirtioDevice):
 
     def _stop_relays(self, ctx: ActivationContext | None = None) -> None:
         ctx = ctx or self._ctx
-        fds, self._call_fds = self._call_fds, []
-        for fd in fds:
+        fds, self._call_fds = self._call_fds, {}
+        for fd in fds.values():
             if ctx is not None:
                 ctx.event_loop.remove_reader(fd)
             os.close(fd)
@@ -301,23 +363,31 @@ class VhostUserDevice(VirtioDevice):
             self.broken = f"the vhost-user backend is gone and reconnecting failed: {exc}"
             log.warning("vhost_user.reconnect_failed", device=self.id, error=str(exc))
             return
+        problem = self._adopt(backend)
+        if problem is not None:
+            self.broken = problem
+
+    def _adopt(self, backend: Backend) -> str | None:
+        """Take ``backend`` (a new connection) in place of the lost one; what is wrong with it
+        (it lacks features the guest was offered), or ``None``."""
         if self._offered & ~self._frontend_features & ~backend.features:
             backend.conn.close()
-            self.broken = (f"the restarted vhost-user backend offers features {backend.features:#x}, "
-                           f"without some the guest was offered ({self._offered:#x})")
-            return
+            return (f"the restarted vhost-user backend offers features {backend.features:#x}, "
+                    f"without some the guest was offered ({self._offered:#x})")
         self._unwatch()
         self.backend.conn.close()
         self.backend = backend
         self._watch()
         self._counts["reconnections"] += 1
         log.info("vhost_user.reconnected", device=self.id, socket=backend.conn.path)
+        return None
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._epoch += 1
             self._stop()
             self._unwatch()
             self.backend.conn.close()
