@@ -263,7 +263,7 @@ def test_a_vhost_user_disk_hot_added_through_the_api(
         # A socket nobody serves: refused with the reason, the VM unchanged.
         with pytest.raises(ApiError) as refused:
             client.put("vm.add-fs", {"tag": "share", "socket": str(tmp_path / "nobody.sock"), "id": "fs0"})
-        assert "does not exist" in str(refused.value)
+        assert refused.value.status == 400 and "does not exist" in str(refused.value)
         assert "fs0" not in client.counters()
         assert client.info()["state"] == "Running"
     finally:
