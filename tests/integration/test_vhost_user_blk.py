@@ -138,8 +138,10 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen[str], timeout: float
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    pytest.fail(f"{text!r} (x{count}) did not appear within {timeout:.0f} s; output:\n"
-                f"{path.read_text(errors='replace') if path.exists() else ''}")
+    others = [other for other in path.parent.glob("*.txt") if other != path]
+    pytest.fail(f"{text!r} (x{count}) did not appear within {timeout:.0f} s (VMM exit {proc.poll()}); "
+                f"{path.name}:\n{path.read_text(errors='replace') if path.exists() else ''}"
+                + "".join(f"\n--- {other.name}:\n{other.read_text(errors='replace')[-4000:]}" for other in others))
 
 
 def _start_vmm(daemon: StorageDaemon, selftest_elf: Path, hypervisor: str, tmp_path: Path,
@@ -185,10 +187,10 @@ def test_a_backend_restarted_under_guest_io_is_resumed_and_the_guest_finishes(
         daemon.start()  # the same socket, a new process, within the guest's 10 s request timeout
         _wait_for(err, "vhost_user.resumed", proc, 60)
         _wait_for(out, "selftest: ok blkbench", proc, 300)
-        assert "FAIL" not in out.read_text()
+        assert "FAIL" not in out.read_text(), out.read_text() + err.read_text()
         proc.wait(60)
-        assert proc.returncode == 0, out.read_text()
-        assert "needs_reset" not in err.read_text()
+        assert proc.returncode == 0, out.read_text() + err.read_text()
+        assert "needs_reset" not in err.read_text(), err.read_text()
     finally:
         _finish(proc, api, err)
 

@@ -54,6 +54,7 @@ class ScriptedBackend:
         self.kick: dict[int, int] = {}
         self.call: dict[int, int] = {}
         self.memory: list[tuple[p.MemoryRegion, int]] = []
+        self.inflight_fds: list[int] = []  # the ones it received with SET_INFLIGHT_FD
         self.connections = 0
         self.error: BaseException | None = None
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -94,6 +95,14 @@ class ScriptedBackend:
                     os.close(fd)
                 conn.close()
                 return
+            if request == Req.GET_INFLIGHT_FD:
+                asked = p.Inflight.unpack(msg.payload)
+                buffer = os.memfd_create("inflight")
+                os.ftruncate(buffer, 4096)
+                os.pwrite(buffer, b"in flight", 0)
+                p.send(conn, msg.reply(p.Inflight(4096, 0, asked.num_queues, asked.queue_size).pack()), [buffer])
+                os.close(buffer)
+                continue
             reply = self._answer(request, msg.payload, fds, acked)
             if request == Req.SET_PROTOCOL_FEATURES:
                 acked = p.unpack_u64(msg.payload)
@@ -120,6 +129,10 @@ class ScriptedBackend:
             regions = p.unpack_memory_table(payload)
             assert len(regions) == len(fds)
             self.memory = list(zip(regions, fds, strict=True))
+            return None
+        if request == Req.SET_INFLIGHT_FD:
+            assert len(fds) == 1
+            self.inflight_fds.append(fds[0])
             return None
         if request in (Req.SET_VRING_KICK, Req.SET_VRING_CALL):
             index, no_fd = p.unpack_vring_file(payload)
@@ -151,7 +164,7 @@ class ScriptedBackend:
                 except OSError:
                     pass
                 sock.close()
-        for fd in [*self.kick.values(), *self.call.values(), *(fd for _, fd in self.memory)]:
+        for fd in [*self.kick.values(), *self.call.values(), *(fd for _, fd in self.memory), *self.inflight_fds]:
             try:
                 os.close(fd)
             except OSError:
@@ -238,7 +251,8 @@ def test_blk_negotiation_and_activation_sequence(backend_factory: Callable[..., 
         assert backend.requests() == [Req.SET_OWNER, Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES,
                                       Req.SET_PROTOCOL_FEATURES, Req.GET_CONFIG]
         chosen = p.unpack_u64(backend.log[3][1])
-        assert chosen == p.protocol_mask(PF.REPLY_ACK, PF.CONFIG, PF.MQ)  # only what vmmkit uses
+        # Only what vmmkit uses (not BACKEND_REQ): blk tracks in-flight requests too.
+        assert chosen == p.protocol_mask(PF.REPLY_ACK, PF.CONFIG, PF.MQ, PF.INFLIGHT_SHMFD)
 
         memory.write(0x10000, b"descriptor table")
         interrupts = Interrupts()
@@ -246,9 +260,13 @@ def test_blk_negotiation_and_activation_sequence(backend_factory: Callable[..., 
         device.ack_features(VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH)
         device.activate(ctx)
         start = backend.requests()[5:]
-        assert start == [Req.SET_FEATURES, Req.SET_MEM_TABLE, Req.SET_VRING_NUM, Req.SET_VRING_BASE,
-                         Req.SET_VRING_ADDR, Req.SET_VRING_KICK, Req.SET_VRING_CALL, Req.SET_VRING_ENABLE]
-        log = backend.log[5:]
+        assert start == [Req.GET_INFLIGHT_FD, Req.SET_INFLIGHT_FD, Req.SET_FEATURES, Req.SET_MEM_TABLE,
+                         Req.SET_VRING_NUM, Req.SET_VRING_BASE, Req.SET_VRING_ADDR, Req.SET_VRING_KICK,
+                         Req.SET_VRING_CALL, Req.SET_VRING_ENABLE]
+        assert p.Inflight.unpack(backend.log[5][1]) == p.Inflight(0, 0, 1, 128)
+        assert p.Inflight.unpack(backend.log[6][1]) == p.Inflight(4096, 0, 1, 128)
+        assert os.pread(backend.inflight_fds[0], 9, 0) == b"in flight"  # its own buffer came back
+        log = backend.log[7:]
         assert p.unpack_u64(log[0][1]) == VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | (1 << p.F_PROTOCOL_FEATURES)
         regions = [region for region, _ in backend.memory]
         assert [(r.guest_phys_addr, r.memory_size) for r in regions] == [(0, 1 << 20), (1 << 32, 1 << 20)]
@@ -349,6 +367,10 @@ def test_a_backend_lost_under_a_running_device_is_reconnected_where_the_used_rin
         assert device.counters()["reconnections"] == 1
         bases = [p.VringState.unpack(payload) for request, payload, _ in backend.log if request == Req.SET_VRING_BASE]
         assert bases == [p.VringState(0, 0), p.VringState(0, 5)]
+        # The restarted backend gets the in-flight buffer its predecessor filled.
+        assert backend.requests().count(Req.GET_INFLIGHT_FD) == 1
+        assert len(backend.inflight_fds) == 2
+        assert os.fstat(backend.inflight_fds[0]).st_ino == os.fstat(backend.inflight_fds[1]).st_ino
         # The new backend is kicked: it looks at the ring without waiting for the guest.
         assert _wait(lambda: _readable(backend.kick[0]))
         # The call relay still raises the queue's interrupt.

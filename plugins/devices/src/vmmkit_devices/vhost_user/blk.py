@@ -20,7 +20,13 @@ from vmmkit.errors import DeviceError
 from vmmkit.vhost_user import protocol as p
 from vmmkit_devices.device_types import VhostUserBlkType as VhostUserBlkType  # declared there, re-exported
 from vmmkit_devices.vhost_user.connection import VhostUserConnection, VhostUserError
-from vmmkit_devices.vhost_user.device import Backend, VhostUserDevice, open_backend
+from vmmkit_devices.vhost_user.device import (
+    INFLIGHT_PROTOCOL,
+    WANTED_PROTOCOL,
+    Backend,
+    VhostUserDevice,
+    open_backend,
+)
 
 if TYPE_CHECKING:
     from vmmkit.config import DiskConfig
@@ -64,7 +70,7 @@ def create_device(device_id: str, socket_path: str, *, num_queues: int, queue_si
         return VhostUserConnection.connect(socket_path, device_id)
 
     opener = opener or connect
-    backend = open_backend(opener)
+    backend = open_backend(opener, WANTED_PROTOCOL | INFLIGHT_PROTOCOL)
     try:
         config = _blk_config(backend, device_id, num_queues)
     except BaseException:
@@ -75,6 +81,7 @@ def create_device(device_id: str, socket_path: str, *, num_queues: int, queue_si
         queue_sizes=[queue_size] * num_queues,
         device_features=BLK_FEATURES if num_queues > 1 else BLK_FEATURES & ~VIRTIO_BLK_F_MQ,
         config=config, describe={"num_queues": num_queues, "queue_size": queue_size}, event_loop=event_loop,
+        track_inflight=True, wanted_protocol=WANTED_PROTOCOL | INFLIGHT_PROTOCOL,
     )
 
 

@@ -116,7 +116,27 @@ class VhostUserConnection:
     def call(self, request: Req, payload: bytes = b"", fds: Sequence[int] = (), *, reply: bool = False) -> bytes:
         """Send ``request``; with ``reply``, return the reply's payload. Without, and with
         ``REPLY_ACK`` negotiated, wait for the backend's acknowledgement (a non-zero one is a
-        refusal)."""
+        refusal). A reply carrying descriptors is refused."""
+        answer, received = self._exchange(request, payload, fds, reply=reply)
+        if received:
+            for fd in received:
+                os.close(fd)
+            raise VhostUserError(f"{self.device_id}: vhost-user backend sent descriptors with its "
+                                 f"{request.name} reply")
+        return answer
+
+    def call_for_fds(self, request: Req, payload: bytes, count: int) -> tuple[bytes, list[int]]:
+        """Send ``request`` and return its reply with exactly ``count`` descriptors (the caller's
+        to close)."""
+        answer, received = self._exchange(request, payload, (), reply=True)
+        if len(received) != count:
+            for fd in received:
+                os.close(fd)
+            raise VhostUserError(f"{self.device_id}: vhost-user backend answered {request.name} with "
+                                 f"{len(received)} descriptors, expected {count}")
+        return answer, received
+
+    def _exchange(self, request: Req, payload: bytes, fds: Sequence[int], *, reply: bool) -> tuple[bytes, list[int]]:
         ack = not reply and self.has(p.ProtocolFeature.REPLY_ACK)
         flags = p.VERSION | (p.FLAG_NEED_REPLY if ack else 0)
         name = request.name
@@ -125,7 +145,7 @@ class VhostUserConnection:
             try:
                 p.send(self.sock, p.Message(request, payload, flags), fds)
                 if not (reply or ack):
-                    return b""
+                    return b"", []
                 msg, received = p.recv(self.sock, Req)
             except p.VhostUserDisconnected as exc:
                 raise VhostUserDisconnected(f"{self.device_id}: vhost-user backend at {self.path} hung up "
@@ -139,18 +159,19 @@ class VhostUserConnection:
             except OSError as exc:
                 raise VhostUserDisconnected(f"{self.device_id}: vhost-user backend at {self.path}: "
                                             f"{exc.strerror} ({name})") from None
-        for fd in received:
-            os.close(fd)
-        if msg.request != request or not msg.is_reply:
-            raise VhostUserError(f"{self.device_id}: vhost-user backend answered {name} with request "
-                                 f"{msg.request} flags {msg.flags:#x}")
-        if received:
-            raise VhostUserError(f"{self.device_id}: vhost-user backend sent descriptors with its {name} reply")
-        if ack:
-            status = self._unpack(p.unpack_u64, msg.payload, name)
-            if status:
-                raise VhostUserError(f"{self.device_id}: vhost-user backend refused {name} (status {status})")
-        return msg.payload
+        try:
+            if msg.request != request or not msg.is_reply:
+                raise VhostUserError(f"{self.device_id}: vhost-user backend answered {name} with request "
+                                     f"{msg.request} flags {msg.flags:#x}")
+            if ack:
+                status = self._unpack(p.unpack_u64, msg.payload, name)
+                if status:
+                    raise VhostUserError(f"{self.device_id}: vhost-user backend refused {name} (status {status})")
+        except BaseException:
+            for fd in received:
+                os.close(fd)
+            raise
+        return msg.payload, received
 
     def _unpack(self, unpack: Callable[[bytes], _T], data: bytes, name: str) -> _T:
         try:
@@ -212,6 +233,22 @@ class VhostUserConnection:
         if state.index != index:
             raise VhostUserError(f"{self.device_id}: GET_VRING_BASE for queue {index} answered for {state.index}")
         return state.num
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[p.Inflight, int]:
+        """GET_INFLIGHT_FD: the backend's buffer for tracking in-flight requests (its descriptor
+        is the caller's to close)."""
+        answer, (fd,) = self.call_for_fds(Req.GET_INFLIGHT_FD, p.Inflight(0, 0, num_queues, queue_size).pack(), 1)
+        try:
+            inflight = self._unpack(p.Inflight.unpack, answer, "GET_INFLIGHT_FD")
+            if inflight.mmap_size == 0:
+                raise VhostUserError(f"{self.device_id}: GET_INFLIGHT_FD answered an empty buffer")
+        except BaseException:
+            os.close(fd)
+            raise
+        return p.Inflight(inflight.mmap_size, inflight.mmap_offset, num_queues, queue_size), fd
+
+    def set_inflight_fd(self, inflight: p.Inflight, fd: int) -> None:
+        self.call(Req.SET_INFLIGHT_FD, inflight.pack(), [fd])
 
     def get_config(self, size: int) -> bytes:
         """The first ``size`` bytes of the device's configuration space (GET_CONFIG)."""

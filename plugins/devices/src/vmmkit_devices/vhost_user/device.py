@@ -3,8 +3,8 @@
 
 At creation (:func:`open_backend`): connect, ``SET_OWNER``, ``GET_FEATURES`` and, when the
 backend offers ``VHOST_USER_F_PROTOCOL_FEATURES``, ``GET``/``SET_PROTOCOL_FEATURES`` with the
-ones vmmkit uses (``REPLY_ACK``, ``CONFIG``, ``MQ``). The guest is offered the backend's device
-features within the type's mask.
+ones vmmkit uses (``REPLY_ACK``, ``CONFIG``, ``MQ``; blk also ``INFLIGHT_SHMFD``). The guest is
+offered the backend's device features within the type's mask.
 
 At ``DRIVER_OK`` (:meth:`VhostUserDevice.activate`): ``SET_FEATURES`` (the guest's, plus bit 30
 when protocol features were negotiated), ``SET_MEM_TABLE`` with every guest RAM region's memfd
@@ -58,6 +58,9 @@ log = get_logger()
 TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
 #: Protocol features vmmkit's frontend uses.
 WANTED_PROTOCOL = p.protocol_mask(p.ProtocolFeature.REPLY_ACK, p.ProtocolFeature.CONFIG, p.ProtocolFeature.MQ)
+#: What a device that tracks in-flight requests (blk) negotiates besides: only a frontend that then
+#: sends SET_INFLIGHT_FD may (libvhost-user refuses to start a ring without the buffer).
+INFLIGHT_PROTOCOL = p.protocol_mask(p.ProtocolFeature.INFLIGHT_SHMFD)
 
 Opener = Callable[[], VhostUserConnection]
 
@@ -122,6 +125,10 @@ class VhostUserDevice(VirtioDevice):
     :param device_features: the device-specific feature bits the guest may be offered (the
         backend's, within this mask).
     :param config: the device configuration space the guest reads (``None``: none).
+    :param track_inflight: ask a backend that offers ``INFLIGHT_SHMFD`` for its in-flight
+        buffer (``GET_INFLIGHT_FD``, once per activation) and hand it back (``SET_INFLIGHT_FD``)
+        before the rings start and after each reconnection, so a restarted backend finds the
+        requests its predecessor had taken (QEMU's vhost-user-blk).
     :param frontend_features: device feature bits the frontend implements itself (a net
         device's ``MAC`` and ``STATUS``: its configuration space is the frontend's): always
         offered, never sent to the backend.
@@ -132,7 +139,7 @@ class VhostUserDevice(VirtioDevice):
     def __init__(self, device_id: str, *, device_type: int, name: str, backend: Backend, opener: Opener | None,
                  queue_sizes: Sequence[int], device_features: int, config: bytes = b"", frontend_features: int = 0,
                  describe: Mapping[str, Any] | None = None, event_loop: EventLoop | None = None,
-                 wanted_protocol: int = WANTED_PROTOCOL) -> None:
+                 wanted_protocol: int = WANTED_PROTOCOL, track_inflight: bool = False) -> None:
         super().__init__(device_id)
         self.device_type = device_type  # type: ignore[misc]  # a ClassVar on the base: per instance here
         self.name = name  # type: ignore[misc]
@@ -149,6 +156,8 @@ class VhostUserDevice(VirtioDevice):
         self._ctx: ActivationContext | None = None
         self._started: list[int] = []
         self._call_fds: dict[int, int] = {}  # queue index -> call eventfd
+        self._track_inflight = track_inflight
+        self._inflight: tuple[p.Inflight, int] | None = None
         self._epoch = 0  # bumped by reset and close: a live reconnection of an older epoch gives up
         self._closed = False
         self._counts = {"interrupts_relayed": 0, "reconnections": 0, "backend_losses": 0}
@@ -188,6 +197,10 @@ class VhostUserDevice(VirtioDevice):
         """Hand the backend the memory and the ready queues; ``bases``: where each queue resumes
         (a live reconnection), else the queues' own positions."""
         conn = self.backend.conn
+        if self._track_inflight and conn.has(p.ProtocolFeature.INFLIGHT_SHMFD):
+            if self._inflight is None:
+                self._inflight = conn.get_inflight_fd(len(self._queue_sizes), max(self._queue_sizes))
+            conn.set_inflight_fd(*self._inflight)
         features = self.acked_features & ~self._frontend_features & self.backend.features
         features |= 1 << p.F_PROTOCOL_FEATURES if self.backend.protocol else 0
         conn.set_features(features)
@@ -339,6 +352,13 @@ class VhostUserDevice(VirtioDevice):
             except VhostUserError as exc:
                 log.warning("vhost_user.stop_failed", device=self.id, error=str(exc))
         self._stop_relays(ctx)
+        self._drop_inflight()
+
+    def _drop_inflight(self) -> None:
+        """A device reset: nothing is in flight any more (QEMU frees it at reset too)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            os.close(inflight[1])
 
     def _stop_relays(self, ctx: ActivationContext | None = None) -> None:
         ctx = ctx or self._ctx
