@@ -282,3 +282,35 @@ def _start_vmm_without_disk(selftest_elf: Path, hypervisor: str,
              "--memory", "size=128M,shared=on", "--cmdline", "test=idle", "--api-socket", f"path={api}"],
             stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True)
     return proc, api, out, err
+
+
+def test_memory_hotplugged_under_guest_io_reaches_the_backend(
+    daemon: StorageDaemon, selftest_elf: Path, vmmkit_hypervisor: str, tmp_path: Path
+) -> None:
+    """ACPI memory hotplug (vm.resize desired_ram) while the guest's benchmark runs: the frontend
+    sends qemu-storage-daemon the new memory table, which it maps while serving, and the guest
+    finishes."""
+    from vmmkit.api.client import ApiClient
+
+    api = tmp_path / "api.sock"
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmmkit", "-v", "--hypervisor", vmmkit_hypervisor, "--kernel", str(selftest_elf),
+             "--memory", "size=128M,shared=on,hotplug_size=256M", "--cmdline", "test=blkbench blkbench.total=512M",
+             "--api-socket", f"path={api}", "--disk", f"vhost_user=on,socket={daemon.socket},id=vdisk"],
+            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True)
+    try:
+        _wait_for(out, "info test: blkbench", proc, 180)
+        _wait_for(err, "vhost_user.started", proc, 60)
+        time.sleep(1.5)
+        client = ApiClient(str(api))
+        client.put("vm.resize", {"desired_ram": 256 << 20})
+        _wait_for(err, "vhost_user.memory_updated", proc, 30)
+        assert client.counters()["vdisk"]["memory_updates"] >= 1
+        _wait_for(out, "selftest: ok blkbench", proc, 300)
+        proc.wait(60)
+        assert proc.returncode == 0, out.read_text() + err.read_text()
+        assert "memory_update_failed" not in err.read_text()
+    finally:
+        _finish(proc, api, err)

@@ -294,6 +294,32 @@ def test_blk_negotiation_and_activation_sequence(backend_factory: Callable[..., 
         device.close()
 
 
+def test_hotplugged_memory_reaches_a_running_backend(backend_factory: Callable[..., ScriptedBackend],
+                                                    memory: GuestMemory, loop: EventLoop) -> None:
+    from vmmkit.memory import close_region, map_region
+
+    backend = backend_factory(features=BLK_FEATURES, protocol=ALL_PROTOCOL)
+    device = blk.create_device("d0", str(backend.path), num_queues=1, queue_size=128, event_loop=loop)
+    try:
+        device.ack_features(VIRTIO_F_VERSION_1)
+        device.activate(_context(memory, loop, [128], Interrupts()))
+        dimm = map_region(MemoryRange(1 << 33, 2 << 20), 7, shared=True, hugepages=False, hugepage_size=None,
+                          thp=False, mergeable=False, prefault=False)
+        memory.add_region(dimm)  # as ACPI memory hotplug does
+        assert backend.requests().count(Req.SET_MEM_TABLE) == 2
+        assert [r.guest_phys_addr for r, _ in backend.memory] == [0, 1 << 32, 1 << 33]
+        memory.write(1 << 33, b"hotplugged")
+        assert backend.guest_bytes(1 << 33, 10) == b"hotplugged"
+        assert device.counters()["memory_updates"] == 1
+        device.reset()  # not running: a change waits for the next activation
+        memory.remove_region(1 << 33)
+        assert backend.requests().count(Req.SET_MEM_TABLE) == 2
+    finally:
+        device.close()
+        if "dimm" in locals():
+            close_region(dimm)
+
+
 def test_a_refused_request_fails_activation_with_a_clear_error(backend_factory: Callable[..., ScriptedBackend],
                                                                memory: GuestMemory, loop: EventLoop) -> None:
     backend = backend_factory(features=BLK_FEATURES, protocol=ALL_PROTOCOL)

@@ -160,7 +160,7 @@ class VhostUserDevice(VirtioDevice):
         self._inflight: tuple[p.Inflight, int] | None = None
         self._epoch = 0  # bumped by reset and close: a live reconnection of an older epoch gives up
         self._closed = False
-        self._counts = {"interrupts_relayed": 0, "reconnections": 0, "backend_losses": 0}
+        self._counts = {"interrupts_relayed": 0, "reconnections": 0, "backend_losses": 0, "memory_updates": 0}
         self._event_loop = event_loop
         self._watched: int | None = None
         self._watch()
@@ -192,6 +192,26 @@ class VhostUserDevice(VirtioDevice):
                 self._stop_relays(ctx)
                 self._ctx = None
                 raise DeviceError(str(exc)) from None
+            ctx.memory.add_listener(self._memory_changed)
+
+    def _memory_changed(self) -> None:
+        """Guest RAM changed (memory hotplug) while the device runs: the backend gets the new
+        table (SET_MEM_TABLE again, as QEMU does for backends without CONFIGURE_MEM_SLOTS;
+        libvhost-user maps it and its rings anew). A table the backend cannot take breaks the
+        device: the guest's buffers may be in the new memory."""
+        with self._lock:
+            ctx = self._ctx
+            if ctx is None or self._lost():
+                return  # the next activation (or reconnection) sends the whole table
+            try:
+                regions, fds = memory_table(ctx.memory, self.id)
+                self.backend.conn.set_mem_table(regions, fds)
+            except (DeviceError, VhostUserError) as exc:
+                log.warning("vhost_user.memory_update_failed", device=self.id, error=str(exc))
+                self.mark_broken(f"guest memory changed and the vhost-user backend could not follow: {exc}")
+                return
+            self._counts["memory_updates"] += 1
+            log.info("vhost_user.memory_updated", device=self.id, regions=len(regions))
 
     def _start(self, ctx: ActivationContext, bases: Mapping[int, int] | None = None) -> None:
         """Hand the backend the memory and the ready queues; ``bases``: where each queue resumes
@@ -345,6 +365,8 @@ class VhostUserDevice(VirtioDevice):
     def _stop(self) -> None:
         ctx, self._ctx = self._ctx, None
         started, self._started = self._started, []
+        if ctx is not None:
+            ctx.memory.remove_listener(self._memory_changed)
         if not self._lost():
             try:
                 for index in started:
