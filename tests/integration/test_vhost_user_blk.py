@@ -284,7 +284,7 @@ def _start_vmm_without_disk(selftest_elf: Path, hypervisor: str,
     return proc, api, out, err
 
 
-def test_memory_hotplugged_under_guest_io_reaches_the_backend(
+def test_pause_resume_and_memory_hotplugged_under_guest_io_reach_the_backend(
     daemon: StorageDaemon, selftest_elf: Path, vmmkit_hypervisor: str, tmp_path: Path
 ) -> None:
     """ACPI memory hotplug (vm.resize desired_ram) while the guest's benchmark runs: the frontend
@@ -305,6 +305,9 @@ def test_memory_hotplugged_under_guest_io_reaches_the_backend(
         _wait_for(err, "vhost_user.started", proc, 60)
         time.sleep(1.5)
         client = ApiClient(str(api))
+        client.pause()  # the rings are disabled while the VM is paused, enabled and kicked after
+        time.sleep(0.5)
+        client.resume()
         client.put("vm.resize", {"desired_ram": 256 << 20})
         _wait_for(err, "vhost_user.memory_updated", proc, 30)
         assert client.counters()["vdisk"]["memory_updates"] >= 1

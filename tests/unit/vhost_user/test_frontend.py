@@ -320,6 +320,24 @@ def test_hotplugged_memory_reaches_a_running_backend(backend_factory: Callable[.
             close_region(dimm)
 
 
+def test_pause_disables_the_rings_and_resume_enables_and_kicks_them(
+    backend_factory: Callable[..., ScriptedBackend], memory: GuestMemory, loop: EventLoop
+) -> None:
+    backend = backend_factory(features=BLK_FEATURES, protocol=ALL_PROTOCOL)
+    device = blk.create_device("d0", str(backend.path), num_queues=1, queue_size=128, event_loop=loop)
+    try:
+        device.ack_features(VIRTIO_F_VERSION_1)
+        device.activate(_context(memory, loop, [128], Interrupts()))
+        device.pause()
+        assert backend.log[-1][0] == Req.SET_VRING_ENABLE
+        assert p.VringState.unpack(backend.log[-1][1]) == p.VringState(0, 0)
+        device.resume()
+        assert p.VringState.unpack(backend.log[-1][1]) == p.VringState(0, 1)
+        assert _readable(backend.kick[0])
+    finally:
+        device.close()
+
+
 def test_a_refused_request_fails_activation_with_a_clear_error(backend_factory: Callable[..., ScriptedBackend],
                                                                memory: GuestMemory, loop: EventLoop) -> None:
     backend = backend_factory(features=BLK_FEATURES, protocol=ALL_PROTOCOL)

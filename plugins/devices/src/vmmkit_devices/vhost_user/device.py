@@ -156,6 +156,7 @@ class VhostUserDevice(VirtioDevice):
         self._ctx: ActivationContext | None = None
         self._started: list[int] = []
         self._call_fds: dict[int, int] = {}  # queue index -> call eventfd
+        self._paused = False
         self._track_inflight = track_inflight
         self._inflight: tuple[p.Inflight, int] | None = None
         self._epoch = 0  # bumped by reset and close: a live reconnection of an older epoch gives up
@@ -231,7 +232,7 @@ class VhostUserDevice(VirtioDevice):
             if not queue.ready:
                 continue
             self._start_queue(conn, ctx, queue, (bases or {}).get(queue.index, queue.last_avail_idx))
-        if self.backend.protocol:
+        if self.backend.protocol and not self._paused:
             for index in self._started:
                 conn.set_vring_enable(index, True)
         log.info("vhost_user.started", device=self.id, socket=conn.path, features=hex(features),
@@ -353,6 +354,34 @@ class VhostUserDevice(VirtioDevice):
         with self._lock:
             if self._epoch == epoch and self._ctx is not None:
                 self.mark_broken(f"{reason}; no backend came back within {RECONNECT_TIMEOUT:.0f} s ({last_error})")
+
+    def pause(self) -> None:
+        """The VM pauses: the backend stops taking requests (SET_VRING_ENABLE 0, as Cloud
+        Hypervisor's ``pause_vhost_user``). Without protocol features rings cannot be disabled
+        short of stopping them; the backend then goes on serving what the guest queued."""
+        with self._lock:
+            self._paused = True
+            self._enable_rings(False)
+
+    def resume(self) -> None:
+        with self._lock:
+            if not self._paused:
+                return
+            self._paused = False
+            if self._enable_rings(True) and self._ctx is not None:
+                for index in self._started:  # kicks that arrived while paused
+                    os.eventfd_write(self._ctx.queue_events[index], 1)
+
+    def _enable_rings(self, enable: bool) -> bool:
+        if self._ctx is None or not self.backend.protocol or self._lost():
+            return False
+        try:
+            for index in self._started:
+                self.backend.conn.set_vring_enable(index, enable)
+        except VhostUserError as exc:
+            log.warning("vhost_user.enable_failed", device=self.id, enable=enable, error=str(exc))
+            return False
+        return True
 
     def reset(self) -> None:
         with self._lock:
