@@ -50,6 +50,8 @@ class ScriptedBackend:
         self.queue_num = queue_num
         self.refuse: set[Req] = set()
         self.hang_up_on: Req | None = None
+        #: request -> (reply message, descriptors) sent instead of the right answer (hostile backends)
+        self.tamper: dict[Req, tuple[p.Message, list[int]]] = {}
         self.log: list[tuple[Req, bytes, int]] = []
         self.kick: dict[int, int] = {}
         self.call: dict[int, int] = {}
@@ -90,6 +92,12 @@ class ScriptedBackend:
                 return
             request = Req(msg.request)
             self.log.append((request, msg.payload, len(fds)))
+            if request in self.tamper:
+                for fd in fds:
+                    os.close(fd)
+                bad, bad_fds = self.tamper[request]
+                p.send(conn, bad, bad_fds)
+                continue
             if request == self.hang_up_on:
                 for fd in fds:
                     os.close(fd)
@@ -362,6 +370,43 @@ def test_without_reply_ack_nothing_waits_for_acknowledgements(backend_factory: C
         assert Req.SET_VRING_CALL in backend.requests()
     finally:
         device.close()
+
+
+@pytest.mark.parametrize(
+    ("request_", "reply", "match"),
+    [
+        (Req.GET_FEATURES, p.Message(Req.GET_PROTOCOL_FEATURES, p.pack_u64(0), p.VERSION | p.FLAG_REPLY),
+         "answered GET_FEATURES with request 15"),
+        (Req.GET_FEATURES, p.Message(Req.GET_FEATURES, p.pack_u64(0)), "answered GET_FEATURES with request 1 flags"),
+        (Req.GET_FEATURES, p.Message(Req.GET_FEATURES, b"\0" * 4, p.VERSION | p.FLAG_REPLY), "u64 payload of 4"),
+        (Req.GET_CONFIG, p.Message(Req.GET_CONFIG, p.ConfigSpace(0, 8, 0, bytes(8)).pack(), p.VERSION | p.FLAG_REPLY),
+         "GET_CONFIG of 60 bytes answered with 8"),
+        (Req.GET_CONFIG, p.Message(Req.GET_CONFIG, struct.pack("<III", 0, 60, 0) + bytes(10),
+                                   p.VERSION | p.FLAG_REPLY), "says 60 bytes and carries 10"),
+    ],
+)
+def test_hostile_replies_are_refused_clearly(backend_factory: Callable[..., ScriptedBackend], loop: EventLoop,
+                                             request_: Req, reply: p.Message, match: str) -> None:
+    backend = backend_factory(features=BLK_FEATURES, protocol=ALL_PROTOCOL)
+    backend.tamper[request_] = (reply, [])
+    with pytest.raises(DeviceError, match=match):
+        blk.create_device("d0", str(backend.path), num_queues=1, queue_size=128, event_loop=loop)
+
+
+def test_a_reply_with_unasked_descriptors_is_refused_and_they_are_closed(
+    backend_factory: Callable[..., ScriptedBackend], loop: EventLoop
+) -> None:
+    backend = backend_factory(features=BLK_FEATURES, protocol=ALL_PROTOCOL)
+    memfd = os.memfd_create("smuggled")
+    try:
+        backend.tamper[Req.GET_FEATURES] = (p.Message(Req.GET_FEATURES, p.pack_u64(BLK_FEATURES),
+                                                      p.VERSION | p.FLAG_REPLY), [memfd])
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(DeviceError, match="sent descriptors with its GET_FEATURES reply"):
+            blk.create_device("d0", str(backend.path), num_queues=1, queue_size=128, event_loop=loop)
+        assert _wait(lambda: len(os.listdir("/proc/self/fd")) <= before)
+    finally:
+        os.close(memfd)
 
 
 def test_a_blk_backend_without_config_is_refused(backend_factory: Callable[..., ScriptedBackend],
