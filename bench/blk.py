@@ -22,10 +22,17 @@ boots vmmkit and then QEMU (``-accel kvm`` when /dev/kvm opens, else TCG; ``--ac
 same image, and the table shows MiB/s and mean latency with the ratio vmmkit / QEMU
 (throughput: above 1 is vmmkit faster; latency: below 1 is vmmkit faster).
 
-    python bench/blk.py [--total 32] [--size 64] [--qd 4] [--storage shm,disk]
-                        [--cache cached,direct] [--transport mmio,pci] [--repeat 1]
+Each configuration has two rows per phase (column ``path``): ``virtio``, each VMM's own
+virtio-blk device on the image, and ``vhost``, the vhost-user-blk path with
+``qemu-storage-daemon`` serving the same image (``cache.direct=on`` for ``direct``) to vmmkit's
+frontend (``--disk vhost_user=on,socket=``) and to QEMU's (``vhost-user-blk-pci``, on microvm
+``vhost-user-blk``), both with memfd-backed shared guest RAM. ``--no-vhost`` leaves those out.
 
-With the defaults one run boots 32 guests (16 configurations x 2 repeats) and takes about 100 s;
+    python bench/blk.py [--total 32] [--size 64] [--qd 4] [--storage shm,disk]
+                        [--cache cached,direct] [--transport mmio,pci] [--repeat 1] [--no-vhost]
+
+With the defaults one run boots 64 guests (16 configurations x 2 paths x 2 repeats) and takes
+about 200 s;
 ``--repeat 1`` halves that. Expect run-to-run noise of tens of percent on a 2-core machine: the
 vCPU (busy polling) and the device threads share the cores.
 """
@@ -111,6 +118,69 @@ def qemu_argv(image: Path, cache: str, transport: str, args: argparse.Namespace)
     return [arg.replace("cache=writeback", mode) if arg.startswith("file=") else arg for arg in command.argv]
 
 
+QSD = "qemu-storage-daemon"
+
+
+class StorageDaemon:
+    """qemu-storage-daemon exporting ``image`` as vhost-user-blk on ``socket`` while in a ``with``."""
+
+    def __init__(self, image: Path, cache: str, socket: Path) -> None:
+        direct = ",cache.direct=on" if cache == "direct" else ""
+        self.socket = socket
+        self.argv = [QSD, "--blockdev", f"driver=file,node-name=f,filename={image}{direct}",
+                     "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={socket},"
+                     "writable=on"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> StorageDaemon:
+        self.socket.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"{QSD} did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def vmmkit_vhost_argv(socket: Path, transport: str, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "vmmkit", "--kernel", str(GUEST), "--memory", f"size={MEMORY},shared=on",
+            "--cmdline", guest_cmdline(args), "--platform", f"virtio_transport={transport}",
+            "--disk", f"vhost_user=on,socket={socket}", "--serial", "tty"]
+
+
+def qemu_vhost_argv(socket: Path, transport: str, args: argparse.Namespace) -> list[str]:
+    """QEMU's command for the same test with its virtio-blk swapped for vhost-user-blk on
+    ``socket``, and guest RAM a shared memfd (vhost-user needs it)."""
+    argv = qemu_argv(socket, "cached", transport, args)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-drive":
+            i += 2
+            continue
+        if arg.startswith("virtio-blk-"):
+            where = arg.split(",")[1:]
+            placement = ",".join(w for w in where if w.startswith(("addr=", "bus=", "disable-legacy=")))
+            device = "vhost-user-blk-pci" if transport == "pci" else "vhost-user-blk"
+            out[-1:] = ["-chardev", f"socket,id=vub0,path={socket}", "-device", f"{device},chardev=vub0,{placement}"]
+            i += 1
+            continue
+        if out and out[-1] == "-M":
+            arg += ",memory-backend=mem"
+        out.append(arg)
+        i += 1
+    return out + ["-object", f"memory-backend-memfd,id=mem,size={MEMORY},share=on"]
+
+
 def make_image(path: Path) -> None:
     """IMAGE_SIZE bytes of non-zero data, allocated and on disk (reads hit real blocks)."""
     chunk = os.urandom(1 << 20)
@@ -171,6 +241,25 @@ def print_seccomp_cost(table: list[tuple[str, str, str, dict[str, Run]]]) -> Non
         print(f"geometric mean on/off: {geomean:.3f}x over {len(ratios)} rows")
 
 
+def print_rows(storage: str, cache: str, transport: str, path: str, ours: Run, theirs: Run | None,
+               ratios: list[float]) -> None:
+    """One configuration's rows of the main table: vmmkit against QEMU on one path."""
+    keys = sorted(set(ours.results) | set(theirs.results if theirs else ()), key=lambda k: (k[1], k[0] != "write"))
+    for key in keys:
+        a = ours.results.get(key)
+        b = theirs.results.get(key) if theirs else None
+        ratio = a[0] / b[0] if a and b and b[0] else None
+        lat_ratio = a[1] / b[1] if a and b and b[1] else None
+        if ratio:
+            ratios.append(ratio)
+        print(f"{storage:<7} {cache:<6} {transport:<6} {path:<6} {key[0]:<5} {key[1]:>2} | "
+              f"{fmt(a[0] if a else None, 12)} {fmt(a[1] if a else None, 8)} | "
+              f"{fmt(b[0] if b else None, 10)} {fmt(b[1] if b else None, 8)} | "
+              f"{fmt(ratio, 10, 2)}x {fmt(lat_ratio, 8, 2)}x")
+    if not keys:
+        print(f"{storage:<7} {cache:<6} {transport:<6} {path:<6} (no results)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--total", type=int, default=32, help="MiB per phase (default 32)")
@@ -182,6 +271,7 @@ def main() -> int:
     parser.add_argument("--accel", default=None, help="QEMU accelerator (default: kvm if usable, else tcg)")
     parser.add_argument("--repeat", type=int, default=2, help="boots per configuration and VMM (default 2; median)")
     parser.add_argument("--no-qemu", action="store_true", help="vmmkit alone")
+    parser.add_argument("--no-vhost", action="store_true", help="leave out the vhost-user-blk rows")
     parser.add_argument("--seccomp-cost", action="store_true",
                         help="also boot vmmkit with --seccomp false, and report the filters' cost")
     args = parser.parse_args()
@@ -193,6 +283,11 @@ def main() -> int:
             peers.append("qemu")
         else:
             print("qemu-system-x86_64 not found: vmmkit alone", file=sys.stderr)
+    if not args.no_vhost:
+        if shutil.which(QSD):
+            peers += [f"{peer}-vhost" for peer in ("vmmkit", "qemu") if peer in peers]
+        else:
+            print(f"{QSD} not found: no vhost-user rows", file=sys.stderr)
     dirs = {"shm": Path("/dev/shm"), "disk": REPO}
     storages = [s for s in args.storage.split(",") if s]
     caches = [c for c in args.cache.split(",") if c]
@@ -212,15 +307,21 @@ def main() -> int:
                     runs: dict[str, list[Run]] = {peer: [] for peer in peers}
                     for repeat in range(args.repeat):  # interleaved, the order alternating, so drift
                         for peer in peers if repeat % 2 == 0 else peers[::-1]:  # affects both alike
-                            argv = (qemu_argv if peer == "qemu" else vmmkit_argv)(image, cache, transport, args)
-                            if peer == "vmmkit-noseccomp":
-                                argv.extend(["--seccomp", "false"])
                             # The previous boot's dirty pages written back first: a write to a page
                             # under writeback waits for it (stable pages), which would slow the next VMM.
                             os.sync()
-                            result = run(argv, timeout=120)
+                            if peer.endswith("-vhost"):
+                                socket = Path(tmp) / "vhost.sock"
+                                vhost_argv = qemu_vhost_argv if peer == "qemu-vhost" else vmmkit_vhost_argv
+                                with StorageDaemon(image, cache, socket):
+                                    result = run(vhost_argv(socket, transport, args), timeout=120)
+                            else:
+                                argv = (qemu_argv if peer == "qemu" else vmmkit_argv)(image, cache, transport, args)
+                                if peer == "vmmkit-noseccomp":
+                                    argv.extend(["--seccomp", "false"])
+                                result = run(argv, timeout=120)
                             runs[peer].append(result)
-                            print(f"  {storage:<4} {cache:<6} {transport:<4} {peer:<6} {result.seconds:5.1f} s  "
+                            print(f"  {storage:<4} {cache:<6} {transport:<4} {peer:<12} {result.seconds:5.1f} s  "
                                   f"{result.error or 'ok'}", file=sys.stderr)
                     table.append((storage, cache, transport, {peer: median_run(r) for peer, r in runs.items()}))
 
@@ -230,31 +331,23 @@ def main() -> int:
           f"({qemu_machines}); {time.monotonic() - started:.0f} s")
     print("shm: /dev/shm (tmpfs); disk: the repository's file system; cached: vmmkit buffered / QEMU "
           "cache=writeback; direct: vmmkit direct=on / QEMU cache=none")
-    header = (f"{'storage':<7} {'cache':<6} {'virtio':<6} {'op':<5} {'qd':>2} | {'vmmkit MiB/s':>12} {'lat us':>8} | "
+    print("path virtio: each VMM's own virtio-blk device; path vhost: each VMM's vhost-user-blk frontend with "
+          "qemu-storage-daemon's vhost-user-blk export as the backend")
+    header = (f"{'storage':<7} {'cache':<6} {'virtio':<6} {'path':<6} {'op':<5} {'qd':>2} | "
+              f"{'vmmkit MiB/s':>12} {'lat us':>8} | "
               f"{'QEMU MiB/s':>10} {'lat us':>8} | {'MiB/s ratio':>11} {'lat ratio':>9}")
     print(header)
     print("-" * len(header))
     ratios: list[float] = []
     errors: list[str] = []
     for storage, cache, transport, result in table:
-        ours, theirs = result["vmmkit"], result.get("qemu")
         for who, r in result.items():
             if r.error:
                 errors.append(f"{storage} {cache} {transport} {who}: {r.error}")
-        keys = sorted(set(ours.results) | set(theirs.results if theirs else ()), key=lambda k: (k[1], k[0] != "write"))
-        for key in keys:
-            a = ours.results.get(key)
-            b = theirs.results.get(key) if theirs else None
-            ratio = a[0] / b[0] if a and b and b[0] else None
-            lat_ratio = a[1] / b[1] if a and b and b[1] else None
-            if ratio:
-                ratios.append(ratio)
-            print(f"{storage:<7} {cache:<6} {transport:<6} {key[0]:<5} {key[1]:>2} | "
-                  f"{fmt(a[0] if a else None, 12)} {fmt(a[1] if a else None, 8)} | "
-                  f"{fmt(b[0] if b else None, 10)} {fmt(b[1] if b else None, 8)} | "
-                  f"{fmt(ratio, 10, 2)}x {fmt(lat_ratio, 8, 2)}x")
-        if not keys:
-            print(f"{storage:<7} {cache:<6} {transport:<6} (no results)")
+        for path, suffix in (("virtio", ""), ("vhost", "-vhost")):
+            if f"vmmkit{suffix}" in result:
+                print_rows(storage, cache, transport, path, result[f"vmmkit{suffix}"], result.get(f"qemu{suffix}"),
+                           ratios)
     if ratios:
         geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         print(f"geometric mean of the MiB/s ratios (vmmkit / QEMU): {geomean:.2f}x over {len(ratios)} rows")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
 from attrs import define, field, frozen
@@ -87,6 +87,9 @@ class GuestMemory:
     def __init__(self, regions: Iterable[GuestRegion] = ()) -> None:
         #: (regions sorted by start, their starts): replaced as a whole, never changed in place.
         self._table: tuple[list[GuestRegion], list[int]] = ([], [])
+        #: Called after each change of the region table (memory hotplug): a vhost-user frontend
+        #: sends its backend the new table. See :meth:`add_listener`.
+        self._listeners: list[Callable[[], None]] = []
         for region in regions:
             self.add_region(region)
 
@@ -145,6 +148,17 @@ class GuestMemory:
 
     def _publish(self, regions: list[GuestRegion]) -> None:
         self._table = (regions, [r.start for r in regions])
+        for listener in list(self._listeners):
+            listener()
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on the thread that changed it) after every change of the region
+        table; it must not raise."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     @property
     def _regions(self) -> list[GuestRegion]:

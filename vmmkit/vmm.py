@@ -42,7 +42,16 @@ import attrs
 import pluggy
 
 from vmmkit import __version__
-from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, PmemConfig, VmConfig, VsockConfig
+from vmmkit.config import (
+    ConfigError,
+    DeviceConfig,
+    DiskConfig,
+    FsConfig,
+    NetConfig,
+    PmemConfig,
+    VmConfig,
+    VsockConfig,
+)
 from vmmkit.device import DeviceRequest, check_devices
 from vmmkit.errors import VmmError
 from vmmkit.log import get_logger
@@ -414,6 +423,11 @@ class Vmm:
         """``vm.add-pmem``: before boot, added to the configuration; on a booted VM, hot-plugged
         as ``vm.add-disk`` is (the file is mapped into the guest then)."""
         return self._add(pmem, VmConfig.with_pmem, "pmem device")
+
+    def add_fs(self, fs: FsConfig) -> dict[str, str] | None:
+        """``vm.add-fs`` (a virtio-fs device served by a vhost-user backend): before boot, added
+        to the configuration; on a booted VM, hot-plugged as ``vm.add-disk`` is."""
+        return self._add(fs, VmConfig.with_fs, "fs")
 
     def remove_device(self, device_id: str, timeout: float | None = None) -> None:
         """``vm.remove-device``: before boot, removed from the configuration; on a booted VM,

@@ -51,6 +51,7 @@ from vmmkit.config import (
     ConfigError,
     DeviceConfig,
     DiskConfig,
+    FsConfig,
     NetConfig,
     OptionParser,
     PmemConfig,
@@ -95,7 +96,6 @@ LISTEN_BACKLOG: Final = 128
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
     "vm.resize-zone": "resizing memory zones",
-    "vm.add-fs": "virtio-fs devices",
     "vm.add-generic-vhost-user": "generic vhost-user devices",
     "vm.add-vdpa": "vDPA devices",
     "vm.add-user-device": "userspace (vfio-user) devices",
@@ -208,6 +208,10 @@ def _add_net(server: ApiServer, request: Request) -> Response:
         close_fds(fds)
         raise
     return _added(server.vmm.add_net(net, fds))  # the VMM owns the fds now
+
+
+def _add_fs(server: ApiServer, request: Request) -> Response:
+    return _added(server.vmm.add_fs(FsConfig.from_json(_json_object(request))))
 
 
 def _add_vsock(server: ApiServer, request: Request) -> Response:
@@ -330,6 +334,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.add-device": Route("PUT", _add_device),
     "vm.add-vsock": Route("PUT", _add_vsock),
     "vm.add-pmem": Route("PUT", _add_pmem),
+    "vm.add-fs": Route("PUT", _add_fs),
     "vm.remove-device": Route("PUT", _remove_device),
     "vm.resize-disk": Route("PUT", _resize_disk),
     "vm.snapshot": Route("PUT", _snapshot),

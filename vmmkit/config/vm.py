@@ -138,7 +138,7 @@ class VmConfig(_Config):
             raise ConfigError(
                 needs_shared[0],
                 None,
-                "memory with shared=on or hugepages=on",
+                "--memory shared=on (or hugepages=on)",
                 reason="vhost-user devices (and virtio-fs) need shared guest memory",
             )
         segments = self.platform.num_pci_segments if self.platform else 1

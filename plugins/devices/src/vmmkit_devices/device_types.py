@@ -304,6 +304,54 @@ class VirtioPmemType(DeviceType):
     implementation: ClassVar[str] = "vmmkit_devices.virtio.pmem"
 
 
+# -- vhost-user frontends (the data path is a backend process; guest memory is shared) -------
+
+
+class VhostUserBlkType(DeviceType):
+    """``vhost-user-blk``: a virtio block device per ``--disk vhost_user=on,socket=...``, served by a
+    vhost-user backend (qemu-storage-daemon, SPDK, vmmkit-vhost-user)."""
+
+    name: ClassVar[str] = "vhost-user-blk"
+    description: ClassVar[str] = "virtio block device served by a vhost-user backend (--disk vhost_user=on,socket=)"
+    sections: ClassVar[tuple[str, ...]] = ("disks.vhost_user", "disks.vhost_socket")
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [_virtio_request(cls.name, disk, section_id(disk)) for disk in config.disks if disk.vhost_user]
+
+    implementation: ClassVar[str] = "vmmkit_devices.vhost_user.blk"
+
+
+class VhostUserNetType(DeviceType):
+    """``vhost-user-net``: a virtio network device per ``--net vhost_user=on,socket=...``, served by
+    a vhost-user backend (client or server mode, ``vhost_mode=``)."""
+
+    name: ClassVar[str] = "vhost-user-net"
+    description: ClassVar[str] = "virtio network device served by a vhost-user backend (--net vhost_user=on,socket=)"
+    sections: ClassVar[tuple[str, ...]] = ("net.vhost_user", "net.vhost_socket", "net.vhost_mode")
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [_virtio_request(cls.name, net, section_id(net)) for net in config.net if net.vhost_user]
+
+    implementation: ClassVar[str] = "vmmkit_devices.vhost_user.net"
+
+
+class VhostUserFsType(DeviceType):
+    """``vhost-user-fs``: a virtio-fs device per ``--fs tag=,socket=``, its FUSE server a vhost-user
+    backend (virtiofsd, vmmkit-vhost-user fs)."""
+
+    name: ClassVar[str] = "vhost-user-fs"
+    description: ClassVar[str] = "virtio-fs device served by a vhost-user backend such as virtiofsd (--fs tag=,socket=)"
+    sections: ClassVar[tuple[str, ...]] = ("fs",)
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [_virtio_request(cls.name, fs, section_id(fs)) for fs in config.fs]
+
+    implementation: ClassVar[str] = "vmmkit_devices.vhost_user.fs"
+
+
 def _virtio_request(type_name: str, section: Any, device_id: str) -> DeviceRequest:
     """The request for a virtio device of a configuration section with Cloud Hypervisor's
     placement fields (``pci_segment``, ``pci_device_id``) and vmmkit's ``transport``."""

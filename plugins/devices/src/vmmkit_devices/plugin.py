@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vmmkit import hookimpl
-from vmmkit.sandbox import EVENT_LOOP
+from vmmkit.sandbox import EVENT_LOOP, VCPU
 from vmmkit_devices.device_types import (
     AcpiGedType,
     AcpiPmType,
@@ -34,6 +34,9 @@ from vmmkit_devices.device_types import (
     Pl031Type,
     PvPanicType,
     Serial16550Type,
+    VhostUserBlkType,
+    VhostUserFsType,
+    VhostUserNetType,
     VirtioBalloonType,
     VirtioBlockType,
     VirtioConsoleType,
@@ -70,6 +73,9 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VirtioBalloonType,
     VirtioVsockType,
     VirtioPmemType,
+    VhostUserBlkType,
+    VhostUserFsType,
+    VhostUserNetType,
 )
 
 
@@ -82,5 +88,7 @@ def vmmkit_register_devices(registry: Registry[type[DeviceType]]) -> None:
 @hookimpl
 def vmmkit_seccomp_syscalls() -> dict[str, list[str]]:
     # virtio-vsock's muxer thread (an event loop) opens a host stream when the guest connects:
-    # socket + connect on <uds path>_<port>. vCPUs and device workers get neither.
-    return {EVENT_LOOP: ["socket", "connect"]}
+    # socket + connect on <uds path>_<port>.
+    # A vhost-user frontend reconnects to a restarted backend when the driver resets or
+    # activates the device, on the vCPU thread that wrote the status register.
+    return {EVENT_LOOP: ["socket", "connect"], VCPU: ["socket", "connect"]}
