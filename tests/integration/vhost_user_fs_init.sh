@@ -40,6 +40,10 @@ say "stat $(stat -c '%s %a' /mnt/guest.txt)"
 for name in $(ls /mnt/escape/); do say "escape-ls $name"; done
 if cat /mnt/up/outside-secret.txt 2>/dev/null; then say "ESCAPED up"; else say "ok no up"; fi
 if cat /mnt/../outside-secret.txt 2>/dev/null; then say "ESCAPED dotdot"; else say "ok no dotdot"; fi
+# Forget the guest's dentries and inodes: the daemon hears FORGET / BATCH_FORGET.
+check sh -c 'echo 3 > /proc/sys/vm/drop_caches'
+for name in $(ls /mnt/newdir); do say "newdir $name"; done
+say "after-forget $(cat /mnt/newdir/after.txt)"
 check sync
 check umount /mnt
 say "done"
