@@ -81,6 +81,22 @@ class Vring:
         self.enabled = False
         self.queue: Virtqueue | None = None
         self.inflight: set[concurrent.futures.Future[None]] = set()
+        self.inflight_lock = threading.Lock()
+
+    def track(self, future: concurrent.futures.Future[None]) -> None:
+        """Remember a request running on the pool until it is done."""
+        with self.inflight_lock:
+            self.inflight.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: concurrent.futures.Future[None]) -> None:
+        with self.inflight_lock:
+            self.inflight.discard(future)
+
+    def wait_inflight(self) -> None:
+        with self.inflight_lock:
+            pending = list(self.inflight)
+        concurrent.futures.wait(pending)
 
     @property
     def started(self) -> bool:
@@ -449,7 +465,7 @@ class Backend:
         queue = vring.queue
         if queue is None:
             return vring.base
-        concurrent.futures.wait(list(vring.inflight))
+        vring.wait_inflight()
         if vring.kick is not None:
             try:
                 self.selector.unregister(vring.kick)
@@ -480,9 +496,7 @@ class Backend:
             if self.pool is None:
                 self._serve(vring, queue, chain)
             else:
-                future = self.pool.submit(self._serve, vring, queue, chain)
-                vring.inflight.add(future)
-                future.add_done_callback(vring.inflight.discard)
+                vring.track(self.pool.submit(self._serve, vring, queue, chain))
 
     def _serve(self, vring: Vring, queue: Virtqueue, chain: DescriptorChain) -> None:
         try:

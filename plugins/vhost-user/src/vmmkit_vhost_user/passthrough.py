@@ -26,6 +26,7 @@ import ctypes
 import errno
 import os
 import stat
+import struct
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -130,6 +131,8 @@ class PassthroughFs:
             error = exc.errno
         except OSError as exc:
             error = exc.errno or errno.EIO
+        except (ValueError, OverflowError, struct.error):  # a value the host cannot take or report
+            error = errno.EINVAL
         if header.opcode in (Opcode.FORGET, Opcode.BATCH_FORGET):
             return None  # no reply, even to a malformed one
         return fuse.reply(header.unique, error=error) if error else fuse.reply(header.unique, body_out or b"")
