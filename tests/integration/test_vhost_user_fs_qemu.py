@@ -160,7 +160,7 @@ def requests_served(log: str) -> list[dict[str, int]]:
 #: The operations the guest script makes Linux send (each must have been served).
 EXERCISED = {"INIT", "LOOKUP", "GETATTR", "SETATTR", "OPENDIR", "READDIRPLUS", "RELEASEDIR", "OPEN", "READ",
              "CREATE", "WRITE", "FLUSH", "FSYNC", "RELEASE", "MKDIR", "RENAME", "UNLINK", "RMDIR", "SYMLINK",
-             "LINK", "READLINK", "STATFS", "DESTROY"}
+             "LINK", "READLINK", "STATFS", "SYNCFS", "DESTROY"}
 
 
 @pytest.fixture

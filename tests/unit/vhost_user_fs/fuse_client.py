@@ -20,11 +20,15 @@ class Client:
         self.fs = fs
         self._unique = itertools.count(2, 2)
 
+    uid = 0  #: the caller every request claims to come from
+    gid = 0
+
     def raw(self, opcode: int, nodeid: int, body: bytes = b"", *, room: int = ROOM,
             length: int | None = None) -> bytes | None:
         unique = next(self._unique)
         size = fuse.IN_HEADER.size + len(body)
-        header = fuse.IN_HEADER.pack(size if length is None else length, opcode, unique, nodeid, 0, 0, 1, 0, 0)
+        header = fuse.IN_HEADER.pack(size if length is None else length, opcode, unique, nodeid, self.uid, self.gid,
+                                     1, 0, 0)
         return self.fs.handle(header + body, room)
 
     def call(self, opcode: int, nodeid: int, body: bytes = b"", *, room: int = ROOM) -> tuple[int, bytes]:

@@ -229,3 +229,26 @@ def test_destroy_forgets_everything(client: Client) -> None:
     client.init()
     assert client.call(Opcode.GETATTR, node, bytes(16))[0] == errno.EBADF
     assert client.call(Opcode.READ, 0, fuse.READ_IN.pack(fh, 0, 1, 0, 0, 0, 0))[0] == errno.EBADF
+
+
+def test_syncfs(client: Client) -> None:
+    client.ok(Opcode.SYNCFS, fuse.ROOT_ID, bytes(8))
+    assert client.call(Opcode.SYNCFS, fuse.ROOT_ID, b"")[0] == errno.EINVAL
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon creates files as the guest's caller")
+def test_a_root_daemon_creates_as_the_guest_caller(client: Client, share: Path) -> None:
+    os.chmod(share, 0o777)
+    client.uid, client.gid = 1234, 5678
+    client.create(fuse.ROOT_ID, b"file", os.O_WRONLY)
+    client.ok(Opcode.MKDIR, fuse.ROOT_ID, struct.pack("<II", 0o755, 0) + b"dir\0")
+    client.ok(Opcode.SYMLINK, fuse.ROOT_ID, b"link\0target\0")
+    for name in ("file", "dir", "link"):
+        st = os.lstat(share / name)
+        assert (st.st_uid, st.st_gid) == (1234, 5678), name
+    # The caller's permissions apply on the host too: 1234 may not write into "sub" (root's, 0755).
+    assert client.call(Opcode.CREATE, client.lookup(fuse.ROOT_ID, b"sub")[0],
+                       struct.pack("<IIII", os.O_WRONLY, 0o644, 0, 0) + b"x\0")[0] == errno.EACCES
+    assert os.getresuid() == (0, 0, 0)  # the daemon's own credentials are back
+    (share / "after").write_text("root again")
+    assert os.stat(share / "after").st_uid == 0

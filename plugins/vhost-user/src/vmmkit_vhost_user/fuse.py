@@ -134,6 +134,7 @@ FSYNC_IN = struct.Struct("<QII")
 FORGET_IN = struct.Struct("<Q")
 BATCH_FORGET_IN = struct.Struct("<II")
 FORGET_ONE = struct.Struct("<QQ")
+SYNCFS_IN = struct.Struct("<Q")  #: padding
 KSTATFS = struct.Struct("<QQQQQIIII24x")  #: fuse_kstatfs: 80 bytes
 DIRENT = struct.Struct("<QQII")  #: fuse_dirent before its name (padded to 8 bytes)
 

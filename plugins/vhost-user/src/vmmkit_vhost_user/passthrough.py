@@ -17,12 +17,14 @@ known (same ``st_dev``/``st_ino``) returns the same node id and adds to its look
 FORGET/BATCH_FORGET close the descriptor when the count reaches zero, as the FUSE protocol
 prescribes. File handles are plain descriptors kept in a table under their own ids.
 
-Files are created with the daemon's own credentials (no ``setfsuid`` to the guest's caller).
+A root daemon creates files, directories and symlinks with the guest caller's uid and gid
+(``setfsuid``/``setfsgid`` around the call, :func:`vmmkit_vhost_user.hostcalls.as_caller`); any
+other daemon creates them as itself. Permission checks are the guest kernel's (virtio-fs mounts
+with ``default_permissions``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -34,7 +36,7 @@ from typing import Final
 
 from attrs import define
 
-from vmmkit_vhost_user import fuse
+from vmmkit_vhost_user import fuse, hostcalls
 from vmmkit_vhost_user.fuse import FuseError, InHeader, Opcode, Reader
 
 #: How long the guest may cache entries and attributes (virtiofsd's ``--cache auto``: 1 s).
@@ -101,7 +103,7 @@ class PassthroughFs:
             Opcode.STATFS: self.statfs, Opcode.RELEASE: self.release, Opcode.FSYNC: self.fsync,
             Opcode.FLUSH: self.flush, Opcode.OPENDIR: self.opendir, Opcode.READDIR: self.readdir,
             Opcode.READDIRPLUS: self.readdirplus, Opcode.RELEASEDIR: self.releasedir,
-            Opcode.FSYNCDIR: self.fsyncdir, Opcode.CREATE: self.create,
+            Opcode.FSYNCDIR: self.fsyncdir, Opcode.CREATE: self.create, Opcode.SYNCFS: self.syncfs,
         }
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -327,7 +329,8 @@ class PassthroughFs:
         if not target:
             raise FuseError(errno.ENOENT)
         parent = self._inode(header.nodeid)
-        os.symlink(os.fsdecode(target), name, dir_fd=parent.fd)  # data for the guest to resolve
+        with hostcalls.as_caller(header.uid, header.gid):
+            os.symlink(os.fsdecode(target), name, dir_fd=parent.fd)  # data for the guest to resolve
         node, st = self._do_lookup(parent, name)
         return self._entry(node, st)
 
@@ -335,7 +338,8 @@ class PassthroughFs:
         mode, umask = body.unpack(fuse.MKDIR_IN)
         name = check_name(body.name())
         parent = self._inode(header.nodeid)
-        os.mkdir(name, stat.S_IMODE(mode) & ~umask & 0o7777, dir_fd=parent.fd)
+        with hostcalls.as_caller(header.uid, header.gid):
+            os.mkdir(name, stat.S_IMODE(mode) & ~umask & 0o7777, dir_fd=parent.fd)
         node, st = self._do_lookup(parent, name)
         return self._entry(node, st)
 
@@ -364,7 +368,7 @@ class PassthroughFs:
         if flags & ~(fuse.RENAME_NOREPLACE | fuse.RENAME_EXCHANGE):
             raise FuseError(errno.EINVAL, f"RENAME2 flags {flags:#x}")
         if flags:
-            _renameat2(source.fd, old, destination.fd, new, flags)
+            hostcalls.renameat2(source.fd, old, destination.fd, new, flags)
         else:
             os.rename(old, new, src_dir_fd=source.fd, dst_dir_fd=destination.fd)
         return b""
@@ -400,8 +404,9 @@ class PassthroughFs:
         if parent.kind != stat.S_IFDIR:
             raise FuseError(errno.ENOTDIR)
         open_flags = (flags & _OPEN_FLAGS & ~os.O_DIRECTORY) | os.O_CREAT | (flags & os.O_EXCL)
-        fd = os.open(name, open_flags | os.O_NOFOLLOW | os.O_CLOEXEC, stat.S_IMODE(mode) & ~umask & 0o7777,
-                     dir_fd=parent.fd)
+        with hostcalls.as_caller(header.uid, header.gid):
+            fd = os.open(name, open_flags | os.O_NOFOLLOW | os.O_CLOEXEC, stat.S_IMODE(mode) & ~umask & 0o7777,
+                         dir_fd=parent.fd)
         try:
             node, st = self._do_lookup(parent, name)
         except BaseException:
@@ -458,6 +463,15 @@ class PassthroughFs:
         fh, flags, _pad = body.unpack(fuse.FSYNC_IN)
         fd = self._file(fh)
         (os.fdatasync if flags & fuse.FUSE_FSYNC_FDATASYNC else os.fsync)(fd)
+        return b""
+
+    def syncfs(self, header: InHeader, body: Reader, room: int) -> bytes:
+        body.unpack(fuse.SYNCFS_IN)
+        fd = self._reopen(self._inode(header.nodeid), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            hostcalls.syncfs(fd)
+        finally:
+            os.close(fd)
         return b""
 
     # -- directories ---------------------------------------------------------------------------
@@ -562,15 +576,3 @@ def _time(valid: int, given: int, now_flag: int, seconds: int, nanoseconds: int,
             raise FuseError(errno.EINVAL)
         return seconds * 1_000_000_000 + nanoseconds
     return current
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _renameat2(olddirfd: int, old: str, newdirfd: int, new: str, flags: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.renameat2(olddirfd, os.fsencode(old), newdirfd, os.fsencode(new), ctypes.c_uint(flags)) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
