@@ -127,13 +127,13 @@ def fuse_init(unique: int = 2) -> bytes:
     return fuse.IN_HEADER.pack(fuse.IN_HEADER.size + len(body), fuse.Opcode.INIT, unique, 0, 0, 0, 0, 0, 0) + body
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Backend, Path, Path]]:
+@pytest.fixture(params=[0, 3], ids=["inline", "pool"])
+def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Backend, Path, Path]]:
     share = tmp_path / "share"
     share.mkdir()
     (share / "hello.txt").write_text("hello\n")
     path = Path("/tmp") / f"vu-test-{os.getpid()}-{threading.get_ident() % 10000}.sock"
-    backend = Backend(VirtioFs(str(share), tag="myfs"), str(path))
+    backend = Backend(VirtioFs(str(share), tag="myfs"), str(path), thread_pool_size=request.param)
     thread = threading.Thread(target=backend.serve_forever, daemon=True)
     thread.start()
     try:
@@ -256,5 +256,31 @@ def test_a_frontend_that_breaks_the_protocol_is_dropped_and_the_next_one_served(
     try:
         frontend.handshake()
         assert backend.frontends_served == 2
+    finally:
+        frontend.close()
+
+
+def test_a_memory_table_sent_again_moves_the_running_ring(served: tuple[Backend, Path, Path]) -> None:
+    _backend, path, _share = served
+    frontend = Frontend(path)
+    try:
+        frontend.handshake()
+        assert frontend.start_ring() == 0
+        frontend.submit(fuse_init(unique=2), room=4096)
+        assert fuse.OUT_HEADER.unpack_from(frontend.wait_used()[1])[2] == 2
+        # Memory hotplug: the same memory at the same place, plus a second region.
+        extra = os.memfd_create("more")
+        os.ftruncate(extra, MEM_SIZE)
+        table = vu.pack_memory_table([vu.MemoryRegion(0, MEM_SIZE, UVA), vu.MemoryRegion(4 * MEM_SIZE, MEM_SIZE,
+                                                                                        UVA + 4 * MEM_SIZE)])
+        assert frontend.acked(Req.SET_MEM_TABLE, table, [frontend.memfd, extra]) == 0
+        os.close(extra)
+        frontend.submit(fuse_init(unique=4), room=4096)
+        assert fuse.OUT_HEADER.unpack_from(frontend.wait_used()[1])[2] == 4
+        # A table that overlaps itself is refused; the ring keeps the one it has.
+        overlapping = vu.pack_memory_table([vu.MemoryRegion(0, MEM_SIZE, UVA), vu.MemoryRegion(4096, 4096, UVA * 2)])
+        assert frontend.acked(Req.SET_MEM_TABLE, overlapping, [frontend.memfd, frontend.memfd]) != 0
+        frontend.submit(fuse_init(unique=6), room=4096)
+        assert fuse.OUT_HEADER.unpack_from(frontend.wait_used()[1])[2] == 6
     finally:
         frontend.close()

@@ -71,7 +71,7 @@ class Vring:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  #: completions, and the call/err eventfds they signal
         self.size = 0
         self.address: vu.VringAddress | None = None
         self.base = 0
@@ -234,6 +234,12 @@ class Backend:
                 return
             self._disconnect(f"{_name(message.request)}: {exc}")
             return
+        except Exception:  # a bug: this frontend is dropped, the daemon serves the next one
+            log.exception("%s: %s failed", self.device.name, _name(message.request))
+            for fd in fds:
+                os.close(fd)
+            self._disconnect("internal error")
+            return
         for fd in fds:  # descriptors a request does not take
             os.close(fd)
         if reply is not None:
@@ -327,8 +333,8 @@ class Backend:
         for vring in self.vrings:  # a running ring moves to the new table
             if vring.queue is not None:
                 next_used = vring.queue.next_used
-                kick, vring.kick = vring.kick, None
                 last_avail = self._stop_ring(vring)
+                kick, vring.kick = vring.kick, None
                 assert kick is not None
                 try:
                     self._start_ring(vring, kick, last_avail, next_used)
@@ -401,9 +407,10 @@ class Backend:
 
     def _set_vring_err(self, payload: bytes, fds: list[int]) -> None:
         vring, fd = self._vring_fd(payload, fds)
-        if vring.err is not None:
-            os.close(vring.err)
-        vring.err = fd
+        with vring.lock:
+            if vring.err is not None:
+                os.close(vring.err)
+            vring.err = fd
         fds.clear()
 
     def _set_vring_enable(self, payload: bytes, fds: list[int]) -> None:
@@ -520,10 +527,11 @@ class Backend:
     def _ring_broken(self, vring: Vring, exc: VirtqueueError) -> None:
         log.warning("%s: ring %d stopped: the guest broke the virtqueue protocol: %s", self.device.name,
                     vring.index, exc)
-        if vring.queue is not None:
-            vring.queue.mark_broken(str(exc))
-        if vring.err is not None:
-            os.eventfd_write(vring.err, 1)
+        with vring.lock:
+            if vring.queue is not None:
+                vring.queue.mark_broken(str(exc))
+            if vring.err is not None:
+                os.eventfd_write(vring.err, 1)
 
 
 #: Requests a frontend may send before SET_OWNER (QEMU asks for features first).
