@@ -1,7 +1,8 @@
 #!/bin/sh
-# /init for tests/integration/test_vhost_user_fs_qemu.py: busybox sh, PID 1, under QEMU TCG with
-# a vhost-user-fs-pci device (tag "myfs") served by vmmkit-vhost-user fs. Every result is a
-# "VMMKIT-FS: " line on the serial console; the host checks them and the shared directory.
+# /init for the virtio-fs tests (tests/integration/test_vhost_user_fs_qemu.py under QEMU TCG,
+# tests/linux/test_linux_virtiofs.py under vmmkit): busybox sh, PID 1, with a vhost-user-fs
+# device (tag "myfs") served by vmmkit-vhost-user fs. Every result is a "VMMKIT-FS: " line on the
+# serial console; the host checks them and the shared directory (virtiofs_share.py).
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
