@@ -35,6 +35,7 @@ DISTRIBUTIONS = {
     "plugins/mshv": ("vmmkit-mshv", "vmmkit_mshv"),
     "plugins/devices": ("vmmkit-devices", "vmmkit_devices"),
     "plugins/emu": ("vmmkit-emu", "vmmkit_emu"),
+    "plugins/vhost-user": ("vmmkit-vhost-user", "vmmkit_vhost_user"),
     "arch/x86_64": ("vmmkit-x86-64", "vmmkit_x86_64"),
     "arch/aarch64": ("vmmkit-aarch64", "vmmkit_aarch64"),
     "examples/vmmkit-example-device": ("vmmkit-example-device", "vmmkit_example_device"),
