@@ -131,6 +131,8 @@ static void node_done(const struct node *n, const struct node *parent, int depth
 		plat.gic_dist = base;
 		if (n->reg && entry && n->reg_len >= 2 * entry)
 			plat.gic_redist = cells(n->reg + entry, ac);
+	} else if (compatible(n, "arm,gic-v3-its") && !plat.gic_its) {
+		plat.gic_its = base;
 	} else if (compatible(n, "arm,armv8-timer")) {
 		plat.timer = true;
 		if (n->interrupts && n->interrupts_len >= 36 && be32(n->interrupts + 24) == 1)

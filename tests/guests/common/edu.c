@@ -283,7 +283,7 @@ static const char *msi_enable(char *desc, unsigned desc_size)
 	msi_cap = find_cap(CAP_MSI);
 	if (!msi_cap)
 		return "the device has no MSI capability";
-	why = arch_msi_route(on_msi, &addr, &data, desc, desc_size);
+	why = arch_msi_route((u16)(bus << 8 | dev << 3 | fn), on_msi, &addr, &data, desc, desc_size);
 	if (why)
 		return why;
 	ctrl = cfg_rd(msi_cap + MSI_CTRL, 2);

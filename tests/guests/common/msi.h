@@ -11,11 +11,13 @@
 #include "types.h"
 
 /*
- * Route one MSI to handler() on the boot CPU: fills *addr, *data and a
- * stable description (e.g. "vector 0x31"); NULL on success, else why not.
+ * Route one MSI of the PCI function with this requester id (bus << 8 |
+ * device << 3 | function) to handler() on the boot CPU: fills *addr,
+ * *data and a stable description (e.g. "vector 0x31"); NULL on success,
+ * else why not.
  */
-const char *arch_msi_route(void (*handler)(void), u64 *addr, u32 *data, char *desc,
-			   unsigned desc_size);
+const char *arch_msi_route(u16 requester_id, void (*handler)(void), u64 *addr, u32 *data,
+			   char *desc, unsigned desc_size);
 /* Stop delivering that MSI (the handler is forgotten). */
 void arch_msi_release(void);
 /* Interrupts on / off on this CPU. */

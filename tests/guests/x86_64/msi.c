@@ -23,11 +23,12 @@ static void on_msi(unsigned vector)
 		msi_handler();
 }
 
-const char *arch_msi_route(void (*handler)(void), u64 *addr, u32 *data, char *desc,
-			   unsigned desc_size)
+const char *arch_msi_route(u16 requester_id, void (*handler)(void), u64 *addr, u32 *data,
+			   char *desc, unsigned desc_size)
 {
 	u32 dest = apic_id();
 
+	(void)requester_id;	/* no interrupt remapping: the address and data say it all */
 	if (dest > 0xff)
 		return "the boot CPU's APIC id does not fit an xAPIC MSI address";
 	/* Only the MSI may interrupt: mask both 8259s (a BIOS left the PIT on IRQ 0, vector 8). */
