@@ -94,6 +94,8 @@ PACKAGES = (
     "libssl3", "libsqlite3-0", "libuuid1", "libcrypt1", "libncursesw6", "libtinfo6", "libreadline8",
     "libpython3.11-minimal", "python3.11-minimal", "libpython3.11-stdlib",
     "python3-cffi-backend", "python3-libfdt", "python3-yaml", "libyaml-0-2",
+    # cffi's ABI mode at run time (the VFIO device plugin maps BARs through it), arch: all
+    "python3-cffi", "python3-pycparser", "python3-ply",
 )
 #: Set before each command: the lab's rootfs carries no libseccomp (PACKAGES), so vmmkit runs
 #: without its seccomp filters there (the filters are tested on the development host).
@@ -270,10 +272,11 @@ class Apt:
 
     def _deb(self, into: Path, package: str, version: str) -> Path | None:
         quoted = version.split(":", 1)[-1]
-        for candidate in into.glob(f"{package}_*_{self.arch}.deb"):
-            field = candidate.name[len(package) + 1: -len(f"_{self.arch}.deb")]
-            if field.replace("%3a", ":").split(":", 1)[-1] == quoted:
-                return candidate
+        for arch in (self.arch, "all"):  # "Architecture: all" packages are named so
+            for candidate in into.glob(f"{package}_*_{arch}.deb"):
+                field = candidate.name[len(package) + 1: -len(f"_{arch}.deb")]
+                if field.replace("%3a", ":").split(":", 1)[-1] == quoted:
+                    return candidate
         return None
 
 
