@@ -105,12 +105,16 @@ class VfioContainer:
         arg = bytearray(uapi.DMA_UNMAP.pack(uapi.DMA_UNMAP.size, 0, iova, size))
         _ioctl(self.kernel, self.fd, uapi.VFIO_IOMMU_UNMAP_DMA, arg, f"VFIO_IOMMU_UNMAP_DMA {iova:#x}+{size:#x}")
 
-    def close(self) -> None:
+    def unmap_all(self) -> None:
+        """Unmap every DMA mapping (before the last group leaves: the IOMMU context goes with it)."""
         for iova in list(self.dma):
             try:
                 self.unmap_dma(iova)
             except VfioError as exc:
                 log.warning("vfio.unmap_failed", iova=hex(iova), error=str(exc))
+
+    def close(self) -> None:
+        self.dma.clear()
         self.kernel.close(self.fd)
 
 
@@ -246,19 +250,21 @@ class VfioDeviceFd:
         self.kernel.close(self.fd)
 
 
-def open_device(container_factory: Callable[[], VfioContainer], groups: dict[str, tuple[VfioGroup, int]],
-                sysfs_device: str) -> tuple[VfioGroup, VfioDeviceFd]:
+def open_device(container: VfioContainer, groups: dict[str, tuple[VfioGroup, int]], sysfs_device: str,
+                group_ready: Callable[[], None]) -> tuple[VfioGroup, VfioDeviceFd]:
     """The group (shared, reference-counted in ``groups``) and the device fd for
-    ``sysfs_device``, creating the container on first use."""
+    ``sysfs_device``; ``group_ready`` runs once the group is in the container with its IOMMU
+    model and before the device fd is asked for (DMA mapping, as vfio.rst's example orders it)."""
     number = iommu_group_of(sysfs_device)
     name = os.path.basename(sysfs_device.rstrip("/"))
     entry = groups.get(number)
     if entry is None:
-        group = VfioGroup(container_factory(), number)
+        group = VfioGroup(container, number)
         uses = 0
     else:
         group, uses = entry
     try:
+        group_ready()
         fd = group.open_device(name)
         device = VfioDeviceFd(group.kernel, fd, name)
     except BaseException:

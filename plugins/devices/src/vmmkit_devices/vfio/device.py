@@ -115,6 +115,7 @@ class VfioPciFunction(PciFunction):
         self._msi_enabled_count = 0
         self._msix_enabled = False
         self._intx_fds: tuple[int, int] | None = None  # (trigger, resample)
+        self._intx_gsi: int | None = None
         self._intx_irqfd_gsi: int | None = None
         self._intx_asserted = False
         self._intx_on = False
@@ -205,7 +206,8 @@ class VfioPciFunction(PciFunction):
         if self.intx_info.count == 0 or not self.intx_info.eventfd:
             line, irq = None, None  # the device has no INTx: the pin reads as none
         super().connect_intx(line, irq)
-        if line is not None and irq is not None:
+        self._intx_gsi = irq if line is not None else None
+        if self._intx_gsi is not None:
             self._intx_enable()
 
     def placement_properties(self) -> Mapping[str, Any]:
@@ -279,8 +281,8 @@ class VfioPciFunction(PciFunction):
             except Exception as exc:  # a backend refusing a route must not kill the vCPU thread
                 log.warning("vfio.msi_route_failed", device=self.name, vector=index, error=str(exc))
         if count != self._msi_enabled_count:
-            self._arm(uapi.VFIO_PCI_MSI_IRQ_INDEX, self.msi_vectors[:count], previous=self._msi_enabled_count > 0)
-            self._msi_enabled_count = count
+            previous, self._msi_enabled_count = self._msi_enabled_count > 0, count
+            self._arm(uapi.VFIO_PCI_MSI_IRQ_INDEX, self.msi_vectors[:count], previous=previous)
 
     def _msix_update(self, msix: MsixLayout) -> None:
         assert self.msix is not None
@@ -289,8 +291,8 @@ class VfioPciFunction(PciFunction):
         enabled = bool(control & 0x8000)
         self.msix.set_control(enabled, bool(control & 0x4000))
         if enabled != self._msix_enabled:
-            self._arm(uapi.VFIO_PCI_MSIX_IRQ_INDEX, self.msix.vectors if enabled else [], previous=self._msix_enabled)
-            self._msix_enabled = enabled
+            previous, self._msix_enabled = self._msix_enabled, enabled
+            self._arm(uapi.VFIO_PCI_MSIX_IRQ_INDEX, self.msix.vectors if enabled else [], previous=previous)
 
     def _arm(self, index: int, vectors: list[MsiVector], *, previous: bool) -> None:
         """Hand the vectors' eventfds to VFIO for ``index`` (none: disable it). INTx is off while
@@ -339,13 +341,14 @@ class VfioPciFunction(PciFunction):
         """Arm INTx: the trigger eventfd raises the line, vfio-pci masks it until it is unmasked.
         With irqfds, a resampling irqfd on the line's GSI does both in the kernel (the guest's
         EOI signals the resample eventfd, which VFIO takes as its unmask eventfd)."""
-        if self._intx_on or self.intx is None or self.host is None or self._msi_enabled_count or self._msix_enabled:
+        gsi = self._intx_gsi
+        if (self._intx_on or gsi is None or self.intx is None or self.host is None or self._msi_enabled_count
+                or self._msix_enabled):
             return
         vm = self.host.vm
         trigger = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         resample = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._intx_fds = (trigger, resample)
-        gsi = self.config.get(c.INTERRUPT_LINE, 1)
         try:
             if vm.supports_irqfd:
                 vm.register_irqfd(trigger, gsi, resample_fd=resample)
@@ -527,11 +530,11 @@ class VfioPciFunction(PciFunction):
 
     def _disarm_all(self) -> None:
         if self._msix_enabled:
-            self._arm(uapi.VFIO_PCI_MSIX_IRQ_INDEX, [], previous=True)
             self._msix_enabled = False
+            self._arm(uapi.VFIO_PCI_MSIX_IRQ_INDEX, [], previous=True)
         if self._msi_enabled_count:
-            self._arm(uapi.VFIO_PCI_MSI_IRQ_INDEX, [], previous=True)
             self._msi_enabled_count = 0
+            self._arm(uapi.VFIO_PCI_MSI_IRQ_INDEX, [], previous=True)
         self._intx_disable()
 
     def counters(self) -> Mapping[str, int]:

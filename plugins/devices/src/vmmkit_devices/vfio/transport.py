@@ -100,6 +100,7 @@ class VfioVmState:
 
     def close_unused_container(self) -> None:
         if not self.groups and self.container is not None:
+            self.container.unmap_all()
             self.container.close()
             self.container = None
 
@@ -113,6 +114,8 @@ class VfioVmState:
                 self.groups[number] = (group, uses - 1)
                 return
             del self.groups[number]
+            if not self.groups and self.container is not None:
+                self.container.unmap_all()
             group.close()
             self.close_unused_container()
 
@@ -147,12 +150,11 @@ class VfioPciTransport(Transport):
             container = state.container_for(kernel, device.dev_dir)  # first: a host without /dev/vfio says so
             try:
                 number = iommu_group_of(device.path)
-                group, handle = open_device(lambda: container, state.groups, device.path)
+                group, handle = open_device(container, state.groups, device.path, lambda: state.map_guest_ram(host))
             except BaseException:
                 state.close_unused_container()
                 raise
         try:
-            state.map_guest_ram(host)
             function = VfioPciFunction(request.id, handle, exclude_mmap=device.exclude_mmap,
                                        on_close=lambda: state.release_group(number))
         except BaseException:
