@@ -101,7 +101,7 @@ VFIO_DMA_MAP_FLAG_WRITE: Final = 1 << 1
 
 # Layouts (all native-endian, naturally aligned; x86-64 and arm64 agree).
 GROUP_STATUS: Final = struct.Struct("=II")  # argsz, flags
-DEVICE_INFO: Final = struct.Struct("=IIIIII")  # argsz, flags, num_regions, num_irqs, cap_offset, pad
+DEVICE_INFO: Final = struct.Struct("=IIIIII")  # argsz, flags, num_regions, num_irqs, cap_offset, pad (6.2+)
 REGION_INFO: Final = struct.Struct("=IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
 INFO_CAP_HEADER: Final = struct.Struct("=HHI")  # id, version, next
 SPARSE_MMAP_HEADER: Final = struct.Struct("=II")  # nr_areas, reserved (after the cap header)
