@@ -50,12 +50,18 @@ CHILD = textwrap.dedent("""
         except OSError:
             pass
         os.close(other)
+    errors = []
+    def run(target):
+        try:
+            target()
+        except BaseException as exc:
+            errors.append(repr(exc))
     for target in (vcpu, api):
-        thread = threading.Thread(target=target)
+        thread = threading.Thread(target=run, args=(target,))
         thread.start()
         thread.join()
     os.unlink(path)
-    print("ok")
+    print("ok" if not errors else errors)
 """)
 
 
