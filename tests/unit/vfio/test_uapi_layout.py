@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from vmmkit_devices.vfio import uapi
 
 HEADER = Path("/usr/include/linux/vfio.h")
@@ -41,7 +40,8 @@ STRUCTS = {
 
 #: (struct, field, offset in our layout)
 OFFSETS = [
-    ("vfio_device_info", "cap_offset", 16), ("vfio_region_info", "size", 16), ("vfio_region_info", "offset", 24), ("vfio_region_info", "cap_offset", 12),
+    ("vfio_device_info", "cap_offset", 16),
+    ("vfio_region_info", "size", 16), ("vfio_region_info", "offset", 24), ("vfio_region_info", "cap_offset", 12),
     ("vfio_region_info_cap_sparse_mmap", "nr_areas", 8), ("vfio_region_info_cap_sparse_mmap", "areas", 16),
     ("vfio_irq_set", "data", 20), ("vfio_iommu_type1_dma_map", "vaddr", 8), ("vfio_iommu_type1_dma_map", "iova", 16),
     ("vfio_iommu_type1_dma_unmap", "iova", 8), ("vfio_iommu_type1_dma_unmap", "size", 16),

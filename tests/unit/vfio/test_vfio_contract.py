@@ -24,11 +24,11 @@ from vfio_support import (
     io_like,
     nvme_like,
 )
+from vmmkit_devices.vfio import uapi
+from vmmkit_devices.vfio.device import VfioPciFunction
 
 from vmmkit.device_manager import DeviceManager
 from vmmkit.errors import DeviceError
-from vmmkit_devices.vfio import uapi
-from vmmkit_devices.vfio.device import VfioPciFunction
 
 MIB = 1 << 20
 INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX

@@ -9,10 +9,10 @@ import sys
 import textwrap
 
 import pytest
-
-from vmmkit.sandbox.syscalls import API, VCPU, VMM, allowed
 from vmmkit_devices import plugin
 from vmmkit_devices.vfio.device_type import SECCOMP_SYSCALLS
+
+from vmmkit.sandbox.syscalls import API, VCPU, VMM, allowed
 
 
 def test_declared_calls_reach_the_filters() -> None:

@@ -15,12 +15,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pci"))
 
 from pci_support import FakeMachine, FakeVm  # noqa: E402
-
-from vmmkit.device import DeviceRequest, PlacedDevice  # noqa: E402
-from vmmkit.errors import HypervisorError  # noqa: E402
 from vmmkit_devices.vfio import uapi  # noqa: E402
 from vmmkit_devices.vfio.simulator import SimBar, SimDevice, SimulatedVfio, pci_config, sysfs_device  # noqa: E402
 from vmmkit_devices.vfio.transport import VfioPciTransport, VfioRequest  # noqa: E402
+
+from vmmkit.device import DeviceRequest, PlacedDevice  # noqa: E402
+from vmmkit.errors import HypervisorError  # noqa: E402
 
 MSI_ADDRESS = 0xFEE0_0000
 
