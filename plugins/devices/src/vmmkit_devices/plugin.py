@@ -42,10 +42,13 @@ from vmmkit_devices.device_types import (
     VirtioRngType,
     VirtioVsockType,
 )
+from vmmkit_devices.vfio.device_type import SECCOMP_SYSCALLS as VFIO_SYSCALLS
+from vmmkit_devices.vfio.device_type import VfioPciType
 
 if TYPE_CHECKING:
     from vmmkit.device import DeviceType
     from vmmkit.registry import Registry
+    from vmmkit.transport import Transport
 
 DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     Serial16550Type,
@@ -68,6 +71,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VirtioMemType,
     VirtioBalloonType,
     VirtioVsockType,
+    VfioPciType,
 )
 
 
@@ -78,7 +82,18 @@ def vmmkit_register_devices(registry: Registry[type[DeviceType]]) -> None:
 
 
 @hookimpl
+def vmmkit_register_transports(registry: Registry[type[Transport]]) -> None:
+    from vmmkit_devices.vfio.transport import VfioPciTransport
+
+    registry.add(VfioPciTransport)
+
+
+@hookimpl
 def vmmkit_seccomp_syscalls() -> dict[str, list[str]]:
     # virtio-vsock's muxer thread (an event loop) opens a host stream when the guest connects:
     # socket + connect on <uds path>_<port>. vCPUs and device workers get neither.
-    return {EVENT_LOOP: ["socket", "connect"]}
+    # VFIO's calls: vmmkit_devices.vfio.device_type.SECCOMP_SYSCALLS.
+    declared: dict[str, list[str]] = {EVENT_LOOP: ["socket", "connect"]}
+    for kind, names in VFIO_SYSCALLS.items():
+        declared.setdefault(kind, []).extend(names)
+    return declared
