@@ -869,6 +869,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.action == "lock":
             lock(options.arch)
             return 0
+        if options.action == "run" and options.nvme is not None and not options.nvme.is_file():
+            raise LabError(f"--nvme {options.nvme}: not a file (a raw image, e.g. truncate -s 16M)")
         system = System(options.arch)
         system.build()
         if options.action == "build":
@@ -881,8 +883,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not shutil.which(ARCHES[options.arch].qemu):
             raise LabError(f"{ARCHES[options.arch].qemu} is not installed")
         extra = [_added(spec, system) for spec in options.add]
-        if options.nvme is not None and not options.nvme.is_file():
-            raise LabError(f"--nvme {options.nvme}: not a file (a raw image, e.g. truncate -s 16M)")
         pci = PciExtras(options.iommu, options.edu, options.nvme.resolve() if options.nvme else None)
         return boot(system, shlex.join(command), smp=options.smp, memory=options.memory,
                     timeout=options.timeout, verbose=options.verbose, extra=extra, pci=pci)
