@@ -350,6 +350,10 @@ class VfioPciFunction(PciFunction):
         resample = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._intx_fds = (trigger, resample)
         try:
+            # the trigger first: vfio-pci takes an unmask eventfd only while INTx is enabled
+            # (vfio_pci_set_intx_unmask: EINVAL otherwise; QEMU's vfio_intx_enable_kvm comes after too)
+            self.device.set_eventfds(uapi.VFIO_PCI_INTX_IRQ_INDEX, [trigger])
+            self._intx_on = True
             if vm.supports_irqfd:
                 vm.register_irqfd(trigger, gsi, resample_fd=resample)
                 self._intx_irqfd_gsi = gsi
@@ -358,11 +362,9 @@ class VfioPciFunction(PciFunction):
                                      uapi.eventfd_data([resample]))
             else:
                 self.host.event_loop.add_reader(trigger, self._intx_fired)
-            self.device.set_eventfds(uapi.VFIO_PCI_INTX_IRQ_INDEX, [trigger])
-            self._intx_on = True
         except Exception as exc:
             log.warning("vfio.intx_unavailable", device=self.name, error=str(exc))
-            self._intx_release()
+            self._intx_disable()
 
     def _intx_fired(self) -> None:
         """No irqfd: the device asserted INTx (vfio-pci masked it); the line goes high until
@@ -391,12 +393,11 @@ class VfioPciFunction(PciFunction):
             log.warning("vfio.intx_unmask_failed", device=self.name, error=str(exc))
 
     def _intx_disable(self) -> None:
-        if not self._intx_on:
-            return
-        try:
-            self.device.set_eventfds(uapi.VFIO_PCI_INTX_IRQ_INDEX, [])
-        except DeviceError as exc:
-            log.warning("vfio.intx_disable_failed", device=self.name, error=str(exc))
+        if self._intx_on:
+            try:
+                self.device.set_eventfds(uapi.VFIO_PCI_INTX_IRQ_INDEX, [])
+            except DeviceError as exc:
+                log.warning("vfio.intx_disable_failed", device=self.name, error=str(exc))
         self._intx_release()
 
     def _intx_release(self) -> None:
