@@ -280,18 +280,22 @@ def test_intx_uses_a_resampling_irqfd(lab: Lab) -> None:
     assert lab.machine.guest.function(int(placed.properties["slot"])).read8(0x3D) == 1  # INTA
 
 
-def test_intx_without_irqfd_asserts_the_line_until_the_guest_touches_the_device(make_lab: object) -> None:
-    lab: Lab = make_lab(VfioVm(irqfd=False))  # type: ignore[operator]
+@pytest.mark.parametrize("vm_options", [{"irqfd": False}, {"refuse_resample": True}], ids=["no-irqfd", "arm64-early"])
+def test_intx_in_userspace_asserts_the_line_until_the_guest_touches_the_device(
+        make_lab: object, vm_options: dict[str, bool]) -> None:
+    lab: Lab = make_lab(VfioVm(**vm_options))  # type: ignore[operator]
     placed = lab.place(lab.add(edu_like()), "edu")
     vm: VfioVm = lab.machine.vm  # type: ignore[assignment]
     device = lab.sim.devices["0000:02:00.0"]
     gsi = placed.irq
-    assert gsi is not None and device.fire(INTX)
-    assert wait_for(lambda: vm.lines.get(gsi) is True)
     base = lab.machine.pci_segment().bar_base(placed.device, 0)
-    assert base is not None
+    assert gsi is not None and base is not None and vm.bar_slots() == [(base, MIB)] and vm.resample == {}
+    assert device.fire(INTX)
+    assert wait_for(lambda: vm.lines.get(gsi) is True)
+    assert vm.slots == {}  # while the line is high every access traps, so the EOI is seen
     lab.machine.guest.read(base, 4)  # the driver reads its status register: EOI
     assert vm.lines[gsi] is False and device.intx_unmasks == 1
+    assert vm.bar_slots() == [(base, MIB)]
 
 
 # -- lifecycle -----------------------------------------------------------------------------------

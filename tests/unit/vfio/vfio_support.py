@@ -68,8 +68,10 @@ class VfioVm(FakeVm):
     """A recording VM that also keeps memory slots (refusing a slot in use, as KVM does) and the
     resample fds of irqfds."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, refuse_resample: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        #: As KVM on arm64 before its vGIC is initialized: resampling irqfds refused.
+        self.refuse_resample = refuse_resample
         self.slots: dict[int, tuple[int, int, int]] = {}
         #: gsi -> (trigger fd, resample fd) of resampling irqfds (INTx)
         self.resample: dict[int, tuple[int, int]] = {}
@@ -88,6 +90,8 @@ class VfioVm(FakeVm):
             super().register_irqfd(fd, gsi)
             return
         # KVM takes another irqfd on a GSI that has one (a shared INTx line), one per eventfd
+        if self.refuse_resample:
+            raise HypervisorError("KVM_IRQFD", 11)
         if gsi in self.resample:
             raise HypervisorError("KVM_IRQFD", 16)
         self.resample[gsi] = (fd, resample_fd)

@@ -107,6 +107,7 @@ class VfioPciFunction(PciFunction):
         self.mappable: dict[int, list[tuple[int, int]]] = {index: self._mmap_areas(index) for index in config.bars}
         self._mapped_areas: dict[int, list[tuple[int, MappedArea]]] = {}
         self._bar_slots: dict[int, list[int]] = {}
+        self._bar_bases: dict[int, int] = {}  # where each BAR decodes now
         self.host: VfioHostLink | None = None
         self.slots: MemorySlots | None = None
         self.msix: MsixTable | None = None
@@ -350,23 +351,31 @@ class VfioPciFunction(PciFunction):
         resample = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._intx_fds = (trigger, resample)
         try:
-            if vm.supports_irqfd:
-                vm.register_irqfd(trigger, gsi, resample_fd=resample)
-                self._intx_irqfd_gsi = gsi
-                self.device.set_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX,
-                                     uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_UNMASK, 0, 1,
-                                     uapi.eventfd_data([resample]))
-            else:
-                self.host.event_loop.add_reader(trigger, self._intx_fired)
+            # the trigger first: vfio-pci takes an unmask eventfd only while INTx is enabled
+            # (vfio_pci_set_intx_unmask: EINVAL otherwise; QEMU's vfio_intx_enable_kvm comes after too)
             self.device.set_eventfds(uapi.VFIO_PCI_INTX_IRQ_INDEX, [trigger])
             self._intx_on = True
+            if vm.supports_irqfd:
+                try:
+                    vm.register_irqfd(trigger, gsi, resample_fd=resample)
+                except Exception as exc:  # KVM arm64 takes resample irqfds only once its vGIC is initialized
+                    log.info("vfio.intx_in_userspace", device=self.name, reason=str(exc))
+                else:
+                    self._intx_irqfd_gsi = gsi
+                    self.device.set_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX,
+                                         uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_UNMASK, 0, 1,
+                                         uapi.eventfd_data([resample]))
+            if self._intx_irqfd_gsi is None:
+                self.host.event_loop.add_reader(trigger, self._intx_fired)
         except Exception as exc:
             log.warning("vfio.intx_unavailable", device=self.name, error=str(exc))
-            self._intx_release()
+            self._intx_disable()
 
     def _intx_fired(self) -> None:
-        """No irqfd: the device asserted INTx (vfio-pci masked it); the line goes high until
-        the guest next touches the device (QEMU's ``vfio_intx_interrupt`` / ``vfio_eoi``)."""
+        """No resampling irqfd: the device asserted INTx (vfio-pci masked it); the line goes
+        high until the guest next touches the device, and so that the touch is seen, the BARs'
+        memory slots leave while it is high (QEMU's ``vfio_intx_interrupt``, ``vfio_eoi`` and
+        its mmap toggling do the same)."""
         if self._intx_fds is None:
             return
         try:
@@ -375,35 +384,46 @@ class VfioPciFunction(PciFunction):
             return
         with self._lock:
             self._intx_asserted = True
+            for index in list(self._bar_slots):
+                self._remove_slots(index)
             if self.intx is not None:
                 self.intx.set_level(True)
 
     def _intx_eoi(self) -> None:
         if not self._intx_asserted:
             return
-        self._intx_asserted = False
-        if self.intx is not None:
-            self.intx.set_level(False)
-        try:
-            self.device.set_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX,
-                                 uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_UNMASK, 0, 1)
-        except DeviceError as exc:
-            log.warning("vfio.intx_unmask_failed", device=self.name, error=str(exc))
+        with self._lock:
+            if not self._intx_asserted:
+                return
+            self._intx_asserted = False
+            if self.intx is not None:
+                self.intx.set_level(False)
+            try:
+                self.device.set_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX,
+                                     uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_UNMASK, 0, 1)
+            except DeviceError as exc:
+                log.warning("vfio.intx_unmask_failed", device=self.name, error=str(exc))
+            for index, base in self._bar_bases.items():
+                if index not in self._bar_slots:
+                    self._add_slots(index, base)
 
     def _intx_disable(self) -> None:
-        if not self._intx_on:
-            return
-        try:
-            self.device.set_eventfds(uapi.VFIO_PCI_INTX_IRQ_INDEX, [])
-        except DeviceError as exc:
-            log.warning("vfio.intx_disable_failed", device=self.name, error=str(exc))
+        if self._intx_on:
+            try:
+                self.device.set_eventfds(uapi.VFIO_PCI_INTX_IRQ_INDEX, [])
+            except DeviceError as exc:
+                log.warning("vfio.intx_disable_failed", device=self.name, error=str(exc))
         self._intx_release()
 
     def _intx_release(self) -> None:
         self._intx_on = False
-        if self._intx_asserted and self.intx is not None:
-            self.intx.set_level(False)
-        self._intx_asserted = False
+        if self._intx_asserted:
+            self._intx_asserted = False
+            if self.intx is not None:
+                self.intx.set_level(False)
+            for index, base in self._bar_bases.items():
+                if index not in self._bar_slots:
+                    self._add_slots(index, base)
         if self._intx_fds is None:
             return
         trigger, resample = self._intx_fds
@@ -482,6 +502,17 @@ class VfioPciFunction(PciFunction):
     def bar_mapped(self, index: int, base: int) -> None:
         """BAR ``index`` decodes at ``base``: its mmapped parts become memory slots there (a base
         that is not page aligned keeps the whole BAR trapped)."""
+        with self._lock:
+            self._bar_bases[index] = base
+            if not self._intx_asserted:
+                self._add_slots(index, base)
+
+    def bar_unmapped(self, index: int, base: int) -> None:
+        with self._lock:
+            self._bar_bases.pop(index, None)
+            self._remove_slots(index)
+
+    def _add_slots(self, index: int, base: int) -> None:
         if self.host is None or self.slots is None or base % _PAGE:
             return
         slots: list[int] = []
@@ -495,9 +526,10 @@ class VfioPciFunction(PciFunction):
                             error=str(exc))
                 continue
             slots.append(slot)
-        self._bar_slots[index] = slots
+        if slots:
+            self._bar_slots[index] = slots
 
-    def bar_unmapped(self, index: int, base: int) -> None:
+    def _remove_slots(self, index: int) -> None:
         if self.host is None or self.slots is None:
             return
         for slot in self._bar_slots.pop(index, []):
@@ -547,7 +579,7 @@ class VfioPciFunction(PciFunction):
             if self.host is None and self.device.fd < 0:
                 return
             self._disarm_all()
-            for index in list(self._bar_slots):
+            for index in list(self._bar_bases):
                 self.bar_unmapped(index, 0)
             for areas in self._mapped_areas.values():
                 for _offset, area in areas:

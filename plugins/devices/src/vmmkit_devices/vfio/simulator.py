@@ -408,6 +408,8 @@ class SimulatedVfio:
             if count == 0:
                 if enabled == index:
                     device.triggers[index] = {}
+                    if index == uapi.VFIO_PCI_INTX_IRQ_INDEX:
+                        device.intx_unmask_fd = None  # vfio_intx_disable drops the unmask eventfd too
                 return 0
             if enabled is not None and enabled != index:
                 raise _err(errno.EINVAL)  # one interrupt type at a time
@@ -421,8 +423,8 @@ class SimulatedVfio:
                         os.fstat(efd)  # EBADF for a descriptor that is not open
                         armed[start + i] = efd
             return 0
-        if index != uapi.VFIO_PCI_INTX_IRQ_INDEX:
-            raise _err(errno.EINVAL)  # masking is INTx's only (vfio-pci)
+        if index != uapi.VFIO_PCI_INTX_IRQ_INDEX or not device.triggers.get(index) or start != 0 or count != 1:
+            raise _err(errno.EINVAL)  # masking is INTx's only, while INTx is enabled (vfio_pci_set_intx_unmask)
         if action == uapi.VFIO_IRQ_SET_ACTION_UNMASK:
             if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
                 (efd,) = struct.unpack_from("=i", arg, uapi.IRQ_SET.size)

@@ -100,9 +100,11 @@ class VfioVmState:
 
     def close_unused_container(self) -> None:
         if not self.groups and self.container is not None:
+            mapped = len(self.container.dma)
             self.container.unmap_all()
             self.container.close()
             self.container = None
+            log.info("vfio.container_closed", unmapped=mapped)
 
     def release_group(self, number: str) -> None:
         with self._lock:
@@ -114,9 +116,12 @@ class VfioVmState:
                 self.groups[number] = (group, uses - 1)
                 return
             del self.groups[number]
+            mapped = 0
             if not self.groups and self.container is not None:
-                self.container.unmap_all()
+                mapped = len(self.container.dma)
+                self.container.unmap_all()  # while the group still holds the IOMMU context
             group.close()
+            log.info("vfio.group_released", group=number, unmapped=mapped)
             self.close_unused_container()
 
 
