@@ -94,6 +94,8 @@ PACKAGES = (
     "libssl3", "libsqlite3-0", "libuuid1", "libcrypt1", "libncursesw6", "libtinfo6", "libreadline8",
     "libpython3.11-minimal", "python3.11-minimal", "libpython3.11-stdlib",
     "python3-cffi-backend", "python3-libfdt", "python3-yaml", "libyaml-0-2",
+    # cffi's ABI mode at run time (the VFIO device plugin maps BARs through it), arch: all
+    "python3-cffi", "python3-pycparser", "python3-ply",
 )
 #: Set before each command: the lab's rootfs carries no libseccomp (PACKAGES), so vmmkit runs
 #: without its seccomp filters there (the filters are tested on the development host).
@@ -103,6 +105,10 @@ BUILD_PACKAGES = ("libpython3.11-dev", "linux-libc-dev", "libc6-dev", "libcrypt-
 #: Pure-Python wheels from PyPI (pinned in the lock file too); checked to hold no compiled code.
 WHEELS = ("pluggy", "attrs", "structlog", "pytest", "iniconfig", "packaging", "hypothesis",
           "sortedcontainers", "pygments")
+
+
+#: VFIO (lab/vfio/, with --iommu) and NVMe, in both labs.
+VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1", "nvme")
 
 
 @dataclass(frozen=True)
@@ -127,13 +133,16 @@ ARCHES = {
         "aarch64", "arm64", "aarch64-linux-gnu", "qemu-system-aarch64",
         ("-M", "virt,virtualization=on,gic-version=3", "-cpu", "max,pauth-impdef=on",
          "-accel", "tcg,thread=multi"),
-        # virtio_mmio, _blk, _net: for the nested arm64 Linux (lab/linux/), copied into its initramfs
-        "ttyAMA0", ("virtio_pci", "virtio_rng", "tun", "veth", "virtio_mmio", "virtio_blk", "virtio_net"),
+        # virtio_mmio, _blk, _net: for the nested arm64 Linux (lab/linux/), copied into its initramfs;
+        # vfio_pci, vfio_iommu_type1: VFIO behind the emulated SMMUv3 (--iommu, lab/vfio/; the
+        # SMMUv3 driver is built in); nvme: the lab's (and a nested Linux's) NVMe driver
+        "ttyAMA0", ("virtio_pci", "virtio_rng", "tun", "veth", "virtio_mmio", "virtio_blk", "virtio_net",
+                    *VFIO_MODULES),
         "aarch64-linux-gnu-gcc"),
     "x86_64": Arch(
         "x86_64", "amd64", "x86_64-linux-gnu", "qemu-system-x86_64",
         ("-M", "q35", "-cpu", "max", "-accel", "tcg,thread=multi"),
-        "ttyS0", ("virtio_pci", "virtio_rng", "tun", "veth", "kvm_amd"), "gcc",
+        "ttyS0", ("virtio_pci", "virtio_rng", "tun", "veth", "kvm_amd", *VFIO_MODULES), "gcc",
         # GNU as/ld/objcopy/nm: the KVM integration tests assemble tiny x86 guests
         ("binutils", "binutils-x86-64-linux-gnu", "binutils-common", "libbinutils", "libctf0",
          "libctf-nobfd0", "libgprofng0", "libjansson4", "libstdc++6", "libzstd1",
@@ -263,10 +272,11 @@ class Apt:
 
     def _deb(self, into: Path, package: str, version: str) -> Path | None:
         quoted = version.split(":", 1)[-1]
-        for candidate in into.glob(f"{package}_*_{self.arch}.deb"):
-            field = candidate.name[len(package) + 1: -len(f"_{self.arch}.deb")]
-            if field.replace("%3a", ":").split(":", 1)[-1] == quoted:
-                return candidate
+        for arch in (self.arch, "all"):  # "Architecture: all" packages are named so
+            for candidate in into.glob(f"{package}_*_{arch}.deb"):
+                field = candidate.name[len(package) + 1: -len(f"_{arch}.deb")]
+                if field.replace("%3a", ":").split(":", 1)[-1] == quoted:
+                    return candidate
         return None
 
 
@@ -686,20 +696,68 @@ def _scripts(folder: Path) -> list[tuple[str, str]]:
 
 # -- booting ---------------------------------------------------------------------------------------
 
-def qemu_argv(system: System, initrd: Path, smp: int, memory: int, version: tuple[int, int, int]) -> list[str]:
+#: QEMU's edu device for the lab (``--edu``): its DMA addresses are masked to 28 bits by default,
+#: and a nested guest's RAM (the IOVAs VFIO maps) lies above that (AArch64: from 1 GiB).
+EDU_DEVICE = "edu,dma_mask=0xffffffffffff"
+NVME_SERIAL = "vmmkit-nvme0"
+
+
+@dataclass(frozen=True)
+class PciExtras:
+    """Emulated hardware for VFIO in the lab (``--iommu``, ``--edu``, ``--nvme IMAGE``)."""
+
+    iommu: bool = False
+    edu: bool = False
+    nvme: Path | None = None
+
+    def machine(self, arch: str, options: list[str]) -> list[str]:
+        """The machine options with the IOMMU: AArch64 ``-M virt,iommu=smmuv3``; x86-64 an
+        ``intel-iommu`` with interrupt remapping (which needs a split irqchip)."""
+        if not self.iommu:
+            return options
+        at = options.index("-M") + 1
+        options = list(options)
+        options[at] += ",iommu=smmuv3" if arch == "aarch64" else ",kernel-irqchip=split"
+        return options
+
+    def devices(self, arch: str) -> list[str]:
+        argv = []
+        if self.iommu and arch == "x86_64":
+            argv += ["-device", "intel-iommu,intremap=on,caching-mode=on"]
+        if self.edu:
+            argv += ["-device", EDU_DEVICE]
+        if self.nvme is not None:
+            argv += ["-drive", f"file={self.nvme},format=raw,if=none,id=nvme0,cache=writeback",
+                     "-device", f"nvme,serial={NVME_SERIAL},drive=nvme0"]
+        return argv
+
+    def cmdline(self, arch: str) -> str:
+        return " intel_iommu=on" if self.iommu and arch == "x86_64" else ""
+
+    def describe(self, arch: str) -> str:
+        parts = [("SMMUv3" if arch == "aarch64" else "intel-iommu") if self.iommu else "no IOMMU"]
+        parts += ["edu"] if self.edu else []
+        parts += [f"nvme on {self.nvme}"] if self.nvme is not None else []
+        return ", ".join(parts)
+
+
+def qemu_argv(system: System, initrd: Path, smp: int, memory: int, version: tuple[int, int, int],
+              pci: PciExtras = PciExtras()) -> list[str]:
     arch = ARCHES[system.arch]
     return [
-        arch.qemu, *cpu_model(system.arch, version), "-smp", str(smp), "-m", str(memory),
+        arch.qemu, *pci.machine(system.arch, cpu_model(system.arch, version)), "-smp", str(smp),
+        "-m", str(memory),
         "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot",
         "-chardev", "stdio,id=console,signal=on", "-serial", "chardev:console",
-        "-device", "virtio-rng-pci",
+        "-device", "virtio-rng-pci", *pci.devices(system.arch),
         "-kernel", str(system.kernel), "-initrd", str(initrd),
-        "-append", f"console={arch.console} quiet loglevel=2 panic=-1 rdinit=/init transparent_hugepage=always",
+        "-append", f"console={arch.console} quiet loglevel=2 panic=-1 rdinit=/init transparent_hugepage=always"
+                   + pci.cmdline(system.arch),
     ]
 
 
 def boot(system: System, command: str, *, smp: int, memory: int, timeout: float, verbose: bool,
-         extra: Sequence[tuple[Path, str]] = ()) -> int:
+         extra: Sequence[tuple[Path, str]] = (), pci: PciExtras = PciExtras()) -> int:
     project = Project(system)
     project.dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -716,7 +774,9 @@ def boot(system: System, command: str, *, smp: int, memory: int, timeout: float,
     project_cpio.unlink()
     log(f"initramfs ready in {time.monotonic() - started:.1f} s; booting "
         f"{ARCHES[system.arch].qemu} (TCG, {smp} vCPUs, {memory} MiB)")
-    argv = qemu_argv(system, initrd, smp, memory, version)
+    argv = qemu_argv(system, initrd, smp, memory, version, pci)
+    if pci != PciExtras():
+        log(f"emulated PCI hardware: {pci.describe(system.arch)}")
     for fixed, flag, why in SVM_EMULATION_GAPS if system.arch == "x86_64" else ():
         if version[:2] < fixed:
             log(f"-cpu max,{flag} (QEMU {'.'.join(map(str, version))} < {'.'.join(map(str, fixed))}): "
@@ -798,12 +858,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--add", action="append", default=[], metavar="HOST[:GUEST]",
                            help="carry a host file in (default GUEST: /lab/files/<name>); "
                                 "'kernel' is the lab's own kernel, as /lab/files/Image")
+            p.add_argument("--iommu", action="store_true",
+                           help="an emulated IOMMU (aarch64: SMMUv3; x86_64: intel-iommu) for VFIO (lab/vfio/)")
+            p.add_argument("--edu", action="store_true", help=f"QEMU's edu PCI device ({EDU_DEVICE})")
+            p.add_argument("--nvme", type=Path, metavar="IMAGE",
+                           help=f"an NVMe controller (serial {NVME_SERIAL}) on this raw image")
             p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS... (run in /src)")
     options = parser.parse_args(argv)
     try:
         if options.action == "lock":
             lock(options.arch)
             return 0
+        if options.action == "run" and options.nvme is not None and not options.nvme.is_file():
+            raise LabError(f"--nvme {options.nvme}: not a file (a raw image, e.g. truncate -s 16M)")
         system = System(options.arch)
         system.build()
         if options.action == "build":
@@ -816,8 +883,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not shutil.which(ARCHES[options.arch].qemu):
             raise LabError(f"{ARCHES[options.arch].qemu} is not installed")
         extra = [_added(spec, system) for spec in options.add]
+        pci = PciExtras(options.iommu, options.edu, options.nvme.resolve() if options.nvme else None)
         return boot(system, shlex.join(command), smp=options.smp, memory=options.memory,
-                    timeout=options.timeout, verbose=options.verbose, extra=extra)
+                    timeout=options.timeout, verbose=options.verbose, extra=extra, pci=pci)
     except LabError as exc:
         log(str(exc))
         return 3

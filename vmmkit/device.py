@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from vmmkit.device_memory import DeviceMemoryRegion
     from vmmkit.eventloop import EventLoop
     from vmmkit.firmware import AcpiScope, FdtWriter
-    from vmmkit.hypervisor import PortSink
+    from vmmkit.hypervisor import Availability, PortSink
     from vmmkit.irq import InterruptLine
     from vmmkit.memory import GuestMemory
 
@@ -250,6 +250,12 @@ class DeviceType(ABC):
         if cls.implementation is None:
             raise NotImplementedError(f"device type {cls.name!r} sets no implementation and has no create()")
         return cls.preload().create(ctx, request)
+
+    @classmethod
+    def host_support(cls) -> Availability | None:
+        """Whether this host has what the device type needs (VFIO: ``/dev/vfio``), for ``vmmkit
+        plugins``; ``None`` (the default): nothing beyond the hypervisor. Cheap, no side effects."""
+        return None
 
     @classmethod
     def preload(cls) -> Any:

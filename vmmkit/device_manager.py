@@ -338,7 +338,7 @@ class DeviceManager:
             raise DeviceError(f"device {request.id} ({request.type}) was declined by its device type")
         try:
             transport = self.transport_for(device, request)
-            if transport.name not in ("pci", "virtio-pci"):
+            if not transport.hotpluggable:
                 raise DeviceError(f"device {request.id} ({request.type}) goes on transport {transport.name}; "
                                   "only PCI devices can be added while the VM runs")
             placed = self.place(device, request)

@@ -78,6 +78,13 @@ class MsiVector:
         if gsi is not None and vm.supports_irqfd:
             self._eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
+    @property
+    def irqfd(self) -> int | None:
+        """The eventfd whose signal raises this vector through the hypervisor's irqfd (registered
+        while the vector is unmasked), ``None`` when it goes through :meth:`trigger` only. A device
+        whose interrupts another kernel object raises (VFIO's ``VFIO_DEVICE_SET_IRQS``) hands it this."""
+        return self._eventfd
+
     def update(self, address: int, data: int, masked: bool) -> None:
         """The guest rewrote the vector's table entry; deliver a pending message on unmask."""
         with self._lock:

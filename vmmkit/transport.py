@@ -109,6 +109,9 @@ class Transport(ABC):
     #: The short name a request or ``--platform virtio_transport=`` may use (``"mmio"``).
     alias: ClassVar[str | None] = None
     description: ClassVar[str] = ""
+    #: Whether its devices may be added while the guest runs (PCI slots with ACPI hotplug: a
+    #: placement that sets ``properties["slot"]``).
+    hotpluggable: ClassVar[bool] = False
 
     @classmethod
     def preload(cls) -> None:
@@ -173,6 +176,7 @@ class PciTransport(Transport):
     name: ClassVar[str] = "pci"
     family: ClassVar[str] = "pci"
     description: ClassVar[str] = "a function on PCI bus 0 of a segment"
+    hotpluggable: ClassVar[bool] = True
 
     @classmethod
     def preload(cls) -> None:
@@ -219,6 +223,7 @@ class VirtioPci(Transport):
     family: ClassVar[str] = "virtio"
     alias: ClassVar[str | None] = "pci"
     description: ClassVar[str] = "virtio over PCI (virtio 1.2, 4.1)"
+    hotpluggable: ClassVar[bool] = True
 
     @classmethod
     def preload(cls) -> None:

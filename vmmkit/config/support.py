@@ -77,6 +77,10 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "fs": "virtio-fs devices",
     "pmem": "virtio-pmem devices",
     "devices": _VFIO,
+    # claimed by the vfio-pci device type (vmmkit-devices) but for these keys
+    "devices.iommu": _IOMMU,
+    "devices.pci_segment": "VFIO devices on PCI segments other than 0",
+    "devices.x_nv_gpudirect_clique": "NVIDIA GPUDirect peer-to-peer cliques",
     "user_devices": "vfio-user devices",
     "vdpa": "vDPA devices",
     "generic_vhost_user": "generic vhost-user devices",

@@ -67,6 +67,8 @@ struct node {
 	u32 irq;			/* SPI number + 32 of the first interrupt, 0 if none */
 	const u8 *interrupts;		/* the raw "interrupts" property */
 	u32 interrupts_len;
+	const u8 *ranges;		/* the raw "ranges" property */
+	u32 ranges_len;
 	bool is_cpu_parent;
 };
 
@@ -129,10 +131,30 @@ static void node_done(const struct node *n, const struct node *parent, int depth
 		plat.gic_dist = base;
 		if (n->reg && entry && n->reg_len >= 2 * entry)
 			plat.gic_redist = cells(n->reg + entry, ac);
+	} else if (compatible(n, "arm,gic-v3-its") && !plat.gic_its) {
+		plat.gic_its = base;
 	} else if (compatible(n, "arm,armv8-timer")) {
 		plat.timer = true;
 		if (n->interrupts && n->interrupts_len >= 36 && be32(n->interrupts + 24) == 1)
 			plat.timer_virt_intid = be32(n->interrupts + 28) + 16;	/* a PPI */
+	}
+	else if (compatible(n, "pci-host-ecam-generic") && !plat.pci_ecam && len) {
+		/* ranges: child address (3 cells), parent address (ac), size (child's cells) */
+		u32 pe = 4 * (3 + ac + n->size_cells);
+
+		plat.pci_ecam = base;
+		plat.pci_ecam_size = len;
+		for (u32 o = 0; n->ranges && ac <= 2 && n->size_cells <= 2 && o + pe <= n->ranges_len;
+		     o += pe) {
+			const u8 *r = n->ranges + o;
+			u64 pci = cells(r + 4, 2), cpu = cells(r + 12, ac);
+
+			/* the first 32-bit memory space window, identity-mapped */
+			if (((be32(r) >> 24) & 3) == 2 && pci == cpu && !plat.pci_mem32) {
+				plat.pci_mem32 = cpu;
+				plat.pci_mem32_size = cells(r + 12 + 4 * ac, n->size_cells);
+			}
+		}
 	}
 	else if (compatible(n, "virtio,mmio") && plat.nr_virtio < FDT_MAX_VIRTIO && len) {
 		plat.virtio_base[plat.nr_virtio] = base;
@@ -157,6 +179,9 @@ static void property(struct node *n, int depth, const char *name, const u8 *val,
 	} else if (!strcmp(name, "compatible")) {
 		n->compatible = sval;
 		n->compatible_len = len;
+	} else if (!strcmp(name, "ranges")) {
+		n->ranges = val;
+		n->ranges_len = len;
 	} else if (!strcmp(name, "device_type") && len)
 		n->device_type = sval;
 	else if (!strcmp(name, "interrupts")) {

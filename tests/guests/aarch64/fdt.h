@@ -21,7 +21,10 @@ struct platform {
 	u64 initrd_start, initrd_end;
 	bool gic_v3, timer;
 	u64 gic_dist, gic_redist;	/* the arm,gic-v3 node's first two reg entries */
+	u64 gic_its;			/* an arm,gic-v3-its node's reg, 0 if none */
 	u32 timer_virt_intid;		/* the virtual timer's INTID (third timer interrupt), 0 if unknown */
+	u64 pci_ecam, pci_ecam_size;	/* the pci-host-ecam-generic node's reg (bus 0 first) */
+	u64 pci_mem32, pci_mem32_size;	/* its first 32-bit memory window (ranges), 0 if none */
 	u32 nr_virtio;
 	u64 virtio_base[FDT_MAX_VIRTIO], virtio_size[FDT_MAX_VIRTIO];
 	u32 virtio_irq[FDT_MAX_VIRTIO];

@@ -15,6 +15,7 @@
 #include "arch.h"
 #include "arch_io.h"
 #include "fdt.h"
+#include "gic.h"
 #include "printf.h"
 #include "report.h"
 #include "test.h"
@@ -60,6 +61,7 @@
 #define CNTV_CTL_IMASK		(1u << 1)
 
 static volatile u32 irq_count, last_intid, spurious;
+void (*gic_lpi_handler)(u32 intid);
 static u32 timer_intid, rtc_intid;
 
 static void isb(void) { __asm__ __volatile__("isb" ::: "memory"); }
@@ -74,6 +76,12 @@ bool irq_dispatch(void)
 
 	if (intid >= 1020 && intid <= 1023) {
 		spurious++;
+		return true;
+	}
+	if (intid >= 8192 && gic_lpi_handler) {	/* an LPI: an MSI through the ITS (msi.c) */
+		gic_lpi_handler(intid);
+		sysreg_write(ICC_EOIR1_EL1, iar);
+		isb();
 		return true;
 	}
 	if (intid == timer_intid && timer_intid)
@@ -133,7 +141,7 @@ static u64 find_redistributor(void)
 	return 0;
 }
 
-static const char *gic_init(u64 *rd_out)
+const char *gic_init(u64 *rd_out)
 {
 	u64 rd;
 

@@ -99,6 +99,10 @@ void arch_checks(const struct bootinfo *bi)
 	     plat.psci ? (plat.psci_smc ? "smc" : "hvc") : "none", (unsigned long long)plat.uart,
 	     (unsigned long long)plat.rtc, plat.nr_virtio, plat.gic_v3 ? "v3" : " (not v3)",
 	     plat.timer ? "yes" : "no");
+	if (plat.pci_ecam)
+		info("fdt", "pci ecam 0x%llx (%llu MiB), 32-bit window 0x%llx (%llu MiB)",
+		     (unsigned long long)plat.pci_ecam, (unsigned long long)plat.pci_ecam_size >> 20,
+		     (unsigned long long)plat.pci_mem32, (unsigned long long)plat.pci_mem32_size >> 20);
 	if (plat.initrd_end > plat.initrd_start)
 		info("initrd", "[0x%llx-0x%llx)", (unsigned long long)plat.initrd_start,
 		     (unsigned long long)plat.initrd_end);

@@ -259,13 +259,14 @@ again:
 }
 
 /* The BAR's address, assigning one if it has none. 0 on failure. */
-static u64 bar_resolve(const struct pci_fn *f, const char *where, unsigned i)
+static u64 bar_resolve_for(const char *test, const struct pci_fn *f, const char *where,
+			   unsigned i)
 {
 	bool is64, io;
 	u64 a = bar_addr(f, i, &is64, &io), size;
 
 	if (io) {
-		report_fail("virtio", "%s: bar %u is an I/O BAR (not supported)", where, i);
+		report_fail(test, "%s: bar %u is an I/O BAR (not supported)", where, i);
 		return 0;
 	}
 	if (a && !assign_all)
@@ -275,16 +276,21 @@ static u64 bar_resolve(const struct pci_fn *f, const char *where, unsigned i)
 	size = bar_size(f, i, is64);
 	a = size ? window_alloc(size) : 0;
 	if (!a) {
-		report_fail("virtio", "%s: no room for bar %u (%llu bytes) in the window",
+		report_fail(test, "%s: no room for bar %u (%llu bytes) in the window",
 			    where, i, (unsigned long long)size);
 		return 0;
 	}
 	wr(f, PCI_BAR0 + 4 * i, 4, (u32)a);
 	if (is64)
 		wr(f, PCI_BAR0 + 4 * i + 4, 4, (u32)(a >> 32));
-	info("virtio", "%s: bar %u assigned 0x%llx (%llu KiB)", where, i,
+	info(test, "%s: bar %u assigned 0x%llx (%llu KiB)", where, i,
 	     (unsigned long long)a, (unsigned long long)size >> 10);
 	return a;
+}
+
+static u64 bar_resolve(const struct pci_fn *f, const char *where, unsigned i)
+{
+	return bar_resolve_for("virtio", f, where, i);
 }
 
 static void probe(const struct pci_fn *f)
@@ -392,11 +398,16 @@ static bool parse_window(const char *cmdline)
 	return true;
 }
 
-void virtio_pci_scan(u8 bus, const char *cmdline)
+/* Enumerate one bus into fns[] and set up the BAR window, once. */
+static void pci_scan_bus(u8 bus, const char *cmdline)
 {
+	static bool scanned;
 	size_t len;
 	const char *v = cmdline_value(cmdline, "virtio_pci.assign", 0, &len);
 
+	if (scanned)
+		return;
+	scanned = true;
 	assign_all = v && len == 3 && !strncmp(v, "all", 3);
 	if (!parse_window(cmdline)) {
 		u64 base, size;
@@ -421,7 +432,41 @@ void virtio_pci_scan(u8 bus, const char *cmdline)
 				break;
 		}
 	}
+}
+
+void virtio_pci_scan(u8 bus, const char *cmdline)
+{
+	pci_scan_bus(bus, cmdline);
 	for (unsigned k = 0; k < nr_fns; k++)
 		if (is_virtio(&fns[k]))
 			probe(&fns[k]);
+}
+
+bool pci_find(u16 vendor, u16 device, unsigned index, const char *cmdline, u8 *bus, u8 *dev,
+	      u8 *fn)
+{
+	pci_scan_bus(0, cmdline);
+	for (unsigned k = 0; k < nr_fns; k++) {
+		if (fns[k].vendor != vendor || fns[k].device != device || index--)
+			continue;
+		*bus = fns[k].bus;
+		*dev = fns[k].dev;
+		*fn = fns[k].fn;
+		return true;
+	}
+	return false;
+}
+
+u64 pci_memory_bar(const char *test, u8 bus, u8 dev, u8 fn, unsigned bar, u64 *size)
+{
+	struct pci_fn f = { bus, dev, fn, 0, 0 };
+	char where[40];
+	bool is64, io;
+	u64 a;
+
+	snprintf(where, sizeof(where), "pci %02x:%02x.%u", bus, dev, fn);
+	a = bar_resolve_for(test, &f, where, bar);
+	bar_addr(&f, bar, &is64, &io);
+	*size = a ? bar_size(&f, bar, is64) : 0;
+	return a;
 }

@@ -23,4 +23,17 @@ void arch_pci_mem_window(u64 *base, u64 *size);
  */
 void virtio_pci_scan(u8 bus, const char *cmdline);
 
+/*
+ * Any device, not only virtio (bus 0, enumerated once, with the same BAR
+ * window): the index-th function with this vendor and device id.
+ */
+bool pci_find(u16 vendor, u16 device, unsigned index, const char *cmdline, u8 *bus, u8 *dev,
+	      u8 *fn);
+/*
+ * A memory BAR's address, assigned from the window when it reads 0, and
+ * its size; 0 (after a FAIL line for `test`) if it is an I/O BAR or does
+ * not fit.
+ */
+u64 pci_memory_bar(const char *test, u8 bus, u8 dev, u8 fn, unsigned bar, u64 *size);
+
 #endif

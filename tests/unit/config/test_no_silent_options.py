@@ -204,9 +204,12 @@ CLI_SAMPLES: Mapping[tuple[str, str | None], Sample] = {
     ("--debug-console", "file"): ("file=/tmp/d.log", {}, "debug_console.file", None),
     ("--debug-console", "iobase"): ("tty,iobase=0x402", {}, "debug_console.iobase", None),
     **{("--device", key): ("path=/sys/bus/pci/devices/0000:01:00.0" + extra, {}, "devices", None)
-       for key, extra in (("path", ""), ("id", ",id=v"), ("iommu", ",iommu=on"), ("pci_segment", ""),
-                          ("pci_device_id", ",pci_device_id=7"),
-                          ("x_nv_gpudirect_clique", ",x_nv_gpudirect_clique=1"))},
+       for key, extra in (("path", ""), ("id", ",id=v"), ("pci_segment", ""),
+                          ("pci_device_id", ",pci_device_id=7"))},
+    # the vfio-pci device type claims "devices" but for these (vmmkit.config.support)
+    ("--device", "iommu"): ("path=/sys/bus/pci/devices/0000:01:00.0,iommu=on", {}, "devices.iommu", None),
+    ("--device", "x_nv_gpudirect_clique"): ("path=/sys/bus/pci/devices/0000:01:00.0,x_nv_gpudirect_clique=1", {},
+                                            "devices.x_nv_gpudirect_clique", None),
     ("--vsock", "cid"): ("cid=3,socket=/v", {}, "vsock.cid", None),
     ("--vsock", "socket"): ("cid=3,socket=/v", {}, "vsock.socket", None),
     ("--vsock", "id"): ("cid=3,socket=/v,id=v", {}, "vsock.id", None),
@@ -536,7 +539,8 @@ def test_vm_add_answers_400_naming_the_key(client: ApiClient) -> None:
         ("vm.add-disk", {"path": "/a\u0000"}, "path: a NUL byte"),
         ("vm.add-disk", {"path": "/a", "no_such_key": 1}, "no_such_key: unknown key"),
         ("vm.add-net", {"iommu": True}, "net[0].iommu: not supported yet"),
-        ("vm.add-device", {"path": "/sys/bus/pci/devices/0000:01:00.0"}, "devices: not supported yet"),
+        ("vm.add-device", {"path": "/sys/bus/pci/devices/0000:01:00.0", "iommu": True},
+         "devices[0].iommu: not supported yet"),  # vfio-pci claims devices, but not behind a vIOMMU
     ]:
         response = client.request("PUT", endpoint, body, check=False)
         assert response.status == 400, (endpoint, response.body)

@@ -46,10 +46,13 @@ from vmmkit_devices.device_types import (
     VirtioRngType,
     VirtioVsockType,
 )
+from vmmkit_devices.vfio.device_type import SECCOMP_SYSCALLS as VFIO_SYSCALLS
+from vmmkit_devices.vfio.device_type import VfioPciType
 
 if TYPE_CHECKING:
     from vmmkit.device import DeviceType
     from vmmkit.registry import Registry
+    from vmmkit.transport import Transport
 
 DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     Serial16550Type,
@@ -76,6 +79,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VhostUserBlkType,
     VhostUserFsType,
     VhostUserNetType,
+    VfioPciType,
 )
 
 
@@ -86,9 +90,20 @@ def vmmkit_register_devices(registry: Registry[type[DeviceType]]) -> None:
 
 
 @hookimpl
+def vmmkit_register_transports(registry: Registry[type[Transport]]) -> None:
+    from vmmkit_devices.vfio.transport import VfioPciTransport
+
+    registry.add(VfioPciTransport)
+
+
+@hookimpl
 def vmmkit_seccomp_syscalls() -> dict[str, list[str]]:
     # virtio-vsock's muxer thread (an event loop) opens a host stream when the guest connects:
     # socket + connect on <uds path>_<port>.
     # A vhost-user frontend reconnects to a restarted backend when the driver resets or
     # activates the device, on the vCPU thread that wrote the status register.
-    return {EVENT_LOOP: ["socket", "connect"], VCPU: ["socket", "connect"]}
+    # VFIO's calls: vmmkit_devices.vfio.device_type.SECCOMP_SYSCALLS.
+    declared: dict[str, list[str]] = {EVENT_LOOP: ["socket", "connect"], VCPU: ["socket", "connect"]}
+    for kind, names in VFIO_SYSCALLS.items():
+        declared.setdefault(kind, []).extend(names)
+    return declared

@@ -1,0 +1,41 @@
+#!/bin/sh
+# /init.sh of the nested Linux that checks a passed-through NVMe controller (lab/vfio/nvme_initramfs.py;
+# the modules are loaded by the wrapper /init before). Its own nvme driver must find the
+# controller and namespace 1; the first line of sector 0 (written by the host before the lab
+# booted) is printed; 4 KiB of "<pattern>\n" are written at 2 MiB, flushed, the page cache
+# dropped, read back and compared. Every line starts "VMMKIT-NVME: ". Then power off.
+say() { echo "VMMKIT-NVME: $*"; }
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+pattern=vmmkit-nvme-pattern
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in nvme_pattern=*) pattern=${arg#nvme_pattern=} ;; esac
+done
+i=0
+while [ ! -b /dev/nvme0n1 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+if [ -b /dev/nvme0n1 ]; then
+    ctrl=/sys/class/nvme/nvme0
+    say "controller nvme0: serial '$(cat $ctrl/serial | tr -d ' ')', model '$(cat $ctrl/model | sed 's/ *$//')', driver $(basename "$(readlink $ctrl/device/driver)")"
+    say "namespace nvme0n1: $(cat /sys/block/nvme0n1/size) sectors of 512 bytes"
+    say "sector 0: $(dd if=/dev/nvme0n1 bs=512 count=1 2>/dev/null | head -n 1)"
+    : > /tmp/pattern
+    n=0
+    while [ $n -lt 4096 ]; do printf '%s\n' "$pattern" >> /tmp/pattern; n=$((n + ${#pattern} + 1)); done
+    dd if=/tmp/pattern of=/tmp/page bs=4096 count=1 2>/dev/null
+    dd if=/tmp/page of=/dev/nvme0n1 bs=4096 seek=512 count=1 conv=fsync 2>/dev/null
+    blockdev --flushbufs /dev/nvme0n1
+    echo 3 > /proc/sys/vm/drop_caches
+    dd if=/dev/nvme0n1 of=/tmp/readback bs=4096 skip=512 count=1 2>/dev/null
+    if cmp -s /tmp/page /tmp/readback; then
+        say "ok: 4 KiB of '$pattern' written at 2 MiB, flushed and read back"
+    else
+        say "FAIL: the pattern read back at 2 MiB differs"
+    fi
+    say "admin queue interrupt: $(grep 'nvme0q0$' /proc/interrupts | awk '{print $(NF-3), $(NF-1)}')"
+else
+    say "FAIL: no /dev/nvme0n1 after 20 s"
+    ls /sys/class/nvme 2>&1 | while read -r line; do say "sys/class/nvme: $line"; done
+fi
+sync
+poweroff -f
