@@ -46,6 +46,7 @@ Counters (Cloud Hypervisor's names first): ``read_bytes``, ``write_bytes``, ``re
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
+from vmmkit.virtio.chain import DEFAULT_MAX_SEGMENTS, ErrorKind, VirtqueueError
 from vmmkit.virtio.device import ActivationContext, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
 from vmmkit_devices.device_types import VirtioBlockType as VirtioBlockType  # declared there, re-exported
@@ -62,8 +64,12 @@ from vmmkit_devices.virtio.blk_io import (
     DiskImage,
     IoResult,
     IoStatus,
+    NativeQueue,
+    QueueRun,
     make_block_io,
     native_available,
+    native_queue_available,
+    queue_flags,
 )
 from vmmkit_devices.virtio.common import QueueDevice
 
@@ -156,6 +162,11 @@ class BlockDevice(QueueDevice):
         self.queue_size = queue_size
         self.sparse = sparse
         self.native = (native_available() if native is None else native) and image.qcow2 is None
+        #: Whole queues served in C (``native/blk_queue.c``): the native path on a raw image.
+        self.native_queue = self.native and native_queue_available()
+        self._queues: list[NativeQueue | None] = []
+        self._wake_fd = -1
+        self._folded: dict[str, int] = {}
         identity = image.default_serial() if serial is None else serial
         self.serial = identity[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self._io: BlockIo | None = None
@@ -199,7 +210,7 @@ class BlockDevice(QueueDevice):
     def describe(self) -> Mapping[str, Any]:
         return {"path": self.image.path, "capacity": self.image.capacity, "readonly": self.image.readonly,
                 "direct": self.image.direct, "block_size": self.image.block_size, "native": self.native,
-                "num_queues": self.num_queues}
+                "native_queue": self.native_queue, "num_queues": self.num_queues}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -209,22 +220,108 @@ class BlockDevice(QueueDevice):
         configuration-change interrupt (virtio 1.2, 4.1.4.3 / 5.2.4), after which it re-reads
         ``capacity``."""
         self.image.resize(size)
+        for native in list(self._queues):
+            if native is not None:
+                native.sync_disk()  # one aligned 64-bit store of the size: the C worker sees old or new
         ctx = self._ctx
         if ctx is not None and self._active:
             ctx.interrupt.trigger(VirtioInterruptType.CONFIG)
 
     def activated(self, ctx: ActivationContext) -> None:
         self._io = make_block_io(self.image, ctx.memory, self.native)
+        if not self.native_queue:
+            return
+        if self._wake_fd < 0:
+            self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._drain_wake()
+        flags = queue_flags(flush=self.negotiated(VIRTIO_BLK_F_FLUSH), discard=self.negotiated(VIRTIO_BLK_F_DISCARD),
+                            write_zeroes=self.negotiated(VIRTIO_BLK_F_WRITE_ZEROES), sparse=self.sparse)
+        irqfd = getattr(ctx.interrupt, "queue_irqfd", None)
+        self._queues = []
+        for index, (queue, kick) in enumerate(zip(ctx.queues, ctx.queue_events, strict=True)):
+            fd = irqfd(index) if callable(irqfd) else None
+            self._queues.append(NativeQueue(
+                self.image, ctx.memory, kick_fd=kick, wake_fd=self._wake_fd, irq_fd=-1 if fd is None else fd,
+                serial=self.serial, flags=flags, max_segments=getattr(queue, "max_segments", DEFAULT_MAX_SEGMENTS)))
 
     def deactivated(self) -> None:
         self._io = None  # requests are served synchronously: nothing else is in flight
+        queues, self._queues = self._queues, []
+        for native in queues:
+            if native is not None:
+                for name, value in native.counters().items():
+                    if value:
+                        self._folded[name] = self._folded.get(name, 0) + value
+                native.close()
 
     def release(self) -> None:
+        self._stop_native()
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
         self.image.close()
+
+    # -- the C queues: stopped before anything waits for the queue locks --------------------
+
+    def _stop_native(self) -> None:
+        for native in list(self._queues):
+            if native is not None:
+                native.stop()
+        if self._wake_fd >= 0:
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass
+
+    def activate(self, ctx: ActivationContext) -> None:
+        self._stop_native()  # a re-activation tears the old one down first
+        super().activate(ctx)
+
+    def pause(self) -> None:
+        self._stop_native()
+        super().pause()
+
+    def _drain_wake(self) -> None:
+        if self._wake_fd >= 0:
+            try:
+                os.eventfd_read(self._wake_fd)
+            except OSError:
+                pass
+
+    def mark_broken(self, reason: str) -> None:
+        self._stop_native()
+        super().mark_broken(reason)
+
+    def resumed(self) -> None:
+        self._drain_wake()
+        for native in list(self._queues):
+            if native is not None:
+                native.allow()
+
+    def reset(self) -> None:
+        self._stop_native()
+        super().reset()
+
+    def close(self) -> None:
+        self._stop_native()
+        super().close()
+
+    def counters(self) -> Mapping[str, int]:
+        counts = dict(super().counters())
+        sources = [self._folded] + [n.counters() for n in list(self._queues) if n is not None]
+        for source in sources:
+            for name, value in source.items():
+                if value or name in counts:
+                    counts[name] = counts.get(name, 0) + value
+        return counts
 
     # -- requests ---------------------------------------------------------------------------
 
     def process_queue(self, index: int, queue: Virtqueue) -> None:
+        native = self._queues[index] if index < len(self._queues) else None
+        if native is not None:
+            self._serve_native(index, queue, native)
+            return
         done = 0
         while self.running():
             chain = queue.pop()
@@ -241,6 +338,28 @@ class BlockDevice(QueueDevice):
                 self.signal(queue)
         if done % SIGNAL_BATCH:
             self.signal(queue)
+
+    def _serve_native(self, index: int, queue: Virtqueue, native: NativeQueue) -> None:
+        """Run the queue in C until it is stopped (pause, reset, close) or breaks."""
+        native.load(queue)
+        try:
+            while self.running() and queue.active:
+                result = native.run()
+                if result is QueueRun.SIGNAL:
+                    ctx = self._ctx
+                    if ctx is not None:
+                        ctx.interrupt.trigger(VirtioInterruptType.QUEUE, index)
+                elif result is QueueRun.BROKEN:
+                    if native.refresh_memory():
+                        continue  # guest memory changed (hotplug): walk again with the new table
+                    kind, message = native.error
+                    error = VirtqueueError(ErrorKind(kind), f"queue {index}: {message}")
+                    self.fail(queue, str(error))
+                    return
+                else:
+                    return
+        finally:
+            native.store(queue)
 
     def handle(self, chain: DescriptorChain) -> int:
         """Serve one request; the used length. Raises :class:`_Malformed` if unanswerable."""
