@@ -78,6 +78,11 @@ class MsiVector:
         if gsi is not None and vm.supports_irqfd:
             self._eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
+    @property
+    def eventfd(self) -> int | None:
+        """The irqfd that sends this vector (registered while unmasked), if the backend has one."""
+        return self._eventfd
+
     def update(self, address: int, data: int, masked: bool) -> None:
         """The guest rewrote the vector's table entry; deliver a pending message on unmask."""
         with self._lock:

@@ -352,14 +352,25 @@ class BlockDevice(QueueDevice):
                 elif result is QueueRun.BROKEN:
                     if native.refresh_memory():
                         continue  # guest memory changed (hotplug): walk again with the new table
-                    kind, message = native.error
-                    error = VirtqueueError(ErrorKind(kind), f"queue {index}: {message}")
-                    self.fail(queue, str(error))
+                    self._native_broken(index, queue, *native.error)
                     return
                 else:
                     return
         finally:
             native.store(queue)
+
+    def _native_broken(self, index: int, queue: Virtqueue, kind: int, message: str) -> None:
+        """What the Python path does for the same fault: a protocol error breaks the queue with
+        its kind (the transport reports it) and then the device; a request it cannot answer
+        (no status byte) fails the device through the queue."""
+        error_kind = ErrorKind(kind)
+        if error_kind is ErrorKind.DEVICE:
+            self.fail(queue, f"queue {index}: {message}")
+            return
+        if error_kind is ErrorKind.AVAIL_INDEX:
+            message = f"queue {index}: {message}"
+        queue.mark_broken(message, error_kind)
+        self.fail(None, str(VirtqueueError(error_kind, message)))
 
     def handle(self, chain: DescriptorChain) -> int:
         """Serve one request; the used length. Raises :class:`_Malformed` if unanswerable."""

@@ -23,7 +23,7 @@
 #define HEADER_SIZE 16
 #define SEGMENT_SIZE 16
 #define WZ_FLAG_UNMAP 1
-#define VQ_ERR_ADDRESS 3
+#define VQ_ERR_RING 8
 #define AVAIL_F_NO_INTERRUPT 1
 
 /* The rings of this run, translated once per blkq_process() call. */
@@ -51,6 +51,27 @@ static int broken(struct blkq *q, int kind, const char *fmt, unsigned long long 
 {
     q->error_kind = kind;
     snprintf(q->message, sizeof q->message, fmt, a, b);
+    return BLKQ_BROKEN;
+}
+
+/* The walker's errors, worded as vmmkit/virtio/chain.py's _NATIVE_MESSAGES. */
+static const char *const walk_messages[] = {
+    "?",
+    "a head or next index is beyond its table",
+    "the chain is longer than its table (a loop)",
+    "a buffer is not in guest RAM",
+    "a readable buffer follows a writable one",
+    "invalid indirect descriptor",
+    "the chain is longer than 4 GiB",
+    "the chain has too many segments",
+    "bad queue size or descriptor table placement",
+};
+
+static int walk_broken(struct blkq *q, int rc, uint16_t head)
+{
+    const char *what = rc > 0 && rc < 9 ? walk_messages[rc] : "unknown walker error";
+    q->error_kind = rc;
+    snprintf(q->message, sizeof q->message, "chain at head %u: %s", (unsigned)head, what);
     return BLKQ_BROKEN;
 }
 
@@ -326,7 +347,7 @@ int blkq_process(struct blkq *q)
     ring.avail = (uint16_t *)translate(q->vq_mem, q->avail_gpa, 6 + 2 * (uint64_t)size, 0);
     ring.used = translate(q->vq_mem, q->used_gpa, 6 + 8 * (uint64_t)size, 1);
     if (ring.avail == NULL || ring.used == NULL || (q->avail_gpa & 1) || (q->used_gpa & 3))
-        return broken(q, VQ_ERR_ADDRESS, "rings at %#llx / %#llx are not in guest RAM",
+        return broken(q, VQ_ERR_RING, "rings at %#llx / %#llx are not in guest RAM",
                       q->avail_gpa, q->used_gpa);
     uint16_t *avail_event = (uint16_t *)(ring.used + 4 + 8 * (uint64_t)size);
     int event_idx = (q->flags & BLKQ_F_EVENT_IDX) != 0;
@@ -346,10 +367,12 @@ int blkq_process(struct blkq *q)
         }
         uint16_t avail_idx = load16(&ring.avail[1]);
         uint16_t pending = (uint16_t)(avail_idx - q->last_avail);
-        if (pending > size)
-            return broken(q, BLKQ_ERR_AVAIL_INDEX,
-                          "available index moved to %llu, %llu entries ahead of the queue size",
-                          avail_idx, pending);
+        if (pending > size) {
+            q->error_kind = BLKQ_ERR_AVAIL_INDEX;
+            snprintf(q->message, sizeof q->message, "available index moved from %u to %u (size %u)",
+                     (unsigned)q->last_avail, (unsigned)avail_idx, (unsigned)size);
+            return BLKQ_BROKEN;
+        }
         if (pending == 0)
             break;
         fence(); /* the avail idx load before the ring entry and descriptor loads */
@@ -359,7 +382,7 @@ int blkq_process(struct blkq *q)
                          (q->flags & BLKQ_F_INDIRECT) ? 1 : 0, q->iov, q->gpa, q->max_segments,
                          &chain);
         if (rc != 0)
-            return broken(q, rc, "chain at head %llu: walker error %llu", head, (unsigned)rc);
+            return walk_broken(q, rc, head);
         q->last_avail++;
         if (event_idx)
             store16(avail_event, q->last_avail);
