@@ -51,6 +51,7 @@ GUEST = GUESTS / "build" / "x86_64" / "selftest.elf"
 sys.path.insert(0, str(REPO / "tests"))
 
 from integration.qemu_peer import VirtioSetup, qemu_virtio_command  # noqa: E402
+from proc_cpu import device_cpu, run_sampled  # noqa: E402
 
 IMAGE_SIZE = 64 << 20
 MEMORY = "128M"
@@ -67,6 +68,7 @@ class Run:
     results: dict[Key, tuple[float, float]] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    device_cpu: float | None = None  #: CPU seconds of the threads serving the disk (proc_cpu.py)
 
 
 def parse(stdout: str) -> dict[Key, tuple[float, float]]:
@@ -77,14 +79,14 @@ def parse(stdout: str) -> dict[Key, tuple[float, float]]:
     return results
 
 
-def run(argv: list[str], timeout: float) -> Run:
+def run(argv: list[str], timeout: float, peer: str = "vmmkit") -> Run:
     start = time.monotonic()
+    env = {**ENV, "VMMKIT_BLK_QUEUE_NATIVE": "0"} if peer == "vmmkit-pyqueue" else ENV
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout,
-                              stdin=subprocess.DEVNULL, env=ENV)
+        proc, threads = run_sampled(argv, timeout, env)
     except subprocess.TimeoutExpired:
         return Run(error=f"timed out after {timeout:.0f} s", seconds=time.monotonic() - start)
-    out = Run(parse(proc.stdout), seconds=time.monotonic() - start)
+    out = Run(parse(proc.stdout), seconds=time.monotonic() - start, device_cpu=device_cpu(peer, threads))
     fails = [line.strip() for line in proc.stdout.splitlines() if "selftest: FAIL" in line]
     if fails or "selftest: ok blkbench" not in proc.stdout:
         tail = (fails or proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
@@ -171,6 +173,48 @@ def print_seccomp_cost(table: list[tuple[str, str, str, dict[str, Run]]]) -> Non
         print(f"geometric mean on/off: {geomean:.3f}x over {len(ratios)} rows")
 
 
+def requests_per_boot(args: argparse.Namespace) -> int:
+    """The guest writes then reads ``total`` MiB at queue depth 1 and at ``qd``: four phases."""
+    return 4 * (args.total << 10) // args.size
+
+
+def print_device_cpu(table: list[tuple[str, str, str, dict[str, Run]]], args: argparse.Namespace) -> None:
+    """CPU of the threads serving the disk per request (median boot), each peer side by side."""
+    peers = sorted({peer for _, _, _, result in table for peer in result}, key=lambda p: (p != "vmmkit", p))
+    print(f"\ndevice-thread CPU per {args.size} KiB request, us (vmmkit: the _disk0_q* threads; "
+          "QEMU: every thread but the vCPUs)")
+    print(f"{'storage':<7} {'cache':<6} {'virtio':<6} | " + " ".join(f"{p:>15}" for p in peers))
+    for storage, cache, transport, result in table:
+        cells = []
+        for peer in peers:
+            r = result.get(peer)
+            cpu = r.device_cpu if r is not None and r.error is None else None
+            cells.append(fmt(cpu * 1e6 / requests_per_boot(args) if cpu is not None else None, 15))
+        print(f"{storage:<7} {cache:<6} {transport:<6} | " + " ".join(cells))
+
+
+def write_json(table: list[tuple[str, str, str, dict[str, Run]]], args: argparse.Namespace, started: float) -> None:
+    """One record of this run for the trend (bench/results/*.json, issue 20 item 6)."""
+    import json
+
+    rows = []
+    for storage, cache, transport, result in table:
+        for peer, r in result.items():
+            for (op, qd), (mib_s, latency) in sorted(r.results.items()):
+                rows.append({"storage": storage, "cache": cache, "transport": transport, "peer": peer, "op": op,
+                             "qd": qd, "mib_s": mib_s, "latency_us": latency})
+            if r.device_cpu is not None and r.error is None:
+                rows.append({"storage": storage, "cache": cache, "transport": transport, "peer": peer,
+                             "device_cpu_us_per_request": r.device_cpu * 1e6 / requests_per_boot(args)})
+    path = Path(args.json) if args.json else REPO / "bench" / "results" / time.strftime("blk-%Y%m%dT%H%M%S.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"bench": "blk", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": time.monotonic() - started,
+              "args": {k: v for k, v in vars(args).items() if k != "json"}, "qemu": qemu_version(),
+              "load": os.getloadavg(), "rows": rows}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"results: {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--total", type=int, default=32, help="MiB per phase (default 32)")
@@ -184,10 +228,15 @@ def main() -> int:
     parser.add_argument("--no-qemu", action="store_true", help="vmmkit alone")
     parser.add_argument("--seccomp-cost", action="store_true",
                         help="also boot vmmkit with --seccomp false, and report the filters' cost")
+    parser.add_argument("--python-queue", action="store_true",
+                        help="also boot vmmkit with its virtio-blk queues served in Python "
+                             "(VMMKIT_BLK_QUEUE_NATIVE=0: the path before the C queue), in the same run")
+    parser.add_argument("--json", default=None, help="write the results here (default: bench/results/blk-<time>.json)")
     args = parser.parse_args()
     args.accel = args.accel or ("kvm" if kvm_usable() else "tcg")
     subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
-    peers = ["vmmkit"] + (["vmmkit-noseccomp"] if args.seccomp_cost else [])
+    peers = (["vmmkit"] + (["vmmkit-noseccomp"] if args.seccomp_cost else [])
+             + (["vmmkit-pyqueue"] if args.python_queue else []))
     if not args.no_qemu:
         if shutil.which("qemu-system-x86_64"):
             peers.append("qemu")
@@ -218,7 +267,7 @@ def main() -> int:
                             # The previous boot's dirty pages written back first: a write to a page
                             # under writeback waits for it (stable pages), which would slow the next VMM.
                             os.sync()
-                            result = run(argv, timeout=120)
+                            result = run(argv, timeout=120, peer=peer)
                             runs[peer].append(result)
                             print(f"  {storage:<4} {cache:<6} {transport:<4} {peer:<6} {result.seconds:5.1f} s  "
                                   f"{result.error or 'ok'}", file=sys.stderr)
@@ -260,6 +309,8 @@ def main() -> int:
         print(f"geometric mean of the MiB/s ratios (vmmkit / QEMU): {geomean:.2f}x over {len(ratios)} rows")
     if args.seccomp_cost:
         print_seccomp_cost(table)
+    print_device_cpu(table, args)
+    write_json(table, args, started)
     for error in errors:
         print(f"error: {error}")
     return 1 if errors and not ratios else 0

@@ -243,6 +243,8 @@ class BlockDevice(QueueDevice):
             self._queues.append(NativeQueue(
                 self.image, ctx.memory, kick_fd=kick, wake_fd=self._wake_fd, irq_fd=-1 if fd is None else fd,
                 serial=self.serial, flags=flags, max_segments=getattr(queue, "max_segments", DEFAULT_MAX_SEGMENTS)))
+        log.debug("virtio_blk.native_queues", device=self.id, queues=len(self._queues),
+                  irqfds=[fd is not None for fd in map(irqfd, range(len(self._queues)))] if callable(irqfd) else [])
 
     def deactivated(self) -> None:
         self._io = None  # requests are served synchronously: nothing else is in flight
