@@ -5,8 +5,11 @@ each on its own image and guest memory, started identical.
 A case is a list of chains the "driver" puts in the ring: well-formed requests of every type, and
 raw descriptor soup (indices past the table, loops, buffers outside RAM or across regions,
 readable after writable, indirect tables of odd sizes, no status byte), sometimes an available
-index that runs ahead of the queue size. Hostile buffers stay out of the ring pages, so both
-sides write the same bytes in the same order. :func:`compare` serves the case on both sides and
+index that runs ahead of the queue size, and streams of reads and writes (what the C queue's pool
+serves at once). Data buffers stay out of the ring pages and the indirect tables: a C queue
+serving several requests at once walks their chains before serving any, so a request writing
+into a later chain's descriptors (which a driver must not change while they are available)
+would be seen differently. :func:`compare` serves the case on both sides and
 asserts the used rings, guest memory, image files and broken-or-not agree.
 
 Used by ``test_blk_queue_differential.py`` and, under ASan/UBSan, ``test_blk_queue_sanitizers.py``.
@@ -37,6 +40,8 @@ QUEUE_SIZE = 16
 LAYOUT = [(0, 0x40000), (0x40000, 0x10000), (0x100000, 0x10000)]
 DATA = 0x20000
 KINDS = (0, 1, 4, 8, 11, 13, 0x99)
+#: The C device's ``overlapped_requests`` of each comparison (requests its pool served at once).
+OVERLAPPED: list[int] = []
 
 
 def _initial_disk() -> bytes:
@@ -69,9 +74,11 @@ def _buffer(rng: random.Random, hostile: bool) -> tuple[int, int]:
     return DATA + rng.randrange(0, 0x18000, 16), rng.choice([0, 1, 15, 16, 17, 511, 512, 1024, 4096])
 
 
-def _request(rng: random.Random, kind: int) -> list[tuple[int, int, bool]]:
+def _request(rng: random.Random, kind: int, in_disk: bool = False) -> list[tuple[int, int, bool]]:
     """A well-formed chain: header, data, status."""
     sector = rng.choice([0, 1, DISK_SECTORS - 1, DISK_SECTORS, 2**63, rng.randrange(DISK_SECTORS)])
+    if in_disk:
+        sector = rng.randrange(DISK_SECTORS - 3)
     header = struct.pack("<IIQ", kind, 0, sector)
     parts: list[tuple[bytes | int, bool]] = [(header, False)]
     length = rng.choice([0, SECTOR, 2 * SECTOR, 3 * SECTOR + rng.choice([0, 0, 1]), 20])
@@ -92,9 +99,13 @@ def _request(rng: random.Random, kind: int) -> list[tuple[int, int, bool]]:
 def generate(rng: random.Random) -> dict[str, Any]:
     """One case: what the driver writes, as plain data both sides replay identically."""
     chains: list[Any] = []
+    io_only = rng.random() < 0.3  # a stream of reads and writes: what the pool serves at once
     for _ in range(rng.randrange(1, 6)):
         roll = rng.random()
-        if roll < 0.6:
+        if io_only:
+            chains.append(("request", _request(rng, rng.choice((0, 1)), in_disk=True), rng.random() < 0.2,
+                           rng.randrange(1, 3)))
+        elif roll < 0.6:
             chains.append(("request", _request(rng, rng.choice(KINDS)), rng.random() < 0.2, rng.randrange(1, 3)))
         else:
             descs = []
@@ -120,12 +131,12 @@ def _write_case(h: Harness, case: dict[str, Any]) -> int:
             buffers = []
             for data, writable in parts:
                 if isinstance(data, bytes):
-                    gpa = DATA + rng.randrange(0, 0x10000, 16)
+                    gpa = DATA + rng.randrange(0, 0x13000, 16)  # below the indirect tables
                     memory.write(gpa, data)
                     buffers.append((gpa, len(data), writable))
                 else:
                     for piece in [data // pieces] * (pieces - 1) + [data - data // pieces * (pieces - 1)]:
-                        buffers.append((DATA + rng.randrange(0, 0x10000, 16), piece, writable))
+                        buffers.append((DATA + rng.randrange(0, 0x13000, 16), piece, writable))
             if indirect:
                 table = DATA + 0x14000 + rng.randrange(0, 0x1000, 16)
                 for i, (gpa, length, writable) in enumerate(buffers):
@@ -194,10 +205,12 @@ def compare(case: dict[str, Any]) -> None:
             gc.collect()  # the harnesses' queues hold views of guest memory
         assert c_out == py_out, (c_out, py_out, c_device.broken, py_device.broken)
         for region in c_mem.regions:
-            c_bytes, py_bytes = bytes(c_mem.read(region.start, region.size)), bytes(py_mem.read(region.start, region.size))
+            c_bytes = bytes(c_mem.read(region.start, region.size))
+            py_bytes = bytes(py_mem.read(region.start, region.size))
             if c_bytes != py_bytes:
                 at = next(i for i in range(len(c_bytes)) if c_bytes[i] != py_bytes[i])
                 raise AssertionError(f"guest memory differs at {region.start + at:#x}")
         assert _image_bytes(c_path) == _image_bytes(py_path)
-        c_counts, py_counts = c_device.counters(), py_device.counters()
+        c_counts, py_counts = dict(c_device.counters()), py_device.counters()
+        OVERLAPPED.append(c_counts.pop("overlapped_requests", 0))
         assert {k: v for k, v in c_counts.items() if v} == {k: v for k, v in py_counts.items() if v}

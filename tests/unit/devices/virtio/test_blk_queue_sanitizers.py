@@ -68,6 +68,7 @@ def test_blk_queue_under_address_and_undefined_behaviour_sanitizers(tmp_path: Pa
         "PYTHONMALLOC": "malloc",
         "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=66",
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=67",
+        "VMMKIT_BLK_IN_FLIGHT": "4",  # the pool's code too
     }
     script = CHILD.format(build=str(tmp_path), here=str(HERE), seed=4321, seconds=6)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,

@@ -86,6 +86,7 @@ int blk_flush(const struct blk_disk *disk, struct blk_result *out);
 #define BLKQ_F_SPARSE ...
 #define BLKQ_COUNTERS ...
 #define BLKQ_ID_BYTES ...
+#define BLKQ_MAX_SLOTS ...
 
 struct blkq_vq_region {
     uint64_t gpa;
@@ -120,6 +121,7 @@ struct blkq {
     uint32_t size;
     uint32_t flags;
     uint32_t max_segments;
+    uint32_t slots;
     int kick_fd;
     int wake_fd;
     int irq_fd;
@@ -130,12 +132,13 @@ struct blkq {
     uint8_t signalled_valid;
     uint8_t pending_signal;
     volatile uint32_t stop;
-    uint64_t counters[14];
+    uint64_t counters[15];
     int32_t error_kind;
     char message[160];
     int epoll_fd;
     struct iovec *iov;
     uint64_t *gpa;
+    void *pool;
     ...;
 };
 

@@ -688,10 +688,11 @@ def make_block_io(image: DiskImage, memory: GuestMemory, native: bool | None = N
 # -- a whole request queue served in C ---------------------------------------------------------
 
 #: ``struct blkq``'s counters, in ``blk_queue.h``'s order (``direct_einval``: O_DIRECT refused an
-#: alignment and it was raised).
+#: alignment and it was raised; ``overlapped_requests``: served at once with others on the pool).
 QUEUE_COUNTERS: Final = ("read_bytes", "write_bytes", "read_ops", "write_ops", "flush_ops", "discard_ops",
                          "write_zeroes_ops", "get_id_ops", "io_errors", "invalid_requests",
-                         "unsupported_requests", "direct_ops", "direct_fallbacks", "direct_einval")
+                         "unsupported_requests", "direct_ops", "direct_fallbacks", "direct_einval",
+                         "overlapped_requests")
 
 
 class QueueRun(enum.IntEnum):
@@ -760,20 +761,26 @@ class NativeQueue:
     :param serial: the 20-byte GET_ID answer.
     :param flags: ``BLKQ_F_*`` bits of ``blk_queue.h`` (see :func:`queue_flags`).
     :param max_segments: the most segments one chain may have.
+    :param in_flight: requests served at once (a pool of ``in_flight - 1`` C threads, started on
+        first use): consecutive IN/OUT requests on disjoint guest buffers and disjoint disk bytes
+        are served together, anything else one at a time, in ring order.
     """
 
     def __init__(self, image: DiskImage, memory: GuestMemory, *, kick_fd: int, wake_fd: int, irq_fd: int,
-                 serial: bytes, flags: int, max_segments: int) -> None:
+                 serial: bytes, flags: int, max_segments: int, in_flight: int = 1) -> None:
         if _WALKER is None:
             raise RuntimeError(f"the native block queue is unavailable: {NATIVE_QUEUE_UNAVAILABLE_REASON}")
+        if not 1 <= in_flight <= _lib.BLKQ_MAX_SLOTS:
+            raise ValueError(f"in_flight must be 1 to {_lib.BLKQ_MAX_SLOTS}, not {in_flight}")
         self.image = image
         self.memory = memory
-        q = _ffi.new("struct blkq *")
+        # ffi.gc: the C pool's threads are stopped even if close() is never called.
+        q = _ffi.gc(_ffi.new("struct blkq *"), _lib.blkq_release)
         self._q = q
-        self._iov = _ffi.new("struct iovec[]", max_segments)
-        self._gpa = _ffi.new("uint64_t[]", max_segments)
+        self._iov = _ffi.new("struct iovec[]", max_segments * in_flight)
+        self._gpa = _ffi.new("uint64_t[]", max_segments * in_flight)
         q.walk = _WALKER[0]
-        q.iov, q.gpa, q.max_segments = self._iov, self._gpa, max_segments
+        q.iov, q.gpa, q.max_segments, q.slots = self._iov, self._gpa, max_segments, in_flight
         q.kick_fd, q.wake_fd, q.irq_fd = kick_fd, wake_fd, irq_fd
         q.epoll_fd = -1
         q.flags = flags

@@ -165,6 +165,9 @@ class BlockDevice(QueueDevice):
         #: Whole queues served in C (``native/blk_queue.c``): the native path on a raw image.
         self.native_queue = self.native and native_queue_available()
         self._queues: list[NativeQueue | None] = []
+        #: Requests the C queue serves at once: with O_DIRECT each blocks on the device, so
+        #: overlapping them pays; buffered I/O mostly copies from the page cache.
+        self.in_flight = _in_flight(device_id, image.direct)
         self._wake_fd = -1
         self._folded: dict[str, int] = {}
         identity = image.default_serial() if serial is None else serial
@@ -210,7 +213,8 @@ class BlockDevice(QueueDevice):
     def describe(self) -> Mapping[str, Any]:
         return {"path": self.image.path, "capacity": self.image.capacity, "readonly": self.image.readonly,
                 "direct": self.image.direct, "block_size": self.image.block_size, "native": self.native,
-                "native_queue": self.native_queue, "num_queues": self.num_queues}
+                "native_queue": self.native_queue, "in_flight": self.in_flight if self.native_queue else 1,
+                "num_queues": self.num_queues}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -242,7 +246,8 @@ class BlockDevice(QueueDevice):
             fd = irqfd(index) if callable(irqfd) else None
             self._queues.append(NativeQueue(
                 self.image, ctx.memory, kick_fd=kick, wake_fd=self._wake_fd, irq_fd=-1 if fd is None else fd,
-                serial=self.serial, flags=flags, max_segments=getattr(queue, "max_segments", DEFAULT_MAX_SEGMENTS)))
+                serial=self.serial, flags=flags, max_segments=getattr(queue, "max_segments", DEFAULT_MAX_SEGMENTS),
+                in_flight=self.in_flight))
         log.debug("virtio_blk.native_queues", device=self.id, queues=len(self._queues),
                   irqfds=[fd is not None for fd in map(irqfd, range(len(self._queues)))] if callable(irqfd) else [])
 
@@ -481,6 +486,20 @@ class BlockDevice(QueueDevice):
                 return status
         self.count("discard_ops" if discard else "write_zeroes_ops")
         return VIRTIO_BLK_S_OK
+
+
+#: Requests in flight per queue with ``direct=on`` (the C queue's pool has ``IN_FLIGHT_DIRECT - 1`` threads).
+IN_FLIGHT_DIRECT: Final = 4
+
+
+def _in_flight(device_id: str, direct: bool) -> int:
+    """``VMMKIT_BLK_IN_FLIGHT`` (1-8) if set, else :data:`IN_FLIGHT_DIRECT` with O_DIRECT, else 1."""
+    value = os.environ.get("VMMKIT_BLK_IN_FLIGHT")
+    if value is None:
+        return IN_FLIGHT_DIRECT if direct else 1
+    if not value.isdigit() or not 1 <= int(value) <= 8:
+        raise DeviceError(f"{device_id}: VMMKIT_BLK_IN_FLIGHT must be 1 to 8, not {value!r}")
+    return int(value)
 
 
 def _status_byte(writable: Sequence[Any]) -> int | None:

@@ -4,7 +4,10 @@
 
 #include <endian.h>
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <unistd.h>
@@ -90,6 +93,12 @@ static void fence(void)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
+/* Counters and the O_DIRECT alignment may be updated by several pool threads at once. */
+static void bump(struct blkq *q, int which, uint64_t n)
+{
+    __atomic_fetch_add(&q->counters[which], n, __ATOMIC_RELAXED);
+}
+
 /* -- one request ------------------------------------------------------------------------ */
 
 struct request {
@@ -135,15 +144,15 @@ static uint64_t scatter(const struct request *r, const uint8_t *data, uint64_t l
 static int io_status(struct blkq *q, int rc, const struct blk_result *out)
 {
     if (out->einval) {
-        q->counters[BLKQ_C_EINVAL]++;
-        if (q->disk.mem_align < 4096)
-            q->disk.mem_align = 4096;
-        if (q->disk.offset_align < 4096)
-            q->disk.offset_align = 4096;
+        bump(q, BLKQ_C_EINVAL, 1);
+        if (__atomic_load_n(&q->disk.mem_align, __ATOMIC_RELAXED) < 4096)
+            __atomic_store_n(&q->disk.mem_align, 4096, __ATOMIC_RELAXED);
+        if (__atomic_load_n(&q->disk.offset_align, __ATOMIC_RELAXED) < 4096)
+            __atomic_store_n(&q->disk.offset_align, 4096, __ATOMIC_RELAXED);
     }
     if (rc == BLK_OK)
         return S_OK;
-    q->counters[rc == BLK_ERR_IO ? BLKQ_C_IO_ERRORS : BLKQ_C_INVALID_REQUESTS]++;
+    bump(q, rc == BLK_ERR_IO ? BLKQ_C_IO_ERRORS : BLKQ_C_INVALID_REQUESTS, 1);
     return S_IOERR;
 }
 
@@ -159,7 +168,7 @@ static int transfer(struct blkq *q, const struct request *r, int write, uint64_t
     struct blk_result out;
     if ((write && q->disk.readonly) || length < 0 || length % BLK_SECTOR_SIZE ||
         !in_disk(q, sector, (uint64_t)length / BLK_SECTOR_SIZE)) {
-        q->counters[BLKQ_C_INVALID_REQUESTS]++;
+        bump(q, BLKQ_C_INVALID_REQUESTS, 1);
         return S_IOERR;
     }
     uint32_t first = write ? 0 : r->readable;
@@ -167,13 +176,13 @@ static int transfer(struct blkq *q, const struct request *r, int write, uint64_t
     int rc = blk_transfer(&q->disk, q->blk_mem, write, sector * BLK_SECTOR_SIZE, r->iov + first,
                           r->gpa + first, count, skip, (uint64_t)length, &out);
     if (out.direct)
-        q->counters[BLKQ_C_DIRECT_OPS]++;
+        bump(q, BLKQ_C_DIRECT_OPS, 1);
     if (out.fallback)
-        q->counters[BLKQ_C_DIRECT_FALLBACKS]++;
+        bump(q, BLKQ_C_DIRECT_FALLBACKS, 1);
     int status = io_status(q, rc, &out);
     if (status == S_OK) {
-        q->counters[write ? BLKQ_C_WRITE_OPS : BLKQ_C_READ_OPS]++;
-        q->counters[write ? BLKQ_C_WRITE_BYTES : BLKQ_C_READ_BYTES] += (uint64_t)length;
+        bump(q, write ? BLKQ_C_WRITE_OPS : BLKQ_C_READ_OPS, 1);
+        bump(q, write ? BLKQ_C_WRITE_BYTES : BLKQ_C_READ_BYTES, (uint64_t)length);
     }
     return status;
 }
@@ -188,14 +197,14 @@ static int discard_or_zero(struct blkq *q, const struct request *r, int discard,
     if (!(q->flags & feature) || q->disk.readonly)
         return S_UNSUPP;
     if (data <= 0 || data % SEGMENT_SIZE) {
-        q->counters[BLKQ_C_INVALID_REQUESTS]++;
+        bump(q, BLKQ_C_INVALID_REQUESTS, 1);
         return S_IOERR;
     }
     if (data / SEGMENT_SIZE > BLKQ_MAX_DISCARD_SEGMENTS)
         return S_UNSUPP;
     uint32_t n = (uint32_t)(data / SEGMENT_SIZE);
     if (!gather(r, HEADER_SIZE, raw, (uint64_t)data)) {
-        q->counters[BLKQ_C_INVALID_REQUESTS]++; /* cannot happen: data <= readable - 16 */
+        bump(q, BLKQ_C_INVALID_REQUESTS, 1); /* cannot happen: data <= readable - 16 */
         return S_IOERR;
     }
     for (uint32_t i = 0; i < n; i++) {
@@ -210,7 +219,7 @@ static int discard_or_zero(struct blkq *q, const struct request *r, int discard,
     }
     for (uint32_t i = 0; i < n; i++) {
         if (sectors[i] > BLKQ_MAX_DISCARD_SECTORS || !in_disk(q, sector[i], sectors[i])) {
-            q->counters[BLKQ_C_INVALID_REQUESTS]++;
+            bump(q, BLKQ_C_INVALID_REQUESTS, 1);
             return S_IOERR;
         }
     }
@@ -228,7 +237,7 @@ static int discard_or_zero(struct blkq *q, const struct request *r, int discard,
         if (status != S_OK)
             return status;
     }
-    q->counters[discard ? BLKQ_C_DISCARD_OPS : BLKQ_C_WRITE_ZEROES_OPS]++;
+    bump(q, discard ? BLKQ_C_DISCARD_OPS : BLKQ_C_WRITE_ZEROES_OPS, 1);
     return S_OK;
 }
 
@@ -236,7 +245,7 @@ static int flush(struct blkq *q)
 {
     struct blk_result out;
     int rc = blk_flush(&q->disk, &out);
-    q->counters[BLKQ_C_FLUSH_OPS]++;
+    bump(q, BLKQ_C_FLUSH_OPS, 1);
     return io_status(q, rc, &out);
 }
 
@@ -253,7 +262,7 @@ static int64_t serve(struct blkq *q, const struct request *r)
     if (status_byte == NULL)
         return -1;
     if (r->readable_bytes < HEADER_SIZE) {
-        q->counters[BLKQ_C_INVALID_REQUESTS]++;
+        bump(q, BLKQ_C_INVALID_REQUESTS, 1);
         *status_byte = S_IOERR;
         return 1;
     }
@@ -285,7 +294,7 @@ static int64_t serve(struct blkq *q, const struct request *r)
     case T_GET_ID:
         written = scatter(r, q->serial, data_in < BLKQ_ID_BYTES ? (uint64_t)data_in : BLKQ_ID_BYTES);
         status = S_OK;
-        q->counters[BLKQ_C_GET_ID_OPS]++;
+        bump(q, BLKQ_C_GET_ID_OPS, 1);
         break;
     case T_DISCARD:
     case T_WRITE_ZEROES:
@@ -295,7 +304,7 @@ static int64_t serve(struct blkq *q, const struct request *r)
         status = S_UNSUPP;
     }
     if (status == S_UNSUPP) {
-        q->counters[BLKQ_C_UNSUPPORTED_REQUESTS]++;
+        bump(q, BLKQ_C_UNSUPPORTED_REQUESTS, 1);
     } else if (status == S_OK && (kind == T_OUT || kind == T_DISCARD || kind == T_WRITE_ZEROES) &&
                !(q->flags & BLKQ_F_FLUSH)) {
         status = flush(q); /* a driver without FLUSH expects write-through (5.2.6.2) */
@@ -338,6 +347,179 @@ static int signal_driver(struct blkq *q)
     return 0;
 }
 
+/* -- several requests in flight: a batch served by a small thread pool ---------------------- */
+
+struct slot {
+    struct request r;
+    uint16_t head;
+    uint8_t parallel; /* an IN or OUT with a whole header: may overlap with its neighbours */
+    int64_t used;
+    uint64_t lo, len; /* the disk bytes it moves */
+};
+
+struct pool {
+    pthread_mutex_t lock;
+    pthread_cond_t work, done;
+    struct blkq *q;
+    struct slot *slots;
+    uint32_t next, count, remaining, threads;
+    int quit;
+    pthread_t tid[BLKQ_MAX_SLOTS];
+};
+
+static void *pool_main(void *arg)
+{
+    struct pool *p = arg;
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        while (!p->quit && p->next >= p->count)
+            pthread_cond_wait(&p->work, &p->lock);
+        if (p->quit)
+            break;
+        struct slot *sl = &p->slots[p->next++];
+        pthread_mutex_unlock(&p->lock);
+        sl->used = serve(p->q, &sl->r);
+        pthread_mutex_lock(&p->lock);
+        if (--p->remaining == 0)
+            pthread_cond_signal(&p->done);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+/* The pool, started on first use; NULL if no thread could be started (serve one at a time). */
+static struct pool *pool_of(struct blkq *q)
+{
+    if (q->pool != NULL || q->slots < 2)
+        return q->pool;
+    struct pool *p = calloc(1, sizeof *p);
+    if (p == NULL)
+        return NULL;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->work, NULL);
+    pthread_cond_init(&p->done, NULL);
+    p->q = q;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay with the interpreter's threads */
+    for (uint32_t i = 0; i + 1 < q->slots && i < BLKQ_MAX_SLOTS; i++) {
+        if (pthread_create(&p->tid[i], NULL, pool_main, p) != 0)
+            break;
+        p->threads++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    q->pool = p;
+    return p;
+}
+
+static void pool_stop(struct pool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    p->quit = 1;
+    pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->lock);
+    for (uint32_t i = 0; i < p->threads; i++)
+        pthread_join(p->tid[i], NULL);
+    pthread_mutex_destroy(&p->lock);
+    pthread_cond_destroy(&p->work);
+    pthread_cond_destroy(&p->done);
+    free(p);
+}
+
+/* Serve slots[0 .. n) at once (the calling thread takes its share), then return. */
+static void serve_parallel(struct blkq *q, struct pool *p, struct slot *slots, uint32_t n)
+{
+    pthread_mutex_lock(&p->lock);
+    p->slots = slots;
+    p->next = 0;
+    p->count = n;
+    p->remaining = n;
+    pthread_cond_broadcast(&p->work);
+    while (p->next < p->count) {
+        struct slot *sl = &slots[p->next++];
+        pthread_mutex_unlock(&p->lock);
+        sl->used = serve(q, &sl->r);
+        pthread_mutex_lock(&p->lock);
+        p->remaining--;
+    }
+    while (p->remaining)
+        pthread_cond_wait(&p->done, &p->lock);
+    p->count = p->next = 0;
+    pthread_mutex_unlock(&p->lock);
+}
+
+static int ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+    return alen && blen && a < b + blen && b < a + alen; /* no wrap: both lie in RAM or the disk */
+}
+
+/* Whether the requests touch disjoint guest buffers and disjoint disk bytes: then serving them
+ * at once gives the same bytes as one after the other (and the differential test can tell). */
+static int independent(const struct slot *slots, uint32_t n)
+{
+    uint32_t buffers = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        buffers += slots[i].r.count;
+        if (buffers > 64)
+            return 0;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        for (uint32_t j = i + 1; j < n; j++) {
+            const struct request *a = &slots[i].r, *b = &slots[j].r;
+            if (ranges_overlap(slots[i].lo, slots[i].len, slots[j].lo, slots[j].len))
+                return 0;
+            for (uint32_t x = 0; x < a->count; x++)
+                for (uint32_t y = 0; y < b->count; y++)
+                    if (ranges_overlap(a->gpa[x], a->iov[x].iov_len, b->gpa[y], b->iov[y].iov_len))
+                        return 0;
+        }
+    }
+    return 1;
+}
+
+static int has_status_byte(const struct request *r)
+{
+    for (uint32_t i = r->count; i > r->readable; i--)
+        if (r->iov[i - 1].iov_len)
+            return 1;
+    return 0;
+}
+
+static void classify(const struct blkq *q, struct slot *sl)
+{
+    uint8_t header[HEADER_SIZE];
+    uint32_t kind;
+    uint64_t sector;
+    sl->parallel = 0;
+    sl->lo = sl->len = 0;
+    if (!gather(&sl->r, 0, header, HEADER_SIZE))
+        return;
+    memcpy(&kind, header, 4);
+    memcpy(&sector, header + 8, 8);
+    kind = le32toh(kind);
+    sector = le64toh(sector);
+    uint64_t capacity = q->disk.size / BLK_SECTOR_SIZE;
+    if ((kind != T_IN && kind != T_OUT) || sector > capacity)
+        return;
+    sl->parallel = 1;
+    sl->lo = sector * BLK_SECTOR_SIZE;
+    sl->len = kind == T_IN ? sl->r.writable_bytes - 1 : sl->r.readable_bytes - HEADER_SIZE;
+}
+
+static void publish(struct blkq *q, const struct rings *ring, uint16_t head, int64_t used)
+{
+    if (used > 0xFFFFFFFFLL)
+        used = 0xFFFFFFFFLL;
+    uint8_t *elem = ring->used + 4 + 8 * (uint64_t)(q->next_used % q->size);
+    uint32_t id = htole32(head), len = htole32((uint32_t)used);
+    memcpy(elem, &id, 4);
+    memcpy(elem + 4, &len, 4);
+    fence(); /* the element before the index that publishes it */
+    q->next_used++;
+    store16(ring->used + 2, q->next_used);
+    q->pending_signal = 1;
+}
+
 int blkq_process(struct blkq *q)
 {
     uint32_t size = q->size;
@@ -351,6 +533,8 @@ int blkq_process(struct blkq *q)
                       q->avail_gpa, q->used_gpa);
     uint16_t *avail_event = (uint16_t *)(ring.used + 4 + 8 * (uint64_t)size);
     int event_idx = (q->flags & BLKQ_F_EVENT_IDX) != 0;
+    uint32_t nslots = q->slots < 1 ? 1 : q->slots > BLKQ_MAX_SLOTS ? BLKQ_MAX_SLOTS : q->slots;
+    struct slot slots[BLKQ_MAX_SLOTS];
     uint32_t done = 0;
 
     if (q->pending_signal) { /* a BLKQ_SIGNAL return interrupted the last pass: finish it */
@@ -359,61 +543,86 @@ int blkq_process(struct blkq *q)
             return rc;
     }
     for (;;) {
-        if (q->stop)
-            return BLKQ_STOPPED;
-        if (event_idx) {
-            store16(avail_event, q->last_avail);
-            fence(); /* our avail_event store before the avail idx load */
+        uint32_t n = 0;
+        int error = 0;
+        /* Pop a batch: up to nslots chains, ending after any request that is not an IN/OUT. */
+        while (n < nslots && !q->stop) {
+            if (event_idx) {
+                store16(avail_event, q->last_avail);
+                fence(); /* our avail_event store before the avail idx load */
+            }
+            uint16_t avail_idx = load16(&ring.avail[1]);
+            uint16_t pending = (uint16_t)(avail_idx - q->last_avail);
+            if (pending > size) {
+                q->error_kind = BLKQ_ERR_AVAIL_INDEX;
+                snprintf(q->message, sizeof q->message, "available index moved from %u to %u (size %u)",
+                         (unsigned)q->last_avail, (unsigned)avail_idx, (unsigned)size);
+                error = 1;
+                break;
+            }
+            if (pending == 0)
+                break;
+            fence(); /* the avail idx load before the ring entry and descriptor loads */
+            uint16_t head = load16(&ring.avail[2 + q->last_avail % size]);
+            struct iovec *iov = q->iov + (uint64_t)n * q->max_segments;
+            uint64_t *gpa = q->gpa + (uint64_t)n * q->max_segments;
+            struct blkq_vq_chain chain;
+            int rc = q->walk(q->vq_mem, q->desc_gpa, size, head, (q->flags & BLKQ_F_INDIRECT) ? 1 : 0,
+                             iov, gpa, q->max_segments, &chain);
+            if (rc != 0) {
+                walk_broken(q, rc, head);
+                error = 1;
+                break;
+            }
+            q->last_avail++;
+            if (event_idx)
+                store16(avail_event, q->last_avail);
+            struct slot *sl = &slots[n];
+            sl->r = (struct request){iov, gpa, chain.count, chain.readable, chain.readable_bytes,
+                                     chain.writable_bytes};
+            sl->head = head;
+            if (!has_status_byte(&sl->r)) {
+                broken(q, BLKQ_ERR_DEVICE, "request %llu has no device-writable status byte%.0llu",
+                       head, 0);
+                error = 1;
+                break;
+            }
+            classify(q, sl);
+            n++;
+            if (!sl->parallel)
+                break;
         }
-        uint16_t avail_idx = load16(&ring.avail[1]);
-        uint16_t pending = (uint16_t)(avail_idx - q->last_avail);
-        if (pending > size) {
-            q->error_kind = BLKQ_ERR_AVAIL_INDEX;
-            snprintf(q->message, sizeof q->message, "available index moved from %u to %u (size %u)",
-                     (unsigned)q->last_avail, (unsigned)avail_idx, (unsigned)size);
-            return BLKQ_BROKEN;
+        /* Serve it: the IN/OUT requests at once when they are independent, then the last one. */
+        uint32_t group = n && !slots[n - 1].parallel ? n - 1 : n;
+        struct pool *p = group >= 2 ? pool_of(q) : NULL;
+        if (p != NULL && p->threads && independent(slots, group)) {
+            serve_parallel(q, p, slots, group);
+            bump(q, BLKQ_C_IN_FLIGHT, group);
+        } else {
+            for (uint32_t i = 0; i < group; i++)
+                slots[i].used = serve(q, &slots[i].r);
         }
-        if (pending == 0)
+        for (uint32_t i = group; i < n; i++)
+            slots[i].used = serve(q, &slots[i].r);
+        int python_signal = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            publish(q, &ring, slots[i].head, slots[i].used);
+            if (++done % BLKQ_SIGNAL_BATCH == 0 && signal_driver(q) == BLKQ_SIGNAL)
+                python_signal = 1; /* Python triggers it once the batch is published */
+        }
+        if (error)
+            return BLKQ_BROKEN; /* as the Python path: no signal after a fault */
+        if (python_signal)
+            return BLKQ_SIGNAL;
+        if (n == 0)
             break;
-        fence(); /* the avail idx load before the ring entry and descriptor loads */
-        uint16_t head = load16(&ring.avail[2 + q->last_avail % size]);
-        struct blkq_vq_chain chain;
-        int rc = q->walk(q->vq_mem, q->desc_gpa, size, head,
-                         (q->flags & BLKQ_F_INDIRECT) ? 1 : 0, q->iov, q->gpa, q->max_segments,
-                         &chain);
-        if (rc != 0)
-            return walk_broken(q, rc, head);
-        q->last_avail++;
-        if (event_idx)
-            store16(avail_event, q->last_avail);
-        struct request r = {q->iov, q->gpa, chain.count, chain.readable, chain.readable_bytes,
-                            chain.writable_bytes};
-        int64_t used = serve(q, &r);
-        if (used < 0)
-            return broken(q, BLKQ_ERR_DEVICE, "request %llu has no device-writable status byte%.0llu",
-                          head, 0);
-        if (used > 0xFFFFFFFFLL)
-            used = 0xFFFFFFFFLL;
-        uint8_t *elem = ring.used + 4 + 8 * (uint64_t)(q->next_used % size);
-        uint32_t id = htole32(head), len = htole32((uint32_t)used);
-        memcpy(elem, &id, 4);
-        memcpy(elem + 4, &len, 4);
-        fence(); /* the element before the index that publishes it */
-        q->next_used++;
-        store16(ring.used + 2, q->next_used);
-        q->pending_signal = 1;
-        if (++done % BLKQ_SIGNAL_BATCH == 0) {
-            rc = signal_driver(q);
-            if (rc)
-                return rc;
-        }
     }
     if (q->pending_signal) {
         int rc = signal_driver(q);
         if (rc)
             return rc;
     }
-    return BLKQ_IDLE;
+    return q->stop ? BLKQ_STOPPED : BLKQ_IDLE;
 }
 
 int blkq_run(struct blkq *q)
@@ -450,6 +659,10 @@ int blkq_run(struct blkq *q)
 
 void blkq_release(struct blkq *q)
 {
+    if (q->pool != NULL) {
+        pool_stop(q->pool);
+        q->pool = NULL;
+    }
     if (q->epoll_fd >= 0) {
         close(q->epoll_fd);
         q->epoll_fd = -1;

@@ -73,15 +73,16 @@ typedef int (*blkq_walk_fn)(const struct blkq_vq_memory *mem, uint64_t desc_gpa,
 #define BLKQ_MAX_DISCARD_SEGMENTS 32
 #define BLKQ_SIGNAL_BATCH 32
 #define BLKQ_ID_BYTES 20
+#define BLKQ_MAX_SLOTS 8 /* requests served at once (a pool of BLKQ_MAX_SLOTS - 1 threads) */
 
 /* Counters, BlockDevice's names in this order (blk_io.py: QUEUE_COUNTERS). */
 enum {
     BLKQ_C_READ_BYTES, BLKQ_C_WRITE_BYTES, BLKQ_C_READ_OPS, BLKQ_C_WRITE_OPS, BLKQ_C_FLUSH_OPS,
     BLKQ_C_DISCARD_OPS, BLKQ_C_WRITE_ZEROES_OPS, BLKQ_C_GET_ID_OPS, BLKQ_C_IO_ERRORS,
     BLKQ_C_INVALID_REQUESTS, BLKQ_C_UNSUPPORTED_REQUESTS, BLKQ_C_DIRECT_OPS,
-    BLKQ_C_DIRECT_FALLBACKS, BLKQ_C_EINVAL, BLKQ_C_COUNT
+    BLKQ_C_DIRECT_FALLBACKS, BLKQ_C_EINVAL, BLKQ_C_IN_FLIGHT, BLKQ_C_COUNT
 };
-#define BLKQ_COUNTERS 14
+#define BLKQ_COUNTERS 15
 
 struct blkq {
     /* configuration (Python, before run) */
@@ -93,6 +94,7 @@ struct blkq {
     uint32_t size;  /* queue size: a power of two <= 32768 */
     uint32_t flags; /* BLKQ_F_* */
     uint32_t max_segments;
+    uint32_t slots; /* requests in flight at most (1: one at a time, no pool) */
     int kick_fd;    /* the queue's ioeventfd */
     int wake_fd;    /* an eventfd Python writes after setting stop */
     int irq_fd;     /* an eventfd that raises the queue's interrupt, or -1 */
@@ -111,8 +113,9 @@ struct blkq {
     char message[160];
     /* scratch, owned by the run */
     int epoll_fd;
-    struct iovec *iov;   /* max_segments entries */
-    uint64_t *gpa;       /* max_segments entries */
+    struct iovec *iov;   /* slots * max_segments entries */
+    uint64_t *gpa;       /* slots * max_segments entries */
+    void *pool;          /* the thread pool, started on first use (C's) */
 };
 
 /* Serve until stopped, a signal Python must send, or an error (see BLKQ_*). */
@@ -124,7 +127,7 @@ int blkq_process(struct blkq *q);
 /* Whether the driver wants an interrupt for the used buffers added since the last call. */
 int blkq_needs_signal(struct blkq *q);
 
-/* Close the run's epoll descriptor (after the last run). */
+/* Stop the pool's threads and close the run's epoll descriptor (after the last run). */
 void blkq_release(struct blkq *q);
 
 #endif
