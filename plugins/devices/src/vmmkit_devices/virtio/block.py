@@ -35,13 +35,25 @@ What the guest sends is checked, and answered with a status where the protocol h
 
 Used length: data bytes + 1 for a successful read, the ID bytes + 1 for GET_ID, else 1.
 
-Requests are served on one thread per queue (``<id>_q<i>``), one at a time, so the VM's event
-loop never waits for the disk; the C path releases the GIL while it does I/O.
+Requests are served on one thread per queue (``<id>_q<i>``), so the VM's event loop never waits
+for the disk. On a raw image with the native module built, that thread runs the whole queue in C
+(``native/blk_queue.c`` through :class:`.blk_io.NativeQueue`) without the GIL: it waits on the
+queue's eventfd, pops chains with the SDK's C walker, makes the checks above, serves the request,
+writes the status byte and the used ring (event-idx suppression included) and signals the driver
+through the transport's irqfd where it has one (``queue_irqfd``: virtio-pci with MSI-X), else it
+returns to Python for that one interrupt. With ``direct=on`` it serves up to
+:data:`IN_FLIGHT_DIRECT` consecutive reads and writes at once on a small pool of C threads when
+they touch disjoint guest buffers and disk bytes (so the result is the sequential one).
+``VMMKIT_BLK_QUEUE_NATIVE=0`` keeps the queues in Python (a qcow2 image always is). The C worker
+is stopped, and its ring position handed back to the :class:`~vmmkit.virtio.queue.Virtqueue`,
+before pause (snapshots), reset, re-activation, failure and close (hot-remove); no request is in
+flight then. The Python path, :meth:`BlockDevice.handle`, is the reference it is tested against.
 
 Counters (Cloud Hypervisor's names first): ``read_bytes``, ``write_bytes``, ``read_ops``,
 ``write_ops``, ``flush_ops``, ``discard_ops``, ``write_zeroes_ops``, ``get_id_ops``,
 ``io_errors``, ``invalid_requests`` (answered IOERR for a malformed or out-of-range request),
-``unsupported_requests``, and with ``direct=on`` ``direct_ops`` / ``direct_fallbacks``.
+``unsupported_requests``, and with ``direct=on`` ``direct_ops`` / ``direct_fallbacks``; the C
+queue adds ``direct_einval`` and ``overlapped_requests`` (served at once with others) when non-zero.
 """
 
 from __future__ import annotations
