@@ -114,3 +114,28 @@ def test_each_queue_has_its_c_worker(image: Path, activate: Callable[..., Harnes
         assert request(h, IN, queue, in_len=SECTOR, queue=queue).status == S_OK
     names = {t.name for t in threading.enumerate()}
     assert {"_disk0_q0", "_disk0_q1"} <= names
+
+
+def test_memory_hotplugged_while_the_c_queue_runs(image: Path, memory: GuestMemory,
+                                                  activate: Callable[..., Harness]) -> None:
+    """A buffer in a region added after activation: the C queue re-reads the region table and
+    serves it (the walk is retried once the table changed, instead of failing the device)."""
+    from vmmkit.memory import MemoryRange, close_region, map_region
+
+    h = activate(disk(image))
+    assert request(h, IN, 0, in_len=SECTOR).status == S_OK
+    start = 64 << 20
+    region = map_region(MemoryRange(start, 1 << 20), 5, shared=False, hugepages=False, hugepage_size=None,
+                        thp=False, mergeable=False, prefault=False)
+    memory.add_region(region)
+    try:
+        header = h.alloc(16, data=bytes([IN, 0, 0, 0]) + bytes(4) + (2).to_bytes(8, "little"))
+        status = h.alloc(1)
+        h.submit(0, [(header, 16, False), (start + 4096, SECTOR, True), (status, 1, True)])
+        h.wait_used(0)
+        assert memory.read_u8(status) == S_OK and h.device.broken is None
+        assert bytes(memory.read(start + 4096, SECTOR)) == image.read_bytes()[2 * SECTOR : 3 * SECTOR]
+    finally:
+        h.close()
+        memory.remove_region(start)
+        close_region(region)

@@ -369,8 +369,9 @@ class BlockDevice(QueueDevice):
                     if ctx is not None:
                         ctx.interrupt.trigger(VirtioInterruptType.QUEUE, index)
                 elif result is QueueRun.BROKEN:
-                    if native.refresh_memory():
-                        continue  # guest memory changed (hotplug): walk again with the new table
+                    kind = native.error[0]
+                    if kind in (ErrorKind.ADDRESS, ErrorKind.RING) and native.refresh_memory():
+                        continue  # guest memory changed (hotplug): walk the same chain again with the new table
                     self._native_broken(index, queue, *native.error)
                     return
                 else:
