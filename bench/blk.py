@@ -58,6 +58,7 @@ GUEST = GUESTS / "build" / "x86_64" / "selftest.elf"
 sys.path.insert(0, str(REPO / "tests"))
 
 from integration.qemu_peer import VirtioSetup, qemu_virtio_command  # noqa: E402
+from proc_cpu import device_cpu, run_sampled  # noqa: E402
 
 IMAGE_SIZE = 64 << 20
 MEMORY = "128M"
@@ -74,6 +75,8 @@ class Run:
     results: dict[Key, tuple[float, float]] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    device_cpu: float | None = None  #: CPU seconds outside the vCPU threads during the phases (proc_cpu.py)
+    queue_cpu: float | None = None  #: vmmkit: CPU seconds of the _disk0_q* threads alone
 
 
 def parse(stdout: str) -> dict[Key, tuple[float, float]]:
@@ -84,14 +87,17 @@ def parse(stdout: str) -> dict[Key, tuple[float, float]]:
     return results
 
 
-def run(argv: list[str], timeout: float) -> Run:
+def run(argv: list[str], timeout: float, peer: str = "vmmkit") -> Run:
     start = time.monotonic()
+    env = {**ENV, "VMMKIT_BLK_QUEUE_NATIVE": "0"} if peer == "vmmkit-pyqueue" else ENV
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout,
-                              stdin=subprocess.DEVNULL, env=ENV)
+        # vmmkit's serial output reaches the pipe at exit: its phase starts when the queue thread does.
+        marks = ("blkbench: cycle counter", "ok blkbench") if peer == "qemu" else ("thread:_disk0_q", None)
+        proc, threads = run_sampled(argv, timeout, env, start=marks[0], end=marks[1])
     except subprocess.TimeoutExpired:
         return Run(error=f"timed out after {timeout:.0f} s", seconds=time.monotonic() - start)
-    out = Run(parse(proc.stdout), seconds=time.monotonic() - start)
+    out = Run(parse(proc.stdout), seconds=time.monotonic() - start, device_cpu=device_cpu(peer, threads),
+              queue_cpu=None if peer == "qemu" else device_cpu(peer, threads, queue_threads_only=True))
     fails = [line.strip() for line in proc.stdout.splitlines() if "selftest: FAIL" in line]
     if fails or "selftest: ok blkbench" not in proc.stdout:
         tail = (fails or proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
@@ -214,9 +220,12 @@ def median_run(runs: list[Run]) -> Run:
     if not ok:
         return runs[-1]
     keys = ok[0].results.keys()
+    cpus = [r.device_cpu for r in ok if r.device_cpu is not None]
+    queue_cpus = [r.queue_cpu for r in ok if r.queue_cpu is not None]
     return Run({k: (statistics.median(r.results[k][0] for r in ok if k in r.results),
                     statistics.median(r.results[k][1] for r in ok if k in r.results)) for k in keys},
-               seconds=sum(r.seconds for r in runs))
+               seconds=sum(r.seconds for r in runs), device_cpu=statistics.median(cpus) if cpus else None,
+               queue_cpu=statistics.median(queue_cpus) if queue_cpus else None)
 
 
 def fmt(value: float | None, width: int, digits: int = 1) -> str:
@@ -260,6 +269,73 @@ def print_rows(storage: str, cache: str, transport: str, path: str, ours: Run, t
         print(f"{storage:<7} {cache:<6} {transport:<6} {path:<6} (no results)")
 
 
+def print_python_queue(table: list[tuple[str, str, str, dict[str, Run]]]) -> None:
+    """vmmkit's C queue against its Python queue (VMMKIT_BLK_QUEUE_NATIVE=0), and QEMU, same boots."""
+    print("\nC queue vs Python queue: MiB/s (vmmkit, vmmkit-pyqueue, QEMU) and the ratios")
+    print(f"{'storage':<7} {'cache':<6} {'virtio':<6} {'op':<5} {'qd':>2} | {'C':>8} {'Python':>8} {'QEMU':>8} | "
+          f"{'C/Py':>6} {'Py/QEMU':>7}")
+    for storage, cache, transport, result in table:
+        c, py, qemu = result["vmmkit"], result.get("vmmkit-pyqueue"), result.get("qemu")
+        if py is None:
+            continue
+        for key in sorted(set(c.results) & set(py.results), key=lambda k: (k[1], k[0] != "write")):
+            q = qemu.results.get(key) if qemu else None
+            c_py = c.results[key][0] / py.results[key][0] if py.results[key][0] else None
+            py_q = py.results[key][0] / q[0] if q and q[0] else None
+            print(f"{storage:<7} {cache:<6} {transport:<6} {key[0]:<5} {key[1]:>2} | {fmt(c.results[key][0], 8)} "
+                  f"{fmt(py.results[key][0], 8)} {fmt(q[0] if q else None, 8)} | {fmt(c_py, 5, 2)}x {fmt(py_q, 6, 2)}x")
+
+
+def requests_per_boot(args: argparse.Namespace) -> int:
+    """The guest writes then reads ``total`` MiB at queue depth 1 and at ``qd``: four phases."""
+    return 4 * (args.total << 10) // args.size
+
+
+def print_device_cpu(table: list[tuple[str, str, str, dict[str, Run]]], args: argparse.Namespace) -> None:
+    """CPU per request outside the vCPU threads during the guest's I/O phases (median boot)."""
+    peers = sorted({peer for _, _, _, result in table for peer in result}, key=lambda p: (p != "vmmkit", p))
+    print(f"\nVMM CPU per {args.size} KiB request outside the vCPU threads while the guest does I/O, us "
+          "(in brackets: vmmkit's _disk0_q* threads alone)")
+    print(f"{'storage':<7} {'cache':<6} {'virtio':<6} | " + " ".join(f"{p:>22}" for p in peers))
+
+    def per_request(seconds: float | None) -> float | None:
+        return seconds * 1e6 / requests_per_boot(args) if seconds is not None else None
+
+    for storage, cache, transport, result in table:
+        cells = []
+        for peer in peers:
+            r = result.get(peer)
+            ok = r is not None and r.error is None
+            total = per_request(r.device_cpu) if ok and r else None
+            queue = per_request(r.queue_cpu) if ok and r else None
+            cells.append(fmt(total, 12) + (f" ({fmt(queue, 7)})" if queue is not None else " " * 10))
+        print(f"{storage:<7} {cache:<6} {transport:<6} | " + " ".join(cells))
+
+
+def write_json(table: list[tuple[str, str, str, dict[str, Run]]], args: argparse.Namespace, started: float) -> None:
+    """One record of this run for the trend (bench/results/*.json, issue 20 item 6)."""
+    import json
+
+    rows = []
+    for storage, cache, transport, result in table:
+        for peer, r in result.items():
+            for (op, qd), (mib_s, latency) in sorted(r.results.items()):
+                rows.append({"storage": storage, "cache": cache, "transport": transport, "peer": peer, "op": op,
+                             "qd": qd, "mib_s": mib_s, "latency_us": latency})
+            if r.device_cpu is not None and r.error is None:
+                rows.append({"storage": storage, "cache": cache, "transport": transport, "peer": peer,
+                             "cpu_us_per_request": r.device_cpu * 1e6 / requests_per_boot(args),
+                             "queue_thread_cpu_us_per_request":
+                                 r.queue_cpu * 1e6 / requests_per_boot(args) if r.queue_cpu is not None else None})
+    path = Path(args.json) if args.json else REPO / "bench" / "results" / time.strftime("blk-%Y%m%dT%H%M%S.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"bench": "blk", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": time.monotonic() - started,
+              "args": {k: v for k, v in vars(args).items() if k != "json"}, "qemu": qemu_version(),
+              "load": os.getloadavg(), "rows": rows}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"results: {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--total", type=int, default=32, help="MiB per phase (default 32)")
@@ -274,10 +350,15 @@ def main() -> int:
     parser.add_argument("--no-vhost", action="store_true", help="leave out the vhost-user-blk rows")
     parser.add_argument("--seccomp-cost", action="store_true",
                         help="also boot vmmkit with --seccomp false, and report the filters' cost")
+    parser.add_argument("--python-queue", action="store_true",
+                        help="also boot vmmkit with its virtio-blk queues served in Python "
+                             "(VMMKIT_BLK_QUEUE_NATIVE=0: the path before the C queue), in the same run")
+    parser.add_argument("--json", default=None, help="write the results here (default: bench/results/blk-<time>.json)")
     args = parser.parse_args()
     args.accel = args.accel or ("kvm" if kvm_usable() else "tcg")
     subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True)
-    peers = ["vmmkit"] + (["vmmkit-noseccomp"] if args.seccomp_cost else [])
+    peers = (["vmmkit"] + (["vmmkit-noseccomp"] if args.seccomp_cost else [])
+             + (["vmmkit-pyqueue"] if args.python_queue else []))
     if not args.no_qemu:
         if shutil.which("qemu-system-x86_64"):
             peers.append("qemu")
@@ -314,12 +395,12 @@ def main() -> int:
                                 socket = Path(tmp) / "vhost.sock"
                                 vhost_argv = qemu_vhost_argv if peer == "qemu-vhost" else vmmkit_vhost_argv
                                 with StorageDaemon(image, cache, socket):
-                                    result = run(vhost_argv(socket, transport, args), timeout=120)
+                                    result = run(vhost_argv(socket, transport, args), timeout=120, peer=peer)
                             else:
                                 argv = (qemu_argv if peer == "qemu" else vmmkit_argv)(image, cache, transport, args)
                                 if peer == "vmmkit-noseccomp":
                                     argv.extend(["--seccomp", "false"])
-                                result = run(argv, timeout=120)
+                                result = run(argv, timeout=120, peer=peer)
                             runs[peer].append(result)
                             print(f"  {storage:<4} {cache:<6} {transport:<4} {peer:<12} {result.seconds:5.1f} s  "
                                   f"{result.error or 'ok'}", file=sys.stderr)
@@ -353,6 +434,10 @@ def main() -> int:
         print(f"geometric mean of the MiB/s ratios (vmmkit / QEMU): {geomean:.2f}x over {len(ratios)} rows")
     if args.seccomp_cost:
         print_seccomp_cost(table)
+    if args.python_queue:
+        print_python_queue(table)
+    print_device_cpu(table, args)
+    write_json(table, args, started)
     for error in errors:
         print(f"error: {error}")
     return 1 if errors and not ratios else 0

@@ -175,6 +175,20 @@ class VirtioPciInterrupt:
     def trigger(self, kind: VirtioInterruptType, queue_index: int = 0) -> None:
         self._transport.signal(kind, queue_index)
 
+    def queue_irqfd(self, queue_index: int) -> int | None:
+        """An eventfd whose write raises queue ``queue_index``'s interrupt inside the hypervisor
+        (a device's C data path signals through it without the GIL), or ``None`` (then use
+        :meth:`trigger`): MSI-X must be on, the queue must have a vector, and the backend must
+        route MSIs through irqfds. While the vector is masked the write stays pending in the
+        eventfd, and KVM delivers it when the unmask registers the irqfd again."""
+        transport = self._transport
+        if not transport.msix.enabled or not 0 <= queue_index < len(transport.queues):
+            return None
+        vector = transport.queues[queue_index].msix_vector
+        if vector == VIRTIO_MSI_NO_VECTOR or not 0 <= vector < transport.msix.num_vectors:
+            return None
+        return transport.msix.vectors[vector].irqfd
+
 
 def _vendor_cap(cfg_type: int, offset: int, length: int, extra: bytes = b"", bar: int = BAR_INDEX) -> bytes:
     """The body of a ``struct virtio_pci_cap`` after (cap_vndr, cap_next)."""

@@ -357,10 +357,11 @@ class Virtqueue:
         layout = self._current()
         _U16.pack_into(layout.used_buf, layout.used_off, flags)
 
-    def mark_broken(self, reason: str) -> None:
-        """Stop using the queue until reset (the device found the guest at fault)."""
+    def mark_broken(self, reason: str, kind: ErrorKind = ErrorKind.DEVICE) -> None:
+        """Stop using the queue until reset (the device found the guest at fault); ``kind``
+        when a device's own C ring code found a protocol error the walker would report."""
         with self._lock:
-            self._break(VirtqueueError(ErrorKind.DEVICE, reason))
+            self._break(VirtqueueError(kind, reason))
 
     def describe(self) -> dict[str, Any]:
         return {

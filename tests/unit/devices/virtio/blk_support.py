@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import pytest
 from virtio_driver import Harness
 from vmmkit_devices.virtio.block import (
     VIRTIO_BLK_T_DISCARD,
@@ -63,3 +64,12 @@ def request(h: Harness, kind: int, sector: int = 0, *, out: bytes = b"", in_len:
 
 def segment(sector: int, sectors: int, flags: int = 0) -> bytes:
     return struct.pack("<QII", sector, sectors, flags)
+
+
+def walker_params() -> list[Any]:
+    """Both chain walkers: Python's, and the C one where it is built."""
+    from vmmkit.virtio import chain
+
+    native = pytest.param(True, id="c-walker", marks=pytest.mark.skipif(
+        not chain.native_available(), reason=f"native walker: {chain.NATIVE_UNAVAILABLE_REASON}"))
+    return [pytest.param(False, id="py-walker"), native]

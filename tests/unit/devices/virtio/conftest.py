@@ -16,7 +16,6 @@ from virtio_driver import Harness  # noqa: E402
 
 from vmmkit.eventloop import EventLoop  # noqa: E402
 from vmmkit.memory import GuestMemory, MemoryRange  # noqa: E402
-from vmmkit.virtio import chain  # noqa: E402
 
 MIB = 1 << 20
 
@@ -43,9 +42,3 @@ def activate(memory: GuestMemory, event_loop: EventLoop) -> Iterator[Callable[..
     for harness in made:
         harness.close()
         harness.device.close()
-
-
-def walker_params() -> list[Any]:
-    native = pytest.param(True, id="c-walker", marks=pytest.mark.skipif(
-        not chain.native_available(), reason=f"native walker: {chain.NATIVE_UNAVAILABLE_REASON}"))
-    return [pytest.param(False, id="py-walker"), native]

@@ -13,8 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from blk_support import DISCARD, FLUSH, GET_ID, IN, OUT, S_IOERR, S_OK, S_UNSUPP, SECTOR, WRITE_ZEROES, request, segment
-from conftest import walker_params
+from blk_support import (
+    DISCARD,
+    FLUSH,
+    GET_ID,
+    IN,
+    OUT,
+    S_IOERR,
+    S_OK,
+    S_UNSUPP,
+    SECTOR,
+    WRITE_ZEROES,
+    request,
+    segment,
+    walker_params,
+)
 from virtio_driver import Harness, wait_for
 from vmmkit_devices.virtio import blk_io
 from vmmkit_devices.virtio.block import (

@@ -71,6 +71,81 @@ int blk_discard(const struct blk_disk *disk, uint64_t offset, uint64_t length,
 int blk_write_zeroes(const struct blk_disk *disk, uint64_t offset, uint64_t length, int unmap,
                      struct blk_result *out);
 int blk_flush(const struct blk_disk *disk, struct blk_result *out);
+
+#define BLKQ_STOPPED ...
+#define BLKQ_SIGNAL ...
+#define BLKQ_BROKEN ...
+#define BLKQ_IDLE ...
+#define BLKQ_ERR_AVAIL_INDEX ...
+#define BLKQ_ERR_DEVICE ...
+#define BLKQ_F_EVENT_IDX ...
+#define BLKQ_F_INDIRECT ...
+#define BLKQ_F_FLUSH ...
+#define BLKQ_F_DISCARD ...
+#define BLKQ_F_WRITE_ZEROES ...
+#define BLKQ_F_SPARSE ...
+#define BLKQ_COUNTERS ...
+#define BLKQ_ID_BYTES ...
+#define BLKQ_MAX_SLOTS ...
+
+struct blkq_vq_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+    uint32_t readonly;
+    ...;
+};
+struct blkq_vq_memory {
+    const struct blkq_vq_region *regions;
+    uint32_t count;
+    ...;
+};
+struct blkq_vq_chain {
+    uint32_t count;
+    uint32_t readable;
+    uint32_t descriptors;
+    uint64_t readable_bytes;
+    uint64_t writable_bytes;
+    ...;
+};
+typedef int (*blkq_walk_fn)(const struct blkq_vq_memory *mem, uint64_t desc_gpa,
+                            uint32_t queue_size, uint32_t head, uint32_t flags,
+                            struct iovec *iov, uint64_t *gpa, uint32_t capacity,
+                            struct blkq_vq_chain *out);
+struct blkq {
+    blkq_walk_fn walk;
+    const struct blkq_vq_memory *vq_mem;
+    const struct blk_memory *blk_mem;
+    struct blk_disk disk;
+    uint64_t desc_gpa, avail_gpa, used_gpa;
+    uint32_t size;
+    uint32_t flags;
+    uint32_t max_segments;
+    uint32_t slots;
+    int kick_fd;
+    int wake_fd;
+    int irq_fd;
+    uint8_t serial[20];
+    uint16_t last_avail;
+    uint16_t next_used;
+    uint16_t signalled_used;
+    uint8_t signalled_valid;
+    uint8_t pending_signal;
+    volatile uint32_t stop;
+    uint64_t counters[15];
+    int32_t error_kind;
+    char message[160];
+    int epoll_fd;
+    struct iovec *iov;
+    uint64_t *gpa;
+    void *pool;
+    ...;
+};
+
+int blkq_run(struct blkq *q);
+int blkq_process(struct blkq *q);
+int blkq_needs_signal(struct blkq *q);
+void blkq_release(struct blkq *q);
 """
 
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing"]
@@ -82,12 +157,12 @@ def make_ffibuilder(
 ) -> FFI:
     builder = FFI()
     builder.cdef(CDEF)
-    source = NATIVE / "blk_io.c"
+    sources = [NATIVE / "blk_io.c", NATIVE / "blk_queue.c"]
     builder.set_source(
         module,
-        '#include <sys/uio.h>\n#include "blk_io.h"',
+        '#include <sys/uio.h>\n#include "blk_io.h"\n#include "blk_queue.h"',
         # cffi wants the path relative to the directory setup.py runs in.
-        sources=[os.path.relpath(source) if relative else str(source)],
+        sources=[os.path.relpath(source) if relative else str(source) for source in sources],
         include_dirs=[str(NATIVE)],
         extra_compile_args=[*CFLAGS, *extra_compile_args],
         extra_link_args=list(extra_link_args),

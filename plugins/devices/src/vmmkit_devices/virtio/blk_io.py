@@ -51,6 +51,7 @@ from vmmkit_devices.virtio.qcow2 import Qcow2Image, is_qcow2
 if TYPE_CHECKING:
     from vmmkit.memory import GuestMemory
     from vmmkit.virtio.chain import DescriptorChain, Segment
+    from vmmkit.virtio.queue import Virtqueue
 
 log = get_logger()
 
@@ -682,3 +683,197 @@ def make_block_io(image: DiskImage, memory: GuestMemory, native: bool | None = N
     if native:
         return NativeBlockIo(image, memory)
     return PythonBlockIo(image, memory)
+
+
+# -- a whole request queue served in C ---------------------------------------------------------
+
+#: ``struct blkq``'s counters, in ``blk_queue.h``'s order (``direct_einval``: O_DIRECT refused an
+#: alignment and it was raised; ``overlapped_requests``: served at once with others on the pool).
+QUEUE_COUNTERS: Final = ("read_bytes", "write_bytes", "read_ops", "write_ops", "flush_ops", "discard_ops",
+                         "write_zeroes_ops", "get_id_ops", "io_errors", "invalid_requests",
+                         "unsupported_requests", "direct_ops", "direct_fallbacks", "direct_einval",
+                         "overlapped_requests")
+
+
+class QueueRun(enum.IntEnum):
+    """Why :meth:`NativeQueue.run` returned (``blk_queue.h``'s ``BLKQ_*``)."""
+
+    STOPPED = 0  #: :meth:`NativeQueue.stop` was called
+    SIGNAL = 1  #: the driver wants an interrupt and the queue has no irqfd: trigger it, run again
+    BROKEN = 2  #: the driver broke the protocol (:attr:`NativeQueue.error`)
+    IDLE = 3  #: :meth:`NativeQueue.process` found nothing more to pop
+
+
+#: (the walker's function pointer, its module), once loaded.
+_WALKER: Any = None
+NATIVE_QUEUE_UNAVAILABLE_REASON = ""
+
+
+def _load_walker() -> None:
+    """The SDK's C chain walker (``vmmkit.virtio._native``), whose address the C queue calls:
+    the walker the SDK fuzzes is the one used. Its structures must match ``blk_queue.h``'s."""
+    global _WALKER, NATIVE_QUEUE_UNAVAILABLE_REASON
+    if _lib is None:
+        NATIVE_QUEUE_UNAVAILABLE_REASON = NATIVE_UNAVAILABLE_REASON
+        return
+    if os.environ.get("VMMKIT_BLK_QUEUE_NATIVE", "1") == "0":
+        NATIVE_QUEUE_UNAVAILABLE_REASON = "disabled by VMMKIT_BLK_QUEUE_NATIVE=0"
+        return
+    from vmmkit.virtio import chain
+
+    if not chain.native_available():
+        NATIVE_QUEUE_UNAVAILABLE_REASON = f"the SDK's C walker is unavailable: {chain.native_unavailable_reason()}"
+        return
+    import importlib
+
+    core = importlib.import_module("vmmkit.virtio._native")
+    pairs = (("struct vq_region", "struct blkq_vq_region", ("gpa", "size", "host", "readonly")),
+             ("struct vq_memory", "struct blkq_vq_memory", ("regions", "count")),
+             ("struct vq_chain", "struct blkq_vq_chain",
+              ("count", "readable", "descriptors", "readable_bytes", "writable_bytes")))
+    for theirs, ours, fields in pairs:
+        if core.ffi.sizeof(theirs) != _ffi.sizeof(ours) or any(
+                core.ffi.offsetof(theirs, f) != _ffi.offsetof(ours, f) for f in fields):
+            NATIVE_QUEUE_UNAVAILABLE_REASON = f"{theirs} differs from blk_queue.h's {ours}"
+            return
+    address = int(core.ffi.cast("uintptr_t", core.ffi.addressof(core.lib, "vq_walk_chain")))
+    _WALKER = (_ffi.cast("blkq_walk_fn", address), core)
+
+
+_load_walker()
+
+
+def native_queue_available() -> bool:
+    """Whether whole queues can be served in C (:class:`NativeQueue`)."""
+    return _WALKER is not None
+
+
+class NativeQueue:
+    """One virtio-blk request queue served by ``native/blk_queue.c`` on the calling thread,
+    without the GIL (cffi releases it around :meth:`run`).
+
+    :param image: the raw image (not qcow2).
+    :param memory: guest memory (its region table is copied; :meth:`refresh_memory` re-copies).
+    :param kick_fd: the queue's notification eventfd.
+    :param wake_fd: an eventfd written by :meth:`stop` (may be shared by a device's queues).
+    :param irq_fd: an eventfd whose write raises the queue's interrupt, or -1 (then :meth:`run`
+        returns :attr:`QueueRun.SIGNAL` for the caller to trigger it).
+    :param serial: the 20-byte GET_ID answer.
+    :param flags: ``BLKQ_F_*`` bits of ``blk_queue.h`` (see :func:`queue_flags`).
+    :param max_segments: the most segments one chain may have.
+    :param in_flight: requests served at once (a pool of ``in_flight - 1`` C threads, started on
+        first use): consecutive IN/OUT requests on disjoint guest buffers and disjoint disk bytes
+        are served together, anything else one at a time, in ring order.
+    """
+
+    def __init__(self, image: DiskImage, memory: GuestMemory, *, kick_fd: int, wake_fd: int, irq_fd: int,
+                 serial: bytes, flags: int, max_segments: int, in_flight: int = 1) -> None:
+        if _WALKER is None:
+            raise RuntimeError(f"the native block queue is unavailable: {NATIVE_QUEUE_UNAVAILABLE_REASON}")
+        if not 1 <= in_flight <= _lib.BLKQ_MAX_SLOTS:
+            raise ValueError(f"in_flight must be 1 to {_lib.BLKQ_MAX_SLOTS}, not {in_flight}")
+        self.image = image
+        self.memory = memory
+        # ffi.gc: the C pool's threads are stopped even if close() is never called.
+        q = _ffi.gc(_ffi.new("struct blkq *"), _lib.blkq_release)
+        self._q = q
+        self._iov = _ffi.new("struct iovec[]", max_segments * in_flight)
+        self._gpa = _ffi.new("uint64_t[]", max_segments * in_flight)
+        q.walk = _WALKER[0]
+        q.iov, q.gpa, q.max_segments, q.slots = self._iov, self._gpa, max_segments, in_flight
+        q.kick_fd, q.wake_fd, q.irq_fd = kick_fd, wake_fd, irq_fd
+        q.epoll_fd = -1
+        q.flags = flags
+        q.serial = serial[:20].ljust(20, b"\0")
+        self._regions_source: tuple[Any, ...] = ()
+        self._keep: tuple[Any, ...] = ()
+        self.refresh_memory()
+        self.sync_disk()
+
+    def sync_disk(self) -> None:
+        """Copy the image's descriptors, alignment and size (after a resize)."""
+        disk, image = self._q.disk, self.image
+        disk.fd, disk.direct_fd = image.fd, image.direct_fd
+        disk.mem_align, disk.offset_align = image.mem_align, image.offset_align
+        disk.readonly = int(image.readonly)
+        disk.size = image.size
+
+    def refresh_memory(self) -> bool:
+        """Copy guest memory's region table again if it changed (memory hotplug); whether it did."""
+        regions = self.memory.regions
+        if regions == self._regions_source:
+            return False
+        count = max(len(regions), 1)
+        vq = _ffi.new("struct blkq_vq_region[]", count)
+        blk = _ffi.new("struct blk_region[]", count)
+        for slot, region in enumerate(regions):
+            host = _ffi.cast("uint8_t *", region.host_address)
+            vq[slot].gpa, vq[slot].size, vq[slot].host = region.start, region.size, host
+            vq[slot].readonly = int(region.readonly)
+            blk[slot].gpa, blk[slot].size, blk[slot].host = region.start, region.size, host
+            blk[slot].readonly = int(region.readonly)
+        vq_mem = _ffi.new("struct blkq_vq_memory *")
+        vq_mem.regions, vq_mem.count = vq, len(regions)
+        blk_mem = _ffi.new("struct blk_memory *")
+        blk_mem.regions, blk_mem.count = blk, len(regions)
+        # The old tables stay alive until the new ones are in place (the queue is not running).
+        self._q.vq_mem, self._q.blk_mem = vq_mem, blk_mem
+        self._keep = (vq, blk, vq_mem, blk_mem)
+        self._regions_source = regions
+        return True
+
+    def load(self, queue: Virtqueue) -> None:
+        """Take the queue's rings and position (before :meth:`run`)."""
+        q = self._q
+        q.desc_gpa, q.avail_gpa, q.used_gpa, q.size = queue.desc_table, queue.avail_ring, queue.used_ring, queue.size
+        q.flags = (q.flags & ~(_lib.BLKQ_F_EVENT_IDX | _lib.BLKQ_F_INDIRECT)
+                   | (_lib.BLKQ_F_EVENT_IDX if queue.event_idx else 0)
+                   | (_lib.BLKQ_F_INDIRECT if queue.indirect else 0))
+        position = queue.position()
+        q.last_avail, q.next_used = position["last_avail_idx"], position["next_used"]
+        signalled = position["signalled_used"]
+        q.signalled_valid = int(signalled is not None)
+        q.signalled_used = signalled or 0
+
+    def store(self, queue: Virtqueue) -> None:
+        """Give the position back to the queue (a snapshot saves it; the Python path may go on)."""
+        q = self._q
+        queue.restore_position({"last_avail_idx": q.last_avail, "next_used": q.next_used,
+                                "signalled_used": q.signalled_used if q.signalled_valid else None,
+                                "notify": True})
+        if q.counters[QUEUE_COUNTERS.index("direct_einval")] and self.image.offset_align < FALLBACK_DIO_ALIGN:
+            self.image.raise_alignment()
+
+    def run(self) -> QueueRun:
+        """Serve until stopped, a signal to send, or an error (the GIL is released meanwhile)."""
+        return QueueRun(_lib.blkq_run(self._q))
+
+    def process(self) -> QueueRun:
+        """Serve what is available now, without waiting."""
+        return QueueRun(_lib.blkq_process(self._q))
+
+    def stop(self) -> None:
+        """Make :meth:`run` return (from any thread); it keeps returning until :meth:`allow`."""
+        self._q.stop = 1
+
+    def allow(self) -> None:
+        self._q.stop = 0
+
+    @property
+    def error(self) -> tuple[int, str]:
+        """``(ErrorKind value, message)`` of the last :attr:`QueueRun.BROKEN`."""
+        return int(self._q.error_kind), _ffi.string(self._q.message).decode(errors="replace")
+
+    def counters(self) -> dict[str, int]:
+        values = _ffi.unpack(self._q.counters, len(QUEUE_COUNTERS))
+        return dict(zip(QUEUE_COUNTERS, values, strict=True))
+
+    def close(self) -> None:
+        _lib.blkq_release(self._q)
+
+
+def queue_flags(*, flush: bool, discard: bool, write_zeroes: bool, sparse: bool) -> int:
+    """``struct blkq``'s feature flags (the ring flags come from the queue in :meth:`NativeQueue.load`)."""
+    assert _lib is not None
+    return ((_lib.BLKQ_F_FLUSH if flush else 0) | (_lib.BLKQ_F_DISCARD if discard else 0)
+            | (_lib.BLKQ_F_WRITE_ZEROES if write_zeroes else 0) | (_lib.BLKQ_F_SPARSE if sparse else 0))
