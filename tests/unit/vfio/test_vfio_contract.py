@@ -417,3 +417,26 @@ def test_a_bridge_is_refused(lab: Lab) -> None:
     with pytest.raises(DeviceError, match="only type-0 functions"):
         lab.place(lab.add(device))
     assert lab.sim.open_groups == set() and not device.opened
+
+
+def test_hot_plugged_ram_is_mapped_for_dma_and_ejected_ram_unmapped(lab: Lab) -> None:
+    """A DIMM plugged after the device (vm.resize) is in the IOMMU's map, and leaves it when the
+    guest ejects it; the last group's release stops following the memory."""
+    from vmmkit.memory import MemoryRange, close_region, map_region
+
+    placed = lab.place(lab.add(nvme_like()))
+    memory = lab.machine.memory
+    dimm = map_region(MemoryRange(1 << 32, 128 * MIB), 9, shared=False, hugepages=False, hugepage_size=None,
+                      thp=False, mergeable=False, prefault=False)
+    try:
+        memory.add_region(dimm)
+        assert lab.sim.dma[1 << 32] == (128 * MIB, dimm.host_address)
+        memory.remove_region(1 << 32)
+        assert 1 << 32 not in lab.sim.dma and len(lab.sim.dma) == len(memory.regions)
+        lab.machine.remove(placed.id)
+        assert lab.sim.dma == {}
+        memory.add_region(dimm)  # no container any more: nothing is mapped, nothing fails
+        assert lab.sim.dma == {}
+        memory.remove_region(1 << 32)
+    finally:
+        close_region(dimm)

@@ -12,10 +12,12 @@ gives it the VM's resources and plugs it into a PCI slot like any PCI function. 
 it; closing it gives the group back, and the last group's release closes the container (the
 kernel unmaps the DMA then).
 
-Guest RAM is mapped for DMA once, when the container gets its IOMMU model: every
+Guest RAM is mapped for DMA when the container gets its IOMMU model: every
 :class:`vmmkit.memory.GuestRegion` at its guest-physical address (``VFIO_IOMMU_MAP_DMA``, the
-kernel pins it). Memory plugged later (``vm.resize``) is not mapped: the core has no hook that
-tells a device RAM was added, so a device's DMA there faults in the IOMMU.
+kernel pins it), and kept in step with the region table after that (a listener of
+:class:`vmmkit.memory.GuestMemory`): a DIMM plugged by ``vm.resize`` is mapped, an ejected one
+unmapped (before its pages are given back), as Cloud Hypervisor's ``DeviceManager`` does for
+hot-plugged RAM with its VFIO container.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from vmmkit.log import get_logger
 from vmmkit.transport import Transport
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vmmkit.device import DeviceRequest
+    from vmmkit.memory import GuestMemory, GuestRegion
     from vmmkit.transport import DeviceHost
     from vmmkit_devices.vfio.container import VfioContainer, VfioGroup
     from vmmkit_devices.vfio.kernel import VfioKernel
@@ -81,6 +86,8 @@ class VfioVmState:
         self.groups: dict[str, tuple[VfioGroup, int]] = {}
         self.slots = SlotAllocator()
         self._lock = threading.Lock()
+        #: The guest memory whose region table the DMA map follows, once mapped.
+        self._memory: GuestMemory | None = None
 
     def container_for(self, kernel: VfioKernel, dev_dir: str) -> VfioContainer:
         from vmmkit_devices.vfio.container import VfioContainer
@@ -90,16 +97,45 @@ class VfioVmState:
         return self.container
 
     def map_guest_ram(self, host: DeviceHost) -> None:
-        """Every RAM region at its guest-physical address, once the container has an IOMMU."""
+        """Every RAM region at its guest-physical address, once the container has an IOMMU; from
+        then on the map follows the region table (memory hotplug)."""
         container = self.container
         if container is None or not container.iommu_set:
             return
-        for region in host.memory.regions:
-            if region.start not in container.dma:
-                container.map_dma(region.start, region.size, region.host_address)
+        self._sync_dma(host.memory.regions)
+        if self._memory is None:
+            self._memory = host.memory
+            host.memory.add_listener(self._memory_changed)
+
+    def _sync_dma(self, regions: Iterable[GuestRegion]) -> None:
+        """Map the regions not mapped yet, unmap what is no longer RAM."""
+        container = self.container
+        assert container is not None
+        current = {region.start: region for region in regions}
+        for iova in [iova for iova in container.dma if iova not in current]:
+            container.unmap_dma(iova)
+            log.info("vfio.dma_unmapped", iova=hex(iova))
+        for start, region in current.items():
+            if start not in container.dma:
+                container.map_dma(start, region.size, region.host_address)
+
+    def _memory_changed(self) -> None:
+        """The guest's RAM changed (a listener: it must not raise)."""
+        from vmmkit_devices.vfio.container import VfioError
+
+        with self._lock:
+            if self.container is None or not self.container.iommu_set or self._memory is None:
+                return
+            try:
+                self._sync_dma(self._memory.regions)
+            except VfioError as exc:  # the device cannot reach that RAM; the guest goes on
+                log.error("vfio.dma_sync_failed", error=str(exc))
 
     def close_unused_container(self) -> None:
         if not self.groups and self.container is not None:
+            if self._memory is not None:
+                self._memory.remove_listener(self._memory_changed)
+                self._memory = None
             mapped = len(self.container.dma)
             self.container.unmap_all()
             self.container.close()
