@@ -175,8 +175,12 @@ def _finish(proc: subprocess.Popen[str], api: Path, err: Path) -> None:
 def test_a_backend_restarted_under_guest_io_is_resumed_and_the_guest_finishes(
     daemon: StorageDaemon, selftest_elf: Path, vmmkit_hypervisor: str, tmp_path: Path
 ) -> None:
+    # Queue depth 1: without INFLIGHT_SHMFD (qemu-storage-daemon 7.2 has none) the rings resume at
+    # the used index, exact only while the backend completes in order; at depth 4 a request
+    # completed out of order before the kill is served twice and another lost (the guest then
+    # read a status byte never written: CI, stop 24). A known limit, README's vhost-user paragraph.
     proc, api, out, err = _start_vmm(daemon, selftest_elf, vmmkit_hypervisor, tmp_path,
-                                     "test=blkbench blkbench.total=1024M")
+                                     "test=blkbench blkbench.total=1024M blkbench.qd=1")
     try:
         _wait_for(out, "info test: blkbench", proc, 180)
         _wait_for(err, "vhost_user.started", proc, 60)
@@ -205,7 +209,7 @@ def test_a_backend_that_stays_dead_fails_the_device_and_the_vmm_goes_on(
     from vmmkit.api.client import ApiClient
 
     proc, api, out, err = _start_vmm(daemon, selftest_elf, vmmkit_hypervisor, tmp_path,
-                                     "test=blkbench,idle blkbench.total=1024M")
+                                     "test=blkbench,idle blkbench.total=1024M blkbench.qd=1")  # see above
     try:
         _wait_for(out, "info test: blkbench", proc, 180)
         _wait_for(err, "vhost_user.started", proc, 60)
