@@ -38,7 +38,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
 
 def heartbeats(serial: Path) -> list[int]:
     return [int(line.split()[-1]) for line in serial.read_text(errors="replace").splitlines()
-            if line.startswith("selftest: heartbeat ")]
+            if line.startswith("selftest: heartbeat ") and line.split()[-1].isdigit()]  # not a line half written
 
 
 def spin_config(kernel: Path, serial: Path, **extra: Any) -> VmConfig:

@@ -6,6 +6,7 @@ changed, the configuration kept in step."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,16 @@ def test_snapshot_and_restore_keep_the_region(start_vmm, selftest_elf: Path, sho
     (short_dir / "b").mkdir()
     second = VmmProcess(short_dir / "b", vmmkit_hypervisor, "--restore", f"source_url=file://{short_dir}/snap")
     try:
-        assert second.info()["state"] == "Paused"
+        deadline = time.monotonic() + 60  # the API answers while --restore is still building the VM
+        while True:
+            try:
+                info = second.info()
+                break
+            except AssertionError:  # 404: not restored yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert info["state"] == "Paused"
         assert [p["id"] for p in second.info()["config"]["pmem"]] == ["pm0"]
         second.remote("resume")
         assert "pm0" in json.loads(second.remote("counters").stdout)
