@@ -591,9 +591,10 @@ def run_plain_python_arm64(code: bytes) -> tuple[int, float]:
 
 
 Runner = Callable[[], tuple[int, float]]
+Paths = tuple[Path, dict[str, Path], list[tuple[str, dict[str, Runner | None]]]]
 
 
-def x86_paths(n: int, pure_c: Path | None, work: Path) -> tuple[Path, dict[str, Path], list[tuple[str, dict[str, Runner | None]]]]:
+def x86_paths(n: int, pure_c: Path | None, work: Path) -> Paths:
     """The pure-C loop, the guests and vmmkit's paths on an x86-64 host."""
     binary = pure_c or build_pure_c(work)
     guests = {kind: assemble(src.replace("{n}", str(n)), work, kind) for kind, src in GUEST.items()}
@@ -626,7 +627,7 @@ def x86_paths(n: int, pure_c: Path | None, work: Path) -> tuple[Path, dict[str, 
     ]
 
 
-def arm64_paths(n: int, pure_c: Path | None, work: Path) -> tuple[Path, dict[str, Path], list[tuple[str, dict[str, Runner | None]]]]:
+def arm64_paths(n: int, pure_c: Path | None, work: Path) -> Paths:
     """The same on an AArch64 host: MMIO only (no ports; no MMIO sink in the run loop)."""
     from vmmkit_kvm.arm64 import KvmArm64Vcpu
 
@@ -724,12 +725,16 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[tuple[str, str], list[float]] = {}
         ratios: dict[tuple[str, str], list[float]] = {}
         rng = random.Random(1)
+
+        def pure_c_runner(kind: str) -> Runner:
+            return lambda: run_pure_c(pure_c, guests[kind], 1)[0]
+
         # Each round measures every path once, in a shuffled order, so that the host's load
         # (this is a shared, nested machine) hits them alike; ratios are taken within a round.
         for _ in range(args.repeat):
             jobs: list[tuple[str, str, Runner]] = []
             for kind in kinds:
-                jobs.append((PURE_C_LABEL, kind, lambda kind=kind: run_pure_c(pure_c, guests[kind], 1)[0]))
+                jobs.append((PURE_C_LABEL, kind, pure_c_runner(kind)))
                 for label, runners in paths:
                     runner = runners[kind]
                     if runner is not None:
