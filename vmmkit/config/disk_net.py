@@ -64,7 +64,8 @@ def _parse_rate_limiter(o: ParsedOptions) -> RateLimiterConfig | None:
     a zero, so a limit the user wrote is never ignored."""
     buckets: dict[str, TokenBucket | None] = {}
     for kind, name in (("bw", "bandwidth"), ("ops", "ops")):
-        given = {part: o.integer(f"{kind}_{part}") for part in ("size", "refill_time", "one_time_burst")}
+        given = {part: o.integer(f"{kind}_{part}", lo=0 if part == "one_time_burst" else 1)
+                 for part in ("size", "refill_time", "one_time_burst")}
         if all(value is None for value in given.values()):
             buckets[name] = None
             continue
@@ -74,8 +75,6 @@ def _parse_rate_limiter(o: ParsedOptions) -> RateLimiterConfig | None:
             if value is None:
                 raise ConfigError(o.option, None, expected, key=f"{kind}_{part}",
                                   reason=f"{kind}_{part} missing (a {kind} limit needs it)")
-            if value == 0:
-                raise o.error(f"{kind}_{part}", "0", expected)
         buckets[name] = TokenBucket(size=given["size"] or 0, refill_time=given["refill_time"] or 0,
                                     one_time_burst=given["one_time_burst"] or 0)
     if buckets["bandwidth"] is None and buckets["ops"] is None:
