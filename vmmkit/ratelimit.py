@@ -151,7 +151,7 @@ class RateLimiter:
 
     :param bandwidth: the bytes bucket, or ``None`` for no bandwidth limit.
     :param ops: the operations bucket, or ``None``.
-    :param timer: armed when the limiter blocks (default: a :class:`TimerFd` made on first use).
+    :param timer: armed when the limiter blocks (default: a new :class:`TimerFd`).
     :param name: for errors and counters.
     """
 
@@ -163,7 +163,7 @@ class RateLimiter:
             self._buckets[TokenKind.BYTES] = bandwidth
         if ops is not None:
             self._buckets[TokenKind.OPS] = ops
-        self._timer = timer
+        self._timer: Timer | None = timer if timer is not None else TimerFd()  # at build time, not on a worker
         self._lock = threading.Lock()
         self._blocked = False
         self._listeners: list[Callable[[], None]] = []
@@ -270,18 +270,23 @@ class RateLimiter:
         with self._lock:
             if listener in self._listeners:
                 self._listeners.remove(listener)
-            if not self._listeners and self._loop is not None and isinstance(self._timer, TimerFd):
-                self._loop.remove_reader(self._timer.fd)
-                self._loop = None
+            if not self._listeners:
+                self._unwatch()
+
+    def _unwatch(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and isinstance(self._timer, TimerFd):
+            try:
+                loop.remove_reader(self._timer.fd)
+            except (OSError, ValueError):  # the loop is closed already
+                pass
 
     def counters(self) -> dict[str, int]:
         return {"throttled": self.throttled}
 
     def close(self) -> None:
         with self._lock:
-            if self._loop is not None and isinstance(self._timer, TimerFd):
-                self._loop.remove_reader(self._timer.fd)
-                self._loop = None
+            self._unwatch()
             self._listeners.clear()
             if self._timer is not None:
                 self._timer.close()
