@@ -57,7 +57,7 @@ to the available ring (:meth:`~vmmkit.virtio.queue.Virtqueue.undo_pop`) and the 
 until the limiter's timer fires, which wakes every queue of every disk using the limiter; no
 request is dropped. The Python path is chosen over a second bucket in C because the limiter is
 one object shared by disks (groups) and threads, and a throttled disk's rate is the limit, well
-below what the Python path serves (bench/blk.py's ``limited`` row). ``rate_limited`` counts the
+below what the Python path serves (``bench/blk.py --limit``). ``rate_limited`` counts the
 refusals.
 
 Counters (Cloud Hypervisor's names first): ``read_bytes``, ``write_bytes``, ``read_ops``,
@@ -219,15 +219,17 @@ class BlockDevice(QueueDevice):
         image = DiskImage(config.path, readonly=config.readonly, direct=config.direct,
                           lock=config.lock_granularity, image_type=config.image_type, owner=device_id,
                           backing_files=config.backing_files)
+        limiter, owned = group, False
         try:
             serial = config.serial.encode() if config.serial is not None else None
-            limiter, owned = group, False
             if config.rate_limiter_config is not None:
                 limiter, owned = RateLimiter.from_config(config.rate_limiter_config, name=device_id), True
             return cls(device_id, image, num_queues=config.num_queues, queue_size=config.queue_size,
                        serial=serial, sparse=config.sparse, native=native, rate_limiter=limiter,
                        owns_limiter=owned)
         except BaseException:
+            if owned and limiter is not None:
+                limiter.close()
             image.close()
             raise
 

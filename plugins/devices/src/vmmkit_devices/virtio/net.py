@@ -150,16 +150,19 @@ class NetDevice(QueueDevice):
         else:
             tap = Tap.open(config.tap)
             _configure_host_side(device_id, tap, config)
+        rx = tx = None
         try:
             mac = parse_mac(config.mac) if config.mac else generated_mac(f"vmmkit:{device_id}:{tap.name}")
             limits = config.rate_limiter_config
-            rx = tx = None
             if limits is not None:
                 rx = RateLimiter.from_config(limits, name=f"{device_id} rx")
                 tx = RateLimiter.from_config(limits, name=f"{device_id} tx")
             return cls(device_id, tap, mac, queue_size=config.queue_size, mtu=config.mtu, rx_limiter=rx,
                        tx_limiter=tx)
         except BaseException:
+            for limiter in (rx, tx):
+                if limiter is not None:
+                    limiter.close()
             tap.close()
             raise
 
