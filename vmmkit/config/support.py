@@ -66,7 +66,8 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "net.vhost_user": "vhost-user network devices",
     "net.vhost_socket": "vhost-user network devices",
     "net.vhost_mode": "vhost-user network devices",
-    "net.rate_limiter_config": "network rate limits",  # claimed by the virtio-net device type
+    # claimed by the virtio-net device type (vmmkit-devices)
+    "net.rate_limiter_config": "network rate limits",
     "net.iommu": _IOMMU,
     # other built-in devices
     "rng.iommu": _IOMMU,
