@@ -116,7 +116,12 @@ def test_a_rate_limit_group_limits_its_disk(selftest_elf: Path, tmp_path: Path, 
 def test_without_a_limit_the_same_path_is_not_throttled(selftest_elf: Path, tmp_path: Path,
                                                         vmmkit_hypervisor: str) -> None:
     # VMMKIT_BLK_QUEUE_NATIVE=0: the Python queue path a limited disk takes, with no limiter
-    rates = blkbench(selftest_elf, vmmkit_hypervisor, "--disk", f"path={image(tmp_path)}",
-                     env={"VMMKIT_BLK_QUEUE_NATIVE": "0"})
-    for (op, qd), rate in rates.items():
-        assert rate >= 3 * OPS_MIB_S, f"{op} at qd {qd}: only {rate} MiB/s without a limit"
+    # (~300 MiB/s on an idle host; a loaded one can starve any boot, so a slow one is repeated once)
+    for attempt in (1, 2):
+        rates = blkbench(selftest_elf, vmmkit_hypervisor, "--disk", f"path={image(tmp_path)}",
+                         env={"VMMKIT_BLK_QUEUE_NATIVE": "0"})
+        slow = {key: rate for key, rate in rates.items() if rate < 3 * OPS_MIB_S}
+        if not slow:
+            return
+        print(f"attempt {attempt}: slower than 3x the limits without one: {rates} (load {os.getloadavg()})")
+    raise AssertionError(f"without a limit, slower than 3x the limits twice: {slow} of {rates}")
