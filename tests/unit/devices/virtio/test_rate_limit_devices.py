@@ -47,18 +47,20 @@ def submit_reads(h: Harness, count: int) -> None:
 
 def test_blk_throttled_requests_stay_available_and_all_complete(image: Path,
                                                                 activate: Callable[..., Harness]) -> None:
-    device = BlockDevice.from_config("_disk0", DiskConfig(path=str(image), rate_limiter_config=OPS_20))
+    slow = RateLimiterConfig(ops=TokenBucket(size=2, refill_time=1000))  # 2 per second, 2 at once
+    device = BlockDevice.from_config("_disk0", DiskConfig(path=str(image), rate_limiter_config=slow))
     assert device.native_queue is False and device.describe()["rate_limited"] is True
     h = activate(device)
     started = time.monotonic()
     submit_reads(h, 6)
-    time.sleep(0.03)
-    first = h.driver[0].take_used()
-    assert len(first) == 2  # the bucket held two: the rest wait in the available ring
+    first = h.wait_used(0, 2)
+    time.sleep(0.1)
+    if time.monotonic() - started < 0.45:  # the third operation's token is 500 ms away
+        assert h.driver[0].take_used() == []  # the rest wait in the available ring
     rest = h.wait_used(0, 4, timeout=10)
     elapsed = time.monotonic() - started
-    assert len(rest) == 4
-    assert elapsed >= 0.19  # four more operations at 20/s
+    assert len(first) == 2 and len(rest) == 4
+    assert elapsed >= 1.95  # four more operations at 2/s
     assert all(used == SECTOR + 1 for _, used in first + rest)
     assert device.counters()["rate_limited"] >= 1
     assert device.counters()["read_ops"] == 6
