@@ -268,6 +268,22 @@ class Virtqueue:
             self._write_avail_event(layout, self.last_avail_idx)
         return chain
 
+    def undo_pop(self) -> None:
+        """Give back the chain the last :meth:`pop` returned, unserved: the next pop returns it
+        again (a rate-limited device leaves it in the available ring; rust-vmm's
+        ``Queue::go_to_previous_position``). Only right after a pop of this queue."""
+        with self._lock:
+            if not self.active:
+                return
+
+            def undo() -> None:
+                layout = self._current()
+                self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+                if self.event_idx and self._notify:
+                    self._write_avail_event(layout, self.last_avail_idx)
+
+            self._guarded(undo)
+
     def iter_available(self) -> Iterator[DescriptorChain]:
         """Pop chains until none is left (a :class:`VirtqueueError` ends the iteration)."""
         while (chain := self.pop()) is not None:

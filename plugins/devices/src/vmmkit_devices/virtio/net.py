@@ -29,6 +29,15 @@ Malformed chains: an RX chain without room for the header, or a TX chain shorter
 cannot be answered: the device fails (``DEVICE_NEEDS_RESET``). A TX chain longer than the largest
 frame is dropped without reading it.
 
+Rate limits (``bw_*``/``ops_*`` on ``--net``): as Cloud Hypervisor, the one ``rate_limiter_config``
+makes two independent limiters (:class:`~vmmkit.ratelimit.RateLimiter`), one for RX and one for
+TX; an operation is a frame, bytes are frame bytes. TX asks before sending a chain, which goes
+back to the ring when refused; RX asks for one operation before reading a frame from the tap and
+charges its bytes after delivering it (the size is known only then), so a large frame may leave
+a debt that later frames wait for. A throttled queue stops (RX stops watching the tap) until the
+limiter's timer fires and wakes it; nothing is dropped for it. ``rate_limited`` counts the
+refusals.
+
 Counters: ``rx_bytes``, ``rx_frames``, ``tx_bytes``, ``tx_frames`` (frame bytes, headers not
 counted), ``rx_dropped``, ``tx_dropped``, ``tx_errors``.
 """
@@ -36,6 +45,7 @@ counted), ``rx_dropped``, ``tx_dropped``, ``tx_errors``.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 from collections.abc import Mapping
@@ -44,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
+from vmmkit.ratelimit import RateLimiter, TokenKind
 from vmmkit.virtio.device import ActivationContext
 from vmmkit.virtio.queue import Virtqueue
 from vmmkit_devices.device_types import VirtioNetType as VirtioNetType  # declared there, re-exported
@@ -109,7 +120,8 @@ class NetDevice(QueueDevice):
     name = "virtio-net"
 
     def __init__(self, device_id: str, tap: Tap, mac: bytes, *, queue_size: int = QUEUE_SIZE,
-                 mtu: int | None = None) -> None:
+                 mtu: int | None = None, rx_limiter: RateLimiter | None = None,
+                 tx_limiter: RateLimiter | None = None) -> None:
         if len(mac) != 6:
             raise DeviceError(f"{device_id}: a MAC address has 6 bytes")
         features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | (VIRTIO_NET_F_MTU if mtu else 0)
@@ -119,6 +131,10 @@ class NetDevice(QueueDevice):
         self.mtu = mtu
         self._buffer = bytearray(VNET_HDR_SIZE + MAX_FRAME)
         self._rx_chain: DescriptorChain | None = None
+        #: Limiters per direction, owned by the device (``rate_limiter_config``).
+        self.limiters = {RX_QUEUE: rx_limiter, TX_QUEUE: tx_limiter}
+        #: What each limiter calls when it unblocks: look at its queue again.
+        self._refilled = {index: functools.partial(self.wake, index) for index in (RX_QUEUE, TX_QUEUE)}
         for name in ("rx_bytes", "rx_frames", "tx_bytes", "tx_frames"):
             self.count(name, 0)
 
@@ -134,10 +150,19 @@ class NetDevice(QueueDevice):
         else:
             tap = Tap.open(config.tap)
             _configure_host_side(device_id, tap, config)
+        rx = tx = None
         try:
             mac = parse_mac(config.mac) if config.mac else generated_mac(f"vmmkit:{device_id}:{tap.name}")
-            return cls(device_id, tap, mac, queue_size=config.queue_size, mtu=config.mtu)
+            limits = config.rate_limiter_config
+            if limits is not None:
+                rx = RateLimiter.from_config(limits, name=f"{device_id} rx")
+                tx = RateLimiter.from_config(limits, name=f"{device_id} tx")
+            return cls(device_id, tap, mac, queue_size=config.queue_size, mtu=config.mtu, rx_limiter=rx,
+                       tx_limiter=tx)
         except BaseException:
+            for limiter in (rx, tx):
+                if limiter is not None:
+                    limiter.close()
             tap.close()
             raise
 
@@ -151,16 +176,41 @@ class NetDevice(QueueDevice):
 
     def activated(self, ctx: ActivationContext) -> None:
         self._rx_chain = None
+        for index, limiter in self.limiters.items():
+            if limiter is not None:
+                limiter.subscribe(ctx.event_loop, self._refilled[index])
 
     def deactivated(self) -> None:
         self._rx_chain = None  # popped but unused: the driver reclaims it at reset
         self.remove_reader(self.tap.fd)
+        for index, limiter in self.limiters.items():
+            if limiter is not None:
+                limiter.unsubscribe(self._refilled[index])
 
     def paused(self) -> None:
         self.remove_reader(self.tap.fd)
 
     def release(self) -> None:
+        for limiter in self.limiters.values():
+            if limiter is not None:
+                limiter.close()
         self.tap.close()
+
+    def _limited(self, index: int, nbytes: int | None) -> bool:
+        """The one place a direction's limiter is asked: ``True`` when the queue must stop now.
+        ``nbytes`` None: one operation (RX, before the frame's size is known)."""
+        limiter = self.limiters[index]
+        if limiter is None:
+            return False
+        allowed = limiter.consume(1, TokenKind.OPS) if nbytes is None else limiter.consume_request(nbytes)
+        if not allowed:
+            self.count("rate_limited")
+        return not allowed
+
+    def _unlimit(self, index: int) -> None:
+        limiter = self.limiters[index]
+        if limiter is not None:
+            limiter.replenish(1, TokenKind.OPS)
 
     # -- queues -----------------------------------------------------------------------------
 
@@ -191,10 +241,14 @@ class NetDevice(QueueDevice):
                                      f"bytes, less than the {VNET_HDR_SIZE}-byte header")
                     return
                 self._rx_chain = chain
+            if self._limited(RX_QUEUE, None):
+                self.remove_reader(self.tap.fd)  # re-armed when the limiter wakes the RX queue
+                break
             self.add_reader(self.tap.fd, self._tap_readable)
             try:
                 size = os.readv(self.tap.fd, [self._buffer])
             except (BlockingIOError, InterruptedError):
+                self._unlimit(RX_QUEUE)  # no frame: the operation asked for did not happen
                 break
             except OSError as exc:
                 self.count("rx_errors")
@@ -204,6 +258,9 @@ class NetDevice(QueueDevice):
             if size < VNET_HDR_SIZE or size > chain.writable_bytes:
                 self.count("rx_dropped")
                 continue
+            rx_limiter = self.limiters[RX_QUEUE]
+            if rx_limiter is not None:
+                rx_limiter.force(size - VNET_HDR_SIZE, TokenKind.BYTES)
             frame = memoryview(self._buffer)[:size]
             frame[:VNET_HDR_SIZE] = _RX_HEADER
             chain.write(frame)
@@ -228,6 +285,9 @@ class NetDevice(QueueDevice):
             if total < VNET_HDR_SIZE:
                 self.fail(queue, f"transmit buffer {chain.head} is shorter than the {VNET_HDR_SIZE}-byte header")
                 return
+            if self._limited(TX_QUEUE, total - VNET_HDR_SIZE):
+                queue.undo_pop()  # stays available; the limiter wakes the TX queue
+                break
             if total > VNET_HDR_SIZE + MAX_FRAME:
                 self.count("tx_dropped")
             else:
