@@ -268,6 +268,24 @@ class Virtqueue:
             self._write_avail_event(layout, self.last_avail_idx)
         return chain
 
+    def chain_at(self, head: int) -> DescriptorChain:
+        """Chain ``head`` walked afresh, not taken from the available ring: a vhost-user backend
+        resubmitting what its predecessor had taken (vhost-user.rst, "Inflight I/O tracking").
+        Raises :class:`VirtqueueError` (the queue inactive, or the chain broken)."""
+        with self._lock:
+            if not self.active:
+                raise VirtqueueError(ErrorKind.DEVICE, f"queue {self.index} is not active")
+
+            def walk() -> DescriptorChain:
+                layout = self._current()
+                if not 0 <= head < layout.size:
+                    raise VirtqueueError(ErrorKind.INDEX, f"queue {self.index}: head {head} beyond size {layout.size}")
+                chain = layout.walker.walk(self.desc_table, layout.size, head, indirect=self.indirect)
+                chain.memory = self.memory
+                return chain
+
+            return self._guarded(walk)
+
     def iter_available(self) -> Iterator[DescriptorChain]:
         """Pop chains until none is left (a :class:`VirtqueueError` ends the iteration)."""
         while (chain := self.pop()) is not None:
