@@ -77,7 +77,8 @@ class VirtioBlk:
     def reset(self) -> None:
         counts = self.blk.counters()
         if any(counts.values()):
-            log.info("block requests served since the daemon started: %s", " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if v))
+            summary = " ".join(f"{name}={count}" for name, count in sorted(counts.items()) if count)
+            log.info("block requests served since the daemon started: %s", summary)
         self._io = None
         self.blk._io = None
 

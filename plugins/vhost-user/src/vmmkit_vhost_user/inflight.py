@@ -140,8 +140,9 @@ class InflightBuffer:
             size = os.fstat(fd).st_size
         except OSError as exc:
             raise InflightError(f"inflight descriptor: {exc.strerror}") from None
-        if size < info.mmap_offset + needed:
-            raise InflightError(f"inflight file of {size} bytes is smaller than the buffer it should hold")
+        if size < info.mmap_offset + info.mmap_size:
+            raise InflightError(f"inflight file of {size} bytes is smaller than the {info.mmap_size}-byte buffer "
+                                f"at {info.mmap_offset} it should hold")
         try:
             self.buffer = mmap.mmap(fd, needed, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                                     offset=info.mmap_offset)
