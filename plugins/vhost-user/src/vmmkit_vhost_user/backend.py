@@ -491,6 +491,8 @@ class Backend:
         self.inflight = buffer
         for vring, record in zip(self.vrings, buffer.queues, strict=False):
             vring.record = record
+        log.info("%s: in-flight record of %d bytes for %d queues of %d", self.device.name, info.mmap_size,
+                 info.num_queues, info.queue_size)
 
     def _drop_inflight(self) -> None:
         buffer, self.inflight = self.inflight, None
