@@ -200,7 +200,9 @@ def test_a_backend_without_inflight_restarted_under_depth_4_io_never_serves_a_re
         while not any(event in err.read_text() for event in ("vhost_user.resumed", "vhost_user.resume_refused")):
             assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
             time.sleep(0.1)
-        if "vhost_user.resume_refused" in err.read_text():
+        refused = "vhost_user.resume_refused" in err.read_text()
+        print(f"qemu-storage-daemon restarted at depth 4: {'refused' if refused else 'resumed'}")
+        if refused:
             assert "VhostUserResumeRefused" in err.read_text() and "out of order" in err.read_text()
             _wait_for(out, "FAIL blkbench", proc, 60)
             (failure,) = [line for line in out.read_text().splitlines() if "FAIL blkbench" in line]
