@@ -31,7 +31,10 @@ QSD_SERIAL = "vhost_user_blk"
 
 
 class StorageDaemon:
-    """qemu-storage-daemon exporting ``image`` as vhost-user-blk on ``socket``."""
+    """qemu-storage-daemon exporting ``image`` as vhost-user-blk on ``socket`` (restartable; a
+    subclass changes :meth:`command`)."""
+
+    name = "qemu-storage-daemon"
 
     def __init__(self, image: Path, socket: Path) -> None:
         if QSD is None:
@@ -39,29 +42,38 @@ class StorageDaemon:
         self.image, self.socket = image, socket
         self.log = socket.with_suffix(".qsd.log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def command(self) -> list[str]:
+        assert QSD is not None
+        return [QSD, "--blockdev", f"driver=file,node-name=f,filename={self.image}",
+                "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={self.socket},writable=on"]
 
     def start(self) -> StorageDaemon:
-        assert QSD is not None
         self.socket.unlink(missing_ok=True)
+        self.starts += 1
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [QSD, "--blockdev", f"driver=file,node-name=f,filename={self.image}",
-                 "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={self.socket},"
-                 "writable=on"], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+            log.write(f"=== start {self.starts}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                pytest.fail(f"qemu-storage-daemon did not come up: {self.log.read_text()}")
+                pytest.fail(f"{self.name} did not come up: {self.log.read_text()}")
             time.sleep(0.05)
         return self
+
+    def last_run(self) -> str:
+        """The log of the latest start."""
+        return self.log.read_text().rsplit("=== start", 1)[-1]
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
-    def stop(self) -> None:
+    def stop(self) -> str:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -69,6 +81,7 @@ class StorageDaemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        return self.log.read_text()
 
 
 @pytest.fixture

@@ -24,14 +24,17 @@ import pytest
 from vmmkit.testing import run_vmmkit
 
 from .qemu_peer import QEMU, SECTOR, blk_ok_line, check_blk_image, guest_status, make_disk, qemu_accel, qemu_available
+from .test_vhost_user_blk import StorageDaemon
 
 GUEST_ARCH = "x86_64"
 DISK_SIZE = 4 << 20
 SERIAL = "vmmkit-vublk"
 
 
-class BlkDaemon:
+class BlkDaemon(StorageDaemon):
     """``vmmkit-vhost-user blk`` serving ``image`` on ``socket`` (restartable)."""
+
+    name = "vmmkit-vhost-user blk"
 
     def __init__(self, image: Path, socket: Path, *args: str) -> None:
         self.image, self.socket, self.args = image, socket, args
@@ -39,41 +42,13 @@ class BlkDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "vmmkit_vhost_user.cli", "blk", "--socket-path", str(self.socket),
+                "--blk-file", str(self.image), "--serial", SERIAL, "-v", *self.args]
+
     def start(self) -> BlkDaemon:
-        self.socket.unlink(missing_ok=True)
-        self.starts += 1
-        with open(self.log, "ab") as log:
-            log.write(f"=== start {self.starts}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmmkit_vhost_user.cli", "blk", "--socket-path", str(self.socket),
-                 "--blk-file", str(self.image), "--serial", SERIAL, "-v", *self.args],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"vmmkit-vhost-user blk did not come up: {self.log.read_text()}")
-            time.sleep(0.05)
+        super().start()
         return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> str:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.log.read_text()
-
-    def last_run(self) -> str:
-        return self.log.read_text().rsplit("=== start", 1)[-1]
 
 
 @pytest.fixture
@@ -244,3 +219,41 @@ def test_our_backend_killed_under_depth_4_io_resubmits_and_the_guest_checks_ever
         log = daemon.stop()
     assert "Traceback" not in log, log
     assert "Traceback" not in err.read_text()
+
+
+@pytest.mark.skipif(not qemu_available(), reason=f"{QEMU} is not installed")
+def test_qemu_hands_the_record_back_and_our_restarted_backend_resubmits(workdir: Path, selftest_elf: Path) -> None:
+    """The same kill with QEMU as the frontend (``reconnect=1``: it reconnects within a second,
+    hands the in-flight buffer back with SET_INFLIGHT_FD and restarts the ring at the used index),
+    frozen in an out-of-order state; the guest checks every request."""
+    daemon = BlkDaemon(make_disk(workdir / "disk.img", 64 << 20), workdir / "blk.sock",
+                       "--thread-pool-size", "4").start()
+    out = workdir / "out.txt"
+    argv = [QEMU, "-M", "q35", "-accel", qemu_accel(), "-m", "128M", "-smp", "1", "-nodefaults",
+            "-no-user-config", "-nographic", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-object", "memory-backend-memfd,id=mem,size=128M,share=on", "-numa", "node,memdev=mem",
+            "-chardev", f"socket,id=vu0,path={daemon.socket},reconnect=1",
+            "-device", "vhost-user-blk-pci,chardev=vu0,num-queues=1,addr=0x3,disable-legacy=on",
+            "-kernel", str(selftest_elf), "-append", "test=blkbench blkbench.total=256M blkbench.qd=4"]
+    with open(out, "w") as stdout:
+        proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    try:
+        _wait_for(out, "(qd 1, ", proc, 300, count=2)
+        time.sleep(0.3)
+        heads = _freeze_with_chains_in_flight(daemon, proc.pid, out_of_order=True)
+        daemon.kill()
+        daemon.start()
+        resubmitted = f"resubmitting {len(heads)} chains"
+        deadline = time.monotonic() + 60
+        while resubmitted not in daemon.last_run():
+            assert time.monotonic() < deadline and proc.poll() is None, f"{resubmitted!r} not in {daemon.last_run()}"
+            time.sleep(0.05)
+        _wait_for(out, "selftest: ok blkbench", proc, 300)
+        assert proc.wait(60) >> 1 == 0 and "FAIL" not in out.read_text(), out.read_text()
+        assert out.read_text().count("(qd 4, ") == 2, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log = daemon.stop()
+    assert "Traceback" not in log, log

@@ -237,6 +237,8 @@ class Backend:
         except (vu.VhostUserProtocolError, OSError) as exc:
             self._disconnect(f"protocol error: {exc}")
             return
+        log.debug("%s: %s (%d bytes, %d descriptors)", self.device.name, _name(message.request),
+                  len(message.payload), len(fds))
         try:
             reply = self._dispatch(message, fds)
         except (ProtocolFailure, vu.VhostUserProtocolError) as exc:
