@@ -20,10 +20,14 @@ and line on virtio-mmio). Handing the backend the irqfd itself would skip that h
 MSI-X masking and virtio-mmio's status register need the transport, as QEMU's masked-notifier path.
 
 At reset: ``GET_VRING_BASE`` per started queue (the backend stops it). A backend that hangs up
-(the socket is watched on the event loop) or misbehaves marks the device broken
-(``DEVICE_NEEDS_RESET``): the VMM and the other devices go on. When the driver resets the device
-afterwards, the frontend reconnects to the same socket (client mode) and negotiates again, so a
-restarted backend serves the guest's next initialisation.
+(the socket is watched on the event loop) under a running device is reconnected in the background
+(client mode) and the rings resume: with ``INFLIGHT_SHMFD`` the new backend gets the in-flight
+buffer back and resubmits what its predecessor had taken; without, only when the rings prove no
+request was completed out of order (:mod:`.resume`), else the device fails with
+``VhostUserResumeRefused``. A backend that does not come back, or misbehaves, marks the device
+broken (``DEVICE_NEEDS_RESET``): the VMM and the other devices go on. When the driver resets the
+device afterwards, the frontend reconnects to the same socket and negotiates again, so a restarted
+backend serves the guest's next initialisation.
 """
 
 from __future__ import annotations
