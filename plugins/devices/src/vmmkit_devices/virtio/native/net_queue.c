@@ -474,20 +474,20 @@ int netq_process(struct netq *q)
         return NETQ_BROKEN;
     for (;;) {
         int more = 0, want_tap = 0;
+        if (rx.avail != NULL) { /* RX first, as the Python path after activation (queue order) */
+            int rc = rx_process(q, &rx, &want_tap);
+            if (rc < 0)
+                return NETQ_BROKEN;
+            more |= rc;
+        }
         if (tx.avail != NULL) {
             int sent = tx_process(q, &tx);
             if (sent < 0)
                 return NETQ_BROKEN;
             more |= sent == NETQ_BURST;
         }
-        if (rx.avail != NULL) {
-            int rc = rx_process(q, &rx, &want_tap);
-            if (rc < 0)
-                return NETQ_BROKEN;
-            more |= rc;
-        }
-        signal_ring(q, &q->tx, &tx, TX);
         signal_ring(q, &q->rx, &rx, RX);
+        signal_ring(q, &q->tx, &tx, TX);
         if (set_tap(q, want_tap) < 0)
             return NETQ_BROKEN;
         if (q->signal)
