@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from netns_support import Netns, frame, receive_test_frame, unavailable_reason
 from virtio_driver import Harness, wait_for
-from vmmkit_devices.virtio import net_io
 from vmmkit_devices.virtio import net as vnet
+from vmmkit_devices.virtio import net_io
 from vmmkit_devices.virtio.net import NetDevice, format_mac
 from vmmkit_devices.virtio.tap import VNET_HDR_SIZE
 

@@ -14,11 +14,11 @@ from vmmkit_devices.virtio import net_io
 from vmmkit_devices.virtio.net import (
     CONFIG,
     VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
     NetDevice,
     VirtioNetType,
-    VIRTIO_NET_F_MRG_RXBUF,
     format_mac,
     generated_mac,
     offered_offloads,
@@ -166,7 +166,8 @@ def test_rx_waits_for_buffers(netns: Netns, activate: Callable[..., Harness], na
         sock.close()
 
 
-def test_too_big_frames_are_dropped_and_the_buffer_kept(netns: Netns, activate: Callable[..., Harness], native: bool) -> None:
+def test_too_big_frames_are_dropped_and_the_buffer_kept(netns: Netns, activate: Callable[..., Harness],
+                                                        native: bool) -> None:
     device = make_net(netns, native)
     sock = netns.run(lambda: packet_socket(device.tap.name))
     try:
