@@ -339,7 +339,9 @@ class NetDevice(QueueDevice):
 
     def _native_main(self) -> None:
         enter_thread(DEVICE, f"{self.id}_net")
-        self.serve(RX_QUEUE)  # takes the receive queue's lock and runs _serve_native
+        ctx = self.context
+        # Under the lock of a ready queue (the receive queue's, normally): _serve_native serves both.
+        self.serve(RX_QUEUE if ctx is None or ctx.queues[RX_QUEUE].active else TX_QUEUE)
 
     def _stop_native(self) -> None:
         native = self._native
@@ -436,8 +438,7 @@ class NetDevice(QueueDevice):
     def process_queue(self, index: int, queue: Virtqueue) -> None:
         native, ctx = self._native, self.context
         if native is not None and ctx is not None:
-            if index == RX_QUEUE:
-                self._serve_native(native, ctx)
+            self._serve_native(native, ctx)  # both queues, from the device thread only
             return
         try:
             if index == RX_QUEUE:
