@@ -373,6 +373,8 @@ static int rx_deliver(struct netq *q, const struct rings *r, uint32_t len)
             if (rc <= 0)
                 return rc < 0 ? -1 : WAIT;
         }
+    } else if (q->held_count == 0) {
+        return WAIT; /* cannot happen: a chain is held before a frame is read */
     } else if (len > q->held_bytes[0]) {
         return DROPPED; /* the chain stays for the next frame */
     }
