@@ -68,7 +68,7 @@ from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
 from vmmkit.sandbox import DEVICE, enter_thread
-from vmmkit.virtio.chain import DEFAULT_MAX_SEGMENTS, ErrorKind, VirtqueueError
+from vmmkit.virtio.chain import ErrorKind, VirtqueueError
 from vmmkit.virtio.device import ActivationContext, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
 from vmmkit_devices.device_types import VirtioNetType as VirtioNetType  # declared there, re-exported
@@ -329,7 +329,7 @@ class NetDevice(QueueDevice):
         sizes = self.queue_max_sizes
         self._native = net_io.NativeNetQueue(
             ctx.memory, tap_fd=self.tap.fd, wake_fd=self._wake_fd, max_queue_size=max(sizes),
-            max_segments=max(getattr(q, "max_segments", DEFAULT_MAX_SEGMENTS) for q in ctx.queues))
+            max_segments=max(q.max_segments for q in ctx.queues))
         self._spawn_native()
 
     def _spawn_native(self) -> None:
