@@ -26,7 +26,9 @@ network stack would reach. Throughput: above 1 is vmmkit faster; latency: below 
 
 ``--python-queue`` also boots vmmkit with its queues in Python (``VMMKIT_NET_NATIVE=0``: the
 path before the C queues), in the same run. The VMM CPU per frame outside the vCPU threads
-(bench/proc_cpu.py) is printed too.
+(bench/proc_cpu.py: /proc tick counts, 10 ms each, so a few microseconds per frame is a handful
+of ticks: read it as an order of magnitude) is printed too; the Python-queue rows have none (no
+device thread marks the start of the phases).
 """
 
 from __future__ import annotations
