@@ -196,11 +196,11 @@ def _added(result: Mapping[str, str] | None) -> Response:
 
 
 def _add_disk(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_disk(DiskConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_disk(DiskConfig.from_json(_json_object(request), section="disks")))
 
 
 def _add_device(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_device(DeviceConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_device(DeviceConfig.from_json(_json_object(request), section="devices")))
 
 
 def _add_net(server: ApiServer, request: Request) -> Response:
@@ -208,7 +208,7 @@ def _add_net(server: ApiServer, request: Request) -> Response:
     try:
         body = _json_object(request)
         body.pop("fds", None)  # fd numbers only mean something when sent with SCM_RIGHTS
-        net = NetConfig.from_json(body)
+        net = NetConfig.from_json(body, section="net")
     except BaseException:
         close_fds(fds)
         raise
@@ -216,15 +216,15 @@ def _add_net(server: ApiServer, request: Request) -> Response:
 
 
 def _add_fs(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_fs(FsConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_fs(FsConfig.from_json(_json_object(request), section="fs")))
 
 
 def _add_vsock(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_vsock(VsockConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_vsock(VsockConfig.from_json(_json_object(request), section="vsock")))
 
 
 def _add_pmem(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_pmem(PmemConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_pmem(PmemConfig.from_json(_json_object(request), section="pmem")))
 
 
 def _remove_device(server: ApiServer, request: Request) -> Response:
