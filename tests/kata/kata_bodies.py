@@ -15,16 +15,17 @@ from typing import Any
 
 MiB = 1 << 20
 
-#: Go: clhKernelParams (+ the debug console of clhDebugKernelParams[Common]); Rust:
+#: Go: getNonUserDefinedKernelParams without debug (clhKernelParams + "quiet"); Rust:
 #: get_kernel_params() with enable_debug (its "panic=1" comes from KernelParams::new).
-GO_KERNEL_PARAMS = "panic=1 no_timer_check noreplace-smp console=ttyS0,115200n8 systemd.log_target=console"
+GO_KERNEL_PARAMS = "panic=1 no_timer_check noreplace-smp quiet"
 RUST_KERNEL_PARAMS = "panic=1 console=ttyS0,115200n8 no_timer_check noreplace-smp systemd.log_target=console"
 
 
 def go_vm_config(*, kernel: str, initramfs: str, rootfs: str, cmdline: str, vsock: str, fs_socket: str,
                  boot_vcpus: int, max_vcpus: int, memory: int, hotplug_size: int) -> dict[str, Any]:
-    """``clh.CreateVM`` + ``addVSock`` + ``addVolume`` for a debug sandbox with virtio-fs, the
-    rootfs image as a read-only disk and ``reclaim_guest_freed_memory`` (the balloon).
+    """``clh.CreateVM`` + ``addVSock`` + ``addVolume`` for a production (non-debug) sandbox:
+    serial and console ``Off``, virtio-fs, the rootfs image as a read-only disk and
+    ``reclaim_guest_freed_memory`` (the balloon).
 
     One departure: Kata boots either an image (a disk) or an initrd; this guest has both, its
     /init in the initramfs and a read-only rootfs disk (as Kata's image, and its initdata disk)."""
@@ -46,7 +47,7 @@ def go_vm_config(*, kernel: str, initramfs: str, rootfs: str, cmdline: str, vsoc
         "fs": [{"tag": "kataShared", "socket": fs_socket, "num_queues": 1, "queue_size": 1024, "pci_segment": 1}],
         "rng": {"src": "/dev/urandom", "iommu": False},
         "balloon": {"size": 0, "deflate_on_oom": False, "free_page_reporting": True},
-        "serial": {"mode": "Tty", "iommu": False},
+        "serial": {"mode": "Off", "iommu": False},
         "console": {"mode": "Off", "iommu": False},
         "iommu": False,
         "vsock": {"cid": 3, "socket": vsock, "iommu": False},

@@ -30,7 +30,6 @@ AGENT_SOURCE = HERE / "kata_agent.c"
 VMMKIT = Path(sys.executable).parent / "vmmkit"
 DAEMON = Path(sys.executable).parent / "vmmkit-vhost-user"
 AGENT_PORT = 1024
-INIT_PREFIX = "KATA-INIT: "
 #: What the host asks the agent stand-in to run (so that the initramfs links these applets).
 AGENT_COMMANDS = b"cat ls grep echo sh test wc tr head"
 #: How long the guest may take to boot and start its agent (~1 min alone on kvm_pvm; this is
@@ -85,34 +84,22 @@ def open_tap(name: str) -> int:
 
 
 class Vmm:
-    """The VMM process: ``<path> --api-socket <socket> -v --seccomp false`` (clh.go launchClh
-    with debug and ``disable_seccomp``; runtime-rs adds the same flags), stdout and stderr to
-    one log (Kata sends both to its console)."""
+    """The VMM process: ``<path> --api-socket <socket> [-v] --seccomp false`` (clh.go launchClh
+    with ``disable_seccomp``, ``-v`` with debug; runtime-rs adds the same flags), stdout and
+    stderr to one log (Kata sends both to its console)."""
 
-    def __init__(self, workdir: Path, name: str, *, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, name: str, *, extra: tuple[str, ...] = (), verbose: bool = True) -> None:
         self.socket = str(workdir / f"{name}-clh-api.sock")
         self.log_path = workdir / f"{name}-vmm.log"
         self._log = self.log_path.open("wb")
         self.launched = time.monotonic()
-        self.process = subprocess.Popen([str(VMMKIT), "--api-socket", self.socket, "-v", "--seccomp", "false", *extra],
-                                        stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+        flags = ["-v"] if verbose else []
+        command = [str(VMMKIT), "--api-socket", self.socket, *flags, "--seccomp", "false", *extra]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                         cwd="/")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def init_lines(self) -> list[str]:
-        return [line.split(INIT_PREFIX, 1)[1].strip() for line in self.log().splitlines() if INIT_PREFIX in line]
-
-    def wait_init_line(self, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in self.init_lines() if line.startswith(prefix)]
-            if found:
-                return found[-1]
-            assert self.process.poll() is None, f"the VMM exited ({self.process.returncode})"
-            time.sleep(0.5)
-        raise AssertionError(f"no {prefix!r} line from /init within {timeout:.0f} s")
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -177,6 +164,13 @@ def wait_agent(vsock_socket: str, vmm: Vmm, timeout: float = BOOT_TIMEOUT) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"the agent stand-in did not answer within {timeout:.0f} s:\n{vmm.log()[-3000:]}")
         time.sleep(1.0)
+
+
+def init_lines(vsock_socket: str) -> list[str]:
+    """``kata_init.sh``'s report, read through the agent stand-in."""
+    status, output = agent_run(vsock_socket, "cat /run/kata-init.log")
+    assert status == 0, output
+    return [line.strip() for line in output.splitlines() if line.strip()]
 
 
 def wait_guest(check: Callable[[], bool], what: str, timeout: float = scaled_timeout(180.0)) -> None:

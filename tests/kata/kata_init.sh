@@ -12,7 +12,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 
-say() { echo "KATA-INIT: $*"; }
+mkdir -p /run
+say() { echo "KATA-INIT: $*"; echo "$*" >> /run/kata-init.log; }
 
 say "rootfs ro=$(cat /sys/block/vda/ro 2>/dev/null) $(cat /sys/block/vda/size 2>/dev/null)"
 SHARED=/run/kata-containers/shared/containers

@@ -6,7 +6,9 @@ accept (:mod:`kata_models`).
 
 The sequence (clh.go's functions):
 
-1. ``launchClh``: ``vmmkit --api-socket <sock> -v --seccomp false``; ``isClhRunning``:
+1. ``launchClh``: ``vmmkit --api-socket <sock> --seccomp false`` (a production sandbox: no
+   ``-v``, serial and console off, ``quiet``: /init's report is read through the agent);
+   ``isClhRunning``:
    ``vmm.ping`` every 10 ms, up within 10 s.
 2. ``StartVM`` -> ``bootVM`` under one 10 s deadline: ``vm.create`` (two PCI segments, the
    virtio-fs share on segment 1 served by ``vmmkit-vhost-user fs``, vsock CID 3, the balloon
@@ -53,6 +55,7 @@ from kata_guest import (
     agent_run,
     build_initramfs,
     go_wait_vmm,
+    init_lines,
     make_rootfs,
     missing_reason,
     open_tap,
@@ -160,7 +163,7 @@ def test_kata_go_runtime_sequence(workdir: Path) -> None:
     (share / "from-host.txt").write_text("hello from the host\n")
     daemon = Daemon(workdir, share)
     vsock = str(workdir / "clh.sock")
-    vmm = Vmm(workdir, "go")
+    vmm = Vmm(workdir, "go", verbose=False)
     client = GoClient(vmm.socket)
     taps = [open_tap(f"kgo{os.getpid() % 100000}a"), open_tap(f"kgo{os.getpid() % 100000}b")]
     try:
@@ -190,7 +193,7 @@ def test_kata_go_runtime_sequence(workdir: Path) -> None:
 
         # 3. the guest and its agent
         wait_agent(vsock, vmm, BOOT_TIMEOUT)
-        lines = vmm.init_lines()
+        lines = init_lines(vsock)
         assert f"rootfs ro=1 {8 * MiB // 512}" in lines, lines
         assert "share mounted hello from the host" in lines, lines
         assert (share / "from-guest.txt").read_text() == "written by the guest\n"

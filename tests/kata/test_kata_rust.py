@@ -47,6 +47,7 @@ from kata_guest import (
     Vmm,
     agent_run,
     build_initramfs,
+    init_lines,
     make_rootfs,
     missing_reason,
     open_tap,
@@ -143,8 +144,8 @@ def test_kata_rust_runtime_sequence(workdir: Path) -> None:
         assert created.status == 204 and not created.body
         client.call("PUT", "vm.boot")
         wait_agent(template_vsock, template, BOOT_TIMEOUT)
-        assert any(line.startswith("rootfs ro=1 ") for line in template.init_lines()), template.init_lines()
-        assert "share none" in template.init_lines()
+        lines = init_lines(template_vsock)
+        assert any(line.startswith("rootfs ro=1 ") for line in lines) and "share none" in lines, lines
         client.call("PUT", "vm.pause")
         client.call("PUT", "vm.snapshot", {"destination_url": f"file://{template_dir}"})
         patch_config(template_dir / "config.json", shared=False)
