@@ -8,6 +8,7 @@
  * Prints "KATA-AGENT: listening <port>" on the console once it accepts connections.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,7 @@ static void serve(int conn)
 
 int main(void)
 {
+    signal(SIGPIPE, SIG_IGN); /* as Kata's agent (Rust ignores SIGPIPE): a peer gone is an error, not death */
     int listener = socket(AF_VSOCK, SOCK_STREAM, 0);
     if (listener < 0) {
         printf("KATA-AGENT: fail socket %d\n", errno);

@@ -175,10 +175,21 @@ def init_lines(vsock_socket: str) -> list[str]:
 
 def wait_guest(check: Callable[[], bool], what: str, timeout: float = scaled_timeout(180.0)) -> None:
     deadline = time.monotonic() + timeout
-    while not check():
+    error: Exception | None = None
+    while True:
+        try:
+            if check():
+                return
+        except OSError as exc:  # the agent stand-in is restarting: /init says so (see agent_exits)
+            error = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"the guest did not {what} within {timeout:.0f} s")
+            raise AssertionError(f"the guest did not {what} within {timeout:.0f} s (last error: {error})")
         time.sleep(1.0)
+
+
+def agent_exits(vsock_socket: str) -> list[str]:
+    """The agent stand-in's exits /init saw (it must have none)."""
+    return [line for line in init_lines(vsock_socket) if line.startswith("agent exited")]
 
 
 def within(reply: Reply, limit: float, what: str) -> Reply:

@@ -6,6 +6,7 @@
 #   rootfs ro=<0|1> <sectors>   the first virtio-blk disk (Kata's image) and its read-only flag
 #   share mounted | share none  the "kataShared" virtio-fs share (the Go sandbox has one)
 #   agent started
+#   agent exited <status>       the agent stand-in stopped (then restarted); the tests fail on it
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -24,6 +25,7 @@ if mount -t virtiofs kataShared $SHARED 2>/dev/null; then
 else
     say "share none"
 fi
-/bin/kata-agent &
+# Kata's agent is not restarted; the stand-in is, so that the host can read why it stopped.
+(while true; do /bin/kata-agent; say "agent exited $?"; sleep 1; done) &
 say "agent started"
 while true; do sleep 3600; done
