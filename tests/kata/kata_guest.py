@@ -35,6 +35,8 @@ AGENT_COMMANDS = b"cat ls grep echo sh test wc tr head"
 #: How long the guest may take to boot and start its agent (~1 min alone on kvm_pvm; this is
 #: the test's limit, not one of Kata's API timeouts: Kata's agent dial timeout is its own).
 BOOT_TIMEOUT = scaled_timeout(600.0)
+#: How long a dial of the agent is retried (Kata's agent client: ``dial_timeout``, 45 s by default).
+DIAL_TIMEOUT = 45.0
 
 # linux/if_tun.h
 _TUNSETIFF = 0x400454CA
@@ -123,10 +125,10 @@ def go_wait_vmm(vmm: Vmm, client: GoClient) -> float:
         time.sleep(PING_INTERVAL)
 
 
-def agent_run(vsock_socket: str, command: str, timeout: float = 60.0) -> tuple[int, str]:
-    """Run ``command`` through the agent stand-in: hybrid vsock ``CONNECT 1024``, the line,
-    the output until the agent closes. Returns (exit status, output)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+def _dial_agent(vsock_socket: str, timeout: float) -> socket.socket:
+    """One hybrid vsock dial: ``CONNECT 1024`` answered ``OK <port>``."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
         conn.settimeout(timeout)
         conn.connect(vsock_socket)
         conn.sendall(f"CONNECT {AGENT_PORT}\n".encode())
@@ -134,10 +136,32 @@ def agent_run(vsock_socket: str, command: str, timeout: float = 60.0) -> tuple[i
         while not answer.endswith(b"\n"):
             chunk = conn.recv(1)
             if not chunk:
-                raise ConnectionError(f"the hybrid vsock closed after {answer!r} (no listener on {AGENT_PORT})")
+                raise ConnectionError(f"the hybrid vsock closed after {answer!r} (no answer from port {AGENT_PORT})")
             answer += chunk
         if not answer.startswith(b"OK "):
             raise ConnectionError(f"CONNECT {AGENT_PORT} answered {answer!r}")
+        return conn
+    except BaseException:
+        conn.close()
+        raise
+
+
+def agent_run(vsock_socket: str, command: str, timeout: float = 60.0,
+              dial_timeout: float = DIAL_TIMEOUT) -> tuple[int, str]:
+    """Run ``command`` through the agent stand-in: hybrid vsock ``CONNECT 1024`` (dialled again
+    until :data:`DIAL_TIMEOUT`, as Kata's agent client does: the VMM closes a handshake the
+    guest has not answered within its vsock connect timeout, seconds that a loaded kvm_pvm
+    guest can miss), the line, the output until the agent closes. Returns (status, output)."""
+    deadline = time.monotonic() + dial_timeout
+    while True:
+        try:
+            conn = _dial_agent(vsock_socket, timeout)
+            break
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with conn:
         conn.sendall(command.encode() + b"\n")
         output = b""
         while True:
@@ -155,7 +179,7 @@ def wait_agent(vsock_socket: str, vmm: Vmm, timeout: float = BOOT_TIMEOUT) -> No
     deadline = time.monotonic() + timeout
     while True:
         try:
-            status, output = agent_run(vsock_socket, "echo ready", timeout=30.0)
+            status, output = agent_run(vsock_socket, "echo ready", timeout=30.0, dial_timeout=0.0)
             if status == 0 and output.strip() == "ready":
                 return
         except OSError:
