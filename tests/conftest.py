@@ -23,7 +23,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """How ``pytest -n auto`` (the README's command) shares the tests out: the Linux tier runs
     on one worker, one test after another (each keeps a core busy for minutes; two side by side
     with the module that boots three kernels at once starved each other past their timeouts on
-    this 2-core host), the lab's tests on one worker (they share one lab build), every other
+    this 2-core host), the lab's tests on one worker (they share one lab build), the Kata replay
+    (``tests/kata``, a Linux boot per runtime) on one worker of its own, every other
     test wherever a worker is free. xdist's ``--dist loadgroup`` would say this with markers,
     but it cannot rename node ids on pytest 9."""
     from xdist.scheduler import LoadScopeScheduling
@@ -35,6 +36,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
                 return "tests/lab"
             if module.startswith("tests/linux/"):
                 return "tests/linux"
+            if module.startswith("tests/kata/"):  # two Linux boots: one worker, off the Linux lane
+                return "tests/kata"
             return nodeid
 
     return Scheduling(config, log)

@@ -383,6 +383,8 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace,
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        if restore is not None:
+            vmm.expect_restore()  # requests that come before the VM wait for it
         if server is not None:
             server.start()
         if config is not None:
@@ -390,7 +392,10 @@ def _serve(config: Any, pm: Any, registries: Any, options: argparse.Namespace,
             vmm.boot()
         if restore is not None:
             url, prefault, resume = restore
-            vmm.restore(url, prefault=prefault, resume=resume)
+            try:
+                vmm.restore(url, prefault=prefault, resume=resume)
+            finally:
+                vmm.restore_ended()
         sandbox_cli.confine_main_thread()
         exit_ = vmm.wait()
     except ConfigError as exc:  # a device's option only its device can check (a --pmem file)

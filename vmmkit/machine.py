@@ -28,7 +28,7 @@ from vmmkit.eventloop import EventLoop
 from vmmkit.hypervisor import ExitReason, Hypervisor, Vcpu, Vm
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
-from vmmkit.memory import GuestMemory
+from vmmkit.memory import GuestMemory, MemoryRange
 from vmmkit.paths import PathError, require_regular_file
 from vmmkit.ratelimit import RateLimiter, RateLimitGroups
 from vmmkit.registry import AUTO, Registries
@@ -801,9 +801,15 @@ class Machine:
         return done
 
     def _add_vcpus(self, desired: int) -> None:
-        """Start the lowest inactive vCPUs until ``desired`` run (under :attr:`_lock`)."""
+        """Start the lowest inactive vCPUs until ``desired`` run (under :attr:`_lock`).
+
+        A restored VM was never booted by this process (no :attr:`boot_info`): a hot-added vCPU
+        is never vCPU 0, so it takes no boot registers, only the configuration's CPUID and
+        topology (both architectures' ``configure_vcpu`` read ``boot`` for vCPU 0 only)."""
         assert self.vm is not None and self.arch is not None and self.hypervisor is not None
-        assert self.boot_info is not None and self._dispatch is not None and self.manager.cpu_hotplug is not None
+        assert self._dispatch is not None and self.manager.cpu_hotplug is not None
+        boot_info = self.boot_info or BootInfo(protocol="restored", entry=0, kernel=MemoryRange(0, 0))
+        boot_config = self._boot_config if self.boot_info is not None else self.config
         for position in range(self.config.cpus.max_vcpus):
             if len(self._active) >= desired:
                 break
@@ -812,7 +818,7 @@ class Machine:
             if position == len(self.vcpus):  # vCPUs are created in order and never destroyed
                 self.vcpus.append(self.vm.create_vcpu(self.arch.vcpu_id(self.config, position), self._dispatch))
             vcpu = self.vcpus[position]
-            self.arch.configure_vcpu(vcpu, position, self.hypervisor, self._boot_config, self.boot_info)
+            self.arch.configure_vcpu(vcpu, position, self.hypervisor, boot_config, boot_info)
             vcpu.clear_kick()
             self._active.add(position)
             self._set_boot_vcpus(len(self._active))

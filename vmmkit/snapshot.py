@@ -16,7 +16,8 @@
 ``snapshot.json``
     the manifest, written last: ``{"format": "vmmkit-snapshot", "version":`` :data:`FORMAT_VERSION`
     ``, "vmmkit", "files": {name: {"size", "sha256"}}}`` (memory files: size only, so a restore
-    never reads untouched RAM).
+    never reads untouched RAM; ``config.json``: ``{"editable": true}``, it may be edited before a
+    restore, as Kata Containers does with a VM template's).
 
 A restore (``vmmkit --restore source_url=file:///dir[,prefault=on]``, ``vm.restore``) checks
 everything before it builds anything: the manifest's format and version, the sizes of all
@@ -143,6 +144,7 @@ def write_snapshot(machine: Machine, url: str, *, config: VmConfig | None = None
         data = json.dumps(document, indent=1, sort_keys=True).encode()
         _write_file(directory / name, data)
         files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    files[CONFIG] = {"editable": True}  # see open_snapshot: checked by parsing, not by checksum
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "vmmkit": __version__, "files": files}
     _write_file(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     log.info("vm.snapshot", directory=str(directory), ram=sum(r.size for r in machine.memory.regions))
@@ -230,9 +232,13 @@ def open_snapshot(url: str) -> SnapshotImage:
             actual = path.stat().st_size
         except OSError:
             raise SnapshotError(f"{path}: missing (the snapshot is incomplete)") from None
-        if actual != size:
+        if actual != size and name != CONFIG:
             raise SnapshotError(f"{path}: {actual} bytes, the manifest says {size} (truncated or damaged)")
-    config_json = _read_json(directory / CONFIG, files[CONFIG].get("sha256"))
+    # config.json may be edited between snapshot and restore, as Cloud Hypervisor allows: Kata
+    # Containers rewrites the vsock socket and memory.shared of a VM template's config.json
+    # (clh.go: SaveVM, updateVsockSocketPath). It is checked as any configuration is, and the
+    # restore compares each device's placement with the saved state.
+    config_json = _read_json(directory / CONFIG, None)
     state = _read_json(directory / STATE, files[STATE].get("sha256"))
     if not isinstance(state, dict):
         raise SnapshotError(f"{directory / STATE}: not a JSON object")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 import pluggy
@@ -109,6 +109,14 @@ class ResizePending(VmmError):
     it to remove (CH answers 429)."""
 
 
+class Restoring(VmmError):
+    """``--restore`` is still building the VM after :data:`RESTORE_WAIT` seconds (503: retry)."""
+
+
+#: Seconds a ``vm.*`` request waits for a ``--restore`` in progress before it is answered 503.
+RESTORE_WAIT: Final = 60.0
+
+
 class EventSink(Protocol):
     """Where VMM-level events go (an :class:`vmmkit.events.EventMonitor`)."""
 
@@ -151,7 +159,25 @@ class Vmm:
         self._done = threading.Event()
         self._exit: MachineExit | None = None
         self._net_fds: dict[str, tuple[int, ...]] = {}
+        self._restored = threading.Event()  # cleared while --restore builds the VM
+        self._restored.set()
         self._event("vmm", "starting")
+
+    # -- --restore: requests wait for the VM instead of finding none ------------------------------
+
+    def expect_restore(self) -> None:
+        """``--restore`` will build the VM: until :meth:`restore_ended`, ``vm.*`` requests
+        wait for it (:meth:`wait_restored`) rather than answer 404 "no VM" to a client that
+        asks ``vm.info`` as soon as the socket answers ``vmm.ping``."""
+        self._restored.clear()
+
+    def restore_ended(self) -> None:
+        self._restored.set()
+
+    def wait_restored(self, timeout: float = RESTORE_WAIT) -> None:
+        """Wait for a ``--restore`` in progress. :raises Restoring: not done in ``timeout``."""
+        if not self._restored.wait(timeout):
+            raise Restoring(f"the VM is still being restored (--restore) after {timeout:g} s; retry")
 
     # -- queries ---------------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ state does not allow (``vm.counters`` of a VM that is not running); 408 a reques
 arrive in time; 409 a VM or a device id that already exists; 413 body too large; 429 too many
 connections from one process, or a ``vm.resize`` while a vCPU removal is pending; 501 a CH
 endpoint vmmkit does not implement (migration, resize-zone, ...); 503 every connection busy in a
-handler; 504 a guest that did not eject a device or vCPUs in time (``vm.remove-device``,
+handler, or a ``--restore`` still building the VM after a minute (``vm.*`` requests wait for
+it); 504 a guest that did not eject a device or vCPUs in time (``vm.remove-device``,
 ``vm.resize``); 500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on a
 running VM answer 200 with CH's ``PciDeviceInfo`` (``{"id": ..., "bdf": "0000:00:05.0"}``).
 """
@@ -70,6 +71,7 @@ from vmmkit.vmm import (
     NotCreated,
     NotSupported,
     ResizePending,
+    Restoring,
     Vmm,
 )
 
@@ -83,8 +85,11 @@ OPENAPI_PATH: Final = Path(__file__).with_name("openapi.yaml")
 MAX_CONNECTIONS: Final = 64
 #: Connections one client process (``SO_PEERCRED`` pid) may hold; more are answered 429.
 MAX_CONNECTIONS_PER_PEER: Final = 16
-#: Seconds a connection may stay silent between requests before it is closed.
-IDLE_TIMEOUT: Final = 30.0
+#: Seconds a connection may stay silent between requests before it is closed: never by default.
+#: Kata Containers' runtime-rs opens one connection when it starts the VMM and sends every call
+#: of the sandbox's life on it (``ch-config/src/ch_api.rs``: one shared ``UnixStream``), hours
+#: apart; an idle connection still gives way when all :data:`MAX_CONNECTIONS` are taken.
+IDLE_TIMEOUT: Final[float | None] = None
 #: Seconds from a request's first byte until all of it (head and body) must have arrived
 #: (408 otherwise); bytes trickling in do not extend it.
 REQUEST_TIMEOUT: Final = 10.0
@@ -191,11 +196,11 @@ def _added(result: Mapping[str, str] | None) -> Response:
 
 
 def _add_disk(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_disk(DiskConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_disk(DiskConfig.from_json(_json_object(request), section="disks")))
 
 
 def _add_device(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_device(DeviceConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_device(DeviceConfig.from_json(_json_object(request), section="devices")))
 
 
 def _add_net(server: ApiServer, request: Request) -> Response:
@@ -203,7 +208,7 @@ def _add_net(server: ApiServer, request: Request) -> Response:
     try:
         body = _json_object(request)
         body.pop("fds", None)  # fd numbers only mean something when sent with SCM_RIGHTS
-        net = NetConfig.from_json(body)
+        net = NetConfig.from_json(body, section="net")
     except BaseException:
         close_fds(fds)
         raise
@@ -211,15 +216,15 @@ def _add_net(server: ApiServer, request: Request) -> Response:
 
 
 def _add_fs(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_fs(FsConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_fs(FsConfig.from_json(_json_object(request), section="fs")))
 
 
 def _add_vsock(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_vsock(VsockConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_vsock(VsockConfig.from_json(_json_object(request), section="vsock")))
 
 
 def _add_pmem(server: ApiServer, request: Request) -> Response:
-    return _added(server.vmm.add_pmem(PmemConfig.from_json(_json_object(request))))
+    return _added(server.vmm.add_pmem(PmemConfig.from_json(_json_object(request), section="pmem")))
 
 
 def _remove_device(server: ApiServer, request: Request) -> Response:
@@ -359,6 +364,8 @@ def _status_of(exc: BaseException) -> int:
         return 504
     if isinstance(exc, ResizePending):
         return 429
+    if isinstance(exc, Restoring):
+        return 503
     if isinstance(exc, (ConfigError, BootError, DeviceError, SnapshotError)):
         return 400
     return 500
@@ -368,7 +375,7 @@ class ApiServer:
     """Serves :data:`ROUTES` for ``vmm`` on a listening Unix socket."""
 
     def __init__(self, vmm: Vmm, listener: socket.socket, *, path: str | None = None,
-                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float | None = IDLE_TIMEOUT,
                  request_timeout: float = REQUEST_TIMEOUT,
                  max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER) -> None:
         self.vmm = vmm
@@ -585,6 +592,8 @@ class ApiServer:
         route: Route | None = None
         try:
             route, name = self._route(request)
+            if name.startswith("vm."):
+                self.vmm.wait_restored()  # a --restore in progress: its VM, not a 404
             if not route.takes_fds and request.fds:
                 log.warning("api.fds_ignored", endpoint=name, count=len(request.fds))
                 close_fds(request.fds)

@@ -18,6 +18,7 @@ _CODEC: Final = "vmmkit_json_codec"
 class _JsonContext:
     strict: bool
     ignored: list[str] | None
+    section: str = ""  #: the VmConfig section a lone device's object belongs to ("disks")
 
 
 def _join(path: str, key: str) -> str:
@@ -66,10 +67,11 @@ def _decode_object(cls: type[Any], value: Any, path: str, ctx: _JsonContext) -> 
             if item is None:
                 continue
             if ctx.strict:
-                refused = unmodelled_refusal(here, item)
+                entry = _join(ctx.section, here)  # a vm.add-disk body's key is a disks[] key
+                refused = unmodelled_refusal(entry, item)
                 if refused is not None:
                     raise refused
-                if table_path(here) not in NOT_SUPPORTED:
+                if table_path(entry) not in NOT_SUPPORTED:
                     raise ConfigError(here, key, "one of: " + ", ".join(fields), reason=f"unknown key {key!r}")
                 continue  # a not-supported key at its default value asks for nothing
             if ctx.ignored is not None:
@@ -116,10 +118,12 @@ class _Config:
 
     @classmethod
     def from_json(
-        cls, obj: Mapping[str, Any], *, strict: bool = True, ignored: list[str] | None = None
+        cls, obj: Mapping[str, Any], *, strict: bool = True, ignored: list[str] | None = None, section: str = ""
     ) -> Self:
-        """Build from a CH JSON object. See :meth:`VmConfig.from_json`."""
-        return cast(Self, _decode_object(cls, obj, "", _JsonContext(strict, ignored)))
+        """Build from a CH JSON object. See :meth:`VmConfig.from_json`. ``section``: the
+        ``VmConfig`` section the object is an item of (``"disks"`` for a ``vm.add-disk`` body),
+        for the not-supported table's entries."""
+        return cast(Self, _decode_object(cls, obj, "", _JsonContext(strict, ignored, section)))
 
     def to_json(self) -> dict[str, Any]:
         """The CH JSON object (``None`` and empty lists left out, as CH does)."""

@@ -62,6 +62,9 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "disks.rate_limit_group": "rate limit groups",
     "disks.queue_affinity": "queue affinity",
     "disks.iommu": _IOMMU,
+    # Cloud Hypervisor's testing switch, sent (false) by Kata's runtime-rs with every disk
+    "disks.disable_io_uring": "choosing the disk I/O engine",
+    "disks.disable_aio": "choosing the disk I/O engine",
     # nets
     "net.vhost_user": "vhost-user network devices",
     "net.vhost_socket": "vhost-user network devices",
@@ -72,6 +75,8 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     # other built-in devices
     "rng.iommu": _IOMMU,
     "console.iommu": _IOMMU,
+    # CH's serial is a ConsoleConfig: Kata's Go client sends {"mode": ..., "iommu": false}
+    "serial.iommu": _IOMMU,
     "balloon.iommu": _IOMMU,
     "vsock.iommu": _IOMMU,
     "pmem.iommu": _IOMMU,

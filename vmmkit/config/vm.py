@@ -322,7 +322,7 @@ class VmConfig(_Config):
 
     @classmethod
     def from_json(
-        cls, obj: Mapping[str, Any], *, strict: bool = True, ignored: list[str] | None = None
+        cls, obj: Mapping[str, Any], *, strict: bool = True, ignored: list[str] | None = None, section: str = ""
     ) -> Self:
         """Build from a CH ``VmConfig`` JSON object (already decoded, e.g. by ``json.loads``).
 
@@ -338,7 +338,7 @@ class VmConfig(_Config):
         ``disks[1].id``). Whether the VM's device plugins support the result is a separate check
         (:func:`vmmkit.config.check_supported`).
         """
-        return super().from_json(obj, strict=strict, ignored=ignored)
+        return super().from_json(obj, strict=strict, ignored=ignored, section=section)
 
     @classmethod
     def from_cli(

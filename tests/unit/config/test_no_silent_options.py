@@ -359,9 +359,15 @@ def test_every_schema_key_and_extension_is_implemented_or_refused(claimed: froze
     assert not both, f"listed as implemented and refused: {both}"
 
 
+#: Keys of Cloud Hypervisor's serde structs (vmm/src/vm_config.rs: ``serial`` is a
+#: ``ConsoleConfig``; ``DiskConfig``'s testing switches) that its OpenAPI document omits, but its
+#: ``vm.info`` writes and Kata Containers sends (issue #21).
+SERDE_ONLY_KEYS = {"serial.iommu", "disks.disable_io_uring", "disks.disable_aio"}
+
+
 def test_the_tables_name_only_real_keys() -> None:
     schemas = _schema()["components"]["schemas"]
-    leaves = {_unalias(path) for path in schema_leaves(schemas)} | set(model_leaves())
+    leaves = {_unalias(path) for path in schema_leaves(schemas)} | set(model_leaves()) | SERDE_ONLY_KEYS
     known = leaves | {".".join(p.split(".")[:i]) for p in leaves for i in range(1, p.count(".") + 1)}
     assert not sorted(set(NOT_SUPPORTED) - known), "NOT_SUPPORTED names keys that exist nowhere"
     assert not sorted(IMPLEMENTED - known), "IMPLEMENTED names keys that exist nowhere"
