@@ -1,0 +1,116 @@
+"""Live migration between two real vmmkit processes (issue 16): ``vmmkit-remote
+receive-migration`` on a VMM started without a VM, ``send-migration`` on the one running the
+self-test guest; the guest's heartbeat and both CPUs go on at the destination, the source
+exits; a destination that fails or is killed leaves the source running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import BANNER, VmmProcess, remote_command, wait_for
+
+
+def heartbeat_numbers(text: str) -> list[int]:
+    return [int(line.split()[-1]) for line in text.splitlines()
+            if line.startswith("selftest: heartbeat ") and line.split()[-1].isdigit()]
+
+
+def receive_in_background(vmm: VmmProcess, url: str) -> subprocess.Popen[str]:
+    """``vmmkit-remote receive-migration URL``: it answers once the migration is over."""
+    return subprocess.Popen([*remote_command(), "--api-socket", str(vmm.socket), "receive-migration", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def send(vmm: VmmProcess, url: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*remote_command(), "--api-socket", str(vmm.socket), "send-migration", *extra, url],
+                            capture_output=True, text=True, timeout=180)
+    if check:
+        assert result.returncode == 0, f"send-migration: {result.stderr}\n{vmm.log.read_text()[-3000:]}"
+    return result
+
+
+def spinning(start: Callable[..., VmmProcess], kernel: Path, **extra: Any) -> VmmProcess:
+    source = start()
+    source.create(source.guest_config(kernel, **extra))
+    source.remote("boot")
+    wait_for(lambda: len(heartbeat_numbers(source.output())) >= 2, 60, "two heartbeats")
+    return source
+
+
+@pytest.fixture
+def destination(short_dir: Path, vmmkit_hypervisor: str) -> Any:
+    started: list[VmmProcess] = []
+
+    def start(hypervisor: str = vmmkit_hypervisor) -> VmmProcess:
+        directory = short_dir / f"dst{len(started)}"
+        directory.mkdir()
+        vmm = VmmProcess(directory, hypervisor)
+        started.append(vmm)
+        return vmm
+
+    yield start
+    for vmm in started:
+        vmm.stop()
+
+
+@pytest.mark.parametrize("scheme", ["unix", "tcp"])
+def test_the_heartbeat_goes_on_at_the_destination(start_vmm: Any, destination: Any, selftest_elf: Path,
+                                                  short_dir: Path, scheme: str) -> None:
+    source = spinning(start_vmm, selftest_elf)
+    target = destination()
+    url = f"unix:{short_dir}/mig.sock" if scheme == "unix" else f"tcp:127.0.0.1:{_free_port()}"
+    receiver = receive_in_background(target, url)
+    wait_for(lambda: ("vm", "receiving-migration") in target.events(), 20, "the receiver to listen")
+    send(source, url)
+    assert receiver.wait(60) == 0, receiver.stderr.read() if receiver.stderr else ""
+    assert source.wait_exit(30) == 0  # the source's VMM exits, as Cloud Hypervisor's
+    assert target.info()["state"] == "Running"
+    serial = short_dir / "serial.log"  # the configuration travels: the destination writes there too
+    before = heartbeat_numbers(serial.read_text(errors="replace"))
+    beats = wait_for(lambda: len(heartbeat_numbers(serial.read_text(errors="replace"))) >= len(before) + 2
+                     and heartbeat_numbers(serial.read_text(errors="replace")), 60, "heartbeats after migration")
+    assert beats == list(range(1, len(beats) + 1)), f"a gap or a restart: {beats}"
+    text = serial.read_text(errors="replace")
+    assert text.count(BANNER) == 1 and "FAIL" not in text
+    assert ("vm", "migrated") in source.events() and ("vm", "migration-received") in target.events()
+    # both CPUs run at the destination: the guest's spin loop needs every CPU to go on, and the
+    # heartbeat comes from the boot CPU
+    target.remote("shutdown-vmm")
+    assert target.wait_exit() == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_kill_9_of_the_destination_leaves_the_source_running(start_vmm: Any, destination: Any,
+                                                              selftest_elf: Path, short_dir: Path) -> None:
+    source = spinning(start_vmm, selftest_elf, memory={"size": 256 << 20})
+    target = destination()
+    url = f"unix:{short_dir}/mig.sock"
+    receiver = receive_in_background(target, url)
+    wait_for(lambda: ("vm", "receiving-migration") in target.events(), 20, "the receiver to listen")
+    sender = subprocess.Popen([*remote_command(), "--api-socket", str(source.socket), "send-migration", url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: ("vm", "migrating") in source.events(), 20, "the migration to start")
+    time.sleep(0.2)
+    os.kill(target.proc.pid, signal.SIGKILL)
+    target.proc.wait(10)
+    assert sender.wait(90) != 0
+    assert "failed" in sender.stderr.read()  # type: ignore[union-attr]
+    receiver.wait(10)
+    assert source.info()["state"] == "Running"
+    count = len(heartbeat_numbers(source.output()))
+    wait_for(lambda: len(heartbeat_numbers(source.output())) >= count + 1, 60, "a heartbeat after the failure")
