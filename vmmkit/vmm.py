@@ -495,6 +495,9 @@ class Vmm:
             raise ProtocolError(f"no architecture {arch!r} here")
         layout = self.registries.architectures.get(arch)().memory_layout(config)
         check_ranges("the migrated VM", ranges, config, layout)
+        # Load the code the build will run now, while the source's guest still runs (the
+        # build happens in the downtime).
+        preload(config, self.registries, hypervisor=self.hypervisor_name, arch=self.arch_name)
 
     # -- devices ---------------------------------------------------------------------------------
 

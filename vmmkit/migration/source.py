@@ -135,6 +135,7 @@ def send(machine: Machine, config: VmConfig, endpoint: Endpoint, *, local: bool,
         raise MigrationError(f"cannot connect to {endpoint}: {exc.strerror or exc}") from None
     sender = _Sender(machine, sock)
     rounds = 0
+    handed_over = False
     try:
         protocol.call(sock, Command.START, protocol.start_payload(__version__, local=local))
         protocol.call(sock, Command.CONFIG, protocol.encode_json({
@@ -174,10 +175,17 @@ def send(machine: Machine, config: VmConfig, endpoint: Endpoint, *, local: bool,
                 sender.send_blocks({ledger: ledger.first_pass() for ledger in ledgers})
         state = collect_state(machine)
         state["memory"] = [{"slot": r.slot, "start": r.start, "size": r.size} for r in regions]
+        handed_over = True
+        for placed in machine.devices:  # the destination builds the devices at STATE: disk locks
+            placed.device.hand_over()
         protocol.call(sock, Command.STATE, protocol.encode_json(state))
+        log.debug("migration.state_sent", after_pause_s=round(time.monotonic() - (paused_at or 0), 3))
         protocol.call(sock, Command.COMPLETE)
     except BaseException as exc:
         _abandon(sock)
+        sock.close()  # the receiver drops its VM (and the disks it opened) on end of stream
+        if handed_over:
+            _take_back(machine)
         if logging:
             try:
                 vm.stop_dirty_log()
@@ -185,7 +193,6 @@ def send(machine: Machine, config: VmConfig, endpoint: Endpoint, *, local: bool,
                 log.exception("migration.stop_dirty_log_failed")
         if paused_at is not None and was_running and machine.state is MachineState.PAUSED:
             machine.resume()
-        sock.close()
         log.warning("migration.send_failed", destination=str(endpoint), error=str(exc))
         if isinstance(exc, (MigrationError, NotSnapshottable)) or not isinstance(exc, Exception):
             raise
@@ -204,6 +211,28 @@ def _pause(machine: Machine, was_running: bool) -> float:
     if was_running:
         machine.pause()
     return time.monotonic()
+
+
+def _take_back(machine: Machine, patience: float = 5.0) -> None:
+    """Every device takes back what it handed over; the receiver may still be closing the
+    devices it built, so a refusal is retried for ``patience`` seconds, then logged (the VM
+    goes on without that lock)."""
+    from vmmkit.errors import DeviceError
+
+    deadline = time.monotonic() + patience
+    for placed in machine.devices:
+        while True:
+            try:
+                placed.device.take_back()
+                break
+            except DeviceError as exc:
+                if time.monotonic() >= deadline:
+                    log.error("migration.take_back_failed", device=placed.id, error=str(exc))
+                    break
+                time.sleep(0.05)
+            except Exception:
+                log.exception("migration.take_back_failed", device=placed.id)
+                break
 
 
 def _abandon(sock: socket.socket) -> None:

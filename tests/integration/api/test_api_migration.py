@@ -114,3 +114,29 @@ def test_kill_9_of_the_destination_leaves_the_source_running(start_vmm: Any, des
     assert source.info()["state"] == "Running"
     count = len(heartbeat_numbers(source.output()))
     wait_for(lambda: len(heartbeat_numbers(source.output())) >= count + 1, 60, "a heartbeat after the failure")
+
+
+def test_a_guest_writing_to_virtio_blk_during_migration_leaves_a_whole_image(
+        start_vmm: Any, destination: Any, selftest_elf: Path, short_dir: Path) -> None:
+    from ..qemu_peer import SECTOR, blk_sector
+
+    image = short_dir / "disk.img"
+    image.write_bytes(bytes(2 << 20))
+    source = start_vmm()
+    source.create(source.guest_config(selftest_elf, cmdline="test=blkfill", disks=[{"path": str(image)}]))
+    source.remote("boot")
+    wait_for(lambda: "blkfill: 128/" in source.output(), 60, "the guest to be writing")
+    target = destination()
+    url = f"unix:{short_dir}/mig.sock"
+    receiver = receive_in_background(target, url)
+    wait_for(lambda: ("vm", "receiving-migration") in target.events(), 20, "the receiver to listen")
+    send(source, url)
+    at_migration = source.output()
+    assert receiver.wait(60) == 0
+    assert "ok blkfill" not in at_migration, "the guest finished before the migration: make the disk larger"
+    # the guest reads every sector back at the destination and checks it, then powers off
+    assert target.wait_exit(120) == 0, source.output()[-2000:]
+    assert "selftest: ok blkfill (4096 sectors written and read back" in source.output()  # the same serial file
+    data = image.read_bytes()
+    bad = [n for n in range(len(data) // SECTOR) if data[n * SECTOR:(n + 1) * SECTOR] != blk_sector(n)]
+    assert not bad, f"{len(bad)} sectors do not hold the pattern, the first {bad[:5]}"
