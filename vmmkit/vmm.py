@@ -472,7 +472,7 @@ class Vmm:
                 if self.config is not None:
                     raise AlreadyExists("a VM was created while waiting for the migration")
             try:
-                destination.receive(conn, unix=endpoint.family == "unix", source=str(endpoint),
+                destination.receive(conn, unix=endpoint.family == "unix", source=f"a sender on {endpoint}",
                                     check_layout=self._check_migrated_layout,
                                     build=lambda _config, image, memory: self._start_restored(image, memory=memory))
             except BaseException:

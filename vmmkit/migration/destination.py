@@ -74,8 +74,10 @@ class _Receiver:
                     return self.machine
         except BaseException as exc:
             self.discard()
-            if isinstance(exc, MigrationError) or not isinstance(exc, Exception):
+            if not isinstance(exc, Exception):
                 raise
+            if isinstance(exc, MigrationError):
+                raise MigrationError(f"the migration from {self.source} failed: {exc}") from None
             if isinstance(exc, OSError):
                 raise MigrationError(f"the migration from {self.source} failed: {exc.strerror or exc}") from None
             raise MigrationError(f"the migration from {self.source} failed: {exc}") from exc
@@ -124,7 +126,7 @@ class _Receiver:
             log.info("migration.received", source=self.source, local=self.local)
             return True
         elif command is Command.ABANDON:
-            raise MigrationError(f"the sender ({self.source}) abandoned the migration")
+            raise MigrationError("the sender abandoned the migration")
         return False
 
     def _config(self, document: dict[str, Any]) -> None:

@@ -34,6 +34,9 @@ def digest(data: bytes) -> bytes:
     return hashlib.sha1(data, usedforsecurity=False).digest()
 
 
+_ZERO_DIGEST: Final = digest(_ZERO_BLOCK)
+
+
 def blocks_in(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK
 
@@ -95,19 +98,22 @@ class RegionLedger:
         buffer = self.region.buffer
         for block in range(len(self.digests)):
             offset, length = self.extent(block, 1)
-            data = buffer[offset : offset + length]
-            if data == _ZERO_BLOCK[:length]:
-                self.digests[block] = digest(data)
+            if buffer[offset : offset + length] == _ZERO_BLOCK[:length]:
+                self.digests[block] = _ZERO_DIGEST if length == BLOCK else digest(_ZERO_BLOCK[:length])
             else:
                 nonzero.append(block)
         return nonzero
 
     def changed(self) -> list[int]:
-        """Blocks whose content is not what was last sent (or never sent)."""
+        """Blocks whose content is not what was last sent (or never sent). A block sent as
+        zeros and still zeros is recognised by comparison alone (most of a guest's RAM)."""
         buffer = self.region.buffer
         out = []
         for block, sent in enumerate(self.digests):
             offset, length = self.extent(block, 1)
-            if sent is None or digest(buffer[offset : offset + length]) != sent:
+            data = buffer[offset : offset + length]
+            if sent is _ZERO_DIGEST and data == _ZERO_BLOCK:
+                continue
+            if sent is None or digest(data) != sent:
                 out.append(block)
         return out

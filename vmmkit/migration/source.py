@@ -194,8 +194,10 @@ def send(machine: Machine, config: VmConfig, endpoint: Endpoint, *, local: bool,
         if paused_at is not None and was_running and machine.state is MachineState.PAUSED:
             machine.resume()
         log.warning("migration.send_failed", destination=str(endpoint), error=str(exc))
-        if isinstance(exc, (MigrationError, NotSnapshottable)) or not isinstance(exc, Exception):
+        if isinstance(exc, NotSnapshottable) or not isinstance(exc, Exception):
             raise
+        if isinstance(exc, MigrationError):
+            raise MigrationError(f"migration to {endpoint} failed: {exc}") from None
         if isinstance(exc, OSError):
             raise MigrationError(f"migration to {endpoint} failed: {exc.strerror or exc}") from None
         raise MigrationError(f"migration to {endpoint} failed: {exc}") from exc

@@ -95,8 +95,34 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_kill_9_of_the_destination_leaves_the_source_running(start_vmm: Any, destination: Any,
-                                                              selftest_elf: Path, short_dir: Path) -> None:
+@pytest.mark.parametrize("when", ["stopped-before-start", "mid-migration"])
+def test_kill_9_of_the_destination_leaves_the_source_running(start_vmm: Any, destination: Any, selftest_elf: Path,
+                                                              short_dir: Path, when: str) -> None:
+    source = spinning(start_vmm, selftest_elf, memory={"size": 256 << 20})
+    target = destination()
+    url = f"unix:{short_dir}/mig.sock"
+    receiver = receive_in_background(target, url)
+    wait_for(lambda: ("vm", "receiving-migration") in target.events(), 20, "the receiver to listen")
+    if when == "stopped-before-start":
+        os.kill(target.proc.pid, signal.SIGSTOP)  # the source connects and waits for START's answer
+    sender = subprocess.Popen([*remote_command(), "--api-socket", str(source.socket), "send-migration", url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: ("vm", "migrating") in source.events(), 20, "the migration to start")
+    time.sleep(0.3)
+    os.kill(target.proc.pid, signal.SIGKILL)
+    target.proc.wait(10)
+    assert sender.wait(90) != 0, "the migration completed before the kill (a 256 MiB migration took < 0.3 s?)"
+    error = sender.stderr.read()  # type: ignore[union-attr]
+    assert "migration to unix:" in error and "failed" in error, error
+    receiver.wait(10)
+    assert source.proc.poll() is None and source.info()["state"] == "Running"
+    count = len(heartbeat_numbers(source.output()))
+    wait_for(lambda: len(heartbeat_numbers(source.output())) >= count + 1, 60, "a heartbeat after the failure")
+    assert ("vm", "migrated") not in source.events()
+
+
+def test_kill_9_of_the_source_leaves_the_destination_waiting_without_a_vm(
+        start_vmm: Any, destination: Any, selftest_elf: Path, short_dir: Path) -> None:
     source = spinning(start_vmm, selftest_elf, memory={"size": 256 << 20})
     target = destination()
     url = f"unix:{short_dir}/mig.sock"
@@ -105,15 +131,88 @@ def test_kill_9_of_the_destination_leaves_the_source_running(start_vmm: Any, des
     sender = subprocess.Popen([*remote_command(), "--api-socket", str(source.socket), "send-migration", url],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: ("vm", "migrating") in source.events(), 20, "the migration to start")
-    time.sleep(0.2)
-    os.kill(target.proc.pid, signal.SIGKILL)
-    target.proc.wait(10)
-    assert sender.wait(90) != 0
-    assert "failed" in sender.stderr.read()  # type: ignore[union-attr]
-    receiver.wait(10)
+    time.sleep(0.3)
+    os.kill(source.proc.pid, signal.SIGKILL)
+    sender.wait(30)
+    assert receiver.wait(60) != 0
+    error = receiver.stderr.read()  # type: ignore[union-attr]
+    assert "the migration from a sender on unix:" in error and "failed" in error, error
+    assert target.proc.poll() is None  # the destination VMM stays, without a VM
+    assert target.remote("info", check=False).returncode != 0
+    assert ("vm", "migration-received") not in target.events()
+    # and it can receive again: a second source migrates to it
+    assert not (short_dir / "mig.sock").exists()
+
+
+def test_refusals_leave_the_source_running(start_vmm: Any, destination: Any, selftest_elf: Path,
+                                           short_dir: Path) -> None:
+    source = spinning(start_vmm, selftest_elf)
+    bad = send(source, "http://example.com", check=False)
+    assert bad.returncode == 2 and "unknown scheme 'http'" in bad.stderr  # refused by vmmkit-remote itself
+    api = source.remote("send-migration", "unix:", check=False)
+    assert api.returncode == 2 and "socket path is empty" in api.stderr
+    nobody = send(source, f"unix:{short_dir}/nobody.sock", check=False)
+    assert nobody.returncode != 0 and "cannot connect to unix:" in nobody.stderr, nobody.stderr
+    private = send(source, f"unix:{short_dir}/nobody.sock", "--local", check=False)
+    assert private.returncode != 0 and "local=true needs guest RAM in memfds (--memory shared=on)" in private.stderr
+    target = destination()
+    busy = target.remote("receive-migration", "tcp:127.0.0.1:notaport", check=False)
+    assert busy.returncode == 2 and "is not a port" in busy.stderr
     assert source.info()["state"] == "Running"
     count = len(heartbeat_numbers(source.output()))
-    wait_for(lambda: len(heartbeat_numbers(source.output())) >= count + 1, 60, "a heartbeat after the failure")
+    wait_for(lambda: len(heartbeat_numbers(source.output())) >= count + 1, 60, "a heartbeat after the refusals")
+
+
+def test_bad_bodies_are_400_with_the_reason(start_vmm: Any, selftest_elf: Path, short_dir: Path) -> None:
+    from vmmkit.api.client import ApiClient, ApiError
+
+    source = spinning(start_vmm, selftest_elf)
+    client = ApiClient(str(source.socket))
+    for body, reason in (({"destination_url": "ftp:x"}, "unknown scheme 'ftp'"),
+                         ({"destination_url": "tcp:127.0.0.1"}, "tcp needs a host and a port"),
+                         ({"destination_url": "tcp:127.0.0.1:0"}, "'0' is not a port"),
+                         ({"destination_url": "unix:/x", "tls_dir": "/etc"}, "not supported (TLS)"),
+                         ({"destination_url": "unix:/x", "memory_mode": "Postcopy"}, "post-copy"),
+                         ({"destination_url": "unix:/x", "local": "yes"}, "true or false"),
+                         ({"destination_url": "unix:/x", "bogus": 1}, "unknown keys")):
+        with pytest.raises(ApiError) as caught:
+            client.request("PUT", "vm.send-migration", body)
+        assert caught.value.status == 400 and reason in " ".join(caught.value.messages), (body, caught.value.messages)
+    with pytest.raises(ApiError) as caught:
+        client.request("PUT", "vm.receive-migration", {"receiver_url": f"unix:{short_dir}/r.sock"})
+    assert caught.value.status == 409  # this VMM has a VM
+    assert source.info()["state"] == "Running"
+
+
+def test_local_migration_hands_the_memfds_over(start_vmm: Any, destination: Any, selftest_elf: Path,
+                                               short_dir: Path) -> None:
+    source = spinning(start_vmm, selftest_elf, memory={"size": 64 << 20, "shared": True})
+    target = destination()
+    url = f"unix:{short_dir}/mig.sock"
+    inode = _memfd_inodes(source.proc.pid)
+    assert inode, "the source's RAM is not in a memfd"
+    receiver = receive_in_background(target, url)
+    wait_for(lambda: ("vm", "receiving-migration") in target.events(), 20, "the receiver to listen")
+    send(source, url, "--local")
+    assert receiver.wait(60) == 0
+    assert source.wait_exit(30) == 0
+    assert _memfd_inodes(target.proc.pid) == inode  # the same memory, not a copy
+    serial = short_dir / "serial.log"
+    before = heartbeat_numbers(serial.read_text(errors="replace"))
+    beats = wait_for(lambda: len(heartbeat_numbers(serial.read_text(errors="replace"))) >= len(before) + 2
+                     and heartbeat_numbers(serial.read_text(errors="replace")), 60, "heartbeats after migration")
+    assert beats == list(range(1, len(beats) + 1)), beats
+
+
+def _memfd_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:vmmkit-ram"):
+                inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:
+            pass
+    return inodes
 
 
 def test_a_guest_writing_to_virtio_blk_during_migration_leaves_a_whole_image(
