@@ -340,6 +340,7 @@ class Machine:
             from vmmkit.snapshot import check_ranges
 
             check_ranges(str(restore.directory), [r.range for r in memory.regions], self.config, self.layout)
+            self.memory = memory
         elif restore is not None:
             self.memory = map_memory(restore, self.config, self.layout, prefault=prefault or mem.prefault)
         else:
