@@ -425,11 +425,13 @@ class Vmm:
             assert config is not None
             self._event("vm", "migrating", {"destination_url": str(endpoint)})
             try:
-                source.send(machine, config, endpoint, local=local, downtime_ms=downtime_ms)
+                report = source.send(machine, config, endpoint, local=local, downtime_ms=downtime_ms)
             except NotSnapshottable as exc:
                 raise NotSupported(f"cannot migrate this VM: {exc}") from None
             self._stop_machine(machine)
-            self._event("vm", "migrated", {"destination_url": str(endpoint)})
+            self._event("vm", "migrated", {"destination_url": str(endpoint), "rounds": report.rounds,
+                                           "bytes": report.bytes_sent, "total_ms": round(report.total_s * 1e3, 1),
+                                           "downtime_ms": round(report.downtime_s * 1e3, 1)})
             self._exit = MachineExit(StopReason.REQUESTED, 0, f"migrated to {endpoint}")
 
         def finish() -> None:
