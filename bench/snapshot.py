@@ -14,7 +14,13 @@ is booted and paused, then:
 The guest is freshly booted: its RAM is mostly zero pages, so (a) and (c) measure the scan of
 RAM and each VMM's fixed costs, not a large dirty-page copy. Medians of interleaved runs.
 
-    python bench/snapshot.py [--runs 5] [--memory 256,2048]
+With ``--migration``, a second table: live migration of the *running* guest over a Unix socket
+to a waiting VMM on the same host: vmmkit ``send-migration`` to ``receive-migration`` (total:
+the API call; downtime: from the pause to the destination's answer to COMPLETE, as the source
+reports it in its ``vm``/``migrated`` event) vs QEMU ``migrate unix:`` to ``-incoming unix:``
+(``query-migrate``'s ``total-time`` and ``downtime``). The guest must go on at the destination.
+
+    python bench/snapshot.py [--runs 5] [--memory 256,2048] [--migration]
 """
 
 from __future__ import annotations
@@ -185,6 +191,71 @@ class Qemu:
         self.proc.wait()
 
 
+def migrate_vmmkit(tmp: Path, memory_mib: int) -> tuple[float, float]:
+    """(total s, downtime s) of one live migration between two vmmkit processes."""
+    import threading
+
+    from vmmkit.api.client import ApiClient
+    from vmmkit.events import read_events
+
+    serial, events = tmp / "serial.log", tmp / "events.json"
+    procs = []
+    try:
+        for name, extra in (("src", ["--event-monitor", f"path={events}"]), ("dst", [])):
+            sock = tmp / f"{name}.sock"
+            procs.append(subprocess.Popen([*vmmkit_program(), "--api-socket", f"path={sock}", *extra],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, env=ENV))
+            wait_for(lambda sock=sock: listening(sock), "vmmkit's API socket", 10)
+        src, dst = ApiClient(str(tmp / "src.sock"), timeout=300), ApiClient(str(tmp / "dst.sock"), timeout=300)
+        src.create({"payload": {"kernel": str(GUEST), "cmdline": "test=spin"},
+                    "cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": memory_mib << 20},
+                    "serial": {"mode": "File", "file": str(serial)}, "console": {"mode": "Off"}})
+        src.boot()
+        wait_for(lambda: heartbeats(serial) >= 1, "vmmkit's guest to start")
+        url = f"unix:{tmp}/mig.sock"
+        receiver = threading.Thread(target=dst.put, args=("vm.receive-migration", {"receiver_url": url}))
+        receiver.start()
+        wait_for(lambda: (tmp / "mig.sock").exists(), "the receiver to listen", 10)
+        start = time.perf_counter()
+        src.put("vm.send-migration", {"destination_url": url})
+        total = time.perf_counter() - start
+        receiver.join(60)
+        before = heartbeats(serial)
+        wait_for(lambda: heartbeats(serial) > before, "vmmkit's migrated guest to go on")
+        migrated = [e for e in read_events(events.read_text()) if e["event"] == "migrated"]
+        return total, float(migrated[-1]["properties"]["downtime_ms"]) / 1e3
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def migrate_qemu(tmp: Path, memory_mib: int) -> tuple[float, float]:
+    """(total s, downtime s) of one QEMU live migration to ``-incoming unix:``, as it reports them."""
+    source = Qemu(tmp, memory_mib)
+    source.command("cont")
+    target_dir = tmp / "dst"
+    target_dir.mkdir()
+    url = f"unix:{tmp}/mig.sock"
+    target = Qemu.__new__(Qemu)
+    target.tmp, target.memory_mib = target_dir, memory_mib
+    target.serial, target.qmp_path = source.serial, target_dir / "qmp.sock"
+    try:
+        target.proc, target.qmp = target._spawn("-incoming", url)
+        source.command("migrate", uri=url)
+        wait_for(source._migration_done, "QEMU's live migration")
+        info = source.command("query-migrate")
+        before = heartbeats(source.serial)
+        wait_for(lambda: target.command("query-status").get("status") == "running", "QEMU's destination to run")
+        wait_for(lambda: heartbeats(source.serial) > before, "QEMU's migrated guest to go on")
+        return float(info["total-time"]) / 1e3, float(info["downtime"]) / 1e3
+    finally:
+        source.stop()
+        if getattr(target, "proc", None) is not None:
+            target.stop()
+
+
 def one_run(peer: type[Vmmkit] | type[Qemu], memory_mib: int) -> tuple[float, int, float]:
     with tempfile.TemporaryDirectory(prefix="vmmkit-bench-") as tmp:
         vm = peer(Path(tmp), memory_mib)
@@ -201,6 +272,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--memory", default="256,2048", help="guest RAM sizes in MiB, comma separated")
+    parser.add_argument("--migration", action="store_true", help="also measure live migration (running guest)")
     args = parser.parse_args()
     if not GUEST.is_file():
         subprocess.run(["make", "-s", "-C", str(GUEST.parents[2])], check=True)
@@ -228,6 +300,21 @@ def main() -> int:
             v, q = medians["vmmkit"], medians["qemu"]
             print(f"{'':6} {'ratio':8} {v[0] / q[0]:>11.2f}x {v[1] / q[1]:>11.2f}x {v[2] / q[2]:>10.2f}x"
                   "   (vmmkit / QEMU: below 1 is faster or smaller)")
+    if args.migration:
+        migrations: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        runners = {"vmmkit": migrate_vmmkit, **({"qemu": migrate_qemu} if Qemu in peers else {})}
+        for _ in range(args.runs):
+            for memory_mib in sizes:
+                for name, runner in runners.items():
+                    with tempfile.TemporaryDirectory(prefix="vmmkit-bench-", dir="/tmp") as tmp:
+                        migrations.setdefault((name, memory_mib), []).append(runner(Path(tmp), memory_mib))
+        print(f"\nlive migration of the running test guest over a Unix socket (medians of {args.runs} runs)")
+        print(f"{'RAM':>6} {'':8} {'total ms':>12} {'downtime ms':>12}")
+        for memory_mib in sizes:
+            for name in runners:
+                runs = migrations[(name, memory_mib)]
+                total, down = (statistics.median(run[i] for run in runs) for i in range(2))
+                print(f"{memory_mib:>5}M {name:8} {total * 1e3:>12.1f} {down * 1e3:>12.1f}")
     return 0
 
 

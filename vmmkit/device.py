@@ -145,6 +145,16 @@ class ManagedDevice:
 
     def resume(self) -> None: ...
 
+    def hand_over(self) -> None:
+        """Live migration, the VM paused: another process is about to build this device for
+        the same guest; release what it must take (a disk image's lock, as Cloud Hypervisor's
+        source frees its disk locks). :meth:`take_back` undoes it if the migration fails."""
+
+    def take_back(self) -> None:
+        """The migration failed: take back what :meth:`hand_over` released.
+
+        :raises vmmkit.errors.DeviceError: it cannot (another process holds it now)."""
+
     def close(self) -> None:
         """Release host resources (files, fds, threads)."""
 

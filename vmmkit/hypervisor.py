@@ -200,7 +200,23 @@ class Vm(ABC):
     def remove_port_sink(self, port: int) -> None:
         """Stop serving ``port`` natively."""
 
+    #: Whether :meth:`start_dirty_log`, :meth:`get_dirty_log` and :meth:`stop_dirty_log`
+    #: work on this VM (live migration's pre-copy; without it a migration stops the VM first
+    #: and copies all of its RAM).
+    supports_dirty_log: bool = False
+
+    def start_dirty_log(self) -> None:
+        """Log guest writes to every memory slot from now on (slots added later too), each
+        slot's log starting empty. Writes the VMM makes itself are not logged."""
+        raise NotImplementedError("dirty page logging")
+
+    def stop_dirty_log(self) -> None:
+        """Stop logging guest writes (the slots' logs are dropped)."""
+        raise NotImplementedError("dirty page logging")
+
     def get_dirty_log(self, slot: int) -> bytes:
+        """The pages of ``slot`` the guest wrote since the last call (or since logging started),
+        one bit per page (bit ``i % 8`` of byte ``i // 8``), and clear them."""
         raise NotImplementedError("dirty page logging")
 
     def restored(self) -> None:

@@ -312,11 +312,16 @@ class Machine:
 
     # -- building ----------------------------------------------------------------------------
 
-    def build(self, *, restore: SnapshotImage | None = None, prefault: bool = False) -> None:
+    def build(self, *, restore: SnapshotImage | None = None, prefault: bool = False,
+              memory: GuestMemory | None = None) -> None:
         """Create the VM: memory, devices, payload, vCPUs. Leaves it in ``Created``. With
         ``restore`` (a checked snapshot of this configuration), RAM comes from its memory
         files (``prefault``: populated at once), no payload is loaded and every piece takes its
-        saved state instead (:mod:`vmmkit.snapshot`); :meth:`start_paused` then runs it."""
+        saved state instead (:mod:`vmmkit.snapshot`); :meth:`start_paused` then runs it.
+        ``memory``: with ``restore``, the guest RAM already received (live migration,
+        :mod:`vmmkit.migration`), which the machine owns from now on."""
+        if memory is not None:
+            self.memory = memory  # closed by close() whatever fails below
         check_devices(self.config, self.registries.devices)
         activate_sandbox(self.seccomp, self.pm)
         self.emit("vm-creating")
@@ -337,7 +342,12 @@ class Machine:
         self.layout = self.arch.memory_layout(self.config)
         mem = self.config.memory
         self._restored = restore is not None
-        if restore is not None:
+        if restore is not None and memory is not None:
+            from vmmkit.snapshot import check_ranges
+
+            check_ranges(str(restore.directory), [r.range for r in memory.regions], self.config, self.layout)
+            self.memory = memory
+        elif restore is not None:
             self.memory = map_memory(restore, self.config, self.layout, prefault=prefault or mem.prefault)
         else:
             self.memory = self._allocate_memory()

@@ -10,6 +10,8 @@
     vmmkit-remote --api-socket /run/vm.sock remove-device _disk0
     vmmkit-remote --api-socket /run/vm.sock snapshot file:///var/snap      (a paused VM)
     vmmkit-remote --api-socket /run/vm.sock restore source_url=file:///var/snap,prefault=on
+    vmmkit-remote --api-socket /run/dst.sock receive-migration unix:/run/mig.sock   (a VMM without a VM)
+    vmmkit-remote --api-socket /run/vm.sock send-migration [--local] unix:/run/mig.sock
     vmmkit-remote --api-socket /run/vm.sock resize --cpus 4 --memory 1G
     vmmkit-remote --api-socket /run/vm.sock resize --balloon 256M
     vmmkit-remote --api-socket /run/vm.sock info | counters | pause | resume | reboot |
@@ -87,7 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     restore = commands.add_parser("restore", help="Restore VM from a snapshot")
     restore.add_argument("restore_config", metavar="CONFIG",
                          help="source_url=file:///<directory>,prefault=on|off,resume=on|off")
+    send = commands.add_parser("send-migration", help="Initiate a VM migration")
+    send.add_argument("destination_url", metavar="URL", help="unix:<socket path> or tcp:<host>:<port>")
+    send.add_argument("--local", action="store_true",
+                      help="hand guest RAM over as file descriptors (same host, --memory shared=on)")
+    receive = commands.add_parser("receive-migration", help="Receive a VM migration")
+    receive.add_argument("receiver_url", metavar="URL", help="unix:<socket path> or tcp:<host>:<port>")
     return parser
+
+
+#: Migration requests answer when the migration is over: the client waits this long.
+_MIGRATION_TIMEOUT = 24 * 3600.0
 
 
 def _restore_body(spec: str) -> dict[str, Any]:
@@ -138,6 +150,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             method, endpoint, body = "PUT", "vm.snapshot", {"destination_url": options.destination_url}
         elif command == "restore":
             method, endpoint, body = "PUT", "vm.restore", _restore_body(options.restore_config)
+        elif command in ("send-migration", "receive-migration"):
+            from vmmkit.migration.api import receive_migration_args, send_migration_args
+
+            if command == "send-migration":
+                body = {"destination_url": options.destination_url, "local": options.local}
+                send_migration_args(body)
+                method, endpoint = "PUT", "vm.send-migration"
+            else:
+                body = {"receiver_url": options.receiver_url}
+                receive_migration_args(body)
+                method, endpoint = "PUT", "vm.receive-migration"
+            client.timeout = max(client.timeout, _MIGRATION_TIMEOUT)
         elif command == "remove-device":
             method, endpoint, body = "PUT", "vm.remove-device", {"id": options.id}
         elif command == "resize":

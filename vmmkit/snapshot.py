@@ -306,14 +306,8 @@ def map_memory(image: SnapshotImage, config: VmConfig, layout: MemoryLayout, *, 
     memory hotplug's ``restore_state``).
 
     :raises SnapshotError: the saved ranges are not the layout this configuration gets."""
-    area = layout.memory_hotplug if config.memory.hotplug_size else None
     saved = sorted(image.memory, key=lambda item: item[1].start)
-    boot = tuple(rng for _slot, rng, _path in saved if area is None or not area.overlaps(rng))
-    hot = [rng for _slot, rng, _path in saved if area is not None and area.overlaps(rng)]
-    if boot != tuple(layout.ram) or any(area is None or not area.contains(r.start, r.size) for r in hot):
-        raise SnapshotError(f"{image.directory}: the saved RAM ranges {[str(r) for _s, r, _p in saved]} are not "
-                            f"the layout this vmmkit builds for the configuration {[str(r) for r in layout.ram]}"
-                            + (f" and hotplug area {area}" if area is not None else ""))
+    check_ranges(str(image.directory), [rng for _slot, rng, _path in saved], config, layout)
     mem = config.memory
     memory = GuestMemory()
     try:
@@ -331,6 +325,20 @@ def map_memory(image: SnapshotImage, config: VmConfig, layout: MemoryLayout, *, 
         memory.close()
         raise
     return memory
+
+
+def check_ranges(where: str, ranges: list[MemoryRange], config: VmConfig, layout: MemoryLayout) -> None:
+    """Saved (or migrated) RAM ranges, sorted by address, against the layout this vmmkit
+    builds for ``config``: the boot RAM exactly, the rest inside the hotplug area.
+
+    :raises SnapshotError: they differ."""
+    area = layout.memory_hotplug if config.memory.hotplug_size else None
+    boot = tuple(rng for rng in ranges if area is None or not area.overlaps(rng))
+    hot = [rng for rng in ranges if area is not None and area.overlaps(rng)]
+    if boot != tuple(layout.ram) or any(area is None or not area.contains(r.start, r.size) for r in hot):
+        raise SnapshotError(f"{where}: the saved RAM ranges {[str(r) for r in ranges]} are not "
+                            f"the layout this vmmkit builds for the configuration {[str(r) for r in layout.ram]}"
+                            + (f" and hotplug area {area}" if area is not None else ""))
 
 
 def _copy_file(path: Path, region: GuestRegion) -> None:

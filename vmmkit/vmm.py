@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import pluggy
@@ -63,9 +63,12 @@ from vmmkit.machine import (
     activate_sandbox,
     preload,
 )
-from vmmkit.memory import MemoryAllocationError, check_allocatable
+from vmmkit.memory import GuestMemory, MemoryAllocationError, MemoryRange, check_allocatable
 from vmmkit.registry import AUTO, Registries
 from vmmkit.sandbox import VMM, enter_thread, resolve_seccomp_mode
+
+if TYPE_CHECKING:
+    from vmmkit.snapshot import SnapshotImage
 
 log = get_logger()
 
@@ -391,27 +394,138 @@ class Vmm:
                 if self.config is not None:
                     raise AlreadyExists("a VM is already created (vm.delete it first)")
             image = open_snapshot(source_url)
-            check_devices(image.config, self.registries.devices)
-            config = image.config.assign_ids()
-            machine = Machine(config, registries=self.registries, plugin_manager=self.pm,
-                              hypervisor=self.hypervisor_name, arch=self.arch_name, log_fd=self.log_fd)
-            if self.events is not None:
-                machine.listeners.append(self._listener(self.events))
-            machine.listeners.append(self._on_device_removed)
-            try:
-                machine.build(restore=image, prefault=prefault)
-                machine.start_paused()
-            except BaseException:
-                machine.close()
-                raise
-            with self._lock:
-                self.config = config
-                self.machine = machine
-                self._stopping = False
-            self._watcher = threading.Thread(target=self._watch, args=(machine,), name="vm-watch", daemon=True)
-            self._watcher.start()
+            machine = self._start_restored(image, prefault=prefault)
             if resume:
                 machine.resume()
+
+    def _start_restored(self, image: SnapshotImage, *, prefault: bool = False,
+                        memory: GuestMemory | None = None) -> Machine:
+        """Build the VM ``image`` describes (``memory``: its RAM, received by a migration),
+        start it paused and make it this VMM's."""
+        try:
+            check_devices(image.config, self.registries.devices)
+        except BaseException:
+            if memory is not None:
+                memory.close()
+            raise
+        config = image.config.assign_ids()
+        machine = Machine(config, registries=self.registries, plugin_manager=self.pm,
+                          hypervisor=self.hypervisor_name, arch=self.arch_name, log_fd=self.log_fd)
+        if self.events is not None:
+            machine.listeners.append(self._listener(self.events))
+        machine.listeners.append(self._on_device_removed)
+        try:
+            machine.build(restore=image, prefault=prefault, memory=memory)
+            machine.start_paused()
+        except BaseException:
+            machine.close()
+            raise
+        with self._lock:
+            self.config = config
+            self.machine = machine
+            self._stopping = False
+        self._watcher = threading.Thread(target=self._watch, args=(machine,), name="vm-watch", daemon=True)
+        self._watcher.start()
+        return machine
+
+    # -- live migration (vmmkit.migration) ------------------------------------------------------
+
+    def send_migration(self, destination_url: str, *, local: bool = False,
+                       downtime_ms: int = 300) -> Callable[[], None]:
+        """``vm.send-migration``: migrate the running (or paused) VM to a VMM waiting in
+        ``vm.receive-migration``. On success the VM is stopped here and the returned function,
+        called once the caller has answered, makes :meth:`wait` return (this VMM exits, as
+        Cloud Hypervisor's does); on failure the VM goes on as it was.
+
+        :raises ConfigError: a malformed URL. :raises MigrationError: the migration failed.
+        :raises NotSupported: a piece of the VM cannot be saved."""
+        from vmmkit.migration import source
+        from vmmkit.migration.transport import parse_url
+        from vmmkit.state import NotSnapshottable
+
+        endpoint = parse_url(destination_url, "destination_url")
+        with self._op_lock:
+            machine = self._running_machine("migrate")
+            with self._lock:
+                config = self.config
+            assert config is not None
+            self._event("vm", "migrating", {"destination_url": str(endpoint)})
+            try:
+                report = source.send(machine, config, endpoint, local=local, downtime_ms=downtime_ms)
+            except NotSnapshottable as exc:
+                raise NotSupported(f"cannot migrate this VM: {exc}") from None
+            self._stop_machine(machine)
+            self._event("vm", "migrated", {"destination_url": str(endpoint), "rounds": report.rounds,
+                                           "bytes": report.bytes_sent, "total_ms": round(report.total_s * 1e3, 1),
+                                           "downtime_ms": round(report.downtime_s * 1e3, 1)})
+            self._exit = MachineExit(StopReason.REQUESTED, 0, f"migrated to {endpoint}")
+
+        def finish() -> None:
+            self._done.set()
+
+        return finish
+
+    def receive_migration(self, receiver_url: str) -> None:
+        """``vm.receive-migration``: wait for one sender at ``receiver_url`` and take its VM;
+        returns once the VM runs here. A failed migration leaves no VM (the sender's keeps
+        running) and raises.
+
+        :raises ConfigError: a malformed URL. :raises AlreadyExists: this VMM has a VM.
+        :raises MigrationError: the address cannot be used, or the migration failed."""
+        from vmmkit.migration import destination
+        from vmmkit.migration.protocol import MigrationError
+        from vmmkit.migration.transport import listen, parse_url
+
+        endpoint = parse_url(receiver_url, "receiver_url")
+        with self._lock:
+            if self.config is not None:
+                raise AlreadyExists("a VM is already created (vm.delete it first)")
+        try:
+            with listen(endpoint) as listener:
+                self._event("vm", "receiving-migration", {"receiver_url": str(endpoint)})
+                listener.settimeout(0.5)
+                while True:
+                    if self._done.is_set():
+                        raise MigrationError("the VMM is shutting down")
+                    try:
+                        conn, _peer = listener.accept()
+                        break
+                    except TimeoutError:
+                        continue
+        except OSError as exc:
+            raise MigrationError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
+        with conn, self._op_lock:
+            conn.settimeout(destination.IO_TIMEOUT)
+            with self._lock:
+                if self.config is not None:
+                    raise AlreadyExists("a VM was created while waiting for the migration")
+            try:
+                destination.receive(conn, unix=endpoint.family == "unix", source=f"a sender on {endpoint}",
+                                    check_layout=self._check_migrated_layout,
+                                    build=lambda _config, image, memory: self._start_restored(image, memory=memory))
+            except BaseException:
+                with self._lock:
+                    machine = self.machine
+                if machine is not None:  # built, never resumed
+                    self.delete()
+                raise
+        self._event("vm", "migration-received", {"receiver_url": str(endpoint)})
+
+    def _check_migrated_layout(self, config: VmConfig, arch: str, ranges: list[MemoryRange]) -> None:
+        from vmmkit.machine import host_architecture
+        from vmmkit.migration.protocol import ProtocolError
+        from vmmkit.snapshot import check_ranges
+
+        here = self.arch_name or host_architecture()
+        if arch != here:
+            raise ProtocolError(f"the VM is an {arch} guest, this VMM runs {here} guests")
+        if arch not in self.registries.architectures:
+            raise ProtocolError(f"no architecture {arch!r} here")
+        layout = self.registries.architectures.get(arch)().memory_layout(config)
+        check_ranges("the migrated VM", ranges, config, layout)
+        # Load the code the build will run now, while the source's guest still runs (the
+        # build happens in the downtime).
+        preload(config, self.registries, hypervisor=self.hypervisor_name, arch=self.arch_name)
 
     # -- devices ---------------------------------------------------------------------------------
 

@@ -105,8 +105,6 @@ NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
     "vm.add-vdpa": "vDPA devices",
     "vm.add-user-device": "userspace (vfio-user) devices",
     "vm.coredump": "guest core dumps",
-    "vm.receive-migration": "live migration",
-    "vm.send-migration": "live migration",
 }
 
 _SOCKET_SPEC: Final = OptionParser("--api-socket", ("path", "fd"))
@@ -286,6 +284,24 @@ def _restore(server: ApiServer, request: Request) -> Response:
     return Response(204)
 
 
+def _send_migration(server: ApiServer, request: Request) -> tuple[Response, Callable[[], None]]:
+    """``SendMigrationData``: ``destination_url``, ``local``, ``downtime_ms``; the VMM exits
+    once the answer is sent (:meth:`vmmkit.vmm.Vmm.send_migration`)."""
+    from vmmkit.migration.api import send_migration_args
+
+    url, local, downtime_ms = send_migration_args(_json_object(request))
+    finish = server.vmm.send_migration(url, local=local, downtime_ms=downtime_ms)
+    return Response(204), finish
+
+
+def _receive_migration(server: ApiServer, request: Request) -> Response:
+    """``ReceiveMigrationData``: ``receiver_url``; answers once the VM runs here."""
+    from vmmkit.migration.api import receive_migration_args
+
+    server.vmm.receive_migration(receive_migration_args(_json_object(request)))
+    return Response(204)
+
+
 #: ``VmResizeData``'s keys, and for those vmmkit does not implement yet, why (501).
 _RESIZE_KEYS: Final[Mapping[str, str | None]] = {
     "desired_vcpus": None,
@@ -345,6 +361,8 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.snapshot": Route("PUT", _snapshot),
     "vm.restore": Route("PUT", _restore),
     "vm.resize": Route("PUT", _resize),
+    "vm.send-migration": Route("PUT", _send_migration),
+    "vm.receive-migration": Route("PUT", _receive_migration),
     "openapi": Route("GET", _openapi),
 }
 

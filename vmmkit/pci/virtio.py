@@ -595,6 +595,12 @@ class VirtioPciDevice(PciFunction):
     def resume(self) -> None:
         self.device.resume()
 
+    def hand_over(self) -> None:
+        self.device.hand_over()
+
+    def take_back(self) -> None:
+        self.device.take_back()
+
     def close(self) -> None:
         self.core.close(self._release)
 

@@ -115,6 +115,12 @@ class VirtioDevice(ABC):
 
     def resume(self) -> None: ...
 
+    def hand_over(self) -> None:
+        """As :meth:`vmmkit.device.ManagedDevice.hand_over` (the transport forwards it)."""
+
+    def take_back(self) -> None:
+        """As :meth:`vmmkit.device.ManagedDevice.take_back`."""
+
     def close(self) -> None: ...
 
     def resize(self, size: int) -> None:

@@ -382,6 +382,12 @@ class VirtioMmioTransport(Device):
     def resume(self) -> None:
         self.device.resume()
 
+    def hand_over(self) -> None:
+        self.device.hand_over()
+
+    def take_back(self) -> None:
+        self.device.take_back()
+
     def close(self) -> None:
         self.core.close(self._run_cleanups)
 

@@ -83,5 +83,5 @@ def test_no_vmm_listening(tmp_path: Path, capsys: Any) -> None:
 
 def test_unimplemented_things_are_not_subcommands() -> None:
     with pytest.raises(SystemExit) as info:
-        main(["--api-socket", "x", "send-migration", "unix:/tmp/x"])
+        main(["--api-socket", "x", "coredump", "file:///tmp/x"])
     assert info.value.code == 2

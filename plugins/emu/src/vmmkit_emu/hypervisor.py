@@ -31,6 +31,14 @@ Stopping
     that races with the vCPU entering ``emu_start`` (which clears unicorn's stop request) is
     repeated from a short timer until the vCPU is out, so kicks are never lost.
 
+Dirty pages (live migration)
+    :meth:`EmuVm.start_dirty_log` makes every vCPU add a ``UC_HOOK_MEM_WRITE`` hook over RAM
+    (on its own thread, before its next turn: :meth:`RunToken.barrier` waits out the turn in
+    progress, so no guest store after the call goes unseen); the hook records the pages
+    written, :meth:`EmuVm.get_dirty_log` hands them out per slot. Stores the backend makes
+    itself with ``mem_write`` (an interrupt frame pushed onto the guest's stack) are not
+    recorded, as KVM's log does not record the VMM's writes either.
+
 Interrupts
     x86: the backend models the PC's interrupt controllers (an I/O APIC and local APICs) and
     injects interrupts and exceptions through the guest's IDT (see :mod:`vmmkit_emu.x86`).
@@ -192,6 +200,22 @@ class RunToken:
         with self._cv:
             self._cv.notify_all()
 
+    def end_turn(self) -> None:
+        """Preempt the turn in progress, without waiting for it to end (it ends at the end of
+        the engine's current translation block)."""
+        with self._cv:
+            if self._owner is not None:
+                self._owner.preempt()
+
+    def barrier(self) -> None:
+        """Return once the turn in progress (if any) has ended, preempting it after its slice:
+        every vCPU that runs guest code afterwards starts a new turn."""
+        with self._cv:
+            while self._owner is not None:
+                if time.monotonic() - self._since >= self._slice:
+                    self._owner.preempt()
+                self._cv.wait(self._slice)
+
 
 class EmuVm(Vm):
     """One emulated VM: the RAM regions every vCPU maps, interrupt bookkeeping, the run token."""
@@ -209,8 +233,50 @@ class EmuVm(Vm):
         self.msi_count = 0
         self.irqchip = False
         self._lock = threading.Lock()
+        #: Pages written by the guest while dirty logging is on (None: off).
+        self._dirty: set[int] | None = None
+        self._dirty_lock = threading.Lock()
 
     # memory
+
+    supports_dirty_log = True
+
+    @property
+    def dirty_logging(self) -> bool:
+        return self._dirty is not None
+
+    def start_dirty_log(self) -> None:
+        with self._dirty_lock:
+            if self._dirty is None:
+                self._dirty = set()
+        self.token.barrier()  # a turn in progress ends; the next ones hook writes first
+
+    def stop_dirty_log(self) -> None:
+        with self._dirty_lock:
+            self._dirty = None
+
+    def mark_dirty(self, address: int, size: int) -> None:
+        """From a vCPU's write hook: the guest stored ``size`` bytes at ``address``."""
+        with self._dirty_lock:
+            if self._dirty is not None:
+                self._dirty.update(range(address // _PAGE, (address + max(size, 1) - 1) // _PAGE + 1))
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """The slot's pages the guest wrote since the last call, one bit per page, in KVM's
+        layout (padded to 64-bit words); cleared."""
+        if slot not in self.regions:
+            raise ValueError(f"memory slot {slot} is not in use")
+        start, size, _host = self.regions[slot]
+        first, pages = start // _PAGE, size // _PAGE
+        bitmap = bytearray((pages + 63) // 64 * 8)
+        with self._dirty_lock:
+            if self._dirty is None:
+                raise HypervisorError("emu.get_dirty_log", None, "dirty logging is off (start_dirty_log)")
+            hits = [page for page in self._dirty if first <= page < first + pages]
+            self._dirty.difference_update(hits)
+        for page in hits:
+            bitmap[(page - first) // 8] |= 1 << ((page - first) % 8)
+        return bytes(bitmap)
 
     def add_memory_region(
         self,
@@ -227,8 +293,6 @@ class EmuVm(Vm):
         if readonly:
             raise CapabilityError("emu.add_memory_region", None,
                                   "read-only regions are not supported (unicorn cannot turn a store into MMIO)")
-        if log_dirty:
-            raise CapabilityError("emu.add_memory_region", None, "dirty page logging is not supported")
         end = guest_addr + size
         if end > PHYS_LIMIT:
             raise CapabilityError("emu.add_memory_region", None, f"RAM must end below {PHYS_LIMIT:#x}")
@@ -238,6 +302,8 @@ class EmuVm(Vm):
         if self.vcpus:
             raise HypervisorError("emu.add_memory_region", None, "memory must be added before the first vCPU")
         self.regions[slot] = (guest_addr, size, host_addr)
+        if log_dirty:  # logging is VM-wide here: every slot's writes are recorded
+            self.start_dirty_log()
 
     def remove_memory_region(self, slot: int) -> None:
         if slot not in self.regions:
@@ -325,6 +391,7 @@ class EmuVcpu(Vcpu):
         self._deferred: Callable[[], None] | None = None
         self._counts: collections.Counter[str] = collections.Counter()
         self._closed = False
+        self._write_hooks: list[Any] = []
         self.uc: Any = self._make_engine()
         self._map_memory()
 
@@ -347,6 +414,26 @@ class EmuVcpu(Vcpu):
             self.uc.mem_map_ptr(start, size, UC_PROT_ALL, host)
         for start, size in self.vm.mmio_ranges():
             self.uc.mmio_map(start, size, self._mmio_read_cb, start, self._mmio_write_cb, start)
+
+    def _sync_write_hooks(self) -> None:
+        """On this vCPU's thread, holding the run token: hook guest stores to RAM while the
+        VM logs dirty pages, and not otherwise (a hook makes every store a Python call)."""
+        if self.vm.dirty_logging and not self._write_hooks:
+            from unicorn import UC_HOOK_MEM_WRITE
+
+            self._write_hooks = [self.uc.hook_add(UC_HOOK_MEM_WRITE, self._ram_write_cb, None, start, start + size - 1)
+                                 for start, size in self._ram()]
+        elif not self.vm.dirty_logging and self._write_hooks:
+            for hook in self._write_hooks:
+                self.uc.hook_del(hook)
+            self._write_hooks = []
+
+    def _ram(self) -> list[tuple[int, int]]:
+        """``(start, size)`` of the guest RAM this engine maps."""
+        return [(start, size) for start, size, _host in self.vm.ram_ranges()]
+
+    def _ram_write_cb(self, uc: Any, access: int, address: int, size: int, value: int, _data: Any) -> None:
+        self.vm.mark_dirty(address, size)
 
     def _mmio_read_cb(self, uc: Any, offset: int, size: int, base: int) -> int:
         self._counts["mmio"] += 1
@@ -444,6 +531,7 @@ class EmuVcpu(Vcpu):
                 if start is not None:
                     start()
                 self._preempt = False
+                self._sync_write_hooks()
                 self._before_entry()
                 self._in_emu = True
                 try:

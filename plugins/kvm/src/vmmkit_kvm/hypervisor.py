@@ -221,6 +221,8 @@ class KvmHypervisor(Hypervisor):
 class KvmVm(Vm):
     """A KVM virtual machine."""
 
+    supports_dirty_log = True  # KVM_CAP_USER_MEMORY's KVM_MEM_LOG_DIRTY_PAGES: every x86 KVM has it
+
     def __init__(self, fd: bindings.KvmVmFd, mmap_size: int, *, quirks: HostQuirks | None = None) -> None:
         self._fd = fd
         self._mmap_size = mmap_size
@@ -246,6 +248,7 @@ class KvmVm(Vm):
             except HypervisorError as exc:
                 log.debug("kvm.cap.unavailable", cap="EXIT_ON_EMULATION_FAILURE", error=str(exc))
         self._slots: dict[int, tuple[int, int, int, bool, bool]] = {}
+        self._dirty_logging = False  # start_dirty_log: every writable slot logs guest writes
         self._msi_routes: dict[int, tuple[int, int]] = {}
         self._irqchip = False
         self._pit = False
@@ -270,6 +273,7 @@ class KvmVm(Vm):
             raise ValueError("a memory region needs a positive size")
         if readonly and self.capabilities["readonly_mem"] <= 0:
             raise CapabilityError("KVM_SET_USER_MEMORY_REGION", None, "KVM_CAP_READONLY_MEM is missing")
+        log_dirty = log_dirty or (self._dirty_logging and not readonly)  # a slot added while migrating
         self._fd.set_user_memory_region(
             slot, guest_addr, size, host_addr, readonly=readonly, log_dirty=log_dirty
         )
@@ -290,10 +294,29 @@ class KvmVm(Vm):
 
     def get_dirty_log(self, slot: int) -> bytes:
         """Pages of ``slot`` written since the last call, one bit per page (the region must
-        have been added with ``log_dirty=True``)."""
+        have been added with ``log_dirty=True``, or :meth:`start_dirty_log` called)."""
         if slot not in self._slots:
             raise ValueError(f"memory slot {slot} is not in use")
         return self._fd.get_dirty_log(slot, self._slots[slot][1])
+
+    def start_dirty_log(self) -> None:
+        """``KVM_MEM_LOG_DIRTY_PAGES`` on every writable slot (``KVM_SET_USER_MEMORY_REGION``
+        changing only the flags, which KVM allows on a live slot); each log is then read once
+        to start empty."""
+        self._dirty_logging = True
+        self._set_dirty_logging(True)
+        for slot, (_guest, _size, _host, readonly, _dirty) in self._slots.items():
+            if not readonly:
+                self.get_dirty_log(slot)
+
+    def stop_dirty_log(self) -> None:
+        self._dirty_logging = False
+        self._set_dirty_logging(False)
+
+    def _set_dirty_logging(self, on: bool) -> None:
+        for slot, (guest_addr, size, host_addr, readonly, log_dirty) in list(self._slots.items()):
+            if not readonly and log_dirty != on:
+                self.add_memory_region(slot, guest_addr, size, host_addr, log_dirty=on)
 
     # vCPUs
 

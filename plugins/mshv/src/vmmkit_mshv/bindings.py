@@ -291,14 +291,15 @@ class PartitionFd(_HvcallFd):
             slots[i].data = _check_int(data, "data", 0, _U32)
         self._ioctl("MSHV_SET_MSI_ROUTING", raw, f"{len(entries)} routes")
 
-    def gpap_access_bitmap(self, base_pfn: int, pages: int, *, dirty: bool = True, clear: bool = True) -> bytes:
+    def gpap_access_bitmap(self, base_pfn: int, pages: int, *, dirty: bool = True, clear: bool = True,
+                           set_dirty: bool = False) -> bytes:
         """The dirty (or accessed) bit of ``pages`` pages from ``base_pfn``, one bit per page;
-        clears them afterwards when ``clear``."""
+        clears them afterwards when ``clear``, sets them all when ``set_dirty`` (OP_SET)."""
         _check_int(pages, "pages", 1, 1 << 40)
         bitmap = ffi.new("__u8[]", (pages + 7) // 8)
         args = ffi.new("struct mshv_gpap_access_bitmap *")
         args.access_type = GPAP_ACCESS_TYPE_DIRTY if dirty else GPAP_ACCESS_TYPE_ACCESSED
-        args.access_op = GPAP_ACCESS_OP_CLEAR if clear else GPAP_ACCESS_OP_NOOP
+        args.access_op = GPAP_ACCESS_OP_SET if set_dirty else GPAP_ACCESS_OP_CLEAR if clear else GPAP_ACCESS_OP_NOOP
         args.page_count = pages
         args.gpap_base = _check_int(base_pfn, "base_pfn", 0, _U64 >> 12)
         args.bitmap_ptr = _addr(bitmap)

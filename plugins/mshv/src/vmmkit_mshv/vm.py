@@ -97,6 +97,29 @@ class MshvVm(Vm):
         guest_addr, size, host_addr, readonly = self.slots.pop(slot)
         self.partition.set_guest_memory(guest_addr, size, host_addr, writable=not readonly, unmap=True)
 
+    supports_dirty_log = True
+
+    def start_dirty_log(self) -> None:
+        """HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING on, then every slot's dirty bits read
+        and cleared (Cloud Hypervisor's ``MshvVm::start_dirty_log``, ``hypervisor/src/mshv/mod.rs``)."""
+        if not self._dirty_tracking:
+            self.partition.set_property(PROPERTY_GPA_PAGE_ACCESS_TRACKING, 1)
+            self._dirty_tracking = True
+        for slot in list(self.slots):
+            self.get_dirty_log(slot)
+
+    def stop_dirty_log(self) -> None:
+        """Every slot's dirty bits set (MSHV_GPAP_ACCESS_OP_SET: the Microsoft Hypervisor
+        requires it before tracking is turned off, as Cloud Hypervisor's ``stop_dirty_log``
+        says), then the property off."""
+        if not self._dirty_tracking:
+            return
+        for guest_addr, size, _host, readonly in list(self.slots.values()):
+            if not readonly:
+                self.partition.gpap_access_bitmap(guest_addr // _PAGE, size // _PAGE, dirty=True, set_dirty=True)
+        self.partition.set_property(PROPERTY_GPA_PAGE_ACCESS_TRACKING, 0)
+        self._dirty_tracking = False
+
     def get_dirty_log(self, slot: int) -> bytes:
         """Pages written since the last call, one bit per page (MSHV_GET_GPAP_ACCESS_BITMAP)."""
         if slot not in self.slots:

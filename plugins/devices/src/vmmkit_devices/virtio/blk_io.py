@@ -227,6 +227,19 @@ class DiskImage:
                                   "(is another VM using it?)") from None
             log.warning("virtio_blk.lock_unsupported", device=owner, path=self.path, error=exc.strerror)
 
+    def unlock(self) -> None:
+        """Drop the image's lock (live migration hands the image to another process)."""
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, 0))
+        except OSError as exc:
+            log.warning("virtio_blk.unlock_failed", path=self.path, error=exc.strerror)
+
+    def relock(self, owner: str) -> None:
+        """Take the lock :meth:`unlock` dropped again.
+
+        :raises DeviceError: another process holds it now."""
+        self._lock(owner, self.lock_granularity, os.fstat(self.fd).st_size)
+
     def resize(self, size: int) -> None:
         """Make the image file ``size`` bytes (``ftruncate``: growing adds zeros) and show the
         guest that many.

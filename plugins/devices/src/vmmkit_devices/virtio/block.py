@@ -259,6 +259,13 @@ class BlockDevice(QueueDevice):
 
     # -- lifecycle --------------------------------------------------------------------------
 
+    def hand_over(self) -> None:
+        """Live migration: the destination opens the same image and takes its lock."""
+        self.image.unlock()
+
+    def take_back(self) -> None:
+        self.image.relock(self.id)
+
     def resize(self, size: int) -> None:
         """``vm.resize-disk``, as Cloud Hypervisor's ``Block::resize``: the image file takes
         ``size`` bytes (a multiple of 512), the capacity follows, and an active driver gets a

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from unicorn import (
     UC_HOOK_MEM_READ_UNMAPPED,
-    UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_WRITE_PROT,
     UC_HOOK_MEM_WRITE_UNMAPPED,
     UC_MEM_WRITE_PROT,
@@ -61,6 +60,12 @@ class EngineVm(X86Vm):
     def _new_vcpu(self, index: int, ops: VcpuOps) -> Engine:
         return Engine(self, index, ops)
 
+    @property
+    def dirty_logging(self) -> bool:
+        """The engines hook RAM writes while the partition tracks GPA page access (the
+        hypervisor's dirty bits), set by HvCallSetPartitionProperty at any time."""
+        return self.partition.dirty_tracking
+
     def end_of_interrupt(self, vector: int) -> None:
         """A guest EOI of a level-triggered interrupt: the hypervisor tells the root partition
         (HVMSG_X64_APIC_EOI), whose userspace I/O APIC clears its remote IRR."""
@@ -90,10 +95,7 @@ class Engine(X86Vcpu):
     def _make_engine(self) -> Any:
         uc = super()._make_engine()
         uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_WRITE_PROT, self._on_fault)
-        if self.vm.partition.dirty_tracking:
-            for start, size, _, _ in self.vm.partition.ram():
-                uc.hook_add(UC_HOOK_MEM_WRITE, self._on_ram_write, None, start, start + size - 1)
-        return uc
+        return uc  # RAM write hooks: emu's _sync_write_hooks, while dirty_logging
 
     def _map_memory(self) -> None:
         for start, size, host, writable in self.vm.partition.ram():
@@ -111,7 +113,10 @@ class Engine(X86Vcpu):
         """Not emu's MMIO emulation: here a fault is an intercept for the VMM (:meth:`_on_fault`)."""
         return False
 
-    def _on_ram_write(self, uc: Any, access: int, address: int, size: int, value: int, _: Any) -> None:
+    def _ram(self) -> list[tuple[int, int]]:
+        return [(start, size) for start, size, _host, writable in self.vm.partition.ram() if writable]
+
+    def _ram_write_cb(self, uc: Any, access: int, address: int, size: int, value: int, _: Any) -> None:
         self.vm.partition.mark_dirty(address, size)
 
     def _engine_error(self, exc: Exception) -> VmExit | None:

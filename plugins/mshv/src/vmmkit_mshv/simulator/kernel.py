@@ -174,7 +174,7 @@ class SimulatedKernel:
                 raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
             if not partition.dirty_tracking:
                 raise OSError(errno.EIO, "GPA page access tracking is off")  # the hypervisor refuses
-            abi.write(ptr, partition.access_bitmap(base, count, clear=op == 1))
+            abi.write(ptr, partition.access_bitmap(base, count, clear=op == 1, set_all=op == 2))
             return 0
         if request == abi.MSHV_ROOT_HVCALL:
             return self._hvcall(partition, None, arg, partition_fd=True)

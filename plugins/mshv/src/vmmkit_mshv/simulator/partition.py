@@ -108,7 +108,9 @@ class Partition:
             for page in range(address // _PAGE, (address + size - 1) // _PAGE + 1):
                 self.dirty.add(page)
 
-    def access_bitmap(self, base: int, count: int, clear: bool) -> bytes:
+    def access_bitmap(self, base: int, count: int, clear: bool, set_all: bool = False) -> bytes:
+        """The dirty bits of ``count`` pages from ``base`` as they were, then cleared
+        (``clear``, MSHV_GPAP_ACCESS_OP_CLEAR) or all set (``set_all``, OP_SET)."""
         bits = bytearray((count + 7) // 8)
         with self._dirty_lock:
             for i in range(count):
@@ -116,6 +118,8 @@ class Partition:
                     bits[i // 8] |= 1 << (i % 8)
                     if clear:
                         self.dirty.discard(base + i)
+            if set_all:
+                self.dirty.update(range(base, base + count))
         return bytes(bits)
 
     # -- VPs ---------------------------------------------------------------------------------
@@ -271,9 +275,13 @@ class Partition:
         _, code, _, value = abi.SET_PARTITION_PROPERTY.unpack_from(data.ljust(abi.SET_PARTITION_PROPERTY.size, b"\0"))
         if code not in self.properties or code == PROPERTY_PROCESSOR_CLOCK_FREQUENCY:
             raise HypercallFailed(abi.HV_STATUS_UNKNOWN_PROPERTY)
-        if code == PROPERTY_GPA_PAGE_ACCESS_TRACKING and self.vps:
-            raise HypercallFailed(0x7, "the simulator turns dirty tracking on before the first VP only")
         self.properties[code] = value
+        if code == PROPERTY_GPA_PAGE_ACCESS_TRACKING and self._engine_vm is not None:
+            # The engines add or drop their RAM write hooks before their next turn, and the
+            # turn in progress is cut short; it cannot be waited for here (an engine parked in
+            # an intercept holds its turn until the VMM resumes the VP), so stores in the rest
+            # of its translation block may go unrecorded: a simulator limit.
+            self._engine_vm.token.end_turn()
         return b""
 
     def _install_intercept(self, data: bytes, reps: int) -> bytes:
