@@ -31,10 +31,11 @@ API/QMP request returned.
 **Caveat**: QEMU runs with TCG (``--accel``). Its ``-accel kvm`` cannot run this guest on a
 kvm_pvm host (tried: with ``-cpu max`` QEMU aborts setting MSR 0x10a; with ``-cpu qemu64`` the
 vCPU stops with a KVM internal error at the kernel's first ``xrstor``, which the in-kernel
-emulator lacks, ``shared/notes/pvm-host.md``; nor could it repair user-mode SYSCALL), vmmkit on that kvm_pvm ``/dev/kvm`` whose guest kernel code is
-emulated at ~1 us per instruction. Guest kernel work (ACPI's AML interpreter, onlining a CPU
-with stop_machine, adding memory sections, probing virtio) is therefore much slower under vmmkit
-for reasons outside the VMM; the ``answered`` column is the VMM's own share.
+emulator lacks, ``shared/notes/pvm-host.md``; nor could it repair user-mode SYSCALL), vmmkit on
+that kvm_pvm ``/dev/kvm`` whose guest kernel code is emulated at ~1 us per instruction. Guest
+kernel work (ACPI's AML interpreter, onlining a CPU with stop_machine, adding memory sections,
+probing virtio) is therefore much slower under vmmkit for reasons outside the VMM; the
+``answered`` column is the VMM's own share.
 
     python bench/hotplug.py [--memory-method acpi|virtio-mem] [--poll-ms 100] [--vmm qemu,vmmkit]
 """

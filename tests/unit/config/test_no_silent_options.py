@@ -261,8 +261,9 @@ CLI_SAMPLES: Mapping[tuple[str, str | None], Sample] = {
                                      None),
 }
 _FLAGS = {"--pvpanic", "--watchdog", "--landlock"}
-_FROM_CLI_NAME = {"--memory-zone": "memory_zones", "--disk": "disks", "--device": "devices", "--debug-console": "debug_console",
-                  "--landlock": "landlock_enable", "--landlock-rules": "landlock_rules"}
+_FROM_CLI_NAME = {"--memory-zone": "memory_zones", "--disk": "disks", "--device": "devices",
+                  "--debug-console": "debug_console", "--landlock": "landlock_enable",
+                  "--landlock-rules": "landlock_rules"}
 
 
 def _keyword(option: str) -> str:
