@@ -344,8 +344,8 @@ class VirtioMemHotplug:
     def attach_zone(cls, manager: DeviceManager, area: MemoryRange, zone: MemoryZoneConfig, memory: GuestMemory,
                     vm: Vm, *, thp: bool) -> VirtioMemHotplug:
         """:meth:`attach` for one memory zone's ``hotplug_size`` (:mod:`vmmkit.memory_zones`):
-        device ``virtio-mem-<zone id>``, host memory with the zone's options."""
-        return cls._attach(manager, area, memory, vm, device_id=f"virtio-mem-{zone.id}", boot_size=zone.size,
+        device ``_virtio-mem-<zone id>``, host memory with the zone's options."""
+        return cls._attach(manager, area, memory, vm, device_id=f"_virtio-mem-{zone.id}", boot_size=zone.size,
                            requested=zone.hotplugged_size or 0, method="VirtioMem",
                            option=f"zone {zone.id}: hotplug_size", shared=zone.shared, hugepages=zone.hugepages,
                            hugepage_size=None, thp=thp, mergeable=zone.mergeable)

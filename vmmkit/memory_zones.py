@@ -11,7 +11,7 @@ region has no memfd: a vhost-user backend cannot map it (it is refused there by 
 
 With ``--memory hotplug_method=virtio-mem`` a zone's ``hotplug_size`` is an area of its own in
 the layout's hotplug space (zones in order, each on a 128 MiB boundary, CH's
-``VIRTIO_MEM_ALIGN_SIZE``) with a virtio-mem device of its own (``virtio-mem-<zone>``);
+``VIRTIO_MEM_ALIGN_SIZE``) with a virtio-mem device of its own (``_virtio-mem-<zone>``);
 ``vm.resize-zone`` sets that device's ``requested_size`` (:class:`ZoneHotplug`).
 """
 

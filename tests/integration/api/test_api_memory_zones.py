@@ -36,17 +36,17 @@ def test_resize_zone_drives_that_zones_virtio_mem_device(vmm: VmmProcess, selfte
     assert early.status == 405 and "not booted" in early.json()[0], early
     vmm.remote("boot")
     counters = json.loads(vmm.remote("counters").stdout)
-    assert counters["virtio-mem-elastic"]["requested_size"] == 0
+    assert counters["_virtio-mem-elastic"]["requested_size"] == 0
 
     answer = client.request("PUT", "vm.resize-zone", {"id": "elastic", "desired_ram": 32 * MIB + 96 * MIB})
     check_response(document, "vm.resize-zone", "PUT", answer.status, answer.body)
     assert answer.status == 204
-    assert json.loads(vmm.remote("counters").stdout)["virtio-mem-elastic"]["requested_size"] == 96 * MIB
+    assert json.loads(vmm.remote("counters").stdout)["_virtio-mem-elastic"]["requested_size"] == 96 * MIB
     zones = vmm.info()["config"]["memory"]["zones"]
     assert zones[1]["id"] == "elastic" and zones[1]["hotplugged_size"] == 96 * MIB and "hotplugged_size" not in zones[0]
     assert vmm.info()["memory_actual_size"] == 96 * MIB + 96 * MIB
     vmm.remote("resize-zone", "--id", "elastic", "--size", "64M")
-    assert json.loads(vmm.remote("counters").stdout)["virtio-mem-elastic"]["requested_size"] == 32 * MIB
+    assert json.loads(vmm.remote("counters").stdout)["_virtio-mem-elastic"]["requested_size"] == 32 * MIB
     assert vmm.events().count(("vm", "resized")) == 2
 
     refused = [
@@ -67,7 +67,7 @@ def test_resize_zone_drives_that_zones_virtio_mem_device(vmm: VmmProcess, selfte
         check_response(document, "vm.resize-zone", "PUT", answer.status, answer.body)
     ram = client.request("PUT", "vm.resize", {"desired_ram": 256 * MIB}, check=False)
     assert ram.status == 400 and "vm.resize-zone" in ram.json()[0], ram
-    assert json.loads(vmm.remote("counters").stdout)["virtio-mem-elastic"]["requested_size"] == 32 * MIB
+    assert json.loads(vmm.remote("counters").stdout)["_virtio-mem-elastic"]["requested_size"] == 32 * MIB
     assert vmm.events().count(("vm", "resized")) == 2 and vmm.info()["state"] == "Running"
     bad = vmm.remote("resize-zone", "--id", "elastic", "--size", "12Q", check=False)
     assert bad.returncode == 2 and "--size" in bad.stderr

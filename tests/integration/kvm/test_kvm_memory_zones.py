@@ -65,11 +65,11 @@ def test_a_zone_hotplug_size_is_a_virtio_mem_device_of_its_own() -> None:
         z1, z2 = (machine.memory.find_region(start) for start in (4 * GiB, 4 * GiB + 128 * MiB))
         assert z1 is not None and z1.size == 128 * MiB and z2 is not None and z2.size == 64 * MiB
         counters = machine.manager.counters()
-        assert counters["virtio-mem-z1"]["requested_size"] == 0
-        assert counters["virtio-mem-z2"]["requested_size"] == 32 * MiB
+        assert counters["_virtio-mem-z1"]["requested_size"] == 0
+        assert counters["_virtio-mem-z2"]["requested_size"] == 32 * MiB
         assert machine.resize_zone("z1", 64 * MiB + 96 * MiB)
-        assert machine.manager.counters()["virtio-mem-z1"]["requested_size"] == 96 * MiB
-        assert machine.manager.counters()["virtio-mem-z2"]["requested_size"] == 32 * MiB  # the other zone: as it was
+        assert machine.manager.counters()["_virtio-mem-z1"]["requested_size"] == 96 * MiB
+        assert machine.manager.counters()["_virtio-mem-z2"]["requested_size"] == 32 * MiB  # the other zone: as it was
         assert machine.resize_zone("z2", 0)  # virtio-mem may shrink: the driver unplugs
         assert not machine.resize_zone("z2", 0)
         with pytest.raises(ConfigError, match="2 MiB"):
