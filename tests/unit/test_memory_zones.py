@@ -69,6 +69,8 @@ def test_a_zone_needs_an_id_and_a_size_from_json_too() -> None:
         VmConfig.from_json({"memory": {"size": 0, "zones": [{"id": "a"}]}})
     with pytest.raises(ConfigError, match="id"):
         MemoryZoneConfig(id=None, size=MiB)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="memory.zones.0..file: a NUL byte"):
+        VmConfig.from_json({"memory": {"size": 0, "zones": [{"id": "a", "size": MiB, "file": "a\0b"}]}})
 
 
 # -- the layout and the mappings ---------------------------------------------------------------

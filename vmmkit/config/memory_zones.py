@@ -17,6 +17,7 @@ from vmmkit.config.fields import (
     PAGE_SIZE,
     _is_bool,
     _is_id,
+    _is_opt_str,
     _opt_hotplug_size,
     _opt_hotplugged_size,
     _opt_hugepage_size,
@@ -55,7 +56,7 @@ class MemoryZoneConfig(_Config):
 
     id: str = attrs.field(validator=_is_zone_id)
     size: int = attrs.field(converter=_size)
-    file: str | None = attrs.field(default=None, converter=_opt_path)
+    file: str | None = attrs.field(default=None, converter=_opt_path, validator=_is_opt_str)
     mergeable: bool = attrs.field(default=False, validator=_is_bool)
     shared: bool = attrs.field(default=False, validator=_is_bool)
     hugepages: bool = attrs.field(default=False, validator=_is_bool)
