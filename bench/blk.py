@@ -28,8 +28,14 @@ virtio-blk device on the image, and ``vhost``, the vhost-user-blk path with
 frontend (``--disk vhost_user=on,socket=``) and to QEMU's (``vhost-user-blk-pci``, on microvm
 ``vhost-user-blk``), both with memfd-backed shared guest RAM. ``--no-vhost`` leaves those out.
 
+``--limit MIB_S`` also boots each VMM with a bandwidth limit of that many MiB/s on the disk:
+vmmkit ``bw_size=<MIB_S/4 MiB>,bw_refill_time=250`` (Cloud Hypervisor's token bucket, 250 ms
+deep), QEMU ``throttling.bps-total=<bytes/s>``, and a second table shows how close each
+comes to the limit.
+
     python bench/blk.py [--total 32] [--size 64] [--qd 4] [--storage shm,disk]
                         [--cache cached,direct] [--transport mmio,pci] [--repeat 1] [--no-vhost]
+                        [--limit 5]
 
 With the defaults one run boots 64 guests (16 configurations x 2 paths x 2 repeats) and takes
 about 200 s;
@@ -114,6 +120,43 @@ def vmmkit_argv(image: Path, cache: str, transport: str, args: argparse.Namespac
     return [sys.executable, "-m", "vmmkit", "--kernel", str(GUEST), "--memory", f"size={MEMORY}",
             "--cmdline", guest_cmdline(args), "--platform", f"virtio_transport={transport}", "--disk", disk,
             "--serial", "tty"]
+
+
+def limit_bytes(args: argparse.Namespace) -> int:
+    return round(args.limit * (1 << 20))
+
+
+def vmmkit_limited_argv(image: Path, cache: str, transport: str, args: argparse.Namespace) -> list[str]:
+    """vmmkit with a bandwidth limit of ``--limit`` MiB/s: a bucket of 250 ms worth."""
+    argv = vmmkit_argv(image, cache, transport, args)
+    at = argv.index("--disk") + 1
+    argv[at] += f",bw_size={limit_bytes(args) // 4},bw_refill_time=250"
+    return argv
+
+
+def qemu_limited_argv(image: Path, cache: str, transport: str, args: argparse.Namespace) -> list[str]:
+    """QEMU with ``throttling.bps-total`` at ``--limit`` MiB/s on the same drive."""
+    return [f"{arg},throttling.bps-total={limit_bytes(args)}" if arg.startswith("file=") else arg
+            for arg in qemu_argv(image, cache, transport, args)]
+
+
+def print_limited(table: list[tuple[str, str, str, dict[str, Run]]], args: argparse.Namespace) -> None:
+    """The limited boots: MiB/s each VMM reached against the limit, and the error."""
+    print(f"\nbandwidth limit {args.limit} MiB/s: vmmkit bw_size/bw_refill_time (token bucket) vs QEMU "
+          "throttling.bps-total, MiB/s and the deviation from the limit")
+    print(f"{'storage':<7} {'cache':<6} {'virtio':<6} {'op':<5} {'qd':>2} | {'vmmkit':>8} {'dev':>7} | "
+          f"{'QEMU':>8} {'dev':>7}")
+    for storage, cache, transport, result in table:
+        ours, theirs = result.get("vmmkit-limited"), result.get("qemu-limited")
+        keys = sorted(set(ours.results if ours else ()) | set(theirs.results if theirs else ()),
+                      key=lambda k: (k[1], k[0] != "write"))
+        for key in keys:
+            cells = []
+            for run_ in (ours, theirs):
+                rate = run_.results.get(key, (None, None))[0] if run_ else None
+                dev = (rate - args.limit) / args.limit * 100 if rate is not None else None
+                cells.append(f"{fmt(rate, 8)} {fmt(dev, 6)}%")
+            print(f"{storage:<7} {cache:<6} {transport:<6} {key[0]:<5} {key[1]:>2} | {cells[0]} | {cells[1]}")
 
 
 def qemu_argv(image: Path, cache: str, transport: str, args: argparse.Namespace) -> list[str]:
@@ -353,6 +396,8 @@ def main() -> int:
     parser.add_argument("--python-queue", action="store_true",
                         help="also boot vmmkit with its virtio-blk queues served in Python "
                              "(VMMKIT_BLK_QUEUE_NATIVE=0: the path before the C queue), in the same run")
+    parser.add_argument("--limit", type=float, default=None, metavar="MIB_S",
+                        help="also boot each VMM with a bandwidth limit of MIB_S MiB/s on the disk")
     parser.add_argument("--json", default=None, help="write the results here (default: bench/results/blk-<time>.json)")
     args = parser.parse_args()
     args.accel = args.accel or ("kvm" if kvm_usable() else "tcg")
@@ -364,6 +409,10 @@ def main() -> int:
             peers.append("qemu")
         else:
             print("qemu-system-x86_64 not found: vmmkit alone", file=sys.stderr)
+    if args.limit is not None:
+        if args.limit <= 0:
+            parser.error("--limit: a positive number of MiB/s")
+        peers += [f"{peer}-limited" for peer in ("vmmkit", "qemu") if peer in peers]
     if not args.no_vhost:
         if shutil.which(QSD):
             peers += [f"{peer}-vhost" for peer in ("vmmkit", "qemu") if peer in peers]
@@ -396,6 +445,10 @@ def main() -> int:
                                 vhost_argv = qemu_vhost_argv if peer == "qemu-vhost" else vmmkit_vhost_argv
                                 with StorageDaemon(image, cache, socket):
                                     result = run(vhost_argv(socket, transport, args), timeout=120, peer=peer)
+                            elif peer.endswith("-limited"):
+                                limited = qemu_limited_argv if peer == "qemu-limited" else vmmkit_limited_argv
+                                result = run(limited(image, cache, transport, args), timeout=300,
+                                             peer=peer.removesuffix("-limited"))
                             else:
                                 argv = (qemu_argv if peer == "qemu" else vmmkit_argv)(image, cache, transport, args)
                                 if peer == "vmmkit-noseccomp":
@@ -436,6 +489,8 @@ def main() -> int:
         print_seccomp_cost(table)
     if args.python_queue:
         print_python_queue(table)
+    if args.limit is not None:
+        print_limited(table, args)
     print_device_cpu(table, args)
     write_json(table, args, started)
     for error in errors:

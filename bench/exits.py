@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Guest port-I/O and MMIO exits per second through vmmkit's KVM run loop, side by side with
 a minimal pure-C ``KVM_RUN`` loop (built here with gcc) and a plain-Python ``fcntl.ioctl``
-loop, all running the same guest code in the same process run.
+loop, all running the same guest code in the same process run. x86-64 and AArch64 hosts (the
+guest and the loops are picked by ``platform.machine()``).
 
 Paths measured:
 
@@ -17,6 +18,15 @@ Paths measured:
 
 The guest is 16-bit code that does ``out %al, %dx`` (or ``mov %al, (%bx)`` to unbacked memory)
 in an unrolled loop, then ``hlt``. Usage: ``python bench/exits.py [--exits N] [--repeat R]``.
+
+On AArch64 (the lab: ``lab/README.md``) there is no port I/O and no MMIO sink (the x86 loop's
+native sinks are ports): the guest does ``str w0, [x1]`` to unbacked memory in an unrolled loop,
+then PSCI ``SYSTEM_OFF`` through ``hvc`` (KVM's ``KVM_EXIT_SYSTEM_EVENT``). Its code is encoded
+here (:func:`arm64_guest`), so the lab needs no assembler; the pure-C loop is built on the host
+with the cross compiler against the lab's sysroot (``--build-pure-c BINARY --arch aarch64``,
+static) and carried in (``lab/run --add BINARY -- python3 bench/exits.py --pure-c
+/lab/files/BINARY``). ``--json PATH`` (``-``: stdout, the lab writes nothing back) writes the
+record ``bench/results/*.json`` keeps.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import argparse
 import fcntl
 import mmap
 import os
+import platform
 import random
 import shutil
 import statistics
@@ -35,7 +46,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent
 CODE_BASE = 0x1000
 RAM_SIZE = 0x8000
 MMIO_ADDR = 0xF000  # unbacked: every store is an MMIO exit
@@ -177,12 +190,20 @@ def assemble(source: str, work: Path, name: str) -> Path:
     return binary
 
 
-def build_pure_c(work: Path, *, static: bool = False) -> Path:
+def build_pure_c(work: Path, *, static: bool = False, arch: str = "x86_64") -> Path:
+    """The pure-C loop for ``arch``: x86-64 with gcc; aarch64 with ``aarch64-linux-gnu-gcc``
+    against the AArch64 lab's sysroot (Debian's arm64 libc and kernel headers)."""
     source = work / "kvm_loop.c"
-    source.write_text(f"#define RAM_SIZE {RAM_SIZE:#x}\n#define CODE_BASE {CODE_BASE:#x}\n" + PURE_C)
     binary = work / "kvm_loop"
-    subprocess.run(["gcc", "-O2", *(["-static"] if static else []), "-o", str(binary), str(source)], check=True,
-                   capture_output=True, text=True)
+    if arch == "aarch64":
+        source.write_text(f"#define RAM_SIZE {RAM_SIZE:#x}\n#define RAM_BASE {ARM64_RAM_BASE:#x}ULL\n" + PURE_C_ARM64)
+        argv = ["aarch64-linux-gnu-gcc", f"--sysroot={lab_sysroot()}", "-O2", *(["-static"] if static else [])]
+    else:
+        source.write_text(f"#define RAM_SIZE {RAM_SIZE:#x}\n#define CODE_BASE {CODE_BASE:#x}\n" + PURE_C)
+        argv = ["gcc", "-O2", *(["-static"] if static else [])]
+    result = subprocess.run([*argv, "-o", str(binary), str(source)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"building the pure-C loop failed:\n{result.stderr}")
     return binary
 
 
@@ -336,7 +357,311 @@ def run_plain_python(code: bytes) -> tuple[int, float]:
         os.close(kvm)
 
 
+# -- AArch64 ----------------------------------------------------------------------------------
+
+ARM64_RAM_BASE = 0x4000_0000  # where the arm64 boot protocols put RAM; the code is at its start
+ARM64_MMIO_ADDR = 0x0900_0000  # unbacked: every store is an MMIO exit
+PSCI_SYSTEM_OFF = 0x8400_0008
+KVM_EXIT_SYSTEM_EVENT = 24
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+
+
+def _movz(rd: int, imm16: int, shift: int, *, wide: bool = True) -> int:
+    return (0xD280_0000 if wide else 0x5280_0000) | (shift // 16) << 21 | imm16 << 5 | rd
+
+
+def _movk(rd: int, imm16: int, shift: int, *, wide: bool = True) -> int:
+    return (0xF280_0000 if wide else 0x7280_0000) | (shift // 16) << 21 | imm16 << 5 | rd
+
+
+def arm64_guest(n: int) -> bytes:
+    """``n`` MMIO stores, then PSCI SYSTEM_OFF (Arm ARM C6: MOVZ/MOVK, STR (immediate), SUBS
+    (immediate), B.cond, HVC; PSCI: DEN0022)::
+
+        movz x1, #lo16(MMIO); movk x1, #hi16(MMIO), lsl #16
+        movz x2, #lo16(n/16); movk x2, #hi16(n/16), lsl #16
+    1:  str w0, [x1]   (16 times)
+        subs x2, x2, #1
+        b.ne 1b
+        movz w0, #0x0008; movk w0, #0x8400, lsl #16; hvc #0
+        b .
+    """
+    rounds = n // UNROLL
+    words = [_movz(1, ARM64_MMIO_ADDR & 0xFFFF, 0), _movk(1, ARM64_MMIO_ADDR >> 16, 16),
+             _movz(2, rounds & 0xFFFF, 0), _movk(2, rounds >> 16, 16)]
+    loop = len(words)
+    words += [0xB900_0020] * UNROLL  # str w0, [x1]
+    words.append(0xF100_0442)  # subs x2, x2, #1
+    back = (loop - len(words)) & 0x7FFFF  # imm19, in instructions
+    words.append(0x5400_0001 | back << 5)  # b.ne 1b
+    words += [_movz(0, PSCI_SYSTEM_OFF & 0xFFFF, 0, wide=False), _movk(0, PSCI_SYSTEM_OFF >> 16, 16, wide=False),
+              0xD400_0002,  # hvc #0
+              0x1400_0000]  # b .
+    return struct.pack(f"<{len(words)}I", *words)
+
+
+PURE_C_ARM64 = r"""
+#include <fcntl.h>
+#include <stddef.h>
+#include <linux/kvm.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+static void die(const char *what) { perror(what); exit(1); }
+
+int main(int argc, char **argv)
+{
+    if (argc != 3) { fprintf(stderr, "usage: %s guest.bin repeats\n", argv[0]); return 2; }
+    int repeats = atoi(argv[2]);
+    FILE *f = fopen(argv[1], "rb");
+    if (!f) die("guest");
+    static unsigned char code[0x4000];
+    size_t len = fread(code, 1, sizeof(code), f);
+    fclose(f);
+
+    int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm < 0) die("/dev/kvm");
+    int mmap_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    for (int rep = 0; rep < repeats; rep++) {
+        int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+        if (vm < 0) die("KVM_CREATE_VM");
+        unsigned char *ram = mmap(NULL, RAM_SIZE, PROT_READ | PROT_WRITE,
+                                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memcpy(ram, code, len);
+        struct kvm_userspace_memory_region region = {
+            .slot = 0, .guest_phys_addr = RAM_BASE, .memory_size = RAM_SIZE,
+            .userspace_addr = (unsigned long)ram};
+        if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) die("KVM_SET_USER_MEMORY_REGION");
+        int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
+        if (vcpu < 0) die("KVM_CREATE_VCPU");
+        struct kvm_vcpu_init init;
+        if (ioctl(vm, KVM_ARM_PREFERRED_TARGET, &init) < 0) die("KVM_ARM_PREFERRED_TARGET");
+        init.features[0] |= 1u << KVM_ARM_VCPU_PSCI_0_2;
+        if (ioctl(vcpu, KVM_ARM_VCPU_INIT, &init) < 0) die("KVM_ARM_VCPU_INIT");
+        unsigned long long pc = RAM_BASE;
+        struct kvm_one_reg reg = {
+            .id = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE |
+                  (offsetof(struct kvm_regs, regs.pc) / sizeof(__u32)),
+            .addr = (unsigned long)&pc};
+        if (ioctl(vcpu, KVM_SET_ONE_REG, &reg) < 0) die("KVM_SET_ONE_REG(pc)");
+        struct kvm_run *run = mmap(NULL, mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+
+        struct timespec t0, t1;
+        long exits = 0;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (;;) {
+            if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+            if (run->exit_reason == KVM_EXIT_MMIO) {
+                exits++;
+                continue;
+            }
+            if (run->exit_reason == KVM_EXIT_SYSTEM_EVENT &&
+                run->system_event.type == KVM_SYSTEM_EVENT_SHUTDOWN)
+                break;
+            fprintf(stderr, "unexpected exit %u\n", run->exit_reason);
+            return 1;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        printf("%ld %lld\n", exits,
+               (long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
+        fflush(stdout);
+        munmap(run, mmap_size);
+        munmap(ram, RAM_SIZE);
+        close(vcpu);
+        close(vm);
+    }
+    return 0;
+}
+"""
+
+
+class CountingOps(NullOps):
+    """:class:`NullOps` that counts the MMIO writes it was handed (the arm64 backend's proof
+    that every exit reached Python)."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def mmio_write(self, addr: int, data: bytes) -> None:
+        self.writes += 1
+
+
+def lab_sysroot() -> Path:
+    """The newest AArch64 lab's sysroot (``lab.py`` extracts Debian's arm64 libc6-dev there)."""
+    cache = Path(os.environ.get("VMMKIT_LAB_CACHE", Path.home() / ".cache" / "vmmkit-lab"))
+    roots = sorted((cache / "aarch64").glob("system-*/sysroot"), key=lambda p: p.stat().st_mtime)
+    if not roots:
+        raise SystemExit(f"no AArch64 lab sysroot under {cache}: build the lab first (lab/lab.py build)")
+    return roots[-1]
+
+
+def run_vmmkit_arm64(code: bytes, *, callback: bool) -> tuple[int, float]:
+    from vmmkit_kvm.arm64 import KvmArm64Hypervisor
+
+    from vmmkit.aarch64 import CoreRegisters
+    from vmmkit.hypervisor import ExitReason
+    from vmmkit.memory import GuestMemory, MemoryRange
+
+    hypervisor = KvmArm64Hypervisor()
+    vm = hypervisor.create_vm("aarch64")
+    memory = GuestMemory.allocate([MemoryRange(ARM64_RAM_BASE, RAM_SIZE)])
+    ops = CountingOps()
+    try:
+        vm.add_memory_region(0, ARM64_RAM_BASE, RAM_SIZE, memory.host_address(ARM64_RAM_BASE, RAM_SIZE))
+        memory.write(ARM64_RAM_BASE, code)
+        vcpu: Any = vm.create_vcpu(0, ops)
+        if callback:
+            vcpu.callback_dispatch = True
+        vcpu.set_core_registers(CoreRegisters(pc=ARM64_RAM_BASE))
+        start = time.perf_counter()
+        exit_ = vcpu.run()
+        elapsed = time.perf_counter() - start
+        if exit_.reason is not ExitReason.POWER_OFF:
+            raise RuntimeError(f"guest stopped with {exit_}")
+        counts = vcpu.exit_counts()  # {} from the ctypes loop before the cffi one
+        if counts.get("mmio", ops.writes) != ops.writes:
+            raise RuntimeError(f"the run loop counted {counts['mmio']} MMIO exits, the ops saw {ops.writes}")
+        return ops.writes, elapsed
+    finally:
+        vm.close()
+        memory.close()
+        hypervisor.close()
+
+
+KVM_ARM_PREFERRED_TARGET = _io(2, 0xAE, 0xAF, 32)
+KVM_ARM_VCPU_INIT = _io(1, 0xAE, 0xAE, 32)
+KVM_SET_ONE_REG = _io(1, 0xAE, 0xAC, 16)
+ARM64_REG_PC = 0x6030_0000_0010_0000 | (8 * 32 // 4)  # KVM_REG_ARM64 | U64 | ARM_CORE | regs.pc
+
+
+def run_plain_python_arm64(code: bytes) -> tuple[int, float]:
+    """The arm64 VMM loop one would write with nothing but the standard library."""
+    import ctypes
+
+    ops = NullOps()
+    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+    ram = mmap.mmap(-1, RAM_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    ram[0 : len(code)] = code
+    ram_addr = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+    fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, struct.pack("IIQQQ", 0, 0, ARM64_RAM_BASE, RAM_SIZE, ram_addr))
+    vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+    init = bytearray(32)
+    fcntl.ioctl(vm, KVM_ARM_PREFERRED_TARGET, init)
+    struct.pack_into("I", init, 4, struct.unpack_from("I", init, 4)[0] | 1 << 2)  # KVM_ARM_VCPU_PSCI_0_2
+    fcntl.ioctl(vcpu, KVM_ARM_VCPU_INIT, bytes(init))
+    pc = ctypes.c_uint64(ARM64_RAM_BASE)
+    fcntl.ioctl(vcpu, KVM_SET_ONE_REG, struct.pack("QQ", ARM64_REG_PC, ctypes.addressof(pc)))
+    size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
+    run = mmap.mmap(vcpu, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+    ioctl, unpack_from = fcntl.ioctl, struct.unpack_from
+    exits = 0
+    start = time.perf_counter()
+    try:
+        while True:
+            ioctl(vcpu, KVM_RUN, 0)
+            reason = unpack_from("I", run, 8)[0]
+            if reason == KVM_EXIT_MMIO:
+                addr, data, length, is_write = unpack_from("Q8sIB", run, 32)
+                if is_write:
+                    ops.mmio_write(addr, data[:length])
+                else:
+                    run[40 : 40 + length] = ops.mmio_read(addr, length)
+                exits += 1
+            elif reason == KVM_EXIT_SYSTEM_EVENT and unpack_from("I", run, 32)[0] == KVM_SYSTEM_EVENT_SHUTDOWN:
+                break
+            else:
+                raise RuntimeError(f"unexpected exit {reason}")
+        return exits, time.perf_counter() - start
+    finally:
+        run.close()
+        os.close(vcpu)
+        os.close(vm)
+        ram.close()
+        os.close(kvm)
+
+
 # -- main -------------------------------------------------------------------------------------
+
+
+Runner = Callable[[], tuple[int, float]]
+Paths = tuple[Path, dict[str, Path], list[tuple[str, dict[str, Runner | None]]]]
+
+
+def x86_paths(n: int, pure_c: Path | None, work: Path) -> Paths:
+    """The pure-C loop, the guests and vmmkit's paths on an x86-64 host."""
+    binary = pure_c or build_pure_c(work)
+    guests = {kind: assemble(src.replace("{n}", str(n)), work, kind) for kind, src in GUEST.items()}
+    codes = {kind: path.read_bytes() for kind, path in guests.items()}
+    return binary, guests, [
+        ("vmmkit native (port sink, C)", {
+            "pio": lambda: run_vmmkit(codes["pio"], native=True, callback=False),
+            "mmio": None,
+        }),
+        ("vmmkit native, seccomp vCPU filter", {
+            "pio": lambda: run_vmmkit_filtered(codes["pio"], native=True),
+            "mmio": None,
+        }),
+        ("vmmkit Python dispatch (return)", {
+            "pio": lambda: run_vmmkit(codes["pio"], native=False, callback=False),
+            "mmio": lambda: run_vmmkit(codes["mmio"], native=False, callback=False),
+        }),
+        ("vmmkit Python (return), seccomp", {
+            "pio": lambda: run_vmmkit_filtered(codes["pio"], native=False),
+            "mmio": lambda: run_vmmkit_filtered(codes["mmio"], native=False),
+        }),
+        ("vmmkit Python dispatch (callback)", {
+            "pio": lambda: run_vmmkit(codes["pio"], native=False, callback=True),
+            "mmio": lambda: run_vmmkit(codes["mmio"], native=False, callback=True),
+        }),
+        ("plain Python fcntl.ioctl loop", {
+            "pio": lambda: run_plain_python(codes["pio"]),
+            "mmio": lambda: run_plain_python(codes["mmio"]),
+        }),
+    ]
+
+
+def arm64_paths(n: int, pure_c: Path | None, work: Path) -> Paths:
+    """The same on an AArch64 host: MMIO only (no ports; no MMIO sink in the run loop)."""
+    from vmmkit_kvm.arm64 import KvmArm64Vcpu
+
+    binary = pure_c or build_pure_c(work, arch="aarch64")
+    code = arm64_guest(n)
+    guest = work / "mmio.bin"
+    guest.write_bytes(code)
+    paths: list[tuple[str, dict[str, Runner | None]]] = [
+        ("vmmkit native sink (none on arm64)", {"pio": None, "mmio": None}),
+        ("vmmkit Python dispatch (return)", {"pio": None, "mmio": lambda: run_vmmkit_arm64(code, callback=False)}),
+    ]
+    if hasattr(KvmArm64Vcpu, "callback_dispatch"):  # the ctypes backend before the cffi loop had none
+        paths.append(("vmmkit Python dispatch (callback)",
+                      {"pio": None, "mmio": lambda: run_vmmkit_arm64(code, callback=True)}))
+    paths.append(("plain Python fcntl.ioctl loop", {"pio": None, "mmio": lambda: run_plain_python_arm64(code)}))
+    return binary, {"mmio": guest}, paths
+
+
+def write_json(path: str, arch: str, args: argparse.Namespace, n: int, started: float,
+               rows: list[dict[str, Any]]) -> None:
+    """One record of this run for the trend (``bench/results/*.json``, issue 20 item 6)."""
+    import json
+
+    record = {"bench": "exits", "arch": arch, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "seconds": time.monotonic() - started, "exits": n,
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"},
+              "lab_qemu": os.environ.get("VMMKIT_LAB_QEMU"), "load": os.getloadavg(), "rows": rows}
+    text = json.dumps(record, indent=1) + "\n"
+    if path == "-":
+        print("--- json ---\n" + text + "--- end json ---")
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    print(f"results: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,15 +669,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exits", type=int, default=4000, help="exits per measurement (default 4000)")
     parser.add_argument("--repeat", type=int, default=15, help="rounds (each measures every path once)")
     parser.add_argument("--pure-c", type=Path, metavar="BINARY",
-                        help="a pure-C loop built elsewhere (--build-pure-c), for a host without gcc (the x86 lab)")
+                        help="a pure-C loop built elsewhere (--build-pure-c), for a host without gcc (the labs)")
     parser.add_argument("--build-pure-c", type=Path, metavar="BINARY",
                         help="only build the pure-C loop (static) to BINARY, and exit")
+    parser.add_argument("--arch", choices=("x86_64", "aarch64"), default=None,
+                        help="with --build-pure-c: the loop's architecture (default: this host's)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="write the record here ('-': stdout; default: bench/results/exits-<arch>-<time>.json)")
     args = parser.parse_args(argv)
+    machine = "aarch64" if platform.machine() in ("aarch64", "arm64") else platform.machine()
+    if args.arch is not None and args.build_pure_c is None:
+        parser.error("--arch only goes with --build-pure-c (the measurement runs on this host's architecture)")
     n = max(UNROLL, args.exits // UNROLL * UNROLL)
     if args.build_pure_c is not None:
         with tempfile.TemporaryDirectory(prefix="vmmkit-bench-") as tmp:
-            shutil.copy(build_pure_c(Path(tmp), static=True), args.build_pure_c)
+            shutil.copy(build_pure_c(Path(tmp), static=True, arch=args.arch or machine), args.build_pure_c)
         return 0
+    if machine not in ("x86_64", "aarch64"):
+        print(f"SKIPPED: no guest for a {machine} host")
+        return 0
+    started = time.monotonic()
 
     import logging
 
@@ -361,58 +697,44 @@ def main(argv: list[str] | None = None) -> int:
     # A program, not a library: keep the backend's debug events off the table.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
-    from vmmkit_kvm.hypervisor import KvmHypervisor
-
-    availability = KvmHypervisor.is_available()
+    if machine == "aarch64":
+        from vmmkit_kvm.arm64 import KvmArm64Hypervisor as Backend
+        tools: tuple[str, ...] = ()
+    else:
+        from vmmkit_kvm.hypervisor import KvmHypervisor as Backend  # type: ignore[assignment]
+        tools = ("as", "ld", "objcopy")
+    availability = Backend.is_available()
     if not availability:
         print(f"SKIPPED: KVM is not usable here: {availability.reason}")
         return 0
-    for tool in ("as", "ld", "objcopy") if args.pure_c else ("gcc", "as", "ld", "objcopy"):
+    for tool in tools if args.pure_c or machine == "aarch64" else ("gcc", *tools):
         if shutil.which(tool) is None:
             print(f"SKIPPED: {tool} is needed")
             return 0
+    if machine == "aarch64" and args.pure_c is None and shutil.which("aarch64-linux-gnu-gcc") is None \
+            and shutil.which("gcc") is None:
+        print("SKIPPED: no compiler for the pure-C loop here: build it elsewhere (--build-pure-c BINARY "
+              "--arch aarch64) and pass --pure-c BINARY")
+        return 0
+    kinds = ("mmio",) if machine == "aarch64" else ("pio", "mmio")
 
     with tempfile.TemporaryDirectory(prefix="vmmkit-bench-") as tmp:
         work = Path(tmp)
-        pure_c = args.pure_c or build_pure_c(work)
-        guests = {kind: assemble(src.replace("{n}", str(n)), work, kind) for kind, src in GUEST.items()}
-        codes = {kind: path.read_bytes() for kind, path in guests.items()}
-
-        paths: list[tuple[str, dict[str, Callable[[], tuple[int, float]] | None]]] = [
-            ("vmmkit native (port sink, C)", {
-                "pio": lambda: run_vmmkit(codes["pio"], native=True, callback=False),
-                "mmio": None,
-            }),
-            ("vmmkit native, seccomp vCPU filter", {
-                "pio": lambda: run_vmmkit_filtered(codes["pio"], native=True),
-                "mmio": None,
-            }),
-            ("vmmkit Python dispatch (return)", {
-                "pio": lambda: run_vmmkit(codes["pio"], native=False, callback=False),
-                "mmio": lambda: run_vmmkit(codes["mmio"], native=False, callback=False),
-            }),
-            ("vmmkit Python (return), seccomp", {
-                "pio": lambda: run_vmmkit_filtered(codes["pio"], native=False),
-                "mmio": lambda: run_vmmkit_filtered(codes["mmio"], native=False),
-            }),
-            ("vmmkit Python dispatch (callback)", {
-                "pio": lambda: run_vmmkit(codes["pio"], native=False, callback=True),
-                "mmio": lambda: run_vmmkit(codes["mmio"], native=False, callback=True),
-            }),
-            ("plain Python fcntl.ioctl loop", {
-                "pio": lambda: run_plain_python(codes["pio"]),
-                "mmio": lambda: run_plain_python(codes["mmio"]),
-            }),
-        ]
+        build = arm64_paths if machine == "aarch64" else x86_paths
+        pure_c, guests, paths = build(n, args.pure_c, work)
         samples: dict[tuple[str, str], list[float]] = {}
         ratios: dict[tuple[str, str], list[float]] = {}
         rng = random.Random(1)
+
+        def pure_c_runner(kind: str) -> Runner:
+            return lambda: run_pure_c(pure_c, guests[kind], 1)[0]
+
         # Each round measures every path once, in a shuffled order, so that the host's load
         # (this is a shared, nested machine) hits them alike; ratios are taken within a round.
         for _ in range(args.repeat):
-            jobs: list[tuple[str, str, Callable[[], tuple[int, float]]]] = []
-            for kind in ("pio", "mmio"):
-                jobs.append((PURE_C_LABEL, kind, lambda kind=kind: run_pure_c(pure_c, guests[kind], 1)[0]))
+            jobs: list[tuple[str, str, Runner]] = []
+            for kind in kinds:
+                jobs.append((PURE_C_LABEL, kind, pure_c_runner(kind)))
                 for label, runners in paths:
                     runner = runners[kind]
                     if runner is not None:
@@ -429,7 +751,9 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.setdefault(key, []).append(per_exit / round_[(PURE_C_LABEL, key[1])])
 
     labels = [PURE_C_LABEL] + [label for label, _ in paths]
-    print(f"KVM exits: {n} per measurement, {args.repeat} rounds; guest: 16-bit, {UNROLL}x unrolled out/mov")
+    guest = (f"AArch64 EL1, {UNROLL}x unrolled str to unbacked memory, PSCI SYSTEM_OFF" if machine == "aarch64"
+             else f"16-bit, {UNROLL}x unrolled out/mov")
+    print(f"KVM exits ({machine}): {n} per measurement, {args.repeat} rounds; guest: {guest}")
     print("us/exit: best [median] over the rounds; x C: median over the rounds of the ratio to the")
     print("pure-C loop measured in the same round\n")
     cell = "{:>8} {:>9} {:>9} {:>7}"
@@ -437,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':36} | " + cell.format("us/exit", "[median]", "exits/s", "x C") + " | "
           + cell.format("us/exit", "[median]", "exits/s", "x C"))
     print("-" * 116)
+    rows: list[dict[str, Any]] = []
     for label in labels:
         cells = []
         for kind in ("pio", "mmio"):
@@ -445,10 +770,14 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(cell.format("n/a", "", "", ""))
                 continue
             best, median = min(samples[key]), statistics.median(samples[key])
-            cells.append(cell.format(f"{best * 1e6:.2f}", f"[{median * 1e6:.2f}]", f"{1 / best:.0f}",
-                                     f"{statistics.median(ratios[key]):.2f}x"))
+            ratio = statistics.median(ratios[key])
+            cells.append(cell.format(f"{best * 1e6:.2f}", f"[{median * 1e6:.2f}]", f"{1 / best:.0f}", f"{ratio:.2f}x"))
+            rows.append({"path": label, "kind": kind, "us_best": round(best * 1e6, 3),
+                         "us_median": round(median * 1e6, 3), "x_c_median": round(ratio, 3)})
         print(f"{label:36} | {cells[0]} | {cells[1]}")
     print("\ntargets: native within 1.15x of pure C, Python dispatch within 1.5x")
+    default = REPO / "bench" / "results" / time.strftime(f"exits-{machine}-%Y%m%dT%H%M%S.json")
+    write_json(args.json or str(default), machine, args, n, started, rows)
     return 0
 
 

@@ -3,8 +3,8 @@ the x86-64 lab) with ``--sysroot`` = Debian's ``libc6-dev``, ``libpython3.11-dev
 ``linux-libc-dev`` of the lab's architecture, extracted by ``lab.py``.
 
 cffi writes the C of each out-of-line module (``ffibuilder.emit_c_code``); it is compiled here as
-setuptools would, only with the cross compiler. The KVM plugin's module is x86-only
-(``struct kvm_regs`` of x86): built for the x86-64 lab only; the arm64 backend uses ``ctypes``.
+setuptools would, only with the cross compiler. A build script with a ``builder_for(arch)``
+(the KVM plugin's: its declarations differ per architecture) gives the lab architecture's builder.
 
 Run by ``lab.py`` in a subprocess with a Python that has ``cffi`` (the checkout's ``.venv``).
 """
@@ -24,8 +24,8 @@ MODULES = (
     ("vmmkit/sandbox/_native_build.py", "", "vmmkit.sandbox._native"),
     ("plugins/devices/src/vmmkit_devices/virtio/_native_build.py", "plugins/devices/src/",
      "vmmkit_devices.virtio._native"),
+    ("plugins/kvm/src/vmmkit_kvm/_native_build.py", "plugins/kvm/src/", "vmmkit_kvm._native"),
 )
-X86_MODULES = (("plugins/kvm/src/vmmkit_kvm/_native_build.py", "plugins/kvm/src/", "vmmkit_kvm._native"),)
 COMPILERS = {"aarch64": "aarch64-linux-gnu-gcc", "x86_64": "gcc"}
 
 
@@ -36,7 +36,7 @@ def build_one(root: Path, arch: str, script: str, module: str, sysroot: Path, ou
     assert spec is not None and spec.loader is not None
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
-    builder = loaded.ffibuilder
+    builder = loaded.builder_for(arch) if hasattr(loaded, "builder_for") else loaded.ffibuilder
     name, _source, _ext, kwds = builder._assigned_source  # what set_source() recorded
     assert name == module, (name, module)
     package_dir = path.parent
@@ -45,7 +45,7 @@ def build_one(root: Path, arch: str, script: str, module: str, sysroot: Path, ou
     digest = hashlib.sha256(path.read_bytes() + arch.encode())
     for c_file in c_files:
         digest.update(Path(c_file).read_bytes())
-    for header in sorted(package_dir.glob("native/*.h")):
+    for header in sorted({*package_dir.glob("native/*.h"), *package_dir.glob("*.h")}):
         digest.update(header.read_bytes())
     rel = module.replace(".", "/") + f".cpython-311-{triplet}.so"
     target = out / digest.hexdigest()[:16] / rel
@@ -84,7 +84,7 @@ def build_all(root: Path, arch: str, sysroot: Path, out: Path) -> dict[str, byte
 def _main() -> None:
     root, arch, sysroot, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
     built = {}
-    for script, package_root, module in MODULES + (X86_MODULES if arch == "x86_64" else ()):
+    for script, package_root, module in MODULES:
         rel, target = build_one(root, arch, script, module, sysroot, out)
         built[package_root + rel] = str(target)
     print(json.dumps(built))

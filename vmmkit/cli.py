@@ -46,6 +46,7 @@ _VM_OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
     ("--device", "devices", True, "path=<VFIO sysfs path>,id=<id>"),
     ("--platform", "platform", False, "virtio_transport=pci|mmio,..."),
     ("--balloon", "balloon", False, "size=<size>,deflate_on_oom=on|off,free_page_reporting=on|off"),
+    ("--rate-limit-group", "rate_limit_groups", True, "id=<id>,bw_size=,bw_refill_time=,ops_size=,..."),
 )
 
 # Cloud Hypervisor's options for what vmmkit's VmConfig does not model: (flag, JSON path in
@@ -54,7 +55,6 @@ _UNMODELLED_OPTIONS: tuple[tuple[str, str, bool], ...] = (
     ("--igvm", "payload.igvm", True),
     ("--host-data", "payload.host_data", True),
     ("--numa", "numa", True),
-    ("--rate-limit-group", "rate_limit_groups", True),
     ("--vdpa", "vdpa", True),
     ("--user-device", "user_devices", True),
     ("--generic-vhost-user", "generic_vhost_user", True),

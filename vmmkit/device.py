@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from vmmkit.hypervisor import Availability, PortSink
     from vmmkit.irq import InterruptLine
     from vmmkit.memory import GuestMemory
+    from vmmkit.ratelimit import RateLimiter
 
 
 @frozen
@@ -87,6 +88,13 @@ class DeviceContext(Protocol):
 
     def emit_event(self, name: str, **properties: Any) -> None:
         """Report an event (``guest-panic``, ...) to the machine's listeners (event monitor)."""
+        ...
+
+    def rate_limit_group(self, group_id: str) -> RateLimiter:
+        """The limiter of rate limit group ``group_id`` (``--rate-limit-group``), one per group
+        and VM, shared by every device that asks for it.
+
+        :raises VmmError: the VM has no such group."""
         ...
 
     @property

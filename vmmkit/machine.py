@@ -30,6 +30,7 @@ from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
 from vmmkit.memory import GuestMemory
 from vmmkit.paths import PathError, require_regular_file
+from vmmkit.ratelimit import RateLimiter, RateLimitGroups
 from vmmkit.registry import AUTO, Registries
 from vmmkit.sandbox import VCPU, VMM, activate_landlock, enter_thread, resolve_seccomp_mode
 from vmmkit.sandbox import deactivate as deactivate_landlock
@@ -178,6 +179,9 @@ class _DeviceContext:
     def emit_event(self, name: str, **properties: Any) -> None:
         self._machine.emit(name, **properties)
 
+    def rate_limit_group(self, group_id: str) -> RateLimiter:
+        return self._machine.rate_limit_groups.get(group_id)
+
     @property
     def log_fd(self) -> int | None:
         return self._machine.log_fd
@@ -212,6 +216,8 @@ class Machine:
         self.vm: Vm | None = None
         self.boot_info: BootInfo | None = None
         self.event_loop = EventLoop()
+        #: ``--rate-limit-group``: one limiter per group, shared by the disks naming it.
+        self.rate_limit_groups = RateLimitGroups({g.id: g.rate_limiter_config for g in self.config.rate_limit_groups})
         self.device_manager: DeviceManager | None = None
         #: RAM plugged while the guest runs (``--memory hotplug_size=``), once built.
         self.memory_hotplug: MemoryHotplug | VirtioMemHotplug | None = None
@@ -746,6 +752,7 @@ class Machine:
         if self.device_manager is not None:
             self.device_manager.close()
         self.event_loop.close()
+        self.rate_limit_groups.close()
         for vcpu in self.vcpus:
             vcpu.close()
         if self.vm is not None:

@@ -5,6 +5,7 @@ static busybox, ``tests/linux/init.sh``) plus the lab kernel's virtio modules, l
     python3 lab/linux/nested_initramfs.py /tmp/nested.cpio          # inside the AArch64 lab
     python3 lab/linux/nested_initramfs.py out.cpio --busybox <system>/nested/busybox \\
         --modules <system>/nested/modules --applets-of /bin/busybox  # on the host (QEMU's peer run)
+    python3 lab/linux/nested_initramfs.py /tmp/nvme.cpio --init-sh lab/vfio/nvme-init.sh  # other checks
 
 Debian's arm64 kernel has virtio-mmio, -blk, -net and -rng as modules; the lab keeps them, with
 what they depend on and in load order, in ``/lab-modules`` (and ``<system>/nested/modules`` on
@@ -36,9 +37,10 @@ exec /bin/sh /init.sh "$@"
 """
 
 
-def entries(busybox: Path, modules: Path, applets_of: Path) -> list[Entry]:
+def entries(busybox: Path, modules: Path, applets_of: Path, init_sh: Path = INIT_SCRIPT) -> list[Entry]:
+    """The archive's members; ``init_sh`` is the checks the wrapper runs (the Linux tier's by default)."""
     members = []
-    for entry in initramfs_entries(busybox=applets_of, scripts=[WRAPPER]):
+    for entry in initramfs_entries(busybox=applets_of, init=init_sh, scripts=[WRAPPER]):
         if entry.name == "init":
             continue
         if entry.name == "bin/busybox":
@@ -49,7 +51,7 @@ def entries(busybox: Path, modules: Path, applets_of: Path) -> list[Entry]:
     for name in order:
         members.append(Entry(f"modules/{name}", stat.S_IFREG | 0o644, (modules / name).read_bytes()))
     members.append(Entry("modules/order", stat.S_IFREG | 0o644, ("\n".join(order) + "\n").encode()))
-    members.append(Entry("init.sh", stat.S_IFREG | 0o755, INIT_SCRIPT.read_bytes()))
+    members.append(Entry("init.sh", stat.S_IFREG | 0o755, init_sh.read_bytes()))
     members.append(Entry("init", stat.S_IFREG | 0o755, WRAPPER))
     return members
 
@@ -60,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--busybox", type=Path, default=Path("/bin/busybox"))
     parser.add_argument("--modules", type=Path, default=Path("/lab-modules"))
     parser.add_argument("--applets-of", type=Path, default=None, help="a busybox that runs here (default: --busybox)")
+    parser.add_argument("--init-sh", type=Path, default=INIT_SCRIPT,
+                        help="the checks /init runs after loading the modules (default: the Linux tier's)")
     options = parser.parse_args(argv)
-    members = entries(options.busybox, options.modules, options.applets_of or options.busybox)
+    members = entries(options.busybox, options.modules, options.applets_of or options.busybox, options.init_sh)
     options.output.write_bytes(newc_archive(members))
     return 0
 

@@ -1,9 +1,9 @@
 #!/bin/sh
-# /init.sh of the nested Linux that checks a passed-through NVMe controller (lab/vfio/nvme_initramfs.py;
-# the modules are loaded by the wrapper /init before). Its own nvme driver must find the
-# controller and namespace 1; the first line of sector 0 (written by the host before the lab
-# booted) is printed; 4 KiB of "<pattern>\n" are written at 2 MiB, flushed, the page cache
-# dropped, read back and compared. Every line starts "VMMKIT-NVME: ". Then power off.
+# /init.sh of the nested Linux that checks a passed-through NVMe controller (archived by
+# lab/linux/nested_initramfs.py --init-sh; the wrapper /init loaded the modules). Its own nvme
+# driver must find the controller and namespace 1; the first line of sector 0 (written by the
+# host before the lab booted) is printed; 4 KiB of "<pattern>\n" are written at 2 MiB, flushed,
+# the page cache dropped, read back and compared. Every line starts "VMMKIT-NVME: ". Then power off.
 say() { echo "VMMKIT-NVME: $*"; }
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

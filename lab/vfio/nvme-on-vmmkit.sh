@@ -12,7 +12,7 @@ bdf=
 for dev in /sys/bus/pci/devices/*; do
     if [ "$(cat "$dev/vendor"):$(cat "$dev/device")" = 0x1b36:0x0010 ]; then bdf=${dev##*/}; break; fi
 done
-python3 lab/vfio/nvme_initramfs.py /tmp/nvme.cpio
+python3 lab/linux/nested_initramfs.py /tmp/nvme.cpio --init-sh lab/vfio/nvme-init.sh
 echo "VMMKIT-VFIO: vmmkit --hypervisor kvm --kernel $kernel --device path=/sys/bus/pci/devices/$bdf"
 exec vmmkit --hypervisor kvm --kernel "$kernel" --initramfs /tmp/nvme.cpio --memory "${MEMORY:-size=256M}" \
     --cpus boot=2 --cmdline "console=ttyAMA0 quiet nvme_pattern=${PATTERN:-vmmkit-nvme-pattern}" \

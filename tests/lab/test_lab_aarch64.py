@@ -35,6 +35,7 @@ section kvm-fault vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline test=fault
 section kvm-irq-1 vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline test=irq --cpus boot=1
 section kvm-irq-2 vmmkit --hypervisor kvm --kernel {IMAGE} --cmdline test=irq --cpus boot=2
 section kvm-nisv vmmkit --hypervisor kvm --kernel /lab/files/nisv.Image
+section runloop python3 -m pytest -q -p no:cacheprovider tests/lab/test_kvm_arm64_runloop.py
 """
 
 #: A hostile arm64 Image: a store pair to the PL011 (no instruction syndrome: KVM cannot emulate it).
@@ -84,7 +85,8 @@ def lab(aarch64_lab: object, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     result = run_in_lab("--add", str(nisv), "--timeout", "600", "--", "sh", "-c", SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
     sections = _sections(result.stdout)
-    assert set(sections) == {"plugins", "kvm-1", "kvm-2", "kvm-fault", "kvm-irq-1", "kvm-irq-2", "kvm-nisv"}, \
+    assert set(sections) == {"plugins", "kvm-1", "kvm-2", "kvm-fault", "kvm-irq-1", "kvm-irq-2", "kvm-nisv",
+                             "runloop"}, \
         result.stdout + result.stderr
     return sections
 
@@ -151,3 +153,11 @@ def test_an_mmio_access_kvm_cannot_decode_stops_the_vm_with_a_clear_error(lab: d
     assert status == 1, output
     assert "guest access at 0x9000000 that KVM cannot emulate: no instruction syndrome" in output, output
     assert "Traceback" not in output
+
+
+def test_the_native_run_loop_serves_mmio_kicks_and_counts_on_kvm_arm64(lab: dict[str, tuple[str, int]]) -> None:
+    """``test_kvm_arm64_runloop.py`` ran inside the lab (the C loop built from arm64's headers)."""
+    output, status = lab["runloop"]
+    assert status == 0, output
+    assert "5 passed" in output, output
+    assert "skipped" not in output, output

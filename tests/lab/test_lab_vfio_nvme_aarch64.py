@@ -62,9 +62,10 @@ def qemu_run(aarch64_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Run:
     work = tmp_path_factory.mktemp("nvme-qemu")
     nested = aarch64_lab.dir / "nested"
     initrd = work / "nvme.cpio"
-    subprocess.run([sys.executable, str(ROOT / "lab" / "vfio" / "nvme_initramfs.py"), str(initrd),
+    subprocess.run([sys.executable, str(ROOT / "lab" / "linux" / "nested_initramfs.py"), str(initrd),
                     "--busybox", str(nested / "busybox"), "--modules", str(nested / "modules"),
-                    "--applets-of", "/bin/busybox"], check=True)
+                    "--applets-of", "/bin/busybox", "--init-sh", str(ROOT / "lab" / "vfio" / "nvme-init.sh")],
+                   check=True)
     image = make_image(work / "nvme.img")
     result = subprocess.run(
         ["qemu-system-aarch64", "-M", "virt,gic-version=3", "-cpu", "max,pauth-impdef=on", "-m", "256M", "-smp", "2",

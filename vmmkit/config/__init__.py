@@ -55,7 +55,14 @@ from vmmkit.config.devices import (
     RngConfig,
     VsockConfig,
 )
-from vmmkit.config.disk_net import DiskConfig, NetConfig, RateLimiterConfig, TokenBucket, VirtQueueAffinity
+from vmmkit.config.disk_net import (
+    DiskConfig,
+    NetConfig,
+    RateLimiterConfig,
+    RateLimitGroupConfig,
+    TokenBucket,
+    VirtQueueAffinity,
+)
 from vmmkit.config.errors import ConfigError
 from vmmkit.config.fields import MAX_VCPUS, TRANSPORTS
 from vmmkit.config.landlock import LandlockConfig
@@ -80,6 +87,7 @@ __all__ = [
     "MemoryZoneConfig",
     "TokenBucket",
     "RateLimiterConfig",
+    "RateLimitGroupConfig",
     "VirtQueueAffinity",
     "DiskConfig",
     "NetConfig",

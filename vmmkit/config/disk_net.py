@@ -37,11 +37,12 @@ from vmmkit.units import U64_MAX
 
 @attrs.frozen(kw_only=True)
 class TokenBucket(_Config):
-    """A token bucket: ``size`` tokens, refilled every ``refill_time`` ms."""
+    """A token bucket: ``size`` tokens, refilled every ``refill_time`` ms (both at least 1: CH
+    reads a zero as "no bucket", vmmkit refuses it so a limit is never silently dropped)."""
 
-    size: int = attrs.field(validator=_int_range(0, U64_MAX))
+    size: int = attrs.field(validator=_int_range(1, U64_MAX))
     one_time_burst: int | None = attrs.field(default=None, validator=_int_range(0, U64_MAX, optional=True))
-    refill_time: int = attrs.field(validator=_int_range(0, U64_MAX))
+    refill_time: int = attrs.field(validator=_int_range(1, U64_MAX))
 
 
 @attrs.frozen(kw_only=True)
@@ -58,19 +59,56 @@ _RATE_KEYS: Final = tuple(
 
 
 def _parse_rate_limiter(o: ParsedOptions) -> RateLimiterConfig | None:
-    """``bw_size=..,bw_refill_time=..,ops_...``: as CH, a bucket exists when size and refill
-    time are both non-zero."""
+    """``bw_size=..,bw_refill_time=..,ops_...``. CH makes a bucket when size and refill time are
+    both non-zero and silently drops it otherwise; vmmkit refuses a bucket given in part or with
+    a zero, so a limit the user wrote is never ignored."""
     buckets: dict[str, TokenBucket | None] = {}
     for kind, name in (("bw", "bandwidth"), ("ops", "ops")):
-        size = o.integer(f"{kind}_size") or 0
-        refill = o.integer(f"{kind}_refill_time") or 0
-        burst = o.integer(f"{kind}_one_time_burst") or 0
-        buckets[name] = (
-            TokenBucket(size=size, one_time_burst=burst, refill_time=refill) if size and refill else None
-        )
+        given = {part: o.integer(f"{kind}_{part}", lo=0 if part == "one_time_burst" else 1)
+                 for part in ("size", "refill_time", "one_time_burst")}
+        if all(value is None for value in given.values()):
+            buckets[name] = None
+            continue
+        expected = f"{kind}_size and {kind}_refill_time (ms) both given and at least 1"
+        for part in ("size", "refill_time"):
+            value = given[part]
+            if value is None:
+                raise ConfigError(o.option, None, expected, key=f"{kind}_{part}",
+                                  reason=f"{kind}_{part} missing (a {kind} limit needs it)")
+        buckets[name] = TokenBucket(size=given["size"] or 0, refill_time=given["refill_time"] or 0,
+                                    one_time_burst=given["one_time_burst"] or 0)
     if buckets["bandwidth"] is None and buckets["ops"] is None:
         return None
     return RateLimiterConfig(bandwidth=buckets["bandwidth"], ops=buckets["ops"])
+
+
+@attrs.frozen(kw_only=True)
+class RateLimitGroupConfig(_Config):
+    """A rate limit shared by the disks that name it (``--rate-limit-group id=g0,bw_size=..,
+    bw_refill_time=..``, then ``--disk ..,rate_limit_group=g0``), CH's ``RateLimiterGroupConfig``."""
+
+    id: str = attrs.field(validator=_is_str)
+    rate_limiter_config: RateLimiterConfig = attrs.field(validator=_instance(RateLimiterConfig))
+
+    def __attrs_post_init__(self) -> None:
+        if not self.id:
+            raise ConfigError("id", self.id, "a non-empty group id")
+
+    _CLI_KEYS: ClassVar[Mapping[str, str]] = {"rate_limiter_config": "bw_*/ops_*"}
+    _PARSER: ClassVar[OptionParser] = OptionParser("--rate-limit-group", ("id", *_RATE_KEYS))
+
+    @classmethod
+    def parse(cls, spec: str) -> RateLimitGroupConfig:
+        """Parse a ``--rate-limit-group`` value."""
+        o = cls._PARSER.parse(spec)
+        with _cli_errors(o.option, cls._CLI_KEYS):
+            limits = _parse_rate_limiter(o)
+            if o.get("id") is None:
+                raise ConfigError(o.option, None, "id=<group id>", key="id", reason="missing id")
+            if limits is None:
+                raise ConfigError(o.option, None, "bw_size=..,bw_refill_time=.. and/or ops_size=..,ops_refill_time=..",
+                                  reason="a rate limit group without limits")
+            return _make(cls, id=o.get("id"), rate_limiter_config=limits)
 
 
 @attrs.frozen(kw_only=True)

@@ -58,6 +58,7 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     # disks
     "disks.vhost_user": "vhost-user block devices",
     "disks.vhost_socket": "vhost-user block devices",
+    # claimed by the virtio-blk device type (vmmkit-devices)
     "disks.rate_limiter_config": "disk rate limits",
     "disks.rate_limit_group": "rate limit groups",
     "disks.queue_affinity": "queue affinity",
@@ -66,6 +67,7 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "net.vhost_user": "vhost-user network devices",
     "net.vhost_socket": "vhost-user network devices",
     "net.vhost_mode": "vhost-user network devices",
+    # claimed by the virtio-net device type (vmmkit-devices)
     "net.rate_limiter_config": "network rate limits",
     "net.iommu": _IOMMU,
     # other built-in devices
@@ -91,7 +93,6 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     # the VM
     "iommu": _IOMMU,
     "numa": "guest NUMA nodes",
-    "rate_limit_groups": "rate limit groups",
     "pci_segments": "PCI segment apertures",
     # platform
     "platform.iommu_segments": _IOMMU,

@@ -20,7 +20,7 @@ from vmmkit.config.devices import (
     RngConfig,
     VsockConfig,
 )
-from vmmkit.config.disk_net import DiskConfig, NetConfig
+from vmmkit.config.disk_net import DiskConfig, NetConfig, RateLimitGroupConfig
 from vmmkit.config.errors import ConfigError, _field_head, _relabel
 from vmmkit.config.fields import (
     _EXTENSION,
@@ -114,8 +114,13 @@ class VmConfig(_Config):
     landlock_rules: tuple[LandlockConfig, ...] = attrs.field(
         default=(), converter=_tuple, validator=_tuple_of_type(LandlockConfig)
     )
+    #: Rate limits shared by the disks naming them (``--rate-limit-group``; :mod:`vmmkit.ratelimit`).
+    rate_limit_groups: tuple[RateLimitGroupConfig, ...] = attrs.field(
+        default=(), converter=_tuple, validator=_tuple_of_type(RateLimitGroupConfig)
+    )
 
     def __attrs_post_init__(self) -> None:
+        _check_rate_limit_groups(self)
         if self.landlock_rules and not self.landlock_enable:
             raise ConfigError("landlock_rules", [r.path for r in self.landlock_rules], "landlock_enable true",
                               reason="Landlock rules without Landlock (--landlock)")
@@ -364,6 +369,7 @@ class VmConfig(_Config):
         pvpanic: bool = False,
         landlock_enable: bool = False,
         landlock_rules: Iterable[str] | None = (),
+        rate_limit_groups: Iterable[str] | None = (),
     ) -> VmConfig:
         """Build from raw command-line option values, CH's syntax (``None``: the default).
 
@@ -393,6 +399,7 @@ class VmConfig(_Config):
             platform=PlatformConfig.parse(platform) if platform is not None else None,
             plugin_devices=tuple(plugins),
             landlock_rules=tuple(LandlockConfig.parse(spec) for spec in many(landlock_rules)),
+            rate_limit_groups=tuple(RateLimitGroupConfig.parse(spec) for spec in many(rate_limit_groups)),
         )
         try:
             payload = PayloadConfig(kernel=kernel, cmdline=cmdline, initramfs=initramfs, firmware=firmware)
@@ -403,6 +410,21 @@ class VmConfig(_Config):
                          **sections)
         except ConfigError as err:
             raise _vm_error_for_cli(err, plugins) from None
+
+
+def _check_rate_limit_groups(config: VmConfig) -> None:
+    """Group ids are unique, and every disk's ``rate_limit_group`` names one (as CH checks)."""
+    groups: set[str] = set()
+    for index, group in enumerate(config.rate_limit_groups):
+        if group.id in groups:
+            raise ConfigError(f"rate_limit_groups[{index}].id", group.id, "an id no other rate limit group uses",
+                              reason=f"duplicate rate limit group {group.id!r}")
+        groups.add(group.id)
+    for index, disk in enumerate(config.disks):
+        if disk.rate_limit_group is not None and disk.rate_limit_group not in groups:
+            raise ConfigError(f"disks[{index}].rate_limit_group", disk.rate_limit_group,
+                              f"the id of a rate limit group ({', '.join(sorted(groups)) or 'none defined'})",
+                              reason=f"no rate limit group {disk.rate_limit_group!r}")
 
 
 def _memory_from_cli(memory: str | None, zones: tuple[MemoryZoneConfig, ...]) -> MemoryConfig | None:
@@ -440,6 +462,7 @@ _CLI_OPTIONS: Final[Mapping[str, tuple[str, type[Any] | None]]] = {
     "pvpanic": ("--pvpanic", None),
     "landlock_enable": ("--landlock", None),
     "landlock_rules": ("--landlock-rules", LandlockConfig),
+    "rate_limit_groups": ("--rate-limit-group", RateLimitGroupConfig),
 }
 
 

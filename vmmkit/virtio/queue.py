@@ -36,6 +36,7 @@ threads and take the queue's lock.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -63,6 +64,32 @@ VIRTQ_USED_F_NO_NOTIFY: Final = 1
 
 _T = TypeVar("_T")
 _U16 = struct.Struct("<H")
+
+
+def _load_u16(buffer: Any, offset: int) -> int:
+    """One 16-bit load of a ring index or flags word the driver may be writing: struct's ``<H``
+    reads byte by byte (high byte first), so a value changing from 0x00ff to 0x0100 under it could
+    read as 0x0000. A native ``H`` memoryview item is one load (virtio is little-endian, and so
+    is every host vmmkit runs on)."""
+    with memoryview(buffer) as view, view[offset:offset + 2] as piece, piece.cast("H") as word:
+        value: int = word[0]
+        return value
+
+
+def _store_u16(buffer: Any, offset: int, value: int) -> None:
+    """One 16-bit store (struct's ``pack_into`` writes byte by byte: a driver polling the used
+    index could see it torn, e.g. 0x0000 between 0x00ff and 0x0100)."""
+    with memoryview(buffer) as view, view[offset:offset + 2] as piece, piece.cast("H") as word:
+        word[0] = value
+
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian host here
+    def _load_u16(buffer: Any, offset: int) -> int:
+        value: int = _U16.unpack_from(buffer, offset)[0]
+        return value
+
+    def _store_u16(buffer: Any, offset: int, value: int) -> None:
+        _U16.pack_into(buffer, offset, value)
 _USED_ELEM = struct.Struct("<II")
 
 __all__ = ["DescriptorChain", "ErrorKind", "Segment", "Virtqueue", "VirtqueueError",
@@ -237,7 +264,7 @@ class Virtqueue:
             return self._guarded(lambda: self._pending(self._current()))
 
     def _pending(self, layout: _Layout) -> int:
-        avail_idx: int = _U16.unpack_from(layout.avail_buf, layout.avail_off + 2)[0]
+        avail_idx = _load_u16(layout.avail_buf, layout.avail_off + 2)
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending > layout.size:
             raise VirtqueueError(ErrorKind.AVAIL_INDEX, f"queue {self.index}: available index moved from "
@@ -268,6 +295,40 @@ class Virtqueue:
             self._write_avail_event(layout, self.last_avail_idx)
         return chain
 
+    def undo_pop(self) -> None:
+        """Give back the chain the last :meth:`pop` returned, unserved: the next pop returns it
+        again (a rate-limited device leaves it in the available ring; rust-vmm's
+        ``Queue::go_to_previous_position``). Only right after a pop of this queue."""
+        with self._lock:
+            if not self.active:
+                return
+
+            def undo() -> None:
+                layout = self._current()
+                self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+                if self.event_idx and self._notify:
+                    self._write_avail_event(layout, self.last_avail_idx)
+
+            self._guarded(undo)
+
+    def chain_at(self, head: int) -> DescriptorChain:
+        """Chain ``head`` walked afresh, not taken from the available ring: a vhost-user backend
+        resubmitting what its predecessor had taken (vhost-user.rst, "Inflight I/O tracking").
+        Raises :class:`VirtqueueError` (the queue inactive, or the chain broken)."""
+        with self._lock:
+            if not self.active:
+                raise VirtqueueError(ErrorKind.DEVICE, f"queue {self.index} is not active")
+
+            def walk() -> DescriptorChain:
+                layout = self._current()
+                if not 0 <= head < layout.size:
+                    raise VirtqueueError(ErrorKind.INDEX, f"queue {self.index}: head {head} beyond size {layout.size}")
+                chain = layout.walker.walk(self.desc_table, layout.size, head, indirect=self.indirect)
+                chain.memory = self.memory
+                return chain
+
+            return self._guarded(walk)
+
     def iter_available(self) -> Iterator[DescriptorChain]:
         """Pop chains until none is left (a :class:`VirtqueueError` ends the iteration)."""
         while (chain := self.pop()) is not None:
@@ -289,7 +350,7 @@ class Virtqueue:
         _USED_ELEM.pack_into(layout.used_buf, layout.used_off + 4 + 8 * slot, head, written)
         fence()  # the element before the index that publishes it
         self.next_used = (self.next_used + 1) & 0xFFFF
-        _U16.pack_into(layout.used_buf, layout.used_off + 2, self.next_used)
+        _store_u16(layout.used_buf, layout.used_off + 2, self.next_used)
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for the used buffers added since the last
@@ -303,9 +364,9 @@ class Virtqueue:
         layout = self._current()
         fence()  # the used idx store before the flags / used_event load
         if not self.event_idx:
-            flags: int = _U16.unpack_from(layout.avail_buf, layout.avail_off)[0]
+            flags = _load_u16(layout.avail_buf, layout.avail_off)
             return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
-        used_event: int = _U16.unpack_from(layout.avail_buf, layout.avail_off + 4 + 2 * layout.size)[0]
+        used_event = _load_u16(layout.avail_buf, layout.avail_off + 4 + 2 * layout.size)
         new, old = self.next_used, self._signalled_used
         self._signalled_used = new
         if old is None:
@@ -323,7 +384,7 @@ class Virtqueue:
             self._guarded(lambda: self._write_avail_event(self._current(), value))
 
     def _write_avail_event(self, layout: _Layout, value: int) -> None:
-        _U16.pack_into(layout.used_buf, layout.used_off + 4 + 8 * layout.size, value)
+        _store_u16(layout.used_buf, layout.used_off + 4 + 8 * layout.size, value)
 
     def disable_notification(self) -> None:
         """Tell the driver not to notify (while the device is polling the queue anyway)."""
@@ -355,7 +416,7 @@ class Virtqueue:
 
     def _set_used_flags(self, flags: int) -> None:
         layout = self._current()
-        _U16.pack_into(layout.used_buf, layout.used_off, flags)
+        _store_u16(layout.used_buf, layout.used_off, flags)
 
     def mark_broken(self, reason: str, kind: ErrorKind = ErrorKind.DEVICE) -> None:
         """Stop using the queue until reset (the device found the guest at fault); ``kind``

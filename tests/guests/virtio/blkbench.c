@@ -27,7 +27,14 @@
  * (skipped while the device sets VIRTQ_USED_F_NO_NOTIFY); completions are
  * found by polling the used index. The data buffers are RAM past the
  * image (found in the memory map), so any size up to 1 MiB fits. Data
- * written is whatever that RAM holds; nothing checks it.
+ * written is whatever that RAM holds, except its first 8 bytes: the
+ * sector's stamp (sector ^ STAMP), which every read checks, so a read
+ * served from the wrong place or not at all is caught.
+ *
+ * The device may complete requests in any order (virtio 1.2, 2.7.14): a
+ * completed request's slot is the one refilled next, and a used id that is
+ * not a request in flight (completed twice, or never made available) fails
+ * the phase, as does a status byte the device did not write.
  */
 #include "arch.h"
 #include "arch_io.h"
@@ -47,6 +54,7 @@
 #define MAX_SIZE	(1u << 20)
 #define WARMUP		(4u << 20)	/* bytes written and read before measuring */
 #define VIRTQ_USED_F_NO_NOTIFY 1
+#define STAMP		0x5354414d50000000ull	/* "STAMP" */
 
 struct slot {
 	u32 type, reserved;
@@ -119,7 +127,12 @@ static const char *run_phase(struct virtio_dev *d, u64 buffers, const struct pha
 	u16 size = q->size, avail = q->avail_idx, used = q->last_used;
 	u64 step = p->size / SECTOR, sector = 0, submitted = 0, done = 0;
 	u64 start[MAX_QD], lat = 0, t_begin, t_end, wait, limit = 10 * hz;
+	unsigned free_slot[MAX_QD], nfree = 0;
+	bool busy[MAX_QD] = { false };
 	char mibs[24], us[24];
+
+	for (unsigned s = p->qd; s-- > 0;)
+		free_slot[nfree++] = s;	/* slot 0 first */
 
 	for (unsigned s = 0; s < p->qd; s++) {
 		struct virtq_desc *desc = &q->desc[3 * s];
@@ -138,11 +151,13 @@ static const char *run_phase(struct virtio_dev *d, u64 buffers, const struct pha
 		/* Fill every free slot, then notify once. */
 		bool added = false;
 
-		while (submitted - done < p->qd && submitted < p->requests) {
-			unsigned s = submitted % p->qd;
+		while (nfree && submitted < p->requests) {
+			unsigned s = free_slot[--nfree];
 
+			busy[s] = true;
 			slots[s].sector = sector;
 			slots[s].status = 0xff;
+			*(volatile u64 *)(uintptr_t)(buffers + (u64)s * p->size) = p->write ? sector ^ STAMP : 0;
 			sector += step;
 			if (sector >= p->span)
 				sector = 0;
@@ -173,12 +188,25 @@ static const char *run_phase(struct virtio_dev *d, u64 buffers, const struct pha
 			u64 now = arch_cycles();
 
 			used++;
-			if (id % 3 || s >= p->qd || READ_ONCE(slots[s].status)) {
-				snprintf(msg, sizeof(msg), "request at sector %llu: id %u status 0x%x",
+			if (id % 3 || s >= p->qd || !busy[s] || READ_ONCE(slots[s].status)) {
+				snprintf(msg, sizeof(msg), "request at sector %llu: id %u status 0x%x%s",
 					 (unsigned long long)slots[s < p->qd ? s : 0].sector, id,
-					 s < p->qd ? slots[s].status : 0xff);
+					 s < p->qd ? slots[s].status : 0xff,
+					 s < p->qd && !busy[s] ? " (not in flight)" : "");
 				return msg;
 			}
+			if (!p->write) {
+				u64 stamp = *(volatile u64 *)(uintptr_t)(buffers + (u64)s * p->size);
+
+				if (stamp != (slots[s].sector ^ STAMP)) {
+					snprintf(msg, sizeof(msg), "read of sector %llu: stamp %#llx",
+						 (unsigned long long)slots[s].sector,
+						 (unsigned long long)stamp);
+					return msg;
+				}
+			}
+			busy[s] = false;
+			free_slot[nfree++] = s;
 			lat += now - start[s];
 			done++;
 		}

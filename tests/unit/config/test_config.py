@@ -342,8 +342,13 @@ def test_disk_rate_limits_affinity_and_more() -> None:
     assert (disk.iommu, disk.backing_files, disk.sparse, disk.transport) == (True, True, False, "mmio")
 
 
-def test_disk_rate_limit_needs_size_and_refill_time_as_in_ch() -> None:
-    assert DiskConfig.parse("path=a,bw_size=1000").rate_limiter_config is None
+def test_disk_rate_limit_needs_size_and_refill_time() -> None:
+    # CH drops a bucket given without its refill time (or with a zero) silently; vmmkit refuses it
+    for spec, key in (("path=a,bw_size=1000", "bw_refill_time"), ("path=a,ops_refill_time=10", "ops_size"),
+                      ("path=a,bw_size=0,bw_refill_time=10", "bw_size"),
+                      ("path=a,ops_size=1,ops_refill_time=0", "ops_refill_time")):
+        err = error_of(DiskConfig.parse, spec)
+        assert (err.option, err.key) == ("--disk", key)
 
 
 def test_vhost_user_disk() -> None:
@@ -1154,8 +1159,8 @@ memory_st = st.builds(
 )
 bucket_st = st.builds(
     TokenBucket,
-    size=st.integers(0, 2**64 - 1),
-    refill_time=st.integers(0, 2**32),
+    size=st.integers(1, 2**64 - 1),  # zero is refused (CH would read it as "no bucket")
+    refill_time=st.integers(1, 2**32),
     one_time_burst=st.none() | st.integers(0, 10**9),
 )
 disk_st = st.builds(

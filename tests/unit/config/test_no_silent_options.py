@@ -75,6 +75,7 @@ IMPLEMENTED = frozenset({
     "vsock.pci_segment",
     "plugin_devices",
     "landlock_enable", "landlock_rules.path", "landlock_rules.access",
+    "rate_limit_groups.id", "rate_limit_groups.rate_limiter_config",
 })
 
 #: One sample per CLI option and sub-option: (option, key or None) -> (value of that option,
@@ -86,6 +87,7 @@ SHARED = {"memory": "shared=on"}
 ZONES = {"memory": "size=0", "memory_zones": ["id=z0,size=1G"]}
 ZONES_VIRTIO_MEM = {"memory": "size=0,hotplug_method=virtio-mem", "memory_zones": ["id=z0,size=1G"]}
 SEG2 = {"platform": "num_pci_segments=2"}
+GROUP = {"rate_limit_groups": ["id=g,ops_size=5,ops_refill_time=5"]}
 CLI_SAMPLES: Mapping[tuple[str, str | None], Sample] = {
     ("--kernel", None): ("/k", {}, "payload.kernel", None),
     ("--cmdline", None): ("console=ttyS0", {}, "payload.cmdline", None),
@@ -139,7 +141,7 @@ CLI_SAMPLES: Mapping[tuple[str, str | None], Sample] = {
        for key in ("bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst",
                    "ops_refill_time")},
     ("--disk", "serial"): ("path=a.img,serial=abc", {}, "disks.serial", None),
-    ("--disk", "rate_limit_group"): ("path=a.img,rate_limit_group=g", {}, "disks.rate_limit_group", None),
+    ("--disk", "rate_limit_group"): ("path=a.img,rate_limit_group=g", GROUP, "disks.rate_limit_group", None),
     ("--disk", "queue_affinity"): ("path=a.img,queue_affinity=[0@[0]]", {}, "disks.queue_affinity", None),
     ("--disk", "backing_files"): ("path=a.img,backing_files=on", {}, "disks.backing_files", None),
     ("--disk", "sparse"): ("path=a.img,sparse=off", {}, "disks.sparse", None),
@@ -259,11 +261,17 @@ CLI_SAMPLES: Mapping[tuple[str, str | None], Sample] = {
     ("--landlock-rules", "path"): ("path=/tmp,access=r", {"landlock_enable": True}, "landlock_rules.path", None),
     ("--landlock-rules", "access"): ("path=/tmp,access=rw", {"landlock_enable": True}, "landlock_rules.access",
                                      None),
+    ("--rate-limit-group", "id"): ("id=g,bw_size=5,bw_refill_time=5", {}, "rate_limit_groups.id", None),
+    **{("--rate-limit-group", key): (f"id=g,{key}=9,{key[:key.index('_')]}_size=5,"
+                                     f"{key[:key.index('_')]}_refill_time=5", {},
+                                     "rate_limit_groups.rate_limiter_config", None)
+       for key in ("bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst",
+                   "ops_refill_time")},
 }
 _FLAGS = {"--pvpanic", "--watchdog", "--landlock"}
 _FROM_CLI_NAME = {"--memory-zone": "memory_zones", "--disk": "disks", "--device": "devices",
                   "--debug-console": "debug_console", "--landlock": "landlock_enable",
-                  "--landlock-rules": "landlock_rules"}
+                  "--landlock-rules": "landlock_rules", "--rate-limit-group": "rate_limit_groups"}
 
 
 def _keyword(option: str) -> str:
@@ -276,7 +284,7 @@ def sample_config(option: str, value: str, extra: Mapping[str, Any]) -> VmConfig
     keyword = _keyword(option)
     if option in _FLAGS:
         kwargs[keyword] = True
-    elif keyword in ("disks", "net", "fs", "pmem", "devices", "memory_zones"):
+    elif keyword in ("disks", "net", "fs", "pmem", "devices", "memory_zones", "rate_limit_groups"):
         kwargs[keyword] = [value]
     else:
         kwargs[keyword] = value
@@ -458,7 +466,6 @@ def test_cli_options_vmmkit_does_not_model_are_refused_by_name(flag: str, path: 
     ("args", "message"),
     [
         (["--pmem", "file=x,size=2M,iommu=on"], "--pmem: iommu is not supported yet (a virtual IOMMU)"),
-        (["--disk", "path=a.img,bw_size=10,bw_refill_time=10"], "--disk: bw_*/ops_* is not supported yet"),
         (["--memory", "hugepages=on,hugepage_size=2M"], "--memory: hugepage_size is not supported yet"),
         (["--firmware", "/fw"], "--firmware: not supported yet"),
         (["--cpus", "kvm_hyperv=on"], "--cpus: kvm_hyperv is not supported yet"),
@@ -496,7 +503,7 @@ def unmodelled_schema_keys() -> list[tuple[str, Any]]:
 
 def test_json_keys_vmmkit_does_not_model_are_refused_by_name() -> None:
     keys = unmodelled_schema_keys()
-    assert {"numa", "rate_limit_groups", "tpm", "vdpa", "user_devices"} <= {
+    assert {"numa", "tpm", "vdpa", "user_devices"} <= {
         path for path, _ in keys}
     for path, value in keys:
         head, _, key = path.rpartition(".")
@@ -535,8 +542,8 @@ def client(vmmkit_registries: Any, vmmkit_pm: Any) -> Iterator[ApiClient]:
     [
         ({"pmem": [{"file": "/p.img", "iommu": True}]}, "pmem[0].iommu: not supported yet"),
         ({"memory": {"size": 1 << 30, "reserve": True}}, "memory.reserve: not supported yet"),
-        ({"disks": [{"path": "/a", "rate_limiter_config": {"ops": {"size": 1, "refill_time": 1}}}]},
-         "disks[0].rate_limiter_config: not supported yet"),
+        ({"disks": [{"path": "/a", "rate_limiter_config": {"ops": {"size": 0, "refill_time": 1}}}]},
+         "disks[0].rate_limiter_config.ops.size: invalid value 0"),
         ({"numa": [{"guest_numa_id": 0}]}, "numa: not supported yet"),
         ({"balloon": {"size": 1 << 20, "iommu": True}}, "balloon.iommu: not supported yet"),
         ({"landlock_rules": [{"path": "/x", "access": "rw"}]}, "landlock_rules: Landlock rules without Landlock"),
@@ -557,7 +564,7 @@ def test_vm_create_answers_400_naming_the_key(client: ApiClient, body: dict[str,
 def test_vm_add_answers_400_naming_the_key(client: ApiClient) -> None:
     assert client.request("PUT", "vm.create", {"payload": {"kernel": "/k"}}, check=False).status == 204
     for endpoint, body, named in [
-        ("vm.add-disk", {"path": "/a", "rate_limit_group": "g"}, "disks[0].rate_limit_group: not supported yet"),
+        ("vm.add-disk", {"path": "/a", "rate_limit_group": "g"}, "disks[0].rate_limit_group: no rate limit group 'g'"),
         ("vm.add-disk", {"path": "/a\u0000"}, "path: a NUL byte"),
         ("vm.add-disk", {"path": "/a", "no_such_key": 1}, "no_such_key: unknown key"),
         ("vm.add-net", {"iommu": True}, "net[0].iommu: not supported yet"),

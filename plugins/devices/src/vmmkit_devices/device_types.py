@@ -180,7 +180,7 @@ class VirtioBlockType(DeviceType):
 
     name: ClassVar[str] = "virtio-blk"
     description: ClassVar[str] = "virtio block device on a raw image file (--disk path=...)"
-    sections: ClassVar[tuple[str, ...]] = ("disks",)
+    sections: ClassVar[tuple[str, ...]] = ("disks", "disks.rate_limiter_config", "disks.rate_limit_group")
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
@@ -194,7 +194,7 @@ class VirtioNetType(DeviceType):
 
     name: ClassVar[str] = "virtio-net"
     description: ClassVar[str] = "virtio network device on a tap interface (--net tap=...|fd=[...])"
-    sections: ClassVar[tuple[str, ...]] = ("net",)
+    sections: ClassVar[tuple[str, ...]] = ("net", "net.rate_limiter_config")
 
     @classmethod
     def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:

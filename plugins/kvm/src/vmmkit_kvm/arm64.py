@@ -3,8 +3,10 @@ hosts (:mod:`vmmkit_kvm.plugin`). Written against Documentation/virt/kvm/api.rst
 devices/arm-vgic-v3.rst, and run in the AArch64 lab (``lab/``: Debian 12's arm64 kernel in QEMU
 TCG with the virtualization extensions, a real ``/dev/kvm``).
 
-Pure Python (``ctypes`` ioctls on the libc, ``struct`` layouts), because the cffi module of this
-plugin is built from the x86 ``<linux/kvm.h>``. The ABI used:
+The vCPU loop is C: the plugin's cffi module ``vmmkit_kvm._native`` built from arm64's
+``<linux/kvm.h>`` (``runloop.c``, shared with x86-64; :mod:`vmmkit_kvm.native_loop`); the other
+ioctls, none of them on a hot path, are ``ctypes`` calls on the libc with ``struct`` layouts.
+Without the native module the backend says it is unavailable. The ABI used:
 
 - ``KVM_CREATE_VM`` (type 0: the default 40-bit IPA space), ``KVM_SET_USER_MEMORY_REGION``;
 - ``KVM_CREATE_VCPU``, then ``KVM_ARM_PREFERRED_TARGET`` and ``KVM_ARM_VCPU_INIT`` with the
@@ -29,26 +31,26 @@ plugin is built from the x86 ``<linux/kvm.h>``. The ABI used:
   after the vGIC's initialisation (which installs the defaults). ``KVM_SIGNAL_MSI`` with the
   device ID where no GSI is left (Cloud Hypervisor: ``hypervisor/src/kvm/aarch64/gic/``,
   ``KvmVm::make_routing_entry``);
-- ``KVM_RUN`` with ``kvm_run`` mmapped: ``KVM_EXIT_MMIO`` goes to :class:`VcpuOps` (a read's data
-  is written back for KVM to complete on the next run), ``KVM_EXIT_SYSTEM_EVENT`` becomes
-  ``POWER_OFF``/``RESET``, ``EINTR`` with a pending kick ``INTERRUPTED``.
+- ``KVM_RUN`` in the native loop, ``kvm_run`` mmapped there: ``KVM_EXIT_MMIO`` goes to
+  :class:`VcpuOps` (returned to Python, or through the ``extern "Python"`` callback with
+  :attr:`KvmArm64Vcpu.callback_dispatch`; a read's data is written back for KVM to complete on the
+  next run), ``KVM_EXIT_SYSTEM_EVENT`` becomes ``POWER_OFF``/``RESET``, ``EINTR`` with a pending
+  kick ``INTERRUPTED``; :meth:`KvmArm64Vcpu.exit_counts` are the loop's counters.
 
-Kicks set ``immediate_exit`` and send :data:`KICK_SIGNAL` to the vCPU's thread; its no-op handler
-(no ``SA_RESTART``) is installed from the main thread by :meth:`KvmArm64Hypervisor.preload` or
-when a VM is created there. Known gap: no dirty log.
+Kicks set ``immediate_exit`` and send the native loop's kick signal to the vCPU's thread; its no-op
+handler (no ``SA_RESTART``) is installed by the loop itself, from any thread. Known gap: no dirty log.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import platform
-import signal
 import struct
 import threading
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any, ClassVar, Final
 
 from vmmkit.aarch64 import BOOT_PSTATE, CoreRegisters, FirmwareHandler, PowerState, SysReg
@@ -197,13 +199,8 @@ KVM_EXIT_SYSTEM_EVENT: Final = 24
 KVM_EXIT_ARM_NISV: Final = 28
 KVM_SYSTEM_EVENT_SHUTDOWN: Final = 1
 KVM_SYSTEM_EVENT_RESET: Final = 2
-RUN_IMMEDIATE_EXIT: Final = 1  #: offset of kvm_run.immediate_exit
-RUN_EXIT_REASON: Final = 8
-RUN_UNION: Final = 32  #: the exit-specific union
 KVM_MP_STATE_RUNNABLE: Final = 0
 KVM_MP_STATE_STOPPED: Final = 5
-
-KICK_SIGNAL: Final = signal.SIGRTMIN + 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
@@ -224,20 +221,15 @@ def _ioctl(fd: int, request: int, arg: Any = None, name: str = "ioctl") -> int:
     return int(result)
 
 
-_kick_installed = False
-
-
-def install_kick_signal() -> bool:
-    """Install the no-op handler of :data:`KICK_SIGNAL` (once; only the main thread can): a
-    ``KVM_RUN`` interrupted by it returns ``EINTR`` instead of being restarted. Whether it is
-    installed (a kick without it relies on ``immediate_exit`` alone: never the default action of
-    the signal, which would end the process)."""
-    global _kick_installed
-    if not _kick_installed and threading.current_thread() is threading.main_thread():
-        signal.signal(KICK_SIGNAL, lambda *_: None)
-        signal.siginterrupt(KICK_SIGNAL, True)
-        _kick_installed = True
-    return _kick_installed
+def native_loop() -> ModuleType:
+    """:mod:`vmmkit_kvm.native_loop`, imported on first use (this module is imported on x86 hosts
+    too, where the native module is x86's); :class:`CapabilityError` if it was not built."""
+    try:
+        from vmmkit_kvm import native_loop as loop
+    except ImportError as exc:
+        raise CapabilityError("vmmkit_kvm._native", None,
+                              f"the KVM plugin's native run loop is not built for this host ({exc})") from None
+    return loop
 
 
 def _host_architectures() -> tuple[str, ...]:
@@ -254,7 +246,7 @@ class KvmArm64Hypervisor(Hypervisor):
 
     @classmethod
     def preload(cls) -> None:
-        install_kick_signal()
+        native_loop().install_kick_handler()
 
     def __init__(self, path: str = "/dev/kvm", *, quirks: str | None = None) -> None:
         _refuse_quirks(quirks)
@@ -280,6 +272,10 @@ class KvmArm64Hypervisor(Hypervisor):
             os.close(fd)
         if missing:
             return Availability(False, "missing KVM capabilities " + ", ".join(map(str, missing)))
+        try:
+            native_loop()
+        except CapabilityError as exc:
+            return Availability(False, str(exc))
         return Availability(True)
 
     def create_vm(self, arch: str = "aarch64") -> KvmArm64Vm:
@@ -289,7 +285,7 @@ class KvmArm64Hypervisor(Hypervisor):
         if missing:
             raise CapabilityError("KVM_CHECK_EXTENSION", None,
                                   "missing KVM capabilities " + ", ".join(map(str, missing)))
-        install_kick_signal()
+        native_loop().install_kick_handler()
         vm = KvmArm64Vm(_ioctl(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self.mmap_size)
         if _ioctl(vm.fd, KVM_CHECK_EXTENSION, KVM_CAP_ARM_NISV_TO_USER) > 0:
             request = ctypes.create_string_buffer(struct.pack("<II4Q64x", KVM_CAP_ARM_NISV_TO_USER, 0, 0, 0, 0, 0))
@@ -333,6 +329,7 @@ class KvmArm64Vm(Vm):
         self._msi_routes: dict[int, tuple[int, int, int]] = {}
         self._lock = threading.Lock()
         self._slots: dict[int, tuple[int, int, int]] = {}
+        self._native: Any = None  #: the run loop's per-VM state, made with the first vCPU
 
     # Aarch64Vm
 
@@ -386,6 +383,8 @@ class KvmArm64Vm(Vm):
             request = ctypes.create_string_buffer(struct.pack("<I7I", target, features, 0, 0, 0, 0, 0, 0))
             _ioctl(fd, KVM_ARM_VCPU_INIT, request, "KVM_ARM_VCPU_INIT")
             log.debug("kvm.vcpu.init", vcpu=index, target=target, features=hex(features))
+            if self._native is None:
+                self._native = native_loop().NativeVm(self.fd)
             vcpu = KvmArm64Vcpu(self, index, fd, ops)
         except BaseException:
             os.close(fd)
@@ -523,6 +522,9 @@ class KvmArm64Vm(Vm):
         if self._gic_fd is not None:
             os.close(self._gic_fd)
             self._gic_fd = None
+        if self._native is not None:
+            self._native.close()
+            self._native = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -536,9 +538,7 @@ class KvmArm64Vcpu(Vcpu):
         self.index = index
         self.fd = fd
         self.ops = ops
-        self.run_area = mmap.mmap(fd, vm.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._kicked = False
-        self._thread: int | None = None
+        self._loop: Any = native_loop().NativeVcpuLoop(vm._native, fd, vm.mmap_size, ops)
 
     # ONE_REG
 
@@ -593,71 +593,57 @@ class KvmArm64Vcpu(Vcpu):
 
     def run(self) -> VmExit:
         self.vm.finalize()
-        self._thread = threading.get_ident()
-        area = self.run_area
-        while True:
-            if self._kicked:
-                return VmExit(ExitReason.INTERRUPTED, "kicked")
-            try:
-                _ioctl(self.fd, KVM_RUN, None, "KVM_RUN")
-            except HypervisorError as exc:
-                if exc.errno == 4:  # EINTR: a kick's signal
-                    area[RUN_IMMEDIATE_EXIT] = 0
-                    continue
-                raise
-            reason = struct.unpack_from("<I", area, RUN_EXIT_REASON)[0]
-            if reason == KVM_EXIT_MMIO:
-                self._mmio(area)
-            elif reason == KVM_EXIT_SYSTEM_EVENT:
-                kind = struct.unpack_from("<I", area, RUN_UNION)[0]
-                if kind == KVM_SYSTEM_EVENT_RESET:
-                    return VmExit(ExitReason.RESET, "psci system-reset")
-                if kind == KVM_SYSTEM_EVENT_SHUTDOWN:
-                    return VmExit(ExitReason.POWER_OFF, "psci system-off")
-                return VmExit(ExitReason.SHUTDOWN, f"system event {kind}")
-            elif reason == KVM_EXIT_ARM_NISV:
-                iss, address = struct.unpack_from("<QQ", area, RUN_UNION)
-                return VmExit(ExitReason.INTERNAL_ERROR,
-                              f"guest access at {address:#x} that KVM cannot emulate: no instruction syndrome "
-                              f"(a load/store pair or a writeback addressing mode on MMIO; ESR ISS {iss:#x})")
-            elif reason == KVM_EXIT_INTR:
-                continue
-            elif reason == KVM_EXIT_FAIL_ENTRY:
-                return VmExit(ExitReason.FAIL_ENTRY, "KVM_EXIT_FAIL_ENTRY")
-            elif reason == KVM_EXIT_INTERNAL_ERROR:
-                return VmExit(ExitReason.INTERNAL_ERROR, "KVM_EXIT_INTERNAL_ERROR")
-            else:
-                return VmExit(ExitReason.INTERNAL_ERROR, f"unhandled KVM exit reason {reason}")
-
-    def _mmio(self, area: mmap.mmap) -> None:
-        address, data, length, is_write = struct.unpack_from("<Q8sIB", area, RUN_UNION)
-        if not 1 <= length <= 8:
-            raise HypervisorError("KVM_RUN", None, f"MMIO exit of {length} bytes")
-        if is_write:
-            self.ops.mmio_write(address, data[:length])
-        else:
-            value = self.ops.mmio_read(address, length)
-            area[RUN_UNION + 8 : RUN_UNION + 8 + length] = bytes(value[:length]).ljust(length, b"\xff")
+        loop = native_loop()
+        code, reason, words = self._loop.run()
+        if code == loop.lib.VMK_EXIT_SYSTEM_EVENT:
+            kind = words[0]
+            if kind == KVM_SYSTEM_EVENT_RESET:
+                return VmExit(ExitReason.RESET, "psci system-reset")
+            if kind == KVM_SYSTEM_EVENT_SHUTDOWN:
+                return VmExit(ExitReason.POWER_OFF, "psci system-off")
+            return VmExit(ExitReason.SHUTDOWN, f"system event {kind}")
+        if code == loop.lib.VMK_EXIT_INTERRUPTED:
+            return VmExit(ExitReason.INTERRUPTED, "kicked")
+        if reason == KVM_EXIT_ARM_NISV and len(words) == 2:
+            iss, address = words
+            return VmExit(ExitReason.INTERNAL_ERROR,
+                          f"guest access at {address:#x} that KVM cannot emulate: no instruction syndrome "
+                          f"(a load/store pair or a writeback addressing mode on MMIO; ESR ISS {iss:#x})")
+        if code == loop.lib.VMK_EXIT_FAIL_ENTRY:
+            return VmExit(ExitReason.FAIL_ENTRY, f"KVM_EXIT_FAIL_ENTRY (reason {words[0]:#x})")
+        if code == loop.lib.VMK_EXIT_INTERNAL_ERROR:
+            return VmExit(ExitReason.INTERNAL_ERROR, f"KVM_EXIT_INTERNAL_ERROR (suberror {words[0]})")
+        if code == loop.lib.VMK_EXIT_BAD_RUN:
+            return VmExit(ExitReason.INTERNAL_ERROR, f"KVM_EXIT_MMIO of {words[1]} bytes")
+        return VmExit(ExitReason.INTERNAL_ERROR, f"unhandled KVM exit reason {reason}")
 
     def kick(self) -> None:
-        self._kicked = True
-        self.run_area[RUN_IMMEDIATE_EXIT] = 1
-        thread = self._thread
-        if thread is not None and _kick_installed:
-            try:
-                signal.pthread_kill(thread, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
+        self._loop.kick()
 
     def clear_kick(self) -> None:
-        self._kicked = False
-        self.run_area[RUN_IMMEDIATE_EXIT] = 0
+        self._loop.clear_kick()
+
+    @property
+    def kicked(self) -> bool:
+        return bool(self._loop.kicked())
+
+    def exit_counts(self) -> dict[str, int]:
+        return dict(self._loop.counts())
+
+    @property
+    def callback_dispatch(self) -> bool:
+        """MMIO dispatched from inside the C loop (``extern "Python"``) instead of returning."""
+        return bool(self._loop.callback)
+
+    @callback_dispatch.setter
+    def callback_dispatch(self, enabled: bool) -> None:
+        self._loop.set_callback(enabled)
 
     def close(self) -> None:
         """Idempotent: the machine closes its vCPUs, then the VM closes whatever is left."""
         if self.fd < 0:
             return
-        self.run_area.close()
+        self._loop.close()
         os.close(self.fd)
         self.fd = -1
 

@@ -30,6 +30,7 @@ from vmmkit.x86 import (
     StandardRegisters,
 )
 from vmmkit_kvm._native import ffi, lib
+from vmmkit_kvm.native_loop import COUNTER_NAMES, _fit
 
 __all__ = [
     "API_VERSION",
@@ -131,23 +132,6 @@ class ExitCode(enum.IntEnum):
     CALLBACK_ERROR = lib.VMK_EXIT_CALLBACK_ERROR
 
 
-#: Names of the native exit counters, in ``VMK_COUNT_*`` order.
-COUNTER_NAMES: tuple[str, ...] = (
-    "io",
-    "io-native",
-    "mmio",
-    "coalesced",
-    "coalesced-native",
-    "hlt",
-    "intr",
-    "shutdown",
-    "system-event",
-    "internal-error",
-    "fail-entry",
-    "debug",
-    "other",
-)
-assert len(COUNTER_NAMES) == lib.VMK_NCOUNTS
 
 SYSTEM_EVENT_SHUTDOWN: int = lib.KVM_SYSTEM_EVENT_SHUTDOWN
 SYSTEM_EVENT_RESET: int = lib.KVM_SYSTEM_EVENT_RESET
@@ -231,12 +215,6 @@ def io_in_bounds(run_size: int, size: int, count: int, data_offset: int) -> bool
 
 def kvm_run_struct_size() -> int:
     return int(lib.vmk_kvm_run_size())
-
-
-def _fit(value: bytes | bytearray | memoryview, size: int) -> bytes:
-    """A device answered with the wrong number of bytes: pad with ones or truncate."""
-    data = bytes(value)[:size]
-    return data + b"\xff" * (size - len(data))
 
 
 # -- register translation ---------------------------------------------------------------------
@@ -1143,9 +1121,3 @@ class KvmVcpuFd:
         dbg.control = control
         if lib.vmk_ioctl_ptr(self.fd, lib.KVM_SET_GUEST_DEBUG, dbg) < 0:
             raise _fail("KVM_SET_GUEST_DEBUG")
-
-
-@ffi.def_extern()  # type: ignore[untyped-decorator]
-def vmk_py_io(handle: Any, kind: int, addr: int, size: int, count: int, data: Any) -> int:
-    """Called by the native loop (callback mode) on the vCPU thread, with the GIL taken."""
-    return int(ffi.from_handle(handle)._callback(kind, addr, size, count, data))

@@ -1,6 +1,10 @@
 /*
  * vmmkit-kvm native run loop.
  *
+ * The same loop serves x86-64 and arm64 hosts (built from each one's <linux/kvm.h>); the few
+ * architecture-specific fields (x86's sync regs and debug registers, arm64's NISV exit) are
+ * under #ifdef. arm64 has no port I/O, so its loop only ever sees MMIO exits.
+ *
  * vmk_run() enters the guest with KVM_RUN (called from Python through cffi, so the GIL is
  * released for the whole loop) and serves, without Python:
  *   - port writes and reads of the VM-wide port sinks (debug console, boot-progress port),
@@ -334,8 +338,10 @@ void vmk_vcpu_counts(struct vmk_vcpu *v, uint64_t *out, size_t n)
 
 int vmk_vcpu_sync_valid(struct vmk_vcpu *v) { return v->sync_valid; }
 uint32_t vmk_vcpu_valid_regs(struct vmk_vcpu *v) { return v->valid_regs; }
+#ifdef __x86_64__
 struct kvm_regs *vmk_vcpu_sync_regs(struct vmk_vcpu *v) { return &v->run->s.regs.regs; }
 struct kvm_sregs *vmk_vcpu_sync_sregs(struct vmk_vcpu *v) { return &v->run->s.regs.sregs; }
+#endif
 void vmk_vcpu_mark_dirty(struct vmk_vcpu *v, uint32_t bits) { v->run->kvm_dirty_regs |= bits & v->valid_regs; }
 
 int vmk_io_in_bounds(uint64_t run_size, uint32_t size, uint32_t count, uint64_t data_offset)
@@ -513,11 +519,17 @@ static int handle_exit(struct vmk_vcpu *v, struct vmk_exit *ex)
     case KVM_EXIT_DEBUG:
         count(v, VMK_COUNT_DEBUG);
         ex->code = VMK_EXIT_DEBUG;
+#ifdef __x86_64__
         ex->words[0] = run->debug.arch.exception;
         ex->words[1] = run->debug.arch.pc;
         ex->words[2] = run->debug.arch.dr6;
         ex->words[3] = run->debug.arch.dr7;
         ex->nwords = 4;
+#elif defined(__aarch64__)
+        ex->words[0] = run->debug.arch.hsr;
+        ex->words[1] = run->debug.arch.far;
+        ex->nwords = 2;
+#endif
         return VMK_EXIT_DEBUG;
     case KVM_EXIT_INTR:
         count(v, VMK_COUNT_INTR);
@@ -526,6 +538,16 @@ static int handle_exit(struct vmk_vcpu *v, struct vmk_exit *ex)
             return VMK_EXIT_INTERRUPTED;
         }
         return 0;
+#ifdef __aarch64__
+    case KVM_EXIT_ARM_NISV:
+        /* A data abort without a valid syndrome (KVM_CAP_ARM_NISV_TO_USER): nothing to decode. */
+        count(v, VMK_COUNT_OTHER);
+        ex->code = VMK_EXIT_UNKNOWN;
+        ex->words[0] = run->arm_nisv.esr_iss;
+        ex->words[1] = run->arm_nisv.fault_ipa;
+        ex->nwords = 2;
+        return VMK_EXIT_UNKNOWN;
+#endif
     case KVM_EXIT_IRQ_WINDOW_OPEN:
         count(v, VMK_COUNT_OTHER);
         return 0;

@@ -20,9 +20,9 @@
 #define VMK_EXIT_SYSTEM_EVENT 5   /* words[0] = type, words[1..] = data */
 #define VMK_EXIT_INTERNAL_ERROR 6 /* words[0] = suberror, words[1..nwords-1] = data */
 #define VMK_EXIT_FAIL_ENTRY 7     /* words[0] = reason, words[1] = cpu */
-#define VMK_EXIT_DEBUG 8          /* words = exception, pc, dr6, dr7 */
+#define VMK_EXIT_DEBUG 8          /* x86: words = exception, pc, dr6, dr7; arm64: esr, far */
 #define VMK_EXIT_INTERRUPTED 9    /* kicked */
-#define VMK_EXIT_UNKNOWN 10       /* kvm_reason says which */
+#define VMK_EXIT_UNKNOWN 10       /* kvm_reason says which; arm64 KVM_EXIT_ARM_NISV: words = esr_iss, fault_ipa */
 #define VMK_EXIT_BAD_RUN 11       /* a kvm_run field failed a bounds check; words say which */
 #define VMK_EXIT_CALLBACK_ERROR 12 /* the Python callback raised (callback mode) */
 
@@ -96,8 +96,11 @@ void vmk_vcpu_counts(struct vmk_vcpu *v, uint64_t *out, size_t n);
 /* Sync regs: valid once a KVM_RUN has returned; writes are applied by the next KVM_RUN. */
 int vmk_vcpu_sync_valid(struct vmk_vcpu *v);
 uint32_t vmk_vcpu_valid_regs(struct vmk_vcpu *v);
+#ifdef __x86_64__
+/* x86's struct kvm_sync_regs (arm64's holds only device_irq_level). */
 struct kvm_regs *vmk_vcpu_sync_regs(struct vmk_vcpu *v);
 struct kvm_sregs *vmk_vcpu_sync_sregs(struct vmk_vcpu *v);
+#endif
 void vmk_vcpu_mark_dirty(struct vmk_vcpu *v, uint32_t bits);
 
 /* The check applied to a KVM_EXIT_IO before its data is touched (exported for tests). */

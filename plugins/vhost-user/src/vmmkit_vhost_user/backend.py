@@ -38,6 +38,7 @@ from vmmkit.vhost_user.protocol import FrontendRequest as Req
 from vmmkit.vhost_user.protocol import ProtocolFeature as PF
 from vmmkit.virtio.chain import MAX_QUEUE_SIZE, DescriptorChain, VirtqueueError
 from vmmkit.virtio.queue import Virtqueue, ring_sizes
+from vmmkit_vhost_user.inflight import InflightBuffer, InflightError, InflightQueue, allocate
 from vmmkit_vhost_user.memory import FrontendMemory
 
 log = logging.getLogger("vmmkit_vhost_user")
@@ -53,8 +54,13 @@ class Device(Protocol):
 
     name: str
     num_queues: int
+    #: Offer INFLIGHT_SHMFD: record the chains taken, so a restarted backend resubmits them.
+    inflight: bool
 
     def device_features(self) -> int: ...
+
+    def set_features(self, features: int) -> None:
+        """The features the frontend acknowledged (SET_FEATURES)."""
 
     def config(self) -> bytes | None:
         """The device's config space (``None``: the backend does not offer CONFIG)."""
@@ -82,6 +88,9 @@ class Vring:
         self.queue: Virtqueue | None = None
         self.inflight: set[concurrent.futures.Future[None]] = set()
         self.inflight_lock = threading.Lock()
+        #: This ring's part of the in-flight record (SET_INFLIGHT_FD), and the chains to resubmit.
+        self.record: InflightQueue | None = None
+        self.resubmit: list[int] = []
 
     def track(self, future: concurrent.futures.Future[None]) -> None:
         """Remember a request running on the pool until it is done."""
@@ -137,6 +146,8 @@ class Backend:
         self.acked_protocol = 0
         self.memory: FrontendMemory | None = None
         self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+        self.inflight: InflightBuffer | None = None
+        self.reply_fds: list[int] = []  # descriptors the reply being built carries (GET_INFLIGHT_FD)
 
     # -- features --------------------------------------------------------------------------------
 
@@ -148,6 +159,8 @@ class Backend:
         mask = vu.protocol_mask(PF.MQ, PF.REPLY_ACK, PF.RESET_DEVICE)
         if self.device.config() is not None:
             mask |= vu.protocol_mask(PF.CONFIG)
+        if self.device.inflight:
+            mask |= vu.protocol_mask(PF.INFLIGHT_SHMFD)
         return mask
 
     # -- the loop --------------------------------------------------------------------------------
@@ -201,6 +214,7 @@ class Backend:
             vring.close_fds()
         if self.memory is not None:
             self.memory.close()
+        self._drop_inflight()
         self.device.reset()
         self._reset_state()
         if self.connection is not None:
@@ -223,6 +237,8 @@ class Backend:
         except (vu.VhostUserProtocolError, OSError) as exc:
             self._disconnect(f"protocol error: {exc}")
             return
+        log.debug("%s: %s (%d bytes, %d descriptors)", self.device.name, _name(message.request),
+                  len(message.payload), len(fds))
         try:
             reply = self._dispatch(message, fds)
         except (ProtocolFailure, vu.VhostUserProtocolError) as exc:
@@ -243,15 +259,20 @@ class Backend:
         for fd in fds:  # descriptors a request does not take
             os.close(fd)
         if reply is not None:
-            self._send(message.reply(reply))
+            reply_fds, self.reply_fds = self.reply_fds, []
+            try:
+                self._send(message.reply(reply), reply_fds)
+            finally:
+                for fd in reply_fds:
+                    os.close(fd)
         elif message.need_reply and self.acked_protocol & vu.protocol_mask(PF.REPLY_ACK):
             self._send(message.reply(vu.pack_u64(0)))
 
-    def _send(self, message: vu.Message) -> None:
+    def _send(self, message: vu.Message, fds: list[int] | None = None) -> None:
         if self.connection is None:
             return
         try:
-            vu.send(self.connection, message)
+            vu.send(self.connection, message, fds or ())
         except (vu.VhostUserProtocolError, OSError) as exc:
             self._disconnect(str(exc))
 
@@ -259,7 +280,8 @@ class Backend:
         """The reply payload (for the requests that have one), else ``None``. A handler that
         takes the descriptors (keeps or closes them) empties ``fds``; the caller closes the rest."""
         request, payload = message.request, message.payload
-        takes_fd = request in (Req.SET_MEM_TABLE, Req.SET_VRING_KICK, Req.SET_VRING_CALL, Req.SET_VRING_ERR)
+        takes_fd = request in (Req.SET_MEM_TABLE, Req.SET_VRING_KICK, Req.SET_VRING_CALL, Req.SET_VRING_ERR,
+                               Req.SET_INFLIGHT_FD)
         if fds and not takes_fd:
             raise ProtocolFailure(f"{len(fds)} unexpected descriptors")
         if request != Req.SET_OWNER and request not in _BEFORE_OWNER and not self.owner:
@@ -290,6 +312,8 @@ class Backend:
             Req.SET_VRING_ENABLE: self._set_vring_enable,
             Req.GET_CONFIG: self._get_config,
             Req.SET_CONFIG: self._set_config,
+            Req.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Req.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     def _set_features(self, payload: bytes, fds: list[int]) -> None:
@@ -297,6 +321,7 @@ class Backend:
         if features & ~self.features():
             raise ProtocolFailure(f"features {features & ~self.features():#x} were not offered")
         self.acked_features = features
+        self.device.set_features(features)
         for vring in self.vrings:
             if vring.queue is not None:
                 vring.queue.set_features(features)
@@ -318,6 +343,7 @@ class Backend:
             vring.close_fds()
         if self.memory is not None:
             self.memory.close()
+        self._drop_inflight()
         self.device.reset()
         owner, protocol = self.owner, self.acked_protocol
         self._reset_state()
@@ -434,6 +460,70 @@ class Backend:
         vu.ConfigSpace.unpack(payload)
         raise ProtocolFailure("the config space is read-only")
 
+    # -- the in-flight record (inflight.py) -------------------------------------------------------
+
+    def _inflight_negotiated(self) -> bool:
+        return bool(self.acked_protocol & vu.protocol_mask(PF.INFLIGHT_SHMFD))
+
+    def _get_inflight_fd(self, payload: bytes, fds: list[int]) -> bytes:
+        if not self._inflight_negotiated():
+            raise ProtocolFailure("INFLIGHT_SHMFD was not negotiated")
+        asked = vu.Inflight.unpack(payload)
+        if asked.num_queues > self.device.num_queues:
+            raise ProtocolFailure(f"inflight buffer for {asked.num_queues} queues (the device has "
+                                  f"{self.device.num_queues})")
+        try:
+            info, fd = allocate(asked.num_queues, asked.queue_size)
+        except InflightError as exc:
+            raise ProtocolFailure(str(exc)) from None
+        self.reply_fds = [fd]
+        return info.pack()
+
+    def _set_inflight_fd(self, payload: bytes, fds: list[int]) -> None:
+        if not self._inflight_negotiated():
+            raise ProtocolFailure("INFLIGHT_SHMFD was not negotiated")
+        info = vu.Inflight.unpack(payload)
+        if len(fds) != 1:
+            raise ProtocolFailure(f"SET_INFLIGHT_FD with {len(fds)} descriptors")
+        try:
+            buffer = InflightBuffer(fds[0], info, self.device.num_queues)
+        except InflightError as exc:
+            raise ProtocolFailure(str(exc)) from None
+        self._drop_inflight()
+        self.inflight = buffer
+        for vring, record in zip(self.vrings, buffer.queues, strict=False):
+            vring.record = record
+        log.info("%s: in-flight record of %d bytes for %d queues of %d", self.device.name, info.mmap_size,
+                 info.num_queues, info.queue_size)
+
+    def _drop_inflight(self) -> None:
+        buffer, self.inflight = self.inflight, None
+        for vring in self.vrings:
+            vring.record, vring.resubmit = None, []
+        if buffer is not None:
+            buffer.close()
+
+    def _recover(self, vring: Vring, queue: Virtqueue) -> None:
+        """A ring starting on an in-flight record: resubmit what the previous backend had taken
+        and not completed, and take new chains after them (libvhost-user's
+        ``vu_check_queue_inflights``)."""
+        record = vring.record
+        if record is None:
+            return
+        used_idx = queue.memory.read_u16(queue.used_ring + 2)
+        try:
+            heads = record.recover(used_idx, queue.size)
+        except InflightError as exc:
+            raise ProtocolFailure(f"ring {vring.index}: {exc}") from None
+        if heads is None:
+            return
+        queue.next_used = used_idx
+        queue.last_avail_idx = (used_idx + len(heads)) & 0xFFFF
+        vring.resubmit = heads
+        if heads:
+            log.info("%s: ring %d: resubmitting %d chains the previous backend had taken", self.device.name,
+                     vring.index, len(heads))
+
     # -- rings -----------------------------------------------------------------------------------
 
     def _start_ring(self, vring: Vring, kick: int, last_avail: int, next_used: int) -> None:
@@ -462,6 +552,7 @@ class Backend:
             queue.validate()
         except VirtqueueError as exc:
             raise ProtocolFailure(str(exc)) from None
+        self._recover(vring, queue)
         vring.queue, vring.kick = queue, kick
         self.selector.register(kick, selectors.EVENT_READ, ("kick", vring.index))
         if vring.enabled:
@@ -494,7 +585,12 @@ class Backend:
             return
         while True:
             try:
-                chain = queue.pop()
+                if vring.resubmit:
+                    chain: DescriptorChain | None = queue.chain_at(vring.resubmit.pop(0))
+                else:
+                    chain = queue.pop()
+                    if chain is not None and vring.record is not None:
+                        vring.record.taken(chain.head)
             except VirtqueueError as exc:
                 self._ring_broken(vring, exc)
                 return
@@ -516,7 +612,12 @@ class Backend:
             written = 0
         with vring.lock:
             try:
+                record = vring.record
+                if record is not None:
+                    record.completing(chain.head)
                 queue.add_used(chain.head, written)
+                if record is not None:
+                    record.completed(chain.head, queue.next_used)
                 notify = queue.needs_notification()
             except VirtqueueError as exc:
                 self._ring_broken(vring, exc)

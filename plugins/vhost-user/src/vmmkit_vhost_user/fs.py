@@ -34,6 +34,7 @@ class VirtioFs:
     """A virtio-fs device serving ``shared_dir``."""
 
     name = "virtio-fs"
+    inflight = False  # FUSE requests are not idempotent: no resubmission after a restart
 
     def __init__(self, shared_dir: str, *, tag: str | None = None, request_queues: int = 1) -> None:
         self.fs = PassthroughFs(shared_dir)
@@ -43,6 +44,9 @@ class VirtioFs:
 
     def device_features(self) -> int:
         return 0
+
+    def set_features(self, features: int) -> None:
+        pass  # no device feature bits
 
     def config(self) -> bytes | None:
         if self.tag is None:

@@ -132,13 +132,19 @@ def receive_test_frame(sock: socket.socket, payload_prefix: bytes = b"") -> byte
 
 
 class FakeTap(Tap):
-    """A datagram socketpair standing in for a tap (no root needed): one write, one frame.
-    ``peer`` is the host side."""
+    """A datagram socketpair standing in for a tap (no root needed): one write, one frame,
+    the 12-byte vnet header included both ways. ``peer`` is the host side. ``offloads`` are the
+    ``TUN_F_*`` bits it claims to take; :meth:`set_offload` records what the device set."""
 
-    def __init__(self) -> None:
+    def __init__(self, offloads: int = 0) -> None:
         ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         ours.setblocking(False)
         super().__init__(ours.detach(), "fake0")
+        self.offloads = offloads
+        self.offload_set: list[int] = []
+
+    def set_offload(self, flags: int) -> None:
+        self.offload_set.append(flags)
 
     def close(self) -> None:
         super().close()

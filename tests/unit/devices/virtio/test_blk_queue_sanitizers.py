@@ -1,10 +1,12 @@
-"""The C virtio-blk data path and queue (``native/blk_io.c``, ``native/blk_queue.c``) under
-AddressSanitizer and UndefinedBehaviorSanitizer.
+"""The plugin's C under AddressSanitizer and UndefinedBehaviorSanitizer: the virtio-blk data
+path and queue (``native/blk_io.c``, ``native/blk_queue.c``) and the virtio-net queues
+(``native/net_queue.c``).
 
-Builds the plugin's C with ``-fsanitize=address,undefined`` into a temporary module and runs the
-hostile-ring differential loop (:mod:`blk_queue_cases`) in a child Python with libasan preloaded
-and ``PYTHONMALLOC=malloc``: guest memory sits between inaccessible pages, so an access outside
-it, an overflow of the queue's arrays or undefined behaviour ends the child with a report.
+Builds the plugin's C with ``-fsanitize=address,undefined`` into a temporary module (once for the
+module's tests) and runs each device's hostile-ring differential loop (:mod:`blk_queue_cases`,
+:mod:`net_queue_cases`) in a child Python with libasan preloaded and ``PYTHONMALLOC=malloc``:
+guest memory sits between inaccessible pages, so an access outside it, an overflow of the
+queue's arrays or undefined behaviour ends the child with a report.
 """
 
 from __future__ import annotations
@@ -36,12 +38,7 @@ CHILD = textwrap.dedent(
     import random, sys, time
     sys.path[:0] = [{build!r}, {here!r}]
     import _blk_sanitized
-    from vmmkit_devices.virtio import blk_io
-    blk_io._ffi, blk_io._lib = _blk_sanitized.ffi, _blk_sanitized.lib  # the sanitized build, same API
-    blk_io._load_walker()
-    assert blk_io.native_queue_available(), blk_io.NATIVE_QUEUE_UNAVAILABLE_REASON
-    from blk_queue_cases import compare, generate
-
+    {setup}
     rng, runs, deadline = random.Random({seed}), 0, time.monotonic() + {seconds}
     while time.monotonic() < deadline:
         compare(generate(rng))
@@ -50,9 +47,30 @@ CHILD = textwrap.dedent(
     """
 )
 
+#: How each device's child swaps in the sanitized build (same API) and finds its cases.
+SETUP = {
+    "blk": """
+from vmmkit_devices.virtio import blk_io
+blk_io._ffi, blk_io._lib = _blk_sanitized.ffi, _blk_sanitized.lib
+blk_io._load_walker()
+assert blk_io.native_queue_available(), blk_io.NATIVE_QUEUE_UNAVAILABLE_REASON
+from blk_queue_cases import compare, generate
+""",
+    "net": """
+from vmmkit_devices.virtio import net_io
+net_io.use(_blk_sanitized.ffi, _blk_sanitized.lib)
+assert net_io.native_net_available(), net_io.NATIVE_NET_UNAVAILABLE_REASON
+from net_queue_cases import compare, generate
+""",
+}
 
-@pytest.mark.skipif(_libasan() is None, reason="needs gcc with libasan (apt-get install gcc)")
-def test_blk_queue_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+
+@pytest.fixture(scope="module")
+def sanitized_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The plugin's C module built with ASan and UBSan, as ``_blk_sanitized``."""
+    if _libasan() is None:
+        pytest.skip("needs gcc with libasan (apt-get install gcc)")
+    folder = tmp_path_factory.mktemp("sanitized")
     sys.path.insert(0, str(BUILD))
     try:
         from _native_build import make_ffibuilder  # type: ignore[import-not-found]
@@ -61,7 +79,15 @@ def test_blk_queue_under_address_and_undefined_behaviour_sanitizers(tmp_path: Pa
     sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     builder = make_ffibuilder("_blk_sanitized", extra_compile_args=[*sanitize, "-O1", "-g"],
                               extra_link_args=sanitize, relative=False)
-    builder.compile(tmpdir=str(tmp_path), verbose=False)
+    builder.compile(tmpdir=str(folder), verbose=False)
+    return folder
+
+
+#: (device, seconds, cases at least): a net case waits for both sides to settle (0.06 s each),
+#: so it runs longer for fewer cases.
+@pytest.mark.parametrize(("device", "seconds", "minimum"), [("blk", 6, 20), ("net", 10, 8)])
+def test_queues_under_address_and_undefined_behaviour_sanitizers(sanitized_build: Path, device: str, seconds: int,
+                                                                 minimum: int) -> None:
     env = {
         **os.environ,
         "LD_PRELOAD": _libasan() or "",
@@ -70,9 +96,10 @@ def test_blk_queue_under_address_and_undefined_behaviour_sanitizers(tmp_path: Pa
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=67",
         "VMMKIT_BLK_IN_FLIGHT": "4",  # the pool's code too
     }
-    script = CHILD.format(build=str(tmp_path), here=str(HERE), seed=4321, seconds=6)
+    script = CHILD.format(build=str(sanitized_build), here=str(HERE), seed=4321, seconds=seconds,
+                          setup=SETUP[device].strip())
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     runs = int(result.stdout.split()[-1])
-    assert runs >= 20, result.stdout
+    assert runs >= minimum, result.stdout

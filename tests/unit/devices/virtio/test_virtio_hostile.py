@@ -67,7 +67,12 @@ def _blk_valid(h: Harness) -> None:
 
 
 def _net(tmp: Path, loop: EventLoop) -> QueueDevice:
+    """The C queues where the native module is built (else the Python path: _net_python's)."""
     return NetDevice("_net0", FakeTap(), bytes.fromhex("525400000001"))
+
+
+def _net_python(tmp: Path, loop: EventLoop) -> QueueDevice:
+    return NetDevice("_net0", FakeTap(), bytes.fromhex("525400000001"), native=False)
 
 
 def _net_valid(h: Harness) -> None:
@@ -140,6 +145,8 @@ TARGETS = [
     Target("blk", 0, True, _blk, _nothing, _blk_valid),
     Target("net-tx", 1, False, _net, _nothing, _net_valid),
     Target("net-rx", 0, True, _net, _net_prime, _net_valid),
+    Target("net-tx-python", 1, False, _net_python, _nothing, _net_valid),
+    Target("net-rx-python", 0, True, _net_python, _net_prime, _net_valid),
     Target("console-tx", 1, False, _console, _nothing, _console_valid),
     Target("console-rx", 0, True, _console, _console_prime, _console_valid),
     Target("rng", 0, True, _rng, _nothing, _rng_valid),

@@ -10,17 +10,20 @@ from collections.abc import Callable, Iterator
 import pytest
 from netns_support import Netns, frame, packet_socket, receive_test_frame, unavailable_reason
 from virtio_driver import Harness, wait_for
+from vmmkit_devices.virtio import net_io
 from vmmkit_devices.virtio.net import (
     CONFIG,
     VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
     NetDevice,
     VirtioNetType,
     format_mac,
     generated_mac,
+    offered_offloads,
 )
-from vmmkit_devices.virtio.tap import VNET_HDR_SIZE, Tap
+from vmmkit_devices.virtio.tap import TUN_F_CSUM, VNET_HDR_SIZE, Tap
 
 from vmmkit.config import MemoryConfig, NetConfig, VmConfig
 from vmmkit.errors import DeviceError
@@ -32,6 +35,8 @@ BROADCAST = b"\xff" * 6
 RX_BUFFER = VNET_HDR_SIZE + 1514
 #: The header the device hands the guest: no offloads, num_buffers = 1.
 RX_HEADER = bytes(10) + struct.pack("<H", 1)
+#: CSUM, GUEST_CSUM, GUEST/HOST TSO4, TSO6, ECN, UFO.
+OFFLOADS = 0b111_1111_1000_0011
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +54,20 @@ def netns() -> Iterator[Netns]:
 _taps = iter(range(1000))
 
 
-def make_net(netns: Netns, **options: object) -> NetDevice:
+@pytest.fixture(params=[True, False], ids=["c", "python"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """Each test that moves frames runs on the C queues and on the Python reference."""
+    if request.param and not net_io.native_net_available():
+        pytest.skip(f"native net queues: {net_io.NATIVE_NET_UNAVAILABLE_REASON}")
+    return bool(request.param)
+
+
+def make_net(netns: Netns, native: bool | None = None, **options: object) -> NetDevice:
     options.setdefault("tap", f"vt{next(_taps)}")
     options.setdefault("ip", "192.0.2.1")  # TEST-NET-1, inside our namespace only
     options.setdefault("mac", format_mac(GUEST_MAC))
     config = NetConfig(**options)  # type: ignore[arg-type]
-    return netns.run(lambda: NetDevice.from_config("_net0", config))
+    return netns.run(lambda: NetDevice.from_config("_net0", config, native=native))
 
 
 def post_rx(h: Harness, count: int, size: int = RX_BUFFER) -> list[int]:
@@ -98,7 +111,10 @@ def test_features_config_and_tap_setup(netns: Netns) -> None:
         features = device.features()
         assert features & VIRTIO_NET_F_MAC and features & VIRTIO_NET_F_STATUS and features & VIRTIO_NET_F_MTU
         assert features & VIRTIO_F_VERSION_1
-        assert not features & 0b111_1100_0011  # CSUM, GUEST_CSUM, TSO/UFO offloads: none
+        # CSUM, GUEST_CSUM, TSO4/6, ECN and UFO both ways: offered as far as the tap takes them
+        assert device.tap.offloads & TUN_F_CSUM
+        assert features & OFFLOADS == offered_offloads(device.tap.offloads) != 0
+        assert features & VIRTIO_NET_F_MRG_RXBUF
         mac, status, pairs, mtu = CONFIG.unpack(device.config_space())
         assert (mac, status, pairs, mtu) == (GUEST_MAC, 1, 1, 1400)
         link = netns.ip("link", "show", device.tap.name)
@@ -109,8 +125,8 @@ def test_features_config_and_tap_setup(netns: Netns) -> None:
     assert device.tap.fd == -1
 
 
-def test_frames_both_ways(netns: Netns, activate: Callable[..., Harness]) -> None:
-    device = make_net(netns)
+def test_frames_both_ways(netns: Netns, activate: Callable[..., Harness], native: bool) -> None:
+    device = make_net(netns, native)
     sock = netns.run(lambda: packet_socket(device.tap.name))
     try:
         h = activate(device, sizes=[64, 64])
@@ -133,8 +149,8 @@ def test_frames_both_ways(netns: Netns, activate: Callable[..., Harness]) -> Non
         sock.close()
 
 
-def test_rx_waits_for_buffers(netns: Netns, activate: Callable[..., Harness]) -> None:
-    device = make_net(netns)
+def test_rx_waits_for_buffers(netns: Netns, activate: Callable[..., Harness], native: bool) -> None:
+    device = make_net(netns, native)
     sock = netns.run(lambda: packet_socket(device.tap.name))
     try:
         h = activate(device, sizes=[64, 64])
@@ -150,11 +166,12 @@ def test_rx_waits_for_buffers(netns: Netns, activate: Callable[..., Harness]) ->
         sock.close()
 
 
-def test_too_big_frames_are_dropped_and_the_buffer_kept(netns: Netns, activate: Callable[..., Harness]) -> None:
-    device = make_net(netns)
+def test_too_big_frames_are_dropped_and_the_buffer_kept(netns: Netns, activate: Callable[..., Harness],
+                                                        native: bool) -> None:
+    device = make_net(netns, native)
     sock = netns.run(lambda: packet_socket(device.tap.name))
     try:
-        h = activate(device, sizes=[64, 64])
+        h = activate(device, sizes=[64, 64], features=device.features() & ~VIRTIO_NET_F_MRG_RXBUF)
         gpas = post_rx(h, 1, size=VNET_HDR_SIZE + 100)
         heads = rx_heads(h, gpas)
         sock.send(frame(GUEST_MAC, HOST_MAC, bytes(500)))
@@ -166,8 +183,8 @@ def test_too_big_frames_are_dropped_and_the_buffer_kept(netns: Netns, activate: 
         sock.close()
 
 
-def test_pause_stops_both_directions(netns: Netns, activate: Callable[..., Harness]) -> None:
-    device = make_net(netns)
+def test_pause_stops_both_directions(netns: Netns, activate: Callable[..., Harness], native: bool) -> None:
+    device = make_net(netns, native)
     sock = netns.run(lambda: packet_socket(device.tap.name))
     try:
         h = activate(device, sizes=[64, 64])
@@ -185,12 +202,12 @@ def test_pause_stops_both_directions(netns: Netns, activate: Callable[..., Harne
         sock.close()
 
 
-def test_adopted_fd(netns: Netns, activate: Callable[..., Harness]) -> None:
+def test_adopted_fd(netns: Netns, activate: Callable[..., Harness], native: bool) -> None:
     tap = netns.run(lambda: Tap.open("vtfd0"))
     netns.run(tap.set_up)
     fd = os.dup(tap.fd)
     try:
-        device = NetDevice.from_config("_net1", NetConfig(fds=(fd,), mac=format_mac(GUEST_MAC)))
+        device = NetDevice.from_config("_net1", NetConfig(fds=(fd,), mac=format_mac(GUEST_MAC)), native=native)
         assert device.tap.name == "vtfd0" and device.tap.fd != fd
         sock = netns.run(lambda: packet_socket("vtfd0"))
         try:
@@ -217,8 +234,8 @@ def test_adopting_a_non_tap_fd_fails(tmp_path: object) -> None:
         os.close(w)
 
 
-def test_hostile_transmit_chains(netns: Netns, activate: Callable[..., Harness]) -> None:
-    device = make_net(netns)
+def test_hostile_transmit_chains(netns: Netns, activate: Callable[..., Harness], native: bool) -> None:
+    device = make_net(netns, native)
     h = activate(device, sizes=[64, 64])
     transmit(h, b"", split_header=False)  # header only: the tap refuses an empty frame
     transmit(h, bytes(5))  # not an Ethernet frame
@@ -232,8 +249,8 @@ def test_hostile_transmit_chains(netns: Netns, activate: Callable[..., Harness])
     assert h.errors and "header" in device.broken
 
 
-def test_hostile_receive_chain(netns: Netns, activate: Callable[..., Harness]) -> None:
-    device = make_net(netns)
+def test_hostile_receive_chain(netns: Netns, activate: Callable[..., Harness], native: bool) -> None:
+    device = make_net(netns, native)
     sock = netns.run(lambda: packet_socket(device.tap.name))
     try:
         h = activate(device, sizes=[64, 64])

@@ -20,10 +20,14 @@ and line on virtio-mmio). Handing the backend the irqfd itself would skip that h
 MSI-X masking and virtio-mmio's status register need the transport, as QEMU's masked-notifier path.
 
 At reset: ``GET_VRING_BASE`` per started queue (the backend stops it). A backend that hangs up
-(the socket is watched on the event loop) or misbehaves marks the device broken
-(``DEVICE_NEEDS_RESET``): the VMM and the other devices go on. When the driver resets the device
-afterwards, the frontend reconnects to the same socket (client mode) and negotiates again, so a
-restarted backend serves the guest's next initialisation.
+(the socket is watched on the event loop) under a running device is reconnected in the background
+(client mode) and the rings resume: with ``INFLIGHT_SHMFD`` the new backend gets the in-flight
+buffer back and resubmits what its predecessor had taken; without, only when the rings prove no
+request was completed out of order (:mod:`.resume`), else the device fails with
+``VhostUserResumeRefused``. A backend that does not come back, or misbehaves, marks the device
+broken (``DEVICE_NEEDS_RESET``): the VMM and the other devices go on. When the driver resets the
+device afterwards, the frontend reconnects to the same socket and negotiates again, so a restarted
+backend serves the guest's next initialisation.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from vmmkit.errors import DeviceError
+from vmmkit.errors import DeviceError, GuestMemoryError
 from vmmkit.log import get_logger
 from vmmkit.vhost_user import protocol as p
 from vmmkit.virtio.device import (
@@ -46,6 +50,7 @@ from vmmkit.virtio.device import (
     VirtioInterruptType,
 )
 from vmmkit_devices.vhost_user.connection import VhostUserConnection, VhostUserError
+from vmmkit_devices.vhost_user.resume import LossObservation, VhostUserResumeRefused, check_resume, snapshot
 
 if TYPE_CHECKING:
     from vmmkit.eventloop import EventLoop
@@ -159,6 +164,7 @@ class VhostUserDevice(VirtioDevice):
         self._paused = False
         self._track_inflight = track_inflight
         self._inflight: tuple[p.Inflight, int] | None = None
+        self._loss_seen: dict[int, LossObservation] = {}  # queue index -> rings read at the backend's loss
         self._epoch = 0  # bumped by reset and close: a live reconnection of an older epoch gives up
         self._closed = False
         self._counts = {"interrupts_relayed": 0, "reconnections": 0, "backend_losses": 0, "memory_updates": 0}
@@ -294,6 +300,7 @@ class VhostUserDevice(VirtioDevice):
                 reason = f"vhost-user backend at {conn.path} closed the connection"
                 log.warning("vhost_user.backend_lost", device=self.id, reason=reason, active=self._ctx is not None)
                 if self._ctx is not None:
+                    self._observe_loss(self._ctx)
                     self._lost_while_active(reason)
 
         self._watched = conn.fileno()
@@ -304,12 +311,46 @@ class VhostUserDevice(VirtioDevice):
         if fd is not None and self._event_loop is not None:
             self._event_loop.remove_reader(fd)
 
+    def _observe_loss(self, ctx: ActivationContext) -> None:
+        """Read each started ring's used index, then its avail index: what became available
+        after this the dead backend never took (:mod:`.resume`)."""
+        self._loss_seen = {}
+        for queue in ctx.queues:
+            if queue.index in self._started:
+                try:
+                    used = ctx.memory.read_u16(queue.used_ring + 2)
+                    self._loss_seen[queue.index] = LossObservation(used, ctx.memory.read_u16(queue.avail_ring + 2))
+                except (GuestMemoryError, ValueError, OverflowError):
+                    continue
+
+    def _check_resume(self, ctx: ActivationContext) -> None:
+        """Raise :class:`VhostUserResumeRefused` if a started ring cannot resume at its used
+        index without risking a request served twice; a backend that keeps the in-flight record
+        (INFLIGHT_SHMFD, the buffer handed back) resubmits what it had taken by itself."""
+        if self._inflight is not None and self.backend.conn.has(p.ProtocolFeature.INFLIGHT_SHMFD):
+            return
+        for queue in ctx.queues:
+            if queue.index not in self._started:
+                continue
+            ring = snapshot(ctx.memory.read_u16, ctx.memory.read_u32, size=queue.size,
+                            avail_ring=queue.avail_ring, used_ring=queue.used_ring)
+            try:
+                check_resume(ring, self._loss_seen.get(queue.index))
+            except VhostUserResumeRefused as exc:
+                raise VhostUserResumeRefused(f"{self.id}: queue {queue.index}: {exc}") from None
+            except (GuestMemoryError, ValueError, OverflowError) as exc:
+                raise VhostUserResumeRefused(f"{self.id}: queue {queue.index}: its rings cannot be read: "
+                                             f"{exc}") from None
+
     def _lost_while_active(self, reason: str) -> None:
         """The backend went away under a running device: reconnect in the background (client
         mode) and resume the rings where the guest's used rings say, as QEMU's vhost-user-blk
         reconnection does (``virtio_queue_restore_last_avail_idx``): requests the old backend
-        took but never completed are taken again. No backend within :data:`RECONNECT_TIMEOUT`
-        seconds (or server mode): the device is broken."""
+        took but never completed are taken again. A backend with INFLIGHT_SHMFD gets its
+        predecessor's in-flight buffer back and resubmits from it; without, a ring is resumed
+        only when no request can have been completed out of order (:mod:`.resume`), else the
+        device fails with ``VhostUserResumeRefused``. No backend within
+        :data:`RECONNECT_TIMEOUT` seconds (or server mode): the device is broken."""
         if self._opener is None:
             self.mark_broken(reason)
             return
@@ -338,6 +379,13 @@ class VhostUserDevice(VirtioDevice):
                 problem = self._adopt(backend)
                 if problem is not None:
                     self.mark_broken(problem)
+                    return
+                try:
+                    self._check_resume(ctx)
+                except VhostUserResumeRefused as exc:
+                    log.warning("vhost_user.resume_refused", device=self.id, error=str(exc))
+                    self._started = []  # the new backend has no ring started
+                    self.mark_broken(f"VhostUserResumeRefused: {exc}")
                     return
                 started = set(self._started)
                 bases = {queue.index: ctx.memory.read_u16(queue.used_ring + 2)

@@ -49,6 +49,17 @@ is stopped, and its ring position handed back to the :class:`~vmmkit.virtio.queu
 before pause (snapshots), reset, re-activation, failure and close (hot-remove); no request is in
 flight then. The Python path, :meth:`BlockDevice.handle`, is the reference it is tested against.
 
+Rate limits (``--disk bw_size=,bw_one_time_burst=,bw_refill_time=,ops_size=,...``, or
+``rate_limit_group=<id>`` for a :class:`~vmmkit.ratelimit.RateLimiter` shared with other disks):
+a limited disk is served on the Python path (the C queue is not used), which asks the limiter
+before each request: one operation, and for IN / OUT the data bytes. A refused request goes back
+to the available ring (:meth:`~vmmkit.virtio.queue.Virtqueue.undo_pop`) and the queue stops
+until the limiter's timer fires, which wakes every queue of every disk using the limiter; no
+request is dropped. The Python path is chosen over a second bucket in C because the limiter is
+one object shared by disks (groups) and threads, and a throttled disk's rate is the limit, well
+below what the Python path serves (``bench/blk.py --limit``). ``rate_limited`` counts the
+refusals.
+
 Counters (Cloud Hypervisor's names first): ``read_bytes``, ``write_bytes``, ``read_ops``,
 ``write_ops``, ``flush_ops``, ``discard_ops``, ``write_zeroes_ops``, ``get_id_ops``,
 ``io_errors``, ``invalid_requests`` (answered IOERR for a malformed or out-of-range request),
@@ -66,6 +77,7 @@ from typing import TYPE_CHECKING, Any, Final
 from vmmkit.device import DeviceContext, DeviceRequest
 from vmmkit.errors import DeviceError
 from vmmkit.log import get_logger
+from vmmkit.ratelimit import RateLimiter
 from vmmkit.virtio.chain import DEFAULT_MAX_SEGMENTS, ErrorKind, VirtqueueError
 from vmmkit.virtio.device import ActivationContext, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
@@ -147,6 +159,8 @@ class BlockDevice(QueueDevice):
     :param serial: the GET_ID answer (at most 20 bytes; NUL-padded).
     :param sparse: offer DISCARD and unmap on WRITE_ZEROES (Cloud Hypervisor's ``sparse``).
     :param native: use the C data path (``None``: when built).
+    :param rate_limiter: limits the requests (the Python path serves them then).
+    :param owns_limiter: close ``rate_limiter`` with the device (not a group's).
     """
 
     device_type = VIRTIO_ID_BLOCK
@@ -154,7 +168,8 @@ class BlockDevice(QueueDevice):
     own_threads = True
 
     def __init__(self, device_id: str, image: DiskImage, *, num_queues: int = 1, queue_size: int = 128,
-                 serial: bytes | None = None, sparse: bool = True, native: bool | None = None) -> None:
+                 serial: bytes | None = None, sparse: bool = True, native: bool | None = None,
+                 rate_limiter: RateLimiter | None = None, owns_limiter: bool = False) -> None:
         if num_queues < 1:
             raise DeviceError(f"{device_id}: num_queues must be at least 1")
         if native and not native_available():
@@ -175,7 +190,9 @@ class BlockDevice(QueueDevice):
         self.sparse = sparse
         self.native = (native_available() if native is None else native) and image.qcow2 is None
         #: Whole queues served in C (``native/blk_queue.c``): the native path on a raw image.
-        self.native_queue = self.native and native_queue_available()
+        self.native_queue = self.native and native_queue_available() and rate_limiter is None
+        self.rate_limiter = rate_limiter
+        self._owns_limiter = owns_limiter
         self._queues: list[NativeQueue | None] = []
         #: Requests the C queue serves at once: with O_DIRECT each blocks on the device, so
         #: overlapping them pays; buffered I/O mostly copies from the page cache.
@@ -189,18 +206,30 @@ class BlockDevice(QueueDevice):
             self.count(name, 0)
 
     @classmethod
-    def from_config(cls, device_id: str, config: DiskConfig, *, native: bool | None = None) -> BlockDevice:
-        """Open ``config.path`` as ``config`` says (``readonly``, ``direct``, ``lock_granularity``...)."""
+    def from_config(cls, device_id: str, config: DiskConfig, *, native: bool | None = None,
+                    group: RateLimiter | None = None) -> BlockDevice:
+        """Open ``config.path`` as ``config`` says (``readonly``, ``direct``, ``lock_granularity``...).
+
+        :param group: the limiter of ``config.rate_limit_group`` (the VM's; see :func:`create`).
+        """
+        if config.rate_limit_group is not None and group is None:
+            raise DeviceError(f"{device_id}: rate limit group {config.rate_limit_group!r} not given")
         if config.vhost_user or config.path is None:
             raise DeviceError(f"{device_id}: a vhost-user disk is not served by virtio-blk")
         image = DiskImage(config.path, readonly=config.readonly, direct=config.direct,
                           lock=config.lock_granularity, image_type=config.image_type, owner=device_id,
                           backing_files=config.backing_files)
+        limiter, owned = group, False
         try:
             serial = config.serial.encode() if config.serial is not None else None
+            if config.rate_limiter_config is not None:
+                limiter, owned = RateLimiter.from_config(config.rate_limiter_config, name=device_id), True
             return cls(device_id, image, num_queues=config.num_queues, queue_size=config.queue_size,
-                       serial=serial, sparse=config.sparse, native=native)
+                       serial=serial, sparse=config.sparse, native=native, rate_limiter=limiter,
+                       owns_limiter=owned)
         except BaseException:
+            if owned and limiter is not None:
+                limiter.close()
             image.close()
             raise
 
@@ -226,7 +255,7 @@ class BlockDevice(QueueDevice):
         return {"path": self.image.path, "capacity": self.image.capacity, "readonly": self.image.readonly,
                 "direct": self.image.direct, "block_size": self.image.block_size, "native": self.native,
                 "native_queue": self.native_queue, "in_flight": self.in_flight if self.native_queue else 1,
-                "num_queues": self.num_queues}
+                "num_queues": self.num_queues, "rate_limited": self.rate_limiter is not None}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -245,6 +274,8 @@ class BlockDevice(QueueDevice):
 
     def activated(self, ctx: ActivationContext) -> None:
         self._io = make_block_io(self.image, ctx.memory, self.native)
+        if self.rate_limiter is not None:
+            self.rate_limiter.subscribe(ctx.event_loop, self._refilled)
         if not self.native_queue:
             return
         if self._wake_fd < 0:
@@ -265,6 +296,8 @@ class BlockDevice(QueueDevice):
 
     def deactivated(self) -> None:
         self._io = None  # requests are served synchronously: nothing else is in flight
+        if self.rate_limiter is not None:
+            self.rate_limiter.unsubscribe(self._refilled)
         queues, self._queues = self._queues, []
         for native in queues:
             if native is not None:
@@ -278,6 +311,8 @@ class BlockDevice(QueueDevice):
         if self._wake_fd >= 0:
             os.close(self._wake_fd)
             self._wake_fd = -1
+        if self.rate_limiter is not None and self._owns_limiter:
+            self.rate_limiter.close()
         self.image.close()
 
     # -- the C queues: stopped before anything waits for the queue locks --------------------
@@ -342,9 +377,14 @@ class BlockDevice(QueueDevice):
             self._serve_native(index, queue, native)
             return
         done = 0
+        limiter = self.rate_limiter
         while self.running():
             chain = queue.pop()
             if chain is None:
+                break
+            if limiter is not None and not limiter.consume_request(_data_bytes(chain)):
+                queue.undo_pop()  # stays available; _refilled looks again
+                self.count("rate_limited")
                 break
             try:
                 used = self.handle(chain)
@@ -357,6 +397,11 @@ class BlockDevice(QueueDevice):
                 self.signal(queue)
         if done % SIGNAL_BATCH:
             self.signal(queue)
+
+    def _refilled(self) -> None:
+        """The limiter's timer fired (event loop): look at every queue again."""
+        for index in range(self.num_queues):
+            self.wake(index)
 
     def _serve_native(self, index: int, queue: Virtqueue, native: NativeQueue) -> None:
         """Run the queue in C until it is stopped (pause, reset, close) or breaks."""
@@ -515,6 +560,19 @@ def _in_flight(device_id: str, direct: bool) -> int:
     return int(value)
 
 
+def _data_bytes(chain: DescriptorChain) -> int:
+    """The bytes a request moves, for the bandwidth limit: the data of an IN or OUT, else 0
+    (a malformed header costs nothing here; :meth:`BlockDevice.handle` answers it)."""
+    if chain.readable_bytes < HEADER.size:
+        return 0
+    kind = HEADER.unpack(chain.read(HEADER.size))[0]
+    if kind == VIRTIO_BLK_T_IN:
+        return max(chain.writable_bytes - 1, 0)
+    if kind == VIRTIO_BLK_T_OUT:
+        return chain.readable_bytes - HEADER.size
+    return 0
+
+
 def _status_byte(writable: Sequence[Any]) -> int | None:
     """The guest-physical address of the last device-writable byte."""
     for segment in reversed(writable):
@@ -528,4 +586,5 @@ def create(ctx: DeviceContext, request: DeviceRequest) -> BlockDevice:
     config = request.config
     if config is None or not hasattr(config, "path"):
         raise DeviceError(f"{request.id}: virtio-blk needs a DiskConfig")
-    return BlockDevice.from_config(request.id, config)
+    group = ctx.rate_limit_group(config.rate_limit_group) if config.rate_limit_group is not None else None
+    return BlockDevice.from_config(request.id, config, group=group)

@@ -123,7 +123,9 @@ class QueueDevice(VirtioDevice):
             self._ctx = ctx
             self._active = True
             self.activated(ctx)
-            if self.own_threads:
+            if self.serves_queue_events():
+                pass  # the device's own (C) thread waits on the eventfds
+            elif self.own_threads:
                 self._start_threads(ctx, generation)
             else:
                 for index, fd in enumerate(ctx.queue_events):
@@ -198,6 +200,12 @@ class QueueDevice(VirtioDevice):
     def running(self) -> bool:
         """Whether chains may be processed now (activated, not paused, broken or closed)."""
         return self._active and not self._paused and not self._closed and self.broken is None
+
+    def serves_queue_events(self) -> bool:
+        """Whether the device waits on its queues' eventfds itself, on a thread it started in
+        :meth:`activated` (virtio-net's C queues): then they are neither watched on the event
+        loop nor given threads here. Default: no."""
+        return False
 
     def process_queue(self, index: int, queue: Virtqueue) -> None:
         """Serve queue ``index``: pop chains while :meth:`running`, ``add_used`` each, then

@@ -2,9 +2,11 @@
 absent) or adopt an fd that is one already, then configure the host side with plain ioctls.
 
 A :class:`Tap` is a non-blocking fd in ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`` mode with a 12-byte
-``virtio_net_hdr`` (``TUNSETVNETHDRSZ``, the header of virtio 1.x, ``num_buffers`` included) and
-no offloads (``TUNSETOFFLOAD`` 0: the kernel hands over complete, checksummed frames and expects
-the same). The interface lives in the network namespace of the thread that opened it.
+``virtio_net_hdr`` (``TUNSETVNETHDRSZ``, the header of virtio 1.x, ``num_buffers`` included).
+Opening it probes which receive offloads the kernel's tap takes (:attr:`Tap.offloads`, ``TUN_F_*``
+bits: checksum, TSO4/6, ECN, UFO) and leaves none set (``TUNSETOFFLOAD`` 0: the kernel hands over
+complete, checksummed frames) until :meth:`Tap.set_offload` is called with what the guest's driver
+negotiated. The interface lives in the network namespace of the thread that opened it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ TUNSETIFF: Final = 0x400454CA
 TUNSETOFFLOAD: Final = 0x400454D0
 TUNGETIFF: Final = 0x800454D2
 TUNSETVNETHDRSZ: Final = 0x400454D8
+
+TUN_F_CSUM: Final = 0x01
+TUN_F_TSO4: Final = 0x02
+TUN_F_TSO6: Final = 0x04
+TUN_F_TSO_ECN: Final = 0x08
+TUN_F_UFO: Final = 0x10
 
 IFF_TAP: Final = 0x0002
 IFF_NO_PI: Final = 0x1000
@@ -64,6 +72,8 @@ class Tap:
     def __init__(self, fd: int, name: str) -> None:
         self.fd = fd
         self.name = name
+        #: The ``TUN_F_*`` receive offloads this tap accepts (probed when opened or adopted).
+        self.offloads = 0
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -134,6 +144,31 @@ class Tap:
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, 0)
         except OSError as exc:
             raise DeviceError(f"tap {self.name}: cannot set the virtio-net header: {exc.strerror or exc}") from None
+        self.offloads = self._probe_offloads()
+
+    def _probe_offloads(self) -> int:
+        """The largest of the usual offload sets the kernel takes (as QEMU's ``tap_probe_has_ufo``:
+        UFO went away in Linux 4.14 and came back for taps), then none set again."""
+        every = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        for flags in (every | TUN_F_UFO, every, TUN_F_CSUM):
+            try:
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+            except OSError:
+                continue
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, 0)
+            return flags
+        return 0
+
+    def set_offload(self, flags: int) -> None:
+        """``TUNSETOFFLOAD``: the ``TUN_F_*`` offloads frames read from the tap may use (the
+        guest's driver negotiated them: partial checksums, TSO/UFO super-frames).
+
+        :raises DeviceError: the kernel refused them.
+        """
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+        except OSError as exc:
+            raise DeviceError(f"tap {self.name}: TUNSETOFFLOAD {flags:#x}: {exc.strerror or exc}") from None
 
     # -- the host side ---------------------------------------------------------------------
 
