@@ -38,8 +38,8 @@ def check_balloon(vmm: Vmm, desired: object) -> None:
         if balloon is None:
             raise ConfigError("desired_balloon", desired, "a VM with a balloon device",
                               reason="this VM has no balloon (create it with --balloon / \"balloon\")")
-        if desired >= config.memory.size:
-            raise ConfigError("desired_balloon", desired, f"less than the memory size ({config.memory.size})")
+        if desired >= config.memory.boot_size:
+            raise ConfigError("desired_balloon", desired, f"less than the memory size ({config.memory.boot_size})")
         machine = vmm._live_machine()
         if machine is not None:
             device_id = balloon.id or DEFAULT_BALLOON_ID

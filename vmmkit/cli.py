@@ -34,6 +34,7 @@ _VM_OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
     ("--firmware", "firmware", False, "firmware image"),
     ("--cpus", "cpus", False, "boot=<n>,max=<n>,topology=<t>:<c>:<d>:<s>,features=..."),
     ("--memory", "memory", False, "size=<bytes>[KMG],shared=on|off,hugepages=on|off,hotplug_size=..."),
+    ("--memory-zone", "memory_zones", True, "id=<zone>,size=<bytes>,file=<path>,shared=on|off,hotplug_size=..."),
     ("--disk", "disks", True, "path=<image>,readonly=on|off,direct=on|off,serial=<id>,id=<id>,..."),
     ("--net", "net", True, "tap=<name>,fd=[...],mac=<mac>,ip=<ip>,mask=<mask>,id=<id>,..."),
     ("--rng", "rng", False, "src=<entropy source> (default /dev/urandom)"),
@@ -53,7 +54,6 @@ _VM_OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
 _UNMODELLED_OPTIONS: tuple[tuple[str, str, bool], ...] = (
     ("--igvm", "payload.igvm", True),
     ("--host-data", "payload.host_data", True),
-    ("--memory-zone", "memory.zones", True),
     ("--numa", "numa", True),
     ("--vdpa", "vdpa", True),
     ("--user-device", "user_devices", True),

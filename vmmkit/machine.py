@@ -39,6 +39,7 @@ from vmmkit.sandbox.landlock import vm_rules as landlock_rules
 if TYPE_CHECKING:
     from vmmkit.device_memory import DeviceMemoryRegion
     from vmmkit.memory_hotplug import MemoryHotplug, VirtioMemHotplug
+    from vmmkit.memory_zones import ZoneHotplug
     from vmmkit.snapshot import SnapshotImage
 
 log = get_logger()
@@ -220,6 +221,8 @@ class Machine:
         self.device_manager: DeviceManager | None = None
         #: RAM plugged while the guest runs (``--memory hotplug_size=``), once built.
         self.memory_hotplug: MemoryHotplug | VirtioMemHotplug | None = None
+        #: The memory zones' virtio-mem devices (``vm.resize-zone``), ``None`` without.
+        self.zone_hotplug: ZoneHotplug | None = None
         self.vcpus: list[Vcpu] = []
         self.guest_exit_status: int | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -381,6 +384,10 @@ class Machine:
     def _allocate_memory(self) -> GuestMemory:
         assert self.layout is not None
         mem = self.config.memory
+        if mem.zones:
+            from vmmkit import memory_zones
+
+            return memory_zones.allocate(self.layout.ram, mem)
         return GuestMemory.allocate(
             self.layout.ram,
             shared=mem.shared,
@@ -407,8 +414,37 @@ class Machine:
             assert self.layout is not None and self.memory is not None and self.vm is not None
             self.memory_hotplug = memory_hotplug.attach(self.manager, self.layout, self.config.memory,
                                                         self.memory, self.vm)
+        if any(zone.hotplug_size for zone in self.config.memory.zones):
+            self._attach_zone_hotplug()
         self.manager.enable_pci_hotplug()
         self._enable_cpu_hotplug()
+
+    def _attach_zone_hotplug(self) -> None:
+        """A virtio-mem device per memory zone with a ``hotplug_size`` (:mod:`vmmkit.memory_zones`)."""
+        from vmmkit import memory_zones
+        from vmmkit.config import ConfigError
+
+        assert self.layout is not None and self.memory is not None and self.vm is not None
+        if self.layout.memory_hotplug is None:
+            raise ConfigError("memory.zones", [z.id for z in self.config.memory.zones], "no zone hotplug_size",
+                              reason="this architecture has no room for hotplug memory")
+        self.zone_hotplug = memory_zones.ZoneHotplug.attach(self.manager, self.layout.memory_hotplug,
+                                                            self.config.memory, self.memory, self.vm)
+
+    def resize_zone(self, zone_id: str, desired: int, *, check_only: bool = False) -> bool:
+        """Set memory zone ``zone_id``'s RAM to ``desired`` bytes through its virtio-mem device
+        (Cloud Hypervisor's ``vm.resize-zone``); False when there is nothing to do.
+        ``check_only``: raise if it cannot be done, change nothing.
+
+        :raises ConfigError: no such zone with a ``hotplug_size``, or ``desired`` out of range."""
+        if self.zone_hotplug is None:
+            from vmmkit.config import ConfigError
+
+            raise ConfigError("id", zone_id, "a VM booted with a --memory-zone hotplug_size=",
+                              reason="this VM has no memory zone with hotplug memory")
+        if check_only:
+            return self.zone_hotplug.device(zone_id).check(desired) != 0
+        return self.zone_hotplug.resize(zone_id, desired) != 0
 
     def _load_payload(self) -> None:
         assert self.arch is not None and self.memory is not None and self.layout is not None
@@ -735,6 +771,8 @@ class Machine:
             self.hypervisor.close()
         if self.memory_hotplug is not None:
             self.memory_hotplug.close()
+        if self.zone_hotplug is not None:
+            self.zone_hotplug.close()
         if self.memory is not None:
             self.memory.close()
         self.vm = None

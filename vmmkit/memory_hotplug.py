@@ -42,7 +42,7 @@ from vmmkit.memory import GuestRegion, MemoryRange, close_region, map_region
 
 if TYPE_CHECKING:
     from vmmkit.arch import MemoryLayout
-    from vmmkit.config import MemoryConfig
+    from vmmkit.config import MemoryConfig, MemoryZoneConfig
     from vmmkit.device_manager import DeviceManager
     from vmmkit.hypervisor import Vm
     from vmmkit.memory import GuestMemory
@@ -335,17 +335,35 @@ class VirtioMemHotplug:
         :raises ConfigError: the area is not in whole blocks, or no plugin provides
             ``virtio-mem``.
         """
+        return cls._attach(manager, area, memory, vm, device_id=VIRTIO_MEM_ID, boot_size=config.size,
+                           requested=config.hotplugged_size or 0, method=config.hotplug_method,
+                           option="hotplug_size", shared=config.shared, hugepages=config.hugepages,
+                           hugepage_size=config.hugepage_size, thp=config.thp, mergeable=config.mergeable)
+
+    @classmethod
+    def attach_zone(cls, manager: DeviceManager, area: MemoryRange, zone: MemoryZoneConfig, memory: GuestMemory,
+                    vm: Vm, *, thp: bool) -> VirtioMemHotplug:
+        """:meth:`attach` for one memory zone's ``hotplug_size`` (:mod:`vmmkit.memory_zones`):
+        device ``_virtio-mem-<zone id>``, host memory with the zone's options."""
+        return cls._attach(manager, area, memory, vm, device_id=f"_virtio-mem-{zone.id}", boot_size=zone.size,
+                           requested=zone.hotplugged_size or 0, method="VirtioMem",
+                           option=f"zone {zone.id}: hotplug_size", shared=zone.shared, hugepages=zone.hugepages,
+                           hugepage_size=None, thp=thp, mergeable=zone.mergeable)
+
+    @classmethod
+    def _attach(cls, manager: DeviceManager, area: MemoryRange, memory: GuestMemory, vm: Vm, *, device_id: str,
+                boot_size: int, requested: int, method: str, option: str, shared: bool, hugepages: bool,
+                hugepage_size: int | None, thp: bool, mergeable: bool) -> VirtioMemHotplug:
         if area.size % VIRTIO_MEM_BLOCK:
-            raise ConfigError("hotplug_size", area.size, "a multiple of 2 MiB (virtio-mem's block)")
-        requested = config.hotplugged_size or 0
+            raise ConfigError(option, area.size, "a multiple of 2 MiB (virtio-mem's block)")
         if requested % VIRTIO_MEM_BLOCK:
-            raise ConfigError("hotplugged_size", requested, "a multiple of 2 MiB (virtio-mem's block)")
+            raise ConfigError(option.replace("hotplug_size", "hotplugged_size"), requested,
+                              "a multiple of 2 MiB (virtio-mem's block)")
         restored = memory.find_region(area.start)
         if restored is None:
             memory_slot = max((r.slot for r in memory.regions), default=-1) + 1
-            region = map_region(area, memory_slot, shared=config.shared, hugepages=config.hugepages,
-                                hugepage_size=config.hugepage_size, thp=config.thp, mergeable=config.mergeable,
-                                prefault=False)
+            region = map_region(area, memory_slot, shared=shared, hugepages=hugepages, hugepage_size=hugepage_size,
+                                thp=thp, mergeable=mergeable, prefault=False)
             try:
                 vm.add_memory_region(memory_slot, area.start, area.size, region.host_address)
             except BaseException:
@@ -353,15 +371,14 @@ class VirtioMemHotplug:
                 raise
             memory.add_region(region)
         elif restored.range != area:  # a snapshot's RAM file (mapped and given to the VM already)
-            raise ConfigError("hotplug_size", config.hotplug_size, f"{_human(restored.size)} as in the snapshot")
-        request = DeviceRequest("virtio-mem", VIRTIO_MEM_ID, VirtioMemRegion(area.start, area.size, requested))
+            raise ConfigError(option, area.size, f"{_human(restored.size)} as in the snapshot")
+        request = DeviceRequest("virtio-mem", device_id, VirtioMemRegion(area.start, area.size, requested))
         try:
             manager.create(request)
         except VmmError as exc:
-            raise ConfigError("hotplug_method", config.hotplug_method, "a method a device plugin provides",
-                              reason=str(exc)) from None
-        return cls(area=area, boot_size=config.size, requested=requested,
-                   resize_device=lambda size: manager.resize(VIRTIO_MEM_ID, size))
+            raise ConfigError("hotplug_method", method, "a method a device plugin provides", reason=str(exc)) from None
+        return cls(area=area, boot_size=boot_size, requested=requested,
+                   resize_device=lambda size: manager.resize(device_id, size))
 
     @property
     def current(self) -> int:

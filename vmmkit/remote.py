@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     resize_disk = commands.add_parser("resize-disk", help="Resize an attached disk")
     resize_disk.add_argument("--disk", required=True, help="Disk identifier")
     resize_disk.add_argument("--size", required=True, help="New disk size (bytes, or with K/M/G/T)")
+    resize_zone = commands.add_parser("resize-zone", help="Resize a memory zone")
+    resize_zone.add_argument("--id", required=True, help="Memory zone identifier")
+    resize_zone.add_argument("--size", required=True, help="New memory zone size in bytes (supports K/M/G suffix)")
     snapshot = commands.add_parser("snapshot", help="Create a snapshot from VM")
     snapshot.add_argument("destination_url", metavar="URL", help="file:///<directory> to write it into")
     restore = commands.add_parser("restore", help="Restore VM from a snapshot")
@@ -166,6 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             method, endpoint, body = "PUT", "vm.remove-device", {"id": options.id}
         elif command == "resize":
             method, endpoint, body = "PUT", "vm.resize", _resize_body(options)
+        elif command == "resize-zone":
+            try:
+                zone_size = parse_size(options.size)
+            except ValueError as exc:
+                raise ConfigError("--size", options.size, "a size: bytes, or with a K, M or G suffix",
+                                  reason=str(exc)) from None
+            method, endpoint, body = "PUT", "vm.resize-zone", {"id": options.id, "desired_ram": zone_size}
         elif command == "resize-disk":
             try:
                 size = parse_size(options.size)

@@ -206,7 +206,8 @@ class Vmm:
         return {
             "config": config.to_json(),
             "state": state,
-            "memory_actual_size": config.memory.size + (config.memory.hotplugged_size or 0),
+            "memory_actual_size": config.memory.boot_size + (config.memory.hotplugged_size or 0)
+            + sum(zone.hotplugged_size or 0 for zone in config.memory.zones),
         }
 
     def counters(self) -> dict[str, dict[str, int]]:
@@ -376,6 +377,9 @@ class Vmm:
                 raise InvalidState(f"cannot snapshot a VM that is {machine.state.value} (vm.pause it first)")
             with self._lock:
                 config = self.config  # with the devices added or removed since boot
+            if config is not None and config.memory.zones:
+                raise NotSupported("cannot snapshot this VM: memory zones (their backing files and per-zone "
+                                   "virtio-mem devices) are not saved yet")
             try:
                 machine.snapshot(destination_url, config=config)
             except NotSnapshottable as exc:
@@ -674,6 +678,9 @@ class Vmm:
         configuration cannot take, no hotplug memory), changing nothing."""
         with self._op_lock:
             config = self._require_config()
+            if config.memory.zones:  # CH: Error::InvalidResizeWithMemoryZones
+                raise ConfigError("desired_ram", desired_ram, "vm.resize-zone for a VM with memory zones",
+                                  reason="this VM's RAM is its memory zones")
             attrs.evolve(config.memory, size=desired_ram)  # validates it (page multiple...)
             machine = self._live_machine()
             if machine is None:
@@ -708,6 +715,19 @@ class Vmm:
                     self.config = attrs.evolve(self.config, memory=memory)
             if machine is not None:
                 self._event("vm", "resized")
+
+    def resize_zone(self, zone_id: str, desired_ram: int) -> None:
+        """``vm.resize-zone``, as Cloud Hypervisor's ``Vm::resize_zone``: memory zone
+        ``zone_id`` of the running VM gets ``desired_ram`` bytes (its ``size`` plus what its
+        virtio-mem device plugs); the zone's ``hotplugged_size`` follows in the configuration.
+        Events ``vm``/``resizing`` and ``vm``/``resized``.
+
+        :raises InvalidState: the VM is not running. :raises ConfigError: no such zone with a
+            ``hotplug_size``, or ``desired_ram`` out of its range.
+        """
+        from vmmkit.vmm_zones import resize_zone
+
+        resize_zone(self, zone_id, desired_ram)
 
     def resize_vcpus(self, desired: int, timeout: float | None = None) -> None:
         """``vm.resize`` ``desired_vcpus`` on the running VM (CH's ``Vmm::vm_resize`` and
@@ -941,10 +961,18 @@ class Vmm:
 def _check_memory(config: VmConfig) -> None:
     memory = config.memory
     try:
-        check_allocatable(memory.size, hugepages=memory.hugepages, hugepage_size=memory.hugepage_size)
+        if memory.size:  # 0 with memory zones
+            check_allocatable(memory.size, hugepages=memory.hugepages, hugepage_size=memory.hugepage_size)
     except MemoryAllocationError as exc:
         option = "memory.hugepages" if memory.hugepages else "memory.size"
         raise ConfigError(option, memory.size, "memory this host can provide", reason=str(exc)) from None
+    for index, zone in enumerate(memory.zones):
+        try:
+            if zone.size:
+                check_allocatable(zone.size, hugepages=zone.hugepages)
+        except MemoryAllocationError as exc:
+            option = f"memory.zones[{index}].{'hugepages' if zone.hugepages else 'size'}"
+            raise ConfigError(option, zone.size, "memory this host can provide", reason=str(exc)) from None
 
 
 def _close_machine(machine: Machine) -> None:

@@ -16,7 +16,7 @@ unknown path, no VM created, or no such device; 405 wrong method, or an operatio
 state does not allow (``vm.counters`` of a VM that is not running); 408 a request that did not
 arrive in time; 409 a VM or a device id that already exists; 413 body too large; 429 too many
 connections from one process, or a ``vm.resize`` while a vCPU removal is pending; 501 a CH
-endpoint vmmkit does not implement (migration, resize-zone, ...); 503 every connection busy in a
+endpoint vmmkit does not implement (coredump, ...); 503 every connection busy in a
 handler, or a ``--restore`` still building the VM after a minute (``vm.*`` requests wait for
 it); 504 a guest that did not eject a device or vCPUs in time (``vm.remove-device``,
 ``vm.resize``); 500 only for failures inside the VMM. ``vm.add-disk`` / ``vm.add-net`` on a
@@ -100,7 +100,6 @@ LISTEN_BACKLOG: Final = 128
 
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
-    "vm.resize-zone": "resizing memory zones",
     "vm.add-generic-vhost-user": "generic vhost-user devices",
     "vm.add-vdpa": "vDPA devices",
     "vm.add-user-device": "userspace (vfio-user) devices",
@@ -331,6 +330,21 @@ def _resize(server: ApiServer, request: Request) -> Response:
     return Response(204)
 
 
+def _resize_zone(server: ApiServer, request: Request) -> Response:
+    """``vm.resize-zone`` (``VmResizeZone``: ``id``, ``desired_ram``; :mod:`vmmkit.vmm_zones`)."""
+    body = _json_object(request)
+    unknown = sorted(set(body) - {"id", "desired_ram"})
+    if unknown:
+        raise HttpError(400, f"VmResizeZone has no {', '.join(unknown)} (it takes id, desired_ram)")
+    zone_id = body.get("id")
+    if not isinstance(zone_id, str) or not zone_id:
+        raise HttpError(400, "id: the id of the memory zone to resize is required")
+    if "desired_ram" not in body:
+        raise HttpError(400, "desired_ram: the zone's new size in bytes is required")
+    server.vmm.resize_zone(zone_id, checked_ram(body["desired_ram"]))
+    return Response(204)
+
+
 def _openapi(server: ApiServer, request: Request) -> Response:
     _no_body(request)
     return Response(200, server.openapi_document(), content_type="application/yaml")
@@ -363,6 +377,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.resize": Route("PUT", _resize),
     "vm.send-migration": Route("PUT", _send_migration),
     "vm.receive-migration": Route("PUT", _receive_migration),
+    "vm.resize-zone": Route("PUT", _resize_zone),
     "openapi": Route("GET", _openapi),
 }
 

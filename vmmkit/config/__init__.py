@@ -66,6 +66,7 @@ from vmmkit.config.disk_net import (
 from vmmkit.config.errors import ConfigError
 from vmmkit.config.fields import MAX_VCPUS, TRANSPORTS
 from vmmkit.config.landlock import LandlockConfig
+from vmmkit.config.memory_zones import MemoryZoneConfig
 from vmmkit.config.options import OptionParser, ParsedOptions, split_commas
 from vmmkit.config.platform import PlatformConfig
 from vmmkit.config.support import NOT_SUPPORTED, NotSupportedYet, Refusal, check_supported, refusals
@@ -83,6 +84,7 @@ __all__ = [
     "CpuFeatures",
     "CpusConfig",
     "MemoryConfig",
+    "MemoryZoneConfig",
     "TokenBucket",
     "RateLimiterConfig",
     "RateLimitGroupConfig",

@@ -28,6 +28,7 @@ from vmmkit.config.fields import (
     _tuple,
     _tuple_of,
 )
+from vmmkit.config.memory_zones import ZONE_HOTPLUG_ALIGN, MemoryZoneConfig
 from vmmkit.config.options import _INT_RE, OptionParser, ParsedOptions, _make
 
 
@@ -214,10 +215,17 @@ class MemoryConfig(_Config):
     prefault: bool = attrs.field(default=False, validator=_is_bool)
     reserve: bool = attrs.field(default=False, validator=_is_bool)
     thp: bool = attrs.field(default=True, validator=_is_bool)
+    #: ``--memory-zone``: with ``size=0``, guest RAM is these zones (:mod:`vmmkit.config.memory_zones`).
+    zones: tuple[MemoryZoneConfig, ...] = attrs.field(
+        default=(), converter=_tuple,
+        validator=_tuple_of(lambda z: isinstance(z, MemoryZoneConfig), "a MemoryZoneConfig"),
+    )
 
     def __attrs_post_init__(self) -> None:
         page = f"a positive multiple of {PAGE_SIZE} bytes (4K), such as 512M"
-        if self.size <= 0 or self.size % PAGE_SIZE:
+        if self.zones:
+            self._check_zones()
+        elif self.size <= 0 or self.size % PAGE_SIZE:
             raise ConfigError("size", self.size, page)
         for name in ("hotplug_size", "hotplugged_size"):
             value = getattr(self, name)
@@ -234,6 +242,40 @@ class MemoryConfig(_Config):
                 raise ConfigError("hugepage_size", self.hugepage_size, "hugepage_size only with hugepages=on")
             if self.hugepage_size <= 0 or self.hugepage_size & (self.hugepage_size - 1):
                 raise ConfigError("hugepage_size", self.hugepage_size, "a power of two, such as 2M")
+
+    def _check_zones(self) -> None:
+        """As Cloud Hypervisor's ``MemoryManager::new``: RAM is the zones' (``size=0``), hotplug
+        memory is each zone's own and only virtio-mem plugs it; ids are unique."""
+        if self.size != 0:
+            raise ConfigError("size", self.size, "size=0 with memory zones (guest RAM is the zones')")
+        for name in ("hotplug_size", "hotplugged_size"):
+            if getattr(self, name) is not None:
+                raise ConfigError(name, getattr(self, name), f"no {name} with memory zones (each zone has its own)")
+        ids = [zone.id for zone in self.zones]
+        for index, zone in enumerate(self.zones):
+            if zone.id in ids[:index]:
+                raise ConfigError(f"zones[{index}].id", zone.id, "an id no other zone has")
+            if zone.hotplug_size and self.hotplug_method != "VirtioMem":
+                raise ConfigError(f"zones[{index}].hotplug_size", zone.hotplug_size,
+                                  "a zone's hotplug_size with hotplug_method=virtio-mem",
+                                  reason="as in Cloud Hypervisor, zones plug memory through virtio-mem only")
+        if not self.boot_size:
+            raise ConfigError("zones", [zone.id for zone in self.zones], "zones with some boot RAM (a size above 0)")
+
+    @property
+    def boot_size(self) -> int:
+        """Guest RAM at boot: ``size``, or the zones' sizes added up."""
+        return self.size + sum(zone.size for zone in self.zones)
+
+    @property
+    def hotplug_area_size(self) -> int:
+        """Guest-physical space for hotplug RAM: ``hotplug_size``, or the zones' one after the
+        other, each starting on :data:`~vmmkit.config.memory_zones.ZONE_HOTPLUG_ALIGN`."""
+        size = self.hotplug_size or 0
+        for zone in self.zones:
+            if zone.hotplug_size:
+                size = -(-size // ZONE_HOTPLUG_ALIGN) * ZONE_HOTPLUG_ALIGN + zone.hotplug_size
+        return size
 
     _PARSER: ClassVar[OptionParser] = OptionParser(
         "--memory",
@@ -252,12 +294,14 @@ class MemoryConfig(_Config):
     )
 
     @classmethod
-    def parse(cls, spec: str) -> MemoryConfig:
-        """Parse a ``--memory`` value (``""`` gives the defaults)."""
+    def parse(cls, spec: str, zones: tuple[MemoryZoneConfig, ...] = ()) -> MemoryConfig:
+        """Parse a ``--memory`` value (``""`` gives the defaults), with the ``--memory-zone``
+        values already parsed."""
         o = cls._PARSER.parse(spec)
         with _cli_errors(o.option):
             return _make(
                 cls,
+                zones=zones or None,
                 size=o.size("size"),
                 mergeable=o.toggle("mergeable"),
                 shared=o.toggle("shared"),

@@ -15,11 +15,10 @@ claims is no longer refused. A device section in use that no registered type cla
 too (:data:`DEVICE_SECTIONS`), so disabling a device plugin never leaves its options silently
 ignored.
 
-Keys of Cloud Hypervisor's schema that vmmkit's classes do not model at all (``numa``,
-``memory.zones``...) are refused while decoding JSON (see
-:mod:`vmmkit.config.codec`); any other unknown key is refused there as unknown. Cloud Hypervisor
-itself ignores unknown keys (its ``VmConfig`` has no ``#[serde(deny_unknown_fields)]``,
-``vmm/src/vm_config.rs``); vmmkit refuses them, so a misspelt key is never lost.
+Keys of Cloud Hypervisor's schema that vmmkit's classes do not model at all (``numa``...) are
+refused while decoding JSON (see :mod:`vmmkit.config.codec`); any other unknown key is refused
+there as unknown. Cloud Hypervisor itself ignores unknown keys (its ``VmConfig`` has no
+``#[serde(deny_unknown_fields)]``, ``vmm/src/vm_config.rs``); vmmkit refuses them, so a misspelt key is never lost.
 """
 
 from __future__ import annotations
@@ -53,7 +52,9 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "memory.hotplug_method": _VIRTIO_MEM,
     "memory.hotplugged_size": _VIRTIO_MEM,  # virtio-mem only, as in Cloud Hypervisor
     "memory.reserve": "reserving swap space for guest RAM (it is mapped MAP_NORESERVE)",
-    "memory.zones": "memory zones",
+    "memory.zones.host_numa_node": "placing a memory zone on a host NUMA node",
+    "memory.zones.hugepage_size": "choosing the huge page size (hugepages=on uses the host's default)",
+    "memory.zones.reserve": "reserving swap space for guest RAM (it is mapped MAP_NORESERVE)",
     # disks
     "disks.vhost_user": "vhost-user block devices",
     "disks.vhost_socket": "vhost-user block devices",
@@ -142,7 +143,7 @@ class NotSupportedYet(ConfigError):
     :data:`NOT_SUPPORTED`, or a device section no registered device type consumes).
 
     ``str()``: ``--disk: vhost_user is not supported yet (vhost-user block devices)`` or
-    ``memory.zones: not supported yet (memory zones)``; ``also`` lists further uses, appended
+    ``numa: not supported yet (guest NUMA nodes)``; ``also`` lists further uses, appended
     after ``; also``. A :class:`ConfigError`: CLI exit 2, API 400.
     """
 

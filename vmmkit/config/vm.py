@@ -34,6 +34,7 @@ from vmmkit.config.fields import (
     _Validator,
 )
 from vmmkit.config.landlock import LandlockConfig
+from vmmkit.config.memory_zones import MemoryZoneConfig
 from vmmkit.config.options import _make
 from vmmkit.config.platform import PlatformConfig
 
@@ -179,9 +180,9 @@ class VmConfig(_Config):
             if vfio.path.rstrip("/") in paths:
                 raise ConfigError(f"devices[{index}].path", vfio.path, "a device not given twice")
             paths.add(vfio.path.rstrip("/"))
-        if self.balloon is not None and self.balloon.size >= self.memory.size:
+        if self.balloon is not None and self.balloon.size >= self.memory.boot_size:
             raise ConfigError(
-                "balloon.size", self.balloon.size, f"less than the memory size ({self.memory.size})"
+                "balloon.size", self.balloon.size, f"less than the memory size ({self.memory.boot_size})"
             )
 
     # -- queries --
@@ -329,7 +330,7 @@ class VmConfig(_Config):
         Types are checked strictly (sizes are integers in bytes, booleans are ``true``/``false``);
         ``null`` means "the default", also for a key vmmkit does not know (older CH versions
         write every unset option). Keys of CH's schema that vmmkit does not support yet
-        (``numa``, ``memory.zones``...; :data:`vmmkit.config.support.NOT_SUPPORTED`) raise
+        (``numa``...; :data:`vmmkit.config.support.NOT_SUPPORTED`) raise
         :class:`~vmmkit.config.support.NotSupportedYet` unless their value asks for nothing
         (``false``, ``[]``); any other unknown key raises :class:`ConfigError`. CH ignores unknown
         keys; vmmkit does not, so a misspelt key is never lost. ``strict=False`` reads leniently
@@ -350,6 +351,7 @@ class VmConfig(_Config):
         firmware: str | None = None,
         cpus: str | None = None,
         memory: str | None = None,
+        memory_zones: Iterable[str] | None = (),
         disks: Iterable[str] | None = (),
         net: Iterable[str] | None = (),
         rng: str | None = None,
@@ -382,7 +384,7 @@ class VmConfig(_Config):
         plugins = [_plugin_device(d) for d in many(plugin_devices)]
         sections = dict(
             cpus=CpusConfig.parse(cpus) if cpus is not None else None,
-            memory=MemoryConfig.parse(memory) if memory is not None else None,
+            memory=_memory_from_cli(memory, tuple(MemoryZoneConfig.parse(spec) for spec in many(memory_zones))),
             disks=tuple(DiskConfig.parse(spec) for spec in many(disks)),
             net=tuple(NetConfig.parse(spec) for spec in many(net)),
             rng=RngConfig.parse(rng) if rng is not None else None,
@@ -425,6 +427,13 @@ def _check_rate_limit_groups(config: VmConfig) -> None:
                               reason=f"no rate limit group {disk.rate_limit_group!r}")
 
 
+def _memory_from_cli(memory: str | None, zones: tuple[MemoryZoneConfig, ...]) -> MemoryConfig | None:
+    """``--memory`` with the ``--memory-zone`` values (zones need ``--memory size=0``, as in CH)."""
+    if zones and memory is None:
+        raise ConfigError("--memory-zone", zones[0].id, "--memory size=0 with it (guest RAM is the zones')")
+    return MemoryConfig.parse(memory, zones) if memory is not None else None
+
+
 def _plugin_device(value: Any) -> PluginDeviceConfig:
     if isinstance(value, PluginDeviceConfig):
         return value
@@ -436,6 +445,7 @@ def _plugin_device(value: Any) -> PluginDeviceConfig:
 _CLI_OPTIONS: Final[Mapping[str, tuple[str, type[Any] | None]]] = {
     "cpus": ("--cpus", CpusConfig),
     "memory": ("--memory", MemoryConfig),
+    "memory_zones": ("--memory-zone", MemoryZoneConfig),  # memory.zones (see cli_location)
     "disks": ("--disk", DiskConfig),
     "net": ("--net", NetConfig),
     "rng": ("--rng", RngConfig),
@@ -463,6 +473,8 @@ def cli_location(path: str, plugins: Sequence[PluginDeviceConfig] = ()) -> tuple
     section = _field_head(head)
     if section == "payload":
         return f"--{_field_head(rest)}", None
+    if section == "memory" and _field_head(rest) == "zones":
+        return "--memory-zone", _field_head(rest.partition(".")[2]) or None
     if section == "plugin_devices":
         match = re.fullmatch(r"plugin_devices\[(\d+)\]", head)
         index = int(match.group(1)) if match else len(plugins)

@@ -97,6 +97,14 @@ def test_pvm_hides_the_features_the_emulator_lacks() -> None:
     assert out[0x80000001] == other
 
 
+def test_pvm_hides_kvm_features_that_need_a_hypercall() -> None:
+    kvm_features = CpuIdEntry(0x4000_0001, 0, 0, eax=0x01FF_FFFF, ebx=0, ecx=0, edx=0)
+    (out,) = PvmQuirks().supported_cpuid([kvm_features])
+    for bit in (7, 11, 13):  # PV_UNHALT (KICK_CPU), PV_SEND_IPI, PV_SCHED_YIELD: a VMCALL never completes
+        assert not out.eax & (1 << bit), bit
+    assert out.eax == 0x01FF_FFFF & ~(1 << 7 | 1 << 11 | 1 << 13)  # the clock, steal time, PV EOI... stay
+
+
 def test_pvm_kernel_arguments_slow_the_clock_and_hide_features() -> None:
     args = PvmQuirks(dilation=10).kernel_args(2_300_000)
     assert "tsc_early_khz=23000000" in args

@@ -102,7 +102,7 @@ class Aarch64(Architecture):
         cpus = config.cpus.boot_vcpus
         if cpus > L.MAX_VCPUS:
             raise CapabilityError("aarch64", None, f"at most {L.MAX_VCPUS} vCPUs fit the GIC redistributor window")
-        return L.memory_layout(config.memory.size)
+        return L.memory_layout(config.memory.boot_size)
 
     def platform_devices(self, config: VmConfig) -> Sequence[DeviceRequest]:
         return platform_devices(config)

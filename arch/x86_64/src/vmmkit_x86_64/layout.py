@@ -157,7 +157,7 @@ def memory_layout(size: int, max_phys_bits: int = 46, hotplug_size: int = 0) -> 
 
 
 def layout_for(config: VmConfig) -> MemoryLayout:
-    return memory_layout(config.memory.size, config.cpus.max_phys_bits, config.memory.hotplug_size or 0)
+    return memory_layout(config.memory.boot_size, config.cpus.max_phys_bits, config.memory.hotplug_area_size)
 
 
 def fixed_regions(layout: MemoryLayout) -> dict[str, MemoryRange]:

@@ -100,7 +100,21 @@ HIDDEN_FEATURES: Final[tuple[tuple[str, int, int, str, int, int], ...]] = (
 )
 #: Cleared in the table only: the kernel has no feature number to hide it with, and the
 #: host honours the table for it (``lock cmpxchg16b`` cannot be emulated).
-TABLE_ONLY: Final[tuple[tuple[str, int, int, str, int], ...]] = (("cx16", 1, 0, "ecx", 13),)
+TABLE_ONLY: Final[tuple[tuple[str, int, int, str, int], ...]] = (
+    ("cx16", 1, 0, "ecx", 13),
+    # KVM's paravirtual features that work through a hypercall (CPUID 0x40000001 EAX,
+    # Documentation/virt/kvm/x86/cpuid.rst): a guest kernel's VMCALL never completes on these
+    # hosts. It is emulated, and KVM's emulator (em_hypercall -> emulator_fix_hypercall)
+    # rewrites the instruction in place without advancing RIP so that the guest re-executes it
+    # as a real exit, which under PVM is the same emulation again: the vCPU spins on the VMCALL
+    # with interrupts off for ever. Seen as Linux's RCU stall after a 2 -> 4 vCPU hotplug, the
+    # first time it sent a PV IPI to more than one CPU (kvm_send_ipi_mask); snapshots of the
+    # stalled guest showed two vCPUs at the VMCALL of kvm_hypercall4 with RAX=10
+    # (KVM_HC_SEND_IPI). Without the bits Linux uses the APIC (x2APIC/xAPIC ICR writes).
+    ("kvm_pv_unhalt", 0x4000_0001, 0, "eax", 7),  # KVM_HC_KICK_CPU (paravirtual spinlocks)
+    ("kvm_pv_send_ipi", 0x4000_0001, 0, "eax", 11),  # KVM_HC_SEND_IPI
+    ("kvm_pv_sched_yield", 0x4000_0001, 0, "eax", 13),  # KVM_HC_SCHED_YIELD
+)
 
 #: Kernel arguments that do not depend on the host's numbers, and why (see the module doc).
 FIXED_ARGS: Final[tuple[str, ...]] = (
