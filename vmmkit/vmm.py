@@ -453,6 +453,9 @@ class Vmm:
             with self._lock:
                 config = self.config
             assert config is not None
+            if config.memory.zones:  # as vm.snapshot: the zones' files and virtio-mem devices are not sent
+                raise NotSupported("cannot migrate this VM: memory zones (their backing files and per-zone "
+                                   "virtio-mem devices) are not migrated yet")
             self._event("vm", "migrating", {"destination_url": str(endpoint)})
             try:
                 report = source.send(machine, config, endpoint, local=local, downtime_ms=downtime_ms)

@@ -75,7 +75,7 @@ def go_hotplug_disk(path: str, *, boot_vcpus: int) -> dict[str, Any]:
     }
 
 
-def rust_vm_config(*, kernel: str, initramfs: str, rootfs: str, cmdline: str, vsock: str,
+def rust_vm_config(*, kernel: str, initramfs: str | None, rootfs: str, cmdline: str, vsock: str,
                    boot_vcpus: int, max_vcpus: int, memory: int, hotplug_size: int) -> dict[str, Any]:
     """``VmConfig::try_from(NamedHypervisorConfig)`` for a debug sandbox without a shared
     filesystem (a template source may not have one), with ``reclaim_guest_freed_memory``.

@@ -145,18 +145,34 @@ def test_an_idle_connection_stays_usable(workdir: Path) -> None:
         vmm.kill()
 
 
-def test_a_template_memory_zone_is_refused_by_name(workdir: Path) -> None:
+def test_a_template_vm_boots_in_its_memory_zone_but_cannot_be_saved_yet(workdir: Path) -> None:
     """Both runtimes' template VM (``boot_to_be_template``) puts guest RAM in a memory zone
-    backed by the template's file; vmmkit has no memory zones yet and says so (400)."""
+    backed by the template's file: vmmkit creates and boots it, but a snapshot of a VM with
+    memory zones is refused by name (501), so Kata's templating does not work yet (the replay
+    in test_kata_runtime_rs.py uses plain shared memory instead)."""
+    selftest = Path(__file__).resolve().parents[1] / "guests" / "build" / "x86_64" / "selftest.elf"
+    if not selftest.is_file():
+        pytest.skip(f"{selftest} is not built (make -C tests/guests)")
     paths = _paths(workdir)
+    paths["kernel"] = str(selftest)  # boots in a moment; the snapshot is refused before it matters
+    paths["initramfs"] = None
+    paths["cmdline"] = "test=spin"  # the self-test guest runs until paused
     body = rust_vm_config(**paths)
     body["memory"] = template_vm_config_memory(256 * MiB, str(workdir / "memory"))
     vmm = Vmm(workdir, "tmpl")
     client = GoClient(vmm.socket)
     try:
         go_wait_vmm(vmm, client)
-        with pytest.raises(KataError, match=r"400 Bad Request .*memory\.zones: not supported yet"):
-            client.call("PUT", "vm.create", body, timeout=CREATE_BOOT_TIMEOUT)
+        assert client.call("PUT", "vm.create", body, timeout=CREATE_BOOT_TIMEOUT).status == 204
+        info = json.loads(client.call("GET", "vm.info").body)
+        go_decode("VmInfo", info)
+        assert [(z["id"], z["size"], z["file"]) for z in info["config"]["memory"]["zones"]] == [
+            ("mem0", 256 * MiB, str(workdir / "memory"))]
+        assert client.call("PUT", "vm.boot", timeout=CREATE_BOOT_TIMEOUT).status == 204
+        assert client.call("PUT", "vm.pause").status == 204
+        with pytest.raises(KataError, match=r"501 .*memory zones"):
+            client.call("PUT", "vm.snapshot", {"destination_url": f"file://{workdir}/template"})
+        client.call("PUT", "vmm.shutdown")
     finally:
         client.close()
         vmm.kill()

@@ -20,8 +20,8 @@ and gets its devices after the restore, as a factory-made sandbox does.
 6. ``vmmkit --restore`` of the same template (the CLI path): ``vm.info`` asked as soon as
    ``vmm.ping`` answers is the restored VM, never a 404.
 
-Two departures, both because vmmkit has no memory zones (``memory.zones`` is refused, see
-``test_kata_contract.py``): the template VM's memory is plain ``memory.shared`` RAM, not a
+Two departures, both because vmmkit cannot save a VM with memory zones yet (its snapshot is
+refused by name, see ``test_kata_contract.py``): the template VM's memory is plain ``memory.shared`` RAM, not a
 zone backed by the template's memory file, so config.json has no zones to patch; and the
 template's memory lives in the snapshot's own files, so the sandbox's directory gets those
 (and the manifest) besides config.json and state.json.

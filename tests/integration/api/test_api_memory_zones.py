@@ -75,3 +75,7 @@ def test_resize_zone_drives_that_zones_virtio_mem_device(vmm: VmmProcess, selfte
     vmm.remote("pause")
     snapshot = client.request("PUT", "vm.snapshot", {"destination_url": f"file://{vmm.dir}/snap"}, check=False)
     assert snapshot.status == 501 and "memory zones" in snapshot.json()[0], snapshot
+    vmm.remote("resume")
+    migration = client.request("PUT", "vm.send-migration", {"destination_url": f"unix:{vmm.dir}/m.sock"}, check=False)
+    assert migration.status == 501 and "memory zones" in migration.json()[0], migration
+    assert vmm.info()["state"] == "Running"
