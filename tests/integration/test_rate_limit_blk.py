@@ -9,8 +9,9 @@ the path, sets the rate.
 
 The limit is an upper bound the device enforces: a phase above it fails the test at once. A phase
 below it means the host did not run the guest fast enough to use its tokens (a bucket holds
-250 ms of them; on a host with a load of 10+ on 2 cores a stall can be longer), so such a run
-is repeated once before it counts as a failure.
+250 ms of them; on a host with a load of 10+ on 2 cores a stall can be longer: a CI run at load
+~13 saw a group's read phase at 2.5 MiB/s for 5 twice in a row, alone it passes first time), so
+such a run is repeated twice before it counts as a failure.
 
 Each boot takes ~7 s alone (the guest's warm-up and phases run at the limit); four boots.
 """
@@ -79,9 +80,9 @@ def image(tmp_path: Path, name: str = "disk.img") -> Path:
 
 
 def assert_limited(measure: Callable[[], dict[tuple[str, int], float]], expected: float) -> None:
-    """Every phase within :data:`TOLERANCE` of ``expected``; never above it, and below it on two
+    """Every phase within :data:`TOLERANCE` of ``expected``; never above it, and below it on three
     boots in a row before that counts."""
-    for attempt in (1, 2):
+    for attempt in (1, 2, 3):
         rates = measure()
         for (op, qd), rate in rates.items():
             assert rate <= (1 + TOLERANCE) * expected, f"{op} at qd {qd}: {rate:.2f} MiB/s > limit {expected}: {rates}"
@@ -89,7 +90,7 @@ def assert_limited(measure: Callable[[], dict[tuple[str, int], float]], expected
         if not slow:
             return
         print(f"attempt {attempt}: below the limit {expected} MiB/s: {rates} (load {os.getloadavg()})")
-    raise AssertionError(f"below the limit {expected} MiB/s twice: {slow} of {rates}")
+    raise AssertionError(f"below the limit {expected} MiB/s three times: {slow} of {rates}")
 
 
 def test_bandwidth_limit_holds_at_depth_1_and_4(selftest_elf: Path, tmp_path: Path, vmmkit_hypervisor: str) -> None:
