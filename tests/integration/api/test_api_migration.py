@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +45,71 @@ def spinning(start: Callable[..., VmmProcess], kernel: Path, **extra: Any) -> Vm
     source.remote("boot")
     wait_for(lambda: len(heartbeat_numbers(source.output())) >= 2, 60, "two heartbeats")
     return source
+
+
+class HoldAtMemory:
+    """A Unix-socket relay between the two ends that forwards START and CONFIG, then the header
+    of the first MEMORY request, and holds the rest: the migration stops mid-stream however fast
+    the host is (a sleep raced a 256 MiB migration of a mostly zero guest, < 0.3 s on a quiet
+    host). Held, it still reads (and drops) the source's bytes to see it go away; a side that
+    closes closes the other, as a socket to a killed process would."""
+
+    def __init__(self, listen_path: Path, target_path: Path) -> None:
+        from vmmkit.migration import protocol
+
+        self._protocol = protocol
+        self.held = threading.Event()
+        self._target_path = target_path
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(listen_path))
+        self._server.listen(1)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        source, _ = self._server.accept()
+        target = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target.connect(str(self._target_path))
+        threading.Thread(target=self._answers, args=(target, source), daemon=True).start()
+        try:
+            self._requests(source, target)
+        except OSError:
+            pass
+        finally:
+            _close_both(source, target)
+
+    def _requests(self, source: socket.socket, target: socket.socket) -> None:
+        protocol = self._protocol
+        while True:
+            header = protocol.recv_exact(source, protocol.HEADER_SIZE, "a request header")
+            target.sendall(header)
+            command, length = protocol.unpack_request(header)
+            if command is protocol.Command.MEMORY:
+                self.held.set()
+                while source.recv(1 << 16):  # until the source goes away
+                    pass
+                return
+            target.sendall(protocol.recv_exact(source, length, "a payload"))
+
+    @staticmethod
+    def _answers(target: socket.socket, source: socket.socket) -> None:
+        try:
+            while data := target.recv(1 << 16):
+                source.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close_both(source, target)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def _close_both(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 @pytest.fixture
@@ -103,15 +170,22 @@ def test_kill_9_of_the_destination_leaves_the_source_running(start_vmm: Any, des
     url = f"unix:{short_dir}/mig.sock"
     receiver = receive_in_background(target, url)
     wait_for(lambda: ("vm", "receiving-migration") in target.events(), 20, "the receiver to listen")
+    relay = None
     if when == "stopped-before-start":
         os.kill(target.proc.pid, signal.SIGSTOP)  # the source connects and waits for START's answer
+    else:
+        relay = HoldAtMemory(short_dir / "relay.sock", short_dir / "mig.sock")
+        url = f"unix:{short_dir}/relay.sock"
     sender = subprocess.Popen([*remote_command(), "--api-socket", str(source.socket), "send-migration", url],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: ("vm", "migrating") in source.events(), 20, "the migration to start")
-    time.sleep(0.3)
+    if relay is not None:
+        assert relay.held.wait(30), "no MEMORY request came through the relay"
+    else:
+        time.sleep(0.3)
     os.kill(target.proc.pid, signal.SIGKILL)
     target.proc.wait(10)
-    assert sender.wait(90) != 0, "the migration completed before the kill (a 256 MiB migration took < 0.3 s?)"
+    assert sender.wait(90) != 0, "the migration completed before the kill"
     error = sender.stderr.read()  # type: ignore[union-attr]
     assert "migration to unix:" in error and "failed" in error, error
     receiver.wait(10)
@@ -119,6 +193,8 @@ def test_kill_9_of_the_destination_leaves_the_source_running(start_vmm: Any, des
     count = len(heartbeat_numbers(source.output()))
     wait_for(lambda: len(heartbeat_numbers(source.output())) >= count + 1, 60, "a heartbeat after the failure")
     assert ("vm", "migrated") not in source.events()
+    if relay is not None:
+        relay.close()
 
 
 def test_kill_9_of_the_source_leaves_the_destination_waiting_without_a_vm(
@@ -128,10 +204,11 @@ def test_kill_9_of_the_source_leaves_the_destination_waiting_without_a_vm(
     url = f"unix:{short_dir}/mig.sock"
     receiver = receive_in_background(target, url)
     wait_for(lambda: ("vm", "receiving-migration") in target.events(), 20, "the receiver to listen")
-    sender = subprocess.Popen([*remote_command(), "--api-socket", str(source.socket), "send-migration", url],
+    relay = HoldAtMemory(short_dir / "relay.sock", short_dir / "mig.sock")
+    sender = subprocess.Popen([*remote_command(), "--api-socket", str(source.socket), "send-migration",
+                               f"unix:{short_dir}/relay.sock"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: ("vm", "migrating") in source.events(), 20, "the migration to start")
-    time.sleep(0.3)
+    assert relay.held.wait(30), "no MEMORY request came through the relay"
     os.kill(source.proc.pid, signal.SIGKILL)
     sender.wait(30)
     assert receiver.wait(60) != 0
@@ -142,6 +219,7 @@ def test_kill_9_of_the_source_leaves_the_destination_waiting_without_a_vm(
     assert ("vm", "migration-received") not in target.events()
     # and it can receive again: a second source migrates to it
     assert not (short_dir / "mig.sock").exists()
+    relay.close()
 
 
 def test_refusals_leave_the_source_running(start_vmm: Any, destination: Any, selftest_elf: Path,
