@@ -52,6 +52,8 @@ class GuestRegion:
     fd: int | None = None
     slot: int = 0
     readonly: bool = False
+    #: Where the region starts in ``fd`` (a file-backed memory zone's second piece; 0 for a memfd).
+    fd_offset: int = 0
     _pin: object = field(default=None, repr=False)
 
     @property
