@@ -122,13 +122,15 @@ def map_file_region(rng: MemoryRange, slot: int, zone: MemoryZoneConfig, offset:
         if isinstance(exc, OSError):
             raise MemoryAllocationError(f"{where}: {exc.strerror or exc}") from None
         raise
+    named = zone.shared and os.fstat(fd).st_nlink > 0  # not an unnamed file in a directory
     if not zone.shared:
         os.close(fd)  # the private mapping keeps the file; nothing else needs it
     if zone.mergeable:
         buffer.madvise(mmap.MADV_MERGEABLE)
     pin = _ffi().from_buffer(buffer)
     return GuestRegion(rng, buffer, int(_ffi().cast("uintptr_t", pin)), fd=fd if zone.shared else None,
-                       slot=slot, fd_offset=offset if zone.shared else 0, pin=pin)
+                       slot=slot, fd_offset=offset if zone.shared else 0,
+                       backing_file=zone.file if named else None, pin=pin)
 
 
 def _open_backing(path: str) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 import pytest
+from vmmkit_devices.virtio.mem import REQ_PLUG, REQ_STATE, RESP_ACK, STATE_PLUGGED, STATE_UNPLUGGED
 
 from vmmkit.config import VmConfig
 from vmmkit.machine import Machine, MachineState
@@ -33,6 +34,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 #: Guest addresses inside each zone the self-test guest never touches (it lives in its first MiBs).
 MARKS = {"anon": 24 * MiB, "file": 40 * MiB, "memfd": 56 * MiB, "hot": 4 * GiB + 10 * MiB}
+#: Where the zone ``hot``'s plugged blocks start (its virtio-mem area starts at 4 GiB).
+PLUGGED = 4 * GiB + 4 * MiB
 
 
 def zoned_config(kernel: Path, serial: Path, backing: Path) -> VmConfig:
@@ -63,6 +66,8 @@ def template(make_machine: Callable[..., Machine], vmmkit_hypervisor: str, selft
     machine = booted(make_machine, vmmkit_hypervisor, zoned_config(selftest_elf, serial, backing), serial)
     assert machine.memory is not None
     assert machine.resize_zone("hot", 16 * MiB + 48 * MiB)
+    # three 2 MiB blocks plugged, as the guest's virtio-mem driver asks (the test guest has none)
+    assert machine.manager.get("_virtio-mem-hot").device.device.handle(REQ_PLUG, PLUGGED, 3) == (RESP_ACK, 0)
     for zone, address in MARKS.items():
         machine.memory.write(address, mark(zone))
     machine.pause()
@@ -98,6 +103,10 @@ def test_every_zone_comes_back_and_the_heartbeat_goes_on(template: tuple[Path, P
     for zone, address in MARKS.items():
         assert restored.memory.read(address, len(mark(zone))) == mark(zone), zone
     assert restored.manager.counters()["_virtio-mem-hot"]["requested_size"] == 48 * MiB
+    assert restored.manager.counters()["_virtio-mem-hot"]["plugged_size"] == 6 * MiB
+    device = restored.manager.get("_virtio-mem-hot").device.device  # the transport's virtio device
+    assert device.handle(REQ_STATE, PLUGGED, 3) == (RESP_ACK, STATE_PLUGGED)
+    assert device.handle(REQ_STATE, PLUGGED + 6 * MiB, 1) == (RESP_ACK, STATE_UNPLUGGED)
     restored.resume()
     assert wait_for(lambda: len(heartbeats(serial)) >= 2), serial.read_text()
     assert heartbeats(serial)[:2] == [last + 1, last + 2]  # no gap, no restart
@@ -131,14 +140,14 @@ def test_kata_template_edit_restores_copy_on_write_twice(template: tuple[Path, P
             shutil.copy2(directory / file, sandbox / file)
         with pytest.raises(SnapshotError, match=r"memory-\d+.bin: missing"):  # the anon zone's RAM was copied
             open_snapshot(f"file://{sandbox}")
-        for file in directory.glob("memory-*.bin"):
-            shutil.copy2(file, sandbox / file.name)
+        for ram in directory.glob("memory-*.bin"):
+            shutil.copy2(ram, sandbox / ram.name)
         serial = tmp_path / f"{name}.log"
         machine = restore(make_machine, sandbox, vmmkit_hypervisor, serial)
         assert machine.memory is not None
         assert machine.memory.read(MARKS["file"], len(mark("file"))) == mark("file")
         machine.resume()
-        assert wait_for(lambda serial=serial: len(heartbeats(serial)) >= 2), serial.read_text()
+        assert wait_for(lambda log=serial: len(heartbeats(log)) >= 2), serial.read_text()  # type: ignore[misc]
         assert heartbeats(serial)[:2] == [last + 1, last + 2]
         machine.memory.write(MARKS["file"], f"sandbox {name} writes its own copy".encode())
         sandboxes.append(machine)

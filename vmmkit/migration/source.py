@@ -123,8 +123,8 @@ def send(machine: Machine, config: VmConfig, endpoint: Endpoint, *, local: bool,
             raise MigrationError("local=true hands guest RAM over a Unix socket: use a unix:<path> URL")
         unshared = [region.start for region in regions if region.fd is None]
         if unshared:
-            raise MigrationError("local=true needs guest RAM in memfds or shared files (--memory shared=on, or "
-                                 "shared=on for every memory zone); this VM's RAM at "
+            raise MigrationError("local=true needs guest RAM in memfds (--memory shared=on) or in shared memory "
+                                 "zones (shared=on for each --memory-zone); this VM's RAM at "
                                  + ", ".join(f"{start:#x}" for start in unshared) + " is private")
     started = time.monotonic()
     was_running = machine.state is MachineState.RUNNING
