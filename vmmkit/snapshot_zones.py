@@ -195,6 +195,11 @@ def map_snapshot(image: SnapshotImage, config: VmConfig, layout: MemoryLayout, *
     check_ranges(str(image.directory), [rng for _slot, rng, _path in saved.values()], config, layout)
     check_persisted(image.directory, config, image.persisted)
     by_start = pieces(config.memory, layout)
+    for kept in image.persisted:
+        piece = by_start[kept.range.start]
+        if (piece.zone.id, piece.offset) != (kept.zone, kept.offset):
+            raise SnapshotError(f"{image.directory}: {kept.range} was saved as zone {kept.zone!r} at {kept.offset:#x} "
+                                f"in its file; config.json makes it zone {piece.zone.id!r} at {piece.offset:#x}")
     thp = config.memory.thp
     memory = GuestMemory()
     try:
