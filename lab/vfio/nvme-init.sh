@@ -46,6 +46,16 @@ if [ "$after" = wait ]; then
         [ -e "$disk" ] && say "disk ${disk##*/}: ro=$(cat "$disk/ro") $(cat "$disk/size") sectors"
     done
     say "waiting for the VMM's shutdown"
-    while :; do sleep 3600; done
+    # and say which PCI functions come (ACPI hotplug) and go (ejected): "pci + BDF VENDOR:DEVICE"
+    ls /sys/bus/pci/devices > /tmp/pci
+    while :; do
+        sleep 0.5
+        ls /sys/bus/pci/devices > /tmp/pci.now
+        for bdf in $(cat /tmp/pci.now); do
+            grep -qx "$bdf" /tmp/pci || say "pci + $bdf $(cut -c3- /sys/bus/pci/devices/$bdf/vendor):$(cut -c3- /sys/bus/pci/devices/$bdf/device)"
+        done
+        for bdf in $(cat /tmp/pci); do grep -qx "$bdf" /tmp/pci.now || say "pci - $bdf"; done
+        mv /tmp/pci.now /tmp/pci
+    done
 fi
 poweroff -f

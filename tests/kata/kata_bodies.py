@@ -19,7 +19,9 @@ MiB = 1 << 20
 #: get_kernel_params() with enable_debug (its "panic=1" comes from KernelParams::new).
 GO_KERNEL_PARAMS = "panic=1 no_timer_check noreplace-smp quiet"
 RUST_KERNEL_PARAMS = "panic=1 console=ttyS0,115200n8 no_timer_check noreplace-smp systemd.log_target=console"
-#: Go with debug on arm64: clhKernelParams, clhArmDebugKernelParams, clhDebugKernelParamsCommon.
+#: Go with debug (no "quiet"): clhKernelParams, then clhDebugKernelParams (x86-64) or
+#: clhArmDebugKernelParams (arm64), then clhDebugKernelParamsCommon.
+GO_X86_64_DEBUG_KERNEL_PARAMS = "panic=1 no_timer_check noreplace-smp console=ttyS0,115200n8 systemd.log_target=console"
 GO_ARM64_DEBUG_KERNEL_PARAMS = ("panic=1 no_timer_check noreplace-smp console=ttyAMA0,115200n8 "
                                 "systemd.log_target=console")
 
