@@ -86,33 +86,36 @@ def devices(lines: list[str], state: str) -> list[list[dict[str, Any]]]:
     return found
 
 
-def test_kata_cold_plugs_the_nvme_in_vm_create_and_the_nested_linux_drives_it(lab_run: Run) -> None:
-    result, image = lab_run
+REFUSED = ("400 Bad Request b'[\"this VM has no PCI hotplug controller (the architecture has no ACPI PCI "
+           "hotplug)\"]'")
+AARCH64_DEPARTURES = [
+    "trimmed for AArch64: memory.hotplug_size (no ACPI memory hotplug)",
+    "added for AArch64: platform.virtio_transport pci (vmmkit's arm64 default is mmio)",
+]
+
+
+def check_cold_plug(result: subprocess.CompletedProcess[str], image: Path, *, departures: list[str],
+                    guest_lines: tuple[str, ...]) -> None:
+    """Kata's sandbox started with the NVMe cold-plugged, the nested Linux drove it, this host
+    finds its write."""
     assert result.returncode == 0, explain(result)
     lines = kata_lines(result.stdout)
     assert lines[-1] == "done", explain(result)
     assert not [line for line in lines if line.startswith("FAIL")], explain(result)
     assert any(re.fullmatch(r"vmm.ping: 200 [\d.]+ s after the launch .*", line) for line in lines), explain(result)
-    assert [line for line in lines if line.startswith(("trimmed", "added"))] == [
-        "trimmed for AArch64: memory.hotplug_size (no ACPI memory hotplug)",
-        "added for AArch64: platform.virtio_transport pci (vmmkit's arm64 default is mmio)",
-    ], explain(result)
+    assert [line for line in lines if line.startswith(("trimmed", "added"))] == departures, explain(result)
     for call in ("vm.create", "vm.boot"):  # 204 and no body: checked by the replay, printed here
         assert any(line.startswith(f"{call}: 204 in ") for line in lines), explain(result)
-    nvme = f"/sys/bus/pci/devices/{nvme_bdf(result.stdout)}"
+    nvme = f"/sys/bus/pci/devices/{host_bdf(result.stdout, '1b36:0010')}"
     expected = [{"id": COLD_ID, "iommu": False, "path": nvme, "pci_segment": 0}]
     assert devices(lines, "Created") == [expected], explain(result)
-    running = devices(lines, "Running")
-    assert running and running[0] == expected, explain(result)
     assert f"state Running devices {json.dumps(expected, sort_keys=True)} segments 2" in lines, explain(result)
-
     guest = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("VMMKIT-NVME:")]
     for expected_line in (
         "VMMKIT-NVME: controller nvme0: serial 'vmmkit-nvme0', model 'QEMU NVMe Ctrl', driver nvme",
         "VMMKIT-NVME: sector 0: vmmkit-host-marker",
         f"VMMKIT-NVME: ok: 4 KiB of '{PATTERN}' written at 2 MiB, flushed and read back",
-        "VMMKIT-NVME: admin queue interrupt: ITS-MSI Edge",
-        "VMMKIT-NVME: disk vda: ro=1 16384 sectors",  # Kata's rootfs disk, read-only
+        *guest_lines,
     ):
         assert expected_line in guest, explain(result)
     with open(image, "rb") as f:
@@ -120,42 +123,58 @@ def test_kata_cold_plugs_the_nvme_in_vm_create_and_the_nested_linux_drives_it(la
         assert f.read(4096) == ((PATTERN + "\n") * 300).encode()[:4096]
 
 
-def nvme_bdf(output: str) -> str:
-    match = re.search(r"VMMKIT-VFIO: bind (0000:00:[0-9a-f]{2}\.0) 1b36:0010 driver vfio-pci", output)
+def host_bdf(output: str, ident: str) -> str:
+    match = re.search(rf"VMMKIT-VFIO: bind (0000:00:[0-9a-f]{{2}}\.0) {ident} driver vfio-pci", output)
     assert match, output[-5000:]
     return match.group(1)
 
 
-def test_kata_hot_plug_is_pci_device_info_or_refused_by_name_and_the_vm_runs_on(lab_run: Run) -> None:
-    """``hotPlugVFIODevice`` needs 200 + ``PciDeviceInfo`` with a ``0000:00:XX.0`` BDF (the replay
-    checks it with ``clhPciInfoToPath``'s rule); vmmkit's AArch64 machine has no ACPI PCI hotplug
-    and must say so (400, not a 500 or a crash), and the VM must run on with its device."""
-    result, _image = lab_run
+def check_hot_plug(result: subprocess.CompletedProcess[str]) -> bool:
+    """``hotPlugVFIODevice``: 200 + ``PciDeviceInfo`` with a ``0000:00:XX.0`` BDF (the replay
+    applies ``clhPciInfoToPath``'s rule), the guest sees the edu at that slot, ``vm.remove-device``
+    of the answer's id 204 and the guest sees it go; or, where vmmkit has no ACPI PCI hotplug, a
+    400 that says so for both calls (the cold-plugged id then), the VM running on with its device.
+    Returns whether the hot-plug was accepted."""
     lines = kata_lines(result.stdout)
-    hot = [line for line in lines if "vm.add-device" in line]
-    assert hot, explain(result)
-    if not any(line.startswith("refused") for line in hot):
-        assert any(re.fullmatch(r"vm.add-device: PciDeviceInfo id \S+ bdf 0000:00:[0-9a-f]{2}\.0 slot [0-9a-f]{2}",
-                                line) for line in hot), explain(result)
-    else:
-        assert hot == ["refused vm.add-device: vm.add-device: 400 Bad Request "
-                       "b'[\"this VM has no PCI hotplug controller (the architecture has no ACPI PCI hotplug)\"]'"], \
-            explain(result)
-    removed = [line for line in lines if "vm.remove-device" in line]
-    assert len(removed) == 1, explain(result)
-    assert re.fullmatch(r"vm.remove-device: 204 in .*", removed[0]) or removed[0] == (
-        "refused vm.remove-device: vm.remove-device: 400 Bad Request "
-        "b'[\"this VM has no PCI hotplug controller (the architecture has no ACPI PCI hotplug)\"]'"), \
-        explain(result)
-    assert len(devices(lines, "Running")) == 2, explain(result)  # vm.info after boot and after the hotplug
+    hot = [line for line in lines if "vm.add-device" in line or "vm.remove-device" in line]
+    running = devices(lines, "Running")
+    assert len(running) == 2 and running[0] == running[1], explain(result)  # after boot, after the unplug
+    if hot == [f"refused vm.add-device: vm.add-device: {REFUSED}",
+               f"refused vm.remove-device: vm.remove-device: {REFUSED}"]:
+        return False
+    assert len(hot) == 3, explain(result)
+    assert re.fullmatch(r"vm.add-device: 200 in [\d.]+ s \(Kata: 5 s\)", hot[0]), explain(result)
+    added = re.fullmatch(r"vm.add-device: PciDeviceInfo id (\S+) bdf (0000:00:([0-9a-f]{2})\.0) slot \3", hot[1])
+    assert added, explain(result)
+    assert re.fullmatch(r"vm.remove-device: 204 in [\d.]+ s \(Kata: 5 s\)", hot[2]), explain(result)
+    assert f"guest: VMMKIT-NVME: pci + {added.group(2)} 1234:11e8" in lines, explain(result)
+    assert f"guest: VMMKIT-NVME: pci - {added.group(2)}" in lines, explain(result)
+    return True
 
 
-def test_kata_stops_the_vmm_and_the_vfio_group_is_released(lab_run: Run) -> None:
-    result, _image = lab_run
+def check_stop(result: subprocess.CompletedProcess[str]) -> None:
     lines = kata_lines(result.stdout)
     assert any(line.startswith("vmm.shutdown: 204 in ") for line in lines), explain(result)
     assert any(re.fullmatch(r"the VMM exited 0 [\d.]+ s after vmm.shutdown .*", line) for line in lines), \
         explain(result)
     released = [json.loads(line) for line in result.stdout.splitlines()
                 if line.startswith("{") and '"vfio.group_released"' in line]
-    assert released and released[-1]["unmapped"] == 1, explain(result)
+    assert released and released[-1]["unmapped"] == 1, explain(result)  # the cold-plugged NVMe's group, last
+
+
+def test_kata_cold_plugs_the_nvme_in_vm_create_and_the_nested_linux_drives_it(lab_run: Run) -> None:
+    check_cold_plug(*lab_run, departures=AARCH64_DEPARTURES, guest_lines=(
+        "VMMKIT-NVME: admin queue interrupt: ITS-MSI Edge",
+        "VMMKIT-NVME: disk vda: ro=1 16384 sectors",  # Kata's rootfs disk, read-only
+    ))
+
+
+def test_kata_hot_plug_is_refused_by_name_on_aarch64_and_the_vm_runs_on(lab_run: Run) -> None:
+    """No ACPI PCI hotplug on vmmkit's arm64 machine: 400 naming it (not a 500, not a crash).
+    Accepting the hot-plug there would fail this test on purpose: the README and this module
+    say it is not supported, and must change with it."""
+    assert not check_hot_plug(lab_run[0]), explain(lab_run[0])
+
+
+def test_kata_stops_the_vmm_and_the_vfio_group_is_released(lab_run: Run) -> None:
+    check_stop(lab_run[0])
