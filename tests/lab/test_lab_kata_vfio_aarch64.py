@@ -65,6 +65,7 @@ def lab_run(aarch64_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Run:
         f.truncate(16 << 20)
     result = run_in_lab("--add", "kernel", "--iommu", "--edu", "--nvme", str(image), "--timeout", "840", "--",
                         "env", f"PATTERN={PATTERN}", "sh", "lab/vfio/kata-on-vmmkit.sh", timeout=900)
+    print("\n".join(kata_lines(result.stdout)))  # the replay's steps and seconds (pytest -s)
     return result, image
 
 

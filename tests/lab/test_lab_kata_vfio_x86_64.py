@@ -20,7 +20,16 @@ import sys
 import pytest
 
 from .conftest import LAB, run_in_lab
-from .test_lab_kata_vfio_aarch64 import MARKER, PATTERN, Run, check_cold_plug, check_hot_plug, check_stop, explain
+from .test_lab_kata_vfio_aarch64 import (
+    MARKER,
+    PATTERN,
+    Run,
+    check_cold_plug,
+    check_hot_plug,
+    check_stop,
+    explain,
+    kata_lines,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -45,6 +54,7 @@ def lab_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     result = run_in_lab("--arch", "x86_64", "--smp", "1", "--add", "kernel", "--iommu", "--edu", "--nvme", str(image),
                         "--timeout", "900", "--", "env", f"PATTERN={PATTERN}", "sh", "lab/vfio/kata-on-vmmkit.sh",
                         timeout=960)
+    print("\n".join(kata_lines(result.stdout)))  # the replay's steps and seconds (pytest -s)
     return result, image
 
 
