@@ -1,6 +1,6 @@
-"""Inside the AArch64 lab: Kata Containers' Go runtime (``virtcontainers/clh.go``) starts a debug
-sandbox on vmmkit with a VFIO device, in Kata's shapes (issue 21's VFIO step; the host side and
-what it checks: ``tests/lab/test_lab_kata_vfio_aarch64.py``). Not Kata itself: its calls, through
+"""Inside a lab (AArch64 or x86-64): Kata Containers' Go runtime (``virtcontainers/clh.go``) starts a
+debug sandbox on vmmkit with VFIO devices, in Kata's shapes (issue 21's VFIO step; the host side
+and what it checks: ``tests/lab/test_lab_kata_vfio_{aarch64,x86_64}.py``). Not Kata itself: its calls, through
 the replay's Go client (``tests/kata/kata_clients.py``) with the bodies of ``kata_bodies.py``.
 
 1. virtiofsd's stand-in (``vmmkit-vhost-user fs``), then ``launchClh``: ``vmmkit --api-socket
@@ -11,13 +11,16 @@ the replay's Go client (``tests/kata/kata_clients.py``) with the bodies of ``kat
    ``vm.boot``, ``vm.info``.
 3. The guest (the lab's Debian kernel, ``lab/vfio/nvme-init.sh``) drives the NVMe controller
    with its own ``nvme`` driver; its lines come on the serial port (``Tty``: a debug sandbox).
+   On AArch64 the body departs from Kata's where vmmkit's arm64 machine refuses it (printed:
+   :func:`lab_departures`); on x86-64 it goes in unchanged.
 4. ``hotPlugVFIODevice``: ``vm.add-device`` of the edu (5 s), which Kata needs answered 200 with
-   a ``PciDeviceInfo`` whose ``bdf`` is ``0000:00:XX.0``; then ``HotplugRemoveDevice``
-   (``vm.remove-device`` of the cold-plugged id, 5 s).
+   a ``PciDeviceInfo`` whose ``bdf`` is ``0000:00:XX.0`` (the guest, standing in for Kata's agent,
+   reports the function at that slot); then ``HotplugRemoveDevice`` (``vm.remove-device``, 5 s) of
+   the answer's id, or of the cold-plugged one if the hot-plug was refused; the guest sees it go.
 5. ``StopVM``: ``vmm.ping``, ``vmm.shutdown`` (3 s), the process gone.
 
 Each step prints ``VMMKIT-KATA: <step> ...`` with the status and seconds; a step Kata would fail
-prints ``VMMKIT-KATA: refused <step> ...`` (hot-plug and removal on AArch64: see the host test)
+prints ``VMMKIT-KATA: refused <step> ...`` (hot-plug and removal on AArch64: see the host tests)
 or ``VMMKIT-KATA: FAIL ...`` and ends the run (exit 1). The guest's lines pass through.
 
     python3 tests/lab/kata_vfio_replay.py --cold 0000:00:03.0 --hot 0000:00:02.0 \\
