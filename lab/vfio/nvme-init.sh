@@ -4,8 +4,8 @@
 # driver must find the controller and namespace 1; the first line of sector 0 (written by the
 # host before the lab booted) is printed; 4 KiB of "<pattern>\n" are written at 2 MiB, flushed,
 # the page cache dropped, read back and compared. Every line starts "VMMKIT-NVME: ". Then power off;
-# with nvme_after=wait on the command line, list the virtio disks (read-only flag) and stay up
-# instead (the VMM's shutdown ends it: tests/lab/test_lab_kata_vfio_aarch64.py).
+# with nvme_after=wait on the command line, list the virtio disks (read-only flag), stay up and
+# report PCI functions coming and going, until the VMM's shutdown (lab/vfio/kata-on-vmmkit.sh).
 say() { echo "VMMKIT-NVME: $*"; }
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
