@@ -195,7 +195,7 @@ def devices_of(info: dict[str, Any]) -> str:
 def run(args: argparse.Namespace, work: Path) -> None:
     cold, hot = f"/sys/bus/pci/devices/{args.cold}", f"/sys/bus/pci/devices/{args.hot}"
     share = work / "shared"
-    share.mkdir()
+    share.mkdir(exist_ok=True)
     rootfs = work / "kata-containers.img"
     with open(rootfs, "wb") as f:
         f.truncate(8 * MiB)
