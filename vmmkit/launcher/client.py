@@ -137,7 +137,10 @@ def _die_of(signum: int) -> int:
         except (OSError, ValueError, AttributeError):
             pass
     try:
-        _signal.signal(signum, _signal.SIG_DFL)
+        _signal.signal(signum, _signal.SIG_DFL)  # SIGKILL and SIGSTOP have no handler to reset
+    except (OSError, ValueError):
+        pass
+    try:
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [signum])
         os.kill(os.getpid(), signum)
     except (OSError, ValueError):
