@@ -69,9 +69,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     stop_server(running)
 
 
-def launch(env: dict[str, str], *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def launch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*vmmkit_command(), *args], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT, stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+                          timeout=TIMEOUT, stdin=subprocess.DEVNULL)
 
 
 def guest_args(kernel: Path, cmdline: str) -> list[str]:
