@@ -90,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_plugins(*, keep_broken: bool = False) -> tuple[Any, Any]:
+    from vmmkit.launcher import prepared
+
+    if not keep_broken and (plugins := prepared.plugins()) is not None:  # forked by the launcher
+        return plugins
     from vmmkit.plugin import collect_registries, make_plugin_manager
 
     pm = make_plugin_manager(keep_broken=keep_broken)

@@ -272,6 +272,27 @@ def test_a_stale_socket_falls_back_to_cold_and_serve_replaces_it(selftest_elf: P
     assert launch(env, "launcher", "status").returncode == 1
 
 
+def test_a_changed_installation_sends_launches_cold(selftest_elf: Path, tmp_path: Path) -> None:
+    """A distribution installed or removed on ``sys.path`` after the server warmed up: its
+    modules may be stale, so it refuses launches (they start cold) and says why."""
+    site = tmp_path / "site"
+    site.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "VMMKIT_LAUNCHER": str(tmp_path / "launcher.sock")}
+    proc = subprocess.Popen([*vmmkit_command(), "launcher", "serve"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        assert "serving at" in proc.stderr.readline()
+        (site / "newly_installed.dist-info").mkdir()
+        result = launch(env, *guest_args(selftest_elf, "hello"))
+        assert result.returncode == 0 and "selftest: cmdline: hello" in result.stdout, result.stderr
+        warning = proc.stderr.readline()
+        assert f"{site} changed since the server started" in warning, warning
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_the_socket_is_private_and_other_users_are_refused(server: Server) -> None:
     assert (server.path.stat().st_mode & 0o777, server.path.parent.stat().st_mode & 0o777) == (0o600, 0o700)
     if os.getuid() != 0:
@@ -299,9 +320,9 @@ def test_the_socket_is_private_and_other_users_are_refused(server: Server) -> No
 def test_a_request_from_another_installation_is_refused(server: Server) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
         conn.connect(str(server.path))
-        conn.sendmsg([b"\0".join([MAGIC, b"/elsewhere/bin/python", b"/elsewhere/vmmkit", b"/", b"1", b"vmmkit",
+        conn.sendmsg([b"\0".join([MAGIC, b"/elsewhere/bin/python", b"/", b"1", b"/elsewhere/lib", b"1", b"vmmkit",
                                   b"0", b"0"])])
-        assert conn.recv(4096) == b"refused this launcher serves another vmmkit installation"
+        assert conn.recv(4096).startswith(b"refused this launcher serves another vmmkit installation")
 
 
 def test_launcher_usage_errors_exit_2(tmp_path: Path) -> None:

@@ -9,8 +9,11 @@ would have had (argv, environment, working directory, every open file descriptor
 The wire format (``SOCK_SEQPACKET``, one message per datagram, fields separated by NUL, which
 argv, environment entries and paths cannot contain):
 
-    client -> server   MAGIC, executable, package dir, cwd, argc, argv..., envc, env...,
+    client -> server   MAGIC, executable, cwd, pathc, sys.path..., argc, argv..., envc, env...,
                        fdc, fd numbers...    (with the fds themselves as SCM_RIGHTS)
+
+A server refuses a client whose interpreter or ``sys.path`` differ from its own (another
+installation, ``PYTHONPATH``): the client then starts cold.
     server -> client   b"started <pid>" | b"refused <reason>"
     client -> monitor  b"kill <signum>"      (a signal the client received, for the VMM)
     monitor -> client  b"exit <status>" | b"signal <signum>"   (how the VMM process ended)
@@ -47,11 +50,6 @@ def socket_path() -> str | None:
     return os.path.join(runtime, "vmmkit", "launcher.sock") if runtime else None
 
 
-def package_dir() -> str:
-    """Where this vmmkit is installed: a server from another installation refuses the launch."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def open_fds() -> list[int]:
     """Every file descriptor open in this process (what a cold VMM would inherit)."""
     fds = []
@@ -67,7 +65,8 @@ def open_fds() -> list[int]:
 
 def encode_request(argv: list[str], fds: list[int]) -> bytes:
     env = [b"%s=%s" % item for item in os.environb.items()]
-    fields = [MAGIC, os.fsencode(sys.executable), os.fsencode(package_dir()), os.fsencode(os.getcwd()),
+    fields = [MAGIC, os.fsencode(sys.executable), os.fsencode(os.getcwd()),
+              b"%d" % len(sys.path), *map(os.fsencode, sys.path),
               b"%d" % len(argv), *map(os.fsencode, argv), b"%d" % len(env), *env,
               b"%d" % len(fds), *(b"%d" % fd for fd in fds)]
     return b"\0".join(fields)

@@ -16,6 +16,7 @@ argv, default signal dispositions, and ``sys.std*`` rebuilt over the new fds 0-2
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import select
@@ -29,7 +30,8 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from vmmkit.errors import VmmError
-from vmmkit.launcher.client import FORWARDED_SIGNALS, MAGIC, MAX_FDS, MAX_MESSAGE, package_dir
+from vmmkit.launcher import prepared
+from vmmkit.launcher.client import FORWARDED_SIGNALS, MAGIC, MAX_FDS, MAX_MESSAGE
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _VMM_SIGNALS = {*FORWARDED_SIGNALS, signal.SIGCHLD}
@@ -38,13 +40,13 @@ _VMM_SIGNALS = {*FORWARDED_SIGNALS, signal.SIGCHLD}
 class LaunchRequest:
     """A decoded launch request (see the wire format in :mod:`vmmkit.launcher.client`)."""
 
-    __slots__ = ("executable", "package", "cwd", "argv", "env", "fd_numbers")
+    __slots__ = ("executable", "cwd", "path", "argv", "env", "fd_numbers")
 
-    def __init__(self, executable: bytes, package: bytes, cwd: bytes, argv: list[bytes],
+    def __init__(self, executable: bytes, cwd: bytes, path: list[bytes], argv: list[bytes],
                  env: list[tuple[bytes, bytes]], fd_numbers: list[int]) -> None:
         self.executable = executable
-        self.package = package
         self.cwd = cwd
+        self.path = path
         self.argv = argv
         self.env = env
         self.fd_numbers = fd_numbers
@@ -55,8 +57,8 @@ class LaunchRequest:
         fields = message.split(b"\0")
         if fields[0] != MAGIC or len(fields) < 7:
             raise ValueError("not a vmmkit launch request")
-        executable, package, cwd = fields[1:4]
-        at = 4
+        executable, cwd = fields[1:3]
+        at = 3
 
         def take_counted() -> list[bytes]:
             nonlocal at
@@ -67,12 +69,13 @@ class LaunchRequest:
             at += 1 + count
             return items
 
+        path = take_counted()
         argv = take_counted()
         env = [entry.partition(b"=")[::2] for entry in take_counted()]
         fd_numbers = [int(fd) for fd in take_counted()]
         if at != len(fields) or not argv or any(fd < 0 for fd in fd_numbers):
             raise ValueError("a malformed launch request")
-        return cls(executable, package, cwd, argv, env, fd_numbers)
+        return cls(executable, cwd, path, argv, env, fd_numbers)
 
 
 # -- warming ---------------------------------------------------------------------------------
@@ -90,6 +93,7 @@ def warm() -> None:
     pm = make_plugin_manager()
     registries = collect_registries(pm)
     cli.build_parser(pm, registries)
+    prepared.prepare(pm, registries)
     import vmmkit.api.server  # noqa: F401
     import vmmkit.machine
     import vmmkit.vmm  # noqa: F401
@@ -108,11 +112,40 @@ def warm() -> None:
             pass
     for transport in registries.transports:
         transport.preload()
+    # What every boot imports besides: the hot-plug controllers, the seccomp filter's compiler.
+    import vmmkit.cpu_hotplug
+    import vmmkit.pci.hotplug
+    import vmmkit.sandbox.seccomp  # noqa: F401
     for name in ("vmmkit.virtio._native", "vmmkit.sandbox._native"):  # loaded, not yet used
         try:
             __import__(name)
         except ImportError:
             pass
+    _path_mtimes.update(_sys_path_mtimes())
+    gc.freeze()  # the collector of each VMM process leaves the server's objects alone
+
+
+_path_mtimes: dict[str, int] = {}
+
+
+def _sys_path_mtimes() -> dict[str, int]:
+    """The modification time of each ``sys.path`` directory: installing or removing a
+    distribution there changes it."""
+    times = {}
+    for entry in sys.path:
+        try:
+            times[entry] = os.stat(entry or ".").st_mtime_ns
+        except OSError:
+            times[entry] = -1
+    return times
+
+
+def _installation_changed() -> str | None:
+    """The first ``sys.path`` directory changed since :func:`warm`, or ``None``."""
+    for entry, mtime in _sys_path_mtimes().items():
+        if _path_mtimes.get(entry, mtime) != mtime:
+            return entry or "."
+    return None
 
 
 # -- the listening socket --------------------------------------------------------------------
@@ -220,9 +253,13 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
         if len(request.fd_numbers) != len(fds):
             _refuse(conn, "the file descriptors do not match the request")
             return
-        mine = os.fsencode(sys.executable), os.fsencode(package_dir())
-        if (request.executable, request.package) != mine:
-            _refuse(conn, "this launcher serves another vmmkit installation")
+        if (request.executable, request.path) != (os.fsencode(sys.executable), [os.fsencode(p) for p in sys.path]):
+            _refuse(conn, "this launcher serves another vmmkit installation (interpreter or sys.path)")
+            return
+        if (changed := _installation_changed()) is not None:
+            print(f"vmmkit launcher: warning: {changed} changed since the server started: launches start cold "
+                  "until the server is restarted", file=sys.stderr, flush=True)
+            _refuse(conn, f"{changed} changed since the server started")
             return
         conn.settimeout(None)
         for stream in (sys.stdout, sys.stderr):
@@ -334,6 +371,7 @@ def _report(conn: socket.socket, pid: int) -> int:
 
 
 def _run_vmm(conn: socket.socket, request: LaunchRequest, fds: list[int]) -> int:
+    prepared.enter_vmm()
     conn.detach()  # closed with every other fd below
     _adopt_fds(fds, request.fd_numbers)
     _rebuild_stdio()
