@@ -126,6 +126,7 @@ def warm() -> None:
 
 
 _path_mtimes: dict[str, int] = {}
+_warned: list[str] = []  # the installation change the server has warned about (once)
 
 
 def _sys_path_mtimes() -> dict[str, int]:
@@ -234,7 +235,7 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
     fds: list[int] = []
     try:
         conn.settimeout(5)
-        pid, uid, _gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        _pid, uid, _gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         if uid != os.getuid():
             _refuse(conn, f"uid {uid} may not use this launcher")
             return
@@ -257,8 +258,10 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
             _refuse(conn, "this launcher serves another vmmkit installation (interpreter or sys.path)")
             return
         if (changed := _installation_changed()) is not None:
-            print(f"vmmkit launcher: warning: {changed} changed since the server started: launches start cold "
-                  "until the server is restarted", file=sys.stderr, flush=True)
+            if not _warned:
+                print(f"vmmkit launcher: warning: {changed} changed since the server started: launches start "
+                      "cold until the server is restarted", file=sys.stderr, flush=True)
+                _warned.append(changed)
             _refuse(conn, f"{changed} changed since the server started")
             return
         conn.settimeout(None)
