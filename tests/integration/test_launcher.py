@@ -196,6 +196,10 @@ def test_the_vm_runs_in_a_forked_vmm_with_the_clients_fds_and_cwd(
         for fd in (0, 1, 2, extra):
             assert (theirs[fd].st_dev, theirs[fd].st_ino) == (mine[fd].st_dev, mine[fd].st_ino), fd
         assert os.readlink(f"/proc/{vmm}/cwd") == str(tmp_path)
+        (vcpu,) = [tid for tid in os.listdir(f"/proc/{vmm}/task")
+                   if Path(f"/proc/{vmm}/task/{tid}/comm").read_text().strip() == "vcpu0"]
+        # The server compiled the default seccomp filters; the VMM's vCPU thread runs under them.
+        assert "Seccomp:\t2" in Path(f"/proc/{vmm}/task/{vcpu}/status").read_text()
         client.send_signal(signal.SIGTERM)  # forwarded: the VMM stops the VM and exits 128 + 15
         assert client.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM
     finally:

@@ -27,7 +27,7 @@ import struct
 import sys
 import traceback
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from vmmkit.errors import VmmError
 from vmmkit.launcher import prepared
@@ -121,8 +121,24 @@ def warm() -> None:
             __import__(name)
         except ImportError:
             pass
+    _compile_seccomp_filters(pm)
     _path_mtimes.update(_sys_path_mtimes())
     gc.freeze()  # the collector of each VMM process leaves the server's objects alone
+
+
+def _compile_seccomp_filters(pm: Any) -> None:
+    """The default mode's seccomp filters, compiled once here (``vmmkit.sandbox`` keeps them by
+    mode and plugin system calls, and a VMM's boot finds them compiled); the server itself stays
+    unconfined (mode ``false``). Without libseccomp the boot reports it, not the server."""
+    from vmmkit.machine import activate_sandbox
+    from vmmkit.sandbox import activate_seccomp
+
+    try:
+        activate_sandbox("true", pm)
+    except VmmError:
+        return
+    finally:
+        activate_seccomp("false")
 
 
 _path_mtimes: dict[str, int] = {}
