@@ -7,6 +7,11 @@
     ``vm.create``): time from the ``vm.boot`` request to the guest's first serial byte. QEMU's
     nearest equivalent is ``-S`` (start paused) then QMP ``cont``, measured the same way.
 
+(d) the pre-forked launcher (``vmmkit launcher serve``, started by this run on a private socket):
+    spawn of the ``vmmkit`` command to the first guest byte, and the full run of a guest that
+    powers off, to the command's exit, against cold vmmkit and QEMU microvm, interleaved
+    (``--no-launcher`` skips it). Its rows go to ``bench/results/launch-<time>.json``.
+
 Two reference rows that are not VMMs put the cold numbers in proportion: the same interpreter
 printing one byte, and printing one byte after importing vmmkit's required libraries (pluggy,
 attrs, cffi's backend). They are the floor any vmmkit start-up pays on this host.
@@ -60,12 +65,14 @@ def qemu_cmd(memory_mib: int, cmdline: str) -> list[str]:
 
 # Measure vmmkit as an installed program runs: with Python's bytecode cache (and vmmkit's cache
 # of attrs-generated code) written by a warm-up run, as they are after installation.
-ENV = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+# The cold rows never go through a launcher server the user may be running.
+ENV = {**{key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"},
+       "VMMKIT_LAUNCHER": "off"}
 
 
-def time_to_first_byte(cmd: list[str]) -> float:
+def time_to_first_byte(cmd: list[str], env: dict[str, str] = ENV) -> float:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 30)
@@ -167,6 +174,71 @@ def _rss_excluding(pid: int, ram_kib: int) -> int:
     return total
 
 
+def time_to_exit(cmd: list[str], env: dict[str, str] = ENV) -> float:
+    """Spawn to exit of a VMM whose guest prints its report and powers off (status 0)."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
+                          timeout=60)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0 or b"selftest: exit 0" not in proc.stdout:
+        raise RuntimeError(f"{cmd[0]}: exit status {proc.returncode}, output {proc.stdout[-300:]!r}")
+    return elapsed
+
+
+def launcher_rows(memory_mib: int, runs: int, tmp: Path) -> list[dict[str, object]]:
+    """(d): the launcher against cold vmmkit and QEMU microvm, interleaved; prints the table
+    and returns its rows."""
+    sock = tmp / "launcher.sock"
+    server = subprocess.Popen([*vmmkit_program(), "launcher", "serve", "--socket", str(sock)], env=ENV,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert server.stderr is not None
+    try:
+        line = server.stderr.readline()
+        if "serving at" not in line:
+            raise RuntimeError(f"the launcher server did not start: {line}{server.stderr.read()}")
+        rows = {"vmmkit launcher": (vmmkit_cmd, {**ENV, "VMMKIT_LAUNCHER": str(sock)}),
+                "vmmkit cold": (vmmkit_cmd, ENV)}
+        if shutil.which("qemu-system-x86_64"):
+            rows["qemu microvm"] = (qemu_cmd, ENV)
+        first: dict[str, list[float]] = {name: [] for name in rows}
+        full: dict[str, list[float]] = {name: [] for name in rows}
+        for cmd, env in rows.values():  # warm-up
+            time_to_exit(cmd(memory_mib, "hello"), env)
+        for _ in range(runs):
+            for name, (cmd, env) in rows.items():
+                first[name].append(time_to_first_byte(cmd(memory_mib, "hello"), env))
+                full[name].append(time_to_exit(cmd(memory_mib, "hello"), env))
+    finally:
+        server.terminate()
+        server.wait()
+    base = "qemu microvm" if "qemu microvm" in rows else "vmmkit cold"
+    first_base, full_base = statistics.median(first[base]), statistics.median(full[base])
+    print(f"\nlauncher: spawn -> first guest byte, and spawn -> exit of a guest that powers off ({runs} runs, "
+          "median, min)")
+    print(f"{'VMM':<16} {'first byte ms':>14} {'min ms':>8} {'vs qemu':>8} {'run to exit ms':>15} {'min ms':>8}"
+          f" {'vs qemu':>8}")
+    records: list[dict[str, object]] = []
+    for name in rows:
+        f_med, x_med = statistics.median(first[name]), statistics.median(full[name])
+        print(f"{name:<16} {f_med * 1000:>14.1f} {min(first[name]) * 1000:>8.1f} {f_med / first_base:>7.2f}x"
+              f" {x_med * 1000:>15.1f} {min(full[name]) * 1000:>8.1f} {x_med / full_base:>7.2f}x")
+        records += [{"peer": name, "metric": "first_byte", "unit": "ms", "value": round(f_med * 1000, 2)},
+                    {"peer": name, "metric": "run_to_exit", "unit": "ms", "value": round(x_med * 1000, 2)}]
+    return records
+
+
+def write_record(rows: list[dict[str, object]], args: argparse.Namespace, started: float) -> Path:
+    import json
+
+    path = REPO / "bench" / "results" / time.strftime("launch-%Y%m%dT%H%M%S.json")
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()
+    record = {"bench": "launch", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": time.monotonic() - started,
+              "args": vars(args), "qemu": qemu[0] if qemu else None, "load": list(os.getloadavg()), "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
 def _pth_files() -> list[str]:
     import site
 
@@ -178,9 +250,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--memory", type=int, default=128, help="guest RAM in MiB")
+    parser.add_argument("--no-launcher", action="store_true", help="skip (d), the pre-forked launcher's table")
+    parser.add_argument("--only-launcher", action="store_true", help="only (d), the pre-forked launcher's table")
     args = parser.parse_args()
+    started = time.monotonic()
     if not GUEST.is_file():
         subprocess.run(["make", "-s", "-C", str(GUEST.parents[2])], check=True)
+    if args.only_launcher:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = launcher_rows(args.memory, args.runs, Path(tmp))
+        print(f"record: {write_record(rows, args, started)}")
+        return 0
     peers = {"vmmkit": vmmkit_cmd}
     if shutil.which("qemu-system-x86_64"):
         peers["qemu microvm"] = qemu_cmd
@@ -218,6 +300,10 @@ def main() -> int:
               "   (not a VMM: start-up floor)")
     print("warm: vmmkit from the vm.boot API request; QEMU from QMP 'cont' of a VM started with -S")
     print(f"python: {sys.executable} (site runs {len(_pth_files())} .pth file(s) at every start)")
+    if not args.no_launcher:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = launcher_rows(args.memory, args.runs, Path(tmp))
+        print(f"record: {write_record(rows, args, started)}")
     return 0
 
 

@@ -12,15 +12,12 @@ imports the scripting API only when one of its names is first used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-import pluggy
+# Not ``typing.TYPE_CHECKING``: importing typing (with re, contextlib...) costs the ``vmmkit``
+# command's launcher client more than the rest of its start-up; mypy knows this name.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 PROJECT_NAME = "vmmkit"
-
-hookspec = pluggy.HookspecMarker(PROJECT_NAME)
-hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 # Public names loaded on first use: name -> module.
 _LAZY = {
@@ -39,6 +36,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from typing import Any
+
+    import pluggy
+
+    hookspec: pluggy.HookspecMarker
+    hookimpl: pluggy.HookimplMarker
+
     from vmmkit.config import ConfigError, VmConfig
     from vmmkit.demo import demo_kernel
     from vmmkit.errors import VmmError
@@ -46,6 +50,10 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("hookspec", "hookimpl"):
+        # Made on first use, so that the ``vmmkit`` command's launcher client (which imports
+        # this package) starts without pluggy's import; pluggy's markers are stateless.
+        return _markers()[name]
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vmmkit' has no attribute {name!r}")
@@ -56,5 +64,14 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def _markers() -> dict[str, Any]:
+    import pluggy
+
+    markers = {"hookspec": pluggy.HookspecMarker(PROJECT_NAME), "hookimpl": pluggy.HookimplMarker(PROJECT_NAME)}
+    for key, marker in markers.items():
+        globals().setdefault(key, marker)
+    return {key: globals()[key] for key in markers}
+
+
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted({*globals(), *_LAZY, "hookspec", "hookimpl"})

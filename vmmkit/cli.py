@@ -6,6 +6,9 @@
                               ``--kernel``, wait for ``vm.create`` (see :mod:`vmmkit.api`)
     vmmkit run [options]      the same; with no ``--kernel`` boots the bundled demo guest
     vmmkit plugins            list plugins, what they register, and backend availability
+    vmmkit launcher serve|stop|status
+                              the pre-forked launcher (see :mod:`vmmkit.launcher`): with a
+                              server running, ``vmmkit`` forks its VMM from the server
 
 Exit status: the guest's (0 after a clean power-off), 1 when the VM or the VMM failed,
 2 for a usage or configuration error.
@@ -72,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args[:1] == ["plugins"]:
             return _cmd_plugins(args[1:])
+        if args[:1] == ["launcher"]:
+            from vmmkit.launcher.cli import main as launcher_main
+
+            return launcher_main(args[1:])
         if args[:1] == ["run"]:
             return _cmd_boot(args[1:], demo_default=True)
         return _cmd_boot(args, demo_default=False)
@@ -83,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_plugins(*, keep_broken: bool = False) -> tuple[Any, Any]:
+    from vmmkit.launcher import prepared
+
+    if not keep_broken and (plugins := prepared.plugins()) is not None:  # forked by the launcher
+        return plugins
     from vmmkit.plugin import collect_registries, make_plugin_manager
 
     pm = make_plugin_manager(keep_broken=keep_broken)
