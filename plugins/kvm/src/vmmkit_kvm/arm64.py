@@ -39,6 +39,9 @@ Without the native module the backend says it is unavailable. The ABI used:
 
 Kicks set ``immediate_exit`` and send the native loop's kick signal to the vCPU's thread; its no-op
 handler (no ``SA_RESTART``) is installed by the loop itself, from any thread. Known gap: no dirty log.
+
+Snapshots: the vCPUs' registers, timer and power state and the vGIC's (with the ITS) in
+vmmkit's backend-neutral types, read and written by :mod:`vmmkit_kvm.arm64_state`.
 """
 
 from __future__ import annotations
@@ -49,14 +52,16 @@ import os
 import platform
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any, ClassVar, Final
 
-from vmmkit.aarch64 import BOOT_PSTATE, CoreRegisters, FirmwareHandler, PowerState, SysReg
+from vmmkit import aarch64_platform
+from vmmkit.aarch64 import BOOT_PSTATE, CoreRegisters, CpuState, FirmwareHandler, PowerState, SysReg
 from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.hypervisor import Availability, ExitReason, Hypervisor, Vcpu, VcpuOps, Vm, VmExit
 from vmmkit.log import get_logger
+from vmmkit.state import StateError
 
 log = get_logger()
 
@@ -439,6 +444,41 @@ class KvmArm64Vm(Vm):
                         self._write_routes()
             self._gic_ready = True
 
+    # snapshots (vmmkit.state.Snapshottable; the layout is vmmkit.aarch64_platform's)
+
+    state_version: ClassVar[int] = aarch64_platform.STATE_VERSION
+
+    def save_state(self) -> dict[str, Any]:
+        """The in-kernel GICv3 (with the ITS and the tables it keeps in guest RAM, flushed there
+        first) in the backend-neutral layout (:mod:`vmmkit_kvm.arm64_state`)."""
+        from vmmkit_kvm import arm64_state as S
+
+        if self._gic_fd is None:
+            return aarch64_platform.platform_state()
+        self.finalize()
+        gic = S.DeviceAttrs(self._gic_fd, _ioctl)
+        mpidrs = [vcpu.mpidr() for vcpu in self.vcpus]
+        its = S.save_its(gic, S.DeviceAttrs(self._its_fd, _ioctl)) if self._its_fd is not None else None
+        return aarch64_platform.platform_state(S.save_gic(gic, GIC_NR_IRQS, mpidrs), its)
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Every vCPU exists: the vGIC is initialised now and takes the saved registers; the
+        vCPUs' MPIDRs are the saved ones (the architecture's, restored with the same indices)."""
+        from vmmkit_kvm import arm64_state as S
+
+        parsed = aarch64_platform.parse_platform_state(state)
+        if parsed.gic is None:
+            return  # saved by a backend without a GIC (emu): this one starts from its reset state
+        if self._gic_fd is None:
+            raise StateError("vm.gic: the snapshot has a GICv3 state; this VM has no interrupt controller")
+        if parsed.its is not None and self._its_fd is None:
+            raise StateError("vm.its: the snapshot has a GICv3 ITS state; this VM has no ITS")
+        self.finalize()
+        S.restore_gic(S.DeviceAttrs(self._gic_fd, _ioctl), parsed.gic, GIC_NR_IRQS,
+                      [vcpu.mpidr() for vcpu in self.vcpus])
+        if parsed.its is not None and self._its_fd is not None:
+            S.restore_its(S.DeviceAttrs(self._its_fd, _ioctl), parsed.its)
+
     def set_irq_line(self, gsi: int, level: bool) -> None:
         if gsi < 32:
             raise ValueError(f"GSI {gsi} is not an SPI (INTIDs 32 and up)")
@@ -588,6 +628,27 @@ class KvmArm64Vcpu(Vcpu):
     def _set_mp_state(self, value: int) -> None:
         state = ctypes.c_uint32(value)
         _ioctl(self.fd, KVM_SET_MP_STATE, ctypes.addressof(state), "KVM_SET_MP_STATE")
+
+    # snapshots (vmmkit.aarch64.Aarch64VcpuSnapshot)
+
+    def _one_reg(self) -> Any:
+        from vmmkit_kvm import arm64_state as S
+
+        return S.OneReg(self.fd, _ioctl, KVM_GET_ONE_REG, KVM_SET_ONE_REG)
+
+    def save_cpu_state(self) -> CpuState:
+        """Every register ``KVM_GET_REG_LIST`` reports, the timer and the PSCI power state."""
+        from vmmkit_kvm import arm64_state as S
+
+        state = ctypes.c_uint32()
+        _ioctl(self.fd, KVM_GET_MP_STATE, ctypes.addressof(state), "KVM_GET_MP_STATE")
+        return S.save_cpu(self._one_reg(), S.get_reg_list(self.fd, _ioctl), state.value)
+
+    def restore_cpu_state(self, state: CpuState) -> None:
+        from vmmkit_kvm import arm64_state as S
+
+        mp_state = S.restore_cpu(self._one_reg(), state, S.get_reg_list(self.fd, _ioctl))
+        self._set_mp_state(mp_state)
 
     # running
 
