@@ -102,7 +102,7 @@ def cpu_interface_registers(icc_ctlr: int) -> tuple[tuple[str, tuple[int, int, i
     """:data:`CPU_INTERFACE_REGISTERS` that exist with this ICC_CTLR_EL1."""
     count = active_priority_registers(icc_ctlr)
     return tuple((name, enc) for name, enc in CPU_INTERFACE_REGISTERS
-                 if not name.startswith("ICC_AP") or int(name[7]) < count)
+                 if not name.startswith("ICC_AP") or int(name[8]) < count)
 
 
 def distributor_offsets(nr_irqs: int) -> tuple[int, ...]:

@@ -56,6 +56,8 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any, ClassVar, Final
 
+import attrs
+
 from vmmkit import aarch64_platform
 from vmmkit.aarch64 import BOOT_PSTATE, CoreRegisters, CpuState, FirmwareHandler, PowerState, SysReg
 from vmmkit.errors import CapabilityError, HypervisorError
@@ -335,6 +337,9 @@ class KvmArm64Vm(Vm):
         self._lock = threading.Lock()
         self._slots: dict[int, tuple[int, int, int]] = {}
         self._native: Any = None  #: the run loop's per-VM state, made with the first vCPU
+        #: The virtual count a restored VM goes on from, set when it first runs again (so that
+        #: the time it spent being restored and paused is not the guest's).
+        self._restored_count: int | None = None
 
     # Aarch64Vm
 
@@ -443,6 +448,18 @@ class KvmArm64Vm(Vm):
                     if self._msi_routes:  # the vGIC's initialisation installed the default table
                         self._write_routes()
             self._gic_ready = True
+
+    def before_run(self) -> None:
+        """:meth:`finalize`, and a restored VM's virtual count, before a vCPU runs."""
+        self.finalize()
+        if self._restored_count is not None:
+            with self._lock:
+                if self._restored_count is not None:
+                    from vmmkit_kvm import arm64_state as S
+
+                    S.set_counter([vcpu._one_reg() for vcpu in self.vcpus], self._restored_count)
+                    log.info("kvm.timer.restored", count=self._restored_count)
+                    self._restored_count = None
 
     # snapshots (vmmkit.state.Snapshottable; the layout is vmmkit.aarch64_platform's)
 
@@ -642,18 +659,27 @@ class KvmArm64Vcpu(Vcpu):
 
         state = ctypes.c_uint32()
         _ioctl(self.fd, KVM_GET_MP_STATE, ctypes.addressof(state), "KVM_GET_MP_STATE")
-        return S.save_cpu(self._one_reg(), S.get_reg_list(self.fd, _ioctl), state.value)
+        saved = S.save_cpu(self._one_reg(), S.get_reg_list(self.fd, _ioctl), state.value)
+        pending = self.vm._restored_count
+        if pending is not None:  # restored and not run since: the count it will go on from
+            saved = attrs.evolve(saved, timer=attrs.evolve(saved.timer, count=pending))
+        return saved
 
     def restore_cpu_state(self, state: CpuState) -> None:
+        """The registers now; the virtual count when the VM first runs again: the earliest
+        vCPU's (all of them read the one counter, one after the other, while the VM was paused)."""
         from vmmkit_kvm import arm64_state as S
 
-        mp_state = S.restore_cpu(self._one_reg(), state, S.get_reg_list(self.fd, _ioctl))
+        mp_state = S.restore_cpu(self._one_reg(), state, S.get_reg_list(self.fd, _ioctl), set_count=False)
         self._set_mp_state(mp_state)
+        with self.vm._lock:
+            pending = self.vm._restored_count
+            self.vm._restored_count = state.timer.count if pending is None else min(pending, state.timer.count)
 
     # running
 
     def run(self) -> VmExit:
-        self.vm.finalize()
+        self.vm.before_run()
         loop = native_loop()
         code, reason, words = self._loop.run()
         if code == loop.lib.VMK_EXIT_SYSTEM_EVENT:

@@ -174,10 +174,12 @@ def save_cpu(regs: OneReg, reg_list: Sequence[int], mp_state: int) -> CpuState:
     )
 
 
-def restore_cpu(regs: OneReg, state: CpuState, reg_list: Sequence[int]) -> int:
+def restore_cpu(regs: OneReg, state: CpuState, reg_list: Sequence[int], *, set_count: bool = True) -> int:
     """Put ``state`` back: MPIDR_EL1 first, the system registers in their saved order, the
-    core and FP/SIMD registers, the timer (count, compare value, then control); opaque
-    registers only when KVM saved them and this KVM lists them. Returns the MP state to set.
+    core and FP/SIMD registers, the timer (count, compare value, then control; the count not
+    when ``set_count`` is false: the caller sets it when the guest runs again, see
+    :func:`set_counter`); opaque registers only when KVM saved them and this KVM lists them.
+    Returns the MP state to set.
 
     :raises StateError: a register this KVM refuses, named."""
     listed = set(reg_list)
@@ -216,10 +218,19 @@ def restore_cpu(regs: OneReg, state: CpuState, reg_list: Sequence[int]) -> int:
                 put(reg_id, data, f"KVM register {reg_id:#x}")
             else:
                 log.info("kvm.snapshot.register_dropped", id=hex(reg_id), reason="not listed by this KVM")
-    put(sysreg_id(TIMER_CNT), state.timer.count, "KVM_REG_ARM_TIMER_CNT")
+    if set_count:
+        put(sysreg_id(TIMER_CNT), state.timer.count, "KVM_REG_ARM_TIMER_CNT")
     put(sysreg_id(TIMER_CVAL), state.timer.cval, "KVM_REG_ARM_TIMER_CVAL")
     put(sysreg_id(TIMER_CTL), state.timer.ctl, "KVM_REG_ARM_TIMER_CTL")
     return KVM_MP_STATE_STOPPED if state.power is PowerState.OFF else KVM_MP_STATE_RUNNABLE
+
+
+def set_counter(vcpus: Sequence[OneReg], count: int) -> None:
+    """Set the guest's virtual count on every vCPU (``KVM_REG_ARM_TIMER_CNT`` moves the virtual
+    offset: VM-wide on Linux 5.x-6.x, so the last write sets everyone's; written on each, as
+    QEMU's ``kvm_arm_put_virtual_time`` does, so that no kernel's per-vCPU offset is left behind)."""
+    for regs in vcpus:
+        regs.set_int(sysreg_id(TIMER_CNT), count, "KVM_REG_ARM_TIMER_CNT")
 
 
 # -- the vGIC -----------------------------------------------------------------------------------
