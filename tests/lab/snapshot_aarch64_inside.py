@@ -8,10 +8,11 @@ KVM-arm64 backend, snapshotted by one vmmkit process and restored by another, as
     vmmkit-remote snapshot file:///tmp/snap2      (the restored VM, before it runs: a round trip)
     vmmkit-remote resume
 
-It prints one ``VMMKIT-SNAP: {json}`` line (heartbeats before and after, timings, the two
-snapshots' states side by side) and the first snapshot directory as a base64 ``.tar.gz`` between
-``VMMKIT-SNAP-TAR-BEGIN``/``END`` lines, for the host to restore on emu. Exits 0 if it got that
-far; the checks are the host test's.
+First it runs ``tests/lab/test_kvm_arm64_gic_state.py`` (a GIC and ITS in use, from one VM into
+another) and asks KVM about its dirty ring. It prints one ``VMMKIT-SNAP: {json}`` line
+(heartbeats before and after, timings, the two snapshots' states side by side) and the first
+snapshot directory as a base64 ``.tar.gz`` between ``VMMKIT-SNAP-TAR-BEGIN``/``END`` lines, for
+the host to restore on emu. Exits 0 if it got that far; the checks are the host test's.
 """
 
 from __future__ import annotations
@@ -69,9 +70,29 @@ def vmm(name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, socket
 
 
+def dirty_log_capabilities() -> dict[str, int]:
+    """KVM_CHECK_EXTENSION on /dev/kvm and on a VM: the dirty ring (issue 16's pre-copy)."""
+    import fcntl
+
+    caps = {"KVM_CAP_DIRTY_LOG_RING": 192, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL": 223,
+            "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP": 225, "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2": 168}
+    fd = os.open("/dev/kvm", os.O_RDWR)
+    try:
+        vm = fcntl.ioctl(fd, 0xAE01, 0)  # KVM_CREATE_VM
+        try:
+            return {name: fcntl.ioctl(vm, 0xAE03, cap) for name, cap in caps.items()}  # KVM_CHECK_EXTENSION
+        finally:
+            os.close(vm)
+    finally:
+        os.close(fd)
+
+
 def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"dirty_log": dirty_log_capabilities()}
+    gic = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/lab/test_kvm_arm64_gic_state.py"], capture_output=True, text=True, timeout=TIMEOUT)
+    report["gic_test"] = {"status": gic.returncode, "output": (gic.stdout + gic.stderr)[-4000:]}
     serial1, serial2 = WORK / "serial1.log", WORK / "serial2.log"
     first, socket = vmm("first", "--kernel", IMAGE, "--cmdline", "test=spin", "--cpus", "boot=2",
                         "--memory", "size=64M", "--serial", f"file={serial1}")
@@ -80,7 +101,7 @@ def main() -> int:
     start = time.monotonic()
     remote(socket, "snapshot", f"file://{WORK}/snap")
     report["snapshot_s"] = round(time.monotonic() - start, 3)
-    report["before"] = heartbeats(serial1)
+    report["serial_before"] = serial1.read_text(errors="replace")
     remote(socket, "shutdown-vmm")
     first.wait(TIMEOUT)
 
@@ -94,8 +115,7 @@ def main() -> int:
     remote(socket, "snapshot", f"file://{WORK}/snap2")  # the restored state, read back before it runs
     remote(socket, "resume")
     wait_for(lambda: len(heartbeats(serial2)) >= 2, "two heartbeats after the restore")
-    report["after"] = heartbeats(serial2)
-    report["banner_after"] = "selftest: vmmkit aarch64 selftest v1" in serial2.read_text(errors="replace")
+    report["serial_after"] = serial2.read_text(errors="replace")
     remote(socket, "shutdown-vmm")
     second.wait(TIMEOUT)
     report["states"] = [json.loads((WORK / name / "state.json").read_text()) for name in ("snap", "snap2")]

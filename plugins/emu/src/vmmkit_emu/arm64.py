@@ -37,6 +37,16 @@ WFI / WFE
     WFI ends ``emu_start``: the vCPU sleeps briefly (or until woken by CPU_ON, a kick) and
     continues after it (WFI may complete spuriously, architecturally). WFE is a no-op in
     unicorn: a guest that waits with WFE spins, taking its turns.
+
+Snapshots
+    :class:`vmmkit.aarch64.CpuState` with the EL1 system registers of :data:`EMU_SYSREGS`, the
+    banked stack pointers (unicorn's SP is the current one), V0-V31, FPSR/FPCR, the virtual timer
+    (its count restored through CNTVOFF_EL2, which unicorn keeps although the guest has no EL2)
+    and the power state. A state from KVM crosses when nothing in it needs what emu lacks: an
+    enabled GICv3 or ITS, an armed timer interrupt, hardware breakpoints, watchpoints, debug
+    exceptions or a running PMU are refused (:func:`refusal`); KVM's firmware registers and the
+    other system registers it lists (identification, disabled debug and PMU, AArch32) are left
+    out and logged (``emu.snapshot.dropped``).
 """
 
 from __future__ import annotations
