@@ -3,7 +3,7 @@
 
 The self-test guest's ``test=spin`` never enables its GIC, so the snapshot test restores a GIC
 at rest. Here a VM's GIC is set up as a guest that uses it leaves it - distributor enabled, an
-SPI routed, prioritised, enabled and its line high, SGIs/PPIs enabled at both redistributors,
+SPI made level-triggered, routed, prioritised, enabled and its line high, SGIs/PPIs enabled at both redistributors,
 LPIs enabled with their property and pending tables, the CPU interfaces' priority mask and
 group enable, the ITS enabled with its command queue and device/collection tables in guest RAM,
 a vCPU's virtual timer armed - then saved, put into a second VM, and saved again: the two states
@@ -73,6 +73,8 @@ def use_the_gic(vm: Any) -> None:
     gic.set(dist, P.GICD_IROUTER + 8 * SPI, 1)  # vCPU 1 (Aff0 = 1)
     gic.set(dist, P.GICD_ISENABLER + 4 * (SPI // 32), 1 << (SPI % 32))
     gic.set(dist, P.GICD_CTLR, 0x2)  # EnableGrp1
+    icfgr = P.GICD_ICFGR + 4 * (SPI // 16)  # KVM's SPIs start edge-triggered (0b10): make this one level
+    gic.set(dist, icfgr, gic.get(dist, icfgr) & ~(0b11 << 2 * (SPI % 16)))
     vm.set_irq_line(SPI, True)
     for index, vcpu in enumerate(vm.vcpus):
         mpidr = S.mpidr_attr(vcpu.mpidr())
@@ -105,7 +107,6 @@ def test_a_gic_and_its_in_use_go_into_another_vm(kvm: Any) -> None:
         assert parsed.gic is not None and parsed.its is not None
         assert parsed.gic.in_use() == "the guest enabled the GICv3 distributor (GICD_CTLR)"
         assert parsed.its.in_use() == "the guest enabled the GICv3 ITS (GITS_CTLR)"
-        assert parsed.gic.line_levels[0] == 1 << (SPI - 32)
         cpus = [v.save_cpu_state() for v in vm.vcpus]
         assert cpus[0].timer.cval == 0x1234_5678 and cpus[0].timer.interrupt_armed
         assert [c.power.value for c in cpus] == ["on", "off"]
@@ -119,6 +120,11 @@ def test_a_gic_and_its_in_use_go_into_another_vm(kvm: Any) -> None:
         assert [c.timer.count for c in again] == [min(c.timer.count for c in cpus)] * 2  # set on the first run
         assert [(c.sysregs, c.x, c.pc, c.power, VirtualTimer(0, c.timer.cval, c.timer.ctl)) for c in again] == \
                [(c.sysregs, c.x, c.pc, c.power, VirtualTimer(0, c.timer.cval, c.timer.ctl)) for c in cpus]
+        # last, so that a failure here leaves the checks above done: the SPI's line is high
+        pending = parsed.gic.distributor[P.GICD_ISPENDR + 4 * (SPI // 32)]
+        assert (parsed.gic.line_levels[0], pending) == (1 << (SPI - 32), 1 << (SPI - 32)), (
+            f"line levels {parsed.gic.line_levels[:2]}, ISPENDR1 {pending:#x}, "
+            f"ICFGR2 {parsed.gic.distributor[P.GICD_ICFGR + 8]:#x}")
     finally:
         vm.close()
         other.close()
