@@ -120,9 +120,10 @@ def test_a_gic_and_its_in_use_go_into_another_vm(kvm: Any) -> None:
         assert [c.timer.count for c in again] == [min(c.timer.count for c in cpus)] * 2  # set on the first run
         assert [(c.sysregs, c.x, c.pc, c.power, VirtualTimer(0, c.timer.cval, c.timer.ctl)) for c in again] == \
                [(c.sysregs, c.x, c.pc, c.power, VirtualTimer(0, c.timer.cval, c.timer.ctl)) for c in cpus]
-        # last, so that a failure here leaves the checks above done: the SPI's line is high
+        # The SPI's line is high; ISPENDR reads a level interrupt's pending latch only (0 here), its
+        # level travels in LEVEL_INFO (devices/arm-vgic-v3.rst: saved and restored separately).
         pending = parsed.gic.distributor[P.GICD_ISPENDR + 4 * (SPI // 32)]
-        assert (parsed.gic.line_levels[0], pending) == (1 << (SPI - 32), 1 << (SPI - 32)), (
+        assert (parsed.gic.line_levels[0], pending) == (1 << (SPI - 32), 0), (
             f"line levels {parsed.gic.line_levels[:2]}, ISPENDR1 {pending:#x}, "
             f"ICFGR2 {parsed.gic.distributor[P.GICD_ICFGR + 8]:#x}")
     finally:
