@@ -4,6 +4,8 @@ and a state edited out of range is refused before anything changes."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from vmmkit_devices.legacy import pl011 as U
@@ -41,7 +43,8 @@ class Line:
 
 
 def r32(dev: U.Pl011 | R.Pl031, offset: int) -> int:
-    return struct.unpack("<I", dev.read(offset, 4))[0]
+    value: int = struct.unpack("<I", dev.read(offset, 4))[0]
+    return value
 
 
 def w32(dev: U.Pl011 | R.Pl031, offset: int, value: int) -> None:
@@ -72,7 +75,8 @@ def test_the_pl011_registers_and_unread_input_go_to_a_new_uart() -> None:
     (lambda s: s.__setitem__("imsc", 1 << 12), "_serial.imsc: 4096 is outside"),
     (lambda s: s.__setitem__("rx", [300]), "_serial.rx: expected at most 4096 bytes"),
 ])
-def test_a_bad_pl011_state_is_refused_and_changes_nothing(change, message: str) -> None:  # noqa: ANN001
+def test_a_bad_pl011_state_is_refused_and_changes_nothing(change: Callable[[dict[str, Any]], None],
+                                                         message: str) -> None:
     dev, _, _ = uart()
     state = dev.save_state()
     change(state)
