@@ -157,3 +157,107 @@ class Aarch64Vm(Protocol):
         requester ID as device ID; False when it has none (nothing describes it, and PCI
         functions interrupt through INTx)."""
         ...
+
+
+# -- snapshots: a vCPU's whole state, backend-neutral -------------------------------------------
+
+#: A system register's architectural encoding ``(op0, op1, CRn, CRm, op2)``.
+SysRegEncoding = tuple[int, int, int, int, int]
+
+#: CNTV_CTL_EL0 bits (Arm ARM D13.8.22): ENABLE, IMASK, ISTATUS.
+CNTV_CTL_ENABLE: Final = 1 << 0
+CNTV_CTL_IMASK: Final = 1 << 1
+
+
+def sysreg_name(encoding: SysRegEncoding) -> str:
+    """The assembler's generic name of a system register, ``S3_0_C1_C0_0`` (or its
+    :class:`SysReg` name when the core knows it)."""
+    for reg in SysReg:
+        if reg.value == encoding:
+            return reg.name
+    op0, op1, crn, crm, op2 = encoding
+    return f"S{op0}_{op1}_C{crn}_C{crm}_{op2}"
+
+
+def _v_registers(value: Sequence[int]) -> tuple[int, ...]:
+    regs = tuple(int(v) for v in value)
+    if len(regs) > 32:
+        raise ValueError(f"AArch64 has 32 SIMD&FP registers (v0-v31), not {len(regs)}")
+    if any(not 0 <= v < 1 << 128 for v in regs):
+        raise ValueError("a SIMD&FP register holds 128 bits")
+    return regs + (0,) * (32 - len(regs))
+
+
+@frozen
+class FpSimdRegisters:
+    """V0-V31 (128 bits each), FPSR and FPCR (``struct user_fpsimd_state``)."""
+
+    v: tuple[int, ...] = field(default=(), converter=_v_registers)
+    fpsr: int = 0
+    fpcr: int = 0
+
+
+@frozen
+class VirtualTimer:
+    """The EL1 virtual timer of the generic timer: the count the guest reads (CNTVCT_EL0), its
+    compare value (CNTV_CVAL_EL0) and control (CNTV_CTL_EL0). A restore sets the count, so the
+    guest's time goes on from where it was (KVM: ``KVM_REG_ARM_TIMER_CNT`` moves the virtual
+    offset)."""
+
+    count: int = 0
+    cval: int = 0
+    ctl: int = 0
+
+    @property
+    def interrupt_armed(self) -> bool:
+        """The guest expects this timer's interrupt (enabled, not masked)."""
+        return bool(self.ctl & CNTV_CTL_ENABLE) and not self.ctl & CNTV_CTL_IMASK
+
+
+@frozen
+class CpuState:
+    """Everything of one AArch64 vCPU a snapshot carries, in architectural terms.
+
+    ``sysregs`` are the system registers by encoding (KVM: every ``KVM_REG_ARM64_SYSREG`` of
+    ``KVM_GET_REG_LIST`` but the timer's and MPIDR_EL1, in the kernel's order; emu: the EL1
+    context it models). ``opaque`` are registers only the backend named by ``opaque_backend``
+    knows (KVM: its firmware pseudo-registers ``KVM_REG_ARM_FW`` and the demultiplexed CCSIDRs),
+    as ``(id, bytes)``: they describe the host's firmware and caches, not the guest's progress, and
+    another backend leaves them out."""
+
+    x: tuple[int, ...] = field(default=(), converter=_x_registers)
+    pc: int = 0
+    pstate: int = BOOT_PSTATE
+    sp_el0: int = 0
+    sp_el1: int = 0
+    elr_el1: int = 0
+    spsr_el1: int = 0
+    fp: FpSimdRegisters = FpSimdRegisters()
+    sysregs: tuple[tuple[SysRegEncoding, int], ...] = ()
+    timer: VirtualTimer = VirtualTimer()
+    mpidr: int = 0
+    power: PowerState = PowerState.ON
+    opaque_backend: str = ""
+    opaque: tuple[tuple[int, bytes], ...] = ()
+
+    def sysreg(self, encoding: SysRegEncoding, default: int | None = None) -> int | None:
+        for saved, value in self.sysregs:
+            if saved == encoding:
+                return value
+        return default
+
+
+@runtime_checkable
+class Aarch64VcpuSnapshot(Protocol):
+    """A backend's AArch64 vCPU whose whole state can be saved and put back (snapshots,
+    migration). A backend without it makes ``vm.snapshot`` fail naming it."""
+
+    def save_cpu_state(self) -> CpuState:
+        """The state of this paused vCPU."""
+        ...
+
+    def restore_cpu_state(self, state: CpuState) -> None:
+        """Take ``state`` before the vCPU runs again.
+
+        :raises vmmkit.state.StateError: a piece this backend cannot take, named."""
+        ...

@@ -9,7 +9,7 @@ backend that traps ``hvc`` (emu).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import attrs
@@ -184,6 +184,45 @@ class Aarch64(Architecture):
         if sctlr & _SCTLR_BOOT_CLEAR:
             vcpu.set_sys_reg(SysReg.SCTLR_EL1, sctlr & ~_SCTLR_BOOT_CLEAR)
         vcpu.set_core_registers(CoreRegisters(x=(fdt_address, 0, 0, 0), pc=boot.entry, pstate=BOOT_PSTATE))
+
+    def attach_firmware(self, ram: Sequence[Any], devices: Sequence[PlacedDevice]) -> None:
+        """Give PSCI the machine's RAM and power device (done by :meth:`prepare_boot` at boot; a
+        restored machine, which skips the boot, gets them here from the plugin's
+        ``vmmkit_vm_created``)."""
+        from vmmkit_aarch64.psci import PsciPower
+
+        self.psci.ram = tuple(ram)
+        self.psci.power = next((p.device for p in devices if isinstance(p.device, PsciPower)), None)
+
+    # -- snapshots (vmmkit_aarch64.snapshot) ---------------------------------------------------
+
+    #: :data:`vmmkit_aarch64.snapshot.VCPU_STATE_VERSION` (not imported: every process loads this module).
+    vcpu_state_version: ClassVar[int] = 1
+
+    def save_vcpu(self, vcpu: Vcpu, hypervisor: Hypervisor) -> Mapping[str, Any]:
+        """The vCPU's :class:`vmmkit.aarch64.CpuState` from the backend, as JSON."""
+        from vmmkit.aarch64 import Aarch64VcpuSnapshot
+        from vmmkit.state import NotSnapshottable
+        from vmmkit_aarch64.snapshot import cpu_state_to_json
+
+        if not isinstance(vcpu, Aarch64VcpuSnapshot):
+            raise NotSnapshottable(f"vCPU {vcpu.index}: backend {hypervisor.name} cannot save AArch64 vCPU state "
+                                   f"({type(vcpu).__name__} lacks vmmkit.aarch64.Aarch64VcpuSnapshot)")
+        return cpu_state_to_json(vcpu.save_cpu_state())
+
+    def restore_vcpu(
+        self, vcpu: Vcpu, index: int, hypervisor: Hypervisor, config: VmConfig, state: Mapping[str, Any]
+    ) -> None:
+        """Register the vCPU with PSCI as at boot, then hand the saved state to the backend."""
+        from vmmkit.aarch64 import Aarch64Vcpu, Aarch64VcpuSnapshot
+        from vmmkit.state import StateError
+        from vmmkit_aarch64.snapshot import cpu_state_from_json
+
+        if not isinstance(vcpu, Aarch64Vcpu) or not isinstance(vcpu, Aarch64VcpuSnapshot):
+            raise StateError(f"vcpu{index}: backend {hypervisor.name} cannot restore AArch64 vCPU state")
+        parsed = cpu_state_from_json(state, f"vcpu{index}")
+        self.psci.add_vcpu(index, vcpu)
+        vcpu.restore_cpu_state(parsed)
 
 
 class PsciPowerType(DeviceType):

@@ -77,3 +77,12 @@ def vmmkit_configure(options: Any) -> None:
         return  # the machine reports an unreadable kernel
     if recognise(header):
         options.arch = ARCH
+
+
+@hookimpl
+def vmmkit_vm_created(machine: Any) -> None:
+    """A machine restored from a snapshot never ran :meth:`Aarch64.prepare_boot`: PSCI gets its
+    RAM and power device here (a booted machine's already has them)."""
+    arch = machine.arch
+    if isinstance(arch, Aarch64) and arch.psci.power is None and machine.layout is not None:
+        arch.attach_firmware(machine.layout.ram, machine.devices)

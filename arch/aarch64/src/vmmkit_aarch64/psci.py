@@ -182,6 +182,15 @@ class PsciPower(Device):
     def read(self, offset: int, size: int) -> bytes:
         return b"\xff" * max(0, min(size, 8))
 
+    #: Nothing to save: the vCPUs' power states are theirs (vmmkit.state.Snapshottable).
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
     def write(self, offset: int, data: bytes) -> None:
         pass
 

@@ -37,31 +37,105 @@ WFI / WFE
     WFI ends ``emu_start``: the vCPU sleeps briefly (or until woken by CPU_ON, a kick) and
     continues after it (WFI may complete spuriously, architecturally). WFE is a no-op in
     unicorn: a guest that waits with WFE spins, taking its turns.
+
+Snapshots
+    :class:`vmmkit.aarch64.CpuState` with the EL1 system registers of :data:`EMU_SYSREGS`, the
+    banked stack pointers (unicorn's SP is the current one), V0-V31, FPSR/FPCR, the virtual timer
+    (its count restored through CNTVOFF_EL2, which unicorn keeps although the guest has no EL2)
+    and the power state. A state from KVM crosses when nothing in it needs what emu lacks: an
+    enabled GICv3 or ITS, an armed timer interrupt, hardware breakpoints, watchpoints, debug
+    exceptions or a running PMU are refused (:func:`refusal`); KVM's firmware registers and the
+    other system registers it lists (identification, disabled debug and PMU, AArch32) are left
+    out and logged (``emu.snapshot.dropped``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Final
 
 from unicorn import UC_ARCH_ARM64, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_ARM, UC_PROT_ALL
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import UC_TLB_VIRTUAL
 
+from vmmkit import aarch64_platform
 from vmmkit.aarch64 import (
     BOOT_PSTATE,
+    CNTV_CTL_ENABLE,
+    CNTV_CTL_IMASK,
     SMCCC_NOT_SUPPORTED,
     CoreRegisters,
+    CpuState,
     FirmwareCall,
     FirmwareHandler,
+    FpSimdRegisters,
     PowerState,
     SysReg,
+    SysRegEncoding,
+    VirtualTimer,
     mpidr_for,
+    sysreg_name,
 )
 from vmmkit.hypervisor import ExitReason, VcpuOps
+from vmmkit.log import get_logger
+from vmmkit.state import StateError
 from vmmkit_emu.hypervisor import EmuVcpu, EmuVm, new_engine
 
+log = get_logger()
+
 _X = [getattr(A, f"UC_ARM64_REG_X{i}") for i in range(31)]
+_V = [getattr(A, f"UC_ARM64_REG_V{i}") for i in range(32)]
+
+#: The EL1 system registers this backend saves and restores (unicorn keeps their values).
+EMU_SYSREGS: Final[tuple[SysRegEncoding, ...]] = (
+    (3, 0, 1, 0, 0),  # SCTLR_EL1
+    (3, 0, 1, 0, 2),  # CPACR_EL1
+    (3, 0, 2, 0, 0),  # TTBR0_EL1
+    (3, 0, 2, 0, 1),  # TTBR1_EL1
+    (3, 0, 2, 0, 2),  # TCR_EL1
+    (3, 0, 5, 2, 0),  # ESR_EL1
+    (3, 0, 6, 0, 0),  # FAR_EL1
+    (3, 0, 7, 4, 0),  # PAR_EL1
+    (3, 0, 10, 2, 0),  # MAIR_EL1
+    (3, 0, 12, 0, 0),  # VBAR_EL1
+    (3, 0, 13, 0, 1),  # CONTEXTIDR_EL1
+    (3, 0, 13, 0, 4),  # TPIDR_EL1
+    (3, 0, 14, 1, 0),  # CNTKCTL_EL1
+    (3, 3, 13, 0, 2),  # TPIDR_EL0
+    (3, 3, 13, 0, 3),  # TPIDRRO_EL0
+    (2, 0, 0, 2, 2),  # MDSCR_EL1
+)
+SPSR_EL1: Final = (3, 0, 4, 0, 0)
+CNTVCT_EL0: Final = (3, 3, 14, 0, 2)
+CNTV_CTL_EL0: Final = (3, 3, 14, 3, 1)
+CNTV_CVAL_EL0: Final = (3, 3, 14, 3, 2)
+#: unicorn has no EL2 for the guest, but keeps CNTVOFF_EL2: CNTVCT_EL0 = the count - it.
+CNTVOFF_EL2: Final = (3, 4, 14, 0, 3)
+MDSCR_EL1: Final = (2, 0, 0, 2, 2)
+#: MDSCR_EL1.MDE (breakpoints, watchpoints) and SS (software step): debug exceptions emu never takes.
+MDSCR_DEBUG: Final = (1 << 15) | (1 << 0)
+PMCR_EL0: Final = (3, 3, 9, 12, 0)
+CNTP_CTL_EL0: Final = (3, 3, 14, 2, 1)
+
+
+def refusal(encoding: SysRegEncoding, value: int) -> str | None:
+    """Why this backend cannot take a system register another backend saved, or None when
+    leaving it out loses nothing the guest relies on. Left out: the identification registers
+    (op0 3, CRn 0: they describe the CPU that saved them), the debug registers of breakpoints
+    and watchpoints that are disabled, a stopped PMU, AArch32-only and IMPLEMENTATION DEFINED
+    registers (ACTLR, AFSR, AMAIR), the physical timer when its interrupt is not armed."""
+    op0, op1, crn, crm, op2 = encoding
+    name = sysreg_name(encoding)
+    if encoding == MDSCR_EL1 and value & MDSCR_DEBUG:
+        return f"{name} = {value:#x}: the guest enabled debug exceptions (MDE/SS), which emu never raises"
+    if op0 == 2 and op1 == 0 and crn == 0 and op2 in (5, 7) and value & 1:
+        kind = "breakpoint" if op2 == 5 else "watchpoint"
+        return f"{name} = {value:#x}: a hardware {kind} is enabled and emu has none"
+    if encoding == PMCR_EL0 and value & 1:
+        return f"{name} = {value:#x}: the guest's PMU counters are enabled and emu has no PMU"
+    if encoding == CNTP_CTL_EL0 and value & CNTV_CTL_ENABLE and not value & CNTV_CTL_IMASK:
+        return f"{name} = {value:#x}: the physical timer's interrupt is armed and emu delivers no interrupts"
+    return None
 
 # unicorn's ARM exception numbers (QEMU's EXCP_*).
 EXCP_UDEF = 1
@@ -111,6 +185,23 @@ class Arm64Vm(EmuVm):
 
     def _new_vcpu(self, index: int, ops: VcpuOps) -> Arm64Vcpu:
         return Arm64Vcpu(self, index, ops)
+
+    # -- snapshots (vmmkit.state.Snapshottable, vmmkit.aarch64_platform's layout) ----------------
+
+    state_version: ClassVar[int] = aarch64_platform.STATE_VERSION
+
+    def save_state(self) -> dict[str, Any]:
+        """No GIC, no ITS on this backend."""
+        return aarch64_platform.platform_state()
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """A GICv3 state from another backend (KVM's in-kernel vGIC) crosses only if the guest
+        never enabled it: this backend has no interrupt controller to put it into."""
+        parsed = aarch64_platform.parse_platform_state(state)
+        for piece in (parsed.gic, parsed.its):
+            reason = piece.in_use() if piece is not None else None
+            if reason is not None:
+                raise StateError(f"{reason}, and emu has no interrupt controller to restore it into")
 
 
 class Arm64Vcpu(EmuVcpu):
@@ -203,6 +294,79 @@ class Arm64Vcpu(EmuVcpu):
         self.set_powered(False)
         if self._in_emu:
             self._stop_engine()
+
+    # -- snapshots (vmmkit.aarch64.Aarch64VcpuSnapshot) --------------------------------------
+
+    def _cpr(self, encoding: SysRegEncoding) -> int:
+        return int(self.uc.cpr_read(*encoding))
+
+    def save_cpu_state(self) -> CpuState:
+        """The registers unicorn keeps (:data:`EMU_SYSREGS`), the counter as the guest reads it."""
+        uc = self.uc
+        pstate = int(uc.reg_read(A.UC_ARM64_REG_PSTATE))
+        current = int(uc.reg_read(A.UC_ARM64_REG_SP))
+        el1h = (pstate >> 2) & 3 == 1 and pstate & 1
+        # unicorn's SP is the current one; the banked copy of the current stack pointer is stale
+        sp_el0 = int(uc.reg_read(A.UC_ARM64_REG_SP_EL0)) if el1h else current
+        sp_el1 = current if el1h else int(uc.reg_read(A.UC_ARM64_REG_SP_EL1))
+        return CpuState(
+            x=tuple(int(uc.reg_read(reg)) for reg in _X), pc=self._pc(), pstate=pstate,
+            sp_el0=sp_el0, sp_el1=sp_el1, elr_el1=int(uc.reg_read(A.UC_ARM64_REG_ELR_EL1)),
+            spsr_el1=self._cpr(SPSR_EL1),
+            fp=FpSimdRegisters(v=tuple(int(uc.reg_read(reg)) for reg in _V),
+                               fpsr=int(uc.reg_read(A.UC_ARM64_REG_FPSR)), fpcr=int(uc.reg_read(A.UC_ARM64_REG_FPCR))),
+            sysregs=tuple((encoding, self._cpr(encoding)) for encoding in EMU_SYSREGS),
+            timer=VirtualTimer(count=self._cpr(CNTVCT_EL0), cval=self._cpr(CNTV_CVAL_EL0), ctl=self._cpr(CNTV_CTL_EL0)),
+            mpidr=self._mpidr, power=self.power_state(), opaque_backend="emu",
+        )
+
+    def restore_cpu_state(self, state: CpuState) -> None:
+        """Everything checked first: an armed timer interrupt, enabled debug or PMU registers
+        are refused (:func:`refusal`); other registers emu does not model are left out and
+        logged. The virtual count goes on from the saved value (through CNTVOFF_EL2)."""
+        what = f"vcpu{self.index}"
+        if state.timer.interrupt_armed:
+            raise StateError(f"{what}: the virtual timer's interrupt is armed (CNTV_CTL_EL0 = {state.timer.ctl:#x}) "
+                             "and emu delivers no interrupts")
+        keep = set(EMU_SYSREGS)
+        dropped = []
+        for encoding, value in state.sysregs:
+            if encoding in keep:
+                continue
+            reason = refusal(encoding, value)
+            if reason is not None:
+                raise StateError(f"{what}: {reason}")
+            if value:
+                dropped.append(sysreg_name(encoding))
+        if dropped or state.opaque:
+            log.info("emu.snapshot.dropped", vcpu=self.index, registers=dropped,
+                     opaque=f"{len(state.opaque)} {state.opaque_backend} register(s)")
+        uc = self.uc
+        for encoding, value in state.sysregs:
+            if encoding in keep:
+                uc.cpr_write(*encoding, value)
+        uc.cpr_write(*SPSR_EL1, state.spsr_el1)
+        uc.reg_write(A.UC_ARM64_REG_ELR_EL1, state.elr_el1)
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, state.pstate)
+        for reg, value in zip(_X, state.x, strict=True):
+            uc.reg_write(reg, value)
+        if (state.pstate >> 2) & 3 == 1 and state.pstate & 1:
+            uc.reg_write(A.UC_ARM64_REG_SP_EL0, state.sp_el0)
+            uc.reg_write(A.UC_ARM64_REG_SP, state.sp_el1)
+        else:
+            uc.reg_write(A.UC_ARM64_REG_SP_EL1, state.sp_el1)
+            uc.reg_write(A.UC_ARM64_REG_SP, state.sp_el0)
+        for reg, value in zip(_V, state.fp.v, strict=True):
+            uc.reg_write(reg, value)
+        uc.reg_write(A.UC_ARM64_REG_FPSR, state.fp.fpsr)
+        uc.reg_write(A.UC_ARM64_REG_FPCR, state.fp.fpcr)
+        uc.reg_write(A.UC_ARM64_REG_PC, state.pc)
+        uc.cpr_write(*CNTV_CVAL_EL0, state.timer.cval)
+        uc.cpr_write(*CNTV_CTL_EL0, state.timer.ctl)
+        raw = self._cpr(CNTVCT_EL0) + self._cpr(CNTVOFF_EL2)
+        uc.cpr_write(*CNTVOFF_EL2, (raw - state.timer.count) & 0xFFFF_FFFF_FFFF_FFFF)
+        self._mpidr = state.mpidr
+        self.set_powered(state.power is PowerState.ON)
 
     # -- hooks ------------------------------------------------------------------------------
 

@@ -39,6 +39,9 @@ Without the native module the backend says it is unavailable. The ABI used:
 
 Kicks set ``immediate_exit`` and send the native loop's kick signal to the vCPU's thread; its no-op
 handler (no ``SA_RESTART``) is installed by the loop itself, from any thread. Known gap: no dirty log.
+
+Snapshots: the vCPUs' registers, timer and power state and the vGIC's (with the ITS) in
+vmmkit's backend-neutral types, read and written by :mod:`vmmkit_kvm.arm64_state`.
 """
 
 from __future__ import annotations
@@ -49,14 +52,18 @@ import os
 import platform
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any, ClassVar, Final
 
-from vmmkit.aarch64 import BOOT_PSTATE, CoreRegisters, FirmwareHandler, PowerState, SysReg
+import attrs
+
+from vmmkit import aarch64_platform
+from vmmkit.aarch64 import BOOT_PSTATE, CoreRegisters, CpuState, FirmwareHandler, PowerState, SysReg
 from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.hypervisor import Availability, ExitReason, Hypervisor, Vcpu, VcpuOps, Vm, VmExit
 from vmmkit.log import get_logger
+from vmmkit.state import StateError
 
 log = get_logger()
 
@@ -330,6 +337,9 @@ class KvmArm64Vm(Vm):
         self._lock = threading.Lock()
         self._slots: dict[int, tuple[int, int, int]] = {}
         self._native: Any = None  #: the run loop's per-VM state, made with the first vCPU
+        #: The virtual count a restored VM goes on from, set when it first runs again (so that
+        #: the time it spent being restored and paused is not the guest's).
+        self._restored_count: int | None = None
 
     # Aarch64Vm
 
@@ -438,6 +448,53 @@ class KvmArm64Vm(Vm):
                     if self._msi_routes:  # the vGIC's initialisation installed the default table
                         self._write_routes()
             self._gic_ready = True
+
+    def before_run(self) -> None:
+        """:meth:`finalize`, and a restored VM's virtual count, before a vCPU runs."""
+        self.finalize()
+        if self._restored_count is not None:
+            with self._lock:
+                if self._restored_count is not None:
+                    from vmmkit_kvm import arm64_state as S
+
+                    S.set_counter([vcpu._one_reg() for vcpu in self.vcpus], self._restored_count)
+                    log.info("kvm.timer.restored", count=self._restored_count)
+                    self._restored_count = None
+
+    # snapshots (vmmkit.state.Snapshottable; the layout is vmmkit.aarch64_platform's)
+
+    state_version: ClassVar[int] = aarch64_platform.STATE_VERSION
+
+    def save_state(self) -> dict[str, Any]:
+        """The in-kernel GICv3 (with the ITS and the tables it keeps in guest RAM, flushed there
+        first) in the backend-neutral layout (:mod:`vmmkit_kvm.arm64_state`)."""
+        from vmmkit_kvm import arm64_state as S
+
+        if self._gic_fd is None:
+            return aarch64_platform.platform_state()
+        self.finalize()
+        gic = S.DeviceAttrs(self._gic_fd, _ioctl)
+        mpidrs = [vcpu.mpidr() for vcpu in self.vcpus]
+        its = S.save_its(gic, S.DeviceAttrs(self._its_fd, _ioctl)) if self._its_fd is not None else None
+        return aarch64_platform.platform_state(S.save_gic(gic, GIC_NR_IRQS, mpidrs), its)
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Every vCPU exists: the vGIC is initialised now and takes the saved registers; the
+        vCPUs' MPIDRs are the saved ones (the architecture's, restored with the same indices)."""
+        from vmmkit_kvm import arm64_state as S
+
+        parsed = aarch64_platform.parse_platform_state(state)
+        if parsed.gic is None:
+            return  # saved by a backend without a GIC (emu): this one starts from its reset state
+        if self._gic_fd is None:
+            raise StateError("vm.gic: the snapshot has a GICv3 state; this VM has no interrupt controller")
+        if parsed.its is not None and self._its_fd is None:
+            raise StateError("vm.its: the snapshot has a GICv3 ITS state; this VM has no ITS")
+        self.finalize()
+        S.restore_gic(S.DeviceAttrs(self._gic_fd, _ioctl), parsed.gic, GIC_NR_IRQS,
+                      [vcpu.mpidr() for vcpu in self.vcpus])
+        if parsed.its is not None and self._its_fd is not None:
+            S.restore_its(S.DeviceAttrs(self._its_fd, _ioctl), parsed.its)
 
     def set_irq_line(self, gsi: int, level: bool) -> None:
         if gsi < 32:
@@ -589,10 +646,40 @@ class KvmArm64Vcpu(Vcpu):
         state = ctypes.c_uint32(value)
         _ioctl(self.fd, KVM_SET_MP_STATE, ctypes.addressof(state), "KVM_SET_MP_STATE")
 
+    # snapshots (vmmkit.aarch64.Aarch64VcpuSnapshot)
+
+    def _one_reg(self) -> Any:
+        from vmmkit_kvm import arm64_state as S
+
+        return S.OneReg(self.fd, _ioctl, KVM_GET_ONE_REG, KVM_SET_ONE_REG)
+
+    def save_cpu_state(self) -> CpuState:
+        """Every register ``KVM_GET_REG_LIST`` reports, the timer and the PSCI power state."""
+        from vmmkit_kvm import arm64_state as S
+
+        state = ctypes.c_uint32()
+        _ioctl(self.fd, KVM_GET_MP_STATE, ctypes.addressof(state), "KVM_GET_MP_STATE")
+        saved = S.save_cpu(self._one_reg(), S.get_reg_list(self.fd, _ioctl), state.value)
+        pending = self.vm._restored_count
+        if pending is not None:  # restored and not run since: the count it will go on from
+            saved = attrs.evolve(saved, timer=attrs.evolve(saved.timer, count=pending))
+        return saved
+
+    def restore_cpu_state(self, state: CpuState) -> None:
+        """The registers now; the virtual count when the VM first runs again: the earliest
+        vCPU's (all of them read the one counter, one after the other, while the VM was paused)."""
+        from vmmkit_kvm import arm64_state as S
+
+        mp_state = S.restore_cpu(self._one_reg(), state, S.get_reg_list(self.fd, _ioctl), set_count=False)
+        self._set_mp_state(mp_state)
+        with self.vm._lock:
+            pending = self.vm._restored_count
+            self.vm._restored_count = state.timer.count if pending is None else min(pending, state.timer.count)
+
     # running
 
     def run(self) -> VmExit:
-        self.vm.finalize()
+        self.vm.before_run()
         loop = native_loop()
         code, reason, words = self._loop.run()
         if code == loop.lib.VMK_EXIT_SYSTEM_EVENT:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 from vmmkit.device import Device, DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
 from vmmkit.log import get_logger
+from vmmkit.state import StateError, field, int_field
 from vmmkit_devices.console.backends import ConsoleBackend
 from vmmkit_devices.console.uart import create_uart
 from vmmkit_devices.device_types import Pl011Type as Pl011Type  # declared there, re-exported
@@ -214,6 +215,33 @@ class Pl011(Device):
                 return
             self._closed = True
         self.backend.close()
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """The stored registers by offset, IMSC, RIS and the received bytes not yet read."""
+        with self._lock:
+            return {"registers": {f"{reg:#05x}": self._regs[reg] for reg in _STORED}, "imsc": self._imsc,
+                    "ris": self._ris, "rx": list(self._rx)}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        registers = field(state, "registers", dict, self.id)
+        values = {}
+        for reg in _STORED:
+            values[reg] = int_field(registers, f"{reg:#05x}", f"{self.id}.registers", 0, 0xFFFF)
+        imsc = int_field(state, "imsc", self.id, 0, INT_MASK)
+        ris = int_field(state, "ris", self.id, 0, INT_MASK)
+        rx = field(state, "rx", list, self.id)
+        if len(rx) > RX_BUFFER or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 0xFF
+                                          for b in rx):
+            raise StateError(f"{self.id}.rx: expected at most {RX_BUFFER} bytes")
+        with self._lock:
+            self._regs = values
+            self._imsc, self._ris = imsc, ris
+            self._rx = deque(rx)
+            self._update()
 
     def counters(self) -> Mapping[str, int]:
         return {**self.backend.counters(), "tx_bytes": self.tx_bytes}

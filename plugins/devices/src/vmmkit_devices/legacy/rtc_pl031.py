@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from vmmkit.device import Device, DeviceContext, DeviceRequest, PlacedDevice
 from vmmkit.irq import InterruptLine
+from vmmkit.state import restore_fields, save_named
 from vmmkit_devices.device_types import Pl031Type as Pl031Type  # declared there, re-exported
 from vmmkit_devices.legacy._amba import id_register, split, value_bytes
 
@@ -148,6 +149,24 @@ class Pl031(Device):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+
+    # -- snapshots (vmmkit.state.Snapshottable) --------------------------------------------------
+
+    state_version: ClassVar[int] = 1
+    _STATE: ClassVar[dict[str, str]] = {"_offset": "int", "_match": "int", "_imsc": "int", "_ris": "int",
+                                        "_fired": "bool"}
+
+    def save_state(self) -> dict[str, Any]:
+        """The offset from the host's clock (the guest's time goes on with the host's, as a
+        battery-backed RTC's), the match register, IMSC, RIS and whether the match fired."""
+        with self._lock:
+            return save_named(self, self._STATE)
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        with self._lock:
+            restore_fields(self, state, self._STATE, self.id)
+            self._check_match()
+            self._arm()
 
     def counters(self) -> Mapping[str, int]:
         return {}
