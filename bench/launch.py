@@ -144,7 +144,15 @@ def qemu_warm(memory_mib: int, tmp: Path) -> float:
     try:
         _wait_for_path(qmp_path)
         qmp = socket.socket(socket.AF_UNIX)
-        qmp.connect(str(qmp_path))
+        deadline = time.monotonic() + 10
+        while True:  # the path exists from bind(); QEMU listens a moment later
+            try:
+                qmp.connect(str(qmp_path))
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
         reader = qmp.makefile("rb")
         reader.readline()  # greeting
         qmp.sendall(json.dumps({"execute": "qmp_capabilities"}).encode())
