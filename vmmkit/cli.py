@@ -189,7 +189,7 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
     from vmmkit.sandbox import cli as sandbox_cli
 
     parser = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog, formatter_class=_help_formatter(),
         description="Boot a virtual machine. Options follow Cloud Hypervisor's syntax.",
         epilog="Other commands: 'vmmkit plugins' lists plugins; 'vmmkit run' boots the demo guest.",
     )
@@ -235,6 +235,27 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
     sandbox_cli.add_options(parser)
     pm.hook.vmmkit_add_cli_options(parser=parser)
     return parser
+
+
+def _help_formatter() -> Any:
+    """argparse's help formatter with the terminal's width found once: argparse makes a
+    formatter for every ``add_argument`` (to check its metavar), and one left to find its width
+    asks the terminal each time, importing ``shutil`` for it: ~40 times on every boot, which
+    prints no help. The width is found as ``shutil.get_terminal_size`` finds it: ``$COLUMNS``,
+    else stdout's terminal, else 80."""
+    import functools
+    import os
+
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return functools.partial(argparse.HelpFormatter, width=(columns or 80) - 2)
 
 
 def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
