@@ -183,8 +183,10 @@ def _cmd_plugins(args: list[str]) -> int:
 # -- booting a VM ----------------------------------------------------------------------------
 
 
-def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.ArgumentParser:
-    """The VM-booting parser: Cloud Hypervisor's options plus what plugins add."""
+def build_parser(pm: Any, registries: Any, prog: str = "vmmkit", *, lean: Any = None) -> argparse.ArgumentParser:
+    """The VM-booting parser: Cloud Hypervisor's options plus what plugins add. ``lean``: the
+    :class:`vmmkit.plugin_index.LeanPlugins` of a boot, whose deferred plugins' hypervisors and
+    architectures are valid choices too."""
     from vmmkit.registry import AUTO
     from vmmkit.sandbox import cli as sandbox_cli
 
@@ -208,9 +210,11 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
                                 help="not supported yet")
         else:
             parser.add_argument(flag, dest=dest, action="store_true", help="not supported yet")
-    parser.add_argument("--hypervisor", default=AUTO, choices=[AUTO, *(h.name for h in registries.hypervisor_order())],
+    hypervisors = lean.hypervisor_names() if lean is not None else [h.name for h in registries.hypervisor_order()]
+    parser.add_argument("--hypervisor", default=AUTO, choices=[AUTO, *hypervisors],
                         help="backend (auto: the first usable one, see 'vmmkit plugins')")
-    parser.add_argument("--arch", default=None, choices=registries.architectures.names(),
+    arches = lean.architecture_names() if lean is not None else registries.architectures.names()
+    parser.add_argument("--arch", default=None, choices=arches,
                         help="guest architecture (default: the host's)")
     parser.add_argument("--api-socket", dest="api_socket", default=None, metavar="SPEC",
                         help="serve the management API on a Unix socket: path=<socket>|fd=<fd> "
@@ -288,14 +292,20 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
     from vmmkit.config import ConfigError, NotSupportedYet
     from vmmkit.device import check_devices
     from vmmkit.errors import VmmError
+    from vmmkit.plugin_index import lean_plugins
 
     try:
-        pm, registries = _load_plugins()
+        pm, registries, lean = lean_plugins()  # without the on-demand plugins when an index is valid
     except VmmError as exc:
         return _fail(str(exc))
-    parser = build_parser(pm, registries, prog="vmmkit run" if demo_default else "vmmkit")
+    parser = build_parser(pm, registries, prog="vmmkit run" if demo_default else "vmmkit", lean=lean)
     options = parser.parse_args(args)  # exits 2 on unknown options and bad choices
     if options.restore is not None:
+        if lean is not None:
+            try:
+                lean.load_all()
+            except VmmError as exc:
+                return _fail(str(exc))
         return _cmd_restore(options, parser, pm, registries)
     try:
         config = config_from_options(options, registries)
@@ -324,6 +334,11 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
     except VmmError as exc:
         return _fail(str(exc), EXIT_USAGE)
     pm.hook.vmmkit_configure(options=options)
+    if lean is not None:
+        try:  # the API may create any VM; a boot needs what its hypervisor and architecture are
+            lean.load_all() if serving else lean.load_for(options.hypervisor, options.arch)
+        except VmmError as exc:
+            return _fail(str(exc))
     if serving:
         return _serve(config, pm, registries, options)
     return _boot(config, pm, registries, options)
