@@ -47,7 +47,7 @@ def vmmkit_configure(options: argparse.Namespace) -> None:
 
 
 @hookspec
-def vmmkit_load_on_demand() -> bool:
+def vmmkit_load_on_demand() -> bool | None:
     """Declare that this plugin matters only to a VM that runs on a hypervisor or guest
     architecture it registers: its other hooks do nothing for any other VM, and the device
     types it registers serve only such VMs. A ``vmmkit`` boot that uses none of them then does
@@ -56,7 +56,7 @@ def vmmkit_load_on_demand() -> bool:
     :func:`vmmkit_configure` (they act before the VM is chosen), registers a transport or a
     device type with a command-line option, or registers no hypervisor and no architecture.
 
-    :return: True to be loaded only on demand.
+    :return: True to be loaded only on demand (``None`` or False: at every start).
     """
 
 

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 @hookimpl
 def vmmkit_load_on_demand() -> bool:
-    """Only an emu VM (``--hypervisor emu``, or ``auto`` with no usable hardware backend) needs this plugin: other boots do not import it."""
+    """Only an emu VM (``--hypervisor emu``, or ``auto`` with no usable hardware backend)
+    needs this plugin: other boots do not import it."""
     return True
 
 
