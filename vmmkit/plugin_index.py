@@ -179,18 +179,22 @@ class LeanPlugins:
     VM turns out to need them (:meth:`load_for`)."""
 
     def __init__(self, pm: PluginManager, registries: Registries,
-                 deferred: Iterable[tuple[EntryPoint, PluginEntry]]) -> None:
+                 deferred: Iterable[tuple[EntryPoint, PluginEntry]], indexed: Sequence[PluginEntry] = ()) -> None:
         self.pm = pm
         self.registries = registries
         self.deferred = {ep.name: (ep, entry) for ep, entry in deferred}
+        self._indexed = list(indexed)  # every entry point's, in discovery order
 
     def hypervisor_names(self) -> list[str]:
         """Every backend, loaded or not, in ``--hypervisor auto`` order."""
         return [name for _priority, name, _plugin in self._hypervisor_order()]
 
     def architecture_names(self) -> list[str]:
-        names = self.registries.architectures.names()
-        return names + [a for _ep, entry in self.deferred.values() for a in entry.architectures if a not in names]
+        """Every architecture, loaded or not, in the order a full discovery registers them."""
+        loaded = self.registries.architectures.names()
+        names = [a for entry in self._indexed if not self.pm.is_blocked(entry.name) for a in entry.architectures
+                 if a in loaded or entry.name in self.deferred]
+        return names + [a for a in loaded if a not in names]
 
     def _hypervisor_order(self) -> list[tuple[int, str, str | None]]:
         order: list[tuple[int, str, str | None]] = [(h.priority, h.name, None) for h in self.registries.hypervisors]
@@ -259,4 +263,4 @@ def lean_plugins() -> tuple[PluginManager, Registries, LeanPlugins | None]:
     pm = make_plugin_manager(found=found, defer={ep.name for ep, _entry in deferred})
     deferred = [(ep, entry) for ep, entry in deferred if not pm.is_blocked(ep.name)]
     registries = collect_registries(pm)
-    return pm, registries, LeanPlugins(pm, registries, deferred)
+    return pm, registries, LeanPlugins(pm, registries, deferred, [index[ep.name] for ep in found])
