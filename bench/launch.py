@@ -1,6 +1,8 @@
 """Launch benchmark: vmmkit vs QEMU microvm on the same test guest, in the same run.
 
-(a) cold start: wall time from spawning the VMM process to the guest's first serial byte;
+(a) cold start: wall time from spawning the VMM process to the guest's first serial byte, and
+    to the VMM's exit after the guest powered off (a full run: the guest's whole output read,
+    exit status 0 checked);
 (b) the VMM's own resident memory: RSS outside guest RAM (from /proc/<pid>/smaps), measured
     while the guest spins;
 (c) warm start: a VMM already running with its API socket (and a VM created through
@@ -16,7 +18,10 @@ Two reference rows that are not VMMs put the cold numbers in proportion: the sam
 printing one byte, and printing one byte after importing vmmkit's required libraries (pluggy,
 attrs, cffi's backend). They are the floor any vmmkit start-up pays on this host.
 
-    python bench/launch.py [--runs 10] [--memory 128]
+    python bench/launch.py [--runs 10] [--memory 128] [--cold-only] [--json PATH]
+
+Each run writes a JSON record (``bench/results/launch-<time>.json``, :mod:`record`) for
+``bench/plot.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from record import write_record
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST = REPO / "tests" / "guests" / "build" / "x86_64" / "selftest.elf"
@@ -84,6 +92,34 @@ def time_to_first_byte(cmd: list[str], env: dict[str, str] = ENV) -> float:
         proc.wait()
 
 
+def time_to_exit(cmd: list[str], env: dict[str, str] = ENV) -> float:
+    """Spawn to exit of a run whose guest powers off, reading all its output; the run must exit
+    with 0 and a VMM's guest must have finished its self-test."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+    assert proc.stdout is not None
+    output = b""
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1)
+            if not ready:
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            output += chunk
+        status = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        took = time.perf_counter() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if status != 0 or (cmd[0] != sys.executable and b"selftest: exit 0" not in output):
+        raise RuntimeError(f"{cmd[0]}: exit status {status}, output ends {output[-200:]!r}")
+    return took
+
+
 def vmmkit_warm(memory_mib: int, tmp: Path) -> float:
     from vmmkit.api.client import ApiClient
 
@@ -94,6 +130,7 @@ def vmmkit_warm(memory_mib: int, tmp: Path) -> float:
     try:
         _wait_for_path(sock)
         client = ApiClient(str(sock))
+        _wait_for_listener(client)
         client.create({"payload": {"kernel": str(GUEST), "cmdline": "hello"}, "memory": {"size": memory_mib << 20},
                        "serial": {"mode": "Tty"}})
         start = time.perf_counter()
@@ -114,7 +151,15 @@ def qemu_warm(memory_mib: int, tmp: Path) -> float:
     try:
         _wait_for_path(qmp_path)
         qmp = socket.socket(socket.AF_UNIX)
-        qmp.connect(str(qmp_path))
+        deadline = time.monotonic() + 10
+        while True:  # the path exists from bind(); QEMU listens a moment later
+            try:
+                qmp.connect(str(qmp_path))
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
         reader = qmp.makefile("rb")
         reader.readline()  # greeting
         qmp.sendall(json.dumps({"execute": "qmp_capabilities"}).encode())
@@ -133,6 +178,22 @@ def _wait_for_path(path: Path, timeout: float = 10) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} never appeared")
         time.sleep(0.005)
+
+
+def _wait_for_listener(client: Any, timeout: float = 10) -> None:
+    """The socket's path exists from bind() on; the server listens a moment later (a connection
+    in between is refused)."""
+    from vmmkit.api.client import ApiError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            return
+        except ApiError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _first_byte(proc: subprocess.Popen[bytes], start: float) -> float:
@@ -174,18 +235,7 @@ def _rss_excluding(pid: int, ram_kib: int) -> int:
     return total
 
 
-def time_to_exit(cmd: list[str], env: dict[str, str] = ENV) -> float:
-    """Spawn to exit of a VMM whose guest prints its report and powers off (status 0)."""
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
-                          timeout=60)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0 or b"selftest: exit 0" not in proc.stdout:
-        raise RuntimeError(f"{cmd[0]}: exit status {proc.returncode}, output {proc.stdout[-300:]!r}")
-    return elapsed
-
-
-def launcher_rows(memory_mib: int, runs: int, tmp: Path) -> list[dict[str, object]]:
+def launcher_rows(memory_mib: int, runs: int, tmp: Path) -> list[dict[str, Any]]:
     """(d): the launcher against cold vmmkit and QEMU microvm, interleaved; prints the table
     and returns its rows."""
     sock = tmp / "launcher.sock"
@@ -217,26 +267,17 @@ def launcher_rows(memory_mib: int, runs: int, tmp: Path) -> list[dict[str, objec
           "median, min)")
     print(f"{'VMM':<16} {'first byte ms':>14} {'min ms':>8} {'vs qemu':>8} {'run to exit ms':>15} {'min ms':>8}"
           f" {'vs qemu':>8}")
-    records: list[dict[str, object]] = []
+    records: list[dict[str, Any]] = []
     for name in rows:
         f_med, x_med = statistics.median(first[name]), statistics.median(full[name])
         print(f"{name:<16} {f_med * 1000:>14.1f} {min(first[name]) * 1000:>8.1f} {f_med / first_base:>7.2f}x"
               f" {x_med * 1000:>15.1f} {min(full[name]) * 1000:>8.1f} {x_med / full_base:>7.2f}x")
-        records += [{"peer": name, "metric": "first_byte", "unit": "ms", "value": round(f_med * 1000, 2)},
-                    {"peer": name, "metric": "run_to_exit", "unit": "ms", "value": round(x_med * 1000, 2)}]
+        for measure, times, median, base_median in (("launcher: first byte", first[name], f_med, first_base),
+                                                     ("launcher: full run", full[name], x_med, full_base)):
+            records.append({"peer": name, "measure": measure, "median_ms": round(median * 1000, 2),
+                            "min_ms": round(min(times) * 1000, 2),
+                            "vs_qemu": round(median / base_median, 3) if base == "qemu microvm" else None})
     return records
-
-
-def write_record(rows: list[dict[str, object]], args: argparse.Namespace, started: float) -> Path:
-    import json
-
-    path = REPO / "bench" / "results" / time.strftime("launch-%Y%m%dT%H%M%S.json")
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()
-    record = {"bench": "launch", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": time.monotonic() - started,
-              "args": vars(args), "qemu": qemu[0] if qemu else None, "load": list(os.getloadavg()), "rows": rows}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    return path
 
 
 def _pth_files() -> list[str]:
@@ -252,6 +293,9 @@ def main() -> int:
     parser.add_argument("--memory", type=int, default=128, help="guest RAM in MiB")
     parser.add_argument("--no-launcher", action="store_true", help="skip (d), the pre-forked launcher's table")
     parser.add_argument("--only-launcher", action="store_true", help="only (d), the pre-forked launcher's table")
+    parser.add_argument("--cold-only", action="store_true", help="only the cold rows (no warm start, no RSS)")
+    parser.add_argument("--json", default=None, help="the record's path ('-': stdout; default: "
+                        "bench/results/launch-<time>.json)")
     args = parser.parse_args()
     started = time.monotonic()
     if not GUEST.is_file():
@@ -260,8 +304,9 @@ def main() -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            rows = launcher_rows(args.memory, args.runs, Path(tmp))
-        print(f"record: {write_record(rows, args, started)}")
+            launcher_only = launcher_rows(args.memory, args.runs, Path(tmp))
+        write_record("launch", launcher_only, keys=("peer", "measure"), args=args, started=started, path=args.json,
+                     qemu=_qemu_version(), guest=GUEST.name)
         return 0
     peers = {"vmmkit": vmmkit_cmd}
     if shutil.which("qemu-system-x86_64"):
@@ -270,41 +315,68 @@ def main() -> int:
         print("qemu-system-x86_64 not found: showing vmmkit alone", file=sys.stderr)
     timed = {**peers, **FLOORS}
     for cmd in timed.values():  # warm-up: writes the bytecode caches, loads the host's file cache
-        time_to_first_byte(cmd(args.memory, "hello"))
+        time_to_exit(cmd(args.memory, "hello"))
     cold: dict[str, list[float]] = {name: [] for name in timed}
+    full: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(args.runs):  # interleaved, so drift affects all alike
         for name, cmd in timed.items():
             cold[name].append(time_to_first_byte(cmd(args.memory, "hello")))
-    rss = {name: rss_outside_guest_ram(cmd(args.memory, "test=spin"), args.memory) for name, cmd in peers.items()}
-    warm_runs = {"vmmkit": vmmkit_warm, "qemu microvm": qemu_warm}
+            full[name].append(time_to_exit(cmd(args.memory, "hello")))
+    rss: dict[str, int] = {}
     warm: dict[str, list[float]] = {name: [] for name in peers}
-    import tempfile
+    if not args.cold_only:
+        rss = {name: rss_outside_guest_ram(cmd(args.memory, "test=spin"), args.memory) for name, cmd in peers.items()}
+        warm_runs = {"vmmkit": vmmkit_warm, "qemu microvm": qemu_warm}
+        import tempfile
 
-    for _ in range(max(3, args.runs // 2)):
-        for name in peers:
-            with tempfile.TemporaryDirectory() as tmp:
-                warm[name].append(warm_runs[name](args.memory, Path(tmp)))
-    base = statistics.median(cold.get("qemu microvm", cold["vmmkit"]))
-    print(f"launch: test guest {GUEST.name}, {args.memory} MiB, 1 vCPU, {args.runs} runs each (median, min)")
-    warm_base = statistics.median(warm.get("qemu microvm", warm["vmmkit"]))
-    print(f"{'VMM':<14} {'cold: first byte ms':>20} {'min ms':>8} {'vs qemu':>8} {'warm: boot->byte ms':>20}"
-          f" {'vs qemu':>8} {'RSS outside RAM':>16}")
-    for name in peers:
-        median = statistics.median(cold[name]) * 1000
-        warm_median = statistics.median(warm[name]) * 1000
-        print(f"{name:<14} {median:>20.1f} {min(cold[name]) * 1000:>8.1f} {median / (base * 1000):>7.2f}x"
-              f" {warm_median:>20.1f} {warm_median / (warm_base * 1000):>7.2f}x {rss[name] / 1024:>13.1f} MiB")
-    for name in FLOORS:
-        median = statistics.median(cold[name]) * 1000
-        print(f"{name:<20} {median:>14.1f} {min(cold[name]) * 1000:>8.1f} {median / (base * 1000):>7.2f}x"
-              "   (not a VMM: start-up floor)")
-    print("warm: vmmkit from the vm.boot API request; QEMU from QMP 'cont' of a VM started with -S")
+        for _ in range(max(3, args.runs // 2)):
+            for name in peers:
+                with tempfile.TemporaryDirectory() as tmp:
+                    warm[name].append(warm_runs[name](args.memory, Path(tmp)))
+    reference = "qemu microvm" if "qemu microvm" in peers else "vmmkit"
+    measures = {"cold: first byte": cold, "cold: full run": full}
+    if not args.cold_only:
+        measures["warm: boot->byte"] = warm
+    print(f"launch: test guest {GUEST.name}, {args.memory} MiB, 1 vCPU, {args.runs} runs each (median ms, min ms, "
+          f"ratio of medians to {reference})")
+    header = f"{'':<20}" + "".join(f" | {measure:>24}" for measure in measures)
+    print(header + (f" | {'RSS outside RAM':>15}" if rss else ""))
+    rows: list[dict[str, Any]] = []
+    for name in timed:
+        cells = []
+        for measure, times in measures.items():
+            if not times.get(name):
+                cells.append(f"{'-':>24}")
+                continue
+            median, best = statistics.median(times[name]) * 1000, min(times[name]) * 1000
+            ratio = median / (statistics.median(times[reference]) * 1000)
+            cells.append(f"{median:>8.1f} {best:>7.1f} {ratio:>6.2f}x")
+            rows.append({"peer": name, "measure": measure, "median_ms": round(median, 2), "min_ms": round(best, 2),
+                         "vs_qemu": round(ratio, 3) if reference == "qemu microvm" else None})
+        line = f"{name:<20}" + "".join(f" | {cell}" for cell in cells)
+        if name in rss:
+            line += f" | {rss[name] / 1024:>11.1f} MiB"
+            rows.append({"peer": name, "measure": "RSS outside guest RAM", "mib": round(rss[name] / 1024, 2)})
+        print(line + ("   (not a VMM: start-up floor)" if name in FLOORS else ""))
+    print("full run: spawn to exit after the guest's self-test powered off (output read, status 0)")
+    if not args.cold_only:
+        print("warm: vmmkit from the vm.boot API request; QEMU from QMP 'cont' of a VM started with -S")
     print(f"python: {sys.executable} (site runs {len(_pth_files())} .pth file(s) at every start)")
-    if not args.no_launcher:
+    if not args.no_launcher and not args.cold_only:
+        import tempfile
+
         with tempfile.TemporaryDirectory() as tmp:
-            rows = launcher_rows(args.memory, args.runs, Path(tmp))
-        print(f"record: {write_record(rows, args, started)}")
+            rows += launcher_rows(args.memory, args.runs, Path(tmp))
+    write_record("launch", rows, keys=("peer", "measure"), args=args, started=started, path=args.json,
+                 qemu=_qemu_version(), guest=GUEST.name)
     return 0
+
+
+def _qemu_version() -> str | None:
+    if not shutil.which("qemu-system-x86_64"):
+        return None
+    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split()
+    return out[3] if len(out) > 3 else None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ RNG, console and, as root, a NIC on a tap in a private network namespace; see
 ``tests/linux/linuxboot.py``). QEMU with KVM is not in the table: on a kvm_pvm host it dies on
 the first instruction the in-kernel emulator cannot run (``plugins/kvm/README.md``).
 
-    python bench/linux.py [--runs 1] [--kernel vmlinux|bzImage|both] [--no-net]
+    python bench/linux.py [--runs 1] [--kernel vmlinux|bzImage|both] [--no-net] [--json PATH]
+
+Each run writes a JSON record (``bench/results/linux-<time>.json``, ``bench/record.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +40,7 @@ from linuxboot import (  # noqa: E402
     qemu_command,
     vmmkit_command,
 )
+from record import write_record  # noqa: E402
 
 MILESTONES = (
     ("banner", "Linux version "),
@@ -73,7 +77,10 @@ def main() -> int:
     parser.add_argument("--kernel", choices=("vmlinux", "bzImage", "both"), default="both")
     parser.add_argument("--no-net", action="store_true", help="leave the NIC out (no root needed)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a boot counts as hung")
+    parser.add_argument("--json", default=None, help="the record's path ('-': stdout; default: "
+                        "bench/results/linux-<time>.json)")
     args = parser.parse_args()
+    started = time.monotonic()
     for reason in (linux_missing_reason(), missing_busybox_reason()):
         if reason:
             print(f"bench/linux.py: {reason}", file=sys.stderr)
@@ -101,14 +108,22 @@ def main() -> int:
     print(f"The team's Linux kernel ({LINUX_DIR}) to /init, {'with' if net else 'without'} a NIC; "
           f"median of {args.runs} run(s), seconds from spawning the VMM")
     print(" | ".join(f"{h:>12}" for h in header))
+    records = []
     for kernel, vmm, results in rows:
         cells = [kernel, label[vmm]]
-        for _, text in MILESTONES:
+        for name, text in MILESTONES:
             times = [t for t in (r.time_of(text) for r in results) if t is not None]
             cells.append(f"{statistics.median(times):.2f}" if times else "-")
+            records.append({"kernel": kernel, "vmm": label[vmm], "milestone": name,
+                            "seconds": round(statistics.median(times), 3) if times else None})
         ends = [r.elapsed for r in results if r.returncode == 0 and not r.timed_out]
         cells.append(f"{statistics.median(ends):.2f}" if ends else "failed")
+        records.append({"kernel": kernel, "vmm": label[vmm], "milestone": "power-off",
+                        "seconds": round(statistics.median(ends), 3) if ends else None,
+                        "failed_runs": len(results) - len(ends)})
         print(" | ".join(f"{c:>12}" for c in cells))
+    write_record("linux", records, keys=("kernel", "vmm", "milestone"), args=args, started=started, path=args.json,
+                 net=net)
     return 0
 
 

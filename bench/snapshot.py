@@ -21,6 +21,8 @@ reports it in its ``vm``/``migrated`` event) vs QEMU ``migrate unix:`` to ``-inc
 (``query-migrate``'s ``total-time`` and ``downtime``). The guest must go on at the destination.
 
     python bench/snapshot.py [--runs 5] [--memory 256,2048] [--migration]
+
+Each run writes a JSON record (``bench/results/snapshot-<time>.json``, ``bench/record.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from record import write_record
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST = REPO / "tests" / "guests" / "build" / "x86_64" / "selftest.elf"
@@ -273,7 +277,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--memory", default="256,2048", help="guest RAM sizes in MiB, comma separated")
     parser.add_argument("--migration", action="store_true", help="also measure live migration (running guest)")
+    parser.add_argument("--json", default=None, help="the record's path ('-': stdout; default: "
+                        "bench/results/snapshot-<time>.json)")
     args = parser.parse_args()
+    started = time.monotonic()
+    rows: list[dict[str, object]] = []
     if not GUEST.is_file():
         subprocess.run(["make", "-s", "-C", str(GUEST.parents[2])], check=True)
     peers: list[type[Vmmkit] | type[Qemu]] = [Vmmkit]
@@ -295,6 +303,10 @@ def main() -> int:
             runs = results[(peer.name, memory_mib)]
             medians[peer.name] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
             took, size, restore = medians[peer.name]
+            rows.append({"peer": peer.name, "memory_mib": memory_mib, "operation": "snapshot",
+                         "ms": round(took * 1e3, 2), "kib_on_disk": round(size / 1024)})
+            rows.append({"peer": peer.name, "memory_mib": memory_mib, "operation": "restore",
+                         "ms": round(restore * 1e3, 2)})
             print(f"{memory_mib:>5}M {peer.name:8} {took * 1e3:>12.1f} {size / 1024:>12.0f} {restore * 1e3:>11.1f}")
         if "qemu" in medians:
             v, q = medians["vmmkit"], medians["qemu"]
@@ -315,6 +327,10 @@ def main() -> int:
                 runs = migrations[(name, memory_mib)]
                 total, down = (statistics.median(run[i] for run in runs) for i in range(2))
                 print(f"{memory_mib:>5}M {name:8} {total * 1e3:>12.1f} {down * 1e3:>12.1f}")
+                rows.append({"peer": name, "memory_mib": memory_mib, "operation": "live migration",
+                             "ms": round(total * 1e3, 2), "downtime_ms": round(down * 1e3, 2)})
+    write_record("snapshot", rows, keys=("peer", "memory_mib", "operation"), args=args, started=started,
+                 path=args.json)
     return 0
 
 

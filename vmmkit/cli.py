@@ -71,7 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vmmkit import _codecache
 
     _codecache.install()
-    args = list(sys.argv[1:] if argv is None else argv)
+    status = _dispatch(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:  # the command itself, about to exit
+        _exit_without_finalizing(status)
+    return status
+
+
+def _dispatch(args: list[str]) -> int:
     try:
         if args[:1] == ["plugins"]:
             return _cmd_plugins(args[1:])
@@ -84,6 +90,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_boot(args, demo_default=False)
     except KeyboardInterrupt:
         return 130
+
+
+def _exit_without_finalizing(status: int) -> None:
+    """End the process with ``status`` now, as ``sys.exit`` would, minus the interpreter's
+    finalization: freeing every module and object costs ~27 ms after the VM is gone, and the
+    kernel releases memory and descriptors anyway (the VM and the API server are closed by
+    then). What an exit must still do is done first: the ``atexit`` functions (the attrs code
+    cache's save) and flushing stdout, stderr and the log. Returns, leaving the usual exit to
+    the interpreter, when a non-daemon thread still runs (the interpreter would wait for it)
+    or a flush fails (the interpreter reports it and exits with 120)."""
+    import atexit
+    import os
+
+    threading = sys.modules.get("threading")
+    if threading is not None and any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
+                                     if thread is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()
+    try:
+        for stream in (sys.stdout, sys.stderr, _log_stream):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(status)
 
 
 # -- shared set-up ---------------------------------------------------------------------------
@@ -163,13 +194,15 @@ def _cmd_plugins(args: list[str]) -> int:
 # -- booting a VM ----------------------------------------------------------------------------
 
 
-def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.ArgumentParser:
-    """The VM-booting parser: Cloud Hypervisor's options plus what plugins add."""
+def build_parser(pm: Any, registries: Any, prog: str = "vmmkit", *, lean: Any = None) -> argparse.ArgumentParser:
+    """The VM-booting parser: Cloud Hypervisor's options plus what plugins add. ``lean``: the
+    :class:`vmmkit.plugin_index.LeanPlugins` of a boot, whose deferred plugins' hypervisors and
+    architectures are valid choices too."""
     from vmmkit.registry import AUTO
     from vmmkit.sandbox import cli as sandbox_cli
 
     parser = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog, formatter_class=_help_formatter(),
         description="Boot a virtual machine. Options follow Cloud Hypervisor's syntax.",
         epilog="Other commands: 'vmmkit plugins' lists plugins; 'vmmkit run' boots the demo guest.",
     )
@@ -188,9 +221,11 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
                                 help="not supported yet")
         else:
             parser.add_argument(flag, dest=dest, action="store_true", help="not supported yet")
-    parser.add_argument("--hypervisor", default=AUTO, choices=[AUTO, *(h.name for h in registries.hypervisor_order())],
+    hypervisors = lean.hypervisor_names() if lean is not None else [h.name for h in registries.hypervisor_order()]
+    parser.add_argument("--hypervisor", default=AUTO, choices=[AUTO, *hypervisors],
                         help="backend (auto: the first usable one, see 'vmmkit plugins')")
-    parser.add_argument("--arch", default=None, choices=registries.architectures.names(),
+    arches = lean.architecture_names() if lean is not None else registries.architectures.names()
+    parser.add_argument("--arch", default=None, choices=arches,
                         help="guest architecture (default: the host's)")
     parser.add_argument("--api-socket", dest="api_socket", default=None, metavar="SPEC",
                         help="serve the management API on a Unix socket: path=<socket>|fd=<fd> "
@@ -215,6 +250,27 @@ def build_parser(pm: Any, registries: Any, prog: str = "vmmkit") -> argparse.Arg
     sandbox_cli.add_options(parser)
     pm.hook.vmmkit_add_cli_options(parser=parser)
     return parser
+
+
+def _help_formatter() -> Any:
+    """argparse's help formatter with the terminal's width found once: argparse makes a
+    formatter for every ``add_argument`` (to check its metavar), and one left to find its width
+    asks the terminal each time, importing ``shutil`` for it: ~40 times on every boot, which
+    prints no help. The width is found as ``shutil.get_terminal_size`` finds it: ``$COLUMNS``,
+    else stdout's terminal, else 80."""
+    import functools
+    import os
+
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return functools.partial(argparse.HelpFormatter, width=(columns or 80) - 2)
 
 
 def config_from_options(options: argparse.Namespace, registries: Any) -> Any:
@@ -247,14 +303,20 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
     from vmmkit.config import ConfigError, NotSupportedYet
     from vmmkit.device import check_devices
     from vmmkit.errors import VmmError
+    from vmmkit.plugin_index import lean_plugins
 
     try:
-        pm, registries = _load_plugins()
+        pm, registries, lean = lean_plugins()  # without the on-demand plugins when an index is valid
     except VmmError as exc:
         return _fail(str(exc))
-    parser = build_parser(pm, registries, prog="vmmkit run" if demo_default else "vmmkit")
+    parser = build_parser(pm, registries, prog="vmmkit run" if demo_default else "vmmkit", lean=lean)
     options = parser.parse_args(args)  # exits 2 on unknown options and bad choices
     if options.restore is not None:
+        if lean is not None:
+            try:
+                lean.load_all()
+            except VmmError as exc:
+                return _fail(str(exc))
         return _cmd_restore(options, parser, pm, registries)
     try:
         config = config_from_options(options, registries)
@@ -283,6 +345,11 @@ def _cmd_boot(args: list[str], *, demo_default: bool) -> int:
     except VmmError as exc:
         return _fail(str(exc), EXIT_USAGE)
     pm.hook.vmmkit_configure(options=options)
+    if lean is not None:
+        try:  # the API may create any VM; a boot needs what its hypervisor and architecture are
+            lean.load_all() if serving else lean.load_for(options.hypervisor, options.arch)
+        except VmmError as exc:
+            return _fail(str(exc))
     if serving:
         return _serve(config, pm, registries, options)
     return _boot(config, pm, registries, options)

@@ -46,6 +46,20 @@ def vmmkit_configure(options: argparse.Namespace) -> None:
     """
 
 
+@hookspec
+def vmmkit_load_on_demand() -> bool | None:
+    """Declare that this plugin matters only to a VM that runs on a hypervisor or guest
+    architecture it registers: its other hooks do nothing for any other VM, and the device
+    types it registers serve only such VMs. A ``vmmkit`` boot that uses none of them then does
+    not import the plugin at all (:mod:`vmmkit.plugin_index`). Ignored, and the plugin loaded
+    at every start, when the plugin also implements :func:`vmmkit_add_cli_options` or
+    :func:`vmmkit_configure` (they act before the VM is chosen), registers a transport or a
+    device type with a command-line option, or registers no hypervisor and no architecture.
+
+    :return: True to be loaded only on demand (``None`` or False: at every start).
+    """
+
+
 # -- backends ----------------------------------------------------------------------------------
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import attrs
 import pluggy
 
 from vmmkit import PROJECT_NAME, hookspecs
-from vmmkit.entrypoints import Distribution, entry_points
+from vmmkit.entrypoints import Distribution, EntryPoint, entry_points
 from vmmkit.errors import PluginError
 from vmmkit.registry import Registries
 
@@ -47,10 +47,15 @@ class PluginManager(pluggy.PluginManager):
         """Load and register the plugins of entry-point ``group``, as pluggy's method of this
         name does: a name already registered or blocked is skipped. One that fails to import
         is recorded in :attr:`broken` and skipped."""
-        count = 0
-        for entry_point in entry_points(group):
-            if name is not None and entry_point.name != name:
-                continue
+        found = [ep for ep in entry_points(group) if name is None or ep.name == name]
+        return len(self.load_entry_points(found))
+
+    def load_entry_points(self, found: Iterable[EntryPoint]) -> list[Any]:
+        """Load and register the plugins of the entry points ``found`` (skipping, as
+        :meth:`load_setuptools_entrypoints` does, names registered or blocked and recording
+        failures in :attr:`broken`); returns the plugins registered."""
+        loaded = []
+        for entry_point in found:
             if self.get_plugin(entry_point.name) or self.is_blocked(entry_point.name):
                 continue
             try:
@@ -63,17 +68,20 @@ class PluginManager(pluggy.PluginManager):
                 continue
             self.register(plugin, name=entry_point.name)
             self._entry_point_dists.append((plugin, entry_point.dist))
-            count += 1
-        return count
+            loaded.append(plugin)
+        return loaded
 
     def list_plugin_distinfo(self) -> list[tuple[Any, Any]]:
         return [*self._entry_point_dists, *super().list_plugin_distinfo()]
 
 
 def make_plugin_manager(autoload: bool = True, plugins: Iterable[Any] = (), *,
-                        keep_broken: bool = False) -> PluginManager:
+                        keep_broken: bool = False, found: Sequence[EntryPoint] | None = None,
+                        defer: Collection[str] = ()) -> PluginManager:
     """A plugin manager with vmmkit's hooks, the installed plugins (unless ``autoload`` is
-    off) and ``plugins`` registered.
+    off) and ``plugins`` registered. ``found``: the installed entry points when the caller
+    has them already; ``defer``: entry-point names not to load now
+    (:mod:`vmmkit.plugin_index` loads them when a VM needs them).
 
     Plugins named in ``$VMMKIT_DISABLE_PLUGINS`` (comma separated entry-point names) are
     blocked. A hook implementation that matches no specification is an error. An installed
@@ -86,8 +94,10 @@ def make_plugin_manager(autoload: bool = True, plugins: Iterable[Any] = (), *,
         if name.strip():
             pm.set_blocked(name.strip())
     if autoload:
+        if found is None:
+            found = entry_points(ENTRY_POINT_GROUP)
         try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            pm.load_entry_points(ep for ep in found if ep.name not in defer)
         except Exception as exc:  # registering a third-party plugin failed: not a traceback
             raise PluginError(f"loading plugins of entry-point group {ENTRY_POINT_GROUP!r}: {exc}") from exc
         if pm.broken and not keep_broken:
@@ -109,9 +119,11 @@ def plugin_label(pm: pluggy.PluginManager, plugin: Any) -> str:
     return pm.get_name(plugin) or repr(plugin)
 
 
-def collect_registries(pm: pluggy.PluginManager) -> Registries:
-    """Call every ``vmmkit_register_*`` hook, recording which plugin registered what."""
-    registries = Registries()
+def collect_registries(pm: pluggy.PluginManager, *, registries: Registries | None = None,
+                       plugins: Collection[Any] | None = None) -> Registries:
+    """Call every ``vmmkit_register_*`` hook, recording which plugin registered what; only
+    those of ``plugins`` (registered since) into ``registries`` when given."""
+    registries = Registries() if registries is None else registries
     calls = (
         ("vmmkit_register_hypervisors", registries.hypervisors),
         ("vmmkit_register_architectures", registries.architectures),
@@ -121,6 +133,8 @@ def collect_registries(pm: pluggy.PluginManager) -> Registries:
     for hook_name, registry in calls:
         hook = getattr(pm.hook, hook_name)
         for impl in hook.get_hookimpls():
+            if plugins is not None and not any(impl.plugin is plugin for plugin in plugins):
+                continue
             registry.current_plugin = plugin_label(pm, impl.plugin)
             impl.function(registry=registry)
     return registries

@@ -18,7 +18,6 @@ input and raise :class:`StateError` (with what is wrong) rather than fail half-w
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -61,6 +60,8 @@ def is_snapshottable(obj: object) -> bool:
 
 def pack_bytes(data: bytes) -> str:
     """``data`` as text for a state mapping (base64)."""
+    import base64  # snapshots and migration only: not on a boot's import path
+
     return base64.b64encode(bytes(data)).decode("ascii")
 
 
@@ -70,6 +71,8 @@ def unpack_bytes(text: Any, what: str, size: int | None = None) -> bytes:
     :raises StateError: not base64 text, or the wrong size."""
     if not isinstance(text, str):
         raise StateError(f"{what}: expected base64 text, found {type(text).__name__}")
+    import base64
+
     try:
         data = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):

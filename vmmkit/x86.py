@@ -3,7 +3,7 @@ and a backend translates to its own layout (``struct kvm_regs``, MSHV register n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 from attrs import field, frozen
@@ -151,11 +151,17 @@ class X86Vcpu(Protocol):
     def set_mp_state(self, state: int) -> None: ...
 
 
+def _entry_tuple(entries: Iterable[CpuIdEntry]) -> tuple[CpuIdEntry, ...]:
+    # a function, not ``converter=tuple``: attrs reads a converter's signature, and
+    # inspect.signature(tuple) parses its text signature (~2 ms at every start)
+    return tuple(entries)
+
+
 @frozen
 class CpuIdTable:
     """An ordered set of CPUID leaves with lookup by (function, index)."""
 
-    entries: tuple[CpuIdEntry, ...] = field(converter=tuple)
+    entries: tuple[CpuIdEntry, ...] = field(converter=_entry_tuple)
 
     def get(self, function: int, index: int = 0) -> CpuIdEntry | None:
         for entry in self.entries:

@@ -4,6 +4,7 @@ Timing lives in ``bench/launch.py``; this keeps the imports from creeping back."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,11 @@ NOT_ON_THE_BOOT_PATH = {
     "vmmkit_devices.virtio.block": "no disk in this VM",
     "vmmkit_devices.virtio.net": "no net in this VM",
     "vmmkit_aarch64.fdt": "an x86-64 guest",
+    "vmmkit_mshv": "on demand (vmmkit.plugin_index): kvm is the backend",
+    "vmmkit_emu": "on demand (vmmkit.plugin_index): kvm is the backend",
+    "socket": "only the socket console backend and the API",
+    "shutil": "argparse asked it for the terminal width once per option (the CLI finds it once)",
+    "base64": "only snapshot and migration state",
 }
 
 PROBE = """
@@ -45,12 +51,17 @@ runpy.run_module("vmmkit", run_name="__main__", alter_sys=True)
 @pytest.mark.requires_kvm
 def test_a_cli_boot_imports_only_what_it_needs(selftest_elf: Path, tmp_path: Path) -> None:
     listing = tmp_path / "modules.txt"
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(listing), "--kernel", str(selftest_elf), "--memory", "size=128M",
-         "--cmdline", "hello", "--serial", "file=" + str(tmp_path / "serial.txt")],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr
+    # as an installed command runs: its caches (the plugin index among them) written by a first run
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONDONTWRITEBYTECODE", "VMMKIT_NO_PLUGIN_INDEX", "VMMKIT_DISABLE_PLUGINS")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    for _run in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", PROBE, str(listing), "--kernel", str(selftest_elf), "--memory", "size=128M",
+             "--cmdline", "hello", "--serial", "file=" + str(tmp_path / "serial.txt")],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env,
+        )
+        assert result.returncode == 0, result.stderr
     assert "selftest: cmdline: hello" in (tmp_path / "serial.txt").read_text()
     modules = set(listing.read_text().split())
     assert {"vmmkit_kvm.hypervisor", "vmmkit_x86_64.arch", "vmmkit_devices.legacy.serial"} <= modules

@@ -15,6 +15,13 @@ if TYPE_CHECKING:
 
 
 @hookimpl
+def vmmkit_load_on_demand() -> bool:
+    """Only an emu VM (``--hypervisor emu``, or ``auto`` with no usable hardware backend)
+    needs this plugin: other boots do not import it."""
+    return True
+
+
+@hookimpl
 def vmmkit_register_hypervisors(registry: Registry[type[Hypervisor]]) -> None:
     """Register the emulation backend (``--hypervisor emu``; ``auto`` tries it last)."""
     from vmmkit_emu.hypervisor import EmuHypervisor

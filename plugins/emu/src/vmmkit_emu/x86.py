@@ -749,7 +749,7 @@ class X86Vcpu(EmuVcpu):
                 self._msrs[msr.index] = msr.data
 
     def set_cpuid(self, entries: Sequence[CpuIdEntry]) -> None:
-        self._cpuid = CpuIdTable(tuple(entries))  # type: ignore[arg-type]  # attrs converter
+        self._cpuid = CpuIdTable(entries)
 
     def get_lapic(self) -> bytes:
         with self._lapic_lock:

@@ -13,6 +13,12 @@ if TYPE_CHECKING:
 
 
 @hookimpl
+def vmmkit_load_on_demand() -> bool:
+    """Only an MSHV VM needs this plugin: other boots do not import it."""
+    return True
+
+
+@hookimpl
 def vmmkit_register_hypervisors(registry: Registry) -> None:  # type: ignore[type-arg]
     registry.add(MshvHypervisor)
 

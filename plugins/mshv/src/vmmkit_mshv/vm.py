@@ -440,7 +440,7 @@ class MshvVcpu(Vcpu):
             self.fd.set_registers(pairs)
 
     def set_cpuid(self, entries: Sequence[CpuIdEntry]) -> None:
-        self._cpuid = CpuIdTable(tuple(entries))  # type: ignore[arg-type]  # attrs converter
+        self._cpuid = CpuIdTable(entries)
         self.vm.intercept_cpuid()
 
     def get_lapic(self) -> bytes:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import socket
 import stat
 import threading
 from collections.abc import Mapping
@@ -37,6 +36,8 @@ from vmmkit_devices.console.mode import MODES as MODES  # moved there, re-export
 from vmmkit_devices.console.mode import console_mode as console_mode
 
 if TYPE_CHECKING:
+    import socket
+
     from vmmkit.eventloop import EventLoop
     from vmmkit_devices.console.tty import RawMode
 
@@ -354,6 +355,8 @@ class SocketBackend(ConsoleBackend):
             if not stat.S_ISSOCK(mode):
                 raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
             os.unlink(path)
+        import socket  # only this backend needs it: not imported by every boot's serial port
+
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         kind = socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         listener = socket.socket(socket.AF_UNIX, kind)
