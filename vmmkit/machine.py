@@ -716,7 +716,7 @@ class Machine:
                 for offset in range(0, region.size, len(zeros)):
                     length = min(len(zeros), region.size - offset)
                     region.buffer[offset : offset + length] = zeros[:length]
-            else:
+            elif region.backing_file is None:  # a shared zone's file keeps its bytes, as at power-on
                 region.discard()
         self.manager.reset()
         assert self.vm is not None

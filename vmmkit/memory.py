@@ -52,6 +52,11 @@ class GuestRegion:
     fd: int | None = None
     slot: int = 0
     readonly: bool = False
+    #: Where the region starts in ``fd`` (a file-backed memory zone's second piece; 0 for a memfd).
+    fd_offset: int = 0
+    #: The named file whose bytes are this RAM (a ``shared=on`` memory zone's ``file``): they
+    #: are the guest's RAM at power-on too, so a reset leaves them.
+    backing_file: str | None = None
     _pin: object = field(default=None, repr=False)
 
     @property

@@ -6,8 +6,11 @@ regions), each region mapped with its zone's options (``shared``, ``hugepages``,
 
 A zone with ``file=`` maps that file (created if absent and grown to the zone's size, never
 shrunk; a directory gets an unnamed file in it, ``O_TMPFILE``, as CH does): ``shared=on`` makes
-the guest's writes reach the file (``MAP_SHARED``), ``shared=off`` keeps them private. Such a
-region has no memfd: a vhost-user backend cannot map it (it is refused there by name).
+the guest's writes reach the file (``MAP_SHARED``), ``shared=off`` keeps them private. A
+shared zone's region keeps its file's descriptor (``GuestRegion.fd``, at ``fd_offset``), as a
+memfd region does: a vhost-user backend maps it, a local migration hands it over, released
+pages are punched out of the file, and a snapshot leaves its RAM in the file
+(:mod:`vmmkit.snapshot_zones`).
 
 With ``--memory hotplug_method=virtio-mem`` a zone's ``hotplug_size`` is an area of its own in
 the layout's hotplug space (zones in order, each on a 128 MiB boundary, CH's
@@ -20,8 +23,8 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from vmmkit.config import ConfigError
 from vmmkit.config.memory_zones import ZONE_HOTPLUG_ALIGN
@@ -86,40 +89,59 @@ def allocate(ram: Sequence[MemoryRange], config: MemoryConfig) -> GuestMemory:
     return memory
 
 
-def map_file_region(rng: MemoryRange, slot: int, zone: MemoryZoneConfig, offset: int) -> GuestRegion:
-    """Map ``zone.file`` at ``offset`` for ``rng`` (see the module's docstring).
+def map_file_region(rng: MemoryRange, slot: int, zone: MemoryZoneConfig, offset: int, *,
+                    existing: bool = False, prefault: bool | None = None) -> GuestRegion:
+    """Map ``zone.file`` at ``offset`` for ``rng`` (see the module's docstring). ``existing``:
+    the file holds the guest's RAM already (a snapshot left it there): it must exist and be
+    long enough, and is never created or grown. ``prefault``: default the zone's.
 
-    :raises MemoryAllocationError: the file cannot be opened, grown or mapped.
+    :raises MemoryAllocationError: the file cannot be opened, grown or mapped, or (``existing``)
+        is missing or too short.
     """
     assert zone.file is not None
     where = f"memory zone {zone.id!r}: file {zone.file}"
     try:
-        fd = _open_backing(zone.file)
+        fd = _open_existing(zone.file, zone.shared) if existing else _open_backing(zone.file)
     except OSError as exc:
         raise MemoryAllocationError(f"{where}: {exc.strerror or exc}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise MemoryAllocationError(f"{where}: not a regular file or a directory")
-        if os.fstat(fd).st_size < zone.size:
+            raise MemoryAllocationError(f"{where}: not a regular file" + ("" if existing else " or a directory"))
+        size = os.fstat(fd).st_size
+        if existing and size < offset + rng.size:
+            raise MemoryAllocationError(f"{where}: {size} bytes, the zone's RAM needs {offset + rng.size} "
+                                        "(truncated or replaced since the snapshot?)")
+        if not existing and size < zone.size:
             os.ftruncate(fd, zone.size)
         flags = (mmap.MAP_SHARED if zone.shared else mmap.MAP_PRIVATE) | _MAP_NORESERVE
-        if zone.prefault:
+        if zone.prefault if prefault is None else prefault:
             flags |= mmap.MAP_POPULATE
-        buffer = mmap.mmap(fd, rng.size, flags=flags, offset=offset)
-    except OSError as exc:
-        raise MemoryAllocationError(f"{where}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)  # the mapping keeps the file
+        buffer = mmap.mmap(fd, rng.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise MemoryAllocationError(f"{where}: {exc.strerror or exc}") from None
+        raise
+    named = zone.shared and os.fstat(fd).st_nlink > 0  # not an unnamed file in a directory
+    if not zone.shared:
+        os.close(fd)  # the private mapping keeps the file; nothing else needs it
     if zone.mergeable:
         buffer.madvise(mmap.MADV_MERGEABLE)
     pin = _ffi().from_buffer(buffer)
-    return GuestRegion(rng, buffer, int(_ffi().cast("uintptr_t", pin)), slot=slot, pin=pin)
+    return GuestRegion(rng, buffer, int(_ffi().cast("uintptr_t", pin)), fd=fd if zone.shared else None,
+                       slot=slot, fd_offset=offset if zone.shared else 0,
+                       backing_file=zone.file if named else None, pin=pin)
 
 
 def _open_backing(path: str) -> int:
     if os.path.isdir(path):
         return os.open(path, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _open_existing(path: str, shared: bool) -> int:
+    """A zone's file that must be there (a private mapping only reads it)."""
+    return os.open(path, (os.O_RDWR if shared else os.O_RDONLY) | os.O_CLOEXEC)
 
 
 def hotplug_areas(area: MemoryRange, zones: Iterable[MemoryZoneConfig]) -> dict[str, MemoryRange]:
@@ -176,6 +198,20 @@ class ZoneHotplug:
             of its range or not in 2 MiB blocks.
         """
         return self.device(zone_id).resize(desired)
+
+    def save_state(self) -> dict[str, Any]:
+        """Each zone's requested size (its device saves which blocks are plugged; the area's
+        bytes are a RAM file of the snapshot)."""
+        return {zone_id: device.save_state() for zone_id, device in self.zones.items()}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """:raises StateError: the zones with hotplug memory differ, or a zone's state is bad."""
+        from vmmkit.state import StateError, field
+
+        if set(state) != set(self.zones):
+            raise StateError(f"zone_hotplug: saved for zones {sorted(state)}, this VM's are {sorted(self.zones)}")
+        for zone_id, device in self.zones.items():
+            device.restore_state(field(state, zone_id, dict, "zone_hotplug"))
 
     def close(self) -> None:
         for device in self.zones.values():

@@ -9,8 +9,11 @@
     (``{"version", "state"}``: the in-kernel interrupt controllers and clock, in
     :mod:`vmmkit.x86_platform`'s layout on x86), each vCPU's (``{"version", "state"}``, from
     the architecture: :mod:`vmmkit_x86_64.snapshot`), each placed device's (``{"id", "kind",
-    "version", "placement", "state"}``, from :class:`vmmkit.state.Snapshottable`) and the
-    guest RAM ranges (``{"slot", "start", "size", "file"}``).
+    "version", "placement", "state"}``, from :class:`vmmkit.state.Snapshottable`), the
+    guest RAM ranges (``{"slot", "start", "size", "file"}``; with memory zones also ``"zone"``,
+    and ``"file": null`` for a range left in its zone's file: :mod:`vmmkit.snapshot_zones`),
+    and ``"snapshot"``: its own manifest (``{"format", "version", "vmmkit", "sha256"}``, the
+    checksum of the rest), which a restore from a directory without ``snapshot.json`` checks.
 ``memory-<slot>.bin``
     each RAM range's bytes, as the guest sees them (sparse: pages of zeros are holes).
 ``snapshot.json``
@@ -44,9 +47,10 @@ from urllib.parse import unquote, urlparse
 import attrs
 from attrs import frozen
 
-from vmmkit import __version__
+from vmmkit import __version__, snapshot_zones
 from vmmkit.log import get_logger
 from vmmkit.memory import PAGE_SIZE, GuestMemory, GuestRegion, MemoryRange, map_region
+from vmmkit.snapshot_zones import PersistedRange
 from vmmkit.state import (
     NotSnapshottable,
     SnapshotError,
@@ -69,6 +73,8 @@ FORMAT_VERSION: Final = 1
 MANIFEST: Final = "snapshot.json"
 CONFIG: Final = "config.json"
 STATE: Final = "state.json"
+#: The key of ``state.json``'s own manifest (:func:`_seal`).
+SEAL: Final = "snapshot"
 _CHUNK: Final = 1 << 20
 _ZEROS: Final = bytes(_CHUNK)
 #: JSON files larger than this are refused before they are read (a hostile directory).
@@ -110,6 +116,9 @@ def collect_state(machine: Machine) -> dict[str, Any]:
              "vcpus": vcpus, "devices": devices}
     if machine.memory_hotplug is not None:  # its DIMMs are RAM files; the registers a device's state
         state["memory_hotplug"] = machine.memory_hotplug.save_state()
+    zone_hotplug = snapshot_zones.save_hotplug(machine)
+    if zone_hotplug is not None:
+        state["zone_hotplug"] = zone_hotplug
     return state
 
 
@@ -134,12 +143,20 @@ def write_snapshot(machine: Machine, url: str, *, config: VmConfig | None = None
         raise SnapshotError(f"{directory} already holds a snapshot (choose an empty directory)")
     files: dict[str, dict[str, Any]] = {}
     memory = []
+    zones = (snapshot_zones.pieces(machine.config.memory, machine.layout)
+             if machine.config.memory.zones and machine.layout is not None else {})
     for region in machine.memory.regions:
+        kept = snapshot_zones.persisted_entry(region, zones.get(region.start))
+        if kept is not None:  # its RAM stays in its zone's file, as Cloud Hypervisor leaves it
+            memory.append(kept)
+            continue
         name = f"memory-{region.slot}.bin"
         _write_region(region, directory / name)
         files[name] = {"size": region.size}
-        memory.append({"slot": region.slot, "start": region.start, "size": region.size, "file": name})
+        memory.append({"slot": region.slot, "start": region.start, "size": region.size, "file": name,
+                       **snapshot_zones.zone_of(zones, region)})
     state["memory"] = memory
+    state[SEAL] = _seal(state)
     for name, document in ((CONFIG, (config or machine.config).to_json()), (STATE, state)):
         data = json.dumps(document, indent=1, sort_keys=True).encode()
         _write_file(directory / name, data)
@@ -149,6 +166,15 @@ def write_snapshot(machine: Machine, url: str, *, config: VmConfig | None = None
     _write_file(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     log.info("vm.snapshot", directory=str(directory), ram=sum(r.size for r in machine.memory.regions))
     return directory
+
+
+def _seal(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state.json``'s own manifest: the format, and the checksum of the rest of it. A restore
+    from a directory without ``snapshot.json`` relies on it (Kata Containers copies only
+    ``config.json`` and ``state.json`` of a VM template into a sandbox's directory)."""
+    body = json.dumps({k: v for k, v in state.items() if k != SEAL}, indent=1, sort_keys=True).encode()
+    return {"format": FORMAT, "version": FORMAT_VERSION, "vmmkit": __version__,
+            "sha256": hashlib.sha256(body).hexdigest()}
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -203,10 +229,14 @@ class SnapshotImage:
     config: VmConfig
     state: Mapping[str, Any]
     memory: tuple[tuple[int, MemoryRange, Path], ...]  #: (slot, range, file)
+    #: Ranges left in their memory zone's file (:mod:`vmmkit.snapshot_zones`).
+    persisted: tuple[PersistedRange, ...] = ()
 
 
 def open_snapshot(url: str) -> SnapshotImage:
-    """Read and check the snapshot at ``url``.
+    """Read and check the snapshot at ``url``: by its manifest, or (a directory without
+    ``snapshot.json``: a VM template's ``config.json`` and ``state.json`` copied, as Kata
+    Containers does) by ``state.json``'s own (:func:`_seal`) and the memory files it names.
 
     :raises SnapshotError: what is missing, damaged or of another version."""
     from vmmkit.config import ConfigError, VmConfig
@@ -214,41 +244,35 @@ def open_snapshot(url: str) -> SnapshotImage:
     directory = directory_of(url, "source_url")
     if not directory.is_dir():
         raise SnapshotError(f"{directory}: no such snapshot directory")
-    manifest = _read_json(directory / MANIFEST, None)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SnapshotError(f"{directory / MANIFEST}: not a vmmkit snapshot manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise SnapshotError(f"{directory}: snapshot format version {manifest.get('version')!r}; this vmmkit "
-                            f"{__version__} restores version {FORMAT_VERSION}")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or CONFIG not in files or STATE not in files:
-        raise SnapshotError(f"{directory / MANIFEST}: the file list is missing or incomplete")
-    for name, facts in files.items():
-        if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(facts, dict):
-            raise SnapshotError(f"{directory / MANIFEST}: bad file entry {name!r}")
-        size = facts.get("size")
-        path = directory / name
-        try:
-            actual = path.stat().st_size
-        except OSError:
-            raise SnapshotError(f"{path}: missing (the snapshot is incomplete)") from None
-        if actual != size and name != CONFIG:
-            raise SnapshotError(f"{path}: {actual} bytes, the manifest says {size} (truncated or damaged)")
+    if (directory / MANIFEST).exists() or not (directory / STATE).exists():
+        files = _manifest_files(directory)
+        state = _read_json(directory / STATE, files[STATE].get("sha256"))
+    else:
+        state = _read_sealed_state(directory)
+        files = {CONFIG: {"editable": True}, STATE: {}}
+        entries = state.get("memory")
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                files[entry["file"]] = {"size": entry.get("size")}
+        _check_sizes(directory, files, "state.json says")
+    if not isinstance(state, dict):
+        raise SnapshotError(f"{directory / STATE}: not a JSON object")
     # config.json may be edited between snapshot and restore, as Cloud Hypervisor allows: Kata
     # Containers rewrites the vsock socket and memory.shared of a VM template's config.json
     # (clh.go: SaveVM, updateVsockSocketPath). It is checked as any configuration is, and the
     # restore compares each device's placement with the saved state.
     config_json = _read_json(directory / CONFIG, None)
-    state = _read_json(directory / STATE, files[STATE].get("sha256"))
-    if not isinstance(state, dict):
-        raise SnapshotError(f"{directory / STATE}: not a JSON object")
     try:
         config = VmConfig.from_json(config_json)
     except ConfigError as exc:
         raise SnapshotError(f"{directory / CONFIG}: {exc}") from None
     memory = []
+    persisted = []
     try:
         for entry in field(state, "memory", list, "state"):
+            if isinstance(entry, dict) and entry.get("file") is None and "zone" in entry:
+                persisted.append(snapshot_zones.parse_persisted(entry))
+                continue
             name = field(entry, "file", str, "state.memory")
             if name not in files:
                 raise SnapshotError(f"{directory / STATE}: memory file {name!r} is not in the manifest")
@@ -261,7 +285,58 @@ def open_snapshot(url: str) -> SnapshotImage:
         field(state, "vm", dict, "state")
     except StateError as exc:
         raise SnapshotError(f"{directory / STATE}: {exc}") from None
-    return SnapshotImage(directory, config, state, tuple(memory))
+    snapshot_zones.check_persisted(directory, config, persisted)
+    return SnapshotImage(directory, config, state, tuple(memory), tuple(persisted))
+
+
+def _manifest_files(directory: Path) -> dict[str, Any]:
+    """The manifest's file list, each file's size checked."""
+    manifest = _read_json(directory / MANIFEST, None)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SnapshotError(f"{directory / MANIFEST}: not a vmmkit snapshot manifest")
+    _check_version(directory, manifest.get("version"))
+    files = manifest.get("files")
+    if not isinstance(files, dict) or CONFIG not in files or STATE not in files:
+        raise SnapshotError(f"{directory / MANIFEST}: the file list is missing or incomplete")
+    _check_sizes(directory, files, "the manifest says")
+    return files
+
+
+def _check_version(directory: Path, version: Any) -> None:
+    if version != FORMAT_VERSION:
+        raise SnapshotError(f"{directory}: snapshot format version {version!r}; this vmmkit "
+                            f"{__version__} restores version {FORMAT_VERSION}")
+
+
+def _check_sizes(directory: Path, files: Mapping[str, Any], source: str) -> None:
+    for name, facts in files.items():
+        if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(facts, dict):
+            raise SnapshotError(f"{directory / MANIFEST}: bad file entry {name!r}")
+        size = facts.get("size")
+        path = directory / name
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            raise SnapshotError(f"{path}: missing (the snapshot is incomplete)") from None
+        if name == CONFIG or (name == STATE and size is None):  # editable; sealed on its own
+            continue
+        if actual != size:
+            raise SnapshotError(f"{path}: {actual} bytes, {source} {size} (truncated or damaged)")
+
+
+def _read_sealed_state(directory: Path) -> dict[str, Any]:
+    """``state.json`` checked by its own manifest (:func:`_seal`)."""
+    path = directory / STATE
+    state = _read_json(path, None)
+    seal = state.get(SEAL) if isinstance(state, dict) else None
+    if not isinstance(seal, dict) or seal.get("format") != FORMAT:
+        raise SnapshotError(f"{directory}: no {MANIFEST}, and {STATE} carries no manifest of its own "
+                            "(not a vmmkit snapshot, or one from an older vmmkit: copy its snapshot.json too)")
+    _check_version(directory, seal.get("version"))
+    assert isinstance(state, dict)
+    if _seal(state)["sha256"] != seal.get("sha256"):
+        raise SnapshotError(f"{path}: checksum mismatch (the file was changed or damaged after the snapshot)")
+    return state
 
 
 def _read_json(path: Path, sha256: Any) -> Any:
@@ -306,6 +381,8 @@ def map_memory(image: SnapshotImage, config: VmConfig, layout: MemoryLayout, *, 
     memory hotplug's ``restore_state``).
 
     :raises SnapshotError: the saved ranges are not the layout this configuration gets."""
+    if config.memory.zones:
+        return snapshot_zones.map_snapshot(image, config, layout, prefault=prefault)
     saved = sorted(image.memory, key=lambda item: item[1].start)
     check_ranges(str(image.directory), [rng for _slot, rng, _path in saved], config, layout)
     mem = config.memory
@@ -317,9 +394,9 @@ def map_memory(image: SnapshotImage, config: VmConfig, layout: MemoryLayout, *, 
                                     hugepage_size=mem.hugepage_size, thp=mem.thp, mergeable=mem.mergeable,
                                     prefault=prefault)
                 memory.add_region(region)
-                _copy_file(path, region)
+                copy_file(path, region)
             else:
-                memory.add_region(_map_file(path, rng, slot, prefault=prefault, thp=mem.thp,
+                memory.add_region(map_file(path, rng, slot, prefault=prefault, thp=mem.thp,
                                             mergeable=mem.mergeable))
     except BaseException:
         memory.close()
@@ -332,6 +409,8 @@ def check_ranges(where: str, ranges: list[MemoryRange], config: VmConfig, layout
     builds for ``config``: the boot RAM exactly, the rest inside the hotplug area.
 
     :raises SnapshotError: they differ."""
+    if config.memory.zones:
+        return snapshot_zones.check_ranges(where, ranges, config, layout)
     area = layout.memory_hotplug if config.memory.hotplug_size else None
     boot = tuple(rng for rng in ranges if area is None or not area.overlaps(rng))
     hot = [rng for rng in ranges if area is not None and area.overlaps(rng)]
@@ -341,7 +420,7 @@ def check_ranges(where: str, ranges: list[MemoryRange], config: VmConfig, layout
                             + (f" and hotplug area {area}" if area is not None else ""))
 
 
-def _copy_file(path: Path, region: GuestRegion) -> None:
+def copy_file(path: Path, region: GuestRegion) -> None:
     """A RAM file into ``region``, a chunk at a time, its holes (zero pages) skipped."""
     view = memoryview(region.buffer)
     try:
@@ -356,7 +435,7 @@ def _copy_file(path: Path, region: GuestRegion) -> None:
         view.release()
 
 
-def _map_file(path: Path, rng: MemoryRange, slot: int, *, prefault: bool, thp: bool, mergeable: bool) -> GuestRegion:
+def map_file(path: Path, rng: MemoryRange, slot: int, *, prefault: bool, thp: bool, mergeable: bool) -> GuestRegion:
     from vmmkit.memory import _ffi
 
     try:
@@ -430,6 +509,7 @@ def restore_state(machine: Machine, image: SnapshotImage) -> None:
                                                    else "saved with hotplug memory, this VM has no hotplug_size"))
         if machine.memory_hotplug is not None:  # after the devices: the register block's state is back
             machine.memory_hotplug.restore_state(field(state, "memory_hotplug", dict, "state"))
+        snapshot_zones.restore_hotplug(machine, state.get("zone_hotplug"))
     except StateError as exc:
         raise SnapshotError(f"{where}: cannot restore: {exc}") from None
     log.info("vm.restored", directory=str(image.directory), hypervisor=machine.hypervisor.name,

@@ -68,6 +68,7 @@ from vmmkit.registry import AUTO, Registries
 from vmmkit.sandbox import VMM, enter_thread, resolve_seccomp_mode
 
 if TYPE_CHECKING:
+    from vmmkit.arch import MemoryLayout
     from vmmkit.snapshot import SnapshotImage
 
 log = get_logger()
@@ -377,9 +378,6 @@ class Vmm:
                 raise InvalidState(f"cannot snapshot a VM that is {machine.state.value} (vm.pause it first)")
             with self._lock:
                 config = self.config  # with the devices added or removed since boot
-            if config is not None and config.memory.zones:
-                raise NotSupported("cannot snapshot this VM: memory zones (their backing files and per-zone "
-                                   "virtio-mem devices) are not saved yet")
             try:
                 machine.snapshot(destination_url, config=config)
             except NotSnapshottable as exc:
@@ -453,9 +451,6 @@ class Vmm:
             with self._lock:
                 config = self.config
             assert config is not None
-            if config.memory.zones:  # as vm.snapshot: the zones' files and virtio-mem devices are not sent
-                raise NotSupported("cannot migrate this VM: memory zones (their backing files and per-zone "
-                                   "virtio-mem devices) are not migrated yet")
             self._event("vm", "migrating", {"destination_url": str(endpoint)})
             try:
                 report = source.send(machine, config, endpoint, local=local, downtime_ms=downtime_ms)
@@ -518,7 +513,7 @@ class Vmm:
                 raise
         self._event("vm", "migration-received", {"receiver_url": str(endpoint)})
 
-    def _check_migrated_layout(self, config: VmConfig, arch: str, ranges: list[MemoryRange]) -> None:
+    def _check_migrated_layout(self, config: VmConfig, arch: str, ranges: list[MemoryRange]) -> MemoryLayout:
         from vmmkit.machine import host_architecture
         from vmmkit.migration.protocol import ProtocolError
         from vmmkit.snapshot import check_ranges
@@ -533,6 +528,7 @@ class Vmm:
         # Load the code the build will run now, while the source's guest still runs (the
         # build happens in the downtime).
         preload(config, self.registries, hypervisor=self.hypervisor_name, arch=self.arch_name)
+        return layout
 
     # -- devices ---------------------------------------------------------------------------------
 

@@ -3,14 +3,17 @@
 # lab/linux/nested_initramfs.py --init-sh; the wrapper /init loaded the modules). Its own nvme
 # driver must find the controller and namespace 1; the first line of sector 0 (written by the
 # host before the lab booted) is printed; 4 KiB of "<pattern>\n" are written at 2 MiB, flushed,
-# the page cache dropped, read back and compared. Every line starts "VMMKIT-NVME: ". Then power off.
+# the page cache dropped, read back and compared. Every line starts "VMMKIT-NVME: ". Then power off;
+# with nvme_after=wait on the command line, list the virtio disks (read-only flag), stay up and
+# report PCI functions coming and going, until the VMM's shutdown (lab/vfio/kata-on-vmmkit.sh).
 say() { echo "VMMKIT-NVME: $*"; }
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 pattern=vmmkit-nvme-pattern
+after=poweroff
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in nvme_pattern=*) pattern=${arg#nvme_pattern=} ;; esac
+    case "$arg" in nvme_pattern=*) pattern=${arg#nvme_pattern=} ;; nvme_after=*) after=${arg#nvme_after=} ;; esac
 done
 i=0
 while [ ! -b /dev/nvme0n1 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
@@ -38,4 +41,21 @@ else
     ls /sys/class/nvme 2>&1 | while read -r line; do say "sys/class/nvme: $line"; done
 fi
 sync
+if [ "$after" = wait ]; then
+    for disk in /sys/block/vd*; do
+        [ -e "$disk" ] && say "disk ${disk##*/}: ro=$(cat "$disk/ro") $(cat "$disk/size") sectors"
+    done
+    say "waiting for the VMM's shutdown"
+    # and say which PCI functions come (ACPI hotplug) and go (ejected): "pci + BDF VENDOR:DEVICE"
+    ls /sys/bus/pci/devices > /tmp/pci
+    while :; do
+        sleep 0.5
+        ls /sys/bus/pci/devices > /tmp/pci.now
+        for bdf in $(cat /tmp/pci.now); do
+            grep -qx "$bdf" /tmp/pci || say "pci + $bdf $(cut -c3- /sys/bus/pci/devices/$bdf/vendor):$(cut -c3- /sys/bus/pci/devices/$bdf/device)"
+        done
+        for bdf in $(cat /tmp/pci); do grep -qx "$bdf" /tmp/pci.now || say "pci - $bdf"; done
+        mv /tmp/pci.now /tmp/pci
+    done
+fi
 poweroff -f

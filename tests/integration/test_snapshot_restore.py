@@ -351,7 +351,8 @@ def test_the_snapshot_directory_is_what_the_docstring_says(snapshot_dir: Path) -
     names = sorted(path.name for path in snapshot_dir.iterdir())
     assert names == ["config.json", "memory-0.bin", "snapshot.json", "state.json"]
     state = json.loads((snapshot_dir / "state.json").read_text())
-    assert set(state) == {"arch", "hypervisor", "vm", "vcpus", "devices", "memory"}
+    assert set(state) == {"arch", "hypervisor", "vm", "vcpus", "devices", "memory", "snapshot"}
+    assert state["snapshot"]["format"] == "vmmkit-snapshot" and len(state["snapshot"]["sha256"]) == 64
     assert state["memory"] == [{"slot": 0, "start": 0, "size": 64 << 20, "file": "memory-0.bin"}]
     # RAM the guest never touched is a hole in the file, not 64 MiB of zeros written out
     assert (snapshot_dir / "memory-0.bin").stat().st_blocks * 512 < 32 << 20

@@ -19,17 +19,24 @@ MiB = 1 << 20
 #: get_kernel_params() with enable_debug (its "panic=1" comes from KernelParams::new).
 GO_KERNEL_PARAMS = "panic=1 no_timer_check noreplace-smp quiet"
 RUST_KERNEL_PARAMS = "panic=1 console=ttyS0,115200n8 no_timer_check noreplace-smp systemd.log_target=console"
+#: Go with debug (no "quiet"): clhKernelParams, then clhDebugKernelParams (x86-64) or
+#: clhArmDebugKernelParams (arm64), then clhDebugKernelParamsCommon.
+GO_X86_64_DEBUG_KERNEL_PARAMS = "panic=1 no_timer_check noreplace-smp console=ttyS0,115200n8 systemd.log_target=console"
+GO_ARM64_DEBUG_KERNEL_PARAMS = ("panic=1 no_timer_check noreplace-smp console=ttyAMA0,115200n8 "
+                                "systemd.log_target=console")
 
 
 def go_vm_config(*, kernel: str, initramfs: str, rootfs: str, cmdline: str, vsock: str, fs_socket: str,
-                 boot_vcpus: int, max_vcpus: int, memory: int, hotplug_size: int) -> dict[str, Any]:
+                 boot_vcpus: int, max_vcpus: int, memory: int, hotplug_size: int, debug: bool = False,
+                 devices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``clh.CreateVM`` + ``addVSock`` + ``addVolume`` for a production (non-debug) sandbox:
     serial and console ``Off``, virtio-fs, the rootfs image as a read-only disk and
-    ``reclaim_guest_freed_memory`` (the balloon).
+    ``reclaim_guest_freed_memory`` (the balloon). ``debug``: the serial port ``Tty`` (a debug
+    sandbox); ``devices``: the VFIO devices ``AddDevice`` cold-plugged (:func:`go_device_config`).
 
     One departure: Kata boots either an image (a disk) or an initrd; this guest has both, its
     /init in the initramfs and a read-only rootfs disk (as Kata's image, and its initdata disk)."""
-    return {
+    config: dict[str, Any] = {
         "cpus": {
             "boot_vcpus": boot_vcpus, "max_vcpus": max_vcpus,
             "topology": {"threads_per_core": 1, "cores_per_die": max_vcpus, "dies_per_package": 1, "packages": 1},
@@ -47,7 +54,7 @@ def go_vm_config(*, kernel: str, initramfs: str, rootfs: str, cmdline: str, vsoc
         "fs": [{"tag": "kataShared", "socket": fs_socket, "num_queues": 1, "queue_size": 1024, "pci_segment": 1}],
         "rng": {"src": "/dev/urandom", "iommu": False},
         "balloon": {"size": 0, "deflate_on_oom": False, "free_page_reporting": True},
-        "serial": {"mode": "Off", "iommu": False},
+        "serial": {"mode": "Tty" if debug else "Off", "iommu": False},
         "console": {"mode": "Off", "iommu": False},
         "iommu": False,
         "vsock": {"cid": 3, "socket": vsock, "iommu": False},
@@ -56,6 +63,20 @@ def go_vm_config(*, kernel: str, initramfs: str, rootfs: str, cmdline: str, vsoc
         "platform": {"num_pci_segments": 2, "tdx": False, "sev_snp": False},
         "landlock_enable": False,
     }
+    if devices is not None:  # a nil slice is left out
+        config["devices"] = devices
+    return config
+
+
+def go_device_config(path: str, device_id: str | None = None) -> dict[str, Any]:
+    """A VFIO device: ``NewDeviceConfig(SysfsDev)`` (``iommu`` false, the default), then
+    ``SetIommu(clh.config.IOMMU)``, false unless configured; ``coldPlugVFIODevice`` also sets the
+    device's own ``id`` (Kata's ``vfio-<hex>``, kept for ``vm.remove-device``), the hot-plug
+    (``hotPlugVFIODevice``, ``vm.add-device``) does not and keeps the answer's id."""
+    body: dict[str, Any] = {"path": path, "iommu": False}
+    if device_id is not None:
+        body["id"] = device_id
+    return body
 
 
 def go_net_config(mac: str) -> dict[str, Any]:

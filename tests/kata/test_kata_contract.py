@@ -1,11 +1,12 @@
-"""Kata Containers' contract with the VMM, without booting a guest: a real vmmkit process
+"""Kata Containers' contract with the VMM, without booting Linux: a real vmmkit process
 launched as Kata launches it takes both runtimes' ``vm.create`` bodies and pre-boot ``vm.add-*``
 calls (204), its ``vm.info`` decodes into both runtimes' models, an idle API connection stays
 usable (runtime-rs keeps one for the sandbox's life), and the validators of :mod:`kata_models`
 reject what Kata's decoders reject.
 
-What vmmkit does not do for Kata is pinned here too: a VM template's memory zone
-(``memory.zones`` with a ``file``) is refused by name.
+VM templating as runtime-rs does it (a template VM in a memory zone backed by the template's
+file, snapshotted, its config.json edited, restored into new VMMs from config.json and
+state.json alone) runs here on the self-test guest.
 """
 
 from __future__ import annotations
@@ -145,37 +146,124 @@ def test_an_idle_connection_stays_usable(workdir: Path) -> None:
         vmm.kill()
 
 
-def test_a_template_vm_boots_in_its_memory_zone_but_cannot_be_saved_yet(workdir: Path) -> None:
-    """Both runtimes' template VM (``boot_to_be_template``) puts guest RAM in a memory zone
-    backed by the template's file: vmmkit creates and boots it, but a snapshot of a VM with
-    memory zones is refused by name (501), so Kata's templating does not work yet (the replay
-    in test_kata_runtime_rs.py uses plain shared memory instead)."""
+def _heartbeats(vmm: Vmm) -> list[int]:
+    """The self-test guest's heartbeats on the VMM's serial (``Tty``: its stdout, in its log)."""
+    return [int(line.split()[-1]) for line in vmm.log().splitlines()
+            if line.startswith("selftest: heartbeat ") and line.split()[-1].isdigit()]
+
+
+def _wait(predicate: Any, what: str, vmm: Vmm, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {vmm.log()[-2000:]}"
+        time.sleep(0.05)
+
+
+def _rust_connect(vmm: Vmm) -> RustClient:
+    """``cloud_hypervisor_setup_comms`` then ``ping_until_ready`` (every 50 ms)."""
+    client = RustClient(vmm.socket, deadline=time.monotonic() + 10.0)
+    while True:
+        try:
+            client.call("GET", "vmm.ping")
+            return client
+        except KataError:
+            time.sleep(0.05)
+
+
+def _rust_edit_config(path: Path, edit: Any) -> None:
+    """runtime-rs's ``write_json_file``: serde_json Value written back compact, mode 0600."""
+    config = json.loads(path.read_bytes())
+    edit(config)
+    path.write_bytes(json.dumps(config, separators=(",", ":")).encode())
+    path.chmod(0o600)
+
+
+def _unshare(config: dict[str, Any]) -> None:
+    """``patch_snapshot_memory_shared(config.json, false)``: memory.shared and every zone's."""
+    config["memory"]["shared"] = False
+    for zone in config["memory"]["zones"]:
+        zone["shared"] = False
+
+
+@pytest.mark.requires_kvm
+def test_vm_templating_from_a_memory_zone_as_runtime_rs_does_it(workdir: Path) -> None:
+    """runtime-rs's VM templating (``inner_hypervisor.rs``), on the self-test guest (cheap):
+    the template VM's RAM is one shared zone backed by the template's memory file
+    (``template_memory_config``); ``save_vm`` snapshots it into the file's directory and sets
+    ``shared: false`` in config.json; ``prepare_restore_files`` copies only config.json and
+    state.json into the sandbox's directory (its vsock socket rewritten); a new VMM gets
+    ``vm.restore`` (then ``vm.info``: Paused) and ``vm.resume``: the guest's heartbeat goes on
+    from where the template stopped, twice from one template, whose memory file the sandboxes
+    only read (copy-on-write)."""
     selftest = Path(__file__).resolve().parents[1] / "guests" / "build" / "x86_64" / "selftest.elf"
     if not selftest.is_file():
         pytest.skip(f"{selftest} is not built (make -C tests/guests)")
+    template_dir = workdir / "template"
+    template_dir.mkdir()
+    memory_path = template_dir / "memory"
+    with open(memory_path, "wb") as f:  # Kata's factory creates it at the VM's size (template.go)
+        f.truncate(256 * MiB)
     paths = _paths(workdir)
-    paths["kernel"] = str(selftest)  # boots in a moment; the snapshot is refused before it matters
+    paths["kernel"] = str(selftest)
     paths["initramfs"] = None
-    paths["cmdline"] = "test=spin"  # the self-test guest runs until paused
+    paths["cmdline"] = "test=spin"  # the self-test guest's heartbeat on the serial (Tty: the VMM's log)
     body = rust_vm_config(**paths)
-    body["memory"] = template_vm_config_memory(256 * MiB, str(workdir / "memory"))
-    vmm = Vmm(workdir, "tmpl")
-    client = GoClient(vmm.socket)
+    body["memory"] = template_vm_config_memory(256 * MiB, str(memory_path))
+    vmms: list[Vmm] = []
     try:
-        go_wait_vmm(vmm, client)
-        assert client.call("PUT", "vm.create", body, timeout=CREATE_BOOT_TIMEOUT).status == 204
+        # the template VM: boot_vm, pause_vm, save_vm, stop_vm
+        template = Vmm(workdir, "tmpl")
+        vmms.append(template)
+        client = _rust_connect(template)
+        assert client.call("PUT", "vm.create", body, pretty=True).status == 204
         info = json.loads(client.call("GET", "vm.info").body)
-        go_decode("VmInfo", info)
+        rust_decode("VmInfo", info)
         assert [(z["id"], z["size"], z["file"]) for z in info["config"]["memory"]["zones"]] == [
-            ("mem0", 256 * MiB, str(workdir / "memory"))]
-        assert client.call("PUT", "vm.boot", timeout=CREATE_BOOT_TIMEOUT).status == 204
-        assert client.call("PUT", "vm.pause").status == 204
-        with pytest.raises(KataError, match=r"501 .*memory zones"):
-            client.call("PUT", "vm.snapshot", {"destination_url": f"file://{workdir}/template"})
+            ("mem0", 256 * MiB, str(memory_path))]
+        client.call("PUT", "vm.boot")
+        _wait(lambda: len(_heartbeats(template)) >= 2, "the template's heartbeat", template)
+        client.call("PUT", "vm.pause")
+        client.call("PUT", "vm.snapshot", {"destination_url": f"file://{template_dir}"})
+        _rust_edit_config(template_dir / "config.json", _unshare)
+        last = _heartbeats(template)[-1]
         client.call("PUT", "vmm.shutdown")
-    finally:
+        template.process.wait(30)
         client.close()
-        vmm.kill()
+        assert sorted(p.name for p in template_dir.iterdir() if not p.name.startswith("memory-")) == [
+            "config.json", "memory", "snapshot.json", "state.json"]
+        assert not list(template_dir.glob("memory-*")), "the zone's RAM is in the template's memory file"
+        template_ram = memory_path.read_bytes()
+
+        for name in ("sb1", "sb2"):  # two sandboxes from one template
+            sandbox_dir = workdir / name
+            sandbox_dir.mkdir(mode=0o750)
+            for artifact in ("config.json", "state.json"):  # copy_template_artifact: the bytes and the mode
+                shutil.copy2(template_dir / artifact, sandbox_dir / artifact)
+            vsock = str(sandbox_dir / "clh.sock")
+            _rust_edit_config(sandbox_dir / "config.json", lambda c, vsock=vsock: c["vsock"].update(socket=vsock))
+            sandbox = Vmm(workdir, name)
+            vmms.append(sandbox)
+            client = _rust_connect(sandbox)
+            restored = client.call("PUT", "vm.restore", {"source_url": f"file://{sandbox_dir}"})
+            assert restored.status == 204 and not restored.body
+            info = json.loads(client.call("GET", "vm.info").body)
+            rust_decode("VmInfo", info)
+            assert info["state"] == "Paused" and info["config"]["vsock"]["socket"] == vsock
+            assert info["config"]["memory"]["zones"][0]["shared"] is False
+            client.call("PUT", "vm.resume")
+            _wait(lambda sandbox=sandbox: len(_heartbeats(sandbox)) >= 2, f"{name}'s heartbeat", sandbox)
+            assert _heartbeats(sandbox)[:2] == [last + 1, last + 2], _heartbeats(sandbox)  # no gap, no reboot
+            client.call("PUT", "vm.pause")
+            client.call("PUT", "vmm.shutdown")
+            sandbox.process.wait(30)
+            client.close()
+        assert memory_path.read_bytes() == template_ram, "a sandbox wrote the template's memory file"
+    except Exception as exc:
+        logs = "\n".join(f"--- {vmm.log_path.name} (tail) ---\n{vmm.log()[-3000:]}" for vmm in vmms)
+        raise AssertionError(f"{exc}\n{logs}") from exc
+    finally:
+        for vmm in vmms:
+            vmm.kill()
 
 
 # -- the validators reject what Kata's decoders reject ----------------------------------------

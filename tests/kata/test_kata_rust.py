@@ -20,11 +20,14 @@ and gets its devices after the restore, as a factory-made sandbox does.
 6. ``vmmkit --restore`` of the same template (the CLI path): ``vm.info`` asked as soon as
    ``vmm.ping`` answers is the restored VM, never a 404.
 
-Two departures, both because vmmkit cannot save a VM with memory zones yet (its snapshot is
-refused by name, see ``test_kata_contract.py``): the template VM's memory is plain ``memory.shared`` RAM, not a
-zone backed by the template's memory file, so config.json has no zones to patch; and the
-template's memory lives in the snapshot's own files, so the sandbox's directory gets those
-(and the manifest) besides config.json and state.json.
+Two departures, so that the restored sandbox can be resized in step 4: Kata's template VM puts
+its RAM in one memory zone backed by the template's memory file, without ``hotplug_size``, and
+``vm.resize desired_ram`` is refused on a VM with zones (by Cloud Hypervisor too:
+``InvalidResizeWithMemoryZones``). Here the template VM's memory is plain ``memory.shared`` RAM
+with ``hotplug_size``, so config.json has no zones to patch, and the template's memory lives in
+the snapshot's own files, so the sandbox's directory gets those (and the manifest) besides
+config.json and state.json. Kata's own templating flow (the zone, config.json and state.json
+alone) is replayed on the self-test guest in ``test_kata_contract.py``.
 
 ~2-3 min alone on a kvm_pvm host (one Linux boot, two restores).
 """

@@ -113,6 +113,8 @@ def test_each_zone_is_mapped_with_its_own_options(tmp_path: Path) -> None:
         assert [r.range for r in regions] == [MemoryRange(i * 4 * MiB, 4 * MiB) for i in range(5)]
         assert [r.slot for r in regions] == [0, 1, 2, 3, 4]
         assert regions[0].fd is None and regions[1].fd is not None  # shared=on: a memfd (vhost-user can map it)
+        assert regions[2].fd is not None and os.fstat(regions[2].fd).st_ino == shared_file.stat().st_ino  # its file
+        assert regions[3].fd is None  # a private file mapping: nothing to hand over
         for index, region in enumerate(regions):
             memory.write(region.start + 8192, f"zone {index}".encode())
         # the shared file zone's writes are in its file, grown to the zone's size

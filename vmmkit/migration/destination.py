@@ -25,6 +25,7 @@ from vmmkit.migration.protocol import Command, MigrationError, ProtocolError
 from vmmkit.state import StateError, field, int_field
 
 if TYPE_CHECKING:
+    from vmmkit.arch import MemoryLayout
     from vmmkit.config import VmConfig
     from vmmkit.machine import Machine
     from vmmkit.snapshot import SnapshotImage
@@ -37,8 +38,9 @@ IO_TIMEOUT = 60.0
 #: Builds the received VM (paused, its state restored) from its configuration, state and RAM;
 #: owns ``memory`` from the call on.
 BuildVm = Callable[["VmConfig", "SnapshotImage", GuestMemory], "Machine"]
-#: Checks the announced RAM ranges against the layout this vmmkit builds for the configuration.
-CheckLayout = Callable[["VmConfig", str, list[MemoryRange]], None]
+#: Checks the announced RAM ranges against the layout this vmmkit builds for the configuration,
+#: and returns that layout.
+CheckLayout = Callable[["VmConfig", str, list[MemoryRange]], "MemoryLayout"]
 
 
 class _Receiver:
@@ -113,7 +115,8 @@ class _Receiver:
         elif command is Command.CONFIG:
             self._config(protocol.read_json(self.sock, length, "CONFIG"))
         elif command is Command.MEMORY_FD:
-            self._memory_fd(protocol.recv_exact(self.sock, length, "MEMORY_FD") if length == protocol.MEMORY_FD_SIZE
+            sizes = (protocol.MEMORY_FD_SIZE, protocol.MEMORY_FD_AT_SIZE)
+            self._memory_fd(protocol.recv_exact(self.sock, length, "MEMORY_FD") if length in sizes
                             else _refuse(f"MEMORY_FD: {length} bytes, expected {protocol.MEMORY_FD_SIZE}"), fds)
         elif command is Command.MEMORY:
             self._memory(length)
@@ -138,16 +141,31 @@ class _Receiver:
             config = VmConfig.from_json(field(document, "config", dict, "CONFIG"))
             arch = field(document, "arch", str, "CONFIG")
             ranges: dict[int, MemoryRange] = {}
+            files: dict[int, tuple[int, int]] = {}
             for entry in field(document, "memory", list, "CONFIG"):
                 slot = int_field(entry, "slot", "CONFIG.memory", 0, 1 << 15)
+                if "file_id" in entry:
+                    file_id = field(entry, "file_id", list, "CONFIG.memory")
+                    if len(file_id) != 2 or not all(type(part) is int for part in file_id):
+                        raise StateError(f"CONFIG.memory: slot {slot}: file_id {file_id!r} is not [dev, inode]")
+                    files[slot] = (file_id[0], file_id[1])
                 rng = MemoryRange(int_field(entry, "start", "CONFIG.memory"), int_field(entry, "size", "CONFIG.memory"))
                 if rng.size <= 0 or rng.size % PAGE_SIZE or rng.start % PAGE_SIZE or slot in ranges:
                     raise StateError(f"CONFIG.memory: slot {slot} {rng} is not page aligned or repeated")
                 ranges[slot] = rng
         except (StateError, ConfigError) as exc:
             raise ProtocolError(str(exc)) from None
-        self.check_layout(config, arch, sorted(ranges.values(), key=lambda r: r.start))
+        layout = self.check_layout(config, arch, sorted(ranges.values(), key=lambda r: r.start))
         self.config, self.ranges = config, ranges
+        if config.memory.zones and not self.local:  # each zone mapped as its configuration says
+            from vmmkit.snapshot_zones import allocate_received
+            from vmmkit.state import SnapshotError
+
+            try:
+                self.memory = allocate_received(config, layout, ranges, files)
+            except SnapshotError as exc:
+                raise ProtocolError(str(exc)) from None
+            return
         self.memory = GuestMemory()
         if not self.local:
             mem = config.memory
@@ -161,7 +179,7 @@ class _Receiver:
             raise ProtocolError("MEMORY_FD in a migration that is not local")
         if len(fds) != 1:
             raise ProtocolError(f"MEMORY_FD carries {len(fds)} file descriptors, expected 1")
-        slot, start, size = protocol.unpack_memory_fd(payload)
+        slot, start, size, offset = protocol.unpack_memory_fd(payload)
         assert self.memory is not None
         if self.ranges.get(slot) != MemoryRange(start, size):
             raise ProtocolError(f"MEMORY_FD: slot {slot} at {start:#x}+{size:#x} was not announced by CONFIG")
@@ -169,9 +187,10 @@ class _Receiver:
             raise ProtocolError(f"MEMORY_FD: slot {slot} was sent twice")
         fd = fds.pop()
         try:
-            if os.fstat(fd).st_size < size:
-                raise ProtocolError(f"MEMORY_FD: the file of slot {slot} is shorter than {size:#x} bytes")
-            buffer = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            if offset % mmap.ALLOCATIONGRANULARITY or os.fstat(fd).st_size < offset + size:
+                raise ProtocolError(f"MEMORY_FD: the file of slot {slot} is shorter than {offset:#x}+{size:#x} "
+                                    "bytes (or the offset is not page aligned)")
+            buffer = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         except BaseException:
             os.close(fd)
             raise
@@ -179,7 +198,7 @@ class _Receiver:
 
         pin = _ffi().from_buffer(buffer)
         self.memory.add_region(GuestRegion(MemoryRange(start, size), buffer, int(_ffi().cast("uintptr_t", pin)),
-                                           fd=fd, slot=slot, pin=pin))
+                                           fd=fd, slot=slot, fd_offset=offset, pin=pin))
 
     def _memory(self, length: int) -> None:
         if self.memory is None or self.local:

@@ -15,7 +15,9 @@ Payloads: ``START`` a JSON object ``{"protocol": "vmmkit-migration", "version":`
 ``CONFIG`` and ``STATE`` JSON objects; ``MEMORY`` a table of ``(guest address u64, length
 u64)`` pairs, followed on the stream (outside the payload length, as in Cloud Hypervisor) by
 the bytes of each range in order; ``MEMORY_FD`` ``(slot u32, pad u32, guest address u64,
-size u64)`` with the region's memfd passed alongside (``SCM_RIGHTS``, Unix sockets only);
+size u64)`` with the region's memfd passed alongside (``SCM_RIGHTS``, Unix sockets only), or
+the same followed by ``file offset u64`` (32 bytes) for a region that starts inside its file
+(a memory zone's second piece);
 ``COMPLETE`` and ``ABANDON`` nothing.
 
 Everything read here came from another process: lengths are bounded before anything is
@@ -50,6 +52,7 @@ MAX_MESSAGE: Final = 64 << 10
 MAX_RANGES: Final = 1 << 20
 _RANGE: Final = struct.Struct("<QQ")
 _MEMORY_FD: Final = struct.Struct("<IIQQ")
+_MEMORY_FD_AT: Final = struct.Struct("<IIQQQ")
 
 
 class Command(enum.IntEnum):
@@ -225,18 +228,26 @@ def range_table_size(count: int) -> int:
     return count * _RANGE.size
 
 
-def pack_memory_fd(slot: int, start: int, size: int) -> bytes:
+def pack_memory_fd(slot: int, start: int, size: int, offset: int = 0) -> bytes:
+    if offset:
+        return _MEMORY_FD_AT.pack(slot, 0, start, size, offset)
     return _MEMORY_FD.pack(slot, 0, start, size)
 
 
-def unpack_memory_fd(data: bytes) -> tuple[int, int, int]:
+def unpack_memory_fd(data: bytes) -> tuple[int, int, int, int]:
+    """``(slot, guest address, size, file offset)``."""
+    if len(data) == _MEMORY_FD_AT.size:
+        slot, _pad, start, size, offset = _MEMORY_FD_AT.unpack(data)
+        return slot, start, size, offset
     if len(data) != _MEMORY_FD.size:
-        raise ProtocolError(f"MEMORY_FD: {len(data)} bytes, expected {_MEMORY_FD.size}")
+        raise ProtocolError(f"MEMORY_FD: {len(data)} bytes, expected {_MEMORY_FD.size} or {_MEMORY_FD_AT.size}")
     slot, _pad, start, size = _MEMORY_FD.unpack(data)
-    return slot, start, size
+    return slot, start, size, 0
 
 
 MEMORY_FD_SIZE: Final = _MEMORY_FD.size
+#: A MEMORY_FD payload with a file offset.
+MEMORY_FD_AT_SIZE: Final = _MEMORY_FD_AT.size
 
 
 def close_fds(fds: Iterable[int]) -> None:

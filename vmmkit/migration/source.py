@@ -31,6 +31,7 @@ from vmmkit.migration import protocol
 from vmmkit.migration.dirty import BLOCK, RegionLedger, dirty_blocks, runs
 from vmmkit.migration.protocol import Command, MigrationError
 from vmmkit.migration.transport import Endpoint, connect
+from vmmkit.snapshot_zones import source_file_ids
 from vmmkit.state import NotSnapshottable, is_snapshottable
 
 if TYPE_CHECKING:
@@ -122,7 +123,8 @@ def send(machine: Machine, config: VmConfig, endpoint: Endpoint, *, local: bool,
             raise MigrationError("local=true hands guest RAM over a Unix socket: use a unix:<path> URL")
         unshared = [region.start for region in regions if region.fd is None]
         if unshared:
-            raise MigrationError("local=true needs guest RAM in memfds (--memory shared=on); this VM's RAM at "
+            raise MigrationError("local=true needs guest RAM in memfds (--memory shared=on) or in shared memory "
+                                 "zones (shared=on for each --memory-zone); this VM's RAM at "
                                  + ", ".join(f"{start:#x}" for start in unshared) + " is private")
     started = time.monotonic()
     was_running = machine.state is MachineState.RUNNING
@@ -138,13 +140,16 @@ def send(machine: Machine, config: VmConfig, endpoint: Endpoint, *, local: bool,
     handed_over = False
     try:
         protocol.call(sock, Command.START, protocol.start_payload(__version__, local=local))
+        files = source_file_ids(regions)  # a receiver on this host must not copy RAM into these
         protocol.call(sock, Command.CONFIG, protocol.encode_json({
             "config": config.to_json(), "arch": machine.arch_name, "hypervisor": machine.hypervisor.name,
-            "memory": [{"slot": r.slot, "start": r.start, "size": r.size} for r in regions]}))
+            "memory": [{"slot": r.slot, "start": r.start, "size": r.size,
+                        **({"file_id": list(files[r.slot])} if r.slot in files else {})} for r in regions]}))
         if local:
             for region in regions:
                 assert region.fd is not None
-                protocol.call(sock, Command.MEMORY_FD, protocol.pack_memory_fd(region.slot, region.start, region.size),
+                protocol.call(sock, Command.MEMORY_FD,
+                              protocol.pack_memory_fd(region.slot, region.start, region.size, region.fd_offset),
                               fds=[region.fd])
             paused_at = _pause(machine, was_running)
         else:

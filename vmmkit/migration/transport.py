@@ -94,7 +94,17 @@ def listen(endpoint: Endpoint) -> Iterator[socket.socket]:
                 if not stat.S_ISSOCK(os.stat(endpoint.path).st_mode):
                     raise FileExistsError(f"{endpoint.path} exists and is not a socket")
                 os.unlink(endpoint.path)
-            sock.bind(endpoint.path)
+            # Bound and listening under a private name first, then renamed into place: a
+            # sender that sees the file can connect (bind creates it before listen).
+            staging = f"{endpoint.path}.{os.getpid()}.binding"
+            sock.bind(staging)
+            try:
+                sock.listen(1)
+                os.rename(staging, endpoint.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(staging)
+                raise
         except BaseException:
             sock.close()
             raise

@@ -104,7 +104,10 @@ def test_memory_tables() -> None:
     assert protocol.unpack_ranges(protocol.pack_ranges(table)) == table
     with pytest.raises(ProtocolError, match="whole number"):
         protocol.unpack_ranges(bytes(17))
-    assert protocol.unpack_memory_fd(protocol.pack_memory_fd(2, 0x1000, 0x2000)) == (2, 0x1000, 0x2000)
+    assert protocol.unpack_memory_fd(protocol.pack_memory_fd(2, 0x1000, 0x2000)) == (2, 0x1000, 0x2000, 0)
+    assert len(protocol.pack_memory_fd(2, 0x1000, 0x2000)) == 24  # the common case keeps its old size
+    at = protocol.pack_memory_fd(3, 1 << 32, 0x2000, 1 << 30)  # a memory zone's second piece
+    assert len(at) == 32 and protocol.unpack_memory_fd(at) == (3, 1 << 32, 0x2000, 1 << 30)
     with pytest.raises(ProtocolError, match="expected 24"):
         protocol.unpack_memory_fd(bytes(8))
 
@@ -123,7 +126,7 @@ def test_a_memfd_travels_with_its_request() -> None:
         assert command is Command.MEMORY_FD and len(fds) == 1
         assert os.pread(fds[0], 9, 0) == b"guest ram"
         assert os.fstat(fds[0]).st_ino == os.fstat(fd).st_ino
-        assert protocol.unpack_memory_fd(protocol.recv_exact(b, length, "MEMORY_FD")) == (0, 0, 4096)
+        assert protocol.unpack_memory_fd(protocol.recv_exact(b, length, "MEMORY_FD")) == (0, 0, 4096, 0)
         protocol.close_fds(fds)
     finally:
         os.close(fd)

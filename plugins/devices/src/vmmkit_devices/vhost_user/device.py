@@ -102,7 +102,8 @@ def open_backend(opener: Opener, wanted_protocol: int = WANTED_PROTOCOL) -> Back
 
 def memory_table(memory: GuestMemory, device_id: str) -> tuple[list[p.MemoryRegion], list[int]]:
     """The SET_MEM_TABLE regions and their memfds: every region of guest RAM must be memfd-backed
-    (``--memory shared=on`` or ``hugepages=on``); read-only regions without one (ROMs) are left
+    (``--memory shared=on`` or ``hugepages=on``) or a shared memory zone's file (its piece's
+    offset in the file is the region's ``mmap_offset``); read-only regions without one (ROMs) are left
     out, the backend has no business there."""
     regions: list[p.MemoryRegion] = []
     fds: list[int] = []
@@ -112,7 +113,7 @@ def memory_table(memory: GuestMemory, device_id: str) -> tuple[list[p.MemoryRegi
                 continue
             raise DeviceError(f"{device_id}: vhost-user needs guest memory the backend can map: use "
                               "--memory shared=on (or hugepages=on)")
-        regions.append(p.MemoryRegion(region.start, region.size, region.host_address, 0))
+        regions.append(p.MemoryRegion(region.start, region.size, region.host_address, region.fd_offset))
         fds.append(region.fd)
     if len(regions) > p.MAX_MEM_REGIONS:
         raise DeviceError(f"{device_id}: guest memory has {len(regions)} regions; a vhost-user memory table "

@@ -95,7 +95,7 @@ from vmmkit_devices.virtio.blk_io import (
     native_queue_available,
     queue_flags,
 )
-from vmmkit_devices.virtio.common import QueueDevice
+from vmmkit_devices.virtio.native_workers import NativeQueueDevice, NativeWorker
 
 if TYPE_CHECKING:
     from vmmkit.config import DiskConfig
@@ -149,7 +149,7 @@ class _Malformed(Exception):
     """A request the protocol gives no way to answer: the device fails."""
 
 
-class BlockDevice(QueueDevice):
+class BlockDevice(NativeQueueDevice):
     """A virtio-blk device serving one :class:`~.blk_io.DiskImage`.
 
     :param device_id: the device's id.
@@ -197,8 +197,6 @@ class BlockDevice(QueueDevice):
         #: Requests the C queue serves at once: with O_DIRECT each blocks on the device, so
         #: overlapping them pays; buffered I/O mostly copies from the page cache.
         self.in_flight = _in_flight(device_id, image.direct)
-        self._wake_fd = -1
-        self._folded: dict[str, int] = {}
         identity = image.default_serial() if serial is None else serial
         self.serial = identity[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self._io: BlockIo | None = None
@@ -285,9 +283,7 @@ class BlockDevice(QueueDevice):
             self.rate_limiter.subscribe(ctx.event_loop, self._refilled)
         if not self.native_queue:
             return
-        if self._wake_fd < 0:
-            self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._drain_wake()
+        wake_fd = self._open_wake()
         flags = queue_flags(flush=self.negotiated(VIRTIO_BLK_F_FLUSH), discard=self.negotiated(VIRTIO_BLK_F_DISCARD),
                             write_zeroes=self.negotiated(VIRTIO_BLK_F_WRITE_ZEROES), sparse=self.sparse)
         irqfd = getattr(ctx.interrupt, "queue_irqfd", None)
@@ -295,7 +291,7 @@ class BlockDevice(QueueDevice):
         for index, (queue, kick) in enumerate(zip(ctx.queues, ctx.queue_events, strict=True)):
             fd = irqfd(index) if callable(irqfd) else None
             self._queues.append(NativeQueue(
-                self.image, ctx.memory, kick_fd=kick, wake_fd=self._wake_fd, irq_fd=-1 if fd is None else fd,
+                self.image, ctx.memory, kick_fd=kick, wake_fd=wake_fd, irq_fd=-1 if fd is None else fd,
                 serial=self.serial, flags=flags, max_segments=getattr(queue, "max_segments", DEFAULT_MAX_SEGMENTS),
                 in_flight=self.in_flight))
         log.debug("virtio_blk.native_queues", device=self.id, queues=len(self._queues),
@@ -308,73 +304,23 @@ class BlockDevice(QueueDevice):
         queues, self._queues = self._queues, []
         for native in queues:
             if native is not None:
-                for name, value in native.counters().items():
-                    if value:
-                        self._folded[name] = self._folded.get(name, 0) + value
-                native.close()
+                self._retire(native)
 
     def release(self) -> None:
         self._stop_native()
-        if self._wake_fd >= 0:
-            os.close(self._wake_fd)
-            self._wake_fd = -1
+        self._close_wake()
         if self.rate_limiter is not None and self._owns_limiter:
             self.rate_limiter.close()
         self.image.close()
 
-    # -- the C queues: stopped before anything waits for the queue locks --------------------
-
-    def _stop_native(self) -> None:
-        for native in list(self._queues):
-            if native is not None:
-                native.stop()
-        if self._wake_fd >= 0:
-            try:
-                os.eventfd_write(self._wake_fd, 1)
-            except OSError:
-                pass
-
-    def activate(self, ctx: ActivationContext) -> None:
-        self._stop_native()  # a re-activation tears the old one down first
-        super().activate(ctx)
-
-    def pause(self) -> None:
-        self._stop_native()
-        super().pause()
-
-    def _drain_wake(self) -> None:
-        if self._wake_fd >= 0:
-            try:
-                os.eventfd_read(self._wake_fd)
-            except OSError:
-                pass
-
-    def mark_broken(self, reason: str) -> None:
-        self._stop_native()
-        super().mark_broken(reason)
+    def native_workers(self) -> list[NativeWorker]:
+        return [native for native in self._queues if native is not None]
 
     def resumed(self) -> None:
         self._drain_wake()
         for native in list(self._queues):
             if native is not None:
                 native.allow()
-
-    def reset(self) -> None:
-        self._stop_native()
-        super().reset()
-
-    def close(self) -> None:
-        self._stop_native()
-        super().close()
-
-    def counters(self) -> Mapping[str, int]:
-        counts = dict(super().counters())
-        sources = [self._folded] + [n.counters() for n in list(self._queues) if n is not None]
-        for source in sources:
-            for name, value in source.items():
-                if value or name in counts:
-                    counts[name] = counts.get(name, 0) + value
-        return counts
 
     # -- requests ---------------------------------------------------------------------------
 

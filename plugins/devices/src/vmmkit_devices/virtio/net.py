@@ -84,7 +84,7 @@ from vmmkit.virtio.device import ActivationContext, VirtioInterruptType
 from vmmkit.virtio.queue import Virtqueue
 from vmmkit_devices.device_types import VirtioNetType as VirtioNetType  # declared there, re-exported
 from vmmkit_devices.virtio import net_io
-from vmmkit_devices.virtio.common import QueueDevice
+from vmmkit_devices.virtio.native_workers import NativeQueueDevice, NativeWorker
 from vmmkit_devices.virtio.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -206,7 +206,7 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
-class NetDevice(QueueDevice):
+class NetDevice(NativeQueueDevice):
     """A virtio-net device on one :class:`~.tap.Tap` queue (the device owns and closes it).
 
     :param device_id: the device's id.
@@ -252,8 +252,6 @@ class NetDevice(QueueDevice):
         self._rx_pending = 0  # the length of a frame in _buffer waiting for receive chains
         self._native: net_io.NativeNetQueue | None = None
         self._native_thread: threading.Thread | None = None
-        self._wake_fd = -1
-        self._folded: dict[str, int] = {}
         for name in ("rx_bytes", "rx_frames", "tx_bytes", "tx_frames"):
             self.count(name, 0)
 
@@ -320,10 +318,7 @@ class NetDevice(QueueDevice):
         self._join_native()
         native, self._native = self._native, None
         if native is not None:
-            for name, value in native.counters().items():
-                if value:
-                    self._folded[name] = self._folded.get(name, 0) + value
-            native.close()
+            self._retire(native)
 
     def paused(self) -> None:
         self.remove_reader(self.tap.fd)
@@ -339,9 +334,7 @@ class NetDevice(QueueDevice):
     def release(self) -> None:
         self._stop_native()
         self._join_native()
-        if self._wake_fd >= 0:
-            os.close(self._wake_fd)
-            self._wake_fd = -1
+        self._close_wake()
         for limiter in self.limiters.values():
             if limiter is not None:
                 limiter.close()
@@ -363,24 +356,16 @@ class NetDevice(QueueDevice):
         if limiter is not None:
             limiter.replenish(1, TokenKind.OPS)
 
-    def counters(self) -> Mapping[str, int]:
-        counts = dict(super().counters())
-        native = self._native
-        for source in (self._folded, native.counters() if native is not None else {}):
-            for name, value in source.items():
-                if value or name in counts:
-                    counts[name] = counts.get(name, 0) + value
-        return counts
-
     # -- the C queues: stopped before anything waits for the queue locks --------------------
 
+    def native_workers(self) -> list[NativeWorker]:
+        return [] if self._native is None else [self._native]
+
     def _start_native(self, ctx: ActivationContext) -> None:
-        if self._wake_fd < 0:
-            self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._drain_wake()
+        wake_fd = self._open_wake()
         sizes = self.queue_max_sizes
         self._native = net_io.NativeNetQueue(
-            ctx.memory, tap_fd=self.tap.fd, wake_fd=self._wake_fd, max_queue_size=max(sizes),
+            ctx.memory, tap_fd=self.tap.fd, wake_fd=wake_fd, max_queue_size=max(sizes),
             max_segments=max(q.max_segments for q in ctx.queues))
         self._spawn_native()
 
@@ -395,49 +380,12 @@ class NetDevice(QueueDevice):
         # Under the lock of a ready queue (the receive queue's, normally): _serve_native serves both.
         self.serve(RX_QUEUE if ctx is None or ctx.queues[RX_QUEUE].active else TX_QUEUE)
 
-    def _stop_native(self) -> None:
-        native = self._native
-        if native is not None:
-            native.stop()
-        if self._wake_fd >= 0:
-            try:
-                os.eventfd_write(self._wake_fd, 1)
-            except OSError:
-                pass
-
     def _join_native(self) -> None:
         thread, self._native_thread = self._native_thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(10)
             if thread.is_alive():
                 log.warning("virtio.worker_stuck", device=self.id, thread=thread.name)
-
-    def _drain_wake(self) -> None:
-        if self._wake_fd >= 0:
-            try:
-                os.eventfd_read(self._wake_fd)
-            except OSError:
-                pass
-
-    def activate(self, ctx: ActivationContext) -> None:
-        self._stop_native()  # a re-activation tears the old one down first
-        super().activate(ctx)
-
-    def pause(self) -> None:
-        self._stop_native()
-        super().pause()
-
-    def reset(self) -> None:
-        self._stop_native()
-        super().reset()
-
-    def close(self) -> None:
-        self._stop_native()
-        super().close()
-
-    def mark_broken(self, reason: str) -> None:
-        self._stop_native()
-        super().mark_broken(reason)
 
     def _native_flags(self) -> int:
         features = self.acked_features
