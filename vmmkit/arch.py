@@ -67,7 +67,9 @@ class Architecture(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     #: Where virtio devices go unless the configuration says (``--platform virtio_transport=``).
-    default_virtio_transport: ClassVar[str] = "pci"
+    #: The machine reads it after :meth:`configure_vm`, which may set it for the VM from what the
+    #: backend offers (AArch64: ``pci`` where the backend has a GICv3 ITS for MSIs, else ``mmio``).
+    default_virtio_transport: str = "pci"
 
     @abstractmethod
     def memory_layout(self, config: VmConfig) -> MemoryLayout:

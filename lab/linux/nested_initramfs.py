@@ -27,12 +27,25 @@ from initramfs import INIT_SCRIPT, Entry, initramfs_entries, newc_archive  # noq
 
 #: After the modules (the virtio drivers probed their devices, virtio-blk read its partition
 #: table), the message-signalled interrupts and the virtio ones of /proc/interrupts, each as a
-#: "VMMKIT-IRQ:" line: which controller (GICv3 SPI, ITS MSI) delivered how many.
+#: "VMMKIT-IRQ:" line: which controller (GICv3 SPI, ITS MSI) delivered how many; then every PCI
+#: function's assigned resources (sysfs ``resource``: BARs 0-5, the ROM, bridge windows) as
+#: "VMMKIT-BAR: <bdf> <vendor>:<device> <index> <start> <end> <flags>": where Linux put them.
 WRAPPER = b"""#!/bin/sh
 while read -r module; do insmod "/modules/$module"; done < /modules/order
 mount -t proc proc /proc
 grep -E 'MSI|virtio' /proc/interrupts | while read -r line; do echo "VMMKIT-IRQ: $line"; done
 umount /proc
+mount -t sysfs sysfs /sys
+for dev in /sys/bus/pci/devices/*; do
+    [ -r "$dev/resource" ] || continue
+    bar=0
+    while read -r start end flags; do
+        [ "$start" = 0x0000000000000000 ] || \
+            echo "VMMKIT-BAR: ${dev##*/} $(cat "$dev/vendor"):$(cat "$dev/device") $bar $start $end $flags"
+        bar=$((bar + 1))
+    done < "$dev/resource"
+done
+umount /sys
 exec /bin/sh /init.sh "$@"
 """
 

@@ -44,3 +44,19 @@ def run_in_lab(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[
     """``lab.py run ARGS`` (options, then ``--`` and the command)."""
     return subprocess.run([sys.executable, str(LAB), "run", *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def x86_64_lab() -> Any:
+    """The built x86-64 lab's :class:`System` (QEMU TCG ``-cpu max``: AMD SVM with nested paging,
+    Debian's amd64 kernel with ``kvm_amd``), or a skip that says why it cannot be built."""
+    for tool in ("qemu-system-x86_64", "apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"the x86-64 lab needs {tool}")
+    build = subprocess.run([sys.executable, str(LAB), "build", "--arch", "x86_64"], capture_output=True,
+                           text=True, timeout=1800)
+    if build.returncode != 0:
+        pytest.skip(f"the x86-64 lab cannot be built here: {build.stderr.strip().splitlines()[-1:]}")
+    system = load_lab().System("x86_64")
+    assert system.ready()
+    return system

@@ -148,12 +148,13 @@ def _no_memory_hotplug(config: dict[str, Any]) -> str:
 
 def _virtio_over_pci(config: dict[str, Any]) -> str:
     config["platform"]["virtio_transport"] = "pci"
-    return "added: platform.virtio_transport pci (the machine's default is virtio-mmio)"
+    return "added: platform.virtio_transport pci (the machine's default is virtio-mmio: a backend without a GICv3 ITS)"
 
 
 #: Where vmmkit refuses Kata's body by name at ``vm.boot`` (its AArch64 machine: no ACPI memory
-#: hotplug, though Go always sends ``hotplug_size``; virtio-mmio by default, which cannot take
-#: ``fs``'s ``pci_segment`` 1), what the replay changes then: the refusal's words -> the change.
+#: hotplug, though Go always sends ``hotplug_size``; virtio-mmio by default where the backend has
+#: no GICv3 ITS, which cannot take ``fs``'s ``pci_segment`` 1; KVM has one, and its default is
+#: virtio-pci), what the replay changes then: the refusal's words -> the change.
 #: ``platform.virtio_transport`` is a vmmkit extension Kata cannot send: Kata would stop at the
 #: refusal. On x86-64 none applies.
 DEPARTURES: dict[str, Callable[[dict[str, Any]], str]] = {

@@ -84,3 +84,24 @@ def test_the_initramfs_is_described_to_the_guest(image: Path, vmmkit_hypervisor:
     assert len(info) == 1
     start, end = (int(part, 16) for part in info[0].split("[")[1].rstrip(")").split("-"))
     assert end - start == 5000
+
+
+@pytest.mark.parametrize("transport", [None, "pci"])
+def test_virtio_blk_on_pci_or_the_vms_default_reaches_the_file(image: Path, vmmkit_hypervisor: str, tmp_path: Path,
+                                                                transport: str | None) -> None:
+    """The VM's default transport follows the backend: virtio-pci where it has a GICv3 ITS (KVM),
+    virtio-mmio where it has none (emu). Over PCI the guest finds vmmkit's 64-bit BAR at 512 GiB,
+    beyond its identity map, and moves it into the 32-bit window, as firmware would."""
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as stream:
+        stream.truncate(4 << 20)
+    platform = [] if transport is None else ["--platform", f"virtio_transport={transport}"]
+    result = boot(image, "--cmdline", "test=blk", "--disk", f"path={disk}", *platform, hypervisor=vmmkit_hypervisor)
+    lines = selftest_lines(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = transport or ("pci" if vmmkit_hypervisor == "kvm" else "mmio")
+    assert any(line.startswith(f"selftest: info virtio: blk: {expected} ") for line in lines), lines
+    if expected == "pci":
+        assert "selftest: info virtio: pci 00:01.0: bar 0 at 0x8000000000 is beyond this guest's map" in lines
+    assert any(line.startswith("selftest: ok blk (8192 sectors") for line in lines), lines
+    assert disk.read_bytes()[:4] == b"vmmk"

@@ -15,12 +15,12 @@ answer's id; of the cold-plugged id when the hot-plug was refused), and ``vmm.sh
 Both runtimes cold-plug VFIO in ``vm.create`` (Go: ``coldPlugVFIODevice`` since 858620d2; Rust:
 ``get_shared_devices``' ``host_devices``); neither sends ``vm.add-device`` before ``vm.boot``, so
 this replay does not either. Kata's body goes in unchanged first, and ``vm.boot`` refuses it by
-name, twice: ``fs``'s ``pci_segment`` 1 on virtio-mmio (vmmkit's arm64 default transport), then
-``memory.hotplug_size`` (no ACPI memory hotplug on vmmkit's arm64 machine; Go always sends it).
-Kata would stop there; the replay prints each refusal, deletes the VM and departs from Kata's
-body (``platform.virtio_transport: pci``, a vmmkit extension Kata cannot send; no
-``hotplug_size``): the test pins both, so it fails once either is fixed (and the README must
-change with it). The debug sandbox's serial port (``Tty``) carries
+name, once: ``memory.hotplug_size`` (no ACPI memory hotplug on vmmkit's arm64 machine; Go always
+sends it). ``fs``'s ``pci_segment`` 1 is taken: virtio-pci is the VM's default transport on KVM
+with the GICv3 ITS (on virtio-mmio, the default before, it was refused first). Kata would stop
+at the refusal; the replay prints it, deletes the VM and departs from Kata's body (no
+``hotplug_size``): the test pins that, so it fails once it is fixed (and the README must change
+with it). The debug sandbox's serial port (``Tty``) carries
 the guest's lines; ``quiet`` comes from ``configuration-clh.toml``'s ``kernel_params``.
 
 Kata's hot-plug and removal need ACPI PCI hotplug, which vmmkit's AArch64 machine does not have:
@@ -95,9 +95,10 @@ def devices(lines: list[str], state: str) -> list[list[dict[str, Any]]]:
 
 REFUSED = ("400 Bad Request b'[\"this VM has no PCI hotplug controller (the architecture has no ACPI PCI "
            "hotplug)\"]'")
-#: vm.boot refuses Kata's body by name twice, the replay changes it each time (kata_vfio_replay.DEPARTURES)
+#: vm.boot refuses Kata's body by name once, the replay changes it (kata_vfio_replay.DEPARTURES):
+#: ``fs``'s ``pci_segment`` is taken as it is, virtio-pci being the VM's default on KVM with the
+#: GICv3 ITS (before, virtio-mmio refused it first and the replay added ``virtio_transport: pci``)
 AARCH64_DEPARTURES = [
-    "added: platform.virtio_transport pci (the machine's default is virtio-mmio)",
     "trimmed: memory.hotplug_size (no ACPI memory hotplug)",
 ]
 

@@ -28,7 +28,9 @@ def init_lines(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def vmmkit_boot(aarch64_lab: Any) -> subprocess.CompletedProcess[str]:
-    return run_in_lab("--add", "kernel", "--timeout", "600", "--", "sh", "lab/linux/boot-aarch64.sh")
+    # virtio-mmio, as QEMU's peer run below (the VM's default on KVM is PCI: test_lab_its_aarch64.py)
+    return run_in_lab("--add", "kernel", "--timeout", "600", "--", "env", "TRANSPORT=mmio", "sh",
+                      "lab/linux/boot-aarch64.sh")
 
 
 @pytest.fixture(scope="module")

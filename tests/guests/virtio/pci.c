@@ -258,7 +258,22 @@ again:
 	return a;
 }
 
-/* The BAR's address, assigning one if it has none. 0 on failure. */
+/*
+ * Whether memory BAR i gets an address from the window: every one with virtio_pci.assign=all,
+ * an unassigned one, and one this guest cannot map where it is (AArch64: vmmkit's 64-bit BARs
+ * at 512 GiB, beyond the identity map's Device gigabyte), moved as firmware would move it.
+ */
+static bool bar_needs_assigning(const struct pci_fn *f, unsigned i)
+{
+	bool is64, io;
+	u64 a = bar_addr(f, i, &is64, &io);
+
+	if (assign_all || !a)
+		return true;
+	return !io && !arch_map_mmio(a, bar_size(f, i, is64));
+}
+
+/* The BAR's address, assigning one if it has none (or one out of reach). 0 on failure. */
 static u64 bar_resolve_for(const char *test, const struct pci_fn *f, const char *where,
 			   unsigned i)
 {
@@ -269,8 +284,11 @@ static u64 bar_resolve_for(const char *test, const struct pci_fn *f, const char 
 		report_fail(test, "%s: bar %u is an I/O BAR (not supported)", where, i);
 		return 0;
 	}
-	if (a && !assign_all)
+	if (!bar_needs_assigning(f, i))
 		return a;
+	if (a && !assign_all)
+		info(test, "%s: bar %u at 0x%llx is beyond this guest's map", where, i,
+		     (unsigned long long)a);
 	if (!used_known)
 		collect_used();
 	size = bar_size(f, i, is64);
@@ -340,9 +358,7 @@ static void probe(const struct pci_fn *f)
 	/* Decoding off while BARs may move; then memory, bus mastering, no INTx. */
 	cmd = rd(f, PCI_COMMAND, 2);
 	for (unsigned t = CFG_COMMON; t <= CFG_DEVICE; t++) {
-		bool is64, io;
-
-		if (caps[t].found && (assign_all || !bar_addr(f, caps[t].bar, &is64, &io)))
+		if (caps[t].found && bar_needs_assigning(f, caps[t].bar))
 			wr(f, PCI_COMMAND, 2, cmd & ~(CMD_MEMORY | 1));
 	}
 	for (unsigned t = CFG_COMMON; t <= CFG_DEVICE; t++) {

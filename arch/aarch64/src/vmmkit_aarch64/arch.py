@@ -81,10 +81,14 @@ def platform_devices(config: Any) -> list[DeviceRequest]:
 
 class Aarch64(Architecture):
     name: ClassVar[str] = "aarch64"
-    description: ClassVar[str] = "AArch64 virt: arm64 Image, device tree, PSCI 1.0, PL011, PL031, virtio-mmio"
-    #: virtio-mmio: every backend's guests get its interrupts (SPIs); virtio-pci's MSI-X needs
-    #: the backend's GICv3 ITS (KVM), else it falls back to INTx.
-    default_virtio_transport: ClassVar[str] = "mmio"
+    description: ClassVar[str] = ("AArch64 virt: arm64 Image, device tree, PSCI 1.0, PL011, PL031, "
+                                  "virtio-pci (ECAM, MSI-X through the GICv3 ITS) or virtio-mmio")
+    #: Until :meth:`configure_vm` knows the backend: virtio-mmio, whose interrupts (one SPI per
+    #: device) every backend delivers. With a GICv3 ITS (KVM) the VM's default is virtio-pci, as
+    #: on QEMU ``virt`` and Cloud Hypervisor: MSI-X, a vector per queue.
+    #: A backend without one (emu) keeps virtio-mmio: its virtio-pci would fall back to INTx,
+    #: four shared pins for every function.
+    default_virtio_transport: str = "mmio"
 
     def __init__(self) -> None:
         from vmmkit_aarch64.psci import Psci
@@ -118,6 +122,7 @@ class Aarch64(Architecture):
         if isinstance(vm, Aarch64Vm):
             vm.set_gic_layout(L.GIC_DIST.start, L.GIC_REDIST_BASE)
             self._its = vm.set_gic_its(L.GIC_ITS.start)
+        self.default_virtio_transport = "pci" if self._its else "mmio"
         vm.setup_interrupt_controller()
         if isinstance(vm, Aarch64Vm) and not vm.firmware_in_hypervisor:
             vm.set_firmware_handler(self.psci)
