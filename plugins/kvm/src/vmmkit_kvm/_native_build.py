@@ -64,6 +64,9 @@ int vmk_ioctl_int(int fd, unsigned long request, unsigned long arg);
 #define VMK_IO_PIO_WRITE ...
 #define VMK_IO_MMIO_READ ...
 #define VMK_IO_MMIO_WRITE ...
+#define VMK_PACKED_MIN ...
+#define VMK_PACKED_SIZE_SHIFT ...
+#define VMK_PACKED_ADDR_SHIFT ...
 #define VMK_NCOUNTS ...
 #define VMK_MAX_SINKS ...
 #define VMK_SINK_RAW ...
@@ -80,6 +83,7 @@ struct vmk_exit {
     uint32_t nwords;
     char *data;
     uint64_t words[...];
+    char buf[8];
     ...;
 };
 struct vmk_vm;
@@ -95,7 +99,7 @@ struct vmk_vcpu *vmk_vcpu_new(struct vmk_vm *vm, int vcpu_fd, size_t mmap_size,
                               uint32_t ring_page, uint32_t valid_regs);
 void vmk_vcpu_free(struct vmk_vcpu *v);
 void vmk_vcpu_set_callback(struct vmk_vcpu *v, void *handle);
-int vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex);
+int64_t vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex);
 void vmk_vcpu_kick(struct vmk_vcpu *v);
 void vmk_vcpu_clear_kick(struct vmk_vcpu *v);
 int vmk_vcpu_kicked(struct vmk_vcpu *v);
@@ -103,6 +107,7 @@ int vmk_vcpu_running(struct vmk_vcpu *v);
 void vmk_vcpu_counts(struct vmk_vcpu *v, uint64_t *out, size_t n);
 int vmk_vcpu_sync_valid(struct vmk_vcpu *v);
 uint32_t vmk_vcpu_valid_regs(struct vmk_vcpu *v);
+void vmk_vcpu_set_valid_regs(struct vmk_vcpu *v, uint32_t bits);
 void vmk_vcpu_mark_dirty(struct vmk_vcpu *v, uint32_t bits);
 int vmk_io_in_bounds(uint64_t run_size, uint32_t size, uint32_t count, uint64_t data_offset);
 size_t vmk_kvm_run_size(void);

@@ -43,6 +43,9 @@ _PIO: int = lib.VMK_EXIT_PIO
 _CALLBACK_ERROR: int = lib.VMK_EXIT_CALLBACK_ERROR
 _IO_MMIO_READ: int = lib.VMK_IO_MMIO_READ
 _IO_MMIO_WRITE: int = lib.VMK_IO_MMIO_WRITE
+_PACKED_MIN: int = lib.VMK_PACKED_MIN
+_SIZE_SHIFT: int = lib.VMK_PACKED_SIZE_SHIFT
+_ADDR_SHIFT: int = lib.VMK_PACKED_ADDR_SHIFT
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
@@ -90,6 +93,7 @@ class NativeVcpuLoop:
             raise HypervisorError("mmap(kvm_run)", ffi.errno or None)
         self._native: Any = native
         self._exit = ffi.new("struct vmk_exit *")
+        self._buf = self._exit.buf  # char[8] inside _exit: a packed access's data
         self._counts = ffi.new("uint64_t[]", lib.VMK_NCOUNTS)
         self._handle: Any = None
         self._error: BaseException | None = None
@@ -113,15 +117,30 @@ class NativeVcpuLoop:
     def run(self) -> tuple[int, int, tuple[int, ...]]:
         """Run until an exit the caller must see: ``(VMK_EXIT_* code, kvm_run exit reason, data
         words)``. MMIO goes to ``ops`` on the way; a device's exception propagates, and the
-        access it interrupted is completed (a read with undefined data) by the next run."""
+        access it interrupted is completed (a read with all ones) by the next run. A single
+        access comes back packed into the return value (``VMK_PACKED_MIN`` in runloop.h)."""
         native_run = lib.vmk_run
         v = self._native
         ex = self._exit
+        buf = self._buf
         unpack, memmove = ffi.unpack, ffi.memmove
         mmio_read, mmio_write = self._mmio_read, self._mmio_write
         while True:
             code = native_run(v, ex)
-            if code == _MMIO:
+            if code >= _PACKED_MIN:
+                kind = code & 3
+                size = code >> _SIZE_SHIFT & 15
+                if kind == _IO_MMIO_WRITE:
+                    mmio_write(code >> _ADDR_SHIFT, unpack(buf, size))
+                elif kind == _IO_MMIO_READ:
+                    value = mmio_read(code >> _ADDR_SHIFT, size)
+                    if len(value) != size:
+                        value = _fit(value, size)
+                    memmove(buf, value, size)
+                else:
+                    raise HypervisorError("KVM_RUN", None,
+                                          f"port I/O exit (port {code >> _ADDR_SHIFT:#x}) on an MMIO-only vCPU")
+            elif code == _MMIO:
                 size = ex.size
                 if ex.is_write:
                     mmio_write(ex.addr, unpack(ex.data, size))
