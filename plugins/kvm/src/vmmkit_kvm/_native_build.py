@@ -100,6 +100,8 @@ struct vmk_vcpu *vmk_vcpu_new(struct vmk_vm *vm, int vcpu_fd, size_t mmap_size,
 void vmk_vcpu_free(struct vmk_vcpu *v);
 void vmk_vcpu_set_callback(struct vmk_vcpu *v, void *handle);
 int64_t vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex);
+void vmk_vcpu_set_exit(struct vmk_vcpu *v, struct vmk_exit *ex);
+int64_t vmk_vcpu_run(struct vmk_vcpu *v);
 void vmk_vcpu_kick(struct vmk_vcpu *v);
 void vmk_vcpu_clear_kick(struct vmk_vcpu *v);
 int vmk_vcpu_kicked(struct vmk_vcpu *v);

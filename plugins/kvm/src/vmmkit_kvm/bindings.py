@@ -730,7 +730,10 @@ class KvmVcpuFd:
         #: The KVM_SYNC_X86_* bits each KVM_RUN asks KVM to store (see :meth:`set_sync_regs`).
         self.sync_regs = sync_regs
         self._exit = ffi.new("struct vmk_exit *")
-        self._buf = self._exit.buf  # char[8] inside _exit: a packed access's data
+        # A packed access's data (vmk_exit.buf), sliced to bytes and assigned from them (no
+        # ffi.unpack/ffi.memmove: their keyword parsing costs more than the slice).
+        self._buf = ffi.buffer(self._exit.buf)
+        lib.vmk_vcpu_set_exit(self._native, self._exit)
         self._handle: Any = None
         self._error: BaseException | None = None
         self._counts = ffi.new("uint64_t[]", lib.VMK_NCOUNTS)
@@ -778,7 +781,7 @@ class KvmVcpuFd:
         A single access comes back packed into the return value (``VMK_PACKED_MIN`` in
         runloop.h): kind, size and address without reading the struct, the data in
         ``vmk_exit.buf``; string I/O still comes as ``VMK_EXIT_PIO`` with the struct filled in."""
-        native_run = lib.vmk_run
+        native_run = lib.vmk_vcpu_run  # one argument: no argument tuple per exit
         v = self._native
         ex = self._exit
         buf = self._buf
@@ -787,19 +790,19 @@ class KvmVcpuFd:
         pio_read, pio_write = self._pio_read, self._pio_write
         mmio_read, mmio_write = self._mmio_read, self._mmio_write
         while True:
-            code = native_run(v, ex)
+            code = native_run(v)
             if code >= _PACKED_MIN:
                 kind = code & 3
                 size = code >> _SIZE_SHIFT & 15
                 if kind == _IO_PIO_WRITE:
-                    pio_write(code >> _ADDR_SHIFT, unpack(buf, size))
+                    pio_write(code >> _ADDR_SHIFT, buf[0:size])
                 elif kind == _IO_MMIO_WRITE:
-                    mmio_write(code >> _ADDR_SHIFT, unpack(buf, size))
+                    mmio_write(code >> _ADDR_SHIFT, buf[0:size])
                 else:
                     value = (pio_read if kind == _IO_PIO_READ else mmio_read)(code >> _ADDR_SHIFT, size)
                     if len(value) != size:
                         value = _fit(value, size)
-                    memmove(buf, value, size)
+                    buf[0:size] = value
             elif code == _PIO:
                 port = ex.addr
                 size = ex.size
@@ -809,9 +812,9 @@ class KvmVcpuFd:
                     if n == 1:
                         pio_write(port, unpack(data, size))
                     else:
-                        buf = unpack(data, size * n)
+                        elements = unpack(data, size * n)
                         for off in range(0, size * n, size):
-                            pio_write(port, buf[off : off + size])
+                            pio_write(port, elements[off : off + size])
                 else:
                     for i in range(n):
                         value = pio_read(port, size)

@@ -93,7 +93,10 @@ class NativeVcpuLoop:
             raise HypervisorError("mmap(kvm_run)", ffi.errno or None)
         self._native: Any = native
         self._exit = ffi.new("struct vmk_exit *")
-        self._buf = self._exit.buf  # char[8] inside _exit: a packed access's data
+        # A packed access's data (vmk_exit.buf), sliced to bytes and assigned from them (no
+        # ffi.unpack/ffi.memmove: their keyword parsing costs more than the slice).
+        self._buf = ffi.buffer(self._exit.buf)
+        lib.vmk_vcpu_set_exit(self._native, self._exit)
         self._counts = ffi.new("uint64_t[]", lib.VMK_NCOUNTS)
         self._handle: Any = None
         self._error: BaseException | None = None
@@ -119,24 +122,24 @@ class NativeVcpuLoop:
         words)``. MMIO goes to ``ops`` on the way; a device's exception propagates, and the
         access it interrupted is completed (a read with all ones) by the next run. A single
         access comes back packed into the return value (``VMK_PACKED_MIN`` in runloop.h)."""
-        native_run = lib.vmk_run
+        native_run = lib.vmk_vcpu_run  # one argument: no argument tuple per exit
         v = self._native
         ex = self._exit
         buf = self._buf
         unpack, memmove = ffi.unpack, ffi.memmove
         mmio_read, mmio_write = self._mmio_read, self._mmio_write
         while True:
-            code = native_run(v, ex)
+            code = native_run(v)
             if code >= _PACKED_MIN:
                 kind = code & 3
                 size = code >> _SIZE_SHIFT & 15
                 if kind == _IO_MMIO_WRITE:
-                    mmio_write(code >> _ADDR_SHIFT, unpack(buf, size))
+                    mmio_write(code >> _ADDR_SHIFT, buf[0:size])
                 elif kind == _IO_MMIO_READ:
                     value = mmio_read(code >> _ADDR_SHIFT, size)
                     if len(value) != size:
                         value = _fit(value, size)
-                    memmove(buf, value, size)
+                    buf[0:size] = value
                 else:
                     raise HypervisorError("KVM_RUN", None,
                                           f"port I/O exit (port {code >> _ADDR_SHIFT:#x}) on an MMIO-only vCPU")

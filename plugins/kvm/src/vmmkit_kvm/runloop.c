@@ -79,6 +79,7 @@ struct vmk_vcpu {
     uint8_t *read_dst;
     uint32_t read_len;
     const struct vmk_exit *read_ex;
+    struct vmk_exit *exit;  /* vmk_vcpu_run()'s (vmk_vcpu_set_exit) */
     uint64_t counts[VMK_NCOUNTS];
 };
 
@@ -665,6 +666,15 @@ int64_t vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex)
     }
     __atomic_store_n(&v->tid, 0, __ATOMIC_SEQ_CST);
     return code;
+}
+
+void vmk_vcpu_set_exit(struct vmk_vcpu *v, struct vmk_exit *ex) { v->exit = ex; }
+
+int64_t vmk_vcpu_run(struct vmk_vcpu *v)
+{
+    if (!v->exit)
+        return -EINVAL;
+    return vmk_run(v, v->exit);
 }
 
 size_t vmk_kvm_run_size(void) { return sizeof(struct kvm_run); }

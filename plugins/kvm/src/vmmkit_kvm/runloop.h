@@ -99,6 +99,10 @@ void vmk_vcpu_set_callback(struct vmk_vcpu *v, void *handle);
 
 /* A VMK_EXIT_* code, a packed access (>= VMK_PACKED_MIN), or -errno of a failed KVM_RUN. */
 int64_t vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex);
+/* vmk_run() with the vmk_exit bound by vmk_vcpu_set_exit(): one argument, which cffi passes
+ * without building an argument tuple (the Python dispatch path calls it once per exit). */
+void vmk_vcpu_set_exit(struct vmk_vcpu *v, struct vmk_exit *ex);
+int64_t vmk_vcpu_run(struct vmk_vcpu *v);
 void vmk_vcpu_kick(struct vmk_vcpu *v);
 void vmk_vcpu_clear_kick(struct vmk_vcpu *v);
 int vmk_vcpu_kicked(struct vmk_vcpu *v);
