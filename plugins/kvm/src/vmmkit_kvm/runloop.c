@@ -416,6 +416,8 @@ static int64_t to_python(struct vmk_vcpu *v, struct vmk_exit *ex, int code, uint
     uint32_t kind = code == VMK_EXIT_PIO ? (is_write ? VMK_IO_PIO_WRITE : VMK_IO_PIO_READ)
                                          : (is_write ? VMK_IO_MMIO_WRITE : VMK_IO_MMIO_READ);
     if (v->py_handle) {
+        if (!is_write)
+            memset(data, 0xff, (size_t)size * count); /* the answer if Python raises */
         if (vmk_py_io(v->py_handle, kind, addr, size, count, (char *)data) == 0)
             return 0;
         ex->code = VMK_EXIT_CALLBACK_ERROR;
