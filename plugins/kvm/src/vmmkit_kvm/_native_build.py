@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 from cffi import FFI
@@ -44,73 +45,6 @@ typedef int __s32;
 #define KVM_SYSTEM_EVENT_CRASH ...
 #define KVM_INTERNAL_ERROR_EMULATION ...
 
-int vmk_ioctl_ptr(int fd, unsigned long request, void *arg);
-int vmk_ioctl_int(int fd, unsigned long request, unsigned long arg);
-
-/* -- the run loop (runloop.h) ------------------------------------------------------------- */
-#define VMK_EXIT_PIO ...
-#define VMK_EXIT_MMIO ...
-#define VMK_EXIT_HLT ...
-#define VMK_EXIT_SHUTDOWN ...
-#define VMK_EXIT_SYSTEM_EVENT ...
-#define VMK_EXIT_INTERNAL_ERROR ...
-#define VMK_EXIT_FAIL_ENTRY ...
-#define VMK_EXIT_DEBUG ...
-#define VMK_EXIT_INTERRUPTED ...
-#define VMK_EXIT_UNKNOWN ...
-#define VMK_EXIT_BAD_RUN ...
-#define VMK_EXIT_CALLBACK_ERROR ...
-#define VMK_IO_PIO_READ ...
-#define VMK_IO_PIO_WRITE ...
-#define VMK_IO_MMIO_READ ...
-#define VMK_IO_MMIO_WRITE ...
-#define VMK_NCOUNTS ...
-#define VMK_MAX_SINKS ...
-#define VMK_SINK_RAW ...
-#define VMK_SINK_TEXT ...
-#define VMK_SINK_JSON ...
-
-struct vmk_exit {
-    uint32_t code;
-    uint32_t kvm_reason;
-    uint64_t addr;
-    uint32_t size;
-    uint32_t count;
-    uint32_t is_write;
-    uint32_t nwords;
-    char *data;
-    uint64_t words[...];
-    ...;
-};
-struct vmk_vm;
-struct vmk_vcpu;
-
-struct vmk_vm *vmk_vm_new(int vm_fd);
-void vmk_vm_free(struct vmk_vm *vm);
-int vmk_vm_add_sink(struct vmk_vm *vm, uint32_t port, int fd, int format,
-                    uint32_t read_value, const char *label);
-int vmk_vm_remove_sink(struct vmk_vm *vm, uint32_t port);
-
-struct vmk_vcpu *vmk_vcpu_new(struct vmk_vm *vm, int vcpu_fd, size_t mmap_size,
-                              uint32_t ring_page, uint32_t valid_regs);
-void vmk_vcpu_free(struct vmk_vcpu *v);
-void vmk_vcpu_set_callback(struct vmk_vcpu *v, void *handle);
-int vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex);
-void vmk_vcpu_kick(struct vmk_vcpu *v);
-void vmk_vcpu_clear_kick(struct vmk_vcpu *v);
-int vmk_vcpu_kicked(struct vmk_vcpu *v);
-int vmk_vcpu_running(struct vmk_vcpu *v);
-void vmk_vcpu_counts(struct vmk_vcpu *v, uint64_t *out, size_t n);
-int vmk_vcpu_sync_valid(struct vmk_vcpu *v);
-uint32_t vmk_vcpu_valid_regs(struct vmk_vcpu *v);
-void vmk_vcpu_mark_dirty(struct vmk_vcpu *v, uint32_t bits);
-int vmk_io_in_bounds(uint64_t run_size, uint32_t size, uint32_t count, uint64_t data_offset);
-size_t vmk_kvm_run_size(void);
-int vmk_kick_signal(void);
-int vmk_install_kick_handler(void);
-
-extern "Python+C" int vmk_py_io(void *handle, uint32_t kind, uint64_t addr, uint32_t size,
-                                uint32_t count, char *data);
 """
 
 X86_CDEF = r"""
@@ -439,6 +373,52 @@ struct kvm_regs *vmk_vcpu_sync_regs(struct vmk_vcpu *v);
 struct kvm_sregs *vmk_vcpu_sync_sregs(struct vmk_vcpu *v);
 """
 
+
+def header_cdef(header: Path) -> str:
+    """``header``'s declarations as cffi's ``cdef`` takes them, so that they are written once,
+    in the header: comments and preprocessor lines dropped (``#if``/``#ifdef`` blocks with
+    their contents, the include guard kept open), each object-like ``#define NAME value`` as
+    ``#define NAME ...`` and each array size that is not a literal as ``[...]`` (the compiler
+    fills both in, and cffi checks the rest of every struct against it).
+
+    The same function is in ``vmmkit_devices/virtio/_native_build.py``: a build script runs
+    with only setuptools and cffi installed, so the two cannot share a module."""
+    text = re.sub(r"/\*.*?\*/", " ", header.read_text(), flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    out: list[str] = []
+    depth = 0  # inside #if/#ifdef/#ifndef blocks other than the include guard
+    guard = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            if depth == 0:
+                out.append(re.sub(r"\[([^\]\d][^\]]*)\]", "[...]", line))
+            continue
+        directive, _, rest = stripped[1:].strip().partition(" ")
+        rest = rest.strip()
+        if directive == "ifndef" and guard is None and not any(o.strip() for o in out):
+            guard = rest
+        elif directive in ("if", "ifdef", "ifndef"):
+            depth += 1
+        elif directive == "endif":
+            depth = max(depth - 1, 0)
+        elif directive == "define" and depth == 0:
+            name, _, value = rest.partition(" ")
+            if name != guard and "(" not in name and value.strip():
+                out.append(f"#define {name} ...")
+    return "\n".join(out)
+
+
+def runloop_cdef() -> str:
+    """``runloop.h``'s declarations (its ``#ifdef __x86_64__`` part is in :data:`X86_CDEF`), with
+    the Python callback declared as cffi's ``extern "Python+C"``."""
+    declarations = header_cdef(HERE / "runloop.h")
+    callback = "int vmk_py_io("
+    if declarations.count(callback) != 1:
+        raise RuntimeError(f"runloop.h must declare {callback}...) once")
+    return declarations.replace(callback, 'extern "Python+C" ' + callback)
+
+
 ARM64_CDEF = r"""
 #define KVM_EXIT_MMIO ...
 #define KVM_EXIT_SYSTEM_EVENT ...
@@ -462,7 +442,7 @@ def builder_for(arch: str) -> FFI:
     if arch not in ARCH_CDEF:
         raise ValueError(f"vmmkit_kvm._native has no declarations for {arch!r} (known: {', '.join(ARCH_CDEF)})")
     builder = FFI()
-    builder.cdef(COMMON_CDEF + ARCH_CDEF[arch])
+    builder.cdef(COMMON_CDEF + runloop_cdef() + ARCH_CDEF[arch])
     builder.set_source(
         "vmmkit_kvm._native",
         '#include <sys/ioctl.h>\n#include <linux/kvm.h>\n#include "runloop.h"',

@@ -43,6 +43,9 @@ _PIO: int = lib.VMK_EXIT_PIO
 _CALLBACK_ERROR: int = lib.VMK_EXIT_CALLBACK_ERROR
 _IO_MMIO_READ: int = lib.VMK_IO_MMIO_READ
 _IO_MMIO_WRITE: int = lib.VMK_IO_MMIO_WRITE
+_PACKED_MIN: int = lib.VMK_PACKED_MIN
+_SIZE_SHIFT: int = lib.VMK_PACKED_SIZE_SHIFT
+_ADDR_SHIFT: int = lib.VMK_PACKED_ADDR_SHIFT
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
@@ -90,6 +93,10 @@ class NativeVcpuLoop:
             raise HypervisorError("mmap(kvm_run)", ffi.errno or None)
         self._native: Any = native
         self._exit = ffi.new("struct vmk_exit *")
+        # A packed access's data (vmk_exit.buf), sliced to bytes and assigned from them (no
+        # ffi.unpack/ffi.memmove: their keyword parsing costs more than the slice).
+        self._buf = ffi.buffer(self._exit.buf)
+        lib.vmk_vcpu_set_exit(self._native, self._exit)
         self._counts = ffi.new("uint64_t[]", lib.VMK_NCOUNTS)
         self._handle: Any = None
         self._error: BaseException | None = None
@@ -113,15 +120,30 @@ class NativeVcpuLoop:
     def run(self) -> tuple[int, int, tuple[int, ...]]:
         """Run until an exit the caller must see: ``(VMK_EXIT_* code, kvm_run exit reason, data
         words)``. MMIO goes to ``ops`` on the way; a device's exception propagates, and the
-        access it interrupted is completed (a read with undefined data) by the next run."""
-        native_run = lib.vmk_run
+        access it interrupted is completed (a read with all ones) by the next run. A single
+        access comes back packed into the return value (``VMK_PACKED_MIN`` in runloop.h)."""
+        native_run = lib.vmk_vcpu_run  # one argument: no argument tuple per exit
         v = self._native
         ex = self._exit
+        buf = self._buf
         unpack, memmove = ffi.unpack, ffi.memmove
         mmio_read, mmio_write = self._mmio_read, self._mmio_write
         while True:
-            code = native_run(v, ex)
-            if code == _MMIO:
+            code = native_run(v)
+            if code >= _PACKED_MIN:
+                kind = code & 3
+                size = code >> _SIZE_SHIFT & 15
+                if kind == _IO_MMIO_WRITE:
+                    mmio_write(code >> _ADDR_SHIFT, buf[0:size])
+                elif kind == _IO_MMIO_READ:
+                    value = mmio_read(code >> _ADDR_SHIFT, size)
+                    if len(value) != size:
+                        value = _fit(value, size)
+                    buf[0:size] = value
+                else:
+                    raise HypervisorError("KVM_RUN", None,
+                                          f"port I/O exit (port {code >> _ADDR_SHIFT:#x}) on an MMIO-only vCPU")
+            elif code == _MMIO:
                 size = ex.size
                 if ex.is_write:
                     mmio_write(ex.addr, unpack(ex.data, size))

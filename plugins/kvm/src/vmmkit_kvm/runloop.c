@@ -51,6 +51,9 @@ struct vmk_vm {
     pthread_rwlock_t sink_lock;
     int nsinks;
     struct vmk_sink sinks[VMK_MAX_SINKS];
+    /* One bit per port that has a sink (atomic; written under sink_lock): a port without one
+     * goes to Python without taking the lock. */
+    uint64_t sink_ports[65536 / 64];
     pthread_mutex_t ring_lock;   /* the coalesced ring is shared by all vCPUs */
     struct timespec t0;          /* timestamped sinks count from VM creation */
 };
@@ -69,8 +72,14 @@ struct vmk_vcpu {
     int kicked;         /* atomic */
     int pending;
     int sync_valid;
-    uint32_t valid_regs;
+    uint32_t valid_regs;  /* KVM_SYNC_X86_* asked for from the next KVM_RUN on */
+    uint32_t synced;      /* those the last KVM_RUN stored (what the sync area holds) */
     uint8_t ring_data[8];
+    /* A packed read handed to Python: where its answer goes, from which vmk_exit's buf. */
+    uint8_t *read_dst;
+    uint32_t read_len;
+    const struct vmk_exit *read_ex;
+    struct vmk_exit *exit;  /* vmk_vcpu_run()'s (vmk_vcpu_set_exit) */
     uint64_t counts[VMK_NCOUNTS];
 };
 
@@ -102,6 +111,22 @@ int vmk_install_kick_handler(void)
 }
 
 static __thread int vmk_thread_unblocked;
+/* gettid() once per thread, not a system call per vmk_run(); a forked child starts over. */
+static __thread int vmk_thread_tid;
+static pthread_once_t vmk_atfork_once = PTHREAD_ONCE_INIT;
+
+static void vmk_forget_tid(void) { vmk_thread_tid = 0; }
+
+static void vmk_register_atfork(void) { pthread_atfork(NULL, NULL, vmk_forget_tid); }
+
+static int vmk_tid(void)
+{
+    if (!vmk_thread_tid) {
+        pthread_once(&vmk_atfork_once, vmk_register_atfork);
+        vmk_thread_tid = (int)syscall(SYS_gettid);
+    }
+    return vmk_thread_tid;
+}
 
 static void vmk_unblock_kick_signal(void)
 {
@@ -160,6 +185,7 @@ int vmk_vm_add_sink(struct vmk_vm *vm, uint32_t port, int fd, int format,
     s->fd = fd;
     s->format = format;
     s->read_value = (uint8_t)read_value;
+    __atomic_or_fetch(&vm->sink_ports[port / 64], 1ULL << (port % 64), __ATOMIC_RELEASE);
     if (label && label[0]) {
         /* Printable ASCII without quote or backslash, so it goes into a JSON string as is. */
         size_t n = 0;
@@ -183,6 +209,7 @@ int vmk_vm_remove_sink(struct vmk_vm *vm, uint32_t port)
     pthread_rwlock_wrlock(&vm->sink_lock);
     for (int i = 0; i < vm->nsinks; i++) {
         if (vm->sinks[i].port == port) {
+            __atomic_and_fetch(&vm->sink_ports[port / 64], ~(1ULL << (port % 64)), __ATOMIC_RELEASE);
             vm->sinks[i] = vm->sinks[vm->nsinks - 1];
             vm->nsinks--;
             rc = 0;
@@ -251,6 +278,9 @@ static int vmk_sink_serve(struct vmk_vm *vm, uint32_t port, int is_write, uint8_
                           size_t len)
 {
     int served = 0;
+    if (port > 0xffff ||
+        !(__atomic_load_n(&vm->sink_ports[port / 64], __ATOMIC_ACQUIRE) & (1ULL << (port % 64))))
+        return 0; /* no sink: an access racing with vmk_vm_add_sink() comes before it */
     pthread_rwlock_rdlock(&vm->sink_lock);
     for (int i = 0; i < vm->nsinks; i++) {
         const struct vmk_sink *s = &vm->sinks[i];
@@ -337,12 +367,17 @@ void vmk_vcpu_counts(struct vmk_vcpu *v, uint64_t *out, size_t n)
 }
 
 int vmk_vcpu_sync_valid(struct vmk_vcpu *v) { return v->sync_valid; }
-uint32_t vmk_vcpu_valid_regs(struct vmk_vcpu *v) { return v->valid_regs; }
+uint32_t vmk_vcpu_valid_regs(struct vmk_vcpu *v) { return v->synced; }
+void vmk_vcpu_set_valid_regs(struct vmk_vcpu *v, uint32_t bits)
+{
+    v->valid_regs = bits;
+    v->run->kvm_valid_regs = bits;
+}
 #ifdef __x86_64__
 struct kvm_regs *vmk_vcpu_sync_regs(struct vmk_vcpu *v) { return &v->run->s.regs.regs; }
 struct kvm_sregs *vmk_vcpu_sync_sregs(struct vmk_vcpu *v) { return &v->run->s.regs.sregs; }
 #endif
-void vmk_vcpu_mark_dirty(struct vmk_vcpu *v, uint32_t bits) { v->run->kvm_dirty_regs |= bits & v->valid_regs; }
+void vmk_vcpu_mark_dirty(struct vmk_vcpu *v, uint32_t bits) { v->run->kvm_dirty_regs |= bits & v->synced; }
 
 int vmk_io_in_bounds(uint64_t run_size, uint32_t size, uint32_t count, uint64_t data_offset)
 {
@@ -358,7 +393,7 @@ static inline void count(struct vmk_vcpu *v, int which)
     __atomic_store_n(&v->counts[which], v->counts[which] + 1, __ATOMIC_RELAXED);
 }
 
-static int bad_run(struct vmk_exit *ex, uint64_t what, uint64_t a, uint64_t b, uint64_t c)
+static int64_t bad_run(struct vmk_exit *ex, uint64_t what, uint64_t a, uint64_t b, uint64_t c)
 {
     ex->code = VMK_EXIT_BAD_RUN;
     ex->nwords = 4;
@@ -369,19 +404,36 @@ static int bad_run(struct vmk_exit *ex, uint64_t what, uint64_t a, uint64_t b, u
     return VMK_EXIT_BAD_RUN;
 }
 
+_Static_assert(VMK_EXIT_CALLBACK_ERROR < VMK_PACKED_MIN, "packed accesses start above the exit codes");
+_Static_assert(sizeof(((struct vmk_exit *)0)->buf) >= sizeof(((struct kvm_run *)0)->mmio.data),
+               "vmk_exit.buf holds any single access");
+
 /* Hand one access to Python: in callback mode call it and return 0 (go on), else fill
- * ``ex`` and return the code the caller must dispatch. */
-static int to_python(struct vmk_vcpu *v, struct vmk_exit *ex, int code, uint64_t addr,
-                     uint32_t size, uint32_t count, int is_write, uint8_t *data)
+ * ``ex`` and return the code the caller must dispatch (a packed access if it is a single one). */
+static int64_t to_python(struct vmk_vcpu *v, struct vmk_exit *ex, int code, uint64_t addr,
+                         uint32_t size, uint32_t count, int is_write, uint8_t *data)
 {
+    uint32_t kind = code == VMK_EXIT_PIO ? (is_write ? VMK_IO_PIO_WRITE : VMK_IO_PIO_READ)
+                                         : (is_write ? VMK_IO_MMIO_WRITE : VMK_IO_MMIO_READ);
     if (v->py_handle) {
-        uint32_t kind = code == VMK_EXIT_PIO ? (is_write ? VMK_IO_PIO_WRITE : VMK_IO_PIO_READ)
-                                             : (is_write ? VMK_IO_MMIO_WRITE : VMK_IO_MMIO_READ);
+        if (!is_write)
+            memset(data, 0xff, (size_t)size * count); /* the answer if Python raises */
         if (vmk_py_io(v->py_handle, kind, addr, size, count, (char *)data) == 0)
             return 0;
         ex->code = VMK_EXIT_CALLBACK_ERROR;
         ex->nwords = 0;
         return VMK_EXIT_CALLBACK_ERROR;
+    }
+    if (count == 1 && size <= sizeof(ex->buf) && addr < (1ULL << (64 - VMK_PACKED_ADDR_SHIFT - 1))) {
+        if (is_write) {
+            memcpy(ex->buf, data, size);
+        } else {
+            memset(ex->buf, 0xff, sizeof(ex->buf)); /* the answer if Python raises */
+            v->read_dst = data;
+            v->read_len = size;
+            v->read_ex = ex;
+        }
+        return (int64_t)(addr << VMK_PACKED_ADDR_SHIFT | (uint64_t)size << VMK_PACKED_SIZE_SHIFT | kind);
     }
     ex->code = (uint32_t)code;
     ex->addr = addr;
@@ -394,10 +446,14 @@ static int to_python(struct vmk_vcpu *v, struct vmk_exit *ex, int code, uint64_t
 }
 
 /* Process the coalesced ring. Returns 0 when it is empty, else a code for the caller. */
-static int drain_ring(struct vmk_vcpu *v, struct vmk_exit *ex)
+static int64_t drain_ring(struct vmk_vcpu *v, struct vmk_exit *ex)
 {
     struct kvm_coalesced_mmio_ring *ring = v->ring;
     if (!ring)
+        return 0;
+    /* Empty (the common case): no lock. An entry another vCPU's exit adds meanwhile is
+     * drained at the next exit, as it would be had it come a moment later. */
+    if (__atomic_load_n(&ring->first, __ATOMIC_RELAXED) == __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE))
         return 0;
     for (;;) {
         struct kvm_coalesced_mmio ent;
@@ -429,12 +485,12 @@ static int drain_ring(struct vmk_vcpu *v, struct vmk_exit *ex)
                 continue;
             }
             count(v, VMK_COUNT_COALESCED);
-            int code = to_python(v, ex, VMK_EXIT_PIO, ent.phys_addr & 0xffff, len, 1, 1, v->ring_data);
+            int64_t code = to_python(v, ex, VMK_EXIT_PIO, ent.phys_addr & 0xffff, len, 1, 1, v->ring_data);
             if (code)
                 return code;
         } else {
             count(v, VMK_COUNT_COALESCED);
-            int code = to_python(v, ex, VMK_EXIT_MMIO, ent.phys_addr, len, 1, 1, v->ring_data);
+            int64_t code = to_python(v, ex, VMK_EXIT_MMIO, ent.phys_addr, len, 1, 1, v->ring_data);
             if (code)
                 return code;
         }
@@ -451,7 +507,7 @@ static void copy_words(struct vmk_exit *ex, const void *src, uint32_t n, uint32_
 
 /* Handle the exit in kvm_run. Returns 0 if it was served natively (re-enter the guest),
  * else the code for the caller. */
-static int handle_exit(struct vmk_vcpu *v, struct vmk_exit *ex)
+static int64_t handle_exit(struct vmk_vcpu *v, struct vmk_exit *ex)
 {
     struct kvm_run *run = v->run;
     uint32_t reason = run->exit_reason;
@@ -560,11 +616,19 @@ static int handle_exit(struct vmk_vcpu *v, struct vmk_exit *ex)
     }
 }
 
-int vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex)
+int64_t vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex)
 {
-    int code;
+    int64_t code;
+    if (v->read_len) {
+        /* Complete the packed read Python answered in ex->buf (ones if it was not this ex). */
+        if (ex == v->read_ex)
+            memcpy(v->read_dst, ex->buf, v->read_len);
+        else
+            memset(v->read_dst, 0xff, v->read_len);
+        v->read_len = 0;
+    }
     vmk_unblock_kick_signal();
-    __atomic_store_n(&v->tid, (int)syscall(SYS_gettid), __ATOMIC_SEQ_CST);
+    __atomic_store_n(&v->tid, vmk_tid(), __ATOMIC_SEQ_CST);
     for (;;) {
         if (v->pending != PENDING_NONE) {
             /* Ring entries were written before the exit that brought us out: first. */
@@ -587,6 +651,7 @@ int vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex)
                 break;
             continue;
         }
+        uint32_t asked = v->run->kvm_valid_regs;
         int r = ioctl(v->fd, KVM_RUN, 0);
         if (r < 0) {
             int e = errno;
@@ -598,10 +663,20 @@ int vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex)
         } else {
             v->pending = PENDING_EXIT;
         }
-        v->sync_valid = v->valid_regs != 0;
+        v->synced = asked;
+        v->sync_valid = asked != 0;
     }
     __atomic_store_n(&v->tid, 0, __ATOMIC_SEQ_CST);
     return code;
+}
+
+void vmk_vcpu_set_exit(struct vmk_vcpu *v, struct vmk_exit *ex) { v->exit = ex; }
+
+int64_t vmk_vcpu_run(struct vmk_vcpu *v)
+{
+    if (!v->exit)
+        return -EINVAL;
+    return vmk_run(v, v->exit);
 }
 
 size_t vmk_kvm_run_size(void) { return sizeof(struct kvm_run); }

@@ -26,11 +26,21 @@
 #define VMK_EXIT_BAD_RUN 11       /* a kvm_run field failed a bounds check; words say which */
 #define VMK_EXIT_CALLBACK_ERROR 12 /* the Python callback raised (callback mode) */
 
-/* I/O kinds handed to the Python callback. */
+/* I/O kinds handed to the Python callback, and the low bits of a packed access. */
 #define VMK_IO_PIO_READ 0
 #define VMK_IO_PIO_WRITE 1
 #define VMK_IO_MMIO_READ 2
 #define VMK_IO_MMIO_WRITE 3
+
+/* In return mode a single access (count 1, address below 2^56) comes back from vmk_run() as
+ * one packed value instead of VMK_EXIT_PIO/VMK_EXIT_MMIO, so Python decodes it without
+ * reading the struct: (addr << VMK_PACKED_ADDR_SHIFT) | (size << VMK_PACKED_SIZE_SHIFT) | kind,
+ * kind a VMK_IO_*. It is always >= VMK_PACKED_MIN (size >= 1), above every VMK_EXIT_*.
+ * A write's bytes are in vmk_exit.buf; a read's answer goes into vmk_exit.buf (preset to
+ * ones) and the next vmk_run() with the same vmk_exit copies it to the guest. */
+#define VMK_PACKED_MIN 16
+#define VMK_PACKED_SIZE_SHIFT 4
+#define VMK_PACKED_ADDR_SHIFT 8
 
 /* Exit counters (index into vmk_vcpu_counts()). */
 #define VMK_COUNT_IO 0
@@ -61,6 +71,7 @@ struct vmk_exit {
     uint32_t nwords;
     char *data;            /* size * count bytes, inside the vCPU's own buffers */
     uint64_t words[VMK_EXIT_WORDS];
+    char buf[8];           /* a packed access's data (see VMK_PACKED_MIN) */
 };
 
 struct vmk_vm;
@@ -86,7 +97,12 @@ void vmk_vcpu_free(struct vmk_vcpu *v);
 /* Dispatch through vmk_py_io() with this handle; NULL: return I/O exits to the caller. */
 void vmk_vcpu_set_callback(struct vmk_vcpu *v, void *handle);
 
-int vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex);
+/* A VMK_EXIT_* code, a packed access (>= VMK_PACKED_MIN), or -errno of a failed KVM_RUN. */
+int64_t vmk_run(struct vmk_vcpu *v, struct vmk_exit *ex);
+/* vmk_run() with the vmk_exit bound by vmk_vcpu_set_exit(): one argument, which cffi passes
+ * without building an argument tuple (the Python dispatch path calls it once per exit). */
+void vmk_vcpu_set_exit(struct vmk_vcpu *v, struct vmk_exit *ex);
+int64_t vmk_vcpu_run(struct vmk_vcpu *v);
 void vmk_vcpu_kick(struct vmk_vcpu *v);
 void vmk_vcpu_clear_kick(struct vmk_vcpu *v);
 int vmk_vcpu_kicked(struct vmk_vcpu *v);
@@ -95,7 +111,10 @@ void vmk_vcpu_counts(struct vmk_vcpu *v, uint64_t *out, size_t n);
 
 /* Sync regs: valid once a KVM_RUN has returned; writes are applied by the next KVM_RUN. */
 int vmk_vcpu_sync_valid(struct vmk_vcpu *v);
+/* The KVM_SYNC_X86_* bits the last KVM_RUN stored (valid to read, and to mark dirty). */
 uint32_t vmk_vcpu_valid_regs(struct vmk_vcpu *v);
+/* The bits to ask for from the next KVM_RUN on (not while the vCPU runs). */
+void vmk_vcpu_set_valid_regs(struct vmk_vcpu *v, uint32_t bits);
 #ifdef __x86_64__
 /* x86's struct kvm_sync_regs (arm64's holds only device_irq_level). */
 struct kvm_regs *vmk_vcpu_sync_regs(struct vmk_vcpu *v);

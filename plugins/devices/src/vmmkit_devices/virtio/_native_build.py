@@ -9,6 +9,7 @@ the tests, which may build a sanitizer variant of the same C under another modul
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,225 +18,59 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 NATIVE = HERE / "native"
 
-CDEF = r"""
-#define BLK_OK ...
-#define BLK_ERR_RANGE ...
-#define BLK_ERR_IOVEC ...
-#define BLK_ERR_TOO_MANY ...
-#define BLK_ERR_READONLY ...
-#define BLK_ERR_ARGS ...
-#define BLK_ERR_IO ...
-#define BLK_SECTOR_SIZE ...
-#define BLK_MAX_IOV ...
+#: The headers whose declarations Python sees, in include order.
+HEADERS = ("blk_io.h", "blk_queue.h", "net_queue.h")
 
+#: What the headers take from the system (``<sys/uio.h>``).
+SYSTEM_CDEF = r"""
 struct iovec {
     void *iov_base;
     size_t iov_len;
     ...;
 };
-struct blk_region {
-    uint64_t gpa;
-    uint8_t *host;
-    uint64_t size;
-    uint32_t readonly;
-    ...;
-};
-struct blk_memory {
-    const struct blk_region *regions;
-    uint32_t count;
-    ...;
-};
-struct blk_disk {
-    int fd;
-    int direct_fd;
-    uint32_t mem_align;
-    uint32_t offset_align;
-    uint64_t size;
-    uint32_t readonly;
-    ...;
-};
-struct blk_result {
-    uint64_t bytes;
-    int32_t error;
-    uint32_t direct;
-    uint32_t fallback;
-    uint32_t einval;
-    uint32_t emulated;
-    ...;
-};
-
-int blk_transfer(const struct blk_disk *disk, const struct blk_memory *mem, int write,
-                 uint64_t offset, const struct iovec *iov, const uint64_t *gpa, uint32_t count,
-                 uint64_t skip, uint64_t length, struct blk_result *out);
-int blk_discard(const struct blk_disk *disk, uint64_t offset, uint64_t length,
-                struct blk_result *out);
-int blk_write_zeroes(const struct blk_disk *disk, uint64_t offset, uint64_t length, int unmap,
-                     struct blk_result *out);
-int blk_flush(const struct blk_disk *disk, struct blk_result *out);
-
-#define BLKQ_STOPPED ...
-#define BLKQ_SIGNAL ...
-#define BLKQ_BROKEN ...
-#define BLKQ_IDLE ...
-#define BLKQ_ERR_AVAIL_INDEX ...
-#define BLKQ_ERR_DEVICE ...
-#define BLKQ_F_EVENT_IDX ...
-#define BLKQ_F_INDIRECT ...
-#define BLKQ_F_FLUSH ...
-#define BLKQ_F_DISCARD ...
-#define BLKQ_F_WRITE_ZEROES ...
-#define BLKQ_F_SPARSE ...
-#define BLKQ_COUNTERS ...
-#define BLKQ_ID_BYTES ...
-#define BLKQ_MAX_SLOTS ...
-
-struct blkq_vq_region {
-    uint64_t gpa;
-    uint64_t size;
-    uint8_t *host;
-    uint32_t readonly;
-    ...;
-};
-struct blkq_vq_memory {
-    const struct blkq_vq_region *regions;
-    uint32_t count;
-    ...;
-};
-struct blkq_vq_chain {
-    uint32_t count;
-    uint32_t readable;
-    uint32_t descriptors;
-    uint64_t readable_bytes;
-    uint64_t writable_bytes;
-    ...;
-};
-typedef int (*blkq_walk_fn)(const struct blkq_vq_memory *mem, uint64_t desc_gpa,
-                            uint32_t queue_size, uint32_t head, uint32_t flags,
-                            struct iovec *iov, uint64_t *gpa, uint32_t capacity,
-                            struct blkq_vq_chain *out);
-struct blkq {
-    blkq_walk_fn walk;
-    const struct blkq_vq_memory *vq_mem;
-    const struct blk_memory *blk_mem;
-    struct blk_disk disk;
-    uint64_t desc_gpa, avail_gpa, used_gpa;
-    uint32_t size;
-    uint32_t flags;
-    uint32_t max_segments;
-    uint32_t slots;
-    int kick_fd;
-    int wake_fd;
-    int irq_fd;
-    uint8_t serial[20];
-    uint16_t last_avail;
-    uint16_t next_used;
-    uint16_t signalled_used;
-    uint8_t signalled_valid;
-    uint8_t pending_signal;
-    volatile uint32_t stop;
-    uint64_t counters[15];
-    int32_t error_kind;
-    char message[160];
-    int epoll_fd;
-    struct iovec *iov;
-    uint64_t *gpa;
-    void *pool;
-    ...;
-};
-
-int blkq_run(struct blkq *q);
-int blkq_process(struct blkq *q);
-int blkq_needs_signal(struct blkq *q);
-void blkq_release(struct blkq *q);
-
-#define NETQ_STOPPED ...
-#define NETQ_SIGNAL ...
-#define NETQ_BROKEN ...
-#define NETQ_IDLE ...
-#define NETQ_ERR_AVAIL_INDEX ...
-#define NETQ_ERR_DEVICE ...
-#define NETQ_F_EVENT_IDX ...
-#define NETQ_F_INDIRECT ...
-#define NETQ_F_MRG_RXBUF ...
-#define NETQ_F_GUEST_CSUM ...
-#define NETQ_F_CSUM ...
-#define NETQ_F_HOST_TSO4 ...
-#define NETQ_F_HOST_TSO6 ...
-#define NETQ_F_HOST_ECN ...
-#define NETQ_F_HOST_UFO ...
-#define NETQ_HDR_SIZE ...
-#define NETQ_MAX_FRAME ...
-#define NETQ_MAX_RX ...
-#define NETQ_BURST ...
-#define NETQ_COUNTERS ...
-
-struct netq_vq_region {
-    uint64_t gpa;
-    uint64_t size;
-    uint8_t *host;
-    uint32_t readonly;
-    ...;
-};
-struct netq_vq_memory {
-    const struct netq_vq_region *regions;
-    uint32_t count;
-    ...;
-};
-struct netq_vq_chain {
-    uint32_t count;
-    uint32_t readable;
-    uint32_t descriptors;
-    uint64_t readable_bytes;
-    uint64_t writable_bytes;
-    ...;
-};
-typedef int (*netq_walk_fn)(const struct netq_vq_memory *mem, uint64_t desc_gpa,
-                            uint32_t queue_size, uint32_t head, uint32_t flags,
-                            struct iovec *iov, uint64_t *gpa, uint32_t capacity,
-                            struct netq_vq_chain *out);
-struct netq_ring {
-    uint64_t desc_gpa, avail_gpa, used_gpa;
-    uint32_t size;
-    int kick_fd;
-    int irq_fd;
-    uint16_t last_avail;
-    uint16_t next_used;
-    uint16_t signalled_used;
-    uint8_t signalled_valid;
-    uint8_t pending_signal;
-    ...;
-};
-struct netq {
-    netq_walk_fn walk;
-    const struct netq_vq_memory *vq_mem;
-    struct netq_ring rx, tx;
-    uint32_t flags;
-    uint32_t max_segments;
-    int tap_fd;
-    int wake_fd;
-    volatile uint32_t stop;
-    uint32_t signal;
-    uint64_t counters[8];
-    int32_t error_kind;
-    int32_t error_queue;
-    char message[160];
-    int32_t last_errno;
-    uint16_t *held;
-    uint64_t *held_bytes;
-    uint32_t held_count;
-    uint32_t pending_len;
-    int epoll_fd;
-    uint32_t tap_armed;
-    struct iovec *iov;
-    uint64_t *gpa;
-    uint8_t *frame;
-    ...;
-};
-
-int netq_run(struct netq *q);
-int netq_process(struct netq *q);
-void netq_release(struct netq *q);
 """
+
+
+def header_cdef(header: Path) -> str:
+    """``header``'s declarations as cffi's ``cdef`` takes them, so that they are written once,
+    in the header: comments and preprocessor lines dropped (``#if``/``#ifdef`` blocks with
+    their contents, the include guard kept open), each object-like ``#define NAME value`` as
+    ``#define NAME ...`` and each array size that is not a literal as ``[...]`` (the compiler
+    fills both in, and cffi checks the rest of every struct against it).
+
+    The same function is in ``vmmkit_kvm/_native_build.py``: a build script runs with only
+    setuptools and cffi installed, so the two cannot share a module."""
+    text = re.sub(r"/\*.*?\*/", " ", header.read_text(), flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    out: list[str] = []
+    depth = 0  # inside #if/#ifdef/#ifndef blocks other than the include guard
+    guard = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            if depth == 0:
+                out.append(re.sub(r"\[([^\]\d][^\]]*)\]", "[...]", line))
+            continue
+        directive, _, rest = stripped[1:].strip().partition(" ")
+        rest = rest.strip()
+        if directive == "ifndef" and guard is None and not any(o.strip() for o in out):
+            guard = rest
+        elif directive in ("if", "ifdef", "ifndef"):
+            depth += 1
+        elif directive == "endif":
+            depth = max(depth - 1, 0)
+        elif directive == "define" and depth == 0:
+            name, _, value = rest.partition(" ")
+            if name != guard and "(" not in name and value.strip():
+                out.append(f"#define {name} ...")
+    return "\n".join(out)
+
+
+
+def cdef() -> str:
+    """The module's declarations: :data:`SYSTEM_CDEF`, then each of :data:`HEADERS`."""
+    return SYSTEM_CDEF + "\n".join(header_cdef(NATIVE / name) for name in HEADERS)
+
 
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing"]
 
@@ -245,7 +80,7 @@ def make_ffibuilder(
     extra_link_args: Sequence[str] = (), relative: bool = True,
 ) -> FFI:
     builder = FFI()
-    builder.cdef(CDEF)
+    builder.cdef(cdef())
     sources = [NATIVE / "blk_io.c", NATIVE / "blk_queue.c", NATIVE / "net_queue.c"]
     builder.set_source(
         module,

@@ -383,6 +383,7 @@ class PvmVm(VmQuirks):
         if handler is None:
             return
         vcpu.set_guest_debug(hw_breakpoints=[handler])
+        vcpu.set_sync_sregs(True)  # every guest page fault is now an exit that reads them
         with self._lock:
             state.breakpoint = handler
         log.info("kvm.quirks.syscall_repair_armed", vcpu=vcpu.index, page_fault_handler=hex(handler))

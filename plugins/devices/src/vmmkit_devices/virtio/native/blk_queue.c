@@ -1,6 +1,7 @@
 /* blk_queue: a virtio-blk queue served in C; see blk_queue.h. */
 #define _GNU_SOURCE
 #include "blk_queue.h"
+#include "virtq_ring.h"
 
 #include <endian.h>
 #include <errno.h>
@@ -26,14 +27,6 @@
 #define HEADER_SIZE 16
 #define SEGMENT_SIZE 16
 #define WZ_FLAG_UNMAP 1
-#define VQ_ERR_RING 8
-#define AVAIL_F_NO_INTERRUPT 1
-
-/* The rings of this run, translated once per blkq_process() call. */
-struct rings {
-    uint16_t *avail; /* flags, idx, ring[size], used_event */
-    uint8_t *used;   /* flags, idx, ring[size] of {id, len}, avail_event */
-};
 
 static uint8_t *translate(const struct blkq_vq_memory *mem, uint64_t gpa, uint64_t len,
                           int writable)
@@ -57,40 +50,12 @@ static int broken(struct blkq *q, int kind, const char *fmt, unsigned long long 
     return BLKQ_BROKEN;
 }
 
-/* The walker's errors, worded as vmmkit/virtio/chain.py's _NATIVE_MESSAGES. */
-static const char *const walk_messages[] = {
-    "?",
-    "a head or next index is beyond its table",
-    "the chain is longer than its table (a loop)",
-    "a buffer is not in guest RAM",
-    "a readable buffer follows a writable one",
-    "invalid indirect descriptor",
-    "the chain is longer than 4 GiB",
-    "the chain has too many segments",
-    "bad queue size or descriptor table placement",
-};
-
 static int walk_broken(struct blkq *q, int rc, uint16_t head)
 {
-    const char *what = rc > 0 && rc < 9 ? walk_messages[rc] : "unknown walker error";
+    const char *what = walk_message(rc);
     q->error_kind = rc;
     snprintf(q->message, sizeof q->message, "chain at head %u: %s", (unsigned)head, what);
     return BLKQ_BROKEN;
-}
-
-static uint16_t load16(const void *p)
-{
-    return le16toh(__atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED));
-}
-
-static void store16(void *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELAXED);
-}
-
-static void fence(void)
-{
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 /* Counters and the O_DIRECT alignment may be updated by several pool threads at once. */
@@ -330,7 +295,7 @@ int blkq_needs_signal(struct blkq *q)
     q->signalled_valid = 1;
     if (!valid)
         return 1;
-    return (uint16_t)(now - used_event - 1) < (uint16_t)(now - old); /* vring_need_event() */
+    return need_event(used_event, now, old);
 }
 
 /* 0: nothing to do or irqfd written; BLKQ_SIGNAL: Python must trigger the interrupt. */
@@ -510,13 +475,7 @@ static void publish(struct blkq *q, const struct rings *ring, uint16_t head, int
 {
     if (used > 0xFFFFFFFFLL)
         used = 0xFFFFFFFFLL;
-    uint8_t *elem = ring->used + 4 + 8 * (uint64_t)(q->next_used % q->size);
-    uint32_t id = htole32(head), len = htole32((uint32_t)used);
-    memcpy(elem, &id, 4);
-    memcpy(elem + 4, &len, 4);
-    fence(); /* the element before the index that publishes it */
-    q->next_used++;
-    store16(ring->used + 2, q->next_used);
+    push_used(ring->used, q->size, &q->next_used, head, (uint32_t)used);
     q->pending_signal = 1;
 }
 

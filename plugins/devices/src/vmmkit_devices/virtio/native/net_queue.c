@@ -1,6 +1,7 @@
 /* net_queue: a virtio-net device's queues served in C against its tap; see net_queue.h. */
 #define _GNU_SOURCE
 #include "net_queue.h"
+#include "virtq_ring.h"
 
 #include <endian.h>
 #include <errno.h>
@@ -10,7 +11,6 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
-#define VQ_ERR_RING 8
 #define RX 0
 #define TX 1
 
@@ -21,14 +21,6 @@
 #define GSO_UDP 3
 #define GSO_TCPV6 4
 #define GSO_ECN 0x80
-
-#define AVAIL_F_NO_INTERRUPT 1
-
-/* One ring's guest memory, translated once per netq_process() call. */
-struct rings {
-    uint16_t *avail; /* flags, idx, ring[size], used_event */
-    uint8_t *used;   /* flags, idx, ring[size] of {id, len}, avail_event */
-};
 
 static uint8_t *translate(const struct netq_vq_memory *mem, uint64_t gpa, uint64_t len,
                           int writable)
@@ -51,34 +43,6 @@ static int broken(struct netq *q, int queue, int kind, const char *fmt, unsigned
     q->error_queue = queue;
     snprintf(q->message, sizeof q->message, fmt, a, b);
     return -1;
-}
-
-/* The walker's errors, worded as vmmkit/virtio/chain.py's _NATIVE_MESSAGES. */
-static const char *const walk_messages[] = {
-    "?",
-    "a head or next index is beyond its table",
-    "the chain is longer than its table (a loop)",
-    "a buffer is not in guest RAM",
-    "a readable buffer follows a writable one",
-    "invalid indirect descriptor",
-    "the chain is longer than 4 GiB",
-    "the chain has too many segments",
-    "bad queue size or descriptor table placement",
-};
-
-static uint16_t load16(const void *p)
-{
-    return le16toh(__atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED));
-}
-
-static void store16(void *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELAXED);
-}
-
-static void fence(void)
-{
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 static int map_rings(struct netq *q, const struct netq_ring *ring, int queue, struct rings *out)
@@ -141,7 +105,7 @@ static int walk(struct netq *q, const struct netq_ring *ring, int queue, uint16_
                      chain);
     if (rc == 0)
         return 0;
-    const char *what = rc > 0 && rc < 9 ? walk_messages[rc] : "unknown walker error";
+    const char *what = walk_message(rc);
     q->error_kind = rc;
     q->error_queue = queue;
     snprintf(q->message, sizeof q->message, "chain at head %u: %s", (unsigned)head, what);
@@ -150,13 +114,7 @@ static int walk(struct netq *q, const struct netq_ring *ring, int queue, uint16_
 
 static void publish(struct netq_ring *ring, const struct rings *r, uint16_t head, uint32_t len)
 {
-    uint8_t *elem = r->used + 4 + 8 * (uint64_t)(ring->next_used % ring->size);
-    uint32_t id = htole32(head), le_len = htole32(len);
-    memcpy(elem, &id, 4);
-    memcpy(elem + 4, &le_len, 4);
-    fence(); /* the element before the index that publishes it */
-    ring->next_used++;
-    store16(r->used + 2, ring->next_used);
+    push_used(r->used, ring->size, &ring->next_used, head, len);
     ring->pending_signal = 1;
 }
 
@@ -173,7 +131,7 @@ static int needs_signal(struct netq *q, struct netq_ring *ring, const struct rin
     ring->signalled_valid = 1;
     if (!valid)
         return 1;
-    return (uint16_t)(now - used_event - 1) < (uint16_t)(now - old); /* vring_need_event() */
+    return need_event(used_event, now, old);
 }
 
 static void signal_ring(struct netq *q, struct netq_ring *ring, const struct rings *r, int queue)
