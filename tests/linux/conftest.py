@@ -35,13 +35,14 @@ from linuxboot import (  # noqa: E402
     linux_missing_reason,
     netns_missing_reason,
     qemu_command,
+    scaled_timeout,
     vmmkit_command,
 )
 
 from vmmkit.testing import kvm_unusable_reason, selected_backend  # noqa: E402
 
 #: Seconds each boot may take before it counts as hung (normal: ~80 s, ~150 s, ~5 s).
-TIMEOUTS = {"pvh": 420.0, "bzimage": 600.0, "qemu": 180.0}
+TIMEOUTS = {name: scaled_timeout(seconds) for name, seconds in {"pvh": 420.0, "bzimage": 600.0, "qemu": 180.0}.items()}
 #: The word /init writes to each disk (checked in the image afterwards).
 PATTERNS = {"pvh": "vmmkit-pvh-pattern", "bzimage": "vmmkit-bzimage-pattern", "qemu": "vmmkit-qemu-pattern"}
 

@@ -34,6 +34,8 @@ GUEST_MAC = "52:54:00:12:34:56"
 DISK_SIZE = 64 << 20
 PATTERN_OFFSET = 1 << 20  #: where /init writes the pattern (init.sh: 4 KiB blocks, seek=256)
 PATTERN_SIZE = 4096
+#: where /init writes the pattern again from each CPU with a queue of its own (at + 4 KiB * cpu)
+PER_QUEUE_PATTERN_OFFSET = 2 << 20
 #: ``pty.legacy_count=0``: no BSD ptys (nothing here uses them). Registering the default 256
 #: takes ~20 s of each boot on a kvm_pvm host, whose guest kernel code is emulated.
 BASE_CMDLINE = "console=ttyS0 panic=-1 pty.legacy_count=0"
@@ -147,8 +149,8 @@ def vmmkit_command(
     cmd = [
         sys.executable, "-m", "vmmkit", "--kernel", str(kernel), "--initramfs", str(initramfs),
         "--cpus", f"boot={cpus}", "--memory", "size=128M", "--serial", "tty",
-        "--disk", f"path={files.disk}", "--rng", "src=/dev/urandom", "--console", f"file={files.hvc}",
-        "--platform", f"virtio_transport={transport}",
+        "--disk", f"path={files.disk},num_queues={cpus}", "--rng", "src=/dev/urandom",
+        "--console", f"file={files.hvc}", "--platform", f"virtio_transport={transport}",
         "--cmdline", f"{BASE_CMDLINE} -- {init_args(pattern, net=net)}",
     ]
     if net:
@@ -166,7 +168,7 @@ def qemu_command(
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-initrd", str(initramfs),
         "-append", f"{BASE_CMDLINE} -- {init_args(pattern, net=tap is not None)}",
-        "-drive", f"file={files.disk},if=virtio,format=raw",
+        "-drive", f"file={files.disk},if=virtio,format=raw", "-global", f"virtio-blk-pci.num-queues={cpus}",
         "-device", "virtio-rng-pci",
         "-device", "virtio-serial-pci", "-chardev", f"file,id=hvc,path={files.hvc}",
         "-device", "virtconsole,chardev=hvc",

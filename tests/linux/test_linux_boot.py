@@ -12,7 +12,15 @@ import datetime
 import re
 
 import pytest
-from linuxboot import GUEST_ADDRESS, HOST_ADDRESS, HVC_LINE, PATTERN_OFFSET, PATTERN_SIZE, block_pattern
+from linuxboot import (
+    GUEST_ADDRESS,
+    HOST_ADDRESS,
+    HVC_LINE,
+    PATTERN_OFFSET,
+    PATTERN_SIZE,
+    PER_QUEUE_PATTERN_OFFSET,
+    block_pattern,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires_kvm]
 
@@ -68,11 +76,13 @@ def expected_init_lines(result, *, net: bool) -> list[str]:  # type: ignore[no-u
         "ok virtio devices: blk console net rng" if net else "ok virtio devices: blk console rng",
         f"ok block: vda, {DISK_SECTORS} sectors of 512 bytes",
         "ok block: pattern written at 1 MiB and read back",
+        "ok block: 2 request queues",
+        "ok block: a write from each CPU's queue read back",
         net_line,
         "ok hwrng: read from virtio_rng",
         "ok console: wrote to hvc0",
         f"ok rtc: rtc_cmos, date {date}",
-        f"done: {10 if net else 9} checks, 0 failed",
+        f"done: {12 if net else 11} checks, 0 failed",
     ]
 
 
@@ -147,12 +157,18 @@ def test_virtio_devices_use_the_requested_transport(linux_boots, boot: str) -> N
 
 @pytest.mark.parametrize("boot", VMMKIT_BOOTS)
 def test_guest_writes_reach_the_host_files(linux_boots, boot: str) -> None:
-    """The block pattern is in the image file; the virtio console's line is in its file."""
+    """The block pattern is in the image file, also where each vCPU wrote it through its own
+    queue (``--disk num_queues=2``); the virtio console's line is in its file."""
     result, files = linux_boots.get(boot)
     assert_clean_run(result, files)
+    assert "ok block: 2 request queues" in result.init_lines, result.init_lines
+    pattern = block_pattern(linux_boots.patterns[boot])
     with open(files.disk, "rb") as image:
         image.seek(PATTERN_OFFSET)
-        assert image.read(PATTERN_SIZE) == block_pattern(linux_boots.patterns[boot])
+        assert image.read(PATTERN_SIZE) == pattern
+        for cpu in range(2):
+            image.seek(PER_QUEUE_PATTERN_OFFSET + cpu * PATTERN_SIZE)
+            assert image.read(PATTERN_SIZE) == pattern, f"the write from CPU {cpu}'s queue"
     assert HVC_LINE in files.hvc.read_text()
 
 
