@@ -72,6 +72,12 @@ HEADER: Final = 12
 LEGACY_HEADER: Final = 10
 
 
+#: Feature bits by name, for the log (virtio 1.2, 5.1.3 and 6).
+FEATURE_NAMES: Final = {0: "CSUM", 1: "GUEST_CSUM", 7: "GUEST_TSO4", 8: "GUEST_TSO6", 9: "GUEST_ECN",
+                        10: "GUEST_UFO", 11: "HOST_TSO4", 12: "HOST_TSO6", 13: "HOST_ECN", 14: "HOST_UFO",
+                        15: "MRG_RXBUF", 22: "MQ", 28: "INDIRECT_DESC", 29: "EVENT_IDX", 32: "VERSION_1"}
+
+
 def open_taps(name: str | None, pairs: int) -> list[Tap]:
     """One tap queue per pair: ``Tap.open`` for one, ``IFF_MULTI_QUEUE`` queues of the same
     interface for more (the interface must then be a multi-queue one, or new).
@@ -146,6 +152,7 @@ class VirtioNet:
 
     def set_features(self, features: int) -> None:
         self.acked = features
+        log.info("net: features %s", " ".join(name for bit, name in FEATURE_NAMES.items() if features & 1 << bit))
         legacy = not features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF)
         self.header = LEGACY_HEADER if legacy else HEADER
         for pair in self.pairs:
