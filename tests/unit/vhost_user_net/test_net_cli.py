@@ -24,6 +24,7 @@ def run(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess
     (("--socket", "SOCK", "--client"), "--client: not supported"),
     (("--socket", "SOCK", "--queue-size", "256"), "--queue-size: not supported"),
     (("--socket", "SOCK", "--thread-pool-size", "4"), "--thread-pool-size: not supported"),
+    (("--socket", "SOCK", "--num-queues", "4"), "--num-queues: not supported: the queues come in pairs"),
     (("--socket", "SOCK", "--queues", "0"), "--queues 0"),
     (("--socket", "SOCK", "--queues", "257"), "--queues 257"),
     (("--socket", "SOCK", "--ip", "10.0.0.1"), "--ip and --mask go together"),

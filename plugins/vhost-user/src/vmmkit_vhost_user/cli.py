@@ -74,6 +74,7 @@ NET_REFUSED = {
                 "vmmkit's vhost_mode=server) is not implemented",
     "--queue-size": "the frontend chooses each ring's size (SET_VRING_NUM, up to 32768)",
     "--thread-pool-size": "receive and transmit run on the loop's thread",
+    "--num-queues": "the queues come in pairs here: --queues N gives N pairs (QEMU's -netdev vhost-user,queues=N)",
 }
 
 
