@@ -183,6 +183,24 @@ def test_event_idx_and_a_ring_without_buffers(front: NetFrontend, peer: TapPeer)
     assert front.rx.called()
 
 
+def test_with_event_idx_a_frame_waiting_for_buffers_asks_for_the_next_one(front: NetFrontend, peer: TapPeer) -> None:
+    """The chains popped for it go back, and avail_event points past them (at the available
+    index): the driver's next buffer kicks, the ones already there would not."""
+    _start(front, VIRTIO_NET_F_MRG_RXBUF | VIRTIO_F_EVENT_IDX)
+    front.rx.post_buffer(0, 256)
+    front.rx.post_buffer(1, 256)
+    peer.send(frame(GUEST, PEER, bytes(986)))  # 1012 bytes with the header: four buffers
+    deadline = time.monotonic() + 5
+    while front.rx.avail_event() != 2:
+        assert time.monotonic() < deadline, f"avail_event {front.rx.avail_event()}"
+        time.sleep(0.02)
+    assert front.rx.used_idx() == 0
+    front.rx.post_buffer(2, 256, kick=False)
+    front.rx.post_buffer(3, 256)
+    front.rx.wait_used(4)
+    assert [written for _, written in front.rx.take_used()] == [256, 256, 256, 244]
+
+
 def test_transmit_headers_ask_only_for_what_was_negotiated(front: NetFrontend, peer: TapPeer) -> None:
     _start(front, VIRTIO_NET_F_CSUM)
     bad = frame(PEER, GUEST, b"bad header")
