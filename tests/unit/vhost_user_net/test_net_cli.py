@@ -44,6 +44,7 @@ def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...], message: str
 @pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 @pytest.mark.parametrize(("args", "message"), [
     (("--tap", "x" * 16), "--tap: tap name"),
+    (("--tap", "x" * 16, "--queues", "2"), "--tap: tap name"),
     (("--tap", "tap0", "--queues", "2"), "is it a multi-queue tap?"),  # tap0 was made single-queue
 ])
 def test_a_tap_that_cannot_be_opened_is_a_usage_error(tmp_path: Path, args: tuple[str, ...], message: str) -> None:

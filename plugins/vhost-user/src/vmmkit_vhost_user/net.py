@@ -53,7 +53,16 @@ from vmmkit_devices.virtio.net import (
     tap_offload_flags,
     tx_header_ok,
 )
-from vmmkit_devices.virtio.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUN_PATH, TUNSETIFF, TUNSETVNETHDRSZ, Tap
+from vmmkit_devices.virtio.tap import (
+    IFF_NO_PI,
+    IFF_TAP,
+    IFF_VNET_HDR,
+    TUN_PATH,
+    TUNSETIFF,
+    TUNSETVNETHDRSZ,
+    Tap,
+    _check_name,
+)
 
 from vmmkit.errors import DeviceError
 from vmmkit.virtio.chain import DescriptorChain, ErrorKind, VirtqueueError
@@ -86,10 +95,15 @@ def open_taps(name: str | None, pairs: int) -> list[Tap]:
     """
     if pairs == 1:
         return [Tap.open(name)]
+    if name is not None:
+        _check_name(name)
     taps: list[Tap] = []
     try:
         for _ in range(pairs):
-            fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as exc:
+                raise DeviceError(f"cannot open {TUN_PATH}: {exc.strerror or exc}") from None
             try:
                 request = struct.pack("16sH22x", (taps[0].name if taps else name or "vmtap%d").encode(),
                                       IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE)
