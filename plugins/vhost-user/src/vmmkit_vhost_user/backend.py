@@ -41,7 +41,7 @@ from typing import Final, Protocol
 from vmmkit.vhost_user import protocol as vu
 from vmmkit.vhost_user.protocol import FrontendRequest as Req
 from vmmkit.vhost_user.protocol import ProtocolFeature as PF
-from vmmkit.virtio.chain import MAX_QUEUE_SIZE, DescriptorChain, VirtqueueError
+from vmmkit.virtio.chain import MAX_QUEUE_SIZE, DescriptorChain, ErrorKind, VirtqueueError
 from vmmkit.virtio.queue import Virtqueue, ring_sizes
 from vmmkit_vhost_user.inflight import InflightBuffer, InflightError, InflightQueue, allocate
 from vmmkit_vhost_user.memory import FrontendMemory
@@ -248,7 +248,11 @@ class Backend:
                 elif kind == "kick" and isinstance(index, int):
                     self._on_kick(index)
                 elif kind == "watch" and callable(index):
-                    index()
+                    try:
+                        index()
+                    except Exception:  # a bug: that descriptor is no longer watched, the daemon goes on
+                        log.exception("%s: serving descriptor %d failed", self.device.name, key.fd)
+                        self.unwatch(key.fd)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` from the loop while ``fd`` is readable (a :class:`RingDriver`'s tap)."""
@@ -675,7 +679,11 @@ class Backend:
             return
         driver = self._driven(index)
         if driver is not None:
-            driver.ring_kicked(DrivenRing(self, vring, queue))
+            try:
+                driver.ring_kicked(DrivenRing(self, vring, queue))
+            except Exception:  # a bug: this ring stops, the daemon goes on
+                log.exception("%s: ring %d failed", self.device.name, index)
+                self._ring_broken(vring, VirtqueueError(ErrorKind.DEVICE, f"ring {index}: internal error"))
             return
         while True:
             try:
