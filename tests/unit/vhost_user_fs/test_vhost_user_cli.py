@@ -32,7 +32,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     (("fs", "--socket-path", "/tmp/x.sock", "--shared-dir", "/tmp", "--tag", "t" * 37), "--tag"),
     (("fs", "--socket-path", "/tmp/x.sock", "--shared-dir", "/tmp", "--cache", "always"), "--cache"),
     (("fs", "--socket-path", "/tmp/x.sock", "--shared-dir", "/tmp", "--sandbox", "none"), "--sandbox"),
-    (("net",), "invalid choice"),  # blk exists since vmmkit-vhost-user blk; net does not yet
+    (("gpu",), "invalid choice"),  # blk and net exist (vmmkit-vhost-user blk, net); gpu does not
 ])
 def test_usage_errors_exit_2(args: tuple[str, ...], message: str) -> None:
     result = run(*args)

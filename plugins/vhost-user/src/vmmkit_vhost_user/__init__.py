@@ -4,8 +4,9 @@
 manner of virtiofsd: it serves one vhost-user frontend (QEMU's ``vhost-user-fs-pci``, Cloud
 Hypervisor's or vmmkit's ``--fs``) on a Unix socket and answers the guest's FUSE requests
 (:mod:`vmmkit_vhost_user.fuse`) from the shared directory, the only part of the host it can
-reach (:mod:`vmmkit_vhost_user.passthrough`). The vhost-user side is
-:mod:`vmmkit_vhost_user.backend`.
+reach (:mod:`vmmkit_vhost_user.passthrough`). ``blk`` serves a disk image
+(:mod:`vmmkit_vhost_user.blk`), ``net`` a tap (:mod:`vmmkit_vhost_user.net`). The vhost-user side
+is :mod:`vmmkit_vhost_user.backend`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ frontend hears of it on the ring's error eventfd (SET_VRING_ERR) when it gave on
 frontend hangs up (or breaks the vhost-user protocol) everything is dropped: mappings,
 eventfds, the device's state; and the next frontend is accepted.
 
+A device may drive some rings itself (:class:`RingDriver`: net's receive queues, filled when
+a frame arrives on the tap, not when the guest kicks): the backend then tells it when such a ring
+is kicked, started or stopped, hands it a :class:`DrivenRing` to pop chains and publish
+completions, and watches the device's own descriptors in its loop (:meth:`Backend.watch`).
+
 One thread runs the loop (``selectors`` over the listening socket, the connection and the kick
 eventfds); with ``thread_pool_size`` > 0 the requests themselves run on a pool of that many
 threads (virtiofsd's ``--thread-pool-size``), each completing its chain under the ring's lock.
@@ -30,13 +35,13 @@ import os
 import selectors
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from vmmkit.vhost_user import protocol as vu
 from vmmkit.vhost_user.protocol import FrontendRequest as Req
 from vmmkit.vhost_user.protocol import ProtocolFeature as PF
-from vmmkit.virtio.chain import MAX_QUEUE_SIZE, DescriptorChain, VirtqueueError
+from vmmkit.virtio.chain import MAX_QUEUE_SIZE, DescriptorChain, ErrorKind, VirtqueueError
 from vmmkit.virtio.queue import Virtqueue, ring_sizes
 from vmmkit_vhost_user.inflight import InflightBuffer, InflightError, InflightQueue, allocate
 from vmmkit_vhost_user.memory import FrontendMemory
@@ -70,6 +75,62 @@ class Device(Protocol):
 
     def reset(self) -> None:
         """The frontend went away or reset the device: forget its state."""
+
+
+class DrivenRing:
+    """A started ring as a :class:`RingDriver` sees it: the backend's virtqueue (pop, undo_pop,
+    enable_notification...), and the completions that signal the frontend."""
+
+    def __init__(self, backend: Backend, vring: Vring, queue: Virtqueue) -> None:
+        self._backend, self._vring, self.queue = backend, vring, queue
+
+    @property
+    def index(self) -> int:
+        return self._vring.index
+
+    @property
+    def usable(self) -> bool:
+        """Started (still this queue), enabled and not broken."""
+        vring = self._vring
+        return vring.queue is self.queue and vring.enabled and self.queue.active
+
+    def complete(self, used: Sequence[tuple[int, int]]) -> None:
+        """Publish ``(head, written)`` completions and signal the frontend if the driver wants it
+        (``VIRTQ_AVAIL_F_NO_INTERRUPT``, or ``used_event`` with ``EVENT_IDX``)."""
+        if not used:
+            return
+        vring = self._vring
+        with vring.lock:
+            try:
+                for head, written in used:
+                    self.queue.add_used(head, written)
+                notify = self.queue.needs_notification()
+            except VirtqueueError as exc:
+                self._backend._ring_broken(vring, exc)
+                return
+            if notify and vring.call is not None:
+                os.eventfd_write(vring.call, 1)
+
+    def broken(self, exc: VirtqueueError) -> None:
+        """The guest broke this ring's protocol: stop it and tell the frontend (its err eventfd)."""
+        self._backend._ring_broken(self._vring, exc)
+
+
+class RingDriver(Protocol):
+    """A :class:`Device` that serves some rings on its own events (``Device.drives``)."""
+
+    def attach(self, backend: Backend) -> None:
+        """The backend serving the device (its loop watches the device's descriptors)."""
+
+    def drives(self, queue_index: int) -> bool:
+        """Whether the device pops this ring itself (the backend then never calls ``handle`` for it)."""
+
+    def ring_kicked(self, ring: DrivenRing) -> None:
+        """The ring is started and enabled, and the guest may have made chains available."""
+
+    def ring_stopped(self, queue_index: int) -> None:
+        """The ring stops or is disabled: let it go (rewinding chains popped and not used, so
+        GET_VRING_BASE hands them back)."""
 
 
 class Vring:
@@ -138,6 +199,10 @@ class Backend:
         self.connection: socket.socket | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.frontends_served = 0
+        drives = getattr(device, "drives", None)
+        self.driver: RingDriver | None = device if callable(drives) else None  # type: ignore[assignment]
+        if self.driver is not None:
+            self.driver.attach(self)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -182,6 +247,29 @@ class Backend:
                     self._on_message()
                 elif kind == "kick" and isinstance(index, int):
                     self._on_kick(index)
+                elif kind == "watch" and callable(index):
+                    try:
+                        index()
+                    except Exception:  # a bug: that descriptor is no longer watched, the daemon goes on
+                        log.exception("%s: serving descriptor %d failed", self.device.name, key.fd)
+                        self.unwatch(key.fd)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the loop while ``fd`` is readable (a :class:`RingDriver`'s tap)."""
+        try:
+            self.selector.register(fd, selectors.EVENT_READ, ("watch", callback))
+        except KeyError:
+            self.selector.modify(fd, selectors.EVENT_READ, ("watch", callback))
+
+    def unwatch(self, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _driven(self, index: int) -> RingDriver | None:
+        driver = self.driver
+        return driver if driver is not None and driver.drives(index) else None
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return (from a signal handler or another thread)."""
@@ -445,6 +533,9 @@ class Backend:
         if state.num not in (0, 1):
             raise ProtocolFailure(f"SET_VRING_ENABLE {state.num}")
         vring.enabled = bool(state.num)
+        driver = self._driven(vring.index)
+        if not vring.enabled and driver is not None and vring.queue is not None:
+            driver.ring_stopped(vring.index)
         if vring.enabled and vring.queue is not None:
             self._on_kick(vring.index, drain_only=True)  # chains may be waiting already
 
@@ -564,6 +655,9 @@ class Backend:
         if queue is None:
             return vring.base
         vring.wait_inflight()
+        driver = self._driven(vring.index)
+        if driver is not None:
+            driver.ring_stopped(vring.index)  # chains it popped and did not use go back first
         if vring.kick is not None:
             try:
                 self.selector.unregister(vring.kick)
@@ -582,6 +676,14 @@ class Backend:
                 pass
         queue = vring.queue
         if queue is None or not vring.enabled:
+            return
+        driver = self._driven(index)
+        if driver is not None:
+            try:
+                driver.ring_kicked(DrivenRing(self, vring, queue))
+            except Exception:  # a bug: this ring stops, the daemon goes on
+                log.exception("%s: ring %d failed", self.device.name, index)
+                self._ring_broken(vring, VirtqueueError(ErrorKind.DEVICE, f"ring {index}: internal error"))
             return
         while True:
             try:

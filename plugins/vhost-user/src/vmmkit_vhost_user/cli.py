@@ -5,10 +5,14 @@
     vmmkit-vhost-user blk --socket-path /tmp/blk.sock --blk-file disk.img [--read-only]
                           [--serial S] [--num-queues N] [--image-type raw|qcow2] [--direct]
                           [--thread-pool-size N]
+    vmmkit-vhost-user net --socket PATH [--tap NAME] [--queues N] [--ip IP --mask MASK]
+                          [--host-mac MAC] [--mtu N]
 
 fs's options follow virtiofsd's (``--socket-path``, ``--shared-dir``, ``--tag``,
 ``--thread-pool-size``), blk's QEMU's ``contrib/vhost-user-blk`` (``--socket-path``,
-``--blk-file``, ``--read-only``); other options are refused, not ignored. The daemon serves one
+``--blk-file``, ``--read-only``), net's Cloud Hypervisor's ``vhost_user_net`` backend's
+(``socket``, ``tap``, ``ip``, ``mask``, ``host_mac``, ``mtu``) with QEMU's ``-netdev
+vhost-user,queues=N`` (queue pairs); other options are refused, not ignored. The daemon serves one
 frontend at a time, accepts the next one when it leaves, and ends on SIGINT or SIGTERM. Usage
 errors exit with status 2.
 """
@@ -58,11 +62,100 @@ def _parser() -> argparse.ArgumentParser:
     blk.add_argument("--thread-pool-size", type=int, default=0, metavar="N",
                      help="serve requests on N threads (0, the default: on the loop's thread)")
     blk.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: debug)")
+    _net_parser(commands)
     return parser
+
+
+#: net options peers have that this backend does not implement, and why (refused by name).
+NET_REFUSED = {
+    "--mac": "the guest's MAC is the frontend's configuration space (QEMU: -device virtio-net-pci,mac=; "
+             "vmmkit: --net mac=); --host-mac sets the tap's",
+    "--client": "the backend listens; connecting to a frontend that listens (Cloud Hypervisor's client=on, "
+                "vmmkit's vhost_mode=server) is not implemented",
+    "--queue-size": "the frontend chooses each ring's size (SET_VRING_NUM, up to 32768)",
+    "--thread-pool-size": "receive and transmit run on the loop's thread",
+    "--num-queues": "the queues come in pairs here: --queues N gives N pairs (QEMU's -netdev vhost-user,queues=N)",
+}
+
+
+def _net_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    net = commands.add_parser("net", help="a virtio-net backend on a tap",
+                              description="Serve a tap interface to a vhost-user-net frontend (QEMU's -netdev "
+                                          "vhost-user, Cloud Hypervisor's and vmmkit's --net vhost_user=on).")
+    net.add_argument("--socket", "--socket-path", dest="socket_path", required=True, metavar="PATH",
+                     help="the vhost-user Unix socket to listen on")
+    net.add_argument("--tap", metavar="NAME", help="the tap to attach to (created if absent; default: a new vmtapN)")
+    net.add_argument("--queues", type=int, default=1, metavar="N",
+                     help="queue pairs (QEMU's -netdev vhost-user,queues=N); more than one needs a multi-queue tap")
+    net.add_argument("--ip", help="the tap's host-side IPv4 or IPv6 address")
+    net.add_argument("--mask", help="the netmask of --ip (IPv6: a prefix length)")
+    net.add_argument("--host-mac", metavar="MAC", help="the tap's host-side MAC address")
+    net.add_argument("--mtu", type=int, help="the tap's MTU")
+    for option in NET_REFUSED:
+        net.add_argument(option, dest=f"refused_{option[2:].replace('-', '_')}", nargs="?", const="",
+                         default=None, help=argparse.SUPPRESS)
+    net.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: debug)")
+
+
+def _net_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Device:
+    import ipaddress
+
+    from vmmkit.errors import DeviceError
+    from vmmkit_vhost_user.net import MAX_QUEUE_PAIRS, VirtioNet, open_taps
+
+    for option, why in NET_REFUSED.items():
+        if getattr(args, f"refused_{option[2:].replace('-', '_')}") is not None:
+            parser.error(f"net {option}: not supported: {why}")
+    if not 1 <= args.queues <= MAX_QUEUE_PAIRS:
+        parser.error(f"--queues {args.queues}: expected 1 to {MAX_QUEUE_PAIRS}")
+    if (args.ip is None) != (args.mask is None):
+        parser.error("--ip and --mask go together")
+    mac = None
+    if args.host_mac is not None:
+        mac = bytes.fromhex(args.host_mac.replace(":", "")) if _is_mac(args.host_mac) else None
+        if mac is None:
+            parser.error(f"--host-mac {args.host_mac}: expected six hexadecimal octets (aa:bb:cc:dd:ee:ff)")
+    if args.mtu is not None and not 68 <= args.mtu <= 65535:
+        parser.error(f"--mtu {args.mtu}: expected 68 to 65535")
+    if args.ip is not None:
+        try:
+            address = ipaddress.ip_address(args.ip)
+            if address.version == 4:
+                ipaddress.IPv4Address(args.mask)
+            elif not 0 <= int(args.mask) <= 128:
+                raise ValueError(args.mask)
+        except ValueError:
+            parser.error(f"--ip {args.ip} --mask {args.mask}: not an address and its netmask")
+    try:
+        taps = open_taps(args.tap, args.queues)
+    except DeviceError as exc:
+        parser.error(f"--tap: {exc}")
+    tap = taps[0]
+    try:
+        if mac is not None:
+            tap.set_mac(mac)
+        if args.mtu is not None:
+            tap.set_mtu(args.mtu)
+        if args.ip is not None:
+            tap.set_address(args.ip, args.mask)
+        tap.set_up()
+    except OSError as exc:
+        for each in taps:
+            each.close()
+        print(f"vmmkit-vhost-user: tap {tap.name}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return VirtioNet(taps)
+
+
+def _is_mac(text: str) -> bool:
+    parts = text.split(":")
+    return len(parts) == 6 and all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts)
 
 
 def _device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Device:
     """The device the command serves; a bad option is a usage error (exit 2)."""
+    if args.command == "net":
+        return _net_device(parser, args)
     if args.command == "blk":
         from vmmkit.errors import DeviceError
         from vmmkit_vhost_user.blk import VirtioBlk
@@ -90,7 +183,7 @@ def _device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Device
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not 0 <= args.thread_pool_size <= MAX_THREAD_POOL:
+    if not 0 <= getattr(args, "thread_pool_size", 0) <= MAX_THREAD_POOL:
         parser.error(f"--thread-pool-size {args.thread_pool_size}: expected 0 to {MAX_THREAD_POOL}")
     device = _device(parser, args)
     try:
@@ -104,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
                         format="vmmkit-vhost-user: %(message)s", stream=sys.stderr)
     try:
-        backend = Backend(device, args.socket_path, thread_pool_size=args.thread_pool_size)
+        backend = Backend(device, args.socket_path, thread_pool_size=getattr(args, "thread_pool_size", 0))
     except OSError as exc:
         print(f"vmmkit-vhost-user: {exc}", file=sys.stderr)
         return 1
