@@ -262,6 +262,10 @@ class FakeVcpu:
         self.debug: list[dict[str, Any]] = []
         self.events: Any = None
         self.kicks = 0
+        self.sync_sregs = False  #: what set_sync_sregs last asked (the repair turns it on when armed)
+
+    def set_sync_sregs(self, enabled: bool) -> None:
+        self.sync_sregs = enabled
 
     def get_regs(self) -> StandardRegisters:
         return self.regs
@@ -341,10 +345,11 @@ def test_the_repair_is_armed_on_the_page_fault_handler(guest: tuple[PvmVm, FakeV
     vm, vcpu, _ = guest
     vcpu.msrs[MSR_LSTAR] = 0
     assert not exit_(vm, vcpu, ExitReason.INTERRUPTED)  # no LSTAR yet: not armed
-    assert vcpu.debug == []
+    assert vcpu.debug == [] and not vcpu.sync_sregs
     vcpu.msrs[MSR_LSTAR] = LSTAR
     assert not exit_(vm, vcpu, ExitReason.INTERRUPTED)  # the kick still reaches the VMM
     assert vcpu.debug == [{"hw_breakpoints": [PF_HANDLER]}]
+    assert vcpu.sync_sregs  # every page fault is an exit that reads them from now on
 
 
 def test_a_user_syscall_that_faulted_is_repaired(guest: tuple[PvmVm, FakeVcpu, FakeRam]) -> None:
