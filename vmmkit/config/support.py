@@ -91,6 +91,7 @@ NOT_SUPPORTED: Final[Mapping[str, str]] = {
     "devices.x_nv_gpudirect_clique": "NVIDIA GPUDirect peer-to-peer cliques",
     "user_devices": "vfio-user devices",
     "vdpa": "vDPA devices",
+    "generic_vhost_user": "generic vhost-user devices",
     "watchdog": "a watchdog device (no registered device type claims it)",
     "tpm": "TPM devices",
     "rtc": "configuring the RTC device",
