@@ -9,6 +9,7 @@ not a vhost-user backend."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -175,6 +176,22 @@ def test_through_the_api_create_body_errors_and_hot_plug(
         devices = client.info()["config"]["generic_vhost_user"]
         assert [(d["id"], d["device_type"], d["queue_sizes"]) for d in devices] == [("gvu0", 2, [128])]
         assert "gvu0" in client.counters()
+        # vmmkit-remote (ch-remote's add-generic-vhost-user): a bad spec is a usage error, a good
+        # one prints the new device's PCI address.
+        remote = [sys.executable, "-m", "vmmkit.remote", "--api-socket", str(api), "add-generic-vhost-user"]
+        bad = subprocess.run([*remote, f"socket={daemon.socket},virtio_id=99,queue_sizes=[128]"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "not a virtio device ID" in bad.stderr, bad.stderr
+        # qemu-storage-daemon serves one frontend at a time: a second export for the second device.
+        second = StorageDaemon(make_disk(tmp_path / "disk2.img", DISK_SIZE), tmp_path / "blk2.sock").start()
+        try:
+            good = subprocess.run([*remote, f"socket={second.socket},virtio_id=2,queue_sizes=[128],id=gvu1"],
+                                  capture_output=True, text=True, timeout=60)
+        finally:
+            second.stop()
+        assert good.returncode == 0, good.stderr
+        assert json.loads(good.stdout)["id"] == "gvu1"
+        assert [d["id"] for d in client.info()["config"]["generic_vhost_user"]] == ["gvu0", "gvu1"]
         assert client.info()["state"] == "Running"
     finally:
         _finish(proc, api, err)
