@@ -182,7 +182,7 @@ def _cmd_plugins(args: list[str]) -> int:
         option = f"  (--{device_type.option})" if device_type.option else ""
         support = device_type.host_support()
         here = "" if support is None else f"  [{'usable here' if support else 'not usable here'}: {support.reason}]"
-        print(f"  {device_type.name:<16} {device_type.description}{option}{here}", file=out)
+        print(f"  {device_type.name:<18} {device_type.description}{option}{here}", file=out)
     print("transports (placing devices of a family):", file=out)
     for transport in registries.transports:
         alias = f" (or {transport.alias})" if transport.alias else ""
