@@ -44,6 +44,7 @@ _VM_OPTIONS: tuple[tuple[str, str, bool, str], ...] = (
     ("--serial", "serial", False, "off|null|tty|pty|file=<path>|socket=<path> (default tty)"),
     ("--console", "console", False, "virtio-console: off|null|tty|pty|file=<path>|socket=<path> (default off)"),
     ("--fs", "fs", True, "tag=<tag>,socket=<vhost-user socket>,..."),
+    ("--generic-vhost-user", "generic_vhost_user", True, "socket=<vhost-user socket>,virtio_id=<id>,queue_sizes=[..]"),
     ("--pmem", "pmem", True, "file=<path>,size=<size>,..."),
     ("--vsock", "vsock", False, "cid=<cid>,socket=<path>"),
     ("--device", "devices", True, "path=<VFIO sysfs path>,id=<id>"),
@@ -60,7 +61,6 @@ _UNMODELLED_OPTIONS: tuple[tuple[str, str, bool], ...] = (
     ("--numa", "numa", True),
     ("--vdpa", "vdpa", True),
     ("--user-device", "user_devices", True),
-    ("--generic-vhost-user", "generic_vhost_user", True),
     ("--tpm", "tpm", True),
     ("--pci-segment", "pci_segments", True),
 )
@@ -182,7 +182,7 @@ def _cmd_plugins(args: list[str]) -> int:
         option = f"  (--{device_type.option})" if device_type.option else ""
         support = device_type.host_support()
         here = "" if support is None else f"  [{'usable here' if support else 'not usable here'}: {support.reason}]"
-        print(f"  {device_type.name:<16} {device_type.description}{option}{here}", file=out)
+        print(f"  {device_type.name:<18} {device_type.description}{option}{here}", file=out)
     print("transports (placing devices of a family):", file=out)
     for transport in registries.transports:
         alias = f" (or {transport.alias})" if transport.alias else ""

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_vsock.add_argument("vsock_config", metavar="VSOCK", help="as --vsock: cid=<cid>,socket=<path>")
     add_pmem = commands.add_parser("add-pmem", help="Add persistent memory device")
     add_pmem.add_argument("pmem_config", metavar="PMEM", help="as --pmem: file=<path>,size=<size>,discard_writes=on")
+    add_generic = commands.add_parser("add-generic-vhost-user", help="Add generic vhost-user device")
+    add_generic.add_argument("generic_vhost_user_config", metavar="GENERIC_VHOST_USER",
+                             help="as --generic-vhost-user: socket=<path>,virtio_id=<id>,queue_sizes=[..]")
     remove = commands.add_parser("remove-device", help="Remove VFIO and PCI device")
     remove.add_argument("id", help="the device id")
     resize = commands.add_parser("resize", help="Resize the VM")
@@ -133,7 +136,15 @@ def _device_body(kind: Any, spec: str) -> tuple[dict[str, Any], tuple[int, ...]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     from vmmkit.api.client import ApiClient, ApiError
-    from vmmkit.config import ConfigError, DeviceConfig, DiskConfig, NetConfig, PmemConfig, VsockConfig
+    from vmmkit.config import (
+        ConfigError,
+        DeviceConfig,
+        DiskConfig,
+        GenericVhostUserConfig,
+        NetConfig,
+        PmemConfig,
+        VsockConfig,
+    )
     from vmmkit.units import parse_size
 
     parser = build_parser()
@@ -190,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "add-device": ("vm.add-device", DeviceConfig, lambda o: o.device_config),
                 "add-vsock": ("vm.add-vsock", VsockConfig, lambda o: o.vsock_config),
                 "add-pmem": ("vm.add-pmem", PmemConfig, lambda o: o.pmem_config),
+                "add-generic-vhost-user": ("vm.add-generic-vhost-user", GenericVhostUserConfig,
+                                           lambda o: o.generic_vhost_user_config),
             }
             endpoint, kind, spec = kinds[command]
             method = "PUT"

@@ -44,7 +44,7 @@ CAPTURE = "capture"
 # Keywords that take one option value (Cloud Hypervisor's syntax), as VmConfig.from_cli names them.
 _SINGLE = ("cmdline", "rng", "console", "vsock", "platform", "balloon", "debug_console")
 # Keywords that take one option value or a list of them.
-_REPEATABLE = ("disks", "net", "fs", "pmem", "devices", "plugin_devices", "memory_zones")
+_REPEATABLE = ("disks", "net", "fs", "pmem", "devices", "plugin_devices", "memory_zones", "generic_vhost_user")
 _PATHS = ("kernel", "initramfs", "firmware")
 _FLAGS = ("watchdog", "pvpanic")
 OPTIONS = frozenset((*_SINGLE, *_REPEATABLE, *_PATHS, *_FLAGS, "cpus", "memory"))

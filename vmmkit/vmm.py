@@ -47,6 +47,7 @@ from vmmkit.config import (
     DeviceConfig,
     DiskConfig,
     FsConfig,
+    GenericVhostUserConfig,
     NetConfig,
     PmemConfig,
     VmConfig,
@@ -571,6 +572,12 @@ class Vmm:
         """``vm.add-fs`` (a virtio-fs device served by a vhost-user backend): before boot, added
         to the configuration; on a booted VM, hot-plugged as ``vm.add-disk`` is."""
         return self._add(fs, VmConfig.with_fs, "fs")
+
+    def add_generic_vhost_user(self, device: GenericVhostUserConfig) -> dict[str, str] | None:
+        """``vm.add-generic-vhost-user`` (a virtio device of any type served by a vhost-user
+        backend): before boot, added to the configuration; on a booted VM, hot-plugged as
+        ``vm.add-disk`` is."""
+        return self._add(device, VmConfig.with_generic_vhost_user, "generic vhost-user device")
 
     def remove_device(self, device_id: str, timeout: float | None = None) -> None:
         """``vm.remove-device``: before boot, removed from the configuration; on a booted VM,

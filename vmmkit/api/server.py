@@ -53,6 +53,7 @@ from vmmkit.config import (
     DeviceConfig,
     DiskConfig,
     FsConfig,
+    GenericVhostUserConfig,
     NetConfig,
     OptionParser,
     PmemConfig,
@@ -100,7 +101,6 @@ LISTEN_BACKLOG: Final = 128
 
 #: Cloud Hypervisor endpoints vmmkit does not implement: they answer 501, never a silent success.
 NOT_IMPLEMENTED: Final[Mapping[str, str]] = {
-    "vm.add-generic-vhost-user": "generic vhost-user devices",
     "vm.add-vdpa": "vDPA devices",
     "vm.add-user-device": "userspace (vfio-user) devices",
     "vm.coredump": "guest core dumps",
@@ -214,6 +214,11 @@ def _add_net(server: ApiServer, request: Request) -> Response:
 
 def _add_fs(server: ApiServer, request: Request) -> Response:
     return _added(server.vmm.add_fs(FsConfig.from_json(_json_object(request), section="fs")))
+
+
+def _add_generic_vhost_user(server: ApiServer, request: Request) -> Response:
+    body = GenericVhostUserConfig.from_json(_json_object(request), section="generic_vhost_user")
+    return _added(server.vmm.add_generic_vhost_user(body))
 
 
 def _add_vsock(server: ApiServer, request: Request) -> Response:
@@ -370,6 +375,7 @@ ROUTES: Final[Mapping[str, Route]] = {
     "vm.add-vsock": Route("PUT", _add_vsock),
     "vm.add-pmem": Route("PUT", _add_pmem),
     "vm.add-fs": Route("PUT", _add_fs),
+    "vm.add-generic-vhost-user": Route("PUT", _add_generic_vhost_user),
     "vm.remove-device": Route("PUT", _remove_device),
     "vm.resize-disk": Route("PUT", _resize_disk),
     "vm.snapshot": Route("PUT", _snapshot),

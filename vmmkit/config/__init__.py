@@ -65,6 +65,7 @@ from vmmkit.config.disk_net import (
 )
 from vmmkit.config.errors import ConfigError
 from vmmkit.config.fields import MAX_VCPUS, TRANSPORTS
+from vmmkit.config.generic_vhost_user import GenericVhostUserConfig
 from vmmkit.config.landlock import LandlockConfig
 from vmmkit.config.memory_zones import MemoryZoneConfig
 from vmmkit.config.options import OptionParser, ParsedOptions, split_commas
@@ -94,6 +95,7 @@ __all__ = [
     "RngConfig",
     "BalloonConfig",
     "FsConfig",
+    "GenericVhostUserConfig",
     "PmemConfig",
     "SerialConfig",
     "ConsoleConfig",

@@ -125,6 +125,7 @@ DEVICE_SECTIONS: Final = (
     "rng",
     "balloon",
     "fs",
+    "generic_vhost_user",
     "pmem",
     "serial",
     "console",

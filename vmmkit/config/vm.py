@@ -33,6 +33,7 @@ from vmmkit.config.fields import (
     _tuple_of,
     _Validator,
 )
+from vmmkit.config.generic_vhost_user import GenericVhostUserConfig
 from vmmkit.config.landlock import LandlockConfig
 from vmmkit.config.memory_zones import MemoryZoneConfig
 from vmmkit.config.options import _make
@@ -97,6 +98,9 @@ class VmConfig(_Config):
         default=(), converter=_tuple, validator=_tuple_of_type(DeviceConfig)
     )
     vsock: VsockConfig | None = attrs.field(default=None, validator=_instance(VsockConfig, optional=True))
+    generic_vhost_user: tuple[GenericVhostUserConfig, ...] = attrs.field(
+        default=(), converter=_tuple, validator=_tuple_of_type(GenericVhostUserConfig)
+    )
     iommu: bool = attrs.field(default=False, validator=_is_bool)
     watchdog: bool = attrs.field(default=False, validator=_is_bool)
     pvpanic: bool = attrs.field(default=False, validator=_is_bool)
@@ -140,6 +144,7 @@ class VmConfig(_Config):
         needs_shared = [f"disks[{i}]" for i, d in enumerate(self.disks) if d.vhost_user]
         needs_shared += [f"net[{i}]" for i, n in enumerate(self.net) if n.vhost_user]
         needs_shared += [f"fs[{i}]" for i in range(len(self.fs))]
+        needs_shared += [f"generic_vhost_user[{i}]" for i in range(len(self.generic_vhost_user))]
         if needs_shared and not shared:
             raise ConfigError(
                 needs_shared[0],
@@ -163,6 +168,9 @@ class VmConfig(_Config):
                 raise ConfigError(
                     f"{path}.pci_segment", segment, "a segment not behind the IOMMU (virtio-fs cannot be)"
                 )
+            if _field_head(path) == "generic_vhost_user":
+                raise ConfigError(f"{path}.pci_segment", segment,
+                                  "a segment not behind the IOMMU (generic vhost-user has no iommu option)")
             if not device.iommu:
                 raise ConfigError(f"{path}.iommu", False, f"iommu on (segment {segment} is behind the IOMMU)")
         explicit = self.platform.virtio_transport if self.platform else None
@@ -189,7 +197,7 @@ class VmConfig(_Config):
 
     def _all_devices(self) -> Iterator[tuple[str, Any]]:
         """``(JSON path, config)`` of every device config that has an ``id``."""
-        for name in ("disks", "net", "fs", "pmem", "devices", "plugin_devices"):
+        for name in ("disks", "net", "fs", "pmem", "devices", "plugin_devices", "generic_vhost_user"):
             for index, device in enumerate(getattr(self, name)):
                 yield f"{name}[{index}]", device
         yield "rng", self.rng
@@ -236,6 +244,10 @@ class VmConfig(_Config):
         """A copy with ``fs`` added (``vm.add-fs``)."""
         return attrs.evolve(self, fs=(*self.fs, fs))
 
+    def with_generic_vhost_user(self, device: GenericVhostUserConfig) -> VmConfig:
+        """A copy with ``device`` added (``vm.add-generic-vhost-user``)."""
+        return attrs.evolve(self, generic_vhost_user=(*self.generic_vhost_user, device))
+
     def with_pmem(self, pmem: PmemConfig) -> VmConfig:
         """A copy with ``pmem`` added (``vm.add-pmem``)."""
         return attrs.evolve(self, pmem=(*self.pmem, pmem))
@@ -260,7 +272,7 @@ class VmConfig(_Config):
 
         :raises ConfigError: no such removable device.
         """
-        for name in ("disks", "net", "fs", "pmem", "devices", "plugin_devices"):
+        for name in ("disks", "net", "fs", "pmem", "devices", "plugin_devices", "generic_vhost_user"):
             items = getattr(self, name)
             kept = tuple(device for device in items if device.id != device_id)
             if len(kept) != len(items):
@@ -308,6 +320,7 @@ class VmConfig(_Config):
             vsock = attrs.evolve(vsock, id=name("_vsock"))
         devices = fill(self.devices, lambda _: "_vfio")
         plugins = fill(self.plugin_devices, lambda d: f"_{d.type}")
+        generic = fill(self.generic_vhost_user, lambda _: "_generic_vhost_user")
         return attrs.evolve(
             self,
             disks=disks,
@@ -317,6 +330,7 @@ class VmConfig(_Config):
             vsock=vsock,
             devices=devices,
             plugin_devices=plugins,
+            generic_vhost_user=generic,
         )
 
     # -- construction --
@@ -370,6 +384,7 @@ class VmConfig(_Config):
         landlock_enable: bool = False,
         landlock_rules: Iterable[str] | None = (),
         rate_limit_groups: Iterable[str] | None = (),
+        generic_vhost_user: Iterable[str] | None = (),
     ) -> VmConfig:
         """Build from raw command-line option values, CH's syntax (``None``: the default).
 
@@ -400,6 +415,7 @@ class VmConfig(_Config):
             plugin_devices=tuple(plugins),
             landlock_rules=tuple(LandlockConfig.parse(spec) for spec in many(landlock_rules)),
             rate_limit_groups=tuple(RateLimitGroupConfig.parse(spec) for spec in many(rate_limit_groups)),
+            generic_vhost_user=tuple(GenericVhostUserConfig.parse(spec) for spec in many(generic_vhost_user)),
         )
         try:
             payload = PayloadConfig(kernel=kernel, cmdline=cmdline, initramfs=initramfs, firmware=firmware)
@@ -463,6 +479,7 @@ _CLI_OPTIONS: Final[Mapping[str, tuple[str, type[Any] | None]]] = {
     "landlock_enable": ("--landlock", None),
     "landlock_rules": ("--landlock-rules", LandlockConfig),
     "rate_limit_groups": ("--rate-limit-group", RateLimitGroupConfig),
+    "generic_vhost_user": ("--generic-vhost-user", GenericVhostUserConfig),
 }
 
 

@@ -195,6 +195,13 @@ CLI_SAMPLES: Mapping[tuple[str, str | None], Sample] = {
        for key, extra in (("tag", ""), ("socket", ""), ("num_queues", ",num_queues=2"),
                           ("queue_size", ",queue_size=512"), ("id", ",id=f"), ("pci_segment", ""),
                           ("pci_device_id", ",pci_device_id=7"), ("transport", ",transport=mmio"))},
+    **{("--generic-vhost-user", key): ("socket=/s,virtio_id=2,queue_sizes=[128]" + extra, SHARED,
+                                       "generic_vhost_user", None)
+       for key, extra in (("socket", ""), ("virtio_id", ""), ("queue_sizes", ",queue_sizes=[128,64]"),
+                          ("id", ",id=g"), ("pci_segment", ""), ("pci_device_id", ",pci_device_id=7"),
+                          ("transport", ",transport=mmio"))},
+    ("--generic-vhost-user", "device_type"): ("socket=/s,device_type=26,queue_sizes=[128]", SHARED,
+                                              "generic_vhost_user", None),
     ("--pmem", "file"): ("file=/p.img", {}, "pmem.file", None),
     ("--pmem", "size"): ("file=/p.img,size=2M", {}, "pmem.size", None),
     ("--pmem", "discard_writes"): ("file=/p.img,discard_writes=on", {}, "pmem.discard_writes", None),
@@ -271,7 +278,8 @@ CLI_SAMPLES: Mapping[tuple[str, str | None], Sample] = {
 _FLAGS = {"--pvpanic", "--watchdog", "--landlock"}
 _FROM_CLI_NAME = {"--memory-zone": "memory_zones", "--disk": "disks", "--device": "devices",
                   "--debug-console": "debug_console", "--landlock": "landlock_enable",
-                  "--landlock-rules": "landlock_rules", "--rate-limit-group": "rate_limit_groups"}
+                  "--landlock-rules": "landlock_rules", "--rate-limit-group": "rate_limit_groups",
+                  "--generic-vhost-user": "generic_vhost_user"}
 
 
 def _keyword(option: str) -> str:
@@ -284,7 +292,8 @@ def sample_config(option: str, value: str, extra: Mapping[str, Any]) -> VmConfig
     keyword = _keyword(option)
     if option in _FLAGS:
         kwargs[keyword] = True
-    elif keyword in ("disks", "net", "fs", "pmem", "devices", "memory_zones", "rate_limit_groups"):
+    elif keyword in ("disks", "net", "fs", "pmem", "devices", "memory_zones", "rate_limit_groups",
+                     "generic_vhost_user"):
         kwargs[keyword] = [value]
     else:
         kwargs[keyword] = value

@@ -352,6 +352,22 @@ class VhostUserFsType(DeviceType):
     implementation: ClassVar[str] = "vmmkit_devices.vhost_user.fs"
 
 
+class GenericVhostUserType(DeviceType):
+    """``generic-vhost-user``: a virtio device of any type per ``--generic-vhost-user socket=,
+    virtio_id=,queue_sizes=[..]``, its configuration space and queues the backend's."""
+
+    name: ClassVar[str] = "generic-vhost-user"
+    description: ClassVar[str] = ("virtio device of any type served by a vhost-user backend "
+                                  "(--generic-vhost-user socket=,virtio_id=,queue_sizes=[..])")
+    sections: ClassVar[tuple[str, ...]] = ("generic_vhost_user",)
+
+    @classmethod
+    def requests(cls, config: VmConfig) -> Sequence[DeviceRequest]:
+        return [_virtio_request(cls.name, device, section_id(device)) for device in config.generic_vhost_user]
+
+    implementation: ClassVar[str] = "vmmkit_devices.vhost_user.generic"
+
+
 def _virtio_request(type_name: str, section: Any, device_id: str) -> DeviceRequest:
     """The request for a virtio device of a configuration section with Cloud Hypervisor's
     placement fields (``pci_segment``, ``pci_device_id``) and vmmkit's ``transport``."""

@@ -27,6 +27,7 @@ from vmmkit_devices.device_types import (
     DebugConsoleType,
     DebugExitType,
     DebugPortType,
+    GenericVhostUserType,
     I6300EsbType,
     I8042Type,
     I8254Type,
@@ -79,6 +80,7 @@ DEVICE_TYPES: tuple[type[DeviceType], ...] = (
     VhostUserBlkType,
     VhostUserFsType,
     VhostUserNetType,
+    GenericVhostUserType,
     VfioPciType,
 )
 

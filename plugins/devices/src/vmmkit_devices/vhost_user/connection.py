@@ -259,6 +259,11 @@ class VhostUserConnection:
                                  f"{answer.size} bytes at {answer.offset}")
         return answer.payload
 
+    def set_config(self, offset: int, data: bytes) -> None:
+        """SET_CONFIG: the driver wrote ``data`` at ``offset`` of the configuration space
+        (``VHOST_SET_CONFIG_TYPE_FRONTEND``, as QEMU's ``vhost_user_set_config`` sends it)."""
+        self.call(Req.SET_CONFIG, p.ConfigSpace(offset, len(data), 0, bytes(data)).pack())
+
     def peer_closed(self) -> bool:
         """Whether the backend hung up (or sent something unasked); only when no request is in
         flight (``False`` otherwise)."""
