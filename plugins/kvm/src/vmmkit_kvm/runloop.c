@@ -684,3 +684,25 @@ size_t vmk_kvm_run_size(void) { return sizeof(struct kvm_run); }
 int vmk_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 
 int vmk_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
+
+uint32_t vmk_dirty_ring_harvest(void *ring, uint32_t entries, uint32_t *fetch,
+                                uint32_t *slots, uint64_t *offsets, uint32_t max)
+{
+    struct kvm_dirty_gfn *gfns = ring;
+    uint32_t n = 0;
+
+    if (entries == 0 || (entries & (entries - 1)) != 0)
+        return 0;
+    while (n < max) {
+        struct kvm_dirty_gfn *e = &gfns[*fetch & (entries - 1)];
+        uint32_t flags = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
+        if (!(flags & KVM_DIRTY_GFN_F_DIRTY))
+            break;
+        slots[n] = e->slot;
+        offsets[n] = e->offset;
+        __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        (*fetch)++;
+        n++;
+    }
+    return n;
+}

@@ -1,0 +1,175 @@
+"""KVM's dirty ring: guest writes logged per vCPU, for live migration's pre-copy.
+
+Documentation/virt/kvm/api.rst (``KVM_CAP_DIRTY_LOG_RING``, ``KVM_RESET_DIRTY_RINGS``,
+``KVM_EXIT_DIRTY_RING_FULL``): the ring is enabled on the VM with ``KVM_ENABLE_CAP`` before its
+first vCPU (its size in bytes, a power of two no larger than what the capability reports); each
+vCPU's ring is an array of ``struct kvm_dirty_gfn`` mapped at ``KVM_DIRTY_LOG_PAGE_OFFSET`` pages
+of the vCPU fd. For every write to a slot with ``KVM_MEM_LOG_DIRTY_PAGES`` KVM appends ``(slot,
+page offset)`` flagged DIRTY; userspace reads the entries in order, flags them RESET and calls
+``KVM_RESET_DIRTY_RINGS``, which re-protects those pages and frees the entries. A vCPU whose ring
+reaches its soft limit exits with ``KVM_EXIT_DIRTY_RING_FULL`` (and exits again on each entry
+until the ring is reset). ``KVM_GET_DIRTY_LOG`` is refused on such a VM, so
+:meth:`DirtyRings.take` gives the harvest in the bitmap's shape
+(:meth:`vmmkit.hypervisor.Vm.get_dirty_log`).
+
+Entries are read by ``vmk_dirty_ring_harvest()`` (``runloop.c``) with acquire loads and release
+stores, as ``KVM_CAP_DIRTY_LOG_RING_ACQ_REL`` requires (and plain ``KVM_CAP_DIRTY_LOG_RING``
+allows). QEMU does the same in ``kvm_dirty_ring_reap`` (accel/kvm/kvm-all.c).
+
+The choice (``VMMKIT_KVM_DIRTY_LOG``): ``auto`` (default) takes the ring where KVM offers it,
+``bitmap`` forces ``KVM_GET_DIRTY_LOG``, ``ring`` refuses to create a VM without the ring.
+``VMMKIT_KVM_DIRTY_RING_ENTRIES`` sets the ring's entries per vCPU (default
+:data:`DEFAULT_ENTRIES`, lowered to what KVM allows).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from typing import Any
+
+from vmmkit.errors import CapabilityError
+from vmmkit.log import get_logger
+from vmmkit_kvm import bindings
+from vmmkit_kvm._native import ffi, lib
+
+log = get_logger()
+
+MODE_ENV = "VMMKIT_KVM_DIRTY_LOG"
+ENTRIES_ENV = "VMMKIT_KVM_DIRTY_RING_ENTRIES"
+MODES = ("auto", "ring", "bitmap")
+#: ``sizeof(struct kvm_dirty_gfn)``: u32 flags, u32 slot, u64 offset.
+ENTRY_BYTES = 16
+#: 4096 entries (64 KiB) per vCPU, QEMU's usual ``dirty-ring-size``.
+DEFAULT_ENTRIES = 4096
+
+
+def choose(vm_fd: bindings.KvmVmFd) -> tuple[int, int] | None:
+    """``(capability, entries)`` of the ring to enable on a new VM, or ``None`` for the bitmap;
+    refuses a mode or size it cannot honour by name."""
+    mode = os.environ.get(MODE_ENV, "auto") or "auto"
+    if mode not in MODES:
+        raise CapabilityError("KVM_ENABLE_CAP", None, f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "bitmap":
+        return None
+    acq_rel = vm_fd.check_extension(bindings.Cap.DIRTY_LOG_RING_ACQ_REL)
+    plain = vm_fd.check_extension(bindings.Cap.DIRTY_LOG_RING)
+    cap, max_bytes = ((bindings.Cap.DIRTY_LOG_RING_ACQ_REL, acq_rel) if acq_rel > 0
+                      else (bindings.Cap.DIRTY_LOG_RING, plain))
+    if max_bytes <= 0:
+        if mode == "ring":
+            raise CapabilityError("KVM_ENABLE_CAP", None, f"{MODE_ENV}=ring: KVM_CAP_DIRTY_LOG_RING is missing")
+        return None
+    text = os.environ.get(ENTRIES_ENV)
+    if text:
+        try:
+            entries = int(text, 0)
+        except ValueError:
+            raise CapabilityError("KVM_ENABLE_CAP", None, f"{ENTRIES_ENV}={text!r}: not an integer") from None
+        if entries <= 0 or entries & (entries - 1) or entries * ENTRY_BYTES > max_bytes:
+            raise CapabilityError("KVM_ENABLE_CAP", None, f"{ENTRIES_ENV}={entries}: needs a power of two "
+                                  f"of at most {max_bytes // ENTRY_BYTES} entries")
+    else:
+        entries = DEFAULT_ENTRIES
+        while entries * ENTRY_BYTES > max_bytes:
+            entries //= 2
+    return int(cap), entries
+
+
+class DirtyRings:
+    """The rings of one VM's vCPUs and what they harvested, per slot, not yet taken."""
+
+    def __init__(self, vm_fd: bindings.KvmVmFd, cap: int, entries: int) -> None:
+        vm_fd.enable_cap(cap, entries * ENTRY_BYTES)  # before any vCPU: KVM refuses it after
+        self._vm_fd = vm_fd
+        self.entries = entries
+        self.acq_rel = cap == bindings.Cap.DIRTY_LOG_RING_ACQ_REL
+        self._lock = threading.Lock()
+        # vCPU fd -> (mapping, its address for C, next entry to read)
+        self._rings: dict[int, tuple[mmap.mmap, Any, Any]] = {}
+        self._slots = ffi.new("uint32_t[]", entries)
+        self._offsets = ffi.new("uint64_t[]", entries)
+        self._pending: dict[int, set[int]] = {}
+        #: Harvests made, entries read, and ``KVM_EXIT_DIRTY_RING_FULL`` exits served.
+        self.harvests = 0
+        self.entries_read = 0
+        self.full_exits = 0
+
+    @property
+    def name(self) -> str:
+        return f"ring ({self.entries} entries{', acq_rel' if self.acq_rel else ''})"
+
+    def attach(self, vcpu_fd: int) -> None:
+        """Map a new vCPU's ring."""
+        ring = mmap.mmap(vcpu_fd, self.entries * ENTRY_BYTES, mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE,
+                         offset=lib.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        with self._lock:
+            self._rings[vcpu_fd] = (ring, ffi.from_buffer(ring), ffi.new("uint32_t *", 0))
+
+    def detach(self, vcpu_fd: int) -> None:
+        """Harvest and unmap a vCPU's ring (before its fd closes)."""
+        self.harvest()
+        with self._lock:
+            entry = self._rings.pop(vcpu_fd, None)
+        if entry is not None:
+            ring, address, _fetch = entry
+            ffi.release(address)
+            ring.close()
+
+    def harvest(self, *, full_exit: bool = False) -> int:
+        """Read every ring's dirty entries into the pending sets, then reset the rings; the
+        number of entries read. The vCPU that exited with ``KVM_EXIT_DIRTY_RING_FULL`` calls it
+        (``full_exit``) as the collector does."""
+        with self._lock:
+            read = 0
+            for _ring, address, fetch in self._rings.values():
+                while True:
+                    n = lib.vmk_dirty_ring_harvest(address, self.entries, fetch, self._slots, self._offsets,
+                                                   self.entries)
+                    for i in range(n):
+                        slot = self._slots[i]
+                        if slot >> 16 == 0:  # address space 0 (1 is x86 SMM, which vmmkit does not use)
+                            self._pending.setdefault(slot, set()).add(self._offsets[i])
+                    read += n
+                    if n < self.entries:
+                        break
+            if read:
+                self._vm_fd.reset_dirty_rings()
+            self.harvests += 1
+            self.entries_read += read
+            if full_exit:
+                self.full_exits += 1
+            return read
+
+    def take(self, slot: int, size: int) -> bytes:
+        """The pages of ``slot`` (``size`` bytes) written since the last take, one bit per page
+        in ``KVM_GET_DIRTY_LOG``'s layout (64-bit words), and forget them."""
+        self.harvest()
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        bitmap = bytearray((pages + 63) // 64 * 8)
+        with self._lock:
+            offsets = self._pending.pop(slot, set())
+        for offset in offsets:
+            if offset < pages:  # KVM gives offsets within the slot; a stale slot number is dropped
+                bitmap[offset >> 3] |= 1 << (offset & 7)
+        return bytes(bitmap)
+
+    def discard(self) -> None:
+        """Harvest and drop everything (logging starts or stops)."""
+        self.harvest()
+        with self._lock:
+            self._pending.clear()
+
+    def counters(self) -> dict[str, int]:
+        return {"dirty-ring-harvests": self.harvests, "dirty-ring-entries": self.entries_read,
+                "dirty-ring-full": self.full_exits}
+
+    def close(self) -> None:
+        with self._lock:
+            rings = list(self._rings.values())
+            self._rings.clear()
+        for ring, address, _fetch in rings:
+            ffi.release(address)
+            ring.close()
