@@ -20,6 +20,17 @@ The choice (``VMMKIT_KVM_DIRTY_LOG``): ``auto`` (default) takes the ring where K
 ``bitmap`` forces ``KVM_GET_DIRTY_LOG``, ``ring`` refuses to create a VM without the ring.
 ``VMMKIT_KVM_DIRTY_RING_ENTRIES`` sets the ring's entries per vCPU (default
 :data:`DEFAULT_ENTRIES`, lowered to what KVM allows).
+
+Overflow: KVM only asks the vCPU to exit at the soft limit (the ring's size less 64 reserved
+entries); a vCPU that dirties more than that before it exits fills the ring, and KVM then
+overwrites its oldest entries (``kvm_dirty_ring_push`` warns, and writes). The nested ``kvm_pvm``
+host does this with a guest writing page after page (measured: 512 entries read from a
+512-entry ring). The entries overwritten are lost, and KVM's reset index then points at entries it
+already reset, so nothing could ever be reset again and the vCPU would exit with
+``KVM_EXIT_DIRTY_RING_FULL`` forever. A harvest that reads a whole ring therefore counts an
+overflow, makes every slot report all of its pages once (the log over-reports, never
+under-reports); and a harvest that finds nothing at the next entry resynchronises the ring
+(``vmk_dirty_ring_resync()``: on a consistent ring it finds nothing to do).
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from vmmkit.errors import CapabilityError
 from vmmkit.log import get_logger
@@ -77,17 +88,35 @@ def choose(vm_fd: bindings.KvmVmFd) -> tuple[int, int] | None:
     return int(cap), entries
 
 
-class DirtyRings:
-    """The rings of one VM's vCPUs and what they harvested, per slot, not yet taken."""
+class _Ring:
+    """One vCPU's ring: its mapping, the address C reads it at, the next entry to read."""
 
-    def __init__(self, vm_fd: bindings.KvmVmFd, cap: int, entries: int) -> None:
+    def __init__(self, vcpu_fd: int, entries: int) -> None:
+        self.mapping = mmap.mmap(vcpu_fd, entries * ENTRY_BYTES, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE,
+                                 offset=lib.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        self.address = ffi.from_buffer(self.mapping)
+        self.fetch = ffi.new("uint32_t *", 0)
+
+    def close(self) -> None:
+        ffi.release(self.address)
+        self.mapping.close()
+
+
+class DirtyRings:
+    """The rings of one VM's vCPUs and what they harvested, per slot, not yet taken.
+    ``slots`` lists the VM's memory slots (all of them report every page after an overflow)."""
+
+    def __init__(self, vm_fd: bindings.KvmVmFd, cap: int, entries: int, *,
+                 slots: Callable[[], Iterable[int]] = tuple) -> None:
         vm_fd.enable_cap(cap, entries * ENTRY_BYTES)  # before any vCPU: KVM refuses it after
         self._vm_fd = vm_fd
+        self._all_slots = slots
+        self._lost: set[int] = set()  # slots that report all their pages at their next take
         self.entries = entries
         self.acq_rel = cap == bindings.Cap.DIRTY_LOG_RING_ACQ_REL
         self._lock = threading.Lock()
-        # vCPU fd -> (mapping, its address for C, next entry to read)
-        self._rings: dict[int, tuple[mmap.mmap, Any, Any]] = {}
+        self._rings: dict[int, _Ring] = {}  # by vCPU fd
         self._slots = ffi.new("uint32_t[]", entries)
         self._offsets = ffi.new("uint64_t[]", entries)
         self._pending: dict[int, set[int]] = {}
@@ -95,6 +124,8 @@ class DirtyRings:
         self.harvests = 0
         self.entries_read = 0
         self.full_exits = 0
+        self.overflows = 0
+        self.resyncs = 0
 
     @property
     def name(self) -> str:
@@ -102,11 +133,9 @@ class DirtyRings:
 
     def attach(self, vcpu_fd: int) -> None:
         """Map a new vCPU's ring."""
-        ring = mmap.mmap(vcpu_fd, self.entries * ENTRY_BYTES, mmap.MAP_SHARED,
-                         mmap.PROT_READ | mmap.PROT_WRITE,
-                         offset=lib.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        ring = _Ring(vcpu_fd, self.entries)
         with self._lock:
-            self._rings[vcpu_fd] = (ring, ffi.from_buffer(ring), ffi.new("uint32_t *", 0))
+            self._rings[vcpu_fd] = ring
 
     def detach(self, vcpu_fd: int) -> None:
         """Harvest and unmap a vCPU's ring (before its fd closes)."""
@@ -114,9 +143,7 @@ class DirtyRings:
         with self._lock:
             entry = self._rings.pop(vcpu_fd, None)
         if entry is not None:
-            ring, address, _fetch = entry
-            ffi.release(address)
-            ring.close()
+            entry.close()
 
     def harvest(self, *, full_exit: bool = False) -> int:
         """Read every ring's dirty entries into the pending sets, then reset the rings; the
@@ -124,17 +151,21 @@ class DirtyRings:
         (``full_exit``) as the collector does."""
         with self._lock:
             read = 0
-            for _ring, address, fetch in self._rings.values():
-                while True:
-                    n = lib.vmk_dirty_ring_harvest(address, self.entries, fetch, self._slots, self._offsets,
-                                                   self.entries)
-                    for i in range(n):
-                        slot = self._slots[i]
-                        if slot >> 16 == 0:  # address space 0 (1 is x86 SMM, which vmmkit does not use)
-                            self._pending.setdefault(slot, set()).add(self._offsets[i])
-                    read += n
-                    if n < self.entries:
-                        break
+            for ring in self._rings.values():
+                n = self._read(ring)
+                if n == 0:
+                    # Nothing at the next entry: if KVM writes further on (it overflowed before),
+                    # step over the entries it already reset so that it can reset again.
+                    skipped = lib.vmk_dirty_ring_resync(ring.address, self.entries, ring.fetch)
+                    if skipped:
+                        self.resyncs += 1
+                        read += skipped  # marked RESET: KVM_RESET_DIRTY_RINGS must see them
+                        n = self._read(ring)
+                read += n
+                if n == self.entries:  # the whole ring: KVM may have overwritten entries
+                    self.overflows += 1
+                    self._lost.update(self._all_slots())
+                    log.warning("kvm.dirty_ring.overflow", entries=self.entries)
             if read:
                 self._vm_fd.reset_dirty_rings()
             self.harvests += 1
@@ -142,6 +173,15 @@ class DirtyRings:
             if full_exit:
                 self.full_exits += 1
             return read
+
+    def _read(self, ring: _Ring) -> int:
+        n = int(lib.vmk_dirty_ring_harvest(ring.address, self.entries, ring.fetch, self._slots,
+                                           self._offsets, self.entries))
+        for i in range(n):
+            slot = self._slots[i]
+            if slot >> 16 == 0:  # address space 0 (1 is x86 SMM, which vmmkit does not use)
+                self._pending.setdefault(slot, set()).add(self._offsets[i])
+        return n
 
     def take(self, slot: int, size: int) -> bytes:
         """The pages of ``slot`` (``size`` bytes) written since the last take, one bit per page
@@ -151,6 +191,9 @@ class DirtyRings:
         bitmap = bytearray((pages + 63) // 64 * 8)
         with self._lock:
             offsets = self._pending.pop(slot, set())
+            if slot in self._lost:
+                self._lost.discard(slot)
+                offsets = set(range(pages))
         for offset in offsets:
             if offset < pages:  # KVM gives offsets within the slot; a stale slot number is dropped
                 bitmap[offset >> 3] |= 1 << (offset & 7)
@@ -161,15 +204,15 @@ class DirtyRings:
         self.harvest()
         with self._lock:
             self._pending.clear()
+            self._lost.clear()
 
     def counters(self) -> dict[str, int]:
         return {"dirty-ring-harvests": self.harvests, "dirty-ring-entries": self.entries_read,
-                "dirty-ring-full": self.full_exits}
+                "dirty-ring-full": self.full_exits, "dirty-ring-overflows": self.overflows, "dirty-ring-resyncs": self.resyncs}
 
     def close(self) -> None:
         with self._lock:
             rings = list(self._rings.values())
             self._rings.clear()
-        for ring, address, _fetch in rings:
-            ffi.release(address)
+        for ring in rings:
             ring.close()

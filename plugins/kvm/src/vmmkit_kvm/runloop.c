@@ -706,3 +706,23 @@ uint32_t vmk_dirty_ring_harvest(void *ring, uint32_t entries, uint32_t *fetch,
     }
     return n;
 }
+
+uint32_t vmk_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch)
+{
+    struct kvm_dirty_gfn *gfns = ring;
+    uint32_t ahead, i;
+
+    if (entries == 0 || (entries & (entries - 1)) != 0)
+        return 0;
+    for (ahead = 0; ahead < entries; ahead++) {
+        uint32_t flags = __atomic_load_n(&gfns[(*fetch + ahead) & (entries - 1)].flags, __ATOMIC_ACQUIRE);
+        if (flags & KVM_DIRTY_GFN_F_DIRTY)
+            break;
+    }
+    if (ahead == 0 || ahead == entries)
+        return 0;
+    for (i = 0; i < ahead; i++)
+        __atomic_store_n(&gfns[(*fetch + i) & (entries - 1)].flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+    *fetch += ahead;
+    return ahead;
+}

@@ -137,6 +137,11 @@ int vmk_ioctl_int(int fd, unsigned long request, unsigned long arg);
 uint32_t vmk_dirty_ring_harvest(void *ring, uint32_t entries, uint32_t *fetch,
                                 uint32_t *slots, uint64_t *offsets, uint32_t max);
 
+/* After the ring overflowed (KVM overwrites entries once the ring is full and then waits for
+ * RESET on entries it already reset): if a DIRTY entry lies ahead of *fetch within the ring,
+ * marks the entries before it RESET, moves *fetch to it and returns how many it skipped; else 0. */
+uint32_t vmk_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch);
+
 int vmk_kick_signal(void);
 /* Installs the no-op kick handler (no SA_RESTART). Idempotent. 0 or -errno. */
 int vmk_install_kick_handler(void);
