@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 from kvm_testlib import DONE_PORT
+from vmmkit_kvm import dirty_ring
 
-from vmmkit.errors import CapabilityError, HypervisorError
+from vmmkit.errors import CapabilityError
 from vmmkit.memory import GuestMemory, MemoryRange
 from vmmkit.migration.dirty import dirty_pages
-from vmmkit_kvm import dirty_ring
 
 pytestmark = pytest.mark.requires_kvm
 

@@ -56,20 +56,45 @@ ENTRY_BYTES = 16
 DEFAULT_ENTRIES = 4096
 
 
-def choose(vm_fd: bindings.KvmVmFd) -> tuple[int, int] | None:
-    """``(capability, entries)`` of the ring to enable on a new VM, or ``None`` for the bitmap;
-    refuses a mode or size it cannot honour by name."""
+def _mode() -> str:
     mode = os.environ.get(MODE_ENV, "auto") or "auto"
     if mode not in MODES:
         raise CapabilityError("KVM_ENABLE_CAP", None, f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def _offered(check: Callable[[int], int]) -> tuple[int, int]:
+    """The ring capability to enable (ACQ_REL where offered) and its largest size in bytes (0: none)."""
+    acq_rel = check(bindings.Cap.DIRTY_LOG_RING_ACQ_REL)
+    if acq_rel > 0:
+        return int(bindings.Cap.DIRTY_LOG_RING_ACQ_REL), acq_rel
+    return int(bindings.Cap.DIRTY_LOG_RING), max(check(bindings.Cap.DIRTY_LOG_RING), 0)
+
+
+def describe(check: Callable[[int], int]) -> str:
+    """What new VMs will log dirty pages with, for ``vmmkit plugins`` (``check``: KVM_CHECK_EXTENSION)."""
+    try:
+        mode = _mode()
+    except CapabilityError:
+        return f"dirty log: {MODE_ENV}={os.environ.get(MODE_ENV)!r} is refused (expected {', '.join(MODES)})"
+    cap, max_bytes = _offered(check)
     if mode == "bitmap":
-        return None
-    acq_rel = vm_fd.check_extension(bindings.Cap.DIRTY_LOG_RING_ACQ_REL)
-    plain = vm_fd.check_extension(bindings.Cap.DIRTY_LOG_RING)
-    cap, max_bytes = ((bindings.Cap.DIRTY_LOG_RING_ACQ_REL, acq_rel) if acq_rel > 0
-                      else (bindings.Cap.DIRTY_LOG_RING, plain))
+        return f"dirty log: bitmap ({MODE_ENV}=bitmap)"
     if max_bytes <= 0:
-        if mode == "ring":
+        return "dirty log: bitmap (no KVM_CAP_DIRTY_LOG_RING)" if mode == "auto" else \
+            f"dirty log: none ({MODE_ENV}=ring, no KVM_CAP_DIRTY_LOG_RING)"
+    acq_rel = ", acq_rel" if cap == bindings.Cap.DIRTY_LOG_RING_ACQ_REL else ""
+    return f"dirty log: ring (up to {max_bytes // ENTRY_BYTES} entries{acq_rel})"
+
+
+def choose(vm_fd: bindings.KvmVmFd) -> tuple[int, int] | None:
+    """``(capability, entries)`` of the ring to enable on a new VM, or ``None`` for the bitmap;
+    refuses a mode or size it cannot honour by name."""
+    if _mode() == "bitmap":
+        return None
+    cap, max_bytes = _offered(vm_fd.check_extension)
+    if max_bytes <= 0:
+        if _mode() == "ring":
             raise CapabilityError("KVM_ENABLE_CAP", None, f"{MODE_ENV}=ring: KVM_CAP_DIRTY_LOG_RING is missing")
         return None
     text = os.environ.get(ENTRIES_ENV)
@@ -85,7 +110,7 @@ def choose(vm_fd: bindings.KvmVmFd) -> tuple[int, int] | None:
         entries = DEFAULT_ENTRIES
         while entries * ENTRY_BYTES > max_bytes:
             entries //= 2
-    return int(cap), entries
+    return cap, entries
 
 
 class _Ring:
@@ -208,7 +233,8 @@ class DirtyRings:
 
     def counters(self) -> dict[str, int]:
         return {"dirty-ring-harvests": self.harvests, "dirty-ring-entries": self.entries_read,
-                "dirty-ring-full": self.full_exits, "dirty-ring-overflows": self.overflows, "dirty-ring-resyncs": self.resyncs}
+                "dirty-ring-full": self.full_exits, "dirty-ring-overflows": self.overflows,
+                "dirty-ring-resyncs": self.resyncs}
 
     def close(self) -> None:
         with self._lock:

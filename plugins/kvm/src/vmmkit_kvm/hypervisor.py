@@ -157,13 +157,14 @@ class KvmHypervisor(Hypervisor):
         system = bindings.KvmSystem(fd, path)
         try:
             version = system.api_version()
+            dirty_log = dirty_ring.describe(system.check_extension)
         except HypervisorError as exc:
             return Availability(False, f"{path}: {exc}")
         finally:
             system.close()
         if version != bindings.API_VERSION:
             return Availability(False, f"KVM API version {version}, expected {bindings.API_VERSION}")
-        return Availability(True)
+        return Availability(True, dirty_log)
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (0: absent)."""

@@ -688,6 +688,7 @@ int vmk_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioc
 uint32_t vmk_dirty_ring_harvest(void *ring, uint32_t entries, uint32_t *fetch,
                                 uint32_t *slots, uint64_t *offsets, uint32_t max)
 {
+#ifdef KVM_DIRTY_GFN_F_DIRTY
     struct kvm_dirty_gfn *gfns = ring;
     uint32_t n = 0;
 
@@ -705,10 +706,14 @@ uint32_t vmk_dirty_ring_harvest(void *ring, uint32_t entries, uint32_t *fetch,
         n++;
     }
     return n;
+#else
+    return 0; /* headers without the dirty ring (before Linux 5.11) */
+#endif
 }
 
 uint32_t vmk_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch)
 {
+#ifdef KVM_DIRTY_GFN_F_DIRTY
     struct kvm_dirty_gfn *gfns = ring;
     uint32_t ahead, i;
 
@@ -725,4 +730,7 @@ uint32_t vmk_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch)
         __atomic_store_n(&gfns[(*fetch + i) & (entries - 1)].flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
     *fetch += ahead;
     return ahead;
+#else
+    return 0;
+#endif
 }
