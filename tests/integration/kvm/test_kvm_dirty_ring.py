@@ -59,9 +59,9 @@ def extra_memory():
     memory.close()
 
 
-def logged_pages(make_guest, extra_memory, source: str) -> tuple[object, set[int]]:
+def logged_pages(make_guest, extra_memory, source: str, *, callback: bool = False) -> tuple[object, set[int]]:
     """Run ``source`` with dirty logging on over a second slot; the guest and its pages logged."""
-    guest = make_guest(source)
+    guest = make_guest(source, callback=callback)
     guest.vm.add_memory_region(1, EXTRA, PAGES * PAGE, extra_memory.host_address(EXTRA, PAGES * PAGE))
     guest.vm.start_dirty_log()
     assert set(dirty_pages(guest.vm.get_dirty_log(1), PAGES)) == set()
@@ -84,14 +84,14 @@ def test_ring_and_bitmap_log_the_same_pages(make_guest, extra_memory, monkeypatc
 
 
 def test_a_full_ring_exits_and_the_vcpu_runs_on_with_every_page_logged(make_guest, extra_memory,
-                                                                       monkeypatch) -> None:
+                                                                       monkeypatch, callback) -> None:
     """1024 writes through a 256-entry ring: the vCPU exits with KVM_EXIT_DIRTY_RING_FULL, is
     harvested and runs on to the end; every written page is reported. Where KVM let the ring
     overflow (the nested kvm_pvm host does, see vmmkit_kvm.dirty_ring), the slot reports all of its
     pages (never fewer than were written); otherwise exactly the pages written."""
     monkeypatch.setenv(dirty_ring.MODE_ENV, "ring")
     monkeypatch.setenv(dirty_ring.ENTRIES_ENV, "256")  # a page of entries: the smallest KVM takes
-    guest, pages = logged_pages(make_guest, extra_memory, EVEN_PAGES)
+    guest, pages = logged_pages(make_guest, extra_memory, EVEN_PAGES, callback=callback)
     rings = guest.vm.dirty_rings
     written = set(range(0, PAGES, 2))
     assert rings.entries == 256

@@ -178,16 +178,14 @@ class DirtyRings:
             read = 0
             for ring in self._rings.values():
                 n = self._read(ring)
-                if n == 0:
-                    # Nothing at the next entry: if KVM writes further on (it overflowed before),
-                    # step over the entries it already reset so that it can reset again.
-                    skipped = lib.vmk_dirty_ring_resync(ring.address, self.entries, ring.fetch)
-                    if skipped:
-                        self.resyncs += 1
-                        read += skipped  # marked RESET: KVM_RESET_DIRTY_RINGS must see them
-                        n = self._read(ring)
+                # Nothing more at the next entry: if KVM writes further on (it overflowed before),
+                # step over the entries it already reset so that it can reset again.
+                while skipped := int(lib.vmk_dirty_ring_resync(ring.address, self.entries, ring.fetch)):
+                    self.resyncs += 1
+                    read += skipped  # marked RESET: KVM_RESET_DIRTY_RINGS must see them
+                    n += self._read(ring)
                 read += n
-                if n == self.entries:  # the whole ring: KVM may have overwritten entries
+                if n >= self.entries:  # a whole ring: KVM may have overwritten entries
                     self.overflows += 1
                     self._lost.update(self._all_slots())
                     log.warning("kvm.dirty_ring.overflow", entries=self.entries)

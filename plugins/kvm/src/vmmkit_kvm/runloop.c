@@ -726,10 +726,17 @@ uint32_t vmk_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch)
     }
     if (ahead == 0 || ahead == entries)
         return 0;
-    for (i = 0; i < ahead; i++)
-        __atomic_store_n(&gfns[(*fetch + i) & (entries - 1)].flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
-    *fetch += ahead;
-    return ahead;
+    /* Only entries still invalid (0) are stepped over: on a consistent ring a DIRTY entry ahead
+     * means the ones before it are DIRTY too (KVM sets them in order), so the exchange fails and
+     * nothing is skipped. */
+    for (i = 0; i < ahead; i++) {
+        uint32_t expected = 0;
+        if (!__atomic_compare_exchange_n(&gfns[(*fetch + i) & (entries - 1)].flags, &expected,
+                                         KVM_DIRTY_GFN_F_RESET, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            break;
+    }
+    *fetch += i;
+    return i;
 #else
     return 0;
 #endif

@@ -139,7 +139,8 @@ uint32_t vmk_dirty_ring_harvest(void *ring, uint32_t entries, uint32_t *fetch,
 
 /* After the ring overflowed (KVM overwrites entries once the ring is full and then waits for
  * RESET on entries it already reset): if a DIRTY entry lies ahead of *fetch within the ring,
- * marks the entries before it RESET, moves *fetch to it and returns how many it skipped; else 0. */
+ * marks the invalid entries before it RESET (compare-and-exchange from 0), moves *fetch past them
+ * and returns how many it skipped; else 0. */
 uint32_t vmk_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch);
 
 int vmk_kick_signal(void);
