@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 from kvm_testlib import DONE_PORT
 from vmmkit_kvm import dirty_ring
+from vmmkit_kvm.bindings import Cap
 
-from vmmkit.errors import CapabilityError
+from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.memory import GuestMemory, MemoryRange
 from vmmkit.migration.dirty import dirty_pages
 
@@ -53,6 +54,12 @@ EVEN_PAGES = f"""
 
 
 @pytest.fixture
+def ring_offered(kvm) -> None:
+    if max(kvm.check_extension(Cap.DIRTY_LOG_RING), kvm.check_extension(Cap.DIRTY_LOG_RING_ACQ_REL)) <= 0:
+        pytest.skip("this KVM offers no dirty ring")
+
+
+@pytest.fixture
 def extra_memory():
     memory = GuestMemory.allocate([MemoryRange(EXTRA, PAGES * PAGE)])
     yield memory
@@ -72,7 +79,7 @@ def logged_pages(make_guest, extra_memory, source: str, *, callback: bool = Fals
     return guest, pages
 
 
-def test_ring_and_bitmap_log_the_same_pages(make_guest, extra_memory, monkeypatch) -> None:
+def test_ring_and_bitmap_log_the_same_pages(make_guest, extra_memory, monkeypatch, ring_offered) -> None:
     expected = set(range(0, 3 * (PAGES // 3), 3)) | {7, PAGES - 1}
     seen = {}
     for mode in ("ring", "bitmap"):
@@ -84,7 +91,7 @@ def test_ring_and_bitmap_log_the_same_pages(make_guest, extra_memory, monkeypatc
 
 
 def test_a_full_ring_exits_and_the_vcpu_runs_on_with_every_page_logged(make_guest, extra_memory,
-                                                                       monkeypatch, callback) -> None:
+                                                                       monkeypatch, callback, ring_offered) -> None:
     """1024 writes through a 256-entry ring: the vCPU exits with KVM_EXIT_DIRTY_RING_FULL, is
     harvested and runs on to the end; every written page is reported. Where KVM let the ring
     overflow (the nested kvm_pvm host does, see vmmkit_kvm.dirty_ring), the slot reports all of its
@@ -125,10 +132,19 @@ def test_ring_counts_entries_and_bitmap_mode_has_no_rings(make_guest, monkeypatc
     (dirty_ring.ENTRIES_ENV, "many", "not an integer"),
     (dirty_ring.ENTRIES_ENV, str(1 << 40), "needs a power of two"),
 ])
-def test_a_mode_or_size_that_cannot_be_honoured_is_refused(kvm, monkeypatch, name, value, message) -> None:
+def test_a_mode_or_size_that_cannot_be_honoured_is_refused(kvm, monkeypatch, name, value, message,
+                                                           ring_offered) -> None:
     monkeypatch.setenv(dirty_ring.MODE_ENV, "ring" if name == dirty_ring.ENTRIES_ENV else value)
     monkeypatch.setenv(name, value)
     vm = None
     with pytest.raises(CapabilityError, match=message):
         vm = kvm.create_vm("x86_64")
     assert vm is None
+
+
+def test_a_ring_size_kvm_refuses_is_an_error_not_a_silent_bitmap(kvm, monkeypatch, ring_offered) -> None:
+    monkeypatch.setenv(dirty_ring.MODE_ENV, "auto")
+    monkeypatch.setenv(dirty_ring.ENTRIES_ENV, "64")  # 1 KiB: less than a page, which KVM refuses
+    with pytest.raises(HypervisorError) as info:
+        kvm.create_vm("x86_64")
+    assert info.value.call == "KVM_ENABLE_CAP"

@@ -40,7 +40,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 
-from vmmkit.errors import CapabilityError
+from vmmkit.errors import CapabilityError, HypervisorError
 from vmmkit.log import get_logger
 from vmmkit_kvm import bindings
 from vmmkit_kvm._native import ffi, lib
@@ -111,6 +111,21 @@ def choose(vm_fd: bindings.KvmVmFd) -> tuple[int, int] | None:
         while entries * ENTRY_BYTES > max_bytes:
             entries //= 2
     return cap, entries
+
+
+def create(vm_fd: bindings.KvmVmFd, slots: Callable[[], Iterable[int]]) -> DirtyRings | None:
+    """The rings of a new VM (no vCPU yet) as :func:`choose` says, or ``None`` for the bitmap. A
+    ring KVM refuses falls back to the bitmap only where nothing asked for it."""
+    choice = choose(vm_fd)
+    if choice is None:
+        return None
+    try:
+        return DirtyRings(vm_fd, *choice, slots=slots)
+    except HypervisorError as exc:
+        if _mode() == "ring" or os.environ.get(ENTRIES_ENV):
+            raise
+        log.warning("kvm.dirty_ring.refused", error=str(exc), fallback="bitmap")
+        return None
 
 
 class _Ring:

@@ -248,10 +248,8 @@ class KvmVm(Vm):
             except HypervisorError as exc:
                 log.debug("kvm.cap.unavailable", cap="EXIT_ON_EMULATION_FAILURE", error=str(exc))
         # The dirty ring goes on before any vCPU exists, or never (dirty_ring.py).
-        ring = dirty_ring.choose(fd)
         #: Where get_dirty_log reads guest writes: KVM's dirty ring, or None for KVM_GET_DIRTY_LOG.
-        self.dirty_rings = (dirty_ring.DirtyRings(fd, *ring, slots=lambda: list(self._slots))
-                            if ring is not None else None)
+        self.dirty_rings = dirty_ring.create(fd, lambda: list(self._slots))
         #: "bitmap" or "ring (N entries[, acq_rel])", as vmmkit's logs show it.
         self.dirty_log_mode = self.dirty_rings.name if self.dirty_rings is not None else "bitmap"
         self._slots: dict[int, tuple[int, int, int, bool, bool]] = {}
