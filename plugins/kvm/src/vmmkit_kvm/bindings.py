@@ -113,6 +113,8 @@ class Cap(enum.IntEnum):
     MP_STATE = lib.KVM_CAP_MP_STATE
     IMMEDIATE_EXIT = lib.KVM_CAP_IMMEDIATE_EXIT
     EXIT_ON_EMULATION_FAILURE = lib.KVM_CAP_EXIT_ON_EMULATION_FAILURE
+    DIRTY_LOG_RING = lib.KVM_CAP_DIRTY_LOG_RING
+    DIRTY_LOG_RING_ACQ_REL = lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL
 
 
 class ExitCode(enum.IntEnum):
@@ -141,6 +143,7 @@ INTERNAL_ERROR_FLAG_INSN_BYTES: int = lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INST
 SYNC_REGS: int = lib.KVM_SYNC_X86_REGS
 SYNC_SREGS: int = lib.KVM_SYNC_X86_SREGS
 SYNC_EVENTS: int = lib.KVM_SYNC_X86_EVENTS
+EXIT_DIRTY_RING_FULL: int = lib.KVM_EXIT_DIRTY_RING_FULL
 
 
 @frozen
@@ -429,6 +432,13 @@ class KvmVmFd:
         region.userspace_addr = host_addr
         if lib.vmk_ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region) < 0:
             raise _fail("KVM_SET_USER_MEMORY_REGION", f"slot {slot} at {guest_addr:#x}+{size:#x}")
+
+    def reset_dirty_rings(self) -> int:
+        """``KVM_RESET_DIRTY_RINGS``: re-arm logging of the ring entries marked RESET; their count."""
+        rc = lib.vmk_ioctl_int(self.fd, lib.KVM_RESET_DIRTY_RINGS, 0)
+        if rc < 0:
+            raise _fail("KVM_RESET_DIRTY_RINGS")
+        return int(rc)
 
     def get_dirty_log(self, slot: int, size: int) -> bytes:
         """The dirty bitmap of ``slot`` (one bit per page of its ``size`` bytes), cleared."""

@@ -40,7 +40,7 @@ from vmmkit.x86 import (
     SpecialRegisters,
     StandardRegisters,
 )
-from vmmkit_kvm import bindings, quirks
+from vmmkit_kvm import bindings, dirty_ring, quirks
 from vmmkit_kvm import platform_state as kvm_state
 from vmmkit_kvm.bindings import Cap, ExitCode, RawExit, VcpuEventsState
 from vmmkit_kvm.quirks import HostQuirks, VmQuirks
@@ -157,13 +157,14 @@ class KvmHypervisor(Hypervisor):
         system = bindings.KvmSystem(fd, path)
         try:
             version = system.api_version()
+            dirty_log = dirty_ring.describe(system.check_extension)
         except HypervisorError as exc:
             return Availability(False, f"{path}: {exc}")
         finally:
             system.close()
         if version != bindings.API_VERSION:
             return Availability(False, f"KVM API version {version}, expected {bindings.API_VERSION}")
-        return Availability(True)
+        return Availability(True, dirty_log)
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (0: absent)."""
@@ -246,6 +247,11 @@ class KvmVm(Vm):
                 fd.enable_cap(Cap.EXIT_ON_EMULATION_FAILURE, 1)
             except HypervisorError as exc:
                 log.debug("kvm.cap.unavailable", cap="EXIT_ON_EMULATION_FAILURE", error=str(exc))
+        # The dirty ring goes on before any vCPU exists, or never (dirty_ring.py).
+        #: Where get_dirty_log reads guest writes: KVM's dirty ring, or None for KVM_GET_DIRTY_LOG.
+        self.dirty_rings = dirty_ring.create(fd, lambda: list(self._slots))
+        #: "bitmap" or "ring (N entries[, acq_rel])", as vmmkit's logs show it.
+        self.dirty_log_mode = self.dirty_rings.name if self.dirty_rings is not None else "bitmap"
         self._slots: dict[int, tuple[int, int, int, bool, bool]] = {}
         self._dirty_logging = False  # start_dirty_log: every writable slot logs guest writes
         self._msi_routes: dict[int, tuple[int, int]] = {}
@@ -254,7 +260,7 @@ class KvmVm(Vm):
         self._vcpus: list[KvmVcpu] = []
         self._vm_quirks: VmQuirks | None = self.quirks.attach(self)
         log.debug("kvm.vm.created", fd=fd.fd, ring_page=self._ring_page, sync_regs=self._sync_regs,
-                  quirks=self.quirks.name)
+                  quirks=self.quirks.name, dirty_log=self.dirty_log_mode)
 
     # memory
 
@@ -296,6 +302,8 @@ class KvmVm(Vm):
         have been added with ``log_dirty=True``, or :meth:`start_dirty_log` called)."""
         if slot not in self._slots:
             raise ValueError(f"memory slot {slot} is not in use")
+        if self.dirty_rings is not None:
+            return self.dirty_rings.take(slot, self._slots[slot][1])
         return self._fd.get_dirty_log(slot, self._slots[slot][1])
 
     def start_dirty_log(self) -> None:
@@ -304,6 +312,10 @@ class KvmVm(Vm):
         to start empty."""
         self._dirty_logging = True
         self._set_dirty_logging(True)
+        log.info("kvm.dirty_log.start", mode=self.dirty_log_mode)
+        if self.dirty_rings is not None:
+            self.dirty_rings.discard()
+            return
         for slot, (_guest, _size, _host, readonly, _dirty) in self._slots.items():
             if not readonly:
                 self.get_dirty_log(slot)
@@ -311,6 +323,8 @@ class KvmVm(Vm):
     def stop_dirty_log(self) -> None:
         self._dirty_logging = False
         self._set_dirty_logging(False)
+        if self.dirty_rings is not None:
+            self.dirty_rings.discard()  # entries of the last writes: their slots no longer log
 
     def _set_dirty_logging(self, on: bool) -> None:
         for slot, (guest_addr, size, host_addr, readonly, log_dirty) in list(self._slots.items()):
@@ -335,7 +349,14 @@ class KvmVm(Vm):
         except BaseException:
             os.close(fd)
             raise
-        vcpu = KvmVcpu(index, native, quirks=self._vm_quirks, sync_available=self._sync_available)
+        if self.dirty_rings is not None:
+            try:
+                self.dirty_rings.attach(fd)
+            except BaseException:
+                native.close()
+                raise
+        vcpu = KvmVcpu(index, native, quirks=self._vm_quirks, sync_available=self._sync_available,
+                       dirty_rings=self.dirty_rings)
         self._vcpus.append(vcpu)
         if self._vm_quirks is not None:
             self._vm_quirks.vcpu_created(vcpu)
@@ -525,6 +546,8 @@ class KvmVm(Vm):
         for vcpu in self._vcpus:
             vcpu.close()
         self._vcpus.clear()
+        if self.dirty_rings is not None:
+            self.dirty_rings.close()
         self._fd.close()
 
 
@@ -542,9 +565,11 @@ class KvmVcpu(Vcpu):
     """A KVM vCPU; implements :class:`vmmkit.x86.X86Vcpu`."""
 
     def __init__(self, index: int, fd: bindings.KvmVcpuFd, *, quirks: VmQuirks | None = None,
-                 sync_available: int = 0) -> None:
+                 sync_available: int = 0, dirty_rings: dirty_ring.DirtyRings | None = None) -> None:
         self.index = index
         self._fd = fd
+        self._dirty_rings = dirty_rings
+        self._ring_full_exits = 0
         self._quirks = quirks
         self._sync_available = sync_available
         self.last_exit: KvmExitInfo | None = None
@@ -556,6 +581,13 @@ class KvmVcpu(Vcpu):
         :mod:`vmmkit_kvm.quirks`) never come back from here: the vCPU simply runs on."""
         while True:
             raw = self._fd.run()
+            if (raw.code == ExitCode.UNKNOWN and raw.kvm_reason == bindings.EXIT_DIRTY_RING_FULL
+                    and self._dirty_rings is not None):
+                # The ring reached its soft limit: harvest (this vCPU's ring with the others)
+                # and reset, then KVM lets it run again (api.rst, KVM_EXIT_DIRTY_RING_FULL).
+                self._dirty_rings.harvest(full_exit=True)
+                self._ring_full_exits += 1
+                continue
             exit_, info = _translate(raw)
             self.last_exit = info
             if self._quirks is None or not self._quirks.handle_exit(self, exit_, info):
@@ -573,6 +605,8 @@ class KvmVcpu(Vcpu):
 
     def exit_counts(self) -> dict[str, int]:
         counts = self._fd.counts()
+        if self._dirty_rings is not None:
+            counts["dirty-ring-full"] = self._ring_full_exits
         if self._quirks is not None:
             counts.update(self._quirks.counts(self))
         return counts
@@ -600,6 +634,8 @@ class KvmVcpu(Vcpu):
         self._fd.set_callback(enabled)
 
     def close(self) -> None:
+        if self._dirty_rings is not None and self._fd.fd >= 0:
+            self._dirty_rings.detach(self._fd.fd)  # the ring's mapping goes before the fd
         self._fd.close()
 
     # X86Vcpu

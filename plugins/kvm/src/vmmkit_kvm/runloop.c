@@ -684,3 +684,60 @@ size_t vmk_kvm_run_size(void) { return sizeof(struct kvm_run); }
 int vmk_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 
 int vmk_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
+
+uint32_t vmk_dirty_ring_harvest(void *ring, uint32_t entries, uint32_t *fetch,
+                                uint32_t *slots, uint64_t *offsets, uint32_t max)
+{
+#ifdef KVM_DIRTY_GFN_F_DIRTY
+    struct kvm_dirty_gfn *gfns = ring;
+    uint32_t n = 0;
+
+    if (entries == 0 || (entries & (entries - 1)) != 0)
+        return 0;
+    while (n < max) {
+        struct kvm_dirty_gfn *e = &gfns[*fetch & (entries - 1)];
+        uint32_t flags = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
+        if (!(flags & KVM_DIRTY_GFN_F_DIRTY))
+            break;
+        slots[n] = e->slot;
+        offsets[n] = e->offset;
+        __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        (*fetch)++;
+        n++;
+    }
+    return n;
+#else
+    return 0; /* headers without the dirty ring (before Linux 5.11) */
+#endif
+}
+
+uint32_t vmk_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch)
+{
+#ifdef KVM_DIRTY_GFN_F_DIRTY
+    struct kvm_dirty_gfn *gfns = ring;
+    uint32_t ahead, i;
+
+    if (entries == 0 || (entries & (entries - 1)) != 0)
+        return 0;
+    for (ahead = 0; ahead < entries; ahead++) {
+        uint32_t flags = __atomic_load_n(&gfns[(*fetch + ahead) & (entries - 1)].flags, __ATOMIC_ACQUIRE);
+        if (flags & KVM_DIRTY_GFN_F_DIRTY)
+            break;
+    }
+    if (ahead == 0 || ahead == entries)
+        return 0;
+    /* Only entries still invalid (0) are stepped over: on a consistent ring a DIRTY entry ahead
+     * means the ones before it are DIRTY too (KVM sets them in order), so the exchange fails and
+     * nothing is skipped. */
+    for (i = 0; i < ahead; i++) {
+        uint32_t expected = 0;
+        if (!__atomic_compare_exchange_n(&gfns[(*fetch + i) & (entries - 1)].flags, &expected,
+                                         KVM_DIRTY_GFN_F_RESET, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            break;
+    }
+    *fetch += i;
+    return i;
+#else
+    return 0;
+#endif
+}

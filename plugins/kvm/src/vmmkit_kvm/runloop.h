@@ -130,6 +130,19 @@ size_t vmk_kvm_run_size(void);
 int vmk_ioctl_ptr(int fd, unsigned long request, void *arg);
 int vmk_ioctl_int(int fd, unsigned long request, unsigned long arg);
 
+/* Harvests a KVM dirty ring (KVM_CAP_DIRTY_LOG_RING[_ACQ_REL], Documentation/virt/kvm/api.rst):
+ * from entry *fetch on, each entry whose flags say DIRTY (loaded with acquire ordering) gives its
+ * slot and offset and is marked RESET (stored with release ordering), until an entry that is not
+ * dirty or max entries; *fetch advances. Returns how many were harvested. */
+uint32_t vmk_dirty_ring_harvest(void *ring, uint32_t entries, uint32_t *fetch,
+                                uint32_t *slots, uint64_t *offsets, uint32_t max);
+
+/* After the ring overflowed (KVM overwrites entries once the ring is full and then waits for
+ * RESET on entries it already reset): if a DIRTY entry lies ahead of *fetch within the ring,
+ * marks the invalid entries before it RESET (compare-and-exchange from 0), moves *fetch past them
+ * and returns how many it skipped; else 0. */
+uint32_t vmk_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch);
+
 int vmk_kick_signal(void);
 /* Installs the no-op kick handler (no SA_RESTART). Idempotent. 0 or -errno. */
 int vmk_install_kick_handler(void);
